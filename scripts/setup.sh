@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what the project needs on a fresh Debian machine, and returns quickly when it is there.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again at any time.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+# System tools: iptables for in-pod redirection, the CNI reference plugins for the lab, iproute2 for
+# netns, tcpdump for capture checks, curl for demos. Only as root; tests needing them skip otherwise.
+APT_PACKAGES=(iptables iproute2 containernetworking-plugins tcpdump curl openssl)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]} (apt-get)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: creating $VENV and installing the project (pip)" >&2
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  "$VENV/bin/python" -c "import ztunnel, h2, cryptography, uvloop, grpc" \
+    || { echo "setup: the venv at $VENV is incomplete; remove it and run again" >&2; exit 1; }
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi

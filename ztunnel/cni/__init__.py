@@ -1,0 +1,1 @@
+"""The CNI chain plugin (`ztunnel-cni`) and its installer."""

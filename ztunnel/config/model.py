@@ -1,0 +1,261 @@
+"""The mesh model built from Kubernetes objects: immutable snapshots with lookup indexes.
+
+A `ClusterConfig` is built once per config change and then shared read-only by the proxy, the CA,
+the node agent and the policy engine, so no consumer ever sees half an update.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+
+# Kinds that carry security policy; the policy package parses their specs.
+POLICY_KINDS = frozenset(
+    {
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "RequestAuthentication",
+        "ServiceRole",
+        "ServiceRoleBinding",
+        "ClusterRbacConfig",
+        "RbacConfig",
+        "Policy",
+        "MeshPolicy",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an object came from, so errors can name the file and the object."""
+
+    file: str
+    index: int  # position of the document in the file, from 0
+
+    def __str__(self) -> str:
+        return f"{self.file} (document {self.index + 1})"
+
+
+@dataclass(frozen=True, slots=True)
+class KubeObject:
+    """Any Kubernetes object as written by the user, with its origin."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    body: Mapping[str, Any]
+    source: Source
+
+    @property
+    def spec(self) -> Mapping[str, Any]:
+        spec = self.body.get("spec")
+        return spec if isinstance(spec, Mapping) else {}
+
+    @property
+    def ref(self) -> str:
+        """`Kind namespace/name`, the way errors and logs name an object."""
+        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A pod, as the mesh sees it."""
+
+    uid: str
+    name: str
+    namespace: str
+    node: str
+    service_account: str
+    ips: tuple[str, ...]
+    labels: Mapping[str, str]
+    host_network: bool = False
+    enrolled: bool = False
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    ready: bool = True
+    containers: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def identity(self) -> str:
+        """The SPIFFE id the workload's certificate carries."""
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def app(self) -> str:
+        return self.labels.get("app") or self.labels.get("app.kubernetes.io/name") or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    port: int
+    target_port: int | str
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    cluster_ips: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    selector: Mapping[str, str]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    subject_alt_names: tuple[str, ...] = ()
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def port_for(self, port: int) -> ServicePort | None:
+        for p in self.ports:
+            if p.port == port:
+                return p
+        return None
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Kubernetes equality selector: every selector label present with the same value."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def normalize_ip(ip: str) -> str:
+    """One spelling per address, so lookups by IP never miss on `::1` vs `0:0::1`."""
+    return str(ipaddress.ip_address(ip))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """One consistent snapshot of the cluster. Build with `ClusterConfig.build`."""
+
+    namespaces: Mapping[str, Namespace]
+    workloads: tuple[Workload, ...]
+    services: tuple[Service, ...]
+    nodes: Mapping[str, Node]
+    policy_objects: tuple[KubeObject, ...] = ()
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    generation: int = 0
+
+    @classmethod
+    def empty(cls) -> ClusterConfig:
+        return cls(namespaces={}, workloads=(), services=(), nodes={})
+
+    # ---- indexes (computed once per snapshot) -------------------------------------------------
+    @cached_property
+    def _workload_by_ip(self) -> dict[str, Workload]:
+        return {ip: w for w in self.workloads if not w.host_network for ip in w.ips}
+
+    @cached_property
+    def _workload_by_uid(self) -> dict[str, Workload]:
+        return {w.uid: w for w in self.workloads}
+
+    @cached_property
+    def _workload_by_ref(self) -> dict[str, Workload]:
+        return {w.ref: w for w in self.workloads}
+
+    @cached_property
+    def _service_by_ip(self) -> dict[str, Service]:
+        return {ip: s for s in self.services for ip in s.cluster_ips}
+
+    @cached_property
+    def _endpoints(self) -> dict[str, tuple[Workload, ...]]:
+        out: dict[str, tuple[Workload, ...]] = {}
+        for s in self.services:
+            if not s.selector:
+                out[s.ref] = ()
+                continue
+            out[s.ref] = tuple(
+                w for w in self.workloads if w.namespace == s.namespace and w.ips and labels_match(s.selector, w.labels)
+            )
+        return out
+
+    @cached_property
+    def _services_of_workload(self) -> dict[str, tuple[Service, ...]]:
+        out: dict[str, list[Service]] = {}
+        for s in self.services:
+            for w in self._endpoints.get(s.ref, ()):
+                out.setdefault(w.uid, []).append(s)
+        return {k: tuple(v) for k, v in out.items()}
+
+    # ---- lookups ------------------------------------------------------------------------------
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        w = self._workload_by_ip.get(ip)
+        if w is None:
+            try:
+                w = self._workload_by_ip.get(normalize_ip(ip))
+            except ValueError:
+                return None
+        return w
+
+    def workload_by_uid(self, uid: str) -> Workload | None:
+        return self._workload_by_uid.get(uid)
+
+    def workload(self, namespace: str, name: str) -> Workload | None:
+        return self._workload_by_ref.get(f"{namespace}/{name}")
+
+    def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
+        return tuple(w for w in self.workloads if w.node == node)
+
+    def mesh_workloads_on_node(self, node: str) -> tuple[Workload, ...]:
+        return tuple(w for w in self.workloads if w.node == node and w.enrolled and w.ips)
+
+    def service_by_ip(self, ip: str) -> Service | None:
+        return self._service_by_ip.get(ip)
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        for s in self.services:
+            if s.namespace == namespace and s.name == name:
+                return s
+        return None
+
+    def endpoints(self, service: Service) -> tuple[Workload, ...]:
+        return self._endpoints.get(service.ref, ())
+
+    def services_of(self, workload: Workload) -> tuple[Service, ...]:
+        return self._services_of_workload.get(workload.uid, ())
+
+    def namespace_labels(self, namespace: str) -> Mapping[str, str]:
+        ns = self.namespaces.get(namespace)
+        return ns.labels if ns else {}
+
+    def identities_on_node(self, node: str) -> frozenset[str]:
+        """Identities the CA may sign for a caller proven to be `node`."""
+        return frozenset(w.identity for w in self.workloads if w.node == node and not w.host_network)
+
+    def node_address(self, node: str) -> str | None:
+        n = self.nodes.get(node)
+        return n.addresses[0] if n and n.addresses else None
+
+    def policies_of_kind(self, *kinds: str) -> Iterable[KubeObject]:
+        return (o for o in self.policy_objects if o.kind in kinds)

@@ -1,0 +1,1 @@
+"""Authorization (Istio AuthorizationPolicy semantics), peer authentication, legacy RBAC conversion."""

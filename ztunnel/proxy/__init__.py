@@ -1,0 +1,1 @@
+"""The node proxy: listeners, outbound routing, inbound, relay, connection tracking."""

@@ -1,0 +1,1 @@
+"""Metrics, access log, structured logging, and the admin and readiness servers."""

@@ -1,0 +1,1 @@
+"""The waypoint: L7 authorization, JWT, ext-authz (a later issue)."""
