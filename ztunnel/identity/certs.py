@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -90,3 +91,12 @@ class WorkloadCertificate:
         if len(chain) > 1:
             chain = chain[:-1]
         return b"".join(chain)
+
+
+class CertificateProvider(Protocol):
+    """What the data plane needs from identity: a valid SVID for a local workload identity.
+
+    `CertificateManager` (ztunnel.identity.manager) implements it; tests may use any object with this shape.
+    """
+
+    async def get(self, identity: SpiffeId) -> WorkloadCertificate: ...
