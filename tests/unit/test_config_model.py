@@ -1,0 +1,152 @@
+"""The config model: objects from YAML become workloads, services and policies with the right fields."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ztunnel.config import ConfigError, load_documents, load_files
+from ztunnel.config.loader import build_config, is_enrolled
+from ztunnel.config.source import FileConfigSource
+
+CLUSTER = textwrap.dedent(
+    """
+    apiVersion: v1
+    kind: Namespace
+    metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+    ---
+    apiVersion: v1
+    kind: Pod
+    metadata: {name: web-1, namespace: shop, uid: u-web-1, labels: {app: web}}
+    spec: {nodeName: a, serviceAccountName: web}
+    status: {podIP: 10.244.1.5}
+    ---
+    apiVersion: v1
+    kind: Pod
+    metadata: {name: legacy, namespace: shop, labels: {app: legacy, istio.io/dataplane-mode: none}}
+    spec: {nodeName: b}
+    status: {podIPs: [{ip: 10.244.2.9}, {ip: "fd00::9"}]}
+    ---
+    apiVersion: v1
+    kind: Pod
+    metadata: {name: solo, namespace: other, labels: {istio.io/dataplane-mode: ambient}}
+    spec: {nodeName: b, hostNetwork: false}
+    status: {podIP: 10.244.2.10}
+    ---
+    apiVersion: v1
+    kind: Pod
+    metadata: {name: host, namespace: shop}
+    spec: {nodeName: a, hostNetwork: true}
+    status: {podIP: 172.18.0.2}
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web, namespace: shop}
+    spec:
+      clusterIP: 10.96.0.10
+      selector: {app: web}
+      ports: [{port: 80, targetPort: 8080, name: http}]
+    ---
+    apiVersion: apps/v1
+    kind: Deployment
+    metadata: {name: ignored, namespace: shop}
+    ---
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: deny-all, namespace: shop}
+    spec: {}
+    """
+)
+
+
+@pytest.fixture
+def cluster_file(tmp_path: Path) -> Path:
+    f = tmp_path / "cluster.yaml"
+    f.write_text(CLUSTER)
+    return f
+
+
+def test_pods_become_workloads_with_identity_and_enrollment(cluster_file: Path) -> None:
+    cfg = load_files([cluster_file])
+    web = cfg.workload("shop", "web-1")
+    assert web is not None
+    assert web.uid == "u-web-1"
+    assert web.identity == "spiffe://cluster.local/ns/shop/sa/web"
+    assert web.enrolled is True  # by namespace label
+    legacy = cfg.workload("shop", "legacy")
+    assert legacy is not None and legacy.enrolled is False  # pod opts out
+    assert legacy.identity == "spiffe://cluster.local/ns/shop/sa/default"
+    assert legacy.ips == ("10.244.2.9", "fd00::9")
+    solo = cfg.workload("other", "solo")
+    assert solo is not None and solo.enrolled is True  # by pod label
+    host = cfg.workload("shop", "host")
+    assert host is not None and host.enrolled is False  # host network never
+
+
+def test_lookups_by_ip_node_and_service(cluster_file: Path) -> None:
+    cfg = load_files([cluster_file])
+    assert cfg.workload_by_ip("10.244.1.5").name == "web-1"
+    assert cfg.workload_by_ip("fd00:0::9").name == "legacy"
+    assert cfg.workload_by_ip("172.18.0.2") is None  # host-network pods are not addressable workloads
+    assert [w.name for w in cfg.mesh_workloads_on_node("b")] == ["solo"]
+    svc = cfg.service_by_ip("10.96.0.10")
+    assert svc is not None and svc.port_for(80).target_port == 8080
+    assert [w.name for w in cfg.endpoints(svc)] == ["web-1"]
+    assert cfg.identities_on_node("a") == {"spiffe://cluster.local/ns/shop/sa/web"}
+    assert set(cfg.nodes) == {"a", "b"}
+
+
+def test_policy_objects_are_kept_and_other_kinds_skipped(cluster_file: Path) -> None:
+    cfg = load_files([cluster_file])
+    assert [o.ref for o in cfg.policy_objects] == ["AuthorizationPolicy shop/deny-all"]
+    assert cfg.policy_objects[0].source.file == str(cluster_file)
+
+
+def test_trust_domain_flows_into_identities(cluster_file: Path) -> None:
+    cfg = load_files([cluster_file], trust_domain="example.org")
+    assert cfg.workload("shop", "web-1").identity == "spiffe://example.org/ns/shop/sa/web"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kind: Pod\nmetadata: {name: [}", "not valid YAML at line 2"),
+        ("- just\n- a list", "expected a Kubernetes object"),
+        ("kind: Pod\nmetadata: {}", "metadata.name"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}", "field status.podIPs[0]"),
+        ("kind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 70000}]}", "Service default/s: field spec.ports[0]"),
+    ],
+)
+def test_bad_objects_are_reported_with_file_object_and_field(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(load_documents(text, "bad.yaml"))
+    assert "bad.yaml" in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_enrollment_rules() -> None:
+    amb = {"istio.io/dataplane-mode": "ambient"}
+    none = {"istio.io/dataplane-mode": "none"}
+    assert is_enrolled(amb, {}, False)
+    assert is_enrolled({}, amb, False)
+    assert not is_enrolled(none, amb, False)
+    assert not is_enrolled(amb, amb, True)
+    assert not is_enrolled({}, {}, False)
+
+
+async def test_file_source_keeps_last_good_config_on_bad_edit(cluster_file: Path) -> None:
+    source = FileConfigSource([cluster_file])
+    seen: list[int] = []
+    source.subscribe(lambda cfg: seen.append(len(cfg.workloads)))
+    first = source.load()
+    assert len(first.workloads) == 4
+    cluster_file.write_text(CLUSTER + "---\nkind: Pod\nmetadata: {name: [broken\n")
+    assert await source.reload_if_changed() is False
+    assert source.current is first and source.last_error is not None
+    cluster_file.write_text(CLUSTER.replace("name: web-1", "name: web-2"))
+    assert await source.reload_if_changed() is True
+    assert seen == [4]
+    assert source.current is not None and source.current.workload("shop", "web-2") is not None
+    assert source.current.generation == 2
