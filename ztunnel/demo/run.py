@@ -1,0 +1,202 @@
+"""Process orchestration for `ztunnel demo` (kept apart from the CLI so `--help` stays fast)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ztunnel.config import load_files
+from ztunnel.errors import ZtunnelError
+from ztunnel.identity.ca import init_ca_dir
+
+
+class DemoError(ZtunnelError):
+    pass
+
+
+@dataclass
+class NodePorts:
+    admin: int
+    metrics: int
+    readiness: int
+
+
+@dataclass
+class Processes:
+    """Every process the demo started, stopped in reverse order on exit (only these, by pid)."""
+
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def check_alive(self, logs: Path) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise DemoError(f"{name} exited with status {proc.returncode}; see {logs}/{name}.log")
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _ztunnel() -> list[str]:
+    exe = Path(sys.executable).with_name("ztunnel")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ztunnel"]
+
+
+def _wait_ready(url: str, procs: Processes, logs: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        procs.check_alive(logs)
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise DemoError(f"{url} did not become ready within {timeout:.0f}s ({last}); see the logs in {logs}")
+
+
+def _curl(socks: str, url: str) -> tuple[int, str]:
+    if shutil.which("curl") is None:
+        raise DemoError("curl is not installed; run `bash scripts/setup.sh` as root or apt-get install curl")
+    r = subprocess.run(
+        ["curl", "-sS", "--max-time", "5", "--socks5", socks, url], capture_output=True, text=True, check=False
+    )
+    return r.returncode, (r.stdout or r.stderr).strip()
+
+
+def _metric_lines(url: str, name: str) -> list[str]:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        text = resp.read().decode()
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
+    once = once or not sys.stdin.isatty()
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ztunnel-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    cluster = work / "cluster.yaml"
+    cluster.write_text(resources.files("ztunnel.demo").joinpath("cluster.yaml").read_text())
+    cfg = load_files([cluster])
+    nodes = sorted(cfg.nodes)
+    ports = {
+        n: NodePorts(port_base + 100 * i, port_base + 100 * i + 20, port_base + 100 * i + 21)
+        for i, n in enumerate(nodes)
+    }
+
+    _say(f"[1/5] creating a CA in {work / 'ca'}")
+    init_ca_dir(work / "ca", force=True)
+    procs = Processes()
+    try:
+        _say("[2/5] starting the apps of the pods (local mode: pod IPs are on loopback)")
+        www = work / "www"
+        www.mkdir(exist_ok=True)
+        (www / "index.html").write_text("hello from backend, through the mesh\n")
+        for w in cfg.workloads:
+            for c in w.containers:
+                argv = [str(a) for a in [*(c.get("command") or []), *(c.get("args") or [])]]
+                if argv and argv[0] in ("python3", "python"):
+                    argv[0] = sys.executable
+                if argv:
+                    procs.start(f"app-{w.name}", argv, logs / f"app-{w.name}.log", cwd=www)
+        _say(f"[3/5] starting one node proxy per node: {', '.join(nodes)}")
+        for n in nodes:
+            p = ports[n]
+            argv = [
+                *_ztunnel(),
+                "proxy",
+                "--node",
+                n,
+                "-f",
+                str(cluster),
+                "--ca-dir",
+                str(work / "ca"),
+                "--admin-addr",
+                f"127.0.0.1:{p.admin}",
+                "--metrics-addr",
+                f"127.0.0.1:{p.metrics}",
+                "--readiness-addr",
+                f"127.0.0.1:{p.readiness}",
+            ]
+            procs.start(f"proxy-{n}", argv, logs / f"proxy-{n}.log")
+        for n in nodes:
+            _wait_ready(f"http://127.0.0.1:{ports[n].readiness}/healthz/ready", procs, logs)
+        _say("      proxies ready (certificates issued for every local pod)")
+
+        _say("[4/5] sending traffic through the mesh")
+        checks = [
+            ("frontend -> backend pod (HBONE, mTLS, allowed)", "127.0.10.1:15080", "http://127.0.20.1:8080/", True),
+            ("frontend -> backend Service 10.96.0.20:80", "127.0.10.1:15080", "http://10.96.0.20:80/", True),
+            (
+                "stranger -> backend pod (denied by AuthorizationPolicy)",
+                "127.0.10.2:15080",
+                "http://127.0.20.1:8080/",
+                False,
+            ),
+        ]
+        failures = 0
+        for title, socks, url, expect_ok in checks:
+            rc, out = _curl(socks, url)
+            ok = (rc == 0) == expect_ok
+            failures += not ok
+            verdict = "ok" if ok else "UNEXPECTED"
+            _say(
+                f"  $ curl --socks5 {socks} {url}\n    [{verdict}] {title}: " + (out if rc == 0 else f"refused ({out})")
+            )
+
+        _say("[5/5] what the destination proxy (node-b) counted")
+        for line in _metric_lines(
+            f"http://127.0.0.1:{ports[nodes[-1]].metrics}/metrics", "istio_tcp_connections_opened_total"
+        ):
+            _say("  " + line)
+        if failures:
+            raise DemoError(f"{failures} request(s) did not behave as expected; see the logs in {logs}")
+        if once:
+            _say(f"done. Logs, CA and config are in {work}")
+            return 0
+        _say(
+            "\nThe mesh is up. Try:\n"
+            "  curl --socks5 127.0.10.1:15080 http://127.0.20.1:8080/\n"
+            f"  curl http://127.0.0.1:{ports[nodes[0]].admin}/config_dump\n"
+            f"  curl http://127.0.0.1:{ports[nodes[-1]].metrics}/metrics\n"
+            f"Edit {cluster} to change policies live. Ctrl-C stops everything."
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                procs.check_alive(logs)
+                time.sleep(1)
+        return 0
+    finally:
+        procs.stop()
+        if not workdir and once:
+            shutil.rmtree(work, ignore_errors=True)
