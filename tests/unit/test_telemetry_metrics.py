@@ -1,0 +1,178 @@
+"""ProxyMetrics: Istio's TCP metric names and labels, per-connection accounting, health gauges."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from ztunnel.config.model import Service, ServicePort, Workload
+from ztunnel.telemetry.metrics import TCP_LABELS, ConnectionLabels, ProxyMetrics
+
+
+def workload(name: str, ns: str, sa: str, **labels: str) -> Workload:
+    return Workload(
+        uid=f"uid-{name}",
+        name=name,
+        namespace=ns,
+        node="a",
+        service_account=sa,
+        ips=("127.0.10.1",),
+        labels=labels,
+        enrolled=True,
+    )
+
+
+SLEEP = workload("sleep-1", "foo", "sleep", app="sleep")
+HTTPBIN = workload("httpbin-1", "bar", "httpbin", app="httpbin")
+HTTPBIN_SVC = Service(
+    name="httpbin", namespace="bar", cluster_ips=("10.96.0.5",), ports=(ServicePort(8000, 80),), selector={}
+)
+
+
+def dest_labels(**overrides: object) -> ConnectionLabels:
+    kwargs: dict[str, object] = {
+        "reporter": "destination",
+        "source": SLEEP,
+        "source_principal": SLEEP.identity,
+        "destination": HTTPBIN,
+        "destination_principal": HTTPBIN.identity,
+        "destination_service": HTTPBIN_SVC,
+        "connection_security_policy": "mutual_tls",
+    }
+    kwargs.update(overrides)
+    return ConnectionLabels.build(**kwargs)  # type: ignore[arg-type]
+
+
+def sample(registry: CollectorRegistry, name: str, labels: ConnectionLabels, flags: str = "-") -> float | None:
+    return registry.get_sample_value(name, dict(zip(TCP_LABELS, labels.values(flags), strict=True)))
+
+
+def test_build_fills_istio_labels_with_full_spiffe_principals() -> None:
+    labels = dest_labels()
+    assert labels.reporter == "destination"
+    assert labels.source_workload == "sleep-1"
+    assert labels.source_workload_namespace == "foo"
+    assert labels.source_principal == "spiffe://cluster.local/ns/foo/sa/sleep"
+    assert labels.source_app == "sleep"
+    assert labels.destination_workload == "httpbin-1"
+    assert labels.destination_workload_namespace == "bar"
+    assert labels.destination_principal == "spiffe://cluster.local/ns/bar/sa/httpbin"
+    assert labels.destination_app == "httpbin"
+    assert labels.destination_service == "httpbin.bar.svc.cluster.local"
+    assert labels.request_protocol == "tcp"
+    assert labels.connection_security_policy == "mutual_tls"
+
+
+def test_unknown_peers_are_labelled_unknown() -> None:
+    labels = ConnectionLabels.build(
+        reporter="source",
+        source=SLEEP,
+        source_principal=SLEEP.identity,
+        destination=None,
+        destination_principal=None,
+        destination_service=None,
+        connection_security_policy="none",
+    )
+    assert labels.destination_workload == "unknown"
+    assert labels.destination_workload_namespace == "unknown"
+    assert labels.destination_principal == "unknown"
+    assert labels.destination_app == "unknown"
+    assert labels.destination_service == "unknown"
+    assert labels.connection_security_policy == "none"
+
+
+def test_canonical_name_label_beats_app_label() -> None:
+    w = workload("r-1", "ns", "sa", app="reviews", **{"service.istio.io/canonical-name": "reviews-canon"})
+    labels = dest_labels(destination=w)
+    assert labels.destination_app == "reviews-canon"
+
+
+def test_connection_counts_and_bytes_at_close() -> None:
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    labels = dest_labels()
+    for _ in range(3):
+        metrics.connection_opened(labels)
+    for _ in range(3):
+        metrics.connection_closed(labels, sent_bytes=100, received_bytes=7)
+    assert sample(registry, "istio_tcp_connections_opened_total", labels) == 3
+    assert sample(registry, "istio_tcp_connections_closed_total", labels) == 3
+    assert sample(registry, "istio_tcp_sent_bytes_total", labels) == 300
+    assert sample(registry, "istio_tcp_received_bytes_total", labels) == 21
+
+
+def test_response_flags_label_the_close_and_its_bytes() -> None:
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    labels = dest_labels()
+    metrics.connection_opened(labels)
+    metrics.connection_closed(labels, 0, 5, response_flags="UF")
+    assert sample(registry, "istio_tcp_connections_closed_total", labels, "UF") == 1
+    assert sample(registry, "istio_tcp_received_bytes_total", labels, "UF") == 5
+    assert not sample(registry, "istio_tcp_connections_closed_total", labels, "-")
+
+
+def test_add_bytes_flushes_before_close_without_double_counting() -> None:
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    labels = dest_labels()
+    metrics.connection_opened(labels)
+    metrics.add_bytes(labels, sent=1000, received=10)
+    assert sample(registry, "istio_tcp_sent_bytes_total", labels) == 1000
+    metrics.connection_closed(labels, sent_bytes=24, received_bytes=0)
+    assert sample(registry, "istio_tcp_sent_bytes_total", labels) == 1024
+    assert sample(registry, "istio_tcp_received_bytes_total", labels) == 10
+
+
+def test_reporters_are_separate_series() -> None:
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    src, dst = dest_labels(reporter="source"), dest_labels()
+    metrics.connection_opened(src)
+    metrics.connection_opened(dst)
+    metrics.connection_opened(dst)
+    assert sample(registry, "istio_tcp_connections_opened_total", src) == 1
+    assert sample(registry, "istio_tcp_connections_opened_total", dst) == 2
+
+
+def test_registries_do_not_share_counters() -> None:
+    r1, r2 = CollectorRegistry(), CollectorRegistry()
+    ProxyMetrics(r1).connection_opened(dest_labels())
+    ProxyMetrics(r2)
+    assert sample(r1, "istio_tcp_connections_opened_total", dest_labels()) == 1
+    assert sample(r2, "istio_tcp_connections_opened_total", dest_labels()) is None
+
+
+def test_label_children_are_cached_per_connection_labels() -> None:
+    metrics = ProxyMetrics(CollectorRegistry())
+    a = metrics._tcp(dest_labels(), "-")
+    b = metrics._tcp(dest_labels(), "-")  # equal labels, different object
+    assert a is b
+
+
+def test_health_metrics() -> None:
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    assert registry.get_sample_value("ztunnel_config_age_seconds") == -1
+    metrics.config_loaded(at=1000.0)
+    assert registry.get_sample_value("ztunnel_config_last_load_timestamp_seconds") == 1000.0
+    assert registry.get_sample_value("ztunnel_config_age_seconds") > 0
+    assert registry.get_sample_value("ztunnel_config_loads_total", {"result": "success"}) == 1
+    metrics.config_load_failed()
+    assert registry.get_sample_value("ztunnel_config_loads_total", {"result": "error"}) == 1
+    metrics.set_pods_served(4)
+    assert registry.get_sample_value("ztunnel_pods_served") == 4
+    metrics.set_pool_connections(2)
+    assert registry.get_sample_value("ztunnel_hbone_pool_connections") == 2
+    metrics.tls_failure("identity_mismatch")
+    metrics.tls_failure("identity_mismatch")
+    assert registry.get_sample_value("ztunnel_tls_failures_total", {"reason": "identity_mismatch"}) == 2
+    metrics.connection_refused("policy_denied")
+    assert registry.get_sample_value("ztunnel_connections_refused_total", {"reason": "policy_denied"}) == 1
+    ident = "spiffe://cluster.local/ns/foo/sa/sleep"
+    metrics.set_certificate_expiry(ident, 2e9)
+    assert registry.get_sample_value("ztunnel_certificate_expiry_timestamp_seconds", {"identity": ident}) == 2e9
+    metrics.remove_certificate(ident)
+    metrics.remove_certificate(ident)  # idempotent
+    assert registry.get_sample_value("ztunnel_certificate_expiry_timestamp_seconds", {"identity": ident}) is None
+    metrics.certificate_fetch_failed()
+    assert registry.get_sample_value("ztunnel_certificate_fetch_failures_total") == 1

@@ -1,0 +1,103 @@
+"""Access log: one line per proxied connection, written when it closes.
+
+The shape follows istio/ztunnel's `connection complete` event (src.*, dst.*, direction, bytes,
+duration) so the same log queries work. Lines go straight to a stream rather than through `logging`:
+the access log is data an operator opts into, and must not change with the log level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Literal, TextIO
+
+AccessLogFormat = Literal["text", "json", "off"]
+Direction = Literal["inbound", "outbound"]
+FORMATS: tuple[str, ...] = ("text", "json", "off")
+
+
+def _timestamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+def _text_value(value: object) -> str:
+    """Quote a value only when it would break `key=value` parsing."""
+    s = str(value)
+    if s and not any(c in s for c in ' "=\n\t\\'):
+        return s
+    return json.dumps(s)
+
+
+class AccessLog:
+    """Writes connection records to `stream` as text (`key=value`) or JSON, or nothing with `off`."""
+
+    def __init__(self, format: AccessLogFormat = "text", stream: TextIO | None = None) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"access log format {format!r} is not one of {', '.join(FORMATS)}")
+        self.format: AccessLogFormat = format
+        self.stream = stream if stream is not None else sys.stderr
+
+    @property
+    def enabled(self) -> bool:
+        return self.format != "off"
+
+    def log_connection(
+        self,
+        *,
+        direction: Direction,
+        src_addr: str,
+        dst_addr: str,
+        src_identity: str | None = None,
+        dst_identity: str | None = None,
+        src_workload: str | None = None,
+        dst_workload: str | None = None,
+        dst_service: str | None = None,
+        sent_bytes: int = 0,
+        received_bytes: int = 0,
+        duration: float = 0.0,
+        response_flags: str = "-",
+        policy: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Log one closed connection.
+
+        `sent_bytes` went to the client (response direction) and `received_bytes` came from it, as in
+        the Istio metrics; `duration` is in seconds; `policy` names the policy that denied it, if any.
+        Addresses are `ip:port` strings. Never raises on a broken stream: logging must not kill a relay.
+        """
+        if self.format == "off":
+            return
+        record: dict[str, object] = {
+            "src.addr": src_addr,
+            "src.workload": src_workload,
+            "src.identity": src_identity,
+            "dst.addr": dst_addr,
+            "dst.service": dst_service,
+            "dst.workload": dst_workload,
+            "dst.identity": dst_identity,
+            "direction": direction,
+            "bytes_sent": sent_bytes,
+            "bytes_recv": received_bytes,
+            "duration_ms": round(duration * 1000, 3),
+            "response_flags": response_flags or "-",
+        }
+        if policy:
+            record["policy"] = policy
+        if error:
+            record["error"] = error
+        ts = _timestamp(time.time() if now is None else now)
+        if self.format == "json":
+            line = json.dumps(
+                {"time": ts, "level": "info", "scope": "access", "msg": "connection complete"}
+                | {k: v for k, v in record.items() if v is not None}
+            )
+        else:
+            fields = " ".join(f"{k}={_text_value(v)}" for k, v in record.items() if v is not None)
+            line = f"{ts} info  access connection complete {fields}"
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or full stream loses log lines, never connections

@@ -1,0 +1,301 @@
+"""Prometheus metrics of the node proxy, under Istio's names so existing dashboards work.
+
+The four `istio_tcp_*` counters carry Istio's standard label set (DESIGN.md §4.9). They are updated
+once when a connection opens and once when it closes (bytes aggregated per connection), never per
+chunk: the relay hot path must not touch a metric. Looking up a labelled child in prometheus-client
+takes a lock and validates the label values, so the children are cached per `ConnectionLabels`.
+
+Every metric lives in the `CollectorRegistry` passed in, so tests and several proxies in one process
+never share counters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ztunnel.config.model import Service, Workload
+
+UNKNOWN = "unknown"
+NO_FLAGS = "-"  # Envoy's spelling for "no response flags"
+
+Reporter = Literal["source", "destination"]
+
+# Istio's label set for TCP metrics, in the order the counters declare them.
+TCP_LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_service",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+
+# Bound on cached label children: the set of (source, destination) pairs is bounded by the cluster,
+# but a cache must never grow without limit if something (e.g. many passthrough IPs) is not.
+_CHILD_CACHE_LIMIT = 10_000
+
+
+def _app_of(workload: Workload) -> str:
+    """Istio's canonical service: the canonical-name label, else `app`, else the workload name."""
+    return workload.labels.get("service.istio.io/canonical-name") or workload.app
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLabels:
+    """The per-connection part of Istio's TCP label set (everything except `response_flags`).
+
+    Build it once per connection with `ConnectionLabels.build`; it is hashable and used as the cache
+    key for the labelled metric children.
+    """
+
+    reporter: str
+    source_workload: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    request_protocol: str = "tcp"
+    connection_security_policy: str = UNKNOWN
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        reporter: Reporter,
+        source: Workload | None,
+        source_principal: str | None,
+        destination: Workload | None,
+        destination_principal: str | None,
+        destination_service: Service | None,
+        request_protocol: str = "tcp",
+        connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
+    ) -> ConnectionLabels:
+        """Labels for one connection; anything not known is `unknown`, as Istio reports it.
+
+        Principals are full SPIFFE URIs (`spiffe://cluster.local/ns/a/sa/b`), as in Istio's metrics.
+        `destination_service` is the service's FQDN (`name.ns.svc.cluster.local`).
+        """
+        return cls(
+            reporter=reporter,
+            source_workload=source.name if source else UNKNOWN,
+            source_workload_namespace=source.namespace if source else UNKNOWN,
+            source_principal=source_principal or UNKNOWN,
+            source_app=_app_of(source) if source else UNKNOWN,
+            destination_workload=destination.name if destination else UNKNOWN,
+            destination_workload_namespace=destination.namespace if destination else UNKNOWN,
+            destination_principal=destination_principal or UNKNOWN,
+            destination_app=_app_of(destination) if destination else UNKNOWN,
+            destination_service=destination_service.hostname if destination_service else UNKNOWN,
+            request_protocol=request_protocol or UNKNOWN,
+            connection_security_policy=connection_security_policy or UNKNOWN,
+        )
+
+    def values(self, response_flags: str) -> tuple[str, ...]:
+        """Label values in `TCP_LABELS` order."""
+        return (
+            self.reporter,
+            self.source_workload,
+            self.source_workload_namespace,
+            self.source_principal,
+            self.source_app,
+            self.destination_workload,
+            self.destination_workload_namespace,
+            self.destination_principal,
+            self.destination_app,
+            self.destination_service,
+            self.request_protocol,
+            response_flags,
+            self.connection_security_policy,
+        )
+
+
+@dataclass(slots=True)
+class _TcpChildren:
+    """The labelled children of the four TCP counters for one (labels, response_flags)."""
+
+    opened: Any
+    closed: Any
+    sent: Any
+    received: Any
+
+
+class ProxyMetrics:
+    """All metrics of one node proxy, registered in `registry`.
+
+    TCP byte semantics follow Istio: `sent_bytes` are bytes sent *to the client* (the response
+    direction, downstream), `received_bytes` are bytes received *from the client* (the request
+    direction). Each reporter counts from its own side of the connection.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._opened = Counter(
+            "istio_tcp_connections_opened",
+            "Total TCP connections opened",
+            TCP_LABELS,
+            registry=registry,
+        )
+        self._closed = Counter(
+            "istio_tcp_connections_closed",
+            "Total TCP connections closed",
+            TCP_LABELS,
+            registry=registry,
+        )
+        self._sent = Counter(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (response direction) on TCP connections",
+            TCP_LABELS,
+            registry=registry,
+        )
+        self._received = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction) on TCP connections",
+            TCP_LABELS,
+            registry=registry,
+        )
+        self._children: dict[tuple[ConnectionLabels, str], _TcpChildren] = {}
+
+        # ---- proxy health --------------------------------------------------------------------
+        self._config_loaded_at: float | None = None
+        self._config_last_load = Gauge(
+            "ztunnel_config_last_load_timestamp_seconds",
+            "Unix time of the last successful config load (0 before the first)",
+            registry=registry,
+        )
+        self._config_age = Gauge(
+            "ztunnel_config_age_seconds",
+            "Seconds since the last successful config load (-1 before the first)",
+            registry=registry,
+        )
+        self._config_age.set_function(self._config_age_now)
+        self._config_loads = Counter(
+            "ztunnel_config_loads",
+            "Config loads by result (success or error); on error the last good config stays in use",
+            ("result",),
+            registry=registry,
+        )
+        self._pods_served = Gauge(
+            "ztunnel_pods_served",
+            "Mesh pods of this node the proxy currently serves (listeners open)",
+            registry=registry,
+        )
+        self._pool_connections = Gauge(
+            "ztunnel_hbone_pool_connections",
+            "Open HBONE (mTLS + HTTP/2) connections in the client pool",
+            registry=registry,
+        )
+        self._tls_failures = Counter(
+            "ztunnel_tls_failures",
+            "TLS handshake failures by reason (e.g. handshake, identity_mismatch, untrusted_peer)",
+            ("reason",),
+            registry=registry,
+        )
+        self._refusals = Counter(
+            "ztunnel_connections_refused",
+            "Connections the proxy refused, by reason (e.g. policy_denied, no_endpoint, bad_request)",
+            ("reason",),
+            registry=registry,
+        )
+        self._cert_expiry = Gauge(
+            "ztunnel_certificate_expiry_timestamp_seconds",
+            "Unix time at which the workload certificate held for an identity expires",
+            ("identity",),
+            registry=registry,
+        )
+        self._cert_failures = Counter(
+            "ztunnel_certificate_fetch_failures",
+            "Failed attempts to obtain or rotate a workload certificate",
+            registry=registry,
+        )
+
+    # ---- TCP connection metrics (per connection, never per chunk) -----------------------------
+    def _tcp(self, labels: ConnectionLabels, response_flags: str) -> _TcpChildren:
+        key = (labels, response_flags)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) >= _CHILD_CACHE_LIMIT:
+                self._children.clear()  # only the lookup cache: counters keep their values
+            values = labels.values(response_flags)
+            children = _TcpChildren(
+                opened=self._opened.labels(*values),
+                closed=self._closed.labels(*values),
+                sent=self._sent.labels(*values),
+                received=self._received.labels(*values),
+            )
+            self._children[key] = children
+        return children
+
+    def connection_opened(self, labels: ConnectionLabels) -> None:
+        self._tcp(labels, NO_FLAGS).opened.inc()
+
+    def connection_closed(
+        self, labels: ConnectionLabels, sent_bytes: int, received_bytes: int, response_flags: str = NO_FLAGS
+    ) -> None:
+        """Count the close and the bytes not yet flushed with `add_bytes`."""
+        children = self._tcp(labels, response_flags or NO_FLAGS)
+        children.closed.inc()
+        if sent_bytes:
+            children.sent.inc(sent_bytes)
+        if received_bytes:
+            children.received.inc(received_bytes)
+
+    def add_bytes(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        """Flush bytes of a still-open connection (for long-lived ones), counted with no response flags."""
+        children = self._tcp(labels, NO_FLAGS)
+        if sent:
+            children.sent.inc(sent)
+        if received:
+            children.received.inc(received)
+
+    # ---- proxy health -------------------------------------------------------------------------
+    def _config_age_now(self) -> float:
+        loaded = self._config_loaded_at
+        return -1.0 if loaded is None else max(0.0, time.time() - loaded)
+
+    def config_loaded(self, at: float | None = None) -> None:
+        """A new config snapshot is in use."""
+        self._config_loaded_at = time.time() if at is None else at
+        self._config_last_load.set(self._config_loaded_at)
+        self._config_loads.labels("success").inc()
+
+    def config_load_failed(self) -> None:
+        self._config_loads.labels("error").inc()
+
+    def set_pods_served(self, count: int) -> None:
+        self._pods_served.set(count)
+
+    def set_pool_connections(self, count: int) -> None:
+        self._pool_connections.set(count)
+
+    def tls_failure(self, reason: str) -> None:
+        self._tls_failures.labels(reason).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        self._refusals.labels(reason).inc()
+
+    def set_certificate_expiry(self, identity: str, not_after: float) -> None:
+        self._cert_expiry.labels(identity).set(not_after)
+
+    def remove_certificate(self, identity: str) -> None:
+        try:
+            self._cert_expiry.remove(identity)
+        except KeyError:
+            pass
+
+    def certificate_fetch_failed(self) -> None:
+        self._cert_failures.inc()
