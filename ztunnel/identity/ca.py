@@ -8,12 +8,16 @@ root-key.pem when the root was generated here and crl.pem for revocations.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import itertools
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -26,6 +30,8 @@ DEFAULT_TTL = dt.timedelta(hours=24)
 DEFAULT_MAX_TTL = dt.timedelta(days=7)
 ROOT_TTL = dt.timedelta(days=3650)
 INTERMEDIATE_TTL = dt.timedelta(days=365)
+SERVER_TTL = dt.timedelta(days=365)  # the CA server's own TLS cert, re-made at each start
+CRL_TTL = dt.timedelta(days=365)  # a CRL past nextUpdate fails every handshake, so keep it long; re-signed on revoke
 CLOCK_SKEW = dt.timedelta(minutes=1)  # backdate notBefore so a peer slightly behind still accepts
 
 ROOT_CERT = "root-cert.pem"
@@ -38,7 +44,15 @@ TRUST_BUNDLE = "trust-bundle.pem"  # optional extra roots, for root rotation
 
 
 class CAError(ZtunnelError):
-    pass
+    """The CA directory or a signing request is unusable; the text says which and what to do."""
+
+
+class InvalidRequestError(CAError):
+    """The request is malformed: not PEM, not a CSR, a bad signature, a key type we do not sign."""
+
+
+class IdentityRejectedError(CAError):
+    """The CSR is well formed but asks for an identity this CA will not sign."""
 
 
 def random_serial() -> int:
@@ -112,24 +126,31 @@ def init_ca_dir(
     d = Path(directory)
     if (d / CA_KEY).exists() and not force:
         raise CAError(f"{d}: a CA already exists here ({CA_KEY}); pass --force to replace it")
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
+    try:
+        SpiffeId.parse(f"spiffe://{trust_domain}/ns/default/sa/default")
+    except SpiffeIdError as e:
+        raise CAError(f"--trust-domain {trust_domain!r}: {e}") from e
+    if bool(root_cert_file) != bool(root_key_file):
+        raise CAError("give both --root-cert and --root-key to plug in your own root")
     org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)
-    if root_cert_file or root_key_file:
-        if not (root_cert_file and root_key_file):
-            raise CAError("give both --root-cert and --root-key to plug in your own root")
-        root_cert = x509.load_pem_x509_certificate(Path(root_cert_file).read_bytes())
-        loaded = serialization.load_pem_private_key(Path(root_key_file).read_bytes(), password=None)
-        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-            raise CAError(f"{root_key_file}: only ECDSA root keys are supported")
-        root_key = loaded
-        if root_cert.public_key().public_numbers() != root_key.public_key().public_numbers():
+    if root_cert_file and root_key_file:
+        root_cert = _read_cert(Path(root_cert_file))
+        root_key = _read_key(Path(root_key_file))
+        if not _same_key(root_cert, root_key):
             raise CAError(f"{root_key_file} is not the key of {root_cert_file}; give the matching pair")
+        bc = _basic_constraints(root_cert)
+        if bc is None or not bc.ca:
+            raise CAError(f"{root_cert_file}: not a CA certificate (basicConstraints CA:TRUE is missing)")
     else:
         root_key = generate_key()
         name = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, "ztunnel root CA")])
         root_cert = _ca_cert(name, name, root_key.public_key(), root_key, ROOT_TTL, None, root_key.public_key())
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    if not (root_cert_file and root_key_file):
         _write_private(d / ROOT_KEY, key_to_pem(root_key))
+    elif (d / ROOT_KEY).exists():
+        (d / ROOT_KEY).unlink()  # a replaced self-made root's key must not linger next to the plugged-in one
     int_key = generate_key()
     int_name = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, "ztunnel intermediate CA")])
     int_cert = _ca_cert(
@@ -140,7 +161,97 @@ def init_ca_dir(
     (d / ROOT_CERT).write_bytes(_pem(root_cert))
     (d / CERT_CHAIN).write_bytes(_pem(int_cert) + _pem(root_cert))
     (d / "trust-domain").write_text(trust_domain + "\n")
+    if (d / CRL).exists():
+        (d / CRL).unlink()  # signed by the replaced intermediate: peers would reject it
     return d
+
+
+def _read_cert(path: Path) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CAError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as e:
+        raise CAError(f"{path}: not a PEM certificate ({_first_line(e)})") from e
+
+
+def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CAError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise CAError(f"{path}: not an unencrypted PEM private key ({_first_line(e)})") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CAError(f"{path}: only ECDSA keys are supported")
+    return key
+
+
+def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
+    pub = cert.public_key()
+    return isinstance(pub, ec.EllipticCurvePublicKey) and pub.public_numbers() == key.public_key().public_numbers()
+
+
+def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _first_line(e: Exception) -> str:
+    """Library errors can span lines; a user error is one line."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class SigningRequest:
+    """A checked CSR: the one SPIFFE id it asks for and the key to certify."""
+
+    identity: SpiffeId
+    public_key: ec.EllipticCurvePublicKey
+
+
+def parse_csr(csr_pem: bytes | str, trust_domain: str) -> SigningRequest:
+    """Check a CSR for an SVID; raise InvalidRequestError or IdentityRejectedError saying why."""
+    data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
+    if b"-----BEGIN CERTIFICATE REQUEST-----" not in data and b"-----BEGIN NEW CERTIFICATE REQUEST-----" not in data:
+        raise InvalidRequestError("the CSR is not PEM: expected a -----BEGIN CERTIFICATE REQUEST----- block")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as e:
+        raise InvalidRequestError(
+            f"the CSR PEM does not decode to a certificate signing request ({_first_line(e)})"
+        ) from e
+    try:
+        signature_ok = csr.is_signature_valid
+        pub = csr.public_key()
+    except (ValueError, TypeError) as e:
+        raise InvalidRequestError(f"the CSR cannot be checked ({_first_line(e)})") from e
+    if not signature_ok:
+        raise InvalidRequestError("the CSR signature does not verify with its own key")
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp256r1":
+        raise InvalidRequestError("the CSR key must be ECDSA P-256")
+    sans = uri_sans_of_csr(csr)
+    if len(sans) != 1:
+        raise IdentityRejectedError(
+            f"the CSR must carry exactly one SAN, the SPIFFE id as a URI; it has {len(sans)}"
+            + (f" ({', '.join(sans)})" if sans else "")
+        )
+    try:
+        identity = SpiffeId.parse(sans[0])
+    except SpiffeIdError as e:
+        raise IdentityRejectedError(f"the CSR's SAN: {e}") from e
+    if identity.trust_domain != trust_domain:
+        raise IdentityRejectedError(
+            f"the CSR asks for trust domain {identity.trust_domain!r}; this CA signs only {trust_domain!r}"
+        )
+    return SigningRequest(identity, pub)
 
 
 @dataclass
@@ -158,32 +269,38 @@ class CertificateAuthority:
     @classmethod
     def load(cls, directory: str | Path, *, max_ttl: dt.timedelta = DEFAULT_MAX_TTL) -> CertificateAuthority:
         d = Path(directory)
+        if not d.is_dir():
+            raise CAError(f"{d}: no such CA directory; create it with `ztunnel ca init --dir {d}`")
         for name in (CA_CERT, CA_KEY, ROOT_CERT):
             if not (d / name).is_file():
                 raise CAError(f"{d}: missing {name}; create the CA with `ztunnel ca init --dir {d}`")
-        try:
-            cert = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
-        except ValueError as e:
-            raise CAError(f"{d / CA_CERT}: not a PEM certificate ({e})") from e
-        try:
-            key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), password=None)
-        except (ValueError, TypeError) as e:
-            raise CAError(f"{d / CA_KEY}: not an unencrypted PEM private key ({e})") from e
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CAError(f"{d / CA_KEY}: only ECDSA keys are supported")
-        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        cert = _read_cert(d / CA_CERT)
+        key = _read_key(d / CA_KEY)
+        if not _same_key(cert, key):
             raise CAError(f"{d}: {CA_KEY} does not match {CA_CERT}; restore the pair or run `ztunnel ca init --force`")
+        root_pem = (d / ROOT_CERT).read_bytes()
+        root_pems = split_pem_chain(root_pem)
+        if not root_pems:
+            raise CAError(f"{d / ROOT_CERT}: holds no PEM certificate")
         chain_file = d / CERT_CHAIN
         chain = split_pem_chain(chain_file.read_bytes()) if chain_file.exists() else []
-        root_pem = (d / ROOT_CERT).read_bytes()
         if not chain:
-            chain = [_pem(cert), *split_pem_chain(root_pem)]
+            chain = [_pem(cert), root_pems[0]]
+        _check_chain(d, cert, chain, root_pems)
         roots = root_pem
         if (d / TRUST_BUNDLE).exists():
             roots = roots.rstrip(b"\n") + b"\n" + (d / TRUST_BUNDLE).read_bytes()
         td_file = d / "trust-domain"
         td = td_file.read_text().strip() if td_file.exists() else "cluster.local"
         return cls(d, td, cert, key, chain, roots, max_ttl)
+
+    def check_csr(self, csr_pem: bytes | str, *, expected_identity: SpiffeId | None = None) -> SigningRequest:
+        req = parse_csr(csr_pem, self.trust_domain)
+        if expected_identity is not None and req.identity != expected_identity:
+            raise IdentityRejectedError(
+                f"the CSR's SAN {req.identity} differs from the identity asked for ({expected_identity})"
+            )
+        return req
 
     def sign_csr(
         self,
@@ -193,37 +310,19 @@ class CertificateAuthority:
         expected_identity: SpiffeId | None = None,
     ) -> list[bytes]:
         """Check the CSR and return the chain, leaf first, root last."""
-        data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
-        try:
-            csr = x509.load_pem_x509_csr(data)
-        except ValueError as e:
-            raise CAError(f"the CSR is not a PEM certificate signing request ({e})") from e
-        if not csr.is_signature_valid:
-            raise CAError("the CSR signature does not verify")
-        sans = uri_sans_of_csr(csr)
-        if len(sans) != 1:
-            raise CAError(f"the CSR must carry exactly one URI SAN (the SPIFFE id); it has {len(sans)}")
-        try:
-            identity = SpiffeId.parse(sans[0])
-        except SpiffeIdError as e:
-            raise CAError(f"the CSR's SAN: {e}") from e
-        if identity.trust_domain != self.trust_domain:
-            raise CAError(
-                f"the CSR asks for trust domain {identity.trust_domain!r}; this CA signs {self.trust_domain!r}"
-            )
-        if expected_identity is not None and identity != expected_identity:
-            raise CAError(f"the CSR's SAN {identity} differs from the identity asked for ({expected_identity})")
-        pub = csr.public_key()
-        if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp256r1":
-            raise CAError("the CSR key must be ECDSA P-256")
-        return self.issue(identity, pub, ttl)
+        req = self.check_csr(csr_pem, expected_identity=expected_identity)
+        return self.issue(req.identity, req.public_key, ttl)
+
+    def _not_after(self, ttl: dt.timedelta, now: dt.datetime) -> dt.datetime:
+        if ttl <= dt.timedelta(0):
+            raise InvalidRequestError("the requested validity must be positive")
+        ttl = min(ttl, self.max_ttl)
+        return min(now + ttl, self.signing_cert.not_valid_after_utc)
 
     def issue(self, identity: SpiffeId, public_key: ec.EllipticCurvePublicKey, ttl: dt.timedelta) -> list[bytes]:
-        if ttl <= dt.timedelta(0):
-            raise CAError("the requested validity must be positive")
-        ttl = min(ttl, self.max_ttl)
+        """An SVID: URI SAN only (critical), empty subject, both EKUs, random serial, TTL capped by max_ttl."""
         now = _now()
-        not_after = min(now + ttl, self.signing_cert.not_valid_after_utc)
+        not_after = self._not_after(ttl, now)
         leaf = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
@@ -233,20 +332,7 @@ class CertificateAuthority:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_LEAF_KEY_USAGE, critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
@@ -259,15 +345,164 @@ class CertificateAuthority:
         )
         return [_pem(leaf), *self.chain_pem]
 
+    def issue_server_cert(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str],
+        ttl: dt.timedelta = SERVER_TTL,
+    ) -> list[bytes]:
+        """The CA server's own TLS certificate: serverAuth, DNS/IP SANs, so clients verify it with the bundle.
+
+        Separate from SVIDs on purpose: it names a host, not a workload, and is not bounded by max_ttl.
+        """
+        now = _now()
+        if ttl <= dt.timedelta(0):
+            raise InvalidRequestError("the server certificate validity must be positive")
+        not_after = min(now + ttl, self.signing_cert.not_valid_after_utc)
+        names: list[x509.GeneralName] = []
+        for dns in dict.fromkeys(dns_names):
+            names.append(x509.DNSName(dns))
+        for ip in dict.fromkeys(ip_addresses):
+            names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        if not names:
+            raise CAError("a server certificate needs at least one DNS name or IP address")
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (list(dns_names) or list(ip_addresses))[0])])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.signing_cert.subject)
+            .public_key(public_key)
+            .serial_number(random_serial())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(_LEAF_KEY_USAGE, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.signing_key.public_key()), critical=False
+            )
+            .sign(self.signing_key, hashes.SHA256())
+        )
+        return [_pem(cert), *self.chain_pem]
+
+    # ---- revocation -----------------------------------------------------------------------------
+    def revoked_serials(self) -> list[int]:
+        crl = self._load_crl()
+        return [r.serial_number for r in crl] if crl is not None else []
+
+    def crl_pem(self) -> bytes:
+        """The current CRL (signed by the intermediate, the issuer of every leaf), or b"" if none."""
+        path = self.directory / CRL
+        return path.read_bytes() if path.exists() else b""
+
+    def _load_crl(self) -> x509.CertificateRevocationList | None:
+        path = self.directory / CRL
+        if not path.exists():
+            return None
+        try:
+            crl = x509.load_pem_x509_crl(path.read_bytes())
+        except ValueError as e:
+            raise CAError(f"{path}: not a PEM CRL ({_first_line(e)}); remove it and revoke again") from e
+        if crl.issuer != self.signing_cert.subject or not crl.is_signature_valid(self.signing_key.public_key()):
+            raise CAError(f"{path}: not signed by this CA's intermediate; remove it and revoke again")
+        return crl
+
+    def revoke(self, serials: Sequence[int]) -> list[int]:
+        """Add serials to crl.pem (idempotent) and re-sign it; returns every revoked serial."""
+        existing = self._load_crl()
+        now = _now()
+        entries: dict[int, dt.datetime] = {}
+        if existing is not None:
+            for r in existing:
+                entries[r.serial_number] = r.revocation_date_utc
+        for serial in serials:
+            if serial <= 0:
+                raise CAError(f"serial {serial:x} is not a valid certificate serial (must be positive)")
+            entries.setdefault(serial, now)
+        number = 1
+        if existing is not None:
+            try:
+                number = existing.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+            except x509.ExtensionNotFound:
+                number = 1
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.signing_cert.subject)
+            .last_update(now - CLOCK_SKEW)
+            .next_update(min(now + CRL_TTL, self.signing_cert.not_valid_after_utc))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.signing_key.public_key()), critical=False
+            )
+        )
+        for serial, when in sorted(entries.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        crl = builder.sign(self.signing_key, hashes.SHA256())
+        tmp = self.directory / (CRL + ".tmp")
+        tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        os.replace(tmp, self.directory / CRL)  # readers never see half a file
+        return sorted(entries)
+
+
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=True,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def _check_chain(d: Path, signing_cert: x509.Certificate, chain_pem: list[bytes], root_pems: list[bytes]) -> None:
+    """ca-cert.pem must head cert-chain.pem, each cert must be issued by the next, and the last be a root."""
+    try:
+        certs = [x509.load_pem_x509_certificate(p) for p in chain_pem]
+        roots = [x509.load_pem_x509_certificate(p) for p in root_pems]
+    except ValueError as e:
+        raise CAError(f"{d}: {CERT_CHAIN} or {ROOT_CERT} holds a broken certificate ({_first_line(e)})") from e
+    if certs[0] != signing_cert:
+        raise CAError(
+            f"{d}: {CERT_CHAIN} must start with {CA_CERT}; rebuild it as ca-cert then its issuers up to the root"
+        )
+    for child, parent in itertools.pairwise(certs):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise CAError(
+                f"{d}: in {CERT_CHAIN}, {child.subject.rfc4514_string()!r} is not issued by the next certificate"
+            ) from e
+    if certs[-1] not in roots:
+        raise CAError(f"{d}: {CERT_CHAIN} does not end with the root in {ROOT_CERT}; add the root or fix {ROOT_CERT}")
+
 
 def uri_sans_of_csr(csr: x509.CertificateSigningRequest) -> list[str]:
+    """Every SAN of the CSR as text, URIs first (a non-URI SAN makes the CSR unsignable)."""
     try:
         ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     others = [n for n in ext.value if not isinstance(n, x509.UniformResourceIdentifier)]
     uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris + [str(o) for o in others]
+    return uris + [str(o.value) for o in others]
 
 
-__all__ = ["CAError", "CertificateAuthority", "init_ca_dir", "random_serial", "uri_sans"]
+__all__ = [
+    "CAError",
+    "CertificateAuthority",
+    "IdentityRejectedError",
+    "InvalidRequestError",
+    "SigningRequest",
+    "init_ca_dir",
+    "parse_csr",
+    "random_serial",
+    "uri_sans",
+]

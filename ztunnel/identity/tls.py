@@ -27,6 +27,16 @@ def _load_chain_from_memory(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> N
         os.close(fd)
 
 
+def _load_crl_from_memory(ctx: ssl.SSLContext, crl_pem: bytes) -> None:
+    """`cadata` takes certificates only; a CRL must come through a file, so hand OpenSSL a memfd."""
+    fd = os.memfd_create("crl", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, crl_pem)
+        ctx.load_verify_locations(cafile=f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def _base_context(purpose: ssl.Purpose, cert: WorkloadCertificate) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -36,7 +46,9 @@ def _base_context(purpose: ssl.Purpose, cert: WorkloadCertificate) -> ssl.SSLCon
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=cert.roots_pem.decode())
     if cert.crl_pem:
-        ctx.load_verify_locations(cadata=cert.crl_pem.decode())
+        # The CRL must be signed by the leaf's issuer (our intermediate). With it loaded OpenSSL requires a
+        # CRL for every peer leaf's issuer, so a peer from another intermediate fails until its CRL is added.
+        _load_crl_from_memory(ctx, cert.crl_pem)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     _load_chain_from_memory(ctx, cert)
     return ctx
