@@ -1,0 +1,203 @@
+"""`ztunnel convert` (legacy RBAC/authn -> current YAML) and `ztunnel authz check|validate`.
+
+`authz check` answers with the same `PolicyEngine` the proxy uses: exit 0 allow, 1 deny, 2 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ztunnel.errors import ZtunnelError
+
+
+class PolicyCommandError(ZtunnelError):
+    """A user error in a policy command (bad flag value, unknown pod)."""
+
+
+def register(subparsers: Any) -> None:
+    conv = subparsers.add_parser(
+        "convert",
+        help="convert legacy rbac.istio.io / authentication.istio.io objects to current Istio YAML",
+        description="Print AuthorizationPolicy/PeerAuthentication/RequestAuthentication YAML equivalent to the "
+        "legacy ServiceRole, ServiceRoleBinding, ClusterRbacConfig, Policy and MeshPolicy objects in the files. "
+        "Services and pods in the same files are used to map services to workload selectors.",
+    )
+    conv.add_argument("-f", "--file", dest="files", action="append", required=True, metavar="FILE")
+    conv.add_argument("--root-namespace", default="istio-system")
+    conv.set_defaults(func=_convert)
+
+    authz = subparsers.add_parser("authz", help="explain and validate authorization policies")
+    sub = authz.add_subparsers(dest="authz_command", metavar="COMMAND")
+    authz.set_defaults(func=lambda _a: authz.print_help() or 2)
+
+    check = sub.add_parser(
+        "check",
+        help="would a connection (or request) be allowed? exit 0 allow, 1 deny, 2 error",
+        description="Decide like the node proxy (--layer l4, default) or a waypoint (--layer l7) would.",
+    )
+    check.add_argument("-f", "--file", dest="files", action="append", required=True, metavar="FILE")
+    check.add_argument(
+        "--from", dest="source", required=True, metavar="SOURCE", help="spiffe://..., pod/NAMESPACE/NAME or plaintext"
+    )
+    check.add_argument("--source-ip", metavar="IP", help="the client's address (default: the source pod's IP)")
+    check.add_argument("--to", dest="dest", required=True, metavar="DEST", help="pod/NAMESPACE/NAME or a pod IP")
+    check.add_argument("--port", required=True, type=int, metavar="N", help="destination (target) port on the pod")
+    check.add_argument("--layer", choices=["l4", "l7"], default="l4")
+    check.add_argument("--method", default="GET")
+    check.add_argument("--path", default="/")
+    check.add_argument("--host", default="")
+    check.add_argument("--header", action="append", default=[], metavar="K=V")
+    check.add_argument("--request-principal", metavar="ISS/SUB", help="principal of a validated JWT (l7)")
+    check.add_argument("--claim", action="append", default=[], metavar="K=V", help="JWT claim (l7), repeatable")
+    check.add_argument("--root-namespace", default="istio-system")
+    check.add_argument("--trust-domain", default="cluster.local")
+    check.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    check.set_defaults(func=_check)
+
+    validate = sub.add_parser("validate", help="report invalid security objects; exit 2 if any")
+    validate.add_argument("-f", "--file", dest="files", action="append", required=True, metavar="FILE")
+    validate.add_argument("--root-namespace", default="istio-system")
+    validate.set_defaults(func=_validate)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ztunnel.config.loader import build_config, read_objects
+    from ztunnel.policy.engine import LEGACY_KINDS
+    from ztunnel.policy.legacy import convert_objects
+
+    objects = read_objects(args.files)
+    legacy = [o for o in objects if o.kind in LEGACY_KINDS]
+    if not legacy:
+        raise PolicyCommandError(
+            f"no legacy security objects (ServiceRole, ServiceRoleBinding, ClusterRbacConfig, RbacConfig, Policy, "
+            f"MeshPolicy) in {', '.join(args.files)}; nothing to convert"
+        )
+    config = build_config(objects, root_namespace=args.root_namespace)
+    result = convert_objects(legacy, config)
+    if result.errors:
+        raise PolicyCommandError(
+            "cannot convert:\n" + "\n".join(f"  {e}" for e in result.errors) + "\nfix these objects and run again"
+        )
+    out = []
+    for note in result.notes:
+        out.append(f"# note: {note}\n")
+    docs = [yaml.safe_dump(o.body, sort_keys=False, default_flow_style=False) for o in result.objects]
+    sys.stdout.write("".join(out) + "---\n".join(docs))
+    return 0
+
+
+def _split_kv(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise PolicyCommandError(f"{flag} {v!r}: expected KEY=VALUE")
+        out[k.strip()] = val
+    return out
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ztunnel.config.loader import load_files
+    from ztunnel.config.model import normalize_ip
+    from ztunnel.policy.engine import ConnectionAttributes, HttpRequestAttributes, PolicyEngine
+
+    if not 0 < args.port < 65536:
+        raise PolicyCommandError(f"--port {args.port}: must be from 1 to 65535")
+    config = load_files(args.files, root_namespace=args.root_namespace, trust_domain=args.trust_domain)
+    engine = PolicyEngine.from_config(config)
+    for err in engine.errors:
+        print(f"warning: rejected {err}", file=sys.stderr)
+
+    principal: str | None
+    source_ip = args.source_ip or ""
+    if args.source == "plaintext":
+        principal = None
+    elif args.source.startswith("spiffe://"):
+        principal = args.source
+    elif args.source.startswith("pod/"):
+        src = _pod(config, args.source, "--from")
+        principal = src.identity
+        if not src.enrolled:
+            principal = None
+            print(f"note: source pod {src.ref} is not in the mesh, so it connects in plaintext", file=sys.stderr)
+        source_ip = source_ip or (src.ips[0] if src.ips else "")
+    else:
+        raise PolicyCommandError(f"--from {args.source!r}: use spiffe://..., pod/NAMESPACE/NAME or plaintext")
+    if source_ip:
+        try:
+            source_ip = normalize_ip(source_ip)
+        except ValueError:
+            raise PolicyCommandError(f"--source-ip {source_ip!r} is not an IP address") from None
+
+    if args.dest.startswith("pod/"):
+        dest = _pod(config, args.dest, "--to")
+        dest_ip = dest.ips[0] if dest.ips else ""
+    else:
+        try:
+            dest_ip = normalize_ip(args.dest)
+        except ValueError:
+            raise PolicyCommandError(f"--to {args.dest!r}: use pod/NAMESPACE/NAME or a pod IP") from None
+        found = config.workload_by_ip(dest_ip)
+        if found is None:
+            raise PolicyCommandError(f"--to {args.dest}: no pod in {', '.join(args.files)} has this IP")
+        dest = found
+
+    attrs = ConnectionAttributes(principal, source_ip, dest, dest_ip, args.port)
+    if args.layer == "l7":
+        request = HttpRequestAttributes(
+            method=args.method,
+            path=args.path,
+            host=args.host,
+            headers=_split_kv(args.header, "--header"),
+            request_principal=args.request_principal,
+            request_claims=_split_kv(args.claim, "--claim"),
+        )
+        decision = engine.check_l7(attrs, request)
+    else:
+        decision = engine.check_l4(attrs)
+
+    if args.output == "json":
+        print(json.dumps({"decision": decision.verdict, "policy": decision.policy, "reason": decision.reason}))
+    else:
+        print(f"{decision.verdict.upper()}: {decision.reason}")
+        if decision.policy:
+            print(f"policy: {decision.policy}")
+        if decision.dry_run_policies or decision.dry_run_allowed is not None:
+            shadow = "allow" if decision.dry_run_allowed else "deny"
+            print(f"dry-run: would {shadow} (matched: {', '.join(decision.dry_run_policies) or 'none'})")
+        if decision.audit_policies:
+            print(f"audit: {', '.join(decision.audit_policies)}")
+        if decision.custom_policies:
+            print(f"custom (ext-authz at the waypoint): {', '.join(decision.custom_policies)}")
+    return 0 if decision.allowed else 1
+
+
+def _pod(config: Any, ref: str, flag: str) -> Any:
+    parts = ref.split("/")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise PolicyCommandError(f"{flag} {ref!r}: expected pod/NAMESPACE/NAME")
+    w = config.workload(parts[1], parts[2])
+    if w is None:
+        raise PolicyCommandError(f"{flag} {ref}: no such pod in the given files")
+    return w
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ztunnel.config.loader import load_files
+    from ztunnel.policy.engine import PolicyEngine
+
+    config = load_files(args.files, root_namespace=args.root_namespace)
+    engine = PolicyEngine.from_config(config)
+    for w in engine.warnings:
+        print(f"note: {w}", file=sys.stderr)
+    for err in engine.errors:
+        print(f"error: {err}", file=sys.stderr)
+    if engine.errors:
+        return 2
+    print(f"ok: {len(config.policy_objects)} security objects are valid")
+    return 0
