@@ -1,0 +1,273 @@
+"""The proxy side of in-pod mode: get pods' netns from the node agent, listen inside them.
+
+The node agent hands over each enrolled pod's network namespace (DESIGN §4.7). For each pod we
+create the 15001/15006/15008 listeners *inside* its netns (setns on this thread and straight back;
+`SO_MARK` 0x539 so the pod's rules let our traffic through, `SO_REUSEPORT` so a restarted proxy can
+bind next to a draining one), and an `InpodConnector` that opens upstream connections from inside
+the pod netns, from the client's original address (`IP_TRANSPARENT`), so the app sees the real
+client IP. The proxy serves those sockets through `InpodTarget.add_workload`/`remove_workload`.
+
+If the agent goes away we keep serving what we have and reconnect; the agent then replays its
+snapshot, and after `snapshot-sent` we drop every pod it did not mention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ztunnel.config.model import Workload
+from ztunnel.hbone.streams import TcpStream
+from ztunnel.proxy.listeners import (
+    HBONE_PORT,
+    LISTEN_BACKLOG,
+    OUTBOUND_PORT,
+    PLAINTEXT_INBOUND_PORT,
+    WorkloadSockets,
+)
+from ztunnel.redirect import protocol
+from ztunnel.redirect.netns import in_netns
+from ztunnel.redirect.rules import PROXY_MARK
+
+log = logging.getLogger("ztunnel.proxy.inpod")
+
+IP_TRANSPARENT = 19  # linux/in.h
+IPV6_TRANSPARENT = 75  # linux/in6.h
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
+
+
+class InpodTarget(Protocol):
+    """What the node proxy offers in-pod mode (the proxy takes ownership of the sockets)."""
+
+    async def add_workload(self, workload: Workload, sockets: WorkloadSockets) -> None: ...
+
+    async def remove_workload(self, uid: str) -> None: ...
+
+
+def _mark(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+
+
+def pod_listener(netns_fd: int, family: int, port: int) -> socket.socket:
+    """A listening socket on 0.0.0.0:port or [::]:port inside the pod's netns."""
+    with in_netns(netns_fd):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _mark(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class InpodConnector:
+    """Upstream connections made from inside the pod netns, marked so the pod's rules skip them."""
+
+    netns_fd: int
+
+    def make_socket(self, address: tuple[str, int], source: tuple[str, int] | None) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        with in_netns(self.netns_fd):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            _mark(sock)
+            if source is not None and source[0]:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((source[0], 0))  # the client's address, any port: the app sees the real peer
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def connect(self, address: tuple[str, int], *, source: tuple[str, int] | None = None) -> TcpStream:
+        sock = self.make_socket(address, source)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return await TcpStream.connect(address[0], address[1], sock=sock)
+
+
+def pod_sockets(
+    netns_fd: int,
+    *,
+    ipv6: bool = True,
+    ports: tuple[int, int, int] = (OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT),
+) -> WorkloadSockets:
+    """All listeners of one pod (v4, and v6 when the pod has IPv6), plus its connector."""
+    outbound_port, plaintext_port, hbone_port = ports
+    out = WorkloadSockets(connector=InpodConnector(netns_fd))
+    families = [socket.AF_INET, socket.AF_INET6] if ipv6 else [socket.AF_INET]
+    try:
+        for family in families:
+            try:
+                out.outbound.append(pod_listener(netns_fd, family, outbound_port))
+            except OSError as e:
+                if family == socket.AF_INET6:  # IPv6 disabled in the pod: v4 only
+                    log.debug("no IPv6 listeners in pod netns: %s", e)
+                    break
+                raise
+            out.plaintext.append(pod_listener(netns_fd, family, plaintext_port))
+            out.hbone.append(pod_listener(netns_fd, family, hbone_port))
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def workload_from_info(uid: str, info: Mapping[str, Any]) -> Workload:
+    """The agent's workload info -> the config model's Workload (IPs from CNI are authoritative)."""
+    ips = tuple(str(ip) for ip in info.get("ips") or () if isinstance(ip, str))
+    return Workload(
+        uid=uid,
+        name=str(info.get("name") or ""),
+        namespace=str(info.get("namespace") or ""),
+        node=str(info.get("node") or ""),
+        service_account=str(info.get("serviceAccount") or "default"),
+        ips=ips,
+        labels={},
+        enrolled=True,
+    )
+
+
+@dataclass
+class _Pod:
+    workload: Workload
+    netns_fd: int
+
+
+@dataclass
+class InpodClient:
+    """Connects to the node agent and keeps the proxy's set of in-pod workloads in step with it."""
+
+    socket_path: str
+    target: InpodTarget
+    ports: tuple[int, int, int] = (OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT)
+    pods: dict[str, _Pod] = field(default_factory=dict)
+    synced: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: bool = False
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff; until cancelled. Pods are kept across reconnects."""
+        delay = RECONNECT_MIN
+        try:
+            while True:
+                try:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    sock.setblocking(False)
+                    try:
+                        await asyncio.get_running_loop().sock_connect(sock, self.socket_path)
+                    except BaseException:
+                        sock.close()
+                        raise
+                except OSError as e:
+                    log.debug("node agent not reachable at %s: %s", self.socket_path, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                delay = RECONNECT_MIN
+                await self.serve(protocol.Channel(sock))
+        finally:
+            await self.close()
+
+    async def serve(self, channel: protocol.Channel) -> None:
+        """One agent connection: hello, then handle messages until EOF."""
+        seen: set[str] = set()
+        self.connected = True
+        log.info("connected to the node agent", extra={"socket": self.socket_path})
+        try:
+            await channel.send(protocol.Hello())
+            while True:
+                try:
+                    msg = await channel.recv()
+                except protocol.ProtocolError as e:
+                    log.error("bad message from the node agent: %s", e)
+                    continue
+                if msg is None:
+                    log.warning("node agent disconnected; keeping %d pods and reconnecting", len(self.pods))
+                    return
+                ack = await self.handle(msg, seen)
+                if ack is not None:
+                    await channel.send(ack)
+        except OSError as e:
+            log.warning("node agent connection failed: %s", e)
+        finally:
+            self.connected = False
+            channel.close()
+
+    async def handle(self, msg: protocol.Message, seen: set[str]) -> protocol.Ack | None:
+        if isinstance(msg, protocol.AddWorkload):
+            seen.add(msg.uid)
+            return await self._add(msg)
+        if isinstance(msg, protocol.KeepWorkload):
+            seen.add(msg.uid)
+            return protocol.Ack(id=msg.id, ok=msg.uid in self.pods, error="" if msg.uid in self.pods else "unknown")
+        if isinstance(msg, protocol.DelWorkload):
+            seen.discard(msg.uid)
+            await self._remove(msg.uid)
+            return protocol.Ack(id=msg.id)
+        if isinstance(msg, protocol.SnapshotSent):
+            for uid in [u for u in self.pods if u not in seen]:
+                log.info("pod not in the agent's snapshot; dropping it", extra={"uid": uid})
+                await self._remove(uid)
+            self.synced.set()
+            return protocol.Ack(id=msg.id)
+        log.warning("unexpected message from the node agent: %r", msg)
+        return None
+
+    async def _add(self, msg: protocol.AddWorkload) -> protocol.Ack:
+        if msg.uid in self.pods:  # a replayed snapshot: we already serve it
+            os.close(msg.netns_fd)
+            return protocol.Ack(id=msg.id)
+        workload = workload_from_info(msg.uid, msg.workload)
+        try:
+            sockets = pod_sockets(msg.netns_fd, ports=self.ports)
+        except OSError as e:
+            os.close(msg.netns_fd)
+            log.error("cannot listen in pod netns", extra={"uid": msg.uid, "error": str(e)})
+            return protocol.Ack(id=msg.id, ok=False, error=f"cannot listen in the pod netns: {e}")
+        try:
+            await self.target.add_workload(workload, sockets)
+        except Exception as e:
+            sockets.close()
+            os.close(msg.netns_fd)
+            log.error("proxy refused in-pod workload", extra={"uid": msg.uid, "error": str(e)})
+            return protocol.Ack(id=msg.id, ok=False, error=str(e) or type(e).__name__)
+        self.pods[msg.uid] = _Pod(workload, msg.netns_fd)
+        log.info("serving pod in its netns", extra={"uid": msg.uid, "pod": workload.ref, "ips": list(workload.ips)})
+        return protocol.Ack(id=msg.id)
+
+    async def _remove(self, uid: str) -> None:
+        pod = self.pods.pop(uid, None)
+        if pod is None:
+            return
+        try:
+            await self.target.remove_workload(uid)
+        finally:
+            os.close(pod.netns_fd)
+        log.info("stopped serving pod", extra={"uid": uid, "pod": pod.workload.ref})
+
+    async def close(self) -> None:
+        for uid in list(self.pods):
+            with contextlib.suppress(Exception):
+                await self._remove(uid)

@@ -1,0 +1,71 @@
+"""`ztunnel node-agent`: CLI wiring for the node agent (heavy imports happen in the handler)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_CNI_SOCKET = "/var/run/ztunnel/cni.sock"
+DEFAULT_PROXY_SOCKET = "/var/run/ztunnel/ztunnel.sock"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "node-agent",
+        help="enroll this node's pods: CNI events, in-pod redirection, netns hand-off to the proxy",
+        description="Serves CNI events on a unix socket, installs in-pod redirection for pods in the mesh "
+        "and hands their network namespaces to the node proxy.",
+    )
+    p.add_argument("--node", required=True, help="this node's name (pods' spec.nodeName)")
+    p.add_argument("-f", "--file", dest="files", action="append", required=True, help="cluster YAML (repeatable)")
+    p.add_argument("--cni-socket", default=DEFAULT_CNI_SOCKET, help="HTTP-over-unix socket the CNI plugin calls")
+    p.add_argument("--proxy-socket", default=DEFAULT_PROXY_SOCKET, help="SOCK_SEQPACKET socket the proxy connects to")
+    p.add_argument("--state-dir", default=None, help="runtime state (default /run/ztunnel/<node>)")
+    p.add_argument("--iptables", choices=["auto", "nft", "legacy"], default="auto", help="iptables backend")
+    p.add_argument("--no-probe-snat", action="store_true", help="do not SNAT node probes to 169.254.7.127")
+    p.add_argument("--dns-capture", action="store_true", help="also redirect pods' port 53 to 15053")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.set_defaults(func=run_node_agent)
+
+
+def run_node_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ztunnel.config.source import FileConfigSource
+    from ztunnel.redirect.agent import NodeAgent
+    from ztunnel.redirect.iptables import detect_backend
+
+    source = FileConfigSource(args.files, trust_domain=args.trust_domain)
+    source.load()  # a bad file at start is a user error (ConfigError -> `error: ...`, exit 2)
+    backend = detect_backend(None if args.iptables == "auto" else args.iptables)
+    agent = NodeAgent(
+        node=args.node,
+        source=source,
+        cni_socket=Path(args.cni_socket),
+        proxy_socket=Path(args.proxy_socket),
+        state_dir=Path(args.state_dir or f"/run/ztunnel/{args.node}"),
+        backend=backend,
+        probe_snat=not args.no_probe_snat,
+        dns_capture=args.dns_capture,
+    )
+
+    async def main() -> None:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+    return 0
