@@ -1,0 +1,575 @@
+"""One HBONE connection: HTTP/2 (h2's sans-IO core) over an mTLS transport, and its CONNECT streams.
+
+The same class serves both sides. The client opens streams with `open_stream`; the server hands each
+incoming request to `on_request` as an `HboneStream` that the caller answers with `respond(status)`.
+Flow control gives backpressure end to end: a stream acknowledges received bytes only when its reader
+consumes them, and `write` waits for window and for the TLS transport to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from ztunnel.hbone.protocol import (
+    CONNECTION_WINDOW,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT,
+    MAX_FRAME_SIZE,
+    SERVER_MAX_CONCURRENT_STREAMS,
+    STATUS_OK,
+    STREAM_WINDOW,
+    Authority,
+    ConnectRequest,
+    HboneError,
+    Rejection,
+    connect_headers,
+    response_status,
+    validate_connect,
+)
+from ztunnel.hbone.streams import READ_CHUNK, StreamClosed
+
+log = logging.getLogger("ztunnel.hbone")
+
+RequestHandler = Callable[["HboneStream", ConnectRequest | Rejection], None]
+
+
+class _H2(h2.connection.H2Connection):
+    """h2 with a graceful GOAWAY: a NO_ERROR GOAWAY stops new streams but lets open ones finish.
+
+    Plain h2 moves the whole connection to CLOSED on any GOAWAY, which would cut streams that the peer
+    explicitly promised to finish (drain, DESIGN §4.2).
+    """
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list, list]:  # type: ignore[override]
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+class HboneStream:
+    """One tunnelled TCP connection (an HTTP/2 stream); implements the ByteStream interface."""
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_eof",
+        "_read_waiter",
+        "_reset_code",
+        "_response",
+        "_window_waiter",
+        "local_closed",
+        "remote_closed",
+        "request",
+        "status",
+        "stream_id",
+    )
+
+    def __init__(self, conn: HboneConnection, stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._eof = False
+        self._reset_code: int | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._window_waiter: asyncio.Future[None] | None = None
+        self._response: asyncio.Future[int] | None = None
+        self.local_closed = False
+        self.remote_closed = False
+        self.request: ConnectRequest | None = None
+        self.status: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<HboneStream {self.stream_id} local_closed={self.local_closed} remote_closed={self.remote_closed}"
+            f" reset={self._reset_code}>"
+        )
+
+    @property
+    def connection(self) -> HboneConnection:
+        return self._conn
+
+    @property
+    def done(self) -> bool:
+        return self._reset_code is not None or (self.local_closed and self.remote_closed)
+
+    # ---- ByteStream ----------------------------------------------------------------------------
+    async def read(self, n: int = READ_CHUNK) -> bytes:
+        while not self._chunks:
+            if self._reset_code is not None:
+                raise StreamClosed(f"HBONE stream reset by peer (error {self._reset_code})")
+            if self._eof:
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        data, flow = self._chunks.popleft()
+        if len(data) > n:
+            self._chunks.appendleft((data[n:], 0))
+            data = data[:n]
+            flow = min(flow, n)
+        self._conn._acknowledge(self.stream_id, flow if flow else len(data))
+        return data
+
+    async def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        conn = self._conn
+        h2c = conn.h2
+        while view:
+            if self._reset_code is not None or self.local_closed or conn.closed.done():
+                raise StreamClosed("HBONE stream is closed")
+            if conn._write_paused:
+                await conn._wait_writable()
+                continue
+            try:
+                window = h2c.local_flow_control_window(self.stream_id)
+            except h2.exceptions.StreamClosedError:
+                raise StreamClosed("HBONE stream is closed") from None
+            if window <= 0:
+                self._window_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._window_waiter
+                finally:
+                    self._window_waiter = None
+                continue
+            size = min(window, h2c.max_outbound_frame_size, len(view))
+            try:
+                h2c.send_data(self.stream_id, view[:size])
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+                raise StreamClosed(f"HBONE stream is closed ({e})") from None
+            view = view[size:]
+            conn._flush()
+
+    async def write_eof(self) -> None:
+        if self.local_closed or self._reset_code is not None:
+            return
+        self.local_closed = True
+        try:
+            self._conn.h2.end_stream(self.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self._conn._flush()
+        self._conn._maybe_done(self)
+
+    def close(self) -> None:
+        """Finish: half-close our side; if the peer still sends, cancel (like close() on TCP with unread data)."""
+        if self.done:
+            return
+        if not self.remote_closed:
+            self.abort()
+            return
+        self.local_closed = True
+        try:
+            self._conn.h2.end_stream(self.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self._conn._flush()
+        self._conn._maybe_done(self)
+
+    def abort(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        if self._reset_code is not None:
+            return
+        self._reset_code = int(code)
+        try:
+            self._conn.h2.reset_stream(self.stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self._conn._flush()
+        self._wake()
+        self._conn._maybe_done(self)
+
+    # ---- server side ---------------------------------------------------------------------------
+    def respond(self, status: int) -> None:
+        """Answer the CONNECT: 200 opens the tunnel; anything else ends the stream."""
+        self.status = status
+        if self._reset_code is not None:
+            return
+        end = status != STATUS_OK
+        try:
+            self._conn.h2.send_headers(self.stream_id, [(":status", str(status))], end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._reset_code = int(ErrorCodes.STREAM_CLOSED)
+        if end:
+            self.local_closed = True
+            if not self.remote_closed:  # we will never read the request body: release the peer
+                try:
+                    self._conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    pass
+                self._reset_code = int(ErrorCodes.NO_ERROR)
+        self._conn._flush()
+        self._conn._maybe_done(self)
+
+    # ---- events from the connection ------------------------------------------------------------
+    def _wake(self) -> None:
+        for waiter in (self._read_waiter, self._window_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if self._response is not None and not self._response.done() and self._reset_code is not None:
+            self._response.set_exception(HboneError(f"the HBONE server reset the stream (error {self._reset_code})"))
+
+    def _on_data(self, data: bytes, flow: int) -> None:
+        self._chunks.append((data, flow))
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self.remote_closed = True
+        self._wake()
+
+    def _on_reset(self, code: int) -> None:
+        if self._reset_code is None:
+            self._reset_code = code
+        self._eof = True
+        self._wake()
+
+    def _on_window(self) -> None:
+        if self._window_waiter is not None and not self._window_waiter.done():
+            self._window_waiter.set_result(None)
+
+
+class HboneConnection(asyncio.Protocol):
+    """HTTP/2 over one TLS connection. Create with `client()` / `server()` factories."""
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        on_request: RequestHandler | None = None,
+        on_connected: Callable[[HboneConnection], bool] | None = None,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        label: str = "",
+    ) -> None:
+        self.client_side = client_side
+        self.on_request = on_request
+        self.on_connected = on_connected
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.label = label
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+        self.h2 = _H2(config=config)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, HboneStream] = {}
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.draining = False
+        self.reserved = 0  # streams promised by the pool but not yet opened
+        self.idle_since = time.monotonic()
+        self.opened_at = time.monotonic()
+        self.streams_total = 0
+        self.peer_identity: object = None  # set by the owner (pool or server) after the handshake
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._ping_outstanding: bytes | None = None
+        self._ping_sent_at = 0.0
+        self._last_received = time.monotonic()
+        self._keepalive: asyncio.TimerHandle | None = None
+        self.on_idle: Callable[[HboneConnection], None] | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed.done() else ("draining" if self.draining else "open")
+        return f"<HboneConnection {self.label} {state} streams={len(self.streams)} reserved={self.reserved}>"
+
+    # ---- pool accounting -----------------------------------------------------------------------
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams) + self.reserved
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done() or self.transport is None or self.transport.is_closing()
+
+    def is_available(self, max_streams: int) -> bool:
+        return not self.draining and not self.is_closed and self.active_streams < max_streams
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.streams and self.reserved == 0
+
+    # ---- asyncio protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        if self.on_connected is not None and not self.on_connected(self):
+            transport.abort()
+            return
+        settings = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: SERVER_MAX_CONCURRENT_STREAMS,
+        }
+        if self.client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        # Our settings are in force from the first byte (the peer learns them from our preface), so the
+        # frame parser must accept big frames at once too.
+        self.h2.local_settings = h2.settings.Settings(client=self.client_side, initial_values=settings)
+        self.h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.h2.incoming_buffer.max_frame_size = MAX_FRAME_SIZE
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._flush()
+        if self.keepalive_interval > 0:
+            self._keepalive = asyncio.get_running_loop().call_later(self.keepalive_interval, self._keepalive_tick)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received = time.monotonic()
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            log.info("HBONE protocol error, closing the connection", extra={"peer": self.label, "error": str(e)})
+            self._flush()
+            self._fail(HboneError(f"HTTP/2 protocol error: {e}"))
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(StreamClosed(f"HBONE connection lost ({exc})" if exc else "HBONE connection closed"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # ---- commands ------------------------------------------------------------------------------
+    async def open_stream(
+        self, target: Authority, *, forwarded_for: tuple[str, int] | None = None, extra: Sequence[tuple[str, str]] = ()
+    ) -> HboneStream:
+        """Client: send CONNECT and wait for the answer; raise HboneError unless it is 200."""
+        if self.is_closed:
+            raise HboneError("the HBONE connection is closed")
+        try:
+            stream_id = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(stream_id, connect_headers(target, forwarded_for=forwarded_for, extra=extra))
+        except (h2.exceptions.ProtocolError, h2.exceptions.NoAvailableStreamIDError) as e:
+            raise HboneError(f"cannot open an HBONE stream: {e}") from None
+        stream = HboneStream(self, stream_id)
+        stream._response = asyncio.get_running_loop().create_future()
+        self.streams[stream_id] = stream
+        self.streams_total += 1
+        self._flush()
+        try:
+            status = await stream._response
+        except BaseException:
+            stream.abort()
+            raise
+        stream.status = status
+        if status != STATUS_OK:
+            stream.abort()
+            raise HboneError(f"the HBONE server answered {status}", status=status)
+        return stream
+
+    def goaway(self) -> None:
+        """Drain: tell the peer to open no new streams; open ones finish (graceful GOAWAY, NO_ERROR)."""
+        if self.draining or self.is_closed:
+            self.draining = True
+            return
+        self.draining = True
+        frame = GoAwayFrame(stream_id=0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=0)
+        assert self.transport is not None
+        self.transport.write(frame.serialize())
+        if self.is_idle:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.h2.close_connection()
+            except h2.exceptions.ProtocolError:
+                pass
+            self._flush()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def _wait_writable(self) -> None:
+        if self.closed.done():
+            raise StreamClosed("HBONE connection closed")
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+        waiter = self._writable
+        closed = self.closed
+        await asyncio.wait([waiter, closed], return_when=asyncio.FIRST_COMPLETED)
+
+    def _acknowledge(self, stream_id: int, size: int) -> None:
+        if self.is_closed:
+            return
+        try:
+            self.h2.acknowledge_received_data(size, stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self._flush()
+
+    def _maybe_done(self, stream: HboneStream) -> None:
+        if stream.done and self.streams.pop(stream.stream_id, None) is not None and self.is_idle:
+            self.idle_since = time.monotonic()
+            if self.draining:
+                self.close()
+            elif self.on_idle is not None:
+                self.on_idle(self)
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None or stream._reset_code is not None:
+                self._acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                stream._on_data(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for s in self.streams.values():
+                    s._on_window()
+            else:
+                s = self.streams.get(event.stream_id)
+                if s is not None:
+                    s._on_window()
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_eof()
+                self._maybe_done(stream)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream._response is not None and not stream._response.done():
+                try:
+                    stream._response.set_result(response_status(event.headers))
+                except HboneError as e:
+                    stream._response.set_exception(e)
+            if event.stream_ended is not None and stream is not None:
+                stream._on_eof()
+                self._maybe_done(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_reset(int(event.error_code))
+                stream.local_closed = stream.remote_closed = True
+                self._maybe_done(stream)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for s in self.streams.values():
+                s._on_window()
+        elif isinstance(event, h2.events.SettingsAcknowledged):
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif isinstance(event, h2.events.PingAckReceived):
+            if event.ping_data == self._ping_outstanding:
+                self._ping_outstanding = None
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.draining = True
+            if event.error_code != ErrorCodes.NO_ERROR:
+                self._fail(HboneError(f"the peer closed the HBONE connection ({event.error_code!r})"))
+                return
+            last = event.last_stream_id or 0
+            for s in list(self.streams.values()):
+                if s.stream_id > last and s.stream_id % 2 == (1 if self.client_side else 0):
+                    s._on_reset(int(ErrorCodes.REFUSED_STREAM))
+                    s.local_closed = s.remote_closed = True
+                    self._maybe_done(s)
+            if self.is_idle:
+                self.close()
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and event.stream_ended is not None:
+                stream._on_eof()
+                self._maybe_done(stream)
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream = HboneStream(self, event.stream_id)
+        self.streams[event.stream_id] = stream
+        self.streams_total += 1
+        if event.stream_ended is not None:
+            stream._on_eof()
+        if self.client_side or self.on_request is None:
+            stream.abort(ErrorCodes.REFUSED_STREAM)
+            return
+        if self.draining:
+            stream.abort(ErrorCodes.REFUSED_STREAM)
+            return
+        verdict = validate_connect(event.headers or [])
+        if isinstance(verdict, ConnectRequest):
+            stream.request = verdict
+        self.on_request(stream, verdict)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        for stream in list(self.streams.values()):
+            stream._on_reset(int(ErrorCodes.CANCEL))
+            if stream._response is not None and not stream._response.done():
+                stream._response.set_exception(HboneError(str(exc)))
+        self.streams.clear()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if not self.ready.done():
+            self.ready.set_exception(HboneError(str(exc)))
+            self.ready.exception()  # retrieved: nobody may be waiting
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+        if not self.closed.done():
+            self.closed.set_result(None)
+            if self.on_idle is not None:
+                self.on_idle(self)
+
+    def _keepalive_tick(self) -> None:
+        """PING every interval; no answer (and no traffic) within the timeout closes the connection."""
+        self._keepalive = None
+        if self.is_closed:
+            return
+        now = time.monotonic()
+        if self._ping_outstanding is not None:
+            if (
+                now - self._ping_sent_at >= self.keepalive_timeout
+                and now - self._last_received >= self.keepalive_timeout
+            ):
+                log.info("HBONE keepalive timed out, closing", extra={"peer": self.label})
+                self._fail(HboneError("keepalive timeout"))
+                return
+        else:
+            self._ping_outstanding = os.urandom(8)
+            self._ping_sent_at = now
+            try:
+                self.h2.ping(self._ping_outstanding)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._flush()
+        delay = min(self.keepalive_interval, self.keepalive_timeout / 2)
+        self._keepalive = asyncio.get_running_loop().call_later(delay, self._keepalive_tick)

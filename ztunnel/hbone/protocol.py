@@ -1,0 +1,160 @@
+"""HBONE wire rules, sans-IO: the CONNECT request, its authority, the settings and the status codes.
+
+Everything here is a pure function or constant so client and server agree by construction and the rules
+are tested without sockets (DESIGN §4.2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ztunnel.errors import ZtunnelError
+
+HBONE_PORT = 15008
+
+# Flow control: a stream may have 4 MiB in flight, a connection 16 MiB. Bigger windows buy throughput on
+# long fat links; the receive buffer of a slow reader is bounded by exactly these numbers.
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_SIZE = 1024 * 1024
+# The client opens another pooled connection past this many streams, so one TLS connection (one core on
+# the peer) never carries everything.
+MAX_STREAMS_PER_CONNECTION = 100
+# What the server allows: higher than the client's limit so a well-behaved pool never hits REFUSED_STREAM.
+SERVER_MAX_CONCURRENT_STREAMS = 1000
+KEEPALIVE_INTERVAL = 10.0
+KEEPALIVE_TIMEOUT = 20.0
+
+STATUS_OK = 200
+STATUS_BAD_REQUEST = 400
+STATUS_UNAUTHORIZED = 401
+STATUS_UNAVAILABLE = 503
+
+
+class HboneError(ZtunnelError):
+    """A tunnel could not be set up or broke; `status` is the HTTP status when the server answered."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthorityError(HboneError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=STATUS_BAD_REQUEST)
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """The tunnel target: an IP literal (v4 or v6) and a port."""
+
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_authority(self.ip, self.port)
+
+
+def format_authority(ip: str, port: int) -> str:
+    """`ip:port`, with brackets for IPv6 (`[::1]:8080`)."""
+    addr = ipaddress.ip_address(ip)
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def parse_authority(text: str) -> Authority:
+    """Parse `ip:port` / `[v6]:port`. Host names are refused: HBONE addresses workloads by IP."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise AuthorityError(f"malformed authority {text!r}: expected [ipv6]:port")
+        host, port_text = text[1:end], text[end + 2 :]
+        want_version = 6
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise AuthorityError(f"malformed authority {text!r}: expected ip:port")
+        want_version = 4
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise AuthorityError(f"malformed authority {text!r}: {host!r} is not an IP address") from None
+    if addr.version != want_version:
+        raise AuthorityError(f"malformed authority {text!r}: IPv6 addresses need brackets")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise AuthorityError(f"malformed authority {text!r}: port must be 1-65535")
+    return Authority(str(addr), int(port_text))
+
+
+def connect_headers(
+    target: Authority, *, forwarded_for: tuple[str, int] | None = None, extra: Sequence[tuple[str, str]] = ()
+) -> list[tuple[str, str]]:
+    """The request headers of one tunnel."""
+    headers = [(":method", "CONNECT"), (":authority", str(target))]
+    if forwarded_for is not None:
+        headers.append(("forwarded", f'for="{format_authority(*forwarded_for)}"'))
+    headers.extend(extra)
+    return headers
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """A valid CONNECT as the server sees it."""
+
+    target: Authority
+    forwarded_for: tuple[str, int] | None
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    status: int
+    reason: str
+
+
+def parse_forwarded_for(value: str) -> tuple[str, int] | None:
+    """The `for=` element of a Forwarded header (RFC 7239), if it is an ip:port; otherwise None."""
+    for element in value.split(";"):
+        for pair in element.split(","):
+            key, _, raw = pair.strip().partition("=")
+            if key.strip().lower() != "for":
+                continue
+            raw = raw.strip().strip('"')
+            try:
+                a = parse_authority(raw)
+            except AuthorityError:
+                try:
+                    return (str(ipaddress.ip_address(raw.strip("[]"))), 0)
+                except ValueError:
+                    return None
+            return (a.ip, a.port)
+    return None
+
+
+def validate_connect(headers: Sequence[tuple[str, str]]) -> ConnectRequest | Rejection:
+    """Server side: is this request a tunnel we can serve? (400 otherwise)"""
+    fields: dict[str, str] = {}
+    for name, value in headers:
+        fields.setdefault(name.lower(), value)
+    method = fields.get(":method", "")
+    if method != "CONNECT":
+        return Rejection(STATUS_BAD_REQUEST, f"method {method or '(none)'} is not CONNECT")
+    if ":protocol" in fields:
+        return Rejection(STATUS_BAD_REQUEST, "extended CONNECT is not supported")
+    try:
+        target = parse_authority(fields.get(":authority", ""))
+    except AuthorityError as e:
+        return Rejection(STATUS_BAD_REQUEST, str(e))
+    forwarded = parse_forwarded_for(fields["forwarded"]) if "forwarded" in fields else None
+    return ConnectRequest(target=target, forwarded_for=forwarded, headers=fields)
+
+
+def response_status(headers: Sequence[tuple[str, str]]) -> int:
+    for name, value in headers:
+        if name == ":status":
+            try:
+                return int(value)
+            except ValueError:
+                break
+    raise HboneError("the HBONE server sent a response without a valid :status")

@@ -1,0 +1,178 @@
+"""The byte-stream interface every relay path speaks, and its TCP implementation.
+
+A TCP connection and an HBONE stream look the same to the relay: `read(n)` returns up to n bytes (b"" at
+EOF), `write(data)` returns once the data is accepted within the flow-control / buffer limits,
+`write_eof()` half-closes, `close()` ends gracefully and `abort()` resets. Reads hand out the chunks the
+transport delivered (no copying into a shared buffer), so per-byte work stays in C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from typing import Protocol, cast
+
+# How much a TCP connection may buffer from its peer before we stop reading from the socket. The kernel's
+# own buffers then push back on the sender, so a slow consumer never makes the proxy hold more than this.
+TCP_READ_BUFFER_LIMIT = 512 * 1024
+READ_CHUNK = 256 * 1024
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int = READ_CHUNK) -> bytes: ...
+
+    async def write(self, data: bytes | memoryview) -> None: ...
+
+    async def write_eof(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class StreamClosed(ConnectionError):
+    """Writing to a stream whose peer is gone."""
+
+
+class TcpStreamProtocol(asyncio.Protocol):
+    """asyncio protocol feeding a `TcpStream`: chunk queue with a read limit, drain for writers."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self._paused_writing = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ---- asyncio callbacks ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > TCP_READ_BUFFER_LIMIT and not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return True  # keep the transport open: half-close, we may still write
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        if exc is not None:
+            self._error = exc
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(StreamClosed("connection lost"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+
+class TcpStream:
+    """A ByteStream over a TCP (or unix) transport."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: TcpStreamProtocol) -> None:
+        self.transport = transport
+        self.protocol = protocol
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, *, local_addr: tuple[str, int] | None = None, sock: socket.socket | None = None
+    ) -> TcpStream:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            transport, protocol = await loop.create_connection(TcpStreamProtocol, sock=sock)
+        else:
+            transport, protocol = await loop.create_connection(TcpStreamProtocol, host, port, local_addr=local_addr)
+        return cls(cast(asyncio.Transport, transport), protocol)
+
+    @property
+    def peername(self) -> tuple[str, int]:
+        peer = self.transport.get_extra_info("peername")
+        return (peer[0], peer[1]) if peer else ("", 0)
+
+    @property
+    def sockname(self) -> tuple[str, int]:
+        name = self.transport.get_extra_info("sockname")
+        return (name[0], name[1]) if name else ("", 0)
+
+    def unread(self, data: bytes) -> None:
+        """Put back bytes a handshake parser read past its end (they belong to the payload)."""
+        if data:
+            self.protocol._chunks.appendleft(data)
+            self.protocol._buffered += len(data)
+
+    async def read(self, n: int = READ_CHUNK) -> bytes:
+        p = self.protocol
+        while not p._chunks:
+            if p._eof:
+                if p._error is not None and not isinstance(p._error, ConnectionResetError):
+                    raise p._error
+                return b""
+            p._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await p._read_waiter
+            finally:
+                p._read_waiter = None
+        chunk = p._chunks.popleft()
+        if len(chunk) > n:
+            p._chunks.appendleft(chunk[n:])
+            chunk = chunk[:n]
+        p._buffered -= len(chunk)
+        if p._paused_reading and p._buffered <= TCP_READ_BUFFER_LIMIT // 2:
+            p._paused_reading = False
+            self.transport.resume_reading()
+        return chunk
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self.transport.is_closing():
+            raise StreamClosed("the TCP connection is closed")
+        self.transport.write(data)
+        p = self.protocol
+        if p._paused_writing:
+            p._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await p._drain_waiter
+            finally:
+                p._drain_waiter = None
+
+    async def write_eof(self) -> None:
+        if not self.transport.is_closing() and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self.protocol.closed

@@ -1,0 +1,53 @@
+"""`ztunnel proxy`: run the node proxy for one node (local mode: pod IPs on loopback)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ztunnel.errors import ZtunnelError
+
+
+class ProxyCommandError(ZtunnelError):
+    pass
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "proxy",
+        help="run the node proxy (HBONE data plane) for one node",
+        description=(
+            "Run the node proxy for --node. Local mode: for each mesh pod of the node, listen on <podIP>:15008 "
+            "(HBONE), <podIP>:15006 (plaintext inbound) and <podIP>:15080 (SOCKS5 outbound, speaking as that pod)."
+        ),
+    )
+    p.add_argument("--node", required=True, help="the node whose pods this proxy serves (spec.nodeName)")
+    p.add_argument(
+        "-f", "--filename", dest="files", action="append", required=True, help="YAML file or directory of objects"
+    )
+    ca = p.add_mutually_exclusive_group(required=True)
+    ca.add_argument("--ca-dir", help="sign certificates in-process with this CA directory (local mode)")
+    ca.add_argument("--ca", help="HOST:PORT of a CA server (`ztunnel ca serve`)")
+    p.add_argument("--ca-root", help="the CA server's root certificate (PEM), with --ca")
+    p.add_argument("--token-file", help="file holding this node's token for the CA server, with --ca")
+    p.add_argument("--metrics-addr", default="127.0.0.1:15020", help="HOST:PORT for /metrics (default 127.0.0.1:15020)")
+    p.add_argument(
+        "--admin-addr", default="127.0.0.1:15000", help="HOST:PORT for the admin API (default 127.0.0.1:15000)"
+    )
+    p.add_argument(
+        "--readiness-addr", default="127.0.0.1:15021", help="HOST:PORT for /healthz/ready (default 127.0.0.1:15021)"
+    )
+    p.add_argument("--cert-ttl", default="24h", help="requested SVID validity, e.g. 24h, 30m (default 24h)")
+    p.add_argument("--access-log", default="text", choices=["text", "json", "off"], help="access log format")
+    p.add_argument("--drain-timeout", default="10s", help="how long open connections may finish on shutdown")
+    p.add_argument("--connect-timeout", default="5s", help="timeout for upstream connects and tunnel setup")
+    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from ztunnel.proxy.main import ProxySettings, run_proxy
+
+    settings = ProxySettings.from_args(args)
+    return uvloop.run(run_proxy(settings))

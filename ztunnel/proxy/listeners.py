@@ -1,0 +1,172 @@
+"""Where a served workload's listening sockets and upstream connections come from.
+
+The proxy never binds or connects on its own: a `ListenerFactory` hands it ready, listening sockets
+for a workload (local mode: `<podIP>:port` on loopback; in-pod mode: sockets bound inside the pod's
+netns by the in-pod code), and a `Connector` opens the upstream connections for that workload (local
+mode: plain connects; in-pod mode: from inside the pod netns, with the client's source address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ztunnel.config.model import Workload
+from ztunnel.hbone.streams import TcpStream
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+LISTEN_BACKLOG = 1024
+
+HBONE_PORT = 15008
+PLAINTEXT_INBOUND_PORT = 15006
+OUTBOUND_PORT = 15001
+SOCKS5_PORT = 15080
+
+
+class Connector(Protocol):
+    async def connect(self, address: tuple[str, int], *, source: tuple[str, int] | None = None) -> TcpStream: ...
+
+
+class DirectConnector:
+    """Connect from the proxy's own network namespace; the source address is the kernel's choice."""
+
+    async def connect(self, address: tuple[str, int], *, source: tuple[str, int] | None = None) -> TcpStream:
+        return await TcpStream.connect(address[0], address[1])
+
+
+@dataclass
+class WorkloadSockets:
+    """Listening sockets for one workload, by role, plus how to reach upstreams on its behalf.
+
+    Any list may be empty. Sockets must be bound and listening; the proxy takes ownership and closes them
+    when the workload is removed.
+    """
+
+    hbone: list[socket.socket] = field(default_factory=list)  # HBONE inbound (15008)
+    plaintext: list[socket.socket] = field(default_factory=list)  # plaintext inbound (15006, original dst)
+    outbound: list[socket.socket] = field(default_factory=list)  # transparent outbound (15001, original dst)
+    socks5: list[socket.socket] = field(default_factory=list)  # SOCKS5 outbound (15080, local mode)
+    connector: Connector = field(default_factory=DirectConnector)
+    # Port the app is assumed to listen on when a plaintext connection has no original destination
+    # (local mode, where nothing redirects): the pod's only declared containerPort, if any.
+    fallback_port: int | None = None
+
+    def all(self) -> list[socket.socket]:
+        return [*self.hbone, *self.plaintext, *self.outbound, *self.socks5]
+
+    def close(self) -> None:
+        for s in self.all():
+            s.close()
+
+
+class ListenerFactory(Protocol):
+    def sockets_for(self, workload: Workload) -> WorkloadSockets: ...
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool = False, transparent: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def single_container_port(workload: Workload) -> int | None:
+    ports = [
+        int(p["containerPort"])
+        for c in workload.containers
+        for p in (c.get("ports") or ())
+        if isinstance(p, dict) and isinstance(p.get("containerPort"), int)
+    ]
+    return ports[0] if len(ports) == 1 else None
+
+
+class LocalListenerFactory:
+    """Local mode: listen on each pod IP (loopback addresses) at 15008, 15006 and 15080."""
+
+    def __init__(
+        self,
+        *,
+        hbone_port: int = HBONE_PORT,
+        plaintext_port: int = PLAINTEXT_INBOUND_PORT,
+        socks5_port: int = SOCKS5_PORT,
+        connector_factory: Callable[[Workload], Connector] | None = None,
+    ) -> None:
+        self.hbone_port = hbone_port
+        self.plaintext_port = plaintext_port
+        self.socks5_port = socks5_port
+        self.connector_factory = connector_factory
+
+    def sockets_for(self, workload: Workload) -> WorkloadSockets:
+        out = WorkloadSockets(fallback_port=single_container_port(workload))
+        if self.connector_factory is not None:
+            out.connector = self.connector_factory(workload)
+        try:
+            for ip in workload.ips:
+                out.hbone.append(listening_socket(ip, self.hbone_port))
+                out.plaintext.append(listening_socket(ip, self.plaintext_port))
+                out.socks5.append(listening_socket(ip, self.socks5_port))
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+
+def original_destination(sock: socket.socket | None) -> tuple[str, int] | None:
+    """The address a redirected connection was sent to (iptables REDIRECT/TPROXY), or None."""
+    if sock is None:
+        return None
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+            return (ip, port)
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        ip = socket.inet_ntoa(raw[4:8])
+        return (ip, port)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            return None
+        return None
+
+
+async def serve_streams(
+    sock: socket.socket, handler: Callable[[TcpStream], object], *, tasks: set[asyncio.Task[None]]
+) -> asyncio.Server:
+    """Accept TCP connections on `sock`; run `handler(stream)` as a task per connection."""
+    from ztunnel.hbone.streams import TcpStreamProtocol
+
+    loop = asyncio.get_running_loop()
+
+    class _Accepting(TcpStreamProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            stream = TcpStream(self.transport, self)  # type: ignore[arg-type]
+            task = loop.create_task(handler(stream))  # type: ignore[arg-type]
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    return await loop.create_server(_Accepting, sock=sock)
+
+
+def close_sockets(socks: Iterable[socket.socket]) -> None:
+    for s in socks:
+        s.close()

@@ -1,0 +1,189 @@
+"""The proxy process: config source, certificates, the data plane, the admin servers, signals and drain.
+
+Everything started here is stopped here, in reverse order, also when startup fails half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from ztunnel.config.loader import ConfigError
+from ztunnel.config.model import ClusterConfig
+from ztunnel.config.source import FileConfigSource
+from ztunnel.errors import ZtunnelError
+from ztunnel.identity.duration import parse_duration
+from ztunnel.proxy.listeners import LocalListenerFactory
+from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions, readiness
+from ztunnel.telemetry.accesslog import AccessLog
+from ztunnel.telemetry.http_server import AdminServer, MetricsServer, ReadinessServer, parse_host_port
+from ztunnel.telemetry.metrics import ProxyMetrics
+
+log = logging.getLogger("ztunnel.proxy")
+
+HOUSEKEEPING_INTERVAL = 1.0
+
+
+class ProxySettingsError(ZtunnelError):
+    pass
+
+
+@dataclass
+class ProxySettings:
+    node: str
+    files: list[str]
+    ca_dir: str | None = None
+    ca_address: str | None = None
+    ca_root: str | None = None
+    token_file: str | None = None
+    metrics_addr: tuple[str, int] = ("127.0.0.1", 15020)
+    admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
+    readiness_addr: tuple[str, int] = ("127.0.0.1", 15021)
+    cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    access_log: str = "text"
+    drain_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    trust_domain: str = "cluster.local"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ProxySettings:
+        def addr(flag: str, value: str) -> tuple[str, int]:
+            try:
+                return parse_host_port(value)
+            except ValueError as e:
+                raise ProxySettingsError(f"{flag}: {e}") from None
+
+        if args.ca and not (args.ca_root and args.token_file):
+            raise ProxySettingsError(
+                "--ca needs --ca-root (the CA's root certificate) and --token-file (this node's token)"
+            )
+        return cls(
+            node=args.node,
+            files=list(args.files),
+            ca_dir=args.ca_dir,
+            ca_address=args.ca,
+            ca_root=args.ca_root,
+            token_file=args.token_file,
+            metrics_addr=addr("--metrics-addr", args.metrics_addr),
+            admin_addr=addr("--admin-addr", args.admin_addr),
+            readiness_addr=addr("--readiness-addr", args.readiness_addr),
+            cert_ttl=parse_duration(args.cert_ttl),
+            access_log=args.access_log,
+            drain_timeout=parse_duration(args.drain_timeout).total_seconds(),
+            connect_timeout=parse_duration(args.connect_timeout).total_seconds(),
+            trust_domain=args.trust_domain,
+        )
+
+
+def _certificate_manager(settings: ProxySettings, source: FileConfigSource):  # type: ignore[no-untyped-def]
+    from ztunnel.identity.manager import CertificateManager
+
+    if settings.ca_dir:
+        return CertificateManager.in_process(settings.ca_dir, node=settings.node, config=source, ttl=settings.cert_ttl)
+    assert settings.ca_address and settings.ca_root and settings.token_file
+    try:
+        root = Path(settings.ca_root).read_bytes()
+        token = Path(settings.token_file).read_text().strip()
+    except OSError as e:
+        raise ProxySettingsError(f"cannot read the CA root or token file: {e}") from None
+    return CertificateManager.remote(settings.ca_address, root, token, ttl=settings.cert_ttl)
+
+
+async def run_proxy(settings: ProxySettings) -> int:
+    loop = asyncio.get_running_loop()
+    source = FileConfigSource(settings.files, trust_domain=settings.trust_domain)
+    try:
+        config = source.load()
+    except ConfigError as e:
+        raise ProxySettingsError(f"cannot load the config: {e}") from None
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    certs = _certificate_manager(settings, source)
+    await certs.start()
+    proxy = NodeProxy(
+        ProxyOptions(
+            node=settings.node, connect_timeout=settings.connect_timeout, drain_timeout=settings.drain_timeout
+        ),
+        certs,
+        metrics=metrics,
+        access_log=AccessLog(settings.access_log, sys.stdout),  # type: ignore[arg-type]
+    )
+    local = LocalWorkloads(proxy, LocalListenerFactory())
+    stop = asyncio.Event()
+
+    async def on_config(cfg: ClusterConfig) -> None:
+        proxy.apply_config(cfg)
+        await local.reconcile(cfg)
+
+    def on_rotation(identity: object, cert: object) -> None:
+        from ztunnel.identity.spiffe import SpiffeId
+
+        if isinstance(identity, SpiffeId):
+            task = loop.create_task(proxy.contexts.refresh(identity))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            not_after = getattr(cert, "not_after", None)
+            if not_after is not None:
+                metrics.set_certificate_expiry(identity.uri, not_after.timestamp())
+
+    certs.subscribe(on_rotation)
+    source.subscribe(on_config)
+    servers = [
+        MetricsServer(*settings.metrics_addr, registry),
+        AdminServer(*settings.admin_addr, config_dump=proxy.config_dump, on_quit=stop.set),
+        ReadinessServer(*settings.readiness_addr, readiness(proxy, local)),
+    ]
+    started: list[object] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for server in servers:
+            try:
+                await server.start()
+            except OSError as e:
+                raise ProxySettingsError(f"cannot listen for the {server.name} server on {server.host}: {e}") from None
+            started.append(server)
+        await on_config(config)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks.append(loop.create_task(source.watch()))
+        tasks.append(loop.create_task(_housekeeping(proxy, local, metrics)))
+        log.info(
+            "proxy running",
+            extra={
+                "node": settings.node,
+                "workloads": len(proxy.workloads),
+                "metrics": servers[0].address,
+                "admin": servers[1].address,
+                "readiness": servers[2].address,
+            },
+        )
+        await stop.wait()
+        log.info("shutting down: draining connections", extra={"deadline_s": settings.drain_timeout})
+        await proxy.drain()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await proxy.close()
+        for server in reversed(started):
+            await server.close()  # type: ignore[attr-defined]
+        await certs.close()
+    return 0
+
+
+async def _housekeeping(proxy: NodeProxy, local: LocalWorkloads, metrics: ProxyMetrics) -> None:
+    """Retry pods that could not be served yet and refresh the gauges; nothing per connection."""
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+        if local.pending(proxy.config):
+            await local.reconcile(proxy.config)
+        metrics.set_pool_connections(proxy.pool.size)

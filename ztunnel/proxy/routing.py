@@ -1,0 +1,111 @@
+"""Outbound routing, sans-IO: where does a connection from a local pod to ip:port go?
+
+- a mesh pod: HBONE to `<pod ip>:15008`, expecting the pod's identity (plus its services' SANs);
+- a Service ClusterIP: a ready endpoint pod, round-robin, on the mapped target port; none: refuse;
+- a pod or address outside the mesh: plain TCP passthrough.
+A mesh destination is never reached in plaintext: if its tunnel fails, the connection fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ztunnel.config.model import ClusterConfig, Service, Workload
+from ztunnel.hbone.protocol import HBONE_PORT, Authority
+
+PROXY_PORTS = frozenset({15001, 15006, 15008, 15080})
+
+
+@dataclass(frozen=True, slots=True)
+class HboneRoute:
+    destination: Workload
+    target: Authority  # what the CONNECT asks for: the pod ip and target port
+    proxy_address: tuple[str, int]  # where the destination's HBONE listener is
+    expected_identities: tuple[str, ...]
+    service: Service | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PassthroughRoute:
+    address: tuple[str, int]
+    destination: Workload | None = None  # a known pod outside the mesh
+    service: Service | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedRoute:
+    reason: str
+    service: Service | None = None
+
+
+Route = HboneRoute | PassthroughRoute | RefusedRoute
+
+
+def _target_port(service_port: int | str, workload: Workload) -> int | None:
+    """A service targetPort: a number, or a named containerPort of the endpoint pod."""
+    if isinstance(service_port, int):
+        return service_port
+    for container in workload.containers:
+        for p in container.get("ports") or ():
+            if isinstance(p, dict) and p.get("name") == service_port and isinstance(p.get("containerPort"), int):
+                return int(p["containerPort"])
+    return None
+
+
+def expected_identities(config: ClusterConfig, workload: Workload) -> tuple[str, ...]:
+    """Identities a server may present for `workload` (secure naming, DESIGN §4.2)."""
+    out = [workload.identity]
+    for service in config.services_of(workload):
+        for san in service.subject_alt_names:
+            if san not in out:
+                out.append(san)
+    return tuple(out)
+
+
+class OutboundRouter:
+    """Decides routes; holds only the round-robin cursors (per service)."""
+
+    def __init__(self, *, hbone_port: int = HBONE_PORT) -> None:
+        self.hbone_port = hbone_port
+        self._cursor: dict[str, int] = {}
+
+    def route(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> Route:
+        service = config.service_by_ip(dst_ip)
+        if service is not None:
+            return self._route_service(config, service, dst_port)
+        workload = config.workload_by_ip(dst_ip)
+        if workload is None:
+            return PassthroughRoute((dst_ip, dst_port))
+        return self._route_workload(config, workload, dst_ip, dst_port, None)
+
+    def _route_workload(
+        self, config: ClusterConfig, workload: Workload, ip: str, port: int, service: Service | None
+    ) -> Route:
+        if not workload.enrolled:
+            return PassthroughRoute((ip, port), destination=workload, service=service)
+        return HboneRoute(
+            destination=workload,
+            target=Authority(ip, port),
+            proxy_address=(ip, self.hbone_port),
+            expected_identities=expected_identities(config, workload),
+            service=service,
+        )
+
+    def _route_service(self, config: ClusterConfig, service: Service, port: int) -> Route:
+        service_port = service.port_for(port)
+        if service_port is None:
+            return RefusedRoute(f"service {service.ref} has no port {port}", service)
+        candidates: list[tuple[Workload, str, int]] = []
+        for w in config.endpoints(service):
+            if not w.ready or not w.ips:
+                continue
+            target = _target_port(service_port.target_port, w)
+            if target is None:
+                continue
+            candidates.append((w, w.ips[0], target))
+        if not candidates:
+            return RefusedRoute(f"service {service.ref} has no ready endpoint for port {port}", service)
+        i = self._cursor.get(service.ref, 0)
+        self._cursor[service.ref] = i + 1
+        workload, ip, target_port = candidates[i % len(candidates)]
+        return self._route_workload(config, workload, ip, target_port, service)

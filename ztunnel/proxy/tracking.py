@@ -1,0 +1,77 @@
+"""The registry of open proxied connections, so policy changes can re-check them and drain can wait.
+
+Each entry knows how to abort itself; the tracker never touches sockets on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ztunnel.policy.engine import ConnectionAttributes
+
+
+@dataclass(eq=False)
+class TrackedConnection:
+    direction: str  # "inbound" | "outbound"
+    workload_uid: str  # the local pod this connection belongs to
+    abort: Callable[[], None]
+    attributes: ConnectionAttributes | None = None  # inbound: what authorization decided on
+    opened_at: float = field(default_factory=time.monotonic)
+    denied_by: str | None = None  # set when a policy change closed it
+
+    def __repr__(self) -> str:
+        return f"<TrackedConnection {self.direction} {self.workload_uid} denied_by={self.denied_by}>"
+
+
+class ConnectionTracker:
+    def __init__(self) -> None:
+        self._open: set[TrackedConnection] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, conn: TrackedConnection) -> TrackedConnection:
+        self._open.add(conn)
+        self._empty.clear()
+        return conn
+
+    def remove(self, conn: TrackedConnection) -> None:
+        self._open.discard(conn)
+        if not self._open:
+            self._empty.set()
+
+    def connections(self, direction: str | None = None, workload_uid: str | None = None) -> list[TrackedConnection]:
+        return [
+            c
+            for c in self._open
+            if (direction is None or c.direction == direction)
+            and (workload_uid is None or c.workload_uid == workload_uid)
+        ]
+
+    def close_denied(self, decide: Callable[[TrackedConnection], str | None]) -> int:
+        """Abort every inbound connection for which `decide` names a denying policy; returns how many."""
+        closed = 0
+        for conn in self.connections("inbound"):
+            reason = decide(conn)
+            if reason is not None:
+                conn.denied_by = reason
+                conn.abort()
+                closed += 1
+        return closed
+
+    def abort_all(self, workload_uid: str | None = None) -> None:
+        for conn in self.connections(workload_uid=workload_uid):
+            conn.abort()
+
+    async def wait_empty(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+            return True
+        except TimeoutError:
+            return False
