@@ -1,0 +1,119 @@
+"""SVIDs in real mTLS handshakes on loopback: revocation (CRL) and trust bundles with several roots."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from ztunnel.identity.ca import TRUST_BUNDLE, CertificateAuthority, init_ca_dir
+from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem, make_csr
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.identity.tls import client_context, peer_identity, server_context
+
+WEB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
+DB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/db")
+
+
+def svid(
+    ca: CertificateAuthority, identity: SpiffeId, *, roots: bytes | None = None, crl: bytes = b""
+) -> WorkloadCertificate:
+    key = generate_key()
+    chain = ca.sign_csr(make_csr(key, identity), expected_identity=identity)
+    return WorkloadCertificate(identity, key_to_pem(key), tuple(chain), roots or ca.roots_pem, crl)
+
+
+@asynccontextmanager
+async def tls_server(cert: WorkloadCertificate) -> AsyncIterator[tuple[int, list[SpiffeId]]]:
+    """An mTLS echo server that records each verified client identity."""
+    seen: list[SpiffeId] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            seen.append(peer_identity(writer.get_extra_info("ssl_object")))
+            writer.write(await reader.readexactly(4))
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(cert))
+    try:
+        yield server.sockets[0].getsockname()[1], seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def exchange(port: int, cert: WorkloadCertificate) -> SpiffeId:
+    """Handshake as `cert`, send 4 bytes and read them back; returns the server's identity."""
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(cert))
+        try:
+            server_id = peer_identity(writer.get_extra_info("ssl_object"))
+            writer.write(b"ping")
+            await writer.drain()
+            assert await reader.readexactly(4) == b"ping"
+            return server_id
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    init_ca_dir(tmp_path / "ca")
+    return CertificateAuthority.load(tmp_path / "ca")
+
+
+async def test_mutual_tls_between_two_svids(ca: CertificateAuthority) -> None:
+    async with tls_server(svid(ca, DB)) as (port, seen):
+        assert await exchange(port, svid(ca, WEB)) == DB
+    assert seen == [WEB]
+
+
+async def test_revoked_server_cert_fails_the_clients_handshake(ca: CertificateAuthority) -> None:
+    server_cert = svid(ca, DB)
+    ca.revoke([server_cert.serial])
+    client = svid(ca, WEB, crl=ca.crl_pem())
+    async with tls_server(server_cert) as (port, _seen):
+        with pytest.raises(ssl.SSLCertVerificationError, match="revoked"):
+            await exchange(port, client)
+        # a fresh, unrevoked server cert from the same CA is still accepted under the same CRL
+    async with tls_server(svid(ca, DB)) as (port, _seen):
+        assert await exchange(port, client) == DB
+
+
+async def test_revoked_client_cert_is_refused_by_the_server(ca: CertificateAuthority) -> None:
+    revoked_client = svid(ca, WEB)
+    ca.revoke([revoked_client.serial])
+    server_cert = svid(ca, DB, crl=ca.crl_pem())
+    async with tls_server(server_cert) as (port, seen):
+        # TLS 1.3: the client finishes first; the server's alert arrives on the first read
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await exchange(port, revoked_client)
+        assert seen == []
+        assert await exchange(port, svid(ca, WEB)) == DB
+    assert seen == [WEB]
+
+
+async def test_bundle_with_two_roots_accepts_leaves_of_either(tmp_path: Path) -> None:
+    """Root rotation: the old root's leaves stay trusted by peers already holding the new root."""
+    old = init_ca_dir(tmp_path / "old")
+    new = init_ca_dir(tmp_path / "new")
+    (new / TRUST_BUNDLE).write_bytes((old / "root-cert.pem").read_bytes())
+    (old / TRUST_BUNDLE).write_bytes((new / "root-cert.pem").read_bytes())
+    old_ca, new_ca = CertificateAuthority.load(old), CertificateAuthority.load(new)
+    assert old_ca.roots_pem.count(b"BEGIN CERTIFICATE") == 2
+    leaf_from_root1 = svid(old_ca, WEB)
+    async with tls_server(svid(new_ca, DB)) as (port, seen):
+        assert await exchange(port, leaf_from_root1) == DB
+    assert seen == [WEB]
+    # control: a peer whose bundle holds only the new root rejects the old root's leaf
+    only_new = svid(new_ca, DB, roots=(new / "root-cert.pem").read_bytes())
+    async with tls_server(only_new) as (port, seen):
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await exchange(port, svid(old_ca, WEB, roots=old_ca.roots_pem))
+        assert seen == []
