@@ -1,0 +1,148 @@
+"""The certificate manager against a real CA server over gRPC/TLS: 6 s certificates, rotation, CA outages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ztunnel.config.loader import build_config, load_documents
+from ztunnel.identity.authz import NodeTokens, load_node_tokens
+from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
+from ztunnel.identity.manager import CertificateError, CertificateManager
+from ztunnel.identity.server import CAServer
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.identity.testing import spiffe, two_node_config_yaml, write_token_file
+
+WEB = SpiffeId.parse(spiffe("shop", "web"))
+SHARED = SpiffeId.parse(spiffe("shop", "shared"))
+DB = SpiffeId.parse(spiffe("shop", "db"))
+TTL = 6.0
+
+
+@dataclass
+class CA:
+    ca: CertificateAuthority
+    tokens: dict[str, str]
+    node_tokens: NodeTokens
+    server: CAServer
+
+    async def restart(self) -> None:
+        """A new server process on the same port, as after a CA pod restart."""
+        port = self.server.port
+        config = self.server.config
+        self.server = CAServer(self.ca, self.node_tokens, config, listen=f"127.0.0.1:{port}")
+        await self.server.start()
+
+
+@pytest.fixture
+async def ca_server(tmp_path: Path) -> AsyncIterator[CA]:
+    init_ca_dir(tmp_path / "ca")
+    ca = CertificateAuthority.load(tmp_path / "ca")
+    tokens = write_token_file(tmp_path / "tokens.yaml")
+    node_tokens = NodeTokens(load_node_tokens(tmp_path / "tokens.yaml"))
+    config = build_config(load_documents(two_node_config_yaml(), "two-nodes.yaml"))
+    server = CAServer(ca, node_tokens, lambda: config, listen="127.0.0.1:0")
+    await server.start()
+    holder = CA(ca, tokens, node_tokens, server)
+    try:
+        yield holder
+    finally:
+        await holder.server.stop(0)
+
+
+def remote(ca: CA, **options: object) -> CertificateManager:
+    return CertificateManager.remote(
+        f"127.0.0.1:{ca.server.port}",
+        ca.ca.roots_pem,
+        ca.tokens["node-a"],
+        ttl=TTL,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def until(cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.05)
+
+
+async def test_remote_manager_rotates_a_6s_cert_before_expiry(ca_server: CA) -> None:
+    registry = CollectorRegistry()
+    mgr = remote(ca_server, registry=registry)
+    rotated = asyncio.Event()
+    mgr.subscribe(lambda identity, cert: rotated.set() if identity == WEB else None)
+    await mgr.start()
+    try:
+        first = await mgr.get(WEB)
+        assert first.identity == WEB and first.chain_pem[-1] == (ca_server.ca.directory / "root-cert.pem").read_bytes()
+        assert first.not_after.timestamp() - time.time() <= TTL + 1
+        rotated.clear()
+        # until the rotation, every caller gets the first cert
+        while not rotated.is_set():
+            assert (await mgr.get(WEB)).serial == first.serial
+            assert time.time() < first.not_after.timestamp(), "no rotation before expiry"
+            await asyncio.sleep(0.05)
+        second = await mgr.get(WEB)
+        assert second.serial != first.serial
+        rotated_at = time.time()
+        # at half-life, not at the end
+        assert rotated_at < first.not_after.timestamp() - 1.5
+        assert (
+            registry.get_sample_value("ztunnel_certificate_expiry_timestamp_seconds", {"identity": WEB.uri})
+            == second.not_after.timestamp()
+        )
+        assert mgr.dump()[0]["serial"] == f"{second.serial:x}"
+    finally:
+        await mgr.close()
+
+
+async def test_ca_outage_keeps_the_valid_cert_backs_off_and_recovers(ca_server: CA) -> None:
+    mgr = remote(ca_server, backoff_initial=0.2, backoff_max=1.0)
+    await mgr.start()
+    try:
+        first = await mgr.get(WEB)
+        await ca_server.server.stop(0)
+        # the half-life rotation fails: retries back off, the valid cert stays in use
+        await until(lambda: mgr.dump()[0]["failures"] >= 2, timeout=TTL)
+        entry = mgr.dump()[0]
+        assert entry["state"] == "retrying" and entry["serial"] == f"{first.serial:x}"
+        assert "UNAVAILABLE" in entry["last_error"]
+        assert (await mgr.get(WEB)).serial == first.serial
+        assert mgr.ready_for([WEB])
+        failures_then = entry["failures"]
+        await asyncio.sleep(1.0)
+        assert mgr.dump()[0]["failures"] - failures_then <= 4  # backing off, not spinning
+        await ca_server.restart()
+        await until(lambda: mgr.dump()[0]["failures"] == 0, timeout=8)
+        assert (await mgr.get(WEB)).serial != first.serial
+        assert mgr.dump()[0]["state"] == "valid"
+    finally:
+        await mgr.close()
+
+
+async def test_remote_manager_reports_refusals_and_prefetches(ca_server: CA) -> None:
+    mgr = remote(ca_server, backoff_initial=5.0)
+    await mgr.start()
+    try:
+        mgr.prefetch([WEB, SHARED])
+        await until(lambda: mgr.ready_for([WEB, SHARED]), timeout=5)
+        with pytest.raises(CertificateError, match=r"PERMISSION_DENIED.*node-b"):
+            await mgr.get(DB)
+        assert not mgr.ready_for([WEB, DB])
+        states = {d["identity"]: d["state"] for d in mgr.dump()}
+        assert states == {WEB.uri: "valid", SHARED.uri: "valid", DB.uri: "failed-retrying"}
+    finally:
+        await mgr.close()
+    bad = CertificateManager.remote(f"127.0.0.1:{ca_server.server.port}", ca_server.ca.roots_pem, "wrong-token")
+    try:
+        with pytest.raises(CertificateError, match="UNAUTHENTICATED"):
+            await bad.get(WEB)
+    finally:
+        await bad.close()
