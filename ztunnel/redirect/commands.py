@@ -30,11 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run_node_agent(args: argparse.Namespace) -> int:
     import asyncio
+    import logging
+
+    import pyroute2  # noqa: F401 - imported first: it resets its logger's level on import
 
     from ztunnel.config.source import FileConfigSource
     from ztunnel.redirect.agent import NodeAgent
     from ztunnel.redirect.iptables import detect_backend
 
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per netlink message
     source = FileConfigSource(args.files, trust_domain=args.trust_domain)
     source.load()  # a bad file at start is a user error (ConfigError -> `error: ...`, exit 2)
     backend = detect_backend(None if args.iptables == "auto" else args.iptables)
