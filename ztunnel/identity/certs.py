@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from cryptography import x509
@@ -69,8 +70,9 @@ class WorkloadCertificate:
     roots_pem: bytes
     crl_pem: bytes = b""
 
-    @property
+    @cached_property
     def leaf(self) -> x509.Certificate:
+        """Parsed once per object: `get()` checks expiry on every connection."""
         return x509.load_pem_x509_certificate(self.chain_pem[0])
 
     @property
