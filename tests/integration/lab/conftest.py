@@ -1,0 +1,240 @@
+"""One netns lab for the whole module: two nodes, an enrolled client and server, an out-of-mesh pod and server.
+
+The lab is built with the real CLI (`ztunnel lab up`) and removed with `ztunnel lab down` at the end of the
+session, whatever happens. Its name carries the pytest pid so concurrent test runs never share namespaces;
+labs left by a dead earlier run are removed first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+ZTUNNEL = [sys.executable, "-m", "ztunnel"]
+
+# A server that answers every GET with the peer address it sees, so tests can check source IP preservation.
+ECHO_SERVER = textwrap.dedent(
+    """
+    import http.server
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ("peer=%s\\n" % self.client_address[0]).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, fmt, *args):
+            print("request from %s: %s" % (self.client_address[0], fmt % args), flush=True)
+    http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+    """
+).strip()
+
+
+def _pod(name: str, node: str, *, ambient: bool, sa: str, server: bool, labels: dict[str, str] | None = None) -> dict:
+    lab = {"app": name, **(labels or {})}
+    if ambient:
+        lab["istio.io/dataplane-mode"] = "ambient"
+    container: dict[str, Any] = {"name": "main", "command": ["sleep", "infinity"]}
+    if server:
+        container = {
+            "name": "main",
+            "command": ["python3", "-c", ECHO_SERVER],
+            "ports": [{"containerPort": 8080}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}},
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "lab", "labels": lab},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [container]},
+    }
+
+
+def cluster_objects() -> list[dict]:
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lab"}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2"}},
+        _pod("client", "n1", ambient=True, sa="client", server=False),
+        _pod("server", "n2", ambient=True, sa="server", server=True),
+        _pod("outsider", "n1", ambient=False, sa="outsider", server=False),
+        _pod("plain", "n2", ambient=False, sa="plain", server=True),
+    ]
+
+
+def netns_usable() -> str | None:
+    """None if the lab can run here, else why not (the skip reason)."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed"
+    if not Path("/usr/lib/cni/bridge").exists():
+        return "CNI reference plugins missing (apt-get install containernetworking-plugins)"
+    probe = f"ztlprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"`ip netns add` does not work here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    reason = None
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.netns)
+            if reason is None:
+                reason = netns_usable() or ""
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def ztunnel(*args: str, check: bool = True, timeout: float = 180.0, **kw: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*ZTUNNEL, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ztunnel {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def remove_stale_labs(prefix: str) -> None:
+    """Labs named PREFIX<pid> whose pytest is gone were left by a crashed run: take them down."""
+    names = set()
+    for entry in Path("/var/run/netns").glob(f"ztl-{prefix}*-*") if Path("/var/run/netns").exists() else []:
+        m = re.match(rf"ztl-({prefix}(\d+))-", entry.name)
+        if m and not Path(f"/proc/{m.group(2)}").exists():
+            names.add(m.group(1))
+    for name in names:
+        ztunnel("lab", "down", "--name", name, check=False)
+
+
+def root_netns_snapshot() -> dict[str, str]:
+    """What the lab must never change in the machine's root namespace."""
+
+    def out(*cmd: str) -> str:
+        return subprocess.run(list(cmd), capture_output=True, text=True).stdout
+
+    links = "\n".join(sorted(re.sub(r"\s+link/.*", "", line) for line in out("ip", "-o", "link").splitlines()))
+    return {
+        "links": links,
+        "addrs": out("ip", "-o", "addr"),
+        "routes": out("ip", "route", "show", "table", "all"),
+        "rules": out("ip", "rule"),
+        "iptables": "\n".join(x for x in out("iptables-save").splitlines() if not x.startswith("#")),
+        "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
+    }
+
+
+@dataclass
+class LabHandle:
+    """The running test lab, with helpers that run commands in its namespaces."""
+
+    name: str
+    dir: Path
+    work: Path
+    up_output: str
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(ztunnel("lab", "status", "--name", self.name, "-o", "json").stdout)
+
+    def pod(self, ref: str) -> dict[str, Any]:
+        for p in self.status()["pods"]:
+            if f"{p['namespace']}/{p['name']}" == ref:
+                return p
+        raise KeyError(ref)
+
+    def pod_ip(self, ref: str) -> str:
+        return self.pod(ref)["ips"][0]
+
+    def netns(self, target: str) -> str:
+        st = json.loads((self.dir / "state.json").read_text())
+        if target.startswith("node/"):
+            return st["nodes"][target[5:]]["netns"]
+        return st["pods"][target]["netns"]
+
+    def run(
+        self, target: str, *cmd: str, timeout: float = 20.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.netns(target), *cmd], capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{target}: {' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def curl(self, target: str, url: str, max_time: float = 3.0) -> tuple[int, str]:
+        """(curl exit code, body). Exit 0 means an HTTP response arrived."""
+        p = self.run(target, "curl", "-sS", "-m", str(max_time), url, timeout=max_time + 10)
+        return p.returncode, p.stdout
+
+    def apply(self, yaml_text: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        f = self.work / f"apply-{time.monotonic_ns()}.yaml"
+        f.write_text(yaml_text)
+        try:
+            return ztunnel("lab", "apply", "--name", self.name, "-f", str(f), *args, **kw)
+        finally:
+            f.unlink()
+
+    def delete(self, yaml_text: str) -> subprocess.CompletedProcess[str]:
+        f = self.work / f"delete-{time.monotonic_ns()}.yaml"
+        f.write_text(yaml_text)
+        try:
+            return ztunnel("lab", "delete", "--name", self.name, "-f", str(f))
+        finally:
+            f.unlink()
+
+    def components(self) -> dict[str, bool]:
+        return json.loads((self.dir / "state.json").read_text())["components"]
+
+    def require(self, *names: str) -> None:
+        comps = self.components()
+        missing = [n for n in names if not comps.get(n)]
+        if missing:
+            pytest.skip(f"the lab runs without {', '.join(missing)} (not built yet in this checkout)")
+
+    def metrics(self, node: str) -> str:
+        p = self.run(f"node/{node}", "curl", "-sS", "-m", "3", "http://127.0.0.1:15020/metrics", check=True)
+        return p.stdout
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def lab_name() -> str:
+    return f"it{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory, lab_name: str) -> Iterator[LabHandle]:
+    import yaml
+
+    remove_stale_labs("it")
+    work = tmp_path_factory.mktemp("lab")
+    cluster = work / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump_all(cluster_objects(), sort_keys=False))
+    try:
+        up = ztunnel("lab", "up", "--name", lab_name, "-f", str(cluster), "--timeout", "120")
+        yield LabHandle(
+            name=lab_name, dir=Path("/run/ztunnel-lab") / lab_name, work=work, up_output=up.stdout + up.stderr
+        )
+    finally:
+        ztunnel("lab", "down", "--name", lab_name, check=False)

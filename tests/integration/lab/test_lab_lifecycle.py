@@ -1,0 +1,96 @@
+"""A lab's whole life on its own small cluster: nothing changes in the root netns, `down` removes every
+netns, process and file, and `down` also cleans up after a run that crashed and lost its state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .conftest import root_netns_snapshot, wait_for, ztunnel
+
+SMALL = [
+    {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "solo"}},
+    {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {
+            "nodeName": "solo",
+            "containers": [
+                {
+                    "name": "main",
+                    "command": ["python3", "-m", "http.server", "8080"],
+                    "ports": [{"containerPort": 8080}],
+                }
+            ],
+        },
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "idle", "namespace": "default"},
+        "spec": {"containers": [{"name": "main", "command": ["sleep", "infinity"]}]},  # scheduled by the lab
+    },
+]
+
+
+def _netns(prefix: str) -> list[str]:
+    d = Path("/var/run/netns")
+    return sorted(p.name for p in d.iterdir() if p.name.startswith(prefix)) if d.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_up_down_leaves_nothing_and_root_netns_unchanged(tmp_path: Path) -> None:
+    name = f"lc{os.getpid()}"
+    cluster = tmp_path / "small.yaml"
+    cluster.write_text(yaml.safe_dump_all(SMALL))
+    before = root_netns_snapshot()
+    try:
+        ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--timeout", "90")
+        state = json.loads((Path("/run/ztunnel-lab") / name / "state.json").read_text())
+        pids = [p["pid"] for p in state["processes"].values()]
+        assert pids and all(_alive(p) for p in pids)
+        assert state["pods"]["default/idle"]["node"] == "solo"  # no nodeName: the lab scheduled it
+        assert len(_netns(f"ztl-{name}-")) == 4  # fabric, node, two pods
+        assert root_netns_snapshot() == before
+    finally:
+        down = ztunnel("lab", "down", "--name", name, check=False)
+    assert down.returncode == 0, down.stderr
+    assert _netns(f"ztl-{name}-") == []
+    assert not any(_alive(p) for p in pids)
+    assert not (Path("/run/ztunnel-lab") / name).exists()
+    assert root_netns_snapshot() == before
+
+
+def test_down_cleans_up_after_a_crashed_run(tmp_path: Path) -> None:
+    name = f"cr{os.getpid()}"
+    cluster = tmp_path / "small.yaml"
+    cluster.write_text(yaml.safe_dump_all(SMALL))
+    try:
+        ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--mesh", "off", "--timeout", "60")
+        lab_dir = Path("/run/ztunnel-lab") / name
+        state = json.loads((lab_dir / "state.json").read_text())
+        pids = [p["pid"] for p in state["processes"].values()]
+        shutil.rmtree(lab_dir)  # the state is gone, as after a crash: only the netns prefix is left to go by
+        assert _netns(f"ztl-{name}-")
+        # `up` again over the wreck works too: it cleans first
+        ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--mesh", "off", "--timeout", "60")
+        wait_for(lambda: not any(_alive(p) for p in pids), 5, "old processes to be gone")
+        state = json.loads((lab_dir / "state.json").read_text())
+        pids = [p["pid"] for p in state["processes"].values()]
+        shutil.rmtree(lab_dir)
+    finally:
+        down = ztunnel("lab", "down", "--name", name, check=False)
+    assert down.returncode == 0, down.stderr
+    assert _netns(f"ztl-{name}-") == []
+    assert not any(_alive(p) for p in pids)

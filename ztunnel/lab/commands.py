@@ -1,0 +1,175 @@
+"""`ztunnel lab ...`: build and operate a multi-node cluster of network namespaces from Kubernetes YAML."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+HELP = """\
+examples:
+  ztunnel lab up -f examples/lab-cluster.yaml
+  ztunnel lab status
+  ztunnel lab exec default/client -- curl -s http://10.244.2.2:8080/
+  ztunnel lab exec node/node2 -- tcpdump -ni eth0 tcp port 15008
+  ztunnel lab apply -f policy.yaml
+  ztunnel lab kill proxy --node node1; ztunnel lab restart proxy --node node1
+  ztunnel lab down
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default=None, help="lab name (default: lab); prefixes its netns names")
+    p.add_argument("--state-dir", default=None, help="state directory (default: /run/ztunnel-lab/NAME)")
+
+
+def register(subparsers: Any) -> None:
+    lab = subparsers.add_parser(
+        "lab",
+        help="a multi-node cluster of network namespaces, built from Kubernetes YAML",
+        description=__doc__,
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = lab.add_subparsers(dest="lab_command", metavar="SUBCOMMAND")
+    lab.set_defaults(func=lambda _a: lab.print_help() or 2)
+
+    up = sub.add_parser("up", help="create the lab and wait until it is ready")
+    _add_common(up)
+    up.add_argument("-f", "--filename", action="append", required=True, help="YAML of Kubernetes objects")
+    up.add_argument("--redirect", choices=["iptables", "ebpf"], default="iptables", help="in-pod redirection")
+    up.add_argument(
+        "--mesh",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto: run the mesh components that exist; on: require all; off: plain pod networking",
+    )
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for everything to be ready")
+    up.set_defaults(func=_up)
+
+    down = sub.add_parser("down", help="remove every netns, process and file of the lab (also after a crash)")
+    _add_common(down)
+    down.set_defaults(func=_down)
+
+    status = sub.add_parser("status", help="nodes, pods, IPs, enrollment, processes and metrics endpoints")
+    _add_common(status)
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    status.set_defaults(func=_status)
+
+    ex = sub.add_parser("exec", help="run a command in a pod's netns (NAMESPACE/POD) or a node's (node/NAME)")
+    _add_common(ex)
+    ex.add_argument("target", help="NAMESPACE/POD, node/NAME or fabric")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    ex.set_defaults(func=_exec)
+
+    for verb, helptext in (
+        ("apply", "create or change objects (pods get CNI ADD)"),
+        ("delete", "remove objects (pods get CNI DEL)"),
+    ):
+        p = sub.add_parser(verb, help=helptext)
+        _add_common(p)
+        p.add_argument("-f", "--filename", action="append", required=True)
+        if verb == "apply":
+            p.add_argument("--timeout", type=float, default=60.0, help="seconds to keep retrying a pod's CNI ADD")
+        p.set_defaults(func=_apply if verb == "apply" else _delete)
+
+    for verb in ("restart", "kill"):
+        p = sub.add_parser(verb, help=f"{verb} a component (proxy, node-agent, ca) for fault tests")
+        _add_common(p)
+        p.add_argument("component", choices=["proxy", "node-agent", "ca"])
+        p.add_argument("--node", default=None)
+        p.set_defaults(func=_restart if verb == "restart" else _kill)
+
+
+def _lab(args: argparse.Namespace) -> Any:
+    from ztunnel.lab.cluster import Lab, resolve_dir
+
+    name, path = resolve_dir(args.name, args.state_dir)
+    return Lab(name, path, progress=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def _up(args: argparse.Namespace) -> int:
+    lab = _lab(args)
+    lab.up(args.filename, redirect=args.redirect, mesh=args.mesh, timeout=args.timeout)
+    _print_status(lab.status())
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    _lab(args).down()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    st = _lab(args).status()
+    if args.output == "json":
+        print(json.dumps(st, indent=2))
+    else:
+        _print_status(st)
+    return 0
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    def pstate(p: dict[str, Any] | None) -> str:
+        if not p:
+            return "-"
+        return f"pid {p['pid']} {'running' if p['running'] else 'NOT RUNNING'}"
+
+    print(f"lab {st['name']} ({'ready' if st['ready'] else 'not ready'}), state {st['dir']}")
+    print(f"live config: {st['live_config']}")
+    comps = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in st["components"].items())
+    print(f"components: {comps}; redirect: {st['redirect']}")
+    if st["ca"]:
+        print(f"ca: {st['ca'].get('address', '-')} {pstate(st['ca'] if 'pid' in st['ca'] else None)}")
+    print("NODES")
+    for n in st["nodes"]:
+        print(f"  {n['name']:<12} {n['address']:<14} pods {n['pod_cidr']:<16} netns {n['netns']}")
+        print(f"    node-agent: {pstate(n['node_agent'])}   proxy: {pstate(n['proxy'])}")
+        if n["proxy"]:
+            print(f"    metrics: {n['proxy']['metrics']}")
+    print("PODS")
+    for p in st["pods"]:
+        mesh = "enrolled" if p["enrolled"] else ("ambient (no agent)" if p["ambient"] else "not in mesh")
+        print(f"  {p['namespace'] + '/' + p['name']:<28} {','.join(p['ips']) or '-':<14} {p['node']:<10} {mesh}")
+        for c, proc in p["containers"].items():
+            print(f"    {c}: {pstate(proc)}")
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from ztunnel.errors import ZtunnelError
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise ZtunnelError("say what to run: ztunnel lab exec TARGET -- COMMAND [ARGS...]")
+    ns = _lab(args).target_netns(args.target)
+    sys.stdout.flush()
+    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+    return 127  # not reached
+
+
+def _apply(args: argparse.Namespace) -> int:
+    for line in _lab(args).apply(args.filename, timeout=args.timeout):
+        print(line)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    for line in _lab(args).delete(args.filename):
+        print(line)
+    return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    rec = _lab(args).restart(args.component, args.node)
+    print(f"{rec.key} restarted (pid {rec.pid})")
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    rec = _lab(args).kill(args.component, args.node)
+    print(f"{rec.key} killed (pid {rec.pid})")
+    return 0

@@ -1,0 +1,78 @@
+"""Which mesh components this checkout can run, and the command lines that start them in the lab.
+
+The lab runs the project's own CLI (`python -m ztunnel ...`) for the CA, node agents and proxies. It asks the
+CLI's parser which subcommands and flags exist, so it builds networks and pods before every component is
+written, passes only flags a component understands, and says which parts it skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+
+COMPONENTS = ("ca", "node-agent", "proxy", "cni-plugin")
+
+
+@dataclass
+class Capabilities:
+    """Subcommands ("proxy", "ca serve") mapped to the option strings they accept."""
+
+    commands: dict[str, set[str]] = field(default_factory=dict)
+    cni_plugin: bool = False
+    problem: str = ""  # why the CLI could not be inspected, if it could not
+
+    def has(self, command: str, *flags: str) -> bool:
+        opts = self.commands.get(command)
+        return opts is not None and all(f in opts for f in flags)
+
+    def flag(self, command: str, *candidates: str) -> str | None:
+        """The first of CANDIDATES the command accepts (components name the same thing differently)."""
+        opts = self.commands.get(command, set())
+        return next((c for c in candidates if c in opts), None)
+
+    def available(self) -> dict[str, str]:
+        """Component -> "" if it can run, else the reason it cannot."""
+        out: dict[str, str] = {}
+        out["ca"] = "" if self.has("ca init") and self.has("ca serve") else "`ztunnel ca init/serve` not built yet"
+        out["node-agent"] = "" if self.has("node-agent") else "`ztunnel node-agent` not built yet"
+        if not self.has("proxy"):
+            out["proxy"] = "`ztunnel proxy` not built yet"
+        elif not self.has("proxy", "--inpod-socket"):
+            out["proxy"] = "`ztunnel proxy` has no --inpod-socket (in-pod mode) yet"
+        else:
+            out["proxy"] = ""
+        out["cni-plugin"] = "" if self.cni_plugin else "ztunnel-cni (ztunnel.cni.plugin) not built yet"
+        if self.problem:
+            out = {k: v or self.problem for k, v in out.items()}
+        return out
+
+
+def _walk(parser: argparse.ArgumentParser, prefix: str, out: dict[str, set[str]]) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                key = f"{prefix} {name}".strip()
+                out[key] = {o for a in sub._actions for o in a.option_strings}
+                _walk(sub, key, out)
+
+
+def inspect() -> Capabilities:
+    caps = Capabilities()
+    try:
+        from ztunnel.cli import build_parser
+
+        _walk(build_parser(), "", caps.commands)
+    except Exception as e:  # another component mid-edit must not stop the lab from building networks
+        caps.problem = f"the ztunnel CLI could not be loaded ({type(e).__name__}: {e})"
+    try:
+        caps.cni_plugin = importlib.util.find_spec("ztunnel.cni.plugin") is not None
+    except ImportError:
+        caps.cni_plugin = False
+    return caps
+
+
+def ztunnel_argv(*args: str) -> list[str]:
+    """The project's CLI run by this interpreter, so the lab's processes use the same checkout and venv."""
+    return [sys.executable, "-m", "ztunnel", *args]
