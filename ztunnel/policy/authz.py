@@ -145,6 +145,17 @@ class Check:
         return self.matcher.matches(getattr(a, self.attr)) is not self.negate  # type: ignore[arg-type]
 
 
+def _entries_match(entries: tuple[Entry, ...], a: MatchAttributes) -> bool:
+    """Any entry whose checks all pass. Plain loops: this is the hot path of every decision."""
+    for entry in entries:
+        for c in entry:
+            if c.matcher.matches(getattr(a, c.attr)) is c.negate:  # type: ignore[arg-type]
+                break
+        else:
+            return True
+    return False
+
+
 Entry = tuple[Check, ...]  # every check must pass
 
 
@@ -157,11 +168,26 @@ class Rule:
     conditions: Entry
 
     def matches(self, a: MatchAttributes) -> bool:
-        if self.sources is not None and not any(all(c.passes(a) for c in e) for e in self.sources):
+        if self.sources is not None and not _entries_match(self.sources, a):
             return False
-        if self.operations is not None and not any(all(c.passes(a) for c in e) for e in self.operations):
+        if self.operations is not None and not _entries_match(self.operations, a):
             return False
-        return all(c.passes(a) for c in self.conditions)
+        for c in self.conditions:  # noqa: SIM110 - a plain loop is faster on this hot path
+            if c.matcher.matches(getattr(a, c.attr)) is c.negate:  # type: ignore[arg-type]
+                return False
+        return True
+
+    def ports(self) -> frozenset[int] | None:
+        """Destination ports the rule can match at all, or None for any: lets the engine skip rules by port."""
+        if self.operations is None:
+            return None
+        out: set[int] = set()
+        for e in self.operations:
+            sets = [c.matcher.ports for c in e if isinstance(c.matcher, PortSet) and not c.negate]
+            if not sets:
+                return None
+            out |= frozenset.intersection(*sets)
+        return frozenset(out)
 
     @property
     def l7_fields(self) -> tuple[str, ...]:
@@ -341,7 +367,7 @@ def _matcher(ctx: _Ctx, kind: str, values: list[str], path: str, policy_ns: str)
         for i, v in enumerate(values):
             try:
                 parse_cidr(v)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise ctx.error(f"{path}[{i}]", f"{e}; write an address or a CIDR like 10.0.0.0/16") from None
         return CidrSet.compile(values)
     if kind == "port":

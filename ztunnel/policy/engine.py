@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from ztunnel.config.loader import ConfigError
@@ -118,9 +119,12 @@ class _Compiled:
     dropped: tuple[int, ...]  # rule indices that can never match at this layer
     l7_fields: Mapping[int, tuple[str, ...]]
     origin: str
+    by_port: Mapping[int, tuple[tuple[int, Rule], ...]]  # rules that can match a port, in rule order
+    any_port: tuple[tuple[int, Rule], ...]  # rules without a positive port constraint
+    decisions: Mapping[int, Decision]  # built once: a decision only picks one
 
     def first_match(self, a: MatchAttributes) -> int | None:
-        for i, r in self.rules:
+        for i, r in self.by_port.get(a.destination_port, self.any_port):
             if r.matches(a):
                 return i
         return None
@@ -129,22 +133,64 @@ class _Compiled:
 @dataclass(frozen=True, slots=True)
 class _WorkloadPolicies:
     labels: Mapping[str, str]
-    rejected: tuple[_Rejected, ...]
+    rejected: Decision | None  # set when an invalid policy selects the workload: it denies (fail closed)
     deny: tuple[_Compiled, ...]
     allow: tuple[_Compiled, ...]
-    audit: tuple[_Compiled, ...]
-    custom: tuple[_Compiled, ...]
-    dry_deny: tuple[_Compiled, ...]
-    dry_allow: tuple[_Compiled, ...]
+    fallback: Decision  # no rule matched
+    audit: tuple[_Compiled, ...] = ()
+    custom: tuple[_Compiled, ...] = ()
+    dry_run: tuple[_Compiled, ...] = ()
+    shadow: _WorkloadPolicies | None = None  # dry-run policies treated as enforced
 
 
 def _compile(p: AuthorizationPolicy, layer: str) -> _Compiled:
     l7 = {i: r.l7_fields for i, r in enumerate(p.rules) if r.l7_fields}
     if layer == L7:
-        return _Compiled(p.key, tuple(enumerate(p.rules)), frozenset(), (), l7, p.origin)
-    kept, dropped = p.l4_rules()
-    reduced = frozenset(i for i, _ in kept if i in l7)
-    return _Compiled(p.key, kept, reduced, dropped, l7, p.origin)
+        kept: tuple[tuple[int, Rule], ...] = tuple(enumerate(p.rules))
+        dropped: tuple[int, ...] = ()
+    else:
+        kept, dropped = p.l4_rules()
+    reduced = frozenset(i for i, _ in kept if i in l7) if layer == L4 else frozenset()
+    ports = [(i, r, r.ports()) for i, r in kept]
+    any_port = tuple((i, r) for i, r, pset in ports if pset is None)
+    by_port = {
+        port: tuple((i, r) for i, r, pset in ports if pset is None or port in pset)
+        for port in {port for _, _, pset in ports if pset for port in pset}
+    }
+    origin = f" (converted from {p.origin})" if p.origin else ""
+    decisions = {}
+    for i, _ in kept:
+        if p.action == "DENY":
+            note = f"; only its L4 part was checked ({', '.join(l7[i])} need a waypoint)" if i in reduced else ""
+            decisions[i] = Decision(False, p.key, f"denied by DENY policy {p.key} rule {i}{note}{origin}")
+        else:
+            decisions[i] = Decision(True, p.key, f"allowed by ALLOW policy {p.key} rule {i}{origin}")
+    return _Compiled(p.key, kept, reduced, dropped, l7, p.origin, by_port, any_port, decisions)
+
+
+def _fallback(w: Workload, allow: tuple[_Compiled, ...], layer: str) -> Decision:
+    """The decision when no DENY and no ALLOW rule matched."""
+    if not allow:
+        return Decision(True, None, f"allowed: no ALLOW policy applies to {w.ref}")
+    names = [c.key for c in allow]
+    reason = f"denied: ALLOW policies apply to {w.ref} but none matched ({_limit(names)})"
+    if len(names) == 1 and not allow[0].rules and not allow[0].dropped:
+        reason = f"denied: ALLOW policy {names[0]} has no rules, so it denies all traffic to {w.ref}"
+    dropped = [(c.key, i, c.l7_fields[i]) for c in allow for i in c.dropped]
+    if dropped and layer == L4:
+        parts = [f"{k} rule {i} ({', '.join(f)})" for k, i, f in dropped[:3]]
+        reason += (
+            f"; rules that use L7 attributes never match at the node proxy: {'; '.join(parts)}"
+            " - route the traffic through a waypoint or check with --layer l7"
+        )
+    return Decision(False, names[0] if len(names) == 1 else None, reason)
+
+
+def _rejected_decision(r: _Rejected, w: Workload) -> Decision:
+    what = f"{r.error.reason} ({r.error.field})" if r.error.field else str(r.error)
+    return Decision(
+        False, r.key, f"AuthorizationPolicy {r.key} is invalid, so {w.ref} denies until it is fixed: {what}"
+    )
 
 
 def principal_namespace(principal: str) -> str:
@@ -161,6 +207,23 @@ def _service_account(principal: str) -> str:
     if len(parts) >= 5 and parts[-4] == "ns" and parts[-2] == "sa":
         return f"{parts[-3]}/{parts[-1]}"
     return ""
+
+
+def _same_object(old: KubeObject, new: KubeObject) -> bool:
+    """Unchanged object (same text at the same place), so its parse result can be reused."""
+    return old is new or (
+        old.body == new.body
+        and old.source == new.source
+        and old.api_version == new.api_version
+        and old.annotations == new.annotations
+    )
+
+
+@lru_cache(maxsize=16384)
+def _principal_parts(uri: str) -> tuple[str, str, str]:
+    """(principal without spiffe://, namespace, "ns/sa") of a peer identity; cached, peers repeat."""
+    principal = strip_spiffe(uri)
+    return principal, principal_namespace(principal), _service_account(principal)
 
 
 def _limit(names: Iterable[str], n: int = 5) -> str:
@@ -197,6 +260,7 @@ class PolicyEngine:
         self._by_label: dict[tuple[str, str, str], list[_Indexed]] = {}
         self._by_service: dict[tuple[str, str], list[AuthorizationPolicy]] = {}
         self._cache: dict[tuple[str, str, str], _WorkloadPolicies] = {}
+        self._parsed: dict[tuple[str, str], tuple[KubeObject, AuthorizationPolicy | PolicyError]] = {}
         for p in (*self.policies, *self.rejected):
             if isinstance(p, AuthorizationPolicy) and p.target_refs:
                 for ref in p.target_refs:
@@ -225,8 +289,12 @@ class PolicyEngine:
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ClusterConfig) -> PolicyEngine:
-        """Parse every security object of the snapshot (legacy kinds converted first); never raises for bad ones."""
+    def from_config(cls, config: ClusterConfig, previous: PolicyEngine | None = None) -> PolicyEngine:
+        """Parse every security object of the snapshot (legacy kinds converted first); never raises for bad ones.
+
+        Invalid objects end up in `errors` (report them); their workloads fail closed. Pass the engine of the
+        previous snapshot as `previous` to reuse the AuthorizationPolicies that did not change: parsing 10,000
+        policies takes seconds, so a proxy should also build engines off its event loop."""
         objects = list(config.policy_objects)
         errors: list[PolicyError] = []
         warnings: list[str] = []
@@ -241,7 +309,9 @@ class PolicyEngine:
             for obj, origin in result.converted:
                 origins[id(obj)] = origin
                 objects.append(obj)
-        return cls.from_objects(objects, config=config, errors=errors, warnings=warnings, origins=origins)
+        return cls.from_objects(
+            objects, config=config, errors=errors, warnings=warnings, origins=origins, previous=previous
+        )
 
     @classmethod
     def from_objects(
@@ -253,8 +323,11 @@ class PolicyEngine:
         errors: Iterable[PolicyError] = (),
         warnings: Iterable[str] = (),
         origins: Mapping[int, str] | None = None,
+        previous: PolicyEngine | None = None,
     ) -> PolicyEngine:
         root = root_namespace or (config.root_namespace if config else "istio-system")
+        memo = previous._parsed if previous is not None else {}
+        parsed: dict[tuple[str, str], tuple[KubeObject, AuthorizationPolicy | PolicyError]] = {}
         origins = origins or {}
         aps: list[AuthorizationPolicy] = []
         pas: list[PeerAuthentication] = []
@@ -267,7 +340,20 @@ class PolicyEngine:
             origin = origins.get(id(obj), "")
             try:
                 if obj.kind == "AuthorizationPolicy":
-                    p = parse_authorization_policy(obj, origin=origin)
+                    old = memo.get((obj.namespace, obj.name))
+                    reuse = old is not None and _same_object(old[0], obj)
+                    if reuse and isinstance(old[1], PolicyError):  # type: ignore[index]
+                        parsed[(obj.namespace, obj.name)] = (obj, old[1])  # type: ignore[index]
+                        raise old[1]  # type: ignore[index]
+                    if reuse and old[1].origin == origin:  # type: ignore[index, union-attr]
+                        p = old[1]  # type: ignore[index, assignment]
+                    else:
+                        try:
+                            p = parse_authorization_policy(obj, origin=origin)
+                        except PolicyError as e:
+                            parsed[(obj.namespace, obj.name)] = (obj, e)
+                            raise
+                    parsed[(obj.namespace, obj.name)] = (obj, p)
                     aps.append(p)
                     if p.action == "CUSTOM":
                         warns.append(
@@ -285,7 +371,6 @@ class PolicyEngine:
             except ConfigError as e:
                 err = e if isinstance(e, PolicyError) else PolicyError(str(e))
                 errs.append(err)
-                log.error("rejected %s: %s", obj.ref, err, extra={"object": obj.ref})
                 if obj.kind == "AuthorizationPolicy":
                     action, selector, has_refs, dry = best_effort_scope(obj)
                     if not dry and not has_refs and action != "AUDIT":
@@ -295,7 +380,7 @@ class PolicyEngine:
                     rejected_pas.append(
                         PeerAuthentication(obj.namespace, obj.name, selector, "STRICT", {}, order=-1, origin="invalid")
                     )
-        return cls(
+        engine = cls(
             aps,
             pas,
             rejected=rejected,
@@ -306,6 +391,8 @@ class PolicyEngine:
             root_namespace=root,
             config=config,
         )
+        engine._parsed = parsed
+        return engine
 
     # ---- policy selection -------------------------------------------------------------------------
     def policies_for(self, workload: Workload, layer: str = L4) -> tuple[_Indexed, ...]:
@@ -356,10 +443,22 @@ class PolicyEngine:
                 buckets["dry_deny" if p.action == "DENY" else "dry_allow"].append(compiled)
             else:
                 buckets["deny" if p.action == "DENY" else "allow"].append(compiled)
+        deny, allow = tuple(buckets["deny"]), tuple(buckets["allow"])
+        rejected_decision = _rejected_decision(rejected[0], w) if rejected else None
+        shadow = None
+        if buckets["dry_deny"] or buckets["dry_allow"]:
+            s_deny, s_allow = deny + tuple(buckets["dry_deny"]), allow + tuple(buckets["dry_allow"])
+            shadow = _WorkloadPolicies(w.labels, rejected_decision, s_deny, s_allow, _fallback(w, s_allow, layer))
         result = _WorkloadPolicies(
             labels=w.labels,
-            rejected=tuple(rejected),
-            **{k: tuple(v) for k, v in buckets.items()},
+            rejected=rejected_decision,
+            deny=deny,
+            allow=allow,
+            fallback=_fallback(w, allow, layer),
+            audit=tuple(buckets["audit"]),
+            custom=tuple(buckets["custom"]),
+            dry_run=tuple(buckets["dry_deny"] + buckets["dry_allow"]),
+            shadow=shadow,
         )
         self._cache[key] = result
         return result
@@ -374,13 +473,14 @@ class PolicyEngine:
         return self._check(attrs, request, L7)
 
     def _attributes(self, attrs: ConnectionAttributes, request: HttpRequestAttributes | None) -> MatchAttributes:
-        principal = strip_spiffe(attrs.source_principal) if attrs.source_principal else ""
-        namespace = attrs.source_namespace if attrs.source_namespace is not None else principal_namespace(principal)
+        principal, namespace, service_account = _principal_parts(attrs.source_principal or "")
+        if attrs.source_namespace is not None:
+            namespace = attrs.source_namespace
         source_ip = parse_ip(attrs.source_ip)
         a = MatchAttributes(
             principal=principal,
             namespace=namespace,
-            service_account=_service_account(principal),
+            service_account=service_account,
             source_ip=source_ip,
             destination_ip=parse_ip(attrs.destination_ip),
             destination_port=attrs.destination_port,
@@ -412,66 +512,32 @@ class PolicyEngine:
                 )
         wp = self._workload_policies(w, layer)
         a = self._attributes(attrs, request)
-        decision = self._evaluate(wp, a, w, layer)
+        decision = self._evaluate(wp, a)
+        if not (wp.shadow or wp.audit or wp.custom):
+            return decision
         extras: dict[str, Any] = {}
-        if wp.dry_deny or wp.dry_allow:
-            dry = tuple(c.key for c in (*wp.dry_deny, *wp.dry_allow) if c.first_match(a) is not None)
-            shadow = self._evaluate(
-                _WorkloadPolicies(
-                    wp.labels, wp.rejected, wp.deny + wp.dry_deny, wp.allow + wp.dry_allow, (), (), (), ()
-                ),
-                a,
-                w,
-                layer,
-            )
-            extras["dry_run_policies"] = dry
-            extras["dry_run_allowed"] = shadow.allowed
+        if wp.shadow is not None:
+            extras["dry_run_policies"] = tuple(c.key for c in wp.dry_run if c.first_match(a) is not None)
+            extras["dry_run_allowed"] = self._evaluate(wp.shadow, a).allowed
         if wp.audit:
             extras["audit_policies"] = tuple(c.key for c in wp.audit if c.first_match(a) is not None)
         if wp.custom:
             extras["custom_policies"] = tuple(c.key for c in wp.custom if c.first_match(a) is not None)
-        if extras:
-            return Decision(decision.allowed, decision.policy, decision.reason, **extras)
-        return decision
+        return Decision(decision.allowed, decision.policy, decision.reason, **extras)
 
     @staticmethod
-    def _evaluate(wp: _WorkloadPolicies, a: MatchAttributes, w: Workload, layer: str) -> Decision:
-        if wp.rejected:
-            r = wp.rejected[0]
-            return Decision(
-                False,
-                r.key,
-                f"AuthorizationPolicy {r.key} is invalid, so {w.ref} denies until it is fixed: {r.error.reason}"
-                f" ({r.error.field})"
-                if r.error.field
-                else f"AuthorizationPolicy {r.key} is invalid, so {w.ref} denies until it is fixed: {r.error}",
-            )
+    def _evaluate(wp: _WorkloadPolicies, a: MatchAttributes) -> Decision:
+        if wp.rejected is not None:
+            return wp.rejected
         for c in wp.deny:
             i = c.first_match(a)
             if i is not None:
-                note = ""
-                if i in c.reduced:
-                    note = f"; only its L4 part was checked ({', '.join(c.l7_fields[i])} need a waypoint)"
-                return Decision(False, c.key, f"denied by DENY policy {c.key} rule {i}{note}{_origin(c)}")
-        if not wp.allow:
-            return Decision(True, None, f"allowed: no ALLOW policy applies to {w.ref}")
+                return c.decisions[i]
         for c in wp.allow:
             i = c.first_match(a)
             if i is not None:
-                return Decision(True, c.key, f"allowed by ALLOW policy {c.key} rule {i}{_origin(c)}")
-        names = [c.key for c in wp.allow]
-        reason = f"denied: ALLOW policies apply to {w.ref} but none matched ({_limit(names)})"
-        empty = [c.key for c in wp.allow if not c.rules and not c.dropped]
-        if empty and len(names) == 1:
-            reason = f"denied: ALLOW policy {names[0]} has no rules, so it denies all traffic to {w.ref}"
-        dropped = [(c.key, i, c.l7_fields[i]) for c in wp.allow for i in c.dropped]
-        if dropped and layer == L4:
-            parts = [f"{k} rule {i} ({', '.join(f)})" for k, i, f in dropped[:3]]
-            reason += (
-                f"; rules that use L7 attributes never match at the node proxy: {'; '.join(parts)}"
-                " - route the traffic through a waypoint or check with --layer l7"
-            )
-        return Decision(False, names[0] if len(names) == 1 else None, reason)
+                return c.decisions[i]
+        return wp.fallback
 
     # ---- peer authentication ----------------------------------------------------------------------
     def _peer(self, w: Workload, port: int) -> tuple[str, PeerAuthentication | None]:
@@ -498,10 +564,6 @@ class PolicyEngine:
         """(mode, "ns/name" of the PeerAuthentication that set it or None for the PERMISSIVE default)."""
         mode, pa = self._peer(workload, port)
         return mode, pa.key if pa else None
-
-
-def _origin(c: _Compiled) -> str:
-    return f" (converted from {c.origin})" if c.origin else ""
 
 
 __all__ = [

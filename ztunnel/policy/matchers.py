@@ -7,10 +7,15 @@ IP fields take addresses or CIDRs; ports are exact numbers.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# An address as the engine compares it: (IP version, integer value). Cheaper than ipaddress objects.
+IpAddress = tuple[int, int]
+
+_V4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,35 +79,68 @@ class CidrSet:
         v4: list[tuple[int, int]] = []
         v6: list[tuple[int, int]] = []
         for v in values:
-            net = parse_cidr(v)
-            (v4 if net.version == 4 else v6).append((int(net.network_address), int(net.netmask)))
+            version, net, mask = parse_cidr(v)
+            (v4 if version == 4 else v6).append((net, mask))
         return cls(tuple(v4), tuple(v6))
 
     def matches(self, ip: IpAddress | None) -> bool:
         if ip is None:
             return False
-        n = int(ip)
-        ranges = self.v4 if ip.version == 4 else self.v6
-        return any(n & mask == net for net, mask in ranges)
+        version, n = ip
+        for net, mask in self.v4 if version == 4 else self.v6:  # noqa: SIM110 - hot path
+            if n & mask == net:
+                return True
+        return False
 
 
-def parse_cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """An address or a CIDR. Host bits set (10.0.0.1/8) are an error, as a typo there would widen a rule."""
+@lru_cache(maxsize=65536)
+def parse_cidr(value: str) -> tuple[int, int, int]:
+    """(version, network, mask) of an address or CIDR. Host bits set (10.0.0.1/8) are an error: a typo there
+    would silently widen or narrow a rule. Cached: clusters repeat the same blocks across many policies."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{value!r} is not an IP address or CIDR")
+    m = _V4.match(value)
+    if m and all(len(g) == 1 or g[0] != "0" for g in m.groups()[:4]):  # fast path; leading zeros go the slow way
+        octets = [int(g) for g in m.groups()[:4]]
+        prefix = int(m.group(5)) if m.group(5) is not None else 32
+        if all(o < 256 for o in octets) and prefix <= 32 and (m.group(5) is None or m.group(5) == str(prefix)):
+            addr = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+            mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+            if addr & ~mask & 0xFFFFFFFF:
+                raise ValueError(f"{value!r} has host bits set; did you mean {_v4_str(addr & mask)}/{prefix}?")
+            return 4, addr, mask
     try:
-        return ipaddress.ip_network(value, strict=True)
+        net = ipaddress.ip_network(value, strict=True)
     except ValueError as e:
         raise ValueError(f"{value!r} is not an IP address or CIDR ({e})") from None
+    return net.version, int(net.network_address), int(net.netmask)
+
+
+def _v4_str(n: int) -> str:
+    return ".".join(str((n >> s) & 0xFF) for s in (24, 16, 8, 0))
+
+
+@lru_cache(maxsize=65536)
+def _parse_ip(value: str) -> IpAddress | None:
+    m = _V4.match(value)
+    if m and m.group(5) is None and all(len(g) == 1 or g[0] != "0" for g in m.groups()[:4]):
+        octets = [int(g) for g in m.groups()[:4]]
+        if all(o < 256 for o in octets):
+            return 4, (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+    try:
+        ip = ipaddress.ip_address(value.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # ::ffff:10.0.0.1 is the IPv4 client 10.0.0.1
+        return 4, int(ip.ipv4_mapped)
+    return ip.version, int(ip)
 
 
 def parse_ip(value: str | None) -> IpAddress | None:
+    """(version, int) of an address; None when absent or not an address (matches no ipBlocks)."""
     if not value:
         return None
-    try:
-        return ipaddress.ip_address(value.split("%", 1)[0])
-    except ValueError:
-        return None
+    return _parse_ip(value)
 
 
 def parse_port(value: object) -> int:

@@ -1,0 +1,187 @@
+"""Policy decision time against the number of policies in the cluster (DESIGN §6: 10,000 policies of 10 rules).
+
+Two layouts: `spread` (10 policies per namespace, like many teams each owning a namespace) and
+`one-namespace` (all policies in one namespace, each selecting its own app label). Each decision is a
+`check_l4` on a warm engine, for a mix of connections that end allowed and denied. Prints JSON.
+
+    python bench/policy_bench.py [--sizes 100,1000,10000] [--decisions 3000] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ztunnel.config.loader import build_config
+from ztunnel.config.model import KubeObject, Source
+from ztunnel.policy.engine import ConnectionAttributes, PolicyEngine
+
+RULES_PER_POLICY = 10
+APPS_PER_NAMESPACE = 9
+
+
+def _obj(body: dict[str, Any], i: int) -> KubeObject:
+    meta = body["metadata"]
+    return KubeObject(
+        api_version=body["apiVersion"],
+        kind=body["kind"],
+        name=meta["name"],
+        namespace=meta.get("namespace", ""),
+        labels=meta.get("labels", {}),
+        annotations=meta.get("annotations", {}),
+        body=body,
+        source=Source("bench", i),
+    )
+
+
+def _rule(rng: random.Random, ns: str, j: int) -> dict[str, Any]:
+    return {
+        "from": [
+            {
+                "source": {
+                    "principals": [f"cluster.local/ns/{ns}/sa/client-{j}", f"cluster.local/ns/client-ns-{j}/sa/*"],
+                    "notIpBlocks": [f"192.168.{j}.0/24"],
+                }
+            },
+            {"source": {"namespaces": [f"team-{rng.randrange(1000)}"]}},
+        ],
+        "to": [{"operation": {"ports": [str(8000 + j), "9090"]}}],
+        "when": [{"key": "source.ip", "notValues": ["10.99.0.0/16"]}],
+    }
+
+
+def build(n_policies: int, layout: str, seed: int = 1) -> tuple[Any, PolicyEngine, list[ConnectionAttributes]]:
+    rng = random.Random(seed)
+    docs: list[dict[str, Any]] = []
+    per_ns = 10 if layout == "spread" else n_policies
+    namespaces = [f"ns-{i}" for i in range(max(1, n_policies // per_ns))]
+    count = 0
+    pods = []
+    for ns in namespaces:
+        docs.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        k = 0
+        while k < per_ns and count < n_policies:
+            if k == 0:  # one namespace-wide DENY per namespace
+                spec: dict[str, Any] = {
+                    "action": "DENY",
+                    "rules": [
+                        {
+                            "from": [{"source": {"ipBlocks": [f"172.16.{j}.0/24"]}}],
+                            "to": [{"operation": {"ports": ["22"]}}],
+                        }
+                        for j in range(RULES_PER_POLICY)
+                    ],
+                }
+                name = "deny-ssh"
+            else:
+                app = f"app-{k}"
+                spec = {
+                    "selector": {"matchLabels": {"app": app}},
+                    "action": "ALLOW",
+                    "rules": [_rule(rng, ns, j) for j in range(RULES_PER_POLICY)],
+                }
+                name = f"allow-{app}"
+                if len(pods) < 200:
+                    pods.append((ns, app))
+            docs.append(
+                {
+                    "apiVersion": "security.istio.io/v1",
+                    "kind": "AuthorizationPolicy",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": spec,
+                }
+            )
+            count += 1
+            k += 1
+    for i, (ns, app) in enumerate(pods):
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"{app}-pod", "namespace": ns, "labels": {"app": app}},
+                "spec": {"nodeName": "node-1", "serviceAccountName": app},
+                "status": {"podIP": f"10.{100 + i // 60000}.{(i // 250) % 250}.{i % 250 + 1}"},
+            }
+        )
+    objects = [_obj(d, i) for i, d in enumerate(docs)]
+    config = build_config(objects)
+    t0 = time.perf_counter()
+    engine = PolicyEngine.from_config(config)
+    build_s = time.perf_counter() - t0
+    assert not engine.errors, engine.errors[:3]
+    conns = []
+    for w in config.workloads:
+        for j in range(20):
+            principal = (
+                f"spiffe://cluster.local/ns/{w.namespace}/sa/client-{j % RULES_PER_POLICY}"
+                if j % 3
+                else f"spiffe://cluster.local/ns/elsewhere/sa/x{j}"
+            )
+            port = 8000 + (j % 12)
+            conns.append(ConnectionAttributes(principal, f"10.1.{j}.7", w, w.ips[0], port))
+    rng.shuffle(conns)
+    engine.build_seconds = build_s  # type: ignore[attr-defined]
+    return config, engine, conns
+
+
+def measure(n: int, layout: str, decisions: int) -> dict[str, Any]:
+    config, engine, conns = build(n, layout)
+    t_rebuild = time.perf_counter()
+    PolicyEngine.from_config(config, previous=engine)
+    rebuild_ms = (time.perf_counter() - t_rebuild) * 1000
+    t0 = time.perf_counter_ns()
+    engine.check_l4(conns[0])  # includes compiling the workload's policy set
+    cold_us = (time.perf_counter_ns() - t0) / 1000
+    for c in conns:  # warm every workload once
+        engine.check_l4(c)
+    samples = []
+    allowed = 0
+    for i in range(decisions):
+        c = conns[i % len(conns)]
+        t = time.perf_counter_ns()
+        d = engine.check_l4(c)
+        samples.append(time.perf_counter_ns() - t)
+        allowed += d.allowed
+    samples.sort()
+    return {
+        "layout": layout,
+        "policies": n,
+        "rules_per_policy": RULES_PER_POLICY,
+        "engine_build_ms": round(engine.build_seconds * 1000, 1),  # type: ignore[attr-defined]
+        "engine_rebuild_unchanged_ms": round(rebuild_ms, 1),
+        "first_decision_us": round(cold_us, 1),
+        "median_us": round(statistics.median(samples) / 1000, 2),
+        "p99_us": round(samples[int(len(samples) * 0.99)] / 1000, 2),
+        "decisions": decisions,
+        "allowed_fraction": round(allowed / decisions, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="100,1000,10000")
+    p.add_argument("--layouts", default="spread,one-namespace")
+    p.add_argument("--decisions", type=int, default=3000)
+    p.add_argument("--output", help="also write the JSON here")
+    args = p.parse_args(argv)
+    results = [
+        measure(int(n), layout, args.decisions) for layout in args.layouts.split(",") for n in args.sizes.split(",")
+    ]
+    out = {"benchmark": "policy_decision_l4", "python": sys.version.split()[0], "results": results}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
