@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--drain-timeout", default="10s", help="how long open connections may finish on shutdown")
     p.add_argument("--connect-timeout", default="5s", help="timeout for upstream connects and tunnel setup")
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    p.add_argument(
+        "--inpod-socket",
+        default=None,
+        help="in-pod mode: the node agent's proxy socket (`ztunnel node-agent --proxy-socket`); pods' listeners "
+        "are then created inside their netns instead of on loopback",
+    )
     p.set_defaults(func=_run)
 
 

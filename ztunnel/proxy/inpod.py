@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ztunnel.config.model import Workload
+from ztunnel.config.model import DEFAULT_TRUST_DOMAIN, Workload
 from ztunnel.hbone.streams import TcpStream
 from ztunnel.proxy.listeners import (
     HBONE_PORT,
@@ -135,9 +136,15 @@ def pod_sockets(
     return out
 
 
-def workload_from_info(uid: str, info: Mapping[str, Any]) -> Workload:
-    """The agent's workload info -> the config model's Workload (IPs from CNI are authoritative)."""
+def workload_from_info(uid: str, info: Mapping[str, Any], known: Workload | None = None) -> Workload:
+    """The agent's workload info -> the config model's Workload.
+
+    The proxy's own config entry wins (labels, service account, trust domain); the pod IPs from CNI
+    fill in when the config does not list them yet.
+    """
     ips = tuple(str(ip) for ip in info.get("ips") or () if isinstance(ip, str))
+    if known is not None:
+        return known if known.ips or not ips else dataclasses.replace(known, ips=ips)
     return Workload(
         uid=uid,
         name=str(info.get("name") or ""),
@@ -147,6 +154,7 @@ def workload_from_info(uid: str, info: Mapping[str, Any]) -> Workload:
         ips=ips,
         labels={},
         enrolled=True,
+        trust_domain=str(info.get("trustDomain") or DEFAULT_TRUST_DOMAIN),
     )
 
 
@@ -163,6 +171,7 @@ class InpodClient:
     socket_path: str
     target: InpodTarget
     ports: tuple[int, int, int] = (OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT)
+    resolve: Callable[[str], Workload | None] | None = None  # uid -> the proxy's config entry, if any
     pods: dict[str, _Pod] = field(default_factory=dict)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     connected: bool = False
@@ -239,7 +248,7 @@ class InpodClient:
         if msg.uid in self.pods:  # a replayed snapshot: we already serve it
             os.close(msg.netns_fd)
             return protocol.Ack(id=msg.id)
-        workload = workload_from_info(msg.uid, msg.workload)
+        workload = workload_from_info(msg.uid, msg.workload, self.resolve(msg.uid) if self.resolve else None)
         try:
             sockets = pod_sockets(msg.netns_fd, ports=self.ports)
         except OSError as e:

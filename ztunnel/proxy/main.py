@@ -52,6 +52,7 @@ class ProxySettings:
     drain_timeout: float = 10.0
     connect_timeout: float = 5.0
     trust_domain: str = "cluster.local"
+    inpod_socket: str | None = None  # in-pod mode: the node agent's socket (DESIGN §4.7); None = local mode
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProxySettings:
@@ -80,6 +81,7 @@ class ProxySettings:
             drain_timeout=parse_duration(args.drain_timeout).total_seconds(),
             connect_timeout=parse_duration(args.connect_timeout).total_seconds(),
             trust_domain=args.trust_domain,
+            inpod_socket=getattr(args, "inpod_socket", None),
         )
 
 
@@ -116,12 +118,14 @@ async def run_proxy(settings: ProxySettings) -> int:
         metrics=metrics,
         access_log=AccessLog(settings.access_log, sys.stdout),  # type: ignore[arg-type]
     )
-    local = LocalWorkloads(proxy, LocalListenerFactory())
+    # In-pod mode: the node agent hands over pods' netns (ztunnel.proxy.inpod); local mode: loopback IPs.
+    local = LocalWorkloads(proxy, LocalListenerFactory()) if not settings.inpod_socket else None
     stop = asyncio.Event()
 
     async def on_config(cfg: ClusterConfig) -> None:
         proxy.apply_config(cfg)
-        await local.reconcile(cfg)
+        if local is not None:
+            await local.reconcile(cfg)
 
     def on_rotation(identity: object, cert: object) -> None:
         from ztunnel.identity.spiffe import SpiffeId
@@ -154,6 +158,11 @@ async def run_proxy(settings: ProxySettings) -> int:
             loop.add_signal_handler(sig, stop.set)
         tasks.append(loop.create_task(source.watch()))
         tasks.append(loop.create_task(_housekeeping(proxy, local, metrics)))
+        if settings.inpod_socket:
+            from ztunnel.proxy.inpod import InpodClient
+
+            inpod = InpodClient(settings.inpod_socket, proxy, resolve=lambda uid: proxy.config.workload_by_uid(uid))
+            tasks.append(loop.create_task(inpod.run()))
         log.info(
             "proxy running",
             extra={
@@ -180,10 +189,10 @@ async def run_proxy(settings: ProxySettings) -> int:
     return 0
 
 
-async def _housekeeping(proxy: NodeProxy, local: LocalWorkloads, metrics: ProxyMetrics) -> None:
+async def _housekeeping(proxy: NodeProxy, local: LocalWorkloads | None, metrics: ProxyMetrics) -> None:
     """Retry pods that could not be served yet and refresh the gauges; nothing per connection."""
     while True:
         await asyncio.sleep(HOUSEKEEPING_INTERVAL)
-        if local.pending(proxy.config):
+        if local is not None and local.pending(proxy.config):
             await local.reconcile(proxy.config)
         metrics.set_pool_connections(proxy.pool.size)

@@ -208,7 +208,7 @@ class NodeAgent:
             "netns": pod.netns,
         }
         if w is not None:
-            info.update(serviceAccount=w.service_account, identity=w.identity)
+            info.update(serviceAccount=w.service_account, identity=w.identity, trustDomain=w.trust_domain)
         return info
 
     def _should_enroll(self, pod: PodRecord) -> Workload | None:
