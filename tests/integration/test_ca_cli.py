@@ -175,8 +175,10 @@ def test_cli_errors_are_one_line(ca_dir: Path, tmp_path: Path) -> None:
 
 
 class Serve:
-    def __init__(self, proc: subprocess.Popen[str], port: int, root: bytes, tokens: dict[str, str]) -> None:
-        self.proc, self.port, self.root, self.tokens = proc, port, root, tokens
+    def __init__(
+        self, proc: subprocess.Popen[str], port: int, root: bytes, tokens: dict[str, str], token_file: Path
+    ) -> None:
+        self.proc, self.port, self.root, self.tokens, self.token_file = proc, port, root, tokens, token_file
 
 
 @pytest.fixture
@@ -216,7 +218,7 @@ def serve(ca_dir: Path, tmp_path: Path) -> Iterator[tuple[Serve, Path]]:
     else:
         pytest.fail("ztunnel ca serve never listened")
     try:
-        yield Serve(proc, port, (ca_dir / "root-cert.pem").read_bytes(), tokens), config
+        yield Serve(proc, port, (ca_dir / "root-cert.pem").read_bytes(), tokens, tmp_path / "tokens.yaml"), config
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -284,6 +286,19 @@ def test_grpcio_client_gets_a_chain_from_ca_serve(serve: tuple[Serve, Path], ca_
         except grpc.RpcError:
             assert time.monotonic() < deadline, "the new pod never became signable"
             time.sleep(0.1)
+    # the token file is watched too: a node added to it is recognized without a restart
+    srv.tokens["node-c"] = "token-of-node-c-0123456789"
+    write_token_file(srv.token_file, srv.tokens)
+    deadline = time.monotonic() + 5
+    while True:
+        with pytest.raises(grpc.RpcError) as refused:
+            _create(srv, spiffe("shop", "web"), node="node-c")
+        if refused.value.code() is grpc.StatusCode.PERMISSION_DENIED:  # type: ignore[attr-defined]
+            assert "node-c" in refused.value.details()  # type: ignore[attr-defined]
+            break
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the new token was never accepted"
+        time.sleep(0.1)
     assert srv.proc.poll() is None
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(10) == 0

@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "-f", "--file", dest="files", action="append", required=True, help="config YAML (repeatable), watched"
     )
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT (default 127.0.0.1:15012)")
-    serve.add_argument("--node-tokens", required=True, help="YAML mapping token: node-name (mode 0600)")
+    serve.add_argument(
+        "--node-tokens", required=True, help="YAML mapping token: node-name (mode 0600), reloaded on change"
+    )
     serve.add_argument(
         "--dns-name", dest="dns_names", action="append", default=[], help="extra DNS name or IP for the server cert"
     )
@@ -143,7 +145,14 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await run_ca_server(
-            ca, tokens, args.files, listen=args.listen, dns_names=args.dns_names, default_ttl=default_ttl, stop=stop
+            ca,
+            tokens,
+            args.files,
+            listen=args.listen,
+            dns_names=args.dns_names,
+            default_ttl=default_ttl,
+            stop=stop,
+            token_file=args.node_tokens,
         )
 
     asyncio.run(main())

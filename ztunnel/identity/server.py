@@ -11,13 +11,23 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 
 from ztunnel.config.model import ClusterConfig
 from ztunnel.errors import ZtunnelError
-from ztunnel.identity.authz import IMPERSONATED_IDENTITY, NodeAuthError, NodeTokens, Refusal, check_request
+from ztunnel.identity.authz import (
+    IMPERSONATED_IDENTITY,
+    NodeAuthError,
+    NodeTokens,
+    Refusal,
+    TokenFileError,
+    check_request,
+    load_node_tokens,
+)
 from ztunnel.identity.ca import DEFAULT_TTL, CAError, CertificateAuthority
 from ztunnel.identity.certs import generate_key, key_to_pem
 from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc
@@ -180,6 +190,31 @@ class CAServer:
             await self._server.wait_for_termination()
 
 
+async def watch_token_file(server: CAServer, path: Path, interval: float = 1.0) -> None:
+    """Reload the node-token file when it changes (a node joins); keep the old tokens if the new file is bad."""
+
+    def stamp() -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(interval)
+        now = stamp()
+        if now == last:
+            continue
+        last = now
+        try:
+            server.tokens = NodeTokens(load_node_tokens(path))
+        except TokenFileError as e:
+            log.error("node token file rejected, keeping the previous tokens: %s", e)
+            continue
+        log.info("node token file reloaded", extra={"nodes": len(set(server.tokens.tokens.values()))})
+
+
 async def run_ca_server(
     ca: CertificateAuthority,
     tokens: NodeTokens,
@@ -189,8 +224,9 @@ async def run_ca_server(
     dns_names: Sequence[str],
     default_ttl: dt.timedelta,
     stop: asyncio.Event,
+    token_file: str | Path | None = None,
 ) -> None:
-    """The `ca serve` lifetime: load and watch the config, serve until `stop` is set."""
+    """The `ca serve` lifetime: load and watch the config (and token file), serve until `stop` is set."""
     from ztunnel.config.source import FileConfigSource
 
     source = FileConfigSource(config_files, trust_domain=ca.trust_domain)
@@ -199,8 +235,11 @@ async def run_ca_server(
     await server.start()
     try:
         async with asyncio.TaskGroup() as tg:
-            watcher = tg.create_task(source.watch())
+            watchers = [tg.create_task(source.watch())]
+            if token_file is not None:
+                watchers.append(tg.create_task(watch_token_file(server, Path(token_file))))
             await stop.wait()
-            watcher.cancel()
+            for w in watchers:
+                w.cancel()
     finally:
         await server.stop()
