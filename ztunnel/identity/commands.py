@@ -111,7 +111,10 @@ def _issue(args: argparse.Namespace) -> int:
             Path(args.bundle_out).write_bytes(ca.roots_pem)
     except OSError as e:
         raise CommandError(f"{e.filename}: cannot write ({e.strerror})") from e
-    print(f"issued {identity} to {args.cert_out} (key {args.key_out})")
+    from cryptography import x509
+
+    serial = x509.load_pem_x509_certificate(chain[0]).serial_number
+    print(f"issued {identity} to {args.cert_out} (key {args.key_out}), serial {serial:x}")
     return 0
 
 
