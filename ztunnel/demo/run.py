@@ -96,7 +96,7 @@ def _curl(socks: str, url: str) -> tuple[int, str]:
 def _metric_lines(url: str, name: str) -> list[str]:
     with urllib.request.urlopen(url, timeout=2) as resp:
         text = resp.read().decode()
-    return [line for line in text.splitlines() if line.startswith(name + "{")]
+    return [line for line in text.splitlines() if line.startswith(name + "{") and not line.endswith((" 0.0", " 0"))]
 
 
 def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
@@ -182,7 +182,7 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
         if failures:
             raise DemoError(f"{failures} request(s) did not behave as expected; see the logs in {logs}")
         if once:
-            _say(f"done. Logs, CA and config are in {work}")
+            _say(f"done. Logs, CA and config are in {work}" if workdir else "done.")
             return 0
         _say(
             "\nThe mesh is up. Try:\n"
