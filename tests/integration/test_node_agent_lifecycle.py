@@ -250,8 +250,8 @@ async def test_enroll_restart_relabel_and_delete(lab: Env, proxy: tuple[FakeProx
     assert listening_in(lab.pods["web"], 15008) and listening_in(lab.pods["web"], 15001)
     node_nat = sh("ip", "netns", "exec", lab.node, "iptables-save", "-t", "nat")
     assert (
-        f"-A ZTUNNEL-POSTROUTING -d {WEB_IP}/32 -p tcp -m owner --socket-exists -j SNAT --to-source 169.254.7.127"
-        in (node_nat)
+        f"-A ZTUNNEL-POSTROUTING -d {WEB_IP}/32 -p tcp -m tcp ! --dport 15008 -m owner --socket-exists "
+        "-j SNAT --to-source 169.254.7.127" in (node_nat)
     )
     assert (await cni(lab, "CHECK", "web"))[0] == 0
 

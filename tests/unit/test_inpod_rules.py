@@ -76,13 +76,13 @@ def test_remove_deletes_jumps_then_chains() -> None:
 def test_probe_snat_lists_each_pod_once_per_family() -> None:
     ips = ["10.244.1.5", "10.244.1.5", "fd00::5", "10.244.1.2"]
     v4 = rules.render_probe_snat(rules.IPV4, ips, EMPTY_SAVE)
-    assert v4.count("--socket-exists -j SNAT --to-source 169.254.7.127") == 2
+    assert v4.count("! --dport 15008 -m owner --socket-exists -j SNAT --to-source 169.254.7.127") == 2
     assert v4.index("10.244.1.2/32") < v4.index("10.244.1.5/32")
     assert "-I POSTROUTING 1 -j ZTUNNEL-POSTROUTING" in v4
     v6 = rules.render_probe_snat(rules.IPV6, ips, EMPTY_SAVE)
     assert (
-        "-d fd00::5/128 -p tcp -m owner --socket-exists -j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
-        in v6
+        "-d fd00::5/128 -p tcp ! --dport 15008 -m owner --socket-exists "
+        "-j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff" in v6
     )
 
 

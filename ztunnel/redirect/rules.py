@@ -97,10 +97,17 @@ INPOD_JUMPS = {PREROUTING_CHAIN: "PREROUTING", OUTPUT_CHAIN: "OUTPUT"}
 
 
 def probe_snat_chain_rules(fam: Family, pod_ips: Iterable[str]) -> dict[str, dict[str, list[str]]]:
-    """Node netns: SNAT locally-originated (kubelet) traffic to enrolled pods to the probe address."""
+    """Node netns: SNAT locally-originated (kubelet) traffic to enrolled pods to the probe address.
+
+    HBONE (15008) is left alone: a node proxy dialing a pod on its own node from the node netns must
+    keep its address, and probes never target the proxy's port.
+    """
     rules = []
     for ip in sorted({str(ipaddress.ip_address(i)) for i in pod_ips if ipaddress.ip_address(i).version == fam.version}):
-        rules.append(f"-d {ip}/{fam.host_len} -p tcp -m owner --socket-exists -j SNAT --to-source {fam.probe_snat}")
+        rules.append(
+            f"-d {ip}/{fam.host_len} -p tcp ! --dport {HBONE_PORT} -m owner --socket-exists "
+            f"-j SNAT --to-source {fam.probe_snat}"
+        )
     return {"nat": {POSTROUTING_CHAIN: rules}}
 
 
