@@ -1,6 +1,11 @@
-"""The node agent as a process in a node netns, driven by the real `ztunnel-cni`, with the in-pod
-proxy client (a fake proxy target) in this test: enrollment, retries, restart + reconcile,
-label changes and DEL (DESIGN §4.6-4.8, §7)."""
+"""The node agent, with the in-pod proxy client (a fake proxy target) in this test (DESIGN §4.6-4.8, §7).
+
+1. As a process in a node netns, driven by the real `ztunnel-cni`: enrollment, retries while it is
+   down, restart + reconcile, label changes and DEL.
+2. In-process (probe SNAT off, so only pod netns made here are touched): after a restart pods are
+   found again by netns path or, when the name is gone, by inode through /proc; gone pods are
+   forgotten and dropped by the proxy after the snapshot; GC removes what the runtime no longer lists.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ import pytest
 
 from ztunnel.cni.plugin import AgentCall, http_over_unix
 from ztunnel.config.model import Workload
+from ztunnel.config.source import FileConfigSource
 from ztunnel.proxy.inpod import InpodClient
 from ztunnel.proxy.listeners import WorkloadSockets
+from ztunnel.redirect.agent import NodeAgent
+from ztunnel.redirect.iptables import detect_backend
 
 pytestmark = [
     pytest.mark.netns,
@@ -287,3 +295,128 @@ async def test_enroll_restart_relabel_and_delete(lab: Env, proxy: tuple[FakeProx
     assert (await cni(lab, "DEL", "late", netns="/var/run/netns/does-not-exist"))[0] == 0
     assert ours(lab.pods["late"]) == ""
     assert sorted(client.pods) == []
+
+
+PODS = ("p1", "p2", "p3")
+RECONCILE_CLUSTER = "\n---\n".join(
+    f"""apiVersion: v1
+kind: Pod
+metadata: {{name: {p}, namespace: mesh, uid: uid-{p}, labels: {{istio.io/dataplane-mode: ambient}}}}
+spec: {{nodeName: n1}}"""
+    for p in PODS
+)
+
+
+@pytest.fixture
+def netns_names() -> Iterator[dict[str, str]]:
+    prefix = f"zt-d1-{uuid.uuid4().hex[:6]}"
+    names = {p: f"{prefix}-{p}" for p in PODS}
+    try:
+        for ns in names.values():
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        yield names
+    finally:
+        for ns in names.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+async def until_sync(pred: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Agent:
+    """Start/stop a NodeAgent task like a process would be (state survives in the state dir)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.task: asyncio.Task[None] | None = None
+        self.agent: NodeAgent | None = None
+        (tmp / "cluster.yaml").write_text(RECONCILE_CLUSTER)
+
+    async def start(self) -> NodeAgent:
+        source = FileConfigSource([self.tmp / "cluster.yaml"])
+        source.load()
+        self.agent = NodeAgent(
+            node="n1",
+            source=source,
+            cni_socket=self.tmp / "cni.sock",
+            proxy_socket=self.tmp / "proxy.sock",
+            state_dir=self.tmp / "state",
+            backend=detect_backend(),
+            probe_snat=False,
+        )
+        self.task = asyncio.create_task(self.agent.run())
+        await asyncio.wait_for(self.agent.ready.wait(), 10)
+        return self.agent
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
+    a = Agent(tmp_path)
+    try:
+        yield a
+    finally:
+        await a.stop()
+
+
+async def test_restart_finds_pods_by_path_or_inode_and_forgets_gone_ones(
+    agent: Agent, netns_names: dict[str, str], tmp_path: Path
+) -> None:
+    target = FakeProxy()
+    client = InpodClient(str(tmp_path / "proxy.sock"), target)
+    client_task = asyncio.create_task(client.run())
+    holder: subprocess.Popen[bytes] | None = None
+    try:
+        a1 = await agent.start()
+        await until_sync(lambda: a1.proxy.connected and client.synced.is_set(), "proxy connected")
+        for i, p in enumerate(PODS):
+            body = {"podName": p, "podNamespace": "mesh", "netns": f"/var/run/netns/{netns_names[p]}"}
+            body.update(containerId=f"c-{p}", ips=[f"10.244.1.{10 + i}"])
+            assert (await a1.cni_add(body))["enrolled"]
+        rules = {p: ours(netns_names[p]) for p in PODS}
+        assert all("ZTUNNEL-OUTPUT" in r for r in rules.values())
+        await agent.stop()
+
+        # while the agent is down: p2's pod goes away; p3's netns loses its name but a process keeps it
+        holder = subprocess.Popen(["ip", "netns", "exec", netns_names["p3"], "sleep", "60"])
+        pid_path = f"/proc/{holder.pid}/ns/net"
+        await until_sync(
+            lambda: os.stat(pid_path).st_ino == os.stat(f"/var/run/netns/{netns_names['p3']}").st_ino, "holder"
+        )
+        subprocess.run(["ip", "netns", "del", netns_names["p2"]], check=True)
+        subprocess.run(["ip", "netns", "del", netns_names["p3"]], check=True)
+
+        a2 = await agent.start()
+        assert sorted(a2.pods) == ["uid-p1", "uid-p3"]
+        assert a2.pods["uid-p3"].netns == pid_path
+        assert ours(netns_names["p1"]) == rules["p1"]  # re-applied idempotently
+        await until_sync(lambda: "uid-p2" in target.removed, "proxy dropped the gone pod after the snapshot")
+        assert sorted(client.pods) == ["uid-p1", "uid-p3"]
+        state = json.loads((tmp_path / "state" / "pods.json").read_text())
+        assert sorted(state) == ["uid-p1", "uid-p3"]
+
+        # GC: the runtime only lists p1 now -> p3 leaves the mesh, its rules go
+        result = await a2.cni_gc({"validAttachments": [{"containerID": "c-p1", "ifname": "eth0"}]})
+        assert result["removed"] == ["mesh/p3"]
+        in_p3 = subprocess.run(
+            ["nsenter", f"--net={pid_path}", "iptables-save"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "ZTUNNEL" not in in_p3
+        assert "uid-p3" in target.removed and sorted(client.pods) == ["uid-p1"]
+    finally:
+        client_task.cancel()
+        await asyncio.gather(client_task, return_exceptions=True)
+        if holder is not None:
+            holder.kill()
+            holder.wait()

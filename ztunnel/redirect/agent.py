@@ -538,6 +538,9 @@ class NodeAgent:
         except AgentError as e:
             log.warning("CNI %s failed: %s", path.rsplit("/", 1)[-1].upper(), e)
             return e.status, {"msg": str(e), "code": e.code, "details": e.details}
+        except (iptables.RedirectError, NetnsError, OSError) as e:
+            log.error("CNI %s failed: %s", path.rsplit("/", 1)[-1].upper(), e)
+            return 500, {"msg": str(e), "code": 100}
 
     async def serve_cni(self) -> None:
         self.cni_socket.parent.mkdir(parents=True, exist_ok=True)
