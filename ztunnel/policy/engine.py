@@ -489,8 +489,9 @@ class PolicyEngine:
             a.remote_ip = source_ip
             a.method = request.method
             a.path = request.path
-            a.host = request.host or request.headers.get("host") or request.headers.get(":authority")
-            a.headers = {k.lower(): v for k, v in request.headers.items()}
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            a.headers = headers
+            a.host = request.host or headers.get(":authority") or headers.get("host")
             a.request_principal = request.request_principal
             a.claims = request.request_claims
         return a
