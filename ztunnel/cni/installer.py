@@ -152,7 +152,7 @@ class Installer:
                     if has_plugin(conf):
                         atomic_write(path, render(without_plugin(conf)).encode())
         target = self.bin_dir / PLUGIN_TYPE
-        if self.plugin_binary is not None and target.exists():
+        if self.plugin_binary is not None and target.exists() and not self._is_source(target):
             target.unlink()
 
     def _restore(self, backup: Path, original: Path, current: Path) -> None:
@@ -178,12 +178,20 @@ class Installer:
         if self.plugin_binary is None:
             return False
         target = self.bin_dir / PLUGIN_TYPE
+        if self._is_source(target):
+            return False  # the bin dir is where the plugin already lives
         src = self.plugin_binary.read_bytes()
         if target.exists() and target.read_bytes() == src:
             return False
         self.bin_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(target, src, mode=0o755)
         return True
+
+    def _is_source(self, target: Path) -> bool:
+        try:
+            return self.plugin_binary is not None and target.samefile(self.plugin_binary)
+        except OSError:
+            return False
 
     def watch(self, stop: threading.Event, interval: float = 1.0) -> None:
         """Re-install whenever the primary config loses the plugin, until `stop` is set."""
