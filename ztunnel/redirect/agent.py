@@ -85,7 +85,19 @@ class ProxyLink:
 
     @property
     def connected(self) -> bool:
-        return self.channel is not None
+        """True while a proxy is connected; notices a proxy that went away since the last message."""
+        channel = self.channel
+        if channel is None:
+            return False
+        try:
+            alive = channel.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            alive = True  # nothing pending: still connected
+        except OSError:
+            alive = False
+        if not alive:
+            self.drop(channel)
+        return alive
 
     def next_id(self) -> int:
         return next(self._ids)
