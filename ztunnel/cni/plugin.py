@@ -325,6 +325,35 @@ ABOUT = (
 )
 
 
+def _log_invocation(env: Mapping[str, str], stdin: bytes, outcome: Outcome) -> None:
+    """One line per call to the plugin config's optional `log_file` (runtimes often drop stderr)."""
+    try:
+        config = json.loads(stdin)
+        path = config.get("log_file") if isinstance(config, dict) else None
+    except ValueError:
+        return
+    if not isinstance(path, str) or not path:
+        return
+    import time
+
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": env.get("CNI_COMMAND", ""),
+        "containerId": env.get("CNI_CONTAINERID", ""),
+        "args": env.get("CNI_ARGS", ""),
+        "exit": outcome.exit_code,
+    }
+    if outcome.exit_code:
+        line["error"] = outcome.stdout.strip()
+    if outcome.stderr:
+        line["note"] = outcome.stderr
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "install":
@@ -336,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     stdin = b"" if os.environ.get("CNI_COMMAND") == "VERSION" and sys.stdin.isatty() else sys.stdin.buffer.read()
     outcome = run(os.environ, stdin)
+    _log_invocation(os.environ, stdin, outcome)
     if outcome.stderr:
         print(outcome.stderr, file=sys.stderr)
     if outcome.stdout:

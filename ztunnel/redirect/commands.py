@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--cni-socket", default=DEFAULT_CNI_SOCKET, help="HTTP-over-unix socket the CNI plugin calls")
     p.add_argument("--proxy-socket", default=DEFAULT_PROXY_SOCKET, help="SOCK_SEQPACKET socket the proxy connects to")
     p.add_argument("--state-dir", default=None, help="runtime state (default /run/ztunnel/<node>)")
+    p.add_argument(
+        "--redirect", choices=["iptables", "ebpf"], default="iptables", help="redirection mode (default iptables)"
+    )
     p.add_argument("--iptables", choices=["auto", "nft", "legacy"], default="auto", help="iptables backend")
     p.add_argument("--no-probe-snat", action="store_true", help="do not SNAT node probes to 169.254.7.127")
     p.add_argument("--dns-capture", action="store_true", help="also redirect pods' port 53 to 15053")
@@ -39,6 +42,10 @@ def run_node_agent(args: argparse.Namespace) -> int:
     from ztunnel.redirect.iptables import detect_backend
 
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per netlink message
+    if args.redirect != "iptables":
+        from ztunnel.errors import ZtunnelError
+
+        raise ZtunnelError(f"--redirect {args.redirect}: not available in this node agent; use --redirect iptables")
     source = FileConfigSource(args.files, trust_domain=args.trust_domain)
     source.load()  # a bad file at start is a user error (ConfigError -> `error: ...`, exit 2)
     backend = detect_backend(None if args.iptables == "auto" else args.iptables)
