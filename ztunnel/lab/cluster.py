@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ztunnel.config.loader import ConfigError, read_objects
-from ztunnel.config.model import KubeObject
+from ztunnel.config.model import POLICY_KINDS, KubeObject
 from ztunnel.lab import components, netns, procs
 from ztunnel.lab.cni import CniError, PodRef, Runtime, node_conflist, plugin_dirs
 from ztunnel.lab.model import (
@@ -152,6 +152,7 @@ class Lab:
         for _obj, rec in pods:
             self._start_pod(state, rec, deadline)
         self._wait_pods_ready(state, [rec for _, rec in pods], deadline)
+        self.wait_proxies_synced(deadline)
         with updating(self.dir) as st:
             st.ready = True
             state = st
@@ -236,6 +237,8 @@ class Lab:
         tokens_file = ca_dir / "node-tokens.yaml"
         write_atomic(tokens_file, "".join(f"{t}: {n}\n" for t, n in tokens.items()), mode=0o600)
         state.ca_address = f"{FABRIC_GATEWAY}:{CA_PORT}"
+        with updating(self.dir) as st:
+            st.ca_address = state.ca_address
         argv = components.ztunnel_argv(
             "ca",
             "serve",
@@ -502,6 +505,52 @@ class Lab:
         if pods:
             self.say(f"{len(pods)} pod(s) ready (probed from their nodes)")
 
+    def wait_proxies_synced(self, deadline: float, strict: bool = True) -> bool:
+        """Wait until every running proxy's config dump shows the live config's pods (with IPs) and policies.
+
+        The proxies poll the live config file; returning before they have read it would let a test race them.
+        """
+        with locked(self.dir):
+            state = load(self.dir)
+            objects = self._live_objects(state)
+        want_pods = {f"{p.namespace}/{p.name}": sorted(p.ips) for p in state.pods.values()}
+        want_policies = {o.ref for o in objects if o.kind in POLICY_KINDS}
+        proxies = [
+            (n, state.processes[f"node/{n.name}/proxy"])
+            for n in state.nodes.values()
+            if f"node/{n.name}/proxy" in state.processes and procs.is_running(state.processes[f"node/{n.name}/proxy"])
+        ]
+        pending = list(proxies)
+
+        def synced(node: NodeRecord) -> bool:
+            try:
+                status, body = netns.http_get(node.netns, "127.0.0.1", ADMIN_PORT, "/config_dump", timeout=2.0)
+                dump = json.loads(body)
+            except (OSError, ValueError):
+                return False
+            if status != 200 or not isinstance(dump, dict):
+                return False
+            have = {w.get("name"): sorted(w.get("ips") or []) for w in dump.get("workloads") or []}
+            if any(have.get(ref) != ips for ref, ips in want_pods.items()):
+                return False
+            known = set(dump.get("policies") or [])
+            errors = json.dumps(dump.get("policy_errors") or [])
+            return all(ref in known or ref in errors for ref in want_policies)
+
+        def check() -> bool:
+            pending[:] = [(n, r) for n, r in pending if not synced(n)]
+            return not pending
+
+        if procs.poll_until(check, max(0.0, deadline - time.monotonic())):
+            if proxies:
+                self.say(f"{len(proxies)} proxy(ies) have the live config")
+            return True
+        late = ", ".join(n.name for n, _ in pending)
+        if strict:
+            raise LabError(f"proxies on {late} did not load the live config in time; see their logs in {state.logs}")
+        self.say(f"warning: proxies on {late} have not loaded the change yet")
+        return False
+
     def _stop_pod(self, state: LabState, rec: PodRecord) -> None:
         """As the kubelet: stop the containers, CNI DEL with the cached result, remove the sandbox."""
         keys = [k for k in state.processes if k.startswith(f"pod/{rec.namespace}/{rec.name}/")]
@@ -561,6 +610,7 @@ class Lab:
             for rec in new_pods:
                 self._start_pod(state, rec, deadline)
             self._wait_pods_ready(state, new_pods, deadline)
+        self.wait_proxies_synced(max(deadline, time.monotonic() + 10.0), strict=False)
         return done
 
     def _add_node(self, node: NodeRecord, deadline: float) -> None:
@@ -602,6 +652,7 @@ class Lab:
             done = [f"{o.ref} deleted" for o in gone if object_key(o) in keys]
             for ref in missing:
                 done.append(f"{ref} not found")
+        self.wait_proxies_synced(time.monotonic() + 10.0, strict=False)
         return done
 
     # ---- restart / kill -----------------------------------------------------------------------------------
