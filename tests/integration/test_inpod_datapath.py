@@ -19,9 +19,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from ztunnel.proxy.inpod import InpodConnector, pod_sockets
-from ztunnel.proxy.listeners import original_destination
-from ztunnel.redirect import iptables
+from ztunnel.config.model import Workload
+from ztunnel.proxy.inpod import InpodClient, InpodConnector, pod_sockets
+from ztunnel.proxy.listeners import WorkloadSockets, original_destination
+from ztunnel.redirect import iptables, protocol
 from ztunnel.redirect.netns import in_netns, open_netns, socket_in_netns
 
 pytestmark = [
@@ -239,3 +240,42 @@ async def test_redirect_outbound_inbound_and_hbone_with_client_ip_preserved(pair
         remote.close()
         os.close(pod_fd)
         os.close(client_fd)
+
+
+class RecordingProxy:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.sockets: dict[str, WorkloadSockets] = {}
+
+    async def add_workload(self, workload: Workload, sockets: WorkloadSockets) -> None:
+        self.events.append(("add", workload.uid))
+        self.sockets[workload.uid] = sockets
+
+    async def remove_workload(self, uid: str) -> None:
+        self.events.append(("remove", uid))
+        self.sockets.pop(uid).close()
+
+
+async def test_inpod_client_replays_new_sandboxes_and_snapshot(pair: tuple[str, str]) -> None:
+    first, second = pair
+    target = RecordingProxy()
+    client = InpodClient("/nonexistent", target)
+    seen: set[str] = set()
+    info = {"name": "web", "namespace": "mesh", "ips": [POD_IP], "serviceAccount": "web"}
+    try:
+        ack = await client.handle(protocol.AddWorkload(id=1, uid="u1", workload=info, netns_fd=open_netns(first)), seen)
+        assert ack == protocol.Ack(id=1)
+        assert client.pods["u1"].workload.identity == "spiffe://cluster.local/ns/mesh/sa/web"
+        # the same netns again (a replayed snapshot): nothing changes, the extra fd is closed
+        await client.handle(protocol.AddWorkload(id=2, uid="u1", workload=info, netns_fd=open_netns(first)), seen)
+        assert target.events == [("add", "u1")]
+        # a new sandbox for the same pod: the old listeners go, new ones come
+        await client.handle(protocol.AddWorkload(id=3, uid="u1", workload=info, netns_fd=open_netns(second)), seen)
+        assert target.events == [("add", "u1"), ("remove", "u1"), ("add", "u1")]
+        # after the snapshot, pods the agent did not mention are dropped
+        fresh: set[str] = set()
+        ack = await client.handle(protocol.SnapshotSent(id=4), fresh)
+        assert ack == protocol.Ack(id=4) and client.synced.is_set()
+        assert target.events[-1] == ("remove", "u1") and client.pods == {}
+    finally:
+        await client.close()

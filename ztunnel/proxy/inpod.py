@@ -245,9 +245,12 @@ class InpodClient:
         return None
 
     async def _add(self, msg: protocol.AddWorkload) -> protocol.Ack:
-        if msg.uid in self.pods:  # a replayed snapshot: we already serve it
-            os.close(msg.netns_fd)
-            return protocol.Ack(id=msg.id)
+        held = self.pods.get(msg.uid)
+        if held is not None:
+            if os.fstat(held.netns_fd).st_ino == os.fstat(msg.netns_fd).st_ino:
+                os.close(msg.netns_fd)  # a replayed snapshot: we already serve this very netns
+                return protocol.Ack(id=msg.id)
+            await self._remove(msg.uid)  # a new sandbox for the same pod: the old listeners are dead
         workload = workload_from_info(msg.uid, msg.workload, self.resolve(msg.uid) if self.resolve else None)
         try:
             sockets = pod_sockets(msg.netns_fd, ports=self.ports)
