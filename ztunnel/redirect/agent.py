@@ -318,6 +318,8 @@ class NodeAgent:
                         await self._apply_rules(pod.netns_fd)  # a repeated ADD: make sure, idempotently
                     else:
                         await self._enroll(pod, w)
+                elif pod.enrolled:  # the label went away before we saw the config change
+                    await self._unenroll(pod)
             finally:
                 self._save()
                 await self._update_probe_snat()
