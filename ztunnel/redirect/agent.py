@@ -461,24 +461,28 @@ class NodeAgent:
                 self.proxy.drop(self.proxy.channel)
             self.proxy.channel = channel
             log.info("node proxy connected; sending the snapshot")
-            try:
-                for pod in list(self.pods.values()):
-                    w = self._should_enroll(pod)
-                    if w is None:
-                        continue
-                    if pod.enrolled:
+            for pod in list(self.pods.values()):
+                w = self._should_enroll(pod)
+                if w is None:
+                    continue
+                try:
+                    if pod.enrolled:  # rules stay in place either way: fail closed, never around the proxy
+                        info = self._workload_info(pod, w)
                         msg = protocol.AddWorkload(
-                            id=self.proxy.next_id(),
-                            uid=pod.uid,
-                            workload=self._workload_info(pod, w),
-                            netns_fd=pod.netns_fd,
+                            id=self.proxy.next_id(), uid=pod.uid, workload=info, netns_fd=pod.netns_fd
                         )
                         await self.proxy.call(msg)
                     else:
                         await self._enroll(pod, w)
-                await self.proxy.call(protocol.SnapshotSent(id=self.proxy.next_id()))
-            except AgentError as e:
-                log.error("snapshot to the proxy failed: %s", e)
+                except AgentError as e:
+                    log.error("snapshot: pod %s not handed to the proxy: %s", pod.ref, e)
+                    if self.proxy.channel is not channel:
+                        break  # the proxy went away; it gets the whole snapshot when it is back
+            if self.proxy.channel is channel:
+                try:
+                    await self.proxy.call(protocol.SnapshotSent(id=self.proxy.next_id()))
+                except AgentError as e:
+                    log.error("snapshot to the proxy failed: %s", e)
             self._save()
             await self._update_probe_snat()
 
