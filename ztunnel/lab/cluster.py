@@ -111,17 +111,26 @@ class Lab:
                     f"lab {self.name} is already up ({self.dir}); remove it first with "
                     f"`ztunnel lab down --name {self.name}`"
                 )
-        leftovers = [n for n in netns.list_netns() if n.startswith(netns_prefix(self.name))]
-        if leftovers or self.dir.exists():
-            self.say("cleaning up after an earlier run")
-            self.down(quiet=True)
-        deadline = time.monotonic() + timeout
-        nodes = plan_nodes(self.name, objects, {})
-        if not nodes:
+        if not plan_nodes(self.name, objects, {}):
             raise LabError(
                 "the config has no Node objects and no pod sets spec.nodeName: add a Node (kind: Node, "
                 "metadata.name) or set spec.nodeName on the pods"
             )
+        leftovers = [n for n in netns.list_netns() if n.startswith(netns_prefix(self.name))]
+        if leftovers or self.dir.exists():
+            self.say("cleaning up after an earlier run")
+            self.down(quiet=True)
+        try:
+            return self._up(objects, redirect=redirect, mesh=mesh, timeout=timeout)
+        except (LabError, ConfigError, OSError) as e:
+            raise LabError(
+                f"{e}\nThe lab is left as it is for inspection (logs in {self.dir / 'logs'}); "
+                f"remove it with `ztunnel lab down --name {self.name}`"
+            ) from e
+
+    def _up(self, objects: Sequence[KubeObject], *, redirect: str, mesh: str, timeout: float) -> LabState:
+        deadline = time.monotonic() + timeout
+        nodes = plan_nodes(self.name, objects, {})
         caps = components.inspect()
         state = LabState(name=self.name, dir=str(self.dir), redirect=redirect, mesh=mesh)
         state.components = self._choose_components(caps, mesh)
@@ -642,9 +651,10 @@ class Lab:
             ]
             for o in gone:
                 if o.kind == "Node" and o.name in state.nodes:
-                    still = [p.ref for p in state.pods.values() if p.node == o.name and p not in removed_pods]
-                    if still:
-                        raise LabError(f"node {o.name} still runs pods ({', '.join(still)}); delete them first")
+                    raise LabError(
+                        f"{o.source}: Node {o.name}: removing a node from a running lab is not supported; "
+                        f"take the lab down and up again without it"
+                    )
             for rec in removed_pods:
                 self._stop_pod(state, rec)
                 del state.pods[rec.ref]

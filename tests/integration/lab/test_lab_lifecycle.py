@@ -17,7 +17,11 @@ SMALL = [
     {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+        "metadata": {
+            "name": "web",
+            "namespace": "default",
+            "labels": {"app": "web", "istio.io/dataplane-mode": "ambient"},  # in-pod rules too, when the mesh runs
+        },
         "spec": {
             "nodeName": "solo",
             "containers": [
@@ -94,3 +98,16 @@ def test_down_cleans_up_after_a_crashed_run(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert _netns(f"ztl-{name}-") == []
     assert not any(_alive(p) for p in pids)
+
+
+def test_errors_name_what_to_do(tmp_path: Path) -> None:
+    missing = ztunnel("lab", "status", "--name", "nolab", check=False)
+    assert missing.returncode == 2 and "no lab at /run/ztunnel-lab/nolab" in missing.stderr
+    assert "ztunnel lab up" in missing.stderr
+    nodeless = tmp_path / "nodeless.yaml"
+    nodeless.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n")
+    up = ztunnel("lab", "up", "--name", "nolab", "-f", str(nodeless), check=False)
+    assert up.returncode == 2 and "add a Node" in up.stderr
+    bad_name = ztunnel("lab", "up", "--name", "Bad-Name", "-f", str(nodeless), check=False)
+    assert bad_name.returncode == 2 and "lowercase letters or digits" in bad_name.stderr
+    assert _netns("ztl-nolab-") == []
