@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ztunnel.cni import plugin as p
 
@@ -155,3 +157,25 @@ def test_plugin_imports_stay_light() -> None:
     code = f"import sys, ztunnel.cni.plugin; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@given(
+    command=st.sampled_from(["ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC", "", "BOGUS"]),
+    stdin=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+    cni_args=st.text(max_size=40),
+)
+def test_any_input_gives_a_request_or_a_cni_error(command: str, stdin: bytes, cni_args: str) -> None:
+    environ = env(CNI_COMMAND=command, CNI_ARGS=cni_args) if command else {"CNI_ARGS": cni_args}
+    try:
+        req = p.parse_request(environ, stdin)
+        p.plan(req)
+    except p.CniError as e:
+        err = json.loads(p.error_json("1.0.0", e))
+        assert isinstance(err["code"], int) and err["msg"]
