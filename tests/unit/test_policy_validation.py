@@ -11,6 +11,18 @@ from ztunnel.policy.peerauth import parse_request_authentication
 
 INVALID = [
     # (id, spec, field named in the message, words in the message)
+    (
+        "empty-value",
+        {"rules": [{"from": [{"source": {"namespaces": ["foo", ""]}}]}]},
+        "namespaces[1]",
+        "empty value not allowed",
+    ),
+    (
+        "empty-when-value",
+        {"rules": [{"when": [{"key": "request.headers[x]", "notValues": [""]}]}]},
+        "notValues[0]",
+        "empty value",
+    ),
     ("unknown-action", {"action": "PERMIT"}, "spec.action", "unknown action 'PERMIT'"),
     ("action-wrong-type", {"action": 1}, "spec.action", "unknown action"),
     (

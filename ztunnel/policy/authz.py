@@ -344,6 +344,9 @@ def strip_spiffe(value: str) -> str:
 
 
 def _matcher(ctx: _Ctx, kind: str, values: list[str], path: str, policy_ns: str) -> Matcher:
+    for i, v in enumerate(values):
+        if v == "":  # Istio rejects these too: an empty value is always a templating mistake
+            raise ctx.error(f"{path}[{i}]", 'empty value not allowed; remove it or write "*" for any value')
     if kind == "principal":
         return StringSet.compile(strip_spiffe(v) for v in values)
     if kind == "string":
