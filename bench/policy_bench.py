@@ -171,11 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", default="spread,one-namespace")
     p.add_argument("--decisions", type=int, default=3000)
     p.add_argument("--output", help="also write the JSON here")
+    p.add_argument("--quick", action="store_true", help="100 and 1,000 policies, spread layout only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.layouts, args.decisions = "100,1000", "spread", min(args.decisions, 1000)
     results = [
         measure(int(n), layout, args.decisions) for layout in args.layouts.split(",") for n in args.sizes.split(",")
     ]
-    out = {"benchmark": "policy_decision_l4", "python": sys.version.split()[0], "results": results}
+    largest = max(results, key=lambda r: (r["policies"], r["median_us"]))
+    summary = (
+        f"{largest['policies']} policies x {RULES_PER_POLICY} rules ({largest['layout']}): "
+        f"median {largest['median_us']} us, p99 {largest['p99_us']} us per L4 decision; "
+        + ", ".join(f"{r['policies']}: {r['median_us']} us" for r in results if r["layout"] == largest["layout"])
+    )
+    out = {"benchmark": "policy_decision_l4", "python": sys.version.split()[0], "summary": summary, "results": results}
     text = json.dumps(out, indent=2)
     print(text)
     if args.output:

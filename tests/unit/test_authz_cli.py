@@ -248,3 +248,15 @@ def test_console_script_exit_codes(files: tuple[Path, Path]) -> None:
     error = subprocess.run([*base, "--from", "pod/x/y"], capture_output=True, text=True, timeout=60)
     assert (allow.returncode, deny.returncode, error.returncode) == (0, 1, 2), (allow.stderr, deny.stderr, error.stderr)
     assert json.loads(deny.stdout)["decision"] == "deny"
+
+
+def test_typographic_quotes_are_reported(tmp_path: Path) -> None:
+    """Seed 001 writes kind: “Policy”; such an object would otherwise be skipped without a word."""
+    f = tmp_path / "quoted.yaml"
+    f.write_text(
+        "apiVersion: “authentication.istio.io/v1alpha1”\nkind: “Policy”\nmetadata:\n  name: “default”\nspec: {}\n"
+    )
+    rc, _, err = run_cli(["authz", "validate", "-f", str(f)])
+    assert rc == 2 and "write kind: Policy" in err
+    rc, _, err = run_cli(["convert", "-f", str(f)])
+    assert rc == 2 and "quote characters" in err

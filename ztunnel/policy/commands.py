@@ -71,6 +71,9 @@ def _convert(args: argparse.Namespace) -> int:
     from ztunnel.policy.legacy import convert_objects
 
     objects = read_objects(args.files)
+    problems = suspicious_objects(objects)
+    if problems:
+        raise PolicyCommandError("\n".join(problems))
     legacy = [o for o in objects if o.kind in LEGACY_KINDS]
     if not legacy:
         raise PolicyCommandError(
@@ -89,6 +92,26 @@ def _convert(args: argparse.Namespace) -> int:
     docs = [yaml.safe_dump(o.body, sort_keys=False, default_flow_style=False) for o in result.objects]
     sys.stdout.write("".join(out) + "---\n".join(docs))
     return 0
+
+
+_QUOTES = "\"'“”‘’"
+
+
+def suspicious_objects(objects: Any) -> list[str]:
+    """Security objects whose kind or apiVersion is wrapped in quotes copied from a web page (“Policy”).
+
+    The loader skips kinds it does not know, so without this such a policy would be silently ignored."""
+    from ztunnel.config.model import POLICY_KINDS
+
+    out = []
+    for o in objects:
+        bare = o.kind.strip(_QUOTES)
+        if bare != o.kind and bare in POLICY_KINDS:
+            out.append(
+                f"{o.source}: kind {o.kind} has quote characters around it, so the object is ignored; "
+                f"write kind: {bare} (and check apiVersion and metadata for the same quotes)"
+            )
+    return out
 
 
 def _split_kv(values: list[str], flag: str) -> dict[str, str]:
@@ -188,16 +211,18 @@ def _pod(config: Any, ref: str, flag: str) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ztunnel.config.loader import load_files
+    from ztunnel.config.loader import build_config, read_objects
     from ztunnel.policy.engine import PolicyEngine
 
-    config = load_files(args.files, root_namespace=args.root_namespace)
+    objects = read_objects(args.files)
+    config = build_config(objects, root_namespace=args.root_namespace)
     engine = PolicyEngine.from_config(config)
+    problems = [*(str(e) for e in engine.errors), *suspicious_objects(objects)]
     for w in engine.warnings:
         print(f"note: {w}", file=sys.stderr)
-    for err in engine.errors:
-        print(f"error: {err}", file=sys.stderr)
-    if engine.errors:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
         return 2
     print(f"ok: {len(config.policy_objects)} security objects are valid")
     return 0
