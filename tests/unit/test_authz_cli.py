@@ -260,3 +260,10 @@ def test_typographic_quotes_are_reported(tmp_path: Path) -> None:
     assert rc == 2 and "write kind: Policy" in err
     rc, _, err = run_cli(["convert", "-f", str(f)])
     assert rc == 2 and "quote characters" in err
+
+
+def test_destination_outside_the_mesh_is_noted() -> None:
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "policy"
+    argv = ["authz", "check", "-f", str(fixtures / "greeter_cluster.yaml"), "--from", "pod/default/helloweb"]
+    rc, out, err = run_cli([*argv, "--to", "pod/other/outside", "--port", "80"])
+    assert rc == 0 and "not in the mesh" in err and out.startswith("ALLOW")

@@ -170,6 +170,12 @@ def _check(args: argparse.Namespace) -> int:
             raise PolicyCommandError(f"--to {args.dest}: no pod in {', '.join(args.files)} has this IP")
         dest = found
 
+    if not dest.enrolled:
+        print(
+            f"note: destination pod {dest.ref} is not in the mesh, so nothing enforces policy for it yet; "
+            "this is the decision it gets once enrolled (label istio.io/dataplane-mode=ambient)",
+            file=sys.stderr,
+        )
     attrs = ConnectionAttributes(principal, source_ip, dest, dest_ip, args.port)
     if args.layer == "l7":
         request = HttpRequestAttributes(

@@ -476,6 +476,8 @@ class _Converter:
                 self.note(obj, f"spec.peers[{i}].jwt (peer JWT) is not supported; ignored")
             else:
                 raise self.error(obj, f"spec.peers[{i}]", "unknown peer method; expected mtls")
+        if not peers:
+            self.note(obj, "no peers: peer authentication is not required, converted to mTLS mode DISABLE")
         if _get(spec, "peerIsOptional", "peer_is_optional") and mode == "STRICT":
             mode = "PERMISSIVE"
         targets = spec.get("targets", spec.get("target"))
