@@ -8,7 +8,9 @@ netns. All of it lives in namespaces named `ztl-<lab>-...`; the root netns is ne
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -48,6 +50,7 @@ from ztunnel.lab.model import (
 from ztunnel.lab.state import LabState, default_dir, load, locked, save, updating, write_atomic
 
 Progress = Callable[[str], None]
+Waiter = tuple[str, Callable[[], bool], str]  # (process key, readiness check, what it means when ready)
 FABRIC_BRIDGE = "br0"
 READINESS_PORT = 15021
 METRICS_PORT = 15020
@@ -154,12 +157,12 @@ class Lab:
         self._route_all(state)
         with locked(self.dir):
             save(state)
-        if state.components.get("ca"):
-            self._start_ca(state, deadline)
-        for node in sorted(nodes.values(), key=lambda n: n.index):
-            self._start_node_components(state, node, deadline)
-        for _obj, rec in pods:
-            self._start_pod(state, rec, deadline)
+        ordered = sorted(nodes.values(), key=lambda n: n.index)
+        # The CA and the agents need nothing from each other: start them together, then the proxies.
+        first = [self._spawn_ca(state)] if state.components.get("ca") else []
+        self._wait_all(state, first + self._spawn_agents(state, ordered), deadline)
+        self._wait_all(state, self._spawn_proxies(state, ordered), deadline)
+        self._start_pods(state, [rec for _, rec in pods], deadline)
         self._wait_pods_ready(state, [rec for _, rec in pods], deadline)
         self.wait_proxies_synced(deadline)
         with updating(self.dir) as st:
@@ -235,7 +238,7 @@ class Lab:
     def _ca_dir(self, state: LabState) -> Path:
         return state.path / "ca"
 
-    def _start_ca(self, state: LabState, deadline: float) -> None:
+    def _spawn_ca(self, state: LabState) -> Waiter:
         ca_dir = self._ca_dir(state)
         init = netns.run(components.ztunnel_argv("ca", "init", "--dir", str(ca_dir)), check=False)
         if init.returncode != 0:
@@ -262,13 +265,7 @@ class Lab:
         )
         self._spawn(state, "ca", argv, fabric_netns(self.name))
         fab = fabric_netns(self.name)
-        self._wait(
-            state,
-            "ca",
-            lambda: netns.tcp_open(fab, FABRIC_GATEWAY, CA_PORT),
-            deadline,
-            f"CA listening on {state.ca_address}",
-        )
+        return ("ca", lambda: netns.tcp_open(fab, FABRIC_GATEWAY, CA_PORT), f"CA listening on {state.ca_address}")
 
     def _node_token(self, state: LabState, node: NodeRecord) -> str:
         """The node's credential for the CA (local mode: a token file only that node's components read)."""
@@ -322,36 +319,46 @@ class Lab:
                 return ca_dir / name
         return ca_dir / "root-cert.pem"
 
-    def _start_node_components(
-        self, state: LabState, node: NodeRecord, deadline: float, only: str | None = None
-    ) -> None:
+    def _spawn_agents(self, state: LabState, nodes: Sequence[NodeRecord]) -> list[Waiter]:
+        if not state.components.get("node-agent"):
+            return []
         caps = components.inspect()
-        if state.components.get("node-agent") and only in (None, "node-agent"):
+        waiters: list[Waiter] = []
+        for node in nodes:
             cni_sock, _ = self._agent_paths(state, node.name)
             with contextlib.suppress(FileNotFoundError):
                 cni_sock.unlink()
-            self._spawn(state, f"node/{node.name}/node-agent", self._agent_argv(state, node, caps), node.netns)
-            self._wait(
-                state,
-                f"node/{node.name}/node-agent",
-                lambda: _unix_connectable(cni_sock),
-                deadline,
-                f"node agent on {node.name} serving {cni_sock}",
+            key = f"node/{node.name}/node-agent"
+            self._spawn(state, key, self._agent_argv(state, node, caps), node.netns)
+            waiters.append(
+                (key, functools.partial(_unix_connectable, cni_sock), f"node agent on {node.name} serving {cni_sock}")
             )
-        if state.components.get("proxy") and only in (None, "proxy"):
-            if not state.components.get("ca") and not self._ca_dir(state).exists():
-                init = netns.run(components.ztunnel_argv("ca", "init", "--dir", str(self._ca_dir(state))), check=False)
-                if init.returncode != 0:
-                    raise LabError(f"`ztunnel ca init` failed: {(init.stderr or init.stdout).strip()}")
+        return waiters
+
+    def _spawn_proxies(self, state: LabState, nodes: Sequence[NodeRecord]) -> list[Waiter]:
+        if not state.components.get("proxy"):
+            return []
+        if not state.components.get("ca") and not self._ca_dir(state).exists():
+            init = netns.run(components.ztunnel_argv("ca", "init", "--dir", str(self._ca_dir(state))), check=False)
+            if init.returncode != 0:
+                raise LabError(f"`ztunnel ca init` failed: {(init.stderr or init.stdout).strip()}")
+        caps = components.inspect()
+        waiters: list[Waiter] = []
+        for node in nodes:
             key = f"node/{node.name}/proxy"
             self._spawn(state, key, self._proxy_argv(state, node, caps), node.netns)
-            self._wait(
-                state,
-                key,
-                lambda: _http_ok(node.netns, "127.0.0.1", READINESS_PORT, "/healthz/ready"),
-                deadline,
-                f"proxy on {node.name} ready (127.0.0.1:{READINESS_PORT} in {node.netns})",
-            )
+            ready = functools.partial(_http_ok, node.netns, "127.0.0.1", READINESS_PORT, "/healthz/ready")
+            waiters.append((key, ready, f"proxy on {node.name} ready (127.0.0.1:{READINESS_PORT} in {node.netns})"))
+        return waiters
+
+    def _start_node_components(
+        self, state: LabState, nodes: Sequence[NodeRecord], deadline: float, only: str | None = None
+    ) -> None:
+        """Agents first (proxies connect to them), each phase started on all nodes at once and then awaited."""
+        if only in (None, "node-agent"):
+            self._wait_all(state, self._spawn_agents(state, nodes), deadline)
+        if only in (None, "proxy"):
+            self._wait_all(state, self._spawn_proxies(state, nodes), deadline)
 
     def _spawn(
         self,
@@ -369,17 +376,25 @@ class Lab:
         state.processes[key] = rec
         return rec
 
-    def _wait(self, state: LabState, key: str, check: Callable[[], bool], deadline: float, what: str) -> None:
-        rec = state.processes[key]
+    def _wait_all(self, state: LabState, waiters: Sequence[Waiter], deadline: float) -> None:
+        """Poll every waiter's readiness check until all pass; fail fast if one of the processes exits."""
+        pending = list(waiters)
 
-        def done() -> bool:
-            if not procs.is_running(rec):
-                raise LabError(f"{key} exited before it was ready; see {rec.log}:\n{_tail(rec.log)}")
-            return check()
+        def check() -> bool:
+            for w in list(pending):
+                key, ready, what = w
+                rec = state.processes[key]
+                if not procs.is_running(rec):
+                    raise LabError(f"{key} exited before it was ready; see {rec.log}:\n{_tail(rec.log)}")
+                if ready():
+                    pending.remove(w)
+                    self.say(f"{key} (pid {rec.pid}) ready: {what}")
+            return not pending
 
-        if not procs.poll_until(done, max(0.0, deadline - time.monotonic())):
-            raise LabError(f"timed out waiting for {what}; see {rec.log}:\n{_tail(rec.log)}")
-        self.say(f"{key} (pid {rec.pid}) ready: {what}")
+        if not procs.poll_until(check, max(0.0, deadline - time.monotonic())):
+            key, _, what = pending[0]
+            log = state.processes[key].log
+            raise LabError(f"timed out waiting for {what}; see {log}:\n{_tail(log)}")
 
     # ---- pods --------------------------------------------------------------------------------------------
 
@@ -391,8 +406,9 @@ class Lab:
             bin_dir.mkdir(exist_ok=True)
             target = Path(sys.executable).parent / "ztunnel-cni"
             link = bin_dir / "ztunnel-cni"
-            if not link.exists():
-                link.symlink_to(target)
+            if not link.is_symlink():
+                with contextlib.suppress(FileExistsError):
+                    link.symlink_to(target)
             extra.append(str(bin_dir))
         return plugin_dirs(extra)
 
@@ -441,6 +457,23 @@ class Lab:
                     reported = now
                 time.sleep(min(delay, max(0.0, deadline - now)))
                 delay = min(delay * 2, 1.0)
+
+    def _start_pods(self, state: LabState, pods: Sequence[PodRecord], deadline: float) -> None:
+        """Nodes set up their pods concurrently (each kubelet is on its own); on one node pods go in order, so
+        the same config gives the same pod IPs every time."""
+        self._cni_dirs(state)  # create the plugin dir once, before threads race for it
+        by_node: dict[str, list[PodRecord]] = {}
+        for rec in pods:
+            by_node.setdefault(rec.node, []).append(rec)
+
+        def node_worker(recs: list[PodRecord]) -> None:
+            for rec in recs:
+                self._start_pod(state, rec, deadline)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="lab-node") as pool:
+            futures = [pool.submit(node_worker, recs) for recs in by_node.values()]
+            for f in futures:
+                f.result()
 
     def _start_pod(self, state: LabState, rec: PodRecord, deadline: float) -> None:
         result = self._wire_pod(state, rec, deadline)
@@ -616,8 +649,7 @@ class Lab:
         if new_pods:
             with locked(self.dir):
                 state = load(self.dir)
-            for rec in new_pods:
-                self._start_pod(state, rec, deadline)
+            self._start_pods(state, new_pods, deadline)
             self._wait_pods_ready(state, new_pods, deadline)
         self.wait_proxies_synced(max(deadline, time.monotonic() + 10.0), strict=False)
         return done
@@ -632,7 +664,7 @@ class Lab:
             with locked(self.dir):
                 text = tokens_file.read_text() if tokens_file.exists() else ""
                 write_atomic(tokens_file, text + f"{self._node_token(state, node)}: {node.name}\n", mode=0o600)
-        self._start_node_components(state, node, deadline)
+        self._start_node_components(state, [node], deadline)
 
     def delete(self, files: Sequence[str]) -> list[str]:
         require_root()
@@ -702,16 +734,11 @@ class Lab:
         if component == "ca":
             argv = old.argv[4:] if old else []  # drop the `ip netns exec NS` prefix
             self._spawn(state, key, argv, fabric_netns(self.name))
-            self._wait(
-                state,
-                key,
-                lambda: netns.tcp_open(fabric_netns(self.name), FABRIC_GATEWAY, CA_PORT),
-                deadline,
-                f"CA listening on {state.ca_address}",
-            )
+            ready = functools.partial(netns.tcp_open, fabric_netns(self.name), FABRIC_GATEWAY, CA_PORT)
+            self._wait_all(state, [(key, ready, f"CA listening on {state.ca_address}")], deadline)
         else:
             assert node is not None
-            self._start_node_components(state, state.nodes[node], deadline, only=component)
+            self._start_node_components(state, [state.nodes[node]], deadline, only=component)
         return state.processes[key]
 
     # ---- status / exec ---------------------------------------------------------------------------------------
