@@ -300,8 +300,9 @@ _LABEL_KEY = re.compile(
 class _Ctx:
     """Where we are in an object, so every error names file, object and field."""
 
-    def __init__(self, obj: KubeObject):
+    def __init__(self, obj: KubeObject, memo: dict[tuple[str, tuple[str, ...], str], Matcher] | None = None):
         self.obj = obj
+        self.memo = memo  # valid matchers already built in this batch, keyed by (kind, values, namespace)
 
     def error(self, field_path: str, message: str) -> PolicyError:
         return PolicyError(message, source=self.obj.source, obj=self.obj.ref, field=field_path)
@@ -344,6 +345,17 @@ def strip_spiffe(value: str) -> str:
 
 
 def _matcher(ctx: _Ctx, kind: str, values: list[str], path: str, policy_ns: str) -> Matcher:
+    """Validated matcher for a value list. Large clusters repeat value lists, so a batch memo skips rework."""
+    if ctx.memo is None:
+        return _build_matcher(ctx, kind, values, path, policy_ns)
+    key = (kind, tuple(values), policy_ns if kind == "service_account" else "")
+    m = ctx.memo.get(key)
+    if m is None:
+        m = ctx.memo[key] = _build_matcher(ctx, kind, values, path, policy_ns)
+    return m
+
+
+def _build_matcher(ctx: _Ctx, kind: str, values: list[str], path: str, policy_ns: str) -> Matcher:
     for i, v in enumerate(values):
         if v == "":  # Istio rejects these too: an empty value is always a templating mistake
             raise ctx.error(f"{path}[{i}]", 'empty value not allowed; remove it or write "*" for any value')
@@ -543,8 +555,11 @@ def dry_run_of(ctx: _Ctx, obj: KubeObject) -> bool:
 SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "action", "provider", "rules")
 
 
-def parse_authorization_policy(obj: KubeObject, *, origin: str = "") -> AuthorizationPolicy:
-    ctx = _Ctx(obj)
+def parse_authorization_policy(
+    obj: KubeObject, *, origin: str = "", memo: dict[tuple[str, tuple[str, ...], str], Matcher] | None = None
+) -> AuthorizationPolicy:
+    """Validate and compile one policy; raises PolicyError. Pass one `memo` dict for a batch of policies."""
+    ctx = _Ctx(obj, memo)
     if not obj.api_version.startswith(f"{API_GROUP}/") or obj.api_version.split("/", 1)[1] not in ("v1", "v1beta1"):
         raise ctx.error("apiVersion", f"{obj.api_version!r} is not served; use security.istio.io/v1 or v1beta1")
     raw_spec = obj.body.get("spec")

@@ -328,6 +328,7 @@ class PolicyEngine:
         root = root_namespace or (config.root_namespace if config else "istio-system")
         memo = previous._parsed if previous is not None else {}
         parsed: dict[tuple[str, str], tuple[KubeObject, AuthorizationPolicy | PolicyError]] = {}
+        matcher_memo: dict[Any, Any] = {}
         origins = origins or {}
         aps: list[AuthorizationPolicy] = []
         pas: list[PeerAuthentication] = []
@@ -349,7 +350,7 @@ class PolicyEngine:
                         p = old[1]  # type: ignore[index, assignment]
                     else:
                         try:
-                            p = parse_authorization_policy(obj, origin=origin)
+                            p = parse_authorization_policy(obj, origin=origin, memo=matcher_memo)
                         except PolicyError as e:
                             parsed[(obj.namespace, obj.name)] = (obj, e)
                             raise
