@@ -53,6 +53,11 @@ def test_destination_by_ip_and_text_output(files: tuple[Path, Path]) -> None:
     rc, out, _ = check(files, "--from", "spiffe://cluster.local/ns/foo/sa/x", "--to", "10.244.1.10", "--port", "8080")
     assert rc == 0
     assert out.splitlines() == ["ALLOW: allowed by ALLOW policy foo/allow-foo rule 0", "policy: foo/allow-foo"]
+    rc, out, _ = check(files, "--from", "plaintext", "--to", "pod/bar/server", "--port", "80", "-v")
+    assert rc == 1
+    assert "peer authentication for bar/server port 80: STRICT (bar/default)" in out
+    rc, out, _ = check(files, "--from", "plaintext", "--to", "pod/foo/server", "--port", "80", "-v")
+    assert "policies selecting foo/server at l4: 1" in out and "  ALLOW foo/allow-foo" in out
 
 
 def test_plaintext_to_strict_port_is_denied_with_reason(files: tuple[Path, Path]) -> None:

@@ -55,6 +55,7 @@ def register(subparsers: Any) -> None:
     check.add_argument("--root-namespace", default="istio-system")
     check.add_argument("--trust-domain", default="cluster.local")
     check.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    check.add_argument("-v", "--verbose", action="store_true", help="also list the policies that select DEST")
     check.set_defaults(func=_check)
 
     validate = sub.add_parser("validate", help="report invalid security objects; exit 2 if any")
@@ -203,6 +204,17 @@ def _check(args: argparse.Namespace) -> int:
             print(f"audit: {', '.join(decision.audit_policies)}")
         if decision.custom_policies:
             print(f"custom (ext-authz at the waypoint): {', '.join(decision.custom_policies)}")
+        if args.verbose:
+            mode, pa = engine.peer_authentication_for(dest, args.port)
+            print(f"peer authentication for {dest.ref} port {args.port}: {mode} ({pa or 'mesh default'})")
+            selected = engine.policies_for(dest, args.layer)
+            print(f"policies selecting {dest.ref} at {args.layer}: {len(selected) or 'none'}")
+            for p in selected:
+                action = getattr(p, "action", "?")
+                flags = " (dry-run)" if getattr(p, "dry_run", False) else ""
+                if not hasattr(p, "rules"):
+                    flags = " (invalid: denies until fixed)"
+                print(f"  {action} {p.namespace}/{p.name}{flags}")
     return 0 if decision.allowed else 1
 
 

@@ -14,7 +14,6 @@ config snapshot (`PolicyEngine.from_config`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,8 +37,6 @@ from ztunnel.policy.peerauth import (
     parse_peer_authentication,
     parse_request_authentication,
 )
-
-log = logging.getLogger("ztunnel.policy")
 
 LEGACY_KINDS = frozenset(
     {"ServiceRole", "ServiceRoleBinding", "ClusterRbacConfig", "RbacConfig", "Policy", "MeshPolicy"}
