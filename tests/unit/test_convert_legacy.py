@@ -356,3 +356,20 @@ def test_principal_prefix_from_converted_binding_matches() -> None:
     )
     assert decide(engine, config, Conn(source=FOO_CLIENT)).allowed
     assert not decide(engine, config, Conn(source=BAR_CLIENT)).allowed
+
+
+def test_subject_constraints_are_anded() -> None:
+    both = binding(
+        "b",
+        "server-reader",
+        [{"user": "cluster.local/ns/foo/sa/client", "properties": {"source.principal": "cluster.local/ns/bar/*"}}],
+    )
+    engine, config = engine_of(rbac("ON"), SERVER_ROLE, both)
+    assert not decide(engine, config, Conn()).allowed  # user matches, property does not
+    assert not decide(engine, config, Conn(source=BAR_CLIENT)).allowed
+    ns_and_ip = binding(
+        "b", "server-reader", [{"properties": {"source.namespace": "foo", "source.ip": "10.244.1.0/24"}}]
+    )
+    engine, config = engine_of(rbac("ON"), SERVER_ROLE, ns_and_ip)
+    assert decide(engine, config, Conn()).allowed
+    assert not decide(engine, config, Conn(source_ip="10.244.2.10")).allowed

@@ -312,8 +312,16 @@ class _Converter:
         when: list[Any] = []
 
         def add(key: str, value: Any) -> None:
-            vals = value if isinstance(value, list) else [value]
-            source.setdefault(key, []).extend(str(v) for v in vals)
+            vals = [str(v) for v in (value if isinstance(value, list) else [value])]
+            if key in source:  # a second constraint on the same attribute is ANDed in v1alpha1: keep it apart
+                cond = {"principals": "source.principal", "namespaces": "source.namespace", "ipBlocks": "source.ip"}
+                if key in cond:
+                    when.append({"key": cond[key], "values": vals})
+                    return
+                if key == "requestPrincipals":
+                    when.append({"key": "request.auth.principal", "values": vals})
+                    return
+            source.setdefault(key, []).extend(vals)
 
         user = subj.get("user")
         if user is not None and user != "*":
