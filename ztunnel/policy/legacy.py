@@ -291,10 +291,10 @@ class _Converter:
             if not isinstance(c, Mapping) or not isinstance(c.get("key"), str):
                 raise self.error(obj, cpath, "needs key and values")
             key, values = c["key"], [str(v) for v in (c.get("values") or [])]
-            if key == "destination.port":
-                op["ports"] = [*op.get("ports", []), *values]
-            elif key in ("destination.ip",) or key.startswith("request.headers["):
-                when.append({"key": key, "values": values})
+            if key == "destination.port" and "ports" not in op:
+                op["ports"] = values
+            elif key in ("destination.port", "destination.ip") or key.startswith("request.headers["):
+                when.append({"key": key, "values": values})  # conditions AND with the rule's own fields
             elif key == "destination.namespace":
                 if obj.namespace not in values and "*" not in values:
                     return None  # never matches in its own namespace
