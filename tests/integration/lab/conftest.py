@@ -157,7 +157,8 @@ class LabHandle:
         raise KeyError(ref)
 
     def pod_ip(self, ref: str) -> str:
-        return self.pod(ref)["ips"][0]
+        """From the lab's state file (what `status` reports too), without starting a CLI process."""
+        return json.loads((self.dir / "state.json").read_text())["pods"][ref]["ips"][0]
 
     def netns(self, target: str) -> str:
         st = json.loads((self.dir / "state.json").read_text())
@@ -228,6 +229,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, lab_name: str) -> Iterator[Lab
     import yaml
 
     remove_stale_labs("it")
+    before = root_netns_snapshot()
     work = tmp_path_factory.mktemp("lab")
     cluster = work / "cluster.yaml"
     cluster.write_text(yaml.safe_dump_all(cluster_objects(), sort_keys=False))
@@ -237,4 +239,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, lab_name: str) -> Iterator[Lab
             name=lab_name, dir=Path("/run/ztunnel-lab") / lab_name, work=work, up_output=up.stdout + up.stderr
         )
     finally:
-        ztunnel("lab", "down", "--name", lab_name, check=False)
+        down = ztunnel("lab", "down", "--name", lab_name, check=False)
+    # the whole session's lab, every component included, left nothing behind and never touched the root netns
+    assert down.returncode == 0, down.stderr
+    assert not [p for p in Path("/var/run/netns").iterdir() if p.name.startswith(f"ztl-{lab_name}-")]
+    assert root_netns_snapshot() == before

@@ -5,6 +5,7 @@ Each test skips, naming the missing piece, when the lab had to run without a com
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -75,6 +76,11 @@ def test_pods_are_enrolled_and_the_chain_ran(lab: LabHandle) -> None:
     assert not pods["lab/outsider"]["enrolled"]
     assert "ZTUNNEL" in lab.run("lab/client", "iptables-save", "-t", "nat").stdout
     assert "ZTUNNEL" not in lab.run("lab/outsider", "iptables-save", "-t", "nat").stdout
+    # the chain's final result is the bridge plugin's, passed through by ztunnel-cni
+    result = lab.pod("lab/client")
+    cached = json.loads((lab.dir / "state.json").read_text())["pods"]["lab/client"]["cni_result"]
+    assert {i["name"] for i in cached["interfaces"]} >= {"cni0", "eth0"}
+    assert cached["ips"][0]["address"] == f"{result['ips'][0]}/24"
     conflist = (lab.dir / "nodes" / "n1" / "net.d" / "10-lab.conflist").read_text()
     assert conflist.index('"bridge"') < conflist.index('"ztunnel-cni"')  # chained after the primary plugin
 
@@ -167,9 +173,7 @@ def test_fail_closed_without_the_client_nodes_proxy(lab: LabHandle) -> None:
     lab.require(*MESH)
     url = server_url(lab)
     before = ruleset(lab, "lab/client")
-    server_log = Path(
-        lab.status()["pods"][[p["name"] for p in lab.status()["pods"]].index("server")]["containers"]["main"]["log"]
-    )
+    server_log = Path(lab.pod("lab/server")["containers"]["main"]["log"])
     client_ip = lab.pod_ip("lab/client")
     seen_before = server_log.read_text().count(f"request from {client_ip}")
     subprocess.run(
