@@ -163,6 +163,19 @@ CASES = [
     Case("paths-prefix-miss", [allow(op(paths=["/api/*"]))], Conn(layer="l7", path="/apix"), "deny"),
     Case("paths-suffix", [allow(op(paths=["*/hello"]))], Conn(layer="l7", path="/x/hello"), "allow"),
     Case("paths-presence", [allow(op(paths=["*"]))], Conn(layer="l7", path="/anything"), "allow"),
+    Case(
+        "paths-template-one-segment",
+        [allow(op(paths=["/books/{*}/pages"]))],
+        Conn(layer="l7", path="/books/7/pages"),
+        "allow",
+    ),
+    Case(
+        "paths-template-one-segment-miss",
+        [allow(op(paths=["/books/{*}/pages"]))],
+        Conn(layer="l7", path="/books/7/8/pages"),
+        "deny",
+    ),
+    Case("paths-template-rest", [allow(op(paths=["/static/{**}"]))], Conn(layer="l7", path="/static/a/b.css"), "allow"),
     Case("notPaths", [allow(op(notPaths=["/private"]))], Conn(layer="l7", path="/private"), "deny"),
     Case("notPaths-other", [allow(op(notPaths=["/private"]))], Conn(layer="l7", path="/public"), "allow"),
     # ---- when ---------------------------------------------------------------------------------------------

@@ -23,6 +23,18 @@ INVALID = [
         "notValues[0]",
         "empty value",
     ),
+    (
+        "path-template-double-star-not-last",
+        {"rules": [{"to": [{"operation": {"paths": ["/a/{**}/b/{*}"]}}]}]},
+        "paths[0]",
+        "last operator",
+    ),
+    (
+        "path-template-bad-operator",
+        {"rules": [{"to": [{"operation": {"paths": ["/a/{id}/{*}"]}}]}]},
+        "paths[0]",
+        "only use",
+    ),
     ("unknown-action", {"action": "PERMIT"}, "spec.action", "unknown action 'PERMIT'"),
     ("action-wrong-type", {"action": 1}, "spec.action", "unknown action"),
     (

@@ -115,9 +115,11 @@ class HostMatcher:
 
 @dataclass(frozen=True, slots=True)
 class PathMatcher:
-    """Paths are matched without the query string or fragment, as Istio does."""
+    """Paths are matched without the query string or fragment, as Istio does. Istio's path templates
+    (`/books/{*}/pages`, `/static/{**}`) match one segment and any remaining segments."""
 
     values: StringSet
+    templates: tuple[re.Pattern[str], ...] = ()
 
     def matches(self, path: str | None) -> bool:
         if path:
@@ -125,7 +127,29 @@ class PathMatcher:
                 i = path.find(sep)
                 if i >= 0:
                     path = path[:i]
-        return self.values.matches(path)
+        if self.values.matches(path):
+            return True
+        return bool(path) and any(t.fullmatch(path) for t in self.templates)  # type: ignore[arg-type]
+
+
+def compile_path_template(value: str) -> re.Pattern[str]:
+    """`{*}` = one non-empty segment, `{**}` = the rest (last operator only), as Istio's path templates."""
+    parts = re.split(r"(\{\*\*\}|\{\*\})", value)
+    if value.count("{**}") > 1 or ("{**}" in value and "{*}" in value.split("{**}", 1)[1]):
+        raise ValueError(f"{value!r}: {{**}} must be the last operator of a path template")
+    if re.search(r"\{[^}]*\}", re.sub(r"\{\*\*?\}", "", value)) or "*" in re.sub(r"\{\*\*?\}", "", value):
+        raise ValueError(f"{value!r}: a path template may only use {{*}} and {{**}}")
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r}: a path template must start with /")
+    out = []
+    for part in parts:
+        if part == "{*}":
+            out.append(r"[^/]+")
+        elif part == "{**}":
+            out.append(r".+")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
 
 
 Matcher = StringSet | CidrSet | PortSet | ExactSet | HeaderMatcher | ClaimMatcher | HostMatcher | PathMatcher
@@ -366,7 +390,15 @@ def _build_matcher(ctx: _Ctx, kind: str, values: list[str], path: str, policy_ns
     if kind == "host":
         return HostMatcher(StringSet.compile(values, ignore_case=True))
     if kind == "path":
-        return PathMatcher(StringSet.compile(values))
+        templates = []
+        for i, v in enumerate(values):
+            if "{*" in v:
+                try:
+                    templates.append(compile_path_template(v))
+                except ValueError as e:
+                    raise ctx.error(f"{path}[{i}]", str(e)) from None
+        plain = [v for v in values if "{*" not in v]
+        return PathMatcher(StringSet.compile(plain), tuple(templates))
     if kind == "service_account":
         out = set()
         for i, v in enumerate(values):
