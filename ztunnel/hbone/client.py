@@ -114,11 +114,11 @@ class HbonePool:
         async with asyncio.timeout(self.connect_timeout):
             conn = await self._checkout(key, expected)
             try:
-                return await conn.open_stream(target, forwarded_for=forwarded_for)
-            finally:
-                conn.reserved -= 1
+                return await conn.open_stream(target, forwarded_for=forwarded_for, reserved=True)
+            except BaseException:
                 if conn.is_idle and conn.on_idle is not None:
                     conn.on_idle(conn)
+                raise
 
     async def _checkout(self, key: PoolKey, expected: frozenset[str]) -> HboneConnection:
         while True:
@@ -127,6 +127,13 @@ class HbonePool:
                     conn.reserved += 1
                     return conn
             dial = self._dialing.get(key)
+            if dial is not None and dial.done():
+                # Finished, but its done-callback has not run yet: awaiting it would not yield, and the
+                # connection it made is already taken. Start the next handshake instead.
+                del self._dialing[key]
+                if not dial.cancelled() and dial.exception() is not None:
+                    raise dial.exception()  # type: ignore[misc]
+                dial = None
             if dial is None:
                 dial = asyncio.ensure_future(self._dial(key, expected))
                 self._dialing[key] = dial

@@ -362,16 +362,28 @@ class HboneConnection(asyncio.Protocol):
 
     # ---- commands ------------------------------------------------------------------------------
     async def open_stream(
-        self, target: Authority, *, forwarded_for: tuple[str, int] | None = None, extra: Sequence[tuple[str, str]] = ()
+        self,
+        target: Authority,
+        *,
+        forwarded_for: tuple[str, int] | None = None,
+        extra: Sequence[tuple[str, str]] = (),
+        reserved: bool = False,
     ) -> HboneStream:
-        """Client: send CONNECT and wait for the answer; raise HboneError unless it is 200."""
-        if self.is_closed:
-            raise HboneError("the HBONE connection is closed")
+        """Client: send CONNECT and wait for the answer; raise HboneError unless it is 200.
+
+        With `reserved`, a slot the pool reserved on this connection becomes the stream (no await in
+        between, so the pool never sees the slot counted twice or not at all).
+        """
         try:
+            if self.is_closed:
+                raise HboneError("the HBONE connection is closed")
             stream_id = self.h2.get_next_available_stream_id()
             self.h2.send_headers(stream_id, connect_headers(target, forwarded_for=forwarded_for, extra=extra))
         except (h2.exceptions.ProtocolError, h2.exceptions.NoAvailableStreamIDError) as e:
             raise HboneError(f"cannot open an HBONE stream: {e}") from None
+        finally:
+            if reserved:
+                self.reserved -= 1
         stream = HboneStream(self, stream_id)
         stream._response = asyncio.get_running_loop().create_future()
         self.streams[stream_id] = stream

@@ -1,0 +1,335 @@
+"""Local-mode fixtures: a CA, node proxies as real subprocesses, and small apps on pod IPs (loopback).
+
+Pod IPs live in 127.0.110.0/24 (node-a), 127.0.120.0/24 (node-b), 127.0.130.0/24 (node-c, no proxy) and
+127.0.140.0/24 (outside the mesh), so these tests never collide with the demo's 127.0.10/20 addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ZTUNNEL = str(Path(sys.executable).with_name("ztunnel"))
+
+NODE_A_CLIENT = "127.0.110.1"
+NODE_A_METRICS_CLIENT = "127.0.110.2"
+NODE_A_DENIED_CLIENT = "127.0.110.3"
+NODE_A_CONC_CLIENT = "127.0.110.4"
+NODE_B_SERVER = "127.0.120.1"
+NODE_B_STRICT = "127.0.120.2"
+NODE_C_TARGET = "127.0.130.1"
+OUTSIDE = "127.0.140.1"
+SERVICE_IP = "10.96.0.20"
+EMPTY_SERVICE_IP = "10.96.0.21"
+ECHO_PORT = 8080
+HTTP_PORT = 8081
+
+
+def _pod(name: str, node: str, sa: str, ip: str, *, labels: str = "", ports: tuple[int, ...] = ()) -> str:
+    extra_labels = f", {labels}" if labels else ""
+    containers = ""
+    if ports:
+        plist = ", ".join(f"{{containerPort: {p}}}" for p in ports)
+        containers = f", containers: [{{name: app, ports: [{plist}]}}]"
+    return (
+        "---\napiVersion: v1\nkind: Pod\n"
+        f"metadata: {{name: {name}, namespace: shop, uid: uid-{name}, labels: {{app: {name}{extra_labels}}}}}\n"
+        f"spec: {{nodeName: {node}, serviceAccountName: {sa}{containers}}}\n"
+        f"status: {{podIP: {ip}}}\n"
+    )
+
+
+def mesh_config() -> str:
+    """The shared local mesh: clients on node-a, servers on node-b, a proxy-less node-c, one outside pod."""
+    return (
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n"
+        + _pod("client", "node-a", "client", NODE_A_CLIENT)
+        + _pod("metrics-client", "node-a", "metrics", NODE_A_METRICS_CLIENT)
+        + _pod("denied-client", "node-a", "denied", NODE_A_DENIED_CLIENT)
+        + _pod("conc-client", "node-a", "conc", NODE_A_CONC_CLIENT)
+        + _pod("server", "node-b", "server", NODE_B_SERVER, ports=(ECHO_PORT,))
+        + _pod("strict", "node-b", "strict", NODE_B_STRICT, ports=(ECHO_PORT,))
+        + _pod("target", "node-c", "target", NODE_C_TARGET)
+        + _pod("outside", "node-b", "outside", OUTSIDE, labels="istio.io/dataplane-mode: none")
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: shop}\n"
+        f"spec: {{clusterIP: {SERVICE_IP}, selector: {{app: server}}, ports: [{{port: 80, targetPort: {ECHO_PORT}}}]}}\n"
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: nobody, namespace: shop}\n"
+        f"spec: {{clusterIP: {EMPTY_SERVICE_IP}, selector: {{app: nobody}}, ports: [{{port: 80}}]}}\n"
+        + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-denied, namespace: shop}\n"
+        "spec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n"
+        "  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/denied]}}]}]\n"
+        + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: strict, namespace: shop}\n"
+        "spec: {selector: {matchLabels: {app: strict}}, mtls: {mode: STRICT}}\n"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---- proxies ---------------------------------------------------------------------------------------
+@dataclass
+class ProxyProcess:
+    node: str
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    admin_port: int
+    readiness_port: int
+    log_path: Path
+
+    def http(self, port: int, path: str, method: str = "GET") -> tuple[int, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, ""
+
+    def ready(self) -> bool:
+        return self.http(self.readiness_port, "/healthz/ready")[0] == 200
+
+    def config_dump(self) -> dict:  # type: ignore[type-arg]
+        status, body = self.http(self.admin_port, "/config_dump")
+        assert status == 200, body
+        return json.loads(body)
+
+    def metrics(self) -> str:
+        status, body = self.http(self.metrics_port, "/metrics")
+        assert status == 200
+        return body
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_proxy(
+    node: str, config: Path, ca_dir: Path, workdir: Path, *extra: str, wait_ready: bool = True
+) -> ProxyProcess:
+    metrics, admin, ready = free_port(), free_port(), free_port()
+    log_path = workdir / f"proxy-{node}-{admin}.log"
+    argv = [
+        ZTUNNEL,
+        "--log-level",
+        "info",
+        "proxy",
+        "--node",
+        node,
+        "-f",
+        str(config),
+        "--ca-dir",
+        str(ca_dir),
+        "--metrics-addr",
+        f"127.0.0.1:{metrics}",
+        "--admin-addr",
+        f"127.0.0.1:{admin}",
+        "--readiness-addr",
+        f"127.0.0.1:{ready}",
+        *extra,
+    ]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    p = ProxyProcess(node, proc, metrics, admin, ready, log_path)
+    if wait_ready:
+        try:
+            wait_until(lambda: p.ready() or p.proc.poll() is not None, 20, what=f"proxy {node} ready")
+        except AssertionError:
+            p.stop()
+            raise
+        if p.proc.poll() is not None:
+            raise AssertionError(f"proxy {node} exited with {p.proc.returncode}:\n{p.log()}")
+    return p
+
+
+# ---- apps --------------------------------------------------------------------------------------------
+class AppServer:
+    """Echo (with half-close) and tiny HTTP apps on pod IPs, served by one asyncio loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="apps", daemon=True)
+        self._servers: list[asyncio.Server] = []
+        self.connections = 0
+        self._thread.start()
+
+    def _run(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            host = writer.get_extra_info("sockname")[0]
+            body = f"hello from {host}\n".encode()
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def echo(self, ip: str, port: int = ECHO_PORT) -> None:
+        self._servers.append(self._run(asyncio.start_server(self._echo, ip, port, reuse_address=True, backlog=2048)))
+
+    def http(self, ip: str, port: int = HTTP_PORT) -> None:
+        self._servers.append(self._run(asyncio.start_server(self._http, ip, port, reuse_address=True)))
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            for s in self._servers:
+                s.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        with contextlib.suppress(Exception):
+            self._run(shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+# ---- SOCKS5 client -------------------------------------------------------------------------------
+class SocksRefused(ConnectionError):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"SOCKS5 reply {code}")
+        self.code = code
+
+
+def socks_connect(proxy_ip: str, dst: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+    """A blocking SOCKS5 CONNECT through `<proxy_ip>:15080`; raises SocksRefused with the reply code."""
+    s = socket.create_connection((proxy_ip, 15080), timeout=timeout)
+    try:
+        s.sendall(b"\x05\x01\x00")
+        assert _recv_exact(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(dst[0]) + struct.pack("!H", dst[1]))
+        head = _recv_exact(s, 4)
+        if len(head) < 2:
+            raise SocksRefused(-1)
+        if head[1] != 0:
+            raise SocksRefused(head[1])
+        _recv_exact(s, 6 if head[3] == 1 else 18)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- the shared mesh -------------------------------------------------------------------------------
+@dataclass
+class LocalMesh:
+    workdir: Path
+    ca_dir: Path
+    config: Path
+    a: ProxyProcess
+    b: ProxyProcess
+    apps: AppServer
+    extra: list[ProxyProcess] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ztunnel.identity.ca import init_ca_dir
+
+    d = tmp_path_factory.mktemp("ca") / "ca"
+    init_ca_dir(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def local_mesh(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[LocalMesh]:
+    """node-a and node-b proxies (subprocesses) on one config, echo/HTTP apps on node-b and outside."""
+    workdir = tmp_path_factory.mktemp("mesh")
+    config = workdir / "cluster.yaml"
+    config.write_text(mesh_config())
+    apps = AppServer()
+    procs: list[ProxyProcess] = []
+    try:
+        for ip in (NODE_B_SERVER, NODE_B_STRICT, OUTSIDE):
+            apps.echo(ip)
+        apps.http(NODE_B_SERVER)
+        procs.append(start_proxy("node-a", config, ca_dir, workdir))
+        procs.append(start_proxy("node-b", config, ca_dir, workdir))
+        yield LocalMesh(workdir, ca_dir, config, procs[0], procs[1], apps)
+    finally:
+        for p in procs:
+            p.stop()
+        apps.close()
+
+
+def transfer_size() -> int:
+    """Bytes for the bulk transfer test: ZTUNNEL_TEST_TRANSFER_MB (default 256 MiB each way)."""
+    return int(os.environ.get("ZTUNNEL_TEST_TRANSFER_MB", "256")) * 1024 * 1024
