@@ -104,6 +104,10 @@ def test_source_pod_outside_the_mesh_is_plaintext(tmp_path: Path, files: tuple[P
         (["--from", "someone", "--to", "pod/foo/server", "--port", "80"], "use spiffe://"),
         (["--from", "plaintext", "--to", "10.9.9.9", "--port", "80"], "no pod"),
         (["--from", "plaintext", "--to", "server", "--port", "80"], "use pod/NAMESPACE/NAME or a pod IP"),
+        (
+            ["--from", "plaintext", "--to", "10.96.0.10", "--port", "80"],
+            "Service foo/server; policies apply to its pods: give one of them (pod/foo/server)",
+        ),
         (["--from", "plaintext", "--to", "pod/foo/server", "--port", "0"], "from 1 to 65535"),
         (["--from", "plaintext", "--source-ip", "x", "--to", "pod/foo/server", "--port", "80"], "not an IP address"),
         (

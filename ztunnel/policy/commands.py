@@ -168,6 +168,13 @@ def _check(args: argparse.Namespace) -> int:
             raise PolicyCommandError(f"--to {args.dest!r}: use pod/NAMESPACE/NAME or a pod IP") from None
         found = config.workload_by_ip(dest_ip)
         if found is None:
+            svc = config.service_by_ip(dest_ip)
+            if svc is not None:
+                pods = ", ".join(f"pod/{w.ref}" for w in config.endpoints(svc)[:3]) or "none in the files"
+                raise PolicyCommandError(
+                    f"--to {args.dest} is the cluster IP of Service {svc.ref}; policies apply to its pods: "
+                    f"give one of them ({pods})"
+                )
             raise PolicyCommandError(f"--to {args.dest}: no pod in {', '.join(args.files)} has this IP")
         dest = found
 
