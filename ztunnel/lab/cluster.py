@@ -145,6 +145,9 @@ class Lab:
             if o.kind == "Pod":
                 rec = plan_pod(self.name, o, schedule(o, nodes, [p for _, p in pods]))
                 pods.append((o, rec))
+        longest = max((len(str(self._agent_paths(state, n)[0])) for n in nodes), default=0)
+        if longest > 100:
+            raise LabError(f"state dir {self.dir} is too long for the agents' unix sockets; use a shorter --state-dir")
         state.nodes = nodes
         state.pods = {rec.ref: rec for _, rec in pods}
         with locked(self.dir):
@@ -760,6 +763,7 @@ class Lab:
             return {"pid": r.pid, "running": procs.is_running(r), "netns": r.netns, "log": r.log}
 
         nodes = []
+        served: set[str] = set()
         for n in sorted(state.nodes.values(), key=lambda n: n.index):
             entry: dict[str, Any] = {
                 "name": n.name,
@@ -769,6 +773,8 @@ class Lab:
                 "node_agent": proc(f"node/{n.name}/node-agent"),
                 "proxy": proc(f"node/{n.name}/proxy"),
             }
+            if entry["proxy"] and entry["proxy"]["running"]:
+                served.update(self._served_uids(n))
             if entry["proxy"]:
                 entry["proxy"]["metrics"] = f"http://127.0.0.1:{METRICS_PORT}/metrics (netns {n.netns})"
                 entry["proxy"]["readiness"] = f"http://127.0.0.1:{READINESS_PORT}/healthz/ready (netns {n.netns})"
@@ -786,8 +792,8 @@ class Lab:
                     "netns": p.netns,
                     "ips": p.ips,
                     "host_network": p.host_network,
-                    "enrolled": bool(w and w.enrolled and state.components.get("node-agent")),
-                    "ambient": bool(w and w.enrolled),
+                    "enrolled": p.uid in served,  # its node proxy serves it (listeners in its netns)
+                    "ambient": bool(w and w.enrolled),  # its labels put it in the mesh
                     "identity": w.identity if w else None,
                     "containers": {c.name: proc(f"pod/{p.namespace}/{p.name}/{c.name}") for c in p.containers},
                 }
@@ -804,6 +810,17 @@ class Lab:
             "nodes": nodes,
             "pods": pods,
         }
+
+    @staticmethod
+    def _served_uids(node: NodeRecord) -> set[str]:
+        """Pods the node's proxy says it serves (admin /config_dump), empty if it cannot be asked."""
+        try:
+            status, body = netns.http_get(node.netns, "127.0.0.1", ADMIN_PORT, "/config_dump", timeout=2.0)
+            dump = json.loads(body) if status == 200 else {}
+        except (OSError, ValueError):
+            return set()
+        served = dump.get("served_workloads") if isinstance(dump, dict) else None
+        return {str(w.get("uid")) for w in served or [] if isinstance(w, dict)}
 
     def target_netns(self, target: str) -> str:
         with locked(self.dir):

@@ -131,7 +131,7 @@ def _print_status(st: dict[str, Any]) -> None:
             print(f"    metrics: {n['proxy']['metrics']}")
     print("PODS")
     for p in st["pods"]:
-        mesh = "enrolled" if p["enrolled"] else ("ambient (no agent)" if p["ambient"] else "not in mesh")
+        mesh = "enrolled" if p["enrolled"] else ("ambient, NOT ENROLLED" if p["ambient"] else "not in mesh")
         print(f"  {p['namespace'] + '/' + p['name']:<28} {','.join(p['ips']) or '-':<14} {p['node']:<10} {mesh}")
         for c, proc in p["containers"].items():
             print(f"    {c}: {pstate(proc)}")
