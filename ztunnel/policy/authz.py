@@ -8,7 +8,7 @@ flagged as needing L7 attributes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,6 +332,8 @@ class _Ctx:
         return PolicyError(message, source=self.obj.source, obj=self.obj.ref, field=field_path)
 
     def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
+        if type(value) is dict:  # the common case, without an ABC check
+            return value
         if value is None:
             return {}
         if not isinstance(value, Mapping):
@@ -348,7 +350,7 @@ class _Ctx:
                 raise self.error(f"{path}[{i}]", f"must be a string, not {_type_name(v)}")
         return value
 
-    def known_fields(self, m: Mapping[str, Any], allowed: Sequence[str], path: str) -> None:
+    def known_fields(self, m: Mapping[str, Any], allowed: Collection[str], path: str) -> None:
         for k in m:
             if k not in allowed:
                 raise self.error(
@@ -447,7 +449,7 @@ def _port_values(ctx: _Ctx, value: Any, path: str) -> list[str]:
 def _entry(
     ctx: _Ctx, m: Mapping[str, Any], fields: dict[str, tuple[str, str, bool]], path: str, policy_ns: str
 ) -> Entry:
-    ctx.known_fields(m, list(fields), path)
+    ctx.known_fields(m, fields, path)
     checks: list[Check] = []
     for name, raw in m.items():
         kind, attr, layer7 = fields[name]
@@ -455,8 +457,14 @@ def _entry(
         values = _port_values(ctx, raw, fpath) if kind == "port" else ctx.str_list(raw, fpath)
         if not values:
             continue
-        matcher = _matcher(ctx, kind, values, fpath, policy_ns)
-        checks.append(Check(name, attr, matcher, name.startswith("not"), layer7))
+        key = ("check:" + name, tuple(values), policy_ns)
+        check = ctx.memo.get(key) if ctx.memo is not None else None
+        if check is None:
+            matcher = _matcher(ctx, kind, values, fpath, policy_ns)
+            check = Check(name, attr, matcher, name.startswith("not"), layer7)
+            if ctx.memo is not None:
+                ctx.memo[key] = check  # type: ignore[assignment]
+        checks.append(check)  # type: ignore[arg-type]
     if not checks:
         raise ctx.error(path, "must not be empty; give at least one field (or drop the entry)")
     return tuple(checks)
