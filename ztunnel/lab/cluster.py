@@ -24,6 +24,7 @@ from typing import Any
 
 from ztunnel.config.loader import ConfigError, read_objects
 from ztunnel.config.model import POLICY_KINDS, KubeObject
+from ztunnel.errors import ZtunnelError
 from ztunnel.lab import components, netns, procs
 from ztunnel.lab.cni import CniError, PodRef, Runtime, node_conflist, plugin_dirs
 from ztunnel.lab.model import (
@@ -69,13 +70,16 @@ def require_root() -> None:
         raise LabError("`ip` (iproute2) is not installed: run scripts/setup.sh as root")
 
 
-def resolve_dir(name: str | None, state_dir: str | None) -> tuple[str, Path]:
+def resolve_dir(name: str | None, state_dir: str | None, creating: bool = False) -> tuple[str, Path]:
     """(lab name, state dir) from --name and --state-dir; a state dir alone names its lab."""
     if state_dir:
         path = Path(state_dir).absolute()
         if name is None:
-            with contextlib.suppress(LabError):
+            try:
                 return load(path).name, path
+            except LabError:
+                if not creating:  # never guess a name: `down` removes namespaces by the name's prefix
+                    raise LabError(f"no lab state in {path}; say which lab with --name") from None
         return check_lab_name(name or "lab"), path
     lab = check_lab_name(name or "lab")
     return lab, default_dir(lab)
@@ -119,13 +123,14 @@ class Lab:
                 "the config has no Node objects and no pod sets spec.nodeName: add a Node (kind: Node, "
                 "metadata.name) or set spec.nodeName on the pods"
             )
+        _check_lab_dir(self.dir)
         leftovers = [n for n in netns.list_netns() if n.startswith(netns_prefix(self.name))]
         if leftovers or self.dir.exists():
             self.say("cleaning up after an earlier run")
             self.down(quiet=True)
         try:
             return self._up(objects, redirect=redirect, mesh=mesh, timeout=timeout)
-        except (LabError, ConfigError, OSError) as e:
+        except (ZtunnelError, OSError) as e:
             raise LabError(
                 f"{e}\nThe lab is left as it is for inspection (logs in {self.dir / 'logs'}); "
                 f"remove it with `ztunnel lab down --name {self.name}`"
@@ -865,6 +870,7 @@ class Lab:
         for n in names:
             netns.delete_netns(n)
         if self.dir.exists():
+            _check_lab_dir(self.dir)
             shutil.rmtree(self.dir, ignore_errors=True)
         if not quiet:
             self.say(
@@ -872,6 +878,20 @@ class Lab:
                 + (f", {len(state.processes)} processes" if state else "")
                 + f" and {self.dir}"
             )
+
+
+LAB_DIR_ENTRIES = frozenset({"state.json", "lock", "cluster.yaml", "logs", "nodes", "pods", "ca", "cni-bin"})
+
+
+def _check_lab_dir(path: Path) -> None:
+    """Refuse to take over (or remove) a directory that holds anything but a lab's own files."""
+    if not path.is_dir():
+        return
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in LAB_DIR_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise LabError(
+            f"{path} holds files that are not a lab's ({', '.join(foreign[:5])}); give --state-dir a new directory"
+        )
 
 
 def _tail(path: str, lines: int = 15) -> str:

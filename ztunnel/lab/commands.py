@@ -83,15 +83,15 @@ def register(subparsers: Any) -> None:
         p.set_defaults(func=_restart if verb == "restart" else _kill)
 
 
-def _lab(args: argparse.Namespace) -> Any:
+def _lab(args: argparse.Namespace, creating: bool = False) -> Any:
     from ztunnel.lab.cluster import Lab, resolve_dir
 
-    name, path = resolve_dir(args.name, args.state_dir)
+    name, path = resolve_dir(args.name, args.state_dir, creating=creating)
     return Lab(name, path, progress=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def _up(args: argparse.Namespace) -> int:
-    lab = _lab(args)
+    lab = _lab(args, creating=True)
     lab.up(args.filename, redirect=args.redirect, mesh=args.mesh, timeout=args.timeout)
     _print_status(lab.status())
     return 0

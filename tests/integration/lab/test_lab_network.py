@@ -102,3 +102,35 @@ def test_bad_apply_names_file_object_and_field(lab: LabHandle) -> None:
     assert proc.returncode == 2
     assert str(f) in proc.stderr and "Pod lab/broken" in proc.stderr and "status.podIPs" in proc.stderr
     assert "broken" not in (lab.dir / "cluster.yaml").read_text()
+
+
+NEW_NODE = """
+apiVersion: v1
+kind: Node
+metadata: {name: n3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: lab, labels: {app: far}}
+spec:
+  nodeName: n3
+  containers:
+  - name: main
+    command: [python3, -m, http.server, "9191", --bind, 0.0.0.0]
+    ports: [{containerPort: 9191}]
+"""
+
+
+def test_apply_adds_a_node_with_routes_from_the_others(lab: LabHandle) -> None:
+    out = lab.apply(NEW_NODE)
+    assert "Node n3 created" in out.stdout and "Pod lab/far created" in out.stdout
+    ip = lab.pod_ip("lab/far")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.244.3.0/24")
+    code, _ = lab.curl("lab/outsider", f"http://{ip}:9191/")
+    assert code == 0
+    n3 = next(n for n in lab.status()["nodes"] if n["name"] == "n3")
+    assert n3["address"] == "172.30.0.13"
+    if lab.components().get("proxy"):
+        assert n3["proxy"]["running"] and n3["node_agent"]["running"]
+    lab.delete(NEW_NODE.split("---")[1])  # the pod; nodes stay for the lab's lifetime
+    assert "far" not in (lab.dir / "cluster.yaml").read_text()
