@@ -218,3 +218,19 @@ def test_parse_port() -> None:
 def test_workload_type_is_config_workload() -> None:
     _, config = engine_of()
     assert isinstance(config.workloads[0], Workload)
+
+
+def test_request_authentications_for_workload() -> None:
+    def ra(name: str, ns: str, selector: dict | None = None) -> str:
+        spec: dict = {"jwtRules": [{"issuer": f"https://{name}"}]}
+        if selector:
+            spec["selector"] = {"matchLabels": selector}
+        return policy(name, spec, kind="RequestAuthentication", namespace=ns)
+
+    engine, config = engine_of(
+        ra("mesh", "istio-system"), ra("ns", "foo"), ra("srv", "foo", {"app": "server"}), ra("b", "bar")
+    )
+    server, other = config.workload("foo", "server"), config.workload("foo", "other")
+    assert server and other
+    assert [r.name for r in engine.request_authentications_for(server)] == ["mesh", "ns", "srv"]
+    assert [r.name for r in engine.request_authentications_for(other)] == ["mesh", "ns"]

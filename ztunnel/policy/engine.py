@@ -538,6 +538,16 @@ class PolicyEngine:
                 return c.decisions[i]
         return wp.fallback
 
+    def request_authentications_for(self, workload: Workload) -> tuple[RequestAuthentication, ...]:
+        """JWT rules a waypoint applies for `workload`: its namespace's and the root namespace's, by selector."""
+        out = []
+        for ra in self.request_authentications:
+            if ra.namespace not in (workload.namespace, self.root_namespace):
+                continue
+            if ra.selector is None or labels_match(ra.selector, workload.labels):
+                out.append(ra)
+        return tuple(out)
+
     # ---- peer authentication ----------------------------------------------------------------------
     def _peer(self, w: Workload, port: int) -> tuple[str, PeerAuthentication | None]:
         for pa in self._pa_selector.get(w.namespace, ()):
