@@ -33,7 +33,15 @@ from tests.integration.conftest import (
 
 def test_curl_through_socks5_reaches_the_app_on_the_other_node(local_mesh: LocalMesh) -> None:
     out = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "--socks5", f"{NODE_A_CLIENT}:15080", f"http://{NODE_B_SERVER}:{HTTP_PORT}/"],
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--socks5",
+            f"{NODE_A_CLIENT}:15080",
+            f"http://{NODE_B_SERVER}:{HTTP_PORT}/",
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -13,7 +13,9 @@ N = 1000
 
 async def _open(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(NODE_A_CONC_CLIENT, 15080)
-    writer.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + bytes(map(int, NODE_B_SERVER.split("."))) + struct.pack("!H", ECHO_PORT))
+    writer.write(
+        b"\x05\x01\x00" + b"\x05\x01\x00\x01" + bytes(map(int, NODE_B_SERVER.split("."))) + struct.pack("!H", ECHO_PORT)
+    )
     head = await reader.readexactly(2 + 10)
     assert head[:2] == b"\x05\x00" and head[3] == 0, head
     msg = b"conn %d" % i

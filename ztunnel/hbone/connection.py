@@ -339,11 +339,26 @@ class HboneConnection(asyncio.Protocol):
         except h2.exceptions.ProtocolError as e:
             log.info("HBONE protocol error, closing the connection", extra={"peer": self.label, "error": str(e)})
             self._flush()
+            if self.transport is not None:
+                self.transport.close()  # flushes the GOAWAY h2 queued, then closes
             self._fail(HboneError(f"HTTP/2 protocol error: {e}"))
             return
         for event in events:
             self._dispatch(event)
         self._flush()
+        # h2 checks a frame's length only once the whole frame is buffered; refuse an announced oversized
+        # frame now, so a peer cannot make us buffer up to 16 MiB per connection.
+        pending = getattr(self.h2.incoming_buffer, "_data", b"")
+        if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > MAX_FRAME_SIZE:
+            log.info("HBONE peer announced an oversized frame, closing", extra={"peer": self.label})
+            try:
+                self.h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+            self._fail(HboneError("oversized HTTP/2 frame"))
 
     def eof_received(self) -> bool:
         return False

@@ -92,7 +92,10 @@ class Socks5Handshake:
                 return Step()
             send = out
         if self._state == "request":
-            request = self._request()
+            try:
+                request = self._request()
+            except Socks5Error as e:  # keep the method reply of this same call in front of the error
+                raise Socks5Error(str(e), send + e.reply) from None
             if request is None:
                 return Step(send=send)
             self._state = "done"

@@ -1,0 +1,152 @@
+"""Bad input gets a clear refusal and the proxy keeps serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from tests.integration.conftest import (
+    ECHO_PORT,
+    NODE_A_CLIENT,
+    NODE_B_SERVER,
+    LocalMesh,
+    recv_all,
+    socks_connect,
+)
+from ztunnel.hbone.client import HbonePool, PoolKey
+from ztunnel.hbone.protocol import Authority, HboneError
+from ztunnel.hbone.tls_cache import TlsContexts
+from ztunnel.identity.ca import init_ca_dir
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.identity.tls import client_context
+from ztunnel.proxy.certs import SigningProvider
+
+CLIENT_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
+SERVER_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/server")
+HBONE = (NODE_B_SERVER, 15008)
+
+
+def _still_serving() -> None:
+    with socks_connect(NODE_A_CLIENT, (NODE_B_SERVER, ECHO_PORT)) as s:
+        s.sendall(b"still here")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"still here"
+
+
+async def _client_ssl(ca_dir: Path, identity: SpiffeId = CLIENT_ID) -> ssl.SSLContext:
+    cert = await SigningProvider.from_dir(ca_dir).get(identity)
+    return client_context(cert)
+
+
+async def _raw_h2(ctx: ssl.SSLContext, headers: list[tuple[str, str]]) -> int | None:
+    """Send one request with plain h2 (no HBONE helpers) and return the response status."""
+    reader, writer = await asyncio.open_connection(*HBONE, ssl=ctx, server_hostname="")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, headers, end_stream=False)
+    writer.write(conn.data_to_send())
+    try:
+        async with asyncio.timeout(10):
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
+                        return int(dict(event.headers)[":status"])
+                writer.write(conn.data_to_send())
+        return None
+    finally:
+        writer.close()
+
+
+async def test_socks5_garbage_is_refused(local_mesh: LocalMesh) -> None:
+    for garbage in (
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x05\x01\x02",
+        b"\x05\x01\x00\x05\x02\x00\x01" + bytes(6),
+        b"\x05" * 700,
+    ):
+        reader, writer = await asyncio.open_connection(NODE_A_CLIENT, 15080)
+        writer.write(garbage)
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # the proxy answers (or not) and closes
+        writer.close()
+        if garbage == b"\x05\x01\x02":  # offers only username/password
+            assert answer == b"\x05\xff"
+        if garbage.startswith(b"\x05\x01\x00\x05\x02"):  # BIND
+            assert answer[:2] == b"\x05\x00" and answer[2:4] == b"\x05\x07"
+    await asyncio.to_thread(_still_serving)
+
+
+async def test_non_connect_request_gets_400(local_mesh: LocalMesh) -> None:
+    ctx = await _client_ssl(local_mesh.ca_dir)
+    status = await _raw_h2(
+        ctx, [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", f"{NODE_B_SERVER}:{ECHO_PORT}")]
+    )
+    assert status == 400
+    await asyncio.to_thread(_still_serving)
+
+
+@pytest.mark.parametrize("authority", ["server.shop:8080", f"{NODE_B_SERVER}", f"{NODE_B_SERVER}:99999", "[::1:80"])
+async def test_malformed_authority_gets_400(local_mesh: LocalMesh, authority: str) -> None:
+    ctx = await _client_ssl(local_mesh.ca_dir)
+    assert await _raw_h2(ctx, [(":method", "CONNECT"), (":authority", authority)]) == 400
+
+
+async def test_connect_to_an_address_that_is_not_a_local_pod_gets_400(local_mesh: LocalMesh) -> None:
+    pool = HbonePool(TlsContexts(SigningProvider.from_dir(local_mesh.ca_dir)))
+    key = PoolKey(CLIENT_ID, SERVER_ID, HBONE)
+    try:
+        for target in (Authority(NODE_A_CLIENT, 80), Authority("127.0.0.1", 22), Authority(NODE_B_SERVER, 15008)):
+            with pytest.raises(HboneError) as e:
+                await pool.connect(key, target, expected_identities=[SERVER_ID.uri])
+            assert e.value.status == 400, target
+        # The app port with nothing listening: 503.
+        with pytest.raises(HboneError) as e:
+            await pool.connect(key, Authority(NODE_B_SERVER, 9), expected_identities=[SERVER_ID.uri])
+        assert e.value.status == 503
+        # And a good one on the same pooled connection still works.
+        stream = await pool.connect(key, Authority(NODE_B_SERVER, ECHO_PORT), expected_identities=[SERVER_ID.uri])
+        await stream.write(b"ok")
+        await stream.write_eof()
+        assert await stream.read() == b"ok"
+        assert len(pool.connections()) == 1
+    finally:
+        pool.close()
+
+
+async def test_malformed_frames_close_only_that_connection(local_mesh: LocalMesh) -> None:
+    ctx = await _client_ssl(local_mesh.ca_dir)
+    bad_frames = [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64,  # preface then a frame with an absurd length
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x00\x00\x00\x00\x00\x00abcd",  # DATA on stream 0
+        b"not http/2 at all\r\n\r\n",
+    ]
+    for payload in bad_frames:
+        reader, writer = await asyncio.open_connection(*HBONE, ssl=ctx, server_hostname="")
+        writer.write(payload)
+        async with asyncio.timeout(10):
+            try:
+                while await reader.read(65536):
+                    pass  # server SETTINGS, then GOAWAY, then EOF
+            except (ConnectionError, ssl.SSLError):
+                pass
+        writer.close()
+    await asyncio.to_thread(_still_serving)
+
+
+async def test_client_certificate_from_another_ca_is_refused(local_mesh: LocalMesh, tmp_path: Path) -> None:
+    other = init_ca_dir(tmp_path / "other")
+    ctx = await _client_ssl(other)
+    # The client's own verification of the server fails too, so trust the real CA to isolate the server check.
+    ctx.load_verify_locations(cafile=str(local_mesh.ca_dir / "root-cert.pem"))
+    with pytest.raises((ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)):
+        await _raw_h2(ctx, [(":method", "CONNECT"), (":authority", f"{NODE_B_SERVER}:{ECHO_PORT}")])
+        raise ConnectionError("no response")  # a closed connection without an answer is a refusal too
+    await asyncio.to_thread(_still_serving)

@@ -1,0 +1,103 @@
+"""Secure naming: the client proxy refuses an HBONE server that is not who the destination should be.
+
+A fake HBONE server stands at the proxy-less node-c pod's address (127.0.130.1:15008). The real node-a
+proxy must reject it when it presents another identity's SVID, an SVID from another CA, or one from
+another trust domain, and the client's connection must fail (never a plaintext fallback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import NODE_A_CLIENT, NODE_C_TARGET, LocalMesh, SocksRefused, socks_connect
+from ztunnel.hbone.protocol import STATUS_OK
+from ztunnel.hbone.server import HboneServer, InboundTunnel
+from ztunnel.hbone.tls_cache import TlsContexts
+from ztunnel.identity.ca import init_ca_dir
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.proxy.certs import SigningProvider
+from ztunnel.proxy.listeners import listening_socket
+
+TARGET_PORT = 7000
+
+
+class FakeServer:
+    """An HBONE server at node-c's pod address presenting whatever identity the test chooses."""
+
+    def __init__(self, ca_dir: Path, identity: str) -> None:
+        self.contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+        self.identity = SpiffeId.parse(identity)
+        self.tunnels: list[str] = []
+        self.server = HboneServer(self.contexts, self._handle)
+        self._listener: asyncio.Server | None = None
+
+    async def _handle(self, tunnel: InboundTunnel) -> None:
+        self.tunnels.append(tunnel.peer_identity.uri)
+        tunnel.stream.respond(STATUS_OK)
+        while data := await tunnel.stream.read():
+            await tunnel.stream.write(data)
+        await tunnel.stream.write_eof()
+
+    async def __aenter__(self) -> FakeServer:
+        self._listener = await self.server.listen(listening_socket(NODE_C_TARGET, 15008), self.identity)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        self.server.abort()
+        await self._listener.wait_closed()
+
+
+def _tls_failures(mesh: LocalMesh) -> float:
+    total = 0.0
+    for line in mesh.a.metrics().splitlines():
+        if line.startswith("ztunnel_tls_failures_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _through_proxy() -> bytes:
+    with socks_connect(NODE_A_CLIENT, (NODE_C_TARGET, TARGET_PORT)) as s:
+        s.sendall(b"hello")
+        return s.recv(100)
+
+
+async def test_the_right_identity_is_accepted(local_mesh: LocalMesh) -> None:
+    async with FakeServer(local_mesh.ca_dir, "spiffe://cluster.local/ns/shop/sa/target") as fake:
+        assert await asyncio.to_thread(_through_proxy) == b"hello"
+    assert fake.tunnels == ["spiffe://cluster.local/ns/shop/sa/client"]
+
+
+@pytest.mark.parametrize(
+    ("case", "identity"),
+    [
+        ("another identity, same CA", "spiffe://cluster.local/ns/shop/sa/server"),
+        ("the right identity from another CA", "spiffe://cluster.local/ns/shop/sa/target"),
+        ("another trust domain", "spiffe://other.local/ns/shop/sa/target"),
+    ],
+)
+async def test_a_server_with_the_wrong_svid_is_rejected(
+    local_mesh: LocalMesh, tmp_path: Path, case: str, identity: str
+) -> None:
+    ca = local_mesh.ca_dir
+    if case != "another identity, same CA":
+        ca = init_ca_dir(tmp_path / "other-ca", trust_domain=SpiffeId.parse(identity).trust_domain)
+    before = await asyncio.to_thread(_tls_failures, local_mesh)
+    async with FakeServer(ca, identity) as fake:
+        with pytest.raises((SocksRefused, ConnectionError)):
+            await asyncio.to_thread(_through_proxy)
+    assert fake.tunnels == []  # nothing was tunnelled, and nothing went around the tunnel
+    after = await asyncio.to_thread(_tls_failures, local_mesh)
+    assert after == before + 1
+    assert re.search(r"HBONE connection failed .*reason=(identity|tls)", local_mesh.a.log())
+
+
+async def test_a_mesh_destination_whose_proxy_is_down_fails_closed(local_mesh: LocalMesh) -> None:
+    # Nobody listens on 127.0.130.1:15008: the connection fails instead of going out in plaintext.
+    with pytest.raises(SocksRefused):
+        await asyncio.to_thread(_through_proxy)
