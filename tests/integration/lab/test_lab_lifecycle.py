@@ -8,9 +8,12 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import root_netns_snapshot, wait_for, ztunnel
+
+pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with the reason otherwise
 
 SMALL = [
     {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "solo"}},

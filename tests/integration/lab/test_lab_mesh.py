@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT, ZTUNNEL, LabHandle, wait_for
+
+pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with the reason otherwise
 
 MESH = ("ca", "node-agent", "proxy", "cni-plugin")
 NETNS_EXEC = ["ip", "netns", "exec"]

@@ -7,9 +7,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import ZTUNNEL, LabHandle, ztunnel
+
+pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with the reason otherwise
 
 NEW_POD = """
 apiVersion: v1
