@@ -69,7 +69,8 @@ def mesh_config() -> str:
         + _pod("target", "node-c", "target", NODE_C_TARGET)
         + _pod("outside", "node-b", "outside", OUTSIDE, labels="istio.io/dataplane-mode: none")
         + "---\napiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: shop}\n"
-        f"spec: {{clusterIP: {SERVICE_IP}, selector: {{app: server}}, ports: [{{port: 80, targetPort: {ECHO_PORT}}}]}}\n"
+        f"spec: {{clusterIP: {SERVICE_IP}, selector: {{app: server}},"
+        f" ports: [{{port: 80, targetPort: {ECHO_PORT}}}]}}\n"
         + "---\napiVersion: v1\nkind: Service\nmetadata: {name: nobody, namespace: shop}\n"
         f"spec: {{clusterIP: {EMPTY_SERVICE_IP}, selector: {{app: nobody}}, ports: [{{port: 80}}]}}\n"
         + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
