@@ -613,6 +613,12 @@ class Lab:
                     runtime.delete(self.conflist(state, node), self._pod_ref(rec), rec.cni_result or None)
                 except CniError as e:
                     self.say(f"pod {rec.ref}: {e} (continuing)")
+            # e.g. `lab exec` sessions, or children that left the group; never a component that was only
+            # passing through the pod's netns (the proxy opens listeners there with setns)
+            components_pids = {r.pid for k, r in state.processes.items() if not k.startswith("pod/")}
+            stray = [p for p in netns.pids_in_netns([rec.netns]) if p not in components_pids]
+            if stray:
+                procs.kill_pids(stray)
             netns.delete_netns(rec.netns)
         shutil.rmtree(state.pod_dir(rec.namespace, rec.name), ignore_errors=True)
         for k in keys:
