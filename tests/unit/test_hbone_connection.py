@@ -1,0 +1,225 @@
+"""HboneConnection client and server driven against each other over an in-memory transport (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from ztunnel.hbone.connection import HboneConnection, HboneStream
+from ztunnel.hbone.protocol import STREAM_WINDOW, Authority, ConnectRequest, HboneError, Rejection
+from ztunnel.hbone.streams import StreamClosed
+
+
+class MemoryTransport(asyncio.Transport):
+    """Delivers writes to the peer protocol on the next loop iteration; pauses the writer past `high`."""
+
+    def __init__(self, high: int = 1 << 20) -> None:
+        super().__init__()
+        self.peer: MemoryTransport | None = None
+        self.protocol: asyncio.Protocol | None = None
+        self.closing = False
+        self.high = high
+        self.in_flight = 0
+        self.paused = False
+        self.written = bytearray()
+
+    def write(self, data: Any) -> None:
+        if self.closing:
+            return
+        data = bytes(data)
+        self.written += data
+        self.in_flight += len(data)
+        if self.in_flight > self.high and not self.paused:
+            self.paused = True
+            assert self.protocol is not None
+            self.protocol.pause_writing()
+        asyncio.get_running_loop().call_soon(self._deliver, data)
+
+    def _deliver(self, data: bytes) -> None:
+        self.in_flight -= len(data)
+        if self.paused and self.in_flight <= self.high // 2:
+            self.paused = False
+            assert self.protocol is not None
+            self.protocol.resume_writing()
+        if self.peer is not None and not self.peer.closing and self.peer.protocol is not None:
+            self.peer.protocol.data_received(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._lost)
+        if self.peer is not None:
+            loop.call_soon(self.peer._lost_from_peer)
+
+    abort = close
+
+    def _lost(self) -> None:
+        assert self.protocol is not None
+        self.protocol.connection_lost(None)
+
+    def _lost_from_peer(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self._lost()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.9", 5555), "sockname": ("127.0.0.8", 15008)}.get(name, default)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+def connect_pair(on_request: Any) -> tuple[HboneConnection, HboneConnection, MemoryTransport, MemoryTransport]:
+    client = HboneConnection(client_side=True, keepalive_interval=0)
+    server = HboneConnection(client_side=False, on_request=on_request, keepalive_interval=0)
+    ct, st = MemoryTransport(), MemoryTransport()
+    ct.peer, st.peer = st, ct
+    ct.protocol, st.protocol = client, server
+    server.connection_made(st)
+    client.connection_made(ct)
+    return client, server, ct, st
+
+
+class Handler:
+    """Server side: records requests; answers 200 to CONNECTs and the Rejection's status otherwise."""
+
+    def __init__(self) -> None:
+        self.streams: asyncio.Queue[HboneStream] = asyncio.Queue()
+        self.verdicts: list[ConnectRequest | Rejection] = []
+
+    def __call__(self, stream: HboneStream, verdict: ConnectRequest | Rejection) -> None:
+        self.verdicts.append(verdict)
+        if isinstance(verdict, Rejection):
+            stream.respond(verdict.status)
+            return
+        stream.respond(200)
+        self.streams.put_nowait(stream)
+
+
+async def test_connect_half_close_and_reply() -> None:
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    await client.ready
+    stream = await client.open_stream(Authority("10.0.0.1", 8080), forwarded_for=("10.0.0.2", 4444))
+    served = await handler.streams.get()
+    request = handler.verdicts[0]
+    assert isinstance(request, ConnectRequest)
+    assert request.target == Authority("10.0.0.1", 8080)
+    assert request.forwarded_for == ("10.0.0.2", 4444)
+    await stream.write(b"hello")
+    await stream.write_eof()
+    assert await served.read() == b"hello"
+    assert await served.read() == b""  # the client's half-close arrives as EOF...
+    await served.write(b"reply after EOF")  # ...while the other direction still flows
+    await served.write_eof()
+    assert await stream.read() == b"reply after EOF"
+    assert await stream.read() == b""
+    assert stream.done and served.done
+    assert client.is_idle
+
+
+async def test_a_slow_reader_bounds_the_buffer_with_the_stream_window() -> None:
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    stream = await client.open_stream(Authority("10.0.0.1", 8080))
+    served = await handler.streams.get()
+    payload = b"x" * (3 * STREAM_WINDOW)
+    writer = asyncio.create_task(stream.write(payload))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not writer.done()  # blocked on flow control: the server has not read anything
+    buffered = sum(len(d) for d, _ in served._chunks)
+    assert 0 < buffered <= STREAM_WINDOW
+    received = 0
+    while received < len(payload):
+        received += len(await served.read())
+    await writer
+    assert received == len(payload)
+
+
+async def test_non_connect_and_bad_authority_are_answered_400() -> None:
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    await client.ready
+    for headers in (
+        [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "10.0.0.1:80")],
+        [(":method", "CONNECT"), (":authority", "name:80")],
+    ):
+        stream_id = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(stream_id, headers)
+        stream = HboneStream(client, stream_id)
+        stream._response = asyncio.get_running_loop().create_future()
+        client.streams[stream_id] = stream
+        client._flush()
+        assert await stream._response == 400
+    assert all(isinstance(v, Rejection) and v.status == 400 for v in handler.verdicts)
+
+
+async def test_a_non_200_answer_raises_with_the_status() -> None:
+    def deny(stream: HboneStream, verdict: ConnectRequest | Rejection) -> None:
+        stream.respond(401)
+
+    client, _server, _, _ = connect_pair(deny)
+    with pytest.raises(HboneError) as e:
+        await client.open_stream(Authority("10.0.0.1", 8080))
+    assert e.value.status == 401
+    assert client.is_idle
+
+
+async def test_goaway_lets_open_streams_finish_and_refuses_new_ones() -> None:
+    handler = Handler()
+    client, server, _, _ = connect_pair(handler)
+    stream = await client.open_stream(Authority("10.0.0.1", 8080))
+    served = await handler.streams.get()
+    server.goaway()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert client.draining and not client.is_available(100)
+    await stream.write(b"still flowing")
+    assert await served.read() == b"still flowing"
+    await served.write(b"back")
+    assert await stream.read() == b"back"
+    # A new stream after GOAWAY is refused by the server.
+    with pytest.raises(HboneError):
+        await client.open_stream(Authority("10.0.0.1", 8080))
+    await stream.write_eof()
+    await served.write_eof()
+    assert await served.read() == b""
+    assert await stream.read() == b""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert server.is_closed  # the last stream ended: the draining connection closed
+
+
+async def test_malformed_frames_fail_the_connection_and_its_streams() -> None:
+    handler = Handler()
+    client, server, _, st = connect_pair(handler)
+    stream = await client.open_stream(Authority("10.0.0.1", 8080))
+    await handler.streams.get()
+    server.data_received(b"\x00\x00\x04\x00\x00\x00\x00\x00\x00abcd")  # DATA on stream 0
+    assert server.closed.done()
+    assert b"\x07" in bytes(st.written[-17:])  # a GOAWAY frame (type 7) went out
+    for _ in range(5):
+        await asyncio.sleep(0)
+    with pytest.raises((StreamClosed, HboneError)):
+        await stream.write(b"x")
+        await stream.read()
+
+
+async def test_an_announced_oversized_frame_is_refused_before_buffering_it() -> None:
+    handler = Handler()
+    client, server, _, _ = connect_pair(handler)
+    await client.ready
+    server.data_received(b"\x10\x00\x00\x00\x00\x00\x00\x00\x01" + b"\x00" * 100)  # a 1 MiB DATA frame begins
+    assert not server.closed.done()  # exactly the max frame size is allowed
+    server2_client, server2, _, _ = connect_pair(handler)
+    await server2_client.ready
+    server2.data_received(b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")
+    assert server2.closed.done()

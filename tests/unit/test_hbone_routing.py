@@ -1,0 +1,97 @@
+"""Outbound routing: mesh pods go through HBONE, services round-robin, the rest passes through."""
+
+from __future__ import annotations
+
+from ztunnel.config.loader import build_config, load_documents
+from ztunnel.hbone.protocol import Authority
+from ztunnel.proxy.routing import HboneRoute, OutboundRouter, PassthroughRoute, RefusedRoute
+
+CONFIG = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: b, serviceAccountName: web, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.2.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: c, serviceAccountName: web, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.3.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: shop, labels: {app: web}}
+spec: {nodeName: c, serviceAccountName: web}
+status: {podIP: 10.0.3.2, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: shop, labels: {app: legacy, istio.io/dataplane-mode: none}}
+spec: {nodeName: b}
+status: {podIP: 10.0.2.9}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations: {networking.istio.io/subject-alt-names: "spiffe://cluster.local/ns/shop/sa/web-canary"}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec: {clusterIP: 10.96.0.12, selector: {app: legacy}, ports: [{port: 80, targetPort: 9000}]}
+"""
+
+
+def config():  # type: ignore[no-untyped-def]
+    return build_config(load_documents(CONFIG))
+
+
+def test_mesh_pod_goes_through_hbone_to_its_pod_address() -> None:
+    route = OutboundRouter().route(config(), "10.0.2.1", 8080)
+    assert isinstance(route, HboneRoute)
+    assert route.target == Authority("10.0.2.1", 8080)
+    assert route.proxy_address == ("10.0.2.1", 15008)
+    assert route.expected_identities == (
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "spiffe://cluster.local/ns/shop/sa/web-canary",
+    )
+
+
+def test_service_round_robins_over_ready_endpoints_with_named_target_port() -> None:
+    router, cfg = OutboundRouter(), config()
+    targets = []
+    for _ in range(4):
+        route = router.route(cfg, "10.96.0.10", 80)
+        assert isinstance(route, HboneRoute)
+        assert route.service is not None and route.service.name == "web"
+        targets.append(route.target)
+    assert targets == [Authority("10.0.2.1", 8080), Authority("10.0.3.1", 8080)] * 2  # web-3 is not ready
+
+
+def test_service_without_endpoints_or_port_is_refused() -> None:
+    router, cfg = OutboundRouter(), config()
+    assert isinstance(router.route(cfg, "10.96.0.11", 80), RefusedRoute)
+    refused = router.route(cfg, "10.96.0.10", 81)
+    assert isinstance(refused, RefusedRoute) and "no port 81" in refused.reason
+
+
+def test_outside_the_mesh_passes_through() -> None:
+    router, cfg = OutboundRouter(), config()
+    assert router.route(cfg, "192.0.2.1", 443) == PassthroughRoute(("192.0.2.1", 443))
+    legacy = router.route(cfg, "10.0.2.9", 9000)
+    assert isinstance(legacy, PassthroughRoute) and legacy.destination is not None
+    via_service = router.route(cfg, "10.96.0.12", 80)
+    assert isinstance(via_service, PassthroughRoute) and via_service.address == ("10.0.2.9", 9000)
