@@ -28,7 +28,8 @@ PORT = 8080
 
 BASE = (
     "apiVersion: v1\nkind: Namespace\nmetadata: {name: life, labels: {istio.io/dataplane-mode: ambient}}\n"
-    "---\napiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: life, uid: life-server, labels: {app: server}}\n"
+    "---\napiVersion: v1\nkind: Pod\n"
+    "metadata: {name: server, namespace: life, uid: life-server, labels: {app: server}}\n"
     f"spec: {{nodeName: node-e, serviceAccountName: server}}\nstatus: {{podIP: {SERVER}}}\n"
 )
 
