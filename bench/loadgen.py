@@ -1,0 +1,371 @@
+"""Load generators and the app server for the benchmark, one role per process.
+
+Roles (`python loadgen.py ROLE ...`):
+- `echo-server HOST:PORT`: echoes every byte (uvloop). The app for latency, new connections and
+  held connections.
+- `latency TARGET`: fixed-rate request/response client (1 KiB, open loop like wrk2, several
+  connections); prints JSON with every round-trip sample's percentiles.
+- `connrate TARGET`: opens, uses (1 byte each way) and closes connections as fast as N workers can;
+  prints JSON with the rate and the connect+first-byte time percentiles.
+- `hold TARGET`: opens N connections (each proven end to end by a 1-byte echo), prints `ready N`,
+  then holds them until stdin closes.
+- `forward LISTEN TARGET`: a fixed-destination forwarder that reaches TARGET through a SOCKS5 proxy,
+  relaying with splice(2) so the payload never enters Python; for tools that cannot speak SOCKS
+  (iperf3). One thread per direction, so only for a handful of connections.
+
+TARGET is `HOST:PORT` or `socks5://PROXYHOST:PORT/HOST:PORT` (the client speaks SOCKS5 itself).
+Sans-anything: this file is a script, kept free of project imports so it runs with any Python 3.11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - the venv has it
+    uvloop = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    port: int
+    socks: tuple[str, int] | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> Target:
+        socks = None
+        if value.startswith("socks5://"):
+            proxy, _, value = value[len("socks5://") :].partition("/")
+            ph, _, pp = proxy.rpartition(":")
+            socks = (ph, int(pp))
+        host, _, port = value.rpartition(":")
+        return cls(host, int(port), socks)
+
+    @property
+    def connect_addr(self) -> tuple[str, int]:
+        return self.socks if self.socks else (self.host, self.port)
+
+
+def socks5_connect_request(host: str, port: int) -> bytes:
+    """Greeting (no auth) + CONNECT to an IPv4/IPv6 address, pipelined in one write."""
+    try:
+        addr = socket.inet_pton(socket.AF_INET, host)
+        atyp = b"\x01"
+    except OSError:
+        addr = socket.inet_pton(socket.AF_INET6, host)
+        atyp = b"\x04"
+    return b"\x05\x01\x00" + b"\x05\x01\x00" + atyp + addr + struct.pack("!H", port)
+
+
+CONNECT_TIMEOUT = 5.0  # a connection not echoing within this counts as an error, never a hang
+SOCKS_REPLY_LEN = 2 + 10  # method choice + IPv4 CONNECT reply (what a proxy with an IPv4 bind sends)
+
+
+async def open_stream(target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*target.connect_addr)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if target.socks:
+        writer.write(socks5_connect_request(target.host, target.port))
+        method = await reader.readexactly(2)
+        head = await reader.readexactly(4)
+        if method != b"\x05\x00" or head[1] != 0:
+            writer.close()
+            raise ConnectionError(f"SOCKS5 refused: {method.hex()} {head.hex()}")
+        rest = {1: 4, 4: 16}.get(head[3])
+        if rest is None:  # domain name bind address
+            rest = (await reader.readexactly(1))[0]
+        await reader.readexactly(rest + 2)
+    return reader, writer
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    s = sorted(samples)
+
+    def pick(q: float) -> float:
+        return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": s[-1], "count": len(s)}
+
+
+# ---- roles --------------------------------------------------------------------------------------
+
+
+class EchoProtocol(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        return False
+
+
+async def echo_server(addr: str) -> None:
+    host, _, port = addr.rpartition(":")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(EchoProtocol, host, int(port), backlog=4096, reuse_address=True)
+    print("listening", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+async def latency(target: Target, *, rate: float, conns: int, size: int, duration: float, warmup: float) -> dict:
+    """Open-loop fixed rate: each connection sends on its own schedule; RTT from actual send."""
+    payload = b"x" * size
+    samples: list[float] = []
+    errors = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+    end_warm = start + warmup
+    end = end_warm + duration
+    interval = conns / rate
+
+    async def one(index: int) -> None:
+        nonlocal errors
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await open_stream(target)
+        pending: deque[float] = deque()  # send times of requests not yet answered (-1: warm-up)
+        sending_done = False
+        drained = asyncio.Event()
+
+        async def receiver() -> None:
+            nonlocal errors
+            try:
+                while True:
+                    await reader.readexactly(size)
+                    now = time.perf_counter()
+                    sent = pending.popleft()
+                    if sent >= 0:
+                        samples.append((now - sent) * 1e6)
+                    if sending_done and not pending:
+                        drained.set()
+                        return
+            except (ConnectionError, asyncio.IncompleteReadError):
+                errors += 1
+                drained.set()
+
+        recv_task = asyncio.ensure_future(receiver())
+        next_at = start + index * interval / conns
+        while True:
+            next_at += interval
+            if next_at >= end:
+                break
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.append(time.perf_counter() if loop.time() >= end_warm else -1.0)
+            writer.write(payload)
+        sending_done = True
+        if not pending:
+            drained.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await drained.wait()
+        recv_task.cancel()
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(conns)))
+    return {
+        "tool": "loadgen.latency (open-loop fixed rate, uvloop)",
+        "rate": rate,
+        "connections": conns,
+        "size": size,
+        "duration": duration,
+        "wall": time.perf_counter() - t0,
+        "errors": errors,
+        "rtt_us": percentiles(samples),
+    }
+
+
+async def connrate(target: Target, *, workers: int, duration: float) -> dict:
+    times: list[float] = []
+    errors = 0
+    loop = asyncio.get_running_loop()
+    end = loop.time() + duration
+
+    async def worker() -> None:
+        nonlocal errors
+        while loop.time() < end:
+            t = time.perf_counter()
+            writer = None
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    reader, writer = await open_stream(target)
+                    writer.write(b"x")
+                    await reader.readexactly(1)
+                times.append((time.perf_counter() - t) * 1e3)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                errors += 1
+                await asyncio.sleep(0.001)
+            finally:
+                if writer is not None:
+                    writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    wall = time.perf_counter() - t0
+    return {
+        "tool": "loadgen.connrate (connect, 1-byte echo, close; uvloop)",
+        "workers": workers,
+        "connections": len(times),
+        "errors": errors,
+        "per_second": len(times) / wall,
+        "connect_ms": percentiles(times),
+    }
+
+
+async def hold(target: Target, *, count: int, parallel: int) -> None:
+    held: list[asyncio.StreamWriter] = []
+    errors = 0
+    sem = asyncio.Semaphore(parallel)
+
+    async def one() -> None:
+        nonlocal errors
+        async with sem:
+            writer = None
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    reader, writer = await open_stream(target)
+                    writer.write(b"x")
+                    await reader.readexactly(1)
+                held.append(writer)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                errors += 1
+                if writer is not None:
+                    writer.close()
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    print(json.dumps({"ready": len(held), "errors": errors}), flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)  # until the orchestrator closes stdin
+    for w in held:
+        w.close()
+
+
+def forward(listen: str, target: Target) -> None:
+    """Fixed-destination forwarder through SOCKS5, relaying with splice(2) (no payload in Python)."""
+    host, _, port = listen.rpartition(":")
+    lsock = socket.create_server((host, int(port)), backlog=128, reuse_port=False)
+    print("listening", flush=True)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        r, w = os.pipe()
+        try:
+            while True:
+                n = os.splice(src.fileno(), w, 1 << 20)
+                if n == 0:
+                    break
+                while n:
+                    n -= os.splice(r, dst.fileno(), n)
+        except OSError:
+            pass
+        finally:
+            os.close(r)
+            os.close(w)
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def serve(client: socket.socket) -> None:
+        try:
+            up = socket.create_connection(target.connect_addr)
+            for s in (client, up):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if target.socks:
+                up.sendall(socks5_connect_request(target.host, target.port))
+                reply = b""
+                while len(reply) < SOCKS_REPLY_LEN:
+                    chunk = up.recv(SOCKS_REPLY_LEN - len(reply))
+                    if not chunk:
+                        raise ConnectionError("SOCKS5 proxy closed")
+                    reply += chunk
+                if reply[:2] != b"\x05\x00" or reply[3] != 0:
+                    raise ConnectionError(f"SOCKS5 refused: {reply.hex()}")
+        except OSError:
+            client.close()
+            return
+        t = threading.Thread(target=pump, args=(up, client), daemon=True)
+        t.start()
+        pump(client, up)
+        t.join()
+        client.close()
+        up.close()
+
+    while True:
+        client, _ = lsock.accept()
+        threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="role", required=True)
+    p = sub.add_parser("echo-server")
+    p.add_argument("listen")
+    p = sub.add_parser("latency")
+    p.add_argument("target", type=Target.parse)
+    p.add_argument("--rate", type=float, default=1000)
+    p.add_argument("--conns", type=int, default=4)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--duration", type=float, default=10)
+    p.add_argument("--warmup", type=float, default=1)
+    p = sub.add_parser("connrate")
+    p.add_argument("target", type=Target.parse)
+    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--duration", type=float, default=5)
+    p = sub.add_parser("hold")
+    p.add_argument("target", type=Target.parse)
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--parallel", type=int, default=100)
+    p = sub.add_parser("forward")
+    p.add_argument("listen")
+    p.add_argument("target", type=Target.parse)
+    args = parser.parse_args()
+
+    if args.role == "forward":
+        forward(args.listen, args.target)
+        return
+    if uvloop is not None:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if args.role == "echo-server":
+        asyncio.run(echo_server(args.listen))
+    elif args.role == "latency":
+        out = asyncio.run(
+            latency(
+                args.target,
+                rate=args.rate,
+                conns=args.conns,
+                size=args.size,
+                duration=args.duration,
+                warmup=args.warmup,
+            )
+        )
+        print(json.dumps(out), flush=True)
+    elif args.role == "connrate":
+        print(json.dumps(asyncio.run(connrate(args.target, workers=args.workers, duration=args.duration))), flush=True)
+    elif args.role == "hold":
+        asyncio.run(hold(args.target, count=args.count, parallel=args.parallel))
+
+
+if __name__ == "__main__":
+    main()

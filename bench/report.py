@@ -1,0 +1,193 @@
+"""Turns raw benchmark samples into the summary, ratios, target checks and the Markdown table.
+
+Pure functions over plain dicts, so the table code is tested without running a benchmark
+(tests/unit/test_telemetry_bench.py) and cannot rot silently.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+FLOOR = "direct"
+PEER = "haproxy"
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    digits: int = 2
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("throughput_1_gbps", "Throughput, 1 stream (iperf3)", "Gbit/s", True),
+    Metric("throughput_4_gbps", "Throughput, 4 streams (iperf3)", "Gbit/s", True),
+    Metric("latency_p50_us", "RTT p50, 1 KiB at 1,000 req/s over 4 conns", "µs", False, 0),
+    Metric("latency_p90_us", "RTT p90, same load", "µs", False, 0),
+    Metric("latency_p99_us", "RTT p99, same load", "µs", False, 0),
+    Metric("cpu_s_per_1000_req", "Proxy CPU per 1,000 requests (both proxies)", "CPU s", False, 4),
+    Metric("cpu_vcpu_at_1000rps", "CPU at 1,000 req/s (busiest proxy)", "vCPU", False, 3),
+    Metric("rss_idle_mb", "RSS idle (largest proxy)", "MB", False, 1),
+    Metric("rss_per_conn_kib", "RSS per extra open connection (largest proxy)", "KiB", False, 1),
+    Metric("conn_per_s", "New connections per second", "conn/s", True, 0),
+    Metric("connect_p99_ms", "Connect + first byte, p99", "ms", False, 2),
+)
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+
+
+def summarize(values: Sequence[float | None]) -> dict[str, float] | None:
+    """Median and spread of the repetitions; None when no repetition produced a value."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def summarize_all(samples: Mapping[str, Mapping[str, Sequence[float | None]]]) -> dict[str, dict[str, Any]]:
+    """samples[path][metric] = per-repetition values -> summary[path][metric]."""
+    return {path: {k: summarize(v) for k, v in per_metric.items()} for path, per_metric in samples.items()}
+
+
+def _median(summary: Mapping[str, Any], path: str, key: str) -> float | None:
+    s = summary.get(path, {}).get(key)
+    return None if s is None else float(s["median"])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def ratios(summary: Mapping[str, Any], paths: Sequence[str]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """ratios[path][metric] = {"floor": path/direct, "peer": path/haproxy} on medians."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for path in paths:
+        if path == FLOOR:
+            continue
+        out[path] = {}
+        for m in METRICS:
+            v = _median(summary, path, m.key)
+            out[path][m.key] = {
+                "floor": ratio(v, _median(summary, FLOOR, m.key)),
+                "peer": None if path == PEER else ratio(v, _median(summary, PEER, m.key)),
+            }
+    return out
+
+
+def evaluate_targets(summary: Mapping[str, Any], path: str = "ztunnel") -> list[dict[str, Any]]:
+    """Issue 6's targets for `path`, each with its value, limit and whether it is met (None: no data)."""
+
+    def med(p: str, key: str) -> float | None:
+        return _median(summary, p, key)
+
+    checks: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float | None, higher_ok: bool, unit: str) -> None:
+        met = None if value is None or limit is None else (value >= limit if higher_ok else value <= limit)
+        checks.append({"target": name, "value": value, "limit": limit, "met": met, "unit": unit})
+
+    for streams in (1, 4):
+        key = f"throughput_{streams}_gbps"
+        peer = med(PEER, key)
+        add(
+            f"throughput {streams} stream(s) ≥ 0.6 × HAProxy",
+            med(path, key),
+            None if peer is None else 0.6 * peer,
+            True,
+            "Gbit/s",
+        )
+    for pct in ("p50", "p99"):
+        key = f"latency_{pct}_us"
+        floor, peer, mine = med(FLOOR, key), med(PEER, key), med(path, key)
+        added = None if mine is None or floor is None else mine - floor
+        peer_added = None if peer is None or floor is None else max(peer - floor, 0.0)
+        add(
+            f"added latency {pct} ≤ 2 × HAProxy's",
+            added,
+            None if peer_added is None else 2 * peer_added,
+            False,
+            "µs",
+        )
+    add("CPU at 1,000 req/s ≤ 0.06 vCPU per proxy", med(path, "cpu_vcpu_at_1000rps"), 0.06, False, "vCPU")
+    add("RSS idle ≤ 60 MB", med(path, "rss_idle_mb"), 60.0, False, "MB")
+    add("RSS per open connection ≤ 16 KiB", med(path, "rss_per_conn_kib"), 16.0, False, "KiB")
+    add("new connections ≥ 3,000/s", med(path, "conn_per_s"), 3000.0, True, "conn/s")
+    add("connect p99 ≤ 10 ms", med(path, "connect_p99_ms"), 10.0, False, "ms")
+    return checks
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _cell(s: Mapping[str, float] | None, digits: int) -> str:
+    if s is None:
+        return "–"
+    if s["n"] > 1 and s["min"] != s["max"]:
+        return f"{_fmt(s['median'], digits)} ({_fmt(s['min'], digits)}–{_fmt(s['max'], digits)})"
+    return _fmt(s["median"], digits)
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    """The results table: one row per figure, a column per path, then ratios to the floor and peer."""
+    paths: list[str] = list(result["paths"])
+    available = [p for p in paths if result["paths"][p].get("available")]
+    summary = result["summary"]
+    rat = result.get("ratios") or ratios(summary, available)
+    others = [p for p in available if p != FLOOR]
+    meta = result.get("meta", {})
+
+    lines = [
+        f"### Benchmark {meta.get('date', '')} ({'quick' if meta.get('quick') else 'full'} run, "
+        f"{meta.get('reps', '?')} repetitions; median (min–max))",
+        "",
+    ]
+    header = ["Figure", *available]
+    header += [f"{p} ÷ {FLOOR}" for p in others]
+    header += [f"{p} ÷ {PEER}" for p in others if p != PEER and PEER in available]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for m in METRICS:
+        row = [f"{m.label} ({m.unit})"]
+        row += [_cell(summary.get(p, {}).get(m.key), m.digits) for p in available]
+        row += [_fmt(rat.get(p, {}).get(m.key, {}).get("floor"), 2) for p in others]
+        row += [_fmt(rat.get(p, {}).get(m.key, {}).get("peer"), 2) for p in others if p != PEER and PEER in available]
+        lines.append("| " + " | ".join(row) + " |")
+
+    skipped = [p for p in paths if p not in available]
+    if skipped:
+        lines.append("")
+        for p in skipped:
+            lines.append(f"- **{p}**: not available — {result['paths'][p].get('note', 'no reason given')}")
+    notes = [(p, result["paths"][p].get("note")) for p in available if result["paths"][p].get("note")]
+    if notes:
+        lines.append("")
+        for p, note in notes:
+            lines.append(f"- {p}: {note}")
+
+    errors = result.get("meta", {}).get("errors") or []
+    if errors:
+        lines += ["", "Problems during the run (their cells are missing or based on fewer repetitions):"]
+        lines += [f"- {e}" for e in errors[:20]]
+
+    targets = result.get("targets") or []
+    if targets:
+        lines += ["", "| Target (issue 6) | value | limit | met |", "|---|---|---|---|"]
+        for t in targets:
+            met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
+            lines.append(
+                f"| {t['target']} | {_fmt(t['value'], 3)} {t['unit']} | {_fmt(t['limit'], 3)} {t['unit']} | {met} |"
+            )
+
+    policy = result.get("policy")
+    if policy:
+        lines += ["", f"Policy decision benchmark (bench/policy_bench.py): {policy.get('summary', 'see JSON')}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,984 @@
+"""Side-by-side benchmark of the mesh against the floor (direct TCP) and a C peer (HAProxy mTLS).
+
+Run with `bench/run` (installs the tools, then runs this). Until the netns lab exists, every path
+runs on loopback addresses in local mode; as root, the whole run happens inside a network namespace
+this script creates (and removes), so it never touches the machine's own network and can tune that
+namespace's sysctls (TIME_WAIT reuse for the connection-rate test).
+
+Paths:
+- direct: client -> app.
+- haproxy: client -> haproxy A (plain TCP) -> TLS 1.3, ECDSA P-256, mutual -> haproxy B -> app.
+  One thread per haproxy process, like one node proxy worker.
+- ztunnel: client pod on node a -> `ztunnel proxy --node a` -> HBONE -> `ztunnel proxy --node b`
+  -> app pod on node b. Entry is the proxy's SOCKS5 port (local mode has no redirection): the
+  load generators speak SOCKS5 themselves; iperf3 cannot, so it goes through `loadgen.py forward`,
+  a fixed-destination forwarder that relays with splice(2).
+
+Each repetition measures every path in turn, so slow drifts of this noisy machine hit all paths.
+Timings are never asserted in tests: this is a report, not a gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import loadgen  # noqa: E402
+import report  # noqa: E402
+
+PY = sys.executable
+LOADGEN = str(HERE / "loadgen.py")
+NETNS_PREFIX = "ztbench-"
+
+# Addresses (loopback; inside the bench netns nothing else uses them).
+NODE_A, NODE_B = "127.77.1.1", "127.77.2.1"
+CLIENT_POD, SERVER_POD = "127.77.1.10", "127.77.2.10"
+HAPROXY_A, HAPROXY_B = "127.77.1.20", "127.77.2.20"
+FORWARDER = "127.77.1.30"
+IPERF_PORT, ECHO_PORT = 5201, 7000
+TLS_PORT_OFFSET = 10000  # haproxy B's TLS port for app port P is P + offset
+
+BENCH_TOOLS = ("haproxy", "iperf3")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    quick: bool
+    reps: int
+    throughput_secs: float
+    latency_secs: float
+    latency_warmup: float
+    latency_rate: float
+    latency_conns: int
+    connrate_secs: float
+    connrate_workers: int
+    hold_count: int
+
+    @classmethod
+    def for_args(cls, args: argparse.Namespace) -> Settings:
+        if args.quick:
+            s = cls(True, 2, 2.0, 3.0, 0.5, 1000, 4, 2.0, 8, 1000)
+        else:
+            s = cls(False, 3, 5.0, 8.0, 1.0, 1000, 4, 4.0, 8, 10_000)
+        if args.reps:
+            s = Settings(**{**asdict(s), "reps": args.reps})
+        if args.hold:
+            s = Settings(**{**asdict(s), "hold_count": args.hold})
+        return s
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[Any]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+@dataclass
+class Lab:
+    """Owns the temp dir and every process the run starts; `close()` stops them all, by pid."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        n = 1
+        while log.exists():  # a restarted process keeps the log of the one before
+            n += 1
+            log = self.workdir / f"{name}.{n}.log"
+        fh = log.open("wb")
+        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        fh.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                proc.stop()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: Proc | None = None) -> None:
+    """Poll `check` until true; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited (code {proc.popen.returncode}) before {what}: {proc.log_tail()}")
+        time.sleep(0.05)
+    tail = f": {proc.log_tail()}" if proc else ""
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether a TCP socket listens on host:port (IPv4), without connecting to it (a connect would
+    count as a client for servers such as a one-off iperf3)."""
+    want = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == want and fields[3] == "0A":
+                return True
+    return False
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return None
+
+
+# ---- /proc accounting ---------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (a proxy with worker processes counts as one)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    total_kib = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kib / 1024
+
+
+# ---- certificates for the HAProxy peer ----------------------------------------------------------
+
+
+def make_haproxy_certs(directory: Path) -> None:
+    """A root and two ECDSA P-256 leaves (client and server), as PEM files haproxy reads."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
+        return k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    root_key = key()
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench root")])
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(root_name)
+        .issuer_name(root_name)
+        .public_key(root_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    (directory / "ca.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    for name, eku in (("client", ExtendedKeyUsageOID.CLIENT_AUTH), ("server", ExtendedKeyUsageOID.SERVER_AUTH)):
+        k = key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}.bench.local")]))
+            .issuer_name(root_name)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"{name}.bench.local")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .sign(root_key, hashes.SHA256())
+        )
+        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM) + pem_key(k))
+
+
+# ---- paths --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathSetup:
+    """One way from the client to the app: where to connect, and which processes are the proxies."""
+
+    name: str
+    available: bool = True
+    note: str = ""
+    echo_target: str = ""  # loadgen TARGET
+    iperf_host: str = ""
+    iperf_port: int = 0
+    proxies: dict[str, Proc] = field(default_factory=dict)
+    entry: str = ""
+    helpers: list[Proc] = field(default_factory=list)  # e.g. the SOCKS forwarder; stopped with the path
+
+    def stop(self) -> None:
+        for proc in [*self.proxies.values(), *self.helpers]:
+            proc.stop()
+
+
+def setup_direct() -> PathSetup:
+    return PathSetup(
+        "direct",
+        echo_target=f"{SERVER_POD}:{ECHO_PORT}",
+        iperf_host=SERVER_POD,
+        iperf_port=IPERF_PORT,
+        entry="plain TCP to the app",
+    )
+
+
+def setup_haproxy(lab: Lab, maxconn: int) -> PathSetup:
+    path = PathSetup("haproxy", entry="haproxy A (TCP) -> mTLS 1.3 ECDSA P-256 -> haproxy B, nbthread 1 each")
+    binary = shutil.which("haproxy")
+    if binary is None:
+        return PathSetup("haproxy", available=False, note="haproxy is not installed (bench/run installs it as root)")
+    certs = lab.workdir / "haproxy-certs"
+    certs.mkdir(exist_ok=True)
+    make_haproxy_certs(certs)
+    common = (
+        f"global\n  maxconn {maxconn}\n  nbthread 1\n  tune.ssl.default-dh-param 2048\n"
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n"
+    )
+    a_cfg, b_cfg = common, common
+    tls = f"ca-file {certs}/ca.pem verify required ssl-min-ver TLSv1.3"
+    for port in (IPERF_PORT, ECHO_PORT):
+        tls_port = port + TLS_PORT_OFFSET
+        a_cfg += (
+            f"frontend f{port}\n  bind {HAPROXY_A}:{port}\n  maxconn {maxconn}\n  default_backend b{port}\n"
+            f"backend b{port}\n  server b {HAPROXY_B}:{tls_port} ssl crt {certs}/client.pem {tls} "
+            "verifyhost server.bench.local\n"
+        )
+        b_cfg += (
+            f"frontend f{port}\n  bind {HAPROXY_B}:{tls_port} ssl crt {certs}/server.pem {tls}\n"
+            f"  maxconn {maxconn}\n  default_backend app{port}\n"
+            f"backend app{port}\n  server app {SERVER_POD}:{port}\n"
+        )
+    for side, cfg in (("a", a_cfg), ("b", b_cfg)):
+        cfg_path = lab.workdir / f"haproxy-{side}.cfg"
+        cfg_path.write_text(cfg)
+        proc = lab.start(f"haproxy-{side}", [binary, "-db", "-f", str(cfg_path)])
+        path.proxies[side] = proc
+    wait_until(lambda: port_open(HAPROXY_B, ECHO_PORT + TLS_PORT_OFFSET), 10, "haproxy B", path.proxies["b"])
+    wait_until(lambda: port_open(HAPROXY_A, ECHO_PORT), 10, "haproxy A", path.proxies["a"])
+    path.echo_target = f"{HAPROXY_A}:{ECHO_PORT}"
+    path.iperf_host, path.iperf_port = HAPROXY_A, IPERF_PORT
+    return path
+
+
+CLUSTER_YAML = f"""\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: bench
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: a
+status:
+  addresses:
+  - type: InternalIP
+    address: {NODE_A}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: b
+status:
+  addresses:
+  - type: InternalIP
+    address: {NODE_B}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: bench
+  labels:
+    app: client
+spec:
+  nodeName: a
+  serviceAccountName: client
+status:
+  podIP: {CLIENT_POD}
+  podIPs:
+  - ip: {CLIENT_POD}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: server
+  namespace: bench
+  labels:
+    app: server
+spec:
+  nodeName: b
+  serviceAccountName: server
+status:
+  podIP: {SERVER_POD}
+  podIPs:
+  - ip: {SERVER_POD}
+"""
+
+
+def ztunnel_command() -> list[str] | None:
+    exe = Path(PY).parent / "ztunnel"
+    return [str(exe)] if exe.exists() else None
+
+
+def proxy_cli_help(cmd: list[str]) -> str | None:
+    """`ztunnel proxy --help`, or None while the proxy command does not exist yet."""
+    try:
+        r = subprocess.run([*cmd, "proxy", "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def setup_ztunnel(lab: Lab) -> PathSetup:
+    cmd = ztunnel_command()
+    if cmd is None:
+        return PathSetup("ztunnel", available=False, note="the ztunnel console script is not in the venv")
+    help_text = proxy_cli_help(cmd)
+    if help_text is None:
+        return PathSetup("ztunnel", available=False, note="`ztunnel proxy` is not available yet (the CLI lacks it)")
+    missing = [f for f in ("--node", "--ca-dir", "--metrics-addr", "--readiness-addr") if f not in help_text]
+    if missing:
+        return PathSetup("ztunnel", available=False, note=f"`ztunnel proxy` lacks {', '.join(missing)}")
+    cluster = lab.workdir / "cluster.yaml"
+    cluster.write_text(CLUSTER_YAML)
+    ca_dir = lab.workdir / "ca"
+    r = subprocess.run(
+        [*cmd, "ca", "init", "--dir", str(ca_dir), "--force"], capture_output=True, text=True, timeout=60
+    )
+    if r.returncode != 0:
+        return PathSetup("ztunnel", available=False, note=f"`ztunnel ca init` failed: {r.stderr.strip()[-300:]}")
+    path = PathSetup("ztunnel", entry=f"SOCKS5 on the client pod ({CLIENT_POD}:15080), HBONE between the proxies")
+    for node, addr in (("a", NODE_A), ("b", NODE_B)):
+        argv = [*cmd, "--log-level", "warning", "proxy", "--node", node, "-f", str(cluster), "--ca-dir", str(ca_dir)]
+        argv += ["--metrics-addr", f"{addr}:15020", "--readiness-addr", f"{addr}:15021"]
+        if "--admin-addr" in help_text:
+            argv += ["--admin-addr", f"{addr}:15000"]
+        if "--access-log" in help_text:
+            argv += ["--access-log", "off"]
+        path.proxies[node] = lab.start(f"ztunnel-{node}", argv)
+    for node, addr in (("a", NODE_A), ("b", NODE_B)):
+        try:
+            wait_until(
+                lambda addr=addr: http_status(f"http://{addr}:15021/healthz/ready") == 200,  # type: ignore[misc]
+                60,
+                f"proxy {node} ready",
+                path.proxies[node],
+            )
+        except RuntimeError as e:
+            return PathSetup("ztunnel", available=False, note=str(e)[:500])
+    socks = f"socks5://{CLIENT_POD}:15080/"
+    path.echo_target = f"{socks}{SERVER_POD}:{ECHO_PORT}"
+    fwd = lab.start(
+        "forwarder", [PY, LOADGEN, "forward", f"{FORWARDER}:{IPERF_PORT}", f"{socks}{SERVER_POD}:{IPERF_PORT}"]
+    )
+    wait_until(lambda: port_open(FORWARDER, IPERF_PORT), 10, "the SOCKS forwarder", fwd)
+    path.iperf_host, path.iperf_port = FORWARDER, IPERF_PORT
+    path.note = "entry via SOCKS5 (local mode); iperf3 reaches it through a splice(2) forwarder"
+    if not probe_echo(path.echo_target):
+        return PathSetup("ztunnel", available=False, note="a test connection through the proxy pair failed")
+    return path
+
+
+def probe_echo(target: str, timeout: float = 3.0) -> bool:
+    """One connection through the path, proven by a 1-byte echo from the app."""
+    t = loadgen.Target.parse(target)
+    try:
+        with socket.create_connection(t.connect_addr, timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            if t.socks:
+                sock.sendall(loadgen.socks5_connect_request(t.host, t.port))
+                reply = b""
+                while len(reply) < loadgen.SOCKS_REPLY_LEN:
+                    chunk = sock.recv(loadgen.SOCKS_REPLY_LEN - len(reply))
+                    if not chunk:
+                        return False
+                    reply += chunk
+                if reply[1] != 0 or reply[3] != 0:
+                    return False
+            sock.sendall(b"x")
+            return sock.recv(1) == b"x"
+    except OSError:
+        return False
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+
+def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 and not lines:
+        raise RuntimeError(f"{Path(argv[0]).name} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-300:]}")
+    if not lines:
+        raise RuntimeError(f"{Path(argv[0]).name} printed no result: {r.stderr.strip()[-300:]}")
+    return json.loads(lines[-1])
+
+
+def iperf3(lab: Lab, path: PathSetup, streams: int, secs: float) -> float:
+    """One test against a fresh one-off iperf3 server, so a failed test cannot wedge the next one."""
+    server = lab.start("iperf3-server", ["iperf3", "-s", "-1", "-B", SERVER_POD, "-p", str(IPERF_PORT)])
+    try:
+        wait_until(lambda: listening(SERVER_POD, IPERF_PORT), 10, "the iperf3 server", server)
+        argv = ["iperf3", "-c", path.iperf_host, "-p", str(path.iperf_port), "-t", str(secs), "-P", str(streams)]
+        argv += ["-J", "--connect-timeout", "5000"]
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 20)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"iperf3 did not finish within {secs + 20:.0f} s") from None
+        try:
+            data = json.loads(r.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 printed no JSON: {r.stderr.strip()[-300:]}") from None
+        if "error" in data:
+            raise RuntimeError(f"iperf3: {data['error']}")
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        server.stop()
+        lab.procs.remove(server)
+
+
+def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
+    before = {n: cpu_seconds(p.pid) for n, p in path.proxies.items()}
+    t0 = time.monotonic()
+    out = run_json(
+        [
+            PY,
+            LOADGEN,
+            "latency",
+            path.echo_target,
+            "--rate",
+            str(s.latency_rate),
+            "--conns",
+            str(s.latency_conns),
+            "--duration",
+            str(s.latency_secs),
+            "--warmup",
+            str(s.latency_warmup),
+        ],
+        timeout=s.latency_secs + s.latency_warmup + 60,
+    )
+    wall = time.monotonic() - t0
+    rtt = out["rtt_us"]
+    result: dict[str, float | None] = {
+        "latency_p50_us": rtt.get("p50"),
+        "latency_p90_us": rtt.get("p90"),
+        "latency_p99_us": rtt.get("p99"),
+        "cpu_s_per_1000_req": None,
+        "cpu_vcpu_at_1000rps": None,
+    }
+    if path.proxies:
+        used = {n: cpu_seconds(p.pid) - before[n] for n, p in path.proxies.items()}
+        requests = s.latency_rate * (s.latency_secs + s.latency_warmup)
+        result["cpu_s_per_1000_req"] = sum(used.values()) / (requests / 1000)
+        # the load ran for latency+warmup seconds; process start/exit of the client add a little wall
+        result["cpu_vcpu_at_1000rps"] = max(used.values()) / min(wall, s.latency_secs + s.latency_warmup + 0.5)
+    return result
+
+
+def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
+    out = run_json(
+        [
+            PY,
+            LOADGEN,
+            "connrate",
+            path.echo_target,
+            "--workers",
+            str(s.connrate_workers),
+            "--duration",
+            str(s.connrate_secs),
+        ],
+        timeout=s.connrate_secs + 60,
+    )
+    return {"conn_per_s": out["per_second"], "connect_p99_ms": out["connect_ms"].get("p99")}
+
+
+def held_connections_rss(path: PathSetup, count: int) -> dict[str, Any]:
+    """RSS of the proxies before and while `count` proxied connections are open."""
+    idle = {n: rss_mb(p.pid) for n, p in path.proxies.items()}
+    proc = subprocess.Popen(
+        [PY, LOADGEN, "hold", path.echo_target, "--count", str(count), "--parallel", "200"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        ready = json.loads(line) if line.startswith("{") else {"ready": 0, "errors": count}
+        time.sleep(0.5)  # let the proxies finish any per-connection allocation after the echo
+        loaded = {n: rss_mb(p.pid) for n, p in path.proxies.items()}
+        proc.stdin.close()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    held = int(ready.get("ready", 0))
+    per_conn = {n: (loaded[n] - idle[n]) * 1024 / held if held else None for n in path.proxies}
+    values = [v for v in per_conn.values() if v is not None]
+    return {
+        "held": held,
+        "errors": ready.get("errors"),
+        "rss_before_mb": idle,
+        "rss_loaded_mb": loaded,
+        "rss_per_conn_kib_by_proxy": per_conn,
+        "rss_per_conn_kib": max(values) if values else None,
+    }
+
+
+def run_policy_bench(quick: bool) -> dict[str, Any] | None:
+    script = HERE / "policy_bench.py"
+    if not script.exists():
+        return None
+    argv = [PY, str(script), *(["--quick"] if quick else [])]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if r.returncode != 0 and quick:  # it may not know --quick
+            r = subprocess.run(argv[:2], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"summary": "timed out after 300 s", "ok": False}
+    parsed: Any = None
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(line)
+                break
+    if parsed is None:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(r.stdout)
+    text = r.stdout.strip()
+    return {
+        "ok": r.returncode == 0,
+        "result": parsed,
+        "output": text[-4000:],
+        "summary": (text.splitlines()[-1] if text else r.stderr.strip()[-300:]) if parsed is None else "see JSON",
+    }
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for tool, argv in (("haproxy", ["haproxy", "-v"]), ("iperf3", ["iperf3", "--version"])):
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            out[tool] = (r.stdout or r.stderr).splitlines()[0].strip()
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            out[tool] = "missing"
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[str, Any]:
+    raise_fd_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="ztbench-"))
+    lab = Lab(workdir)
+    started = time.monotonic()
+    paths: list[PathSetup] = []
+    samples: dict[str, dict[str, list[float | None]]] = {}
+    holds: dict[str, Any] = {}
+    errors: list[str] = []
+    try:
+        log(f"starting the app (echo server on {SERVER_POD}; iperf3 servers per test) in {workdir}")
+        echo = lab.start("echo-server", [PY, LOADGEN, "echo-server", f"{SERVER_POD}:{ECHO_PORT}"])
+        wait_until(lambda: port_open(SERVER_POD, ECHO_PORT), 10, "the echo server", echo)
+
+        wanted = args.paths.split(",")
+        maxconn = s.hold_count + 1000
+        builders: dict[str, Callable[[], PathSetup]] = {
+            "direct": setup_direct,
+            "haproxy": lambda: setup_haproxy(lab, maxconn),
+            "ztunnel": lambda: setup_ztunnel(lab),
+        }
+        for name in wanted:
+            log(f"setting up path {name}")
+            try:
+                path = builders[name]()
+            except Exception as e:
+                path = PathSetup(name, available=False, note=f"setup failed: {e}"[:500])
+            if not path.available:
+                log(f"  {name}: not available — {path.note}")
+            paths.append(path)
+            samples[name] = {m.key: [] for m in report.METRICS}
+        live = [p for p in paths if p.available]
+        time.sleep(1.0)  # let the proxies settle before the idle RSS reading
+        idle_rss = {p.name: {n: rss_mb(proc.pid) for n, proc in p.proxies.items()} for p in live}
+
+        for rep in range(1, s.reps + 1):
+            for index, first in enumerate(live):
+                log(f"rep {rep}/{s.reps} {first.name}")
+                row = samples[first.name]
+                row["rss_idle_mb"].append(max(idle_rss[first.name].values()) if first.proxies else None)
+                steps: list[tuple[str, Callable[[PathSetup], dict[str, float | None]]]] = [
+                    ("throughput 1", lambda p: {"throughput_1_gbps": iperf3(lab, p, 1, s.throughput_secs)}),
+                    ("throughput 4", lambda p: {"throughput_4_gbps": iperf3(lab, p, 4, s.throughput_secs)}),
+                    ("latency", lambda p: latency_with_cpu(p, s)),
+                    ("connrate", lambda p: connrate(p, s)),
+                ]
+                for what, step in steps:
+                    path = live[index]
+                    try:
+                        for k, v in step(path).items():
+                            row[k].append(v)
+                        continue
+                    except Exception as e:
+                        errors.append(f"rep {rep} {path.name} {what}: {e}"[:400])
+                        log(f"  {what} failed: {e}")
+                    if path.proxies and not probe_echo(path.echo_target):
+                        note = f"rep {rep} {path.name}: the path stopped passing traffic after {what}; restarted it"
+                        errors.append(note)
+                        log(f"  {note}")
+                        path.stop()
+                        rebuilt = builders[path.name]()
+                        if rebuilt.available:
+                            live[index] = rebuilt
+                        else:
+                            errors.append(f"{path.name}: restart failed: {rebuilt.note}"[:400])
+                time.sleep(0.3)
+        for path in live:
+            if not path.proxies:
+                continue
+            log(f"{path.name}: holding {s.hold_count} connections")
+            try:
+                holds[path.name] = held_connections_rss(path, s.hold_count)
+                samples[path.name]["rss_per_conn_kib"].append(holds[path.name]["rss_per_conn_kib"])
+            except Exception as e:
+                errors.append(f"{path.name} hold: {e}"[:400])
+        for path in live:
+            for name, proc in path.proxies.items():
+                if not proc.alive():
+                    errors.append(f"{path.name} proxy {name} died during the run: {proc.log_tail()}")
+        policy = None
+        if not args.skip_policy:
+            log("policy benchmark (bench/policy_bench.py)")
+            policy = run_policy_bench(s.quick)
+    finally:
+        lab.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = report.summarize_all(samples)
+    names = [p.name for p in paths]
+    available = [p.name for p in paths if p.available]
+    now = dt.datetime.now(dt.UTC)
+    return {
+        "meta": {
+            "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+            "quick": s.quick,
+            "reps": s.reps,
+            "settings": asdict(s),
+            "mode": f"local mode on loopback{' inside netns ' + netns if netns else ' (host namespace)'}",
+            "host": {
+                "kernel": platform.release(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+            },
+            "tools": {**tool_versions(), "latency": "bench/loadgen.py latency (open-loop fixed rate, uvloop)"},
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "errors": errors,
+        },
+        "paths": {
+            p.name: {
+                "available": p.available,
+                "note": p.note,
+                "entry": p.entry,
+                "idle_rss_mb": idle_rss.get(p.name) if p.available else None,
+            }
+            for p in paths
+        },
+        "samples": samples,
+        "summary": summary,
+        "ratios": report.ratios(summary, available),
+        "targets": report.evaluate_targets(summary) if "ztunnel" in available else [],
+        "holds": holds,
+        "policy": policy,
+        "paths_order": names,
+    }
+
+
+def raise_fd_limit() -> None:
+    """10,000 held connections need more than 20,000 descriptors in a proxy; root may raise the cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d-%H%M%S")
+    suffix = "-quick" if result["meta"]["quick"] else ""
+    json_path = out_dir / f"{stamp}{suffix}.json"
+    md_path = out_dir / f"{stamp}{suffix}.md"
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    table = report.render_markdown(result)
+    md_path.write_text(table)
+    (out_dir / ("latest-quick.md" if suffix else "latest.md")).write_text(table)
+    return json_path, md_path
+
+
+# ---- netns isolation (root) ---------------------------------------------------------------------
+
+
+def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *argv], capture_output=True, text=True, check=check, timeout=30)
+
+
+def remove_netns(name: str) -> None:
+    """Stop what still runs in our namespace (only our processes live there), then delete it."""
+    r = _ip("netns", "pids", name, check=False)
+    for pid in r.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    _ip("netns", "del", name, check=False)
+
+
+def remove_stale_netns() -> None:
+    """A crashed earlier run leaves `ztbench-<pid>` behind; its pid is gone, so it is ours to remove."""
+    r = _ip("netns", "list", check=False)
+    for line in r.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.fullmatch(rf"{NETNS_PREFIX}(\d+)", name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            remove_netns(name)
+
+
+@contextlib.contextmanager
+def bench_netns() -> Iterator[str]:
+    remove_stale_netns()
+    name = f"{NETNS_PREFIX}{os.getpid()}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        for key, value in (
+            ("net.ipv4.tcp_tw_reuse", "1"),
+            ("net.ipv4.ip_local_port_range", "20000 65000"),
+            ("net.core.somaxconn", "8192"),
+        ):
+            subprocess.run(
+                ["ip", "netns", "exec", name, "sysctl", "-q", "-w", f"{key}={value}"], check=False, timeout=10
+            )
+        yield name
+    finally:
+        remove_netns(name)
+
+
+def can_use_netns() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+# ---- dry run ----------------------------------------------------------------------------------
+
+
+def dry_run(args: argparse.Namespace, s: Settings, out: TextIO) -> int:
+    """Show the plan and render a report from synthetic figures: checks the harness without load."""
+    wanted = args.paths.split(",")
+    per_rep = 2 * s.throughput_secs + s.latency_secs + s.latency_warmup + s.connrate_secs + 6
+    estimate = len(wanted) * s.reps * per_rep + len(wanted) * 15 + 20
+    print(f"plan: paths {', '.join(wanted)}; {s.reps} repetitions; settings {asdict(s)}", file=out)
+    print(f"plan: about {estimate / 60:.1f} minutes", file=out)
+    print(f"plan: isolation {'netns' if can_use_netns() and not args.no_netns else 'host loopback'}", file=out)
+    for tool in (*BENCH_TOOLS, "ip"):
+        print(f"tool {tool}: {shutil.which(tool) or 'missing'}", file=out)
+    cmd = ztunnel_command()
+    print(f"ztunnel proxy command: {'present' if cmd and proxy_cli_help(cmd) else 'not available yet'}", file=out)
+    # The sample config must load: the ztunnel path depends on it.
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "cluster.yaml"
+        cfg.write_text(CLUSTER_YAML)
+        from ztunnel.config.loader import load_files
+
+        config = load_files([str(cfg)])
+        assert config.workload("bench", "client") is not None, "bench cluster.yaml lost the client pod"
+    fake = {
+        "direct": [9.0, 20.0, 60, 90, 200, None, None, None, None, 6000, 3.0],
+        "haproxy": [3.0, 4.5, 150, 250, 500, 0.05, 0.04, 8.0, 30.0, 3000, 6.0],
+        "ztunnel": [2.0, 3.0, 300, 500, 1200, 0.15, 0.12, 50.0, 12.0, 2000, 9.0],
+    }
+    samples = {
+        p: {
+            m.key: [None if v is None else v * f for f in (0.95, 1.0, 1.05)]
+            for m, v in zip(report.METRICS, vs, strict=True)
+        }
+        for p, vs in fake.items()
+    }
+    summary = report.summarize_all(samples)
+    result = {
+        "meta": {"date": "dry run", "quick": s.quick, "reps": 3},
+        "paths": {p: {"available": True, "note": ""} for p in fake} | {"waypoint": {"available": False, "note": "x"}},
+        "summary": summary,
+        "ratios": report.ratios(summary, list(fake)),
+        "targets": report.evaluate_targets(summary),
+    }
+    print(report.render_markdown(result), file=out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the node proxy pair against direct TCP and HAProxy.")
+    parser.add_argument("--quick", action="store_true", help="short run (about 1–2 minutes)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and a synthetic table; no load")
+    parser.add_argument("--reps", type=int, default=0, help="repetitions (default 3, quick 2)")
+    parser.add_argument("--hold", type=int, default=0, help="connections to hold for the RSS figure")
+    parser.add_argument("--paths", default="direct,haproxy,ztunnel", help="comma-separated subset of paths")
+    parser.add_argument("--out", default=str(HERE / "results"), help="directory for <date>.json and .md")
+    parser.add_argument("--no-netns", action="store_true", help="run on the host's loopback even as root")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
+    parser.add_argument("--skip-policy", action="store_true", help="do not run bench/policy_bench.py")
+    parser.add_argument("--in-netns", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    s = Settings.for_args(args)
+    unknown = set(args.paths.split(",")) - {"direct", "haproxy", "ztunnel"}
+    if unknown:
+        parser.error(f"unknown path(s) {', '.join(sorted(unknown))}; choose from direct, haproxy, ztunnel")
+
+    if args.dry_run:
+        return dry_run(args, s, sys.stdout)
+
+    missing = [t for t in BENCH_TOOLS if shutil.which(t) is None]
+    if "iperf3" in missing:
+        print("error: iperf3 is missing; run bench/run (it installs haproxy and iperf3 as root)", file=sys.stderr)
+        return 2
+
+    if args.in_netns:  # the child half: measure, hand the result to the parent
+        result = measure(args, s, args.in_netns)
+        Path(args.result_file).write_text(json.dumps(result, default=str))
+        return 0
+
+    if can_use_netns() and not args.no_netns:
+        with bench_netns() as ns, tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            log(f"running inside network namespace {ns}")
+            child = [PY, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])]
+            child += ["--in-netns", ns, "--result-file", tmp.name]
+            rc = subprocess.run(["ip", "netns", "exec", ns, *child], check=False).returncode
+            if rc != 0:
+                print(f"error: the benchmark inside {ns} failed (exit {rc})", file=sys.stderr)
+                return rc
+            result = json.loads(Path(tmp.name).read_text())
+    else:
+        result = measure(args, s, None)
+
+    json_path, md_path = write_results(result, Path(args.out))
+    print(report.render_markdown(result))
+    for e in result["meta"]["errors"]:
+        print(f"warning: {e}", file=sys.stderr)
+    log(f"wrote {json_path} and {md_path} in {result['meta']['wall_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The benchmark harness must not rot: its table code and its dry run are checked here (no load)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402
+
+
+def test_summary_ratios_targets_and_table() -> None:
+    samples = {
+        "direct": {"throughput_1_gbps": [10.0, 12.0, 11.0], "latency_p50_us": [100.0, 110.0, 90.0]},
+        "haproxy": {"throughput_1_gbps": [4.0, 5.0, 6.0], "latency_p50_us": [200.0, 220.0, 210.0]},
+        "ztunnel": {"throughput_1_gbps": [3.0, None, 3.0], "latency_p50_us": [300.0, 310.0, 290.0]},
+    }
+    summary = report.summarize_all(samples)
+    assert summary["direct"]["throughput_1_gbps"] == {"median": 11.0, "min": 10.0, "max": 12.0, "n": 3}
+    assert summary["ztunnel"]["throughput_1_gbps"]["n"] == 2
+
+    rat = report.ratios(summary, ["direct", "haproxy", "ztunnel"])
+    assert rat["ztunnel"]["throughput_1_gbps"]["floor"] == 3.0 / 11.0
+    assert rat["ztunnel"]["throughput_1_gbps"]["peer"] == 3.0 / 5.0
+    assert rat["haproxy"]["throughput_1_gbps"]["peer"] is None
+    assert "direct" not in rat
+
+    targets = {t["target"]: t for t in report.evaluate_targets(summary)}
+    tp = targets["throughput 1 stream(s) ≥ 0.6 × HAProxy"]
+    assert tp["met"] is True and tp["limit"] == 0.6 * 5.0
+    lat = targets["added latency p50 ≤ 2 × HAProxy's"]
+    assert lat["value"] == 200.0 and lat["limit"] == 2 * 110.0 and lat["met"] is True
+    assert targets["RSS idle ≤ 60 MB"]["met"] is None  # no data: neither met nor failed
+
+    result = {
+        "meta": {"date": "d", "quick": True, "reps": 3, "errors": ["rep 1 ztunnel throughput 4: timed out"]},
+        "paths": {
+            "direct": {"available": True},
+            "haproxy": {"available": True},
+            "ztunnel": {"available": True, "note": "SOCKS5 entry"},
+            "waypoint": {"available": False, "note": "not built yet"},
+        },
+        "summary": summary,
+        "ratios": rat,
+        "targets": list(targets.values()),
+    }
+    table = report.render_markdown(result)
+    assert "| Figure | direct | haproxy | ztunnel | haproxy ÷ direct | ztunnel ÷ direct | ztunnel ÷ haproxy |" in table
+    assert "| Throughput, 1 stream (iperf3) (Gbit/s) | 11.00 (10.00–12.00) | 5.00 (4.00–6.00) | 3.00 |" in table
+    assert "**waypoint**: not available — not built yet" in table
+    assert "rep 1 ztunnel throughput 4: timed out" in table
+    assert "| throughput 1 stream(s) ≥ 0.6 × HAProxy | 3.000 Gbit/s | 3.000 Gbit/s | yes |" in table
+
+
+def test_dry_run_prints_the_plan_and_a_table() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "plan: paths direct, haproxy, ztunnel" in r.stdout
+    assert "| Figure | direct | haproxy | ztunnel |" in r.stdout
