@@ -806,6 +806,7 @@ class Lab:
                     "enrolled": p.uid in served,  # its node proxy serves it (listeners in its netns)
                     "ambient": bool(w and w.enrolled),  # its labels put it in the mesh
                     "identity": w.identity if w else None,
+                    "ports": sorted({port for c in p.containers for port in c.ports}),
                     "containers": {c.name: proc(f"pod/{p.namespace}/{p.name}/{c.name}") for c in p.containers},
                 }
             )

@@ -93,8 +93,28 @@ def _lab(args: argparse.Namespace, creating: bool = False) -> Any:
 def _up(args: argparse.Namespace) -> int:
     lab = _lab(args, creating=True)
     lab.up(args.filename, redirect=args.redirect, mesh=args.mesh, timeout=args.timeout)
-    _print_status(lab.status())
+    st = lab.status()
+    _print_status(st)
+    _print_hints(st, args)
     return 0
+
+
+def _print_hints(st: dict[str, Any], args: argparse.Namespace) -> None:
+    """Commands to try next, with this lab's own names and addresses."""
+    name = f" --name {st['name']}" if args.name or args.state_dir else ""
+    servers = [p for p in st["pods"] if p["ports"] and p["ips"]]
+    clients = [p for p in st["pods"] if not p["ports"] and p["ips"] and not p["host_network"]]
+    print("TRY")
+    if servers and clients:
+        s, c = servers[0], clients[0]
+        port = s["ports"][0]
+        print(f"  ztunnel lab exec{name} {c['namespace']}/{c['name']} -- curl -s http://{s['ips'][0]}:{port}/")
+        node = next(n for n in st["nodes"] if n["name"] == s["node"])
+        print(f"  ztunnel lab exec{name} node/{node['name']} -- tcpdump -ni eth0 tcp port 15008 or port {port}")
+    if any(n["proxy"] for n in st["nodes"]):
+        node_name = servers[0]["node"] if servers else st["nodes"][0]["name"]
+        print(f"  ztunnel lab exec{name} node/{node_name} -- curl -s http://127.0.0.1:15020/metrics")
+    print(f"  ztunnel lab down{name}")
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -44,8 +44,8 @@ class Capabilities:
         else:
             out["proxy"] = ""
         out["cni-plugin"] = "" if self.cni_plugin else "ztunnel-cni (ztunnel.cni.plugin) not built yet"
-        if self.problem:
-            out = {k: v or self.problem for k, v in out.items()}
+        if self.problem:  # nothing runs without the CLI, whatever else is installed
+            out = dict.fromkeys(out, self.problem)
         return out
 
 
