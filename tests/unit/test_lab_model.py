@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ztunnel.config.loader import ConfigError, load_documents, load_files
-from ztunnel.lab.cni import PodRef, node_conflist
+from ztunnel.lab.cni import CniError, PodRef, Runtime, node_conflist
 from ztunnel.lab.model import (
     LabError,
     check_lab_name,
@@ -141,3 +141,46 @@ def test_ips_from_cni_result_ipv4_first() -> None:
     result = {"ips": [{"address": "fd00::5/64"}, {"address": "10.244.1.5/24", "gateway": "10.244.1.1"}]}
     assert ips_from_cni_result(result) == ["10.244.1.5", "fd00::5"]
     assert ips_from_cni_result({}) == []
+
+
+class RecordingRuntime(Runtime):
+    """The runtime's chain logic with plugins replaced by a recorder (no netns, no processes)."""
+
+    def __init__(self, fail: str = "") -> None:
+        super().__init__("node-ns", [])
+        self.calls: list[tuple[str, dict]] = []
+        self.fail = fail
+
+    def _invoke(self, command: str, conf, pod):  # type: ignore[no-untyped-def, override]
+        self.calls.append((command, dict(conf)))
+        if conf["type"] == self.fail and command == "ADD":
+            raise CniError(conf["type"], command, 11, "agent not ready")
+        if conf["type"] == "bridge":
+            return {"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.2/24"}], "interfaces": [{"name": "eth0"}]}
+        return dict(conf.get("prevResult") or {})
+
+
+def test_add_threads_prev_result_and_injects_name_and_version() -> None:
+    rt = RecordingRuntime()
+    conf = node_conflist("net", "10.244.1.0/24", "/d", [{"type": "ztunnel-cni"}])
+    result = rt.add(conf, PodRef("ns", "p", "u", "c", "/var/run/netns/p"))
+    (c1, bridge), (c2, chained) = rt.calls
+    assert (c1, c2) == ("ADD", "ADD")
+    assert "prevResult" not in bridge and bridge["name"] == "net" and bridge["cniVersion"] == "1.0.0"
+    assert chained["prevResult"]["ips"] == [{"address": "10.244.1.2/24"}] and chained["name"] == "net"
+    assert result["ips"][0]["address"] == "10.244.1.2/24"
+
+
+def test_failed_add_is_torn_down_in_reverse_and_del_gets_the_cached_result() -> None:
+    rt = RecordingRuntime(fail="ztunnel-cni")
+    conf = node_conflist("net", "10.244.1.0/24", "/d", [{"type": "ztunnel-cni"}])
+    with pytest.raises(CniError) as e:
+        rt.add(conf, PodRef("ns", "p", "u", "c", "/var/run/netns/p"))
+    assert e.value.code == 11
+    assert [(c, x["type"]) for c, x in rt.calls] == [
+        ("ADD", "bridge"),
+        ("ADD", "ztunnel-cni"),
+        ("DEL", "ztunnel-cni"),
+        ("DEL", "bridge"),
+    ]
+    assert rt.calls[2][1]["prevResult"]["ips"]  # DEL sees what ADD got so far
