@@ -110,11 +110,15 @@ def ztunnel(*args: str, check: bool = True, timeout: float = 180.0, **kw: Any) -
     return proc
 
 
-def remove_stale_labs(prefix: str) -> None:
-    """Labs named PREFIX<pid> whose pytest is gone were left by a crashed run: take them down."""
+TEST_LAB_PREFIXES = ("it", "lc", "cr")  # this package's lab names: PREFIX + the pid of the pytest that made it
+
+
+def remove_stale_labs() -> None:
+    """Test labs whose pytest is gone were left by a crashed run: take them down (never a live run's lab)."""
     names = set()
-    for entry in Path("/var/run/netns").glob(f"ztl-{prefix}*-*") if Path("/var/run/netns").exists() else []:
-        m = re.match(rf"ztl-({prefix}(\d+))-", entry.name)
+    netns_dir = Path("/var/run/netns")
+    for entry in netns_dir.iterdir() if netns_dir.exists() else []:
+        m = re.match(rf"ztl-((?:{'|'.join(TEST_LAB_PREFIXES)})(\d+))-", entry.name)
         if m and not Path(f"/proc/{m.group(2)}").exists():
             names.add(m.group(1))
     for name in names:
@@ -228,7 +232,7 @@ def lab_name() -> str:
 def lab(tmp_path_factory: pytest.TempPathFactory, lab_name: str) -> Iterator[LabHandle]:
     import yaml
 
-    remove_stale_labs("it")
+    remove_stale_labs()
     before = root_netns_snapshot()
     work = tmp_path_factory.mktemp("lab")
     cluster = work / "cluster.yaml"
