@@ -223,3 +223,15 @@ async def test_an_announced_oversized_frame_is_refused_before_buffering_it() -> 
     await server2_client.ready
     server2.data_received(b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")
     assert server2.closed.done()
+
+
+async def test_keepalive_closes_a_connection_whose_peer_stopped_answering() -> None:
+    handler = Handler()
+    client, _server, ct, _ = connect_pair(handler)
+    client.keepalive_interval, client.keepalive_timeout = 0.05, 0.15
+    client._keepalive = asyncio.get_running_loop().call_later(0.05, client._keepalive_tick)
+    await client.ready
+    await asyncio.sleep(0.4)
+    assert not client.closed.done()  # PINGs are answered: the idle connection stays up
+    ct.peer = None  # the network eats everything from now on
+    await asyncio.wait_for(client.closed, 2)

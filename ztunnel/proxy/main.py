@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import resource
 import signal
 import sys
 from dataclasses import dataclass
@@ -99,8 +100,19 @@ def _certificate_manager(settings: ProxySettings, source: FileConfigSource):  # 
     return CertificateManager.remote(settings.ca_address, root, token, ttl=settings.cert_ttl)
 
 
+def _raise_open_files_limit() -> None:
+    """Each proxied connection holds one or two descriptors: use the hard limit, as Envoy and ztunnel do."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open files limit: %s", e)
+
+
 async def run_proxy(settings: ProxySettings) -> int:
     loop = asyncio.get_running_loop()
+    _raise_open_files_limit()
     source = FileConfigSource(settings.files, trust_domain=settings.trust_domain)
     try:
         config = source.load()

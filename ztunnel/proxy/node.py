@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztunnel.config.model import ClusterConfig, Service, Workload
+from ztunnel.config.model import ClusterConfig, Service, Workload, normalize_ip
 from ztunnel.hbone.client import HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import (
     STATUS_BAD_REQUEST,
@@ -123,6 +123,7 @@ class NodeProxy:
         self.router = OutboundRouter()
         self.tracker = ConnectionTracker()
         self.workloads: dict[str, ServedWorkload] = {}
+        self._served_by_ip: dict[str, str] = {}  # pod IP -> uid of a workload served here
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.closed = asyncio.Event()
@@ -204,6 +205,8 @@ class NodeProxy:
             sockets.close()
             raise
         self.workloads[workload.uid] = served
+        for ip in workload.ips:
+            self._served_by_ip[normalize_ip(ip)] = workload.uid
         log.info("serving workload", extra={"workload": workload.ref, "identity": workload.identity})
         if self.metrics is not None:
             self.metrics.set_pods_served(len(self.workloads))
@@ -216,6 +219,8 @@ class NodeProxy:
         served = self.workloads.pop(uid, None)
         if served is None:
             return
+        for ip in [ip for ip, owner in self._served_by_ip.items() if owner == uid]:
+            del self._served_by_ip[ip]
         for server in served.servers:
             server.close()
         served.sockets.close()
@@ -450,9 +455,9 @@ class NodeProxy:
             return
         assert isinstance(request, ConnectRequest)
         target = request.target
-        destination = self.config.workload_by_ip(target.ip)
-        served = self.workloads.get(destination.uid) if destination is not None else None
-        if served is None or destination is None:
+        uid = self._served_by_ip.get(target.ip)
+        served = self.workloads.get(uid) if uid is not None else None
+        if served is None:
             stream.respond(STATUS_BAD_REQUEST)
             self._count_refusal("not_local")
             self._report_inbound_refusal(

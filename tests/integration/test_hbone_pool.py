@@ -1,0 +1,119 @@
+"""The HBONE client pool against a real HBONE server over loopback mTLS (in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ztunnel.hbone.client import HbonePool, PoolKey
+from ztunnel.hbone.protocol import Authority
+from ztunnel.hbone.server import HboneServer, InboundTunnel
+from ztunnel.hbone.tls_cache import TlsContexts
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.proxy.certs import SigningProvider
+from ztunnel.proxy.listeners import listening_socket
+
+SERVER_IP = "127.0.170.1"
+CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/pool/sa/client")
+SERVER = SpiffeId.parse("spiffe://cluster.local/ns/pool/sa/server")
+TARGET = Authority(SERVER_IP, 9000)
+
+
+@dataclass
+class Setup:
+    server: HboneServer
+    contexts: TlsContexts
+    key: PoolKey
+    handshakes: list[int]
+
+
+async def _echo(tunnel: InboundTunnel) -> None:
+    tunnel.stream.respond(200)
+    while data := await tunnel.stream.read():
+        await tunnel.stream.write(data)
+    await tunnel.stream.write_eof()
+
+
+@pytest.fixture
+async def setup(ca_dir: Path) -> AsyncIterator[Setup]:
+    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+    server = HboneServer(contexts, _echo)
+    handshakes: list[int] = []
+    original = server._new_connection
+
+    def counting(identity: SpiffeId):  # type: ignore[no-untyped-def]
+        handshakes.append(1)
+        return original(identity)
+
+    server._new_connection = counting  # type: ignore[method-assign]
+    listener = await server.listen(listening_socket(SERVER_IP, 15008), SERVER)
+    yield Setup(server, contexts, PoolKey(CLIENT, SERVER, (SERVER_IP, 15008)), handshakes)
+    listener.close()
+    server.abort()
+    await listener.wait_closed()
+
+
+async def _roundtrip(pool: HbonePool, key: PoolKey, i: int, hold: asyncio.Event | None = None) -> None:
+    stream = await pool.connect(key, TARGET, expected_identities=[SERVER.uri])
+    msg = b"stream %d" % i
+    await stream.write(msg)
+    assert await stream.read() == msg
+    if hold is not None:
+        await hold.wait()
+    await stream.write_eof()
+    assert await stream.read() == b""
+
+
+async def test_concurrent_first_requests_share_one_handshake_then_spill_at_100_streams(setup: Setup) -> None:
+    pool = HbonePool(setup.contexts)
+    hold = asyncio.Event()
+    try:
+        tasks = [asyncio.create_task(_roundtrip(pool, setup.key, i, hold)) for i in range(150)]
+        while sum(c.active_streams for c in pool.connections()) < 150:
+            await asyncio.sleep(0.01)
+        conns = pool.connections(setup.key)
+        assert sorted(len(c.streams) for c in conns) == [50, 100]
+        assert len(setup.handshakes) == 2 and pool.stats.connections_opened == 2
+        hold.set()
+        await asyncio.gather(*tasks)
+    finally:
+        pool.close()
+
+
+async def test_idle_connections_are_released(setup: Setup) -> None:
+    pool = HbonePool(setup.contexts, idle_timeout=0.2)
+    try:
+        await _roundtrip(pool, setup.key, 1)
+        assert pool.size == 1
+        conn = pool.connections()[0]
+        await asyncio.wait_for(conn.closed, 5)
+        assert pool.size == 0
+        await _roundtrip(pool, setup.key, 2)  # a new connection is made on demand
+        assert pool.stats.connections_opened == 2
+    finally:
+        pool.close()
+
+
+async def test_server_drain_moves_new_streams_to_a_new_connection(setup: Setup) -> None:
+    pool = HbonePool(setup.contexts)
+    try:
+        hold = asyncio.Event()
+        first = asyncio.create_task(_roundtrip(pool, setup.key, 1, hold))
+        while not pool.connections() or not pool.connections()[0].streams:
+            await asyncio.sleep(0.01)
+        old = pool.connections()[0]
+        setup.server.drain()  # GOAWAY: the open stream finishes, new ones need a new connection
+        while not old.draining:
+            await asyncio.sleep(0.01)
+        setup.server._draining = False  # the listener keeps accepting for this test
+        await _roundtrip(pool, setup.key, 2)
+        assert pool.stats.connections_opened == 2
+        hold.set()
+        await first
+        await asyncio.wait_for(old.closed, 5)
+    finally:
+        pool.close()
