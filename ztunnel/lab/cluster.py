@@ -130,9 +130,10 @@ class Lab:
             self.down(quiet=True)
         try:
             return self._up(objects, redirect=redirect, mesh=mesh, timeout=timeout)
-        except (ZtunnelError, OSError) as e:
+        except (ZtunnelError, OSError, KeyboardInterrupt) as e:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
             raise LabError(
-                f"{e}\nThe lab is left as it is for inspection (logs in {self.dir / 'logs'}); "
+                f"{why}\nThe lab is left as it is for inspection (logs in {self.dir / 'logs'}); "
                 f"remove it with `ztunnel lab down --name {self.name}`"
             ) from e
 
@@ -715,6 +716,8 @@ class Lab:
 
     def _component_key(self, state: LabState, component: str, node: str | None) -> str:
         if component == "ca":
+            if not state.components.get("ca"):
+                raise LabError("this lab runs no CA (it was skipped at `lab up`)")
             return "ca"
         if component not in ("proxy", "node-agent"):
             raise LabError(f"unknown component {component!r}: use proxy, node-agent or ca")
