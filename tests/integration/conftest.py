@@ -332,5 +332,5 @@ def local_mesh(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterat
 
 
 def transfer_size() -> int:
-    """Bytes for the bulk transfer test: ZTUNNEL_TEST_TRANSFER_MB (default 256 MiB each way)."""
-    return int(os.environ.get("ZTUNNEL_TEST_TRANSFER_MB", "256")) * 1024 * 1024
+    """Bytes for the bulk transfer test: ZTUNNEL_TEST_TRANSFER_MB (default 1 GiB each way, ~20 s here)."""
+    return int(os.environ.get("ZTUNNEL_TEST_TRANSFER_MB", "1024")) * 1024 * 1024
