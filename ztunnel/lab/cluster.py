@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import secrets
@@ -26,7 +27,7 @@ from ztunnel.config.loader import ConfigError, read_objects
 from ztunnel.config.model import POLICY_KINDS, KubeObject
 from ztunnel.errors import ZtunnelError
 from ztunnel.lab import components, netns, procs
-from ztunnel.lab.cni import CniError, PodRef, Runtime, node_conflist, plugin_dirs
+from ztunnel.lab.cni import CniError, PodRef, Runtime, load_network_config, node_conflist, plugin_dirs
 from ztunnel.lab.model import (
     CA_PORT,
     FABRIC_GATEWAY,
@@ -53,6 +54,7 @@ from ztunnel.lab.state import LabState, default_dir, load, locked, save, updatin
 Progress = Callable[[str], None]
 Waiter = tuple[str, Callable[[], bool], str]  # (process key, readiness check, what it means when ready)
 FABRIC_BRIDGE = "br0"
+PRIMARY_CONFLIST = "10-lab.conflist"
 READINESS_PORT = 15021
 METRICS_PORT = 15020
 ADMIN_PORT = 15000
@@ -233,6 +235,7 @@ class Lab:
         netns.set_sysctl(node.netns, "net.ipv4.ip_forward", "1")
         node_dir = state.node_dir(node.name)
         (node_dir / "ipam").mkdir(parents=True, exist_ok=True)
+        self._install_cni(state, node)
         self.say(f"node {node.name}: netns {node.netns}, eth0 {node.address}, pod CIDR {node.pod_cidr}")
 
     def _route_all(self, state: LabState) -> None:
@@ -407,36 +410,43 @@ class Lab:
 
     # ---- pods --------------------------------------------------------------------------------------------
 
-    def _cni_dirs(self, state: LabState) -> list[str]:
-        """CNI_PATH: a lab bin dir holding ztunnel-cni (as an installer would drop it), then the system dirs."""
-        bin_dir = state.path / "cni-bin"
-        extra: list[str] = []
-        if state.components.get("cni-plugin"):
-            bin_dir.mkdir(exist_ok=True)
-            target = Path(sys.executable).parent / "ztunnel-cni"
-            link = bin_dir / "ztunnel-cni"
-            if not link.is_symlink():
-                with contextlib.suppress(FileExistsError):
-                    link.symlink_to(target)
-            extra.append(str(bin_dir))
-        return plugin_dirs(extra)
+    def _cni_dirs(self, state: LabState, node: NodeRecord) -> list[str]:
+        """CNI_PATH: the node's own bin dir (where the installer put ztunnel-cni), then the system plugins."""
+        return plugin_dirs([str(state.node_dir(node.name) / "cni-bin")])
+
+    def _install_cni(self, state: LabState, node: NodeRecord) -> None:
+        """The node's CNI config: the primary conflist (bridge + host-local) as a cluster's network add-on writes
+        it, then ztunnel-cni appended by its installer, as the node agent's DaemonSet does on a real node."""
+        net_d = state.node_dir(node.name) / "net.d"
+        bin_dir = state.node_dir(node.name) / "cni-bin"
+        net_d.mkdir(parents=True, exist_ok=True)
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        primary = node_conflist(f"ztl-{self.name}", node.pod_cidr, str(state.node_dir(node.name) / "ipam"))
+        write_atomic(net_d / PRIMARY_CONFLIST, json.dumps(primary, indent=1) + "\n")
+        if not state.components.get("cni-plugin"):
+            return
+        cni_sock, _ = self._agent_paths(state, node.name)
+        plugin = Path(sys.executable).parent / "ztunnel-cni"
+        if importlib.util.find_spec("ztunnel.cni.installer") is not None:
+            argv = [str(plugin), "install", "--cni-conf-dir", str(net_d), "--cni-bin-dir", str(bin_dir),
+                    "--agent-socket", str(cni_sock), "--plugin-binary", str(plugin)]  # fmt: skip
+            done = netns.netns_exec(node.netns, *argv, check=False)  # the installer runs on the node
+            if done.returncode != 0:
+                raise LabError(
+                    f"node {node.name}: `ztunnel-cni install` failed: {(done.stderr or done.stdout).strip()}"
+                )
+            return
+        # no installer in this checkout: chain the plugin the way it would
+        primary["plugins"].append({"type": "ztunnel-cni", "agent_socket": str(cni_sock)})
+        write_atomic(net_d / PRIMARY_CONFLIST, json.dumps(primary, indent=1) + "\n")
+        link = bin_dir / "ztunnel-cni"
+        if not link.is_symlink():
+            link.symlink_to(plugin)
 
     def conflist(self, state: LabState, node: NodeRecord) -> dict[str, Any]:
-        chained = []
-        if state.components.get("cni-plugin"):
-            cni_sock, _ = self._agent_paths(state, node.name)
-            chained.append(
-                {
-                    "type": "ztunnel-cni",
-                    "agent_socket": str(cni_sock),
-                    "log_file": str(state.logs / f"node_{node.name}_ztunnel-cni.log"),
-                }
-            )
-        conf = node_conflist(f"ztl-{self.name}", node.pod_cidr, str(state.node_dir(node.name) / "ipam"), chained)
+        """What the runtime uses for every ADD and DEL: the node's lexically first config file, read each time."""
         net_d = state.node_dir(node.name) / "net.d"
-        net_d.mkdir(parents=True, exist_ok=True)
-        write_atomic(net_d / "10-lab.conflist", json.dumps(conf, indent=1) + "\n")
-        return conf
+        return load_network_config(net_d)
 
     def _pod_ref(self, rec: PodRecord) -> PodRef:
         return PodRef(rec.namespace, rec.name, rec.uid, rec.container_id, str(netns.NETNS_DIR / rec.netns))
@@ -446,7 +456,7 @@ class Lab:
         node = state.nodes[rec.node]
         if rec.host_network:
             return {"ips": [{"address": f"{node.address}/{FABRIC_SUBNET.prefixlen}"}]}
-        runtime = Runtime(node.netns, self._cni_dirs(state))
+        runtime = Runtime(node.netns, self._cni_dirs(state, node))
         conf = self.conflist(state, node)
         ref = self._pod_ref(rec)
         if not netns.netns_exists(rec.netns):
@@ -470,7 +480,6 @@ class Lab:
     def _start_pods(self, state: LabState, pods: Sequence[PodRecord], deadline: float) -> None:
         """Nodes set up their pods concurrently (each kubelet is on its own); on one node pods go in order, so
         the same config gives the same pod IPs every time."""
-        self._cni_dirs(state)  # create the plugin dir once, before threads race for it
         by_node: dict[str, list[PodRecord]] = {}
         for rec in pods:
             by_node.setdefault(rec.node, []).append(rec)
@@ -609,7 +618,7 @@ class Lab:
         if not rec.host_network:
             node = state.nodes.get(rec.node)
             if node and netns.netns_exists(node.netns):
-                runtime = Runtime(node.netns, self._cni_dirs(state))
+                runtime = Runtime(node.netns, self._cni_dirs(state, node))
                 try:
                     runtime.delete(self.conflist(state, node), self._pod_ref(rec), rec.cni_result or None)
                 except CniError as e:

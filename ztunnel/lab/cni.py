@@ -100,6 +100,36 @@ def node_conflist(
     }
 
 
+CONF_SUFFIXES = (".conf", ".conflist", ".json")
+
+
+def load_network_config(conf_dir: Path) -> dict[str, Any]:
+    """The network a runtime uses: the lexically first config file in CONF_DIR, a single `.conf` as a list of one."""
+    try:
+        names = sorted(n for n in os.listdir(conf_dir) if n.endswith(CONF_SUFFIXES) and not n.startswith("."))
+    except FileNotFoundError:
+        names = []
+    if not names:
+        raise CniError("config", "load", 0, f"no CNI network config in {conf_dir}", "the node's network is not set up")
+    path = conf_dir / names[0]
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CniError("config", "load", 0, f"{path}: not a readable CNI config ({e})") from e
+    if not isinstance(conf, dict):
+        raise CniError("config", "load", 0, f"{path}: a CNI config must be a JSON object")
+    if not isinstance(conf.get("plugins"), list):  # a single-plugin .conf
+        single = {k: v for k, v in conf.items() if k not in ("cniVersion", "name")}
+        conf = {
+            "cniVersion": conf.get("cniVersion", CNI_VERSION),
+            "name": conf.get("name", path.stem),
+            "plugins": [single],
+        }
+    conf.setdefault("cniVersion", CNI_VERSION)
+    conf.setdefault("name", path.stem)
+    return conf
+
+
 LOOPBACK_CONF: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": "cni-loopback", "type": "loopback"}
 
 
