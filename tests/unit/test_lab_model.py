@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ztunnel.config.loader import ConfigError, load_documents, load_files
-from ztunnel.lab.cni import CniError, PodRef, Runtime, node_conflist
+from ztunnel.lab.cni import CniError, PodRef, Runtime, load_network_config, node_conflist
 from ztunnel.lab.model import (
     LabError,
     check_lab_name,
@@ -184,3 +184,16 @@ def test_failed_add_is_torn_down_in_reverse_and_del_gets_the_cached_result() -> 
         ("DEL", "bridge"),
     ]
     assert rt.calls[2][1]["prevResult"]["ips"]  # DEL sees what ADD got so far
+
+
+def test_runtime_uses_the_lexically_first_config_and_wraps_a_single_conf(tmp_path) -> None:
+    with pytest.raises(CniError, match="no CNI network config"):
+        load_network_config(tmp_path)
+    (tmp_path / "20-other.conflist").write_text('{"cniVersion": "1.0.0", "name": "other", "plugins": []}')
+    (tmp_path / "10-net.conf").write_text('{"cniVersion": "0.4.0", "name": "n", "type": "bridge", "bridge": "b0"}')
+    (tmp_path / "05-x.conflist.ztunnel-backup").write_text("ignored")
+    conf = load_network_config(tmp_path)
+    assert conf == {"cniVersion": "0.4.0", "name": "n", "plugins": [{"type": "bridge", "bridge": "b0"}]}
+    (tmp_path / "01-bad.json").write_text("[1]")
+    with pytest.raises(CniError, match="JSON object"):
+        load_network_config(tmp_path)
