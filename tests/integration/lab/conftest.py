@@ -110,7 +110,7 @@ def ztunnel(*args: str, check: bool = True, timeout: float = 180.0, **kw: Any) -
     return proc
 
 
-TEST_LAB_PREFIXES = ("it", "lc", "cr")  # this package's lab names: PREFIX + the pid of the pytest that made it
+TEST_LAB_PREFIXES = ("it", "lc", "cr", "eb")  # this package's lab names: PREFIX + the pid of the pytest that made it
 
 
 def remove_stale_labs() -> None:
