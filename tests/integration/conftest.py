@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import uvloop
 
 ROOT = Path(__file__).resolve().parents[2]
 ZTUNNEL = str(Path(sys.executable).with_name("ztunnel"))
@@ -190,7 +191,7 @@ class AppServer:
     """Echo (with half-close) and tiny HTTP apps on pod IPs, served by one asyncio loop in a thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="apps", daemon=True)
         self._servers: list[asyncio.Server] = []
         self.connections = 0

@@ -22,7 +22,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
 from ztunnel.hbone.protocol import (
     CONNECTION_WINDOW,
@@ -47,12 +48,38 @@ log = logging.getLogger("ztunnel.hbone")
 RequestHandler = Callable[["HboneStream", ConnectRequest | Rejection], None]
 
 
-class _H2(h2.connection.H2Connection):
-    """h2 with a graceful GOAWAY: a NO_ERROR GOAWAY stops new streams but lets open ones finish.
+class _QuietDataFrame(DataFrame):
+    """A DATA frame whose repr does not hex-dump its payload.
 
-    Plain h2 moves the whole connection to CLOSED on any GOAWAY, which would cut streams that the peer
-    explicitly promised to finish (drain, DESIGN §4.2).
+    h2 builds `repr(frame)` for a trace log line on every received frame, even with logging off; for a
+    1 MiB DATA frame that is a full hexlify, a third of the proxy's CPU in bulk transfers.
     """
+
+    def _body_repr(self) -> str:
+        return f"<{len(self.data)} bytes>"
+
+
+class _QuietFrameBuffer(FrameBuffer):
+    def __next__(self) -> Frame:
+        frame = super().__next__()
+        if type(frame) is DataFrame:
+            frame.__class__ = _QuietDataFrame
+        return frame
+
+
+class _H2(h2.connection.H2Connection):
+    """h2 with a graceful GOAWAY and cheap DATA frames.
+
+    A NO_ERROR GOAWAY stops new streams but lets open ones finish: plain h2 moves the whole connection to
+    CLOSED on any GOAWAY, which would cut streams that the peer explicitly promised to finish (drain,
+    DESIGN §4.2).
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = _QuietFrameBuffer(server=not config.client_side)
+        self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
+        self._frame_dispatch_table[_QuietDataFrame] = self._frame_dispatch_table[DataFrame]
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list, list]:  # type: ignore[override]
         if frame.error_code != 0:
