@@ -120,7 +120,8 @@ def save(state: LabState) -> None:
 
 @contextlib.contextmanager
 def locked(dir: Path) -> Iterator[None]:
-    dir.mkdir(parents=True, exist_ok=True)
+    if not dir.is_dir():  # never create a lab dir as a side effect of reading one
+        raise LabError(f"no lab at {dir}: start one with `ztunnel lab up -f CLUSTER.yaml`")
     with open(dir / "lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

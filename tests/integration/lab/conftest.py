@@ -117,8 +117,11 @@ def remove_stale_labs() -> None:
     """Test labs whose pytest is gone were left by a crashed run: take them down (never a live run's lab)."""
     names = set()
     netns_dir = Path("/var/run/netns")
-    for entry in netns_dir.iterdir() if netns_dir.exists() else []:
-        m = re.match(rf"ztl-((?:{'|'.join(TEST_LAB_PREFIXES)})(\d+))-", entry.name)
+    state_root = Path("/run/ztunnel-lab")
+    candidates = [e.name for e in netns_dir.iterdir()] if netns_dir.exists() else []
+    candidates += [f"ztl-{e.name}-" for e in state_root.iterdir()] if state_root.exists() else []
+    for candidate in candidates:
+        m = re.match(rf"ztl-((?:{'|'.join(TEST_LAB_PREFIXES)})(\d+))-", candidate)
         if m and not Path(f"/proc/{m.group(2)}").exists():
             names.add(m.group(1))
     for name in names:

@@ -114,6 +114,7 @@ def test_errors_name_what_to_do(tmp_path: Path) -> None:
     bad_name = ztunnel("lab", "up", "--name", "Bad-Name", "-f", str(nodeless), check=False)
     assert bad_name.returncode == 2 and "lowercase letters or digits" in bad_name.stderr
     assert _netns("ztl-nolab-") == []
+    assert not Path("/run/ztunnel-lab/nolab").exists()
 
 
 EBPF_CLUSTER = [
