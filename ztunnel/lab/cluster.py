@@ -49,7 +49,7 @@ from ztunnel.lab.model import (
     schedule,
     validate,
 )
-from ztunnel.lab.state import LabState, default_dir, load, locked, save, updating, write_atomic
+from ztunnel.lab.state import DEFAULT_ROOT, LabState, default_dir, load, locked, save, updating, write_atomic
 
 Progress = Callable[[str], None]
 Waiter = tuple[str, Callable[[], bool], str]  # (process key, readiness check, what it means when ready)
@@ -891,6 +891,9 @@ class Lab:
         if self.dir.exists():
             _check_lab_dir(self.dir)
             shutil.rmtree(self.dir, ignore_errors=True)
+            if self.dir.parent == DEFAULT_ROOT:
+                with contextlib.suppress(OSError):
+                    DEFAULT_ROOT.rmdir()  # only if no other lab is there
         if not quiet:
             self.say(
                 f"down: removed {len(names)} netns"
