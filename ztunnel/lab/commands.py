@@ -12,7 +12,7 @@ HELP = """\
 examples:
   ztunnel lab up -f examples/lab-cluster.yaml
   ztunnel lab status
-  ztunnel lab exec default/client -- curl -s http://10.244.2.2:8080/
+  ztunnel lab exec demo/client -- curl -s http://10.244.2.2:8080/
   ztunnel lab exec node/node2 -- tcpdump -ni eth0 tcp port 15008
   ztunnel lab apply -f policy.yaml
   ztunnel lab kill proxy --node node1; ztunnel lab restart proxy --node node1
