@@ -134,8 +134,8 @@ class TcpStream:
         p = self.protocol
         while not p._chunks:
             if p._eof:
-                if p._error is not None and not isinstance(p._error, ConnectionResetError):
-                    raise p._error
+                if p._error is not None:  # a reset is not an EOF: the relay must pass it on as a reset
+                    raise StreamClosed(f"connection lost: {p._error}")
                 return b""
             p._read_waiter = asyncio.get_running_loop().create_future()
             try:

@@ -165,6 +165,10 @@ class NodeProxy:
             destination_ip=attrs.destination_ip,
             destination_port=attrs.destination_port,
         )
+        if attrs.source_principal is None:  # plaintext: a switch to STRICT closes it too
+            mode = self.policy.peer_authentication_mode(destination, attrs.destination_port)
+            if mode == "STRICT":
+                return "peer authentication STRICT"
         decision = self.policy.check_l4(fresh)
         if decision.allowed:
             return None
@@ -475,8 +479,7 @@ class NodeProxy:
             )
             self._report_inbound_refusal(tunnel, destination, None, FLAG_NO_ROUTE, why, started)
             return
-        source_ip = request.forwarded_for[0] if request.forwarded_for else tunnel.peer_address[0]
-        source_port = request.forwarded_for[1] if request.forwarded_for else tunnel.peer_address[1]
+        source_ip, source_port = self._claimed_source(request, tunnel)
         attrs = ConnectionAttributes(
             source_principal=peer_identity,
             source_ip=source_ip,
@@ -523,6 +526,16 @@ class NodeProxy:
         await self._relay_inbound(
             served, stream, app, attrs, labels, (source_ip, source_port), started, peer_identity, source_workload
         )
+
+    def _claimed_source(self, request: ConnectRequest, tunnel: InboundTunnel) -> tuple[str, int]:
+        """The client address for policy and telemetry: the `forwarded` address when it belongs to a pod
+        with the caller's own (authenticated) identity, else the TCP peer. A workload cannot borrow another
+        workload's address to pass an ipBlocks rule."""
+        if request.forwarded_for is not None:
+            claimed = self.config.workload_by_ip(request.forwarded_for[0])
+            if claimed is not None and claimed.identity == tunnel.peer_identity.uri:
+                return request.forwarded_for
+        return tunnel.peer_address
 
     def _source_workload(self, ip: str, principal: str | None) -> Workload | None:
         w = self.config.workload_by_ip(ip)
