@@ -116,7 +116,10 @@ def test_trust_domain_flows_into_identities(cluster_file: Path) -> None:
         ("- just\n- a list", "expected a Kubernetes object"),
         ("kind: Pod\nmetadata: {}", "metadata.name"),
         ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}", "field status.podIPs[0]"),
-        ("kind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 70000}]}", "Service default/s: field spec.ports[0]"),
+        (
+            "kind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 70000}]}",
+            "Service default/s: field spec.ports[0]",
+        ),
     ],
 )
 def test_bad_objects_are_reported_with_file_object_and_field(text: str, expected: str) -> None:
