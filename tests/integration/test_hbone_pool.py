@@ -117,3 +117,25 @@ async def test_server_drain_moves_new_streams_to_a_new_connection(setup: Setup) 
         await asyncio.wait_for(old.closed, 5)
     finally:
         pool.close()
+
+
+async def test_a_rotated_server_certificate_is_used_without_a_new_listener(setup: Setup) -> None:
+    provider = setup.contexts.provider
+    assert isinstance(provider, SigningProvider)
+
+    async def served_serial() -> int:
+        pool = HbonePool(setup.contexts)
+        try:
+            await _roundtrip(pool, setup.key, 0)
+            ssl_object = pool.connections()[0].transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
+            return int(ssl_object.getpeercert()["serialNumber"], 16)
+        finally:
+            pool.close()
+
+    first = await served_serial()
+    assert first == (await provider.get(SERVER)).serial
+    provider.forget(SERVER)  # the next get() signs a new certificate, as a rotation would
+    await setup.contexts.refresh(SERVER)
+    rotated = (await provider.get(SERVER)).serial
+    assert rotated != first
+    assert await served_serial() == rotated

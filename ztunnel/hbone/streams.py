@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import struct
 from typing import Protocol, cast
 
 # How much a TCP connection may buffer from its peer before we stop reading from the socket. The kernel's
@@ -172,6 +173,13 @@ class TcpStream:
         self.transport.close()
 
     def abort(self) -> None:
+        """Close with a TCP RST (SO_LINGER 0), so the peer sees a reset rather than a clean EOF."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
         self.transport.abort()
 
     async def wait_closed(self) -> None:
