@@ -122,6 +122,43 @@ def evaluate_targets(summary: Mapping[str, Any], path: str = "ztunnel") -> list[
     return checks
 
 
+def policy_targets(policy: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Issue 6's policy targets from bench/policy_bench.py's JSON (`results[].policies/median_us`)."""
+    parsed = policy.get("result") if isinstance(policy, Mapping) else None
+    results = parsed.get("results") if isinstance(parsed, Mapping) else None
+    if not isinstance(results, list) or not results:
+        return []
+    by_size: dict[int, float] = {}
+    for r in results:
+        with_size = isinstance(r, Mapping) and isinstance(r.get("policies"), int) and "median_us" in r
+        if with_size:  # the slowest layout at each size counts
+            by_size[r["policies"]] = max(by_size.get(r["policies"], 0.0), float(r["median_us"]))
+    if not by_size:
+        return []
+    largest, smallest = max(by_size), min(by_size)
+    checks = [
+        {
+            "target": f"policy decision median with {largest:,} policies ≤ 20 µs",
+            "value": by_size[largest],
+            "limit": 20.0,
+            "met": by_size[largest] <= 20.0 if largest >= 10_000 else None,
+            "unit": "µs",
+        }
+    ]
+    if largest > smallest:
+        growth = by_size[largest] / by_size[smallest]
+        checks.append(
+            {
+                "target": f"policy time growth {smallest:,}→{largest:,} policies sublinear (< {largest // smallest}×)",
+                "value": growth,
+                "limit": float(largest // smallest),
+                "met": growth < largest / smallest,
+                "unit": "×",
+            }
+        )
+    return checks
+
+
 def _fmt(value: float | None, digits: int) -> str:
     if value is None:
         return "–"

@@ -229,6 +229,13 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def cpu_rates(procs: dict[str, Proc], seconds: float) -> str:
+    """vCPU each process uses over `seconds`: tells a busy loop (≈1) from a deadlock (≈0)."""
+    before = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+    time.sleep(seconds)
+    return ", ".join(f"{n}={(cpu_seconds(p.pid) - before[n]) / seconds:.2f}" for n, p in procs.items())
+
+
 def rss_mb(pid: int) -> float:
     total_kib = 0
     for p in process_tree(pid):
@@ -582,6 +589,8 @@ def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
 
 
 def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
+    before = {n: cpu_seconds(p.pid) for n, p in path.proxies.items()}
+    t0 = time.monotonic()
     out = run_json(
         [
             PY,
@@ -595,7 +604,14 @@ def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
         ],
         timeout=s.connrate_secs + 60,
     )
-    return {"conn_per_s": out["per_second"], "connect_p99_ms": out["connect_ms"].get("p99")}
+    wall = time.monotonic() - t0
+    busiest = max((cpu_seconds(p.pid) - before[n] for n, p in path.proxies.items()), default=None)
+    return {
+        "conn_per_s": out["per_second"],
+        "connect_p99_ms": out["connect_ms"].get("p99"),
+        # not in the table: tells whether the rate was limited by the proxy (≈1 vCPU) or elsewhere
+        "connrate_busiest_proxy_vcpu": None if busiest is None else busiest / wall,
+    }
 
 
 def held_connections_rss(path: PathSetup, count: int) -> dict[str, Any]:
@@ -657,7 +673,9 @@ def run_policy_bench(quick: bool) -> dict[str, Any] | None:
         "ok": r.returncode == 0,
         "result": parsed,
         "output": text[-4000:],
-        "summary": (text.splitlines()[-1] if text else r.stderr.strip()[-300:]) if parsed is None else "see JSON",
+        "summary": parsed.get("summary", "see JSON")
+        if isinstance(parsed, dict)
+        else (text.splitlines()[-1] if text else r.stderr.strip()[-300:]),
     }
 
 
@@ -694,7 +712,9 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
         wait_until(lambda: port_open(SERVER_POD, ECHO_PORT), 10, "the echo server", echo)
 
         wanted = args.paths.split(",")
-        maxconn = s.hold_count + 1000
+        # haproxy needs two descriptors per proxied connection and refuses to start past the limit
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        maxconn = min(s.hold_count + 500, (fd_limit - 300) // 2)
         builders: dict[str, Callable[[], PathSetup]] = {
             "direct": setup_direct,
             "haproxy": lambda: setup_haproxy(lab, maxconn),
@@ -709,7 +729,7 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
             if not path.available:
                 log(f"  {name}: not available — {path.note}")
             paths.append(path)
-            samples[name] = {m.key: [] for m in report.METRICS}
+            samples[name] = {m.key: [] for m in report.METRICS} | {"connrate_busiest_proxy_vcpu": []}
         live = [p for p in paths if p.available]
         time.sleep(1.0)  # let the proxies settle before the idle RSS reading
         idle_rss = {p.name: {n: rss_mb(proc.pid) for n, proc in p.proxies.items()} for p in live}
@@ -735,7 +755,11 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
                         errors.append(f"rep {rep} {path.name} {what}: {e}"[:400])
                         log(f"  {what} failed: {e}")
                     if path.proxies and not probe_echo(path.echo_target):
-                        note = f"rep {rep} {path.name}: the path stopped passing traffic after {what}; restarted it"
+                        busy = cpu_rates(path.proxies, 1.0)
+                        note = (
+                            f"rep {rep} {path.name}: the path stopped passing traffic after {what} "
+                            f"(proxy CPU while stalled: {busy}); restarted it"
+                        )
                         errors.append(note)
                         log(f"  {note}")
                         path.stop()
@@ -750,7 +774,8 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
                 continue
             log(f"{path.name}: holding {s.hold_count} connections")
             try:
-                holds[path.name] = held_connections_rss(path, s.hold_count)
+                count = min(s.hold_count, maxconn - 100) if path.name == "haproxy" else s.hold_count
+                holds[path.name] = held_connections_rss(path, count)
                 samples[path.name]["rss_per_conn_kib"].append(holds[path.name]["rss_per_conn_kib"])
             except Exception as e:
                 errors.append(f"{path.name} hold: {e}"[:400])
@@ -800,7 +825,7 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
         "samples": samples,
         "summary": summary,
         "ratios": report.ratios(summary, available),
-        "targets": report.evaluate_targets(summary) if "ztunnel" in available else [],
+        "targets": (report.evaluate_targets(summary) if "ztunnel" in available else []) + report.policy_targets(policy),
         "holds": holds,
         "policy": policy,
         "paths_order": names,
@@ -813,7 +838,7 @@ def raise_fd_limit() -> None:
     want = 65536
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
-    except (ValueError, OSError):
+    except (ValueError, OSError):  # no CAP_SYS_RESOURCE (e.g. a container): the hard limit is the cap
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -921,7 +946,10 @@ def dry_run(args: argparse.Namespace, s: Settings, out: TextIO) -> int:
         "paths": {p: {"available": True, "note": ""} for p in fake} | {"waypoint": {"available": False, "note": "x"}},
         "summary": summary,
         "ratios": report.ratios(summary, list(fake)),
-        "targets": report.evaluate_targets(summary),
+        "targets": report.evaluate_targets(summary)
+        + report.policy_targets(
+            {"result": {"results": [{"policies": 100, "median_us": 9.0}, {"policies": 10000, "median_us": 12.0}]}}
+        ),
     }
     print(report.render_markdown(result), file=out)
     return 0

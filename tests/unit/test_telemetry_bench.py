@@ -65,3 +65,20 @@ def test_dry_run_prints_the_plan_and_a_table() -> None:
     assert r.returncode == 0, r.stderr
     assert "plan: paths direct, haproxy, ztunnel" in r.stdout
     assert "| Figure | direct | haproxy | ztunnel |" in r.stdout
+
+
+def test_policy_targets_from_policy_bench_json() -> None:
+    policy = {
+        "result": {
+            "results": [
+                {"layout": "spread", "policies": 100, "median_us": 8.0},
+                {"layout": "spread", "policies": 10000, "median_us": 11.0},
+                {"layout": "one-namespace", "policies": 10000, "median_us": 25.0},
+            ]
+        }
+    }
+    median, growth = report.policy_targets(policy)
+    assert (median["value"], median["met"]) == (25.0, False)  # the slowest layout counts
+    assert growth["value"] == 25.0 / 8.0 and growth["met"] is True
+    assert report.policy_targets(None) == []
+    assert report.policy_targets({"result": "not json"}) == []
