@@ -74,10 +74,24 @@ class ServedWorkload:
 
 
 class OutboundFailure(Exception):
-    def __init__(self, message: str, reply: socks5.Reply, flag: str) -> None:
+    """An outbound connection could not be set up: what to answer the client and what to report."""
+
+    def __init__(
+        self,
+        message: str,
+        reply: socks5.Reply,
+        flag: str,
+        *,
+        destination: Workload | None = None,
+        service: Service | None = None,
+        mesh: bool = False,
+    ) -> None:
         super().__init__(message)
         self.reply = reply
         self.flag = flag
+        self.destination = destination
+        self.service = service
+        self.mesh = mesh
 
 
 @dataclass
@@ -325,9 +339,24 @@ class NodeProxy:
                 await self._socks_fail(client, e.reply)
             else:
                 client.abort()
-            labels = self._outbound_labels(source, None, None, None)
+            dst_principal = e.destination.identity if e.mesh and e.destination else None
+            labels = self._outbound_labels(
+                source, e.destination, e.service, dst_principal, security="mutual_tls" if e.mesh else "unknown"
+            )
             self._report(
-                labels, "outbound", (src_ip, peer[1]), dst, FLAG_NONE if not e.flag else e.flag, started, error=str(e)
+                labels,
+                "outbound",
+                (src_ip, peer[1]),
+                dst,
+                e.flag,
+                started,
+                count_open=True,
+                destination=e.destination,
+                service=e.service,
+                dst_identity=dst_principal,
+                src_identity=source.identity,
+                src_workload=source,
+                error=str(e),
             )
             return
         if socks:
@@ -373,16 +402,18 @@ class NodeProxy:
         route = self.router.route(self.config, dst[0], dst[1])
         if isinstance(route, RefusedRoute):
             self._count_refusal("no_route")
-            raise OutboundFailure(route.reason, socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE)
+            raise OutboundFailure(route.reason, socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE, service=route.service)
         if isinstance(route, PassthroughRoute):
             try:
                 async with asyncio.timeout(self.options.connect_timeout):
                     stream = await served.sockets.connector.connect(route.address)
             except (OSError, TimeoutError) as e:
                 raise OutboundFailure(
-                    f"cannot connect to {_addr(*route.address)}: {e}",
+                    f"cannot connect to {_addr(*route.address)}: {e or 'timed out'}",
                     socks5.Reply.CONNECTION_REFUSED,
                     FLAG_UPSTREAM_FAILURE,
+                    destination=route.destination,
+                    service=route.service,
                 ) from None
             labels = self._outbound_labels(source, route.destination, route.service, None, security="unknown")
             return _Upstream(stream, labels, route.destination, route.service, None, _addr(*route.address))
@@ -392,25 +423,29 @@ class NodeProxy:
             destination=SpiffeId.parse(route.destination.identity),
             address=route.proxy_address,
         )
+
+        def failure(message: str, reply: socks5.Reply, flag: str) -> OutboundFailure:
+            return OutboundFailure(
+                message, reply, flag, destination=route.destination, service=route.service, mesh=True
+            )
+
         try:
             stream = await self.pool.connect(
                 key, route.target, expected_identities=route.expected_identities, forwarded_for=client_addr
             )
         except TimeoutError:
-            raise OutboundFailure(
+            raise failure(
                 f"timed out opening a tunnel to {route.target}", socks5.Reply.TTL_EXPIRED, FLAG_UPSTREAM_FAILURE
             ) from None
         except HboneError as e:
             if e.status == STATUS_UNAUTHORIZED:
-                raise OutboundFailure(str(e), socks5.Reply.NOT_ALLOWED, FLAG_DENY) from None
+                raise failure(str(e), socks5.Reply.NOT_ALLOWED, FLAG_DENY) from None
             if e.status == STATUS_BAD_REQUEST:
-                raise OutboundFailure(str(e), socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE) from None
+                raise failure(str(e), socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE) from None
             reply = socks5.Reply.CONNECTION_REFUSED if e.status == STATUS_UNAVAILABLE else socks5.Reply.GENERAL_FAILURE
-            raise OutboundFailure(str(e), reply, FLAG_UPSTREAM_FAILURE) from None
+            raise failure(str(e), reply, FLAG_UPSTREAM_FAILURE) from None
         except Exception as e:  # certificate errors and the like: fail closed
-            raise OutboundFailure(
-                f"cannot open a tunnel: {e}", socks5.Reply.GENERAL_FAILURE, FLAG_UPSTREAM_FAILURE
-            ) from None
+            raise failure(f"cannot open a tunnel: {e}", socks5.Reply.GENERAL_FAILURE, FLAG_UPSTREAM_FAILURE) from None
         labels = self._outbound_labels(
             source, route.destination, route.service, route.destination.identity, security="mutual_tls"
         )
