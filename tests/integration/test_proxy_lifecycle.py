@@ -3,6 +3,7 @@ POST /quitquitquit. Each test runs its own pair of proxies (node-d: client pods,
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -174,3 +175,34 @@ def test_quitquitquit_drains_and_forces_close_at_the_deadline(pair: Pair) -> Non
             data = b""
         assert data == b""  # then it was closed
     assert "drain deadline passed" in pair.e.log()
+
+
+def test_not_ready_until_every_local_pod_is_served_then_ready(tmp_path: Path, ca_dir: Path) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(BASE + _client_pod("client", CLIENT))
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind((CLIENT, 15008))
+    blocker.listen()
+    d = start_proxy("node-d", config, ca_dir, tmp_path, "--access-log", "json", wait_ready=False)
+    try:
+        _status, body = wait_until(
+            lambda: (r := d.http(d.readiness_port, "/healthz/ready"))[0] == 503 and r, what="a not-ready answer"
+        )
+        assert "life/client" in body
+        blocker.close()  # the proxy retries and serves the pod
+        wait_until(d.ready, what="ready once the pod is served")
+        dump = d.config_dump()
+        assert [w["name"] for w in dump["served_workloads"]] == ["life/client"]
+        assert {c["identity"] for c in dump["certificates"]} == {"spiffe://cluster.local/ns/life/sa/client"}
+        with pytest.raises(SocksRefused):
+            socks_connect(CLIENT, (SERVER, PORT))  # node-e has no proxy: fails closed
+        line = wait_until(
+            lambda: next((x for x in d.log().splitlines() if '"scope": "access"' in x), None), what="an access log line"
+        )
+        record = json.loads(line)
+        assert record["src.identity"] == "spiffe://cluster.local/ns/life/sa/client"
+        assert record["response_flags"] == "UF"
+    finally:
+        blocker.close()
+        d.stop()
