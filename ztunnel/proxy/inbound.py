@@ -1,0 +1,262 @@
+"""Inbound: HBONE tunnels and plaintext connections to a served pod, authorized, then relayed to the app.
+
+HBONE answers 400 (not a CONNECT, malformed authority, not a pod served here), 401 (authorization),
+503 (the app cannot be reached) or 200. Plaintext obeys PeerAuthentication (STRICT refuses it).
+Every open connection is tracked with its attributes so a policy change can re-check it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ztunnel.config.model import Workload
+from ztunnel.hbone.protocol import (
+    STATUS_BAD_REQUEST,
+    STATUS_OK,
+    STATUS_UNAUTHORIZED,
+    STATUS_UNAVAILABLE,
+    ConnectRequest,
+    Rejection,
+)
+from ztunnel.hbone.server import InboundTunnel
+from ztunnel.hbone.streams import ByteStream, TcpStream
+from ztunnel.policy.engine import ConnectionAttributes, Decision
+from ztunnel.proxy.listeners import original_destination
+from ztunnel.proxy.relay import RelayCounters, relay
+from ztunnel.proxy.report import (
+    FLAG_BAD_REQUEST,
+    FLAG_DENY,
+    FLAG_NO_ROUTE,
+    FLAG_NONE,
+    FLAG_UPSTREAM_FAILURE,
+    ConnectionReporter,
+)
+from ztunnel.proxy.routing import PROXY_PORTS
+from ztunnel.proxy.state import ProxyState, ServedWorkload
+from ztunnel.proxy.tracking import TrackedConnection
+from ztunnel.telemetry.metrics import ConnectionLabels
+
+log = logging.getLogger("ztunnel.proxy")
+
+
+class Inbound:
+    def __init__(self, state: ProxyState, report: ConnectionReporter) -> None:
+        self.state = state
+        self.report = report
+
+    async def serve_tunnel(self, tunnel: InboundTunnel) -> None:
+        stream = tunnel.stream
+        started = time.monotonic()
+        peer_identity = tunnel.peer_identity.uri
+        request = tunnel.request
+        if isinstance(request, Rejection):
+            stream.respond(request.status)
+            self.report.refusal("bad_request")
+            self.report.inbound_refusal(tunnel, None, None, FLAG_BAD_REQUEST, request.reason, started)
+            return
+        assert isinstance(request, ConnectRequest)
+        target = request.target
+        uid = self.state.served_by_ip.get(target.ip)
+        served = self.state.workloads.get(uid) if uid is not None else None
+        if served is None:
+            stream.respond(STATUS_BAD_REQUEST)
+            self.report.refusal("not_local")
+            self.report.inbound_refusal(
+                tunnel, None, None, FLAG_NO_ROUTE, f"{target} is not a workload served by this proxy", started
+            )
+            return
+        destination = served.workload
+        if destination.identity != tunnel.local_identity.uri or target.port in PROXY_PORTS:
+            stream.respond(STATUS_BAD_REQUEST)
+            self.report.refusal("not_local")
+            why = (
+                f"port {target.port} is a proxy port"
+                if target.port in PROXY_PORTS
+                else f"{target} belongs to {destination.identity}, not to this listener's {tunnel.local_identity}"
+            )
+            self.report.inbound_refusal(tunnel, destination, None, FLAG_NO_ROUTE, why, started)
+            return
+        source_ip, source_port = self._claimed_source(request, tunnel)
+        attrs = ConnectionAttributes(
+            source_principal=peer_identity,
+            source_ip=source_ip,
+            destination=destination,
+            destination_ip=target.ip,
+            destination_port=target.port,
+        )
+        source_workload = self._source_workload(source_ip, peer_identity)
+        labels = ConnectionLabels.build(
+            reporter="destination",
+            source=source_workload,
+            source_principal=peer_identity,
+            destination=destination,
+            destination_principal=destination.identity,
+            destination_service=None,
+            connection_security_policy="mutual_tls",
+        )
+        decision = self.state.policy.check_l4(attrs)
+        if not decision.allowed:
+            stream.respond(STATUS_UNAUTHORIZED)
+            self.report.denied(labels, "inbound", (source_ip, source_port), target, decision, started, source_workload)
+            return
+        try:
+            async with asyncio.timeout(self.state.options.connect_timeout):
+                app = await served.sockets.connector.connect((target.ip, target.port), source=(source_ip, source_port))
+        except (OSError, TimeoutError) as e:
+            stream.respond(STATUS_UNAVAILABLE)
+            self.report.connection(
+                labels,
+                "inbound",
+                (source_ip, source_port),
+                (target.ip, target.port),
+                FLAG_UPSTREAM_FAILURE,
+                started,
+                error=f"cannot connect to the app: {e}",
+                destination=destination,
+                dst_identity=destination.identity,
+                src_identity=peer_identity,
+                src_workload=source_workload,
+                count_open=True,
+            )
+            return
+        stream.respond(STATUS_OK)
+        await self._relay_inbound(
+            served, stream, app, attrs, labels, (source_ip, source_port), started, peer_identity, source_workload
+        )
+
+    def _claimed_source(self, request: ConnectRequest, tunnel: InboundTunnel) -> tuple[str, int]:
+        """The client address for policy and telemetry: the `forwarded` address when it belongs to a pod
+        with the caller's own (authenticated) identity, else the TCP peer. A workload cannot borrow another
+        workload's address to pass an ipBlocks rule."""
+        if request.forwarded_for is not None:
+            claimed = self.state.config.workload_by_ip(request.forwarded_for[0])
+            if claimed is not None and claimed.identity == tunnel.peer_identity.uri:
+                return request.forwarded_for
+        return tunnel.peer_address
+
+    def _source_workload(self, ip: str, principal: str | None) -> Workload | None:
+        w = self.state.config.workload_by_ip(ip)
+        if w is None:
+            return None
+        if principal is not None and w.identity != principal:
+            return None  # the address is not the authenticated caller's: do not attribute it
+        return w
+
+    async def _relay_inbound(
+        self,
+        served: ServedWorkload,
+        downstream: ByteStream,
+        app: TcpStream,
+        attrs: ConnectionAttributes,
+        labels: ConnectionLabels,
+        client: tuple[str, int],
+        started: float,
+        principal: str | None,
+        source_workload: Workload | None,
+    ) -> None:
+        tracked = self.state.tracker.add(
+            TrackedConnection(
+                "inbound",
+                served.workload.uid,
+                abort=lambda: (downstream.abort(), app.abort()),
+                attributes=attrs,
+            )
+        )
+        if self.report.metrics is not None:
+            self.report.metrics.connection_opened(labels)
+        counters = RelayCounters()
+        try:
+            await relay(downstream, app, counters)
+        finally:
+            self.state.tracker.remove(tracked)
+            flag = FLAG_DENY if tracked.denied_by else FLAG_NONE
+            self.report.connection(
+                labels,
+                "inbound",
+                client,
+                (attrs.destination_ip, attrs.destination_port),
+                flag,
+                started,
+                received=counters.a_to_b,
+                sent=counters.b_to_a,
+                opened=True,
+                destination=served.workload,
+                dst_identity=served.workload.identity,
+                src_identity=principal,
+                src_workload=source_workload,
+                policy=tracked.denied_by,
+                error=counters.error if not tracked.denied_by else "closed by a policy change",
+            )
+
+    async def serve_plaintext(self, uid: str, client: TcpStream) -> None:
+        served = self.state.workloads.get(uid)
+        if served is None or self.state.draining:
+            client.abort()
+            return
+        started = time.monotonic()
+        destination = served.workload
+        dst = original_destination(client.transport.get_extra_info("socket"))
+        local = client.sockname
+        if dst is None or (dst[0] == local[0] and dst[1] == local[1]):
+            port = served.sockets.fallback_port
+            if port is None:
+                log.info("plaintext inbound: no original destination and no single containerPort, closing")
+                client.abort()
+                return
+            dst = (local[0] if local[0] in destination.ips else destination.ips[0], port)
+        source_ip, source_port = client.peername
+        source_workload = self._source_workload(source_ip, None)
+        labels = ConnectionLabels.build(
+            reporter="destination",
+            source=source_workload,
+            source_principal=None,
+            destination=destination,
+            destination_principal=destination.identity,
+            destination_service=None,
+            connection_security_policy="none",
+        )
+        if dst[1] in PROXY_PORTS:
+            client.abort()
+            return
+        mode = self.state.policy.peer_authentication_mode(destination, dst[1])
+        if mode == "STRICT":
+            client.abort()
+            decision = Decision(False, None, "peer authentication is STRICT: plaintext is refused")
+            mode_policy = getattr(self.state.policy, "peer_authentication_for", None)
+            if callable(mode_policy):
+                decision = Decision(False, mode_policy(destination, dst[1])[1], decision.reason)
+            self.report.denied(labels, "inbound", (source_ip, source_port), dst, decision, started, source_workload)
+            return
+        attrs = ConnectionAttributes(
+            source_principal=None,
+            source_ip=source_ip,
+            destination=destination,
+            destination_ip=dst[0],
+            destination_port=dst[1],
+        )
+        decision = self.state.policy.check_l4(attrs)
+        if not decision.allowed:
+            client.abort()
+            self.report.denied(labels, "inbound", (source_ip, source_port), dst, decision, started, source_workload)
+            return
+        try:
+            async with asyncio.timeout(self.state.options.connect_timeout):
+                app = await served.sockets.connector.connect(dst, source=(source_ip, source_port))
+        except (OSError, TimeoutError) as e:
+            client.abort()
+            self.report.connection(
+                labels,
+                "inbound",
+                (source_ip, source_port),
+                dst,
+                FLAG_UPSTREAM_FAILURE,
+                started,
+                error=str(e),
+                count_open=True,
+            )
+            return
+        await self._relay_inbound(
+            served, client, app, attrs, labels, (source_ip, source_port), started, None, source_workload
+        )

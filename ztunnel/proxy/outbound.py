@@ -1,0 +1,283 @@
+"""Outbound: a local pod's connection (SOCKS5 in local mode, transparent 15001 in in-pod mode) routed to
+an HBONE tunnel, a plain passthrough, or a refusal. A mesh destination is never reached in plaintext."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ztunnel.config.model import Service, Workload
+from ztunnel.hbone.client import HbonePool, PoolKey
+from ztunnel.hbone.protocol import STATUS_BAD_REQUEST, STATUS_UNAUTHORIZED, STATUS_UNAVAILABLE, HboneError
+from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.proxy import socks5
+from ztunnel.proxy.listeners import original_destination
+from ztunnel.proxy.relay import RelayCounters, relay
+from ztunnel.proxy.report import (
+    FLAG_DENY,
+    FLAG_NO_ROUTE,
+    FLAG_NONE,
+    FLAG_UPSTREAM_FAILURE,
+    ConnectionReporter,
+    format_addr,
+)
+from ztunnel.proxy.routing import HboneRoute, OutboundRouter, PassthroughRoute, RefusedRoute
+from ztunnel.proxy.state import ProxyState, ServedWorkload
+from ztunnel.proxy.tracking import TrackedConnection
+from ztunnel.telemetry.metrics import ConnectionLabels
+
+log = logging.getLogger("ztunnel.proxy")
+
+
+class OutboundFailure(Exception):
+    """An outbound connection could not be set up: what to answer the client and what to report."""
+
+    def __init__(
+        self,
+        message: str,
+        reply: socks5.Reply,
+        flag: str,
+        *,
+        destination: Workload | None = None,
+        service: Service | None = None,
+        mesh: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.flag = flag
+        self.destination = destination
+        self.service = service
+        self.mesh = mesh
+
+
+@dataclass
+class _Upstream:
+    stream: ByteStream
+    labels: ConnectionLabels
+    destination: Workload | None
+    service: Service | None
+    dst_identity: str | None
+    address: str
+
+
+class Outbound:
+    def __init__(self, state: ProxyState, pool: HbonePool, report: ConnectionReporter) -> None:
+        self.state = state
+        self.pool = pool
+        self.report = report
+        self.router = OutboundRouter()
+
+    async def serve_socks5(self, uid: str, client: TcpStream) -> None:
+        handshake = socks5.Socks5Handshake()
+        try:
+            async with asyncio.timeout(self.state.options.connect_timeout * 2):
+                step = socks5.Step()
+                while step.request is None:
+                    data = await client.read(1024)
+                    if not data:
+                        client.close()
+                        return
+                    step = handshake.receive_data(data)
+                    if step.send:
+                        await client.write(step.send)
+        except socks5.Socks5Error as e:
+            log.info("SOCKS5 client refused", extra={"reason": str(e), "peer": format_addr(*client.peername)})
+            if e.reply:
+                try:
+                    await client.write(e.reply)
+                except (ConnectionError, StreamClosed):
+                    pass
+            client.close()
+            self.report.refusal("socks5")
+            return
+        except (TimeoutError, ConnectionError, StreamClosed):
+            client.abort()
+            return
+        request = step.request
+        client.unread(step.leftover)
+        host = request.host
+        if request.is_domain:
+            resolved = self._resolve(host)
+            if resolved is None:
+                await self._socks_fail(client, socks5.Reply.HOST_UNREACHABLE)
+                return
+            host = resolved
+        await self._outbound(uid, client, (host, request.port), socks=True)
+
+    def _resolve(self, name: str) -> str | None:
+        """Service names (`svc`, `svc.ns`, `svc.ns.svc.cluster.local`) resolve to their ClusterIP."""
+        name = name.rstrip(".")
+        for s in self.state.config.services:
+            if s.cluster_ips and name in (s.hostname, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc"):
+                return s.cluster_ips[0]
+        return None
+
+    async def _socks_fail(self, client: TcpStream, code: socks5.Reply) -> None:
+        try:
+            await client.write(socks5.reply(code))
+        except (ConnectionError, StreamClosed):
+            pass
+        client.close()
+
+    async def serve_transparent(self, uid: str, client: TcpStream) -> None:
+        dst = original_destination(client.transport.get_extra_info("socket"))
+        if dst is None:
+            log.info("outbound connection without an original destination, closing")
+            client.abort()
+            return
+        await self._outbound(uid, client, dst, socks=False)
+
+    async def _outbound(self, uid: str, client: TcpStream, dst: tuple[str, int], *, socks: bool) -> None:
+        served = self.state.workloads.get(uid)
+        if served is None or self.state.draining:
+            if socks:
+                await self._socks_fail(client, socks5.Reply.GENERAL_FAILURE)
+            else:
+                client.abort()
+            return
+        source = served.workload
+        peer = client.peername
+        src_ip = peer[0] if peer[0] in source.ips else (source.ips[0] if source.ips else peer[0])
+        started = time.monotonic()
+        try:
+            upstream = await self._open_upstream(served, (src_ip, peer[1]), dst)
+        except OutboundFailure as e:
+            if socks:
+                await self._socks_fail(client, e.reply)
+            else:
+                client.abort()
+            dst_principal = e.destination.identity if e.mesh and e.destination else None
+            labels = self._outbound_labels(
+                source, e.destination, e.service, dst_principal, security="mutual_tls" if e.mesh else "unknown"
+            )
+            self.report.connection(
+                labels,
+                "outbound",
+                (src_ip, peer[1]),
+                dst,
+                e.flag,
+                started,
+                count_open=True,
+                destination=e.destination,
+                service=e.service,
+                dst_identity=dst_principal,
+                src_identity=source.identity,
+                src_workload=source,
+                error=str(e),
+            )
+            return
+        if socks:
+            try:
+                await client.write(socks5.reply(socks5.Reply.SUCCEEDED))
+            except (ConnectionError, StreamClosed):
+                upstream.stream.abort()
+                client.abort()
+                return
+        tracked = self.state.tracker.add(
+            TrackedConnection("outbound", uid, abort=lambda: (client.abort(), upstream.stream.abort()))
+        )
+        if self.report.metrics is not None:
+            self.report.metrics.connection_opened(upstream.labels)
+        counters = RelayCounters()
+        try:
+            await relay(client, upstream.stream, counters)
+        finally:
+            self.state.tracker.remove(tracked)
+            # Source side: "received" came from the client pod, "sent" went back to it.
+            self.report.connection(
+                upstream.labels,
+                "outbound",
+                (src_ip, peer[1]),
+                dst,
+                FLAG_NONE,
+                started,
+                received=counters.a_to_b,
+                sent=counters.b_to_a,
+                opened=True,
+                destination=upstream.destination,
+                service=upstream.service,
+                dst_identity=upstream.dst_identity,
+                src_identity=source.identity,
+                src_workload=source,
+                error=counters.error,
+            )
+
+    async def _open_upstream(
+        self, served: ServedWorkload, client_addr: tuple[str, int], dst: tuple[str, int]
+    ) -> _Upstream:
+        source = served.workload
+        route = self.router.route(self.state.config, dst[0], dst[1])
+        if isinstance(route, RefusedRoute):
+            self.report.refusal("no_route")
+            raise OutboundFailure(route.reason, socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE, service=route.service)
+        if isinstance(route, PassthroughRoute):
+            try:
+                async with asyncio.timeout(self.state.options.connect_timeout):
+                    stream = await served.sockets.connector.connect(route.address)
+            except (OSError, TimeoutError) as e:
+                raise OutboundFailure(
+                    f"cannot connect to {format_addr(*route.address)}: {e or 'timed out'}",
+                    socks5.Reply.CONNECTION_REFUSED,
+                    FLAG_UPSTREAM_FAILURE,
+                    destination=route.destination,
+                    service=route.service,
+                ) from None
+            labels = self._outbound_labels(source, route.destination, route.service, None, security="unknown")
+            return _Upstream(stream, labels, route.destination, route.service, None, format_addr(*route.address))
+        assert isinstance(route, HboneRoute)
+        key = PoolKey(
+            source=SpiffeId.parse(source.identity),
+            destination=SpiffeId.parse(route.destination.identity),
+            address=route.proxy_address,
+        )
+
+        def failure(message: str, reply: socks5.Reply, flag: str) -> OutboundFailure:
+            return OutboundFailure(
+                message, reply, flag, destination=route.destination, service=route.service, mesh=True
+            )
+
+        try:
+            stream = await self.pool.connect(
+                key, route.target, expected_identities=route.expected_identities, forwarded_for=client_addr
+            )
+        except TimeoutError:
+            raise failure(
+                f"timed out opening a tunnel to {route.target}", socks5.Reply.TTL_EXPIRED, FLAG_UPSTREAM_FAILURE
+            ) from None
+        except HboneError as e:
+            if e.status == STATUS_UNAUTHORIZED:
+                raise failure(str(e), socks5.Reply.NOT_ALLOWED, FLAG_DENY) from None
+            if e.status == STATUS_BAD_REQUEST:
+                raise failure(str(e), socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE) from None
+            reply = socks5.Reply.CONNECTION_REFUSED if e.status == STATUS_UNAVAILABLE else socks5.Reply.GENERAL_FAILURE
+            raise failure(str(e), reply, FLAG_UPSTREAM_FAILURE) from None
+        except Exception as e:  # certificate errors and the like: fail closed
+            raise failure(f"cannot open a tunnel: {e}", socks5.Reply.GENERAL_FAILURE, FLAG_UPSTREAM_FAILURE) from None
+        labels = self._outbound_labels(
+            source, route.destination, route.service, route.destination.identity, security="mutual_tls"
+        )
+        return _Upstream(
+            stream, labels, route.destination, route.service, route.destination.identity, str(route.target)
+        )
+
+    def _outbound_labels(
+        self,
+        source: Workload,
+        destination: Workload | None,
+        service: Service | None,
+        dst_principal: str | None,
+        security: Any = "unknown",
+    ) -> ConnectionLabels:
+        return ConnectionLabels.build(
+            reporter="source",
+            source=source,
+            source_principal=source.identity,
+            destination=destination,
+            destination_principal=dst_principal,
+            destination_service=service,
+            connection_security_policy=security,
+        )

@@ -1,0 +1,145 @@
+"""Reporting a proxied connection: Istio metrics (both reporters) and one access log line.
+
+Called once when a connection ends or is refused, never per chunk of data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ztunnel.config.model import Service, Workload
+from ztunnel.hbone.client import PoolKey, SecureNamingError, TlsHandshakeError
+from ztunnel.hbone.protocol import ConnectRequest
+from ztunnel.hbone.server import InboundTunnel
+from ztunnel.policy.engine import Decision
+from ztunnel.telemetry.accesslog import AccessLog
+from ztunnel.telemetry.metrics import ConnectionLabels, ProxyMetrics
+
+log = logging.getLogger("ztunnel.proxy")
+
+# Envoy/Istio response flags used in metrics and the access log.
+FLAG_NONE = "-"
+FLAG_DENY = "DENY"  # authorization (or STRICT peer authentication) refused the connection
+FLAG_NO_ROUTE = "NR"  # no route: a service without endpoints, an unknown or non-local destination
+FLAG_UPSTREAM_FAILURE = "UF"  # could not connect upstream (app, passthrough, or the HBONE peer)
+FLAG_BAD_REQUEST = "BR"  # malformed request (HBONE 400)
+
+
+def format_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ConnectionReporter:
+    def __init__(self, metrics: ProxyMetrics | None, access_log: AccessLog) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def refusal(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connection_refused(reason)
+
+    def inbound_refusal(
+        self,
+        tunnel: InboundTunnel,
+        destination: Workload | None,
+        service: Service | None,
+        flag: str,
+        reason: str,
+        started: float,
+    ) -> None:
+        log.info("HBONE request refused", extra={"peer_identity": tunnel.peer_identity.uri, "reason": reason})
+        target = tunnel.request.target if isinstance(tunnel.request, ConnectRequest) else None
+        self.access_log.log_connection(
+            direction="inbound",
+            src_addr=format_addr(*tunnel.peer_address),
+            dst_addr=str(target) if target else "-",
+            src_identity=tunnel.peer_identity.uri,
+            dst_identity=destination.identity if destination else None,
+            dst_workload=destination.ref if destination else None,
+            response_flags=flag,
+            duration=time.monotonic() - started,
+            error=reason,
+        )
+
+    def denied(
+        self,
+        labels: ConnectionLabels,
+        direction: Any,
+        client: tuple[str, int],
+        dst: Any,
+        decision: Decision,
+        started: float,
+        source_workload: Workload | None,
+    ) -> None:
+        dst_addr = dst if isinstance(dst, tuple) else (dst.ip, dst.port)
+        self.connection(
+            labels,
+            direction,
+            client,
+            dst_addr,
+            FLAG_DENY,
+            started,
+            count_open=True,
+            policy=decision.policy,
+            error=decision.reason,
+            src_identity=labels.source_principal if labels.source_principal != "unknown" else None,
+            dst_identity=labels.destination_principal,
+            src_workload=source_workload,
+        )
+
+    def connection(
+        self,
+        labels: ConnectionLabels,
+        direction: Any,
+        client: tuple[str, int],
+        dst: tuple[str, int],
+        flag: str,
+        started: float,
+        *,
+        received: int = 0,
+        sent: int = 0,
+        opened: bool = False,
+        count_open: bool = False,
+        destination: Workload | None = None,
+        service: Service | None = None,
+        dst_identity: str | None = None,
+        src_identity: str | None = None,
+        src_workload: Workload | None = None,
+        policy: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """One connection ended (or was refused): metrics (opened if not yet) + one access log line."""
+        if self.metrics is not None:
+            if count_open and not opened:
+                self.metrics.connection_opened(labels)
+                opened = True
+            if opened:
+                self.metrics.connection_closed(labels, sent, received, flag)
+        self.access_log.log_connection(
+            direction=direction,
+            src_addr=format_addr(*client),
+            dst_addr=format_addr(*dst),
+            src_identity=src_identity,
+            dst_identity=dst_identity,
+            src_workload=src_workload.ref if src_workload else None,
+            dst_workload=destination.ref if destination else None,
+            dst_service=service.hostname if service else None,
+            sent_bytes=sent,
+            received_bytes=received,
+            duration=time.monotonic() - started,
+            response_flags=flag,
+            policy=policy,
+            error=error,
+        )
+
+    def pool_failure(self, reason: str, key: PoolKey, error: Exception) -> None:
+        if self.metrics is None:
+            return
+        if isinstance(error, SecureNamingError):
+            self.metrics.tls_failure("identity")
+        elif isinstance(error, TlsHandshakeError):
+            self.metrics.tls_failure("handshake")
+        else:
+            self.metrics.connection_refused("hbone_connect")
