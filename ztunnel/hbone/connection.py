@@ -184,7 +184,9 @@ class HboneStream:
                 continue
             size = min(window, h2c.max_outbound_frame_size, len(view))
             try:
-                h2c.send_data(self.stream_id, view[:size])
+                # Whole bytes objects go in as they are (hyperframe copies a memoryview once more).
+                chunk = data if size == len(view) == len(data) and isinstance(data, bytes) else view[:size]
+                h2c.send_data(self.stream_id, chunk)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
                 raise StreamClosed(f"HBONE stream is closed ({e})") from None
             view = view[size:]
