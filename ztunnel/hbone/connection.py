@@ -42,6 +42,7 @@ from ztunnel.hbone.protocol import (
     validate_connect,
 )
 from ztunnel.hbone.streams import READ_CHUNK, StreamClosed
+from ztunnel.identity.spiffe import SpiffeId
 
 log = logging.getLogger("ztunnel.hbone")
 
@@ -312,13 +313,14 @@ class HboneConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.opened_at = time.monotonic()
         self.streams_total = 0
-        self.peer_identity: object = None  # set by the owner (pool or server) after the handshake
+        self.peer_identity: SpiffeId | None = None  # set by the owner (pool or server) after the handshake
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
         self._ping_outstanding: bytes | None = None
         self._ping_sent_at = 0.0
         self._last_received = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
+        # Called when the last stream ends or the connection closes (the pool reaps or forgets it).
         self.on_idle: Callable[[HboneConnection], None] | None = None
 
     def __repr__(self) -> str:
