@@ -125,7 +125,7 @@ class Proc:
 
 
 @dataclass
-class Lab:
+class ProcessGroup:
     """Owns the temp dir and every process the run starts; `close()` stops them all, by pid."""
 
     workdir: Path
@@ -171,15 +171,21 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def listening(host: str, port: int) -> bool:
+def listening(host: str, port: int, prefix: list[str] | None = None) -> bool:
     """Whether a TCP socket listens on host:port (IPv4), without connecting to it (a connect would
-    count as a client for servers such as a one-off iperf3)."""
+    count as a client for servers such as a one-off iperf3). `prefix` runs the check in a netns."""
     want = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[1] == want and fields[3] == "0A":
-                return True
+    try:
+        if prefix:
+            text = subprocess.run([*prefix, "cat", "/proc/net/tcp"], capture_output=True, text=True, timeout=10).stdout
+        else:
+            text = Path("/proc/self/net/tcp").read_text()
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == want and fields[3] == "0A":
+            return True
     return False
 
 
@@ -229,11 +235,11 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def cpu_rates(procs: dict[str, Proc], seconds: float) -> str:
+def cpu_rates(pids: dict[str, int], seconds: float) -> str:
     """vCPU each process uses over `seconds`: tells a busy loop (≈1) from a deadlock (≈0)."""
-    before = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
     time.sleep(seconds)
-    return ", ".join(f"{n}={(cpu_seconds(p.pid) - before[n]) / seconds:.2f}" for n, p in procs.items())
+    return ", ".join(f"{n}={(cpu_seconds(pid) - before[n]) / seconds:.2f}" for n, pid in pids.items())
 
 
 def rss_mb(pid: int) -> float:
@@ -313,9 +319,17 @@ class PathSetup:
     echo_target: str = ""  # loadgen TARGET
     iperf_host: str = ""
     iperf_port: int = 0
-    proxies: dict[str, Proc] = field(default_factory=dict)
+    proxies: dict[str, Proc] = field(default_factory=dict)  # proxy processes this run started
+    external_pids: dict[str, int] = field(default_factory=dict)  # proxies someone else runs (the lab)
     entry: str = ""
     helpers: list[Proc] = field(default_factory=list)  # e.g. the SOCKS forwarder; stopped with the path
+    client_prefix: list[str] = field(default_factory=list)  # e.g. `ip netns exec <client pod netns>`
+    server_prefix: list[str] = field(default_factory=list)
+    iperf_bind: str = ""  # address the per-test iperf3 server binds ("" = any, inside the server pod)
+    restart_hook: Callable[[], None] | None = None  # restarts proxies this run does not own
+
+    def proxy_pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in self.proxies.items()} | self.external_pids
 
     def stop(self) -> None:
         for proc in [*self.proxies.values(), *self.helpers]:
@@ -329,19 +343,41 @@ def setup_direct() -> PathSetup:
         iperf_host=SERVER_POD,
         iperf_port=IPERF_PORT,
         entry="plain TCP to the app",
+        iperf_bind=SERVER_POD,
     )
 
 
-def setup_haproxy(lab: Lab, maxconn: int) -> PathSetup:
-    path = PathSetup("haproxy", entry="haproxy A (TCP) -> mTLS 1.3 ECDSA P-256 -> haproxy B, nbthread 1 each")
+@dataclass(frozen=True, slots=True)
+class HaproxyPlacement:
+    """Where the two HAProxy processes listen and run, and where the app is."""
+
+    a_addr: str = HAPROXY_A
+    b_addr: str = HAPROXY_B
+    app_addr: str = SERVER_POD
+    a_prefix: tuple[str, ...] = ()  # e.g. `ip netns exec <node1 netns>`
+    b_prefix: tuple[str, ...] = ()
+    client_prefix: tuple[str, ...] = ()
+    server_prefix: tuple[str, ...] = ()
+    iperf_bind: str = SERVER_POD
+
+
+def setup_haproxy(group: ProcessGroup, maxconn: int, at: HaproxyPlacement | None = None) -> PathSetup:
+    at = at or HaproxyPlacement()
+    path = PathSetup(
+        "haproxy",
+        entry="haproxy A (TCP) -> mTLS 1.3 ECDSA P-256 -> haproxy B, nbthread 1 each",
+        client_prefix=list(at.client_prefix),
+        server_prefix=list(at.server_prefix),
+        iperf_bind=at.iperf_bind,
+    )
     binary = shutil.which("haproxy")
     if binary is None:
         return PathSetup("haproxy", available=False, note="haproxy is not installed (bench/run installs it as root)")
-    certs = lab.workdir / "haproxy-certs"
+    certs = group.workdir / "haproxy-certs"
     certs.mkdir(exist_ok=True)
     make_haproxy_certs(certs)
     common = (
-        f"global\n  maxconn {maxconn}\n  nbthread 1\n  tune.ssl.default-dh-param 2048\n"
+        f"global\n  maxconn {maxconn}\n  nbthread 1\n"
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n"
     )
     a_cfg, b_cfg = common, common
@@ -349,24 +385,24 @@ def setup_haproxy(lab: Lab, maxconn: int) -> PathSetup:
     for port in (IPERF_PORT, ECHO_PORT):
         tls_port = port + TLS_PORT_OFFSET
         a_cfg += (
-            f"frontend f{port}\n  bind {HAPROXY_A}:{port}\n  maxconn {maxconn}\n  default_backend b{port}\n"
-            f"backend b{port}\n  server b {HAPROXY_B}:{tls_port} ssl crt {certs}/client.pem {tls} "
+            f"frontend f{port}\n  bind {at.a_addr}:{port}\n  maxconn {maxconn}\n  default_backend b{port}\n"
+            f"backend b{port}\n  server b {at.b_addr}:{tls_port} ssl crt {certs}/client.pem {tls} "
             "verifyhost server.bench.local\n"
         )
         b_cfg += (
-            f"frontend f{port}\n  bind {HAPROXY_B}:{tls_port} ssl crt {certs}/server.pem {tls}\n"
+            f"frontend f{port}\n  bind {at.b_addr}:{tls_port} ssl crt {certs}/server.pem {tls}\n"
             f"  maxconn {maxconn}\n  default_backend app{port}\n"
-            f"backend app{port}\n  server app {SERVER_POD}:{port}\n"
+            f"backend app{port}\n  server app {at.app_addr}:{port}\n"
         )
-    for side, cfg in (("a", a_cfg), ("b", b_cfg)):
-        cfg_path = lab.workdir / f"haproxy-{side}.cfg"
+    for side, cfg, prefix in (("a", a_cfg, at.a_prefix), ("b", b_cfg, at.b_prefix)):
+        cfg_path = group.workdir / f"haproxy-{side}.cfg"
         cfg_path.write_text(cfg)
-        proc = lab.start(f"haproxy-{side}", [binary, "-db", "-f", str(cfg_path)])
-        path.proxies[side] = proc
-    wait_until(lambda: port_open(HAPROXY_B, ECHO_PORT + TLS_PORT_OFFSET), 10, "haproxy B", path.proxies["b"])
-    wait_until(lambda: port_open(HAPROXY_A, ECHO_PORT), 10, "haproxy A", path.proxies["a"])
-    path.echo_target = f"{HAPROXY_A}:{ECHO_PORT}"
-    path.iperf_host, path.iperf_port = HAPROXY_A, IPERF_PORT
+        path.proxies[side] = group.start(f"haproxy-{side}", [*prefix, binary, "-db", "-f", str(cfg_path)])
+    b_port = ECHO_PORT + TLS_PORT_OFFSET
+    wait_until(lambda: listening(at.b_addr, b_port, list(at.b_prefix)), 10, "haproxy B", path.proxies["b"])
+    wait_until(lambda: listening(at.a_addr, ECHO_PORT, list(at.a_prefix)), 10, "haproxy A", path.proxies["a"])
+    path.echo_target = f"{at.a_addr}:{ECHO_PORT}"
+    path.iperf_host, path.iperf_port = at.a_addr, IPERF_PORT
     return path
 
 
@@ -442,7 +478,7 @@ def proxy_cli_help(cmd: list[str]) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
-def setup_ztunnel(lab: Lab) -> PathSetup:
+def setup_ztunnel(group: ProcessGroup) -> PathSetup:
     cmd = ztunnel_command()
     if cmd is None:
         return PathSetup("ztunnel", available=False, note="the ztunnel console script is not in the venv")
@@ -452,15 +488,19 @@ def setup_ztunnel(lab: Lab) -> PathSetup:
     missing = [f for f in ("--node", "--ca-dir", "--metrics-addr", "--readiness-addr") if f not in help_text]
     if missing:
         return PathSetup("ztunnel", available=False, note=f"`ztunnel proxy` lacks {', '.join(missing)}")
-    cluster = lab.workdir / "cluster.yaml"
+    cluster = group.workdir / "cluster.yaml"
     cluster.write_text(CLUSTER_YAML)
-    ca_dir = lab.workdir / "ca"
+    ca_dir = group.workdir / "ca"
     r = subprocess.run(
         [*cmd, "ca", "init", "--dir", str(ca_dir), "--force"], capture_output=True, text=True, timeout=60
     )
     if r.returncode != 0:
         return PathSetup("ztunnel", available=False, note=f"`ztunnel ca init` failed: {r.stderr.strip()[-300:]}")
-    path = PathSetup("ztunnel", entry=f"SOCKS5 on the client pod ({CLIENT_POD}:15080), HBONE between the proxies")
+    path = PathSetup(
+        "ztunnel",
+        entry=f"SOCKS5 on the client pod ({CLIENT_POD}:15080), HBONE between the proxies",
+        iperf_bind=SERVER_POD,
+    )
     for node, addr in (("a", NODE_A), ("b", NODE_B)):
         argv = [*cmd, "--log-level", "warning", "proxy", "--node", node, "-f", str(cluster), "--ca-dir", str(ca_dir)]
         argv += ["--metrics-addr", f"{addr}:15020", "--readiness-addr", f"{addr}:15021"]
@@ -468,7 +508,7 @@ def setup_ztunnel(lab: Lab) -> PathSetup:
             argv += ["--admin-addr", f"{addr}:15000"]
         if "--access-log" in help_text:
             argv += ["--access-log", "off"]
-        path.proxies[node] = lab.start(f"ztunnel-{node}", argv)
+        path.proxies[node] = group.start(f"ztunnel-{node}", argv)
     for node, addr in (("a", NODE_A), ("b", NODE_B)):
         try:
             wait_until(
@@ -481,7 +521,7 @@ def setup_ztunnel(lab: Lab) -> PathSetup:
             return PathSetup("ztunnel", available=False, note=str(e)[:500])
     socks = f"socks5://{CLIENT_POD}:15080/"
     path.echo_target = f"{socks}{SERVER_POD}:{ECHO_PORT}"
-    fwd = lab.start(
+    fwd = group.start(
         "forwarder", [PY, LOADGEN, "forward", f"{FORWARDER}:{IPERF_PORT}", f"{socks}{SERVER_POD}:{IPERF_PORT}"]
     )
     wait_until(lambda: port_open(FORWARDER, IPERF_PORT), 10, "the SOCKS forwarder", fwd)
@@ -492,8 +532,20 @@ def setup_ztunnel(lab: Lab) -> PathSetup:
     return path
 
 
-def probe_echo(target: str, timeout: float = 3.0) -> bool:
+def probe_path(path: PathSetup, timeout: float = 3.0) -> bool:
     """One connection through the path, proven by a 1-byte echo from the app."""
+    if not path.client_prefix:
+        return probe_echo(path.echo_target, timeout)
+    argv = [*path.client_prefix, PY, LOADGEN, "connrate", path.echo_target, "--workers", "1", "--duration", "0.3"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        return json.loads(r.stdout)["connections"] > 0
+    except (ValueError, KeyError, subprocess.TimeoutExpired):
+        return False
+
+
+def probe_echo(target: str, timeout: float = 3.0) -> bool:
+    """One connection to `target` from this netns, proven by a 1-byte echo from the app."""
     t = loadgen.Target.parse(target)
     try:
         with socket.create_connection(t.connect_addr, timeout=timeout) as sock:
@@ -527,12 +579,19 @@ def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def iperf3(lab: Lab, path: PathSetup, streams: int, secs: float) -> float:
+def iperf3(group: ProcessGroup, path: PathSetup, streams: int, secs: float) -> float:
     """One test against a fresh one-off iperf3 server, so a failed test cannot wedge the next one."""
-    server = lab.start("iperf3-server", ["iperf3", "-s", "-1", "-B", SERVER_POD, "-p", str(IPERF_PORT)])
+    bind = ["-B", path.iperf_bind] if path.iperf_bind else []
+    server = group.start("iperf3-server", [*path.server_prefix, "iperf3", "-s", "-1", *bind, "-p", str(IPERF_PORT)])
     try:
-        wait_until(lambda: listening(SERVER_POD, IPERF_PORT), 10, "the iperf3 server", server)
-        argv = ["iperf3", "-c", path.iperf_host, "-p", str(path.iperf_port), "-t", str(secs), "-P", str(streams)]
+        wait_until(
+            lambda: listening(path.iperf_bind or "0.0.0.0", IPERF_PORT, path.server_prefix),
+            10,
+            "the iperf3 server",
+            server,
+        )
+        argv = [*path.client_prefix, "iperf3", "-c", path.iperf_host, "-p", str(path.iperf_port)]
+        argv += ["-t", str(secs), "-P", str(streams)]
         argv += ["-J", "--connect-timeout", "5000"]
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 20)
@@ -547,14 +606,16 @@ def iperf3(lab: Lab, path: PathSetup, streams: int, secs: float) -> float:
         return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
     finally:
         server.stop()
-        lab.procs.remove(server)
+        group.procs.remove(server)
 
 
 def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
-    before = {n: cpu_seconds(p.pid) for n, p in path.proxies.items()}
+    pids = path.proxy_pids()
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
     t0 = time.monotonic()
     out = run_json(
         [
+            *path.client_prefix,
             PY,
             LOADGEN,
             "latency",
@@ -579,8 +640,8 @@ def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
         "cpu_s_per_1000_req": None,
         "cpu_vcpu_at_1000rps": None,
     }
-    if path.proxies:
-        used = {n: cpu_seconds(p.pid) - before[n] for n, p in path.proxies.items()}
+    if pids:
+        used = {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}
         requests = s.latency_rate * (s.latency_secs + s.latency_warmup)
         result["cpu_s_per_1000_req"] = sum(used.values()) / (requests / 1000)
         # the load ran for latency+warmup seconds; process start/exit of the client add a little wall
@@ -589,10 +650,12 @@ def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
 
 
 def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
-    before = {n: cpu_seconds(p.pid) for n, p in path.proxies.items()}
+    pids = path.proxy_pids()
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
     t0 = time.monotonic()
     out = run_json(
         [
+            *path.client_prefix,
             PY,
             LOADGEN,
             "connrate",
@@ -605,7 +668,7 @@ def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
         timeout=s.connrate_secs + 60,
     )
     wall = time.monotonic() - t0
-    busiest = max((cpu_seconds(p.pid) - before[n] for n, p in path.proxies.items()), default=None)
+    busiest = max((cpu_seconds(pid) - before[n] for n, pid in pids.items()), default=None)
     return {
         "conn_per_s": out["per_second"],
         "connect_p99_ms": out["connect_ms"].get("p99"),
@@ -616,9 +679,10 @@ def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
 
 def held_connections_rss(path: PathSetup, count: int) -> dict[str, Any]:
     """RSS of the proxies before and while `count` proxied connections are open."""
-    idle = {n: rss_mb(p.pid) for n, p in path.proxies.items()}
+    pids = path.proxy_pids()
+    idle = {n: rss_mb(pid) for n, pid in pids.items()}
     proc = subprocess.Popen(
-        [PY, LOADGEN, "hold", path.echo_target, "--count", str(count), "--parallel", "200"],
+        [*path.client_prefix, PY, LOADGEN, "hold", path.echo_target, "--count", str(count), "--parallel", "200"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -628,7 +692,7 @@ def held_connections_rss(path: PathSetup, count: int) -> dict[str, Any]:
         line = proc.stdout.readline()
         ready = json.loads(line) if line.startswith("{") else {"ready": 0, "errors": count}
         time.sleep(0.5)  # let the proxies finish any per-connection allocation after the echo
-        loaded = {n: rss_mb(p.pid) for n, p in path.proxies.items()}
+        loaded = {n: rss_mb(pid) for n, pid in pids.items()}
         proc.stdin.close()
         proc.wait(60)
     finally:
@@ -636,7 +700,7 @@ def held_connections_rss(path: PathSetup, count: int) -> dict[str, Any]:
             proc.kill()
             proc.wait()
     held = int(ready.get("ready", 0))
-    per_conn = {n: (loaded[n] - idle[n]) * 1024 / held if held else None for n in path.proxies}
+    per_conn = {n: (loaded[n] - idle[n]) * 1024 / held if held else None for n in pids}
     values = [v for v in per_conn.values() if v is not None]
     return {
         "held": held,
@@ -697,30 +761,245 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[str, Any]:
+Builders = dict[str, Callable[[], PathSetup]]
+
+
+LAB_YAML = """\
+# The benchmark's two-node lab: a mesh pair (namespace bench) and a plain pair (namespace plain) with
+# the clients on node1 and the servers on node2. Apps are started by bench/run.py inside the pods.
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: bench
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: plain
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+"""
+for _ns in ("bench", "plain"):
+    for _role, _node in (("client", "node1"), ("server", "node2")):
+        LAB_YAML += f"""---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {_role}
+  namespace: {_ns}
+  labels:
+    app: {_role}
+spec:
+  nodeName: {_node}
+  serviceAccountName: {_role}
+  containers:
+  - name: main
+    command: [sleep, infinity]
+"""
+LAB_PREFIX = "zb"
+
+
+def lab_available() -> bool:
+    cmd = ztunnel_command()
+    if cmd is None or os.geteuid() != 0:
+        return False
+    try:
+        r = subprocess.run([*cmd, "lab", "up", "--help"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def netns_exec(ns: str) -> list[str]:
+    return ["ip", "netns", "exec", ns]
+
+
+class LabTopology:
+    """Two nodes of the netns lab (`ztunnel lab up`): pods on node1 talk to pods on node2 over the
+    fabric; mesh pods go through in-pod iptables redirection and the two node proxies."""
+
+    def __init__(self, redirect: str = "iptables") -> None:
+        cmd = ztunnel_command()
+        assert cmd is not None
+        self.cmd = cmd
+        self.name = f"{LAB_PREFIX}{os.getpid()}"
+        self.redirect = redirect
+        self.mode = f"netns lab `{self.name}` (two nodes, {redirect} redirection)"
+        self.status: dict[str, Any] = {}
+        self.up = False
+
+    def _lab(self, *argv: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.cmd, "lab", *argv, "--name", self.name], capture_output=True, text=True, timeout=timeout
+        )
+
+    def remove_stale(self) -> None:
+        """Labs of earlier bench runs whose process is gone (they crashed): take them down."""
+        base = Path("/run/ztunnel-lab")
+        for d in base.glob(f"{LAB_PREFIX}*") if base.exists() else []:
+            pid = d.name[len(LAB_PREFIX) :]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                subprocess.run([*self.cmd, "lab", "down", "--name", d.name], capture_output=True, timeout=120)
+
+    def refresh(self) -> None:
+        r = self._lab("status", "-o", "json", timeout=60)
+        self.status = json.loads(r.stdout)
+
+    def pod(self, namespace: str, name: str) -> dict[str, Any]:
+        for p in self.status["pods"]:
+            if p["namespace"] == namespace and p["name"] == name:
+                return p
+        raise RuntimeError(f"the lab has no pod {namespace}/{name}")
+
+    def node(self, name: str) -> dict[str, Any]:
+        for n in self.status["nodes"]:
+            if n["name"] == name:
+                return n
+        raise RuntimeError(f"the lab has no node {name}")
+
+    def start(self, group: ProcessGroup, maxconn: int) -> Builders:
+        self.remove_stale()
+        cluster = group.workdir / "lab-cluster.yaml"
+        cluster.write_text(LAB_YAML)
+        log(f"building the lab {self.name} (ztunnel lab up)")
+        self.up = True
+        r = self._lab("up", "-f", str(cluster), "--mesh", "auto", "--redirect", self.redirect, "--timeout", "120")
+        if r.returncode != 0:
+            raise RuntimeError(f"`ztunnel lab up` failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        self.refresh()
+        for ns in ("bench", "plain"):
+            client, server = self.pod(ns, "client"), self.pod(ns, "server")
+            for key, value in (("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "20000 65000")):
+                subprocess.run([*netns_exec(client["netns"]), "sysctl", "-q", "-w", f"{key}={value}"], timeout=10)
+            prefix = netns_exec(server["netns"])
+            echo = group.start(f"echo-{ns}", [*prefix, PY, LOADGEN, "echo-server", f"0.0.0.0:{ECHO_PORT}"])
+            wait_until(lambda p=prefix: listening("0.0.0.0", ECHO_PORT, p), 10, f"the echo server in {ns}", echo)
+        return {
+            "direct": self.direct,
+            "haproxy": lambda: self.haproxy(group, maxconn),
+            "ztunnel": self.ztunnel,
+        }
+
+    def _pair(self, ns: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.pod(ns, "client"), self.pod(ns, "server")
+
+    def direct(self) -> PathSetup:
+        client, server = self._pair("plain")
+        ip = server["ips"][0]
+        return PathSetup(
+            "direct",
+            echo_target=f"{ip}:{ECHO_PORT}",
+            iperf_host=ip,
+            iperf_port=IPERF_PORT,
+            entry="plain pods, node1 -> node2 over the lab fabric",
+            client_prefix=netns_exec(client["netns"]),
+            server_prefix=netns_exec(server["netns"]),
+            iperf_bind=ip,
+        )
+
+    def haproxy(self, group: ProcessGroup, maxconn: int) -> PathSetup:
+        client, server = self._pair("plain")
+        n1, n2 = self.node("node1"), self.node("node2")
+        at = HaproxyPlacement(
+            a_addr=n1["address"],
+            b_addr=n2["address"],
+            app_addr=server["ips"][0],
+            a_prefix=tuple(netns_exec(n1["netns"])),
+            b_prefix=tuple(netns_exec(n2["netns"])),
+            client_prefix=tuple(netns_exec(client["netns"])),
+            server_prefix=tuple(netns_exec(server["netns"])),
+            iperf_bind=server["ips"][0],
+        )
+        path = setup_haproxy(group, maxconn, at)
+        path.entry = "plain client pod -> haproxy on node1 -> mTLS 1.3 ECDSA P-256 -> haproxy on node2 -> plain pod"
+        return path
+
+    def ztunnel(self) -> PathSetup:
+        self.refresh()
+        client, server = self._pair("bench")
+        if not (client["enrolled"] and server["enrolled"]):
+            return PathSetup("ztunnel", available=False, note="the lab did not enroll the bench pods (mesh off?)")
+        pids = {}
+        for node in ("node1", "node2"):
+            proxy = self.node(node).get("proxy")
+            if not proxy or not proxy.get("running"):
+                return PathSetup("ztunnel", available=False, note=f"the lab runs no proxy on {node}")
+            pids[node] = int(proxy["pid"])
+        ip = server["ips"][0]
+        path = PathSetup(
+            "ztunnel",
+            echo_target=f"{ip}:{ECHO_PORT}",
+            iperf_host=ip,
+            iperf_port=IPERF_PORT,
+            external_pids=pids,
+            entry=f"mesh pods, in-pod {self.redirect} redirection, HBONE between the node1 and node2 proxies",
+            client_prefix=netns_exec(client["netns"]),
+            server_prefix=netns_exec(server["netns"]),
+            iperf_bind=ip,
+            restart_hook=self.restart_proxies,
+        )
+        if not probe_path(path):
+            return PathSetup("ztunnel", available=False, note="a test connection through the proxy pair failed")
+        return path
+
+    def restart_proxies(self) -> None:
+        for node in ("node1", "node2"):
+            self._lab("restart", "proxy", "--node", node, timeout=120)
+
+    def close(self) -> None:
+        if self.up:
+            r = self._lab("down", timeout=180)
+            if r.returncode != 0:
+                log(f"warning: `ztunnel lab down --name {self.name}` failed: {r.stderr.strip()[-300:]}")
+
+
+class LocalTopology:
+    """Every path on loopback addresses in the current netns (the bench's own, as root)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.mode = f"local mode on loopback{' inside netns ' + netns if netns else ' (host namespace)'}"
+
+    def start(self, group: ProcessGroup, maxconn: int) -> Builders:
+        log(f"starting the app (echo server on {SERVER_POD}; iperf3 servers per test) in {group.workdir}")
+        echo = group.start("echo-server", [PY, LOADGEN, "echo-server", f"{SERVER_POD}:{ECHO_PORT}"])
+        wait_until(lambda: port_open(SERVER_POD, ECHO_PORT), 10, "the echo server", echo)
+        return {
+            "direct": setup_direct,
+            "haproxy": lambda: setup_haproxy(group, maxconn),
+            "ztunnel": lambda: setup_ztunnel(group),
+        }
+
+    def close(self) -> None:
+        pass
+
+
+def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | LabTopology) -> dict[str, Any]:
     raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="ztbench-"))
-    lab = Lab(workdir)
+    group = ProcessGroup(workdir)
     started = time.monotonic()
     paths: list[PathSetup] = []
     samples: dict[str, dict[str, list[float | None]]] = {}
     holds: dict[str, Any] = {}
     errors: list[str] = []
+    idle_rss: dict[str, dict[str, float]] = {}
+    policy = None
     try:
-        log(f"starting the app (echo server on {SERVER_POD}; iperf3 servers per test) in {workdir}")
-        echo = lab.start("echo-server", [PY, LOADGEN, "echo-server", f"{SERVER_POD}:{ECHO_PORT}"])
-        wait_until(lambda: port_open(SERVER_POD, ECHO_PORT), 10, "the echo server", echo)
-
-        wanted = args.paths.split(",")
         # haproxy needs two descriptors per proxied connection and refuses to start past the limit
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         maxconn = min(s.hold_count + 500, (fd_limit - 300) // 2)
-        builders: dict[str, Callable[[], PathSetup]] = {
-            "direct": setup_direct,
-            "haproxy": lambda: setup_haproxy(lab, maxconn),
-            "ztunnel": lambda: setup_ztunnel(lab),
-        }
-        for name in wanted:
+        builders = topology.start(group, maxconn)
+        for name in args.paths.split(","):
             log(f"setting up path {name}")
             try:
                 path = builders[name]()
@@ -732,16 +1011,16 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
             samples[name] = {m.key: [] for m in report.METRICS} | {"connrate_busiest_proxy_vcpu": []}
         live = [p for p in paths if p.available]
         time.sleep(1.0)  # let the proxies settle before the idle RSS reading
-        idle_rss = {p.name: {n: rss_mb(proc.pid) for n, proc in p.proxies.items()} for p in live}
+        idle_rss = {p.name: {n: rss_mb(pid) for n, pid in p.proxy_pids().items()} for p in live}
 
         for rep in range(1, s.reps + 1):
             for index, first in enumerate(live):
                 log(f"rep {rep}/{s.reps} {first.name}")
                 row = samples[first.name]
-                row["rss_idle_mb"].append(max(idle_rss[first.name].values()) if first.proxies else None)
+                row["rss_idle_mb"].append(max(idle_rss[first.name].values(), default=None))
                 steps: list[tuple[str, Callable[[PathSetup], dict[str, float | None]]]] = [
-                    ("throughput 1", lambda p: {"throughput_1_gbps": iperf3(lab, p, 1, s.throughput_secs)}),
-                    ("throughput 4", lambda p: {"throughput_4_gbps": iperf3(lab, p, 4, s.throughput_secs)}),
+                    ("throughput 1", lambda p: {"throughput_1_gbps": iperf3(group, p, 1, s.throughput_secs)}),
+                    ("throughput 4", lambda p: {"throughput_4_gbps": iperf3(group, p, 4, s.throughput_secs)}),
                     ("latency", lambda p: latency_with_cpu(p, s)),
                     ("connrate", lambda p: connrate(p, s)),
                 ]
@@ -754,8 +1033,8 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
                     except Exception as e:
                         errors.append(f"rep {rep} {path.name} {what}: {e}"[:400])
                         log(f"  {what} failed: {e}")
-                    if path.proxies and not probe_echo(path.echo_target):
-                        busy = cpu_rates(path.proxies, 1.0)
+                    if path.proxy_pids() and not probe_path(path):
+                        busy = cpu_rates(path.proxy_pids(), 1.0)
                         note = (
                             f"rep {rep} {path.name}: the path stopped passing traffic after {what} "
                             f"(proxy CPU while stalled: {busy}); restarted it"
@@ -763,6 +1042,8 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
                         errors.append(note)
                         log(f"  {note}")
                         path.stop()
+                        if path.restart_hook is not None:
+                            path.restart_hook()
                         rebuilt = builders[path.name]()
                         if rebuilt.available:
                             live[index] = rebuilt
@@ -770,30 +1051,29 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
                             errors.append(f"{path.name}: restart failed: {rebuilt.note}"[:400])
                 time.sleep(0.3)
         for path in live:
-            if not path.proxies:
+            if not path.proxy_pids():
                 continue
-            log(f"{path.name}: holding {s.hold_count} connections")
+            count = min(s.hold_count, maxconn - 100) if path.name == "haproxy" else s.hold_count
+            log(f"{path.name}: holding {count} connections")
             try:
-                count = min(s.hold_count, maxconn - 100) if path.name == "haproxy" else s.hold_count
                 holds[path.name] = held_connections_rss(path, count)
                 samples[path.name]["rss_per_conn_kib"].append(holds[path.name]["rss_per_conn_kib"])
             except Exception as e:
                 errors.append(f"{path.name} hold: {e}"[:400])
         for path in live:
-            for name, proc in path.proxies.items():
-                if not proc.alive():
-                    errors.append(f"{path.name} proxy {name} died during the run: {proc.log_tail()}")
-        policy = None
+            for name, pid in path.proxy_pids().items():
+                if not Path(f"/proc/{pid}").exists():
+                    errors.append(f"{path.name} proxy {name} (pid {pid}) died during the run")
         if not args.skip_policy:
             log("policy benchmark (bench/policy_bench.py)")
             policy = run_policy_bench(s.quick)
     finally:
-        lab.close()
+        group.close()
+        topology.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
     summary = report.summarize_all(samples)
-    names = [p.name for p in paths]
     available = [p.name for p in paths if p.available]
     now = dt.datetime.now(dt.UTC)
     return {
@@ -802,7 +1082,7 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
             "quick": s.quick,
             "reps": s.reps,
             "settings": asdict(s),
-            "mode": f"local mode on loopback{' inside netns ' + netns if netns else ' (host namespace)'}",
+            "mode": topology.mode,
             "host": {
                 "kernel": platform.release(),
                 "cpus": os.cpu_count(),
@@ -828,7 +1108,6 @@ def measure(args: argparse.Namespace, s: Settings, netns: str | None) -> dict[st
         "targets": (report.evaluate_targets(summary) if "ztunnel" in available else []) + report.policy_targets(policy),
         "holds": holds,
         "policy": policy,
-        "paths_order": names,
     }
 
 
@@ -915,7 +1194,9 @@ def dry_run(args: argparse.Namespace, s: Settings, out: TextIO) -> int:
     estimate = len(wanted) * s.reps * per_rep + len(wanted) * 15 + 20
     print(f"plan: paths {', '.join(wanted)}; {s.reps} repetitions; settings {asdict(s)}", file=out)
     print(f"plan: about {estimate / 60:.1f} minutes", file=out)
-    print(f"plan: isolation {'netns' if can_use_netns() and not args.no_netns else 'host loopback'}", file=out)
+    topology = args.topology if args.topology != "auto" else ("lab" if lab_available() else "local")
+    isolation = "netns" if can_use_netns() and not args.no_netns else "host loopback"
+    print(f"plan: topology {topology}{'' if topology == 'lab' else ' (' + isolation + ')'}", file=out)
     for tool in (*BENCH_TOOLS, "ip"):
         print(f"tool {tool}: {shutil.which(tool) or 'missing'}", file=out)
     cmd = ztunnel_command()
@@ -963,7 +1244,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=int, default=0, help="connections to hold for the RSS figure")
     parser.add_argument("--paths", default="direct,haproxy,ztunnel", help="comma-separated subset of paths")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for <date>.json and .md")
-    parser.add_argument("--no-netns", action="store_true", help="run on the host's loopback even as root")
+    parser.add_argument(
+        "--topology",
+        choices=["auto", "lab", "local"],
+        default="auto",
+        help="lab: a two-node netns lab (`ztunnel lab`, root); local: loopback in local mode; auto: lab if possible",
+    )
+    parser.add_argument("--redirect", choices=["iptables", "ebpf"], default="iptables", help="lab redirection")
+    parser.add_argument("--no-netns", action="store_true", help="local topology on the host's loopback even as root")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
     parser.add_argument("--skip-policy", action="store_true", help="do not run bench/policy_bench.py")
     parser.add_argument("--in-netns", default="", help=argparse.SUPPRESS)
@@ -983,11 +1271,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.in_netns:  # the child half: measure, hand the result to the parent
-        result = measure(args, s, args.in_netns)
+        result = measure(args, s, LocalTopology(args.in_netns))
         Path(args.result_file).write_text(json.dumps(result, default=str))
         return 0
 
-    if can_use_netns() and not args.no_netns:
+    topology = args.topology
+    if topology == "auto":
+        topology = "lab" if lab_available() else "local"
+    if topology == "lab":
+        if not lab_available():
+            print("error: the lab needs root and `ztunnel lab`; use --topology local", file=sys.stderr)
+            return 2
+        result = measure(args, s, LabTopology(args.redirect))
+    elif can_use_netns() and not args.no_netns:
         with bench_netns() as ns, tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             log(f"running inside network namespace {ns}")
             child = [PY, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])]
@@ -998,7 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
                 return rc
             result = json.loads(Path(tmp.name).read_text())
     else:
-        result = measure(args, s, None)
+        result = measure(args, s, LocalTopology(None))
 
     json_path, md_path = write_results(result, Path(args.out))
     print(report.render_markdown(result))
