@@ -42,6 +42,8 @@ log = logging.getLogger("ztunnel.proxy")
 
 
 class Inbound:
+    """Serves HBONE tunnels and plaintext connections to the pods this proxy serves."""
+
     def __init__(self, state: ProxyState, report: ConnectionReporter) -> None:
         self.state = state
         self.report = report

@@ -65,6 +65,8 @@ class _Upstream:
 
 
 class Outbound:
+    """Serves a local pod's outgoing connections (SOCKS5 and transparent share everything after the handshake)."""
+
     def __init__(self, state: ProxyState, pool: HbonePool, report: ConnectionReporter) -> None:
         self.state = state
         self.pool = pool

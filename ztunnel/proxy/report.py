@@ -32,6 +32,8 @@ def format_addr(host: str, port: int) -> str:
 
 
 class ConnectionReporter:
+    """Metrics (Istio TCP counters with both reporters) and the access log, once per connection."""
+
     def __init__(self, metrics: ProxyMetrics | None, access_log: AccessLog) -> None:
         self.metrics = metrics
         self.access_log = access_log
