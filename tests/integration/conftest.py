@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,17 @@ SERVICE_IP = "10.96.0.20"
 EMPTY_SERVICE_IP = "10.96.0.21"
 ECHO_PORT = 8080
 HTTP_PORT = 8081
+NODE_B_SERVER6 = "::1"  # IPv6 loopback: one address, so one IPv6 pod (when the machine has IPv6)
+ECHO6_PORT = 18080
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def _pod(name: str, node: str, sa: str, ip: str, *, labels: str = "", ports: tuple[int, ...] = ()) -> str:
@@ -53,14 +64,15 @@ def _pod(name: str, node: str, sa: str, ip: str, *, labels: str = "", ports: tup
         "---\napiVersion: v1\nkind: Pod\n"
         f"metadata: {{name: {name}, namespace: shop, uid: uid-{name}, labels: {{app: {name}{extra_labels}}}}}\n"
         f"spec: {{nodeName: {node}, serviceAccountName: {sa}{containers}}}\n"
-        f"status: {{podIP: {ip}}}\n"
+        f"status: {{podIP: \"{ip}\"}}\n"
     )
 
 
-def mesh_config() -> str:
+def mesh_config(ipv6: bool = False) -> str:
     """The shared local mesh: clients on node-a, servers on node-b, a proxy-less node-c, one outside pod."""
     return (
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n"
+        + (_pod("server6", "node-b", "server6", NODE_B_SERVER6, ports=(ECHO6_PORT,)) if ipv6 else "")
         + _pod("client", "node-a", "client", NODE_A_CLIENT)
         + _pod("metrics-client", "node-a", "metrics", NODE_A_METRICS_CLIENT)
         + _pod("denied-client", "node-a", "denied", NODE_A_DENIED_CLIENT)
@@ -260,7 +272,11 @@ def socks_connect(proxy_ip: str, dst: tuple[str, int], timeout: float = 10.0) ->
     try:
         s.sendall(b"\x05\x01\x00")
         assert _recv_exact(s, 2) == b"\x05\x00"
-        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(dst[0]) + struct.pack("!H", dst[1]))
+        if ":" in dst[0]:
+            address = b"\x04" + socket.inet_pton(socket.AF_INET6, dst[0])
+        else:
+            address = b"\x01" + socket.inet_aton(dst[0])
+        s.sendall(b"\x05\x01\x00" + address + struct.pack("!H", dst[1]))
         head = _recv_exact(s, 4)
         if len(head) < 2:
             raise SocksRefused(-1)
@@ -299,7 +315,7 @@ class LocalMesh:
     a: ProxyProcess
     b: ProxyProcess
     apps: AppServer
-    extra: list[ProxyProcess] = field(default_factory=list)
+    ipv6: bool = False
 
 
 @pytest.fixture(scope="session")
@@ -316,16 +332,19 @@ def local_mesh(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterat
     """node-a and node-b proxies (subprocesses) on one config, echo/HTTP apps on node-b and outside."""
     workdir = tmp_path_factory.mktemp("mesh")
     config = workdir / "cluster.yaml"
-    config.write_text(mesh_config())
+    ipv6 = ipv6_loopback()
+    config.write_text(mesh_config(ipv6))
     apps = AppServer()
     procs: list[ProxyProcess] = []
     try:
         for ip in (NODE_B_SERVER, NODE_B_STRICT, OUTSIDE):
             apps.echo(ip)
+        if ipv6:
+            apps.echo(NODE_B_SERVER6, ECHO6_PORT)
         apps.http(NODE_B_SERVER)
         procs.append(start_proxy("node-a", config, ca_dir, workdir))
         procs.append(start_proxy("node-b", config, ca_dir, workdir))
-        yield LocalMesh(workdir, ca_dir, config, procs[0], procs[1], apps)
+        yield LocalMesh(workdir, ca_dir, config, procs[0], procs[1], apps, ipv6=ipv6)
     finally:
         for p in procs:
             p.stop()

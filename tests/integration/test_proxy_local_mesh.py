@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.integration.conftest import (
+    ECHO6_PORT,
     ECHO_PORT,
     EMPTY_SERVICE_IP,
     HTTP_PORT,
@@ -19,6 +20,7 @@ from tests.integration.conftest import (
     NODE_A_DENIED_CLIENT,
     NODE_A_METRICS_CLIENT,
     NODE_B_SERVER,
+    NODE_B_SERVER6,
     NODE_B_STRICT,
     OUTSIDE,
     SERVICE_IP,
@@ -217,3 +219,15 @@ def test_plaintext_inbound_is_delivered_unless_strict(local_mesh: LocalMesh) -> 
         s.sendall(b"mtls")
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"mtls"
+
+
+def test_ipv6_destination_goes_through_the_tunnel(local_mesh: LocalMesh) -> None:
+    if not local_mesh.ipv6:
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    with socks_connect(NODE_A_CLIENT, (NODE_B_SERVER6, ECHO6_PORT)) as s:
+        s.sendall(b"over v6")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"over v6"
+    assert "dst.addr=[::1]:18080" in wait_until(
+        lambda: "[::1]:18080" in local_mesh.b.log() and local_mesh.b.log(), what="the inbound access log line"
+    )
