@@ -64,7 +64,7 @@ def _pod(name: str, node: str, sa: str, ip: str, *, labels: str = "", ports: tup
         "---\napiVersion: v1\nkind: Pod\n"
         f"metadata: {{name: {name}, namespace: shop, uid: uid-{name}, labels: {{app: {name}{extra_labels}}}}}\n"
         f"spec: {{nodeName: {node}, serviceAccountName: {sa}{containers}}}\n"
-        f"status: {{podIP: \"{ip}\"}}\n"
+        f'status: {{podIP: "{ip}"}}\n'
     )
 
 
