@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ztunnel.config.model import Workload
 from ztunnel.hbone.streams import TcpStream
+
+log = logging.getLogger("ztunnel.proxy")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
@@ -149,18 +152,25 @@ def original_destination(sock: socket.socket | None) -> tuple[str, int] | None:
 
 
 async def serve_streams(
-    sock: socket.socket, handler: Callable[[TcpStream], object], *, tasks: set[asyncio.Task[None]]
+    sock: socket.socket, handler: Callable[[TcpStream], Awaitable[None]], *, tasks: set[asyncio.Task[None]]
 ) -> asyncio.Server:
     """Accept TCP connections on `sock`; run `handler(stream)` as a task per connection."""
     from ztunnel.hbone.streams import TcpStreamProtocol
 
     loop = asyncio.get_running_loop()
 
+    async def guarded(stream: TcpStream) -> None:
+        try:
+            await handler(stream)
+        except Exception:  # a bug in one connection's handling must not leak the socket or the task
+            log.exception("connection handler failed")
+            stream.abort()
+
     class _Accepting(TcpStreamProtocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             stream = TcpStream(self.transport, self)  # type: ignore[arg-type]
-            task = loop.create_task(handler(stream))  # type: ignore[arg-type]
+            task = loop.create_task(guarded(stream))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
