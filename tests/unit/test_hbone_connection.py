@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ztunnel.hbone.connection import HboneConnection, HboneStream
 from ztunnel.hbone.protocol import STREAM_WINDOW, Authority, ConnectRequest, HboneError, Rejection
@@ -235,3 +237,34 @@ async def test_keepalive_closes_a_connection_whose_peer_stopped_answering() -> N
     assert not client.closed.done()  # PINGs are answered: the idle connection stays up
     ct.peer = None  # the network eats everything from now on
     await asyncio.wait_for(client.closed, 2)
+
+
+async def test_a_header_that_is_not_utf8_fails_only_its_stream() -> None:
+    import hpack
+
+    handler = Handler()
+    client, server, _, _ = connect_pair(handler)
+    await client.ready
+    block = hpack.Encoder().encode([(b":method", b"CONNECT"), (b":authority", b"\xff\xfe:80")])
+    server.data_received(len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block)
+    assert isinstance(handler.verdicts[0], Rejection) and handler.verdicts[0].status == 400
+    assert not server.closed.done()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frame_type=st.integers(0, 12),
+    flags=st.integers(0, 255),
+    stream_id=st.sampled_from([0, 1, 2, 3, 0x7FFFFFFF]),
+    payload=st.binary(max_size=64),
+)
+def test_random_frames_never_escape_the_connection(frame_type: int, flags: int, stream_id: int, payload: bytes) -> None:
+    async def run() -> None:
+        client, server, _, _ = connect_pair(Handler())
+        await client.ready
+        frame = len(payload).to_bytes(3, "big") + bytes([frame_type, flags]) + stream_id.to_bytes(4, "big") + payload
+        server.data_received(frame)  # must not raise: errors close this connection at most
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    asyncio.run(run())

@@ -31,6 +31,7 @@ from ztunnel.hbone.protocol import (
     KEEPALIVE_TIMEOUT,
     MAX_FRAME_SIZE,
     SERVER_MAX_CONCURRENT_STREAMS,
+    STATUS_BAD_REQUEST,
     STATUS_OK,
     STREAM_WINDOW,
     Authority,
@@ -94,6 +95,11 @@ class _H2(h2.connection.H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+
+def _decode_headers(headers: Sequence[tuple[bytes | str, bytes | str]]) -> list[tuple[str, str]]:
+    """h2 hands headers over as bytes; HBONE headers are ASCII/UTF-8 text."""
+    return [(n.decode() if isinstance(n, bytes) else n, v.decode() if isinstance(v, bytes) else v) for n, v in headers]
 
 
 class HboneStream:
@@ -301,7 +307,8 @@ class HboneConnection(asyncio.Protocol):
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.label = label
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+        # Headers stay bytes: a value that is not UTF-8 must fail its stream (400), not the connection.
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         self.h2 = _H2(config=config)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, HboneStream] = {}
@@ -371,15 +378,20 @@ class HboneConnection(asyncio.Protocol):
         self._last_received = time.monotonic()
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
+        except Exception as e:  # ProtocolError, or anything else garbage makes h2 raise: this connection only
             log.info("HBONE protocol error, closing the connection", extra={"peer": self.label, "error": str(e)})
             self._flush()
             if self.transport is not None:
                 self.transport.close()  # flushes the GOAWAY h2 queued, then closes
             self._fail(HboneError(f"HTTP/2 protocol error: {e}"))
             return
-        for event in events:
-            self._dispatch(event)
+        try:
+            for event in events:
+                self._dispatch(event)
+        except Exception as e:
+            log.exception("HBONE event handling failed, closing the connection", extra={"peer": self.label})
+            self._fail(HboneError(f"internal error: {e}"))
+            return
         self._flush()
         # h2 checks a frame's length only once the whole frame is buffered; refuse an announced oversized
         # frame now, so a peer cannot make us buffer up to 16 MiB per connection.
@@ -533,7 +545,7 @@ class HboneConnection(asyncio.Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream._response is not None and not stream._response.done():
                 try:
-                    stream._response.set_result(response_status(event.headers))
+                    stream._response.set_result(response_status(_decode_headers(event.headers or [])))
                 except HboneError as e:
                     stream._response.set_exception(e)
             if event.stream_ended is not None and stream is not None:
@@ -585,7 +597,12 @@ class HboneConnection(asyncio.Protocol):
         if self.draining:
             stream.abort(ErrorCodes.REFUSED_STREAM)
             return
-        verdict = validate_connect(event.headers or [])
+        try:
+            headers = _decode_headers(event.headers or [])
+        except UnicodeDecodeError:
+            verdict: ConnectRequest | Rejection = Rejection(STATUS_BAD_REQUEST, "a request header is not UTF-8")
+        else:
+            verdict = validate_connect(headers)
         if isinstance(verdict, ConnectRequest):
             stream.request = verdict
         self.on_request(stream, verdict)
