@@ -62,6 +62,7 @@ IPERF_PORT, ECHO_PORT = 5201, 7000
 TLS_PORT_OFFSET = 10000  # haproxy B's TLS port for app port P is P + offset
 
 BENCH_TOOLS = ("haproxy", "iperf3")
+ALL_PATHS = ("direct", "haproxy", "ztunnel", "ztunnel-ebpf", "waypoint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -828,11 +829,12 @@ class LabTopology:
     """Two nodes of the netns lab (`ztunnel lab up`): pods on node1 talk to pods on node2 over the
     fabric; mesh pods go through in-pod iptables redirection and the two node proxies."""
 
-    def __init__(self, redirect: str = "iptables") -> None:
+    def __init__(self, redirect: str = "iptables", name: str = "") -> None:
         cmd = ztunnel_command()
         assert cmd is not None
         self.cmd = cmd
-        self.name = f"{LAB_PREFIX}{os.getpid()}"
+        self.name = name or f"{LAB_PREFIX}{os.getpid()}"
+        self.ebpf_lab: LabTopology | None = None
         self.redirect = redirect
         self.mode = f"netns lab `{self.name}` (two nodes, {redirect} redirection)"
         self.status: dict[str, Any] = {}
@@ -847,7 +849,7 @@ class LabTopology:
         """Labs of earlier bench runs whose process is gone (they crashed): take them down."""
         base = Path("/run/ztunnel-lab")
         for d in base.glob(f"{LAB_PREFIX}*") if base.exists() else []:
-            pid = d.name[len(LAB_PREFIX) :]
+            pid = d.name[len(LAB_PREFIX) :].rstrip("e")
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 subprocess.run([*self.cmd, "lab", "down", "--name", d.name], capture_output=True, timeout=120)
 
@@ -882,13 +884,30 @@ class LabTopology:
             for key, value in (("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "20000 65000")):
                 subprocess.run([*netns_exec(client["netns"]), "sysctl", "-q", "-w", f"{key}={value}"], timeout=10)
             prefix = netns_exec(server["netns"])
-            echo = group.start(f"echo-{ns}", [*prefix, PY, LOADGEN, "echo-server", f"0.0.0.0:{ECHO_PORT}"])
+            echo = group.start(f"echo-{self.name}-{ns}", [*prefix, PY, LOADGEN, "echo-server", f"0.0.0.0:{ECHO_PORT}"])
             wait_until(lambda p=prefix: listening("0.0.0.0", ECHO_PORT, p), 10, f"the echo server in {ns}", echo)
         return {
             "direct": self.direct,
             "haproxy": lambda: self.haproxy(group, maxconn),
             "ztunnel": self.ztunnel,
+            "ztunnel-ebpf": lambda: self.ebpf(group, maxconn),
+            "waypoint": unavailable_waypoint,
         }
+
+    def ebpf(self, group: ProcessGroup, maxconn: int) -> PathSetup:
+        """The mesh pair in a second lab that redirects with eBPF instead of iptables."""
+        missing = ebpf_redirect_missing() if self.redirect != "ebpf" else "the main lab already uses eBPF"
+        if missing:
+            return PathSetup("ztunnel-ebpf", available=False, note=missing)
+        if self.ebpf_lab is None:
+            self.ebpf_lab = LabTopology("ebpf", name=f"{self.name}e")
+            try:
+                self.ebpf_lab.start(group, maxconn)
+            except Exception as e:
+                return PathSetup("ztunnel-ebpf", available=False, note=f"the eBPF lab failed: {e}"[:500])
+        path = self.ebpf_lab.ztunnel()
+        path.name = "ztunnel-ebpf"
+        return path
 
     def _pair(self, ns: str) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.pod(ns, "client"), self.pod(ns, "server")
@@ -957,6 +976,8 @@ class LabTopology:
             self._lab("restart", "proxy", "--node", node, timeout=120)
 
     def close(self) -> None:
+        if self.ebpf_lab is not None:
+            self.ebpf_lab.close()
         if self.up:
             r = self._lab("down", timeout=180)
             if r.returncode != 0:
@@ -977,10 +998,33 @@ class LocalTopology:
             "direct": setup_direct,
             "haproxy": lambda: setup_haproxy(group, maxconn),
             "ztunnel": lambda: setup_ztunnel(group),
+            "ztunnel-ebpf": lambda: PathSetup("ztunnel-ebpf", False, "needs the lab topology (in-pod redirection)"),
+            "waypoint": lambda: unavailable_waypoint(),
         }
 
     def close(self) -> None:
         pass
+
+
+def unavailable_waypoint() -> PathSetup:
+    cmd = ztunnel_command()
+    exists = False
+    if cmd is not None:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            exists = subprocess.run([*cmd, "waypoint", "--help"], capture_output=True, timeout=30).returncode == 0
+    why = "the waypoint is not wired into the benchmark yet" if exists else "`ztunnel waypoint` does not exist yet"
+    return PathSetup("waypoint", available=False, note=why)
+
+
+def ebpf_redirect_missing() -> str | None:
+    """Why the lab cannot use eBPF redirection here, or None if it can try."""
+    import importlib.util
+
+    if importlib.util.find_spec("bcc") is None:
+        return "bcc (python3-bpfcc) is not importable, so eBPF redirection cannot load"
+    if importlib.util.find_spec("ztunnel.redirect.ebpf") is None:
+        return "eBPF redirection (ztunnel.redirect.ebpf) is not built yet"
+    return None
 
 
 def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | LabTopology) -> dict[str, Any]:
@@ -1202,13 +1246,16 @@ def dry_run(args: argparse.Namespace, s: Settings, out: TextIO) -> int:
     cmd = ztunnel_command()
     print(f"ztunnel proxy command: {'present' if cmd and proxy_cli_help(cmd) else 'not available yet'}", file=out)
     # The sample config must load: the ztunnel path depends on it.
-    with tempfile.TemporaryDirectory() as d:
-        cfg = Path(d) / "cluster.yaml"
-        cfg.write_text(CLUSTER_YAML)
-        from ztunnel.config.loader import load_files
+    from ztunnel.config.loader import load_files
 
-        config = load_files([str(cfg)])
-        assert config.workload("bench", "client") is not None, "bench cluster.yaml lost the client pod"
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in (("local", CLUSTER_YAML), ("lab", LAB_YAML)):
+            cfg = Path(d) / f"{name}.yaml"
+            cfg.write_text(text)
+            config = load_files([str(cfg)])
+            client = config.workload("bench", "client")
+            assert client is not None and client.enrolled, f"the {name} cluster lost the mesh client pod"
+            print(f"{name} cluster: {len(config.workloads)} pods, mesh client {client.identity}", file=out)
     fake = {
         "direct": [9.0, 20.0, 60, 90, 200, None, None, None, None, 6000, 3.0],
         "haproxy": [3.0, 4.5, 150, 250, 500, 0.05, 0.04, 8.0, 30.0, 3000, 6.0],
@@ -1242,7 +1289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and a synthetic table; no load")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 3, quick 2)")
     parser.add_argument("--hold", type=int, default=0, help="connections to hold for the RSS figure")
-    parser.add_argument("--paths", default="direct,haproxy,ztunnel", help="comma-separated subset of paths")
+    parser.add_argument("--paths", default=",".join(ALL_PATHS), help="comma-separated subset of paths")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for <date>.json and .md")
     parser.add_argument(
         "--topology",
@@ -1258,9 +1305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result-file", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     s = Settings.for_args(args)
-    unknown = set(args.paths.split(",")) - {"direct", "haproxy", "ztunnel"}
+    unknown = set(args.paths.split(",")) - set(ALL_PATHS)
     if unknown:
-        parser.error(f"unknown path(s) {', '.join(sorted(unknown))}; choose from direct, haproxy, ztunnel")
+        parser.error(f"unknown path(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_PATHS)}")
 
     if args.dry_run:
         return dry_run(args, s, sys.stdout)

@@ -82,3 +82,18 @@ def test_policy_targets_from_policy_bench_json() -> None:
     assert growth["value"] == 25.0 / 8.0 and growth["met"] is True
     assert report.policy_targets(None) == []
     assert report.policy_targets({"result": "not json"}) == []
+
+
+def test_loadgen_targets_and_socks_request() -> None:
+    import loadgen
+
+    t = loadgen.Target.parse("socks5://127.77.1.10:15080/10.244.2.2:7000")
+    assert (t.host, t.port, t.socks, t.connect_addr) == ("10.244.2.2", 7000, ("127.77.1.10", 15080), t.socks)
+    plain = loadgen.Target.parse("10.0.0.1:5201")
+    assert plain.socks is None and plain.connect_addr == ("10.0.0.1", 5201)
+    # greeting (no auth) then CONNECT IPv4 10.244.2.2:7000
+    assert loadgen.socks5_connect_request("10.244.2.2", 7000) == bytes.fromhex(
+        "050100" + "05010001" + "0af40202" + "1b58"
+    )
+    p = loadgen.percentiles([float(x) for x in range(1, 101)])
+    assert (p["p50"], p["p90"], p["p99"], p["max"], p["count"]) == (51.0, 90.0, 99.0, 100.0, 100)
