@@ -825,6 +825,10 @@ def netns_exec(ns: str) -> list[str]:
     return ["ip", "netns", "exec", ns]
 
 
+class LabError(RuntimeError):
+    """The lab could not be built; with --topology auto the run falls back to local mode."""
+
+
 class LabTopology:
     """Two nodes of the netns lab (`ztunnel lab up`): pods on node1 talk to pods on node2 over the
     fabric; mesh pods go through in-pod iptables redirection and the two node proxies."""
@@ -877,8 +881,11 @@ class LabTopology:
         self.up = True
         r = self._lab("up", "-f", str(cluster), "--mesh", "auto", "--redirect", self.redirect, "--timeout", "120")
         if r.returncode != 0:
-            raise RuntimeError(f"`ztunnel lab up` failed: {(r.stderr or r.stdout).strip()[-500:]}")
-        self.refresh()
+            raise LabError(f"`ztunnel lab up` failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        try:
+            self.refresh()
+        except (ValueError, subprocess.TimeoutExpired) as e:
+            raise LabError(f"`ztunnel lab status` failed: {e}") from e
         for ns in ("bench", "plain"):
             client, server = self.pod(ns, "client"), self.pod(ns, "server")
             for key, value in (("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "20000 65000")):
@@ -1283,6 +1290,21 @@ def dry_run(args: argparse.Namespace, s: Settings, out: TextIO) -> int:
     return 0
 
 
+def measure_local(args: argparse.Namespace, s: Settings, argv: list[str] | None) -> dict[str, Any] | None:
+    """The local topology; as root inside a netns of its own (this script again, run in there)."""
+    if not can_use_netns() or args.no_netns:
+        return measure(args, s, LocalTopology(None))
+    with bench_netns() as ns, tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        log(f"running inside network namespace {ns}")
+        child = [PY, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])]
+        child += ["--in-netns", ns, "--result-file", tmp.name]
+        rc = subprocess.run(["ip", "netns", "exec", ns, *child], check=False).returncode
+        if rc != 0:
+            print(f"error: the benchmark inside {ns} failed (exit {rc})", file=sys.stderr)
+            return None
+        return json.loads(Path(tmp.name).read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the node proxy pair against direct TCP and HAProxy.")
     parser.add_argument("--quick", action="store_true", help="short run (about 1–2 minutes)")
@@ -1325,24 +1347,27 @@ def main(argv: list[str] | None = None) -> int:
     topology = args.topology
     if topology == "auto":
         topology = "lab" if lab_available() else "local"
+    result: dict[str, Any] | None = None
+    fallback = ""
     if topology == "lab":
         if not lab_available():
             print("error: the lab needs root and `ztunnel lab`; use --topology local", file=sys.stderr)
             return 2
-        result = measure(args, s, LabTopology(args.redirect))
-    elif can_use_netns() and not args.no_netns:
-        with bench_netns() as ns, tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            log(f"running inside network namespace {ns}")
-            child = [PY, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])]
-            child += ["--in-netns", ns, "--result-file", tmp.name]
-            rc = subprocess.run(["ip", "netns", "exec", ns, *child], check=False).returncode
-            if rc != 0:
-                print(f"error: the benchmark inside {ns} failed (exit {rc})", file=sys.stderr)
-                return rc
-            result = json.loads(Path(tmp.name).read_text())
-    else:
-        result = measure(args, s, LocalTopology(None))
+        try:
+            result = measure(args, s, LabTopology(args.redirect))
+        except LabError as e:
+            if args.topology != "auto":
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            fallback = f"the lab could not be built ({e}); this run used the local topology"
+            log(fallback)
+    if result is None:
+        result = measure_local(args, s, argv)
+        if result is None:
+            return 1
 
+    if fallback:
+        result["meta"]["errors"].insert(0, fallback)
     json_path, md_path = write_results(result, Path(args.out))
     print(report.render_markdown(result))
     for e in result["meta"]["errors"]:
