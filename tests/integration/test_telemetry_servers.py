@@ -72,6 +72,7 @@ async def test_metrics_server_serves_prometheus_text_on_both_paths() -> None:
             assert 'source_principal="spiffe://cluster.local/ns/foo/sa/sleep"' in line
             assert 'destination_workload="unknown"' in line
             assert line.endswith(" 5.0")
+            assert "_created" not in text  # Istio's proxies do not export them
         status, _, _ = await get(server.port, "/nope")
         assert status == 404
         status, headers, body = await get(server.port, "/metrics", "HEAD")

@@ -15,7 +15,7 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("ztunnel.telemetry")
 
@@ -347,11 +348,32 @@ class HttpServer:
 # ---- the three servers the proxy runs -------------------------------------------------------------
 
 
+class _WithoutCreated:
+    """A view of a registry without prometheus-client's `*_created` samples.
+
+    Istio's proxies do not export them, they double the size of every scrape, and turning them off
+    globally (`disable_created_metrics()`) would be process-wide state; filtering here is local.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            if any(s.name.endswith("_created") for s in metric.samples):
+                copy = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                copy.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+                yield copy
+            else:
+                yield metric
+
+
 class MetricsServer(HttpServer):
     """Prometheus scrape endpoint: `/metrics` and `/stats/prometheus` (Istio's path)."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._view = _WithoutCreated(registry)
         routes: Routes = {
             "/metrics": {"GET": self._metrics},
             "/stats/prometheus": {"GET": self._metrics},
@@ -360,7 +382,7 @@ class MetricsServer(HttpServer):
 
     def _metrics(self, request: Request) -> Response:
         encoder, content_type = choose_encoder(request.header("accept") or "")
-        return Response(200, encoder(self.registry), content_type)
+        return Response(200, encoder(self._view), content_type)  # type: ignore[arg-type]
 
 
 LOG_LEVELS = {
