@@ -282,7 +282,10 @@ async def test_enroll_restart_relabel_and_delete(lab: Env, proxy: tuple[FakeProx
     lab.write_config(web_mode="none")
     await until(lambda: ours(lab.pods["web"]) == "", "rules removed after un-labelling")
     await until(lambda: "uid-web" in target.removed, "proxy told to drop the pod")
-    assert WEB_IP not in sh("ip", "netns", "exec", lab.node, "iptables-save", "-t", "nat")
+    await until(
+        lambda: WEB_IP not in sh("ip", "netns", "exec", lab.node, "iptables-save", "-t", "nat"),
+        "node probe SNAT removed",
+    )
     lab.write_config(web_mode="ambient")
     await until(lambda: ours(lab.pods["web"]) == rules_before, "rules back after re-labelling")
     await until(lambda: len(target.added) == 3, "proxy got the pod again")
