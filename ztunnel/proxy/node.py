@@ -107,7 +107,8 @@ class NodeProxy:
         """Use a new snapshot: new policy engine, refreshed workload objects, re-checked inbound connections."""
         self.state.config = config
         self.state.config_loaded = True
-        self.state.policy = PolicyEngine.from_config(config)
+        # Reuse the previous engine's parsed policies: a rebuild with 10,000 unchanged policies takes ms, not seconds.
+        self.state.policy = PolicyEngine.from_config(config, previous=self.state.policy)
         for err in self.policy.errors:
             log.error("policy rejected: %s", err)
         for served in self.workloads.values():
