@@ -153,3 +153,36 @@ async def test_file_source_keeps_last_good_config_on_bad_edit(cluster_file: Path
     assert seen == [4]
     assert source.current is not None and source.current.workload("shop", "web-2") is not None
     assert source.current.generation == 2
+
+
+def test_two_pods_with_one_ip_resolve_to_neither_and_are_reported(tmp_path: Path) -> None:
+    f = tmp_path / "dup.yaml"
+    f.write_text(
+        CLUSTER
+        + textwrap.dedent(
+            """
+            ---
+            apiVersion: v1
+            kind: Pod
+            metadata: {name: imposter, namespace: other, labels: {istio.io/dataplane-mode: ambient}}
+            spec: {nodeName: b}
+            status: {podIP: 10.244.1.5}
+            """
+        )
+    )
+    cfg = load_files([f])
+    assert cfg.conflicting_ips == {"10.244.1.5"}
+    assert cfg.workload_by_ip("10.244.1.5") is None
+    assert cfg.workload_by_ip("10.244.2.10").name == "solo"  # other pods unaffected
+    (warning,) = cfg.warnings
+    assert "status.podIP 10.244.1.5" in warning and "Pod shop/web-1" in warning and "Pod other/imposter" in warning
+    assert str(f) in warning
+
+
+def test_an_object_defined_twice_is_reported_and_the_later_wins(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(CLUSTER)
+    b.write_text(CLUSTER.split("---")[1].replace("uid: u-web-1", "uid: u-web-1b"))
+    cfg = load_files([a, b])
+    assert cfg.workload("shop", "web-1").uid == "u-web-1b"
+    assert any("Pod shop/web-1" in w and str(a) in w and str(b) in w for w in cfg.warnings)

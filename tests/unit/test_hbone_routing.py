@@ -95,3 +95,16 @@ def test_outside_the_mesh_passes_through() -> None:
     assert isinstance(legacy, PassthroughRoute) and legacy.destination is not None
     via_service = router.route(cfg, "10.96.0.12", 80)
     assert isinstance(via_service, PassthroughRoute) and via_service.address == ("10.0.2.9", 9000)
+
+
+def test_an_ip_claimed_by_two_pods_is_refused_not_guessed() -> None:
+    from ztunnel.config.loader import build_config, load_documents
+    from ztunnel.proxy.routing import OutboundRouter, RefusedRoute
+
+    docs = "\n---\n".join(
+        f"kind: Pod\nmetadata: {{name: {n}, namespace: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n"
+        f"spec: {{nodeName: b}}\nstatus: {{podIP: 10.244.9.9}}"
+        for n, ns in (("real", "a"), ("imposter", "b"))
+    )
+    route = OutboundRouter().route(build_config(load_documents(docs, "dup.yaml")), "10.244.9.9", 80)
+    assert isinstance(route, RefusedRoute) and "more than one pod" in route.reason

@@ -231,8 +231,12 @@ def build_config(
 ) -> ClusterConfig:
     """Turn objects into one snapshot. Later objects with the same kind/namespace/name win."""
     latest: dict[tuple[str, str, str], KubeObject] = {}
+    warnings: list[str] = []
     for o in objects:
-        latest[(o.kind, o.namespace, o.name)] = o
+        key = (o.kind, o.namespace, o.name)
+        if key in latest:
+            warnings.append(f"{o.source}: {o.ref}: also defined in {latest[key].source}; the later one is used")
+        latest[key] = o
     objs = list(latest.values())
     namespaces = {o.name: Namespace(o.name, o.labels) for o in objs if o.kind == "Namespace"}
     for o in objs:  # namespaces referenced but not declared exist with no labels, as in a cluster
@@ -245,6 +249,7 @@ def build_config(
         if w.node and w.node not in nodes:
             nodes[w.node] = Node(w.node)
     policies = tuple(o for o in objs if o.kind in POLICY_KINDS)
+    warnings.extend(_ip_conflicts(objs, workloads))
     return ClusterConfig(
         namespaces=namespaces,
         workloads=workloads,
@@ -254,7 +259,26 @@ def build_config(
         trust_domain=trust_domain,
         root_namespace=root_namespace,
         generation=generation,
+        warnings=tuple(warnings),
     )
+
+
+def _ip_conflicts(objs: Sequence[KubeObject], workloads: Sequence[Workload]) -> list[str]:
+    """Two pods with one IP would let one stand in for the other; say which, so the user can fix it."""
+    by_ip: dict[str, list[Workload]] = {}
+    for w in workloads:
+        if not w.host_network:
+            for ip in w.ips:
+                by_ip.setdefault(ip, []).append(w)
+    sources = {(o.namespace, o.name): o.source for o in objs if o.kind == "Pod"}
+    out = []
+    for ip, pods in by_ip.items():
+        if len({w.uid for w in pods}) > 1:
+            names = ", ".join(f"Pod {w.ref} ({sources.get((w.namespace, w.name))})" for w in pods)
+            out.append(
+                f"status.podIP {ip} is claimed by {names}; traffic to and from {ip} is refused until one is changed"
+            )
+    return out
 
 
 def load_documents(text: str, file: str = "<string>") -> list[KubeObject]:

@@ -166,6 +166,7 @@ class ClusterConfig:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     generation: int = 0
+    warnings: tuple[str, ...] = ()  # problems that did not reject the config, each naming file and object
 
     @classmethod
     def empty(cls) -> ClusterConfig:
@@ -173,8 +174,23 @@ class ClusterConfig:
 
     # ---- indexes (computed once per snapshot) -------------------------------------------------
     @cached_property
+    def conflicting_ips(self) -> frozenset[str]:
+        """IPs claimed by more than one pod: they resolve to no workload, so nothing is decided on a guess."""
+        seen: dict[str, str] = {}
+        out = set()
+        for w in self.workloads:
+            if w.host_network:
+                continue
+            for ip in w.ips:
+                if ip in seen and seen[ip] != w.uid:
+                    out.add(ip)
+                seen.setdefault(ip, w.uid)
+        return frozenset(out)
+
+    @cached_property
     def _workload_by_ip(self) -> dict[str, Workload]:
-        return {ip: w for w in self.workloads if not w.host_network for ip in w.ips}
+        conflicts = self.conflicting_ips
+        return {ip: w for w in self.workloads if not w.host_network for ip in w.ips if ip not in conflicts}
 
     @cached_property
     def _workload_by_uid(self) -> dict[str, Workload]:

@@ -65,6 +65,8 @@ class FileConfigSource:
         )
         self.current = cfg
         self.last_error = None
+        for warning in cfg.warnings:
+            log.warning("config: %s", warning)
         self.loaded_at = time.time()
         return cfg
 

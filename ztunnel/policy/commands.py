@@ -175,6 +175,11 @@ def _check(args: argparse.Namespace) -> int:
                     f"--to {args.dest} is the cluster IP of Service {svc.ref}; policies apply to its pods: "
                     f"give one of them ({pods})"
                 )
+            if dest_ip in config.conflicting_ips:
+                raise PolicyCommandError(
+                    f"--to {args.dest}: more than one pod claims this IP, so the proxy refuses traffic to it; "
+                    "give the pod as pod/NAMESPACE/NAME or fix status.podIP"
+                )
             raise PolicyCommandError(f"--to {args.dest}: no pod in {', '.join(args.files)} has this IP")
         dest = found
 

@@ -70,6 +70,8 @@ class OutboundRouter:
         self._cursor: dict[str, int] = {}
 
     def route(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> Route:
+        if dst_ip in config.conflicting_ips:  # fail closed: never guess which pod the user meant
+            return RefusedRoute(f"{dst_ip} is claimed by more than one pod")
         service = config.service_by_ip(dst_ip)
         if service is not None:
             return self._route_service(config, service, dst_port)
