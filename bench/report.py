@@ -13,6 +13,15 @@ from typing import Any
 
 FLOOR = "direct"
 PEER = "haproxy"
+SAME_NODE = "-same-node"  # a path measured between two pods of one node; its floor is direct-same-node
+
+
+def floor_of(path: str) -> str:
+    return FLOOR + SAME_NODE if path.endswith(SAME_NODE) else FLOOR
+
+
+def is_floor(path: str) -> bool:
+    return path in (FLOOR, FLOOR + SAME_NODE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +74,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(summary: Mapping[str, Any], paths: Sequence[str]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """ratios[path][metric] = {"floor": path/direct, "peer": path/haproxy} on medians."""
+    """ratios[path][metric] = {"floor": path/its floor, "peer": path/haproxy} on medians.
+
+    The floor of a same-node path is direct-same-node; the peer (HAProxy) runs node to node only.
+    """
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for path in paths:
-        if path == FLOOR:
+        if is_floor(path):
             continue
         out[path] = {}
         for m in METRICS:
             v = _median(summary, path, m.key)
             out[path][m.key] = {
-                "floor": ratio(v, _median(summary, FLOOR, m.key)),
-                "peer": None if path == PEER else ratio(v, _median(summary, PEER, m.key)),
+                "floor": ratio(v, _median(summary, floor_of(path), m.key)),
+                "peer": None if path == PEER or path.endswith(SAME_NODE) else ratio(v, _median(summary, PEER, m.key)),
             }
     return out
 
@@ -179,7 +191,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     available = [p for p in paths if result["paths"][p].get("available")]
     summary = result["summary"]
     rat = result.get("ratios") or ratios(summary, available)
-    others = [p for p in available if p != FLOOR]
+    others = [p for p in available if not is_floor(p)]
+    peered = [p for p in others if p != PEER and not p.endswith(SAME_NODE) and PEER in available]
     meta = result.get("meta", {})
 
     lines = [
@@ -188,15 +201,15 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "",
     ]
     header = ["Figure", *available]
-    header += [f"{p} ÷ {FLOOR}" for p in others]
-    header += [f"{p} ÷ {PEER}" for p in others if p != PEER and PEER in available]
+    header += [f"{p} ÷ {floor_of(p)}" for p in others]
+    header += [f"{p} ÷ {PEER}" for p in peered]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for m in METRICS:
         row = [f"{m.label} ({m.unit})"]
         row += [_cell(summary.get(p, {}).get(m.key), m.digits) for p in available]
         row += [_fmt(rat.get(p, {}).get(m.key, {}).get("floor"), 2) for p in others]
-        row += [_fmt(rat.get(p, {}).get(m.key, {}).get("peer"), 2) for p in others if p != PEER and PEER in available]
+        row += [_fmt(rat.get(p, {}).get(m.key, {}).get("peer"), 2) for p in peered]
         lines.append("| " + " | ".join(row) + " |")
 
     skipped = [p for p in paths if p not in available]

@@ -62,7 +62,7 @@ IPERF_PORT, ECHO_PORT = 5201, 7000
 TLS_PORT_OFFSET = 10000  # haproxy B's TLS port for app port P is P + offset
 
 BENCH_TOOLS = ("haproxy", "iperf3")
-ALL_PATHS = ("direct", "haproxy", "ztunnel", "ztunnel-ebpf", "waypoint")
+ALL_PATHS = ("direct", "haproxy", "ztunnel", "ztunnel-ebpf", "waypoint", "direct-same-node", "ztunnel-same-node")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ class Settings:
         if args.quick:
             s = cls(True, 2, 2.0, 3.0, 0.5, 1000, 4, 2.0, 8, 1000)
         else:
-            s = cls(False, 3, 5.0, 8.0, 1.0, 1000, 4, 4.0, 8, 10_000)
+            s = cls(False, 3, 4.0, 6.0, 1.0, 1000, 4, 3.0, 8, 10_000)
         if args.reps:
             s = Settings(**{**asdict(s), "reps": args.reps})
         if args.hold:
@@ -328,9 +328,11 @@ class PathSetup:
     server_prefix: list[str] = field(default_factory=list)
     iperf_bind: str = ""  # address the per-test iperf3 server binds ("" = any, inside the server pod)
     restart_hook: Callable[[], None] | None = None  # restarts proxies this run does not own
+    external_pid_source: Callable[[], dict[str, int]] | None = None  # current pids after such a restart
 
     def proxy_pids(self) -> dict[str, int]:
-        return {n: p.pid for n, p in self.proxies.items()} | self.external_pids
+        external = self.external_pid_source() if self.external_pid_source else self.external_pids
+        return {n: p.pid for n, p in self.proxies.items()} | external
 
     def stop(self) -> None:
         for proc in [*self.proxies.values(), *self.helpers]:
@@ -681,6 +683,9 @@ def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
 def held_connections_rss(path: PathSetup, count: int) -> dict[str, Any]:
     """RSS of the proxies before and while `count` proxied connections are open."""
     pids = path.proxy_pids()
+    gone = [n for n, pid in pids.items() if not Path(f"/proc/{pid}").exists()]
+    if gone:
+        raise RuntimeError(f"proxy {', '.join(gone)} is not running")
     idle = {n: rss_mb(pid) for n, pid in pids.items()}
     proc = subprocess.Popen(
         [*path.client_prefix, PY, LOADGEN, "hold", path.echo_target, "--count", str(count), "--parallel", "200"],
@@ -791,7 +796,7 @@ metadata:
   name: node2
 """
 for _ns in ("bench", "plain"):
-    for _role, _node in (("client", "node1"), ("server", "node2")):
+    for _role, _node in (("client", "node1"), ("server", "node2"), ("server-local", "node1")):
         LAB_YAML += f"""---
 apiVersion: v1
 kind: Pod
@@ -839,6 +844,7 @@ class LabTopology:
         self.cmd = cmd
         self.name = name or f"{LAB_PREFIX}{os.getpid()}"
         self.ebpf_lab: LabTopology | None = None
+        self.proxy_pids: dict[str, int] = {}
         self.redirect = redirect
         self.mode = f"netns lab `{self.name}` (two nodes, {redirect} redirection)"
         self.status: dict[str, Any] = {}
@@ -887,18 +893,22 @@ class LabTopology:
         except (ValueError, subprocess.TimeoutExpired) as e:
             raise LabError(f"`ztunnel lab status` failed: {e}") from e
         for ns in ("bench", "plain"):
-            client, server = self.pod(ns, "client"), self.pod(ns, "server")
+            client = self.pod(ns, "client")
             for key, value in (("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "20000 65000")):
                 subprocess.run([*netns_exec(client["netns"]), "sysctl", "-q", "-w", f"{key}={value}"], timeout=10)
-            prefix = netns_exec(server["netns"])
-            echo = group.start(f"echo-{self.name}-{ns}", [*prefix, PY, LOADGEN, "echo-server", f"0.0.0.0:{ECHO_PORT}"])
-            wait_until(lambda p=prefix: listening("0.0.0.0", ECHO_PORT, p), 10, f"the echo server in {ns}", echo)
+            for pod in ("server", "server-local"):
+                prefix = netns_exec(self.pod(ns, pod)["netns"])
+                argv = [*prefix, PY, LOADGEN, "echo-server", f"0.0.0.0:{ECHO_PORT}"]
+                echo = group.start(f"echo-{self.name}-{ns}-{pod}", argv)
+                wait_until(lambda p=prefix: listening("0.0.0.0", ECHO_PORT, p), 10, f"the echo server in {ns}", echo)
         return {
             "direct": self.direct,
             "haproxy": lambda: self.haproxy(group, maxconn),
             "ztunnel": self.ztunnel,
             "ztunnel-ebpf": lambda: self.ebpf(group, maxconn),
             "waypoint": unavailable_waypoint,
+            "direct-same-node": lambda: self.direct(same_node=True),
+            "ztunnel-same-node": lambda: self.ztunnel(same_node=True),
         }
 
     def ebpf(self, group: ProcessGroup, maxconn: int) -> PathSetup:
@@ -916,18 +926,18 @@ class LabTopology:
         path.name = "ztunnel-ebpf"
         return path
 
-    def _pair(self, ns: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        return self.pod(ns, "client"), self.pod(ns, "server")
+    def _pair(self, ns: str, same_node: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.pod(ns, "client"), self.pod(ns, "server-local" if same_node else "server")
 
-    def direct(self) -> PathSetup:
-        client, server = self._pair("plain")
+    def direct(self, same_node: bool = False) -> PathSetup:
+        client, server = self._pair("plain", same_node)
         ip = server["ips"][0]
         return PathSetup(
-            "direct",
+            "direct-same-node" if same_node else "direct",
             echo_target=f"{ip}:{ECHO_PORT}",
             iperf_host=ip,
             iperf_port=IPERF_PORT,
-            entry="plain pods, node1 -> node2 over the lab fabric",
+            entry="plain pods on node1" if same_node else "plain pods, node1 -> node2 over the lab fabric",
             client_prefix=netns_exec(client["netns"]),
             server_prefix=netns_exec(server["netns"]),
             iperf_bind=ip,
@@ -950,37 +960,49 @@ class LabTopology:
         path.entry = "plain client pod -> haproxy on node1 -> mTLS 1.3 ECDSA P-256 -> haproxy on node2 -> plain pod"
         return path
 
-    def ztunnel(self) -> PathSetup:
+    def ztunnel(self, same_node: bool = False) -> PathSetup:
+        name = "ztunnel-same-node" if same_node else "ztunnel"
         self.refresh()
-        client, server = self._pair("bench")
+        client, server = self._pair("bench", same_node)
         if not (client["enrolled"] and server["enrolled"]):
-            return PathSetup("ztunnel", available=False, note="the lab did not enroll the bench pods (mesh off?)")
-        pids = {}
-        for node in ("node1", "node2"):
+            return PathSetup(name, available=False, note="the lab did not enroll the bench pods (mesh off?)")
+        nodes = ("node1",) if same_node else ("node1", "node2")
+        for node in nodes:
             proxy = self.node(node).get("proxy")
             if not proxy or not proxy.get("running"):
-                return PathSetup("ztunnel", available=False, note=f"the lab runs no proxy on {node}")
-            pids[node] = int(proxy["pid"])
+                return PathSetup(name, available=False, note=f"the lab runs no proxy on {node}")
+            self.proxy_pids[node] = int(proxy["pid"])
         ip = server["ips"][0]
+        entry = (
+            f"mesh pods on node1, in-pod {self.redirect} redirection, node1's proxy on both ends"
+            if same_node
+            else f"mesh pods, in-pod {self.redirect} redirection, HBONE between the node1 and node2 proxies"
+        )
         path = PathSetup(
-            "ztunnel",
+            name,
             echo_target=f"{ip}:{ECHO_PORT}",
             iperf_host=ip,
             iperf_port=IPERF_PORT,
-            external_pids=pids,
-            entry=f"mesh pods, in-pod {self.redirect} redirection, HBONE between the node1 and node2 proxies",
+            external_pid_source=lambda: {n: self.proxy_pids[n] for n in nodes},
+            entry=entry,
             client_prefix=netns_exec(client["netns"]),
             server_prefix=netns_exec(server["netns"]),
             iperf_bind=ip,
             restart_hook=self.restart_proxies,
         )
         if not probe_path(path):
-            return PathSetup("ztunnel", available=False, note="a test connection through the proxy pair failed")
+            return PathSetup(name, available=False, note="a test connection through the proxy pair failed")
         return path
 
     def restart_proxies(self) -> None:
+        """Restart both node proxies (a stalled pair); every mesh path then reads the new pids."""
         for node in ("node1", "node2"):
             self._lab("restart", "proxy", "--node", node, timeout=120)
+        self.refresh()
+        for node in ("node1", "node2"):
+            proxy = self.node(node).get("proxy") or {}
+            if "pid" in proxy:
+                self.proxy_pids[node] = int(proxy["pid"])
 
     def close(self) -> None:
         if self.ebpf_lab is not None:
@@ -1007,6 +1029,8 @@ class LocalTopology:
             "ztunnel": lambda: setup_ztunnel(group),
             "ztunnel-ebpf": lambda: PathSetup("ztunnel-ebpf", False, "needs the lab topology (in-pod redirection)"),
             "waypoint": lambda: unavailable_waypoint(),
+            "direct-same-node": lambda: PathSetup("direct-same-node", False, "needs the lab topology (nodes)"),
+            "ztunnel-same-node": lambda: PathSetup("ztunnel-same-node", False, "needs the lab topology (nodes)"),
         }
 
     def close(self) -> None:
@@ -1104,7 +1128,9 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
         for path in live:
             if not path.proxy_pids():
                 continue
-            count = min(s.hold_count, maxconn - 100) if path.name == "haproxy" else s.hold_count
+            # haproxy, and a proxy serving both ends (same node), hold two descriptors per connection
+            two_fds = path.name == "haproxy" or path.name.endswith(report.SAME_NODE)
+            count = min(s.hold_count, maxconn - 100) if two_fds else s.hold_count
             log(f"{path.name}: holding {count} connections")
             try:
                 holds[path.name] = held_connections_rss(path, count)

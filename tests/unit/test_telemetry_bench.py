@@ -97,3 +97,18 @@ def test_loadgen_targets_and_socks_request() -> None:
     )
     p = loadgen.percentiles([float(x) for x in range(1, 101)])
     assert (p["p50"], p["p90"], p["p99"], p["max"], p["count"]) == (51.0, 90.0, 99.0, 100.0, 100)
+
+
+def test_same_node_paths_compare_with_the_same_node_floor() -> None:
+    samples = {
+        "direct": {"conn_per_s": [3000.0]},
+        "haproxy": {"conn_per_s": [500.0]},
+        "direct-same-node": {"conn_per_s": [4000.0]},
+        "ztunnel-same-node": {"conn_per_s": [1000.0]},
+    }
+    summary = report.summarize_all(samples)
+    rat = report.ratios(summary, list(samples))
+    assert rat["ztunnel-same-node"]["conn_per_s"] == {"floor": 0.25, "peer": None}
+    assert "direct-same-node" not in rat
+    result = {"meta": {}, "paths": {p: {"available": True} for p in samples}, "summary": summary, "ratios": rat}
+    assert "ztunnel-same-node ÷ direct-same-node" in report.render_markdown(result)
