@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,36 @@ class FakeServer:
         await self._listener.wait_closed()
 
 
+class PlaintextTarget:
+    """A plain TCP listener on the target's app port: anything that went around the tunnel lands here."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.received = b""
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            self.received += await reader.read(1024)
+            writer.write(b"plaintext reply")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def plaintext_target() -> AsyncIterator[PlaintextTarget]:
+    target = PlaintextTarget()
+    server = await asyncio.start_server(target._accept, NODE_C_TARGET, TARGET_PORT, reuse_address=True)
+    try:
+        yield target
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def _tls_failures(mesh: LocalMesh) -> float:
     total = 0.0
     for line in mesh.a.metrics().splitlines():
@@ -82,7 +113,7 @@ async def test_the_right_identity_is_accepted(local_mesh: LocalMesh) -> None:
     ],
 )
 async def test_a_server_with_the_wrong_svid_is_rejected(
-    local_mesh: LocalMesh, tmp_path: Path, case: str, identity: str
+    local_mesh: LocalMesh, plaintext_target: PlaintextTarget, tmp_path: Path, case: str, identity: str
 ) -> None:
     ca = local_mesh.ca_dir
     if case != "another identity, same CA":
@@ -91,13 +122,18 @@ async def test_a_server_with_the_wrong_svid_is_rejected(
     async with FakeServer(ca, identity) as fake:
         with pytest.raises((SocksRefused, ConnectionError)):
             await asyncio.to_thread(_through_proxy)
-    assert fake.tunnels == []  # nothing was tunnelled, and nothing went around the tunnel
+    assert fake.tunnels == []  # nothing was tunnelled
+    assert (plaintext_target.connections, plaintext_target.received) == (0, b"")  # nothing went around it
     after = await asyncio.to_thread(_tls_failures, local_mesh)
     assert after == before + 1
     assert re.search(r"HBONE connection failed .*reason=(identity|tls)", local_mesh.a.log())
 
 
-async def test_a_mesh_destination_whose_proxy_is_down_fails_closed(local_mesh: LocalMesh) -> None:
-    # Nobody listens on 127.0.130.1:15008: the connection fails instead of going out in plaintext.
+async def test_a_mesh_destination_whose_proxy_is_down_fails_closed(
+    local_mesh: LocalMesh, plaintext_target: PlaintextTarget
+) -> None:
+    # Nobody listens on 127.0.130.1:15008 but the app port answers in plaintext: the connection must fail
+    # instead of going out in plaintext.
     with pytest.raises(SocksRefused):
         await asyncio.to_thread(_through_proxy)
+    assert (plaintext_target.connections, plaintext_target.received) == (0, b"")
