@@ -1,4 +1,4 @@
-"""The lab asks the CLI which components and flags exist, so it runs with whatever is built."""
+"""The lab asks the CLI which components and flags exist; `lab up` runs all of them or names what is missing."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_finds_nested_subcommands_and_their_flags() -> None:
     available = caps.available()
     assert available["ca"] == "" and available["node-agent"] == ""
     assert "--inpod-socket" in available["proxy"]  # a proxy without in-pod mode is not enough
-    assert "not built" in available["cni-plugin"]
+    assert "not installed" in available["cni-plugin"]
 
 
 def test_a_broken_cli_marks_every_component_unavailable() -> None:
@@ -47,3 +47,67 @@ def test_this_checkout_is_inspected_without_error() -> None:
     caps = components.inspect()
     assert caps.problem == "" and "lab up" in caps.commands
     assert components.ztunnel_argv("version")[-2:] == ["ztunnel", "version"]
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    from ztunnel.lab import commands
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    return parser.parse_args(["lab", "up", "-f", "c.yaml", *argv])
+
+
+def test_lab_up_runs_the_whole_mesh_unless_told_otherwise() -> None:
+    assert _parse().mesh == "on"  # never a cluster without mTLS by default
+    assert _parse("--mesh", "auto").mesh == "auto" and _parse("--mesh", "off").mesh == "off"
+
+
+def _lab() -> Any:
+    from pathlib import Path
+
+    from ztunnel.lab.cluster import Lab
+
+    said: list[str] = []
+    lab = Lab("t", Path("/nonexistent/ztunnel-lab-test"), progress=said.append)
+    return lab, said
+
+
+def _all_but_proxy() -> Capabilities:
+    caps = Capabilities(cni_plugin=True)
+    caps.commands = {"ca init": set(), "ca serve": set(), "node-agent": set(), "proxy": {"--node"}}
+    return caps
+
+
+def test_mesh_on_names_the_missing_component_and_what_to_do() -> None:
+    import pytest
+
+    from ztunnel.lab.model import LabError
+
+    lab, _ = _lab()
+    with pytest.raises(LabError) as e:
+        lab._choose_components(_all_but_proxy(), "on")
+    msg = str(e.value)
+    assert "proxy: `ztunnel proxy` has no --inpod-socket" in msg
+    assert "--mesh auto" in msg  # the opt-in way around it
+
+
+def test_mesh_on_with_a_broken_cli_is_an_error_not_a_smaller_lab() -> None:
+    import pytest
+
+    from ztunnel.lab.model import LabError
+
+    lab, _ = _lab()
+    with pytest.raises(LabError, match="could not be loaded"):
+        lab._choose_components(Capabilities(problem="the ztunnel CLI could not be loaded (ImportError: x)"), "on")
+
+
+def test_mesh_auto_is_the_opt_in_that_skips_and_says_so() -> None:
+    lab, said = _lab()
+    chosen = lab._choose_components(_all_but_proxy(), "auto")
+    assert chosen == {"ca": True, "node-agent": False, "proxy": False, "cni-plugin": False}
+    assert any("skipping proxy" in m for m in said)
+
+
+def test_this_checkout_runs_every_component() -> None:
+    lab, _ = _lab()
+    assert all(lab._choose_components(components.inspect(), "on").values())

@@ -11,13 +11,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import secrets
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -105,7 +103,7 @@ class Lab:
     # ---- up ---------------------------------------------------------------------------------------------
 
     def up(
-        self, files: Sequence[str], *, redirect: str = "iptables", mesh: str = "auto", timeout: float = 90.0
+        self, files: Sequence[str], *, redirect: str = "iptables", mesh: str = "on", timeout: float = 90.0
     ) -> LabState:
         require_root()
         objects = read_objects(files)
@@ -198,7 +196,12 @@ class Lab:
                         reasons[dependent] = f"needs the {needed}, which is not available ({reasons[needed]})"
         missing = {c: reasons[c] for c in MESH_COMPONENTS if not chosen[c]}
         if mesh == "on" and missing:
-            raise LabError("--mesh on, but: " + "; ".join(f"{c}: {r}" for c, r in missing.items()))
+            raise LabError(
+                "the mesh cannot run (--mesh on, the default): "
+                + "; ".join(f"{c}: {r}" for c, r in missing.items())
+                + ". Fix that, or pass --mesh auto to build the lab without it (its pods get no mTLS) "
+                "or --mesh off for plain pod networking"
+            )
         for c, r in missing.items():
             self.say(f"skipping {c}: {r}")
         return chosen
@@ -426,22 +429,12 @@ class Lab:
         if not state.components.get("cni-plugin"):
             return
         cni_sock, _ = self._agent_paths(state, node.name)
-        plugin = Path(sys.executable).parent / "ztunnel-cni"
-        if importlib.util.find_spec("ztunnel.cni.installer") is not None:
-            argv = [str(plugin), "install", "--cni-conf-dir", str(net_d), "--cni-bin-dir", str(bin_dir),
-                    "--agent-socket", str(cni_sock), "--plugin-binary", str(plugin)]  # fmt: skip
-            done = netns.netns_exec(node.netns, *argv, check=False)  # the installer runs on the node
-            if done.returncode != 0:
-                raise LabError(
-                    f"node {node.name}: `ztunnel-cni install` failed: {(done.stderr or done.stdout).strip()}"
-                )
-            return
-        # no installer in this checkout: chain the plugin the way it would
-        primary["plugins"].append({"type": "ztunnel-cni", "agent_socket": str(cni_sock)})
-        write_atomic(net_d / PRIMARY_CONFLIST, json.dumps(primary, indent=1) + "\n")
-        link = bin_dir / "ztunnel-cni"
-        if not link.is_symlink():
-            link.symlink_to(plugin)
+        plugin = components.cni_plugin_path()
+        argv = [str(plugin), "install", "--cni-conf-dir", str(net_d), "--cni-bin-dir", str(bin_dir),
+                "--agent-socket", str(cni_sock), "--plugin-binary", str(plugin)]  # fmt: skip
+        done = netns.netns_exec(node.netns, *argv, check=False)  # the installer runs on the node
+        if done.returncode != 0:
+            raise LabError(f"node {node.name}: `ztunnel-cni install` failed: {(done.stderr or done.stdout).strip()}")
 
     def conflist(self, state: LabState, node: NodeRecord) -> dict[str, Any]:
         """What the runtime uses for every ADD and DEL: the node's lexically first config file, read each time."""

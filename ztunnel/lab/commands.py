@@ -42,9 +42,10 @@ def register(subparsers: Any) -> None:
     up.add_argument("--redirect", choices=["iptables", "ebpf"], default="iptables", help="in-pod redirection")
     up.add_argument(
         "--mesh",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="auto: run the mesh components that exist; on: require all; off: plain pod networking",
+        choices=["on", "auto", "off"],
+        default="on",
+        help="on (default): CA, node agents, proxies and ztunnel-cni, and an error naming any that cannot run; "
+        "auto: run only the components that can, without mTLS for the rest (opt-in); off: plain pod networking",
     )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for everything to be ready")
     up.set_defaults(func=_up)

@@ -1,16 +1,19 @@
 """Which mesh components this checkout can run, and the command lines that start them in the lab.
 
 The lab runs the project's own CLI (`python -m ztunnel ...`) for the CA, node agents and proxies. It asks the
-CLI's parser which subcommands and flags exist, so it builds networks and pods before every component is
-written, passes only flags a component understands, and says which parts it skipped.
+CLI's parser which subcommands and flags exist, so it passes only flags a component understands and can say
+which component is missing or broken: an error with `lab up --mesh on` (the default), a skipped component
+only with `--mesh auto`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 COMPONENTS = ("ca", "node-agent", "proxy", "cni-plugin")
 
@@ -43,7 +46,7 @@ class Capabilities:
             out["proxy"] = "`ztunnel proxy` has no --inpod-socket (in-pod mode) yet"
         else:
             out["proxy"] = ""
-        out["cni-plugin"] = "" if self.cni_plugin else "ztunnel-cni (ztunnel.cni.plugin) not built yet"
+        out["cni-plugin"] = "" if self.cni_plugin else f"ztunnel-cni ({cni_plugin_path()}) not installed"
         if self.problem:  # nothing runs without the CLI, whatever else is installed
             out = dict.fromkeys(out, self.problem)
         return out
@@ -64,13 +67,19 @@ def inspect() -> Capabilities:
         from ztunnel.cli import build_parser
 
         _walk(build_parser(), "", caps.commands)
-    except Exception as e:  # another component mid-edit must not stop the lab from building networks
+    except Exception as e:  # reported as why no component can run: an error under --mesh on, the default
         caps.problem = f"the ztunnel CLI could not be loaded ({type(e).__name__}: {e})"
     try:
-        caps.cni_plugin = importlib.util.find_spec("ztunnel.cni.plugin") is not None
+        modules = all(importlib.util.find_spec(m) is not None for m in ("ztunnel.cni.plugin", "ztunnel.cni.installer"))
     except ImportError:
-        caps.cni_plugin = False
+        modules = False
+    caps.cni_plugin = modules and os.access(cni_plugin_path(), os.X_OK)
     return caps
+
+
+def cni_plugin_path() -> Path:
+    """The `ztunnel-cni` console script of this interpreter's environment (the lab installs it on each node)."""
+    return Path(sys.executable).parent / "ztunnel-cni"
 
 
 def ztunnel_argv(*args: str) -> list[str]:

@@ -67,6 +67,11 @@ def test_up_down_leaves_nothing_and_root_netns_unchanged(tmp_path: Path) -> None
         state = json.loads((Path("/run/ztunnel-lab") / name / "state.json").read_text())
         pids = [p["pid"] for p in state["processes"].values()]
         assert pids and all(_alive(p) for p in pids)
+        # `up` without --mesh runs the whole mesh (never silently a cluster without mTLS)
+        assert state["mesh"] == "on" and state["components"] == dict.fromkeys(
+            ["ca", "node-agent", "proxy", "cni-plugin"], True
+        )
+        assert {"node/solo/node-agent", "node/solo/proxy"} <= set(state["processes"])
         assert state["pods"]["default/idle"]["node"] == "solo"  # no nodeName: the lab scheduled it
         assert len(_netns(f"ztl-{name}-")) == 4  # fabric, node, two pods
         assert root_netns_snapshot() == before
@@ -154,10 +159,8 @@ def test_ebpf_redirection_carries_mesh_traffic(tmp_path: Path) -> None:
     try:
         up = ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--redirect", "ebpf", "--timeout", "90",
                      check=False)  # fmt: skip
-        if up.returncode != 0 and "not available" in up.stderr:
-            pytest.skip("the node agent has no eBPF redirection yet (`--redirect ebpf` refused)")
-        if up.returncode != 0 and "skipping" in up.stderr and "node-agent" in up.stderr:
-            pytest.skip("the lab runs without the node agent (not built yet)")
+        if up.returncode != 0 and "--redirect ebpf: not available" in up.stderr:
+            pytest.skip("eBPF redirection is not built yet (the node agent refuses `--redirect ebpf`)")
         assert up.returncode == 0, up.stderr
         st = json.loads(ztunnel("lab", "status", "--name", name, "-o", "json").stdout)
         pods = {p["name"]: p for p in st["pods"]}
