@@ -11,9 +11,9 @@ import pytest
 
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.connection import HboneStream
-from ztunnel.hbone.protocol import Authority
+from ztunnel.hbone.protocol import STREAM_WINDOW, Authority
 from ztunnel.hbone.server import HboneServer, InboundTunnel
-from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
+from ztunnel.hbone.streams import READ_CHUNK, TCP_READ_BUFFER_LIMIT, ByteStream, StreamClosed, TcpStream
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.proxy.certs import SigningProvider
@@ -21,6 +21,9 @@ from ztunnel.proxy.listeners import listening_socket, serve_streams
 from ztunnel.proxy.relay import relay
 
 HBONE_IP = "127.0.171.1"
+STALL_CHECKS = 8  # consecutive checks without growth before the writer counts as stalled
+STALL_CHECK_INTERVAL = 0.05
+BLOCK = 1 << 20
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/streams/sa/client")
 SERVER = SpiffeId.parse("spiffe://cluster.local/ns/streams/sa/server")
 
@@ -53,9 +56,13 @@ async def check_reset(a: ByteStream, b: ByteStream) -> None:
 
 
 async def check_backpressure(a: ByteStream, b: ByteStream, limit: int) -> None:
-    """With nobody reading b, writes to a stall instead of buffering without bound."""
+    """With nobody reading b, writes to a stall instead of buffering without bound.
+
+    Waits (with a deadline) until the amount written stops growing over several consecutive checks, then
+    asserts it is within `limit`: no timing guess about when a slow machine has filled the buffers.
+    """
     written = 0
-    block = b"z" * (1 << 20)
+    block = b"z" * BLOCK
 
     async def writer() -> None:
         nonlocal written
@@ -64,14 +71,20 @@ async def check_backpressure(a: ByteStream, b: ByteStream, limit: int) -> None:
             written += len(block)
 
     task = asyncio.create_task(writer())
-    await asyncio.sleep(0.5)
-    stalled_at = written
-    await asyncio.sleep(0.3)
-    assert written == stalled_at, "the writer kept going although nobody reads"
-    assert written <= limit, written
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        last, steady = -1, 0
+        while steady < STALL_CHECKS:
+            assert written <= limit, f"{written} bytes written, more than the bound {limit}"
+            assert asyncio.get_running_loop().time() < deadline, f"the writer never stalled ({written} bytes)"
+            await asyncio.sleep(STALL_CHECK_INTERVAL)
+            steady = steady + 1 if written == last else 0
+            last = written
+        assert 0 < written <= limit, written
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 @pytest.fixture
@@ -129,9 +142,22 @@ async def test_tcp_reset(tcp_pair: tuple[TcpStream, TcpStream]) -> None:
 
 async def test_tcp_backpressure(tcp_pair: tuple[TcpStream, TcpStream]) -> None:
     a, b = tcp_pair
-    sock = a.transport.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
-    await check_backpressure(a, b, limit=64 * 1024 * 1024)
+    a_sock = a.transport.get_extra_info("socket")
+    b_sock = b.transport.get_extra_info("socket")
+    a_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
+    b_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)  # a fixed size: no autotuning growth
+    # What may be in flight: a's write buffer (high-water mark, plus the block that crossed it), both
+    # kernel buffers (getsockopt reports them with the kernel's overhead share), and b's user-space buffer
+    # up to its pause limit plus one received chunk.
+    limit = (
+        a.transport.get_write_buffer_limits()[1]
+        + BLOCK
+        + a_sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        + b_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        + TCP_READ_BUFFER_LIMIT
+        + READ_CHUNK
+    )
+    await check_backpressure(a, b, limit=limit)
 
 
 async def test_hbone_half_close_both_ways(hbone_pair: tuple[HboneStream, HboneStream]) -> None:
@@ -148,7 +174,8 @@ async def test_hbone_reset(hbone_pair: tuple[HboneStream, HboneStream]) -> None:
 
 
 async def test_hbone_backpressure_is_bounded_by_the_stream_window(hbone_pair: tuple[HboneStream, HboneStream]) -> None:
-    await check_backpressure(*hbone_pair, limit=8 * 1024 * 1024)
+    # Only the stream's flow-control window may be in flight while b does not read.
+    await check_backpressure(*hbone_pair, limit=STREAM_WINDOW)
 
 
 async def test_relay_keeps_half_close_and_resets(tcp_pair: tuple[TcpStream, TcpStream]) -> None:
