@@ -67,7 +67,12 @@ class PodRecord:
 
 
 class AgentError(Exception):
-    """An event the agent could not complete; `status`/`code` map to HTTP and the CNI error code."""
+    """An event the agent could not complete; `status`/`code` map to HTTP and the CNI error code.
+
+    CNI codes: 11 "try again later" while the agent cannot act yet (no proxy connected, the proxy did not
+    answer, the pod not in the config yet); 100 "enrollment failed" when the proxy refused the pod or the
+    rules could not be installed; 3/4 for a bad request. Either way nothing of ours stays in the pod.
+    """
 
     def __init__(self, msg: str, *, status: int = 503, code: int = 11, details: str = "") -> None:
         super().__init__(msg)
@@ -121,8 +126,8 @@ class ProxyLink:
         if not isinstance(reply, protocol.Ack) or reply.id != msg_id:
             self.drop(channel)
             raise AgentError(f"unexpected reply from the node proxy: {reply!r}")
-        if not reply.ok:
-            raise AgentError(f"the node proxy refused: {reply.error}")
+        if not reply.ok:  # the proxy is there and said no: enrollment failed (not "try again later")
+            raise AgentError(f"the node proxy refused: {reply.error}", status=500, code=100)
 
     def drop(self, channel: protocol.Channel) -> None:
         if self.channel is channel:
