@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ztunnel.config.model import Workload
+from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.streams import TcpStream
 
 log = logging.getLogger("ztunnel.proxy")
@@ -100,8 +102,32 @@ def single_container_port(workload: Workload) -> int | None:
     return ports[0] if len(ports) == 1 else None
 
 
+class PodAddressRefused(ZtunnelError):
+    """A pod IP local mode will not listen on (its SOCKS5 port has no authentication)."""
+
+
+def local_mode_address_problem(ip: str) -> str | None:
+    """Why local mode must not listen on `ip`, or None for a specific loopback address.
+
+    Local mode's SOCKS5 port (15080) speaks with the pod's SVID to anyone who can reach it, so it may
+    only listen where nothing outside this host can: 127.0.0.0/8 or ::1, never 0.0.0.0 or a real interface.
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return "is not an IP address"
+    if addr.is_unspecified:
+        return "is the unspecified address (listening there would accept connections on every interface)"
+    if not addr.is_loopback:
+        return "is not a loopback address (listening there would accept connections from other hosts)"
+    return None
+
+
 class LocalListenerFactory:
-    """Local mode: listen on each pod IP (loopback addresses) at 15008, 15006 and 15080."""
+    """Local mode: listen on each pod IP (loopback addresses only) at 15008, 15006 and 15080.
+
+    `config_files` only name where pods come from in the error for a pod IP that is refused.
+    """
 
     def __init__(
         self,
@@ -110,13 +136,31 @@ class LocalListenerFactory:
         plaintext_port: int = PLAINTEXT_INBOUND_PORT,
         socks5_port: int = SOCKS5_PORT,
         connector_factory: Callable[[Workload], Connector] | None = None,
+        config_files: Sequence[str] = (),
     ) -> None:
         self.hbone_port = hbone_port
         self.plaintext_port = plaintext_port
         self.socks5_port = socks5_port
         self.connector_factory = connector_factory
+        self.config_files = tuple(config_files)
+
+    def check_addresses(self, workload: Workload) -> None:
+        """Raise PodAddressRefused, naming the file, the pod and the field, for a pod IP that is not loopback."""
+        for i, ip in enumerate(workload.ips):
+            problem = local_mode_address_problem(ip)
+            if problem is None:
+                continue
+            where = f" in {', '.join(self.config_files)}" if self.config_files else ""
+            field_name = "status.podIP" if i == 0 else f"status.podIPs[{i}]"
+            raise PodAddressRefused(
+                f"Pod {workload.ref}{where}: {field_name} {ip} {problem}; local mode serves pods only on a "
+                "specific loopback address because its SOCKS5 port (15080) has no authentication: set "
+                f"{field_name} to an address in 127.0.0.0/8 (e.g. 127.0.10.1) or ::1, or run the proxy in "
+                "in-pod mode (--inpod-socket)"
+            )
 
     def sockets_for(self, workload: Workload) -> WorkloadSockets:
+        self.check_addresses(workload)  # before binding anything
         out = WorkloadSockets(fallback_port=single_container_port(workload))
         if self.connector_factory is not None:
             out.connector = self.connector_factory(workload)

@@ -131,7 +131,9 @@ async def run_proxy(settings: ProxySettings) -> int:
         access_log=AccessLog(settings.access_log, sys.stdout),  # type: ignore[arg-type]
     )
     # In-pod mode: the node agent hands over pods' netns (ztunnel.proxy.inpod); local mode: loopback IPs.
-    local = LocalWorkloads(proxy, LocalListenerFactory()) if not settings.inpod_socket else None
+    local = (
+        LocalWorkloads(proxy, LocalListenerFactory(config_files=settings.files)) if not settings.inpod_socket else None
+    )
     stop = asyncio.Event()
 
     async def on_config(cfg: ClusterConfig) -> None:

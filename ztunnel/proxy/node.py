@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ztunnel.config.model import ClusterConfig, Workload, normalize_ip
+from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.client import HbonePool
 from ztunnel.hbone.server import HboneServer
 from ztunnel.hbone.tls_cache import TlsContexts
@@ -342,6 +343,20 @@ class LocalWorkloads:
     def pending(self, config: ClusterConfig) -> list[str]:
         return [w.ref for uid, w in self.desired(config).items() if uid not in self.proxy.workloads]
 
+    def refused(self, config: ClusterConfig) -> list[str]:
+        """Errors of pods that are not served because their config is refused (not a passing condition)."""
+        out = []
+        for uid, w in sorted(self.desired(config).items(), key=lambda kv: kv[1].ref):
+            if uid in self.proxy.workloads:
+                continue
+            try:
+                check = getattr(self.factory, "check_addresses", None)
+                if callable(check):
+                    check(w)
+            except ZtunnelError as e:
+                out.append(str(e))
+        return out
+
 
 def readiness(proxy: NodeProxy, local: LocalWorkloads | None) -> Callable[[], tuple[bool, str]]:
     def check() -> tuple[bool, str]:
@@ -350,6 +365,9 @@ def readiness(proxy: NodeProxy, local: LocalWorkloads | None) -> Callable[[], tu
         if proxy.draining:
             return False, "draining"
         if local is not None:
+            refused = local.refused(proxy.config)
+            if refused:
+                return False, "; ".join(refused)
             pending = local.pending(proxy.config)
             if pending:
                 return False, f"no listeners/certificates yet for {', '.join(sorted(pending))}"
