@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +66,29 @@ class PodRecord:
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+def bind_unix_private(sock: socket.socket, path: Path) -> None:
+    """Bind a unix socket at PATH that is mode 0600 from the moment the path exists.
+
+    A socket file gets its mode from the umask at bind(2); chmod after bind leaves a window in which any
+    local user may connect (and enroll pods or pose as the proxy). Setting the umask instead would race with
+    the agent's worker threads. So: bind inside a fresh 0700 directory next to PATH, chmod there, where no one
+    else can reach it, then rename it over PATH in one step (which also replaces a stale socket).
+    """
+    if len(os.fsencode(path)) > 107:  # the rename would succeed, but no one could connect to the path
+        raise OSError(errno.ENAMETOOLONG, f"unix socket path longer than 107 bytes: {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=".", dir=path.parent))  # 0700; short: sun_path holds 107 bytes
+    staged = private / "s"
+    try:
+        sock.bind(str(staged))
+        os.chmod(staged, 0o600)
+        os.replace(staged, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+        private.rmdir()
 
 
 class AgentError(Exception):
@@ -492,12 +517,12 @@ class NodeAgent:
             await self._update_probe_snat()
 
     async def serve_proxy(self) -> None:
-        self.proxy_socket.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.proxy_socket.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        listener.bind(str(self.proxy_socket))
-        os.chmod(self.proxy_socket, 0o600)
+        try:
+            bind_unix_private(listener, self.proxy_socket)
+        except OSError:
+            listener.close()
+            raise
         listener.listen(8)
         listener.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -566,11 +591,13 @@ class NodeAgent:
             return 500, {"msg": str(e), "code": 100}
 
     async def serve_cni(self) -> None:
-        self.cni_socket.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.cni_socket.unlink()
-        server = await asyncio.start_unix_server(self._handle_http, path=str(self.cni_socket))
-        os.chmod(self.cni_socket, 0o600)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            bind_unix_private(listener, self.cni_socket)
+        except OSError:
+            listener.close()
+            raise
+        server = await asyncio.start_unix_server(self._handle_http, sock=listener)
         self._cni_listening.set()
         async with server:
             await server.serve_forever()
