@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from ztunnel.config.model import Workload
+from ztunnel.config.model import Workload, normalize_ip
 from ztunnel.hbone.protocol import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
@@ -32,6 +32,7 @@ from ztunnel.proxy.report import (
     FLAG_NONE,
     FLAG_UPSTREAM_FAILURE,
     ConnectionReporter,
+    format_addr,
 )
 from ztunnel.proxy.routing import PROXY_PORTS
 from ztunnel.proxy.state import ProxyState, ServedWorkload
@@ -128,6 +129,19 @@ class Inbound:
             served, stream, app, attrs, labels, (source_ip, source_port), started, peer_identity, source_workload
         )
 
+    @staticmethod
+    def _not_this_pod(destination: Workload, dst: tuple[str, int]) -> str | None:
+        """Why a plaintext connection's original destination is not this pod's app, or None."""
+        try:
+            ip = normalize_ip(dst[0])
+        except ValueError:
+            return f"original destination {dst[0]!r} is not an IP address"
+        if ip not in {normalize_ip(i) for i in destination.ips}:
+            return f"original destination {format_addr(ip, dst[1])} is not an address of {destination.ref}"
+        if dst[1] in PROXY_PORTS:
+            return f"original destination port {dst[1]} is a proxy port"
+        return None
+
     def _claimed_source(self, request: ConnectRequest, tunnel: InboundTunnel) -> tuple[str, int]:
         """The client address for policy and telemetry: the `forwarded` address when it belongs to a pod
         with the caller's own (authenticated) identity, else the TCP peer. A workload cannot borrow another
@@ -219,8 +233,25 @@ class Inbound:
             destination_service=None,
             connection_security_policy="none",
         )
-        if dst[1] in PROXY_PORTS:
+        why_not = self._not_this_pod(destination, dst)
+        if why_not is not None:
+            # Redirected traffic that was not addressed to this pod (or aims at a proxy port): connecting
+            # to it would make the proxy an open relay from inside the pod.
             client.abort()
+            self.report.refusal("not_local")
+            self.report.connection(
+                labels,
+                "inbound",
+                (source_ip, source_port),
+                dst,
+                FLAG_NO_ROUTE,
+                started,
+                count_open=True,
+                destination=destination,
+                dst_identity=destination.identity,
+                src_workload=source_workload,
+                error=why_not,
+            )
             return
         mode = self.state.policy.peer_authentication_mode(destination, dst[1])
         if mode == "STRICT":

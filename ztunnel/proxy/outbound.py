@@ -212,6 +212,15 @@ class Outbound:
         self, served: ServedWorkload, client_addr: tuple[str, int], dst: tuple[str, int]
     ) -> _Upstream:
         source = served.workload
+        if self.state.is_proxy_address(dst[0], dst[1]):
+            # An app dialing the proxy's own listeners (127.0.0.1:15001, its pod IP's 15008...) would make the
+            # proxy dial itself, over and over.
+            self.report.refusal("loop")
+            raise OutboundFailure(
+                f"{format_addr(*dst)} is one of the proxy's own listeners; refusing to connect to itself",
+                socks5.Reply.NOT_ALLOWED,
+                FLAG_NO_ROUTE,
+            )
         route = self.router.route(self.state.config, dst[0], dst[1])
         if isinstance(route, RefusedRoute):
             self.report.refusal("no_route")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from ztunnel.config.model import ClusterConfig, Service, Workload
 from ztunnel.hbone.protocol import HBONE_PORT, Authority
 
-PROXY_PORTS = frozenset({15001, 15006, 15008, 15080})
+# The proxy's own ports (DESIGN §4.1): never a destination for a proxied connection on a local address.
+PROXY_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021, 15080})
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,15 @@ and the open connections. Owned and mutated by `NodeProxy`; read by the inbound 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import time
 from dataclasses import dataclass, field
 
-from ztunnel.config.model import ClusterConfig, Workload
+from ztunnel.config.model import ClusterConfig, Workload, normalize_ip
 from ztunnel.policy.engine import PolicyEngine
 from ztunnel.proxy.listeners import WorkloadSockets
+from ztunnel.proxy.routing import PROXY_PORTS
 from ztunnel.proxy.tracking import ConnectionTracker
 
 
@@ -27,6 +30,16 @@ class ServedWorkload:
     sockets: WorkloadSockets
     servers: list[asyncio.Server] = field(default_factory=list)
     added_at: float = field(default_factory=time.time)
+    # Where its listeners are bound, read once: (normalized ip, port); the ip may be 0.0.0.0 or ::.
+    listen_addresses: frozenset[tuple[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.listen_addresses = frozenset(_bound_address(s) for s in self.sockets.all())
+
+
+def _bound_address(sock: socket.socket) -> tuple[str, int]:
+    name = sock.getsockname()
+    return (normalize_ip(name[0]), int(name[1]))
 
 
 @dataclass(eq=False)
@@ -39,3 +52,28 @@ class ProxyState:
     tracker: ConnectionTracker = field(default_factory=ConnectionTracker)
     config_loaded: bool = False
     draining: bool = False
+
+    def is_proxy_address(self, ip: str, port: int) -> bool:
+        """Whether ip:port is one of this proxy's own listeners: connecting there would loop back into it.
+
+        That is a proxy port (15001, 15006, 15008, 15080, 15000, 15020, 15021) on a loopback, unspecified
+        or served pod address, or any address a served workload's listener is bound to (a wildcard bind
+        matches loopback and that pod's own IPs).
+        """
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        ip = str(addr)
+        on_this_host = addr.is_loopback or addr.is_unspecified
+        if port in PROXY_PORTS and (on_this_host or ip in self.served_by_ip):
+            return True
+        for served in self.workloads.values():
+            for bound_ip, bound_port in served.listen_addresses:
+                if bound_port != port:
+                    continue
+                if bound_ip == ip:
+                    return True
+                if ipaddress.ip_address(bound_ip).is_unspecified and (on_this_host or ip in served.workload.ips):
+                    return True
+        return False

@@ -1,0 +1,157 @@
+"""Redirected connections the proxy must not follow (in-pod mode's original destination, DESIGN §4.6):
+
+- transparent outbound to one of the proxy's own listeners (127.0.0.1:15001, the pod IP's proxy ports) is
+  refused and counted instead of the proxy dialing itself;
+- plaintext inbound whose original destination is not the pod's own IP, or is a proxy port, is refused
+  instead of being relayed from inside the pod.
+
+The original destination normally comes from SO_ORIGINAL_DST after an iptables REDIRECT; here the proxy is
+in-process and the lookup is replaced, so each case chooses the destination the kernel would have reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ztunnel.config.model import Workload
+from ztunnel.proxy.certs import SigningProvider
+from ztunnel.proxy.listeners import WorkloadSockets, listening_socket
+from ztunnel.proxy.node import NodeProxy, ProxyOptions
+from ztunnel.telemetry.metrics import ProxyMetrics
+
+POD_IP = "127.0.182.1"
+OTHER_IP = "127.0.182.9"  # some other host the app did not address
+APP_PORT = 7300
+ELSEWHERE_PORT = 7200
+
+
+class CountingServer:
+    """A plain TCP echo server that counts what reached it."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def start(self, ip: str, port: int) -> CountingServer:
+        self.server = await asyncio.start_server(self._serve, ip, port, reuse_address=True)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+def original_dst(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int]]]:
+    """What SO_ORIGINAL_DST reports for the next connections: set `original_dst[0]`."""
+    current: list[tuple[str, int]] = [("0.0.0.0", 0)]
+    monkeypatch.setattr("ztunnel.proxy.outbound.original_destination", lambda sock: current[0])
+    monkeypatch.setattr("ztunnel.proxy.inbound.original_destination", lambda sock: current[0])
+    yield current
+
+
+@pytest.fixture
+async def proxy(ca_dir: Path) -> AsyncIterator[tuple[NodeProxy, CollectorRegistry]]:
+    registry = CollectorRegistry()
+    p = NodeProxy(
+        ProxyOptions(node="node-g", connect_timeout=2.0),
+        SigningProvider.from_dir(ca_dir),
+        metrics=ProxyMetrics(registry),
+    )
+    workload = Workload(
+        uid="uid-guarded",
+        name="guarded",
+        namespace="guard",
+        node="node-g",
+        service_account="guarded",
+        ips=(POD_IP,),
+        labels={"app": "guarded"},
+        enrolled=True,
+    )
+    sockets = WorkloadSockets(outbound=[listening_socket(POD_IP, 15001)], plaintext=[listening_socket(POD_IP, 15006)])
+    await p.add_workload(workload, sockets)
+    try:
+        yield p, registry
+    finally:
+        await p.close()
+
+
+async def _exchange(port: int, payload: bytes = b"hello") -> bytes:
+    """Connect to the pod's proxy port, send, half-close, and read everything (b"" when refused)."""
+    reader, writer = await asyncio.open_connection(POD_IP, port)
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            return await reader.read()
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+def _refused(registry: CollectorRegistry, reason: str) -> float:
+    return registry.get_sample_value("ztunnel_connections_refused_total", {"reason": reason}) or 0.0
+
+
+async def test_transparent_outbound_to_the_proxys_own_listeners_is_refused_and_counted(
+    proxy: tuple[NodeProxy, CollectorRegistry], original_dst: list[tuple[str, int]]
+) -> None:
+    node, registry = proxy
+    elsewhere = await CountingServer().start(OTHER_IP, ELSEWHERE_PORT)
+    try:
+        loops = [("127.0.0.1", 15001), (POD_IP, 15001), (POD_IP, 15006), (POD_IP, 15020), ("127.0.0.1", 15000)]
+        for i, dst in enumerate(loops, start=1):
+            original_dst[0] = dst
+            assert await _exchange(15001) == b"", dst
+            assert _refused(registry, "loop") == i, dst
+        assert len(node.tracker) == 0
+        # Control: an ordinary destination outside the mesh is still relayed.
+        original_dst[0] = (OTHER_IP, ELSEWHERE_PORT)
+        assert await _exchange(15001) == b"hello"
+        assert elsewhere.connections == 1
+        assert _refused(registry, "loop") == len(loops)
+    finally:
+        await elsewhere.stop()
+
+
+async def test_plaintext_inbound_not_addressed_to_the_pod_is_refused(
+    proxy: tuple[NodeProxy, CollectorRegistry], original_dst: list[tuple[str, int]]
+) -> None:
+    _, registry = proxy
+    servers = [
+        await CountingServer().start(OTHER_IP, ELSEWHERE_PORT),
+        await CountingServer().start(POD_IP, 15020),
+        await CountingServer().start(POD_IP, APP_PORT),
+    ]
+    elsewhere, proxy_port, app = servers
+    try:
+        for i, dst in enumerate([(OTHER_IP, ELSEWHERE_PORT), (POD_IP, 15020)], start=1):
+            original_dst[0] = dst
+            assert await _exchange(15006) == b"", dst
+            assert _refused(registry, "not_local") == i
+        assert (elsewhere.connections, proxy_port.connections) == (0, 0)
+        # Control: addressed to the pod's own IP and app port, it reaches the app.
+        original_dst[0] = (POD_IP, APP_PORT)
+        assert await _exchange(15006) == b"hello"
+        assert app.connections == 1
+    finally:
+        for s in servers:
+            await s.stop()
