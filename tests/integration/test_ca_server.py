@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -185,7 +186,7 @@ async def test_server_cert_is_from_the_same_root_and_names_the_host(running: Run
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == []  # not an SVID
 
 
-async def test_new_pods_become_signable_without_restart(tmp_path: Path) -> None:
+async def test_new_pods_become_signable_without_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     init_ca_dir(tmp_path / "ca")
     ca = CertificateAuthority.load(tmp_path / "ca")
     tokens = write_token_file(tmp_path / "tokens.yaml")
@@ -223,9 +224,19 @@ async def test_new_pods_become_signable_without_restart(tmp_path: Path) -> None:
         while await ask("api") is not StatusCode.OK:
             assert time.monotonic() < deadline, "the new pod never became signable"
             await asyncio.sleep(0.1)
-        # a broken edit keeps the last good config
+        # a broken edit keeps the last good config: first see that the CA read and rejected it, then ask
+        caplog.clear()
+        caplog.set_level(logging.ERROR, logger="ztunnel.config")
         config_file.write_text("kind: Pod\nmetadata: [broken\n")
-        await asyncio.sleep(0.6)
+
+        def rejected() -> bool:
+            msgs = [r.getMessage() for r in caplog.records if r.name == "ztunnel.config"]
+            return any("config rejected" in m and str(config_file) in m for m in msgs)
+
+        deadline = time.monotonic() + 5
+        while not rejected():
+            assert time.monotonic() < deadline, "the CA never polled the broken edit"
+            await asyncio.sleep(0.05)
         assert await ask("api") is StatusCode.OK
     finally:
         await channel.close()
