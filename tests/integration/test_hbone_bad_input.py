@@ -73,6 +73,13 @@ async def _status_or_refused(ctx: ssl.SSLContext, headers: list[tuple[str, str]]
         return None
 
 
+def _identity_errors(mesh: LocalMesh) -> float:
+    for line in mesh.b.metrics().splitlines():
+        if line.startswith('ztunnel_tls_failures_total{reason="IDENTITY_ERROR"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 async def test_socks5_garbage_is_refused(local_mesh: LocalMesh) -> None:
     for garbage in (
         b"GET / HTTP/1.1\r\n\r\n",
@@ -172,7 +179,9 @@ async def test_client_certificate_from_another_trust_domain_under_the_same_root_
     )
     request = [(":method", "CONNECT"), (":authority", f"{NODE_B_SERVER}:{ECHO_PORT}")]
     foreign = await _client_ssl(other, SpiffeId.parse("spiffe://other.org/ns/shop/sa/client"))
+    before = await asyncio.to_thread(_identity_errors, local_mesh)
     assert await _status_or_refused(foreign, request) is None
+    assert await asyncio.to_thread(_identity_errors, local_mesh) == before + 1  # counted by the server's proxy
     # Control: the same request with this trust domain's SVID is answered.
     assert await _status_or_refused(await _client_ssl(local_mesh.ca_dir), request) == 200
     await asyncio.to_thread(_still_serving)

@@ -84,12 +84,26 @@ async def plaintext_target() -> AsyncIterator[PlaintextTarget]:
         await server.wait_closed()
 
 
-def _tls_failures(mesh: LocalMesh) -> float:
+def _metric(mesh: LocalMesh, name: str, **labels: str) -> float:
     total = 0.0
     for line in mesh.a.metrics().splitlines():
-        if line.startswith("ztunnel_tls_failures_total"):
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def _failures(mesh: LocalMesh, reason: str) -> tuple[float, float]:
+    """(ztunnel_tls_failures_total{reason}, closed connections to the target with that response flag)."""
+    return (
+        _metric(mesh, "ztunnel_tls_failures_total", reason=reason),
+        _metric(
+            mesh,
+            "istio_tcp_connections_closed_total",
+            reporter="source",
+            destination_workload="target",
+            response_flags=reason,
+        ),
+    )
 
 
 def _through_proxy() -> bytes:
@@ -105,28 +119,39 @@ async def test_the_right_identity_is_accepted(local_mesh: LocalMesh) -> None:
 
 
 @pytest.mark.parametrize(
-    ("case", "identity"),
+    ("case", "identity", "reason"),
     [
-        ("another identity, same CA", "spiffe://cluster.local/ns/shop/sa/server"),
-        ("the right identity from another CA", "spiffe://cluster.local/ns/shop/sa/target"),
-        ("another trust domain", "spiffe://other.local/ns/shop/sa/target"),
+        ("another identity, same CA", "spiffe://cluster.local/ns/shop/sa/server", "IDENTITY_ERROR"),
+        ("another trust domain, same root", "spiffe://other.local/ns/shop/sa/target", "IDENTITY_ERROR"),
+        ("the right identity from another CA", "spiffe://cluster.local/ns/shop/sa/target", "TLS_FAILURE"),
+        ("another trust domain, another CA", "spiffe://other.local/ns/shop/sa/target", "TLS_FAILURE"),
     ],
 )
 async def test_a_server_with_the_wrong_svid_is_rejected(
-    local_mesh: LocalMesh, plaintext_target: PlaintextTarget, tmp_path: Path, case: str, identity: str
+    local_mesh: LocalMesh, plaintext_target: PlaintextTarget, tmp_path: Path, case: str, identity: str, reason: str
 ) -> None:
     ca = local_mesh.ca_dir
-    if case != "another identity, same CA":
-        ca = init_ca_dir(tmp_path / "other-ca", trust_domain=SpiffeId.parse(identity).trust_domain)
-    before = await asyncio.to_thread(_tls_failures, local_mesh)
+    trust_domain = SpiffeId.parse(identity).trust_domain
+    if case.endswith("same root"):
+        ca = init_ca_dir(
+            tmp_path / "other-ca",
+            trust_domain=trust_domain,
+            root_cert_file=local_mesh.ca_dir / "root-cert.pem",
+            root_key_file=local_mesh.ca_dir / "root-key.pem",
+        )
+    elif case != "another identity, same CA":
+        ca = init_ca_dir(tmp_path / "other-ca", trust_domain=trust_domain)
+    before = await asyncio.to_thread(_failures, local_mesh, reason)
     async with FakeServer(ca, identity) as fake:
         with pytest.raises((SocksRefused, ConnectionError)):
             await asyncio.to_thread(_through_proxy)
     assert fake.tunnels == []  # nothing was tunnelled
     assert (plaintext_target.connections, plaintext_target.received) == (0, b"")  # nothing went around it
-    after = await asyncio.to_thread(_tls_failures, local_mesh)
-    assert after == before + 1
-    assert re.search(r"HBONE connection failed .*reason=(identity|tls)", local_mesh.a.log())
+    # Secure naming counts an IDENTITY_ERROR, a failed handshake a TLS_FAILURE (DESIGN §4.2), in the TLS
+    # failure counter and as the response flag of the refused connection.
+    after = await asyncio.to_thread(_failures, local_mesh, reason)
+    assert after == (before[0] + 1, before[1] + 1)
+    assert re.search(rf"HBONE connection failed .*reason={reason}", local_mesh.a.log())
 
 
 async def test_a_mesh_destination_whose_proxy_is_down_fails_closed(

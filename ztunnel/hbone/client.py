@@ -18,9 +18,11 @@ from typing import NoReturn
 
 from ztunnel.hbone.connection import HboneConnection, HboneStream
 from ztunnel.hbone.protocol import (
+    IDENTITY_ERROR,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
     MAX_STREAMS_PER_CONNECTION,
+    TLS_FAILURE,
     Authority,
     HboneError,
 )
@@ -34,12 +36,19 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 
 
+CONNECT_FAILURE = "connect"
+
+
 class TlsHandshakeError(HboneError):
     """The TLS handshake with the destination proxy failed (unknown CA, bad cert, reset...)."""
+
+    reason = TLS_FAILURE
 
 
 class SecureNamingError(HboneError):
     """The destination proxy presented an identity that is not expected for the destination."""
+
+    reason = IDENTITY_ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,19 +187,21 @@ class HbonePool:
                 factory, host, port, ssl=ctx, server_hostname="", ssl_handshake_timeout=self.connect_timeout
             )
         except ssl.SSLError as e:
-            self._fail("tls", key, TlsHandshakeError(f"TLS handshake with {host}:{port} failed: {e}"))
+            self._fail(TLS_FAILURE, key, TlsHandshakeError(f"TLS handshake with {host}:{port} failed: {e}"))
         except OSError as e:
-            self._fail("connect", key, HboneError(f"cannot connect to the HBONE endpoint {host}:{port}: {e}"))
+            self._fail(CONNECT_FAILURE, key, HboneError(f"cannot connect to the HBONE endpoint {host}:{port}: {e}"))
         except TimeoutError:
-            self._fail("connect", key, HboneError(f"timed out connecting to the HBONE endpoint {host}:{port}"))
+            self._fail(CONNECT_FAILURE, key, HboneError(f"timed out connecting to the HBONE endpoint {host}:{port}"))
         if problem:
             self._fail(
-                "identity", key, SecureNamingError(f"secure naming check failed for {host}:{port}: {problem[0]}")
+                IDENTITY_ERROR, key, SecureNamingError(f"secure naming check failed for {host}:{port}: {problem[0]}")
             )
         try:
             await conn.ready
         except HboneError as e:
-            self._fail("tls", key, TlsHandshakeError(f"the HBONE endpoint {host}:{port} closed the connection: {e}"))
+            self._fail(
+                TLS_FAILURE, key, TlsHandshakeError(f"the HBONE endpoint {host}:{port} closed the connection: {e}")
+            )
         conn.on_idle = lambda c, k=key: self._on_idle(k, c)
         self._conns.setdefault(key, []).append(conn)
         self.stats.connections_opened += 1
@@ -198,9 +209,9 @@ class HbonePool:
         return conn
 
     def _fail(self, reason: str, key: PoolKey, error: HboneError) -> NoReturn:
-        if reason == "tls":
+        if reason == TLS_FAILURE:
             self.stats.tls_failures += 1
-        elif reason == "identity":
+        elif reason == IDENTITY_ERROR:
             self.stats.identity_errors += 1
         else:
             self.stats.connect_failures += 1

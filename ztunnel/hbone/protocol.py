@@ -16,6 +16,11 @@ HBONE_PORT = 15008
 
 # Flow control: a stream may have 4 MiB in flight, a connection 16 MiB. Bigger windows buy throughput on
 # long fat links; the receive buffer of a slow reader is bounded by exactly these numbers.
+# Why an HBONE connection was refused after TLS: the `reason` label of ztunnel_tls_failures_total and the
+# response flag of the connections that needed it (DESIGN §4.2).
+TLS_FAILURE = "TLS_FAILURE"  # the handshake failed (unknown CA, bad certificate, reset)
+IDENTITY_ERROR = "IDENTITY_ERROR"  # the peer's SVID is not an expected identity (or trust domain)
+
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ztunnel.hbone.connection import HboneConnection, HboneStream
-from ztunnel.hbone.protocol import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, ConnectRequest, Rejection
+from ztunnel.hbone.protocol import IDENTITY_ERROR, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, ConnectRequest, Rejection
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import PeerIdentityError, peer_identity
@@ -50,9 +50,11 @@ class HboneServer:
         *,
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        on_rejected: Callable[[str], None] | None = None,
     ) -> None:
         self.contexts = contexts
         self.handler = handler
+        self.on_rejected = on_rejected  # called with IDENTITY_ERROR when a verified client is refused
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[HboneConnection] = set()
@@ -79,11 +81,11 @@ class HboneServer:
             try:
                 peer = peer_identity(c.transport.get_extra_info("ssl_object"))
             except PeerIdentityError as e:
-                self.rejected_handshakes += 1
+                self._rejected()
                 log.info("HBONE client rejected", extra={"reason": str(e), "listener": str(identity)})
                 return False
             if peer.trust_domain != identity.trust_domain:
-                self.rejected_handshakes += 1
+                self._rejected()
                 log.info(
                     "HBONE client rejected: trust domain differs",
                     extra={"peer_identity": peer.uri, "listener": str(identity)},
@@ -121,6 +123,11 @@ class HboneServer:
             label=f"inbound {identity}",
         )
         return conn
+
+    def _rejected(self) -> None:
+        self.rejected_handshakes += 1
+        if self.on_rejected is not None:
+            self.on_rejected(IDENTITY_ERROR)
 
     async def _serve(self, tunnel: InboundTunnel) -> None:
         try:

@@ -64,7 +64,9 @@ class NodeProxy:
         )
         self.inbound = Inbound(self.state, self.report)
         self.outbound = Outbound(self.state, self.pool, self.report)
-        self.hbone_server = HboneServer(self.contexts, self.inbound.serve_tunnel)
+        self.hbone_server = HboneServer(
+            self.contexts, self.inbound.serve_tunnel, on_rejected=self.report.handshake_rejected
+        )
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
 

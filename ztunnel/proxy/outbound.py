@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztunnel.config.model import Service, Workload
-from ztunnel.hbone.client import HbonePool, PoolKey
+from ztunnel.hbone.client import HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import STATUS_BAD_REQUEST, STATUS_UNAUTHORIZED, STATUS_UNAVAILABLE, HboneError
 from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
 from ztunnel.identity.spiffe import SpiffeId
@@ -259,6 +259,8 @@ class Outbound:
             raise failure(
                 f"timed out opening a tunnel to {route.target}", socks5.Reply.TTL_EXPIRED, FLAG_UPSTREAM_FAILURE
             ) from None
+        except (SecureNamingError, TlsHandshakeError) as e:
+            raise failure(str(e), socks5.Reply.GENERAL_FAILURE, e.reason) from None
         except HboneError as e:
             if e.status == STATUS_UNAUTHORIZED:
                 raise failure(str(e), socks5.Reply.NOT_ALLOWED, FLAG_DENY) from None

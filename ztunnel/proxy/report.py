@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from ztunnel.config.model import Service, Workload
-from ztunnel.hbone.client import PoolKey, SecureNamingError, TlsHandshakeError
+from ztunnel.hbone.client import IDENTITY_ERROR, TLS_FAILURE, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import ConnectRequest
 from ztunnel.hbone.server import InboundTunnel
 from ztunnel.policy.engine import Decision
@@ -25,6 +25,8 @@ FLAG_DENY = "DENY"  # authorization (or STRICT peer authentication) refused the 
 FLAG_NO_ROUTE = "NR"  # no route: a service without endpoints, an unknown or non-local destination
 FLAG_UPSTREAM_FAILURE = "UF"  # could not connect upstream (app, passthrough, or the HBONE peer)
 FLAG_BAD_REQUEST = "BR"  # malformed request (HBONE 400)
+FLAG_TLS_FAILURE = TLS_FAILURE  # the TLS handshake with the destination's proxy failed
+FLAG_IDENTITY_ERROR = IDENTITY_ERROR  # the destination's proxy is not who the destination should be
 
 
 def format_addr(host: str, port: int) -> str:
@@ -37,6 +39,11 @@ class ConnectionReporter:
     def __init__(self, metrics: ProxyMetrics | None, access_log: AccessLog) -> None:
         self.metrics = metrics
         self.access_log = access_log
+
+    def handshake_rejected(self, reason: str) -> None:
+        """The HBONE server refused a client after the handshake (identity or trust domain)."""
+        if self.metrics is not None:
+            self.metrics.tls_failure(reason)
 
     def refusal(self, reason: str) -> None:
         if self.metrics is not None:
@@ -137,11 +144,10 @@ class ConnectionReporter:
         )
 
     def pool_failure(self, reason: str, key: PoolKey, error: Exception) -> None:
+        """A pooled HBONE connection could not be made (counted once per handshake, not per waiter)."""
         if self.metrics is None:
             return
-        if isinstance(error, SecureNamingError):
-            self.metrics.tls_failure("identity")
-        elif isinstance(error, TlsHandshakeError):
-            self.metrics.tls_failure("handshake")
+        if isinstance(error, (SecureNamingError, TlsHandshakeError)):
+            self.metrics.tls_failure(error.reason)
         else:
             self.metrics.connection_refused("hbone_connect")

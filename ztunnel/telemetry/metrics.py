@@ -201,7 +201,7 @@ class ProxyMetrics:
         )
         self._tls_failures = Counter(
             "ztunnel_tls_failures",
-            "TLS handshake failures by reason (e.g. handshake, identity_mismatch, untrusted_peer)",
+            "HBONE TLS failures by reason: TLS_FAILURE (handshake failed), IDENTITY_ERROR (wrong identity or trust domain)",
             ("reason",),
             registry=registry,
         )
