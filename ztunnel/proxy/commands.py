@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--access-log", default="text", choices=["text", "json", "off"], help="access log format")
     p.add_argument("--drain-timeout", default="10s", help="how long open connections may finish on shutdown")
     p.add_argument("--connect-timeout", default="5s", help="timeout for upstream connects and tunnel setup")
+    p.add_argument(
+        "--byte-flush-interval",
+        default="5s",
+        help="how often open connections' bytes are added to the byte metrics (default 5s)",
+    )
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument(
         "--inpod-socket",

@@ -172,17 +172,19 @@ class Inbound:
         principal: str | None,
         source_workload: Workload | None,
     ) -> None:
+        counters = RelayCounters()
         tracked = self.state.tracker.add(
             TrackedConnection(
                 "inbound",
                 served.workload.uid,
                 abort=lambda: (downstream.abort(), app.abort()),
                 attributes=attrs,
+                counters=counters,
+                labels=labels,
             )
         )
         if self.report.metrics is not None:
             self.report.metrics.connection_opened(labels)
-        counters = RelayCounters()
         try:
             await relay(downstream, app, counters)
         finally:
@@ -204,6 +206,7 @@ class Inbound:
                 src_workload=source_workload,
                 policy=tracked.denied_by,
                 error=counters.error if not tracked.denied_by else "closed by a policy change",
+                flushed=(tracked.flushed_sent, tracked.flushed_received),
             )
 
     async def serve_plaintext(self, uid: str, client: TcpStream) -> None:

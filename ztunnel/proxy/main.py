@@ -54,6 +54,7 @@ class ProxySettings:
     connect_timeout: float = 5.0
     trust_domain: str = "cluster.local"
     inpod_socket: str | None = None  # in-pod mode: the node agent's socket (DESIGN §4.7); None = local mode
+    byte_flush_interval: float = 5.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProxySettings:
@@ -83,6 +84,7 @@ class ProxySettings:
             connect_timeout=parse_duration(args.connect_timeout).total_seconds(),
             trust_domain=args.trust_domain,
             inpod_socket=getattr(args, "inpod_socket", None),
+            byte_flush_interval=parse_duration(getattr(args, "byte_flush_interval", "5s")).total_seconds(),
         )
 
 
@@ -124,7 +126,10 @@ async def run_proxy(settings: ProxySettings) -> int:
     await certs.start()
     proxy = NodeProxy(
         ProxyOptions(
-            node=settings.node, connect_timeout=settings.connect_timeout, drain_timeout=settings.drain_timeout
+            node=settings.node,
+            connect_timeout=settings.connect_timeout,
+            drain_timeout=settings.drain_timeout,
+            byte_flush_interval=settings.byte_flush_interval,
         ),
         certs,
         metrics=metrics,

@@ -69,6 +69,7 @@ class NodeProxy:
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
+        self._byte_flusher: asyncio.Task[None] | None = None
 
     # The state others read (main, in-pod mode, readiness, tests).
     @property
@@ -181,6 +182,7 @@ class NodeProxy:
             sockets.close()
             raise
         self.workloads[workload.uid] = served
+        self._start_byte_flusher()
         for ip in workload.ips:
             self.state.served_by_ip[normalize_ip(ip)] = workload.uid
         log.info("serving workload", extra={"workload": workload.ref, "identity": workload.identity})
@@ -189,6 +191,20 @@ class NodeProxy:
             cert = self.contexts.certificate(identity)
             if cert is not None:
                 self.metrics.set_certificate_expiry(identity.uri, cert.not_after.timestamp())
+
+    def _start_byte_flusher(self) -> None:
+        """One timer for all connections (not one per connection); it lives until `close`."""
+        if self.metrics is None or self._byte_flusher is not None or self.options.byte_flush_interval <= 0:
+            return
+
+        async def flush_periodically() -> None:
+            while True:
+                await asyncio.sleep(self.options.byte_flush_interval)
+                self.report.flush_bytes(self.tracker.connections())
+
+        self._byte_flusher = asyncio.get_running_loop().create_task(flush_periodically())
+        self.tasks.add(self._byte_flusher)
+        self._byte_flusher.add_done_callback(self.tasks.discard)
 
     async def remove_workload(self, uid: str) -> None:
         """Stop serving a pod: close its listeners and abort its open connections."""

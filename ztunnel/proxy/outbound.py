@@ -179,12 +179,18 @@ class Outbound:
                 upstream.stream.abort()
                 client.abort()
                 return
+        counters = RelayCounters()
         tracked = self.state.tracker.add(
-            TrackedConnection("outbound", uid, abort=lambda: (client.abort(), upstream.stream.abort()))
+            TrackedConnection(
+                "outbound",
+                uid,
+                abort=lambda: (client.abort(), upstream.stream.abort()),
+                counters=counters,
+                labels=upstream.labels,
+            )
         )
         if self.report.metrics is not None:
             self.report.metrics.connection_opened(upstream.labels)
-        counters = RelayCounters()
         try:
             await relay(client, upstream.stream, counters)
         finally:
@@ -206,6 +212,7 @@ class Outbound:
                 src_identity=source.identity,
                 src_workload=source,
                 error=counters.error,
+                flushed=(tracked.flushed_sent, tracked.flushed_received),
             )
 
     async def _open_upstream(

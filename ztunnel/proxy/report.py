@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ztunnel.config.model import Service, Workload
@@ -14,6 +15,7 @@ from ztunnel.hbone.client import IDENTITY_ERROR, TLS_FAILURE, PoolKey, SecureNam
 from ztunnel.hbone.protocol import ConnectRequest
 from ztunnel.hbone.server import InboundTunnel
 from ztunnel.policy.engine import Decision
+from ztunnel.proxy.tracking import TrackedConnection
 from ztunnel.telemetry.accesslog import AccessLog
 from ztunnel.telemetry.metrics import ConnectionLabels, ProxyMetrics
 
@@ -118,14 +120,18 @@ class ConnectionReporter:
         src_workload: Workload | None = None,
         policy: str | None = None,
         error: str | None = None,
+        flushed: tuple[int, int] = (0, 0),
     ) -> None:
-        """One connection ended (or was refused): metrics (opened if not yet) + one access log line."""
+        """One connection ended (or was refused): metrics (opened if not yet) + one access log line.
+
+        `flushed` is the (sent, received) the periodic flush already counted; the log line has the totals.
+        """
         if self.metrics is not None:
             if count_open and not opened:
                 self.metrics.connection_opened(labels)
                 opened = True
             if opened:
-                self.metrics.connection_closed(labels, sent, received, flag)
+                self.metrics.connection_closed(labels, sent - flushed[0], received - flushed[1], flag)
         self.access_log.log_connection(
             direction=direction,
             src_addr=format_addr(*client),
@@ -142,6 +148,22 @@ class ConnectionReporter:
             policy=policy,
             error=error,
         )
+
+    def flush_bytes(self, connections: Iterable[TrackedConnection]) -> None:
+        """Add open connections' bytes since the last flush to the byte counters, one call per label set."""
+        if self.metrics is None:
+            return
+        totals: dict[ConnectionLabels, list[int]] = {}
+        for conn in connections:
+            if conn.labels is None:
+                continue
+            sent, received = conn.take_unflushed()
+            if sent or received:
+                total = totals.setdefault(conn.labels, [0, 0])
+                total[0] += sent
+                total[1] += received
+        for labels, (sent, received) in totals.items():
+            self.metrics.add_bytes(labels, sent, received)
 
     def pool_failure(self, reason: str, key: PoolKey, error: Exception) -> None:
         """A pooled HBONE connection could not be made (counted once per handshake, not per waiter)."""

@@ -22,6 +22,9 @@ class ProxyOptions:
     connect_timeout: float = 5.0
     drain_timeout: float = 10.0
     pool_idle_timeout: float = 60.0
+    # How often open connections' bytes are added to istio_tcp_*_bytes_total, so long-lived connections
+    # show traffic before they close.
+    byte_flush_interval: float = 5.0
 
 
 @dataclass(eq=False)

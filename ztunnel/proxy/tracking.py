@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ztunnel.policy.engine import ConnectionAttributes
+from ztunnel.proxy.relay import RelayCounters
+from ztunnel.telemetry.metrics import ConnectionLabels
 
 
 @dataclass(eq=False)
@@ -21,6 +23,21 @@ class TrackedConnection:
     attributes: ConnectionAttributes | None = None  # inbound: what authorization decided on
     opened_at: float = field(default_factory=time.monotonic)
     denied_by: str | None = None  # set when a policy change closed it
+    # Byte counts while it is open: the relay's live counters, the metric labels they are counted under,
+    # and how much of each direction the periodic flush already added to the byte counters.
+    counters: RelayCounters | None = None
+    labels: ConnectionLabels | None = None
+    flushed_sent: int = 0  # toward the client (b_to_a)
+    flushed_received: int = 0  # from the client (a_to_b)
+
+    def take_unflushed(self) -> tuple[int, int]:
+        """(sent, received) since the last flush, and mark them flushed."""
+        if self.counters is None:
+            return 0, 0
+        sent, received = self.counters.b_to_a, self.counters.a_to_b
+        delta = (sent - self.flushed_sent, received - self.flushed_received)
+        self.flushed_sent, self.flushed_received = sent, received
+        return delta
 
     def __repr__(self) -> str:
         return f"<TrackedConnection {self.direction} {self.workload_uid} denied_by={self.denied_by}>"
