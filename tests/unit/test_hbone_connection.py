@@ -146,6 +146,45 @@ async def test_a_slow_reader_bounds_the_buffer_with_the_stream_window() -> None:
     assert received == len(payload)
 
 
+async def _fill_unread(writer: HboneStream, size: int) -> None:
+    """Write `size` bytes that the peer never reads (the writer stops when the stream window is full)."""
+    task = asyncio.create_task(writer.write(b"z" * size))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("who_aborts", ["receiver", "sender", "both"])
+async def test_streams_reset_with_unread_data_give_the_connection_window_back(who_aborts: str) -> None:
+    """Regression (iperf3 -P 4 deadlock): bytes a stream received but nobody read still count against the
+    connection window; a stream reset with such bytes must acknowledge them, or after a few resets the
+    connection window is gone and every stream on the pooled connection waits forever."""
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    for _ in range(8):  # 8 x 4 MiB unread > the 16 MiB connection window
+        stream = await client.open_stream(Authority("10.0.0.1", 8080))
+        served = await handler.streams.get()
+        await _fill_unread(served, STREAM_WINDOW)
+        await _fill_unread(stream, STREAM_WINDOW)
+        if who_aborts in ("receiver", "both"):
+            stream.abort()
+        if who_aborts in ("sender", "both"):
+            served.abort()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if who_aborts == "sender":
+            stream.abort()  # the relay aborts its side too once the peer's reset arrived
+        for _ in range(20):
+            await asyncio.sleep(0)
+    stream = await client.open_stream(Authority("10.0.0.1", 8080))
+    served = await handler.streams.get()
+    await asyncio.wait_for(served.write(b"still flowing"), 2)
+    assert await asyncio.wait_for(stream.read(), 2) == b"still flowing"
+    await asyncio.wait_for(stream.write(b"both ways"), 2)
+    assert await asyncio.wait_for(served.read(), 2) == b"both ways"
+
+
 async def test_non_connect_and_bad_authority_are_answered_400() -> None:
     handler = Handler()
     client, _server, _, _ = connect_pair(handler)

@@ -162,10 +162,12 @@ class HboneStream:
                 self._read_waiter = None
         data, flow = self._chunks.popleft()
         if len(data) > n:
-            self._chunks.appendleft((data[n:], 0))
+            # flow >= len(data) (it counts padding too): the rest keeps what this part does not acknowledge
+            self._chunks.appendleft((data[n:], flow - n))
             data = data[:n]
-            flow = min(flow, n)
-        self._conn._acknowledge(self.stream_id, flow if flow else len(data))
+            flow = n
+        if flow:
+            self._conn._acknowledge(self.stream_id, flow)
         return data
 
     async def write(self, data: bytes | memoryview) -> None:
@@ -213,6 +215,7 @@ class HboneStream:
     def close(self) -> None:
         """Finish: half-close our side; if the peer still sends, cancel (like close() on TCP with unread data)."""
         if self.done:
+            self._discard_unread()
             return
         if not self.remote_closed:
             self.abort()
@@ -226,6 +229,7 @@ class HboneStream:
         self._conn._maybe_done(self)
 
     def abort(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        self._discard_unread()
         if self._reset_code is not None:
             return
         self._reset_code = int(code)
@@ -250,6 +254,7 @@ class HboneStream:
             self._reset_code = int(ErrorCodes.STREAM_CLOSED)
         if end:
             self.local_closed = True
+            self._discard_unread()
             if not self.remote_closed:  # we will never read the request body: release the peer
                 try:
                     self._conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
@@ -258,6 +263,20 @@ class HboneStream:
                 self._reset_code = int(ErrorCodes.NO_ERROR)
         self._conn._flush()
         self._conn._maybe_done(self)
+
+    def _discard_unread(self) -> None:
+        """Give back the connection window held by bytes nobody will read.
+
+        Received DATA counts against the connection window until acknowledged; a stream that ends with
+        unread bytes would otherwise shrink that window for good, and after a few such resets every
+        stream on the pooled connection waits forever for window (the iperf3 -P 4 deadlock).
+        """
+        if not self._chunks:
+            return
+        flow = sum(f for _, f in self._chunks)
+        self._chunks.clear()
+        if flow:
+            self._conn._acknowledge(self.stream_id, flow)
 
     # ---- events from the connection ------------------------------------------------------------
     def _wake(self) -> None:
@@ -278,6 +297,7 @@ class HboneStream:
         self._wake()
 
     def _on_reset(self, code: int) -> None:
+        self._discard_unread()  # like a TCP RST: what was not read yet is dropped (and its window returned)
         if self._reset_code is None:
             self._reset_code = code
         self._eof = True
