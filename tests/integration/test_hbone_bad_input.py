@@ -118,7 +118,12 @@ async def test_connect_to_an_address_that_is_not_a_local_pod_gets_400(local_mesh
     pool = HbonePool(TlsContexts(SigningProvider.from_dir(local_mesh.ca_dir)))
     key = PoolKey(CLIENT_ID, SERVER_ID, HBONE)
     try:
-        for target in (Authority(NODE_A_CLIENT, 80), Authority("127.0.0.1", 22), Authority(NODE_B_SERVER, 15008)):
+        for target in (
+            Authority(NODE_A_CLIENT, 80),
+            Authority("127.0.0.1", 22),
+            Authority(NODE_B_SERVER, 15008),
+            Authority(NODE_B_SERVER, 15020),  # every proxy port, not only the data plane's
+        ):
             with pytest.raises(HboneError) as e:
                 await pool.connect(key, target, expected_identities=[SERVER_ID.uri])
             assert e.value.status == 400, target
