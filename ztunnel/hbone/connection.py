@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import FRAMES, Frame, GoAwayFrame
@@ -81,6 +83,9 @@ class _H2(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
+        # HBONE header values are short and mostly indexed; Huffman coding them costs more CPU (on both
+        # sides) than the few bytes it saves.
+        self.encoder.encode = functools.partial(hpack.Encoder.encode, self.encoder, huffman=False)  # type: ignore[method-assign]
         self.incoming_buffer = _QuietFrameBuffer(server=not config.client_side)
         self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
         for cls, quiet in _QUIET.items():
@@ -155,7 +160,7 @@ class HboneStream:
                 raise StreamClosed(f"HBONE stream reset by peer (error {self._reset_code})")
             if self._eof:
                 return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
+            self._read_waiter = self._conn.loop.create_future()
             try:
                 await self._read_waiter
             finally:
@@ -185,7 +190,7 @@ class HboneStream:
             except h2.exceptions.StreamClosedError:
                 raise StreamClosed("HBONE stream is closed") from None
             if window <= 0:
-                self._window_waiter = asyncio.get_running_loop().create_future()
+                self._window_waiter = conn.loop.create_future()
                 try:
                     await self._window_waiter
                 finally:
@@ -328,11 +333,19 @@ class HboneConnection(asyncio.Protocol):
         self.keepalive_timeout = keepalive_timeout
         self.label = label
         # Headers stay bytes: a value that is not UTF-8 must fail its stream (400), not the connection.
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        # Outbound headers are built here (connect_headers, respond), so h2's per-header validation and
+        # normalisation of them is skipped; received headers are still validated.
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = _H2(config=config)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, HboneStream] = {}
-        loop = asyncio.get_running_loop()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call (3.11).
+        self.loop = loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.draining = False
@@ -467,7 +480,7 @@ class HboneConnection(asyncio.Protocol):
             if reserved:
                 self.reserved -= 1
         stream = HboneStream(self, stream_id)
-        stream._response = asyncio.get_running_loop().create_future()
+        stream._response = self.loop.create_future()
         self.streams[stream_id] = stream
         self.streams_total += 1
         self._flush()
@@ -517,7 +530,7 @@ class HboneConnection(asyncio.Protocol):
         if self.closed.done():
             raise StreamClosed("HBONE connection closed")
         if self._writable is None:
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self.loop.create_future()
         waiter = self._writable
         closed = self.closed
         await asyncio.wait([waiter, closed], return_when=asyncio.FIRST_COMPLETED)

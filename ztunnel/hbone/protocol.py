@@ -6,9 +6,12 @@ are tested without sockets (DESIGN §4.2).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from hpack import NeverIndexedHeaderTuple
 
 from ztunnel.errors import ZtunnelError
 
@@ -64,8 +67,16 @@ class Authority:
 
 def format_authority(ip: str, port: int) -> str:
     """`ip:port`, with brackets for IPv6 (`[::1]:8080`)."""
+    canonical, version = _canonical_ip(ip)
+    return f"[{canonical}]:{port}" if version == 6 else f"{canonical}:{port}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_ip(ip: str) -> tuple[str, int]:
+    """The canonical text and version of an IP literal; cached, as the same few addresses recur on every
+    connection (parsing one with ipaddress costs more than the rest of the CONNECT headers)."""
     addr = ipaddress.ip_address(ip)
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+    return str(addr), addr.version
 
 
 def parse_authority(text: str) -> Authority:
@@ -82,14 +93,14 @@ def parse_authority(text: str) -> Authority:
             raise AuthorityError(f"malformed authority {text!r}: expected ip:port")
         want_version = 4
     try:
-        addr = ipaddress.ip_address(host)
+        canonical, version = _canonical_ip(host)
     except ValueError:
         raise AuthorityError(f"malformed authority {text!r}: {host!r} is not an IP address") from None
-    if addr.version != want_version:
+    if version != want_version:
         raise AuthorityError(f"malformed authority {text!r}: IPv6 addresses need brackets")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise AuthorityError(f"malformed authority {text!r}: port must be 1-65535")
-    return Authority(str(addr), int(port_text))
+    return Authority(canonical, int(port_text))
 
 
 def connect_headers(
@@ -98,7 +109,9 @@ def connect_headers(
     """The request headers of one tunnel."""
     headers = [(":method", "CONNECT"), (":authority", str(target))]
     if forwarded_for is not None:
-        headers.append(("forwarded", f'for="{format_authority(*forwarded_for)}"'))
+        # Never indexed: a client port is different on every tunnel, so indexing it only churns the HPACK
+        # table (and makes every later lookup in it slower).
+        headers.append(NeverIndexedHeaderTuple("forwarded", f'for="{format_authority(*forwarded_for)}"'))
     headers.extend(extra)
     return headers
 

@@ -49,7 +49,9 @@ class TcpStreamProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call (3.11).
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
 
     # ---- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,7 +140,7 @@ class TcpStream:
                 if p._error is not None:  # a reset is not an EOF: the relay must pass it on as a reset
                     raise StreamClosed(f"connection lost: {p._error}")
                 return b""
-            p._read_waiter = asyncio.get_running_loop().create_future()
+            p._read_waiter = p.loop.create_future()
             try:
                 await p._read_waiter
             finally:
@@ -159,7 +161,7 @@ class TcpStream:
         self.transport.write(data)
         p = self.protocol
         if p._paused_writing:
-            p._drain_waiter = asyncio.get_running_loop().create_future()
+            p._drain_waiter = p.loop.create_future()
             try:
                 await p._drain_waiter
             finally:
