@@ -271,7 +271,7 @@ class CertificateManager:
         **options: Any,
     ) -> CertificateManager:
         """A CA server at `address` (HOST:PORT), verified with `root_pem`, authenticated with the node `token`."""
-        from ztunnel.identity.client import CAClient
+        from ztunnel.identity.h2client import CAClient  # no grpcio in the proxy: ~15 MB less RSS
 
         roots = root_pem.encode() if isinstance(root_pem, str) else root_pem
         client = CAClient(address, roots, token, server_name=server_name)
