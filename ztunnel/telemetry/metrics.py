@@ -201,7 +201,7 @@ class ProxyMetrics:
         )
         self._tls_failures = Counter(
             "ztunnel_tls_failures",
-            "HBONE TLS failures by reason: TLS_FAILURE (handshake failed), IDENTITY_ERROR (wrong identity or trust domain)",
+            "HBONE TLS failures by reason: TLS_FAILURE (handshake), IDENTITY_ERROR (wrong identity or trust domain)",
             ("reason",),
             registry=registry,
         )
