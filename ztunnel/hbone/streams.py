@@ -56,6 +56,8 @@ class TcpStreamProtocol(asyncio.Protocol):
     # ---- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        if type(transport).__module__.startswith("uvloop"):
+            return  # uvloop sets TCP_NODELAY on every TCP transport; asking for the socket costs a getsockname()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
