@@ -47,29 +47,54 @@ async def _pump(src: ByteStream, dst: ByteStream, counters: RelayCounters, forwa
 
 
 async def relay(a: ByteStream, b: ByteStream, counters: RelayCounters | None = None) -> RelayCounters:
-    """Relay until both directions reach EOF or one fails; closes (or, on error, aborts) both streams."""
+    """Relay until both directions reach EOF or one fails; closes (or, on error, aborts) both streams.
+
+    One extra task per connection: b -> a runs in the caller's task. A failure of a -> b aborts both
+    streams at once (from its done-callback), which ends a b -> a blocked in read or write.
+    """
     counters = counters if counters is not None else RelayCounters()
-    loop = asyncio.get_running_loop()
-    forward = loop.create_task(_pump(a, b, counters, True))
-    backward = loop.create_task(_pump(b, a, counters, False))
-    try:
-        done, pending = await asyncio.wait([forward, backward], return_when=asyncio.FIRST_EXCEPTION)
-        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
-        if failed:
-            counters.error = str(failed[0].exception()) or type(failed[0].exception()).__name__
-            for t in pending:
-                t.cancel()
+    aborted = False
+
+    def abort_both() -> None:
+        nonlocal aborted
+        if not aborted:
+            aborted = True
             a.abort()
             b.abort()
-            await asyncio.gather(*pending, return_exceptions=True)
-        else:
-            a.close()
-            b.close()
+
+    def on_forward_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            if counters.error is None:
+                exc = task.exception()
+                counters.error = str(exc) or type(exc).__name__
+            abort_both()
+
+    forward = asyncio.get_running_loop().create_task(_pump(a, b, counters, True))
+    forward.add_done_callback(on_forward_done)
+    try:
+        await _pump(b, a, counters, False)
     except asyncio.CancelledError:
         forward.cancel()
-        backward.cancel()
-        a.abort()
-        b.abort()
-        await asyncio.gather(forward, backward, return_exceptions=True)
+        abort_both()
+        await asyncio.gather(forward, return_exceptions=True)
         raise
+    except Exception as e:
+        if counters.error is None:
+            counters.error = str(e) or type(e).__name__
+        forward.cancel()
+        abort_both()
+        await asyncio.gather(forward, return_exceptions=True)
+        return counters
+    try:
+        await forward
+    except asyncio.CancelledError:
+        forward.cancel()
+        abort_both()
+        await asyncio.gather(forward, return_exceptions=True)
+        raise
+    except Exception:
+        return counters  # on_forward_done recorded the error and aborted both
+    if not aborted:
+        a.close()
+        b.close()
     return counters
