@@ -481,7 +481,8 @@ def proxy_cli_help(cmd: list[str]) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
-def setup_ztunnel(group: ProcessGroup) -> PathSetup:
+def setup_ztunnel(group: ProcessGroup, workers: int = 1) -> PathSetup:
+    """The proxy pair in local mode; `workers` > 1 runs both proxies with `--workers N` (the scaling figure)."""
     cmd = ztunnel_command()
     if cmd is None:
         return PathSetup("ztunnel", available=False, note="the ztunnel console script is not in the venv")
@@ -489,6 +490,8 @@ def setup_ztunnel(group: ProcessGroup) -> PathSetup:
     if help_text is None:
         return PathSetup("ztunnel", available=False, note="`ztunnel proxy` is not available yet (the CLI lacks it)")
     missing = [f for f in ("--node", "--ca-dir", "--metrics-addr", "--readiness-addr") if f not in help_text]
+    if workers > 1 and "--workers" not in help_text:
+        missing.append("--workers")
     if missing:
         return PathSetup("ztunnel", available=False, note=f"`ztunnel proxy` lacks {', '.join(missing)}")
     cluster = group.workdir / "cluster.yaml"
@@ -511,7 +514,9 @@ def setup_ztunnel(group: ProcessGroup) -> PathSetup:
             argv += ["--admin-addr", f"{addr}:15000"]
         if "--access-log" in help_text:
             argv += ["--access-log", "off"]
-        path.proxies[node] = group.start(f"ztunnel-{node}", argv)
+        if workers > 1:
+            argv += ["--workers", str(workers)]
+        path.proxies[node] = group.start(f"ztunnel-{node}" + (f"-w{workers}" if workers > 1 else ""), argv)
     for node, addr in (("a", NODE_A), ("b", NODE_B)):
         try:
             wait_until(
@@ -527,12 +532,78 @@ def setup_ztunnel(group: ProcessGroup) -> PathSetup:
     fwd = group.start(
         "forwarder", [PY, LOADGEN, "forward", f"{FORWARDER}:{IPERF_PORT}", f"{socks}{SERVER_POD}:{IPERF_PORT}"]
     )
+    path.helpers.append(fwd)  # stopped with the path, so a rebuilt path can bind the same address
     wait_until(lambda: port_open(FORWARDER, IPERF_PORT), 10, "the SOCKS forwarder", fwd)
     path.iperf_host, path.iperf_port = FORWARDER, IPERF_PORT
     path.note = "entry via SOCKS5 (local mode); iperf3 reaches it through a splice(2) forwarder"
     if not probe_echo(path.echo_target):
         return PathSetup("ztunnel", available=False, note="a test connection through the proxy pair failed")
     return path
+
+
+SCALING_WORKERS = (1, 2)
+SCALING_STREAMS = 4
+
+
+def worker_scaling(group: ProcessGroup, s: Settings) -> dict[str, Any]:
+    """Throughput scaling, 1 vs 2 workers: `iperf3 -P 4` through the pair, both proxies at `--workers N`.
+
+    Local topology only: the lab's proxies run in-pod mode, which `--workers` > 1 refuses. Each worker count
+    gets a fresh pair (the main ztunnel path must be stopped first: same addresses); reps alternate so a drift
+    of the machine hits both."""
+    samples: dict[str, list[float | None]] = {str(n): [] for n in SCALING_WORKERS}
+    notes: list[str] = []
+    for rep in range(1, s.reps + 1):
+        for n in SCALING_WORKERS:
+            log(f"worker scaling rep {rep}/{s.reps}: --workers {n}")
+            path = setup_ztunnel(group, workers=n)
+            try:
+                if not path.available:
+                    notes.append(f"--workers {n}: {path.note}"[:400])
+                    continue
+                try:
+                    samples[str(n)].append(iperf3(group, path, SCALING_STREAMS, s.throughput_secs))
+                except Exception as e:
+                    notes.append(f"rep {rep} --workers {n}: {e}"[:400])
+            finally:
+                path.stop()
+    summary = {n: report.summarize(v) for n, v in samples.items()}
+    base, top = (summary[str(n)] for n in (SCALING_WORKERS[0], SCALING_WORKERS[-1]))
+    return {
+        "figure": "Throughput scaling, 1 vs 2 workers",
+        "streams": SCALING_STREAMS,
+        "samples_gbps": samples,
+        "summary_gbps": summary,
+        "speedup": report.ratio(top["median"] if top else None, base["median"] if base else None),
+        "notes": notes,
+    }
+
+
+def render_worker_scaling(result: dict[str, Any]) -> str:
+    scaling = result.get("worker_scaling")
+    if not scaling:
+        return ""
+    lines = [
+        "",
+        f"### {scaling.get('figure', 'Throughput scaling, 1 vs 2 workers')}",
+        "",
+    ]
+    if scaling.get("unavailable"):
+        return "\n".join([*lines, f"not measured: {scaling['unavailable']}", ""])
+    lines += [
+        f"`iperf3 -P {scaling['streams']}` through the ztunnel pair (local topology, SOCKS5 entry), both proxies "
+        "at `--workers N`; median (min–max) Gbit/s",
+        "",
+        "| workers | throughput |",
+        "| --- | --- |",
+    ]
+    for n, summ in scaling["summary_gbps"].items():
+        cell = f"{summ['median']:.2f} ({summ['min']:.2f}–{summ['max']:.2f})" if summ else "n/a"
+        lines.append(f"| {n} | {cell} |")
+    speedup = scaling.get("speedup")
+    lines += ["", f"speedup 2 vs 1 workers: {speedup:.2f}×" if speedup is not None else "speedup: n/a"]
+    lines += [f"- {note}" for note in scaling.get("notes", [])]
+    return "\n".join([*lines, ""])
 
 
 def probe_path(path: PathSetup, timeout: float = 3.0) -> bool:
@@ -1069,6 +1140,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
     errors: list[str] = []
     idle_rss: dict[str, dict[str, float]] = {}
     policy = None
+    scaling: dict[str, Any] | None = None
     try:
         # haproxy needs two descriptors per proxied connection and refuses to start past the limit
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -1141,6 +1213,15 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
             for name, pid in path.proxy_pids().items():
                 if not Path(f"/proc/{pid}").exists():
                     errors.append(f"{path.name} proxy {name} (pid {pid}) died during the run")
+        if args.worker_scaling:
+            if isinstance(topology, LocalTopology):
+                for path in live:
+                    if path.name == "ztunnel":
+                        path.stop()  # the scaling pairs use the same addresses
+                scaling = worker_scaling(group, s)
+            else:
+                why = "needs --topology local (the lab's proxies run in-pod mode, where --workers > 1 is refused)"
+                scaling = {"unavailable": why}
         if not args.skip_policy:
             log("policy benchmark (bench/policy_bench.py)")
             policy = run_policy_bench(s.quick)
@@ -1185,6 +1266,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
         "targets": (report.evaluate_targets(summary) if "ztunnel" in available else []) + report.policy_targets(policy),
         "holds": holds,
         "policy": policy,
+        "worker_scaling": scaling,
     }
 
 
@@ -1205,7 +1287,7 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     json_path = out_dir / f"{stamp}{suffix}.json"
     md_path = out_dir / f"{stamp}{suffix}.md"
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    table = report.render_markdown(result)
+    table = report.render_markdown(result) + render_worker_scaling(result)
     md_path.write_text(table)
     (out_dir / ("latest-quick.md" if suffix else "latest.md")).write_text(table)
     return json_path, md_path
@@ -1349,6 +1431,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-netns", action="store_true", help="local topology on the host's loopback even as root")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
     parser.add_argument("--skip-policy", action="store_true", help="do not run bench/policy_bench.py")
+    parser.add_argument(
+        "--worker-scaling",
+        action="store_true",
+        help="also measure `Throughput scaling, 1 vs 2 workers` (iperf3 -P 4, proxies at --workers 1 and 2; "
+        "local topology only)",
+    )
     parser.add_argument("--in-netns", default="", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1395,7 +1483,7 @@ def main(argv: list[str] | None = None) -> int:
     if fallback:
         result["meta"]["errors"].insert(0, fallback)
     json_path, md_path = write_results(result, Path(args.out))
-    print(report.render_markdown(result))
+    print(report.render_markdown(result) + render_worker_scaling(result))
     for e in result["meta"]["errors"]:
         print(f"warning: {e}", file=sys.stderr)
     log(f"wrote {json_path} and {md_path} in {result['meta']['wall_seconds']} s")

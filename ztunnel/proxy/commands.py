@@ -52,6 +52,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="in-pod mode: the node agent's proxy socket (`ztunnel node-agent --proxy-socket`); pods' listeners "
         "are then created inside their netns instead of on loopback",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the pod listeners (SO_REUSEPORT), one core each, behind one set of "
+        "metrics/admin/readiness ports; local mode only (default 1: a single process)",
+    )
+    # Set by the supervisor of `--workers N` on its children (ztunnel.proxy.workers); not for users.
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
 
 
@@ -61,4 +71,11 @@ def _run(args: argparse.Namespace) -> int:
     from ztunnel.proxy.main import ProxySettings, run_proxy
 
     settings = ProxySettings.from_args(args)
+    if settings.workers > 1 and settings.worker_fd is None:
+        import sys
+
+        from ztunnel.proxy.workers import run_supervisor
+
+        # The workers re-run this command line (plus --worker-index/--worker-fd), so they parse what the user gave.
+        return uvloop.run(run_supervisor(settings, sys.argv[1:]))
     return uvloop.run(run_proxy(settings))

@@ -137,8 +137,12 @@ class LocalListenerFactory:
         socks5_port: int = SOCKS5_PORT,
         connector_factory: Callable[[Workload], Connector] | None = None,
         config_files: Sequence[str] = (),
+        reuse_port: bool = False,
     ) -> None:
         self.hbone_port = hbone_port
+        # Worker processes (`ztunnel proxy --workers N`) each bind the same pod addresses; the kernel spreads
+        # new connections over them.
+        self.reuse_port = reuse_port
         self.plaintext_port = plaintext_port
         self.socks5_port = socks5_port
         self.connector_factory = connector_factory
@@ -166,9 +170,10 @@ class LocalListenerFactory:
             out.connector = self.connector_factory(workload)
         try:
             for ip in workload.ips:
-                out.hbone.append(listening_socket(ip, self.hbone_port))
-                out.plaintext.append(listening_socket(ip, self.plaintext_port))
-                out.socks5.append(listening_socket(ip, self.socks5_port))
+                reuse = self.reuse_port
+                out.hbone.append(listening_socket(ip, self.hbone_port, reuse_port=reuse))
+                out.plaintext.append(listening_socket(ip, self.plaintext_port, reuse_port=reuse))
+                out.socks5.append(listening_socket(ip, self.socks5_port, reuse_port=reuse))
         except BaseException:
             out.close()
             raise

@@ -55,6 +55,11 @@ class ProxySettings:
     trust_domain: str = "cluster.local"
     inpod_socket: str | None = None  # in-pod mode: the node agent's socket (DESIGN §4.7); None = local mode
     byte_flush_interval: float = 5.0
+    workers: int = 1  # processes sharing the pod listeners (SO_REUSEPORT); local mode only
+    # Set in the worker processes of `--workers N` (ztunnel.proxy.workers): their index and their end of the
+    # socketpair to the supervisor. Workers serve their operator ports on 127.0.0.1 port 0 and report them.
+    worker_index: int | None = None
+    worker_fd: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProxySettings:
@@ -85,7 +90,24 @@ class ProxySettings:
             trust_domain=args.trust_domain,
             inpod_socket=getattr(args, "inpod_socket", None),
             byte_flush_interval=parse_duration(getattr(args, "byte_flush_interval", "5s")).total_seconds(),
+            workers=_workers(getattr(args, "workers", 1), getattr(args, "inpod_socket", None)),
+            worker_index=getattr(args, "worker_index", None),
+            worker_fd=getattr(args, "worker_fd", None),
         )
+
+
+def _workers(value: int, inpod_socket: str | None) -> int:
+    if value < 1:
+        raise ProxySettingsError(f"--workers: {value} is not a positive number of processes")
+    if value > 1 and inpod_socket:
+        # In-pod mode would need the node agent to hand every worker each pod's netns (or the listeners made
+        # once and passed to all workers over SCM_RIGHTS), and the acks to wait for all of them.
+        raise ProxySettingsError(
+            f"--workers {value} with --inpod-socket: several workers are supported in local mode only. In-pod mode "
+            "would need the node agent to hand each pod's netns to every worker (or one worker to make the pod "
+            "listeners and pass their descriptors to the others); run one worker per node proxy instead"
+        )
+    return value
 
 
 def _certificate_manager(settings: ProxySettings, source: FileConfigSource):  # type: ignore[no-untyped-def]
@@ -137,7 +159,9 @@ async def run_proxy(settings: ProxySettings) -> int:
     )
     # In-pod mode: the node agent hands over pods' netns (ztunnel.proxy.inpod); local mode: loopback IPs.
     local = (
-        LocalWorkloads(proxy, LocalListenerFactory(config_files=settings.files)) if not settings.inpod_socket else None
+        LocalWorkloads(proxy, LocalListenerFactory(config_files=settings.files, reuse_port=settings.workers > 1))
+        if not settings.inpod_socket
+        else None
     )
     stop = asyncio.Event()
 
@@ -158,10 +182,17 @@ async def run_proxy(settings: ProxySettings) -> int:
 
     certs.subscribe(on_rotation)
     source.subscribe(on_config)
+    channel = None
+    metrics_addr, admin_addr, readiness_addr = settings.metrics_addr, settings.admin_addr, settings.readiness_addr
+    if settings.worker_fd is not None:  # a worker of `--workers N`: the supervisor answers the configured ports
+        from ztunnel.proxy.workers import WORKER_HOST, SupervisorChannel
+
+        channel = SupervisorChannel(settings.worker_fd)
+        metrics_addr = admin_addr = readiness_addr = (WORKER_HOST, 0)
     servers = [
-        MetricsServer(*settings.metrics_addr, registry),
-        AdminServer(*settings.admin_addr, config_dump=proxy.config_dump, on_quit=stop.set),
-        ReadinessServer(*settings.readiness_addr, readiness(proxy, local)),
+        MetricsServer(*metrics_addr, registry),
+        AdminServer(*admin_addr, config_dump=proxy.config_dump, on_quit=stop.set),
+        ReadinessServer(*readiness_addr, readiness(proxy, local)),
     ]
     started: list[object] = []
     tasks: list[asyncio.Task[None]] = []
@@ -182,14 +213,22 @@ async def run_proxy(settings: ProxySettings) -> int:
 
             inpod = InpodClient(settings.inpod_socket, proxy, resolve=lambda uid: proxy.config.workload_by_uid(uid))
             tasks.append(loop.create_task(inpod.run()))
+        if channel is not None:
+            await channel.report({s.name: s.port for s in servers})
+
+            async def supervisor_gone() -> None:
+                await channel.wait_closed()
+                log.warning("the supervisor is gone; stopping this worker")
+                stop.set()
+
+            tasks.append(loop.create_task(supervisor_gone()))
         log.info(
             "proxy running",
             extra={
                 "node": settings.node,
                 "workloads": len(proxy.workloads),
-                "metrics": servers[0].address,
-                "admin": servers[1].address,
-                "readiness": servers[2].address,
+                **({"worker": settings.worker_index} if settings.worker_index is not None else {}),
+                **{s.name: s.address for s in servers},  # type: ignore[attr-defined]
             },
         )
         await stop.wait()
@@ -205,6 +244,8 @@ async def run_proxy(settings: ProxySettings) -> int:
         for server in reversed(started):
             await server.close()  # type: ignore[attr-defined]
         await certs.close()
+        if channel is not None:
+            channel.close()
     return 0
 
 
