@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,22 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+def _free_port_base() -> int:
+    """A base below the ephemeral range whose six ports (base+0/20/21, base+100/120/121) are free now."""
+    for _ in range(50):
+        base = random.randrange(20000, 30000, 200)
+        try:
+            for offset in (0, 20, 21, 100, 120, 121):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free port base for the demo")
+
+
 def test_demo_shows_allowed_denied_and_service_traffic(tmp_path: Path) -> None:
-    port_base = random.randrange(30000, 40000, 1000)
+    port_base = _free_port_base()
     ztunnel = Path(sys.executable).with_name("ztunnel")
     result = subprocess.run(
         [str(ztunnel), "demo", "--once", "--workdir", str(tmp_path), "--port-base", str(port_base)],
