@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -175,6 +175,17 @@ class InpodClient:
     pods: dict[str, _Pod] = field(default_factory=dict)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     connected: bool = False
+    failed: dict[str, str] = field(default_factory=dict)  # uid -> why the last add was nacked
+
+    def not_ready(self, served: Collection[str]) -> str:
+        """Why readiness must wait for in-pod mode ("" when it need not): the agent's snapshot, and every
+        pod it added served (listeners up, certificate fetched: `served` holds the proxy's served uids)."""
+        if not self.synced.is_set():
+            return "waiting for the node agent's snapshot"
+        if self.failed:
+            return "; ".join(f"pod {uid} not served: {error}" for uid, error in sorted(self.failed.items()))
+        missing = sorted(p.workload.ref for uid, p in self.pods.items() if uid not in served)
+        return f"no listeners/certificates yet for {', '.join(missing)}" if missing else ""
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff; until cancelled. Pods are kept across reconnects."""
@@ -233,12 +244,15 @@ class InpodClient:
             return protocol.Ack(id=msg.id, ok=msg.uid in self.pods, error="" if msg.uid in self.pods else "unknown")
         if isinstance(msg, protocol.DelWorkload):
             seen.discard(msg.uid)
+            self.failed.pop(msg.uid, None)
             await self._remove(msg.uid)
             return protocol.Ack(id=msg.id)
         if isinstance(msg, protocol.SnapshotSent):
             for uid in [u for u in self.pods if u not in seen]:
                 log.info("pod not in the agent's snapshot; dropping it", extra={"uid": uid})
                 await self._remove(uid)
+            for uid in [u for u in self.failed if u not in seen]:
+                del self.failed[uid]
             self.synced.set()
             return protocol.Ack(id=msg.id)
         log.warning("unexpected message from the node agent: %r", msg)
@@ -257,6 +271,7 @@ class InpodClient:
         except OSError as e:
             os.close(msg.netns_fd)
             log.error("cannot listen in pod netns", extra={"uid": msg.uid, "error": str(e)})
+            self.failed[msg.uid] = f"cannot listen in the pod netns: {e}"
             return protocol.Ack(id=msg.id, ok=False, error=f"cannot listen in the pod netns: {e}")
         try:
             await self.target.add_workload(workload, sockets)
@@ -264,8 +279,10 @@ class InpodClient:
             sockets.close()
             os.close(msg.netns_fd)
             log.error("proxy refused in-pod workload", extra={"uid": msg.uid, "error": str(e)})
+            self.failed[msg.uid] = str(e) or type(e).__name__
             return protocol.Ack(id=msg.id, ok=False, error=str(e) or type(e).__name__)
         self.pods[msg.uid] = _Pod(workload, msg.netns_fd)
+        self.failed.pop(msg.uid, None)
         log.info("serving pod in its netns", extra={"uid": msg.uid, "pod": workload.ref, "ips": list(workload.ips)})
         return protocol.Ack(id=msg.id)
 

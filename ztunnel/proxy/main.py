@@ -189,10 +189,15 @@ async def run_proxy(settings: ProxySettings) -> int:
 
         channel = SupervisorChannel(settings.worker_fd)
         metrics_addr = admin_addr = readiness_addr = (WORKER_HOST, 0)
+    inpod = None
+    if settings.inpod_socket:
+        from ztunnel.proxy.inpod import InpodClient
+
+        inpod = InpodClient(settings.inpod_socket, proxy, resolve=lambda uid: proxy.config.workload_by_uid(uid))
     servers = [
         MetricsServer(*metrics_addr, registry),
         AdminServer(*admin_addr, config_dump=proxy.config_dump, on_quit=stop.set),
-        ReadinessServer(*readiness_addr, readiness(proxy, local)),
+        ReadinessServer(*readiness_addr, readiness(proxy, local, inpod)),
     ]
     started: list[object] = []
     tasks: list[asyncio.Task[None]] = []
@@ -208,10 +213,7 @@ async def run_proxy(settings: ProxySettings) -> int:
             loop.add_signal_handler(sig, stop.set)
         tasks.append(loop.create_task(source.watch()))
         tasks.append(loop.create_task(_housekeeping(proxy, local, metrics)))
-        if settings.inpod_socket:
-            from ztunnel.proxy.inpod import InpodClient
-
-            inpod = InpodClient(settings.inpod_socket, proxy, resolve=lambda uid: proxy.config.workload_by_uid(uid))
+        if inpod is not None:
             tasks.append(loop.create_task(inpod.run()))
         if channel is not None:
             await channel.report({s.name: s.port for s in servers})

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Protocol
 
 from ztunnel.config.model import ClusterConfig, Workload, normalize_ip
 from ztunnel.errors import ZtunnelError
@@ -376,7 +376,15 @@ class LocalWorkloads:
         return out
 
 
-def readiness(proxy: NodeProxy, local: LocalWorkloads | None) -> Callable[[], tuple[bool, str]]:
+class InpodReadiness(Protocol):
+    """What in-pod mode tells readiness (ztunnel.proxy.inpod.InpodClient)."""
+
+    def not_ready(self, served: Collection[str]) -> str: ...
+
+
+def readiness(
+    proxy: NodeProxy, local: LocalWorkloads | None, inpod: InpodReadiness | None = None
+) -> Callable[[], tuple[bool, str]]:
     def check() -> tuple[bool, str]:
         if not proxy.config_loaded:
             return False, "config not loaded"
@@ -389,6 +397,10 @@ def readiness(proxy: NodeProxy, local: LocalWorkloads | None) -> Callable[[], tu
             pending = local.pending(proxy.config)
             if pending:
                 return False, f"no listeners/certificates yet for {', '.join(sorted(pending))}"
+        if inpod is not None:
+            why = inpod.not_ready(proxy.workloads.keys())
+            if why:
+                return False, why
         ready_for = getattr(proxy.certs, "ready_for", None)
         if callable(ready_for):
             ids = {SpiffeId.parse(s.workload.identity) for s in proxy.workloads.values()}
