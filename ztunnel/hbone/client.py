@@ -25,6 +25,7 @@ from ztunnel.hbone.protocol import (
     TLS_FAILURE,
     Authority,
     HboneError,
+    trace_headers,
 )
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
@@ -115,15 +116,25 @@ class HbonePool:
         *,
         expected_identities: Iterable[str],
         forwarded_for: tuple[str, int] | None = None,
+        traceparent: str | None = None,
+        baggage: str | None = None,
     ) -> HboneStream:
-        """Open one tunnel to `target` through a pooled connection; raise HboneError on any failure."""
+        """Open one tunnel to `target` through a pooled connection; raise HboneError on any failure.
+
+        `traceparent`/`baggage` are sent as request headers when given (DESIGN §4.2).
+        """
         if self._draining:
             raise HboneError("the proxy is draining")
         expected = frozenset(expected_identities)
         async with asyncio.timeout(self.connect_timeout):
             conn = await self._checkout(key, expected)
             try:
-                return await conn.open_stream(target, forwarded_for=forwarded_for, reserved=True)
+                return await conn.open_stream(
+                    target,
+                    forwarded_for=forwarded_for,
+                    extra=trace_headers(traceparent, baggage),
+                    reserved=True,
+                )
             except BaseException:
                 if conn.is_idle and conn.on_idle is not None:
                     conn.on_idle(conn)

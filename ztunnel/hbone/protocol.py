@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -123,6 +124,29 @@ class ConnectRequest:
     target: Authority
     forwarded_for: tuple[str, int] | None
     headers: Mapping[str, str]
+
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C `traceparent` the caller sent, if well formed (it goes into log lines, so nothing else)."""
+        value = self.headers.get("traceparent", "").strip().lower()
+        return value if TRACEPARENT.fullmatch(value) else None
+
+    @property
+    def baggage(self) -> str | None:
+        return self.headers.get("baggage")
+
+
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_headers(traceparent: str | None = None, baggage: str | None = None) -> list[tuple[str, str]]:
+    """The optional tracing headers of a CONNECT (DESIGN §4.2), for callers that know them (waypoints)."""
+    out: list[tuple[str, str]] = []
+    if traceparent:
+        out.append(("traceparent", traceparent))
+    if baggage:
+        out.append(("baggage", baggage))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,16 @@ class Inbound:
         decision = self.state.policy.check_l4(attrs)
         if not decision.allowed:
             stream.respond(STATUS_UNAUTHORIZED)
-            self.report.denied(labels, "inbound", (source_ip, source_port), target, decision, started, source_workload)
+            self.report.denied(
+                labels,
+                "inbound",
+                (source_ip, source_port),
+                target,
+                decision,
+                started,
+                source_workload,
+                traceparent=request.traceparent,
+            )
             return
         try:
             async with asyncio.timeout(self.state.options.connect_timeout):
@@ -122,11 +131,21 @@ class Inbound:
                 src_identity=peer_identity,
                 src_workload=source_workload,
                 count_open=True,
+                traceparent=request.traceparent,
             )
             return
         stream.respond(STATUS_OK)
         await self._relay_inbound(
-            served, stream, app, attrs, labels, (source_ip, source_port), started, peer_identity, source_workload
+            served,
+            stream,
+            app,
+            attrs,
+            labels,
+            (source_ip, source_port),
+            started,
+            peer_identity,
+            source_workload,
+            traceparent=request.traceparent,
         )
 
     @staticmethod
@@ -171,6 +190,7 @@ class Inbound:
         started: float,
         principal: str | None,
         source_workload: Workload | None,
+        traceparent: str | None = None,
     ) -> None:
         counters = RelayCounters()
         tracked = self.state.tracker.add(
@@ -207,6 +227,7 @@ class Inbound:
                 policy=tracked.denied_by,
                 error=counters.error if not tracked.denied_by else "closed by a policy change",
                 flushed=(tracked.flushed_sent, tracked.flushed_received),
+                traceparent=traceparent,
             )
 
     async def serve_plaintext(self, uid: str, client: TcpStream) -> None:

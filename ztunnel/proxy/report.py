@@ -64,6 +64,7 @@ class ConnectionReporter:
         target = tunnel.request.target if isinstance(tunnel.request, ConnectRequest) else None
         self.access_log.log_connection(
             direction="inbound",
+            traceparent=tunnel.request.traceparent if isinstance(tunnel.request, ConnectRequest) else None,
             src_addr=format_addr(*tunnel.peer_address),
             dst_addr=str(target) if target else "-",
             src_identity=tunnel.peer_identity.uri,
@@ -83,6 +84,7 @@ class ConnectionReporter:
         decision: Decision,
         started: float,
         source_workload: Workload | None,
+        traceparent: str | None = None,
     ) -> None:
         dst_addr = dst if isinstance(dst, tuple) else (dst.ip, dst.port)
         self.connection(
@@ -98,6 +100,7 @@ class ConnectionReporter:
             src_identity=labels.source_principal if labels.source_principal != "unknown" else None,
             dst_identity=labels.destination_principal,
             src_workload=source_workload,
+            traceparent=traceparent,
         )
 
     def connection(
@@ -121,6 +124,7 @@ class ConnectionReporter:
         policy: str | None = None,
         error: str | None = None,
         flushed: tuple[int, int] = (0, 0),
+        traceparent: str | None = None,
     ) -> None:
         """One connection ended (or was refused): metrics (opened if not yet) + one access log line.
 
@@ -147,6 +151,7 @@ class ConnectionReporter:
             response_flags=flag,
             policy=policy,
             error=error,
+            traceparent=traceparent,
         )
 
     def flush_bytes(self, connections: Iterable[TrackedConnection]) -> None:

@@ -60,6 +60,7 @@ class AccessLog:
         policy: str | None = None,
         error: str | None = None,
         now: float | None = None,
+        traceparent: str | None = None,
     ) -> None:
         """Log one closed connection.
 
@@ -87,6 +88,8 @@ class AccessLog:
             record["policy"] = policy
         if error:
             record["error"] = error
+        if traceparent:
+            record["traceparent"] = traceparent
         ts = _timestamp(time.time() if now is None else now)
         if self.format == "json":
             line = json.dumps(
