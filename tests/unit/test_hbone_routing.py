@@ -108,3 +108,15 @@ def test_an_ip_claimed_by_two_pods_is_refused_not_guessed() -> None:
     )
     route = OutboundRouter().route(build_config(load_documents(docs, "dup.yaml")), "10.244.9.9", 80)
     assert isinstance(route, RefusedRoute) and "more than one pod" in route.reason
+
+
+def test_service_routes_list_every_ready_endpoint_once_starting_round_robin() -> None:
+    router, cfg = OutboundRouter(), config()
+    orders = []
+    for _ in range(2):
+        routes = router.routes(cfg, "10.96.0.10", 80)
+        assert all(isinstance(r, HboneRoute) for r in routes)
+        orders.append([r.target for r in routes if isinstance(r, HboneRoute)])
+    first, second = Authority("10.0.2.1", 8080), Authority("10.0.3.1", 8080)
+    assert orders == [[first, second], [second, first]]  # the failover order follows the round robin
+    assert router.routes(cfg, "192.0.2.1", 443) == [PassthroughRoute(("192.0.2.1", 443))]

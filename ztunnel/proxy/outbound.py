@@ -45,6 +45,7 @@ class OutboundFailure(Exception):
         destination: Workload | None = None,
         service: Service | None = None,
         mesh: bool = False,
+        failover: bool = False,
     ) -> None:
         super().__init__(message)
         self.reply = reply
@@ -52,6 +53,7 @@ class OutboundFailure(Exception):
         self.destination = destination
         self.service = service
         self.mesh = mesh
+        self.failover = failover  # the tunnel itself failed (proxy down, handshake): another endpoint may do
 
 
 @dataclass
@@ -228,7 +230,8 @@ class Outbound:
                 socks5.Reply.NOT_ALLOWED,
                 FLAG_NO_ROUTE,
             )
-        route = self.router.route(self.state.config, dst[0], dst[1])
+        routes = self.router.routes(self.state.config, dst[0], dst[1])
+        route = routes[0]
         if isinstance(route, RefusedRoute):
             self.report.refusal("no_route")
             raise OutboundFailure(route.reason, socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE, service=route.service)
@@ -247,15 +250,47 @@ class Outbound:
             labels = self._outbound_labels(source, route.destination, route.service, None, security="unknown")
             return _Upstream(stream, labels, route.destination, route.service, None, format_addr(*route.address))
         assert isinstance(route, HboneRoute)
+        # A Service's other ready mesh endpoints, each tried once if the chosen one's tunnel fails, all within
+        # the connect timeout. Only HBONE ones: failing over never downgrades a connection to plaintext.
+        candidates = [route, *(r for r in routes[1:] if isinstance(r, HboneRoute))]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.state.options.connect_timeout
+        for attempt, candidate in enumerate(candidates):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._open_tunnel(source, candidate, client_addr)
+            except TimeoutError:
+                raise OutboundFailure(
+                    f"timed out opening a tunnel to {candidate.target}",
+                    socks5.Reply.TTL_EXPIRED,
+                    FLAG_UPSTREAM_FAILURE,
+                    destination=candidate.destination,
+                    service=candidate.service,
+                    mesh=True,
+                ) from None
+            except OutboundFailure as e:
+                if not e.failover or attempt == len(candidates) - 1 or loop.time() >= deadline:
+                    raise
+                log.info(
+                    "service endpoint unreachable; trying the next one",
+                    extra={
+                        "endpoint": str(candidate.target),
+                        "next": str(candidates[attempt + 1].target),
+                        "error": str(e),
+                    },
+                )
+        raise AssertionError("unreachable")  # the last candidate returns or raises
+
+    async def _open_tunnel(self, source: Workload, route: HboneRoute, client_addr: tuple[str, int]) -> _Upstream:
         key = PoolKey(
             source=SpiffeId.parse(source.identity),
             destination=SpiffeId.parse(route.destination.identity),
             address=route.proxy_address,
         )
 
-        def failure(message: str, reply: socks5.Reply, flag: str) -> OutboundFailure:
+        def failure(message: str, reply: socks5.Reply, flag: str, *, failover: bool = False) -> OutboundFailure:
             return OutboundFailure(
-                message, reply, flag, destination=route.destination, service=route.service, mesh=True
+                message, reply, flag, destination=route.destination, service=route.service, mesh=True, failover=failover
             )
 
         try:
@@ -267,14 +302,15 @@ class Outbound:
                 f"timed out opening a tunnel to {route.target}", socks5.Reply.TTL_EXPIRED, FLAG_UPSTREAM_FAILURE
             ) from None
         except (SecureNamingError, TlsHandshakeError) as e:
-            raise failure(str(e), socks5.Reply.GENERAL_FAILURE, e.reason) from None
+            raise failure(str(e), socks5.Reply.GENERAL_FAILURE, e.reason, failover=True) from None
         except HboneError as e:
             if e.status == STATUS_UNAUTHORIZED:
                 raise failure(str(e), socks5.Reply.NOT_ALLOWED, FLAG_DENY) from None
             if e.status == STATUS_BAD_REQUEST:
                 raise failure(str(e), socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE) from None
             reply = socks5.Reply.CONNECTION_REFUSED if e.status == STATUS_UNAVAILABLE else socks5.Reply.GENERAL_FAILURE
-            raise failure(str(e), reply, FLAG_UPSTREAM_FAILURE) from None
+            # No status: the tunnel never got an answer (endpoint's proxy down, connection lost): fail over.
+            raise failure(str(e), reply, FLAG_UPSTREAM_FAILURE, failover=e.status is None) from None
         except Exception as e:  # certificate errors and the like: fail closed
             raise failure(f"cannot open a tunnel: {e}", socks5.Reply.GENERAL_FAILURE, FLAG_UPSTREAM_FAILURE) from None
         labels = self._outbound_labels(

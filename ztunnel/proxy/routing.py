@@ -1,9 +1,11 @@
 """Outbound routing, sans-IO: where does a connection from a local pod to ip:port go?
 
 - a mesh pod: HBONE to `<pod ip>:15008`, expecting the pod's identity (plus its services' SANs);
-- a Service ClusterIP: a ready endpoint pod, round-robin, on the mapped target port; none: refuse;
+- a Service ClusterIP: a ready endpoint pod, round-robin, on the mapped target port; none: refuse
+  (`routes` also lists the other ready endpoints, in order, for failover when a tunnel cannot be opened);
 - a pod or address outside the mesh: plain TCP passthrough.
-A mesh destination is never reached in plaintext: if its tunnel fails, the connection fails.
+A mesh destination is never reached in plaintext: if its tunnel fails, the connection fails (a Service first
+tries its other ready mesh endpoints, see Outbound).
 """
 
 from __future__ import annotations
@@ -71,15 +73,19 @@ class OutboundRouter:
         self._cursor: dict[str, int] = {}
 
     def route(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> Route:
+        return self.routes(config, dst_ip, dst_port)[0]
+
+    def routes(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> list[Route]:
+        """The route to take, then (for a Service) each other ready endpoint once, in round-robin order."""
         if dst_ip in config.conflicting_ips:  # fail closed: never guess which pod the user meant
-            return RefusedRoute(f"{dst_ip} is claimed by more than one pod")
+            return [RefusedRoute(f"{dst_ip} is claimed by more than one pod")]
         service = config.service_by_ip(dst_ip)
         if service is not None:
             return self._route_service(config, service, dst_port)
         workload = config.workload_by_ip(dst_ip)
         if workload is None:
-            return PassthroughRoute((dst_ip, dst_port))
-        return self._route_workload(config, workload, dst_ip, dst_port, None)
+            return [PassthroughRoute((dst_ip, dst_port))]
+        return [self._route_workload(config, workload, dst_ip, dst_port, None)]
 
     def _route_workload(
         self, config: ClusterConfig, workload: Workload, ip: str, port: int, service: Service | None
@@ -94,10 +100,10 @@ class OutboundRouter:
             service=service,
         )
 
-    def _route_service(self, config: ClusterConfig, service: Service, port: int) -> Route:
+    def _route_service(self, config: ClusterConfig, service: Service, port: int) -> list[Route]:
         service_port = service.port_for(port)
         if service_port is None:
-            return RefusedRoute(f"service {service.ref} has no port {port}", service)
+            return [RefusedRoute(f"service {service.ref} has no port {port}", service)]
         candidates: list[tuple[Workload, str, int]] = []
         for w in config.endpoints(service):
             if not w.ready or not w.ips:
@@ -107,8 +113,11 @@ class OutboundRouter:
                 continue
             candidates.append((w, w.ips[0], target))
         if not candidates:
-            return RefusedRoute(f"service {service.ref} has no ready endpoint for port {port}", service)
+            return [RefusedRoute(f"service {service.ref} has no ready endpoint for port {port}", service)]
         i = self._cursor.get(service.ref, 0)
         self._cursor[service.ref] = i + 1
-        workload, ip, target_port = candidates[i % len(candidates)]
-        return self._route_workload(config, workload, ip, target_port, service)
+        first = i % len(candidates)
+        return [
+            self._route_workload(config, workload, ip, target_port, service)
+            for workload, ip, target_port in candidates[first:] + candidates[:first]
+        ]
