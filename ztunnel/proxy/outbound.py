@@ -4,6 +4,7 @@ an HBONE tunnel, a plain passthrough, or a refusal. A mesh destination is never 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ class _Upstream:
     service: Service | None
     dst_identity: str | None
     address: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _spiffe_id(identity: str) -> SpiffeId:
+    """Parsed once per identity, not per connection: a pool key needs both ends' ids on every new tunnel."""
+    return SpiffeId.parse(identity)
 
 
 class Outbound:
@@ -283,8 +290,8 @@ class Outbound:
 
     async def _open_tunnel(self, source: Workload, route: HboneRoute, client_addr: tuple[str, int]) -> _Upstream:
         key = PoolKey(
-            source=SpiffeId.parse(source.identity),
-            destination=SpiffeId.parse(route.destination.identity),
+            source=_spiffe_id(source.identity),
+            destination=_spiffe_id(route.destination.identity),
             address=route.proxy_address,
         )
 

@@ -63,6 +63,10 @@ class ProxyState:
         or served pod address, or any address a served workload's listener is bound to (a wildcard bind
         matches loopback and that pod's own IPs).
         """
+        if port not in PROXY_PORTS and all(
+            bound_port != port for served in self.workloads.values() for _, bound_port in served.listen_addresses
+        ):
+            return False  # the common case, decided without parsing the address (once per new connection)
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
