@@ -204,7 +204,7 @@ class HboneStream:
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
                 raise StreamClosed(f"HBONE stream is closed ({e})") from None
             view = view[size:]
-            conn._flush()
+            conn._flush_soon()
 
     async def write_eof(self) -> None:
         if self.local_closed or self._reset_code is not None:
@@ -214,7 +214,7 @@ class HboneStream:
             self._conn.h2.end_stream(self.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
-        self._conn._flush()
+        self._conn._flush_soon()
         self._conn._maybe_done(self)
 
     def close(self) -> None:
@@ -230,7 +230,7 @@ class HboneStream:
             self._conn.h2.end_stream(self.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
-        self._conn._flush()
+        self._conn._flush_soon()
         self._conn._maybe_done(self)
 
     def abort(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
@@ -242,7 +242,7 @@ class HboneStream:
             self._conn.h2.reset_stream(self.stream_id, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
-        self._conn._flush()
+        self._conn._flush_soon()
         self._wake()
         self._conn._maybe_done(self)
 
@@ -266,7 +266,7 @@ class HboneStream:
                 except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                     pass
                 self._reset_code = int(ErrorCodes.NO_ERROR)
-        self._conn._flush()
+        self._conn._flush_soon()
         self._conn._maybe_done(self)
 
     def _discard_unread(self) -> None:
@@ -350,6 +350,7 @@ class HboneConnection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self.draining = False
         self.reserved = 0  # streams promised by the pool but not yet opened
+        self._flush_scheduled = False
         self.idle_since = time.monotonic()
         self.opened_at = time.monotonic()
         self.streams_total = 0
@@ -425,7 +426,7 @@ class HboneConnection(asyncio.Protocol):
             log.exception("HBONE event handling failed, closing the connection", extra={"peer": self.label})
             self._fail(HboneError(f"internal error: {e}"))
             return
-        self._flush()
+        self._flush_soon()
         # h2 checks a frame's length only once the whole frame is buffered; refuse an announced oversized
         # frame now, so a peer cannot make us buffer up to 16 MiB per connection.
         pending = getattr(self.h2.incoming_buffer, "_data", b"")
@@ -483,7 +484,7 @@ class HboneConnection(asyncio.Protocol):
         stream._response = self.loop.create_future()
         self.streams[stream_id] = stream
         self.streams_total += 1
-        self._flush()
+        self._flush()  # at once: a stream the pool counts is on the wire (a GOAWAY then names it)
         try:
             status = await stream._response
         except BaseException:
@@ -503,6 +504,7 @@ class HboneConnection(asyncio.Protocol):
         self.draining = True
         frame = GoAwayFrame(stream_id=0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=0)
         assert self.transport is not None
+        self._flush()  # frames h2 already queued go first
         self.transport.write(frame.serialize())
         if self.is_idle:
             self.close()
@@ -521,7 +523,16 @@ class HboneConnection(asyncio.Protocol):
             self.transport.abort()
 
     # ---- internals -----------------------------------------------------------------------------
+    def _flush_soon(self) -> None:
+        """Send what h2 queued at the end of this loop iteration: the frames of every stream touched in it
+        (a tunnel's HEADERS, its first DATA, another's END_STREAM, the WINDOW_UPDATEs) then share one TLS
+        record and one write instead of one each."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -542,7 +553,7 @@ class HboneConnection(asyncio.Protocol):
             self.h2.acknowledge_received_data(size, stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
-        self._flush()
+        self._flush_soon()
 
     def _maybe_done(self, stream: HboneStream) -> None:
         if stream.done and self.streams.pop(stream.stream_id, None) is not None and self.is_idle:
