@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import uvloop
 
@@ -354,3 +358,31 @@ def local_mesh(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterat
 def transfer_size() -> int:
     """Bytes for the bulk transfer test: ZTUNNEL_TEST_TRANSFER_MB (default 1 GiB each way, ~20 s here)."""
     return int(os.environ.get("ZTUNNEL_TEST_TRANSFER_MB", "1024")) * 1024 * 1024
+
+
+async def raw_hbone_status(
+    ctx: ssl.SSLContext,
+    address: tuple[str, int],
+    headers: list[tuple[str, str]],
+    *,
+    local_addr: tuple[str, int] | None = None,
+) -> int | None:
+    """Send one request with plain h2 (none of the project's HBONE code) and return the response :status."""
+    reader, writer = await asyncio.open_connection(*address, ssl=ctx, server_hostname="", local_addr=local_addr)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, headers, end_stream=False)
+    writer.write(conn.data_to_send())
+    try:
+        async with asyncio.timeout(10):
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
+                        return int(dict(event.headers)[":status"])
+                writer.write(conn.data_to_send())
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()

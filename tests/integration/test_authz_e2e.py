@@ -27,13 +27,17 @@ from contextlib import redirect_stderr, redirect_stdout, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 import yaml
 
-from tests.integration.conftest import AppServer, ProxyProcess, recv_all, start_proxy, wait_until
+from tests.integration.conftest import (
+    AppServer,
+    ProxyProcess,
+    raw_hbone_status,
+    recv_all,
+    start_proxy,
+    wait_until,
+)
 from ztunnel.cli import main as cli_main
 from ztunnel.config.loader import load_files
 from ztunnel.identity.spiffe import SpiffeId
@@ -322,26 +326,8 @@ def plaintext_exchange(dst: tuple[str, int], payload: bytes) -> bytes:
 
 async def _hbone_connect(ctx: ssl.SSLContext, source_ip: str, dst: tuple[str, int]) -> int | None:
     """One raw HTTP/2 CONNECT to the destination pod's HBONE port from `source_ip`: the response :status."""
-    reader, writer = await asyncio.open_connection(
-        dst[0], 15008, ssl=ctx, server_hostname="", local_addr=(source_ip, 0)
-    )
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [(":method", "CONNECT"), (":authority", f"{dst[0]}:{dst[1]}")], end_stream=False)
-    writer.write(conn.data_to_send())
-    try:
-        async with asyncio.timeout(10):
-            while data := await reader.read(65536):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
-                        return int(dict(event.headers)[":status"])
-                writer.write(conn.data_to_send())
-        return None
-    finally:
-        writer.close()
-        with suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
+    headers = [(":method", "CONNECT"), (":authority", f"{dst[0]}:{dst[1]}")]
+    return await raw_hbone_status(ctx, (dst[0], 15008), headers, local_addr=(source_ip, 0))
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

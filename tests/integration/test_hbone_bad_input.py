@@ -7,9 +7,6 @@ import socket
 import ssl
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
 from tests.integration.conftest import (
@@ -17,6 +14,7 @@ from tests.integration.conftest import (
     NODE_A_CLIENT,
     NODE_B_SERVER,
     LocalMesh,
+    raw_hbone_status,
     recv_all,
     socks_connect,
 )
@@ -46,23 +44,7 @@ async def _client_ssl(ca_dir: Path, identity: SpiffeId = CLIENT_ID) -> ssl.SSLCo
 
 
 async def _raw_h2(ctx: ssl.SSLContext, headers: list[tuple[str, str]]) -> int | None:
-    """Send one request with plain h2 (no HBONE helpers) and return the response status."""
-    reader, writer = await asyncio.open_connection(*HBONE, ssl=ctx, server_hostname="")
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, headers, end_stream=False)
-    writer.write(conn.data_to_send())
-    try:
-        async with asyncio.timeout(10):
-            while data := await reader.read(65536):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
-                        return int(dict(event.headers)[":status"])
-                writer.write(conn.data_to_send())
-        return None
-    finally:
-        writer.close()
+    return await raw_hbone_status(ctx, HBONE, headers)
 
 
 async def _status_or_refused(ctx: ssl.SSLContext, headers: list[tuple[str, str]]) -> int | None:
