@@ -65,6 +65,34 @@ def test_service_without_endpoints_is_refused(local_mesh: LocalMesh) -> None:
     assert e.value.code == 4  # host unreachable
 
 
+def _pipelined_socks(dst: tuple[str, int], payload: bytes = b"") -> socket.socket:
+    """Greeting, request and payload in one segment, as pipelining clients (and bench/loadgen.py) send them."""
+    s = socket.create_connection((NODE_A_CLIENT, 15080), timeout=10)
+    s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton(dst[0]) + dst[1].to_bytes(2, "big") + payload)
+    return s
+
+
+def _recv_n(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n and (chunk := s.recv(n - len(out))):
+        out += chunk
+    return out
+
+
+def test_pipelined_socks_client_gets_the_method_reply_then_the_connect_reply(local_mesh: LocalMesh) -> None:
+    with _pipelined_socks((NODE_B_SERVER, ECHO_PORT), b"early bytes") as s:
+        assert _recv_n(s, 2) == b"\x05\x00"  # the method reply comes first, whenever it is sent
+        assert _recv_n(s, 10) == b"\x05\x00\x00\x01" + bytes(6)
+        assert _recv_n(s, 11) == b"early bytes"  # bytes sent with the request are relayed
+
+
+def test_pipelined_socks_client_refused_still_gets_the_method_reply_first(local_mesh: LocalMesh) -> None:
+    with _pipelined_socks((EMPTY_SERVICE_IP, 80)) as s:
+        assert _recv_n(s, 2) == b"\x05\x00"
+        assert _recv_n(s, 10) == b"\x05\x04\x00\x01" + bytes(6)  # host unreachable
+        assert recv_all(s) == b""
+
+
 def test_destination_outside_the_mesh_is_plain_passthrough(local_mesh: LocalMesh) -> None:
     with socks_connect(NODE_A_CLIENT, (OUTSIDE, ECHO_PORT)) as s:
         s.sendall(b"plain")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -57,10 +58,25 @@ class Step:
     leftover: bytes = b""
 
 
-def reply(code: Reply, bind: tuple[str, int] = ("0.0.0.0", 0)) -> bytes:
+_UNBOUND = ("0.0.0.0", 0)
+
+
+def _build_reply(code: int, bind: tuple[str, int]) -> bytes:
     addr = ipaddress.ip_address(bind[0])
     atyp = ATYP_IPV4 if addr.version == 4 else ATYP_IPV6
     return bytes([VERSION, int(code), 0, atyp]) + addr.packed + struct.pack("!H", bind[1])
+
+
+# Every reply the proxy sends carries the unspecified bind address: built once, not per connection.
+_UNBOUND_REPLIES = {code: _build_reply(code, _UNBOUND) for code in Reply}
+
+
+def reply(code: Reply, bind: tuple[str, int] = _UNBOUND) -> bytes:
+    if bind == _UNBOUND:
+        cached = _UNBOUND_REPLIES.get(code)
+        if cached is not None:
+            return cached
+    return _build_reply(code, bind)
 
 
 class Socks5Handshake:
@@ -153,9 +169,9 @@ class Socks5Handshake:
             raise Socks5Error(
                 f"SOCKS5 command {cmd:#04x} is not supported (only CONNECT)", reply(Reply.COMMAND_NOT_SUPPORTED)
             )
-        port = struct.unpack("!H", bytes(buf[need - 2 : need]))[0]
+        port = buf[need - 2] << 8 | buf[need - 1]
         if atyp == ATYP_IPV4:
-            host, is_domain = str(ipaddress.IPv4Address(bytes(buf[4:8]))), False
+            host, is_domain = socket.inet_ntoa(bytes(buf[4:8])), False
         elif atyp == ATYP_IPV6:
             host, is_domain = str(ipaddress.IPv6Address(bytes(buf[4:20]))), False
         else:
