@@ -18,7 +18,7 @@ from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.proxy.certs import SigningProvider
 from ztunnel.proxy.listeners import listening_socket, serve_streams
-from ztunnel.proxy.relay import relay
+from ztunnel.proxy.relay import RelayCounters, relay
 
 HBONE_IP = "127.0.171.1"
 STALL_CHECKS = 8  # consecutive checks without growth before the writer counts as stalled
@@ -202,3 +202,153 @@ async def test_relay_keeps_half_close_and_resets(tcp_pair: tuple[TcpStream, TcpS
         app.abort()
         server.close()
         await server.wait_closed()
+
+
+# ---- the relay between a TCP and an HBONE stream: the spliced (push) path every proxied connection takes ----
+
+
+@pytest.fixture
+async def spliced(
+    tcp_pair: tuple[TcpStream, TcpStream], hbone_pair: tuple[HboneStream, HboneStream]
+) -> AsyncIterator[tuple[TcpStream, HboneStream, TcpStream, HboneStream, asyncio.Task[RelayCounters]]]:
+    """client (TCP) -> proxy_down | relay | proxy_up (HBONE) -> app: yields the two outer ends and the relay."""
+    client, proxy_down = tcp_pair
+    proxy_up, app = hbone_pair
+    assert hasattr(proxy_down, "start_pushing") and hasattr(proxy_up, "start_pushing")
+    relaying = asyncio.create_task(relay(proxy_down, proxy_up))
+    yield client, app, proxy_down, proxy_up, relaying
+    relaying.cancel()
+    await asyncio.gather(relaying, return_exceptions=True)
+
+
+Spliced = tuple[TcpStream, HboneStream, TcpStream, HboneStream, "asyncio.Task[RelayCounters]"]
+
+
+async def test_splice_keeps_half_close_both_ways(spliced: Spliced) -> None:
+    client, app, _, _, relaying = spliced
+    await check_half_close(client, app)
+    counters = await asyncio.wait_for(relaying, 5)
+    assert (counters.a_to_b, counters.b_to_a, counters.error) == (7, 16, None)
+
+
+async def test_splice_server_half_closes_first(spliced: Spliced) -> None:
+    client, app, _, _, relaying = spliced
+    await check_half_close(app, client)
+    counters = await asyncio.wait_for(relaying, 5)
+    assert (counters.a_to_b, counters.b_to_a, counters.error) == (16, 7, None)
+
+
+async def test_splice_passes_a_client_reset_on_as_a_stream_reset(spliced: Spliced) -> None:
+    client, app, _, _, relaying = spliced
+    await check_reset(client, app)
+    counters = await asyncio.wait_for(relaying, 5)
+    assert counters.error
+
+
+async def test_splice_passes_a_stream_reset_on_as_a_tcp_reset(spliced: Spliced) -> None:
+    client, app, _, _, relaying = spliced
+    await check_reset(app, client)
+    counters = await asyncio.wait_for(relaying, 5)
+    assert counters.error
+
+
+async def test_splice_backpressure_towards_the_app(spliced: Spliced) -> None:
+    # Nobody reads the app end: the stream window fills, the proxy stops reading the client socket, and
+    # the client's writes stall after the window plus the TCP buffers on the way.
+    client, app, _, _, _ = spliced
+    limit = STREAM_WINDOW + client.transport.get_write_buffer_limits()[1] + BLOCK + 16 * 1024 * 1024
+    await check_backpressure(client, app, limit=limit)
+
+
+async def test_splice_backpressure_towards_the_client(spliced: Spliced) -> None:
+    # Nobody reads the client: the proxy's TCP write buffer passes its high-water mark, the proxy stops
+    # acknowledging the stream's data, and the app's writes stall at the stream window.
+    client, app, _, _, _ = spliced
+    limit = STREAM_WINDOW + 2 * BLOCK + 16 * 1024 * 1024
+    await check_backpressure(app, client, limit=limit)
+
+
+async def test_splice_moves_bulk_data_both_ways_through_pauses(spliced: Spliced) -> None:
+    """8 MiB each way at once, each reader pausing now and then: every pause/resume path, bytes intact."""
+    client, app, _, _, relaying = spliced
+    size = 8 * 1024 * 1024
+    up = bytes(range(256)) * (size // 256)
+    down = bytes(reversed(range(256))) * (size // 256)
+
+    async def send(s: ByteStream, data: bytes) -> None:
+        for i in range(0, len(data), 300_000):
+            await s.write(data[i : i + 300_000])
+        await s.write_eof()
+
+    async def receive(s: ByteStream) -> bytes:
+        got = bytearray()
+        n = 0
+        while chunk := await s.read():
+            got += chunk
+            n += 1
+            if n % 7 == 0:
+                await asyncio.sleep(0.01)  # a slow reader: lets the buffers fill (not a readiness wait)
+        return bytes(got)
+
+    results = await asyncio.wait_for(
+        asyncio.gather(send(client, up), send(app, down), receive(app), receive(client)), 60
+    )
+    assert results[2] == up and results[3] == down
+    counters = await asyncio.wait_for(relaying, 5)
+    assert (counters.a_to_b, counters.b_to_a, counters.error) == (size, size, None)
+
+
+async def test_splice_delivers_what_arrived_before_it_started(
+    tcp_pair: tuple[TcpStream, TcpStream], hbone_pair: tuple[HboneStream, HboneStream]
+) -> None:
+    client, proxy_down = tcp_pair
+    proxy_up, app = hbone_pair
+    await client.write(b"early bytes")
+    await client.write_eof()
+    await app.write(b"early answer")
+    deadline = asyncio.get_running_loop().time() + 5
+    while not (proxy_down.protocol._eof and proxy_up._chunks):  # both arrived, nobody relaying yet
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    relaying = asyncio.create_task(relay(proxy_down, proxy_up))
+    try:
+        got = b""
+        while chunk := await app.read():
+            got += chunk
+        assert got == b"early bytes"
+        assert await client.read() == b"early answer"
+        await app.write_eof()
+        assert await client.read() == b""
+        counters = await asyncio.wait_for(relaying, 5)
+        assert (counters.a_to_b, counters.b_to_a) == (11, 12)
+    finally:
+        relaying.cancel()
+
+
+async def test_an_abort_from_outside_ends_the_splice_with_an_error(spliced: Spliced) -> None:
+    # What a policy change does to an open connection (the tracker aborts both ends).
+    client, app, proxy_down, proxy_up, relaying = spliced
+    await client.write(b"x")
+    assert await app.read() == b"x"
+    proxy_down.abort()
+    proxy_up.abort()
+    counters = await asyncio.wait_for(relaying, 5)
+    assert counters.error
+    with pytest.raises((StreamClosed, ConnectionError)):
+        for _ in range(100):
+            if not await app.read():
+                raise AssertionError("an abort was reported as a clean EOF")
+
+
+async def test_cancelling_the_splice_resets_both_ends(spliced: Spliced) -> None:
+    client, app, _, _, relaying = spliced
+    await client.write(b"x")
+    assert await app.read() == b"x"
+    relaying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await relaying
+    for end in (client, app):
+        with pytest.raises((StreamClosed, ConnectionError)):
+            for _ in range(100):
+                if not await end.read():
+                    raise AssertionError("a cancelled relay closed cleanly instead of resetting")

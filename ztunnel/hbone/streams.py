@@ -4,6 +4,11 @@ A TCP connection and an HBONE stream look the same to the relay: `read(n)` retur
 EOF), `write(data)` returns once the data is accepted within the flow-control / buffer limits,
 `write_eof()` half-closes, `close()` ends gracefully and `abort()` resets. Reads hand out the chunks the
 transport delivered (no copying into a shared buffer), so per-byte work stays in C.
+
+Both also speak a callback ("push") interface that the relay uses for its steady state: a source hands each
+chunk to a `PushTarget` from inside the transport callback that received it, and the target writes it to the
+other stream at once. No future, no task step and no coroutine resumption per chunk; backpressure is a
+`pause_pushing()` of the source until the sink calls `drained()`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,44 @@ class StreamClosed(ConnectionError):
     """Writing to a stream whose peer is gone."""
 
 
+class PushTarget(Protocol):
+    """What a pushing source calls (one direction of a relay); `drained` is called by a sink that was full."""
+
+    def data(self, chunk: bytes) -> None: ...
+
+    def eof(self) -> None: ...
+
+    def error(self, exc: BaseException) -> None: ...
+
+    def drained(self) -> None: ...
+
+
+class PushStream(ByteStream, Protocol):
+    """A ByteStream that can also be relayed with callbacks.
+
+    As a source: `start_pushing(target)` first delivers what is buffered, then every chunk as it arrives,
+    then `eof()` or `error()`; `pause_pushing()`/`resume_pushing()` stop and restart delivery (the peer is
+    pushed back by the kernel or by HTTP/2 flow control). As a sink: `push(chunk)` writes now and returns
+    False when the sink is full, in which case it calls `target.drained()` once it has room again;
+    `push_eof()` half-closes, returning False if queued data must go first (then `drained()` follows).
+    `stop_pushing()` detaches both roles.
+    """
+
+    def start_pushing(self, target: PushTarget) -> None: ...
+
+    def pause_pushing(self) -> None: ...
+
+    def resume_pushing(self) -> None: ...
+
+    def push(self, chunk: bytes) -> bool: ...
+
+    def push_eof(self) -> bool: ...
+
+    def notify_drained(self, target: PushTarget) -> None: ...
+
+    def stop_pushing(self) -> None: ...
+
+
 class TcpStreamProtocol(asyncio.Protocol):
     """asyncio protocol feeding a `TcpStream`: chunk queue with a read limit, drain for writers."""
 
@@ -49,6 +92,9 @@ class TcpStreamProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
+        self._push_to: PushTarget | None = None  # the relay direction this connection's bytes go to
+        self._drain_to: PushTarget | None = None  # the relay direction waiting for this one to drain
+        self._pushing_paused = False
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call (3.11).
         self.loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self.loop.create_future()
@@ -66,6 +112,9 @@ class TcpStreamProtocol(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
+        if self._push_to is not None and not self._chunks and not self._pushing_paused:
+            self._push_to.data(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > TCP_READ_BUFFER_LIMIT and not self._paused_reading and self.transport is not None:
@@ -76,6 +125,8 @@ class TcpStreamProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake_reader()
+        if self._push_to is not None and not self._chunks:
+            self._push_to.eof()
         return True  # keep the transport open: half-close, we may still write
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -87,6 +138,14 @@ class TcpStreamProtocol(asyncio.Protocol):
             self._drain_waiter.set_exception(StreamClosed("connection lost"))
         if not self.closed.done():
             self.closed.set_result(None)
+        target = self._push_to or self._drain_to
+        if target is not None:
+            if exc is not None:
+                target.error(StreamClosed(f"connection lost: {exc}"))
+            elif self._drain_to is not None:
+                target.error(StreamClosed("connection lost"))
+            elif not self._chunks:
+                target.eof()
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -95,6 +154,10 @@ class TcpStreamProtocol(asyncio.Protocol):
         self._paused_writing = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        target = self._drain_to
+        if target is not None:
+            self._drain_to = None
+            target.drained()
 
     def _wake_reader(self) -> None:
         if self._read_waiter is not None and not self._read_waiter.done():
@@ -185,6 +248,68 @@ class TcpStream:
             except OSError:
                 pass
         self.transport.abort()
+        p = self.protocol
+        target = p._push_to or p._drain_to
+        if target is not None:
+            target.error(StreamClosed("TCP connection aborted"))
 
     async def wait_closed(self) -> None:
         await self.protocol.closed
+
+    # ---- push interface (see PushStream) -------------------------------------------------------
+    def start_pushing(self, target: PushTarget) -> None:
+        p = self.protocol
+        p._push_to = target
+        self._deliver_buffered()
+
+    def _deliver_buffered(self) -> None:
+        p = self.protocol
+        while p._chunks and not p._pushing_paused and p._push_to is not None:
+            chunk = p._chunks.popleft()
+            p._buffered -= len(chunk)
+            p._push_to.data(chunk)
+        if p._chunks or p._push_to is None:
+            return
+        if p._paused_reading and not p._pushing_paused:
+            p._paused_reading = False
+            self.transport.resume_reading()
+        if p._eof:
+            if p._error is not None:
+                p._push_to.error(StreamClosed(f"connection lost: {p._error}"))
+            else:
+                p._push_to.eof()
+
+    def pause_pushing(self) -> None:
+        p = self.protocol
+        if not p._pushing_paused:
+            p._pushing_paused = True
+            if not p._eof:
+                self.transport.pause_reading()
+
+    def resume_pushing(self) -> None:
+        p = self.protocol
+        if p._pushing_paused:
+            p._pushing_paused = False
+            if p._chunks:
+                self._deliver_buffered()
+            if not p._pushing_paused and not p._eof and not p._paused_reading:
+                self.transport.resume_reading()
+
+    def push(self, chunk: bytes) -> bool:
+        transport = self.transport
+        if transport.is_closing():
+            raise StreamClosed("the TCP connection is closed")
+        transport.write(chunk)
+        return not self.protocol._paused_writing
+
+    def push_eof(self) -> bool:
+        if not self.transport.is_closing() and self.transport.can_write_eof():
+            self.transport.write_eof()
+        return True
+
+    def notify_drained(self, target: PushTarget) -> None:
+        self.protocol._drain_to = target
+
+    def stop_pushing(self) -> None:
+        self.protocol._push_to = None
+        self.protocol._drain_to = None

@@ -4,14 +4,19 @@ Each direction ends with `write_eof` on the other side, so an app's `shutdown(SH
 as EOF while the opposite direction keeps flowing. A write waits for the receiver (flow control), so a
 slow reader slows the sender instead of growing a buffer. Byte counts are kept per connection and read
 once at the end: no per-chunk metrics or logging.
+
+When both streams speak the push interface (TCP and HBONE streams do), the relay is a pair of callbacks
+(`_Splice`): a chunk goes from the transport callback that received it straight into the other stream's
+write, and the relaying task only waits for the end. Otherwise two read/write loops (`_pump`) do it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import cast
 
-from ztunnel.hbone.streams import READ_CHUNK, ByteStream
+from ztunnel.hbone.streams import READ_CHUNK, ByteStream, PushStream
 
 
 @dataclass(slots=True)
@@ -46,13 +51,130 @@ async def _pump(src: ByteStream, dst: ByteStream, counters: RelayCounters, forwa
             counters.b_to_a = total
 
 
+class _Direction:
+    """One direction of a spliced relay: the push target of `src`, writing into `dst`."""
+
+    __slots__ = ("_counters", "_forward", "_splice", "dst", "ended", "eof_sent", "src", "total")
+
+    def __init__(self, splice: _Splice, src: PushStream, dst: PushStream, forward: bool) -> None:
+        self._splice = splice
+        self._counters = splice.counters
+        self._forward = forward
+        self.src = src
+        self.dst = dst
+        self.total = 0
+        self.ended = False  # the source reached EOF
+        self.eof_sent = False  # ... and the EOF reached the sink, after every byte queued before it
+
+    def data(self, chunk: bytes) -> None:
+        if self.ended or self._splice.finished:
+            return
+        self.total += len(chunk)
+        if self._forward:
+            self._counters.a_to_b = self.total
+        else:
+            self._counters.b_to_a = self.total
+        try:
+            if not self.dst.push(chunk):
+                self.src.pause_pushing()
+                self.dst.notify_drained(self)
+        except Exception as e:  # the other side is gone (StreamClosed) or broke: end the whole relay
+            self._splice.fail(e)
+
+    def drained(self) -> None:
+        if self._splice.finished:
+            return
+        if self.ended:  # the EOF that waited for queued data has gone out
+            self.eof_sent = True
+            self._splice.direction_ended()
+        else:
+            self.src.resume_pushing()
+
+    def eof(self) -> None:
+        if self.ended or self._splice.finished:
+            return
+        self.ended = True
+        try:
+            sent = self.dst.push_eof()
+        except Exception as e:
+            self._splice.fail(e)
+            return
+        if sent:
+            self.eof_sent = True
+            self._splice.direction_ended()
+        else:
+            self.dst.notify_drained(self)
+
+    def error(self, exc: BaseException) -> None:
+        self._splice.fail(exc)
+
+
+class _Splice:
+    """Both directions of a relay as callbacks; `done` resolves when both ended or one failed."""
+
+    __slots__ = ("a", "b", "backward", "counters", "done", "finished", "forward")
+
+    def __init__(self, a: PushStream, b: PushStream, counters: RelayCounters) -> None:
+        self.a = a
+        self.b = b
+        self.counters = counters
+        self.finished = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.forward = _Direction(self, a, b, True)
+        self.backward = _Direction(self, b, a, False)
+
+    def start(self) -> None:
+        self.a.start_pushing(self.forward)
+        if not self.finished:
+            self.b.start_pushing(self.backward)
+
+    def direction_ended(self) -> None:
+        if self.forward.eof_sent and self.backward.eof_sent and not self.finished:
+            self._finish(abort=False)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.finished:
+            return
+        if self.counters.error is None:
+            self.counters.error = str(exc) or type(exc).__name__
+        self._finish(abort=True)
+
+    def _finish(self, *, abort: bool) -> None:
+        self.finished = True
+        self.a.stop_pushing()
+        self.b.stop_pushing()
+        if abort:
+            self.a.abort()
+            self.b.abort()
+        else:
+            self.a.close()
+            self.b.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _splice(a: PushStream, b: PushStream, counters: RelayCounters) -> RelayCounters:
+    splice = _Splice(a, b, counters)
+    splice.start()
+    try:
+        await splice.done
+    except asyncio.CancelledError:
+        if not splice.finished:
+            splice._finish(abort=True)
+        raise
+    return counters
+
+
 async def relay(a: ByteStream, b: ByteStream, counters: RelayCounters | None = None) -> RelayCounters:
     """Relay until both directions reach EOF or one fails; closes (or, on error, aborts) both streams.
 
-    One extra task per connection: b -> a runs in the caller's task. A failure of a -> b aborts both
-    streams at once (from its done-callback), which ends a b -> a blocked in read or write.
+    Push streams are spliced with callbacks (no task at all). Otherwise one extra task per connection:
+    b -> a runs in the caller's task. A failure of a -> b aborts both streams at once (from its
+    done-callback), which ends a b -> a blocked in read or write.
     """
     counters = counters if counters is not None else RelayCounters()
+    if hasattr(a, "start_pushing") and hasattr(b, "start_pushing"):
+        return await _splice(cast(PushStream, a), cast(PushStream, b), counters)
     aborted = False
 
     def abort_both() -> None:
