@@ -35,6 +35,8 @@ class InboundTunnel:
     peer_address: tuple[str, int]
     local_address: tuple[str, int]
     local_identity: SpiffeId
+    # The connection's event loop, so the handler needs no asyncio.get_running_loop() (a getpid() on 3.11).
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 TunnelHandler = Callable[[InboundTunnel], Awaitable[None]]
@@ -75,6 +77,8 @@ class HboneServer:
 
     def _new_connection(self, identity: SpiffeId) -> HboneConnection:
         conn: HboneConnection
+        # Peer and local address, read once per connection: each get_extra_info is a system call.
+        addresses: list[tuple[str, int]] = []
 
         def on_connected(c: HboneConnection) -> bool:
             assert c.transport is not None
@@ -100,17 +104,20 @@ class HboneServer:
 
         def on_request(stream: HboneStream, verdict: ConnectRequest | Rejection) -> None:
             assert conn.transport is not None and isinstance(conn.peer_identity, SpiffeId)
-            peer = conn.transport.get_extra_info("peername") or ("", 0)
-            local = conn.transport.get_extra_info("sockname") or ("", 0)
+            if not addresses:
+                peer = conn.transport.get_extra_info("peername") or ("", 0)
+                local = conn.transport.get_extra_info("sockname") or ("", 0)
+                addresses[:] = [(peer[0], peer[1]), (local[0], local[1])]
             tunnel = InboundTunnel(
                 stream=stream,
                 request=verdict,
                 peer_identity=conn.peer_identity,
-                peer_address=(peer[0], peer[1]),
-                local_address=(local[0], local[1]),
+                peer_address=addresses[0],
+                local_address=addresses[1],
                 local_identity=identity,
+                loop=conn.loop,
             )
-            task = asyncio.get_running_loop().create_task(self._serve(tunnel))
+            task = conn.loop.create_task(self._serve(tunnel))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 

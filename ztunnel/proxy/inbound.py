@@ -12,6 +12,7 @@ import logging
 import time
 
 from ztunnel.config.model import Workload, normalize_ip
+from ztunnel.hbone.client import Deadline
 from ztunnel.hbone.protocol import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
@@ -114,7 +115,8 @@ class Inbound:
             )
             return
         try:
-            async with asyncio.timeout(self.state.options.connect_timeout):
+            loop = tunnel.loop or asyncio.get_running_loop()
+            async with Deadline.after(loop, self.state.options.connect_timeout):
                 app = await served.sockets.connector.connect((target.ip, target.port), source=(source_ip, source_port))
         except (OSError, TimeoutError) as e:
             stream.respond(STATUS_UNAVAILABLE)
@@ -299,7 +301,7 @@ class Inbound:
             self.report.denied(labels, "inbound", (source_ip, source_port), dst, decision, started, source_workload)
             return
         try:
-            async with asyncio.timeout(self.state.options.connect_timeout):
+            async with Deadline.after(client.protocol.loop, self.state.options.connect_timeout):
                 app = await served.sockets.connector.connect(dst, source=(source_ip, source_port))
         except (OSError, TimeoutError) as e:
             client.abort()

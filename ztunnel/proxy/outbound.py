@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztunnel.config.model import Service, Workload
-from ztunnel.hbone.client import HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
+from ztunnel.hbone.client import Deadline, HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import STATUS_BAD_REQUEST, STATUS_UNAUTHORIZED, STATUS_UNAVAILABLE, HboneError
 from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
 from ztunnel.identity.spiffe import SpiffeId
@@ -88,7 +88,7 @@ class Outbound:
         # client): it then goes out with the request's reply in one write, one system call fewer.
         held = b""
         try:
-            async with asyncio.timeout(self.state.options.connect_timeout * 2):
+            async with Deadline.after(client.protocol.loop, self.state.options.connect_timeout * 2):
                 step = socks5.Step()
                 while step.request is None:
                     data = await client.read(1024)
@@ -164,7 +164,7 @@ class Outbound:
         src_ip = peer[0] if peer[0] in source.ips else (source.ips[0] if source.ips else peer[0])
         started = time.monotonic()
         try:
-            upstream = await self._open_upstream(served, (src_ip, peer[1]), dst)
+            upstream = await self._open_upstream(served, (src_ip, peer[1]), dst, client.protocol.loop)
         except OutboundFailure as e:
             if socks:
                 await self._socks_fail(client, e.reply, socks_held)
@@ -234,7 +234,11 @@ class Outbound:
             )
 
     async def _open_upstream(
-        self, served: ServedWorkload, client_addr: tuple[str, int], dst: tuple[str, int]
+        self,
+        served: ServedWorkload,
+        client_addr: tuple[str, int],
+        dst: tuple[str, int],
+        loop: asyncio.AbstractEventLoop,
     ) -> _Upstream:
         source = served.workload
         if self.state.is_proxy_address(dst[0], dst[1]):
@@ -253,7 +257,7 @@ class Outbound:
             raise OutboundFailure(route.reason, socks5.Reply.HOST_UNREACHABLE, FLAG_NO_ROUTE, service=route.service)
         if isinstance(route, PassthroughRoute):
             try:
-                async with asyncio.timeout(self.state.options.connect_timeout):
+                async with Deadline.after(loop, self.state.options.connect_timeout):
                     stream = await served.sockets.connector.connect(route.address)
             except (OSError, TimeoutError) as e:
                 raise OutboundFailure(
@@ -269,11 +273,10 @@ class Outbound:
         # A Service's other ready mesh endpoints, each tried once if the chosen one's tunnel fails, all within
         # the connect timeout. Only HBONE ones: failing over never downgrades a connection to plaintext.
         candidates = [route, *(r for r in routes[1:] if isinstance(r, HboneRoute))]
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + self.state.options.connect_timeout
         for attempt, candidate in enumerate(candidates):
             try:
-                async with asyncio.timeout_at(deadline):
+                async with Deadline(loop, deadline):
                     return await self._open_tunnel(source, candidate, client_addr)
             except TimeoutError:
                 raise OutboundFailure(
