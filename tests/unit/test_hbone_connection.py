@@ -307,3 +307,59 @@ def test_random_frames_never_escape_the_connection(frame_type: int, flags: int, 
             await asyncio.sleep(0)
 
     asyncio.run(run())
+
+
+class EndOnDrain:
+    """A relay direction that, once its sink drains, ends the stream (as a finished relay does)."""
+
+    def __init__(self, stream: HboneStream) -> None:
+        self.stream = stream
+        self.drained_calls = 0
+        self.errors: list[BaseException] = []
+
+    def data(self, chunk: bytes) -> None:
+        pass
+
+    def eof(self) -> None:
+        pass
+
+    def error(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+
+    def drained(self) -> None:
+        self.drained_calls += 1
+        self.stream.stop_pushing()
+        self.stream.abort()
+
+
+async def test_streams_that_end_when_the_connection_window_reopens_do_not_break_the_connection() -> None:
+    """A connection-level WINDOW_UPDATE resumes every waiting stream; streams that then end leave the
+    stream table while it is being walked (this failed the whole HBONE connection: iperf3 -P 4 lost its
+    control connection)."""
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    await client.ready
+    block = b"w" * STREAM_WINDOW
+    filling = []
+    for port in range(4):  # 4 x 4 MiB: the whole 16 MiB connection window, nobody reading yet
+        s = await client.open_stream(Authority("10.0.0.1", 9000 + port))
+        s.push(block)
+        filling.append((s, await handler.streams.get()))
+    waiting = []
+    for port in range(3):
+        s = await client.open_stream(Authority("10.0.0.1", 9100 + port))
+        assert s.push(b"x" * 1000) is False  # no connection window left: queued
+        target = EndOnDrain(s)
+        s.notify_drained(target)
+        waiting.append(target)
+    for _, served in filling[:2]:  # the server reads 8 MiB: a connection WINDOW_UPDATE goes back
+        got = 0
+        while got < STREAM_WINDOW:
+            got += len(await served.read())
+    deadline = asyncio.get_running_loop().time() + 5
+    while not all(t.drained_calls for t in waiting):
+        assert asyncio.get_running_loop().time() < deadline, [t.drained_calls for t in waiting]
+        await asyncio.sleep(0.01)
+    assert not client.closed.done()
+    assert all(s.stream_id in client.streams for s, _ in filling)
+    assert not any(t.stream.stream_id in client.streams for t in waiting)

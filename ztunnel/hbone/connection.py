@@ -585,9 +585,10 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         assert self._read_buffer is not None
-        self.data_received(bytes(self._read_buffer[:nbytes]))
+        # h2 copies what it is given into its frame buffer at once, so the view can go in as it is
+        self.data_received(self._read_buffer[:nbytes])
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self._last_received = time.monotonic()
         try:
             events = self.h2.receive_data(data)
@@ -759,7 +760,7 @@ class HboneConnection(asyncio.BufferedProtocol):
                 stream._on_data(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
-                for s in self.streams.values():
+                for s in list(self.streams.values()):  # a stream that drains may end and leave the dict
                     s._on_window()
             else:
                 s = self.streams.get(event.stream_id)
@@ -789,7 +790,7 @@ class HboneConnection(asyncio.BufferedProtocol):
                 stream.local_closed = stream.remote_closed = True
                 self._maybe_done(stream)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            for s in self.streams.values():
+            for s in list(self.streams.values()):
                 s._on_window()
         elif isinstance(event, h2.events.SettingsAcknowledged):
             if not self.ready.done():

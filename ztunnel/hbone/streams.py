@@ -268,11 +268,11 @@ class TcpStream:
             chunk = p._chunks.popleft()
             p._buffered -= len(chunk)
             p._push_to.data(chunk)
-        if p._chunks or p._push_to is None:
-            return
-        if p._paused_reading and not p._pushing_paused:
+        if p._paused_reading and p._buffered <= TCP_READ_BUFFER_LIMIT // 2 and not p._eof:
             p._paused_reading = False
             self.transport.resume_reading()
+        if p._chunks or p._push_to is None:
+            return
         if p._eof:
             if p._error is not None:
                 p._push_to.error(StreamClosed(f"connection lost: {p._error}"))
@@ -280,11 +280,10 @@ class TcpStream:
                 p._push_to.eof()
 
     def pause_pushing(self) -> None:
-        p = self.protocol
-        if not p._pushing_paused:
-            p._pushing_paused = True
-            if not p._eof:
-                self.transport.pause_reading()
+        # Reading goes on into the chunk queue until TCP_READ_BUFFER_LIMIT (data_received pauses the
+        # transport there): pausing the socket at every full sink would cost two epoll_ctl calls per
+        # chunk in a bulk transfer and leave the pipe empty while the sink drains.
+        self.protocol._pushing_paused = True
 
     def resume_pushing(self) -> None:
         p = self.protocol
@@ -292,8 +291,6 @@ class TcpStream:
             p._pushing_paused = False
             if p._chunks:
                 self._deliver_buffered()
-            if not p._pushing_paused and not p._eof and not p._paused_reading:
-                self.transport.resume_reading()
 
     def push(self, chunk: bytes) -> bool:
         transport = self.transport

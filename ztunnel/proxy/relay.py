@@ -84,26 +84,27 @@ class _Direction:
     def drained(self) -> None:
         if self._splice.finished:
             return
-        if self.ended:  # the EOF that waited for queued data has gone out
-            self.eof_sent = True
-            self._splice.direction_ended()
-        else:
-            self.src.resume_pushing()
+        try:
+            if self.ended:  # the EOF that waited for queued data has gone out
+                self.eof_sent = True
+                self._splice.direction_ended()
+            else:
+                self.src.resume_pushing()
+        except Exception as e:  # never into the transport or HTTP/2 callback that called us
+            self._splice.fail(e)
 
     def eof(self) -> None:
         if self.ended or self._splice.finished:
             return
         self.ended = True
         try:
-            sent = self.dst.push_eof()
+            if self.dst.push_eof():
+                self.eof_sent = True
+                self._splice.direction_ended()
+            else:
+                self.dst.notify_drained(self)
         except Exception as e:
             self._splice.fail(e)
-            return
-        if sent:
-            self.eof_sent = True
-            self._splice.direction_ended()
-        else:
-            self.dst.notify_drained(self)
 
     def error(self, exc: BaseException) -> None:
         self._splice.fail(exc)
@@ -141,16 +142,20 @@ class _Splice:
 
     def _finish(self, *, abort: bool) -> None:
         self.finished = True
-        self.a.stop_pushing()
-        self.b.stop_pushing()
-        if abort:
-            self.a.abort()
-            self.b.abort()
-        else:
-            self.a.close()
-            self.b.close()
-        if not self.done.done():
-            self.done.set_result(None)
+        try:
+            self.a.stop_pushing()
+            self.b.stop_pushing()
+            if abort:
+                self.a.abort()
+                self.b.abort()
+            else:
+                self.a.close()
+                self.b.close()
+        except Exception as e:  # called from transport and HTTP/2 callbacks: record, never raise into them
+            self.counters.error = self.counters.error or f"closing the relay failed: {e!r}"
+        finally:
+            if not self.done.done():
+                self.done.set_result(None)
 
 
 async def _splice(a: PushStream, b: PushStream, counters: RelayCounters) -> RelayCounters:
