@@ -352,3 +352,44 @@ async def test_cancelling_the_splice_resets_both_ends(spliced: Spliced) -> None:
             for _ in range(100):
                 if not await end.read():
                     raise AssertionError("a cancelled relay closed cleanly instead of resetting")
+
+
+@pytest.fixture
+async def tcp_spliced(
+    tcp_pair: tuple[TcpStream, TcpStream],
+) -> AsyncIterator[tuple[TcpStream, TcpStream, asyncio.Task[RelayCounters]]]:
+    """client -> proxy_down | relay | proxy_up -> app over TCP on both sides (the plaintext inbound path)."""
+    client, proxy_down = tcp_pair
+    accepted: asyncio.Queue[TcpStream] = asyncio.Queue()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def on_stream(s: TcpStream) -> None:
+        accepted.put_nowait(s)
+
+    sock = listening_socket("127.0.0.1", 0)
+    server = await serve_streams(sock, on_stream, tasks=tasks)
+    proxy_up = await TcpStream.connect(*sock.getsockname()[:2])
+    app = await accepted.get()
+    relaying = asyncio.create_task(relay(proxy_down, proxy_up))
+    yield client, app, relaying
+    relaying.cancel()
+    await asyncio.gather(relaying, return_exceptions=True)
+    proxy_up.abort()
+    app.abort()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("towards", ["app", "client"])
+async def test_tcp_splice_backpressure(
+    tcp_spliced: tuple[TcpStream, TcpStream, asyncio.Task[RelayCounters]], towards: str
+) -> None:
+    # Nobody reads the far end: the proxy holds at most its read queue limit and a write buffer, plus
+    # what the kernel buffers of the two hops take (at most the autotuning maxima of both ends of both).
+    client, app, _ = tcp_spliced
+    writer, reader = (client, app) if towards == "app" else (app, client)
+    kernel = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        kernel += 2 * int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+    limit = TCP_READ_BUFFER_LIMIT + READ_CHUNK + 2 * BLOCK + kernel
+    await check_backpressure(writer, reader, limit=limit)
