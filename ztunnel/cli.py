@@ -25,6 +25,33 @@ COMMAND_MODULES = (
 )
 
 
+GLOBAL_FLAGS = ("--log-level", "--log-format")
+
+
+def hoist_global_flags(argv: Sequence[str]) -> list[str]:
+    """Move the global flags to the front, so they work after the subcommand too (`ztunnel lab up
+    --log-level debug`, as kubectl and istioctl allow). Nothing after a `--` is touched."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_FLAGS:
+            if "=" in arg or i + 1 >= len(argv):
+                front.append(arg)
+            else:
+                front.extend(argv[i : i + 2])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ztunnel",
@@ -48,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(hoist_global_flags(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
