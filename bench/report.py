@@ -13,6 +13,7 @@ from typing import Any
 
 FLOOR = "direct"
 PEER = "haproxy"
+REFERENCES = ("haproxy-tcp",)  # measured for context (the relay floor in C), compared to the floor only
 SAME_NODE = "-same-node"  # a path measured between two pods of one node; its floor is direct-same-node
 
 
@@ -87,7 +88,9 @@ def ratios(summary: Mapping[str, Any], paths: Sequence[str]) -> dict[str, dict[s
             v = _median(summary, path, m.key)
             out[path][m.key] = {
                 "floor": ratio(v, _median(summary, floor_of(path), m.key)),
-                "peer": None if path == PEER or path.endswith(SAME_NODE) else ratio(v, _median(summary, PEER, m.key)),
+                "peer": None
+                if path == PEER or path in REFERENCES or path.endswith(SAME_NODE)
+                else ratio(v, _median(summary, PEER, m.key)),
             }
     return out
 
@@ -192,7 +195,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     summary = result["summary"]
     rat = result.get("ratios") or ratios(summary, available)
     others = [p for p in available if not is_floor(p)]
-    peered = [p for p in others if p != PEER and not p.endswith(SAME_NODE) and PEER in available]
+    peered = [
+        p for p in others if p != PEER and p not in REFERENCES and not p.endswith(SAME_NODE) and PEER in available
+    ]
     meta = result.get("meta", {})
 
     lines = [

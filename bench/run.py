@@ -9,6 +9,8 @@ Paths:
 - direct: client -> app.
 - haproxy: client -> haproxy A (plain TCP) -> TLS 1.3, ECDSA P-256, mutual -> haproxy B -> app.
   One thread per haproxy process, like one node proxy worker.
+- haproxy-tcp: client -> one haproxy (plain TCP both sides, no TLS) -> app. Not a peer: what the
+  cheapest relay written in C costs on this machine (its CPU is the floor any proxy pays here).
 - ztunnel: client pod on node a -> `ztunnel proxy --node a` -> HBONE -> `ztunnel proxy --node b`
   -> app pod on node b. Entry is the proxy's SOCKS5 port (local mode has no redirection): the
   load generators speak SOCKS5 themselves; iperf3 cannot, so it goes through `loadgen.py forward`,
@@ -62,7 +64,17 @@ IPERF_PORT, ECHO_PORT = 5201, 7000
 TLS_PORT_OFFSET = 10000  # haproxy B's TLS port for app port P is P + offset
 
 BENCH_TOOLS = ("haproxy", "iperf3")
-ALL_PATHS = ("direct", "haproxy", "ztunnel", "ztunnel-ebpf", "waypoint", "direct-same-node", "ztunnel-same-node")
+ALL_PATHS = (
+    "direct",
+    "haproxy",
+    "haproxy-tcp",
+    "ztunnel",
+    "ztunnel-ebpf",
+    "waypoint",
+    "direct-same-node",
+    "ztunnel-same-node",
+)
+RELAY_PORT_OFFSET = 20000  # haproxy-tcp listens on P + offset for app port P (beside haproxy A's P)
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +418,40 @@ def setup_haproxy(group: ProcessGroup, maxconn: int, at: HaproxyPlacement | None
     wait_until(lambda: listening(at.a_addr, ECHO_PORT, list(at.a_prefix)), 10, "haproxy A", path.proxies["a"])
     path.echo_target = f"{at.a_addr}:{ECHO_PORT}"
     path.iperf_host, path.iperf_port = at.a_addr, IPERF_PORT
+    return path
+
+
+def setup_haproxy_tcp(group: ProcessGroup, maxconn: int, at: HaproxyPlacement | None = None) -> PathSetup:
+    """One haproxy relaying plain TCP to the app: no TLS, one hop. The machine's price of a relay in C."""
+    at = at or HaproxyPlacement()
+    path = PathSetup(
+        "haproxy-tcp",
+        entry="one haproxy, plain TCP in and out (no TLS), nbthread 1: the floor of a relay in C (not a peer)",
+        client_prefix=list(at.client_prefix),
+        server_prefix=list(at.server_prefix),
+        iperf_bind=at.iperf_bind,
+    )
+    binary = shutil.which("haproxy")
+    if binary is None:
+        return PathSetup(
+            "haproxy-tcp", available=False, note="haproxy is not installed (bench/run installs it as root)"
+        )
+    cfg = (
+        f"global\n  maxconn {maxconn}\n  nbthread 1\n"
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n"
+    )
+    for port in (IPERF_PORT, ECHO_PORT):
+        cfg += (
+            f"frontend f{port}\n  bind {at.a_addr}:{port + RELAY_PORT_OFFSET}\n  maxconn {maxconn}\n"
+            f"  default_backend b{port}\nbackend b{port}\n  server app {at.app_addr}:{port}\n"
+        )
+    cfg_path = group.workdir / "haproxy-tcp.cfg"
+    cfg_path.write_text(cfg)
+    path.proxies["relay"] = group.start("haproxy-tcp", [*at.a_prefix, binary, "-db", "-f", str(cfg_path)])
+    echo_port = ECHO_PORT + RELAY_PORT_OFFSET
+    wait_until(lambda: listening(at.a_addr, echo_port, list(at.a_prefix)), 10, "haproxy-tcp", path.proxies["relay"])
+    path.echo_target = f"{at.a_addr}:{echo_port}"
+    path.iperf_host, path.iperf_port = at.a_addr, IPERF_PORT + RELAY_PORT_OFFSET
     return path
 
 
@@ -984,6 +1030,7 @@ class LabTopology:
         return {
             "direct": self.direct,
             "haproxy": lambda: self.haproxy(group, maxconn),
+            "haproxy-tcp": lambda: self.haproxy_tcp(group, maxconn),
             "ztunnel": self.ztunnel,
             "ztunnel-ebpf": lambda: self.ebpf(group, maxconn),
             "waypoint": unavailable_waypoint,
@@ -1024,9 +1071,19 @@ class LabTopology:
         )
 
     def haproxy(self, group: ProcessGroup, maxconn: int) -> PathSetup:
+        path = setup_haproxy(group, maxconn, self._haproxy_placement())
+        path.entry = "plain client pod -> haproxy on node1 -> mTLS 1.3 ECDSA P-256 -> haproxy on node2 -> plain pod"
+        return path
+
+    def haproxy_tcp(self, group: ProcessGroup, maxconn: int) -> PathSetup:
+        path = setup_haproxy_tcp(group, maxconn, self._haproxy_placement())
+        path.entry = "plain client pod -> haproxy on node1, plain TCP, no TLS -> plain pod on node2 (not a peer)"
+        return path
+
+    def _haproxy_placement(self) -> HaproxyPlacement:
         client, server = self._pair("plain")
         n1, n2 = self.node("node1"), self.node("node2")
-        at = HaproxyPlacement(
+        return HaproxyPlacement(
             a_addr=n1["address"],
             b_addr=n2["address"],
             app_addr=server["ips"][0],
@@ -1036,9 +1093,6 @@ class LabTopology:
             server_prefix=tuple(netns_exec(server["netns"])),
             iperf_bind=server["ips"][0],
         )
-        path = setup_haproxy(group, maxconn, at)
-        path.entry = "plain client pod -> haproxy on node1 -> mTLS 1.3 ECDSA P-256 -> haproxy on node2 -> plain pod"
-        return path
 
     def ztunnel(self, same_node: bool = False) -> PathSetup:
         name = "ztunnel-same-node" if same_node else "ztunnel"
@@ -1106,6 +1160,7 @@ class LocalTopology:
         return {
             "direct": setup_direct,
             "haproxy": lambda: setup_haproxy(group, maxconn),
+            "haproxy-tcp": lambda: setup_haproxy_tcp(group, maxconn),
             "ztunnel": lambda: setup_ztunnel(group),
             "ztunnel-ebpf": lambda: PathSetup("ztunnel-ebpf", False, "needs the lab topology (in-pod redirection)"),
             "waypoint": lambda: unavailable_waypoint(),
@@ -1210,7 +1265,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
             if not path.proxy_pids():
                 continue
             # haproxy, and a proxy serving both ends (same node), hold two descriptors per connection
-            two_fds = path.name == "haproxy" or path.name.endswith(report.SAME_NODE)
+            two_fds = path.name.startswith("haproxy") or path.name.endswith(report.SAME_NODE)
             count = min(s.hold_count, maxconn - 100) if two_fds else s.hold_count
             log(f"{path.name}: holding {count} connections")
             try:
@@ -1383,6 +1438,7 @@ def dry_run(args: argparse.Namespace, s: Settings, out: TextIO) -> int:
     fake = {
         "direct": [9.0, 20.0, 60, 90, 200, None, None, None, None, 6000, 3.0],
         "haproxy": [3.0, 4.5, 150, 250, 500, 0.05, 0.04, 8.0, 30.0, 3000, 6.0],
+        "haproxy-tcp": [6.0, 9.0, 100, 150, 300, 0.02, 0.02, 8.0, 30.0, 4000, 4.0],
         "ztunnel": [2.0, 3.0, 300, 500, 1200, 0.15, 0.12, 50.0, 12.0, 2000, 9.0],
     }
     samples = {

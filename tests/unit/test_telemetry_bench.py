@@ -63,8 +63,12 @@ def test_dry_run_prints_the_plan_and_a_table() -> None:
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
-    assert "plan: paths direct, haproxy, ztunnel" in r.stdout
-    assert "| Figure | direct | haproxy | ztunnel |" in r.stdout
+    assert "plan: paths direct, haproxy, haproxy-tcp, ztunnel" in r.stdout
+    header = next(line for line in r.stdout.splitlines() if line.startswith("| Figure |"))
+    assert header.startswith("| Figure | direct | haproxy | haproxy-tcp | ztunnel |")
+    # the plain relay is context (the floor of a relay in C), compared with direct only, never the peer
+    assert "haproxy-tcp ÷ direct" in header and "haproxy-tcp ÷ haproxy" not in header
+    assert "ztunnel ÷ haproxy" in header
 
 
 def test_policy_targets_from_policy_bench_json() -> None:
