@@ -120,3 +120,22 @@ def test_service_routes_list_every_ready_endpoint_once_starting_round_robin() ->
     first, second = Authority("10.0.2.1", 8080), Authority("10.0.3.1", 8080)
     assert orders == [[first, second], [second, first]]  # the failover order follows the round robin
     assert router.routes(cfg, "192.0.2.1", 443) == [PassthroughRoute(("192.0.2.1", 443))]
+
+
+def test_a_new_config_snapshot_is_routed_afresh() -> None:
+    """Pod routes are remembered per snapshot; a new snapshot (here: the pod leaves the mesh) is not served stale."""
+    router = OutboundRouter()
+    before = config()
+    assert isinstance(router.route(before, "10.0.2.1", 8080), HboneRoute)
+    assert router.route(before, "10.0.2.1", 8080) == router.route(before, "10.0.2.1", 8080)
+    after = build_config(
+        load_documents(
+            CONFIG.replace(
+                "{app: web}}\nspec: {nodeName: b", "{app: web, istio.io/dataplane-mode: none}}\nspec: {nodeName: b"
+            )
+        )
+    )
+    assert router.route(after, "10.0.2.1", 8080) == PassthroughRoute(
+        ("10.0.2.1", 8080), destination=after.workload_by_ip("10.0.2.1")
+    )
+    assert isinstance(router.route(before, "10.0.2.1", 8080), HboneRoute)  # and back

@@ -176,3 +176,13 @@ def test_health_metrics() -> None:
     assert registry.get_sample_value("ztunnel_certificate_expiry_timestamp_seconds", {"identity": ident}) is None
     metrics.certificate_fetch_failed()
     assert registry.get_sample_value("ztunnel_certificate_fetch_failures_total") == 1
+
+
+def test_labels_follow_the_workload_objects_they_are_built_from() -> None:
+    """build() hands out the same labels for the same objects, and fresh ones for a changed workload."""
+    assert dest_labels() is dest_labels()
+    relabelled = workload("sleep-1", "foo", "sleep", app="sleep-v2")
+    labels = dest_labels(source=relabelled)
+    assert labels.source_app == "sleep-v2" and dest_labels().source_app == "sleep"
+    assert dest_labels(source=workload("sleep-1", "foo", "sleep", app="sleep")) == dest_labels()
+    assert dest_labels(destination_service=None).destination_service == "unknown"

@@ -104,6 +104,10 @@ def parse_authority(text: str) -> Authority:
     return Authority(canonical, int(port_text))
 
 
+# The same few targets recur on every tunnel; Authority is immutable, so parses can be shared.
+_parse_target = functools.lru_cache(maxsize=4096)(parse_authority)
+
+
 def connect_headers(
     target: Authority, *, forwarded_for: tuple[str, int] | None = None, extra: Sequence[tuple[str, str]] = ()
 ) -> list[tuple[str, str]]:
@@ -185,7 +189,7 @@ def validate_connect(headers: Sequence[tuple[str, str]]) -> ConnectRequest | Rej
     if ":protocol" in fields:
         return Rejection(STATUS_BAD_REQUEST, "extended CONNECT is not supported")
     try:
-        target = parse_authority(fields.get(":authority", ""))
+        target = _parse_target(fields.get(":authority", ""))
     except AuthorityError as e:
         return Rejection(STATUS_BAD_REQUEST, str(e))
     forwarded = parse_forwarded_for(fields["forwarded"]) if "forwarded" in fields else None

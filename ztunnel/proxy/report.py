@@ -136,6 +136,8 @@ class ConnectionReporter:
                 opened = True
             if opened:
                 self.metrics.connection_closed(labels, sent - flushed[0], received - flushed[1], flag)
+        if not self.access_log.enabled:
+            return  # skip formatting the addresses and names of a line nobody writes
         self.access_log.log_connection(
             direction=direction,
             src_addr=format_addr(*client),

@@ -43,6 +43,8 @@ class RefusedRoute:
 
 Route = HboneRoute | PassthroughRoute | RefusedRoute
 
+_FIXED_ROUTES_LIMIT = 10_000  # bound on cached pod/passthrough routes (passthrough addresses are unbounded)
+
 
 def _target_port(service_port: int | str, workload: Workload) -> int | None:
     """A service targetPort: a number, or a named containerPort of the endpoint pod."""
@@ -71,21 +73,38 @@ class OutboundRouter:
     def __init__(self, *, hbone_port: int = HBONE_PORT) -> None:
         self.hbone_port = hbone_port
         self._cursor: dict[str, int] = {}
+        # Routes that do not rotate (pods, passthrough), per destination, for one config snapshot: the same
+        # destinations recur on every connection. Cleared when the snapshot changes.
+        self._fixed: dict[tuple[str, int], Route] = {}
+        self._fixed_config: ClusterConfig | None = None
 
     def route(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> Route:
         return self.routes(config, dst_ip, dst_port)[0]
 
     def routes(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> list[Route]:
         """The route to take, then (for a Service) each other ready endpoint once, in round-robin order."""
+        if config is not self._fixed_config:
+            self._fixed.clear()
+            self._fixed_config = config
+        else:
+            fixed = self._fixed.get((dst_ip, dst_port))
+            if fixed is not None:
+                return [fixed]
         if dst_ip in config.conflicting_ips:  # fail closed: never guess which pod the user meant
             return [RefusedRoute(f"{dst_ip} is claimed by more than one pod")]
         service = config.service_by_ip(dst_ip)
         if service is not None:
             return self._route_service(config, service, dst_port)
         workload = config.workload_by_ip(dst_ip)
-        if workload is None:
-            return [PassthroughRoute((dst_ip, dst_port))]
-        return [self._route_workload(config, workload, dst_ip, dst_port, None)]
+        route = (
+            PassthroughRoute((dst_ip, dst_port))
+            if workload is None
+            else self._route_workload(config, workload, dst_ip, dst_port, None)
+        )
+        if len(self._fixed) >= _FIXED_ROUTES_LIMIT:
+            self._fixed.clear()
+        self._fixed[(dst_ip, dst_port)] = route
+        return [route]
 
     def _route_workload(
         self, config: ClusterConfig, workload: Workload, ip: str, port: int, service: Service | None
