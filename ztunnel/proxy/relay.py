@@ -85,11 +85,13 @@ class _Direction:
         if self._splice.finished:
             return
         try:
-            if self.ended:  # the EOF that waited for queued data has gone out
+            # Resume even a source at EOF: it has nothing left to push, but an HBONE source holds the flow
+            # credit of the chunk that filled the sink until it resumes (held until the relay ended, it
+            # shrank the shared connection window for as long as the other direction stayed open).
+            self.src.resume_pushing()
+            if self.ended and not self._splice.finished:  # the EOF that waited for queued data has gone out
                 self.eof_sent = True
                 self._splice.direction_ended()
-            else:
-                self.src.resume_pushing()
         except Exception as e:  # never into the transport or HTTP/2 callback that called us
             self._splice.fail(e)
 
