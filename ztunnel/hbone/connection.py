@@ -27,6 +27,7 @@ from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import FRAMES, Frame, GoAwayFrame
 
+from ztunnel.hbone import dataframes
 from ztunnel.hbone.protocol import (
     CONNECTION_WINDOW,
     KEEPALIVE_INTERVAL,
@@ -50,6 +51,9 @@ from ztunnel.identity.spiffe import SpiffeId
 log = logging.getLogger("ztunnel.hbone")
 
 RequestHandler = Callable[["HboneStream", ConnectRequest | Rejection], None]
+
+# The DATA-frame fast paths (hbone/dataframes.py) need h2 internals; without them h2 does every frame.
+FAST_DATA_FRAMES = dataframes.supported()
 
 
 def _quiet_repr(frame: Frame) -> str:
@@ -421,6 +425,9 @@ class HboneStream:
         if conn._write_paused:
             return chunk
         h2c = conn.h2
+        if FAST_DATA_FRAMES and dataframes.send(h2c, self.stream_id, chunk):
+            conn._flush_soon()
+            return None
         try:
             window = h2c.local_flow_control_window(self.stream_id)
         except h2.exceptions.StreamClosedError:
@@ -590,6 +597,16 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         self._last_received = time.monotonic()
+        if FAST_DATA_FRAMES:
+            try:
+                data = dataframes.receive(self.h2, data, self._data_receiver)
+            except Exception as e:
+                log.exception("HBONE data handling failed, closing the connection", extra={"peer": self.label})
+                self._fail(HboneError(f"internal error: {e}"))
+                return
+            if not data or self.is_closed:
+                self._flush_soon()
+                return
         try:
             events = self.h2.receive_data(data)
         except Exception as e:  # ProtocolError, or anything else garbage makes h2 raise: this connection only
@@ -750,6 +767,13 @@ class HboneConnection(asyncio.BufferedProtocol):
                 self.close()
             elif self.on_idle is not None:
                 self.on_idle(self)
+
+    def _data_receiver(self, stream_id: int) -> Callable[[bytes, int], None] | None:
+        """For the DATA fast path: the stream that takes a frame's bytes, if it is open and ours."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream._reset_code is not None:
+            return None  # h2 decides (and acknowledges) what arrives for a stream we are done with
+        return stream._on_data
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):

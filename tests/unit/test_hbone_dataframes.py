@@ -1,0 +1,193 @@
+"""The DATA-frame fast paths against h2 itself: same bytes out, same data in, same windows, same errors."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import pytest
+from hyperframe.frame import DataFrame, PingFrame, WindowUpdateFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ztunnel.hbone import dataframes
+
+CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+
+
+def pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+    """A client and a server with two open CONNECT streams (1 and 3), settings exchanged."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    for sid in (1, 3):
+        client.send_headers(sid, CONNECT)
+        server.receive_data(client.data_to_send())
+        server.send_headers(sid, [(":status", "200")])
+        client.receive_data(server.data_to_send())
+    client.data_to_send()
+    server.data_to_send()
+    return client, server
+
+
+def windows(conn: h2.connection.H2Connection) -> tuple[int, ...]:
+    out = [conn.outbound_flow_control_window, conn._inbound_flow_control_window_manager.current_window_size]
+    for sid in sorted(conn.streams):
+        s = conn.streams[sid]
+        out += [sid, s.outbound_flow_control_window, s._inbound_window_manager.current_window_size]
+    return tuple(out)
+
+
+def test_this_h2_is_supported() -> None:
+    # If an h2 upgrade removes an internal the fast paths use, this fails (and the proxy falls back to h2).
+    assert dataframes.supported()
+
+
+@pytest.mark.parametrize("size", [1, 1024, 16384])
+def test_send_writes_what_h2_writes(size: int) -> None:
+    a, _ = pair()
+    b, _ = pair()
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    a.send_data(1, data)
+    assert dataframes.send(b, 1, data)
+    assert b.data_to_send() == a.data_to_send()
+    assert windows(b) == windows(a)
+
+
+def test_send_declines_what_h2_must_decide() -> None:
+    client, _ = pair()
+    assert not dataframes.send(client, 1, b"")  # nothing to send
+    assert not dataframes.send(client, 1, b"x" * (client.max_outbound_frame_size + 1))  # too big a frame
+    assert not dataframes.send(client, 5, b"x")  # no such stream
+    client.end_stream(3)
+    assert not dataframes.send(client, 3, b"x")  # half-closed by us: h2 raises, not us
+    client.outbound_flow_control_window = 10
+    assert not dataframes.send(client, 1, b"x" * 11)  # beyond the window
+    assert dataframes.send(client, 1, b"x" * 10)
+
+
+def feed_h2(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple[int, bytes, int, bool]]:
+    got = []
+    for chunk in chunks:
+        for event in conn.receive_data(chunk):
+            if isinstance(event, h2.events.DataReceived):
+                got.append((event.stream_id, event.data, event.flow_controlled_length, event.stream_ended is not None))
+    return got
+
+
+def feed_fast(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple[int, bytes, int, bool]]:
+    got: list[tuple[int, bytes, int, bool]] = []
+
+    def receiver(sid: int):  # type: ignore[no-untyped-def]
+        return lambda payload, flow: got.append((sid, payload, flow, False))
+
+    for chunk in chunks:
+        rest = dataframes.receive(conn, chunk, receiver)
+        if rest:
+            got += feed_h2(conn, [bytes(rest)])
+    return got
+
+
+def data_frame(sid: int, payload: bytes, *flags: str, pad: int | None = None) -> bytes:
+    f = DataFrame(sid, data=payload)
+    for flag in flags:
+        f.flags.add(flag)
+    if pad is not None:
+        f.flags.add("PADDED")
+        f.pad_length = pad
+    return f.serialize()
+
+
+def test_receive_gives_what_h2_gives_and_charges_the_same_windows() -> None:
+    wire = b"".join(
+        [
+            data_frame(1, b"a" * 1000),
+            data_frame(3, b"b" * 10),
+            PingFrame(0, opaque_data=b"12345678").serialize(),
+            data_frame(1, b"c" * 5, pad=7),
+            data_frame(3, b"d" * 3, "END_STREAM"),
+            data_frame(1, b"e" * 20),
+        ]
+    )
+    _, slow = pair()
+    _, fast = pair()
+    assert feed_fast(fast, [wire]) == feed_h2(slow, [wire])
+    assert windows(fast) == windows(slow)
+    assert fast.data_to_send() == slow.data_to_send()  # the PING ack, from h2 in both
+
+
+def test_receive_leaves_a_partial_frame_to_h2() -> None:
+    wire = data_frame(1, b"a" * 100) + data_frame(1, b"b" * 100)
+    _, slow = pair()
+    _, fast = pair()
+    chunks = [wire[:50], wire[50:120], wire[120:]]
+    assert feed_fast(fast, chunks) == feed_h2(slow, chunks)
+    assert windows(fast) == windows(slow)
+
+
+def test_receive_refused_stream_goes_to_h2() -> None:
+    _, server = pair()
+    wire = data_frame(1, b"a") + data_frame(3, b"b")
+    rest = dataframes.receive(server, wire, lambda sid: None if sid == 3 else (lambda p, f: None))
+    assert bytes(rest) == data_frame(3, b"b")
+
+
+def test_a_peer_overrunning_the_window_still_gets_h2s_flow_control_error() -> None:
+    _, server = pair()
+    server._inbound_flow_control_window_manager.current_window_size = 10
+    wire = data_frame(1, b"x" * 11)
+    rest = dataframes.receive(server, wire, lambda sid: lambda p, f: None)
+    assert bytes(rest) == wire
+    with pytest.raises(h2.exceptions.FlowControlError):
+        server.receive_data(bytes(rest))
+
+
+def test_data_before_the_response_headers_is_h2s_protocol_error() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client.send_headers(1, CONNECT)
+    server.receive_data(client.data_to_send())
+    wire = data_frame(1, b"early")  # the server "answers" with DATA before HEADERS
+    rest = dataframes.receive(client, wire, lambda sid: lambda p, f: None)
+    assert bytes(rest) == wire
+    with pytest.raises(h2.exceptions.ProtocolError):
+        client.receive_data(bytes(rest))
+
+
+frames = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([1, 3]), st.binary(min_size=1, max_size=300)).map(lambda t: data_frame(*t)),
+        st.tuples(st.sampled_from([1, 3]), st.binary(max_size=50), st.integers(0, 20)).map(
+            lambda t: data_frame(t[0], t[1], pad=t[2])
+        ),
+        st.just(PingFrame(0, opaque_data=b"abcdefgh").serialize()),
+        st.integers(1, 1000).map(lambda n: WindowUpdateFrame(0, window_increment=n).serialize()),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(frames, st.lists(st.integers(1, 400), max_size=8))
+def test_any_frame_mix_split_anywhere_reads_the_same_as_h2(wire_frames: list[bytes], cuts: list[int]) -> None:
+    wire = b"".join(wire_frames)
+    chunks, pos = [], 0
+    for cut in cuts:
+        chunks.append(wire[pos : pos + cut])
+        pos += cut
+    chunks.append(wire[pos:])
+    chunks = [c for c in chunks if c]
+    _, slow = pair()
+    _, fast = pair()
+    assert feed_fast(fast, chunks) == feed_h2(slow, chunks)
+    assert windows(fast) == windows(slow)
+    assert fast.data_to_send() == slow.data_to_send()
