@@ -23,7 +23,7 @@ from ztunnel.config.model import Workload
 from ztunnel.proxy.inpod import InpodClient, InpodConnector, pod_sockets
 from ztunnel.proxy.listeners import WorkloadSockets, original_destination
 from ztunnel.redirect import iptables, protocol
-from ztunnel.redirect.netns import in_netns, open_netns, socket_in_netns
+from ztunnel.redirect.netns import current_netns_fd, in_netns, open_netns, socket_in_netns
 
 pytestmark = [
     pytest.mark.netns,
@@ -214,7 +214,12 @@ async def test_redirect_outbound_inbound_and_hbone_with_client_ip_preserved(pair
         with conn:
             assert peer[0] == CLIENT_IP
             assert original_destination(conn) == (POD_IP, 8080)
-            upstream = await InpodConnector(pod_fd).connect((POD_IP, 8080), source=(peer[0], 0))
+            home = current_netns_fd()  # as the InpodClient holds it: the connector comes back without a lookup
+            try:
+                upstream = await InpodConnector(pod_fd, home).connect((POD_IP, 8080), source=(peer[0], 0))
+                assert os.stat("/proc/thread-self/ns/net").st_ino == os.fstat(home).st_ino  # back home
+            finally:
+                os.close(home)
             app_conn, app_peer = await asyncio.wait_for(loop.sock_accept(app), 5)
             with app_conn:
                 assert app_peer[0] == CLIENT_IP  # the app sees the real client address

@@ -33,7 +33,7 @@ from ztunnel.proxy.listeners import (
     WorkloadSockets,
 )
 from ztunnel.redirect import protocol
-from ztunnel.redirect.netns import in_netns
+from ztunnel.redirect.netns import current_netns_fd, in_netns
 from ztunnel.redirect.rules import PROXY_MARK
 
 log = logging.getLogger("ztunnel.proxy.inpod")
@@ -80,10 +80,11 @@ class InpodConnector:
     """Upstream connections made from inside the pod netns, marked so the pod's rules skip them."""
 
     netns_fd: int
+    home_fd: int | None = None  # the proxy's own netns, held open by the InpodClient (None: looked up per call)
 
     def make_socket(self, address: tuple[str, int], source: tuple[str, int] | None) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        with in_netns(self.netns_fd):
+        with in_netns(self.netns_fd, self.home_fd):
             sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             _mark(sock)
@@ -114,10 +115,11 @@ def pod_sockets(
     *,
     ipv6: bool = True,
     ports: tuple[int, int, int] = (OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT),
+    home_fd: int | None = None,
 ) -> WorkloadSockets:
     """All listeners of one pod (v4, and v6 when the pod has IPv6), plus its connector."""
     outbound_port, plaintext_port, hbone_port = ports
-    out = WorkloadSockets(connector=InpodConnector(netns_fd))
+    out = WorkloadSockets(connector=InpodConnector(netns_fd, home_fd))
     families = [socket.AF_INET, socket.AF_INET6] if ipv6 else [socket.AF_INET]
     try:
         for family in families:
@@ -176,6 +178,7 @@ class InpodClient:
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     connected: bool = False
     failed: dict[str, str] = field(default_factory=dict)  # uid -> why the last add was nacked
+    home_fd: int | None = None  # this thread's own netns, opened at the first pod, closed in close()
 
     def not_ready(self, served: Collection[str]) -> str:
         """Why readiness must wait for in-pod mode ("" when it need not): the agent's snapshot, and every
@@ -266,8 +269,10 @@ class InpodClient:
                 return protocol.Ack(id=msg.id)
             await self._remove(msg.uid)  # a new sandbox for the same pod: the old listeners are dead
         workload = workload_from_info(msg.uid, msg.workload, self.resolve(msg.uid) if self.resolve else None)
+        if self.home_fd is None:
+            self.home_fd = current_netns_fd()
         try:
-            sockets = pod_sockets(msg.netns_fd, ports=self.ports)
+            sockets = pod_sockets(msg.netns_fd, ports=self.ports, home_fd=self.home_fd)
         except OSError as e:
             os.close(msg.netns_fd)
             log.error("cannot listen in pod netns", extra={"uid": msg.uid, "error": str(e)})
@@ -300,3 +305,6 @@ class InpodClient:
         for uid in list(self.pods):
             with contextlib.suppress(Exception):
                 await self._remove(uid)
+        if self.home_fd is not None:
+            os.close(self.home_fd)
+            self.home_fd = None
