@@ -178,30 +178,14 @@ async def test_hbone_backpressure_is_bounded_by_the_stream_window(hbone_pair: tu
     await check_backpressure(*hbone_pair, limit=STREAM_WINDOW)
 
 
-async def test_relay_keeps_half_close_and_resets(tcp_pair: tuple[TcpStream, TcpStream]) -> None:
+async def test_relay_keeps_half_close_and_resets(
+    tcp_spliced: tuple[TcpStream, TcpStream, asyncio.Task[RelayCounters]],
+) -> None:
     """client -> [relay] -> app, built from two TCP pairs: the relay's conformance end to end."""
-    client, proxy_down = tcp_pair
-    accepted: asyncio.Queue[TcpStream] = asyncio.Queue()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def on_stream(s: TcpStream) -> None:
-        accepted.put_nowait(s)
-
-    sock = listening_socket("127.0.0.1", 0)
-    server = await serve_streams(sock, on_stream, tasks=tasks)
-    proxy_up = await TcpStream.connect(*sock.getsockname()[:2])
-    app = await accepted.get()
-    relaying = asyncio.create_task(relay(proxy_down, proxy_up))
-    try:
-        await check_half_close(client, app)
-        counters = await asyncio.wait_for(relaying, 5)
-        assert (counters.a_to_b, counters.b_to_a) == (7, 16)
-    finally:
-        relaying.cancel()
-        proxy_up.abort()
-        app.abort()
-        server.close()
-        await server.wait_closed()
+    client, app, relaying = tcp_spliced
+    await check_half_close(client, app)
+    counters = await asyncio.wait_for(relaying, 5)
+    assert (counters.a_to_b, counters.b_to_a) == (7, 16)
 
 
 # ---- the relay between a TCP and an HBONE stream: the spliced (push) path every proxied connection takes ----
