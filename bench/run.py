@@ -376,26 +376,38 @@ class HaproxyPlacement:
     iperf_bind: str = SERVER_POD
 
 
-def setup_haproxy(group: ProcessGroup, maxconn: int, at: HaproxyPlacement | None = None) -> PathSetup:
-    at = at or HaproxyPlacement()
+def _haproxy_path(name: str, entry: str, at: HaproxyPlacement) -> tuple[PathSetup, str]:
+    """The path record and the haproxy binary ("" and an unavailable path when it is not installed)."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        return PathSetup(name, available=False, note="haproxy is not installed (bench/run installs it as root)"), ""
     path = PathSetup(
-        "haproxy",
-        entry="haproxy A (TCP) -> mTLS 1.3 ECDSA P-256 -> haproxy B, nbthread 1 each",
+        name,
+        entry=entry,
         client_prefix=list(at.client_prefix),
         server_prefix=list(at.server_prefix),
         iperf_bind=at.iperf_bind,
     )
-    binary = shutil.which("haproxy")
-    if binary is None:
-        return PathSetup("haproxy", available=False, note="haproxy is not installed (bench/run installs it as root)")
-    certs = group.workdir / "haproxy-certs"
-    certs.mkdir(exist_ok=True)
-    make_haproxy_certs(certs)
-    common = (
+    return path, binary
+
+
+def _haproxy_config_head(maxconn: int) -> str:
+    """One thread per process, like one node proxy worker; plain TCP mode."""
+    return (
         f"global\n  maxconn {maxconn}\n  nbthread 1\n"
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n"
     )
-    a_cfg, b_cfg = common, common
+
+
+def setup_haproxy(group: ProcessGroup, maxconn: int, at: HaproxyPlacement | None = None) -> PathSetup:
+    at = at or HaproxyPlacement()
+    path, binary = _haproxy_path("haproxy", "haproxy A (TCP) -> mTLS 1.3 ECDSA P-256 -> haproxy B, nbthread 1 each", at)
+    if not path.available:
+        return path
+    certs = group.workdir / "haproxy-certs"
+    certs.mkdir(exist_ok=True)
+    make_haproxy_certs(certs)
+    a_cfg = b_cfg = _haproxy_config_head(maxconn)
     tls = f"ca-file {certs}/ca.pem verify required ssl-min-ver TLSv1.3"
     for port in (IPERF_PORT, ECHO_PORT):
         tls_port = port + TLS_PORT_OFFSET
@@ -424,22 +436,11 @@ def setup_haproxy(group: ProcessGroup, maxconn: int, at: HaproxyPlacement | None
 def setup_haproxy_tcp(group: ProcessGroup, maxconn: int, at: HaproxyPlacement | None = None) -> PathSetup:
     """One haproxy relaying plain TCP to the app: no TLS, one hop. The machine's price of a relay in C."""
     at = at or HaproxyPlacement()
-    path = PathSetup(
-        "haproxy-tcp",
-        entry="one haproxy, plain TCP in and out (no TLS), nbthread 1: the floor of a relay in C (not a peer)",
-        client_prefix=list(at.client_prefix),
-        server_prefix=list(at.server_prefix),
-        iperf_bind=at.iperf_bind,
-    )
-    binary = shutil.which("haproxy")
-    if binary is None:
-        return PathSetup(
-            "haproxy-tcp", available=False, note="haproxy is not installed (bench/run installs it as root)"
-        )
-    cfg = (
-        f"global\n  maxconn {maxconn}\n  nbthread 1\n"
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n"
-    )
+    entry = "one haproxy, plain TCP in and out (no TLS), nbthread 1: the floor of a relay in C (not a peer)"
+    path, binary = _haproxy_path("haproxy-tcp", entry, at)
+    if not path.available:
+        return path
+    cfg = _haproxy_config_head(maxconn)
     for port in (IPERF_PORT, ECHO_PORT):
         cfg += (
             f"frontend f{port}\n  bind {at.a_addr}:{port + RELAY_PORT_OFFSET}\n  maxconn {maxconn}\n"
