@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ztunnel.hbone.connection import HboneConnection, HboneStream
+from ztunnel.hbone.connection import TLS_READ_BUFFER, TLS_READ_BUFFER_IDLE, HboneConnection, HboneStream
 from ztunnel.hbone.protocol import STREAM_WINDOW, Authority, ConnectRequest, HboneError, Rejection
 from ztunnel.hbone.streams import StreamClosed
 
@@ -363,3 +363,20 @@ async def test_streams_that_end_when_the_connection_window_reopens_do_not_break_
     assert not client.closed.done()
     assert all(s.stream_id in client.streams for s, _ in filling)
     assert not any(t.stream.stream_id in client.streams for t in waiting)
+
+
+async def test_only_a_connection_with_tunnels_holds_the_big_tls_read_buffer() -> None:
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    await client.ready
+    assert len(client.get_buffer(-1)) == TLS_READ_BUFFER_IDLE  # idle: PINGs and the next CONNECT
+    stream = await client.open_stream(Authority("10.0.0.1", 8080))
+    served = await handler.streams.get()
+    assert len(client.get_buffer(-1)) == TLS_READ_BUFFER  # a tunnel may carry a bulk transfer
+    await stream.write_eof()
+    assert await served.read() == b""
+    await served.write_eof()
+    assert await stream.read() == b""
+    assert client.is_idle
+    assert len(client.get_buffer(-1)) == TLS_READ_BUFFER_IDLE
+    assert client._read_buffer is None  # the 256 KiB went back
