@@ -273,6 +273,10 @@ class Outbound:
         # A Service's other ready mesh endpoints, each tried once if the chosen one's tunnel fails, all within
         # the connect timeout. Only HBONE ones: failing over never downgrades a connection to plaintext.
         candidates = [route, *(r for r in routes[1:] if isinstance(r, HboneRoute))]
+        if len(candidates) == 1 and self.pool.connect_timeout <= self.state.options.connect_timeout:
+            # One endpoint (the common case): the pool's own timeout, no longer than ours, bounds the attempt and
+            # fails it the same way (TTL expired, upstream failure), so a second timer per connection is not needed.
+            return await self._open_tunnel(source, route, client_addr)
         deadline = loop.time() + self.state.options.connect_timeout
         for attempt, candidate in enumerate(candidates):
             try:
