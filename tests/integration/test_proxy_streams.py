@@ -377,3 +377,47 @@ async def test_tcp_splice_backpressure(
         kernel += 2 * int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
     limit = TCP_READ_BUFFER_LIMIT + READ_CHUNK + 2 * BLOCK + kernel
     await check_backpressure(writer, reader, limit=limit)
+
+
+async def _fill_until_stalled(writer: ByteStream) -> asyncio.Task[None]:
+    """Write until the writes stall (nobody reads the far end); return the still-blocked writer task."""
+    written = 0
+
+    async def write_forever() -> None:
+        nonlocal written
+        block = b"f" * BLOCK
+        while True:
+            await writer.write(block)
+            written += len(block)
+
+    task = asyncio.create_task(write_forever())
+    last, steady = -1, 0
+    deadline = asyncio.get_running_loop().time() + 20
+    while steady < STALL_CHECKS:
+        assert asyncio.get_running_loop().time() < deadline, "the writer never stalled"
+        await asyncio.sleep(STALL_CHECK_INTERVAL)
+        steady = steady + 1 if written == last else 0
+        last = written
+    return task
+
+
+async def _expect_reset(end: ByteStream) -> None:
+    with pytest.raises((StreamClosed, ConnectionError)):
+        async with asyncio.timeout(10):
+            while await end.read():
+                pass
+            raise AssertionError("a reset arrived as a clean EOF")
+
+
+@pytest.mark.parametrize("who", ["app", "client"])
+async def test_splice_passes_a_reset_on_while_the_sink_is_full(spliced: Spliced, who: str) -> None:
+    # Bytes queued in a full sink and a paused source must not turn a reset into a clean end.
+    client, app, _, _, relaying = spliced
+    writer, other = (app, client) if who == "app" else (client, app)
+    task = await _fill_until_stalled(writer)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    writer.abort()
+    await _expect_reset(other)
+    counters = await asyncio.wait_for(relaying, 5)
+    assert counters.error
