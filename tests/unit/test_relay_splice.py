@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tests.unit.test_hbone_connection import Handler, MemoryTransport, connect_pair
 from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, Authority
@@ -204,3 +207,134 @@ async def test_chunks_received_through_the_reused_tls_read_buffer_stay_intact() 
     finally:
         relaying.cancel()
         await asyncio.gather(relaying, return_exceptions=True)
+
+
+class ScriptedSource(ScriptedEnd):
+    """A ScriptedEnd that also sends: honours pause/resume like a TCP stream (queues while paused)."""
+
+    def __init__(self, *, full: bool = False) -> None:
+        super().__init__(full=full)
+        self.paused = False
+        self.queue: list[bytes | None] = []  # None: the EOF
+
+    def start_pushing(self, target: PushTarget) -> None:
+        self.push_to = target
+        self._deliver()
+
+    def pause_pushing(self) -> None:
+        self.paused = True
+
+    def resume_pushing(self) -> None:
+        self.paused = False
+        self._deliver()
+
+    def send(self, chunk: bytes | None) -> None:
+        self.queue.append(chunk)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        while self.queue and not self.paused and self.push_to is not None:
+            chunk = self.queue.pop(0)
+            if chunk is None:
+                self.push_to.eof()
+            else:
+                self.push_to.data(chunk)
+
+
+def _inbound_credit_held(conn: HboneConnection) -> int:
+    """Connection-level bytes received but not yet acknowledged (h2's inbound window accounting)."""
+    manager = conn.h2._inbound_flow_control_window_manager
+    return manager.max_window_size - manager.current_window_size - manager._bytes_processed
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["peer_sends", "peer_ends_with", "end_sends", "drain", "fill", "peer_reads", "tick"]),
+            st.integers(min_value=1, max_value=300_000),
+        ),
+        max_size=40,
+    )
+)
+def test_random_schedules_keep_bytes_in_order_and_give_all_credit_back(ops: list[tuple[str, int]]) -> None:
+    """Whatever the interleaving of writes, full/draining sinks and reads: every byte arrives once and in
+    order, each EOF after its bytes, the relay ends cleanly, and no connection credit stays held."""
+
+    async def run() -> None:
+        handler = Handler()
+        client, server, _, _ = connect_pair(handler)
+        await client.ready
+        stream = await client.open_stream(Authority("10.0.0.1", 8080))
+        served = await handler.streams.get()
+        end = ScriptedSource()
+        relaying = asyncio.create_task(relay(served, end))
+        up = bytearray()  # what the peer sent (arrives at `end`)
+        down = bytearray()  # what `end` sent (arrives at the peer)
+        got = bytearray()
+        writers: list[asyncio.Task[None]] = []
+        try:
+            for i, (op, n) in enumerate(ops):
+                data = bytes([i % 251]) * n
+                if op == "peer_sends" and not stream.local_closed:
+                    writers.append(asyncio.create_task(stream.write(data)))
+                    up += data
+                elif (
+                    op == "peer_ends_with"  # END_STREAM on a DATA frame with data (other h2 peers do that)
+                    and not stream.local_closed
+                    and all(w.done() for w in writers)
+                    and client.h2.local_flow_control_window(stream.stream_id) >= n
+                    and n <= client.h2.max_outbound_frame_size
+                ):
+                    client.h2.send_data(stream.stream_id, data, end_stream=True)
+                    client._flush()
+                    stream.local_closed = True
+                    up += data
+                elif op == "end_sends":
+                    end.send(data)
+                    down += data
+                elif op == "drain":
+                    end.drain()
+                elif op == "fill":
+                    end.full = True
+                elif op == "peer_reads" and stream._chunks:
+                    got += await stream.read(n)
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            end.drain()  # a sink with room again: nothing received stays unacknowledged, tunnel still open
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert _inbound_credit_held(server) == 0
+            end.send(None)
+            while not stream.remote_closed or stream._chunks:  # read everything `end` sent, and its EOF
+                if end.drain_to is not None:
+                    end.drain()
+                chunk = await asyncio.wait_for(stream.read(), 5)
+                if not chunk:
+                    break
+                got += chunk
+            for w in writers:
+                await asyncio.wait_for(w, 5)
+            await stream.write_eof()  # (nothing if the peer's last DATA frame ended the stream)
+
+            def finished() -> bool:
+                if end.drain_to is not None:
+                    end.drain()
+                return relaying.done()
+
+            await until(finished, "the relay did not end")
+            counters = relaying.result()
+            assert counters.error is None
+            assert bytes(got) == bytes(down)
+            assert end.received == bytes(up)
+            assert end.eof and end.closed and not end.aborted
+            await until(lambda: not client.streams and not server.streams, "the streams stayed open")
+            assert _inbound_credit_held(server) == 0
+            assert _inbound_credit_held(client) == 0
+        finally:
+            relaying.cancel()
+            for w in writers:
+                w.cancel()
+            await asyncio.gather(relaying, *writers, return_exceptions=True)
+
+    asyncio.run(run())
