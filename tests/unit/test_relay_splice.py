@@ -338,3 +338,69 @@ def test_random_schedules_keep_bytes_in_order_and_give_all_credit_back(ops: list
             await asyncio.gather(relaying, *writers, return_exceptions=True)
 
     asyncio.run(run())
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["peer_sends", "end_sends", "drain", "fill", "tick"]), st.integers(1, 300_000)),
+        max_size=20,
+    ),
+    st.sampled_from(["peer", "end"]),
+)
+def test_random_schedules_end_in_a_reset_on_both_sides(ops: list[tuple[str, int]], who: str) -> None:
+    """A reset at any point (sink full or not, source paused or not) reaches the other side as a reset,
+    and the credit of everything received but never delivered goes back to the connection."""
+
+    async def run() -> None:
+        handler = Handler()
+        client, server, _, _ = connect_pair(handler)
+        await client.ready
+        stream = await client.open_stream(Authority("10.0.0.1", 8080))
+        served = await handler.streams.get()
+        end = ScriptedSource()
+        relaying = asyncio.create_task(relay(served, end))
+        writers: list[asyncio.Task[None]] = []
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            for i, (op, n) in enumerate(ops):
+                if op == "peer_sends":
+                    writers.append(asyncio.create_task(stream.write(bytes([i % 251]) * n)))
+                elif op == "end_sends":
+                    end.send(bytes([i % 251]) * n)
+                elif op == "drain":
+                    end.drain()
+                elif op == "fill":
+                    end.full = True
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            if who == "peer":
+                stream.abort()
+                await until(lambda: relaying.done(), "the relay did not end")
+                assert end.aborted and not end.closed
+            else:
+                assert end.push_to is not None
+                end.push_to.error(StreamClosed("connection reset"))
+                await until(lambda: relaying.done(), "the relay did not end")
+                assert end.aborted
+                try:
+                    while await asyncio.wait_for(stream.read(), 5):
+                        pass
+                except StreamClosed:
+                    pass
+                else:
+                    raise AssertionError("a reset arrived as a clean EOF")
+            assert relaying.result().error
+            await until(lambda: not client.streams and not server.streams, "the streams stayed open")
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert _inbound_credit_held(server) == 0
+            assert _inbound_credit_held(client) == 0
+        finally:
+            relaying.cancel()
+            for w in writers:
+                w.cancel()
+            await asyncio.gather(relaying, *writers, return_exceptions=True)
+
+    asyncio.run(run())
