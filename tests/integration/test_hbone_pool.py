@@ -98,6 +98,28 @@ async def test_idle_connections_are_released(setup: Setup) -> None:
         pool.close()
 
 
+async def test_a_connection_in_use_stays_and_is_released_one_idle_timeout_after_its_last_tunnel(setup: Setup) -> None:
+    """Tunnels one after another (each leaves the connection idle for a moment) keep the connection; it closes
+    an idle timeout after the last one, not earlier (a reaper armed during an earlier idle spell waits the rest)."""
+    loop = asyncio.get_running_loop()
+    pool = HbonePool(setup.contexts, idle_timeout=0.3)
+    try:
+        started = loop.time()
+        i = 0
+        while loop.time() - started < 0.7:  # past two idle timeouts of use, gaps well under one
+            await _roundtrip(pool, setup.key, i)
+            i += 1
+            await asyncio.sleep(0.05)
+        last = loop.time()
+        assert pool.stats.connections_opened == 1 and pool.size == 1
+        conn = pool.connections()[0]
+        await asyncio.wait_for(conn.closed, 5)
+        assert loop.time() - last >= 0.3 * 0.98 - 0.05
+        assert pool.size == 0
+    finally:
+        pool.close()
+
+
 async def test_server_drain_moves_new_streams_to_a_new_connection(setup: Setup) -> None:
     pool = HbonePool(setup.contexts)
     try:

@@ -144,6 +144,7 @@ class HbonePool:
         self._dialing: dict[PoolKey, asyncio.Future[HboneConnection]] = {}
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reaping: set[HboneConnection] = set()  # idle connections with a reaper timer pending
 
     def __repr__(self) -> str:
         return f"<HbonePool keys={len(self._conns)} connections={self.size}>"
@@ -292,17 +293,27 @@ class HbonePool:
                 if not conns:
                     del self._conns[key]
             return
-        if conn.is_idle:
-            asyncio.get_running_loop().call_later(self.idle_timeout, self._reap, key, conn)
+        if conn.is_idle and conn not in self._reaping:
+            # One reaper timer per connection, not one per idle spell: a connection whose last tunnel ends
+            # on every new connection (one client at a time) would otherwise pile up a 60 s timer per tunnel.
+            self._reaping.add(conn)
+            conn.loop.call_later(self.idle_timeout, self._reap, key, conn)
 
     def _reap(self, key: PoolKey, conn: HboneConnection) -> None:
-        if conn.is_idle and time.monotonic() - conn.idle_since >= self.idle_timeout * 0.99:
-            conn.close()
-            conns = self._conns.get(key)
-            if conns and conn in conns:
-                conns.remove(conn)
-                if not conns:
-                    del self._conns[key]
+        self._reaping.discard(conn)
+        if not conn.is_idle:
+            return  # busy again: its next idle spell arms a new reaper
+        idle_for = time.monotonic() - conn.idle_since
+        if idle_for < self.idle_timeout * 0.99:  # busy and idle again since this timer was set: wait the rest
+            self._reaping.add(conn)
+            conn.loop.call_later(self.idle_timeout - idle_for, self._reap, key, conn)
+            return
+        conn.close()
+        conns = self._conns.get(key)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._conns[key]
 
     def drain(self) -> None:
         """No new tunnels; idle connections close now, busy ones when their streams end."""
