@@ -421,3 +421,16 @@ async def test_splice_passes_a_reset_on_while_the_sink_is_full(spliced: Spliced,
     await _expect_reset(other)
     counters = await asyncio.wait_for(relaying, 5)
     assert counters.error
+
+
+async def test_a_splice_of_an_already_aborted_tcp_end_resets_the_other_end(
+    tcp_pair: tuple[TcpStream, TcpStream], hbone_pair: tuple[HboneStream, HboneStream]
+) -> None:
+    # An abort (a policy change, a drain) can land between accepting a connection and relaying it: the
+    # transport then reports its loss without an error, which must not reach the peer as a clean EOF.
+    _, proxy_down = tcp_pair
+    proxy_up, app = hbone_pair
+    proxy_down.abort()
+    counters = await asyncio.wait_for(relay(proxy_down, proxy_up), 5)
+    assert counters.error
+    await _expect_reset(app)

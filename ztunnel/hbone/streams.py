@@ -140,8 +140,8 @@ class TcpStreamProtocol(asyncio.Protocol):
             self.closed.set_result(None)
         target = self._push_to or self._drain_to
         if target is not None:
-            if exc is not None:
-                target.error(StreamClosed(f"connection lost: {exc}"))
+            if self._error is not None:  # a reset, or our own abort (which reports no error here)
+                target.error(StreamClosed(f"connection lost: {self._error}"))
             elif self._drain_to is not None:
                 target.error(StreamClosed("connection lost"))
             elif not self._chunks:
@@ -247,8 +247,12 @@ class TcpStream:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass
-        self.transport.abort()
         p = self.protocol
+        if p._error is None:
+            # The transport reports the loss without an error: a relay that starts on this stream only
+            # afterwards must see a reset, not a clean EOF to pass on.
+            p._error = ConnectionAbortedError("aborted")
+        self.transport.abort()
         target = p._push_to or p._drain_to
         if target is not None:
             target.error(StreamClosed("TCP connection aborted"))
