@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from h2.errors import ErrorCodes
 
-from ztunnel.hbone.client import HbonePool, PoolKey
-from ztunnel.hbone.protocol import Authority
+from ztunnel.hbone.client import REFUSED_RETRIES, HbonePool, PoolKey
+from ztunnel.hbone.protocol import Authority, HboneError
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
@@ -161,3 +162,57 @@ async def test_a_rotated_server_certificate_is_used_without_a_new_listener(setup
     rotated = (await provider.get(SERVER)).serial
     assert rotated != first
     assert await served_serial() == rotated
+
+
+async def test_a_stream_the_server_refused_unprocessed_is_sent_again_on_a_new_connection(ca_dir: Path) -> None:
+    """A draining server refuses a stream it never processed (REFUSED_STREAM, or a stream above its
+    GOAWAY's last id): the pool sends the request again on another connection (RFC 9113 §8.7) instead of
+    failing the client's connection."""
+    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+    served: list[int] = []
+
+    async def refuse_first_then_echo(tunnel: InboundTunnel) -> None:
+        served.append(tunnel.stream.stream_id)
+        if len(served) == 1:
+            tunnel.stream.connection.goaway()  # this connection takes no new streams...
+            tunnel.stream.abort(ErrorCodes.REFUSED_STREAM)  # ...and did not process this one
+            return
+        await _echo(tunnel)
+
+    server = HboneServer(contexts, refuse_first_then_echo)
+    address = ("127.0.170.2", 15008)
+    listener = await server.listen(listening_socket(*address), SERVER)
+    pool = HbonePool(contexts)
+    try:
+        await _roundtrip(pool, PoolKey(CLIENT, SERVER, address), 1)
+        assert len(served) == 2  # refused once, then served
+        assert pool.stats.connections_opened == 2
+    finally:
+        pool.close()
+        listener.close()
+        server.abort()
+        await listener.wait_closed()
+
+
+async def test_a_refused_stream_is_retried_a_bounded_number_of_times(ca_dir: Path) -> None:
+    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+    served: list[int] = []
+
+    async def always_refuse(tunnel: InboundTunnel) -> None:
+        served.append(tunnel.stream.stream_id)
+        tunnel.stream.abort(ErrorCodes.REFUSED_STREAM)
+
+    server = HboneServer(contexts, always_refuse)
+    address = ("127.0.170.3", 15008)
+    listener = await server.listen(listening_socket(*address), SERVER)
+    pool = HbonePool(contexts)
+    try:
+        with pytest.raises(HboneError) as failure:
+            await pool.connect(PoolKey(CLIENT, SERVER, address), TARGET, expected_identities=[SERVER.uri])
+        assert failure.value.refused
+        assert len(served) == REFUSED_RETRIES + 1
+    finally:
+        pool.close()
+        listener.close()
+        server.abort()
+        await listener.wait_closed()

@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -380,3 +382,33 @@ async def test_only_a_connection_with_tunnels_holds_the_big_tls_read_buffer() ->
     assert client.is_idle
     assert len(client.get_buffer(-1)) == TLS_READ_BUFFER_IDLE
     assert client._read_buffer is None  # the 256 KiB went back
+
+
+async def test_a_goaway_that_overtakes_a_new_stream_refuses_it_as_retryable() -> None:
+    """The HEADERS of a new stream go out at the end of the loop iteration; a GOAWAY whose last stream id
+    is below it means the server never saw it: HboneError(refused=True), which the pool sends again."""
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    await client.ready
+    opening = asyncio.ensure_future(client.open_stream(Authority("10.0.0.1", 8080)))
+    await asyncio.sleep(0)  # open_stream ran up to its wait for the answer; the HEADERS are not sent yet
+    client.data_received(GoAwayFrame(stream_id=0, last_stream_id=0, error_code=0).serialize())
+    with pytest.raises(HboneError) as failure:
+        await opening
+    assert failure.value.refused
+    assert client.draining
+
+
+async def test_only_a_refusal_is_retryable() -> None:
+    def reset(code: ErrorCodes):  # type: ignore[no-untyped-def]
+        def on_request(stream: HboneStream, verdict: ConnectRequest | Rejection) -> None:
+            stream.abort(code)
+
+        return on_request
+
+    for code, retryable in ((ErrorCodes.REFUSED_STREAM, True), (ErrorCodes.CANCEL, False)):
+        client, _server, _, _ = connect_pair(reset(code))
+        await client.ready
+        with pytest.raises(HboneError) as failure:
+            await client.open_stream(Authority("10.0.0.1", 8080))
+        assert failure.value.refused is retryable

@@ -35,6 +35,7 @@ log = logging.getLogger("ztunnel.hbone")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 60.0
+REFUSED_RETRIES = 2  # a stream the server never processed (GOAWAY, REFUSED_STREAM) is sent again this often
 
 
 CONNECT_FAILURE = "connect"
@@ -179,18 +180,22 @@ class HbonePool:
         if loop is None or asyncio.current_task(loop) is None:  # not the running loop: look it up (getpid())
             loop = self._loop = asyncio.get_running_loop()
         async with Deadline.after(loop, self.connect_timeout):
-            conn = await self._checkout(key, expected)
-            try:
-                return await conn.open_stream(
-                    target,
-                    forwarded_for=forwarded_for,
-                    extra=trace_headers(traceparent, baggage),
-                    reserved=True,
-                )
-            except BaseException:
-                if conn.is_idle and conn.on_idle is not None:
-                    conn.on_idle(conn)
-                raise
+            for attempt in range(REFUSED_RETRIES + 1):
+                conn = await self._checkout(key, expected)
+                try:
+                    return await conn.open_stream(
+                        target,
+                        forwarded_for=forwarded_for,
+                        extra=trace_headers(traceparent, baggage),
+                        reserved=True,
+                    )
+                except BaseException as e:
+                    if conn.is_idle and conn.on_idle is not None:
+                        conn.on_idle(conn)
+                    if not (isinstance(e, HboneError) and e.refused) or attempt == REFUSED_RETRIES:
+                        raise
+                    # never processed (a draining server): send it again, on another connection
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _checkout(self, key: PoolKey, expected: frozenset[str]) -> HboneConnection:
         while True:

@@ -314,7 +314,10 @@ class HboneStream:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         if self._response is not None and not self._response.done() and self._reset_code is not None:
-            self._response.set_exception(HboneError(f"the HBONE server reset the stream (error {self._reset_code})"))
+            code = self._reset_code
+            refused = code == ErrorCodes.REFUSED_STREAM  # never processed: the pool may send it again
+            error = HboneError(f"the HBONE server reset the stream (error {code})", refused=refused)
+            self._response.set_exception(error)
 
     def _on_data(self, data: bytes, flow: int) -> None:
         target = self._push_to
@@ -701,7 +704,9 @@ class HboneConnection(asyncio.BufferedProtocol):
         stream._response = self.loop.create_future()
         self.streams[stream_id] = stream
         self.streams_total += 1
-        self._flush()  # at once: a stream the pool counts is on the wire (a GOAWAY then names it)
+        # With the other frames of this loop iteration: streams opened together share a TLS record. A GOAWAY
+        # that overtakes the HEADERS refuses the stream (REFUSED_STREAM), and the pool retries it elsewhere.
+        self._flush_soon()
         try:
             status = await stream._response
         except BaseException:

@@ -43,11 +43,16 @@ STATUS_UNAVAILABLE = 503
 
 
 class HboneError(ZtunnelError):
-    """A tunnel could not be set up or broke; `status` is the HTTP status when the server answered."""
+    """A tunnel could not be set up or broke; `status` is the HTTP status when the server answered.
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    `refused`: the server did not process the request at all (REFUSED_STREAM, or a stream above a
+    GOAWAY's last stream id), so it may be sent again on another connection (RFC 9113 §8.7).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, refused: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.refused = refused
 
 
 class AuthorityError(HboneError):
