@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
-from ztunnel.config.model import ClusterConfig, Workload, normalize_ip
+from ztunnel.config.model import ClusterConfig, Workload
 from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.client import HbonePool
 from ztunnel.hbone.server import HboneServer
@@ -181,10 +181,8 @@ class NodeProxy:
                 server.close()
             sockets.close()
             raise
-        self.workloads[workload.uid] = served
+        self.state.add_served(served)
         self._start_byte_flusher()
-        for ip in workload.ips:
-            self.state.served_by_ip[normalize_ip(ip)] = workload.uid
         log.info("serving workload", extra={"workload": workload.ref, "identity": workload.identity})
         if self.metrics is not None:
             self.metrics.set_pods_served(len(self.workloads))
@@ -208,11 +206,9 @@ class NodeProxy:
 
     async def remove_workload(self, uid: str) -> None:
         """Stop serving a pod: close its listeners and abort its open connections."""
-        served = self.workloads.pop(uid, None)
+        served = self.state.remove_served(uid)
         if served is None:
             return
-        for ip in [ip for ip, owner in self.state.served_by_ip.items() if owner == uid]:
-            del self.state.served_by_ip[ip]
         for server in served.servers:
             server.close()
         served.sockets.close()

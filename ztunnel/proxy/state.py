@@ -4,6 +4,7 @@ and the open connections. Owned and mutated by `NodeProxy`; read by the inbound 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import socket
 import time
@@ -55,6 +56,25 @@ class ProxyState:
     tracker: ConnectionTracker = field(default_factory=ConnectionTracker)
     config_loaded: bool = False
     draining: bool = False
+    # Ports any served workload's listeners are bound to, with how many bind each: the loop guard's
+    # common case ("not a port of ours") is then one lookup, however many pods the node serves.
+    listener_ports: collections.Counter[int] = field(default_factory=collections.Counter)
+
+    def add_served(self, served: ServedWorkload) -> None:
+        self.workloads[served.workload.uid] = served
+        for ip in served.workload.ips:
+            self.served_by_ip[normalize_ip(ip)] = served.workload.uid
+        self.listener_ports.update(port for _, port in served.listen_addresses)
+
+    def remove_served(self, uid: str) -> ServedWorkload | None:
+        served = self.workloads.pop(uid, None)
+        if served is None:
+            return None
+        for ip in [ip for ip, owner in self.served_by_ip.items() if owner == uid]:
+            del self.served_by_ip[ip]
+        self.listener_ports.subtract(port for _, port in served.listen_addresses)
+        self.listener_ports += collections.Counter()  # drop the ports no listener uses any more
+        return served
 
     def is_proxy_address(self, ip: str, port: int) -> bool:
         """Whether ip:port is one of this proxy's own listeners: connecting there would loop back into it.
@@ -63,9 +83,7 @@ class ProxyState:
         or served pod address, or any address a served workload's listener is bound to (a wildcard bind
         matches loopback and that pod's own IPs).
         """
-        if port not in PROXY_PORTS and all(
-            bound_port != port for served in self.workloads.values() for _, bound_port in served.listen_addresses
-        ):
+        if port not in PROXY_PORTS and port not in self.listener_ports:
             return False  # the common case, decided without parsing the address (once per new connection)
         try:
             addr = ipaddress.ip_address(ip)
