@@ -205,6 +205,12 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"{meta.get('reps', '?')} repetitions; median (min–max))",
         "",
     ]
+    if meta.get("host_steal_percent") is not None:
+        lines[-1:] = [
+            f"CPU steal during the run: {meta['host_steal_percent']} % (time the host gave to other guests;"
+            " above a few percent, latency percentiles are mostly the host's)",
+            "",
+        ]
     header = ["Figure", *available]
     header += [f"{p} ÷ {floor_of(p)}" for p in others]
     header += [f"{p} ÷ {PEER}" for p in peered]

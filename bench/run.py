@@ -1199,6 +1199,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
     workdir = Path(tempfile.mkdtemp(prefix="ztbench-"))
     group = ProcessGroup(workdir)
     started = time.monotonic()
+    cpu_at_start = host_cpu_ticks()
     paths: list[PathSetup] = []
     samples: dict[str, dict[str, list[float | None]]] = {}
     holds: dict[str, Any] = {}
@@ -1314,6 +1315,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
             },
             "tools": {**tool_versions(), "latency": "bench/loadgen.py latency (open-loop fixed rate, uvloop)"},
             "wall_seconds": round(time.monotonic() - started, 1),
+            "host_steal_percent": steal_percent(cpu_at_start, host_cpu_ticks()),
             "errors": errors,
         },
         "paths": {
@@ -1333,6 +1335,23 @@ def measure(args: argparse.Namespace, s: Settings, topology: LocalTopology | Lab
         "policy": policy,
         "worker_scaling": scaling,
     }
+
+
+def host_cpu_ticks() -> list[int]:
+    """The machine's CPU time counters (/proc/stat's `cpu` line): user, nice, system, idle, … steal."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_percent(before: list[int], after: list[int]) -> float | None:
+    """Share of the run's CPU time the hypervisor gave to someone else: a noisy host shows here first."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return round(100.0 * (after[7] - before[7]) / total, 1) if total > 0 else None
 
 
 def raise_fd_limit() -> None:

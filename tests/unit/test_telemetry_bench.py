@@ -116,3 +116,19 @@ def test_same_node_paths_compare_with_the_same_node_floor() -> None:
     assert "direct-same-node" not in rat
     result = {"meta": {}, "paths": {p: {"available": True} for p in samples}, "summary": summary, "ratios": rat}
     assert "ztunnel-same-node ÷ direct-same-node" in report.render_markdown(result)
+
+
+def test_host_steal_is_measured_and_shown() -> None:
+    import run
+
+    before = [100, 0, 50, 800, 0, 0, 0, 50, 0, 0]
+    after = [200, 0, 100, 1600, 0, 0, 0, 150, 0, 0]  # 1,000 ticks passed, 100 of them stolen
+    assert run.steal_percent(before, after) == 10.0
+    assert run.steal_percent([], after) is None
+    assert len(run.host_cpu_ticks()) >= 8
+    result = {
+        "meta": {"date": "d", "quick": True, "reps": 1, "host_steal_percent": 10.0},
+        "paths": {"direct": {"available": True}},
+        "summary": {},
+    }
+    assert "CPU steal during the run: 10.0 %" in report.render_markdown(result)
