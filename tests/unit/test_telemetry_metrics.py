@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from ztunnel.config.model import Service, ServicePort, Workload
-from ztunnel.telemetry.metrics import TCP_LABELS, ConnectionLabels, ProxyMetrics
+from ztunnel.telemetry.metrics import TCP_LABELS, ConnectionLabelCache, ConnectionLabels, ProxyMetrics
 
 
 def workload(name: str, ns: str, sa: str, **labels: str) -> Workload:
@@ -28,7 +28,7 @@ HTTPBIN_SVC = Service(
 )
 
 
-def dest_labels(**overrides: object) -> ConnectionLabels:
+def dest_labels(cache: ConnectionLabelCache | None = None, **overrides: object) -> ConnectionLabels:
     kwargs: dict[str, object] = {
         "reporter": "destination",
         "source": SLEEP,
@@ -39,7 +39,8 @@ def dest_labels(**overrides: object) -> ConnectionLabels:
         "connection_security_policy": "mutual_tls",
     }
     kwargs.update(overrides)
-    return ConnectionLabels.build(**kwargs)  # type: ignore[arg-type]
+    build = cache.build if cache is not None else ConnectionLabels.build
+    return build(**kwargs)  # type: ignore[arg-type]
 
 
 def sample(registry: CollectorRegistry, name: str, labels: ConnectionLabels, flags: str = "-") -> float | None:
@@ -179,10 +180,25 @@ def test_health_metrics() -> None:
 
 
 def test_labels_follow_the_workload_objects_they_are_built_from() -> None:
-    """build() hands out the same labels for the same objects, and fresh ones for a changed workload."""
-    assert dest_labels() is dest_labels()
+    """The cache hands out the same labels for the same objects, and fresh ones for a changed workload."""
+    cache = ConnectionLabelCache()
+    assert dest_labels(cache) is dest_labels(cache)
+    assert dest_labels(cache) == dest_labels()  # the same as building them uncached
     relabelled = workload("sleep-1", "foo", "sleep", app="sleep-v2")
-    labels = dest_labels(source=relabelled)
-    assert labels.source_app == "sleep-v2" and dest_labels().source_app == "sleep"
-    assert dest_labels(source=workload("sleep-1", "foo", "sleep", app="sleep")) == dest_labels()
-    assert dest_labels(destination_service=None).destination_service == "unknown"
+    labels = dest_labels(cache, source=relabelled)
+    assert labels.source_app == "sleep-v2" and dest_labels(cache).source_app == "sleep"
+    assert dest_labels(cache, source=workload("sleep-1", "foo", "sleep", app="sleep")) == dest_labels(cache)
+    assert dest_labels(cache, destination_service=None).destination_service == "unknown"
+
+
+def test_the_label_cache_hands_out_one_object_per_peer_pair_and_stays_bounded() -> None:
+    cache = ConnectionLabelCache(limit=2)
+    kwargs = dict(source_principal=SLEEP.identity, destination_principal=None, destination_service=None)
+    first = cache.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
+    again = cache.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
+    assert again is first
+    assert first == ConnectionLabels.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
+    other = cache.build(reporter="destination", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
+    assert other is not first and other.reporter == "destination"
+    cache.build(reporter="source", source=None, destination=None, **kwargs)  # type: ignore[arg-type]
+    assert len(cache._entries) <= 2

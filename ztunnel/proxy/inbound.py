@@ -91,7 +91,7 @@ class Inbound:
             destination_port=target.port,
         )
         source_workload = self._source_workload(source_ip, peer_identity)
-        labels = ConnectionLabels.build(
+        labels = self.report.labels.build(
             reporter="destination",
             source=source_workload,
             source_principal=peer_identity,
@@ -250,7 +250,7 @@ class Inbound:
             dst = (local[0] if local[0] in destination.ips else destination.ips[0], port)
         source_ip, source_port = client.peername
         source_workload = self._source_workload(source_ip, None)
-        labels = ConnectionLabels.build(
+        labels = self.report.labels.build(
             reporter="destination",
             source=source_workload,
             source_principal=None,

@@ -351,7 +351,7 @@ class Outbound:
         dst_principal: str | None,
         security: Any = "unknown",
     ) -> ConnectionLabels:
-        return ConnectionLabels.build(
+        return self.report.labels.build(
             reporter="source",
             source=source,
             source_principal=source.identity,

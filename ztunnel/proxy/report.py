@@ -17,7 +17,7 @@ from ztunnel.hbone.server import InboundTunnel
 from ztunnel.policy.engine import Decision
 from ztunnel.proxy.tracking import TrackedConnection
 from ztunnel.telemetry.accesslog import AccessLog
-from ztunnel.telemetry.metrics import ConnectionLabels, ProxyMetrics
+from ztunnel.telemetry.metrics import ConnectionLabelCache, ConnectionLabels, ProxyMetrics
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -41,6 +41,7 @@ class ConnectionReporter:
     def __init__(self, metrics: ProxyMetrics | None, access_log: AccessLog) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        self.labels = ConnectionLabelCache()  # build a connection's labels through this
 
     def handshake_rejected(self, reason: str) -> None:
         """The HBONE server refused a client after the handshake (identity or trust domain)."""

@@ -88,59 +88,9 @@ class ConnectionLabels:
         """Labels for one connection; anything not known is `unknown`, as Istio reports it.
 
         Principals are full SPIFFE URIs (`spiffe://cluster.local/ns/a/sa/b`), as in Istio's metrics.
-        `destination_service` is the service's FQDN (`name.ns.svc.cluster.local`).
-
-        Cached: the same few (source, destination) pairs recur on every connection, and handing out the
-        same object also makes the metric-children lookup an identity hit. Workloads are not hashable, so the
-        key holds their ids and the entry the objects themselves (an id cannot be reused while they live).
+        `destination_service` is the service's FQDN (`name.ns.svc.cluster.local`). A proxy builds them
+        through its `ConnectionLabelCache`.
         """
-        key = (
-            reporter,
-            id(source),
-            source_principal,
-            id(destination),
-            destination_principal,
-            id(destination_service),
-            request_protocol,
-            connection_security_policy,
-        )
-        entry = _BUILT.get(key)
-        if (
-            entry is not None
-            and entry[0] is source
-            and entry[1] is destination
-            and entry[2] is destination_service
-            and type(entry[3]) is cls
-        ):
-            return entry[3]
-        labels = cls._build(
-            reporter=reporter,
-            source=source,
-            source_principal=source_principal,
-            destination=destination,
-            destination_principal=destination_principal,
-            destination_service=destination_service,
-            request_protocol=request_protocol,
-            connection_security_policy=connection_security_policy,
-        )
-        if len(_BUILT) >= _CHILD_CACHE_LIMIT:
-            _BUILT.clear()
-        _BUILT[key] = (source, destination, destination_service, labels)
-        return labels
-
-    @classmethod
-    def _build(
-        cls,
-        *,
-        reporter: Reporter,
-        source: Workload | None,
-        source_principal: str | None,
-        destination: Workload | None,
-        destination_principal: str | None,
-        destination_service: Service | None,
-        request_protocol: str,
-        connection_security_policy: str,
-    ) -> ConnectionLabels:
         return cls(
             reporter=reporter,
             source_workload=source.name if source else UNKNOWN,
@@ -175,8 +125,57 @@ class ConnectionLabels:
         )
 
 
-# ConnectionLabels.build's cache: key -> (source, destination, service, labels); bounded like the children.
-_BUILT: dict[tuple[Any, ...], tuple[Any, Any, Any, ConnectionLabels]] = {}
+class ConnectionLabelCache:
+    """`ConnectionLabels.build`, remembered: the same few (source, destination) pairs recur on every
+    connection, and handing out the same object also makes the metric-children lookup an identity hit.
+
+    Workloads are not hashable, so the key holds their ids and the entry the objects themselves (an id
+    cannot be reused while they live). Bounded like the metric children.
+    """
+
+    def __init__(self, limit: int = _CHILD_CACHE_LIMIT) -> None:
+        self._limit = limit
+        self._entries: dict[tuple[Any, ...], tuple[Any, Any, Any, ConnectionLabels]] = {}
+
+    def build(
+        self,
+        *,
+        reporter: Reporter,
+        source: Workload | None,
+        source_principal: str | None,
+        destination: Workload | None,
+        destination_principal: str | None,
+        destination_service: Service | None,
+        request_protocol: str = "tcp",
+        connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
+    ) -> ConnectionLabels:
+        key = (
+            reporter,
+            id(source),
+            source_principal,
+            id(destination),
+            destination_principal,
+            id(destination_service),
+            request_protocol,
+            connection_security_policy,
+        )
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is source and entry[1] is destination and entry[2] is destination_service:
+            return entry[3]
+        labels = ConnectionLabels.build(
+            reporter=reporter,
+            source=source,
+            source_principal=source_principal,
+            destination=destination,
+            destination_principal=destination_principal,
+            destination_service=destination_service,
+            request_protocol=request_protocol,
+            connection_security_policy=connection_security_policy,
+        )
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[key] = (source, destination, destination_service, labels)
+        return labels
 
 
 @dataclass(slots=True)
