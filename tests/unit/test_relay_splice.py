@@ -404,3 +404,17 @@ def test_random_schedules_end_in_a_reset_on_both_sides(ops: list[tuple[str, int]
             await asyncio.gather(relaying, *writers, return_exceptions=True)
 
     asyncio.run(run())
+
+
+async def test_byte_counters_count_only_what_the_sink_took() -> None:
+    """A chunk the sink refused (it was gone) is not counted as sent: the metrics report delivered bytes."""
+    source, sink = ScriptedEnd(), ScriptedEnd()
+    relaying = asyncio.create_task(relay(source, sink))
+    await asyncio.sleep(0)  # the splice has started: both ends have their push targets
+    assert source.push_to is not None
+    source.push_to.data(b"12345")
+    sink.closed = True  # the other side went away
+    source.push_to.data(b"678")
+    counters = await asyncio.wait_for(relaying, 5)
+    assert counters.a_to_b == 5 and counters.error
+    assert sink.received == b"12345"

@@ -69,17 +69,22 @@ class _Direction:
     def data(self, chunk: bytes) -> None:
         if self.ended or self._splice.finished:
             return
-        self.total += len(chunk)
+        try:
+            room = self.dst.push(chunk)
+        except Exception as e:  # the other side is gone (StreamClosed) or broke: end the whole relay
+            self._splice.fail(e)
+            return
+        self.total += len(chunk)  # counted once the sink took it (written, or queued behind flow control)
         if self._forward:
             self._counters.a_to_b = self.total
         else:
             self._counters.b_to_a = self.total
-        try:
-            if not self.dst.push(chunk):
+        if not room:
+            try:
                 self.src.pause_pushing()
                 self.dst.notify_drained(self)
-        except Exception as e:  # the other side is gone (StreamClosed) or broke: end the whole relay
-            self._splice.fail(e)
+            except Exception as e:
+                self._splice.fail(e)
 
     def drained(self) -> None:
         if self._splice.finished:
