@@ -393,10 +393,10 @@ def test_random_schedules_end_in_a_reset_on_both_sides(ops: list[tuple[str, int]
                     raise AssertionError("a reset arrived as a clean EOF")
             assert relaying.result().error
             await until(lambda: not client.streams and not server.streams, "the streams stayed open")
-            for _ in range(10):
-                await asyncio.sleep(0)
-            assert _inbound_credit_held(server) == 0
-            assert _inbound_credit_held(client) == 0
+            await until(
+                lambda: _inbound_credit_held(server) == 0 and _inbound_credit_held(client) == 0,
+                "connection credit stayed held after the reset",
+            )
         finally:
             relaying.cancel()
             for w in writers:
