@@ -391,7 +391,10 @@ async def test_a_goaway_that_overtakes_a_new_stream_refuses_it_as_retryable() ->
     client, _server, _, _ = connect_pair(handler)
     await client.ready
     opening = asyncio.ensure_future(client.open_stream(Authority("10.0.0.1", 8080)))
-    await asyncio.sleep(0)  # open_stream ran up to its wait for the answer; the HEADERS are not sent yet
+    deadline = asyncio.get_running_loop().time() + 5
+    while not client.streams:  # open_stream ran up to its wait for the answer
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0)
     client.data_received(GoAwayFrame(stream_id=0, last_stream_id=0, error_code=0).serialize())
     with pytest.raises(HboneError) as failure:
         await opening

@@ -410,7 +410,7 @@ async def test_byte_counters_count_only_what_the_sink_took() -> None:
     """A chunk the sink refused (it was gone) is not counted as sent: the metrics report delivered bytes."""
     source, sink = ScriptedEnd(), ScriptedEnd()
     relaying = asyncio.create_task(relay(source, sink))
-    await asyncio.sleep(0)  # the splice has started: both ends have their push targets
+    await until(lambda: source.push_to is not None and sink.push_to is not None, "the splice never started")
     assert source.push_to is not None
     source.push_to.data(b"12345")
     sink.closed = True  # the other side went away
