@@ -739,29 +739,29 @@ def iperf3(group: ProcessGroup, path: PathSetup, streams: int, secs: float) -> f
         group.procs.remove(server)
 
 
-def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
+def run_load(
+    path: PathSetup, role: str, args: list[str], timeout: float
+) -> tuple[dict[str, Any], dict[str, float], float]:
+    """Run a loadgen role from the client side; its JSON, CPU seconds each proxy used meanwhile, wall time."""
     pids = path.proxy_pids()
     before = {n: cpu_seconds(pid) for n, pid in pids.items()}
     t0 = time.monotonic()
-    out = run_json(
-        [
-            *path.client_prefix,
-            PY,
-            LOADGEN,
-            "latency",
-            path.echo_target,
-            "--rate",
-            str(s.latency_rate),
-            "--conns",
-            str(s.latency_conns),
-            "--duration",
-            str(s.latency_secs),
-            "--warmup",
-            str(s.latency_warmup),
-        ],
-        timeout=s.latency_secs + s.latency_warmup + 60,
-    )
+    out = run_json([*path.client_prefix, PY, LOADGEN, role, path.echo_target, *args], timeout=timeout)
     wall = time.monotonic() - t0
+    return out, {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}, wall
+
+
+def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
+    load = s.latency_secs + s.latency_warmup
+    out, used, wall = run_load(
+        path,
+        "latency",
+        [
+            *("--rate", str(s.latency_rate), "--conns", str(s.latency_conns)),
+            *("--duration", str(s.latency_secs), "--warmup", str(s.latency_warmup)),
+        ],
+        timeout=load + 60,
+    )
     rtt = out["rtt_us"]
     result: dict[str, float | None] = {
         "latency_p50_us": rtt.get("p50"),
@@ -770,35 +770,22 @@ def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
         "cpu_s_per_1000_req": None,
         "cpu_vcpu_at_1000rps": None,
     }
-    if pids:
-        used = {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}
-        requests = s.latency_rate * (s.latency_secs + s.latency_warmup)
+    if used:
+        requests = s.latency_rate * load
         result["cpu_s_per_1000_req"] = sum(used.values()) / (requests / 1000)
         # the load ran for latency+warmup seconds; process start/exit of the client add a little wall
-        result["cpu_vcpu_at_1000rps"] = max(used.values()) / min(wall, s.latency_secs + s.latency_warmup + 0.5)
+        result["cpu_vcpu_at_1000rps"] = max(used.values()) / min(wall, load + 0.5)
     return result
 
 
 def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
-    pids = path.proxy_pids()
-    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
-    t0 = time.monotonic()
-    out = run_json(
-        [
-            *path.client_prefix,
-            PY,
-            LOADGEN,
-            "connrate",
-            path.echo_target,
-            "--workers",
-            str(s.connrate_workers),
-            "--duration",
-            str(s.connrate_secs),
-        ],
+    out, used, wall = run_load(
+        path,
+        "connrate",
+        ["--workers", str(s.connrate_workers), "--duration", str(s.connrate_secs)],
         timeout=s.connrate_secs + 60,
     )
-    wall = time.monotonic() - t0
-    busiest = max((cpu_seconds(pid) - before[n] for n, pid in pids.items()), default=None)
+    busiest = max(used.values(), default=None)
     return {
         "conn_per_s": out["per_second"],
         "connect_p99_ms": out["connect_ms"].get("p99"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -87,8 +88,9 @@ async def check_backpressure(a: ByteStream, b: ByteStream, limit: int) -> None:
             await task
 
 
-@pytest.fixture
-async def tcp_pair() -> AsyncIterator[tuple[TcpStream, TcpStream]]:
+@contextlib.asynccontextmanager
+async def connected_tcp() -> AsyncIterator[tuple[TcpStream, TcpStream]]:
+    """Both ends of one loopback TCP connection (connecting, accepted); aborted and the listener closed after."""
     accepted: asyncio.Queue[TcpStream] = asyncio.Queue()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -99,11 +101,19 @@ async def tcp_pair() -> AsyncIterator[tuple[TcpStream, TcpStream]]:
     server = await serve_streams(sock, on_stream, tasks=tasks)
     a = await TcpStream.connect(*sock.getsockname()[:2])
     b = await accepted.get()
-    yield a, b
-    a.abort()
-    b.abort()
-    server.close()
-    await server.wait_closed()
+    try:
+        yield a, b
+    finally:
+        a.abort()
+        b.abort()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def tcp_pair() -> AsyncIterator[tuple[TcpStream, TcpStream]]:
+    async with connected_tcp() as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -344,24 +354,11 @@ async def tcp_spliced(
 ) -> AsyncIterator[tuple[TcpStream, TcpStream, asyncio.Task[RelayCounters]]]:
     """client -> proxy_down | relay | proxy_up -> app over TCP on both sides (the plaintext inbound path)."""
     client, proxy_down = tcp_pair
-    accepted: asyncio.Queue[TcpStream] = asyncio.Queue()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def on_stream(s: TcpStream) -> None:
-        accepted.put_nowait(s)
-
-    sock = listening_socket("127.0.0.1", 0)
-    server = await serve_streams(sock, on_stream, tasks=tasks)
-    proxy_up = await TcpStream.connect(*sock.getsockname()[:2])
-    app = await accepted.get()
-    relaying = asyncio.create_task(relay(proxy_down, proxy_up))
-    yield client, app, relaying
-    relaying.cancel()
-    await asyncio.gather(relaying, return_exceptions=True)
-    proxy_up.abort()
-    app.abort()
-    server.close()
-    await server.wait_closed()
+    async with connected_tcp() as (proxy_up, app):
+        relaying = asyncio.create_task(relay(proxy_down, proxy_up))
+        yield client, app, relaying
+        relaying.cancel()
+        await asyncio.gather(relaying, return_exceptions=True)
 
 
 @pytest.mark.parametrize("towards", ["app", "client"])

@@ -193,35 +193,22 @@ class HboneStream:
         return data
 
     async def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
         conn = self._conn
-        h2c = conn.h2
-        while view:
+        rest: bytes | memoryview | None = data
+        while rest:
             if self._reset_code is not None or self.local_closed or conn.closed.done():
                 raise StreamClosed("HBONE stream is closed")
             if conn._write_paused:
                 await conn._wait_writable()
                 continue
-            try:
-                window = h2c.local_flow_control_window(self.stream_id)
-            except h2.exceptions.StreamClosedError:
-                raise StreamClosed("HBONE stream is closed") from None
-            if window <= 0:
+            left = self._send_some(rest)  # the push path's sender: window, frame size, DATA fast path
+            if left is not None and len(left) == len(rest):  # no window: wait for the peer's WINDOW_UPDATE
                 self._window_waiter = conn.loop.create_future()
                 try:
                     await self._window_waiter
                 finally:
                     self._window_waiter = None
-                continue
-            size = min(window, h2c.max_outbound_frame_size, len(view))
-            try:
-                # Whole bytes objects go in as they are (hyperframe copies a memoryview once more).
-                chunk = data if size == len(view) == len(data) and isinstance(data, bytes) else view[:size]
-                h2c.send_data(self.stream_id, chunk)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-                raise StreamClosed(f"HBONE stream is closed ({e})") from None
-            view = view[size:]
-            conn._flush_soon()
+            rest = left
 
     async def write_eof(self) -> None:
         self._end_local()
