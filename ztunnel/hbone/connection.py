@@ -475,8 +475,9 @@ class HboneStream:
 # reused buffer to decrypt into; as a plain Protocol uvloop would allocate a fresh 256 KiB bytes object for
 # every `SSLObject.read` (an mmap, mremap and munmap per read: a third of the proxy's system calls at
 # 1,000 requests/s). The big one, kept while the connection carries tunnels, lets a bulk transfer decrypt
-# 16 records per read (64 KiB measured up to 30 % less throughput); an idle pooled connection (PINGs, the
-# next CONNECT) reads into a small one, so a node with many peers does not hold 256 KiB for each of them.
+# 16 records per read (64 KiB: −24 % / −36 % iperf3 -P1 / -P4, medians of 4 A/B rounds); an idle pooled
+# connection (PINGs, the next CONNECT) reads into a small one, so a node with many peers does not hold
+# 256 KiB for each of them.
 TLS_READ_BUFFER = 256 * 1024
 TLS_READ_BUFFER_IDLE = 16 * 1024
 
