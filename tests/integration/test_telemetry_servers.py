@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ztunnel.config.model import Workload
-from ztunnel.telemetry.http_server import MAX_CONNECTIONS, AdminServer, MetricsServer, ReadinessServer
+from ztunnel.net.http import MAX_CONNECTIONS
+from ztunnel.telemetry.http_server import AdminServer, MetricsServer, ReadinessServer
 from ztunnel.telemetry.metrics import ConnectionLabels, ProxyMetrics
 
 

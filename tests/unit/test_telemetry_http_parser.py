@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ztunnel.telemetry.http_server import (
+from ztunnel.net.http import (
     HttpParseError,
     RequestParser,
     Response,

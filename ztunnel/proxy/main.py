@@ -22,10 +22,11 @@ from ztunnel.config.model import ClusterConfig
 from ztunnel.config.source import FileConfigSource
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.duration import parse_duration
+from ztunnel.net.http import parse_host_port
 from ztunnel.proxy.listeners import LocalListenerFactory
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions, readiness
 from ztunnel.telemetry.accesslog import AccessLog
-from ztunnel.telemetry.http_server import AdminServer, MetricsServer, ReadinessServer, parse_host_port
+from ztunnel.telemetry.http_server import AdminServer, MetricsServer, ReadinessServer
 from ztunnel.telemetry.metrics import ProxyMetrics
 
 log = logging.getLogger("ztunnel.proxy")

@@ -48,7 +48,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from ztunnel.telemetry.http_server import LOG_LEVELS, HttpServer, Request, Response, Routes
+from ztunnel.net.http import HttpServer, Request, Response, Routes
+from ztunnel.telemetry.http_server import LOG_LEVELS
 
 if TYPE_CHECKING:
     from ztunnel.proxy.main import ProxySettings
