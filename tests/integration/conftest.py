@@ -165,8 +165,15 @@ class ProxyProcess:
 
 
 def start_proxy(
-    node: str, config: Path, ca_dir: Path, workdir: Path, *extra: str, wait_ready: bool = True
+    node: str,
+    config: Path,
+    ca_dir: Path,
+    workdir: Path,
+    *extra: str,
+    wait_ready: bool = True,
+    ca_args: tuple[str, ...] | None = None,
 ) -> ProxyProcess:
+    """A proxy subprocess; `ca_args` replaces `--ca-dir ca_dir` (e.g. `--ca HOST:PORT --ca-root R --token-file T`)."""
     metrics, admin, ready = free_port(), free_port(), free_port()
     log_path = workdir / f"proxy-{node}-{admin}.log"
     argv = [
@@ -178,8 +185,7 @@ def start_proxy(
         node,
         "-f",
         str(config),
-        "--ca-dir",
-        str(ca_dir),
+        *(ca_args if ca_args is not None else ("--ca-dir", str(ca_dir))),
         "--metrics-addr",
         f"127.0.0.1:{metrics}",
         "--admin-addr",
