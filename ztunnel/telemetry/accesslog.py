@@ -2,7 +2,8 @@
 
 The shape follows istio/ztunnel's `connection complete` event (src.*, dst.*, direction, bytes,
 duration) so the same log queries work. Lines go straight to a stream rather than through `logging`:
-the access log is data an operator opts into, and must not change with the log level.
+the access log is data an operator opts into, and must not change with the log level. Addresses, errors
+and trace ids can come from a peer: values are escaped and truncated as in every log format (logs.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 import time
 from typing import Literal, TextIO
 
+from ztunnel.telemetry.logs import MAX_VALUE_CHARS, text_value, truncate
+
 AccessLogFormat = Literal["text", "json", "off"]
 Direction = Literal["inbound", "outbound"]
 FORMATS: tuple[str, ...] = ("text", "json", "off")
@@ -19,14 +22,6 @@ FORMATS: tuple[str, ...] = ("text", "json", "off")
 
 def _timestamp(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-
-
-def _text_value(value: object) -> str:
-    """Quote a value only when it would break `key=value` parsing."""
-    s = str(value)
-    if s and not any(c in s for c in ' "=\n\t\\'):
-        return s
-    return json.dumps(s)
 
 
 class AccessLog:
@@ -94,10 +89,14 @@ class AccessLog:
         if self.format == "json":
             line = json.dumps(
                 {"time": ts, "level": "info", "scope": "access", "msg": "connection complete"}
-                | {k: v for k, v in record.items() if v is not None}
+                | {
+                    k: truncate(v) if isinstance(v, str) and len(v) > MAX_VALUE_CHARS else v  # JSON escapes the rest
+                    for k, v in record.items()
+                    if v is not None
+                }
             )
         else:
-            fields = " ".join(f"{k}={_text_value(v)}" for k, v in record.items() if v is not None)
+            fields = " ".join(f"{k}={text_value(v)}" for k, v in record.items() if v is not None)
             line = f"{ts} info  access connection complete {fields}"
         try:
             self.stream.write(line + "\n")
