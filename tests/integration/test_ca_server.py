@@ -242,3 +242,29 @@ async def test_new_pods_become_signable_without_restart(tmp_path: Path, caplog: 
         await channel.close()
         stop.set()
         await asyncio.wait_for(serve, 5)
+
+
+async def _raw_call(running: Running, body: bytes, metadata: list[tuple[str, str]]) -> tuple[StatusCode, str]:
+    """CreateCertificate with `body` sent as is: what a client that is not a proxy may send."""
+    method = running.channel.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await method(body, metadata=metadata, timeout=5)
+    return info.value.code(), info.value.details() or ""
+
+
+async def test_a_garbage_body_is_refused_with_a_status_and_no_traceback(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    garbage = b"\xff\xff\xff\xff\x0f\x00garbage\r\n"
+    caplog.set_level(logging.DEBUG)
+    # no token: refused before the body is even decoded
+    code, msg = await _raw_call(running, garbage, [])
+    assert code is StatusCode.UNAUTHENTICATED and "Bearer" in msg
+    code, msg = await _raw_call(running, garbage, [("authorization", "Bearer not-a-token")])
+    assert code is StatusCode.UNAUTHENTICATED and "unknown node token" in msg
+    # a valid token and a body that is not an IstioCertificateRequest
+    code, msg = await _raw_call(running, garbage, [("authorization", f"Bearer {running.tokens['node-a']}")])
+    assert code is StatusCode.INVALID_ARGUMENT and "IstioCertificateRequest" in msg
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert running.server.refused == 3
+    assert await running.call(_csr(spiffe("shop", "web")))  # still serving

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ztunnel.config.model import ClusterConfig
 from ztunnel.errors import ZtunnelError
@@ -85,17 +86,33 @@ class _CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         self._server = server
 
     async def CreateCertificate(  # the name is fixed by the .proto
-        self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
+        self, body: bytes, context: grpc.aio.ServicerContext
     ) -> ca_pb2.IstioCertificateResponse:
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         peer = context.peer()
         try:
-            chain = self._server.sign(request, metadata.get("authorization"))
+            chain = self._server.sign_body(body, metadata.get("authorization"))
         except NodeAuthError as e:
             log.warning("certificate refused: %s", e, extra={"peer": peer, "status": e.refusal.value})
             await context.abort(_STATUS[e.refusal], str(e))
             raise AssertionError("unreachable") from e  # abort raises
         return ca_pb2.IstioCertificateResponse(cert_chain=chain)
+
+
+def _certificate_handler(service: _CertificateService) -> grpc.GenericRpcHandler:
+    """CreateCertificate with the request body as bytes (no deserializer): the node is authenticated before
+    the body is decoded, and a body that does not decode is INVALID_ARGUMENT, not an exception in grpc's
+    deserializer (status UNKNOWN and a traceback in the log)."""
+    return grpc.method_handlers_generic_handler(
+        "istio.v1.auth.IstioCertificateService",
+        {
+            "CreateCertificate": grpc.unary_unary_rpc_method_handler(
+                service.CreateCertificate,
+                request_deserializer=None,
+                response_serializer=ca_pb2.IstioCertificateResponse.SerializeToString,
+            )
+        },
+    )
 
 
 class CAServer:
@@ -124,10 +141,30 @@ class CAServer:
         self.refused = 0
         self._server: grpc.aio.Server | None = None
 
-    def sign(self, request: ca_pb2.IstioCertificateRequest, authorization: str | None) -> list[str]:
-        """Authenticate the node, authorize the identity, sign. Raises NodeAuthError saying why not."""
+    def sign_body(self, body: bytes, authorization: str | None) -> list[str]:
+        """`sign` for a request still in its wire form: the token is checked first, so an unauthenticated
+        caller gets UNAUTHENTICATED whatever it sent, and nothing of its body is parsed."""
         try:
             node = self.tokens.node_for(authorization)
+            try:
+                request = ca_pb2.IstioCertificateRequest.FromString(body)
+            except DecodeError as e:
+                raise NodeAuthError(
+                    Refusal.INVALID_ARGUMENT, f"the request body is not an IstioCertificateRequest: {e}"
+                ) from None
+        except NodeAuthError:
+            self.refused += 1
+            raise
+        return self.sign(request, authorization, node=node)
+
+    def sign(
+        self, request: ca_pb2.IstioCertificateRequest, authorization: str | None, *, node: str | None = None
+    ) -> list[str]:
+        """Authenticate the node (unless `node` is already known), authorize the identity, sign. Raises
+        NodeAuthError saying why not."""
+        try:
+            if node is None:
+                node = self.tokens.node_for(authorization)
             impersonated = ""
             if request.HasField("metadata") and IMPERSONATED_IDENTITY in request.metadata.fields:
                 value = request.metadata.fields[IMPERSONATED_IDENTITY]
@@ -167,7 +204,7 @@ class CAServer:
             ],
             maximum_concurrent_rpcs=256,
         )
-        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(_CertificateService(self), server)
+        server.add_generic_rpc_handlers((_certificate_handler(_CertificateService(self)),))
         address = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
         try:
             self.port = server.add_secure_port(address, self._credentials())
