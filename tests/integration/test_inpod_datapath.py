@@ -20,10 +20,12 @@ from collections.abc import Iterator
 import pytest
 
 from ztunnel.config.model import Workload
+from ztunnel.inpod import protocol
+from ztunnel.inpod.session import ProxySession
+from ztunnel.net.netns import current_netns_fd, in_netns, open_netns, socket_in_netns
 from ztunnel.proxy.inpod import InpodClient, InpodConnector, pod_sockets
 from ztunnel.proxy.listeners import WorkloadSockets, original_destination
-from ztunnel.redirect import iptables, protocol
-from ztunnel.redirect.netns import current_netns_fd, in_netns, open_netns, socket_in_netns
+from ztunnel.redirect import iptables
 
 pytestmark = [
     pytest.mark.netns,
@@ -265,21 +267,21 @@ async def test_inpod_client_replays_new_sandboxes_and_snapshot(pair: tuple[str, 
     first, second = pair
     target = RecordingProxy()
     client = InpodClient("/nonexistent", target)
-    seen: set[str] = set()
+    session = ProxySession()
     info = {"name": "web", "namespace": "mesh", "ips": [POD_IP], "serviceAccount": "web"}
     try:
-        ack = await client.handle(protocol.AddWorkload(id=1, uid="u1", workload=info, netns_fd=open_netns(first)), seen)
+        add = protocol.AddWorkload(id=1, uid="u1", workload=info, netns_fd=open_netns(first))
+        ack = await client.handle(add, session)
         assert ack == protocol.Ack(id=1)
         assert client.pods["u1"].workload.identity == "spiffe://cluster.local/ns/mesh/sa/web"
         # the same netns again (a replayed snapshot): nothing changes, the extra fd is closed
-        await client.handle(protocol.AddWorkload(id=2, uid="u1", workload=info, netns_fd=open_netns(first)), seen)
+        await client.handle(protocol.AddWorkload(id=2, uid="u1", workload=info, netns_fd=open_netns(first)), session)
         assert target.events == [("add", "u1")]
         # a new sandbox for the same pod: the old listeners go, new ones come
-        await client.handle(protocol.AddWorkload(id=3, uid="u1", workload=info, netns_fd=open_netns(second)), seen)
+        await client.handle(protocol.AddWorkload(id=3, uid="u1", workload=info, netns_fd=open_netns(second)), session)
         assert target.events == [("add", "u1"), ("remove", "u1"), ("add", "u1")]
         # after the snapshot, pods the agent did not mention are dropped
-        fresh: set[str] = set()
-        ack = await client.handle(protocol.SnapshotSent(id=4), fresh)
+        ack = await client.handle(protocol.SnapshotSent(id=4), ProxySession())
         assert ack == protocol.Ack(id=4) and client.synced.is_set()
         assert target.events[-1] == ("remove", "u1") and client.pods == {}
     finally:

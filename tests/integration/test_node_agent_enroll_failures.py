@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from ztunnel.config.source import FileConfigSource
-from ztunnel.redirect import protocol
+from ztunnel.inpod import protocol
+from ztunnel.inpod.channel import Channel
 from ztunnel.redirect.agent import NodeAgent
 from ztunnel.redirect.iptables import IptablesBackend, detect_backend
 
@@ -67,7 +68,7 @@ class ScriptedProxy:
     async def run(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.connect(self.path)
-        channel = protocol.Channel(sock)
+        channel = Channel(sock)
         try:
             await channel.send(protocol.Hello())
             while (msg := await channel.recv()) is not None:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from ztunnel.config.source import FileConfigSource
-from ztunnel.redirect.agent import NodeAgent, bind_unix_private
+from ztunnel.net.unix import bind_unix_private
+from ztunnel.redirect.agent import NodeAgent
 from ztunnel.redirect.iptables import IptablesBackend
 
 CLUSTER = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh}\n"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import start_proxy, wait_until
-from ztunnel.redirect import protocol
-from ztunnel.redirect.netns import open_netns, socket_in_netns
+from ztunnel.inpod import channel, protocol
+from ztunnel.net.netns import open_netns, socket_in_netns
 
 pytestmark = [
     pytest.mark.netns,
@@ -43,7 +43,7 @@ def pod_netns() -> Iterator[str]:
 
 def _recv(sock: socket.socket) -> protocol.Message | None:
     sock.settimeout(20)
-    return protocol.recv(sock)
+    return channel.recv(sock)
 
 
 def test_ready_only_after_snapshot_and_every_added_pod_served(tmp_path: Path, ca_dir: Path, pod_netns: str) -> None:
@@ -67,14 +67,14 @@ def test_ready_only_after_snapshot_and_every_added_pod_served(tmp_path: Path, ca
         fd = open_netns(pod_netns)
         info = {"name": "web", "namespace": "ready", "ips": [POD_IP], "serviceAccount": "web"}
         try:
-            protocol.send(conn, protocol.AddWorkload(id=1, uid="ready-web", workload=info, netns_fd=fd))
+            channel.send(conn, protocol.AddWorkload(id=1, uid="ready-web", workload=info, netns_fd=fd))
         finally:
             os.close(fd)  # the proxy holds its own copy now
         assert _recv(conn) == protocol.Ack(id=1)
         status, body = proxy.http(proxy.readiness_port, "/healthz/ready")
         assert status == 503 and "snapshot" in body
 
-        protocol.send(conn, protocol.SnapshotSent(id=2))
+        channel.send(conn, protocol.SnapshotSent(id=2))
         assert _recv(conn) == protocol.Ack(id=2)
         wait_until(proxy.ready, what="ready after snapshot-sent")
         served = proxy.config_dump()
@@ -107,18 +107,18 @@ def test_not_ready_while_an_added_pod_could_not_be_served(tmp_path: Path, ca_dir
             blocker.bind(("0.0.0.0", 15001))
             blocker.listen()
             info = {"name": "web", "namespace": "ready", "ips": [POD_IP], "serviceAccount": "web"}
-            protocol.send(conn, protocol.AddWorkload(id=1, uid="ready-web", workload=info, netns_fd=fd))
+            channel.send(conn, protocol.AddWorkload(id=1, uid="ready-web", workload=info, netns_fd=fd))
         finally:
             os.close(fd)
         ack = _recv(conn)
         assert isinstance(ack, protocol.Ack) and not ack.ok
-        protocol.send(conn, protocol.SnapshotSent(id=2))
+        channel.send(conn, protocol.SnapshotSent(id=2))
         assert _recv(conn) == protocol.Ack(id=2)
         status, body = proxy.http(proxy.readiness_port, "/healthz/ready")
         assert status == 503 and "ready-web" in body
 
         # the agent deletes the pod: nothing left to wait for
-        protocol.send(conn, protocol.DelWorkload(id=3, uid="ready-web"))
+        channel.send(conn, protocol.DelWorkload(id=3, uid="ready-web"))
         assert _recv(conn) == protocol.Ack(id=3)
         wait_until(proxy.ready, what="ready once the failed pod is gone")
     finally:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztunnel.redirect import protocol as p
+from ztunnel.inpod import protocol as p
 
 
 def test_roundtrip_of_every_message() -> None:

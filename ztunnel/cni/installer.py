@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ztunnel.cni.plugin import DEFAULT_AGENT_SOCKET, PLUGIN_TYPE
+from ztunnel.cni import DEFAULT_AGENT_SOCKET, PLUGIN_TYPE
 
 log = logging.getLogger("ztunnel.cni")
 

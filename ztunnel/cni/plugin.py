@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PLUGIN_TYPE = "ztunnel-cni"
+from ztunnel.cni import DEFAULT_AGENT_SOCKET, PLUGIN_TYPE
+from ztunnel.cni.installer import main as install_main
+
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
-DEFAULT_AGENT_SOCKET = "/var/run/ztunnel/cni.sock"
 DEFAULT_TIMEOUT = 30.0  # the agent waits for the proxy's ack; the runtime's own timeout is longer
 
 # Error codes from the CNI spec (1.1.0, "Error codes").
@@ -357,8 +358,6 @@ def _log_invocation(env: Mapping[str, str], stdin: bytes, outcome: Outcome) -> N
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "install":
-        from ztunnel.cni.installer import main as install_main
-
         return install_main(args[1:])
     if not os.environ.get("CNI_COMMAND"):
         print(ABOUT, file=sys.stderr)

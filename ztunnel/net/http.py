@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -217,9 +218,20 @@ def parse_host_port(value: str, *, default_host: str = "127.0.0.1") -> tuple[str
 class HttpServer:
     """Serves `routes` on host:port; `start()` returns once listening (port 0 picks a free port)."""
 
-    def __init__(self, host: str, port: int, routes: Routes, *, name: str = "http") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: Routes,
+        *,
+        name: str = "http",
+        sock: socket.socket | None = None,
+        max_body: int = MAX_BODY_BYTES,
+    ) -> None:
         self.host = host
+        self._max_body = max_body
         self._requested_port = port
+        self._sock = sock  # an already bound socket (e.g. a private unix socket) instead of host:port
         self._routes = routes
         self.name = name
         self._server: asyncio.Server | None = None
@@ -238,6 +250,9 @@ class HttpServer:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     async def start(self) -> None:
+        if self._sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=self._sock)
+            return
         self._server = await asyncio.start_server(self._serve, self.host, self._requested_port, reuse_address=True)
         log.debug("%s server listening", self.name, extra={"addr": self.address})
 
@@ -296,7 +311,7 @@ class HttpServer:
             self._run_after(response.after)
 
     async def _read_request(self, reader: asyncio.StreamReader) -> Request:
-        parser = RequestParser()
+        parser = RequestParser(max_body=self._max_body)
         while True:
             data = await reader.read(65536)
             if not data:

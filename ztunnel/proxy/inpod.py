@@ -25,16 +25,12 @@ from typing import Any, Protocol
 
 from ztunnel.config.model import DEFAULT_TRUST_DOMAIN, Workload
 from ztunnel.hbone.streams import TcpStream
-from ztunnel.proxy.listeners import (
-    HBONE_PORT,
-    LISTEN_BACKLOG,
-    OUTBOUND_PORT,
-    PLAINTEXT_INBOUND_PORT,
-    WorkloadSockets,
-)
-from ztunnel.redirect import protocol
-from ztunnel.redirect.netns import current_netns_fd, in_netns
-from ztunnel.redirect.rules import PROXY_MARK
+from ztunnel.inpod import protocol
+from ztunnel.inpod.channel import Channel
+from ztunnel.inpod.session import ProxySession
+from ztunnel.net.netns import current_netns_fd, in_netns
+from ztunnel.ports import HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, PROXY_MARK
+from ztunnel.proxy.listeners import LISTEN_BACKLOG, WorkloadSockets
 
 log = logging.getLogger("ztunnel.proxy.inpod")
 
@@ -209,17 +205,17 @@ class InpodClient:
                     delay = min(delay * 2, RECONNECT_MAX)
                     continue
                 delay = RECONNECT_MIN
-                await self.serve(protocol.Channel(sock))
+                await self.serve(Channel(sock))
         finally:
             await self.close()
 
-    async def serve(self, channel: protocol.Channel) -> None:
+    async def serve(self, channel: Channel) -> None:
         """One agent connection: hello, then handle messages until EOF."""
-        seen: set[str] = set()
+        session = ProxySession()
         self.connected = True
         log.info("connected to the node agent", extra={"socket": self.socket_path})
         try:
-            await channel.send(protocol.Hello())
+            await channel.send(session.hello())
             while True:
                 try:
                     msg = await channel.recv()
@@ -229,7 +225,7 @@ class InpodClient:
                 if msg is None:
                     log.warning("node agent disconnected; keeping %d pods and reconnecting", len(self.pods))
                     return
-                ack = await self.handle(msg, seen)
+                ack = await self.handle(msg, session)
                 if ack is not None:
                     await channel.send(ack)
         except OSError as e:
@@ -238,23 +234,22 @@ class InpodClient:
             self.connected = False
             channel.close()
 
-    async def handle(self, msg: protocol.Message, seen: set[str]) -> protocol.Ack | None:
+    async def handle(self, msg: protocol.Message, session: ProxySession) -> protocol.Ack | None:
         if isinstance(msg, protocol.AddWorkload):
-            seen.add(msg.uid)
+            session.added(msg)
             return await self._add(msg)
         if isinstance(msg, protocol.KeepWorkload):
-            seen.add(msg.uid)
-            return protocol.Ack(id=msg.id, ok=msg.uid in self.pods, error="" if msg.uid in self.pods else "unknown")
+            return session.keep(msg, self.pods)
         if isinstance(msg, protocol.DelWorkload):
-            seen.discard(msg.uid)
+            session.deleted(msg)
             self.failed.pop(msg.uid, None)
             await self._remove(msg.uid)
             return protocol.Ack(id=msg.id)
         if isinstance(msg, protocol.SnapshotSent):
-            for uid in [u for u in self.pods if u not in seen]:
+            for uid in session.snapshot_sent(list(self.pods)):
                 log.info("pod not in the agent's snapshot; dropping it", extra={"uid": uid})
                 await self._remove(uid)
-            for uid in [u for u in self.failed if u not in seen]:
+            for uid in session.snapshot_sent(list(self.failed)):
                 del self.failed[uid]
             self.synced.set()
             return protocol.Ack(id=msg.id)

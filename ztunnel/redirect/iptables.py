@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.net.netns import in_netns
+from ztunnel.ports import CONNMARK, MARK_MASK, ROUTE_TABLE
 from ztunnel.redirect import rules
-from ztunnel.redirect.netns import in_netns
 
 log = logging.getLogger("ztunnel.redirect")
 
@@ -147,8 +148,8 @@ def _lo_index(ipr: object) -> int:
 def _our_rules(ipr: object, family: int) -> list[object]:
     found = []
     for r in ipr.get_rules(family=family):  # type: ignore[attr-defined]
-        in_table = rules.ROUTE_TABLE in (r.get("table"), r.get_attr("FRA_TABLE"))
-        if in_table and r.get_attr("FRA_FWMARK") == rules.CONNMARK and r.get_attr("FRA_FWMASK") == rules.MARK_MASK:
+        in_table = ROUTE_TABLE in (r.get("table"), r.get_attr("FRA_TABLE"))
+        if in_table and r.get_attr("FRA_FWMARK") == CONNMARK and r.get_attr("FRA_FWMASK") == MARK_MASK:
             found.append(r)
     return found
 
@@ -168,22 +169,22 @@ def ensure_policy_routing() -> None:
                 ipr.rule(
                     "add",
                     family=family,
-                    fwmark=rules.CONNMARK,
-                    fwmask=rules.MARK_MASK,
-                    table=rules.ROUTE_TABLE,
+                    fwmark=CONNMARK,
+                    fwmask=MARK_MASK,
+                    table=ROUTE_TABLE,
                     priority=rules.RULE_PRIORITY,
                 )
             for extra in existing[1:]:
                 ipr.rule("del", **_rule_key(extra, family))
-            ipr.route("replace", dst=dst, family=family, type="local", scope=254, oif=lo, table=rules.ROUTE_TABLE)
+            ipr.route("replace", dst=dst, family=family, type="local", scope=254, oif=lo, table=ROUTE_TABLE)
 
 
 def _rule_key(r: object, family: int) -> dict[str, object]:
     return {
         "family": family,
-        "fwmark": rules.CONNMARK,
-        "fwmask": rules.MARK_MASK,
-        "table": rules.ROUTE_TABLE,
+        "fwmark": CONNMARK,
+        "fwmask": MARK_MASK,
+        "table": ROUTE_TABLE,
         "priority": r.get_attr("FRA_PRIORITY"),  # type: ignore[attr-defined]
     }
 
@@ -200,14 +201,14 @@ def remove_policy_routing() -> None:
                 ipr.rule("del", **_rule_key(r, family))
             dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
             try:
-                for route in ipr.get_routes(family=family, table=rules.ROUTE_TABLE):
+                for route in ipr.get_routes(family=family, table=ROUTE_TABLE):
                     if route.get("type") == RTN_LOCAL and route.get("dst_len") == 0:
                         oif = route.get_attr("RTA_OIF")
                         ipr.route(
-                            "del", dst=dst, family=family, type="local", scope=254, oif=oif, table=rules.ROUTE_TABLE
+                            "del", dst=dst, family=family, type="local", scope=254, oif=oif, table=ROUTE_TABLE
                         )
             except NetlinkError as e:
-                log.debug("removing table %d routes: %s", rules.ROUTE_TABLE, e)
+                log.debug("removing table %d routes: %s", ROUTE_TABLE, e)
 
 
 def policy_routing_dump() -> str:
@@ -221,6 +222,6 @@ def policy_routing_dump() -> str:
                 continue
             for r in _our_rules(ipr, family):
                 lines.append(f"rule {name} pref {r.get_attr('FRA_PRIORITY')} fwmark 0x111/0xfff lookup 100")
-            for route in ipr.get_routes(family=family, table=rules.ROUTE_TABLE):
+            for route in ipr.get_routes(family=family, table=ROUTE_TABLE):
                 lines.append(f"route {name} table 100 type {route.get('type')} dst_len {route.get('dst_len')}")
     return "\n".join(sorted(lines)) + "\n"

@@ -12,24 +12,24 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ztunnel.ports import (
+    CONNMARK,
+    DNS_PORT,
+    HBONE_PORT,
+    MARK_MASK,
+    OUTBOUND_PORT,
+    PLAINTEXT_INBOUND_PORT,
+    PROBE_SNAT_V4,
+    PROBE_SNAT_V6,
+    PROXY_MARK,
+)
+
 CHAIN_PREFIX = "ZTUNNEL-"
 PREROUTING_CHAIN = "ZTUNNEL-PREROUTING"
 OUTPUT_CHAIN = "ZTUNNEL-OUTPUT"
 POSTROUTING_CHAIN = "ZTUNNEL-POSTROUTING"
 
-PROXY_MARK = 0x539  # SO_MARK on every proxy socket (DESIGN §4.1)
-CONNMARK = 0x111  # connmark for return traffic to the proxy's transparent sockets
-MARK_MASK = 0xFFF
-ROUTE_TABLE = 100
 RULE_PRIORITY = 32764
-
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-HBONE_PORT = 15008
-DNS_PORT = 15053
-
-PROBE_SNAT_V4 = "169.254.7.127"
-PROBE_SNAT_V6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,7 @@ def inpod_chain_rules(fam: Family, *, dns_capture: bool = False) -> dict[str, di
             PREROUTING_CHAIN: [
                 f"-s {probe} -p tcp -j ACCEPT",  # node probes (SNATed by the node), untouched
                 f"! -d {fam.loopback} -p tcp ! --dport {HBONE_PORT} -m mark ! --mark {MARK} "
-                f"-j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}",
+                f"-j REDIRECT --to-ports {PLAINTEXT_INBOUND_PORT}",
             ],
             OUTPUT_CHAIN: nat_output,
         },

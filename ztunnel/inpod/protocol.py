@@ -3,13 +3,14 @@
 One JSON object per SOCK_SEQPACKET datagram. The proxy connects and sends `hello`; the agent then
 sends `add` (with exactly one netns fd attached), `keep`, `del` and `snapshot-sent`, one at a
 time, and the proxy answers each with an `ack` (ok true/false) carrying the same `id`.
-`encode` gives the bytes and the fds to attach; `decode` checks a datagram and its fds.
+`encode` gives the bytes and the fds to attach; `decode` checks a datagram and its fds. The socket edge
+is `inpod.channel`; what each side does with the messages is `inpod.session`.
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,73 +159,7 @@ def decode(data: bytes, fds: list[int] | None = None) -> Message:
 
 
 def _close(fd: int) -> None:
-    import os
-
     try:
         os.close(fd)
     except OSError:
         pass
-
-
-# ---- blocking/async edges ------------------------------------------------------------------------
-
-
-def send(sock: socket.socket, msg: Message) -> None:
-    data, fds = encode(msg)
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
-
-
-def recv(sock: socket.socket) -> Message | None:
-    """One message, or None at EOF. Raises ProtocolError for a bad datagram."""
-    data, fds, flags, _addr = socket.recv_fds(sock, MAX_DATAGRAM, 4)
-    if not data and not fds:
-        return None
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            _close(fd)
-        raise ProtocolError("control data truncated (too many fds)")
-    return decode(data, fds)
-
-
-class Channel:
-    """An asyncio edge over a connected SOCK_SEQPACKET socket: whole messages in and out."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-
-    async def _wait(self, writable: bool) -> None:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        fd = self.sock.fileno()
-        add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-        add(fd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            remove(fd)
-
-    async def recv(self) -> Message | None:
-        while True:
-            try:
-                return recv(self.sock)
-            except BlockingIOError:
-                await self._wait(writable=False)
-            except (ConnectionResetError, BrokenPipeError):
-                return None
-
-    async def send(self, msg: Message) -> None:
-        while True:
-            try:
-                send(self.sock, msg)
-                return
-            except BlockingIOError:
-                await self._wait(writable=True)
-
-    def close(self) -> None:
-        self.sock.close()
