@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from ztunnel.config.model import Service, ServicePort, Workload
+from ztunnel.config.model import ClusterConfig, Service, ServicePort, Workload
 from ztunnel.telemetry.metrics import TCP_LABELS, ConnectionLabelCache, ConnectionLabels, ProxyMetrics
 
 
@@ -202,3 +202,37 @@ def test_the_label_cache_hands_out_one_object_per_peer_pair_and_stays_bounded() 
     assert other is not first and other.reporter == "destination"
     cache.build(reporter="source", source=None, destination=None, **kwargs)  # type: ignore[arg-type]
     assert len(cache._entries) <= 2
+
+
+def _config(workloads: tuple[Workload, ...], services: tuple[Service, ...]) -> ClusterConfig:
+    return ClusterConfig(namespaces={}, workloads=workloads, services=services, nodes={})
+
+
+def test_inbound_service_is_the_selecting_service_whose_target_port_matches() -> None:
+    pod = Workload(
+        uid="uid-web",
+        name="web-1",
+        namespace="bar",
+        node="a",
+        service_account="web",
+        ips=("127.0.20.1",),
+        labels={"app": "web", "tier": "front"},
+        enrolled=True,
+        containers=({"name": "app", "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 9090}]},),
+    )
+
+    def svc(name: str, *ports: ServicePort, ns: str = "bar", **selector: str) -> Service:
+        return Service(name=name, namespace=ns, cluster_ips=(), ports=ports, selector=selector)
+
+    web = svc("web", ServicePort(80, "http"), app="web")  # named targetPort -> containerPort 8080
+    alias = svc("alias", ServicePort(8080, 8080), tier="front")  # also selects it on 8080: earlier by hostname
+    admin = svc("admin", ServicePort(9000, 9090), app="web")
+    other = svc("web", ServicePort(80, 8080), ns="elsewhere", app="web")  # another namespace selects nothing
+    config = _config((pod,), (web, alias, admin, other))
+    cache = ConnectionLabelCache()
+    assert cache.inbound_service(config, pod, 8080) is alias
+    assert cache.inbound_service(config, pod, 9090) is admin
+    assert cache.inbound_service(config, pod, 7000) is None
+    assert cache.inbound_service(_config((pod,), (web, admin)), pod, 8080) is web  # a new snapshot: looked up again
+    labels = dest_labels(cache, destination=pod, destination_service=cache.inbound_service(config, pod, 9090))
+    assert labels.destination_service == "admin.bar.svc.cluster.local"

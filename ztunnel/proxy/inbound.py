@@ -97,7 +97,7 @@ class Inbound:
             source_principal=peer_identity,
             destination=destination,
             destination_principal=destination.identity,
-            destination_service=None,
+            destination_service=self.report.labels.inbound_service(self.state.config, destination, target.port),
             connection_security_policy="mutual_tls",
         )
         decision = self.state.policy.check_l4(attrs)
@@ -256,7 +256,7 @@ class Inbound:
             source_principal=None,
             destination=destination,
             destination_principal=destination.identity,
-            destination_service=None,
+            destination_service=self.report.labels.inbound_service(self.state.config, destination, dst[1]),
             connection_security_policy="none",
         )
         why_not = self._not_this_pod(destination, dst)

@@ -17,7 +17,7 @@ from ztunnel.hbone.server import InboundTunnel
 from ztunnel.policy.engine import Decision
 from ztunnel.proxy.tracking import TrackedConnection
 from ztunnel.telemetry.accesslog import AccessLog
-from ztunnel.telemetry.metrics import ConnectionLabelCache, ConnectionLabels, ProxyMetrics
+from ztunnel.telemetry.metrics import UNKNOWN, ConnectionLabelCache, ConnectionLabels, ProxyMetrics
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -29,6 +29,10 @@ FLAG_UPSTREAM_FAILURE = "UF"  # could not connect upstream (app, passthrough, or
 FLAG_BAD_REQUEST = "BR"  # malformed request (HBONE 400)
 FLAG_TLS_FAILURE = TLS_FAILURE  # the TLS handshake with the destination's proxy failed
 FLAG_IDENTITY_ERROR = IDENTITY_ERROR  # the destination's proxy is not who the destination should be
+
+
+def _known(label: str) -> str | None:
+    return None if label == UNKNOWN else label
 
 
 def format_addr(host: str, port: int) -> str:
@@ -147,7 +151,7 @@ class ConnectionReporter:
             dst_identity=dst_identity,
             src_workload=src_workload.ref if src_workload else None,
             dst_workload=destination.ref if destination else None,
-            dst_service=service.hostname if service else None,
+            dst_service=service.hostname if service else _known(labels.destination_service),
             sent_bytes=sent,
             received_bytes=received,
             duration=time.monotonic() - started,

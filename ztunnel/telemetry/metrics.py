@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ztunnel.config.model import Service, Workload
+from ztunnel.config.model import ClusterConfig, Service, Workload
 
 UNKNOWN = "unknown"
 NO_FLAGS = "-"  # Envoy's spelling for "no response flags"
@@ -49,6 +49,28 @@ _CHILD_CACHE_LIMIT = 10_000
 def _app_of(workload: Workload) -> str:
     """Istio's canonical service: the canonical-name label, else `app`, else the workload name."""
     return workload.labels.get("service.istio.io/canonical-name") or workload.app
+
+
+def _serves_port(service_port: int | str, workload: Workload, port: int) -> bool:
+    """Whether a service targetPort (a number, or the name of a containerPort of `workload`) is `port`."""
+    if isinstance(service_port, int):
+        return service_port == port
+    for container in workload.containers:
+        for p in container.get("ports") or ():
+            if isinstance(p, dict) and p.get("name") == service_port and p.get("containerPort") == port:
+                return True
+    return False
+
+
+def inbound_service(config: ClusterConfig, workload: Workload, port: int) -> Service | None:
+    """The service an inbound connection to `workload` on `port` is counted under, as Istio's ztunnel
+    guesses it (the tunnel carries only the pod address): a service whose selector picks the workload and
+    that has a port with `port` as its targetPort. When several do, the first by hostname, so every proxy
+    and every restart names the same one."""
+    matching = [
+        s for s in config.services_of(workload) if any(_serves_port(p.target_port, workload, port) for p in s.ports)
+    ]
+    return min(matching, key=lambda s: s.hostname, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +158,24 @@ class ConnectionLabelCache:
     def __init__(self, limit: int = _CHILD_CACHE_LIMIT) -> None:
         self._limit = limit
         self._entries: dict[tuple[Any, ...], tuple[Any, Any, Any, ConnectionLabels]] = {}
+        self._services_config: ClusterConfig | None = None
+        self._services: dict[tuple[int, int], tuple[Workload, Service | None]] = {}
+
+    def inbound_service(self, config: ClusterConfig, workload: Workload, port: int) -> Service | None:
+        """`inbound_service`, computed once per (workload, port) of a config snapshot: a new snapshot
+        starts afresh, since services and their selectors may have changed with it."""
+        if config is not self._services_config:
+            self._services_config = config
+            self._services.clear()
+        key = (id(workload), port)
+        entry = self._services.get(key)
+        if entry is not None and entry[0] is workload:
+            return entry[1]
+        service = inbound_service(config, workload, port)
+        if len(self._services) >= self._limit:
+            self._services.clear()
+        self._services[key] = (workload, service)
+        return service
 
     def build(
         self,
