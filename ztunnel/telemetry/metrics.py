@@ -316,6 +316,22 @@ class ProxyMetrics:
             "Failed attempts to obtain or rotate a workload certificate",
             registry=registry,
         )
+        self._crl_loads = Counter(
+            "ztunnel_crl_loads",
+            "CRL polls that changed or kept the CRL, by result: loaded, cleared, rejected (rollback or bad "
+            "signature: the one in force stays), error (source unreachable: the one in force stays)",
+            ("result",),
+            registry=registry,
+        )
+        self._crl_number = Gauge(
+            "ztunnel_crl_number", "CRL number of the CRL in force (0: none)", registry=registry
+        )
+        self._revoked_closed = Counter(
+            "ztunnel_revoked_connections_closed",
+            "Open HBONE connections closed because the peer's certificate was revoked, by side",
+            ("side",),
+            registry=registry,
+        )
 
     # ---- TCP connection metrics (per connection, never per chunk) -----------------------------
     def _tcp(self, labels: ConnectionLabels, response_flags: str) -> _TcpChildren:
@@ -390,6 +406,14 @@ class ProxyMetrics:
             self._cert_expiry.remove(identity)
         except KeyError:
             pass
+
+    def crl_update(self, result: str, number: int) -> None:
+        """One CRL poll that did something (see ztunnel.identity.revocation); `number` is the one in force."""
+        self._crl_loads.labels(result).inc()
+        self._crl_number.set(number)
+
+    def revoked_connections_closed(self, side: str, count: int) -> None:
+        self._revoked_closed.labels(side).inc(count)
 
     def certificate_fetch_failed(self) -> None:
         self._cert_failures.inc()
