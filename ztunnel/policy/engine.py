@@ -30,6 +30,7 @@ from ztunnel.policy.authz import (
     parse_authorization_policy,
     strip_spiffe,
 )
+from ztunnel.policy.legacy import LEGACY_KINDS, convert_objects
 from ztunnel.policy.matchers import parse_ip
 from ztunnel.policy.peerauth import (
     PeerAuthentication,
@@ -38,9 +39,6 @@ from ztunnel.policy.peerauth import (
     parse_request_authentication,
 )
 
-LEGACY_KINDS = frozenset(
-    {"ServiceRole", "ServiceRoleBinding", "ClusterRbacConfig", "RbacConfig", "Policy", "MeshPolicy"}
-)
 L4 = "l4"
 L7 = "l7"
 
@@ -297,8 +295,6 @@ class PolicyEngine:
         warnings: list[str] = []
         origins: dict[int, str] = {}
         if any(o.kind in LEGACY_KINDS for o in objects):
-            from ztunnel.policy.legacy import convert_objects
-
             result = convert_objects(objects, config)
             errors.extend(result.errors)
             warnings.extend(result.notes)
