@@ -186,3 +186,95 @@ def test_an_object_defined_twice_is_reported_and_the_later_wins(tmp_path: Path) 
     cfg = load_files([a, b])
     assert cfg.workload("shop", "web-1").uid == "u-web-1b"
     assert any("Pod shop/web-1" in w and str(a) in w and str(b) in w for w in cfg.warnings)
+
+
+# ---- every read error is a ConfigError naming the file and the reason (issue 10 item 9) ----------------
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"kind: Namespace\nmetadata: {name: caf\xe9}\n", "not UTF-8 text (byte 0xe9 at offset 36, line 2)"),
+        (CLUSTER.encode("utf-16"), "is UTF-16 text, not UTF-8; save it as UTF-8"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not UTF-8 text (byte 0x89 at offset 0, line 1)"),
+        (b"kind: Pod\x00\x00\x00", "holds a NUL byte at offset 9: a binary file"),
+        (b"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: running\n", "Pod default/p: a field has the wrong"),
+        (b"apiVersion: v1\nkind: Pod\nmetadata: {name: p, creationTimestamp: 2024-13-45}\n", "not valid YAML"),
+        (b"kind: List\nitems: 7\n", "field items: must be a list of objects"),
+    ],
+)
+def test_any_unreadable_file_is_a_config_error_with_file_and_reason(
+    tmp_path: Path, data: bytes, expected: str
+) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        load_files([f])
+    assert str(err.value).startswith(str(f)) and err.value.file == str(f)
+    assert expected in str(err.value)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "bom.yaml"
+    f.write_bytes(b"\xef\xbb\xbf" + CLUSTER.encode())
+    assert len(load_files([f]).workloads) == 4
+
+
+def test_yaml_is_parsed_with_libyaml_when_available() -> None:
+    import yaml
+
+    from ztunnel.config import loader
+
+    if yaml.__with_libyaml__:
+        assert loader.YAML_LOADER is yaml.CSafeLoader
+
+
+# ---- mistyped security kinds are errors (issue 10 item 12) ------------------------------------------------
+@pytest.mark.parametrize(
+    ("api_version", "kind", "expected"),
+    [
+        ("security.istio.io/v1", "AuthorizationPolcy", "did you mean AuthorizationPolicy?"),
+        ("security.istio.io/v1beta1", "PeerAuthentcation", "did you mean PeerAuthentication?"),
+        ("rbac.istio.io/v1alpha1", "ServiceRol", "did you mean ServiceRole?"),
+        ("authentication.istio.io/v1alpha1", "Polcy", "did you mean Policy?"),
+        ("security.istio.io/v1", "Gateway", "security.istio.io serves AuthorizationPolicy, PeerAuthentication"),
+        ("security.istio.io/v1", "\u201cAuthorizationPolicy\u201d", "quote characters around it"),
+    ],
+)
+def test_an_unknown_kind_in_an_istio_security_group_is_an_error(api_version: str, kind: str, expected: str) -> None:
+    text = f"apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: deny-all, namespace: shop}}\nspec: {{}}\n"
+    with pytest.raises(ConfigError) as err:
+        load_documents(text, "policy.yaml")
+    message = str(err.value)
+    assert message.startswith(f"policy.yaml (document 1): {kind} deny-all: field kind: ")
+    assert "would be ignored" in message and expected in message
+
+
+def test_unknown_kinds_of_other_groups_are_still_skipped() -> None:
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\n---\n"
+        "apiVersion: example.com/v1\nkind: AuthorizationPolcy\nmetadata: {name: e}\n"
+    )
+    cfg = build_config(load_documents(text, "other.yaml"))
+    assert cfg.policy_objects == ()
+
+
+def test_a_directory_is_read_with_its_json_files(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yaml").write_text(CLUSTER)
+    (tmp_path / "extra.json").write_text(
+        '{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "from-json", "namespace": "shop"},'
+        ' "spec": {"nodeName": "a"}, "status": {"podIP": "10.244.1.77"}}\n'
+        '{"apiVersion": "v1", "kind": "List", "items": [{"apiVersion": "v1", "kind": "Pod",'
+        ' "metadata": {"name": "in-list", "namespace": "shop"}, "spec": {"nodeName": "a"}}]}'
+    )
+    (tmp_path / "README.txt").write_text("not config: {")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "ignored.yaml").write_text("kind: [")
+    cfg = load_files([tmp_path])
+    assert cfg.workload("shop", "from-json") is not None and cfg.workload("shop", "in-list") is not None
+
+
+def test_bad_json_names_file_line_and_column(tmp_path: Path) -> None:
+    f = tmp_path / "bad.json"
+    f.write_text('{"kind": "Pod",\n "metadata": {"name": }}')
+    with pytest.raises(ConfigError) as err:
+        load_files([f])
+    assert str(err.value).startswith(f"{f}: not valid JSON at line 2, column 23")

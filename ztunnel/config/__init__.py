@@ -1,6 +1,6 @@
 """Kubernetes objects -> the mesh model (workloads, services, policies) every consumer shares."""
 
-from ztunnel.config.loader import ConfigError, load_documents, load_files
+from ztunnel.config.loader import ConfigError, load_documents, load_files, read_config
 from ztunnel.config.model import (
     ClusterConfig,
     KubeObject,
@@ -22,4 +22,5 @@ __all__ = [
     "Workload",
     "load_documents",
     "load_files",
+    "read_config",
 ]
