@@ -41,7 +41,11 @@ class Channel:
         fut: asyncio.Future[None] = loop.create_future()
         fd = self.sock.fileno()
         add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-        add(fd, lambda: fut.done() or fut.set_result(None))
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        add(fd, ready)
         try:
             await fut
         finally:

@@ -19,7 +19,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.net.netns import in_netns
@@ -145,9 +145,10 @@ def _lo_index(ipr: object) -> int:
     return int(idx[0])
 
 
-def _our_rules(ipr: object, family: int) -> list[object]:
+def _our_rules(ipr: Any, family: int) -> list[Any]:
+    """Our `ip rule`s (pyroute2 rule messages; pyroute2 has no type hints)."""
     found = []
-    for r in ipr.get_rules(family=family):  # type: ignore[attr-defined]
+    for r in ipr.get_rules(family=family):
         in_table = ROUTE_TABLE in (r.get("table"), r.get_attr("FRA_TABLE"))
         if in_table and r.get_attr("FRA_FWMARK") == CONNMARK and r.get_attr("FRA_FWMASK") == MARK_MASK:
             found.append(r)

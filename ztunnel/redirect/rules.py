@@ -9,7 +9,7 @@ so re-applying never duplicates a rule; jumps from the built-in chains are added
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ztunnel.ports import (
@@ -161,7 +161,7 @@ def render_apply(wanted: dict[str, dict[str, list[str]]], jumps: dict[str, str],
     return "\n".join(out) + "\n"
 
 
-def render_remove(chains_by_table: dict[str, Iterable[str]], jumps: dict[str, str], current_save: str) -> str:
+def render_remove(chains_by_table: Mapping[str, Iterable[str]], jumps: Mapping[str, str], current_save: str) -> str:
     """Input that removes our jumps and chains; empty when nothing of ours is there (idempotent)."""
     save = parse_save(current_save)
     out: list[str] = []
