@@ -2,18 +2,28 @@
 
 Each concern registers its own subcommands (`register(subparsers)` in its `commands` module) and
 imports what it needs only when it runs, so `ztunnel --help` stays fast.
+
+`--log-format json` makes every line the process writes to stderr a JSON event: the logs, a command-line
+error, a fatal error and an unexpected exception (and the proxy's access log follows it unless
+`--access-log` says otherwise), so a log shipper never meets a line it cannot parse.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ztunnel import __version__
 from ztunnel.errors import ZtunnelError
 from ztunnel.telemetry.logs import configure_logging
+
+log = logging.getLogger("ztunnel.cli")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 COMMAND_MODULES = (
     "ztunnel.identity.commands",
@@ -52,13 +62,56 @@ def hoist_global_flags(argv: Sequence[str]) -> list[str]:
     return front + rest
 
 
+def global_flag(argv: Sequence[str], name: str, choices: Sequence[str]) -> str | None:
+    """The value of a global flag in hoisted `argv` (the last one wins, as with argparse), or None if it is
+    absent or not one of `choices` (argparse will then say so). Read before parsing, so the parser's own
+    errors already come out in the chosen log format."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value if value in choices else None
+
+
+class CliParser(argparse.ArgumentParser):
+    """An argument parser whose errors are a log event when `log_errors` is set (with `--log-format json`):
+    argparse would print its usage and the error as two lines of text."""
+
+    log_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if not self.log_errors:
+            super().error(message)
+        log.error("%s: %s", self.prog, message, extra={"usage": " ".join(self.format_usage().split())})
+        sys.exit(2)
+
+
+def _log_errors(parser: argparse.ArgumentParser) -> None:
+    """Set `log_errors` on `parser` and every subcommand's parser under it."""
+    if isinstance(parser, CliParser):
+        parser.log_errors = True
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _log_errors(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="ztunnel",
         description="An ambient-style service mesh node proxy: mTLS, SPIFFE identities and authorization.",
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="one event per line")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="one event per line; json makes every line on stderr JSON, fatal errors included",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _args: print(__version__) or 0)
@@ -74,8 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = hoist_global_flags(sys.argv[1:] if argv is None else argv)
+    as_json = global_flag(argv, "--log-format", LOG_FORMATS) == "json"
     parser = build_parser()
-    args = parser.parse_args(hoist_global_flags(sys.argv[1:] if argv is None else argv))
+    if as_json:
+        configure_logging(global_flag(argv, "--log-level", LOG_LEVELS) or "info", "json")
+        logging.captureWarnings(True)  # a Python warning is a log event too, not two lines of text
+        _log_errors(parser)
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -83,7 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ZtunnelError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if as_json:
+            log.error("%s", e, extra={"exit_code": 2})
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        if not as_json:
+            raise
+        log.critical("unexpected error", exc_info=True, extra={"exit_code": 1})
+        return 1

@@ -37,13 +37,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--readiness-addr", default="127.0.0.1:15021", help="HOST:PORT for /healthz/ready (default 127.0.0.1:15021)"
     )
     p.add_argument("--cert-ttl", default="24h", help="requested SVID validity, e.g. 24h, 30m (default 24h)")
-    p.add_argument("--access-log", default="text", choices=["text", "json", "off"], help="access log format")
+    p.add_argument(
+        "--access-log", choices=["text", "json", "off"], help="access log format (default: the --log-format)"
+    )
     p.add_argument("--drain-timeout", default="10s", help="how long open connections may finish on shutdown")
     p.add_argument("--connect-timeout", default="5s", help="timeout for upstream connects and tunnel setup")
     p.add_argument(
         "--byte-flush-interval",
         default="5s",
         help="how often open connections' bytes are added to the byte metrics (default 5s)",
+    )
+    p.add_argument(
+        "--crl-interval",
+        default="5s",
+        help="how often the CRL is polled (crl.pem of --ca-dir, or the CA server's revocation list): a revocation "
+        "takes effect on new handshakes and open connections within this (default 5s)",
     )
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument(
@@ -70,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from ztunnel.proxy.main import ProxySettings, run_proxy
 
+    if args.access_log is None:
+        args.access_log = getattr(args, "log_format", "text")
     settings = ProxySettings.from_args(args)
     if settings.workers > 1 and settings.worker_fd is None:
         import sys
