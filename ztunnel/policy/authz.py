@@ -14,6 +14,7 @@ from typing import Any
 
 from ztunnel.config.loader import ConfigError
 from ztunnel.config.model import KubeObject, Source
+from ztunnel.identity.spiffe import strip_scheme
 from ztunnel.policy.matchers import CidrSet, IpAddress, StringSet, parse_cidr, parse_port
 
 ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
@@ -366,10 +367,6 @@ def _type_name(v: Any) -> str:
     )
 
 
-def strip_spiffe(value: str) -> str:
-    return value[len("spiffe://") :] if value.startswith("spiffe://") else value
-
-
 def _matcher(ctx: _Ctx, kind: str, values: list[str], path: str, policy_ns: str) -> Matcher:
     """Validated matcher for a value list. Large clusters repeat value lists, so a batch memo skips rework."""
     if ctx.memo is None:
@@ -386,7 +383,7 @@ def _build_matcher(ctx: _Ctx, kind: str, values: list[str], path: str, policy_ns
         if v == "":  # Istio rejects these too: an empty value is always a templating mistake
             raise ctx.error(f"{path}[{i}]", 'empty value not allowed; remove it or write "*" for any value')
     if kind == "principal":
-        return StringSet.compile(strip_spiffe(v) for v in values)
+        return StringSet.compile(strip_scheme(v) for v in values)
     if kind == "string":
         return StringSet.compile(values)
     if kind == "host":

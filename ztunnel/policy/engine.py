@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from ztunnel.config.loader import ConfigError
 from ztunnel.config.model import ClusterConfig, KubeObject, Workload, labels_match
+from ztunnel.identity.spiffe import principal_parts
 from ztunnel.policy.authz import (
     AuthorizationPolicy,
     MatchAttributes,
@@ -28,7 +28,6 @@ from ztunnel.policy.authz import (
     Rule,
     best_effort_scope,
     parse_authorization_policy,
-    strip_spiffe,
 )
 from ztunnel.policy.legacy import LEGACY_KINDS, convert_objects
 from ztunnel.policy.matchers import parse_ip
@@ -188,22 +187,6 @@ def _rejected_decision(r: _Rejected, w: Workload) -> Decision:
     )
 
 
-def principal_namespace(principal: str) -> str:
-    """`cluster.local/ns/foo/sa/bar` -> `foo` ("" when the principal has no namespace part)."""
-    parts = principal.split("/")
-    for i in range(len(parts) - 1):
-        if parts[i] == "ns":
-            return parts[i + 1]
-    return ""
-
-
-def _service_account(principal: str) -> str:
-    parts = principal.split("/")
-    if len(parts) >= 5 and parts[-4] == "ns" and parts[-2] == "sa":
-        return f"{parts[-3]}/{parts[-1]}"
-    return ""
-
-
 def _same_object(old: KubeObject, new: KubeObject) -> bool:
     """Unchanged object (same text at the same place), so its parse result can be reused."""
     return old is new or (
@@ -212,13 +195,6 @@ def _same_object(old: KubeObject, new: KubeObject) -> bool:
         and old.api_version == new.api_version
         and old.annotations == new.annotations
     )
-
-
-@lru_cache(maxsize=16384)
-def _principal_parts(uri: str) -> tuple[str, str, str]:
-    """(principal without spiffe://, namespace, "ns/sa") of a peer identity; cached, peers repeat."""
-    principal = strip_spiffe(uri)
-    return principal, principal_namespace(principal), _service_account(principal)
 
 
 def _limit(names: Iterable[str], n: int = 5) -> str:
@@ -467,7 +443,7 @@ class PolicyEngine:
         return self._check(attrs, request, L7)
 
     def _attributes(self, attrs: ConnectionAttributes, request: HttpRequestAttributes | None) -> MatchAttributes:
-        principal, namespace, service_account = _principal_parts(attrs.source_principal or "")
+        principal, namespace, service_account = principal_parts(attrs.source_principal or "")
         if attrs.source_namespace is not None:
             namespace = attrs.source_namespace
         source_ip = parse_ip(attrs.source_ip)
@@ -578,5 +554,4 @@ __all__ = [
     "Decision",
     "HttpRequestAttributes",
     "PolicyEngine",
-    "principal_namespace",
 ]
