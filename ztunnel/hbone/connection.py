@@ -25,7 +25,15 @@ import h2.settings
 import hpack
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import FRAMES, Frame, GoAwayFrame
+from hyperframe.frame import (
+    FRAMES,
+    ContinuationFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PushPromiseFrame,
+    RstStreamFrame,
+)
 
 from ztunnel.hbone import dataframes
 from ztunnel.hbone.protocol import (
@@ -33,9 +41,12 @@ from ztunnel.hbone.protocol import (
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
     MAX_FRAME_SIZE,
+    MAX_HEADER_LIST,
+    PREMATURE_RESET_BUDGET,
     SERVER_MAX_CONCURRENT_STREAMS,
     STATUS_BAD_REQUEST,
     STATUS_OK,
+    STREAM_OPEN_BUDGET,
     STREAM_WINDOW,
     Authority,
     ConnectRequest,
@@ -68,13 +79,103 @@ _QUIET: dict[type[Frame], type[Frame]] = {
 }
 
 
+_HEADERS, _CONTINUATION = 0x1, 0x9  # frame types whose payload is a header block fragment
+
+
+class PeerTooCostly(h2.exceptions.ProtocolError):
+    """The peer went past a limit of the work or memory it may cost us: GOAWAY(ENHANCE_YOUR_CALM)."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+
+class StreamBudget:
+    """A server connection's new streams and premature resets in the current second (rapid reset).
+
+    A reset is premature when the peer resets a stream before we answered it: all the set-up work of the
+    stream (handler, policy, upstream dial) is for nothing. Resets of answered tunnels are ordinary aborts
+    and are not counted. Charged as h2 parses each frame, so a flood stops at the budget, not at the end of
+    the read that carried it.
+    """
+
+    __slots__ = ("_conn", "_window_start", "open_limit", "opens", "reset_limit", "resets")
+
+    def __init__(self, conn: HboneConnection, open_limit: int, reset_limit: int) -> None:
+        self._conn = conn
+        self.open_limit = open_limit
+        self.reset_limit = reset_limit
+        self._window_start = time.monotonic()
+        self.opens = 0
+        self.resets = 0
+
+    def _roll(self) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._window_start = now
+            self.opens = self.resets = 0
+
+    def opened(self) -> None:
+        self._roll()
+        self.opens += 1
+        if self.opens > self.open_limit:
+            raise PeerTooCostly(f"more than {self.open_limit} new streams in a second")
+
+    def reset(self, stream_id: int) -> None:
+        conn = self._conn
+        stream = conn.streams.get(stream_id)
+        if stream is not None and stream.status is not None:
+            return  # answered: an ordinary abort
+        if stream is None and stream_id <= conn._requests_high:
+            return  # a stream that already ended (its reset crossed our answer)
+        self._roll()
+        self.resets += 1
+        if self.resets > self.reset_limit:
+            raise PeerTooCostly(f"more than {self.reset_limit} streams reset before their answer in a second")
+
+
 class _QuietFrameBuffer(FrameBuffer):
+    """h2's frame buffer with cheap frame reprs, a header-block cap enforced as the frames arrive (h2 would
+    hold up to 64 CONTINUATION frames of 1 MiB each before decoding), and the stream budget."""
+
+    def __init__(self, server: bool) -> None:
+        super().__init__(server=server)
+        self.block = 0  # bytes of the header block being received (valid while _headers_buffer is not empty)
+        self.budget: StreamBudget | None = None
+
     def __next__(self) -> Frame:
         frame = super().__next__()
-        quiet = _QUIET.get(type(frame))
+        cls = type(frame)
+        quiet = _QUIET.get(cls)
         if quiet is not None:
             frame.__class__ = quiet
+        budget = self.budget
+        if budget is not None:
+            if cls is HeadersFrame:
+                budget.opened()
+            elif cls is RstStreamFrame:
+                budget.reset(frame.stream_id)
         return frame
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, (HeadersFrame, ContinuationFrame, PushPromiseFrame)):
+            block = len(f.data) + (self.block if self._headers_buffer else 0)
+            if block > MAX_HEADER_LIST:
+                raise PeerTooCostly(f"a header block of more than {MAX_HEADER_LIST} bytes")
+            self.block = block
+        return super()._update_header_buffer(f)
+
+    def pending_violation(self) -> tuple[ErrorCodes, str] | None:
+        """A limit the partly received frame at the front of the buffer already breaks, by its header alone:
+        refused now, before its payload is buffered."""
+        pending = self._data
+        if len(pending) < 9:
+            return None
+        length = int.from_bytes(pending[:3], "big")
+        if length > MAX_FRAME_SIZE:
+            return ErrorCodes.FRAME_SIZE_ERROR, "oversized HTTP/2 frame"
+        block = length + (self.block if self._headers_buffer else 0)
+        if pending[3] in (_HEADERS, _CONTINUATION) and block > MAX_HEADER_LIST:
+            return ErrorCodes.ENHANCE_YOUR_CALM, f"a header block of more than {MAX_HEADER_LIST} bytes"
+        return None
 
 
 class _H2(h2.connection.H2Connection):
@@ -115,6 +216,7 @@ class HboneStream:
     """One tunnelled TCP connection (an HTTP/2 stream); implements the ByteStream interface."""
 
     __slots__ = (
+        "_cancel_on_reset",
         "_chunks",
         "_conn",
         "_drain_to",
@@ -155,6 +257,7 @@ class HboneStream:
         self._held_flow = 0  # pushed on while the sink was full: acknowledged once it drains
         self._pending: collections.deque[bytes | memoryview] = collections.deque()  # waiting for window
         self._eof_pending = False
+        self._cancel_on_reset: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -257,6 +360,14 @@ class HboneStream:
             target.error(StreamClosed("HBONE stream aborted"))
 
     # ---- server side ---------------------------------------------------------------------------
+    def cancel_on_reset(self, task: asyncio.Task[None] | None) -> None:
+        """Cancel `task` (the set-up of this tunnel, e.g. its upstream dial) if the stream is reset or its
+        connection fails before `cancel_on_reset(None)`: a peer that resets at once gets no dial done."""
+        if task is not None and self._reset_code is not None:
+            task.cancel()
+            return
+        self._cancel_on_reset = task
+
     def respond(self, status: int) -> None:
         """Answer the CONNECT: 200 opens the tunnel; anything else ends the stream."""
         self.status = status
@@ -335,6 +446,9 @@ class HboneStream:
         self._discard_unread()  # like a TCP RST: what was not read yet is dropped (and its window returned)
         if self._reset_code is None:
             self._reset_code = code
+        if self._cancel_on_reset is not None:
+            self._cancel_on_reset.cancel()
+            self._cancel_on_reset = None
         self._eof = True
         self._wake()
         target = self._push_to or self._drain_to
@@ -511,6 +625,9 @@ class HboneConnection(asyncio.BufferedProtocol):
             normalize_outbound_headers=False,
         )
         self.h2 = _H2(config=config)
+        if not client_side:
+            self.h2.incoming_buffer.budget = StreamBudget(self, STREAM_OPEN_BUDGET, PREMATURE_RESET_BUDGET)
+        self._requests_high = 0  # the highest stream id handed to on_request (or skipped as already reset)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, HboneStream] = {}
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call (3.11).
@@ -567,6 +684,7 @@ class HboneConnection(asyncio.BufferedProtocol):
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: SERVER_MAX_CONCURRENT_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
         }
         if self.client_side:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
@@ -613,7 +731,13 @@ class HboneConnection(asyncio.BufferedProtocol):
         try:
             events = self.h2.receive_data(data)
         except Exception as e:  # ProtocolError, or anything else garbage makes h2 raise: this connection only
-            log.info("HBONE protocol error, closing the connection", extra={"peer": self.label, "error": str(e)})
+            if isinstance(e, PeerTooCostly):
+                log.warning(
+                    "HBONE peer over a limit, closing the connection (GOAWAY ENHANCE_YOUR_CALM)",
+                    extra={"peer": self.label, "peer_identity": str(self.peer_identity), "error": str(e)},
+                )
+            else:
+                log.info("HBONE protocol error, closing the connection", extra={"peer": self.label, "error": str(e)})
             self._flush()
             if self.transport is not None:
                 self.transport.close()  # flushes the GOAWAY h2 queued, then closes
@@ -627,19 +751,20 @@ class HboneConnection(asyncio.BufferedProtocol):
             self._fail(HboneError(f"internal error: {e}"))
             return
         self._flush_soon()
-        # h2 checks a frame's length only once the whole frame is buffered; refuse an announced oversized
-        # frame now, so a peer cannot make us buffer up to 16 MiB per connection.
-        pending = getattr(self.h2.incoming_buffer, "_data", b"")
-        if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > MAX_FRAME_SIZE:
-            log.info("HBONE peer announced an oversized frame, closing", extra={"peer": self.label})
+        # h2 checks a frame only once the whole frame is buffered; refuse an announced oversized frame (or
+        # header block fragment) now, so a peer cannot make us buffer up to 16 MiB per connection.
+        violation = self.h2.incoming_buffer.pending_violation()
+        if violation is not None:
+            code, why = violation
+            log.info("HBONE peer announced a frame over a limit, closing", extra={"peer": self.label, "error": why})
             try:
-                self.h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+                self.h2.close_connection(code)
             except h2.exceptions.ProtocolError:
                 pass
             self._flush()
             if self.transport is not None:
                 self.transport.close()
-            self._fail(HboneError("oversized HTTP/2 frame"))
+            self._fail(HboneError(why))
 
     def eof_received(self) -> bool:
         return False
@@ -847,6 +972,10 @@ class HboneConnection(asyncio.BufferedProtocol):
                 self._maybe_done(stream)
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
+        self._requests_high = max(self._requests_high, event.stream_id)
+        h2_stream = self.h2.streams.get(event.stream_id)
+        if h2_stream is None or h2_stream.closed:
+            return  # reset by the peer in the same read (rapid reset): nothing to hand over, no handler
         stream = HboneStream(self, event.stream_id)
         self.streams[event.stream_id] = stream
         self.streams_total += 1

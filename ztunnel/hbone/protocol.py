@@ -31,8 +31,21 @@ MAX_FRAME_SIZE = 1024 * 1024
 # The client opens another pooled connection past this many streams, so one TLS connection (one core on
 # the peer) never carries everything.
 MAX_STREAMS_PER_CONNECTION = 100
-# What the server allows: higher than the client's limit so a well-behaved pool never hits REFUSED_STREAM.
-SERVER_MAX_CONCURRENT_STREAMS = 1000
+# What the server allows: a little above the client's limit so a well-behaved pool never hits
+# REFUSED_STREAM, and no more: every open stream may pin up to about 1 MiB of the proxy's memory toward a
+# peer that grants no window (README "Limits under attack"), so this bounds one connection's share (was 1000).
+SERVER_MAX_CONCURRENT_STREAMS = 128
+# The largest header block (HEADERS + CONTINUATION frames) and decoded header list accepted, advertised as
+# SETTINGS_MAX_HEADER_LIST_SIZE. A CONNECT's headers take a few hundred bytes; the block is counted as its
+# frames arrive, so a peer cannot make the proxy buffer more than this (plus one read) per connection.
+MAX_HEADER_LIST = 64 * 1024
+# Per connection and second (server side): new streams, and streams the peer resets before they were
+# answered. A flood of HEADERS+RST_STREAM pairs (HTTP/2 "rapid reset", CVE-2023-44487) makes the proxy do
+# the set-up work of every stream for nothing; past either budget the connection gets
+# GOAWAY(ENHANCE_YOUR_CALM). A proxy worker sets up ~1,000 tunnels a second in all, and a legitimate
+# client gives up on a tunnel before its answer only when its own app does.
+STREAM_OPEN_BUDGET = 4000
+PREMATURE_RESET_BUDGET = 200
 KEEPALIVE_INTERVAL = 10.0
 KEEPALIVE_TIMEOUT = 20.0
 

@@ -114,8 +114,11 @@ class Inbound:
                 traceparent=request.traceparent,
             )
             return
+        if stream.done:  # reset by the peer before we got here (rapid reset): no dial for it
+            return
+        loop = tunnel.loop or asyncio.get_running_loop()
+        stream.cancel_on_reset(asyncio.current_task(loop))  # and a reset during the dial cancels it
         try:
-            loop = tunnel.loop or asyncio.get_running_loop()
             async with Deadline.after(loop, self.state.options.connect_timeout):
                 app = await served.sockets.connector.connect((target.ip, target.port), source=(source_ip, source_port))
         except (OSError, TimeoutError) as e:
@@ -136,6 +139,8 @@ class Inbound:
                 traceparent=request.traceparent,
             )
             return
+        finally:
+            stream.cancel_on_reset(None)
         stream.respond(STATUS_OK)
         await self._relay_inbound(
             served,
