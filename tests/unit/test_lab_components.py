@@ -43,10 +43,32 @@ def test_a_broken_cli_marks_every_component_unavailable() -> None:
     assert all("could not be loaded" in why for why in caps.available().values())
 
 
+def _this_cli() -> Any:
+    """The subcommand table `ztunnel lab` hands to the lab: the one it is registered in."""
+    from ztunnel.cli import build_parser
+
+    return components.subcommands(build_parser())
+
+
 def test_this_checkout_is_inspected_without_error() -> None:
-    caps = components.inspect()
+    caps = components.inspect(_this_cli())
     assert caps.problem == "" and "lab up" in caps.commands
     assert components.ztunnel_argv("version")[-2:] == ["ztunnel", "version"]
+
+
+def test_the_lab_gets_the_cli_it_is_registered_in() -> None:
+    """`ztunnel lab ...` hands the lab its CLI's subcommands; the lab never imports the CLI root itself."""
+    from ztunnel.cli import build_parser
+
+    args = build_parser().parse_args(["lab", "status", "--name", "x"])
+    caps = components.inspect(args.cli_commands)
+    assert caps.problem == "" and caps.has("proxy", "--inpod-socket") and caps.has("ca serve")
+    assert "could not" not in " ".join(caps.available().values())
+
+
+def test_without_the_cli_no_component_runs_and_the_reason_says_how_to_run_it() -> None:
+    caps = components.inspect(None)
+    assert all("ztunnel lab" in why for why in caps.available().values())
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -110,4 +132,23 @@ def test_mesh_auto_is_the_opt_in_that_skips_and_says_so() -> None:
 
 def test_this_checkout_runs_every_component() -> None:
     lab, _ = _lab()
-    assert all(lab._choose_components(components.inspect(), "on").values())
+    assert all(lab._choose_components(components.inspect(_this_cli()), "on").values())
+
+
+def test_the_lab_never_imports_the_cli_root() -> None:
+    """lab/ is a top layer: it may use every concern below it, but not `ztunnel.cli`, which imports the lab."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for f in sorted(Path(components.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            if any(m == "ztunnel.cli" or m.startswith("ztunnel.cli.") for m in modules):
+                offenders.append(f"{f.name}:{node.lineno}")
+    assert offenders == []

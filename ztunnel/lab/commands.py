@@ -34,7 +34,9 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = lab.add_subparsers(dest="lab_command", metavar="SUBCOMMAND")
-    lab.set_defaults(func=lambda _a: lab.print_help() or 2)
+    # The table of subcommands the lab is registered in is the CLI its processes run: the lab reads which
+    # components and flags exist from it, without importing the CLI root.
+    lab.set_defaults(func=lambda _a: lab.print_help() or 2, cli_commands=subparsers.choices)
 
     up = sub.add_parser("up", help="create the lab and wait until it is ready")
     _add_common(up)
@@ -88,7 +90,8 @@ def _lab(args: argparse.Namespace, creating: bool = False) -> Any:
     from ztunnel.lab.cluster import Lab, resolve_dir
 
     name, path = resolve_dir(args.name, args.state_dir, creating=creating)
-    return Lab(name, path, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    cli = getattr(args, "cli_commands", None)
+    return Lab(name, path, progress=lambda m: print(m, file=sys.stderr, flush=True), cli=cli)
 
 
 def _up(args: argparse.Namespace) -> int:

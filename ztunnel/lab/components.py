@@ -1,7 +1,8 @@
 """Which mesh components this checkout can run, and the command lines that start them in the lab.
 
-The lab runs the project's own CLI (`python -m ztunnel ...`) for the CA, node agents and proxies. It asks the
-CLI's parser which subcommands and flags exist, so it passes only flags a component understands and can say
+The lab runs the project's own CLI (`python -m ztunnel ...`) for the CA, node agents and proxies. It reads the
+CLI's subcommand table (handed in by `ztunnel lab`, which is registered in it: the lab never imports the CLI
+root) to learn which subcommands and flags exist, so it passes only flags a component understands and can say
 which component is missing or broken: an error with `lab up --mesh on` (the default), a skipped component
 only with `--mesh auto`.
 """
@@ -12,6 +13,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,23 +54,34 @@ class Capabilities:
         return out
 
 
-def _walk(parser: argparse.ArgumentParser, prefix: str, out: dict[str, set[str]]) -> None:
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommand table (name -> parser)."""
+    out: dict[str, argparse.ArgumentParser] = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                key = f"{prefix} {name}".strip()
-                out[key] = {o for a in sub._actions for o in a.option_strings}
-                _walk(sub, key, out)
+            out.update(action.choices)
+    return out
 
 
-def inspect() -> Capabilities:
+def _walk_table(table: Mapping[str, argparse.ArgumentParser], prefix: str, out: dict[str, set[str]]) -> None:
+    for name, sub in table.items():
+        key = f"{prefix} {name}".strip()
+        out[key] = {o for a in sub._actions for o in a.option_strings}
+        _walk(sub, key, out)
+
+
+def _walk(parser: argparse.ArgumentParser, prefix: str, out: dict[str, set[str]]) -> None:
+    _walk_table(subcommands(parser), prefix, out)
+
+
+def inspect(cli: Mapping[str, argparse.ArgumentParser] | None) -> Capabilities:
+    """What the CLI with the subcommand table CLI can run (`ztunnel lab` hands in the table it is registered in);
+    without a table nothing runs, and the reason says how to run the lab."""
     caps = Capabilities()
-    try:
-        from ztunnel.cli import build_parser
-
-        _walk(build_parser(), "", caps.commands)
-    except Exception as e:  # reported as why no component can run: an error under --mesh on, the default
-        caps.problem = f"the ztunnel CLI could not be loaded ({type(e).__name__}: {e})"
+    if cli is None:
+        caps.problem = "the ztunnel CLI's subcommands were not handed to the lab (run it as `ztunnel lab ...`)"
+    else:
+        _walk_table(cli, "", caps.commands)
     try:
         modules = all(importlib.util.find_spec(m) is not None for m in ("ztunnel.cni.plugin", "ztunnel.cni.installer"))
     except ImportError:

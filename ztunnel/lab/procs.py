@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ztunnel.lab.model import ProcessRecord
 from ztunnel.lab.netns import exec_prefix
+from ztunnel.lab.state import LabState, updating
 
 
 def start_time(pid: int) -> int | None:
@@ -61,6 +62,25 @@ def spawn(
         if st is None and proc.poll() is not None:
             break
     return ProcessRecord(key=key, pid=proc.pid, start_time=st or 0, argv=list(full), netns=netns, log=str(log))
+
+
+def spawn_recorded(
+    lab_dir: Path,
+    state: LabState,
+    key: str,
+    argv: Sequence[str],
+    netns: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> ProcessRecord:
+    """`spawn` with the log in the lab's log dir, recorded in the state file at once (so `down` stops it even
+    if the command that started it crashes) and in STATE."""
+    rec = spawn(key, argv, netns, state.logs / (key.replace("/", "_") + ".log"), env=env, cwd=cwd)
+    with updating(lab_dir) as st:
+        st.processes[key] = rec
+    state.processes[key] = rec
+    return rec
 
 
 def _reap(pid: int) -> None:
@@ -136,3 +156,11 @@ def poll_until(check: Callable[[], bool], timeout: float, interval: float = 0.05
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    """The end of a process's log, for an error that says why it exited or never got ready."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

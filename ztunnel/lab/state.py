@@ -11,12 +11,14 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztunnel.lab.model import LabError, NodeRecord, PodRecord, ProcessRecord
+from ztunnel.config.loader import read_objects
+from ztunnel.config.model import KubeObject
+from ztunnel.lab.model import LabError, NodeRecord, PodRecord, ProcessRecord, render_live
 
 DEFAULT_ROOT = Path("/run/ztunnel-lab")
 STATE_FILE = "state.json"
@@ -57,6 +59,11 @@ class LabState:
 
     def pod_dir(self, namespace: str, name: str) -> Path:
         return self.path / "pods" / f"{namespace}_{name}"
+
+    def agent_sockets(self, node: str) -> tuple[Path, Path]:
+        """The node agent's sockets: (CNI plugin -> agent, agent -> in-pod proxy)."""
+        d = self.node_dir(node)
+        return d / "cni.sock", d / "inpod.sock"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +109,20 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def live_objects(state: LabState) -> list[KubeObject]:
+    """The objects of the live config (the file the CA, agents and proxies watch)."""
+    if not state.live_config.exists():
+        return []
+    return read_objects([state.live_config])
+
+
+def write_live(state: LabState, objects: Sequence[KubeObject] | None = None) -> None:
+    """Rewrite the live config atomically (the CA, agents and proxies watch it). Call with the lock held."""
+    if objects is None:
+        objects = live_objects(state)
+    write_atomic(state.live_config, render_live(objects, state.nodes, state.pods))
 
 
 def load(dir: Path) -> LabState:
