@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztunnel.hbone.connection import TLS_READ_BUFFER, TLS_READ_BUFFER_IDLE, HboneConnection, HboneStream
-from ztunnel.hbone.protocol import STREAM_WINDOW, Authority, ConnectRequest, HboneError, Rejection
+from ztunnel.hbone.protocol import (
+    MAX_HEADER_LIST,
+    PREMATURE_RESET_BUDGET,
+    STREAM_WINDOW,
+    Authority,
+    ConnectRequest,
+    HboneError,
+    Rejection,
+)
 from ztunnel.hbone.streams import StreamClosed
 
 
@@ -415,3 +423,104 @@ async def test_only_a_refusal_is_retryable() -> None:
         with pytest.raises(HboneError) as failure:
             await client.open_stream(Authority("10.0.0.1", 8080))
         assert failure.value.refused is retryable
+
+
+# ---- floods (issue 10): a hostile peer's cost is bounded as its frames arrive ---------------------------
+_END_HEADERS = 0x4
+_CONNECT_BLOCK = b"\x02\x07CONNECT\x01\x0c10.0.0.1:808"  # HPACK literals: :method CONNECT, :authority
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+def _goaway_code(written: bytes | bytearray) -> int | None:
+    """The error code of the last GOAWAY among the frames a connection wrote."""
+    pos, code = 0, None
+    while pos + 9 <= len(written):
+        length = int.from_bytes(written[pos : pos + 3], "big")
+        if written[pos + 3] == 0x7:
+            code = int.from_bytes(written[pos + 13 : pos + 17], "big")
+        pos += 9 + length
+    return code
+
+
+async def test_a_continuation_flood_is_refused_at_the_header_block_cap() -> None:
+    """HEADERS without END_HEADERS then CONTINUATION frames: h2 alone buffers up to 64 frames (64 MiB
+    with 1 MiB frames) before decoding; the block is capped at MAX_HEADER_LIST as the frames arrive."""
+    handler = Handler()
+    client, server, _, st = connect_pair(handler)
+    await client.ready
+    server.data_received(_frame(0x1, 0, 1, _CONNECT_BLOCK))
+    fragment = b"\x00" * (16 * 1024)
+    for _ in range(MAX_HEADER_LIST // len(fragment) - 1):  # just under the cap: still receiving
+        server.data_received(_frame(0x9, 0, 1, fragment))
+    assert not server.closed.done()
+    server.data_received(_frame(0x9, 0, 1, fragment))  # past it
+    assert server.closed.done()
+    assert _goaway_code(st.written) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert handler.verdicts == []
+
+    # A 1 MiB CONTINUATION is refused by its frame header, before its payload is buffered.
+    client, server, _, st = connect_pair(handler)
+    await client.ready
+    server.data_received(_frame(0x1, 0, 1, _CONNECT_BLOCK) + (1 << 20).to_bytes(3, "big") + b"\x09\x00" + b"\0\0\0\1")
+    assert server.closed.done()
+    assert _goaway_code(st.written) == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_rapid_reset_gets_goaway_enhance_your_calm_and_no_handler() -> None:
+    """HEADERS(CONNECT)+RST_STREAM pairs (CVE-2023-44487): a stream reset in the read that opened it never
+    reaches the handler, and past PREMATURE_RESET_BUDGET in a second the connection is told to calm down."""
+    handler = Handler()
+    client, server, _, st = connect_pair(handler)
+    await client.ready
+    pairs = b"".join(
+        _frame(0x1, _END_HEADERS, sid, _CONNECT_BLOCK) + _frame(0x3, 0, sid, (8).to_bytes(4, "big"))
+        for sid in range(1, 2 * (PREMATURE_RESET_BUDGET + 50), 2)
+    )
+    server.data_received(pairs[: len(pairs) // 2])
+    assert handler.verdicts == []  # every stream of that read was reset before its handler ran
+    assert not server.closed.done()
+    server.data_received(pairs[len(pairs) // 2 :])
+    assert server.closed.done()
+    assert _goaway_code(st.written) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert handler.verdicts == []
+
+
+async def test_a_reset_during_the_handlers_set_up_cancels_it() -> None:
+    """A stream reset after its handler started (its upstream dial under way) cancels that work."""
+    dialing: list[asyncio.Task[None]] = []
+
+    def on_request(stream: HboneStream, verdict: ConnectRequest | Rejection) -> None:
+        async def dial() -> None:
+            await asyncio.sleep(3600)  # an upstream dial that never completes
+
+        task = asyncio.ensure_future(dial())
+        stream.cancel_on_reset(task)
+        dialing.append(task)
+
+    client, server, _, _ = connect_pair(on_request)
+    await client.ready
+    server.data_received(_frame(0x1, _END_HEADERS, 1, _CONNECT_BLOCK))
+    assert len(dialing) == 1 and not dialing[0].done()
+    server.data_received(_frame(0x3, 0, 1, (8).to_bytes(4, "big")))
+    await asyncio.gather(dialing[0], return_exceptions=True)
+    assert dialing[0].cancelled()
+    assert not server.closed.done()
+
+
+async def test_resets_of_answered_tunnels_are_not_counted_against_the_peer() -> None:
+    """Aborting tunnels after their 200 is ordinary (an app's RST): more than the premature-reset budget of
+    them in a second leaves the connection up."""
+    handler = Handler()
+    client, server, _, _ = connect_pair(handler)
+    for _ in range(PREMATURE_RESET_BUDGET + 20):
+        stream = await client.open_stream(Authority("10.0.0.1", 8080))
+        await handler.streams.get()
+        stream.abort()
+    stream = await client.open_stream(Authority("10.0.0.1", 8080))
+    served = await handler.streams.get()
+    await stream.write(b"still up")
+    assert await served.read() == b"still up"
+    assert not server.closed.done() and not client.closed.done()
