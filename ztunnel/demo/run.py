@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,8 +16,10 @@ from importlib import resources
 from pathlib import Path
 
 from ztunnel.config import load_files
+from ztunnel.config.model import ClusterConfig
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.ca import init_ca_dir
+from ztunnel.ports import HBONE_PORT, PLAINTEXT_INBOUND_PORT, SOCKS5_PORT
 
 
 class DemoError(ZtunnelError):
@@ -28,6 +31,71 @@ class NodePorts:
     admin: int
     metrics: int
     readiness: int
+
+    def named(self) -> tuple[tuple[str, int], ...]:
+        return (("admin", self.admin), ("metrics", self.metrics), ("readiness", self.readiness))
+
+
+def node_ports(nodes: list[str], port_base: int) -> dict[str, NodePorts]:
+    """Each node's admin/metrics/readiness ports: base+0/20/21, then +100 per node (15000/15020/15021 first)."""
+    return {
+        n: NodePorts(port_base + 100 * i, port_base + 100 * i + 20, port_base + 100 * i + 21)
+        for i, n in enumerate(nodes)
+    }
+
+
+_POD_LISTENERS = (("HBONE", HBONE_PORT), ("plaintext inbound", PLAINTEXT_INBOUND_PORT), ("SOCKS5", SOCKS5_PORT))
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether (host, port) cannot be bound now, as the proxy will bind it (SO_REUSEADDR: a connection of
+    an earlier run in TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port_base(nodes: list[str]) -> int | None:
+    for base in range(20000, 30000, 500):
+        if not any(_in_use("127.0.0.1", port) for p in node_ports(nodes, base).values() for _, port in p.named()):
+            return base
+    return None
+
+
+def check_ports_free(cfg: ClusterConfig, nodes: list[str], port_base: int) -> None:
+    """Fail before starting anything if a port the demo needs is taken. Started anyway, the demo would read
+    the other process's readiness and metrics, and count a proxy that could not start as a policy denial."""
+    ports = node_ports(nodes, port_base)
+    taken = [
+        f"127.0.0.1:{port} ({what} of {node}'s proxy)"
+        for node, p in ports.items()
+        for what, port in p.named()
+        if _in_use("127.0.0.1", port)
+    ]
+    if taken:
+        other = _free_port_base(nodes)
+        hint = f", e.g. --port-base {other}" if other is not None else ""
+        raise DemoError(
+            f"port {', '.join(taken)} is in use (another mesh or demo?). The demo's proxies use --port-base "
+            f"{port_base} (base+0/20/21, then +100 per node); pick free ports with --port-base{hint}"
+        )
+    pods = [
+        f"{ip}:{port} ({what} of pod {w.ref})"
+        for w in cfg.workloads
+        if w.node in nodes and w.enrolled
+        for ip in w.ips
+        for what, port in _POD_LISTENERS
+        if _in_use(ip, port)
+    ]
+    if pods:
+        raise DemoError(
+            f"{', '.join(pods)} is in use: another `ztunnel demo` (or a proxy serving the demo's pods) is running "
+            "on this machine. The pod addresses are fixed by the demo's config; stop the other one first"
+        )
 
 
 @dataclass
@@ -109,10 +177,13 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
     cluster.write_text(resources.files("ztunnel.demo").joinpath("cluster.yaml").read_text())
     cfg = load_files([cluster])
     nodes = sorted(cfg.nodes)
-    ports = {
-        n: NodePorts(port_base + 100 * i, port_base + 100 * i + 20, port_base + 100 * i + 21)
-        for i, n in enumerate(nodes)
-    }
+    ports = node_ports(nodes, port_base)
+    try:
+        check_ports_free(cfg, nodes, port_base)
+    except DemoError:
+        if not workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
     _say(f"[1/5] creating a CA in {work / 'ca'}")
     init_ca_dir(work / "ca", force=True)
@@ -166,6 +237,7 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
         ]
         failures = 0
         for title, socks, url, expect_ok in checks:
+            procs.check_alive(logs)  # a refusal must come from a running proxy, not from a dead one's port
             rc, out = _curl(socks, url)
             ok = (rc == 0) == expect_ok
             failures += not ok
@@ -174,6 +246,7 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
                 f"  $ curl --socks5 {socks} {url}\n    [{verdict}] {title}: " + (out if rc == 0 else f"refused ({out})")
             )
 
+        procs.check_alive(logs)
         _say("[5/5] what the destination proxy (node-b) counted")
         for line in _metric_lines(
             f"http://127.0.0.1:{ports[nodes[-1]].metrics}/metrics", "istio_tcp_connections_opened_total"
