@@ -17,6 +17,7 @@ from tests.integration.conftest import (
     raw_hbone_status,
     recv_all,
     socks_connect,
+    wait_until,
 )
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority, HboneError
@@ -94,6 +95,27 @@ async def test_non_connect_request_gets_400(local_mesh: LocalMesh) -> None:
 async def test_malformed_authority_gets_400(local_mesh: LocalMesh, authority: str) -> None:
     ctx = await _client_ssl(local_mesh.ca_dir)
     assert await _raw_h2(ctx, [(":method", "CONNECT"), (":authority", authority)]) == 400
+
+
+async def test_non_ascii_port_gets_400_and_the_connection_stays_usable(local_mesh: LocalMesh) -> None:
+    # `8080²` passes str.isdigit() but not int(): the parse must refuse it, not raise out of the handler.
+    ctx = await _client_ssl(local_mesh.ca_dir)
+    assert await _raw_h2(ctx, [(":method", "CONNECT"), (":authority", f"{NODE_B_SERVER}:8080\u00b2")]) == 400
+    assert "Traceback" not in local_mesh.b.log()
+    await asyncio.to_thread(_still_serving)
+
+
+async def test_a_long_authority_is_refused_and_logged_clipped(local_mesh: LocalMesh) -> None:
+    marker = "7" * 8000  # a peer-controlled string, well under any header size limit
+    ctx = await _client_ssl(local_mesh.ca_dir)
+    assert await _raw_h2(ctx, [(":method", "CONNECT"), (":authority", f"{marker}:80")]) == 400
+
+    def logged() -> list[str]:
+        return [line for line in local_mesh.b.log().splitlines() if "7" * 64 in line]
+
+    lines = wait_until(logged, what="the refusal in node-b's log")
+    assert all(line.count("7" * 64) <= 4 and len(line) < 2000 for line in lines), max(map(len, lines))
+    assert any("8003 chars" in line for line in lines)
 
 
 async def test_connect_to_an_address_that_is_not_a_local_pod_gets_400(local_mesh: LocalMesh) -> None:

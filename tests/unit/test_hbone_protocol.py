@@ -82,3 +82,36 @@ def test_bad_requests_are_rejected_with_400(headers: list[tuple[str, str]]) -> N
 )
 def test_forwarded_for(value: str, expected: tuple[str, int] | None) -> None:
     assert parse_forwarded_for(value) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.1:8080\u00b2",  # superscript two: str.isdigit() says yes, int() says no
+        "10.0.0.1:\u0668\u0660",  # Arabic-Indic digits: int() would take them as 80
+        "[::1]:\uff18\uff10",  # fullwidth digits
+        "10.0.0.1:000080",  # more digits than a port has
+        "[fe80::1%eth0]:80",  # a scoped address is no workload's address
+    ],
+)
+def test_ports_and_hosts_outside_ascii_ip_port_are_400(text: str) -> None:
+    with pytest.raises(AuthorityError) as e:
+        parse_authority(text)
+    assert e.value.status == 400
+    verdict = validate_connect([(":method", "CONNECT"), (":authority", text)])
+    assert isinstance(verdict, Rejection) and verdict.status == 400
+
+
+def test_a_huge_authority_is_quoted_once_and_clipped() -> None:
+    text = "1" * 60_000 + ":80"
+    verdict = validate_connect([(":method", "CONNECT"), (":authority", text)])
+    assert isinstance(verdict, Rejection) and verdict.status == 400
+    assert len(verdict.reason) < 400, verdict.reason
+    assert verdict.reason.count("1" * 200) == 1  # the peer's text appears once, clipped
+    assert "60003 chars" in verdict.reason
+    method = validate_connect([(":method", "G" * 60_000), (":authority", "10.0.0.1:80")])
+    assert isinstance(method, Rejection) and len(method.reason) < 400
+
+
+def test_forwarded_with_non_ascii_digits_is_ignored() -> None:
+    assert parse_forwarded_for('for="10.0.0.1:8080\u00b2"') is None

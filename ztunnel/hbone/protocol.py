@@ -98,8 +98,27 @@ def _canonical_ip(ip: str) -> tuple[str, int]:
     return str(addr), addr.version
 
 
+# The longest authority a workload address can have: `[` + 45 (IPv6 text with an embedded IPv4) + `]:65535`.
+MAX_AUTHORITY_LENGTH = 53
+_PORT_DIGITS = frozenset("0123456789")
+PEER_TEXT_SHOWN = 256  # how much of a peer-controlled string an error message quotes
+
+
+def quote_peer_text(text: str, limit: int = PEER_TEXT_SHOWN) -> str:
+    """`text` quoted for an error message or log line: repr (control characters escaped), at most `limit`
+    characters of it, and the full length when clipped, so a peer cannot make us log megabytes."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"
+
+
 def parse_authority(text: str) -> Authority:
-    """Parse `ip:port` / `[v6]:port`. Host names are refused: HBONE addresses workloads by IP."""
+    """Parse `ip:port` / `[v6]:port`. Host names are refused: HBONE addresses workloads by IP.
+
+    The length is checked before anything else, and the peer's text is quoted once, clipped (it ends up in
+    the refusal's log line and access log)."""
+    if len(text) > MAX_AUTHORITY_LENGTH:
+        raise AuthorityError(f"malformed authority {quote_peer_text(text)}: longer than any ip:port")
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or text[end + 1 : end + 2] != ":":
@@ -111,14 +130,17 @@ def parse_authority(text: str) -> Authority:
         if not sep or not host:
             raise AuthorityError(f"malformed authority {text!r}: expected ip:port")
         want_version = 4
+    # ASCII digits only: str.isdigit() also takes `²` (which int() refuses) and other scripts' digits.
+    if not port_text or len(port_text) > 5 or not _PORT_DIGITS.issuperset(port_text) or not 0 < int(port_text) < 65536:
+        raise AuthorityError(f"malformed authority {text!r}: port must be 1-65535")
+    if "%" in host:
+        raise AuthorityError(f"malformed authority {text!r}: a scoped address (%zone) is not a workload address")
     try:
         canonical, version = _canonical_ip(host)
     except ValueError:
-        raise AuthorityError(f"malformed authority {text!r}: {host!r} is not an IP address") from None
+        raise AuthorityError(f"malformed authority {text!r}: the host is not an IP address") from None
     if version != want_version:
         raise AuthorityError(f"malformed authority {text!r}: IPv6 addresses need brackets")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise AuthorityError(f"malformed authority {text!r}: port must be 1-65535")
     return Authority(canonical, int(port_text))
 
 
@@ -203,7 +225,7 @@ def validate_connect(headers: Sequence[tuple[str, str]]) -> ConnectRequest | Rej
         fields.setdefault(name.lower(), value)
     method = fields.get(":method", "")
     if method != "CONNECT":
-        return Rejection(STATUS_BAD_REQUEST, f"method {method or '(none)'} is not CONNECT")
+        return Rejection(STATUS_BAD_REQUEST, f"method {quote_peer_text(method) if method else '(none)'} is not CONNECT")
     if ":protocol" in fields:
         return Rejection(STATUS_BAD_REQUEST, "extended CONNECT is not supported")
     try:
