@@ -1,7 +1,8 @@
 """Redirected connections the proxy must not follow (in-pod mode's original destination, DESIGN §4.6):
 
-- transparent outbound to one of the proxy's own listeners (127.0.0.1:15001, the pod IP's proxy ports) is
-  refused and counted instead of the proxy dialing itself;
+- transparent outbound to one of the proxy's own listeners (the pod IP's proxy ports, the admin server
+  wherever its flag put it), in any spelling of the address, is refused and counted instead of the proxy
+  dialing itself; an address with no single destination (0.0.0.0, ::, a zone id) is refused too;
 - plaintext inbound whose original destination is not the pod's own IP, or is a proxy port, is refused
   instead of being relayed from inside the pod.
 
@@ -116,20 +117,41 @@ async def test_transparent_outbound_to_the_proxys_own_listeners_is_refused_and_c
 ) -> None:
     node, registry = proxy
     elsewhere = await CountingServer().start(OTHER_IP, ELSEWHERE_PORT)
+    # The admin server, moved by flag (--admin-addr 127.0.0.1:PORT): a socket the proxy knows it has.
+    admin = await CountingServer().start("127.0.0.1", 0)
     try:
-        loops = [("127.0.0.1", 15001), (POD_IP, 15001), (POD_IP, 15006), (POD_IP, 15020), ("127.0.0.1", 15000)]
+        assert admin.server is not None
+        admin_port = admin.server.sockets[0].getsockname()[1]
+        node.state.add_own_listener("127.0.0.1", admin_port)
+        loops = [
+            (POD_IP, 15001),
+            (POD_IP, 15006),
+            (f"::ffff:{POD_IP}", 15006),  # SO_ORIGINAL_DST of an IPv6 socket: the same address, mapped
+            ("127.0.0.1", admin_port),
+            ("::ffff:127.0.0.1", admin_port),
+            ("::ffff:7f00:1", admin_port),
+        ]
         for i, dst in enumerate(loops, start=1):
             original_dst[0] = dst
             assert await _exchange(15001) == b"", dst
             assert _refused(registry, "loop") == i, dst
         assert len(node.tracker) == 0
-        # Control: an ordinary destination outside the mesh is still relayed.
-        original_dst[0] = (OTHER_IP, ELSEWHERE_PORT)
-        assert await _exchange(15001) == b"hello"
-        assert elsewhere.connections == 1
+        assert admin.connections == 0 and _refused(registry, "not_local") == 0
+        # No single destination: refused as an address, whatever the port.
+        for i, dst in enumerate([("0.0.0.0", admin_port), ("::", ELSEWHERE_PORT), ("fe80::1%lo", 80)], start=1):
+            original_dst[0] = dst
+            assert await _exchange(15001) == b"", dst
+            assert _refused(registry, "bad_address") == i, dst
+        assert admin.connections == 0
+        # Control: an ordinary destination outside the mesh is still relayed, in either spelling.
+        for i, ip in enumerate([OTHER_IP, f"::ffff:{OTHER_IP}"], start=1):
+            original_dst[0] = (ip, ELSEWHERE_PORT)
+            assert await _exchange(15001) == b"hello"
+            assert elsewhere.connections == i
         assert _refused(registry, "loop") == len(loops)
     finally:
         await elsewhere.stop()
+        await admin.stop()
 
 
 async def test_plaintext_inbound_not_addressed_to_the_pod_is_refused(

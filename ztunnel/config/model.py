@@ -149,9 +149,55 @@ def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_V4_COMPATIBLE_PREFIX = bytes(12)  # ::a.b.c.d (RFC 4291 2.5.5.1, deprecated)
+
+
+class AddressRefused(ValueError):
+    """An IP literal that has no single meaning as a destination (a zone id) or means "this host" (0.0.0.0, ::)."""
+
+
+def canonical_ip(value: str | bytes | IPAddress, *, unspecified: bool = False) -> IPAddress:
+    """The one form an address takes inside the proxy, so every lookup by IP sees one spelling per host.
+
+    IPv4-mapped (`::ffff:10.0.0.1`) and IPv4-compatible (`::10.0.0.1`) IPv6 addresses become the IPv4
+    address they carry: a dual-stack socket reaches that IPv4 host, so a pod or a proxy listener must be
+    recognised under either spelling. Text is parsed strictly (dotted quad or RFC 4291 text only: `127.1`,
+    `0x7f000001`, `2130706433` and `0177.0.0.1` are not addresses). Refused with AddressRefused: an IPv6
+    zone id (`fe80::1%eth0`, names an interface, not a host) and, unless `unspecified` (a listener's bind
+    address), 0.0.0.0 and `::`, which a connect() turns into this host. Raises ValueError for anything else
+    that is not an IP address.
+    """
+    addr = value if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address) else ipaddress.ip_address(value)
+    if addr.version == 6:
+        if addr.scope_id is not None:
+            raise AddressRefused(f"{addr} has an IPv6 zone id; address the host without one")
+        mapped = addr.ipv4_mapped
+        if mapped is not None:
+            addr = mapped
+        elif addr.packed[:12] == _V4_COMPATIBLE_PREFIX and int(addr) > 1:  # not :: or ::1
+            addr = ipaddress.IPv4Address(addr.packed[12:])
+    if not unspecified and addr.is_unspecified:
+        raise AddressRefused(f"{addr} is the unspecified address (a connection there reaches this host)")
+    return addr
+
+
 def normalize_ip(ip: str) -> str:
-    """One spelling per address, so lookups by IP never miss on `::1` vs `0:0::1`."""
-    return str(ipaddress.ip_address(ip))
+    """One spelling per address (`canonical_ip`'s, as text), so lookups by IP never miss on `::1` vs `0:0::1`
+    or on `::ffff:10.0.0.1` vs `10.0.0.1`. Raises ValueError for what is not an IP address or has a zone id."""
+    return str(canonical_ip(ip, unspecified=True))
+
+
+def _canonical_texts(ips: Iterable[str]) -> list[str]:
+    """`normalize_ip` of each address that has one (the loader refuses the others; a hand-built model may not)."""
+    out = []
+    for ip in ips:
+        try:
+            out.append(normalize_ip(ip))
+        except ValueError:
+            out.append(ip)
+    return out
 
 
 @dataclass(frozen=True)
@@ -181,7 +227,7 @@ class ClusterConfig:
         for w in self.workloads:
             if w.host_network:
                 continue
-            for ip in w.ips:
+            for ip in _canonical_texts(w.ips):
                 if ip in seen and seen[ip] != w.uid:
                     out.add(ip)
                 seen.setdefault(ip, w.uid)
@@ -190,7 +236,9 @@ class ClusterConfig:
     @cached_property
     def _workload_by_ip(self) -> dict[str, Workload]:
         conflicts = self.conflicting_ips
-        return {ip: w for w in self.workloads if not w.host_network for ip in w.ips if ip not in conflicts}
+        return {
+            ip: w for w in self.workloads if not w.host_network for ip in _canonical_texts(w.ips) if ip not in conflicts
+        }
 
     @cached_property
     def _workload_by_uid(self) -> dict[str, Workload]:
@@ -202,7 +250,7 @@ class ClusterConfig:
 
     @cached_property
     def _service_by_ip(self) -> dict[str, Service]:
-        return {ip: s for s in self.services for ip in s.cluster_ips}
+        return {ip: s for s in self.services for ip in _canonical_texts(s.cluster_ips)}
 
     @cached_property
     def _endpoints(self) -> dict[str, tuple[Workload, ...]]:
@@ -225,9 +273,11 @@ class ClusterConfig:
         return {k: tuple(v) for k, v in out.items()}
 
     # ---- lookups ------------------------------------------------------------------------------
-    def workload_by_ip(self, ip: str) -> Workload | None:
-        w = self._workload_by_ip.get(ip)
-        if w is None:
+    # Indexes by IP are keyed by `normalize_ip` text: a canonical address's str() finds its entry at once,
+    # any other spelling once normalized.
+    def workload_by_ip(self, ip: str | IPAddress) -> Workload | None:
+        w = self._workload_by_ip.get(str(ip))
+        if w is None and isinstance(ip, str):
             try:
                 w = self._workload_by_ip.get(normalize_ip(ip))
             except ValueError:
@@ -246,8 +296,14 @@ class ClusterConfig:
     def mesh_workloads_on_node(self, node: str) -> tuple[Workload, ...]:
         return tuple(w for w in self.workloads if w.node == node and w.enrolled and w.ips)
 
-    def service_by_ip(self, ip: str) -> Service | None:
-        return self._service_by_ip.get(ip)
+    def service_by_ip(self, ip: str | IPAddress) -> Service | None:
+        s = self._service_by_ip.get(str(ip))
+        if s is None and isinstance(ip, str):
+            try:
+                s = self._service_by_ip.get(normalize_ip(ip))
+            except ValueError:
+                return None
+        return s
 
     def service(self, namespace: str, name: str) -> Service | None:
         for s in self.services:

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ztunnel.config.model import Service, Workload
+from ztunnel.config.model import Service, Workload, canonical_ip
 from ztunnel.hbone.client import Deadline, HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import STATUS_BAD_REQUEST, STATUS_UNAUTHORIZED, STATUS_UNAVAILABLE, HboneError
 from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
@@ -241,16 +241,25 @@ class Outbound:
         loop: asyncio.AbstractEventLoop,
     ) -> _Upstream:
         source = served.workload
-        if self.state.is_proxy_address(dst[0], dst[1]):
-            # An app dialing the proxy's own listeners (127.0.0.1:15001, its pod IP's 15008...) would make the
-            # proxy dial itself, over and over.
+        # The edge: from here on the destination has one spelling (`::ffff:10.0.0.1` is 10.0.0.1), and every
+        # decision below (loop guard, pod, service, passthrough) is made on it.
+        try:
+            ip = canonical_ip(dst[0])
+        except ValueError as e:
+            self.report.refusal("bad_address")
+            raise OutboundFailure(
+                f"{format_addr(*dst)} is not a destination: {e}", socks5.Reply.NOT_ALLOWED, FLAG_NO_ROUTE
+            ) from None
+        if self.state.is_proxy_address(ip, dst[1]):
+            # An app dialing the proxy's own listeners (127.0.0.1:15001, its pod IP's 15008, the admin port...)
+            # would make the proxy dial itself, or reach its operator ports and other pods' SOCKS5 listeners.
             self.report.refusal("loop")
             raise OutboundFailure(
                 f"{format_addr(*dst)} is one of the proxy's own listeners; refusing to connect to itself",
                 socks5.Reply.NOT_ALLOWED,
                 FLAG_NO_ROUTE,
             )
-        routes = self.router.routes(self.state.config, dst[0], dst[1])
+        routes = self.router.routes(self.state.config, ip, dst[1])
         route = routes[0]
         if isinstance(route, RefusedRoute):
             self.report.refusal("no_route")

@@ -5,14 +5,15 @@
   (`routes` also lists the other ready endpoints, in order, for failover when a tunnel cannot be opened);
 - a pod or address outside the mesh: plain TCP passthrough.
 A mesh destination is never reached in plaintext: if its tunnel fails, the connection fails (a Service first
-tries its other ready mesh endpoints, see Outbound).
+tries its other ready mesh endpoints, see Outbound). Every decision is made on the destination's canonical
+form (`canonical_ip`): `::ffff:<pod ip>` is that pod, and an address without one (a zone id, 0.0.0.0) is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ztunnel.config.model import ClusterConfig, Service, Workload
+from ztunnel.config.model import ClusterConfig, IPAddress, Service, Workload, canonical_ip
 from ztunnel.hbone.protocol import HBONE_PORT, Authority
 
 # The proxy's own ports (DESIGN §4.1): never a destination for a proxied connection on a local address.
@@ -75,21 +76,29 @@ class OutboundRouter:
         self._cursor: dict[str, int] = {}
         # Routes that do not rotate (pods, passthrough), per destination, for one config snapshot: the same
         # destinations recur on every connection. Cleared when the snapshot changes.
-        self._fixed: dict[tuple[str, int], Route] = {}
+        self._fixed: dict[tuple[IPAddress, int], Route] = {}
         self._fixed_config: ClusterConfig | None = None
 
-    def route(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> Route:
-        return self.routes(config, dst_ip, dst_port)[0]
+    def route(self, config: ClusterConfig, dst: IPAddress | str, dst_port: int) -> Route:
+        return self.routes(config, dst, dst_port)[0]
 
-    def routes(self, config: ClusterConfig, dst_ip: str, dst_port: int) -> list[Route]:
-        """The route to take, then (for a Service) each other ready endpoint once, in round-robin order."""
+    def routes(self, config: ClusterConfig, dst: IPAddress | str, dst_port: int) -> list[Route]:
+        """The route to take, then (for a Service) each other ready endpoint once, in round-robin order.
+
+        `dst` is canonical already when it comes from the outbound edge; text is made canonical here."""
+        if isinstance(dst, str):
+            try:
+                dst = canonical_ip(dst)
+            except ValueError as e:
+                return [RefusedRoute(f"{dst!r} is not a destination address: {e}")]
         if config is not self._fixed_config:
             self._fixed.clear()
             self._fixed_config = config
         else:
-            fixed = self._fixed.get((dst_ip, dst_port))
+            fixed = self._fixed.get((dst, dst_port))
             if fixed is not None:
                 return [fixed]
+        dst_ip = str(dst)  # the canonical text: the key of the config's indexes by IP
         if dst_ip in config.conflicting_ips:  # fail closed: never guess which pod the user meant
             return [RefusedRoute(f"{dst_ip} is claimed by more than one pod")]
         service = config.service_by_ip(dst_ip)
@@ -103,7 +112,7 @@ class OutboundRouter:
         )
         if len(self._fixed) >= _FIXED_ROUTES_LIMIT:
             self._fixed.clear()
-        self._fixed[(dst_ip, dst_port)] = route
+        self._fixed[(dst, dst_port)] = route
         return [route]
 
     def _route_workload(

@@ -44,7 +44,10 @@ class Socks5Error(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ConnectRequest:
-    host: str  # an IP literal, or a domain name when the client sent one (ATYP 3)
+    # An IP literal as sent (the outbound makes it canonical: `::ffff:10.0.0.1` is 10.0.0.1), or a domain name
+    # when the client sent one (ATYP 3) that is not a strict literal: `127.1`, `0x7f000001`, `2130706433` and
+    # `0177.0.0.1` stay names, and the proxy resolves names only to Service ClusterIPs, never with DNS.
+    host: str
     port: int
     is_domain: bool = False
 
