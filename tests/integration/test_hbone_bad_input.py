@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.forged_svids import FORGERIES, forged_svid
 from tests.integration.conftest import (
     ECHO_PORT,
     NODE_A_CLIENT,
@@ -194,3 +195,17 @@ async def test_client_certificate_from_another_trust_domain_under_the_same_root_
     # Control: the same request with this trust domain's SVID is answered.
     assert await _status_or_refused(await _client_ssl(local_mesh.ca_dir), request) == 200
     await asyncio.to_thread(_still_serving)
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+async def test_a_client_leaf_that_is_not_an_svid_is_refused(local_mesh: LocalMesh, forgery: str) -> None:
+    # Chains to the mesh's CA (OpenSSL accepts it) and its first URI SAN is a valid client identity, but
+    # an X.509-SVID has exactly one URI SAN and no CA powers: the server refuses it and counts it.
+    ctx = client_context(forged_svid(local_mesh.ca_dir, CLIENT_ID.uri, forgery))
+    request = [(":method", "CONNECT"), (":authority", f"{NODE_B_SERVER}:{ECHO_PORT}")]
+    before = await asyncio.to_thread(_identity_errors, local_mesh)
+    assert await _status_or_refused(ctx, request) is None
+    assert await asyncio.to_thread(_identity_errors, local_mesh) == before + 1
+    assert "not an SVID" in local_mesh.b.log() or "an SVID has exactly one" in local_mesh.b.log()
+    # Control: the CA's own SVID for the same identity is answered.
+    assert await _status_or_refused(await _client_ssl(local_mesh.ca_dir), request) == 200

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.forged_svids import FORGERIES, FixedProvider, forged_svid
 from tests.integration.conftest import NODE_A_CLIENT, NODE_C_TARGET, LocalMesh, SocksRefused, socks_connect
 from ztunnel.hbone.protocol import STATUS_OK
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import init_ca_dir
+from ztunnel.identity.certs import WorkloadCertificate
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.proxy.certs import SigningProvider
 from ztunnel.proxy.listeners import listening_socket
@@ -29,8 +31,8 @@ TARGET_PORT = 7000
 class FakeServer:
     """An HBONE server at node-c's pod address presenting whatever identity the test chooses."""
 
-    def __init__(self, ca_dir: Path, identity: str) -> None:
-        self.contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+    def __init__(self, ca_dir: Path, identity: str, cert: WorkloadCertificate | None = None) -> None:
+        self.contexts = TlsContexts(SigningProvider.from_dir(ca_dir) if cert is None else FixedProvider(cert))
         self.identity = SpiffeId.parse(identity)
         self.tunnels: list[str] = []
         self.server = HboneServer(self.contexts, self._handle)
@@ -152,6 +154,22 @@ async def test_a_server_with_the_wrong_svid_is_rejected(
     after = await asyncio.to_thread(_failures, local_mesh, reason)
     assert after == (before[0] + 1, before[1] + 1)
     assert re.search(rf"HBONE connection failed .*reason={reason}", local_mesh.a.log())
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+async def test_a_server_leaf_that_is_not_an_svid_is_rejected(
+    local_mesh: LocalMesh, plaintext_target: PlaintextTarget, forgery: str
+) -> None:
+    # The right identity first, from the mesh's own CA, but not an X.509-SVID (CA powers or a second URI).
+    target = "spiffe://cluster.local/ns/shop/sa/target"
+    before = await asyncio.to_thread(_failures, local_mesh, "IDENTITY_ERROR")
+    async with FakeServer(local_mesh.ca_dir, target, forged_svid(local_mesh.ca_dir, target, forgery)) as fake:
+        with pytest.raises((SocksRefused, ConnectionError)):
+            await asyncio.to_thread(_through_proxy)
+    assert fake.tunnels == []
+    assert (plaintext_target.connections, plaintext_target.received) == (0, b"")
+    after = await asyncio.to_thread(_failures, local_mesh, "IDENTITY_ERROR")
+    assert after == (before[0] + 1, before[1] + 1)
 
 
 async def test_a_mesh_destination_whose_proxy_is_down_fails_closed(

@@ -5,9 +5,12 @@ Keys are handed to OpenSSL through an anonymous memfd so they never touch a file
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from collections.abc import Iterable
+
+from cryptography import x509
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.certs import WorkloadCertificate
@@ -63,17 +66,66 @@ def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
-    """The first spiffe:// URI SAN of the verified peer certificate."""
-    peer = ssl_object.getpeercert()
-    if not peer:
+    """The SPIFFE id of the verified peer leaf, which must be an X.509-SVID (see `svid_identity`)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
         raise PeerIdentityError("the peer presented no certificate")
-    for kind, value in peer.get("subjectAltName", ()):
-        if kind == "URI" and value.startswith("spiffe://"):
-            try:
-                return SpiffeId.parse(value)
-            except SpiffeIdError as e:
-                raise PeerIdentityError(str(e)) from e
-    raise PeerIdentityError("the peer certificate has no spiffe:// URI SAN")
+    return svid_identity(der)
+
+
+def _quoted(text: str, limit: int = 256) -> str:
+    """A peer's string in an error message: repr'd, clipped, with its length when clipped."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
+
+
+@functools.lru_cache(maxsize=1024)
+def svid_identity(der: bytes) -> SpiffeId:
+    """The SPIFFE id of a DER leaf certificate, refusing what the X.509-SVID spec forbids in a leaf.
+
+    Exactly one URI SAN, a spiffe:// one (a second one would make "the" identity a matter of order), and no
+    CA powers: basicConstraints CA:TRUE, keyUsage keyCertSign or cRLSign (SPIFFE X.509-SVID §4.1, §4.3).
+    OpenSSL checks the chain but accepts any of these in a leaf. Cached by the DER bytes: peers present the
+    same leaf on every connection; failures are not cached (lru_cache keeps only returned values).
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        extensions = cert.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+        raise PeerIdentityError(f"the peer certificate cannot be parsed: {e}") from None
+    try:
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise PeerIdentityError("the peer certificate is a CA certificate (basicConstraints CA:TRUE), not an SVID")
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and (usage.key_cert_sign or usage.crl_sign):
+        raise PeerIdentityError("the peer certificate may sign certificates or CRLs (keyUsage), not an SVID")
+    try:
+        uris = extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) != 1:
+        shown = ", ".join(_quoted(u, 128) for u in uris[:3]) + (", ..." if len(uris) > 3 else "")
+        raise PeerIdentityError(
+            "the peer certificate has no spiffe:// URI SAN"
+            if not uris
+            else f"the peer certificate has {len(uris)} URI SANs ({shown}); an SVID has exactly one"
+        )
+    if not uris[0].startswith("spiffe://"):
+        raise PeerIdentityError(f"the peer certificate's URI SAN {_quoted(uris[0])} is not a spiffe:// id")
+    try:
+        return SpiffeId.parse(uris[0])
+    except SpiffeIdError:
+        raise PeerIdentityError(
+            f"the peer certificate's URI SAN {_quoted(uris[0])} is not a workload id "
+            "(spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
+        ) from None
 
 
 def check_secure_naming(actual: SpiffeId, expected: Iterable[str]) -> None:

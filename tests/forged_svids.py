@@ -1,0 +1,84 @@
+"""Leaves that chain to a real test CA but break the X.509-SVID rules (CA powers, several URI SANs).
+
+OpenSSL verifies their chain and accepts them; only our SVID checks refuse them, so tests can show those
+checks on both sides of a real handshake.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from ztunnel.identity.ca import CertificateAuthority
+from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem
+from ztunnel.identity.spiffe import SpiffeId
+
+# name -> (URI SANs after the identity, basicConstraints CA, keyCertSign, cRLSign)
+FORGERIES: dict[str, tuple[tuple[str, ...], bool, bool, bool]] = {
+    "CA:TRUE": ((), True, False, False),
+    "keyCertSign": ((), False, True, False),
+    "cRLSign": ((), False, False, True),
+    "a second spiffe URI SAN": (("spiffe://cluster.local/ns/shop/sa/other",), False, False, False),
+    "a second, non-SPIFFE URI SAN": (("https://example.com/x",), False, False, False),
+}
+
+
+def forged_svid(ca_dir: Path, identity: str, forgery: str) -> WorkloadCertificate:
+    """An SVID for `identity`, signed by the CA in `ca_dir`, with the flaw named `forgery` (see FORGERIES)."""
+    extra_uris, is_ca, cert_sign, crl_sign = FORGERIES[forgery]
+    return issue(ca_dir, [identity, *extra_uris], is_ca=is_ca, key_cert_sign=cert_sign, crl_sign=crl_sign)
+
+
+def issue(
+    ca_dir: Path, uris: Sequence[str], *, is_ca: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> WorkloadCertificate:
+    ca = CertificateAuthority.load(ca_dir)
+    key = generate_key()
+    now = dt.datetime.now(dt.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.signing_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=key_cert_sign,
+                crl_sign=crl_sign,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.signing_key.public_key()), critical=False)
+        .sign(ca.signing_key, hashes.SHA256())
+    )
+    pem = leaf.public_bytes(serialization.Encoding.PEM)
+    return WorkloadCertificate(SpiffeId.parse(uris[0]), key_to_pem(key), (pem, *ca.chain_pem), ca.roots_pem)
+
+
+class FixedProvider:
+    """A CertificateProvider that hands out one certificate whatever the identity asked for."""
+
+    def __init__(self, cert: WorkloadCertificate) -> None:
+        self.cert = cert
+
+    async def get(self, identity: SpiffeId) -> WorkloadCertificate:
+        return self.cert
