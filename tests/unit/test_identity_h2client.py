@@ -6,8 +6,14 @@ import pytest
 from google.protobuf import struct_pb2
 
 from ztunnel.identity.authz import IMPERSONATED_IDENTITY
-from ztunnel.identity.h2client import decode_response, encode_request
-from ztunnel.identity.proto import ca_pb2
+from ztunnel.identity.h2client import (
+    decode_response,
+    decode_revocation_response,
+    encode_request,
+    encode_revocation_request,
+)
+from ztunnel.identity.proto import ca_pb2, revocation_pb2
+from ztunnel.identity.revocation import RevocationAnswer
 
 
 @pytest.mark.parametrize("impersonated", ["", "spiffe://cluster.local/ns/shop/sa/web"])
@@ -34,3 +40,20 @@ def test_response_decoding_matches_protobuf() -> None:
 def test_truncated_or_odd_responses_raise_value_error(garbage: bytes) -> None:
     with pytest.raises(ValueError):
         decode_response(garbage)
+
+
+@pytest.mark.parametrize("known", [0, 1, 300, 2**63])
+def test_revocation_request_encoding_matches_protobuf(known: int) -> None:
+    want = revocation_pb2.RevocationListRequest(known_number=known).SerializeToString()
+    assert encode_revocation_request(known) == want
+
+
+@pytest.mark.parametrize("crl", [b"", b"\x30\x82\x01\x00" + bytes(range(256))])
+def test_revocation_response_decoding_matches_protobuf(crl: bytes) -> None:
+    chain = ["intermediate-pem\n" * 20, "root"]
+    wire = revocation_pb2.RevocationListResponse(crl=crl, number=7, issuer_chain=chain).SerializeToString()
+    got = decode_revocation_response(wire)
+    assert got.crl == crl and got.number == 7 and got.issuer_chain == tuple(c.encode() for c in chain)
+    assert decode_revocation_response(b"") == RevocationAnswer(b"", 0, ())
+    with pytest.raises(ValueError):
+        decode_revocation_response(wire[:-3])

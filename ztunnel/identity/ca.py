@@ -13,7 +13,7 @@ import itertools
 import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -265,6 +265,8 @@ class CertificateAuthority:
     chain_pem: list[bytes]  # signing cert .. root
     roots_pem: bytes
     max_ttl: dt.timedelta = DEFAULT_MAX_TTL
+    # (mtime, size, inode) of crl.pem -> (DER, number): a CA server answers every proxy's poll from this
+    _published: tuple[tuple[int, int, int], bytes, int] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, directory: str | Path, *, max_ttl: dt.timedelta = DEFAULT_MAX_TTL) -> CertificateAuthority:
@@ -397,6 +399,30 @@ class CertificateAuthority:
         """The current CRL (signed by the intermediate, the issuer of every leaf), or b"" if none."""
         path = self.directory / CRL
         return path.read_bytes() if path.exists() else b""
+
+    def published_crl(self) -> tuple[bytes, int]:
+        """The CRL to distribute, as DER, and its CRL number; (b"", 0) when nothing is revoked.
+
+        Re-read and re-verified only when crl.pem changed (`ztunnel ca revoke` runs in another process).
+        Raises CAError when the file is broken or not signed by this CA's intermediate.
+        """
+        path = self.directory / CRL
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._published = None
+            return b"", 0
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._published is None or self._published[0] != stamp:
+            crl = self._load_crl()
+            if crl is None:
+                return b"", 0
+            try:
+                number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            except x509.ExtensionNotFound:
+                raise CAError(f"{path}: the CRL has no CRL number; remove it and revoke again") from None
+            self._published = (stamp, crl.public_bytes(serialization.Encoding.DER), number)
+        return self._published[1], self._published[2]
 
     def _load_crl(self) -> x509.CertificateRevocationList | None:
         path = self.directory / CRL

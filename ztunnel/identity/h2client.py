@@ -1,9 +1,10 @@
-"""The node proxy's side of the CA API without grpcio: one unary gRPC call over h2 + TLS.
+"""The node proxy's side of the CA API without grpcio: unary gRPC calls over h2 + TLS.
 
-Istio's `IstioCertificateService/CreateCertificate` (DESIGN §4.3), the wire the CA server serves with
-grpcio, but without loading grpcio/protobuf here: those cost the proxy about 15 MB of RSS for a call it
-makes once per certificate rotation. The two messages are small enough to encode by hand; the tests check
-them byte for byte against the messages generated from the .proto.
+Istio's `IstioCertificateService/CreateCertificate` (DESIGN §4.3) and our
+`ztunnel.v1.RevocationService/GetRevocationList` (proto/revocation.proto), the wire the CA server serves
+with grpcio, but without loading grpcio/protobuf here: those cost the proxy about 15 MB of RSS for calls
+it makes once per rotation and every few seconds for the CRL. The messages are small enough to encode by
+hand; the tests check them byte for byte against the messages generated from the .protos.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime as dt
 import enum
 import ssl
 import urllib.parse
+from collections.abc import Iterator
 
 import h2.config
 import h2.connection
@@ -21,9 +23,11 @@ import h2.exceptions
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.authz import IMPERSONATED_IDENTITY
+from ztunnel.identity.revocation import RevocationAnswer
 
 DEFAULT_TIMEOUT = 10.0
 METHOD_PATH = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
+REVOCATION_PATH = "/ztunnel.v1.RevocationService/GetRevocationList"
 MAX_RESPONSE = 1 << 20  # a chain of a few PEM certificates; more is not an answer
 
 
@@ -97,15 +101,15 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def decode_response(data: bytes) -> list[str]:
-    """IstioCertificateResponse{repeated string cert_chain = 1}; other fields are skipped."""
-    chain: list[str] = []
+def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field: varints as int, length-delimited as bytes; fixed ones skipped."""
     pos = 0
     while pos < len(data):
         key, pos = _read_varint(data, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            _, pos = _read_varint(data, pos)
+            value, pos = _read_varint(data, pos)
+            yield number, value
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -114,14 +118,37 @@ def decode_response(data: bytes) -> list[str]:
             size, pos = _read_varint(data, pos)
             if pos + size > len(data):
                 raise ValueError("truncated field")
-            if number == 1:
-                chain.append(data[pos : pos + size].decode())
+            yield number, data[pos : pos + size]
             pos += size
         else:
             raise ValueError(f"unsupported wire type {wire}")
     if pos != len(data):
         raise ValueError("truncated message")
-    return chain
+
+
+def decode_response(data: bytes) -> list[str]:
+    """IstioCertificateResponse{repeated string cert_chain = 1}; other fields are skipped."""
+    return [v.decode() for number, v in _fields(data) if number == 1 and isinstance(v, bytes)]
+
+
+def encode_revocation_request(known_number: int) -> bytes:
+    """RevocationListRequest{uint64 known_number = 1} (proto3: a zero is not sent)."""
+    return _varint(1 << 3 | 0) + _varint(known_number) if known_number else b""
+
+
+def decode_revocation_response(data: bytes) -> RevocationAnswer:
+    """RevocationListResponse{bytes crl = 1, uint64 number = 2, repeated string issuer_chain = 3}."""
+    crl = b""
+    number = 0
+    chain: list[bytes] = []
+    for field, value in _fields(data):
+        if field == 1 and isinstance(value, bytes):
+            crl = value
+        elif field == 2 and isinstance(value, int):
+            number = value
+        elif field == 3 and isinstance(value, bytes):
+            chain.append(value)
+    return RevocationAnswer(crl, number, tuple(chain))
 
 
 # ---- the call ------------------------------------------------------------------------------------
@@ -242,11 +269,30 @@ class CAClient:
             max(1, round(seconds)),
             impersonated_identity,
         )
+        data = await self._unary(METHOD_PATH, message)
+        try:
+            chain = decode_response(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CAClientError(f"CA at {self.address} answered with a malformed certificate chain: {e}") from None
+        if not chain:
+            raise CAClientError(f"CA at {self.address} answered with an empty certificate chain")
+        return chain
+
+    async def get_revocation_list(self, known_number: int = 0) -> RevocationAnswer:
+        """The CA's current CRL (unverified: the caller checks it), or only its number when we hold it already."""
+        data = await self._unary(REVOCATION_PATH, encode_revocation_request(known_number))
+        try:
+            return decode_revocation_response(data)
+        except ValueError as e:
+            raise CAClientError(f"CA at {self.address} answered with a malformed revocation list: {e}") from None
+
+    async def _unary(self, path: str, message: bytes) -> bytes:
+        """One call on a new connection; the answer's protobuf message, or CAClientError saying why not."""
         host, port = self._host_port()
         headers = [
             (":method", "POST"),
             (":scheme", "https"),
-            (":path", METHOD_PATH),
+            (":path", path),
             (":authority", self.address),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
@@ -282,13 +328,7 @@ class CAClient:
             raise CAClientError(f"CA at {self.address}: {code.name}: {first[0] if first else 'no details'}", code)
         if len(data) < 5 or data[0] != 0 or int.from_bytes(data[1:5], "big") != len(data) - 5:
             raise CAClientError(f"CA at {self.address} answered with a malformed gRPC message")
-        try:
-            chain = decode_response(data[5:])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CAClientError(f"CA at {self.address} answered with a malformed certificate chain: {e}") from None
-        if not chain:
-            raise CAClientError(f"CA at {self.address} answered with an empty certificate chain")
-        return chain
+        return data[5:]
 
     async def close(self) -> None:
         """Nothing stays open between calls."""

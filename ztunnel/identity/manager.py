@@ -33,17 +33,28 @@ from ztunnel.errors import ZtunnelError
 from ztunnel.identity.authz import authorize_identity
 from ztunnel.identity.ca import DEFAULT_MAX_TTL, DEFAULT_TTL, CertificateAuthority
 from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem, make_csr, split_pem_chain, uri_sans
+from ztunnel.identity.revocation import (
+    CLEARED,
+    ERROR,
+    LOADED,
+    REJECTED,
+    RevocationAnswer,
+    RevocationList,
+    RevocationUpdate,
+    next_revocation_list,
+)
 from ztunnel.identity.spiffe import SpiffeId
 
 log = logging.getLogger("ztunnel.identity")
 
 RotationListener = Callable[[SpiffeId, WorkloadCertificate], Awaitable[None] | None]
+RevocationListener = Callable[[RevocationUpdate], None]
 ConfigView = ClusterConfig | Callable[[], ClusterConfig | None] | Any  # a snapshot, a getter, or a source with .current
 
 REFRESH_FRACTION = 0.5  # rotate at half-life, as Istio does
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
-CRL_REFRESH_INTERVAL = 5.0
+CRL_REFRESH_INTERVAL = 5.0  # how often the CRL source is polled: a revocation takes effect within this
 EXPIRY_MARGIN = 1.0  # seconds before notAfter when a cert no longer counts as valid for new handshakes
 
 
@@ -64,8 +75,8 @@ class SigningBackend(Protocol):
 
     def roots_pem(self) -> bytes: ...
 
-    def crl_pem(self) -> bytes | None:
-        """The CRL proxies should load, b"" when none is published, None when this backend has no source."""
+    async def fetch_crl(self, known: RevocationList | None) -> RevocationAnswer | None:
+        """The CRL source's current answer (unverified), None when this backend has no CRL source."""
         ...
 
     async def close(self) -> None: ...
@@ -85,20 +96,6 @@ def _config_getter(config: ConfigView | None) -> Callable[[], ClusterConfig | No
     raise TypeError(f"config must be a ClusterConfig, a getter or a config source, not {type(config).__name__}")
 
 
-def _read_crl_file(path: Path, cache: dict[str, Any]) -> bytes:
-    """Read a CRL file only when it changed (mtime, size, inode); b"" while it does not exist."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        cache.clear()
-        return b""
-    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-    if cache.get("stamp") != stamp:
-        cache["data"] = path.read_bytes()
-        cache["stamp"] = stamp
-    return bytes(cache["data"])
-
-
 class InProcessBackend:
     """Local mode: sign with the CA directory's intermediate key, in this process."""
 
@@ -113,7 +110,6 @@ class InProcessBackend:
         self.node = node
         self.config = config
         self.description = f"in-process CA {ca.directory}"
-        self._crl_cache: dict[str, Any] = {}
 
     async def sign(self, csr_pem: bytes, identity: SpiffeId, ttl: dt.timedelta) -> list[bytes]:
         if self.node is not None and self.config is not None:
@@ -123,8 +119,11 @@ class InProcessBackend:
     def roots_pem(self) -> bytes:
         return self.ca.roots_pem
 
-    def crl_pem(self) -> bytes | None:
-        return _read_crl_file(self.ca.directory / "crl.pem", self._crl_cache)
+    async def fetch_crl(self, known: RevocationList | None) -> RevocationAnswer | None:
+        """crl.pem of the CA directory (`ztunnel ca revoke` rewrites it), read again only when it changed."""
+        der, number = self.ca.published_crl()
+        held = known.number if known is not None else 0
+        return RevocationAnswer(der if number != held else b"", number, tuple(self.ca.chain_pem))
 
     async def close(self) -> None:
         return None
@@ -133,14 +132,10 @@ class InProcessBackend:
 class RemoteBackend:
     """A CA server reached over gRPC with the node's bearer token."""
 
-    def __init__(self, client: Any, roots_pem: bytes, *, crl_file: str | Path | None = None) -> None:
+    def __init__(self, client: Any, roots_pem: bytes) -> None:
         self.client = client
         self._roots = roots_pem
         self.description = f"CA at {client.address}"
-        # TODO(crl): the Istio CA API has no CRL distribution; until the CA server publishes its CRL (e.g. a
-        # GetCRL RPC or a ConfigMap the node agent mounts), a remote proxy reads a CRL file if given one.
-        self._crl_file = Path(crl_file) if crl_file else None
-        self._crl_cache: dict[str, Any] = {}
 
     async def sign(self, csr_pem: bytes, identity: SpiffeId, ttl: dt.timedelta) -> list[bytes]:
         chain = await self.client.create_certificate(csr_pem, ttl, impersonated_identity=identity.uri)
@@ -149,10 +144,10 @@ class RemoteBackend:
     def roots_pem(self) -> bytes:
         return self._roots
 
-    def crl_pem(self) -> bytes | None:
-        if self._crl_file is None:
-            return None
-        return _read_crl_file(self._crl_file, self._crl_cache)
+    async def fetch_crl(self, known: RevocationList | None) -> RevocationAnswer | None:
+        """The CA server's RevocationService (Istio's API has no CRL); only the number when ours is current."""
+        answer: RevocationAnswer = await self.client.get_revocation_list(known.number if known is not None else 0)
+        return answer
 
     async def close(self) -> None:
         await self.client.close()
@@ -218,8 +213,10 @@ class CertificateManager:
         self._rng = rng or random.Random()
         self._slots: dict[SpiffeId, _Slot] = {}
         self._listeners: list[RotationListener] = []
+        self._revocation_listeners: list[RevocationListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._crl: bytes = b""
+        self._crl: RevocationList | None = None
+        self._crl_failing = False  # the CRL source failed last time (log once per outage, not every poll)
         self._started = False
         self._closed = False
         self.expiry = Gauge(
@@ -267,7 +264,6 @@ class CertificateManager:
         ttl: dt.timedelta | float = DEFAULT_TTL,
         registry: CollectorRegistry | None = None,
         server_name: str | None = None,
-        crl_file: str | Path | None = None,
         **options: Any,
     ) -> CertificateManager:
         """A CA server at `address` (HOST:PORT), verified with `root_pem`, authenticated with the node `token`."""
@@ -275,7 +271,7 @@ class CertificateManager:
 
         roots = root_pem.encode() if isinstance(root_pem, str) else root_pem
         client = CAClient(address, roots, token, server_name=server_name)
-        return cls(RemoteBackend(client, roots, crl_file=crl_file), ttl=ttl, registry=registry, **options)
+        return cls(RemoteBackend(client, roots), ttl=ttl, registry=registry, **options)
 
     # ---- lifetime -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -284,7 +280,6 @@ class CertificateManager:
         if self._started:
             return
         self._started = True
-        self._refresh_crl()
         self._spawn(self._crl_loop(), "crl-refresh")
 
     async def close(self) -> None:
@@ -359,6 +354,18 @@ class CertificateManager:
     def subscribe(self, listener: RotationListener) -> None:
         """Call `listener(identity, cert)` whenever an identity gets a new certificate or a new CRL."""
         self._listeners.append(listener)
+
+    def subscribe_revocation(self, listener: RevocationListener) -> None:
+        """Call `listener(update)` after each CRL poll that changed something, was refused or failed.
+
+        Called after the held certificates carry the new CRL (so TLS contexts rebuilt from them enforce it).
+        """
+        self._revocation_listeners.append(listener)
+
+    @property
+    def revocation_list(self) -> RevocationList | None:
+        """The CRL in force (verified), None while nothing is revoked."""
+        return self._crl
 
     def ready_for(self, identities: Iterable[SpiffeId]) -> bool:
         """True when every identity has a valid certificate now (readiness)."""
@@ -499,7 +506,7 @@ class CertificateManager:
             key_pem=key_to_pem(key),
             chain_pem=tuple(pems),
             roots_pem=self.backend.roots_pem(),
-            crl_pem=self._crl,
+            crl_pem=self._crl.pem if self._crl is not None else b"",
         )
 
     def _notify(self, identity: SpiffeId, cert: WorkloadCertificate) -> None:
@@ -512,27 +519,60 @@ class CertificateManager:
             if inspect.isawaitable(result):
                 self._spawn(_guarded(result, identity), f"cert-listener {identity}")
 
-    def _refresh_crl(self) -> bool:
-        """Load the CRL if it changed; give every held certificate the new one and tell listeners."""
+    async def refresh_crl(self) -> RevocationUpdate | None:
+        """Poll the CRL source once; on a verified change give every held certificate the new CRL.
+
+        The last good CRL stays in force when the source fails or answers with something refused.
+        Returns what happened (None: no CRL source, or nothing changed).
+        """
         try:
-            crl = self.backend.crl_pem()
-        except Exception as e:
-            log.warning("cannot read the CRL, keeping the previous one: %s", _one_line(e))
-            return False
-        if crl is None or crl == self._crl:
-            return False
-        self._crl = crl
-        log.info("CRL loaded", extra={"bytes": len(crl)})
+            answer = await self.backend.fetch_crl(self._crl)
+        except Exception as e:  # the CA is unreachable or its CRL is broken: keep what we have
+            update = RevocationUpdate(ERROR, self._crl, _one_line(e))
+            if not self._crl_failing:
+                log.warning("cannot fetch the CRL, keeping the one in force: %s", update.reason)
+            self._crl_failing = True
+            self._tell_revocation(update)
+            return update
+        if self._crl_failing:
+            log.info("CRL source reachable again")
+            self._crl_failing = False
+        if answer is None:
+            return None
+        update = next_revocation_list(self._crl, answer, self.backend.roots_pem())
+        if update.result == REJECTED:
+            log.warning("CRL refused, keeping the one in force: %s", update.reason)
+            self._tell_revocation(update)
+            return update
+        if update.result not in (LOADED, CLEARED):
+            return None
+        self._crl = update.current
+        pem = update.current.pem if update.current is not None else b""
+        if update.current is not None:
+            log.info(
+                "CRL loaded",
+                extra={"crl_number": update.current.number, "revoked": len(update.current.serials), "bytes": len(pem)},
+            )
+        else:
+            log.info("CRL cleared: the CA's new intermediate has revoked nothing")
         for identity, slot in list(self._slots.items()):
             if slot.cert is not None:
-                slot.cert = dataclasses.replace(slot.cert, crl_pem=crl)
+                slot.cert = dataclasses.replace(slot.cert, crl_pem=pem)
                 self._notify(identity, slot.cert)
-        return True
+        self._tell_revocation(update)
+        return update
+
+    def _tell_revocation(self, update: RevocationUpdate) -> None:
+        for listener in list(self._revocation_listeners):
+            try:
+                listener(update)
+            except Exception:
+                log.exception("revocation listener failed")
 
     async def _crl_loop(self) -> None:
         while True:
+            await self.refresh_crl()
             await asyncio.sleep(self.crl_refresh_interval)
-            self._refresh_crl()
 
 
 async def _guarded(awaitable: Awaitable[None], identity: SpiffeId) -> None:

@@ -31,7 +31,7 @@ from ztunnel.identity.authz import (
 )
 from ztunnel.identity.ca import DEFAULT_TTL, CAError, CertificateAuthority
 from ztunnel.identity.certs import generate_key, key_to_pem
-from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc
+from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc, revocation_pb2
 
 log = logging.getLogger("ztunnel.ca")
 
@@ -115,6 +115,43 @@ def _certificate_handler(service: _CertificateService) -> grpc.GenericRpcHandler
     )
 
 
+class _RevocationService:
+    """Our own service beside Istio's API (which has no CRL): proxies poll it (ztunnel.identity.revocation).
+
+    Like CreateCertificate, the body arrives as bytes: the node is authenticated before it is decoded.
+    """
+
+    def __init__(self, server: CAServer) -> None:
+        self._server = server
+
+    async def GetRevocationList(  # the name is fixed by the .proto
+        self, body: bytes, context: grpc.aio.ServicerContext
+    ) -> revocation_pb2.RevocationListResponse:
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        try:
+            return self._server.revocation_list(body, metadata.get("authorization"))
+        except NodeAuthError as e:
+            log.warning("CRL request refused: %s", e, extra={"peer": context.peer(), "status": e.refusal.value})
+            await context.abort(_STATUS[e.refusal], str(e))
+            raise AssertionError("unreachable") from e  # abort raises
+        except CAError as e:
+            log.error("cannot publish the CRL: %s", e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the CA cannot publish its CRL: {e}")
+            raise AssertionError("unreachable") from e
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "ztunnel.v1.RevocationService",
+            {
+                "GetRevocationList": grpc.unary_unary_rpc_method_handler(
+                    self.GetRevocationList,
+                    request_deserializer=None,
+                    response_serializer=revocation_pb2.RevocationListResponse.SerializeToString,
+                )
+            },
+        )
+
+
 class CAServer:
     """Owns one grpc.aio server; `start()` binds and returns the port, `stop()` drains it."""
 
@@ -188,6 +225,20 @@ class CAServer:
         log.info("certificate issued", extra={"node": node, "identity": req.identity.uri, "ttl_s": ttl.total_seconds()})
         return [c.decode() for c in chain]
 
+    def revocation_list(self, body: bytes, authorization: str | None) -> revocation_pb2.RevocationListResponse:
+        """The current CRL for an authenticated node; only the number when it holds that one already."""
+        self.tokens.node_for(authorization)  # raises NodeAuthError: the same credential as for certificates
+        try:
+            request = revocation_pb2.RevocationListRequest.FromString(body)
+        except DecodeError as e:
+            raise NodeAuthError(Refusal.INVALID_ARGUMENT, "the request is not a RevocationListRequest") from e
+        der, number = self.ca.published_crl()
+        return revocation_pb2.RevocationListResponse(
+            crl=der if number != request.known_number else b"",
+            number=number,
+            issuer_chain=[c.decode() for c in self.ca.chain_pem],
+        )
+
     def _credentials(self) -> grpc.ServerCredentials:
         key = generate_key()
         dns, ips = server_names(self.host, self.dns_names)
@@ -205,6 +256,7 @@ class CAServer:
             maximum_concurrent_rpcs=256,
         )
         server.add_generic_rpc_handlers((_certificate_handler(_CertificateService(self)),))
+        server.add_generic_rpc_handlers((_RevocationService(self).handler(),))
         address = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
         try:
             self.port = server.add_secure_port(address, self._credentials())
