@@ -11,8 +11,10 @@ For each: the proxy's CPU seconds until it is quiet again, its RSS (before, peak
 a legitimate CONNECT (new TLS connection, 200 answer) probed every 100 ms from another thread during the
 attack, upstream dials the app saw, and how the proxy ended the attacking connection.
 
-    unshare -rn sh -c 'ip link set lo up; .venv/bin/python bench/attack_bench.py'    # all three
+    unshare -n sh -c 'ip link set lo up; .venv/bin/python bench/attack_bench.py'    # all three
     ... bench/attack_bench.py rapid-reset --pairs 20000 --json out.json
+    ... bench/attack_bench.py stall --conns 1 --streams 1000       # one connection's share
+    ZTUNNEL_BIN=/path/to/ztunnel ...                                  # measure another build of the proxy
 
 The frame builders and attack coroutines are reused by tests/integration/test_hbone_floods.py.
 """
@@ -365,6 +367,7 @@ def blast_app(apps: Any, ip: str, port: int = BLAST_PORT) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import tests.integration.conftest as fixtures
     from tests.integration.conftest import ECHO_PORT, NODE_B_SERVER, AppServer, mesh_config, start_proxy
     from ztunnel.identity.ca import init_ca_dir
     from ztunnel.identity.spiffe import SpiffeId
@@ -380,54 +383,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold", type=float, default=5.0)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if os.environ.get("ZTUNNEL_BIN"):  # another build of the proxy, e.g. the code before a fix
+        fixtures.ZTUNNEL = os.environ["ZTUNNEL_BIN"]
 
-    with tempfile.TemporaryDirectory(prefix="attack-bench-") as tmp:
-        work = Path(tmp)
-        ca_dir = work / "ca"
-        init_ca_dir(ca_dir)
-        config = work / "cluster.yaml"
-        config.write_text(mesh_config())
-        apps = AppServer()
-        proxy = None
-        try:
-            apps.echo(NODE_B_SERVER)
-            blast_app(apps, NODE_B_SERVER)
-            proxy = start_proxy("node-b", config, ca_dir, work)
-            identity = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
-            cert = asyncio.run(SigningProvider.from_dir(ca_dir).get(identity))
-            ctx = client_context(cert)
-            address = (NODE_B_SERVER, 15008)
-            echo = f"{NODE_B_SERVER}:{ECHO_PORT}"
-            blast = f"{NODE_B_SERVER}:{BLAST_PORT}"
-            pid = proxy.proc.pid
-            results: list[Result] = []
-            for attack in args.attacks:
+    identity = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
+    address = (NODE_B_SERVER, 15008)
+    echo = f"{NODE_B_SERVER}:{ECHO_PORT}"
+    blast = f"{NODE_B_SERVER}:{BLAST_PORT}"
+    results: list[Result] = []
+    for attack in args.attacks:  # each against a fresh proxy, so one's memory does not show in the next
+        with tempfile.TemporaryDirectory(prefix="attack-bench-") as tmp:
+            work = Path(tmp)
+            ca_dir = work / "ca"
+            init_ca_dir(ca_dir)
+            config = work / "cluster.yaml"
+            config.write_text(mesh_config())
+            apps = AppServer()
+            proxy = None
+            try:
+                apps.echo(NODE_B_SERVER)
+                blast_app(apps, NODE_B_SERVER)
+                proxy = start_proxy("node-b", config, ca_dir, work)
+                ctx = client_context(asyncio.run(SigningProvider.from_dir(ca_dir).get(identity)))
+                pid = proxy.proc.pid
+                probe = (ctx, address, echo)
                 if attack == "rapid-reset":
-                    results.append(
-                        measure(attack, {"pairs": args.pairs}, pid, apps, (ctx, address, echo),
-                                lambda: rapid_reset(ctx, address, echo, args.pairs))
+                    result = measure(
+                        attack, {"pairs": args.pairs}, pid, apps, probe,
+                        lambda ctx=ctx: rapid_reset(ctx, address, echo, args.pairs),
                     )
                 elif attack == "continuation":
-                    params = {"conns": args.conns, "frames": args.frames, "hold_s": args.hold}
-                    results.append(
-                        measure(attack, params, pid, apps, (ctx, address, echo),
-                                lambda: continuation_flood(ctx, address, echo, args.conns, args.frames, args.hold))
+                    result = measure(
+                        attack, {"conns": args.conns, "frames": args.frames, "hold_s": args.hold}, pid, apps, probe,
+                        lambda ctx=ctx: continuation_flood(ctx, address, echo, args.conns, args.frames, args.hold),
                     )
                 elif attack == "stall":
-                    params = {"conns": args.conns, "streams": args.streams, "hold_s": args.hold}
-                    results.append(
-                        measure(attack, params, pid, apps, (ctx, address, echo),
-                                lambda: stall(ctx, address, blast, args.conns, args.streams, args.hold))
+                    result = measure(
+                        attack, {"conns": args.conns, "streams": args.streams, "hold_s": args.hold}, pid, apps, probe,
+                        lambda ctx=ctx: stall(ctx, address, blast, args.conns, args.streams, args.hold),
                     )
                 else:
                     p.error(f"unknown attack {attack!r} (rapid-reset, continuation, stall)")
-                print(json.dumps(asdict(results[-1])), flush=True)
-            if args.json:
-                args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-        finally:
-            if proxy is not None:
-                proxy.stop()
-            apps.close()
+            finally:
+                if proxy is not None:
+                    proxy.stop()
+                apps.close()
+        results.append(result)
+        print(json.dumps(asdict(result)), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return 0
 
 

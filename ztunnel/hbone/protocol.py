@@ -35,6 +35,13 @@ MAX_STREAMS_PER_CONNECTION = 100
 # REFUSED_STREAM, and no more: every open stream may pin up to about 1 MiB of the proxy's memory toward a
 # peer that grants no window (README "Limits under attack"), so this bounds one connection's share (was 1000).
 SERVER_MAX_CONCURRENT_STREAMS = 128
+# Limits under attack: what one HBONE connection of a hostile peer can pin in a proxy, at most
+#   received, unread:  CONNECTION_WINDOW (16 MiB; a stream's share <= STREAM_WINDOW) + one partial frame
+#                      (MAX_FRAME_SIZE, 1 MiB) + the TLS read buffer (256 KiB) + a header block (64 KiB)
+#   toward the peer:   SERVER_MAX_CONCURRENT_STREAMS x (streams.TCP_READ_BUFFER_LIMIT + 2 x READ_CHUNK)
+#                      = 128 x 1 MiB: the app's bytes read ahead for a stream the peer grants no window
+#   so about 146 MiB per connection (was ~1 GiB with 1000 streams), times the connections a peer holds
+#   open (each one a TLS handshake and a descriptor; not capped per identity yet).
 # The largest header block (HEADERS + CONTINUATION frames) and decoded header list accepted, advertised as
 # SETTINGS_MAX_HEADER_LIST_SIZE. A CONNECT's headers take a few hundred bytes; the block is counted as its
 # frames arrive, so a peer cannot make the proxy buffer more than this (plus one read) per connection.
