@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import TRUST_BUNDLE, CertificateAuthority, init_ca_dir
 from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem, make_csr
 from ztunnel.identity.spiffe import SpiffeId
@@ -117,3 +119,55 @@ async def test_bundle_with_two_roots_accepts_leaves_of_either(tmp_path: Path) ->
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
             await exchange(port, svid(old_ca, WEB, roots=old_ca.roots_pem))
         assert seen == []
+
+
+class _Holder:
+    """A CertificateProvider whose certificates the test replaces (as the manager does on a new CRL)."""
+
+    def __init__(self, *certs: WorkloadCertificate) -> None:
+        self.certs = {c.identity: c for c in certs}
+
+    async def get(self, identity: SpiffeId) -> WorkloadCertificate:
+        return self.certs[identity]
+
+    def set_crl(self, crl: bytes) -> None:
+        self.certs = {i: dataclasses.replace(c, crl_pem=crl) for i, c in self.certs.items()}
+
+
+async def test_a_new_crl_reaches_a_running_listener_and_new_client_contexts(ca: CertificateAuthority) -> None:
+    """The listener's context was built before anything was revoked; a CRL arriving later must still apply."""
+    server_cert, client_cert = svid(ca, DB), svid(ca, WEB)
+    holder = _Holder(server_cert, client_cert)
+    contexts = TlsContexts(holder)
+    revoked_client, kept_client = svid(ca, WEB), svid(ca, WEB)
+    server = await asyncio.start_server(_echo4, "127.0.0.1", 0, ssl=await contexts.server(DB))
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await exchange(port, revoked_client) == DB
+        ca.revoke([revoked_client.serial])
+        holder.set_crl(ca.crl_pem())
+        await contexts.refresh(DB)
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await exchange(port, revoked_client)
+        assert await exchange(port, kept_client) == DB
+    finally:
+        server.close()
+        await server.wait_closed()
+    # the client side: a server whose certificate is now revoked is refused by a context made after the CRL
+    revoked_server = svid(ca, DB)
+    ca.revoke([revoked_server.serial])
+    holder.set_crl(ca.crl_pem())
+    async with tls_server(revoked_server) as (port, _seen):
+        with pytest.raises(ssl.SSLCertVerificationError, match="revoked"):
+            async with asyncio.timeout(5):
+                await asyncio.open_connection("127.0.0.1", port, ssl=await contexts.client(WEB))
+
+
+async def _echo4(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.write(await reader.readexactly(4))
+        await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
