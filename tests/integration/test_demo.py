@@ -51,6 +51,7 @@ def _hold(address: tuple[str, int]) -> socket.socket | None:
     """A listening socket on `address`, or None if something else already holds it (the demo must refuse
     either way)."""
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier demo's TIME_WAIT must not stop it
     try:
         s.bind(address)
         s.listen()
