@@ -22,6 +22,7 @@ from ztunnel.config.model import ClusterConfig
 from ztunnel.config.source import FileConfigSource
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.duration import parse_duration
+from ztunnel.identity.revocation import CLEARED, LOADED, RevocationUpdate
 from ztunnel.net.http import parse_host_port
 from ztunnel.proxy.listeners import LocalListenerFactory
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions, readiness
@@ -56,6 +57,7 @@ class ProxySettings:
     trust_domain: str = "cluster.local"
     inpod_socket: str | None = None  # in-pod mode: the node agent's socket (DESIGN §4.7); None = local mode
     byte_flush_interval: float = 5.0
+    crl_interval: float = 5.0  # how often the CRL is polled (CA dir or CA server): revocation takes effect within it
     workers: int = 1  # processes sharing the pod listeners (SO_REUSEPORT); local mode only
     # Set in the worker processes of `--workers N` (ztunnel.proxy.workers): their index and their end of the
     # socketpair to the supervisor. Workers serve their operator ports on 127.0.0.1 port 0 and report them.
@@ -91,10 +93,18 @@ class ProxySettings:
             trust_domain=args.trust_domain,
             inpod_socket=getattr(args, "inpod_socket", None),
             byte_flush_interval=parse_duration(getattr(args, "byte_flush_interval", "5s")).total_seconds(),
+            crl_interval=_positive("--crl-interval", parse_duration(getattr(args, "crl_interval", "5s"))),
             workers=_workers(getattr(args, "workers", 1), getattr(args, "inpod_socket", None)),
             worker_index=getattr(args, "worker_index", None),
             worker_fd=getattr(args, "worker_fd", None),
         )
+
+
+def _positive(flag: str, value: dt.timedelta) -> float:
+    seconds = value.total_seconds()
+    if seconds <= 0:
+        raise ProxySettingsError(f"{flag}: must be a positive duration, e.g. 5s")
+    return seconds
 
 
 def _workers(value: int, inpod_socket: str | None) -> int:
@@ -115,14 +125,22 @@ def _certificate_manager(settings: ProxySettings, source: FileConfigSource):  # 
     from ztunnel.identity.manager import CertificateManager
 
     if settings.ca_dir:
-        return CertificateManager.in_process(settings.ca_dir, node=settings.node, config=source, ttl=settings.cert_ttl)
+        return CertificateManager.in_process(
+            settings.ca_dir,
+            node=settings.node,
+            config=source,
+            ttl=settings.cert_ttl,
+            crl_refresh_interval=settings.crl_interval,
+        )
     assert settings.ca_address and settings.ca_root and settings.token_file
     try:
         root = Path(settings.ca_root).read_bytes()
         token = Path(settings.token_file).read_text().strip()
     except OSError as e:
         raise ProxySettingsError(f"cannot read the CA root or token file: {e}") from None
-    return CertificateManager.remote(settings.ca_address, root, token, ttl=settings.cert_ttl)
+    return CertificateManager.remote(
+        settings.ca_address, root, token, ttl=settings.cert_ttl, crl_refresh_interval=settings.crl_interval
+    )
 
 
 def _raise_open_files_limit() -> None:
@@ -181,7 +199,14 @@ async def run_proxy(settings: ProxySettings) -> int:
             if not_after is not None:
                 metrics.set_certificate_expiry(identity.uri, not_after.timestamp())
 
+    def on_revocation(update: RevocationUpdate) -> None:
+        """A CRL poll did something: count it; a new CRL in force is enforced by the proxy (contexts, connections)."""
+        metrics.crl_update(update.result, update.current.number if update.current is not None else 0)
+        if update.result in (LOADED, CLEARED):
+            proxy.revocation_changed(update.current)
+
     certs.subscribe(on_rotation)
+    certs.subscribe_revocation(on_revocation)
     source.subscribe(on_config)
     channel = None
     metrics_addr, admin_addr, readiness_addr = settings.metrics_addr, settings.admin_addr, settings.readiness_addr

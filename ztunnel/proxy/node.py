@@ -18,12 +18,16 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
+from cryptography import x509
+
 from ztunnel.config.model import ClusterConfig, Workload
 from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.client import HbonePool
-from ztunnel.hbone.server import HboneServer
+from ztunnel.hbone.connection import HboneConnection
+from ztunnel.hbone.server import TLS_HANDSHAKE_TIMEOUT, HboneServer
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.certs import CertificateProvider
+from ztunnel.identity.revocation import RevocationList
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.policy.engine import ConnectionAttributes, PolicyEngine
 from ztunnel.proxy.inbound import Inbound
@@ -237,6 +241,50 @@ class NodeProxy:
 
     # ---- reporting -----------------------------------------------------------------------------
 
+    # ---- revocation ----------------------------------------------------------------------------
+    def revocation_changed(self, crl: RevocationList | None) -> None:
+        """A new CRL is in force (the certificate manager verified it): enforce it, in a task of ours."""
+        task = asyncio.get_running_loop().create_task(self._enforce_revocation(crl))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _enforce_revocation(self, crl: RevocationList | None) -> None:
+        """Rebuild TLS contexts (new handshakes verify against the new CRL), then close revoked peers' connections.
+
+        Swept again once the longest handshake could have finished: a handshake that began on an old context
+        before the rebuild is verified with the old CRL, and lands in the connection sets only afterwards.
+        """
+        for identity in self.contexts.identities():
+            try:
+                await self.contexts.refresh(identity)
+            except ZtunnelError as e:  # no valid certificate now: its next context is built with the CRL
+                log.warning("cannot rebuild TLS contexts after a CRL change: %s", e, extra={"identity": identity.uri})
+        if crl is None:
+            return
+        self.close_revoked(crl)
+        await asyncio.sleep(max(TLS_HANDSHAKE_TIMEOUT, self.options.connect_timeout) + 1.0)
+        self.close_revoked(crl)
+
+    def close_revoked(self, crl: RevocationList) -> int:
+        """Abort open HBONE connections (inbound and pooled outbound) whose peer leaf `crl` revokes."""
+        parsed: dict[bytes, x509.Certificate] = {}  # connections from one peer share its certificate
+        total = 0
+        for side, conns in (("inbound", list(self.hbone_server.connections)), ("outbound", self.pool.connections())):
+            closed = 0
+            for conn in conns:
+                leaf = _peer_leaf(conn, parsed)
+                if leaf is not None and crl.revokes(leaf):
+                    log.info(
+                        "closing the HBONE connection of a revoked peer",
+                        extra={"peer": str(conn.peer_identity), "serial": f"{leaf.serial_number:x}", "side": side},
+                    )
+                    conn.abort()
+                    closed += 1
+            if closed and self.metrics is not None:
+                self.metrics.revoked_connections_closed(side, closed)
+            total += closed
+        return total
+
     # ---- lifetime ------------------------------------------------------------------------------
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, GOAWAY every HBONE connection, let open connections finish within the deadline,
@@ -313,6 +361,21 @@ class NodeProxy:
             "pool": [repr(c) for c in self.pool.connections()],
             "open_connections": len(self.tracker),
         }
+
+
+def _peer_leaf(conn: HboneConnection, parsed: dict[bytes, x509.Certificate]) -> x509.Certificate | None:
+    """The verified peer certificate of an open connection, read on demand (not on every handshake)."""
+    transport = conn.transport
+    if transport is None or transport.is_closing():
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    leaf = parsed.get(der)
+    if leaf is None:
+        leaf = parsed[der] = x509.load_der_x509_certificate(der)
+    return leaf
 
 
 class LocalWorkloads:
