@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from ztunnel.config.model import Workload
 from ztunnel.net.http import MAX_CONNECTIONS
+from ztunnel.proxy.labels import connection_labels
 from ztunnel.telemetry.http_server import AdminServer, MetricsServer, ReadinessServer
-from ztunnel.telemetry.metrics import ConnectionLabels, ProxyMetrics
+from ztunnel.telemetry.metrics import ProxyMetrics
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -48,7 +49,7 @@ async def test_metrics_server_serves_prometheus_text_on_both_paths() -> None:
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry)
     w = Workload(uid="u", name="sleep", namespace="foo", node="a", service_account="sleep", ips=(), labels={})
-    labels = ConnectionLabels.build(
+    labels = connection_labels(
         reporter="destination",
         source=w,
         source_principal=w.identity,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from ztunnel.config.model import ClusterConfig, Service, ServicePort, Workload
-from ztunnel.telemetry.metrics import TCP_LABELS, ConnectionLabelCache, ConnectionLabels, ProxyMetrics
+from ztunnel.proxy.labels import ConnectionLabelCache, connection_labels
+from ztunnel.telemetry.metrics import TCP_LABELS, ConnectionLabels, ProxyMetrics
 
 
 def workload(name: str, ns: str, sa: str, **labels: str) -> Workload:
@@ -39,7 +40,7 @@ def dest_labels(cache: ConnectionLabelCache | None = None, **overrides: object) 
         "connection_security_policy": "mutual_tls",
     }
     kwargs.update(overrides)
-    build = cache.build if cache is not None else ConnectionLabels.build
+    build = cache.build if cache is not None else connection_labels
     return build(**kwargs)  # type: ignore[arg-type]
 
 
@@ -64,7 +65,7 @@ def test_build_fills_istio_labels_with_full_spiffe_principals() -> None:
 
 
 def test_unknown_peers_are_labelled_unknown() -> None:
-    labels = ConnectionLabels.build(
+    labels = connection_labels(
         reporter="source",
         source=SLEEP,
         source_principal=SLEEP.identity,
@@ -197,7 +198,7 @@ def test_the_label_cache_hands_out_one_object_per_peer_pair_and_stays_bounded() 
     first = cache.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
     again = cache.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
     assert again is first
-    assert first == ConnectionLabels.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
+    assert first == connection_labels(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
     other = cache.build(reporter="destination", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
     assert other is not first and other.reporter == "destination"
     cache.build(reporter="source", source=None, destination=None, **kwargs)  # type: ignore[arg-type]

@@ -14,10 +14,11 @@ from ztunnel.config.model import Service, Workload
 from ztunnel.hbone.client import IDENTITY_ERROR, TLS_FAILURE, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import ConnectRequest
 from ztunnel.hbone.server import InboundTunnel
-from ztunnel.policy.engine import Decision
+from ztunnel.policy.decision import Decision
+from ztunnel.proxy.labels import ConnectionLabelCache
 from ztunnel.proxy.tracking import TrackedConnection
 from ztunnel.telemetry.accesslog import AccessLog
-from ztunnel.telemetry.metrics import UNKNOWN, ConnectionLabelCache, ConnectionLabels, ProxyMetrics
+from ztunnel.telemetry.metrics import UNKNOWN, ConnectionLabels, ProxyMetrics
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -48,9 +49,13 @@ class ConnectionReporter:
         self.labels = ConnectionLabelCache()  # build a connection's labels through this
 
     def handshake_rejected(self, reason: str) -> None:
-        """The HBONE server refused a client after the handshake (identity or trust domain)."""
+        """The HBONE server refused a client: IDENTITY_ERROR after the handshake (identity or trust domain),
+        otherwise the reason its handshake failed (expired, untrusted, timeout...)."""
         if self.metrics is not None:
-            self.metrics.tls_failure(reason)
+            if reason == IDENTITY_ERROR:
+                self.metrics.tls_failure(reason)
+                reason = "identity"
+            self.metrics.handshake_failure(reason)
 
     def refusal(self, reason: str) -> None:
         if self.metrics is not None:

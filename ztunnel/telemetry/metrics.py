@@ -17,8 +17,6 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ztunnel.config.model import ClusterConfig, Service, Workload
-
 UNKNOWN = "unknown"
 NO_FLAGS = "-"  # Envoy's spelling for "no response flags"
 
@@ -43,42 +41,15 @@ TCP_LABELS: tuple[str, ...] = (
 
 # Bound on cached label children: the set of (source, destination) pairs is bounded by the cluster,
 # but a cache must never grow without limit if something (e.g. many passthrough IPs) is not.
-_CHILD_CACHE_LIMIT = 10_000
-
-
-def _app_of(workload: Workload) -> str:
-    """Istio's canonical service: the canonical-name label, else `app`, else the workload name."""
-    return workload.labels.get("service.istio.io/canonical-name") or workload.app
-
-
-def _serves_port(service_port: int | str, workload: Workload, port: int) -> bool:
-    """Whether a service targetPort (a number, or the name of a containerPort of `workload`) is `port`."""
-    if isinstance(service_port, int):
-        return service_port == port
-    for container in workload.containers:
-        for p in container.get("ports") or ():
-            if isinstance(p, dict) and p.get("name") == service_port and p.get("containerPort") == port:
-                return True
-    return False
-
-
-def inbound_service(config: ClusterConfig, workload: Workload, port: int) -> Service | None:
-    """The service an inbound connection to `workload` on `port` is counted under, as Istio's ztunnel
-    guesses it (the tunnel carries only the pod address): a service whose selector picks the workload and
-    that has a port with `port` as its targetPort. When several do, the first by hostname, so every proxy
-    and every restart names the same one."""
-    matching = [
-        s for s in config.services_of(workload) if any(_serves_port(p.target_port, workload, port) for p in s.ports)
-    ]
-    return min(matching, key=lambda s: s.hostname, default=None)
+CHILD_CACHE_LIMIT = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLabels:
     """The per-connection part of Istio's TCP label set (everything except `response_flags`).
 
-    Build it once per connection with `ConnectionLabels.build`; it is hashable and used as the cache
-    key for the labelled metric children.
+    Plain strings: the proxy fills them from its workloads (`proxy.labels`), once per (source,
+    destination) pair. Hashable, and the cache key of the labelled metric children.
     """
 
     reporter: str
@@ -93,40 +64,6 @@ class ConnectionLabels:
     destination_service: str = UNKNOWN
     request_protocol: str = "tcp"
     connection_security_policy: str = UNKNOWN
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        reporter: Reporter,
-        source: Workload | None,
-        source_principal: str | None,
-        destination: Workload | None,
-        destination_principal: str | None,
-        destination_service: Service | None,
-        request_protocol: str = "tcp",
-        connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
-    ) -> ConnectionLabels:
-        """Labels for one connection; anything not known is `unknown`, as Istio reports it.
-
-        Principals are full SPIFFE URIs (`spiffe://cluster.local/ns/a/sa/b`), as in Istio's metrics.
-        `destination_service` is the service's FQDN (`name.ns.svc.cluster.local`). A proxy builds them
-        through its `ConnectionLabelCache`.
-        """
-        return cls(
-            reporter=reporter,
-            source_workload=source.name if source else UNKNOWN,
-            source_workload_namespace=source.namespace if source else UNKNOWN,
-            source_principal=source_principal or UNKNOWN,
-            source_app=_app_of(source) if source else UNKNOWN,
-            destination_workload=destination.name if destination else UNKNOWN,
-            destination_workload_namespace=destination.namespace if destination else UNKNOWN,
-            destination_principal=destination_principal or UNKNOWN,
-            destination_app=_app_of(destination) if destination else UNKNOWN,
-            destination_service=destination_service.hostname if destination_service else UNKNOWN,
-            request_protocol=request_protocol or UNKNOWN,
-            connection_security_policy=connection_security_policy or UNKNOWN,
-        )
 
     def values(self, response_flags: str) -> tuple[str, ...]:
         """Label values in `TCP_LABELS` order."""
@@ -145,77 +82,6 @@ class ConnectionLabels:
             response_flags,
             self.connection_security_policy,
         )
-
-
-class ConnectionLabelCache:
-    """`ConnectionLabels.build`, remembered: the same few (source, destination) pairs recur on every
-    connection, and handing out the same object also makes the metric-children lookup an identity hit.
-
-    Workloads are not hashable, so the key holds their ids and the entry the objects themselves (an id
-    cannot be reused while they live). Bounded like the metric children.
-    """
-
-    def __init__(self, limit: int = _CHILD_CACHE_LIMIT) -> None:
-        self._limit = limit
-        self._entries: dict[tuple[Any, ...], tuple[Any, Any, Any, ConnectionLabels]] = {}
-        self._services_config: ClusterConfig | None = None
-        self._services: dict[tuple[int, int], tuple[Workload, Service | None]] = {}
-
-    def inbound_service(self, config: ClusterConfig, workload: Workload, port: int) -> Service | None:
-        """`inbound_service`, computed once per (workload, port) of a config snapshot: a new snapshot
-        starts afresh, since services and their selectors may have changed with it."""
-        if config is not self._services_config:
-            self._services_config = config
-            self._services.clear()
-        key = (id(workload), port)
-        entry = self._services.get(key)
-        if entry is not None and entry[0] is workload:
-            return entry[1]
-        service = inbound_service(config, workload, port)
-        if len(self._services) >= self._limit:
-            self._services.clear()
-        self._services[key] = (workload, service)
-        return service
-
-    def build(
-        self,
-        *,
-        reporter: Reporter,
-        source: Workload | None,
-        source_principal: str | None,
-        destination: Workload | None,
-        destination_principal: str | None,
-        destination_service: Service | None,
-        request_protocol: str = "tcp",
-        connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
-    ) -> ConnectionLabels:
-        key = (
-            reporter,
-            id(source),
-            source_principal,
-            id(destination),
-            destination_principal,
-            id(destination_service),
-            request_protocol,
-            connection_security_policy,
-        )
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] is source and entry[1] is destination and entry[2] is destination_service:
-            return entry[3]
-        labels = ConnectionLabels.build(
-            reporter=reporter,
-            source=source,
-            source_principal=source_principal,
-            destination=destination,
-            destination_principal=destination_principal,
-            destination_service=destination_service,
-            request_protocol=request_protocol,
-            connection_security_policy=connection_security_policy,
-        )
-        if len(self._entries) >= self._limit:
-            self._entries.clear()
-        self._entries[key] = (source, destination, destination_service, labels)
-        return labels
 
 
 @dataclass(slots=True)
@@ -299,6 +165,14 @@ class ProxyMetrics:
             ("reason",),
             registry=registry,
         )
+        self._handshake_failures = Counter(
+            "ztunnel_hbone_handshake_failures",
+            "Inbound HBONE connections refused before any tunnel, by reason: the handshake's (expired, "
+            "not_yet_valid, self_signed, untrusted, revoked, bad_certificate, no_certificate, peer_alert, "
+            "protocol, timeout, closed) or identity (a verified client of another identity or trust domain)",
+            ("reason",),
+            registry=registry,
+        )
         self._refusals = Counter(
             "ztunnel_connections_refused",
             "Connections the proxy refused, by reason (e.g. policy_denied, no_endpoint, bad_request)",
@@ -338,7 +212,7 @@ class ProxyMetrics:
         key = (labels, response_flags)
         children = self._children.get(key)
         if children is None:
-            if len(self._children) >= _CHILD_CACHE_LIMIT:
+            if len(self._children) >= CHILD_CACHE_LIMIT:
                 self._children.clear()  # only the lookup cache: counters keep their values
             values = labels.values(response_flags)
             children = _TcpChildren(
@@ -394,6 +268,9 @@ class ProxyMetrics:
 
     def tls_failure(self, reason: str) -> None:
         self._tls_failures.labels(reason).inc()
+
+    def handshake_failure(self, reason: str) -> None:
+        self._handshake_failures.labels(reason).inc()
 
     def connection_refused(self, reason: str) -> None:
         self._refusals.labels(reason).inc()

@@ -1,0 +1,143 @@
+"""Istio's connection labels from the proxy's workloads and services (DESIGN §4.9).
+
+Telemetry counts strings; which workload, principal and service a connection belongs to is the proxy's
+knowledge, so the mapping from the config model to `ConnectionLabels` lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ztunnel.config.model import ClusterConfig, Service, Workload
+from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, UNKNOWN, ConnectionLabels, Reporter
+
+
+def _app_of(workload: Workload) -> str:
+    """Istio's canonical service: the canonical-name label, else `app`, else the workload name."""
+    return workload.labels.get("service.istio.io/canonical-name") or workload.app
+
+
+def _serves_port(service_port: int | str, workload: Workload, port: int) -> bool:
+    """Whether a service targetPort (a number, or the name of a containerPort of `workload`) is `port`."""
+    if isinstance(service_port, int):
+        return service_port == port
+    for container in workload.containers:
+        for p in container.get("ports") or ():
+            if isinstance(p, dict) and p.get("name") == service_port and p.get("containerPort") == port:
+                return True
+    return False
+
+
+def inbound_service(config: ClusterConfig, workload: Workload, port: int) -> Service | None:
+    """The service an inbound connection to `workload` on `port` is counted under, as Istio's ztunnel
+    guesses it (the tunnel carries only the pod address): a service whose selector picks the workload and
+    that has a port with `port` as its targetPort. When several do, the first by hostname, so every proxy
+    and every restart names the same one."""
+    matching = [
+        s for s in config.services_of(workload) if any(_serves_port(p.target_port, workload, port) for p in s.ports)
+    ]
+    return min(matching, key=lambda s: s.hostname, default=None)
+
+
+def connection_labels(
+    *,
+    reporter: Reporter,
+    source: Workload | None,
+    source_principal: str | None,
+    destination: Workload | None,
+    destination_principal: str | None,
+    destination_service: Service | None,
+    request_protocol: str = "tcp",
+    connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
+) -> ConnectionLabels:
+    """Labels for one connection; anything not known is `unknown`, as Istio reports it.
+
+    Principals are full SPIFFE URIs (`spiffe://cluster.local/ns/a/sa/b`), as in Istio's metrics.
+    `destination_service` is the service's FQDN (`name.ns.svc.cluster.local`). A proxy builds them
+    through its `ConnectionLabelCache`.
+    """
+    return ConnectionLabels(
+        reporter=reporter,
+        source_workload=source.name if source else UNKNOWN,
+        source_workload_namespace=source.namespace if source else UNKNOWN,
+        source_principal=source_principal or UNKNOWN,
+        source_app=_app_of(source) if source else UNKNOWN,
+        destination_workload=destination.name if destination else UNKNOWN,
+        destination_workload_namespace=destination.namespace if destination else UNKNOWN,
+        destination_principal=destination_principal or UNKNOWN,
+        destination_app=_app_of(destination) if destination else UNKNOWN,
+        destination_service=destination_service.hostname if destination_service else UNKNOWN,
+        request_protocol=request_protocol or UNKNOWN,
+        connection_security_policy=connection_security_policy or UNKNOWN,
+    )
+
+
+class ConnectionLabelCache:
+    """`connection_labels`, remembered: the same few (source, destination) pairs recur on every
+    connection, and handing out the same object also makes the metric-children lookup an identity hit.
+
+    Workloads are not hashable, so the key holds their ids and the entry the objects themselves (an id
+    cannot be reused while they live). Bounded like the metric children.
+    """
+
+    def __init__(self, limit: int = CHILD_CACHE_LIMIT) -> None:
+        self._limit = limit
+        self._entries: dict[tuple[Any, ...], tuple[Any, Any, Any, ConnectionLabels]] = {}
+        self._services_config: ClusterConfig | None = None
+        self._services: dict[tuple[int, int], tuple[Workload, Service | None]] = {}
+
+    def inbound_service(self, config: ClusterConfig, workload: Workload, port: int) -> Service | None:
+        """`inbound_service`, computed once per (workload, port) of a config snapshot: a new snapshot
+        starts afresh, since services and their selectors may have changed with it."""
+        if config is not self._services_config:
+            self._services_config = config
+            self._services.clear()
+        key = (id(workload), port)
+        entry = self._services.get(key)
+        if entry is not None and entry[0] is workload:
+            return entry[1]
+        service = inbound_service(config, workload, port)
+        if len(self._services) >= self._limit:
+            self._services.clear()
+        self._services[key] = (workload, service)
+        return service
+
+    def build(
+        self,
+        *,
+        reporter: Reporter,
+        source: Workload | None,
+        source_principal: str | None,
+        destination: Workload | None,
+        destination_principal: str | None,
+        destination_service: Service | None,
+        request_protocol: str = "tcp",
+        connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
+    ) -> ConnectionLabels:
+        key = (
+            reporter,
+            id(source),
+            source_principal,
+            id(destination),
+            destination_principal,
+            id(destination_service),
+            request_protocol,
+            connection_security_policy,
+        )
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is source and entry[1] is destination and entry[2] is destination_service:
+            return entry[3]
+        labels = connection_labels(
+            reporter=reporter,
+            source=source,
+            source_principal=source_principal,
+            destination=destination,
+            destination_principal=destination_principal,
+            destination_service=destination_service,
+            request_protocol=request_protocol,
+            connection_security_policy=connection_security_policy,
+        )
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[key] = (source, destination, destination_service, labels)
+        return labels
