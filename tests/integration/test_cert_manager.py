@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.authz import NodeTokens, load_node_tokens
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
+from ztunnel.identity.h2client import REVOCATION_PATH, CAClient, CAClientError, GrpcStatus
 from ztunnel.identity.manager import CertificateError, CertificateManager
+from ztunnel.identity.revocation import ERROR, LOADED, RevocationAnswer, RevocationUpdate
 from ztunnel.identity.server import CAServer
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.testing import spiffe, two_node_config_yaml, write_token_file
@@ -170,3 +173,45 @@ async def test_remote_manager_reports_refusals_and_prefetches(ca_server: CA) -> 
             await bad.get(WEB)
     finally:
         await bad.close()
+
+
+async def test_remote_manager_polls_the_crl_and_keeps_it_through_an_outage(ca_server: CA) -> None:
+    mgr = remote(ca_server, crl_refresh_interval=0.1)
+    updates: list[RevocationUpdate] = []
+    mgr.subscribe_revocation(updates.append)
+    await mgr.start()
+    try:
+        cert = await mgr.get(WEB)
+        assert mgr.revocation_list is None and cert.crl_pem == b""
+        ca_server.ca.revoke([42])
+        await until(lambda: mgr.revocation_list is not None, timeout=5)
+        held = mgr.revocation_list
+        assert held is not None and held.serials == {42} and held.number == 1
+        assert (await mgr.get(WEB)).crl_pem == held.pem  # new TLS contexts are built with it
+        assert [u.result for u in updates] == [LOADED]
+        await ca_server.server.stop(0)
+        await until(lambda: updates[-1].result == ERROR, timeout=5)
+        assert mgr.revocation_list is held and "UNAVAILABLE" in updates[-1].reason
+        await ca_server.restart()
+        ca_server.ca.revoke([43])
+        await until(lambda: mgr.revocation_list is not None and 43 in mgr.revocation_list.serials, timeout=5)
+        assert mgr.revocation_list is not None and mgr.revocation_list.number == 2
+    finally:
+        await mgr.close()
+
+
+async def test_revocation_service_wire(ca_server: CA) -> None:
+    address = f"127.0.0.1:{ca_server.server.port}"
+    client = CAClient(address, ca_server.ca.roots_pem, ca_server.tokens["node-a"])
+    assert await client.get_revocation_list(0) == RevocationAnswer(b"", 0, tuple(ca_server.ca.chain_pem))
+    ca_server.ca.revoke([42])
+    full = await client.get_revocation_list(0)
+    assert full.number == 1 and x509.load_der_x509_crl(full.crl).get_revoked_certificate_by_serial_number(42)
+    assert (await client.get_revocation_list(1)).crl == b""  # the caller holds the current one: number only
+    with pytest.raises(CAClientError) as refused:
+        await CAClient(address, ca_server.ca.roots_pem, "wrong-token").get_revocation_list(0)
+    assert refused.value.code == GrpcStatus.UNAUTHENTICATED
+    with pytest.raises(CAClientError) as garbage:
+        await client._unary(REVOCATION_PATH, b"\xff\xff\xff")
+    assert garbage.value.code == GrpcStatus.INVALID_ARGUMENT
+    assert (await client.get_revocation_list(0)).number == 1  # and the server keeps serving

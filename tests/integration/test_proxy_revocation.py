@@ -60,8 +60,10 @@ class Svid:
 def issue(ca_dir: Path, workdir: Path, name: str) -> Svid:
     cert, key, bundle = workdir / f"{name}.pem", workdir / f"{name}.key", workdir / f"{name}-bundle.pem"
     out = subprocess.run(
-        [ZTUNNEL, "ca", "issue", "--dir", str(ca_dir), "--id", CLIENT_ID, "--cert-out", str(cert)]
-        + ["--key-out", str(key), "--bundle-out", str(bundle)],
+        [
+            *(ZTUNNEL, "ca", "issue", "--dir", str(ca_dir), "--id", CLIENT_ID),
+            *("--cert-out", str(cert), "--key-out", str(key), "--bundle-out", str(bundle)),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -162,8 +164,10 @@ def running_proxy(mode: str, workdir: Path, ca_dir: Path, config: Path) -> Itera
         port = free_port()
         with open(workdir / "ca-server.log", "wb") as log:
             ca_server = subprocess.Popen(
-                [ZTUNNEL, "ca", "serve", "--dir", str(ca_dir), "-f", str(config)]
-                + ["--listen", f"127.0.0.1:{port}", "--node-tokens", str(workdir / "tokens.yaml")],
+                [
+                    *(ZTUNNEL, "ca", "serve", "--dir", str(ca_dir), "-f", str(config)),
+                    *("--listen", f"127.0.0.1:{port}", "--node-tokens", str(workdir / "tokens.yaml")),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -251,3 +251,16 @@ async def test_crl_changes_reach_held_certs_and_listeners(ca: CertificateAuthori
         assert (await mgr.get(WEB)).serial == cert.serial
     finally:
         await mgr.close()
+
+
+async def test_a_revoked_certificate_of_ours_is_replaced_at_once(ca: CertificateAuthority) -> None:
+    mgr = CertificateManager.in_process(ca.directory, crl_refresh_interval=0.05, registry=CollectorRegistry())
+    await mgr.start()
+    try:
+        cert = await mgr.get(WEB)
+        ca.revoke([cert.serial])
+        await _until(lambda: mgr.dump()[0]["serial"] != f"{cert.serial:x}")
+        fresh = await mgr.get(WEB)
+        assert fresh.serial != cert.serial and fresh.crl_pem == ca.crl_pem()
+    finally:
+        await mgr.close()

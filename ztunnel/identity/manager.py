@@ -559,6 +559,15 @@ class CertificateManager:
             if slot.cert is not None:
                 slot.cert = dataclasses.replace(slot.cert, crl_pem=pem)
                 self._notify(identity, slot.cert)
+                if update.current is not None and update.current.revokes(slot.cert.leaf):
+                    # Our own certificate is revoked: peers refuse it from now on, so get a new one at once
+                    # (the revoked one stays in use until it arrives: it is no worse than none).
+                    log.warning(
+                        "the certificate in use is revoked; requesting a new one",
+                        extra={"identity": identity.uri, "serial": f"{slot.cert.serial:x}"},
+                    )
+                    slot.refresh_at = 0.0
+                    slot.wake.set()
         self._tell_revocation(update)
         return update
 
