@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ztunnel.config.loader import build_config
 from ztunnel.config.model import KubeObject, Source
-from ztunnel.policy.engine import ConnectionAttributes, PolicyEngine
+from ztunnel.policy.decision import ConnectionAttributes
+from ztunnel.policy.engine import PolicyEngine
 
 RULES_PER_POLICY = 10
 APPS_PER_NAMESPACE = 9

@@ -11,7 +11,8 @@ import pytest
 from test_policy_support import run_cli
 
 from ztunnel.config.loader import load_files
-from ztunnel.policy.engine import ConnectionAttributes, HttpRequestAttributes, PolicyEngine
+from ztunnel.policy.decision import ConnectionAttributes, HttpRequestAttributes
+from ztunnel.policy.engine import PolicyEngine
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policy"
 GREETER = FIXTURES / "greeter_cluster.yaml"

@@ -8,7 +8,8 @@ import pytest
 from test_policy_support import BAR_CLIENT, FOO_CLIENT, Conn, decide, engine_of, policy
 
 from ztunnel.config.model import Workload
-from ztunnel.policy.engine import ConnectionAttributes, Decision, HttpRequestAttributes, PolicyEngine
+from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes
+from ztunnel.policy.engine import PolicyEngine
 from ztunnel.policy.matchers import CidrSet, StringSet, parse_cidr, parse_ip, parse_port
 
 

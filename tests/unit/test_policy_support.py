@@ -15,7 +15,8 @@ import yaml
 from ztunnel.cli import main as cli_main
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import ClusterConfig
-from ztunnel.policy.engine import ConnectionAttributes, Decision, HttpRequestAttributes, PolicyEngine
+from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes
+from ztunnel.policy.engine import PolicyEngine
 
 CLUSTER_YAML = """
 apiVersion: v1

@@ -6,7 +6,8 @@ import pytest
 from test_policy_support import BAR_CLIENT, Conn, decide, engine_of, policy
 
 from ztunnel.config.loader import load_documents
-from ztunnel.policy.authz import PolicyError, parse_authorization_policy
+from ztunnel.policy.authz import parse_authorization_policy
+from ztunnel.policy.model import PolicyError
 from ztunnel.policy.peerauth import parse_request_authentication
 
 INVALID = [

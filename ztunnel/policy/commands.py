@@ -68,8 +68,7 @@ def _convert(args: argparse.Namespace) -> int:
     import yaml
 
     from ztunnel.config.loader import build_config, read_objects
-    from ztunnel.policy.engine import LEGACY_KINDS
-    from ztunnel.policy.legacy import convert_objects
+    from ztunnel.policy.legacy import LEGACY_KINDS, convert_objects
 
     objects = read_objects(args.files)
     problems = suspicious_objects(objects)
@@ -87,12 +86,45 @@ def _convert(args: argparse.Namespace) -> int:
         raise PolicyCommandError(
             "cannot convert:\n" + "\n".join(f"  {e}" for e in result.errors) + "\nfix these objects and run again"
         )
+    for warning in l7_warnings(result.converted):
+        print(f"warning: {warning}", file=sys.stderr)
     out = []
     for note in result.notes:
         out.append(f"# note: {note}\n")
     docs = [yaml.safe_dump(o.body, sort_keys=False, default_flow_style=False) for o in result.objects]
     sys.stdout.write("".join(out) + "---\n".join(docs))
     return 0
+
+
+def l7_warnings(converted: Any) -> list[str]:
+    """Rules of the converted AuthorizationPolicies that use L7 attributes (methods, paths, headers, JWT
+    claims, ...): the node proxy cannot check them, so until a waypoint serves the workload an ALLOW rule
+    never matches and a DENY rule denies on its L4 part alone (DESIGN §4.5). Say so per object and field."""
+    from ztunnel.config.loader import ConfigError
+    from ztunnel.policy.authz import parse_authorization_policy
+
+    out = []
+    for obj, origin in converted:
+        if obj.kind != "AuthorizationPolicy":
+            continue
+        try:
+            policy = parse_authorization_policy(obj)
+        except ConfigError:
+            continue  # the convert errors report it
+        for i, rule in enumerate(policy.rules):
+            if not rule.l7_fields:
+                continue
+            effect = (
+                "denies on its L4 part alone (more than the rule says)"
+                if policy.action == "DENY"
+                else "never matches (the traffic it allows is denied)"
+            )
+            out.append(
+                f"{obj.ref} rule {i} (from {origin}) uses {', '.join(rule.l7_fields)}, which the node proxy cannot "
+                f"enforce: there it {effect}; a waypoint enforces the whole rule once the workload uses one "
+                "(label istio.io/use-waypoint)"
+            )
+    return out
 
 
 _QUOTES = "\"'“”‘’"
@@ -128,7 +160,8 @@ def _split_kv(values: list[str], flag: str) -> dict[str, str]:
 def _check(args: argparse.Namespace) -> int:
     from ztunnel.config.loader import load_files
     from ztunnel.config.model import normalize_ip
-    from ztunnel.policy.engine import ConnectionAttributes, HttpRequestAttributes, PolicyEngine
+    from ztunnel.policy.decision import ConnectionAttributes, HttpRequestAttributes
+    from ztunnel.policy.engine import PolicyEngine
 
     if not 0 < args.port < 65536:
         raise PolicyCommandError(f"--port {args.port}: must be from 1 to 65535")

@@ -1,16 +1,18 @@
-"""Value matchers compiled once per policy so a decision only does set lookups and string prefix tests.
+"""Matchers compiled once per policy so a decision only does set lookups and string prefix tests.
 
-Istio's string forms: `exact`, `prefix*`, `*suffix`, and `*` meaning "present" (any non-empty value).
-IP fields take addresses or CIDRs; ports are exact numbers.
+Value matchers (`StringSet`, `CidrSet`) and the matchers of one request attribute built on them (ports,
+service accounts, headers, JWT claims, hosts, paths). Istio's string forms: `exact`, `prefix*`, `*suffix`,
+and `*` meaning "present" (any non-empty value). IP fields take addresses or CIDRs; ports are exact numbers.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 # An address as the engine compares it: (IP version, integer value). Cheaper than ipaddress objects.
 IpAddress = tuple[int, int]
@@ -156,3 +158,112 @@ def parse_port(value: object) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"{value!r} is not a port number from 1 to 65535")
     return port
+
+
+# ---------------------------------------------------------------------------------------------------
+# Matchers that read one attribute
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PortSet:
+    ports: frozenset[int]
+
+    def matches(self, value: int | None) -> bool:
+        return value in self.ports
+
+
+@dataclass(frozen=True, slots=True)
+class ExactSet:
+    values: frozenset[str]
+
+    def matches(self, value: str | None) -> bool:
+        return (value or "") in self.values
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatcher:
+    name: str  # lower-case
+    values: StringSet
+
+    def matches(self, headers: Mapping[str, str]) -> bool:
+        return self.values.matches(headers.get(self.name))
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMatcher:
+    path: tuple[str, ...]
+    values: StringSet
+
+    def matches(self, claims: Mapping[str, Any]) -> bool:
+        value: Any = claims
+        for part in self.path:
+            if not isinstance(value, Mapping) or part not in value:
+                return False
+            value = value[part]
+        if isinstance(value, list | tuple):
+            return any(self.values.matches(str(v)) for v in value)
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        return self.values.matches(str(value))
+
+
+@dataclass(frozen=True, slots=True)
+class HostMatcher:
+    """Hosts are case-insensitive; a value without a port also matches the host with any port."""
+
+    values: StringSet
+
+    def matches(self, host: str | None) -> bool:
+        if not host:
+            return self.values.matches(host)
+        if self.values.matches(host):
+            return True
+        if host.startswith("["):
+            bare = host[: host.find("]") + 1] if "]" in host else host
+        else:
+            bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return bare != host and self.values.matches(bare)
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatcher:
+    """Paths are matched without the query string or fragment, as Istio does. Istio's path templates
+    (`/books/{*}/pages`, `/static/{**}`) match one segment and any remaining segments."""
+
+    values: StringSet
+    templates: tuple[re.Pattern[str], ...] = ()
+
+    def matches(self, path: str | None) -> bool:
+        if path:
+            for sep in ("?", "#"):
+                i = path.find(sep)
+                if i >= 0:
+                    path = path[:i]
+        if self.values.matches(path):
+            return True
+        if not path:
+            return False
+        return any(t.fullmatch(path) for t in self.templates)
+
+
+def compile_path_template(value: str) -> re.Pattern[str]:
+    """`{*}` = one non-empty segment, `{**}` = the rest (last operator only), as Istio's path templates."""
+    parts = re.split(r"(\{\*\*\}|\{\*\})", value)
+    if value.count("{**}") > 1 or ("{**}" in value and "{*}" in value.split("{**}", 1)[1]):
+        raise ValueError(f"{value!r}: {{**}} must be the last operator of a path template")
+    if re.search(r"\{[^}]*\}", re.sub(r"\{\*\*?\}", "", value)) or "*" in re.sub(r"\{\*\*?\}", "", value):
+        raise ValueError(f"{value!r}: a path template may only use {{*}} and {{**}}")
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r}: a path template must start with /")
+    out = []
+    for part in parts:
+        if part == "{*}":
+            out.append(r"[^/]+")
+        elif part == "{**}":
+            out.append(r".+")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
+
+
+Matcher = StringSet | CidrSet | PortSet | ExactSet | HeaderMatcher | ClaimMatcher | HostMatcher | PathMatcher
+

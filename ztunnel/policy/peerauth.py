@@ -1,4 +1,5 @@
-"""PeerAuthentication (mTLS mode per workload and port) and RequestAuthentication (parsed for the waypoint).
+"""PeerAuthentication (mTLS mode per workload and port) and RequestAuthentication (for the waypoint):
+their specs validated into the model. Which PeerAuthentication applies is evaluation.py's.
 
 PeerAuthentication inheritance, as Istio documents it: a workload policy (selector) beats the namespace policy
 (no selector) beats the mesh policy (root namespace, no selector); `UNSET` inherits from the next level up and
@@ -9,40 +10,16 @@ policies with a selector, as Istio's validation requires.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from ztunnel.config.model import KubeObject, Source
-from ztunnel.policy.authz import API_GROUP, PolicyError, _Ctx, _type_name, parse_selector
+from ztunnel.config.model import KubeObject
 from ztunnel.policy.matchers import parse_port
-
-MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
-
-
-@dataclass(frozen=True)
-class PeerAuthentication:
-    namespace: str
-    name: str
-    selector: Mapping[str, str] | None
-    mode: str  # one of MTLS_MODES
-    port_modes: Mapping[int, str]
-    created: str = ""  # metadata.creationTimestamp; the oldest of two conflicting policies wins
-    order: int = 0  # position in the input, the tie-breaker after creation time
-    source: Source | None = None
-    origin: str = ""
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+from ztunnel.policy.model import MTLS_MODES, JwtRule, PeerAuthentication, RequestAuthentication
+from ztunnel.policy.validation import ObjectReader, parse_selector, type_name
 
 
-def _check_api(ctx: _Ctx, obj: KubeObject) -> None:
-    if not obj.api_version.startswith(f"{API_GROUP}/") or obj.api_version.split("/", 1)[1] not in ("v1", "v1beta1"):
-        raise ctx.error("apiVersion", f"{obj.api_version!r} is not served; use security.istio.io/v1 or v1beta1")
-
-
-def _mode(ctx: _Ctx, raw: Any, path: str) -> str:
+def _mode(ctx: ObjectReader, raw: Any, path: str) -> str:
     m = ctx.mapping(raw, path)
     ctx.known_fields(m, ["mode"], path)
     mode = m.get("mode", "UNSET")
@@ -54,8 +31,8 @@ def _mode(ctx: _Ctx, raw: Any, path: str) -> str:
 
 
 def parse_peer_authentication(obj: KubeObject, *, order: int = 0, origin: str = "") -> PeerAuthentication:
-    ctx = _Ctx(obj)
-    _check_api(ctx, obj)
+    ctx = ObjectReader(obj)
+    ctx.check_api_version()
     spec = ctx.mapping(obj.body.get("spec"), "spec")
     ctx.known_fields(spec, ["selector", "mtls", "portLevelMtls"], "spec")
     selector = parse_selector(ctx, spec)
@@ -88,33 +65,6 @@ def parse_peer_authentication(obj: KubeObject, *, order: int = 0, origin: str = 
     )
 
 
-@dataclass(frozen=True)
-class JwtRule:
-    issuer: str
-    audiences: tuple[str, ...]
-    jwks_uri: str | None
-    jwks: str | None
-    from_headers: tuple[tuple[str, str], ...]  # (name, prefix)
-    from_params: tuple[str, ...]
-    forward_original_token: bool
-    output_payload_to_header: str | None
-
-
-@dataclass(frozen=True)
-class RequestAuthentication:
-    """Parsed and validated only: the waypoint validates JWTs; the node proxy never sees HTTP."""
-
-    namespace: str
-    name: str
-    selector: Mapping[str, str] | None
-    jwt_rules: tuple[JwtRule, ...]
-    source: Source | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
 _JWT_FIELDS = (
     "issuer",
     "audiences",
@@ -131,16 +81,13 @@ _JWT_FIELDS = (
 
 
 def parse_request_authentication(obj: KubeObject) -> RequestAuthentication:
-    ctx = _Ctx(obj)
-    _check_api(ctx, obj)
+    ctx = ObjectReader(obj)
+    ctx.check_api_version()
     spec = ctx.mapping(obj.body.get("spec"), "spec")
     ctx.known_fields(spec, ["selector", "targetRef", "targetRefs", "jwtRules"], "spec")
     selector = parse_selector(ctx, spec)
-    raw_rules = spec.get("jwtRules")
-    if raw_rules is not None and not isinstance(raw_rules, list):
-        raise ctx.error("spec.jwtRules", f"must be a list, not {_type_name(raw_rules)}")
     rules = []
-    for i, raw in enumerate(raw_rules or []):
+    for i, raw in enumerate(ctx.list_of(spec.get("jwtRules"), "spec.jwtRules")):
         path = f"spec.jwtRules[{i}]"
         r = ctx.mapping(raw, path)
         ctx.known_fields(r, _JWT_FIELDS, path)
@@ -154,7 +101,7 @@ def parse_request_authentication(obj: KubeObject) -> RequestAuthentication:
             raise ctx.error(f"{path}.jwksUri", f"{jwks_uri!r} is not an http(s) URL")
         jwks = r.get("jwks")
         if jwks is not None and not isinstance(jwks, str):
-            raise ctx.error(f"{path}.jwks", f"must be a string (a JSON Web Key Set), not {_type_name(jwks)}")
+            raise ctx.error(f"{path}.jwks", f"must be a string (a JSON Web Key Set), not {type_name(jwks)}")
         headers = []
         for j, h in enumerate(r.get("fromHeaders") or []):
             hp = f"{path}.fromHeaders[{j}]"
@@ -165,7 +112,7 @@ def parse_request_authentication(obj: KubeObject) -> RequestAuthentication:
             headers.append((hm["name"], str(hm.get("prefix") or "")))
         fwd = r.get("forwardOriginalToken", False)
         if not isinstance(fwd, bool):
-            raise ctx.error(f"{path}.forwardOriginalToken", f"must be true or false, not {_type_name(fwd)}")
+            raise ctx.error(f"{path}.forwardOriginalToken", f"must be true or false, not {type_name(fwd)}")
         out_hdr = r.get("outputPayloadToHeader")
         if out_hdr is not None and not isinstance(out_hdr, str):
             raise ctx.error(f"{path}.outputPayloadToHeader", "must be a string")
@@ -182,14 +129,3 @@ def parse_request_authentication(obj: KubeObject) -> RequestAuthentication:
             )
         )
     return RequestAuthentication(obj.namespace, obj.name, selector, tuple(rules), obj.source)
-
-
-__all__ = [
-    "MTLS_MODES",
-    "JwtRule",
-    "PeerAuthentication",
-    "PolicyError",
-    "RequestAuthentication",
-    "parse_peer_authentication",
-    "parse_request_authentication",
-]

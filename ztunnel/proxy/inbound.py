@@ -23,7 +23,7 @@ from ztunnel.hbone.protocol import (
 )
 from ztunnel.hbone.server import InboundTunnel
 from ztunnel.hbone.streams import ByteStream, TcpStream
-from ztunnel.policy.engine import ConnectionAttributes, Decision
+from ztunnel.policy.decision import ConnectionAttributes, Decision
 from ztunnel.proxy.listeners import original_destination
 from ztunnel.proxy.relay import RelayCounters, relay
 from ztunnel.proxy.report import (

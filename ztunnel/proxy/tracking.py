@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ztunnel.policy.engine import ConnectionAttributes
+from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.proxy.relay import RelayCounters
 from ztunnel.telemetry.metrics import ConnectionLabels
 

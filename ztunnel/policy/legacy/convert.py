@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ztunnel.config.model import ClusterConfig, KubeObject
-from ztunnel.policy.authz import PolicyError
 from ztunnel.policy.legacy.authn import AUTHN_KINDS, authn_namespace, convert_authn
 from ztunnel.policy.legacy.emit import Conversion, ConversionResult
 from ztunnel.policy.legacy.rbac import RBAC_KINDS, ROLE_KINDS, convert_rbac_config, convert_roles
+from ztunnel.policy.model import PolicyError
 
 LEGACY_KINDS = frozenset({*RBAC_KINDS, *ROLE_KINDS, *AUTHN_KINDS})
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztunnel.config.model import ClusterConfig, KubeObject, Service
-from ztunnel.policy.authz import DRY_RUN_ANNOTATION, PolicyError
+from ztunnel.policy.model import DRY_RUN_ANNOTATION, PolicyError
 
 CONVERTED_FROM_ANNOTATION = "ztunnel.io/converted-from"
 NEW_API = "security.istio.io/v1"

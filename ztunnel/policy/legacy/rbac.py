@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztunnel.config.model import KubeObject, Service
-from ztunnel.policy.authz import PolicyError
 from ztunnel.policy.legacy.emit import Conversion, get_field
+from ztunnel.policy.model import PolicyError
 
 RBAC_MODES = ("OFF", "ON", "ON_WITH_INCLUSION", "ON_WITH_EXCLUSION")
 RBAC_KINDS = ("ClusterRbacConfig", "RbacConfig")
