@@ -29,7 +29,8 @@ from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.certs import CertificateProvider
 from ztunnel.identity.revocation import RevocationList
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.policy.engine import ConnectionAttributes, PolicyEngine
+from ztunnel.policy.decision import ConnectionAttributes
+from ztunnel.policy.engine import PolicyEngine
 from ztunnel.proxy.inbound import Inbound
 from ztunnel.proxy.listeners import ListenerFactory, WorkloadSockets, serve_streams
 from ztunnel.proxy.outbound import Outbound
