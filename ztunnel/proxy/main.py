@@ -234,6 +234,10 @@ async def run_proxy(settings: ProxySettings) -> int:
             except OSError as e:
                 raise ProxySettingsError(f"cannot listen for the {server.name} server on {server.host}: {e}") from None
             started.append(server)
+            proxy.state.add_own_listener(server.host, server.port)  # wherever the flags put it: pods cannot dial it
+        if channel is not None:  # a worker: the supervisor serves the configured operator ports
+            for host, port in (settings.metrics_addr, settings.admin_addr, settings.readiness_addr):
+                proxy.state.add_own_listener(host, port)
         await on_config(config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
