@@ -81,3 +81,21 @@ def test_arbitrary_bytes_never_crash(data: bytes) -> None:
 def test_reply_encoding() -> None:
     assert reply(Reply.SUCCEEDED) == b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
     assert reply(Reply.NOT_ALLOWED, ("::1", 80))[:4] == b"\x05\x02\x00\x04"
+
+
+@pytest.mark.parametrize(
+    ("name", "host", "is_domain"),
+    [
+        ("127.0.0.1", "127.0.0.1", False),
+        ("::ffff:7f00:1", "::ffff:7f00:1", False),  # a literal: the outbound makes it canonical (127.0.0.1)
+        ("fe80::1%eth0", "fe80::1%eth0", False),  # a literal the outbound refuses (a zone id)
+        ("127.1", "127.1", True),  # inet_aton's short, hex, integer and octal forms are names, not addresses
+        ("0x7f000001", "0x7f000001", True),
+        ("2130706433", "2130706433", True),
+        ("0177.0.0.1", "0177.0.0.1", True),
+    ],
+)
+def test_a_domain_name_is_an_address_only_when_it_is_a_strict_literal(name: str, host: str, is_domain: bool) -> None:
+    raw = name.encode()
+    dom = b"\x05\x01\x00\x03" + bytes([len(raw)]) + raw + b"\x00\x50"
+    assert Socks5Handshake().receive_data(GREETING + dom).request == ConnectRequest(host, 80, is_domain)
