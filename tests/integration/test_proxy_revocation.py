@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     ProxyProcess,
     free_port,
     raw_hbone_status,
+    socks_connect,
     start_proxy,
     wait_until,
 )
@@ -36,6 +37,7 @@ from ztunnel.identity.ca import init_ca_dir
 from ztunnel.identity.testing import write_token_file
 
 SERVER_IP = "127.0.121.1"  # the served pod on node-b; its own range, so no other test's pod is in the way
+CLIENT_IP = "127.0.121.2"  # its client on node-a
 HBONE = (SERVER_IP, 15008)
 CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
 DEADLINE = 15.0  # the default poll interval is 5 s: "within seconds" with room for a loaded host
@@ -47,7 +49,7 @@ CONFIG = (
     f'spec: {{nodeName: node-b, serviceAccountName: server}}\nstatus: {{podIP: "{SERVER_IP}"}}\n'
     "---\napiVersion: v1\nkind: Pod\n"
     "metadata: {name: client, namespace: shop, uid: uid-rev-client, labels: {app: client}}\n"
-    'spec: {nodeName: node-a, serviceAccountName: client}\nstatus: {podIP: "127.0.121.2"}\n'
+    f'spec: {{nodeName: node-a, serviceAccountName: client}}\nstatus: {{podIP: "{CLIENT_IP}"}}\n'
 )
 
 
@@ -213,3 +215,35 @@ async def test_revoked_client_is_refused_and_its_open_connection_closed(
         assert re.search(r"ztunnel_crl_number 1\.0", metrics), metrics
         assert re.search(r'ztunnel_revoked_connections_closed_total\{side="inbound"\} 1\.0', metrics), metrics
         assert "CRL loaded" in proxy.log()
+
+
+def test_a_revoked_server_is_dropped_by_the_client_pool_and_gets_a_new_cert(tmp_path: Path, apps: AppServer) -> None:
+    """node-a's pooled connection to node-b closes when node-b's SVID is revoked; node-b replaces its SVID."""
+    ca_dir = tmp_path / "ca"
+    init_ca_dir(ca_dir)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(CONFIG)
+    a = start_proxy("node-a", config, ca_dir, tmp_path, "--crl-interval", "1s")
+    b = None
+    try:
+        b = start_proxy("node-b", config, ca_dir, tmp_path, "--crl-interval", "1s")
+        conn = socks_connect(CLIENT_IP, (SERVER_IP, ECHO_PORT))
+        try:
+            conn.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            revoked = b.config_dump()["certificates"][0]["serial"]
+            revoke(ca_dir, revoked)
+            conn.settimeout(DEADLINE)
+            with contextlib.suppress(ConnectionError):
+                assert conn.recv(4) == b"", "the tunnel through the revoked server's connection stayed open"
+        finally:
+            conn.close()
+        assert re.search(r'ztunnel_revoked_connections_closed_total\{side="outbound"\} 1\.0', a.metrics())
+        wait_until(lambda: b.config_dump()["certificates"][0]["serial"] != revoked, 10, what="node-b's new SVID")
+        with socks_connect(CLIENT_IP, (SERVER_IP, ECHO_PORT)) as again:
+            again.sendall(b"pong")
+            assert again.recv(4) == b"pong"
+    finally:
+        for p in (a, b):
+            if p is not None:
+                p.stop()
