@@ -93,6 +93,22 @@ async def open_stream(target: Target) -> tuple[asyncio.StreamReader, asyncio.Str
     return reader, writer
 
 
+async def open_proven(target: Target) -> asyncio.StreamWriter:
+    """A connection proven end to end by a 1-byte echo from the app within CONNECT_TIMEOUT; closed again if
+    the proof fails (the error is raised)."""
+    writer = None
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await open_stream(target)
+            writer.write(b"x")
+            await reader.readexactly(1)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    return writer
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     if not samples:
         return {}
@@ -209,19 +225,14 @@ async def connrate(target: Target, *, workers: int, duration: float) -> dict:
         nonlocal errors
         while loop.time() < end:
             t = time.perf_counter()
-            writer = None
             try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    reader, writer = await open_stream(target)
-                    writer.write(b"x")
-                    await reader.readexactly(1)
-                times.append((time.perf_counter() - t) * 1e3)
+                writer = await open_proven(target)
             except (OSError, asyncio.IncompleteReadError, TimeoutError):
                 errors += 1
                 await asyncio.sleep(0.001)
-            finally:
-                if writer is not None:
-                    writer.close()
+                continue
+            times.append((time.perf_counter() - t) * 1e3)
+            writer.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(workers)))
@@ -244,17 +255,10 @@ async def hold(target: Target, *, count: int, parallel: int) -> None:
     async def one() -> None:
         nonlocal errors
         async with sem:
-            writer = None
             try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    reader, writer = await open_stream(target)
-                    writer.write(b"x")
-                    await reader.readexactly(1)
-                held.append(writer)
+                held.append(await open_proven(target))
             except (OSError, asyncio.IncompleteReadError, TimeoutError):
                 errors += 1
-                if writer is not None:
-                    writer.close()
 
     await asyncio.gather(*(one() for _ in range(count)))
     print(json.dumps({"ready": len(held), "errors": errors}), flush=True)

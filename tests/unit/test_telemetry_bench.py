@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import report
 
-import report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_summary_ratios_targets_and_table() -> None:
@@ -57,10 +56,11 @@ def test_summary_ratios_targets_and_table() -> None:
 
 def test_dry_run_prints_the_plan_and_a_table() -> None:
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--dry-run"],
+        [sys.executable, "-m", "bench.run", "--quick", "--dry-run"],
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr
     assert "plan: paths direct, haproxy, haproxy-tcp, ztunnel" in r.stdout
@@ -89,7 +89,7 @@ def test_policy_targets_from_policy_bench_json() -> None:
 
 
 def test_loadgen_targets_and_socks_request() -> None:
-    import loadgen
+    from bench import loadgen
 
     t = loadgen.Target.parse("socks5://127.77.1.10:15080/10.244.2.2:7000")
     assert (t.host, t.port, t.socks, t.connect_addr) == ("10.244.2.2", 7000, ("127.77.1.10", 15080), t.socks)
@@ -119,13 +119,13 @@ def test_same_node_paths_compare_with_the_same_node_floor() -> None:
 
 
 def test_host_steal_is_measured_and_shown() -> None:
-    import run
+    from bench import accounting
 
     before = [100, 0, 50, 800, 0, 0, 0, 50, 0, 0]
     after = [200, 0, 100, 1550, 0, 0, 0, 150, 0, 0]  # 1,000 ticks passed, 100 of them stolen
-    assert run.steal_percent(before, after) == 10.0
-    assert run.steal_percent([], after) is None
-    assert len(run.host_cpu_ticks()) >= 8
+    assert accounting.steal_percent(before, after) == 10.0
+    assert accounting.steal_percent([], after) is None
+    assert len(accounting.host_cpu_ticks()) >= 8
     result = {
         "meta": {"date": "d", "quick": True, "reps": 1, "host_steal_percent": 10.0},
         "paths": {"direct": {"available": True}},

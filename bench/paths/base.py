@@ -1,0 +1,104 @@
+"""What every measured path is: a `PathSetup` (where clients connect, which processes are the proxies) built
+by a `PathKind` on a topology. A new path is a new module with its `PathKind`, listed in `bench.paths`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench import loadgen
+from bench.processes import Proc, ProcessGroup
+from bench.settings import LOADGEN, PY
+from bench.topology.lab import LabTopology
+from bench.topology.local import LocalTopology
+
+Topology = LocalTopology | LabTopology
+
+
+@dataclass
+class PathSetup:
+    """One way from the client to the app: where to connect, and which processes are the proxies."""
+
+    name: str
+    available: bool = True
+    note: str = ""
+    echo_target: str = ""  # loadgen TARGET
+    iperf_host: str = ""
+    iperf_port: int = 0
+    proxies: dict[str, Proc] = field(default_factory=dict)  # proxy processes this run started
+    external_pids: dict[str, int] = field(default_factory=dict)  # proxies someone else runs (the lab)
+    entry: str = ""
+    helpers: list[Proc] = field(default_factory=list)  # e.g. the SOCKS forwarder; stopped with the path
+    client_prefix: list[str] = field(default_factory=list)  # e.g. `ip netns exec <client pod netns>`
+    server_prefix: list[str] = field(default_factory=list)
+    iperf_bind: str = ""  # address the per-test iperf3 server binds ("" = any, inside the server pod)
+    restart_hook: Callable[[], None] | None = None  # restarts proxies this run does not own
+    external_pid_source: Callable[[], dict[str, int]] | None = None  # current pids after such a restart
+
+    def proxy_pids(self) -> dict[str, int]:
+        external = self.external_pid_source() if self.external_pid_source else self.external_pids
+        return {n: p.pid for n, p in self.proxies.items()} | external
+
+    def stop(self) -> None:
+        for proc in [*self.proxies.values(), *self.helpers]:
+            proc.stop()
+
+
+
+@dataclass(frozen=True, slots=True)
+class PathContext:
+    """What a path is built from: the topology it runs on, the run's processes, haproxy's connection cap."""
+
+    topology: Topology
+    group: ProcessGroup
+    maxconn: int
+
+
+@dataclass(frozen=True, slots=True)
+class PathKind:
+    """One measured path: its name (the table's column) and how it is set up; `build` returns an unavailable
+    `PathSetup` with the reason when it cannot run here, and may raise (recorded as a failed setup)."""
+
+    name: str
+    build: Callable[[PathContext], PathSetup]
+
+
+def unavailable(name: str, why: str) -> PathSetup:
+    return PathSetup(name, available=False, note=why)
+
+
+def probe_path(path: PathSetup, timeout: float = 3.0) -> bool:
+    """One connection through the path, proven by a 1-byte echo from the app."""
+    if not path.client_prefix:
+        return probe_echo(path.echo_target, timeout)
+    argv = [*path.client_prefix, PY, LOADGEN, "connrate", path.echo_target, "--workers", "1", "--duration", "0.3"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        return json.loads(r.stdout)["connections"] > 0
+    except (ValueError, KeyError, subprocess.TimeoutExpired):
+        return False
+
+
+def probe_echo(target: str, timeout: float = 3.0) -> bool:
+    """One connection to `target` from this netns, proven by a 1-byte echo from the app."""
+    t = loadgen.Target.parse(target)
+    try:
+        with socket.create_connection(t.connect_addr, timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            if t.socks:
+                sock.sendall(loadgen.socks5_connect_request(t.host, t.port))
+                reply = b""
+                while len(reply) < loadgen.SOCKS_REPLY_LEN:
+                    chunk = sock.recv(loadgen.SOCKS_REPLY_LEN - len(reply))
+                    if not chunk:
+                        return False
+                    reply += chunk
+                if reply[1] != 0 or reply[3] != 0:
+                    return False
+            sock.sendall(b"x")
+            return sock.recv(1) == b"x"
+    except OSError:
+        return False
