@@ -35,19 +35,29 @@ def forged_svid(ca_dir: Path, identity: str, forgery: str) -> WorkloadCertificat
 
 
 def issue(
-    ca_dir: Path, uris: Sequence[str], *, is_ca: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+    ca_dir: Path,
+    uris: Sequence[str],
+    *,
+    is_ca: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+    valid: tuple[dt.timedelta, dt.timedelta] = (dt.timedelta(minutes=-5), dt.timedelta(hours=1)),
+    self_signed: bool = False,
 ) -> WorkloadCertificate:
+    """A leaf for `uris` signed by the CA in `ca_dir` (or by its own key), valid from now+valid[0] to
+    now+valid[1]."""
     ca = CertificateAuthority.load(ca_dir)
     key = generate_key()
     now = dt.datetime.now(dt.UTC)
+    signer = key if self_signed else ca.signing_key
     leaf = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
-        .issuer_name(ca.signing_cert.subject)
+        .issuer_name(x509.Name([]) if self_signed else ca.signing_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
+        .not_valid_before(now + valid[0])
+        .not_valid_after(now + valid[1])
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -67,11 +77,12 @@ def issue(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.signing_key.public_key()), critical=False)
-        .sign(ca.signing_key, hashes.SHA256())
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
+        .sign(signer, hashes.SHA256())
     )
     pem = leaf.public_bytes(serialization.Encoding.PEM)
-    return WorkloadCertificate(SpiffeId.parse(uris[0]), key_to_pem(key), (pem, *ca.chain_pem), ca.roots_pem)
+    chain = (pem,) if self_signed else (pem, *ca.chain_pem)
+    return WorkloadCertificate(SpiffeId.parse(uris[0]), key_to_pem(key), chain, ca.roots_pem)
 
 
 class FixedProvider:

@@ -4,25 +4,140 @@ handler with the caller's verified identity.
 The certificate presented is the SVID of the workload the listener belongs to (one listener per pod IP in
 local mode, one per pod netns in in-pod mode); the TLS context is swapped at ClientHello time to the newest
 certificate of that identity, so rotation needs no new listener.
+
+Each accepted socket's handshake runs in a task (`loop.connect_accepted_socket`), not inside
+`create_server(ssl=...)`: there a failed handshake (expired, untrusted or no certificate, timeout) never
+reaches our code. Here it is counted by reason, logged (rate-limited), and the client gets OpenSSL's alert
+(see `AlertingSSLObject`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
+import ssl
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ztunnel.hbone.connection import HboneConnection, HboneStream
 from ztunnel.hbone.protocol import IDENTITY_ERROR, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, ConnectRequest, Rejection
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.tls import PeerIdentityError, peer_identity
+from ztunnel.identity.tls import (
+    HANDSHAKE_WATCH,
+    HandshakeWatch,
+    PeerIdentityError,
+    handshake_failure_reason,
+    peer_identity,
+)
 
 log = logging.getLogger("ztunnel.hbone")
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
+ACCEPT_BATCH = 64  # sockets accepted per readiness event, so one busy listener cannot starve the loop
+ACCEPT_PAUSE = 1.0  # seconds without accepting after running out of file descriptors
+FAILURE_LOG_INTERVAL = 10.0
+FAILURE_LOG_LINES = 5  # per reason and interval; the rest are counted and reported with the next line
+
+
+@dataclass(slots=True)
+class _ReasonLog:
+    window_start: float = 0.0
+    lines: int = 0
+    suppressed: int = 0
+
+
+@dataclass
+class FailureLog:
+    """Rate-limited logging of refused handshakes: at most `lines` per reason per `interval`, the next line
+    saying how many were left out. State is one small record per reason (a fixed set), never per peer."""
+
+    interval: float = FAILURE_LOG_INTERVAL
+    lines: int = FAILURE_LOG_LINES
+    _reasons: dict[str, _ReasonLog] = field(default_factory=dict)
+
+    def allow(self, reason: str, now: float) -> int | None:
+        """None: do not log this one. Otherwise: log it, with this many left out since the last line."""
+        state = self._reasons.get(reason)
+        if state is None:
+            state = self._reasons[reason] = _ReasonLog(now)
+        if now - state.window_start >= self.interval:
+            state.window_start, state.lines = now, 0
+        if state.lines >= self.lines:
+            state.suppressed += 1
+            return None
+        state.lines += 1
+        suppressed, state.suppressed = state.suppressed, 0
+        return suppressed
+
+
+class HboneListener(asyncio.AbstractServer):
+    """One listening socket of an `HboneServer` (what `asyncio.Server` is for `create_server`)."""
+
+    def __init__(self, server: HboneServer, sock: socket.socket, identity: SpiffeId, ctx: ssl.SSLContext) -> None:
+        self._server = server
+        self._sock = sock
+        self._identity = identity
+        self._ctx = ctx
+        self._loop = asyncio.get_running_loop()
+        self._serving = False
+        self._resume: asyncio.TimerHandle | None = None
+        self.sockets = [sock]
+
+    def start_serving_now(self) -> None:
+        self._sock.setblocking(False)
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._serving = True
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("HBONE listener cannot accept", extra={"listener": str(self._identity), "error": str(e)})
+                    self._loop.remove_reader(self._sock.fileno())
+                    self._resume = self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+                    return
+                continue  # the peer went away before we accepted it (ECONNABORTED...)
+            self._server._accepted(conn, peer, self._identity, self._ctx)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._serving:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket; connections already accepted go on."""
+        if self._serving:
+            self._serving = False
+            if self._resume is not None:
+                self._resume.cancel()
+                self._resume = None
+            else:
+                self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if not self._serving and self._sock.fileno() >= 0:
+            self.start_serving_now()
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("HBONE listeners serve from listen() on; close() them to stop")
+
+    async def wait_closed(self) -> None:
+        return None
 
 
 @dataclass(slots=True)
@@ -53,10 +168,17 @@ class HboneServer:
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         on_rejected: Callable[[str], None] | None = None,
+        handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.contexts = contexts
         self.handler = handler
-        self.on_rejected = on_rejected  # called with IDENTITY_ERROR when a verified client is refused
+        # Called with the reason a client was refused: IDENTITY_ERROR (verified, but the wrong identity or
+        # trust domain), or a failed handshake's reason (see `handshake_failure_reason`).
+        self.on_rejected = on_rejected
+        self.handshake_timeout = handshake_timeout
+        self.handshake_failures: dict[str, int] = {}
+        self.failure_log = FailureLog()
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[HboneConnection] = set()
@@ -64,15 +186,58 @@ class HboneServer:
         self.rejected_handshakes = 0
         self._draining = False
 
-    async def listen(self, sock: socket.socket, identity: SpiffeId) -> asyncio.Server:
+    async def listen(self, sock: socket.socket, identity: SpiffeId) -> HboneListener:
         """Serve HBONE on an already bound, listening socket, presenting `identity`'s SVID."""
         ctx = await self.contexts.server(identity)
+        listener = HboneListener(self, sock, identity, ctx)
+        listener.start_serving_now()
+        return listener
+
+    def _accepted(self, sock: socket.socket, peer: tuple[str, int], identity: SpiffeId, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(
-            lambda: self._new_connection(identity),
-            sock=sock,
-            ssl=ctx,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+        task = loop.create_task(self._handshake(loop, sock, peer, identity, ctx))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        identity: SpiffeId,
+        ctx: ssl.SSLContext,
+    ) -> None:
+        watch = HandshakeWatch(loop, sock)
+        HANDSHAKE_WATCH.set(watch)  # this task's context: the transport's callbacks run in a copy of it
+        try:
+            await loop.connect_accepted_socket(
+                lambda: self._new_connection(identity), sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
+            )
+        except (OSError, EOFError) as e:  # ssl.SSLError is an OSError
+            self._handshake_failed(watch.error or e, peer, identity)
+        except BaseException:
+            sock.close()  # cancelled (server abort) or a bug: never leak the socket
+            raise
+
+    def _handshake_failed(self, error: BaseException, peer: tuple[str, int], identity: SpiffeId) -> None:
+        reason = handshake_failure_reason(error)
+        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+        if self.on_rejected is not None:
+            self.on_rejected(reason)
+        suppressed = self.failure_log.allow(reason, time.monotonic())
+        if suppressed is None:
+            return
+        text = getattr(error, "verify_message", None) or str(error) or type(error).__name__
+        log.log(
+            logging.INFO if reason == "closed" else logging.WARNING,
+            "HBONE handshake failed",
+            extra={
+                "reason": reason,
+                "peer": f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}",
+                "listener": str(identity),
+                "error": text[:256],
+                "suppressed": suppressed,
+            },
         )
 
     def _new_connection(self, identity: SpiffeId) -> HboneConnection:
@@ -150,7 +315,7 @@ class HboneServer:
             conn.goaway()
 
     def abort(self) -> None:
-        for task in list(self.tasks):
+        for task in list(self.tasks) + list(self._handshakes):
             task.cancel()
         for conn in list(self.connections):
             conn.abort()

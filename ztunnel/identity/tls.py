@@ -5,8 +5,11 @@ Keys are handed to OpenSSL through an anonymous memfd so they never touch a file
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import os
+import socket
 import ssl
 from collections.abc import Iterable
 
@@ -58,7 +61,9 @@ def _base_context(purpose: ssl.Purpose, cert: WorkloadCertificate) -> ssl.SSLCon
 
 
 def server_context(cert: WorkloadCertificate) -> ssl.SSLContext:
-    return _base_context(ssl.Purpose.CLIENT_AUTH, cert)
+    ctx = _base_context(ssl.Purpose.CLIENT_AUTH, cert)
+    ctx.sslobject_class = AlertingSSLObject
+    return ctx
 
 
 def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
@@ -136,3 +141,99 @@ def check_secure_naming(actual: SpiffeId, expected: Iterable[str]) -> None:
             f"server identity {actual} is not one of the identities expected for the destination "
             f"({', '.join(sorted(allowed)) or 'none'})"
         )
+
+
+class HandshakeWatch:
+    """One accepted connection's server-side handshake, as `AlertingSSLObject` sees it: the fatal error
+    OpenSSL raised (with its reason) and the socket to end once OpenSSL's alert has gone out."""
+
+    __slots__ = ("error", "loop", "sock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.error: ssl.SSLError | None = None
+
+    def end(self) -> None:
+        """Send FIN after the alert: the client reads both and closes, and so do we, having read what it
+        sent (closing with unread input would send a reset, which can reach the client before the alert)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already gone
+
+
+# Set by the accepting task for the handshake it runs: the transport's callbacks (and so the SSLObject's
+# do_handshake) run in a copy of that task's context, which is how the SSLObject finds its connection.
+HANDSHAKE_WATCH: contextvars.ContextVar[HandshakeWatch | None] = contextvars.ContextVar(
+    "ztunnel_handshake_watch", default=None
+)
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """Server side: a failed handshake sends OpenSSL's alert ("certificate expired", "unknown ca"...) before
+    the connection closes.
+
+    asyncio's and uvloop's TLS transports close the socket as soon as do_handshake raises, dropping the alert
+    OpenSSL has just written to the outgoing buffer: the client sees a bare EOF and no reason. Reporting the
+    failure once as "want read" makes the transport send that buffer; the watch keeps the real error and
+    ends our sending side on the next loop iteration. The connection closes when the client does (or sends
+    more, which raises the error again), at the latest at the handshake timeout. Without a watch (a context
+    used outside `HboneServer`) nothing changes.
+    """
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLSyscallError):
+            raise
+        except ssl.SSLError as e:
+            watch = HANDSHAKE_WATCH.get()
+            if watch is None or watch.error is not None:
+                raise
+            watch.error = e
+            watch.loop.call_soon(watch.end)
+            raise ssl.SSLWantReadError("handshake failed; sending the alert") from e
+
+
+# Why a server-side handshake failed: the `reason` label of ztunnel_hbone_handshake_failures_total.
+_VERIFY_REASONS = {
+    9: "not_yet_valid",  # X509_V_ERR_CERT_NOT_YET_VALID
+    10: "expired",  # X509_V_ERR_CERT_HAS_EXPIRED
+    18: "self_signed",  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "self_signed",  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    2: "untrusted",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+    3: "untrusted",  # X509_V_ERR_UNABLE_TO_GET_CRL: no CRL for the issuer, so not our intermediate
+    20: "untrusted",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "untrusted",  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    23: "revoked",  # X509_V_ERR_CERT_REVOKED
+}
+HANDSHAKE_FAILURE_REASONS = (
+    "expired",
+    "not_yet_valid",
+    "self_signed",
+    "untrusted",
+    "revoked",
+    "bad_certificate",
+    "no_certificate",
+    "peer_alert",
+    "protocol",
+    "timeout",
+    "closed",
+)
+
+
+def handshake_failure_reason(error: BaseException) -> str:
+    """Classify a server-side handshake failure into one of HANDSHAKE_FAILURE_REASONS."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(error.verify_code, "bad_certificate")
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or ""
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_certificate"
+        if "ALERT" in reason:  # the client refused us (e.g. TLSV1_ALERT_UNKNOWN_CA)
+            return "peer_alert"
+        return "protocol"
+    if isinstance(error, (TimeoutError, ConnectionAbortedError)):  # uvloop's handshake timeout is the latter
+        return "timeout"
+    return "closed"
