@@ -36,7 +36,7 @@ class ProxyOptions:
 class ServedWorkload:
     workload: Workload
     sockets: WorkloadSockets
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)  # HBONE listeners and plain servers
     added_at: float = field(default_factory=time.time)
     # Where its listeners are bound, read once: (canonical ip, port); the ip may be 0.0.0.0 or ::.
     listen_addresses: frozenset[tuple[IPAddress, int]] = field(init=False)
