@@ -14,7 +14,6 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID
 
 from ztunnel.identity.spiffe import SpiffeId
 
@@ -42,7 +41,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> bytes:
 
 def uri_sans(cert: x509.Certificate) -> list[str]:
     try:
-        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return ext.value.get_values_for_type(x509.UniformResourceIdentifier)

@@ -16,7 +16,11 @@ class CommandError(ZtunnelError):
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ca = subparsers.add_parser("ca", help="the certificate authority: init, issue, serve, revoke")
     sub = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND")
-    ca.set_defaults(func=lambda _args: ca.print_help() or 2)
+    def usage(_args: argparse.Namespace) -> int:
+        ca.print_help()
+        return 2
+
+    ca.set_defaults(func=usage)
 
     init = sub.add_parser("init", help="create a root and an intermediate (or an intermediate under your root)")
     init.add_argument("--dir", required=True, help="the CA directory (Istio plugged-in CA file names)")

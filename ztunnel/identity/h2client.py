@@ -187,7 +187,10 @@ class _Call(asyncio.Protocol):
                     self._finish(GrpcStatus.RESOURCE_EXHAUSTED, "response too large")
                     return
             elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                for name, value in event.headers or []:
+                for raw_name, raw_value in event.headers or []:
+                    # the connection decodes headers to str; h2's types say bytes
+                    name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+                    value = raw_value.decode() if isinstance(raw_value, bytes) else raw_value
                     if name == ":status":
                         self._http_status = int(value)
                     elif name == "grpc-status":

@@ -440,7 +440,7 @@ class CertificateManager:
         ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 30))
         if remaining is not None and remaining > 0:
             ceiling = min(ceiling, max(self.backoff_initial, remaining / 2))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        return float(ceiling / 2 + self._rng.uniform(0, ceiling / 2))
 
     async def _fetch(self, slot: _Slot) -> WorkloadCertificate:
         identity = slot.identity

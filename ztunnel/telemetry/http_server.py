@@ -53,7 +53,7 @@ class MetricsServer(HttpServer):
 
     def _metrics(self, request: Request) -> Response:
         encoder, content_type = choose_encoder(request.header("accept") or "")
-        return Response(200, encoder(self._view), content_type)  # type: ignore[arg-type]
+        return Response(200, encoder(self._view), content_type)
 
 
 LOG_LEVELS = {
