@@ -250,14 +250,12 @@ class HboneServer:
             try:
                 peer = peer_identity(c.transport.get_extra_info("ssl_object"))
             except PeerIdentityError as e:
-                self._rejected()
-                log.info("HBONE client rejected", extra={"reason": str(e), "listener": str(identity)})
+                self._rejected("HBONE client rejected", {"reason": str(e), "listener": str(identity)})
                 return False
             if peer.trust_domain != identity.trust_domain:
-                self._rejected()
-                log.info(
+                self._rejected(
                     "HBONE client rejected: trust domain differs",
-                    extra={"peer_identity": peer.uri, "listener": str(identity)},
+                    {"peer_identity": peer.uri, "listener": str(identity)},
                 )
                 return False
             c.peer_identity = peer
@@ -296,10 +294,14 @@ class HboneServer:
         )
         return conn
 
-    def _rejected(self) -> None:
+    def _rejected(self, message: str, fields: dict[str, object]) -> None:
+        """A verified client of the wrong identity: counted, logged under the same limit as failed handshakes."""
         self.rejected_handshakes += 1
         if self.on_rejected is not None:
             self.on_rejected(IDENTITY_ERROR)
+        suppressed = self.failure_log.allow("identity", time.monotonic())
+        if suppressed is not None:
+            log.info(message, extra={**fields, "suppressed": suppressed})
 
     async def _serve(self, tunnel: InboundTunnel) -> None:
         try:
