@@ -117,7 +117,10 @@ class TcpStreamProtocol(asyncio.Protocol):
             return
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > TCP_READ_BUFFER_LIMIT and not self._paused_reading and self.transport is not None:
+        # A relay whose sink is full (an HBONE peer granting no window) stops reading at the first chunk
+        # it cannot pass on: held up to the read-ahead limit, every stalled tunnel pinned ~0.6 MiB.
+        limit = 0 if self._pushing_paused else TCP_READ_BUFFER_LIMIT
+        if self._buffered > limit and not self._paused_reading and self.transport is not None:
             self._paused_reading = True
             self.transport.pause_reading()
         self._wake_reader()
@@ -272,7 +275,7 @@ class TcpStream:
             chunk = p._chunks.popleft()
             p._buffered -= len(chunk)
             p._push_to.data(chunk)
-        if p._paused_reading and p._buffered <= TCP_READ_BUFFER_LIMIT // 2 and not p._eof:
+        if p._paused_reading and p._buffered <= TCP_READ_BUFFER_LIMIT // 2 and not p._eof and not p._pushing_paused:
             p._paused_reading = False
             self.transport.resume_reading()
         if p._chunks or p._push_to is None:
@@ -284,9 +287,9 @@ class TcpStream:
                 p._push_to.eof()
 
     def pause_pushing(self) -> None:
-        # Reading goes on into the chunk queue until TCP_READ_BUFFER_LIMIT (data_received pauses the
-        # transport there): pausing the socket at every full sink would cost two epoll_ctl calls per
-        # chunk in a bulk transfer and leave the pipe empty while the sink drains.
+        # The socket is not paused here but at the next chunk that arrives while the sink is still full
+        # (data_received): a sink that drains before then (the common case in a bulk transfer) costs no
+        # epoll_ctl calls, and a stalled one holds at most that one chunk besides the one it could not send.
         self.protocol._pushing_paused = True
 
     def resume_pushing(self) -> None:
