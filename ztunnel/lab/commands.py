@@ -163,6 +163,7 @@ def _print_status(st: dict[str, Any]) -> None:
 
 def _exec(args: argparse.Namespace) -> int:
     from ztunnel.errors import ZtunnelError
+    from ztunnel.lab.netns import exec_prefix
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -171,7 +172,8 @@ def _exec(args: argparse.Namespace) -> int:
         raise ZtunnelError("say what to run: ztunnel lab exec TARGET -- COMMAND [ARGS...]")
     ns = _lab(args).target_netns(args.target)
     sys.stdout.flush()
-    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+    argv = [*exec_prefix(ns), *cmd]
+    os.execvp(argv[0], argv)
     return 127  # not reached
 
 

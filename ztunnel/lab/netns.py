@@ -3,6 +3,9 @@
 Every command here names the namespace it acts in (`ip -n NS ...` or `ip netns exec NS ...`), so nothing the
 lab does can land in the machine's root network namespace by accident. `ip` is used rather than netlink
 bindings because its behaviour is stable across kernel and library versions and its errors are readable.
+
+This is the lab's only way into namespaces: every other lab module uses it (never `setns` or `ip` itself), so
+moving the `setns`, `NetnsError` and HTTP-probe mechanics to a shared lower layer changes imports here only.
 """
 
 from __future__ import annotations
