@@ -38,6 +38,7 @@ from hyperframe.frame import (
 from ztunnel.hbone import dataframes
 from ztunnel.hbone.protocol import (
     CONNECTION_WINDOW,
+    EARLY_FLUSH,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
     MAX_FRAME_SIZE,
@@ -48,6 +49,7 @@ from ztunnel.hbone.protocol import (
     STATUS_OK,
     STREAM_OPEN_BUDGET,
     STREAM_WINDOW,
+    WRITE_BUFFER_CAP,
     Authority,
     ConnectRequest,
     HboneError,
@@ -130,6 +132,21 @@ class StreamBudget:
         self.resets += 1
         if self.resets > self.reset_limit:
             raise PeerTooCostly(f"more than {self.reset_limit} streams reset before their answer in a second")
+
+
+class PeerBudget:
+    """Bytes parked toward one peer identity across its server connections: app data read for a stream
+    that the peer granted no window for (or whose connection it does not read). A stream that would take
+    the identity past `limit` is reset with ENHANCE_YOUR_CALM, so what a hostile identity pins stays
+    bounded however many connections and streams it opens; `resets` counts them."""
+
+    __slots__ = ("connections", "limit", "parked", "resets")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parked = 0
+        self.resets = 0
+        self.connections = 0  # kept by the owner (the server drops the budget with the last connection)
 
 
 class _QuietFrameBuffer(FrameBuffer):
@@ -223,6 +240,7 @@ class HboneStream:
         "_eof",
         "_eof_pending",
         "_held_flow",
+        "_parked",
         "_pending",
         "_push_to",
         "_pushing_paused",
@@ -256,6 +274,7 @@ class HboneStream:
         self._pushing_paused = False
         self._held_flow = 0  # pushed on while the sink was full: acknowledged once it drains
         self._pending: collections.deque[bytes | memoryview] = collections.deque()  # waiting for window
+        self._parked = 0  # bytes in _pending, charged to the connection's PeerBudget
         self._eof_pending = False
         self._cancel_on_reset: asyncio.Task[None] | None = None
 
@@ -398,6 +417,8 @@ class HboneStream:
         stream on the pooled connection waits forever for window (the iperf3 -P 4 deadlock).
         """
         self._pending.clear()
+        if self._parked:
+            self._unpark(self._parked)
         flow = self._held_flow
         self._held_flow = 0
         if self._chunks:
@@ -497,10 +518,14 @@ class HboneStream:
             raise StreamClosed("HBONE stream is closed")
         if self._pending:
             self._pending.append(chunk)
+            self._park(len(chunk))
             return False
         rest = self._send_some(chunk)
+        if self._reset_code is not None:  # the send's flush found the connection dead (write buffer cap)
+            raise StreamClosed("HBONE stream is closed")
         if rest is not None:
             self._pending.append(rest)
+            self._park(len(rest))
             self._wait_for_room()
             return False
         if self._conn._write_paused:
@@ -530,7 +555,7 @@ class HboneStream:
             return chunk
         h2c = conn.h2
         if FAST_DATA_FRAMES and dataframes.send(h2c, self.stream_id, chunk):
-            conn._flush_soon()
+            conn._flush_after_send()
             return None
         try:
             window = h2c.local_flow_control_window(self.stream_id)
@@ -541,7 +566,7 @@ class HboneStream:
         try:
             if size <= window and size <= limit:  # the common case: one frame, the chunk as it is
                 h2c.send_data(self.stream_id, chunk)
-                conn._flush_soon()
+                conn._flush_after_send()
                 return None
             view = memoryview(chunk)
             while view and window > 0:
@@ -551,8 +576,36 @@ class HboneStream:
                 window -= n
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
             raise StreamClosed(f"HBONE stream is closed ({e})") from None
-        conn._flush_soon()
+        conn._flush_after_send()
         return view if view else None
+
+    def _park(self, size: int) -> None:
+        """Charge bytes that wait in _pending to the peer's budget; past it, reset this stream (raises)."""
+        self._parked += size
+        budget = self._conn.budget
+        if budget is None:
+            return
+        budget.parked += size
+        if budget.parked > budget.limit:
+            budget.resets += 1
+            if budget.resets == 1 or budget.resets % 1000 == 0:
+                log.warning(
+                    "HBONE peer over its memory budget: stream reset (ENHANCE_YOUR_CALM)",
+                    extra={
+                        "peer": self._conn.label,
+                        "peer_identity": str(self._conn.peer_identity),
+                        "parked": budget.parked,
+                        "resets": budget.resets,
+                    },
+                )
+            self.abort(ErrorCodes.ENHANCE_YOUR_CALM)  # gives the parked bytes back
+            raise StreamClosed("HBONE stream reset: the peer is over its memory budget")
+
+    def _unpark(self, size: int) -> None:
+        self._parked -= size
+        budget = self._conn.budget
+        if budget is not None:
+            budget.parked -= size
 
     def _wait_for_room(self) -> None:
         if self._conn._write_paused:
@@ -562,12 +615,18 @@ class HboneStream:
         """Window or the TLS transport has room again: send what waited, then tell the relay."""
         try:
             while self._pending:
-                rest = self._send_some(self._pending[0])
+                head = self._pending[0]
+                rest = self._send_some(head)
+                if self._reset_code is not None:  # the send's flush found the connection dead
+                    return
                 if rest is not None:
-                    self._pending[0] = rest
+                    if len(rest) != len(head):
+                        self._pending[0] = rest
+                        self._unpark(len(head) - len(rest))
                     self._wait_for_room()
                     return
                 self._pending.popleft()
+                self._unpark(len(head))
             if self._eof_pending:
                 self._eof_pending = False
                 self._end_local()
@@ -641,6 +700,8 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.opened_at = time.monotonic()
         self.streams_total = 0
         self.peer_identity: SpiffeId | None = None  # set by the owner (pool or server) after the handshake
+        self.budget: PeerBudget | None = None  # the peer identity's, set by the server after the handshake
+        self._write_cap_hit = False
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
         self._push_blocked: dict[int, HboneStream] = {}  # pushing streams waiting for the transport to drain
@@ -866,11 +927,29 @@ class HboneConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def _flush_after_send(self) -> None:
+        """After DATA went into h2's output: written now once it is big, so that the transport pauses the
+        other streams' sends of this loop iteration (128 streams x 256 KiB would be queued otherwise)."""
+        if len(self.h2._data_to_send) >= EARLY_FLUSH:
+            self._flush()
+        else:
+            self._flush_soon()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+            # DATA stops at the high-water mark (pause_writing); what still grows past it is the peer's
+            # doing: answers (PING ACKs, RST_STREAMs, SETTINGS ACKs) to a peer that does not read.
+            if transport.get_write_buffer_size() > WRITE_BUFFER_CAP and not self._write_cap_hit:
+                self._write_cap_hit = True
+                log.warning(
+                    "HBONE peer does not read: write buffer over its cap, aborting the connection",
+                    extra={"peer": self.label, "peer_identity": str(self.peer_identity), "cap": WRITE_BUFFER_CAP},
+                )
+                self._fail(HboneError(f"the peer does not read (over {WRITE_BUFFER_CAP} bytes unsent)"))
 
     async def _wait_writable(self) -> None:
         if self.closed.done():

@@ -35,13 +35,22 @@ MAX_STREAMS_PER_CONNECTION = 100
 # REFUSED_STREAM, and no more: every open stream may pin up to about 1 MiB of the proxy's memory toward a
 # peer that grants no window (README "Limits under attack"), so this bounds one connection's share (was 1000).
 SERVER_MAX_CONCURRENT_STREAMS = 128
-# Limits under attack: what one HBONE connection of a hostile peer can pin in a proxy, at most
-#   received, unread:  CONNECTION_WINDOW (16 MiB; a stream's share <= STREAM_WINDOW) + one partial frame
-#                      (MAX_FRAME_SIZE, 1 MiB) + the TLS read buffer (256 KiB) + a header block (64 KiB)
-#   toward the peer:   SERVER_MAX_CONCURRENT_STREAMS x (streams.TCP_READ_BUFFER_LIMIT + 2 x READ_CHUNK)
-#                      = 128 x 1 MiB: the app's bytes read ahead for a stream the peer grants no window
-#   so about 146 MiB per connection (was ~1 GiB with 1000 streams), times the connections a peer holds
-#   open (each one a TLS handshake and a descriptor; not capped per identity yet).
+# Limits under attack (README "Limits under attack"): what a hostile peer can pin in a proxy, at most
+#   per connection, received and unread: CONNECTION_WINDOW (16 MiB; a stream's share <= STREAM_WINDOW) +
+#       one partial frame (MAX_FRAME_SIZE, 1 MiB) + the TLS read buffer (256 KiB) + a header block (64 KiB)
+#   per connection, not sent: WRITE_BUFFER_CAP (8 MiB) in the TLS write buffer (a peer that does not read
+#       its socket; the connection is aborted past it), plus EARLY_FLUSH (1 MiB) that h2 queued meanwhile
+#   per stream, toward the peer: the chunk the peer had no window for (parked) + one chunk read before the
+#       upstream socket pauses: 2 x streams.READ_CHUNK (512 KiB; measured ~0.22 MiB), was ~1 MiB
+#   per peer identity, toward the peer: PEER_PARKED_BUDGET (64 MiB) of parked chunks across its
+#       connections, the stream that would go past it reset (ENHANCE_YOUR_CALM), + one chunk per stream
+#       read ahead (<= 128 streams x 256 KiB = 32 MiB per connection)
+#   so about 26 MiB + 32 MiB per connection (18 MiB once the streams' read-ahead is counted in the budget)
+#   and 64 MiB per identity, e.g. 8 connections of one identity ~530 MiB at most (was ~1.2 GiB: 146 each);
+#   what the kernel holds in socket buffers is not counted.
+WRITE_BUFFER_CAP = 8 * 1024 * 1024
+EARLY_FLUSH = 1024 * 1024  # HTTP/2 output queued in one loop iteration past which it is written at once
+PEER_PARKED_BUDGET = 64 * 1024 * 1024
 # The largest header block (HEADERS + CONTINUATION frames) and decoded header list accepted, advertised as
 # SETTINGS_MAX_HEADER_LIST_SIZE. A CONNECT's headers take a few hundred bytes; the block is counted as its
 # frames arrive, so a peer cannot make the proxy buffer more than this (plus one read) per connection.

@@ -22,8 +22,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ztunnel.hbone.connection import HboneConnection, HboneStream
-from ztunnel.hbone.protocol import IDENTITY_ERROR, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, ConnectRequest, Rejection
+from ztunnel.hbone.connection import HboneConnection, HboneStream, PeerBudget
+from ztunnel.hbone.protocol import (
+    IDENTITY_ERROR,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT,
+    PEER_PARKED_BUDGET,
+    ConnectRequest,
+    Rejection,
+)
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import (
@@ -182,6 +189,11 @@ class HboneServer:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[HboneConnection] = set()
+        # Bytes parked toward each peer identity across its connections (hbone/protocol.py, "Limits under
+        # attack"); a budget lives while the identity has a connection.
+        self.peer_budget = PEER_PARKED_BUDGET
+        self.budgets: dict[SpiffeId, PeerBudget] = {}
+        self.budget_resets = 0  # streams reset for going over their identity's budget, budgets gone included
         self.tasks: set[asyncio.Task[None]] = set()
         self.rejected_handshakes = 0
         self._draining = False
@@ -260,7 +272,8 @@ class HboneServer:
                 return False
             c.peer_identity = peer
             self.connections.add(c)
-            c.closed.add_done_callback(lambda _f: self.connections.discard(c))
+            c.budget = self._budget_for(peer)
+            c.closed.add_done_callback(lambda _f: self._connection_closed(c))
             if self._draining:
                 c.goaway()
             return True
@@ -293,6 +306,26 @@ class HboneServer:
             label=f"inbound {identity}",
         )
         return conn
+
+    def _budget_for(self, peer: SpiffeId) -> PeerBudget:
+        budget = self.budgets.get(peer)
+        if budget is None:
+            budget = self.budgets[peer] = PeerBudget(self.peer_budget)
+        budget.connections += 1
+        return budget
+
+    def _connection_closed(self, c: HboneConnection) -> None:
+        self.connections.discard(c)
+        budget = c.budget
+        if budget is not None and c.peer_identity is not None:
+            budget.connections -= 1
+            if budget.connections == 0:
+                self.budget_resets += budget.resets
+                self.budgets.pop(c.peer_identity, None)
+
+    def budget_resets_total(self) -> int:
+        """Streams reset so far because their peer identity went over its memory budget."""
+        return self.budget_resets + sum(b.resets for b in self.budgets.values())
 
     def _rejected(self, message: str, fields: dict[str, object]) -> None:
         """A verified client of the wrong identity: counted, logged under the same limit as failed handshakes."""
