@@ -80,11 +80,13 @@ def rapid_reset_pairs(authority: str, first_stream: int, count: int) -> bytes:
 
 
 class FrameReader:
-    """Reads the proxy's frames off an attacking connection; records a GOAWAY's error code."""
+    """Reads the proxy's frames off an attacking connection; records a GOAWAY's error code and counts the
+    RST_STREAMs by error code."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         self.reader = reader
         self.goaway: int | None = None
+        self.resets: dict[int, int] = {}
         self.frames = 0
         self.closed = asyncio.Event()
 
@@ -99,6 +101,9 @@ class FrameReader:
                         break
                     if buf[3] == GOAWAY and self.goaway is None:
                         self.goaway = int.from_bytes(buf[9 + 4 : 9 + 8], "big")
+                    elif buf[3] == RST_STREAM and length == 4:
+                        code = int.from_bytes(buf[9:13], "big")
+                        self.resets[code] = self.resets.get(code, 0) + 1
                     self.frames += 1
                     del buf[: 9 + length]
         except (ConnectionError, ssl.SSLError, OSError):
@@ -191,17 +196,30 @@ async def continuation_flood(
 
 
 async def stall(
-    ctx: ssl.SSLContext, address: tuple[str, int], authority: str, conns: int, streams: int, hold: float
+    ctx: ssl.SSLContext,
+    address: tuple[str, int],
+    authority: str,
+    conns: int,
+    streams: int,
+    hold: float,
+    settle_after_reset: float | None = None,
 ) -> dict[str, Any]:
     """CONNECTs whose peer grants no window (INITIAL_WINDOW_SIZE 0) but keeps reading the socket: whatever
-    the app sends stays in the proxy."""
+    the app sends stays in the proxy. With `settle_after_reset`, the hold ends that long after the first
+    stream the proxy resets with ENHANCE_YOUR_CALM (its memory budget reached), `hold` being the deadline."""
     block = connect_block(authority)
     opened = []
     for _ in range(conns):
         heads = b"".join(frame(HEADERS, END_HEADERS, 1 + 2 * i, block) for i in range(streams))
         opened.append(await open_attacker(ctx, address, settings(initial_window_size=0) + heads))
     try:
-        await asyncio.sleep(hold)
+        if settle_after_reset is None:
+            await asyncio.sleep(hold)
+        else:
+            deadline = time.monotonic() + hold
+            while time.monotonic() < deadline and not any(f.resets.get(ENHANCE_YOUR_CALM) for _w, f, _t in opened):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(min(settle_after_reset, max(0.0, deadline - time.monotonic())))
         closed = sum(f.closed.is_set() for _w, f, _t in opened)
     finally:
         for writer, _frames, task in opened:
@@ -209,7 +227,11 @@ async def stall(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     codes = sorted({f.goaway for _w, f, _t in opened if f.goaway is not None})
-    return {"streams": conns * streams, "goaway_codes": codes, "closed_by_proxy": closed}
+    resets: dict[int, int] = {}
+    for _w, f, _t in opened:
+        for code, n in f.resets.items():
+            resets[code] = resets.get(code, 0) + n
+    return {"streams": conns * streams, "goaway_codes": codes, "closed_by_proxy": closed, "resets_by_code": resets}
 
 
 # ---- the legitimate probe, in its own thread and loop ------------------------------------------------------

@@ -1,15 +1,28 @@
 """HTTP/2 floods against a node proxy's HBONE port (issue 10): bounded in count and time, loopback only.
 
 The attacks are bench/attack_bench.py's (which measures their cost); here each must end with the proxy
-closing the connection with GOAWAY(ENHANCE_YOUR_CALM), having done little for it, and still serving.
+closing the connection with GOAWAY(ENHANCE_YOUR_CALM) (or, for stalled streams, resetting what goes over
+the peer's memory budget), having done little for it, and still serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
-from bench.attack_bench import ENHANCE_YOUR_CALM, RssSampler, continuation_flood, rapid_reset, status_kib
+import pytest
+
+from bench.attack_bench import (
+    BLAST_PORT,
+    ENHANCE_YOUR_CALM,
+    RssSampler,
+    blast_app,
+    continuation_flood,
+    rapid_reset,
+    stall,
+    status_kib,
+)
 from tests.integration.conftest import ECHO_PORT, NODE_B_SERVER, LocalMesh, raw_hbone_status
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context
@@ -18,6 +31,14 @@ from ztunnel.proxy.certs import SigningProvider
 CLIENT_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
 HBONE = (NODE_B_SERVER, 15008)
 ECHO = f"{NODE_B_SERVER}:{ECHO_PORT}"
+BLAST = f"{NODE_B_SERVER}:{BLAST_PORT}"
+
+
+@pytest.fixture(scope="module")
+def blasting_mesh(local_mesh: LocalMesh) -> Iterator[LocalMesh]:
+    """The session's mesh with an app on node-b that writes 2 MiB to every connection and never reads."""
+    blast_app(local_mesh.apps, NODE_B_SERVER)
+    yield local_mesh
 
 
 async def _legit_connect_seconds(mesh: LocalMesh) -> float:
@@ -54,3 +75,21 @@ async def test_continuation_flood_is_cut_off_at_the_header_block_cap(local_mesh:
     assert rss.peak - rss_before < 12 * 1024, (rss_before, rss.peak)
     async with asyncio.timeout(30):
         assert await _legit_connect_seconds(local_mesh) < 5
+
+
+async def test_stalled_streams_pin_at_most_the_peer_budget(blasting_mesh: LocalMesh) -> None:
+    """1,200 tunnels over 12 connections to an app that sends 2 MiB each, from a peer that grants no window
+    (INITIAL_WINDOW_SIZE 0) but reads its socket: before, each pinned ~0.6 MiB of app data read ahead
+    (~700 MiB in all); now a stream holds only the chunk it could not send (>= 64 KiB on loopback), the
+    identity's parked chunks stay under PEER_PARKED_BUDGET (64 MiB) and the streams past it are reset."""
+    ctx = client_context(await SigningProvider.from_dir(blasting_mesh.ca_dir).get(CLIENT_ID))
+    pid = blasting_mesh.b.proc.pid
+    rss_before = status_kib(pid, "VmRSS")
+    with RssSampler(pid) as rss:
+        async with asyncio.timeout(60):
+            outcome = await stall(ctx, HBONE, BLAST, conns=12, streams=100, hold=30.0, settle_after_reset=1.5)
+    assert outcome["streams"] == 1200, outcome
+    assert outcome["resets_by_code"].get(ENHANCE_YOUR_CALM, 0) > 0, outcome
+    assert rss.peak - rss_before < 120 * 1024, (rss_before, rss.peak)
+    async with asyncio.timeout(30):
+        assert await _legit_connect_seconds(blasting_mesh) < 5

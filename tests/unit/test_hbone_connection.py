@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, PingFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ztunnel.hbone import connection as connection_module
 from ztunnel.hbone.connection import TLS_READ_BUFFER, TLS_READ_BUFFER_IDLE, HboneConnection, HboneStream
 from ztunnel.hbone.protocol import (
     MAX_HEADER_LIST,
@@ -60,6 +61,9 @@ class MemoryTransport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.in_flight
 
     def close(self) -> None:
         if self.closing:
@@ -524,3 +528,32 @@ async def test_resets_of_answered_tunnels_are_not_counted_against_the_peer() -> 
     await stream.write(b"still up")
     assert await served.read() == b"still up"
     assert not server.closed.done() and not client.closed.done()
+
+
+class StuckTransport(MemoryTransport):
+    """A peer that never reads its socket: every write stays in our write buffer."""
+
+    def write(self, data: Any) -> None:
+        if self.closing:
+            return
+        self.in_flight += len(data)
+        if self.in_flight > self.high and not self.paused:
+            self.paused = True
+            assert self.protocol is not None
+            self.protocol.pause_writing()
+
+
+async def test_a_peer_that_does_not_read_is_cut_off_at_the_write_buffer_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PINGs from a peer that never reads the answers: the ACKs pile up in the TLS write buffer (with no cap
+    before); past WRITE_BUFFER_CAP the connection is aborted."""
+    monkeypatch.setattr(connection_module, "WRITE_BUFFER_CAP", 64 * 1024)
+    server = HboneConnection(client_side=False, on_request=Handler(), keepalive_interval=0)
+    transport = StuckTransport(high=16 * 1024)
+    transport.protocol = server
+    server.connection_made(transport)
+    pings = PingFrame(0, opaque_data=b"12345678").serialize() * 5000  # 5,000 ACKs of 17 bytes: 85 KB
+    server.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize() + pings)
+    await asyncio.sleep(0)  # the flush at the end of the loop iteration
+    assert server.closed.done()
+    assert transport.closing
+    assert transport.in_flight < 64 * 1024 + 5000 * 17 + 1024
