@@ -39,15 +39,15 @@ SERVER_MAX_CONCURRENT_STREAMS = 128
 #   per connection, received and unread: CONNECTION_WINDOW (16 MiB; a stream's share <= STREAM_WINDOW) +
 #       one partial frame (MAX_FRAME_SIZE, 1 MiB) + the TLS read buffer (256 KiB) + a header block (64 KiB)
 #   per connection, not sent: WRITE_BUFFER_CAP (8 MiB) in the TLS write buffer (a peer that does not read
-#       its socket; the connection is aborted past it), plus EARLY_FLUSH (1 MiB) that h2 queued meanwhile
-#   per stream, toward the peer: the chunk the peer had no window for (parked) + one chunk read before the
-#       upstream socket pauses: 2 x streams.READ_CHUNK (512 KiB; measured ~0.22 MiB), was ~1 MiB
-#   per peer identity, toward the peer: PEER_PARKED_BUDGET (64 MiB) of parked chunks across its
-#       connections, the stream that would go past it reset (ENHANCE_YOUR_CALM), + one chunk per stream
-#       read ahead (<= 128 streams x 256 KiB = 32 MiB per connection)
-#   so about 26 MiB + 32 MiB per connection (18 MiB once the streams' read-ahead is counted in the budget)
-#   and 64 MiB per identity, e.g. 8 connections of one identity ~530 MiB at most (was ~1.2 GiB: 146 each);
-#   what the kernel holds in socket buffers is not counted.
+#       its socket; the connection is aborted past it) + EARLY_FLUSH (1 MiB) h2 queued meanwhile
+#   so ~26 MiB per connection;
+#   per stream, toward the peer: the one chunk it had no window for (<= streams.READ_CHUNK, 256 KiB;
+#       the upstream socket pauses at once), was TCP_READ_BUFFER_LIMIT + 2 chunks (~1 MiB)
+#   per peer identity, toward the peer: PEER_PARKED_BUDGET (64 MiB) of such chunks across its
+#       connections, the stream that would go past it reset (ENHANCE_YOUR_CALM)
+#   so an identity with C connections pins at most 64 MiB + C x 26 MiB (was C x 146 MiB); the connections
+#   of an identity are not capped (a node's pool opens one per 100 tunnels: 10,000 tunnels, 100
+#   connections); what the kernel holds in socket buffers is not counted.
 WRITE_BUFFER_CAP = 8 * 1024 * 1024
 EARLY_FLUSH = 1024 * 1024  # HTTP/2 output queued in one loop iteration past which it is written at once
 PEER_PARKED_BUDGET = 64 * 1024 * 1024
