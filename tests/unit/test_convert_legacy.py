@@ -373,3 +373,31 @@ def test_subject_constraints_are_anded() -> None:
     engine, config = engine_of(rbac("ON"), SERVER_ROLE, ns_and_ip)
     assert decide(engine, config, Conn()).allowed
     assert not decide(engine, config, Conn(source_ip="10.244.2.10")).allowed
+
+
+def test_convert_warns_about_l7_rules_the_node_proxy_cannot_enforce(tmp_path: Path) -> None:
+    f = tmp_path / "old.yaml"
+    l7_role = role(
+        "reader", [{"services": ["server.foo.svc.cluster.local"], "methods": ["GET"], "paths": ["/api/*"]}]
+    )
+    l4_role = role("l4", [{"services": ["server.foo.svc.cluster.local"], "ports": [8080]}])
+    f.write_text(
+        "---\n".join(
+            [
+                CLUSTER_YAML,
+                rbac("ON"),
+                l7_role,
+                binding("bind", "reader", [{"user": "cluster.local/ns/foo/sa/client"}]),
+                l4_role,
+                binding("bind-l4", "l4", [{"user": "cluster.local/ns/foo/sa/other"}]),
+            ]
+        )
+    )
+    rc, _, err = run_cli(["convert", "-f", str(f)])
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, err  # the L4-only role converts without one
+    (w,) = warnings
+    assert w.startswith("warning: AuthorizationPolicy foo/") and "rule 0 (from ServiceRole" in w
+    assert "uses " in w and "methods" in w and "paths" in w
+    assert "the node proxy cannot enforce" in w and "never matches" in w and "waypoint" in w

@@ -53,6 +53,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="how often the CRL is polled (crl.pem of --ca-dir, or the CA server's revocation list): a revocation "
         "takes effect on new handshakes and open connections within this (default 5s)",
     )
+    p.add_argument(
+        "--config-settle",
+        default="3s",
+        help="a config change that removes every pod of --node is applied only once the files stayed unchanged "
+        "this long (a half-written file must not tear every pod down; write config files atomically: to a "
+        "temporary file, then rename it) (default 3s)",
+    )
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument(
         "--inpod-socket",

@@ -57,6 +57,7 @@ class ProxySettings:
     trust_domain: str = "cluster.local"
     inpod_socket: str | None = None  # in-pod mode: the node agent's socket (DESIGN §4.7); None = local mode
     byte_flush_interval: float = 5.0
+    config_settle: float = 3.0  # how long a config that drops every pod of the node waits for the file to settle
     crl_interval: float = 5.0  # how often the CRL is polled (CA dir or CA server): revocation takes effect within it
     workers: int = 1  # processes sharing the pod listeners (SO_REUSEPORT); local mode only
     # Set in the worker processes of `--workers N` (ztunnel.proxy.workers): their index and their end of the
@@ -93,6 +94,7 @@ class ProxySettings:
             trust_domain=args.trust_domain,
             inpod_socket=getattr(args, "inpod_socket", None),
             byte_flush_interval=parse_duration(getattr(args, "byte_flush_interval", "5s")).total_seconds(),
+            config_settle=parse_duration(getattr(args, "config_settle", "3s")).total_seconds(),
             crl_interval=_positive("--crl-interval", parse_duration(getattr(args, "crl_interval", "5s"))),
             workers=_workers(getattr(args, "workers", 1), getattr(args, "inpod_socket", None)),
             worker_index=getattr(args, "worker_index", None),
@@ -143,6 +145,21 @@ def _certificate_manager(settings: ProxySettings, source: FileConfigSource):  # 
     )
 
 
+def _warn_unknown_node(config: ClusterConfig, node: str) -> None:
+    """A --node no pod names is most likely a typo: the proxy would serve nothing, and say nothing."""
+    if any(w.node == node for w in config.workloads):
+        return
+    known = sorted(config.nodes)
+    listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+    log.warning(
+        "no pod in the config runs on node %s (spec.nodeName); this proxy serves nothing until one does. "
+        "Nodes in the config: %s",
+        node,
+        listed or "none",
+        extra={"node": node},
+    )
+
+
 def _raise_open_files_limit() -> None:
     """Each proxied connection holds one or two descriptors: use the hard limit, as Envoy and ztunnel do."""
     try:
@@ -156,13 +173,17 @@ def _raise_open_files_limit() -> None:
 async def run_proxy(settings: ProxySettings) -> int:
     loop = asyncio.get_running_loop()
     _raise_open_files_limit()
-    source = FileConfigSource(settings.files, trust_domain=settings.trust_domain)
+    source = FileConfigSource(
+        settings.files, trust_domain=settings.trust_domain, node=settings.node, settle=settings.config_settle
+    )
     try:
         config = source.load()
     except ConfigError as e:
         raise ProxySettingsError(f"cannot load the config: {e}") from None
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry)
+    source.on_rejected(lambda _e: metrics.config_load_failed())
+    _warn_unknown_node(config, settings.node)
     certs = _certificate_manager(settings, source)
     await certs.start()
     proxy = NodeProxy(
@@ -222,7 +243,11 @@ async def run_proxy(settings: ProxySettings) -> int:
         inpod = InpodClient(settings.inpod_socket, proxy, resolve=lambda uid: proxy.config.workload_by_uid(uid))
     servers = [
         MetricsServer(*metrics_addr, registry),
-        AdminServer(*admin_addr, config_dump=proxy.config_dump, on_quit=stop.set),
+        AdminServer(
+            *admin_addr,
+            config_dump=lambda: {**proxy.config_dump(), "config_source": source.status()},
+            on_quit=stop.set,
+        ),
         ReadinessServer(*readiness_addr, readiness(proxy, local, inpod)),
     ]
     started: list[object] = []
