@@ -91,5 +91,11 @@ async def test_stalled_streams_pin_at_most_the_peer_budget(blasting_mesh: LocalM
     assert outcome["streams"] == 1200, outcome
     assert outcome["resets_by_code"].get(ENHANCE_YOUR_CALM, 0) > 0, outcome
     assert rss.peak - rss_before < 120 * 1024, (rss_before, rss.peak)
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in blasting_mesh.b.metrics().splitlines()
+        if line.startswith('ztunnel_connections_refused_total{reason="peer_memory_budget"}')
+    ]
+    assert counted and counted[0] > 0, "budget resets are counted in ztunnel_connections_refused_total"
     async with asyncio.timeout(30):
         assert await _legit_connect_seconds(blasting_mesh) < 5

@@ -140,10 +140,11 @@ class PeerBudget:
     the identity past `limit` is reset with ENHANCE_YOUR_CALM, so what a hostile identity pins stays
     bounded however many connections and streams it opens; `resets` counts them."""
 
-    __slots__ = ("connections", "limit", "parked", "resets")
+    __slots__ = ("connections", "limit", "on_reset", "parked", "resets")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_reset: Callable[[], None] | None = None) -> None:
         self.limit = limit
+        self.on_reset = on_reset  # told of each reset (the proxy counts them in its metrics)
         self.parked = 0
         self.resets = 0
         self.connections = 0  # kept by the owner (the server drops the budget with the last connection)
@@ -588,6 +589,8 @@ class HboneStream:
         budget.parked += size
         if budget.parked > budget.limit:
             budget.resets += 1
+            if budget.on_reset is not None:
+                budget.on_reset()
             if budget.resets == 1 or budget.resets % 1000 == 0:
                 log.warning(
                     "HBONE peer over its memory budget: stream reset (ENHANCE_YOUR_CALM)",

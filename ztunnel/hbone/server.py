@@ -175,6 +175,7 @@ class HboneServer:
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         on_rejected: Callable[[str], None] | None = None,
+        on_budget_reset: Callable[[], None] | None = None,
         handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.contexts = contexts
@@ -192,6 +193,7 @@ class HboneServer:
         # Bytes parked toward each peer identity across its connections (hbone/protocol.py, "Limits under
         # attack"); a budget lives while the identity has a connection.
         self.peer_budget = PEER_PARKED_BUDGET
+        self.on_budget_reset = on_budget_reset
         self.budgets: dict[SpiffeId, PeerBudget] = {}
         self.budget_resets = 0  # streams reset for going over their identity's budget, budgets gone included
         self.tasks: set[asyncio.Task[None]] = set()
@@ -310,7 +312,7 @@ class HboneServer:
     def _budget_for(self, peer: SpiffeId) -> PeerBudget:
         budget = self.budgets.get(peer)
         if budget is None:
-            budget = self.budgets[peer] = PeerBudget(self.peer_budget)
+            budget = self.budgets[peer] = PeerBudget(self.peer_budget, self.on_budget_reset)
         budget.connections += 1
         return budget
 

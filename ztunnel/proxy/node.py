@@ -70,7 +70,10 @@ class NodeProxy:
         self.inbound = Inbound(self.state, self.report)
         self.outbound = Outbound(self.state, self.pool, self.report)
         self.hbone_server = HboneServer(
-            self.contexts, self.inbound.serve_tunnel, on_rejected=self.report.handshake_rejected
+            self.contexts,
+            self.inbound.serve_tunnel,
+            on_rejected=self.report.handshake_rejected,
+            on_budget_reset=self.report.peer_over_budget,
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()

@@ -48,6 +48,11 @@ class ConnectionReporter:
         self.access_log = access_log
         self.labels = ConnectionLabelCache()  # build a connection's labels through this
 
+    def peer_over_budget(self) -> None:
+        """A peer identity went over its memory budget (hbone `PeerBudget`): one of its streams was reset."""
+        if self.metrics is not None:
+            self.metrics.connection_refused("peer_memory_budget")
+
     def handshake_rejected(self, reason: str) -> None:
         """The HBONE server refused a client: IDENTITY_ERROR after the handshake (identity or trust domain),
         otherwise the reason its handshake failed (expired, untrusted, timeout...)."""
