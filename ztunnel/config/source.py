@@ -173,6 +173,7 @@ class FileConfigSource:
             if fp == self._fingerprint and not settled:
                 return False
             self._fingerprint = fp
+            started = time.monotonic()
             try:
                 cfg = await asyncio.to_thread(self._read)
             except ConfigError as e:
@@ -205,7 +206,12 @@ class FileConfigSource:
             elif held is not None:
                 log.info("config: the held config was replaced before it was applied", extra={"node": self.node})
             self._accept(cfg)
-            log.info("config loaded: generation %d", cfg.generation, extra={"workloads": len(cfg.workloads)})
+            log.info(
+                "config loaded: generation %d in %.1fs",
+                cfg.generation,
+                time.monotonic() - started,
+                extra={"workloads": len(cfg.workloads)},
+            )
             await self._publish(cfg)
             return True
 
