@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from ztunnel.proxy.main import ProxySettings, run_proxy
+    from ztunnel.proxy.main import run_proxy
+    from ztunnel.proxy.settings import ProxySettings
 
     if args.access_log is None:
         args.access_log = getattr(args, "log_format", "text")

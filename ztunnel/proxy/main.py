@@ -5,14 +5,11 @@ Everything started here is stopped here, in reverse order, also when startup fai
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime as dt
 import logging
 import resource
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -20,12 +17,11 @@ from prometheus_client import CollectorRegistry
 from ztunnel.config.loader import ConfigError
 from ztunnel.config.model import ClusterConfig
 from ztunnel.config.source import FileConfigSource
-from ztunnel.errors import ZtunnelError
-from ztunnel.identity.duration import parse_duration
 from ztunnel.identity.revocation import CLEARED, LOADED, RevocationUpdate
-from ztunnel.net.http import parse_host_port
+from ztunnel.net.http import HttpServer
 from ztunnel.proxy.listeners import LocalListenerFactory
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions, readiness
+from ztunnel.proxy.settings import ProxySettings, ProxySettingsError
 from ztunnel.telemetry.accesslog import AccessLog
 from ztunnel.telemetry.http_server import AdminServer, MetricsServer, ReadinessServer
 from ztunnel.telemetry.metrics import ProxyMetrics
@@ -33,94 +29,6 @@ from ztunnel.telemetry.metrics import ProxyMetrics
 log = logging.getLogger("ztunnel.proxy")
 
 HOUSEKEEPING_INTERVAL = 1.0
-
-
-class ProxySettingsError(ZtunnelError):
-    pass
-
-
-@dataclass
-class ProxySettings:
-    node: str
-    files: list[str]
-    ca_dir: str | None = None
-    ca_address: str | None = None
-    ca_root: str | None = None
-    token_file: str | None = None
-    metrics_addr: tuple[str, int] = ("127.0.0.1", 15020)
-    admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
-    readiness_addr: tuple[str, int] = ("127.0.0.1", 15021)
-    cert_ttl: dt.timedelta = dt.timedelta(hours=24)
-    access_log: str = "text"
-    drain_timeout: float = 10.0
-    connect_timeout: float = 5.0
-    trust_domain: str = "cluster.local"
-    inpod_socket: str | None = None  # in-pod mode: the node agent's socket (DESIGN §4.7); None = local mode
-    byte_flush_interval: float = 5.0
-    config_settle: float = 3.0  # how long a config that drops every pod of the node waits for the file to settle
-    crl_interval: float = 5.0  # how often the CRL is polled (CA dir or CA server): revocation takes effect within it
-    workers: int = 1  # processes sharing the pod listeners (SO_REUSEPORT); local mode only
-    # Set in the worker processes of `--workers N` (ztunnel.proxy.workers): their index and their end of the
-    # socketpair to the supervisor. Workers serve their operator ports on 127.0.0.1 port 0 and report them.
-    worker_index: int | None = None
-    worker_fd: int | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ProxySettings:
-        def addr(flag: str, value: str) -> tuple[str, int]:
-            try:
-                return parse_host_port(value)
-            except ValueError as e:
-                raise ProxySettingsError(f"{flag}: {e}") from None
-
-        if args.ca and not (args.ca_root and args.token_file):
-            raise ProxySettingsError(
-                "--ca needs --ca-root (the CA's root certificate) and --token-file (this node's token)"
-            )
-        return cls(
-            node=args.node,
-            files=list(args.files),
-            ca_dir=args.ca_dir,
-            ca_address=args.ca,
-            ca_root=args.ca_root,
-            token_file=args.token_file,
-            metrics_addr=addr("--metrics-addr", args.metrics_addr),
-            admin_addr=addr("--admin-addr", args.admin_addr),
-            readiness_addr=addr("--readiness-addr", args.readiness_addr),
-            cert_ttl=parse_duration(args.cert_ttl),
-            access_log=args.access_log,
-            drain_timeout=parse_duration(args.drain_timeout).total_seconds(),
-            connect_timeout=parse_duration(args.connect_timeout).total_seconds(),
-            trust_domain=args.trust_domain,
-            inpod_socket=getattr(args, "inpod_socket", None),
-            byte_flush_interval=parse_duration(getattr(args, "byte_flush_interval", "5s")).total_seconds(),
-            config_settle=parse_duration(getattr(args, "config_settle", "3s")).total_seconds(),
-            crl_interval=_positive("--crl-interval", parse_duration(getattr(args, "crl_interval", "5s"))),
-            workers=_workers(getattr(args, "workers", 1), getattr(args, "inpod_socket", None)),
-            worker_index=getattr(args, "worker_index", None),
-            worker_fd=getattr(args, "worker_fd", None),
-        )
-
-
-def _positive(flag: str, value: dt.timedelta) -> float:
-    seconds = value.total_seconds()
-    if seconds <= 0:
-        raise ProxySettingsError(f"{flag}: must be a positive duration, e.g. 5s")
-    return seconds
-
-
-def _workers(value: int, inpod_socket: str | None) -> int:
-    if value < 1:
-        raise ProxySettingsError(f"--workers: {value} is not a positive number of processes")
-    if value > 1 and inpod_socket:
-        # In-pod mode would need the node agent to hand every worker each pod's netns (or the listeners made
-        # once and passed to all workers over SCM_RIGHTS), and the acks to wait for all of them.
-        raise ProxySettingsError(
-            f"--workers {value} with --inpod-socket: several workers are supported in local mode only. In-pod mode "
-            "would need the node agent to hand each pod's netns to every worker (or one worker to make the pod "
-            "listeners and pass their descriptors to the others); run one worker per node proxy instead"
-        )
-    return value
 
 
 def _certificate_manager(settings: ProxySettings, source: FileConfigSource):  # type: ignore[no-untyped-def]
@@ -215,7 +123,7 @@ async def run_proxy(settings: ProxySettings) -> int:
 
         if isinstance(identity, SpiffeId):
             task = loop.create_task(proxy.contexts.refresh(identity))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.add_done_callback(_log_refresh_failure)
             not_after = getattr(cert, "not_after", None)
             if not_after is not None:
                 metrics.set_certificate_expiry(identity.uri, not_after.timestamp())
@@ -250,8 +158,8 @@ async def run_proxy(settings: ProxySettings) -> int:
         ),
         ReadinessServer(*readiness_addr, readiness(proxy, local, inpod)),
     ]
-    started: list[object] = []
-    tasks: list[asyncio.Task[None]] = []
+    started: list[HttpServer] = []
+    exit_code = 0
     try:
         for server in servers:
             try:
@@ -266,44 +174,60 @@ async def run_proxy(settings: ProxySettings) -> int:
         await on_config(config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        tasks.append(loop.create_task(source.watch()))
-        tasks.append(loop.create_task(_housekeeping(proxy, local, metrics)))
-        if inpod is not None:
-            tasks.append(loop.create_task(inpod.run()))
-        if channel is not None:
-            await channel.report({s.name: s.port for s in servers})
+        # The long-running tasks live in one group: if one fails, the group cancels the rest and the proxy
+        # stops with exit 1 and the traceback in its log, instead of running on without, say, config updates.
+        try:
+            async with asyncio.TaskGroup() as group:
+                background = [
+                    group.create_task(source.watch(), name="config watch"),
+                    group.create_task(_housekeeping(proxy, local, metrics), name="housekeeping"),
+                ]
+                if inpod is not None:
+                    background.append(group.create_task(inpod.run(), name="node agent link"))
+                if channel is not None:
+                    await channel.report({s.name: s.port for s in servers})
 
-            async def supervisor_gone() -> None:
-                await channel.wait_closed()
-                log.warning("the supervisor is gone; stopping this worker")
-                stop.set()
+                    async def supervisor_gone() -> None:
+                        await channel.wait_closed()
+                        log.warning("the supervisor is gone; stopping this worker")
+                        stop.set()
 
-            tasks.append(loop.create_task(supervisor_gone()))
-        log.info(
-            "proxy running",
-            extra={
-                "node": settings.node,
-                "workloads": len(proxy.workloads),
-                **({"worker": settings.worker_index} if settings.worker_index is not None else {}),
-                **{s.name: s.address for s in servers},  # type: ignore[attr-defined]
-            },
-        )
-        await stop.wait()
-        log.info("shutting down: draining connections", extra={"deadline_s": settings.drain_timeout})
-        await proxy.drain()
+                    background.append(group.create_task(supervisor_gone(), name="supervisor link"))
+                log.info(
+                    "proxy running",
+                    extra={
+                        "node": settings.node,
+                        "workloads": len(proxy.workloads),
+                        **({"worker": settings.worker_index} if settings.worker_index is not None else {}),
+                        **{s.name: s.address for s in servers},
+                    },
+                )
+                await stop.wait()
+                log.info("shutting down: draining connections", extra={"deadline_s": settings.drain_timeout})
+                await proxy.drain()
+                for task in background:
+                    task.cancel()
+        except* Exception as failed:
+            for error in failed.exceptions:
+                log.error("a task of the proxy failed; stopping", exc_info=error)
+            exit_code = 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await proxy.close()
         for server in reversed(started):
-            await server.close()  # type: ignore[attr-defined]
+            await server.close()
         await certs.close()
         if channel is not None:
             channel.close()
-    return 0
+    return exit_code
+
+
+def _log_refresh_failure(task: asyncio.Task[None]) -> None:
+    """A TLS context refresh after rotation failed: the listener keeps its previous certificate until the
+    next rotation; say so, with the traceback, rather than dropping the error."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("refreshing TLS contexts after a certificate rotation failed", exc_info=task.exception())
 
 
 async def _housekeeping(proxy: NodeProxy, local: LocalWorkloads | None, metrics: ProxyMetrics) -> None:

@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
@@ -49,10 +49,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from ztunnel.net.http import HttpServer, Request, Response, Routes
+from ztunnel.proxy.settings import ProxySettings, ProxySettingsError
 from ztunnel.telemetry.http_server import LOG_LEVELS
-
-if TYPE_CHECKING:
-    from ztunnel.proxy.main import ProxySettings
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -220,8 +218,6 @@ class Supervisor:
                 try:
                     await server.start()
                 except OSError as e:
-                    from ztunnel.proxy.main import ProxySettingsError
-
                     raise ProxySettingsError(
                         f"cannot listen for the {server.name} server on {server.host}: {e}"
                     ) from None
@@ -358,7 +354,7 @@ class Supervisor:
             restarts.add_sample("ztunnel_worker_restarts_total", labels, float(slot.restarts))
         for slot, count in per_worker:
             opened.add_sample("ztunnel_worker_tcp_connections_opened_total", {"worker": str(slot.index)}, count)
-        body = generate_latest(_Families([*families, up, restarts, opened]))  # type: ignore[arg-type]
+        body = generate_latest(_Families([*families, up, restarts, opened]))
         return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     async def _ready(self, _request: Request) -> Response:
@@ -426,7 +422,6 @@ async def run_supervisor(settings: ProxySettings, argv: Sequence[str]) -> int:
     """The `ztunnel proxy --workers N` process (N > 1): checks the config once, then supervises."""
     from ztunnel.config.loader import ConfigError
     from ztunnel.config.source import FileConfigSource
-    from ztunnel.proxy.main import ProxySettingsError
 
     try:
         FileConfigSource(settings.files, trust_domain=settings.trust_domain).load()
