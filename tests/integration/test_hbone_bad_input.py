@@ -15,9 +15,11 @@ from tests.integration.conftest import (
     NODE_A_CLIENT,
     NODE_B_SERVER,
     LocalMesh,
+    free_port,
     raw_hbone_status,
     recv_all,
     socks_connect,
+    start_proxy,
     wait_until,
 )
 from ztunnel.hbone.client import HbonePool, PoolKey
@@ -209,3 +211,25 @@ async def test_a_client_leaf_that_is_not_an_svid_is_refused(local_mesh: LocalMes
     assert "not an SVID" in local_mesh.b.log() or "an SVID has exactly one" in local_mesh.b.log()
     # Control: the CA's own SVID for the same identity is answered.
     assert await _status_or_refused(await _client_ssl(local_mesh.ca_dir), request) == 200
+
+
+async def test_a_tunnel_to_a_moved_operator_port_on_a_wildcard_address_is_refused(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    """An admin server moved by flag to 0.0.0.0 also listens on the pod's IP: a CONNECT to it gets 400, so no
+    peer reaches /quitquitquit through the tunnel (before: only Istio's default ports were refused)."""
+    pod_ip, admin = "127.0.171.1", free_port()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n"
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: lone, namespace: shop, uid: lone}\n"
+        f"spec: {{nodeName: node-q, serviceAccountName: server}}\nstatus: {{podIP: {pod_ip}}}\n"
+    )
+    proxy = start_proxy("node-q", config, ca_dir, tmp_path, "--admin-addr", f"0.0.0.0:{admin}")
+    try:
+        ctx = await _client_ssl(ca_dir)
+        headers = [(":method", "CONNECT"), (":authority", f"{pod_ip}:{admin}")]
+        assert await raw_hbone_status(ctx, (pod_ip, 15008), headers) == 400
+        assert proxy.proc.poll() is None  # not quit through its own admin port
+    finally:
+        proxy.stop()

@@ -72,12 +72,13 @@ class Inbound:
             )
             return
         destination = served.workload
-        if destination.identity != tunnel.local_identity.uri or target.port in PROXY_PORTS:
+        ours = self._is_proxy_port(target.ip, target.port)
+        if destination.identity != tunnel.local_identity.uri or ours:
             stream.respond(STATUS_BAD_REQUEST)
             self.report.refusal("not_local")
             why = (
                 f"port {target.port} is a proxy port"
-                if target.port in PROXY_PORTS
+                if ours
                 else f"{target} belongs to {destination.identity}, not to this listener's {tunnel.local_identity}"
             )
             self.report.inbound_refusal(tunnel, destination, None, FLAG_NO_ROUTE, why, started)
@@ -155,8 +156,12 @@ class Inbound:
             traceparent=request.traceparent,
         )
 
-    @staticmethod
-    def _not_this_pod(destination: Workload, dst: tuple[str, int]) -> str | None:
+    def _is_proxy_port(self, ip: str, port: int) -> bool:
+        """A tunnel or plaintext target that is one of the proxy's own ports: Istio's (whatever this proxy
+        listens on) or a listener the flags moved (admin, metrics, readiness): never relayed to."""
+        return port in PROXY_PORTS or self.state.is_proxy_address(ip, port)
+
+    def _not_this_pod(self, destination: Workload, dst: tuple[str, int]) -> str | None:
         """Why a plaintext connection's original destination is not this pod's app, or None."""
         try:
             ip = normalize_ip(dst[0])
@@ -164,7 +169,7 @@ class Inbound:
             return f"original destination {dst[0]!r} is not an IP address"
         if ip not in {normalize_ip(i) for i in destination.ips}:
             return f"original destination {format_addr(ip, dst[1])} is not an address of {destination.ref}"
-        if dst[1] in PROXY_PORTS:
+        if self._is_proxy_port(dst[0], dst[1]):
             return f"original destination port {dst[1]} is a proxy port"
         return None
 
