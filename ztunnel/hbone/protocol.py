@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from hpack import NeverIndexedHeaderTuple
 
 from ztunnel.errors import ZtunnelError
-
-HBONE_PORT = 15008
+from ztunnel.ports import HBONE_PORT as HBONE_PORT  # defined once, in ztunnel.ports
 
 # Flow control: a stream may have 4 MiB in flight, a connection 16 MiB. Bigger windows buy throughput on
 # long fat links; the receive buffer of a slow reader is bounded by exactly these numbers.
