@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from hyperframe.frame import GoAwayFrame, PingFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.memory import Handler, MemoryTransport, connect_pair
 from ztunnel.hbone import connection as connection_module
 from ztunnel.hbone.connection import TLS_READ_BUFFER, TLS_READ_BUFFER_IDLE, HboneConnection, HboneStream
 from ztunnel.hbone.protocol import (
@@ -23,100 +25,6 @@ from ztunnel.hbone.protocol import (
     Rejection,
 )
 from ztunnel.hbone.streams import StreamClosed
-
-
-class MemoryTransport(asyncio.Transport):
-    """Delivers writes to the peer protocol on the next loop iteration; pauses the writer past `high`."""
-
-    def __init__(self, high: int = 1 << 20) -> None:
-        super().__init__()
-        self.peer: MemoryTransport | None = None
-        self.protocol: asyncio.Protocol | None = None
-        self.closing = False
-        self.high = high
-        self.in_flight = 0
-        self.paused = False
-        self.written = bytearray()
-
-    def write(self, data: Any) -> None:
-        if self.closing:
-            return
-        data = bytes(data)
-        self.written += data
-        self.in_flight += len(data)
-        if self.in_flight > self.high and not self.paused:
-            self.paused = True
-            assert self.protocol is not None
-            self.protocol.pause_writing()
-        asyncio.get_running_loop().call_soon(self._deliver, data)
-
-    def _deliver(self, data: bytes) -> None:
-        self.in_flight -= len(data)
-        if self.paused and self.in_flight <= self.high // 2:
-            self.paused = False
-            assert self.protocol is not None
-            self.protocol.resume_writing()
-        if self.peer is not None and not self.peer.closing and self.peer.protocol is not None:
-            self.peer.protocol.data_received(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_write_buffer_size(self) -> int:
-        return self.in_flight
-
-    def close(self) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        loop = asyncio.get_running_loop()
-        loop.call_soon(self._lost)
-        if self.peer is not None:
-            loop.call_soon(self.peer._lost_from_peer)
-
-    abort = close
-
-    def _lost(self) -> None:
-        assert self.protocol is not None
-        self.protocol.connection_lost(None)
-
-    def _lost_from_peer(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self._lost()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.9", 5555), "sockname": ("127.0.0.8", 15008)}.get(name, default)
-
-    def can_write_eof(self) -> bool:
-        return False
-
-
-def connect_pair(on_request: Any) -> tuple[HboneConnection, HboneConnection, MemoryTransport, MemoryTransport]:
-    client = HboneConnection(client_side=True, keepalive_interval=0)
-    server = HboneConnection(client_side=False, on_request=on_request, keepalive_interval=0)
-    ct, st = MemoryTransport(), MemoryTransport()
-    ct.peer, st.peer = st, ct
-    ct.protocol, st.protocol = client, server
-    server.connection_made(st)
-    client.connection_made(ct)
-    return client, server, ct, st
-
-
-class Handler:
-    """Server side: records requests; answers 200 to CONNECTs and the Rejection's status otherwise."""
-
-    def __init__(self) -> None:
-        self.streams: asyncio.Queue[HboneStream] = asyncio.Queue()
-        self.verdicts: list[ConnectRequest | Rejection] = []
-
-    def __call__(self, stream: HboneStream, verdict: ConnectRequest | Rejection) -> None:
-        self.verdicts.append(verdict)
-        if isinstance(verdict, Rejection):
-            stream.respond(verdict.status)
-            return
-        stream.respond(200)
-        self.streams.put_nowait(stream)
 
 
 async def test_connect_half_close_and_reply() -> None:
@@ -312,15 +220,35 @@ async def test_a_header_that_is_not_utf8_fails_only_its_stream() -> None:
     payload=st.binary(max_size=64),
 )
 def test_random_frames_never_escape_the_connection(frame_type: int, flags: int, stream_id: int, payload: bytes) -> None:
+    """Any one frame is either handled (the connection stays up) or ends this connection with a GOAWAY (a
+    protocol error, or the peer's own GOAWAY). The connection catches every exception, so what would show a bug is its "HBONE ... failed"
+    internal-error log line or an exception reaching the event loop: neither may happen."""
+    internal_errors: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            internal_errors.append(record.getMessage())
+
     async def run() -> None:
-        client, server, _, _ = connect_pair(Handler())
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: internal_errors.append(str(context)))
+        client, server, _, st = connect_pair(Handler())
         await client.ready
+        sent_before = len(st.written)
         frame = len(payload).to_bytes(3, "big") + bytes([frame_type, flags]) + stream_id.to_bytes(4, "big") + payload
-        server.data_received(frame)  # must not raise: errors close this connection at most
+        server.data_received(frame)
         for _ in range(3):
             await asyncio.sleep(0)
+        if server.closed.done():
+            assert _goaway_code(bytes(st.written[sent_before:])) is not None  # the peer was told why
 
-    asyncio.run(run())
+    recorder = Recorder(logging.ERROR)
+    hbone_log = logging.getLogger("ztunnel.hbone")
+    hbone_log.addHandler(recorder)
+    try:
+        asyncio.run(run())
+    finally:
+        hbone_log.removeHandler(recorder)
+    assert internal_errors == []
 
 
 class EndOnDrain:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.unit.test_hbone_connection import Handler, connect_pair
+from tests.support.memory import Handler, connect_pair
 from ztunnel.hbone.protocol import Authority, ConnectRequest, trace_headers, validate_connect
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.test_hbone_connection import Handler, MemoryTransport, connect_pair
+from tests.support.memory import Handler, MemoryTransport, connect_pair
 from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, Authority
 from ztunnel.hbone.streams import PushTarget, StreamClosed
