@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ztunnel.ports import ADMIN_PORT
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -20,7 +22,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="exit after the demonstration (the default when stdin is not a terminal)",
     )
-    p.add_argument("--port-base", type=int, default=15000, help="admin/metrics/readiness ports start here")
+    p.add_argument("--port-base", type=int, default=ADMIN_PORT, help="admin/metrics/readiness ports start here")
     p.set_defaults(func=_run)
 
 

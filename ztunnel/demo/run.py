@@ -19,7 +19,7 @@ from ztunnel.config import load_files
 from ztunnel.config.model import ClusterConfig
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.ca import init_ca_dir
-from ztunnel.ports import HBONE_PORT, PLAINTEXT_INBOUND_PORT, SOCKS5_PORT
+from ztunnel.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, PLAINTEXT_INBOUND_PORT, READINESS_PORT, SOCKS5_PORT
 
 
 class DemoError(ZtunnelError):
@@ -38,8 +38,9 @@ class NodePorts:
 
 def node_ports(nodes: list[str], port_base: int) -> dict[str, NodePorts]:
     """Each node's admin/metrics/readiness ports: base+0/20/21, then +100 per node (15000/15020/15021 first)."""
+    metrics, readiness = METRICS_PORT - ADMIN_PORT, READINESS_PORT - ADMIN_PORT
     return {
-        n: NodePorts(port_base + 100 * i, port_base + 100 * i + 20, port_base + 100 * i + 21)
+        n: NodePorts(port_base + 100 * i, port_base + 100 * i + metrics, port_base + 100 * i + readiness)
         for i, n in enumerate(nodes)
     }
 
@@ -225,12 +226,13 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
         _say("      proxies ready (certificates issued for every local pod)")
 
         _say("[4/5] sending traffic through the mesh")
+        frontend = f"127.0.10.1:{SOCKS5_PORT}"
         checks = [
-            ("frontend -> backend pod (HBONE, mTLS, allowed)", "127.0.10.1:15080", "http://127.0.20.1:8080/", True),
-            ("frontend -> backend Service 10.96.0.20:80", "127.0.10.1:15080", "http://10.96.0.20:80/", True),
+            ("frontend -> backend pod (HBONE, mTLS, allowed)", frontend, "http://127.0.20.1:8080/", True),
+            ("frontend -> backend Service 10.96.0.20:80", frontend, "http://10.96.0.20:80/", True),
             (
                 "stranger -> backend pod (denied by AuthorizationPolicy)",
-                "127.0.10.2:15080",
+                f"127.0.10.2:{SOCKS5_PORT}",
                 "http://127.0.20.1:8080/",
                 False,
             ),
@@ -259,7 +261,7 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
             return 0
         _say(
             "\nThe mesh is up. Try:\n"
-            "  curl --socks5 127.0.10.1:15080 http://127.0.20.1:8080/\n"
+            f"  curl --socks5 127.0.10.1:{SOCKS5_PORT} http://127.0.20.1:8080/\n"
             f"  curl http://127.0.0.1:{ports[nodes[0]].admin}/config_dump\n"
             f"  curl http://127.0.0.1:{ports[nodes[-1]].metrics}/metrics\n"
             f"Edit {cluster} to change policies live. Ctrl-C stops everything."

@@ -24,7 +24,7 @@ from ztunnel.config.loader import ConfigError, read_objects
 from ztunnel.config.model import KubeObject
 from ztunnel.errors import ZtunnelError
 from ztunnel.lab import components, fabric, netns, procs
-from ztunnel.lab.mesh import ADMIN_PORT, MESH_COMPONENTS, METRICS_PORT, READINESS_PORT, Mesh, served_uids
+from ztunnel.lab.mesh import MESH_COMPONENTS, Mesh, served_uids
 from ztunnel.lab.model import (
     FABRIC_SUBNET,
     LabError,
@@ -54,6 +54,7 @@ from ztunnel.lab.state import (
     updating,
     write_live,
 )
+from ztunnel.ports import ADMIN_PORT, METRICS_PORT, READINESS_PORT
 
 Progress = Callable[[str], None]
 

@@ -8,12 +8,14 @@ import os
 import sys
 from typing import Any
 
-HELP = """\
+from ztunnel.ports import HBONE_PORT, METRICS_PORT
+
+HELP = f"""\
 examples:
   ztunnel lab up -f examples/lab-cluster.yaml
   ztunnel lab status
   ztunnel lab exec demo/client -- curl -s http://10.244.2.2:8080/
-  ztunnel lab exec node/node2 -- tcpdump -ni eth0 tcp port 15008
+  ztunnel lab exec node/node2 -- tcpdump -ni eth0 tcp port {HBONE_PORT}
   ztunnel lab apply -f policy.yaml
   ztunnel lab kill proxy --node node1; ztunnel lab restart proxy --node node1
   ztunnel lab down
@@ -114,10 +116,10 @@ def _print_hints(st: dict[str, Any], args: argparse.Namespace) -> None:
         port = s["ports"][0]
         print(f"  ztunnel lab exec{name} {c['namespace']}/{c['name']} -- curl -s http://{s['ips'][0]}:{port}/")
         node = next(n for n in st["nodes"] if n["name"] == s["node"])
-        print(f"  ztunnel lab exec{name} node/{node['name']} -- tcpdump -ni eth0 tcp port 15008 or port {port}")
+        print(f"  ztunnel lab exec{name} node/{node['name']} -- tcpdump -ni eth0 tcp port {HBONE_PORT} or port {port}")
     if any(n["proxy"] for n in st["nodes"]):
         node_name = servers[0]["node"] if servers else st["nodes"][0]["name"]
-        print(f"  ztunnel lab exec{name} node/{node_name} -- curl -s http://127.0.0.1:15020/metrics")
+        print(f"  ztunnel lab exec{name} node/{node_name} -- curl -s http://127.0.0.1:{METRICS_PORT}/metrics")
     print(f"  ztunnel lab down{name}")
 
 

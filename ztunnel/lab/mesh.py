@@ -19,12 +19,10 @@ from ztunnel.config.model import POLICY_KINDS
 from ztunnel.lab import components, netns, probes, procs
 from ztunnel.lab.model import CA_PORT, FABRIC_GATEWAY, LabError, NodeRecord, ProcessRecord, fabric_netns
 from ztunnel.lab.state import LabState, live_objects, load, locked, updating, write_atomic
+from ztunnel.ports import ADMIN_PORT, READINESS_PORT
 
 Progress = Callable[[str], None]
 Waiter = tuple[str, Callable[[], bool], str]  # (process key, readiness check, what it means when ready)
-READINESS_PORT = 15021
-METRICS_PORT = 15020
-ADMIN_PORT = 15000
 MESH_COMPONENTS = ("ca", "node-agent", "proxy", "cni-plugin")
 
 

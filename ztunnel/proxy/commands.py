@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, PLAINTEXT_INBOUND_PORT, READINESS_PORT, SOCKS5_PORT
 
 
 class ProxyCommandError(ZtunnelError):
@@ -16,8 +17,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "proxy",
         help="run the node proxy (HBONE data plane) for one node",
         description=(
-            "Run the node proxy for --node. Local mode: for each mesh pod of the node, listen on <podIP>:15008 "
-            "(HBONE), <podIP>:15006 (plaintext inbound) and <podIP>:15080 (SOCKS5 outbound, speaking as that pod)."
+            f"Run the node proxy for --node. Local mode: for each mesh pod of the node, listen on <podIP>:{HBONE_PORT} "
+            f"(HBONE), <podIP>:{PLAINTEXT_INBOUND_PORT} (plaintext inbound) and <podIP>:{SOCKS5_PORT} (SOCKS5 "
+            "outbound, speaking as that pod)."
         ),
     )
     p.add_argument("--node", required=True, help="the node whose pods this proxy serves (spec.nodeName)")
@@ -29,13 +31,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ca.add_argument("--ca", help="HOST:PORT of a CA server (`ztunnel ca serve`)")
     p.add_argument("--ca-root", help="the CA server's root certificate (PEM), with --ca")
     p.add_argument("--token-file", help="file holding this node's token for the CA server, with --ca")
-    p.add_argument("--metrics-addr", default="127.0.0.1:15020", help="HOST:PORT for /metrics (default 127.0.0.1:15020)")
-    p.add_argument(
-        "--admin-addr", default="127.0.0.1:15000", help="HOST:PORT for the admin API (default 127.0.0.1:15000)"
-    )
-    p.add_argument(
-        "--readiness-addr", default="127.0.0.1:15021", help="HOST:PORT for /healthz/ready (default 127.0.0.1:15021)"
-    )
+    for flag, port, what in (
+        ("--metrics-addr", METRICS_PORT, "/metrics"),
+        ("--admin-addr", ADMIN_PORT, "the admin API"),
+        ("--readiness-addr", READINESS_PORT, "/healthz/ready"),
+    ):
+        p.add_argument(flag, default=f"127.0.0.1:{port}", help=f"HOST:PORT for {what} (default 127.0.0.1:{port})")
     p.add_argument("--cert-ttl", default="24h", help="requested SVID validity, e.g. 24h, 30m (default 24h)")
     p.add_argument(
         "--access-log", choices=["text", "json", "off"], help="access log format (default: the --log-format)"

@@ -21,17 +21,13 @@ from typing import Protocol
 from ztunnel.config.model import Workload
 from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.streams import TcpStream
+from ztunnel.ports import HBONE_PORT, PLAINTEXT_INBOUND_PORT, SOCKS5_PORT
 
 log = logging.getLogger("ztunnel.proxy")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 LISTEN_BACKLOG = 1024
-
-HBONE_PORT = 15008
-PLAINTEXT_INBOUND_PORT = 15006
-OUTBOUND_PORT = 15001
-SOCKS5_PORT = 15080
 
 
 class Connector(Protocol):

@@ -14,10 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ztunnel.config.model import ClusterConfig, IPAddress, Service, Workload, canonical_ip
-from ztunnel.hbone.protocol import HBONE_PORT, Authority
+from ztunnel.hbone.protocol import Authority
+from ztunnel.ports import (
+    ADMIN_PORT,
+    HBONE_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    PLAINTEXT_INBOUND_PORT,
+    READINESS_PORT,
+    SOCKS5_PORT,
+)
 
 # The proxy's own ports (DESIGN §4.1): never a destination for a proxied connection on a local address.
-PROXY_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021, 15080})
+PROXY_PORTS = frozenset(
+    {ADMIN_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT, SOCKS5_PORT}
+)
 
 
 @dataclass(frozen=True, slots=True)
