@@ -221,8 +221,8 @@ async def test_a_header_that_is_not_utf8_fails_only_its_stream() -> None:
 )
 def test_random_frames_never_escape_the_connection(frame_type: int, flags: int, stream_id: int, payload: bytes) -> None:
     """Any one frame is either handled (the connection stays up) or ends this connection with a GOAWAY (a
-    protocol error, or the peer's own GOAWAY). The connection catches every exception, so what would show a bug is its "HBONE ... failed"
-    internal-error log line or an exception reaching the event loop: neither may happen."""
+    protocol error, or the peer's own GOAWAY). The connection catches every exception, so what would show a
+    bug is its "HBONE ... failed" internal-error log line or an exception reaching the loop: neither may happen."""
     internal_errors: list[str] = []
 
     class Recorder(logging.Handler):
