@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 
 from tests.support.memory import Handler, MemoryTransport, connect_pair
 from ztunnel.hbone import connection as connection_module
-from ztunnel.hbone.connection import TLS_READ_BUFFER, TLS_READ_BUFFER_IDLE, HboneConnection, HboneStream
+from ztunnel.hbone.connection import (
+    TLS_READ_BUFFER,
+    TLS_READ_BUFFER_IDLE,
+    HboneConnection,
+    HboneStream,
+    PeerBudget,
+)
 from ztunnel.hbone.protocol import (
     MAX_HEADER_LIST,
     PREMATURE_RESET_BUDGET,
@@ -485,3 +491,33 @@ async def test_a_peer_that_does_not_read_is_cut_off_at_the_write_buffer_cap(monk
     assert server.closed.done()
     assert transport.closing
     assert transport.in_flight < 64 * 1024 + 5000 * 17 + 1024
+
+
+async def test_data_a_local_app_does_not_take_is_charged_to_the_peer_budget() -> None:
+    """A peer that sends on streams whose app never reads: the bytes wait in the proxy, up to the stream and
+    connection windows of every connection (unbounded per identity before). They are charged to the
+    identity's budget until read; the stream whose DATA takes it over the limit is reset (ENHANCE_YOUR_CALM)
+    and gives its share back, and reading returns the rest."""
+    handler = Handler()
+    client, server, _, _ = connect_pair(handler)
+    resets: list[None] = []
+    budget = PeerBudget(6 * 1024 * 1024, lambda: resets.append(None))
+    server.budget = budget
+    pairs = []
+    for _ in range(3):  # 3 x 3 MiB unread > 6 MiB
+        stream = await client.open_stream(Authority("10.0.0.1", 8080))
+        pairs.append((stream, await handler.streams.get()))
+    for stream, _served in pairs:
+        await _fill_unread(stream, 3 * 1024 * 1024)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    reset = [served for _stream, served in pairs if served._reset_code == ErrorCodes.ENHANCE_YOUR_CALM]
+    assert len(reset) == 1 and budget.resets == 1 and len(resets) == 1
+    assert 0 < budget.unread <= budget.limit
+    assert budget.unread == sum(f for _stream, served in pairs for _d, f in served._chunks)
+    with pytest.raises(StreamClosed):
+        await reset[0].read()  # the reset stream's bytes are gone
+    for _stream, served in pairs:
+        while served._chunks:
+            await served.read()
+    assert budget.unread == 0

@@ -135,17 +135,20 @@ class StreamBudget:
 
 
 class PeerBudget:
-    """Bytes parked toward one peer identity across its server connections: app data read for a stream
-    that the peer granted no window for (or whose connection it does not read). A stream that would take
-    the identity past `limit` is reset with ENHANCE_YOUR_CALM, so what a hostile identity pins stays
-    bounded however many connections and streams it opens; `resets` counts them."""
+    """App bytes one peer identity holds in this proxy across its server connections, both ways: `parked`,
+    app data read for a stream that the peer granted no window for (or whose connection it does not read),
+    and `unread`, DATA the peer sent that a local app has not taken yet (its window not given back). A
+    stream that would take `parked + unread` past `limit` is reset with ENHANCE_YOUR_CALM, so what a
+    hostile identity pins stays bounded however many connections and streams it opens; `resets` counts
+    them. One add per DATA frame and one subtract per acknowledgement: nothing per byte."""
 
-    __slots__ = ("connections", "limit", "on_reset", "parked", "resets")
+    __slots__ = ("connections", "limit", "on_reset", "parked", "resets", "unread")
 
     def __init__(self, limit: int, on_reset: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.on_reset = on_reset  # told of each reset (the proxy counts them in its metrics)
         self.parked = 0
+        self.unread = 0
         self.resets = 0
         self.connections = 0  # kept by the owner (the server drops the budget with the last connection)
 
@@ -312,7 +315,7 @@ class HboneStream:
             data = data[:n]
             flow = n
         if flow:
-            self._conn._acknowledge(self.stream_id, flow)
+            self._ack(flow)
         return data
 
     async def write(self, data: bytes | memoryview) -> None:
@@ -426,7 +429,7 @@ class HboneStream:
             flow += sum(f for _, f in self._chunks)
             self._chunks.clear()
         if flow:
-            self._conn._acknowledge(self.stream_id, flow)
+            self._ack(flow)
 
     # ---- events from the connection ------------------------------------------------------------
     def _wake(self) -> None:
@@ -440,6 +443,13 @@ class HboneStream:
             self._response.set_exception(error)
 
     def _on_data(self, data: bytes, flow: int) -> None:
+        budget = self._conn.budget
+        if budget is not None:  # charged until acknowledged (_ack): bytes the local app has not taken
+            budget.unread += flow
+            if budget.unread + budget.parked > budget.limit:
+                self._chunks.append((data, flow))  # the reset's discard gives it back with the rest
+                self._over_budget(budget)
+                return
         target = self._push_to
         if target is not None and not self._chunks and not self._pushing_paused:
             target.data(data)
@@ -455,7 +465,14 @@ class HboneStream:
         if self._pushing_paused and self._reset_code is None:
             self._held_flow += flow
         else:
-            self._conn._acknowledge(self.stream_id, flow)
+            self._ack(flow)
+
+    def _ack(self, flow: int) -> None:
+        """Give received bytes' window back to the peer (the app took them, or nobody will) and uncharge them."""
+        budget = self._conn.budget
+        if budget is not None:
+            budget.unread -= flow
+        self._conn._acknowledge(self.stream_id, flow)
 
     def _on_eof(self) -> None:
         self._eof = True
@@ -510,7 +527,7 @@ class HboneStream:
         flow = self._held_flow
         if flow:
             self._held_flow = 0
-            self._conn._acknowledge(self.stream_id, flow)
+            self._ack(flow)
         if self._chunks:
             self._deliver_buffered()
 
@@ -587,22 +604,27 @@ class HboneStream:
         if budget is None:
             return
         budget.parked += size
-        if budget.parked > budget.limit:
-            budget.resets += 1
-            if budget.on_reset is not None:
-                budget.on_reset()
-            if budget.resets == 1 or budget.resets % 1000 == 0:
-                log.warning(
-                    "HBONE peer over its memory budget: stream reset (ENHANCE_YOUR_CALM)",
-                    extra={
-                        "peer": self._conn.label,
-                        "peer_identity": str(self._conn.peer_identity),
-                        "parked": budget.parked,
-                        "resets": budget.resets,
-                    },
-                )
-            self.abort(ErrorCodes.ENHANCE_YOUR_CALM)  # gives the parked bytes back
+        if budget.parked + budget.unread > budget.limit:
+            self._over_budget(budget)
             raise StreamClosed("HBONE stream reset: the peer is over its memory budget")
+
+    def _over_budget(self, budget: PeerBudget) -> None:
+        """The peer identity holds more than its budget: reset this stream, which gives back what it holds."""
+        budget.resets += 1
+        if budget.on_reset is not None:
+            budget.on_reset()
+        if budget.resets == 1 or budget.resets % 1000 == 0:
+            log.warning(
+                "HBONE peer over its memory budget: stream reset (ENHANCE_YOUR_CALM)",
+                extra={
+                    "peer": self._conn.label,
+                    "peer_identity": str(self._conn.peer_identity),
+                    "parked": budget.parked,
+                    "unread": budget.unread,
+                    "resets": budget.resets,
+                },
+            )
+        self.abort(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _unpark(self, size: int) -> None:
         self._parked -= size

@@ -35,21 +35,28 @@ MAX_STREAMS_PER_CONNECTION = 100
 # peer that grants no window (README "Limits under attack"), so this bounds one connection's share (was 1000).
 SERVER_MAX_CONCURRENT_STREAMS = 128
 # Limits under attack (README "Limits under attack"): what a hostile peer can pin in a proxy, at most
-#   per connection, received and unread: CONNECTION_WINDOW (16 MiB; a stream's share <= STREAM_WINDOW) +
-#       one partial frame (MAX_FRAME_SIZE, 1 MiB) + the TLS read buffer (256 KiB) + a header block (64 KiB)
+#   per peer identity, both ways: PEER_BUDGET (64 MiB) of app bytes across its connections: DATA it sent
+#       that the local app has not taken (its window not given back: a stream's share <= STREAM_WINDOW, a
+#       connection's <= CONNECTION_WINDOW), and app data read for a stream it grants no window (the one
+#       chunk <= streams.READ_CHUNK, 256 KiB, it had no window for; the upstream socket pauses at once);
+#       the stream that would go past it is reset (ENHANCE_YOUR_CALM)
+#   per connection, received: one partial frame (MAX_FRAME_SIZE, 1 MiB) + the TLS read buffer (256 KiB) +
+#       a header block (64 KiB) + what the local apps' TCP transports hold under their high-water mark
+#       before the stream stops pushing (SERVER_MAX_CONCURRENT_STREAMS x 64 KiB = 8 MiB)
 #   per connection, not sent: WRITE_BUFFER_CAP (8 MiB) in the TLS write buffer (a peer that does not read
 #       its socket; the connection is aborted past it) + EARLY_FLUSH (1 MiB) h2 queued meanwhile
-#   so ~26 MiB per connection;
-#   per stream, toward the peer: the one chunk it had no window for (<= streams.READ_CHUNK, 256 KiB;
-#       the upstream socket pauses at once), was TCP_READ_BUFFER_LIMIT + 2 chunks (~1 MiB)
-#   per peer identity, toward the peer: PEER_PARKED_BUDGET (64 MiB) of such chunks across its
-#       connections, the stream that would go past it reset (ENHANCE_YOUR_CALM)
-#   so an identity with C connections pins at most 64 MiB + C x 26 MiB (was C x 146 MiB); the connections
-#   of an identity are not capped (a node's pool opens one per 100 tunnels: 10,000 tunnels, 100
-#   connections); what the kernel holds in socket buffers is not counted.
+#   so ~19 MiB per connection, and an identity holds at most PEER_MAX_CONNECTIONS (256) of them:
+#   64 MiB + 256 x 19 MiB ~ 4.8 GiB per identity at the very worst (every connection with 128 stalled
+#   streams, a peer that does not read, and partial frames), N identities N x that; was unbounded (C
+#   connections x 16 MiB received). What the kernel holds in socket buffers is not counted.
 WRITE_BUFFER_CAP = 8 * 1024 * 1024
 EARLY_FLUSH = 1024 * 1024  # HTTP/2 output queued in one loop iteration past which it is written at once
-PEER_PARKED_BUDGET = 64 * 1024 * 1024
+PEER_BUDGET = 64 * 1024 * 1024
+# Concurrent inbound HBONE connections one peer identity may hold; the next is closed right after its
+# handshake. A node's pool opens one connection per MAX_STREAMS_PER_CONNECTION tunnels (10,000 tunnels
+# from one node, the bench's largest step, take 100), so 256 leaves room for a burst and a drain's overlap
+# while the per-identity worst case above stays a fixed number.
+PEER_MAX_CONNECTIONS = 256
 # The largest header block (HEADERS + CONTINUATION frames) and decoded header list accepted, advertised as
 # SETTINGS_MAX_HEADER_LIST_SIZE. A CONNECT's headers take a few hundred bytes; the block is counted as its
 # frames arrive, so a peer cannot make the proxy buffer more than this (plus one read) per connection.

@@ -27,7 +27,8 @@ from ztunnel.hbone.protocol import (
     IDENTITY_ERROR,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
-    PEER_PARKED_BUDGET,
+    PEER_BUDGET,
+    PEER_MAX_CONNECTIONS,
     ConnectRequest,
     Rejection,
 )
@@ -176,6 +177,7 @@ class HboneServer:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         on_rejected: Callable[[str], None] | None = None,
         on_budget_reset: Callable[[], None] | None = None,
+        on_connection_limit: Callable[[], None] | None = None,
         handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.contexts = contexts
@@ -190,10 +192,13 @@ class HboneServer:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[HboneConnection] = set()
-        # Bytes parked toward each peer identity across its connections (hbone/protocol.py, "Limits under
-        # attack"); a budget lives while the identity has a connection.
-        self.peer_budget = PEER_PARKED_BUDGET
+        # App bytes each peer identity holds across its connections, and how many connections it may hold
+        # (hbone/protocol.py, "Limits under attack"); a budget lives while the identity has a connection.
+        self.peer_budget = PEER_BUDGET
+        self.peer_max_connections = PEER_MAX_CONNECTIONS
         self.on_budget_reset = on_budget_reset
+        self.on_connection_limit = on_connection_limit  # told of each connection refused past the limit
+        self.connection_limit_refusals = 0
         self.budgets: dict[SpiffeId, PeerBudget] = {}
         self.budget_resets = 0  # streams reset for going over their identity's budget, budgets gone included
         self.tasks: set[asyncio.Task[None]] = set()
@@ -272,6 +277,10 @@ class HboneServer:
                     {"peer_identity": peer.uri, "listener": str(identity)},
                 )
                 return False
+            held = self.budgets.get(peer)
+            if held is not None and held.connections >= self.peer_max_connections:
+                self._over_connection_limit(peer, identity)
+                return False
             c.peer_identity = peer
             self.connections.add(c)
             c.budget = self._budget_for(peer)
@@ -324,6 +333,24 @@ class HboneServer:
             if budget.connections == 0:
                 self.budget_resets += budget.resets
                 self.budgets.pop(c.peer_identity, None)
+
+    def _over_connection_limit(self, peer: SpiffeId, listener: SpiffeId) -> None:
+        """A peer identity already holds its maximum of connections: the new one is closed (counted, logged
+        under the failure log's per-reason limit)."""
+        self.connection_limit_refusals += 1
+        if self.on_connection_limit is not None:
+            self.on_connection_limit()
+        suppressed = self.failure_log.allow("peer_connection_limit", time.monotonic())
+        if suppressed is not None:
+            log.warning(
+                "HBONE client refused: its identity holds the maximum of connections",
+                extra={
+                    "peer_identity": peer.uri,
+                    "listener": str(listener),
+                    "limit": self.peer_max_connections,
+                    "suppressed": suppressed,
+                },
+            )
 
     def budget_resets_total(self) -> int:
         """Streams reset so far because their peer identity went over its memory budget."""

@@ -53,6 +53,11 @@ class ConnectionReporter:
         if self.metrics is not None:
             self.metrics.connection_refused("peer_memory_budget")
 
+    def peer_over_connection_limit(self) -> None:
+        """A peer identity already held its maximum of HBONE connections: a new one was closed."""
+        if self.metrics is not None:
+            self.metrics.connection_refused("peer_connection_limit")
+
     def handshake_rejected(self, reason: str) -> None:
         """The HBONE server refused a client: IDENTITY_ERROR after the handshake (identity or trust domain),
         otherwise the reason its handshake failed (expired, untrusted, timeout...)."""
