@@ -144,6 +144,15 @@ def test_bad_token_files_say_what_is_wrong(tmp_path: Path, text: str, words: str
     assert "\n" not in str(info.value)
 
 
+def test_a_token_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    """Before: UnicodeDecodeError escaped, and `ca serve` died with a traceback."""
+    path = tmp_path / "tokens.yaml"
+    path.write_bytes("tok: n\u00f6de".encode("latin-1"))
+    os.chmod(path, 0o600)
+    with pytest.raises(TokenFileError, match="not UTF-8"):
+        load_node_tokens(path)
+
+
 def test_missing_token_file(tmp_path: Path) -> None:
     with pytest.raises(TokenFileError, match="cannot read"):
         load_node_tokens(tmp_path / "nope.yaml")

@@ -55,7 +55,9 @@ def load_node_tokens(path: str | Path) -> dict[str, str]:
             f"run `chmod 600 {p}`"
         )
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TokenFileError(f"{p}: not UTF-8 text (byte {e.start}); write it as `token: node-name` lines") from e
     except (OSError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TokenFileError(f"{p}: not a YAML mapping of token: node-name ({first})") from e

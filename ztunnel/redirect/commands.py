@@ -46,7 +46,9 @@ def run_node_agent(args: argparse.Namespace) -> int:
         from ztunnel.errors import ZtunnelError
 
         raise ZtunnelError(f"--redirect {args.redirect}: not available in this node agent; use --redirect iptables")
-    source = FileConfigSource(args.files, trust_domain=args.trust_domain)
+    # node=: a config that suddenly drops every pod of this node is held until it settles (a half-written
+    # file must not un-enroll the node's pods)
+    source = FileConfigSource(args.files, trust_domain=args.trust_domain, node=args.node)
     source.load()  # a bad file at start is a user error (ConfigError -> `error: ...`, exit 2)
     backend = detect_backend(None if args.iptables == "auto" else args.iptables)
     agent = NodeAgent(
