@@ -6,6 +6,8 @@ connection, then waits), and attacks its HBONE port with an SVID of the mesh's o
   rapid-reset    N HEADERS(CONNECT)+RST_STREAM pairs on one connection (the CVE-2023-44487 class)
   continuation   HEADERS without END_HEADERS then 1 MiB CONTINUATION frames, on 8 connections
   stall          100 CONNECTs to the blast app on each of 8 connections whose peer grants no window
+  flood          100 CONNECTs to a "sink" app (accepts, never reads) on each of 8 connections, then DATA
+                 on every stream as far as the proxy's windows allow (--mib per stream)
 
 For each: the proxy's CPU seconds until it is quiet again, its RSS (before, peak, after), the latency of
 a legitimate CONNECT (new TLS connection, 200 answer) probed every 100 ms from another thread during the
@@ -42,12 +44,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY, CONTINUATION = 0, 1, 3, 4, 7, 9
+DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 7, 8, 9
 END_STREAM, END_HEADERS = 0x1, 0x4
 CANCEL = 8
 ENHANCE_YOUR_CALM = 11
 BLAST_PORT = 8082
 BLAST_BYTES = 2 * 1024 * 1024
+SINK_PORT = 8083
 
 
 # ---- frames (built by hand: an attacker does not go through h2's checks, and 20,000 pairs must be cheap) ----
@@ -87,8 +90,13 @@ class FrameReader:
         self.reader = reader
         self.goaway: int | None = None
         self.resets: dict[int, int] = {}
+        self.reset_streams: set[int] = set()
+        self.answered: set[int] = set()  # streams the proxy sent HEADERS on (its answer)
+        self.windows: dict[int, int] = {0: 65535}  # send credit the proxy granted: connection (0) and streams
+        self.initial_window = 65535
         self.frames = 0
         self.closed = asyncio.Event()
+        self.changed = asyncio.Event()  # set on every answer, reset and window update
 
     async def run(self) -> None:
         buf = bytearray()
@@ -104,6 +112,19 @@ class FrameReader:
                     elif buf[3] == RST_STREAM and length == 4:
                         code = int.from_bytes(buf[9:13], "big")
                         self.resets[code] = self.resets.get(code, 0) + 1
+                        self.reset_streams.add(int.from_bytes(buf[5:9], "big"))
+                        self.changed.set()
+                    elif buf[3] == HEADERS:
+                        self.answered.add(int.from_bytes(buf[5:9], "big"))
+                        self.changed.set()
+                    elif buf[3] == WINDOW_UPDATE and length == 4:
+                        sid = int.from_bytes(buf[5:9], "big")
+                        self.windows[sid] = self.windows.get(sid, 0) + int.from_bytes(buf[9:13], "big")
+                        self.changed.set()
+                    elif buf[3] == SETTINGS and not buf[4] & 1:
+                        for at in range(9, 9 + length - 5, 6):
+                            if int.from_bytes(buf[at : at + 2], "big") == 0x4:
+                                self.initial_window = int.from_bytes(buf[at + 2 : at + 6], "big")
                     self.frames += 1
                     del buf[: 9 + length]
         except (ConnectionError, ssl.SSLError, OSError):
@@ -232,6 +253,97 @@ async def stall(
         for code, n in f.resets.items():
             resets[code] = resets.get(code, 0) + n
     return {"streams": conns * streams, "goaway_codes": codes, "closed_by_proxy": closed, "resets_by_code": resets}
+
+
+async def flood(
+    ctx: ssl.SSLContext,
+    address: tuple[str, int],
+    authority: str,
+    conns: int,
+    streams: int,
+    per_stream: int,
+    hold: float,
+    settle_after_reset: float | None = None,
+    frame_size: int = 64 * 1024,
+) -> dict[str, Any]:
+    """CONNECTs to an app that never reads, then DATA on every stream, round robin, as far as the windows the
+    proxy grants allow (up to `per_stream` bytes each): what the app does not take waits in the proxy. Ends
+    when nothing more can be sent for `hold` s, or `settle_after_reset` s after the first stream the proxy
+    resets with ENHANCE_YOUR_CALM (`hold` being the deadline from the first DATA)."""
+    block = connect_block(authority)
+    payload = b"f" * frame_size
+    ids = [1 + 2 * i for i in range(streams)]
+    opened = [
+        await open_attacker(ctx, address, b"".join(frame(HEADERS, END_HEADERS, sid, block) for sid in ids))
+        for _ in range(conns)
+    ]
+    sent = [dict.fromkeys(ids, 0) for _ in opened]
+    total = 0
+    first_reset: float | None = None
+
+    async def send(i: int) -> None:
+        nonlocal total, first_reset
+        writer, f, _task = opened[i]
+        mine = sent[i]
+        conn_sent = 0
+        async with asyncio.timeout(30):
+            while len(f.answered) + len(f.reset_streams) < streams and not f.closed.is_set():
+                f.changed.clear()
+                await f.changed.wait()
+        while not f.closed.is_set() and (first_reset is None or time.monotonic() < first_reset + settle_after_reset):
+            if first_reset is None and settle_after_reset is not None and f.resets.get(ENHANCE_YOUR_CALM):
+                first_reset = time.monotonic()
+            f.changed.clear()
+            out = bytearray()
+            for sid in ids:
+                if sid in f.reset_streams or sid not in f.answered:
+                    continue
+                n = min(
+                    frame_size,
+                    per_stream - mine[sid],
+                    f.initial_window + f.windows.get(sid, 0) - mine[sid],
+                    f.windows[0] - conn_sent,
+                )
+                if n > 0:
+                    out += frame(DATA, 0, sid, payload[:n])
+                    mine[sid] += n
+                    conn_sent += n
+            if out:
+                total += len(out)
+                if not await write_or_closed(writer, bytes(out)):
+                    return
+                continue
+            if all(mine[sid] >= per_stream or sid in f.reset_streams for sid in ids):
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.25, max(0.0, deadline - time.monotonic()))):
+                    await f.changed.wait()
+            if time.monotonic() > deadline:
+                return
+
+    deadline = time.monotonic() + hold + 30
+    try:
+        senders = [asyncio.ensure_future(send(i)) for i in range(conns)]
+        deadline = time.monotonic() + hold
+        await asyncio.gather(*senders, return_exceptions=True)
+        closed = sum(f.closed.is_set() for _w, f, _t in opened)
+    finally:
+        for writer, _frames, task in opened:
+            await close_writer(writer)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    resets: dict[int, int] = {}
+    for _w, f, _t in opened:
+        for code, n in f.resets.items():
+            resets[code] = resets.get(code, 0) + n
+    return {
+        "streams": conns * streams,
+        "answered": sum(len(f.answered) for _w, f, _t in opened),
+        "data_mib_sent": round(total / 2**20, 1),
+        "goaway_codes": sorted({f.goaway for _w, f, _t in opened if f.goaway is not None}),
+        "closed_by_proxy": closed,
+        "resets_by_code": resets,
+    }
 
 
 # ---- the legitimate probe, in its own thread and loop ------------------------------------------------------
@@ -388,13 +500,32 @@ def blast_app(apps: Any, ip: str, port: int = BLAST_PORT) -> None:
     apps._servers.append(apps._run(asyncio.start_server(serve, ip, port, reuse_address=True, backlog=2048)))
 
 
+def sink_app(apps: Any, ip: str, port: int = SINK_PORT) -> None:
+    """An app that accepts every connection and never reads it (until the client goes)."""
+    held: set[asyncio.StreamWriter] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        apps.connections += 1
+        held.add(writer)
+        writer.transport.pause_reading()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            held.discard(writer)
+            writer.close()
+
+    apps._servers.append(apps._run(asyncio.start_server(serve, ip, port, reuse_address=True, backlog=2048)))
+
+
 def main(argv: list[str] | None = None) -> int:
     import tests.integration.conftest as fixtures
     from tests.integration.conftest import ECHO_PORT, NODE_B_SERVER, AppServer, mesh_config, start_proxy
+    from tests.support.svids import signed_svid
     from ztunnel.identity.ca import init_ca_dir
     from ztunnel.identity.spiffe import SpiffeId
     from ztunnel.identity.tls import client_context
-    from ztunnel.proxy.certs import SigningProvider
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("attacks", nargs="*", default=["rapid-reset", "continuation", "stall"])
@@ -403,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=64, help="HEADERS + CONTINUATION frames per connection")
     p.add_argument("--streams", type=int, default=100, help="stalled streams per connection")
     p.add_argument("--hold", type=float, default=5.0)
+    p.add_argument("--mib", type=float, default=4.0, help="flood: MiB sent per stream at most")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if os.environ.get("ZTUNNEL_BIN"):  # another build of the proxy, e.g. the code before a fix
@@ -412,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     address = (NODE_B_SERVER, 15008)
     echo = f"{NODE_B_SERVER}:{ECHO_PORT}"
     blast = f"{NODE_B_SERVER}:{BLAST_PORT}"
+    sink = f"{NODE_B_SERVER}:{SINK_PORT}"
     results: list[Result] = []
     for attack in args.attacks:  # each against a fresh proxy, so one's memory does not show in the next
         with tempfile.TemporaryDirectory(prefix="attack-bench-") as tmp:
@@ -425,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 apps.echo(NODE_B_SERVER)
                 blast_app(apps, NODE_B_SERVER)
+                sink_app(apps, NODE_B_SERVER)
                 proxy = start_proxy("node-b", config, ca_dir, work)
-                ctx = client_context(asyncio.run(SigningProvider.from_dir(ca_dir).get(identity)))
+                ctx = client_context(signed_svid(ca_dir, identity))
                 pid = proxy.proc.pid
                 probe = (ctx, address, echo)
                 if attack == "rapid-reset":
@@ -444,8 +578,16 @@ def main(argv: list[str] | None = None) -> int:
                         attack, {"conns": args.conns, "streams": args.streams, "hold_s": args.hold}, pid, apps, probe,
                         lambda ctx=ctx: stall(ctx, address, blast, args.conns, args.streams, args.hold),
                     )
+                elif attack == "flood":
+                    per_stream = int(args.mib * 2**20)
+                    result = measure(
+                        attack,
+                        {"conns": args.conns, "streams": args.streams, "mib_per_stream": args.mib, "hold_s": args.hold},
+                        pid, apps, probe,
+                        lambda ctx=ctx: flood(ctx, address, sink, args.conns, args.streams, per_stream, args.hold),
+                    )
                 else:
-                    p.error(f"unknown attack {attack!r} (rapid-reset, continuation, stall)")
+                    p.error(f"unknown attack {attack!r} (rapid-reset, continuation, stall, flood)")
             finally:
                 if proxy is not None:
                     proxy.stop()

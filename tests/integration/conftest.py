@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,9 @@ import h2.connection
 import h2.events
 import pytest
 import uvloop
+
+from tests.support.certs import in_process_certs
+from ztunnel.identity.manager import CertificateManager
 
 ROOT = Path(__file__).resolve().parents[2]
 ZTUNNEL = str(Path(sys.executable).with_name("ztunnel"))
@@ -335,6 +338,13 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("ca") / "ca"
     init_ca_dir(d)
     return d
+
+
+@pytest.fixture
+async def certs(ca_dir: Path) -> AsyncIterator[CertificateManager]:
+    """The proxy's certificate path (`--ca-dir`): an in-process CertificateManager on the session CA."""
+    async with in_process_certs(ca_dir) as manager:
+        yield manager
 
 
 @pytest.fixture(scope="session")

@@ -38,11 +38,10 @@ from tests.integration.conftest import (
     start_proxy,
     wait_until,
 )
+from tests.support.svids import signed_svid
 from ztunnel.cli import main as cli_main
 from ztunnel.config.loader import load_files
-from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context
-from ztunnel.proxy.certs import SigningProvider
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "policy"
 E2E = FIXTURES / "e2e"
@@ -400,8 +399,7 @@ class AuthzMesh:
 
     def ssl_for(self, identity: str) -> ssl.SSLContext:
         if identity not in self._contexts:
-            cert = asyncio.run(SigningProvider.from_dir(self.ca_dir).get(SpiffeId.parse(identity)))
-            self._contexts[identity] = client_context(cert)
+            self._contexts[identity] = client_context(signed_svid(self.ca_dir, identity))
         return self._contexts[identity]
 
 

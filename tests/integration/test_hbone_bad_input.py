@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.forged_svids import FORGERIES, forged_svid
 from tests.integration.conftest import (
     ECHO_PORT,
     NODE_A_CLIENT,
@@ -22,13 +21,14 @@ from tests.integration.conftest import (
     start_proxy,
     wait_until,
 )
+from tests.support.svids import FORGERIES, forged_svid, signed_svid
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority, HboneError
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import init_ca_dir
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context
-from ztunnel.proxy.certs import SigningProvider
 
 CLIENT_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
 SERVER_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/server")
@@ -43,8 +43,7 @@ def _still_serving() -> None:
 
 
 async def _client_ssl(ca_dir: Path, identity: SpiffeId = CLIENT_ID) -> ssl.SSLContext:
-    cert = await SigningProvider.from_dir(ca_dir).get(identity)
-    return client_context(cert)
+    return client_context(signed_svid(ca_dir, identity))
 
 
 async def _raw_h2(ctx: ssl.SSLContext, headers: list[tuple[str, str]]) -> int | None:
@@ -121,8 +120,10 @@ async def test_a_long_authority_is_refused_and_logged_clipped(local_mesh: LocalM
     assert any("8003 chars" in line for line in lines)
 
 
-async def test_connect_to_an_address_that_is_not_a_local_pod_gets_400(local_mesh: LocalMesh) -> None:
-    pool = HbonePool(TlsContexts(SigningProvider.from_dir(local_mesh.ca_dir)))
+async def test_connect_to_an_address_that_is_not_a_local_pod_gets_400(
+    local_mesh: LocalMesh, certs: CertificateManager
+) -> None:
+    pool = HbonePool(TlsContexts(certs))
     key = PoolKey(CLIENT_ID, SERVER_ID, HBONE)
     try:
         for target in (

@@ -24,9 +24,9 @@ from bench.attack_bench import (
     status_kib,
 )
 from tests.integration.conftest import ECHO_PORT, NODE_B_SERVER, LocalMesh, raw_hbone_status
+from tests.support.svids import signed_svid
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context
-from ztunnel.proxy.certs import SigningProvider
 
 CLIENT_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
 HBONE = (NODE_B_SERVER, 15008)
@@ -42,14 +42,14 @@ def blasting_mesh(local_mesh: LocalMesh) -> Iterator[LocalMesh]:
 
 
 async def _legit_connect_seconds(mesh: LocalMesh) -> float:
-    ctx = client_context(await SigningProvider.from_dir(mesh.ca_dir).get(CLIENT_ID))
+    ctx = client_context(signed_svid(mesh.ca_dir, CLIENT_ID))
     started = time.monotonic()
     assert await raw_hbone_status(ctx, HBONE, [(":method", "CONNECT"), (":authority", ECHO)]) == 200
     return time.monotonic() - started
 
 
 async def test_rapid_reset_is_cut_off_without_dialing_the_app(local_mesh: LocalMesh) -> None:
-    ctx = client_context(await SigningProvider.from_dir(local_mesh.ca_dir).get(CLIENT_ID))
+    ctx = client_context(signed_svid(local_mesh.ca_dir, CLIENT_ID))
     dials = local_mesh.apps.connections
     async with asyncio.timeout(60):
         outcome = await rapid_reset(ctx, HBONE, ECHO, pairs=5000)
@@ -63,7 +63,7 @@ async def test_rapid_reset_is_cut_off_without_dialing_the_app(local_mesh: LocalM
 
 
 async def test_continuation_flood_is_cut_off_at_the_header_block_cap(local_mesh: LocalMesh) -> None:
-    ctx = client_context(await SigningProvider.from_dir(local_mesh.ca_dir).get(CLIENT_ID))
+    ctx = client_context(signed_svid(local_mesh.ca_dir, CLIENT_ID))
     pid = local_mesh.b.proc.pid
     rss_before = status_kib(pid, "VmRSS")
     with RssSampler(pid) as rss:
@@ -81,8 +81,8 @@ async def test_stalled_streams_pin_at_most_the_peer_budget(blasting_mesh: LocalM
     """1,200 tunnels over 12 connections to an app that sends 2 MiB each, from a peer that grants no window
     (INITIAL_WINDOW_SIZE 0) but reads its socket: before, each pinned ~0.6 MiB of app data read ahead
     (~700 MiB in all); now a stream holds only the chunk it could not send (>= 64 KiB on loopback), the
-    identity's parked chunks stay under PEER_PARKED_BUDGET (64 MiB) and the streams past it are reset."""
-    ctx = client_context(await SigningProvider.from_dir(blasting_mesh.ca_dir).get(CLIENT_ID))
+    identity's parked chunks stay under PEER_BUDGET (64 MiB) and the streams past it are reset."""
+    ctx = client_context(signed_svid(blasting_mesh.ca_dir, CLIENT_ID))
     pid = blasting_mesh.b.proc.pid
     rss_before = status_kib(pid, "VmRSS")
     with RssSampler(pid) as rss:

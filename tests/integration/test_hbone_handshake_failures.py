@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.forged_svids import issue
 from tests.integration.conftest import NODE_B_SERVER, LocalMesh, wait_until
+from tests.support.svids import issue
 from ztunnel.hbone.protocol import STATUS_OK
 from ztunnel.hbone.server import FailureLog, HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import init_ca_dir
 from ztunnel.identity.certs import WorkloadCertificate
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.certs import SigningProvider
 from ztunnel.proxy.listeners import listening_socket
 
 CLIENT = "spiffe://cluster.local/ns/shop/sa/client"
@@ -105,11 +105,11 @@ ADDRESS = ("127.0.171.1", 15008)
 
 
 @pytest.fixture
-async def server(ca_dir: Path) -> AsyncIterator[HboneServer]:
+async def server(certs: CertificateManager) -> AsyncIterator[HboneServer]:
     async def echo(tunnel: InboundTunnel) -> None:
         tunnel.stream.respond(STATUS_OK)
 
-    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+    contexts = TlsContexts(certs)
     reasons: list[str] = []
     hbone = HboneServer(contexts, echo, on_rejected=reasons.append, handshake_timeout=0.3)
     listener = await hbone.listen(listening_socket(*ADDRESS), SERVER)

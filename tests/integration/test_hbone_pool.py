@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from h2.errors import ErrorCodes
@@ -14,8 +13,8 @@ from ztunnel.hbone.client import REFUSED_RETRIES, HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority, HboneError
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.certs import SigningProvider
 from ztunnel.proxy.listeners import listening_socket
 
 SERVER_IP = "127.0.170.1"
@@ -40,8 +39,8 @@ async def _echo(tunnel: InboundTunnel) -> None:
 
 
 @pytest.fixture
-async def setup(ca_dir: Path) -> AsyncIterator[Setup]:
-    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+async def setup(certs: CertificateManager) -> AsyncIterator[Setup]:
+    contexts = TlsContexts(certs)
     server = HboneServer(contexts, _echo)
     handshakes: list[int] = []
     original = server._new_connection
@@ -144,7 +143,7 @@ async def test_server_drain_moves_new_streams_to_a_new_connection(setup: Setup) 
 
 async def test_a_rotated_server_certificate_is_used_without_a_new_listener(setup: Setup) -> None:
     provider = setup.contexts.provider
-    assert isinstance(provider, SigningProvider)
+    assert isinstance(provider, CertificateManager)
 
     async def served_serial() -> int:
         pool = HbonePool(setup.contexts)
@@ -164,11 +163,13 @@ async def test_a_rotated_server_certificate_is_used_without_a_new_listener(setup
     assert await served_serial() == rotated
 
 
-async def test_a_stream_the_server_refused_unprocessed_is_sent_again_on_a_new_connection(ca_dir: Path) -> None:
+async def test_a_stream_the_server_refused_unprocessed_is_sent_again_on_a_new_connection(
+    certs: CertificateManager,
+) -> None:
     """A draining server refuses a stream it never processed (REFUSED_STREAM, or a stream above its
     GOAWAY's last id): the pool sends the request again on another connection (RFC 9113 §8.7) instead of
     failing the client's connection."""
-    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+    contexts = TlsContexts(certs)
     served: list[int] = []
 
     async def refuse_first_then_echo(tunnel: InboundTunnel) -> None:
@@ -194,8 +195,8 @@ async def test_a_stream_the_server_refused_unprocessed_is_sent_again_on_a_new_co
         await listener.wait_closed()
 
 
-async def test_a_refused_stream_is_retried_a_bounded_number_of_times(ca_dir: Path) -> None:
-    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+async def test_a_refused_stream_is_retried_a_bounded_number_of_times(certs: CertificateManager) -> None:
+    contexts = TlsContexts(certs)
     served: list[int] = []
 
     async def always_refuse(tunnel: InboundTunnel) -> None:

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.forged_svids import FORGERIES, FixedProvider, forged_svid
 from tests.integration.conftest import NODE_A_CLIENT, NODE_C_TARGET, LocalMesh, SocksRefused, socks_connect
+from tests.support.svids import FORGERIES, FixedProvider, forged_svid, signed_svid
 from ztunnel.hbone.protocol import STATUS_OK
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import init_ca_dir
 from ztunnel.identity.certs import WorkloadCertificate
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.certs import SigningProvider
 from ztunnel.proxy.listeners import listening_socket
 
 TARGET_PORT = 7000
@@ -32,7 +31,7 @@ class FakeServer:
     """An HBONE server at node-c's pod address presenting whatever identity the test chooses."""
 
     def __init__(self, ca_dir: Path, identity: str, cert: WorkloadCertificate | None = None) -> None:
-        self.contexts = TlsContexts(SigningProvider.from_dir(ca_dir) if cert is None else FixedProvider(cert))
+        self.contexts = TlsContexts(FixedProvider(cert if cert is not None else signed_svid(ca_dir, identity)))
         self.identity = SpiffeId.parse(identity)
         self.tunnels: list[str] = []
         self.server = HboneServer(self.contexts, self._handle)

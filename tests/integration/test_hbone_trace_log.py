@@ -8,16 +8,18 @@ from tests.integration.conftest import ECHO_PORT, NODE_B_SERVER, LocalMesh, wait
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
 from ztunnel.hbone.tls_cache import TlsContexts
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.certs import SigningProvider
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
 SERVER = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/server")
 
 
-async def test_traceparent_of_an_inbound_tunnel_is_in_its_access_log_line(local_mesh: LocalMesh) -> None:
-    pool = HbonePool(TlsContexts(SigningProvider.from_dir(local_mesh.ca_dir)))
+async def test_traceparent_of_an_inbound_tunnel_is_in_its_access_log_line(
+    local_mesh: LocalMesh, certs: CertificateManager
+) -> None:
+    pool = HbonePool(TlsContexts(certs))
     try:
         stream = await pool.connect(
             PoolKey(CLIENT, SERVER, (NODE_B_SERVER, 15008)),

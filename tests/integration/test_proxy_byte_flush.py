@@ -8,13 +8,12 @@ import asyncio
 import socket
 import struct
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from ztunnel.config.model import Workload
-from ztunnel.proxy.certs import SigningProvider
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.proxy.listeners import WorkloadSockets, listening_socket
 from ztunnel.proxy.node import NodeProxy, ProxyOptions
 from ztunnel.telemetry.metrics import ProxyMetrics
@@ -58,11 +57,13 @@ async def echo() -> AsyncIterator[None]:
     await server.wait_closed()
 
 
-async def test_open_connections_bytes_are_flushed_periodically_and_totals_stay_exact(ca_dir: Path, echo: None) -> None:
+async def test_open_connections_bytes_are_flushed_periodically_and_totals_stay_exact(
+    certs: CertificateManager, echo: None
+) -> None:
     registry = CollectorRegistry()
     proxy = NodeProxy(
         ProxyOptions(node="node-f", byte_flush_interval=0.1),
-        SigningProvider.from_dir(ca_dir),
+        certs,
         metrics=ProxyMetrics(registry),
     )
     socks = listening_socket(POD_IP, 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ztunnel.config.loader import load_files
-from ztunnel.proxy.certs import SigningProvider
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.proxy.listeners import LocalListenerFactory, PodAddressRefused, local_mode_address_problem
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions, readiness
 
@@ -47,7 +47,7 @@ def test_only_specific_loopback_addresses_are_accepted(ip: str, refused: bool) -
 
 
 async def test_non_loopback_pod_ips_are_refused_logged_and_reported_by_readiness(
-    tmp_path: Path, ca_dir: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, certs: CertificateManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     config_file = tmp_path / "cluster.yaml"
     config_file.write_text(
@@ -58,7 +58,7 @@ async def test_non_loopback_pod_ips_are_refused_logged_and_reported_by_readiness
         + _pod("second-ip", "127.0.181.2", ("192.0.2.1",))
     )
     config = load_files([config_file])
-    proxy = NodeProxy(ProxyOptions(node="node-l"), SigningProvider.from_dir(ca_dir))
+    proxy = NodeProxy(ProxyOptions(node="node-l"), certs)
     factory = LocalListenerFactory(config_files=[str(config_file)])
     local = LocalWorkloads(proxy, factory)
     try:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from ztunnel.config.model import Workload
-from ztunnel.proxy.certs import SigningProvider
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.proxy.listeners import WorkloadSockets, listening_socket
 from ztunnel.proxy.node import NodeProxy, ProxyOptions
 from ztunnel.telemetry.metrics import ProxyMetrics
@@ -69,11 +68,11 @@ def original_dst(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, in
 
 
 @pytest.fixture
-async def proxy(ca_dir: Path) -> AsyncIterator[tuple[NodeProxy, CollectorRegistry]]:
+async def proxy(certs: CertificateManager) -> AsyncIterator[tuple[NodeProxy, CollectorRegistry]]:
     registry = CollectorRegistry()
     p = NodeProxy(
         ProxyOptions(node="node-g", connect_timeout=2.0),
-        SigningProvider.from_dir(ca_dir),
+        certs,
         metrics=ProxyMetrics(registry),
     )
     workload = Workload(

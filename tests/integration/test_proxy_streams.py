@@ -16,8 +16,8 @@ from ztunnel.hbone.protocol import STREAM_WINDOW, Authority
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.streams import READ_CHUNK, TCP_READ_BUFFER_LIMIT, ByteStream, StreamClosed, TcpStream
 from ztunnel.hbone.tls_cache import TlsContexts
+from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.certs import SigningProvider
 from ztunnel.proxy.listeners import listening_socket, serve_streams
 from ztunnel.proxy.relay import RelayCounters, relay
 
@@ -117,8 +117,8 @@ async def tcp_pair() -> AsyncIterator[tuple[TcpStream, TcpStream]]:
 
 
 @pytest.fixture
-async def hbone_pair(ca_dir: Path) -> AsyncIterator[tuple[HboneStream, HboneStream]]:
-    contexts = TlsContexts(SigningProvider.from_dir(ca_dir))
+async def hbone_pair(certs: CertificateManager) -> AsyncIterator[tuple[HboneStream, HboneStream]]:
+    contexts = TlsContexts(certs)
     served: asyncio.Queue[HboneStream] = asyncio.Queue()
     done = asyncio.Event()
 

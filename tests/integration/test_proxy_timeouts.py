@@ -11,6 +11,7 @@ accept queue is full: the kernel then drops new SYNs, so a connect to it neither
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.certs import in_process_certs
 from ztunnel.config.loader import load_files
-from ztunnel.proxy.certs import SigningProvider
 from ztunnel.proxy.listeners import LocalListenerFactory
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions
 
@@ -77,17 +78,14 @@ async def mesh(tmp_path: Path, ca_dir: Path) -> AsyncIterator[None]:
     config_file = tmp_path / "cluster.yaml"
     config_file.write_text(CONFIG)
     config = load_files([config_file])
-    proxies = []
-    for node, timeout in (("node-t", TIMEOUT), ("node-u", INBOUND_TIMEOUT)):
-        proxy = NodeProxy(ProxyOptions(node=node, connect_timeout=timeout), SigningProvider.from_dir(ca_dir))
-        proxy.apply_config(config)
-        await LocalWorkloads(proxy, LocalListenerFactory(hbone_port=15008)).reconcile(config)
-        proxies.append(proxy)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        for node, timeout in (("node-t", TIMEOUT), ("node-u", INBOUND_TIMEOUT)):
+            certs = await stack.enter_async_context(in_process_certs(ca_dir))
+            proxy = NodeProxy(ProxyOptions(node=node, connect_timeout=timeout), certs)
+            stack.push_async_callback(proxy.close)
+            proxy.apply_config(config)
+            await LocalWorkloads(proxy, LocalListenerFactory(hbone_port=15008)).reconcile(config)
         yield
-    finally:
-        for proxy in proxies:
-            await proxy.close()
 
 
 @pytest.fixture

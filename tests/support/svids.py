@@ -1,7 +1,10 @@
-"""Leaves that chain to a real test CA but break the X.509-SVID rules (CA powers, several URI SANs).
+"""SVIDs for test clients and servers that are not a proxy: signed as `ztunnel ca issue` signs them, or forged.
 
-OpenSSL verifies their chain and accepts them; only our SVID checks refuse them, so tests can show those
-checks on both sides of a real handshake.
+`signed_svid` goes through the CA's own API (a CSR checked and signed by the CA directory's intermediate).
+The forgeries chain to a real test CA but break the X.509-SVID rules (CA powers, several URI SANs): OpenSSL
+verifies their chain and accepts them; only our SVID checks refuse them, so tests can show those checks on
+both sides of a real handshake. A proxy under test gets its certificates from `CertificateManager`, as in
+production (tests/support/certs.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ztunnel.identity.ca import CertificateAuthority
-from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem
+from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem, make_csr
 from ztunnel.identity.spiffe import SpiffeId
 
 # name -> (URI SANs after the identity, basicConstraints CA, keyCertSign, cRLSign)
@@ -26,6 +29,17 @@ FORGERIES: dict[str, tuple[tuple[str, ...], bool, bool, bool]] = {
     "a second spiffe URI SAN": (("spiffe://cluster.local/ns/shop/sa/other",), False, False, False),
     "a second, non-SPIFFE URI SAN": (("https://example.com/x",), False, False, False),
 }
+
+
+def signed_svid(
+    ca_dir: Path, identity: SpiffeId | str, ttl: dt.timedelta = dt.timedelta(hours=1)
+) -> WorkloadCertificate:
+    """A valid SVID for `identity` from the CA in `ca_dir`, made the way `ztunnel ca issue` makes one."""
+    spiffe_id = identity if isinstance(identity, SpiffeId) else SpiffeId.parse(identity)
+    ca = CertificateAuthority.load(ca_dir)
+    key = generate_key()
+    chain = ca.sign_csr(make_csr(key, spiffe_id), ttl=ttl, expected_identity=spiffe_id)
+    return WorkloadCertificate(spiffe_id, key_to_pem(key), tuple(chain), ca.roots_pem)
 
 
 def forged_svid(ca_dir: Path, identity: str, forgery: str) -> WorkloadCertificate:
