@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ztunnel.config.loader import ConfigError, load_documents, load_files
-from ztunnel.lab.cni import CniError, PodRef, Runtime, load_network_config, node_conflist
+from ztunnel.lab.cni import CniInvocationError, PodRef, Runtime, load_network_config, node_conflist
 from ztunnel.lab.model import (
     LabError,
     check_lab_name,
@@ -154,7 +154,7 @@ class RecordingRuntime(Runtime):
     def _invoke(self, command: str, conf, pod):  # type: ignore[no-untyped-def, override]
         self.calls.append((command, dict(conf)))
         if conf["type"] == self.fail and command == "ADD":
-            raise CniError(conf["type"], command, 11, "agent not ready")
+            raise CniInvocationError(conf["type"], command, 11, "agent not ready")
         if conf["type"] == "bridge":
             return {"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.2/24"}], "interfaces": [{"name": "eth0"}]}
         return dict(conf.get("prevResult") or {})
@@ -174,7 +174,7 @@ def test_add_threads_prev_result_and_injects_name_and_version() -> None:
 def test_failed_add_is_torn_down_in_reverse_and_del_gets_the_cached_result() -> None:
     rt = RecordingRuntime(fail="ztunnel-cni")
     conf = node_conflist("net", "10.244.1.0/24", "/d", [{"type": "ztunnel-cni"}])
-    with pytest.raises(CniError) as e:
+    with pytest.raises(CniInvocationError) as e:
         rt.add(conf, PodRef("ns", "p", "u", "c", "/var/run/netns/p"))
     assert e.value.code == 11
     assert [(c, x["type"]) for c, x in rt.calls] == [
@@ -187,7 +187,7 @@ def test_failed_add_is_torn_down_in_reverse_and_del_gets_the_cached_result() -> 
 
 
 def test_runtime_uses_the_lexically_first_config_and_wraps_a_single_conf(tmp_path) -> None:
-    with pytest.raises(CniError, match="no CNI network config"):
+    with pytest.raises(CniInvocationError, match="no CNI network config"):
         load_network_config(tmp_path)
     (tmp_path / "20-other.conflist").write_text('{"cniVersion": "1.0.0", "name": "other", "plugins": []}')
     (tmp_path / "10-net.conf").write_text('{"cniVersion": "0.4.0", "name": "n", "type": "bridge", "bridge": "b0"}')
@@ -195,5 +195,5 @@ def test_runtime_uses_the_lexically_first_config_and_wraps_a_single_conf(tmp_pat
     conf = load_network_config(tmp_path)
     assert conf == {"cniVersion": "0.4.0", "name": "n", "plugins": [{"type": "bridge", "bridge": "b0"}]}
     (tmp_path / "01-bad.json").write_text("[1]")
-    with pytest.raises(CniError, match="JSON object"):
+    with pytest.raises(CniInvocationError, match="JSON object"):
         load_network_config(tmp_path)

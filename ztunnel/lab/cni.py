@@ -25,8 +25,11 @@ BRIDGE_NAME = "cni0"
 TRY_AGAIN_LATER = 11  # CNI error code: a plugin asks the runtime to retry
 
 
-class CniError(ZtunnelError):
-    """A plugin failed; carries the CNI error code so the runtime can decide to retry."""
+class CniInvocationError(ZtunnelError):
+    """A plugin the lab ran, as the runtime, failed; carries the CNI error code so the runtime can decide to retry.
+
+    The runtime's side of a failed call: the plugin's own error (what it prints) is `ztunnel.cni.plugin.CniError`.
+    """
 
     def __init__(self, plugin: str, command: str, code: int, msg: str, details: str = "") -> None:
         self.plugin = plugin
@@ -65,7 +68,7 @@ def find_plugin(plugin_type: str, dirs: Sequence[str]) -> str:
         p = Path(d) / plugin_type
         if p.is_file() and os.access(p, os.X_OK):
             return str(p)
-    raise CniError(
+    raise CniInvocationError(
         plugin_type,
         "lookup",
         0,
@@ -110,14 +113,16 @@ def load_network_config(conf_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         names = []
     if not names:
-        raise CniError("config", "load", 0, f"no CNI network config in {conf_dir}", "the node's network is not set up")
+        raise CniInvocationError(
+            "config", "load", 0, f"no CNI network config in {conf_dir}", "the node's network is not set up"
+        )
     path = conf_dir / names[0]
     try:
         conf = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CniError("config", "load", 0, f"{path}: not a readable CNI config ({e})") from e
+        raise CniInvocationError("config", "load", 0, f"{path}: not a readable CNI config ({e})") from e
     if not isinstance(conf, dict):
-        raise CniError("config", "load", 0, f"{path}: a CNI config must be a JSON object")
+        raise CniInvocationError("config", "load", 0, f"{path}: a CNI config must be a JSON object")
     if not isinstance(conf.get("plugins"), list):  # a single-plugin .conf
         single = {k: v for k, v in conf.items() if k not in ("cniVersion", "name")}
         conf = {
@@ -160,11 +165,11 @@ class Runtime:
         if proc.returncode != 0:
             try:
                 err = json.loads(out)
-                raise CniError(
+                raise CniInvocationError(
                     plugin_type, command, int(err.get("code", 0)), str(err.get("msg", "")), str(err.get("details", ""))
                 )
             except (ValueError, AttributeError):
-                raise CniError(
+                raise CniInvocationError(
                     plugin_type, command, 0, f"exit {proc.returncode}", (proc.stderr or out).strip()[:500]
                 ) from None
         if not out:
@@ -172,9 +177,9 @@ class Runtime:
         try:
             result = json.loads(out)
         except ValueError:
-            raise CniError(plugin_type, command, 0, "printed something that is not JSON", out[:500]) from None
+            raise CniInvocationError(plugin_type, command, 0, "printed something that is not JSON", out[:500]) from None
         if not isinstance(result, dict):
-            raise CniError(plugin_type, command, 0, "printed JSON that is not an object", out[:500])
+            raise CniInvocationError(plugin_type, command, 0, "printed JSON that is not an object", out[:500])
         return result
 
     @staticmethod
@@ -194,7 +199,7 @@ class Runtime:
         try:
             for plugin in conflist["plugins"]:
                 prev = self._invoke("ADD", self._plugin_conf(conflist, plugin, prev), pod)
-        except CniError:
+        except CniInvocationError:
             self.delete(conflist, pod, prev, best_effort=True)
             raise
         return prev or {}
@@ -202,11 +207,11 @@ class Runtime:
     def delete(
         self, conflist: Mapping[str, Any], pod: PodRef, cached: Mapping[str, Any] | None, best_effort: bool = False
     ) -> None:
-        errors: list[CniError] = []
+        errors: list[CniInvocationError] = []
         for plugin in reversed(conflist["plugins"]):
             try:
                 self._invoke("DEL", self._plugin_conf(conflist, plugin, cached or None), pod)
-            except CniError as e:
+            except CniInvocationError as e:
                 errors.append(e)
         if errors and not best_effort:
             raise errors[0]

@@ -4,29 +4,29 @@ Every command here names the namespace it acts in (`ip -n NS ...` or `ip netns e
 lab does can land in the machine's root network namespace by accident. `ip` is used rather than netlink
 bindings because its behaviour is stable across kernel and library versions and its errors are readable.
 
-This is the lab's only way into namespaces: every other lab module uses it (never `setns` or `ip` itself), so
-moving the `setns`, `NetnsError` and HTTP-probe mechanics to a shared lower layer changes imports here only.
+This is the lab's only way into namespaces: every other lab module uses it (never `setns` or `ip` itself). Entering
+a namespace (`setns`, `NetnsError`) and the HTTP client are the project's shared ones (`ztunnel.net`); what is the
+lab's own is the `ip` side, whose failures are `LabCommandError`s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import socket
 import subprocess
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.net.http import http_request
+from ztunnel.net.netns import NETNS_RUN_DIR, open_netns, socket_in_netns
 
-NETNS_DIR = Path("/var/run/netns")
-CLONE_NEWNET = 0x40000000
+NETNS_DIR = NETNS_RUN_DIR
 
 
-class NetnsError(ZtunnelError):
-    """A namespace or link operation failed; the message holds the command and what it printed."""
+class LabCommandError(ZtunnelError):
+    """A command the lab ran (`ip`, `sysctl`, `umount`...) failed; the message holds the command and what it printed."""
 
 
 def run(
@@ -37,7 +37,7 @@ def run(
     check: bool = True,
     timeout: float = 30.0,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a short command and return its output; raise NetnsError naming the command if it fails."""
+    """Run a short command and return its output; raise LabCommandError naming the command if it fails."""
     try:
         proc = subprocess.run(
             list(cmd),
@@ -49,19 +49,19 @@ def run(
             check=False,
         )
     except FileNotFoundError as e:
-        raise NetnsError(f"{cmd[0]}: not installed; run scripts/setup.sh as root") from e
+        raise LabCommandError(f"{cmd[0]}: not installed; run scripts/setup.sh as root") from e
     except subprocess.TimeoutExpired as e:
-        raise NetnsError(f"{' '.join(cmd)}: timed out after {timeout:.0f}s") from e
+        raise LabCommandError(f"{' '.join(cmd)}: timed out after {timeout:.0f}s") from e
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()
-        raise NetnsError(f"{' '.join(cmd)}: exit {proc.returncode}: {detail}")
+        raise LabCommandError(f"{' '.join(cmd)}: exit {proc.returncode}: {detail}")
     return proc
 
 
 def ip(netns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`ip -n NETNS ARGS`: an iproute2 command that acts only inside NETNS."""
     if not netns:
-        raise NetnsError("refusing to run an ip command without a namespace (the root netns is never changed)")
+        raise LabCommandError("refusing to run an ip command without a namespace (the root netns is never changed)")
     return run(["ip", "-n", netns, *args], check=check)
 
 
@@ -136,47 +136,19 @@ def pids_in_netns(names: Sequence[str]) -> list[int]:
 
 # ---- sockets opened inside a namespace --------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_setns_lock = threading.Lock()
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def entered(netns: str) -> Iterator[None]:
-    """Run the body with this thread inside NETNS, and always come back.
-
-    Sockets created in the body stay in NETNS after we return, which is how the lab probes ports that are
-    bound to a namespace's loopback. Only the calling thread moves; the lock keeps two probes from racing.
-    """
-    path = NETNS_DIR / netns
-    with _setns_lock:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            target = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            os.close(home)
-            raise NetnsError(f"netns {netns} does not exist") from e
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(home)
-        finally:
-            os.close(target)
-            os.close(home)
-
 
 def connect_in(netns: str, host: str, port: int, timeout: float = 1.0) -> socket.socket:
-    """A TCP connection made from inside NETNS (raises OSError if it cannot be made)."""
+    """A TCP connection made from inside NETNS (raises OSError if it cannot be made, NetnsError if NETNS is gone).
+
+    The socket is created inside NETNS and stays there, which is how the lab reaches ports bound to a namespace's
+    loopback; only the calling thread enters it, and only for the `socket()` call.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with entered(netns):
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    fd = open_netns(str(NETNS_DIR / netns))
+    try:
+        sock = socket_in_netns(fd, family)
+    finally:
+        os.close(fd)
     try:
         sock.settimeout(timeout)
         sock.connect((host, port))
@@ -195,22 +167,7 @@ def tcp_open(netns: str, host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def http_get(netns: str, host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
-    """A plain HTTP/1.0 GET from inside NETNS -> (status, body). Raises OSError on connection failure."""
+    """A GET from inside NETNS -> (status, body). Raises OSError if it cannot be made or is not answered in HTTP."""
     sock = connect_in(netns, host, port, timeout)
-    try:
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
-        chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        sock.close()
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split()
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        raise OSError(f"not an HTTP response from {host}:{port}{path}")
-    return int(status_line[1]), body.decode("utf-8", "replace")
+    response = http_request(host, port, "GET", path, timeout=timeout, sock=sock)
+    return response.status, response.body.decode("utf-8", "replace")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ztunnel.lab import components, netns, probes, procs
-from ztunnel.lab.cni import CniError, PodRef, Runtime, load_network_config, node_conflist, plugin_dirs
+from ztunnel.lab.cni import CniInvocationError, PodRef, Runtime, load_network_config, node_conflist, plugin_dirs
 from ztunnel.lab.model import FABRIC_SUBNET, LabError, NodeRecord, PodRecord, ips_from_cni_result
 from ztunnel.lab.state import LabState, updating, write_atomic, write_live
 
@@ -84,7 +84,7 @@ class Pods:
         while True:
             try:
                 return runtime.add(conf, ref)
-            except CniError as e:
+            except CniInvocationError as e:
                 now = time.monotonic()
                 if now >= deadline:
                     raise LabError(f"pod {rec.ref}: {e}") from e
@@ -198,7 +198,7 @@ class Pods:
                 runtime = Runtime(node.netns, self._cni_dirs(state, node))
                 try:
                     runtime.delete(self.conflist(state, node), self._pod_ref(rec), rec.cni_result or None)
-                except CniError as e:
+                except CniInvocationError as e:
                     self.say(f"pod {rec.ref}: {e} (continuing)")
             # e.g. `lab exec` sessions, or children that left the group; never a component that was only
             # passing through the pod's netns (the proxy opens listeners there with setns)

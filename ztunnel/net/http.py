@@ -1,10 +1,13 @@
-"""A tiny HTTP/1.1 server for control ports: metrics, admin, readiness, and the node agent's CNI socket.
+"""A tiny HTTP/1.1 server for control ports: metrics, admin, readiness, and the node agent's CNI socket; and
+the one small client the project's own processes use to ask such ports (the worker supervisor, the lab).
 
 These ports see a handful of requests a minute (Prometheus scrapes, kubelet probes, an operator's
 curl, a CNI ADD per pod), so the server answers one request per connection and closes it (no keep-alive). The request
 parser is sans-IO (`RequestParser.feed(bytes)`), bounded in every dimension, and turns bad input into
 a 4xx/5xx status rather than an exception that escapes: a scanner hitting the admin port must never
-disturb the proxy.
+disturb the proxy. The client is the mirror image: one request per connection (`Connection: close`), a sans-IO
+`ResponseParser` bounded in head and body size, and two thin I/O edges (`http_request` on a blocking socket,
+`http_request_async` on asyncio). The CNI plugin keeps its own standard-library client: it ships alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -354,3 +358,176 @@ class HttpServer:
             task = asyncio.ensure_future(run())
             self._after_tasks.add(task)  # keep a reference; not cancelled by close()
             task.add_done_callback(self._after_tasks.discard)
+
+
+# ---- client ---------------------------------------------------------------------------------------------------
+
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a /metrics or /config_dump of a big node; anything bigger is refused
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] ([1-9]\d\d)(?: [^\r\n]*)?$")
+_CLIENT_READ = 65536
+
+
+class HttpResponseError(OSError):
+    """The answer is not an HTTP/1.x response this client reads, or is bigger than its limit.
+
+    An OSError, like a refused or timed-out connection, so callers that only need "could it be asked" catch one type.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ClientResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]  # names lowercased, in arrival order
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+def render_request(method: str, host: str, port: int, path: str, body: bytes = b"") -> bytes:
+    """One HTTP/1.1 request that asks the server to close the connection after answering."""
+    if not _TOKEN.match(method.encode()):
+        raise ValueError(f"{method!r} is not an HTTP method")
+    if not path.startswith("/") or any(not 0x21 <= ord(c) <= 0x7E for c in path):
+        raise ValueError(f"{path!r} is not a request target: expected an absolute path, percent-encoded")
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {authority}", "Connection: close"]
+    if body or method not in ("GET", "HEAD"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+
+
+class ResponseParser:
+    """Sans-IO parser of the one response to a `Connection: close` request: `feed` bytes, then `eof()`.
+
+    `feed` returns the response as soon as its Content-Length is in; without one the body runs to the end of the
+    connection and `eof` returns it. Raises `HttpResponseError` for input that is not a response, a head over
+    `max_head` or a response over `max_bytes`: a confused or hostile server costs a bounded amount of memory.
+    """
+
+    def __init__(self, *, head_only: bool = False, max_head: int = MAX_HEAD_BYTES, max_bytes: int = MAX_RESPONSE_BYTES):
+        self._buf = bytearray()
+        self._head_only = head_only  # the answer to HEAD: a Content-Length but no body
+        self._max_head = max_head
+        self._max_bytes = max_bytes
+        self._head: tuple[int, tuple[tuple[str, str], ...], int | None] | None = None
+
+    def feed(self, data: bytes) -> ClientResponse | None:
+        self._buf += data
+        if len(self._buf) > self._max_bytes:
+            raise HttpResponseError(f"response larger than {self._max_bytes} bytes")
+        if self._head is None:
+            m = _HEAD_END.search(self._buf)
+            if m is None:
+                if len(self._buf) > self._max_head:
+                    raise HttpResponseError(f"response head larger than {self._max_head} bytes")
+                return None
+            self._head = self._parse_head(bytes(self._buf[: m.start()]))
+            del self._buf[: m.end()]
+        status, headers, length = self._head
+        if length is not None and len(self._buf) >= length:
+            return ClientResponse(status, headers, bytes(self._buf[:length]))
+        return None
+
+    def eof(self) -> ClientResponse:
+        """The response at the end of the connection; an error if it ended early."""
+        if self._head is None:
+            raise HttpResponseError("connection closed before a complete response head" if self._buf else "no response")
+        status, headers, length = self._head
+        if length is not None and len(self._buf) < length:
+            raise HttpResponseError(f"connection closed after {len(self._buf)} of {length} body bytes")
+        return ClientResponse(status, headers, bytes(self._buf))
+
+    def _parse_head(self, head: bytes) -> tuple[int, tuple[tuple[str, str], ...], int | None]:
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+        m = _STATUS_LINE.match(lines[0])
+        if m is None:
+            raise HttpResponseError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        headers: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.match(name):
+                raise HttpResponseError(f"malformed response header line: {line[:80]!r}")
+            headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+        if any(k == "transfer-encoding" for k, _ in headers):
+            raise HttpResponseError("transfer-encoding in a response is not supported")  # our servers never send it
+        lengths = {v for k, v in headers if k == "content-length"}
+        if len(lengths) > 1 or any(not (v.isascii() and v.isdigit()) or len(v) > 12 for v in lengths):
+            raise HttpResponseError(f"malformed content-length: {sorted(lengths)}")
+        status = int(m.group(1))
+        length = int(next(iter(lengths))) if lengths else None
+        if self._head_only or status in (204, 304) or status < 200:
+            length = 0
+        if length is not None and length > self._max_bytes:
+            raise HttpResponseError(f"response larger than {self._max_bytes} bytes (content-length {length})")
+        return status, tuple(headers), length
+
+
+def http_request(
+    host: str,
+    port: int,
+    method: str = "GET",
+    path: str = "/",
+    body: bytes = b"",
+    *,
+    timeout: float = 2.0,
+    sock: socket.socket | None = None,
+    max_bytes: int = MAX_RESPONSE_BYTES,
+) -> ClientResponse:
+    """One request on a blocking socket, all of it within `timeout` seconds; raises OSError if it cannot be made.
+
+    `sock`: a socket already connected to host:port (e.g. made inside another network namespace), which this
+    call closes; without it, a new connection.
+    """
+    deadline = time.monotonic() + timeout
+    request = render_request(method, host, port, path, body)
+    parser = ResponseParser(head_only=method == "HEAD", max_bytes=max_bytes)
+    if sock is None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    with sock:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(request)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete response from {host}:{port}{path} within {timeout:g}s")
+            sock.settimeout(remaining)
+            data = sock.recv(_CLIENT_READ)
+            if not data:
+                return parser.eof()
+            response = parser.feed(data)
+            if response is not None:
+                return response
+
+
+async def http_request_async(
+    host: str,
+    port: int,
+    method: str = "GET",
+    path: str = "/",
+    body: bytes = b"",
+    *,
+    timeout: float = 2.0,
+    max_bytes: int = MAX_RESPONSE_BYTES,
+) -> ClientResponse:
+    """`http_request` on the running event loop; raises OSError (TimeoutError included) if it cannot be made."""
+    request = render_request(method, host, port, path, body)
+    parser = ResponseParser(head_only=method == "HEAD", max_bytes=max_bytes)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            while True:
+                data = await reader.read(_CLIENT_READ)
+                if not data:
+                    return parser.eof()
+                response = parser.feed(data)
+                if response is not None:
+                    return response
+        finally:
+            writer.close()

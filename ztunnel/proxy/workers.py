@@ -48,7 +48,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from ztunnel.net.http import HttpServer, Request, Response, Routes
+from ztunnel.net.http import HttpServer, Request, Response, Routes, http_request_async
 from ztunnel.proxy.settings import ProxySettings, ProxySettingsError
 from ztunnel.telemetry.http_server import LOG_LEVELS
 
@@ -168,21 +168,10 @@ class WorkerSlot:
 async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
     """One request to a worker's operator port on WORKER_HOST; (0, b"") when it cannot be asked."""
     try:
-        async with asyncio.timeout(WORKER_HTTP_TIMEOUT):
-            reader, writer = await asyncio.open_connection(WORKER_HOST, port)
-            try:
-                writer.write(f"{method} {path} HTTP/1.1\r\nHost: worker\r\nContent-Length: 0\r\n\r\n".encode())
-                await writer.drain()
-                data = await reader.read()
-            finally:
-                writer.close()
-    except (OSError, TimeoutError):
+        response = await http_request_async(WORKER_HOST, port, method, path, timeout=WORKER_HTTP_TIMEOUT)
+    except OSError:  # refused, timed out, or not an HTTP response
         return 0, b""
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        return int(head.split(b" ", 2)[1]), body
-    except (IndexError, ValueError):
-        return 0, b""
+    return response.status, response.body
 
 
 class Supervisor:
