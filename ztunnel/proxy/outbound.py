@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztunnel.config.model import Service, Workload, canonical_ip
+from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.client import Deadline, HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import STATUS_BAD_REQUEST, STATUS_UNAUTHORIZED, STATUS_UNAVAILABLE, HboneError
 from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
@@ -343,8 +344,14 @@ class Outbound:
             reply = socks5.Reply.CONNECTION_REFUSED if e.status == STATUS_UNAVAILABLE else socks5.Reply.GENERAL_FAILURE
             # No status: the tunnel never got an answer (endpoint's proxy down, connection lost): fail over.
             raise failure(str(e), reply, FLAG_UPSTREAM_FAILURE, failover=e.status is None) from None
-        except Exception as e:  # certificate errors and the like: fail closed
+        except (ZtunnelError, OSError) as e:  # no certificate (CA refusal or unreachable), a failed dial: fail closed
             raise failure(f"cannot open a tunnel: {e}", socks5.Reply.GENERAL_FAILURE, FLAG_UPSTREAM_FAILURE) from None
+        except Exception as e:  # a bug: fail closed all the same, and leave its traceback for whoever fixes it
+            log.exception(
+                "unexpected error opening a tunnel; the client gets a general failure",
+                extra={"source": source.identity, "target": str(route.target)},
+            )
+            raise failure(f"cannot open a tunnel: {e!r}", socks5.Reply.GENERAL_FAILURE, FLAG_UPSTREAM_FAILURE) from None
         labels = self._outbound_labels(
             source, route.destination, route.service, route.destination.identity, security="mutual_tls"
         )
