@@ -269,7 +269,7 @@ async def flood(
     """CONNECTs to an app that never reads, then DATA on every stream, round robin, as far as the windows the
     proxy grants allow (up to `per_stream` bytes each): what the app does not take waits in the proxy. Ends
     when nothing more can be sent for `hold` s, or `settle_after_reset` s after the first stream the proxy
-    resets with ENHANCE_YOUR_CALM (`hold` being the deadline from the first DATA)."""
+    resets with ENHANCE_YOUR_CALM (`hold` being the deadline from the proxy's answers)."""
     block = connect_block(authority)
     payload = b"f" * frame_size
     ids = [1 + 2 * i for i in range(streams)]
@@ -290,7 +290,10 @@ async def flood(
             while len(f.answered) + len(f.reset_streams) < streams and not f.closed.is_set():
                 f.changed.clear()
                 await f.changed.wait()
-        while not f.closed.is_set() and (first_reset is None or time.monotonic() < first_reset + settle_after_reset):
+        deadline = time.monotonic() + hold
+        while not f.closed.is_set() and time.monotonic() < deadline:
+            if first_reset is not None and time.monotonic() > first_reset + (settle_after_reset or 0.0):
+                return
             if first_reset is None and settle_after_reset is not None and f.resets.get(ENHANCE_YOUR_CALM):
                 first_reset = time.monotonic()
             f.changed.clear()
@@ -318,13 +321,9 @@ async def flood(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(0.25, max(0.0, deadline - time.monotonic()))):
                     await f.changed.wait()
-            if time.monotonic() > deadline:
-                return
 
-    deadline = time.monotonic() + hold + 30
     try:
         senders = [asyncio.ensure_future(send(i)) for i in range(conns)]
-        deadline = time.monotonic() + hold
         await asyncio.gather(*senders, return_exceptions=True)
         closed = sum(f.closed.is_set() for _w, f, _t in opened)
     finally:
@@ -584,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                         attack,
                         {"conns": args.conns, "streams": args.streams, "mib_per_stream": args.mib, "hold_s": args.hold},
                         pid, apps, probe,
-                        lambda ctx=ctx: flood(ctx, address, sink, args.conns, args.streams, per_stream, args.hold),
+                        lambda ctx=ctx, n=per_stream: flood(ctx, address, sink, args.conns, args.streams, n, args.hold),
                     )
                 else:
                     p.error(f"unknown attack {attack!r} (rapid-reset, continuation, stall, flood)")
