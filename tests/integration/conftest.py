@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +30,8 @@ import pytest
 import uvloop
 
 from tests.support.certs import in_process_certs
+from tests.support.echo import Echo
+from tests.support.eventually import eventually
 from ztunnel.identity.manager import CertificateManager
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,17 +108,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- proxies ---------------------------------------------------------------------------------------
@@ -202,7 +192,7 @@ def start_proxy(
     p = ProxyProcess(node, proc, metrics, admin, ready, log_path)
     if wait_ready:
         try:
-            wait_until(lambda: p.ready() or p.proc.poll() is not None, 20, what=f"proxy {node} ready")
+            eventually(lambda: p.ready() or p.proc.poll() is not None, 20, what=f"proxy {node} ready")
         except AssertionError:
             p.stop()
             raise
@@ -219,7 +209,8 @@ class AppServer:
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="apps", daemon=True)
         self._servers: list[asyncio.Server] = []
-        self.connections = 0
+        self.connections = 0  # accepted by any app here (the bench's blast app counts itself in too)
+        self._echo_app = Echo()
         self._thread.start()
 
     def _run(self, coro):  # type: ignore[no-untyped-def]
@@ -227,16 +218,7 @@ class AppServer:
 
     async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        try:
-            while data := await reader.read(256 * 1024):
-                writer.write(data)
-                await writer.drain()
-            writer.write_eof()
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+        await self._echo_app(reader, writer)
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

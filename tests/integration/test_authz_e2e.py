@@ -30,14 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import (
-    AppServer,
-    ProxyProcess,
-    raw_hbone_status,
-    recv_all,
-    start_proxy,
-    wait_until,
-)
+from tests.integration.conftest import AppServer, ProxyProcess, raw_hbone_status, recv_all, start_proxy
+from tests.support.eventually import eventually
 from tests.support.svids import signed_svid
 from ztunnel.cli import main as cli_main
 from ztunnel.config.loader import load_files
@@ -349,17 +343,6 @@ def deny_count(metrics: str, destination_workload: str) -> float:
     return total
 
 
-def wait_for_log(proxy: ProxyProcess, text: str) -> None:
-    wait_until(lambda: text in proxy.log(), what=f"{proxy.node} to log {text!r}")
-
-
-def wait_for_denies(proxy: ProxyProcess, workload: str, at_least: float) -> None:
-    wait_until(
-        lambda: deny_count(proxy.metrics(), workload) >= at_least,
-        what=f"{proxy.node} to count {at_least} DENY for {workload}",
-    )
-
-
 # ---- the running pair ----------------------------------------------------------------------------------------
 @dataclass
 class AuthzMesh:
@@ -392,7 +375,7 @@ class AuthzMesh:
                 )
                 return dump if ok else {}
 
-            dump = wait_until(current, 20, what=f"{node} to serve the new config")
+            dump = eventually(current, 20, what=f"{node} to serve the new config")
             self.generation[node] = dump["generation"]
             self.dumps[node] = dump
         return files
@@ -497,12 +480,18 @@ def test_authz_check_and_proxies_agree(authz_mesh: AuthzMesh, c: Case) -> None:
         denies = 0 if probe.verdict == "allow" else 1 if probe.source == PLAIN else 2  # SOCKS5 + direct HBONE
         expected_denies[(node, workload)] = expected_denies.get((node, workload), 0) + denies
         if probe.verdict == "deny" and probe.policy not in (ANY, None):
-            wait_for_log(authz_mesh.proxies[node], f"policy={probe.policy}")
+            logged = f"policy={probe.policy}"
+            proxy = authz_mesh.proxies[node]
+            eventually(lambda p=proxy, text=logged: text in p.log(), what=f"{node} to log {logged}")
     for (node, workload), n in expected_denies.items():
         proxy = authz_mesh.proxies[node]
         start = deny_count(before[node], workload)
         if n:
-            wait_for_denies(proxy, workload, start + n)
+            want = start + n
+            eventually(
+                lambda p=proxy, w=workload, want=want: deny_count(p.metrics(), w) >= want,
+                what=f"{node} to count {want} DENY for {workload}",
+            )
         assert deny_count(proxy.metrics(), workload) - start == n, f"{node}: DENY count for {workload}"
 
 
@@ -552,6 +541,6 @@ def test_policy_change_closes_open_connections_now_denied(authz_mesh: AuthzMesh)
         assert conn_b.recv(100) == b"still allowed"
         conn_b.shutdown(socket.SHUT_WR)
         assert read_to_end(conn_b) == b""
-    wait_for_denies(node_g, "server", before + 2)
+    eventually(lambda: deny_count(node_g.metrics(), "server") >= before + 2, what="node-g to count the two DENY")
     assert deny_count(node_g.metrics(), "server") - before == 2
     assert "policy=az/reeval-deny-client" in node_g.log()

@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.support.eventually import eventually
 from ztunnel.identity.certs import generate_key, make_csr
 from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc
 from ztunnel.identity.spiffe import SpiffeId
@@ -234,19 +234,21 @@ def serve(ca_dir: Path, tmp_path: Path) -> Iterator[tuple[Serve, Path]]:
 
 
 def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
+    """RuntimeError when the server exits first (its port was taken between asking and binding)."""
     import socket
 
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(proc.stderr.read() if proc.stderr else "exited")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("timeout")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        eventually(listening, 15, what=f"ztunnel ca serve to listen on 127.0.0.1:{port}")
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def _create(
@@ -278,27 +280,29 @@ def test_grpcio_client_gets_a_chain_from_ca_serve(serve: tuple[Serve, Path], ca_
     assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
     # the config is watched: a pod added to the file is signable without a restart
     config.write_text(two_node_config_yaml() + pod_yaml("db-2", "shop", "node-a", "db", "10.1.0.7"))
-    deadline = time.monotonic() + 5
-    while True:
+
+    def signable() -> bool:
         try:
-            assert _create(srv, spiffe("shop", "db"))
-            break
+            return bool(_create(srv, spiffe("shop", "db")))
         except grpc.RpcError:
-            assert time.monotonic() < deadline, "the new pod never became signable"
-            time.sleep(0.1)
+            return False
+
+    eventually(signable, 5, 0.1, what="the pod added to the config to become signable")
     # the token file is watched too: a node added to it is recognized without a restart
     srv.tokens["node-c"] = "token-of-node-c-0123456789"
     write_token_file(srv.token_file, srv.tokens)
-    deadline = time.monotonic() + 5
-    while True:
+
+    def node_c_known() -> bool:
+        """Refused for the pod (PERMISSION_DENIED naming node-c), no longer for the token (UNAUTHENTICATED)."""
         with pytest.raises(grpc.RpcError) as refused:
             _create(srv, spiffe("shop", "web"), node="node-c")
-        if refused.value.code() is grpc.StatusCode.PERMISSION_DENIED:  # type: ignore[attr-defined]
-            assert "node-c" in refused.value.details()  # type: ignore[attr-defined]
-            break
-        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, "the new token was never accepted"
-        time.sleep(0.1)
+        if refused.value.code() is grpc.StatusCode.UNAUTHENTICATED:  # type: ignore[attr-defined]
+            return False
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert "node-c" in refused.value.details()  # type: ignore[attr-defined]
+        return True
+
+    eventually(node_c_known, 5, 0.1, what="the token added to the token file to be accepted")
     assert srv.proc.poll() is None
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(10) == 0

@@ -8,16 +8,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.integration.conftest import (
-    ECHO_PORT,
-    ZTUNNEL,
-    AppServer,
-    _pod,
-    recv_all,
-    socks_connect,
-    start_proxy,
-    wait_until,
-)
+from tests.integration.conftest import ECHO_PORT, ZTUNNEL, AppServer, _pod, recv_all, socks_connect, start_proxy
+from tests.support.eventually import eventually
 
 CLIENT = "127.0.195.1"
 SERVER = "127.0.195.2"
@@ -50,7 +42,7 @@ def test_every_line_of_a_proxy_run_is_json(tmp_path: Path, ca_dir: Path) -> None
             s.sendall(b"json please")
             s.shutdown(socket.SHUT_WR)
             assert recv_all(s) == b"json please"
-        wait_until(lambda: proxy is not None and proxy.log().count("connection complete") >= 2, what="access log")
+        eventually(lambda: proxy is not None and proxy.log().count("connection complete") >= 2, what="access log")
     finally:
         if proxy is not None:
             proxy.stop()

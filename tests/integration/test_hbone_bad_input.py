@@ -19,8 +19,8 @@ from tests.integration.conftest import (
     recv_all,
     socks_connect,
     start_proxy,
-    wait_until,
 )
+from tests.support.eventually import eventually
 from tests.support.svids import FORGERIES, forged_svid, signed_svid
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority, HboneError
@@ -115,7 +115,7 @@ async def test_a_long_authority_is_refused_and_logged_clipped(local_mesh: LocalM
     def logged() -> list[str]:
         return [line for line in local_mesh.b.log().splitlines() if "7" * 64 in line]
 
-    lines = wait_until(logged, what="the refusal in node-b's log")
+    lines = eventually(logged, what="the refusal in node-b's log")
     assert all(line.count("7" * 64) <= 4 and len(line) < 2000 for line in lines), max(map(len, lines))
     assert any("8003 chars" in line for line in lines)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NODE_B_SERVER, LocalMesh, wait_until
+from tests.integration.conftest import NODE_B_SERVER, LocalMesh
+from tests.support.eventually import eventually_async
 from tests.support.svids import issue
 from ztunnel.hbone.protocol import STATUS_OK
 from ztunnel.hbone.server import FailureLog, HboneServer, InboundTunnel
@@ -132,13 +133,13 @@ async def test_a_silent_client_is_counted_as_a_handshake_timeout(server: HboneSe
         assert await _eof(reader) == b""  # the server ends it after its handshake timeout
     finally:
         writer.close()
-    await asyncio.to_thread(wait_until, lambda: server.handshake_failures.get("timeout") == 1, 5, what="timeout")
+    await eventually_async(lambda: server.handshake_failures.get("timeout") == 1, 5, what="timeout")
 
 
 async def test_a_client_that_leaves_mid_handshake_is_counted_as_closed(server: HboneServer) -> None:
     with socket.create_connection(ADDRESS) as s:
         s.sendall(b"\x16\x03\x01\x00")  # the start of a ClientHello record, then gone
-    await asyncio.to_thread(wait_until, lambda: server.handshake_failures.get("closed") == 1, 5, what="closed")
+    await eventually_async(lambda: server.handshake_failures.get("closed") == 1, 5, what="closed")
     assert "timeout" not in server.handshake_failures
 
 
@@ -151,7 +152,7 @@ async def test_plaintext_on_the_hbone_port_is_a_protocol_failure(server: HboneSe
         pass
     finally:
         writer.close()
-    await asyncio.to_thread(wait_until, lambda: server.handshake_failures.get("protocol") == 1, 5, what="protocol")
+    await eventually_async(lambda: server.handshake_failures.get("protocol") == 1, 5, what="protocol")
 
 
 def test_the_failure_log_is_rate_limited_per_reason() -> None:
@@ -178,10 +179,9 @@ async def test_failed_handshakes_leave_no_socket_behind(server: HboneServer) -> 
         writer.close()
         with socket.create_connection(ADDRESS):
             pass
-    await asyncio.to_thread(
-        wait_until,
+    await eventually_async(
         lambda: server.handshake_failures.get("no_certificate") == 10 and server.handshake_failures.get("closed") == 10,
         5,
         what="20 failures",
     )
-    await asyncio.to_thread(wait_until, lambda: _open_fds() <= before, 5, what="the sockets closed")
+    await eventually_async(lambda: _open_fds() <= before, 5, what="the sockets closed")

@@ -4,7 +4,8 @@ The test is the caller: an HbonePool with the client pod's identity, straight to
 
 from __future__ import annotations
 
-from tests.integration.conftest import ECHO_PORT, NODE_B_SERVER, LocalMesh, wait_until
+from tests.integration.conftest import ECHO_PORT, NODE_B_SERVER, LocalMesh
+from tests.support.eventually import eventually
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
 from ztunnel.hbone.tls_cache import TlsContexts
@@ -39,7 +40,7 @@ async def test_traceparent_of_an_inbound_tunnel_is_in_its_access_log_line(
     def logged() -> str | None:
         return next((line for line in local_mesh.b.log().splitlines() if f"traceparent={TRACEPARENT}" in line), None)
 
-    wait_until(lambda: logged() is not None, what="access log line with the traceparent")
+    eventually(lambda: logged() is not None, what="access log line with the traceparent")
     line = logged()
     assert line is not None and "direction=inbound" in line and f"src.identity={CLIENT.uri}" in line
     # connections without one carry no traceparent field

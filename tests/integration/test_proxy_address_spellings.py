@@ -26,8 +26,8 @@ from tests.integration.conftest import (
     SocksRefused,
     recv_all,
     socks_connect,
-    wait_until,
 )
+from tests.support.eventually import eventually
 
 NOT_ALLOWED = 2
 HOST_UNREACHABLE = 4
@@ -86,7 +86,7 @@ def test_v4_mapped_pod_address_goes_through_hbone_with_policy(local_mesh: LocalM
         s.sendall(b"mapped")
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"mapped"
-    wait_until(
+    eventually(
         lambda: _inbound_opened(local_mesh.b.metrics(), principal) == before + 1, what="node-b to count the tunnel"
     )
 

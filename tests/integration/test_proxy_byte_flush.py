@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support.echo import echo_server
+from tests.support.eventually import eventually_async
 from ztunnel.config.model import Workload
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.proxy.listeners import WorkloadSockets, listening_socket
@@ -32,29 +34,14 @@ def _total(registry: CollectorRegistry, name: str, **labels: str) -> float:
     )
 
 
-async def _wait_for(registry: CollectorRegistry, name: str, want: float, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (got := _total(registry, name, reporter="source")) != want:
-        assert asyncio.get_running_loop().time() < deadline, f"{name} is {got}, expected {want}"
-        await asyncio.sleep(0.02)
+async def _counted(registry: CollectorRegistry, name: str, want: float) -> None:
+    await eventually_async(lambda: _total(registry, name, reporter="source") == want, 5, 0.02, what=f"{name} {want}")
 
 
 @pytest.fixture
 async def echo() -> AsyncIterator[None]:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, ECHO_IP, ECHO_PORT, reuse_address=True)
-    yield
-    server.close()
-    await server.wait_closed()
+    async with echo_server(ECHO_IP, ECHO_PORT):
+        yield
 
 
 async def test_open_connections_bytes_are_flushed_periodically_and_totals_stay_exact(
@@ -90,19 +77,19 @@ async def test_open_connections_bytes_are_flushed_periodically_and_totals_stay_e
         writer.write(b"a" * 1000)
         assert await reader.readexactly(1000) == b"a" * 1000
         # Still open: the bytes show up anyway.
-        await _wait_for(registry, "istio_tcp_received_bytes_total", 1000)
-        await _wait_for(registry, "istio_tcp_sent_bytes_total", 1000)
+        await _counted(registry, "istio_tcp_received_bytes_total", 1000)
+        await _counted(registry, "istio_tcp_sent_bytes_total", 1000)
         assert _total(registry, "istio_tcp_connections_closed_total") == 0
 
         writer.write(b"b" * 500)
         assert await reader.readexactly(500) == b"b" * 500
-        await _wait_for(registry, "istio_tcp_received_bytes_total", 1500)
+        await _counted(registry, "istio_tcp_received_bytes_total", 1500)
 
         writer.write(b"c" * 20)
         writer.write_eof()
         assert await reader.read() == b"c" * 20
         writer.close()
-        await _wait_for(registry, "istio_tcp_connections_closed_total", 1)
+        await _counted(registry, "istio_tcp_connections_closed_total", 1)
         # The close adds only what was not flushed: nothing is counted twice.
         assert _total(registry, "istio_tcp_received_bytes_total", reporter="source") == 1520
         assert _total(registry, "istio_tcp_sent_bytes_total", reporter="source") == 1520

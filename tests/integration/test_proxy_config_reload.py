@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
-    AppServer,
-    ProxyProcess,
-    SocksRefused,
-    recv_all,
-    socks_connect,
-    start_proxy,
-    wait_until,
-)
+from tests.integration.conftest import AppServer, ProxyProcess, SocksRefused, recv_all, socks_connect, start_proxy
+from tests.support.eventually import eventually
 
 CLIENT = "127.0.200.1"
 SERVER = "127.0.200.2"
@@ -100,7 +93,7 @@ def test_an_unreadable_config_is_rejected_and_the_next_valid_one_is_enforced(
     try:
         assert _echo_once() == b"ping"
         _replace(config, data)
-        wait_until(lambda: "config rejected" in proxy.log(), what="the rejection to be logged")
+        eventually(lambda: "config rejected" in proxy.log(), what="the rejection to be logged")
         line = next(x for x in proxy.log().splitlines() if "config rejected" in x)
         assert "keeping the last good config (generation 1)" in line and str(config) in line and reason in line
         assert proxy.ready() and _echo_once() == b"ping"
@@ -109,7 +102,7 @@ def test_an_unreadable_config_is_rejected_and_the_next_valid_one_is_enforced(
         assert dumped["last_rejection"]["file"] == str(config) and reason in dumped["last_rejection"]["reason"]
 
         _replace(config, BASE + DENY_CLIENT)  # the watcher is alive: this DENY must be enforced
-        wait_until(_refused, what="the DENY written after the bad file to be enforced")
+        eventually(_refused, what="the DENY written after the bad file to be enforced")
         assert proxy.config_dump()["config_source"]["last_rejection"] is None
         assert proxy.ready()
     finally:
@@ -129,7 +122,7 @@ def test_a_half_written_config_does_not_tear_down_the_node(
             assert conn.recv(100) == b"before"
             with config.open("w") as f:  # truncated in place, not replaced
                 f.flush()
-                wait_until(lambda: "holding it for 60s" in proxy.log(), what="the empty config to be held")
+                eventually(lambda: "holding it for 60s" in proxy.log(), what="the empty config to be held")
                 assert "Write config files atomically" in proxy.log()
                 held = proxy.config_dump()
                 assert held["config_source"]["held"]["workloads_before"] == 2
@@ -137,7 +130,7 @@ def test_a_half_written_config_does_not_tear_down_the_node(
                 conn.sendall(b"during")
                 assert conn.recv(100) == b"during"
                 f.write(BASE + DENY_CLIENT.replace("DENY", "AUDIT"))
-            wait_until(lambda: "config loaded: generation 2" in proxy.log(), what="the complete file to be applied")
+            eventually(lambda: "config loaded: generation 2" in proxy.log(), what="the complete file to be applied")
             conn.sendall(b"after")
             assert conn.recv(100) == b"after"
         assert len(proxy.config_dump()["served_workloads"]) == 2 and proxy.ready()
@@ -151,11 +144,11 @@ def test_a_config_dropping_every_pod_is_applied_once_the_file_stays_unchanged(
     proxy = start_proxy(NODE, config, ca_dir, tmp_path, "--config-settle", "1s")
     try:
         _replace(config, "")
-        wait_until(
+        eventually(
             lambda: "applying a config that removes every workload of node node-r" in proxy.log(),
             what="the held config to be applied after the settle time",
         )
-        wait_until(lambda: proxy.config_dump()["served_workloads"] == [], what="the pods to be removed")
+        eventually(lambda: proxy.config_dump()["served_workloads"] == [], what="the pods to be removed")
         log = proxy.log()
         assert log.index("holding it for 1s") < log.index("applying a config that removes every workload")
     finally:
@@ -182,10 +175,10 @@ def test_a_request_is_answered_while_a_large_config_is_loading(
     try:
         assert _echo_once() == b"ping"
         _replace(config, BASE + "---\n" + big.read_text())
-        wait_until(lambda: "config: parsing large file" in proxy.log(), what="the large load to start")
+        eventually(lambda: "config: parsing large file" in proxy.log(), what="the large load to start")
         assert _echo_once(b"during the load") == b"during the load"
         assert "config loaded: generation 2" not in proxy.log(), "the request waited for the load"
-        wait_until(lambda: "config loaded: generation 2" in proxy.log(), timeout=180, what="the large load to end")
+        eventually(lambda: "config loaded: generation 2" in proxy.log(), timeout=180, what="the large load to end")
         assert _echo_once() == b"ping" and proxy.ready()
     finally:
         proxy.stop()
@@ -194,7 +187,7 @@ def test_a_request_is_answered_while_a_large_config_is_loading(
 def test_a_node_with_no_pods_in_the_config_is_reported(tmp_path: Path, ca_dir: Path, config: Path) -> None:
     proxy = start_proxy("node-typo", config, ca_dir, tmp_path)
     try:
-        wait_until(lambda: "no pod in the config runs on node node-typo" in proxy.log(), what="the warning")
+        eventually(lambda: "no pod in the config runs on node node-typo" in proxy.log(), what="the warning")
         line = next(x for x in proxy.log().splitlines() if "node-typo" in x)
         assert "Nodes in the config: node-r" in line
     finally:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import start_proxy, wait_until
+from tests.integration.conftest import start_proxy
+from tests.support.eventually import eventually
 from ztunnel.inpod import channel, protocol
 from ztunnel.net.netns import open_netns, socket_in_netns
 
@@ -59,7 +60,7 @@ def test_ready_only_after_snapshot_and_every_added_pod_served(tmp_path: Path, ca
     try:
         conn, _ = agent.accept()
         assert isinstance(_recv(conn), protocol.Hello)
-        wait_until(lambda: proxy.http(proxy.readiness_port, "/healthz/ready")[0] != 0, what="readiness server up")
+        eventually(lambda: proxy.http(proxy.readiness_port, "/healthz/ready")[0] != 0, what="readiness server up")
         status, body = proxy.http(proxy.readiness_port, "/healthz/ready")
         assert status == 503 and "snapshot" in body
 
@@ -76,7 +77,7 @@ def test_ready_only_after_snapshot_and_every_added_pod_served(tmp_path: Path, ca
 
         channel.send(conn, protocol.SnapshotSent(id=2))
         assert _recv(conn) == protocol.Ack(id=2)
-        wait_until(proxy.ready, what="ready after snapshot-sent")
+        eventually(proxy.ready, what="ready after snapshot-sent")
         served = proxy.config_dump()
         assert "ready-web" in str(served)
     finally:
@@ -120,7 +121,7 @@ def test_not_ready_while_an_added_pod_could_not_be_served(tmp_path: Path, ca_dir
         # the agent deletes the pod: nothing left to wait for
         channel.send(conn, protocol.DelWorkload(id=3, uid="ready-web"))
         assert _recv(conn) == protocol.Ack(id=3)
-        wait_until(proxy.ready, what="ready once the failed pod is gone")
+        eventually(proxy.ready, what="ready once the failed pod is gone")
     finally:
         if blocker is not None:
             blocker.close()

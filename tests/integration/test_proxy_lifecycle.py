@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
-    AppServer,
-    ProxyProcess,
-    SocksRefused,
-    recv_all,
-    socks_connect,
-    start_proxy,
-    wait_until,
-)
+from tests.integration.conftest import AppServer, ProxyProcess, SocksRefused, recv_all, socks_connect, start_proxy
+from tests.support.eventually import eventually
 
 CLIENT = "127.0.150.1"
 CLIENT2 = "127.0.150.2"
@@ -108,18 +101,18 @@ def test_config_edits_add_and_remove_pod_listeners(pair: Pair) -> None:
     assert _echo_once(CLIENT) == b"ping"
     assert not _accepts((CLIENT2, 15080))
     pair.write(BASE + _client_pod("client", CLIENT) + _client_pod("client2", CLIENT2))
-    wait_until(lambda: _accepts((CLIENT2, 15080)), what="listeners for the new pod")
+    eventually(lambda: _accepts((CLIENT2, 15080)), what="listeners for the new pod")
     assert _echo_once(CLIENT2) == b"ping"  # it has its certificate too
     certs = {c["identity"] for c in pair.d.config_dump()["certificates"]}
     assert "spiffe://cluster.local/ns/life/sa/client2" in certs
     pair.write(BASE + _client_pod("client2", CLIENT2))
-    wait_until(lambda: not _accepts((CLIENT, 15080)) and not _accepts((CLIENT, 15008)), what="listeners removed")
+    eventually(lambda: not _accepts((CLIENT, 15080)) and not _accepts((CLIENT, 15008)), what="listeners removed")
     assert _echo_once(CLIENT2) == b"ping"
 
 
 def test_a_bad_config_edit_keeps_the_last_good_config(pair: Pair) -> None:
     pair.write("apiVersion: v1\nkind: Pod\nmetadata: {name: broken}\nstatus: {podIP: not-an-ip}\n")
-    wait_until(lambda: "config rejected" in pair.d.log(), what="the rejection to be logged")
+    eventually(lambda: "config rejected" in pair.d.log(), what="the rejection to be logged")
     assert _echo_once(CLIENT) == b"ping"
 
 
@@ -129,7 +122,7 @@ def test_policy_change_closes_open_connections_it_now_denies(pair: Pair) -> None
         s.sendall(b"before")
         assert s.recv(100) == b"before"
         pair.write(BASE + _client_pod("client", CLIENT) + DENY_CLIENT)
-        wait_until(lambda: "policy=life/no-client" in pair.e.log(), what="the open connection to be closed")
+        eventually(lambda: "policy=life/no-client" in pair.e.log(), what="the open connection to be closed")
         try:
             s.sendall(b"after")
             data = recv_all(s)
@@ -146,7 +139,7 @@ def test_sigterm_drains_open_connections_then_exits(pair: Pair) -> None:
         s.sendall(b"one")
         assert s.recv(100) == b"one"
         pair.e.proc.terminate()
-        wait_until(lambda: "draining" in pair.e.log(), what="drain to start")
+        eventually(lambda: "draining" in pair.e.log(), what="drain to start")
         # New connections are refused while the open one keeps working.
         with pytest.raises(SocksRefused):
             socks_connect(CLIENT, (SERVER, PORT))
@@ -184,18 +177,18 @@ def test_not_ready_until_every_local_pod_is_served_then_ready(tmp_path: Path, ca
     blocker.listen()
     d = start_proxy("node-d", config, ca_dir, tmp_path, "--access-log", "json", wait_ready=False)
     try:
-        _status, body = wait_until(
+        _status, body = eventually(
             lambda: (r := d.http(d.readiness_port, "/healthz/ready"))[0] == 503 and r, what="a not-ready answer"
         )
         assert "life/client" in body
         blocker.close()  # the proxy retries and serves the pod
-        wait_until(d.ready, what="ready once the pod is served")
+        eventually(d.ready, what="ready once the pod is served")
         dump = d.config_dump()
         assert [w["name"] for w in dump["served_workloads"]] == ["life/client"]
         assert {c["identity"] for c in dump["certificates"]} == {"spiffe://cluster.local/ns/life/sa/client"}
         with pytest.raises(SocksRefused):
             socks_connect(CLIENT, (SERVER, PORT))  # node-e has no proxy: fails closed
-        line = wait_until(
+        line = eventually(
             lambda: next((x for x in d.log().splitlines() if '"scope": "access"' in x), None), what="an access log line"
         )
         record = json.loads(line)

@@ -29,8 +29,8 @@ from tests.integration.conftest import (
     recv_all,
     socks_connect,
     transfer_size,
-    wait_until,
 )
+from tests.support.eventually import eventually
 
 
 def test_curl_through_socks5_reaches_the_app_on_the_other_node(local_mesh: LocalMesh) -> None:
@@ -98,7 +98,7 @@ def test_destination_outside_the_mesh_is_plain_passthrough(local_mesh: LocalMesh
         s.sendall(b"plain")
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"plain"
-    assert "dst.addr=127.0.140.1:8080" in wait_until(
+    assert "dst.addr=127.0.140.1:8080" in eventually(
         lambda: "127.0.140.1:8080" in local_mesh.a.log() and local_mesh.a.log(), what="access log line"
     )
 
@@ -192,7 +192,7 @@ def test_metrics_count_connections_and_bytes_with_principals(local_mesh: LocalMe
         )
         return (a, b) if ok else None
 
-    a, b = wait_until(closed_on_both, what="both proxies to count the closed connections")
+    a, b = eventually(closed_on_both, what="both proxies to count the closed connections")
     labels = {
         "reporter": "destination",
         "source_principal": principal,
@@ -214,7 +214,7 @@ def test_authorization_deny_answers_401_and_is_logged_with_the_policy(local_mesh
     with pytest.raises(SocksRefused) as e:
         socks_connect(NODE_A_DENIED_CLIENT, (NODE_B_SERVER, ECHO_PORT))
     assert e.value.code == 2  # not allowed by ruleset
-    log = wait_until(lambda: "policy=shop/deny-denied" in local_mesh.b.log() and local_mesh.b.log(), what="deny log")
+    log = eventually(lambda: "policy=shop/deny-denied" in local_mesh.b.log() and local_mesh.b.log(), what="deny log")
     assert re.search(r"response_flags=DENY .*policy=shop/deny-denied", log)
     text = local_mesh.b.metrics()
     assert (
@@ -256,6 +256,6 @@ def test_ipv6_destination_goes_through_the_tunnel(local_mesh: LocalMesh) -> None
         s.sendall(b"over v6")
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"over v6"
-    assert "dst.addr=[::1]:18080" in wait_until(
+    assert "dst.addr=[::1]:18080" in eventually(
         lambda: "[::1]:18080" in local_mesh.b.log() and local_mesh.b.log(), what="the inbound access log line"
     )

@@ -31,8 +31,8 @@ from tests.integration.conftest import (
     raw_hbone_status,
     socks_connect,
     start_proxy,
-    wait_until,
 )
+from tests.support.eventually import eventually
 from ztunnel.identity.ca import init_ca_dir
 from ztunnel.identity.testing import write_token_file
 
@@ -173,7 +173,7 @@ def running_proxy(mode: str, workdir: Path, ca_dir: Path, config: Path) -> Itera
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_until(lambda: b"CA server listening" in (workdir / "ca-server.log").read_bytes(), 20, what="CA server")
+        eventually(lambda: b"CA server listening" in (workdir / "ca-server.log").read_bytes(), 20, what="CA server")
         ca_args = ("--ca", f"127.0.0.1:{port}", "--ca-root", str(ca_dir / "root-cert.pem"))
         ca_args += ("--token-file", str(workdir / "node-b.token"))
     proxy = None
@@ -239,7 +239,7 @@ def test_a_revoked_server_is_dropped_by_the_client_pool_and_gets_a_new_cert(tmp_
         finally:
             conn.close()
         assert re.search(r'ztunnel_revoked_connections_closed_total\{side="outbound"\} 1\.0', a.metrics())
-        wait_until(lambda: b.config_dump()["certificates"][0]["serial"] != revoked, 10, what="node-b's new SVID")
+        eventually(lambda: b.config_dump()["certificates"][0]["serial"] != revoked, 10, what="node-b's new SVID")
         with socks_connect(CLIENT_IP, (SERVER_IP, ECHO_PORT)) as again:
             again.sendall(b"pong")
             assert again.recv(4) == b"pong"

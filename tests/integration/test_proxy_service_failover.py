@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import AppServer, recv_all, socks_connect, start_proxy, wait_until
+from tests.integration.conftest import AppServer, recv_all, socks_connect, start_proxy
+from tests.support.eventually import eventually
 
 CLIENT = "127.0.175.1"
 UP = "127.0.176.1"  # endpoint on node-fb, whose proxy runs
@@ -60,8 +61,8 @@ def test_every_connection_through_the_service_reaches_the_endpoint_whose_proxy_r
                     s.shutdown(socket.SHUT_WR)
                     assert recv_all(s) == msg
             # the down endpoint was chosen (round robin) and skipped; the up one served all ten
-            wait_until(lambda: fb.log().count("direction=inbound") >= 10, what="ten inbound log lines on node-fb")
-            wait_until(lambda: fa.log().count("direction=outbound") >= 10, what="ten outbound log lines on node-fa")
+            eventually(lambda: fb.log().count("direction=inbound") >= 10, what="ten inbound log lines on node-fb")
+            eventually(lambda: fa.log().count("direction=outbound") >= 10, what="ten outbound log lines on node-fa")
             assert "trying the next one" in fa.log()
             outbound = [x for x in fa.log().splitlines() if "direction=outbound" in x]
             assert len(outbound) == 10 and all("dst.workload=fo/up" in x for x in outbound)

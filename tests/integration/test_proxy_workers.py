@@ -14,15 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
-    ZTUNNEL,
-    AppServer,
-    ProxyProcess,
-    recv_all,
-    socks_connect,
-    start_proxy,
-    wait_until,
-)
+from tests.integration.conftest import ZTUNNEL, AppServer, ProxyProcess, recv_all, socks_connect, start_proxy
+from tests.support.eventually import eventually
 
 CLIENT = "127.0.170.1"
 SERVER = "127.0.180.1"
@@ -110,7 +103,7 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(pair: Pair)
         m = pair.w.metrics()
         return _sample(m, "istio_tcp_connections_opened_total") == CONNECTIONS
 
-    wait_until(counted, 10, what="merged connection counter")
+    eventually(counted, 10, what="merged connection counter")
     metrics = pair.w.metrics()
     per_worker = [_sample(metrics, "ztunnel_worker_tcp_connections_opened_total", worker=str(i)) for i in (0, 1)]
     assert sum(per_worker) == CONNECTIONS and all(n > 0 for n in per_worker), per_worker  # the kernel spread them
@@ -121,7 +114,7 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(pair: Pair)
     os.kill(pids[1], signal.SIGKILL)
     # Wait for the supervisor to reap it: only then are all its threads gone and its listeners closed (connections
     # the kernel queued on a dying worker's sockets are reset, as with any crash).
-    wait_until(lambda: _worker_pids(pair.w).get(1) != pids[1], 5, what="worker 1 reaped")
+    eventually(lambda: _worker_pids(pair.w).get(1) != pids[1], 5, what="worker 1 reaped")
     for i in range(10):
         assert _echo_once(b"after %d" % i) == b"after %d" % i
 
@@ -129,7 +122,7 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(pair: Pair)
         workers = {w["index"]: w for w in pair.w.config_dump()["workers"]}
         return workers[1]["pid"] not in (None, pids[1]) and workers[1]["restarts"] == 1 and workers[1]["ready"]
 
-    wait_until(restarted, 15, what="worker 1 restarted")
+    eventually(restarted, 15, what="worker 1 restarted")
     assert pair.w.ready()
     new_pids = _worker_pids(pair.w)
     assert new_pids[0] == pids[0] and not _alive(pids[1])

@@ -16,8 +16,8 @@ from tests.integration.conftest import (
     LocalMesh,
     recv_all,
     socks_connect,
-    wait_until,
 )
+from tests.support.eventually import eventually
 
 SERVER_FQDN = "server.shop.svc.cluster.local"  # Service `server` (port 80 -> targetPort ECHO_PORT)
 
@@ -68,7 +68,7 @@ def test_destination_reporter_names_the_service_like_the_source_reporter(local_m
         done = sum(v for (r, _s, p), v in delta.items() if (r, p) in (("source", "a"), ("destination", "b")))
         return delta if done >= 6 else None
 
-    delta = wait_until(grown, what="both proxies to count the three connections")
+    delta = eventually(grown, what="both proxies to count the three connections")
     # the source reporter as before: the service only when the client addressed it
     assert delta[("source", SERVER_FQDN, "a")] == 1
     assert delta[("source", "unknown", "a")] == 2

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import root_netns_snapshot, wait_for, ztunnel
+from tests.support.eventually import eventually
+
+from .conftest import root_netns_snapshot, ztunnel
 
 pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with the reason otherwise
 
@@ -97,7 +99,7 @@ def test_down_cleans_up_after_a_crashed_run(tmp_path: Path) -> None:
         assert _netns(f"ztl-{name}-")
         # `up` again over the wreck works too: it cleans first
         ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--mesh", "off", "--timeout", "60")
-        wait_for(lambda: not any(_alive(p) for p in pids), 5, "old processes to be gone")
+        eventually(lambda: not any(_alive(p) for p in pids), 5, 0.1, what="old processes to be gone")
         state = json.loads((lab_dir / "state.json").read_text())
         pids = [p["pid"] for p in state["processes"].values()]
         shutil.rmtree(lab_dir)

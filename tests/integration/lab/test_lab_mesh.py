@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, ZTUNNEL, LabHandle, wait_for
+from tests.support.eventually import eventually
+
+from .conftest import ROOT, ZTUNNEL, LabHandle
 
 pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with the reason otherwise
 
@@ -148,14 +150,14 @@ def test_out_of_mesh_pod_permissive_then_strict_and_node_probes_still_work(lab: 
     assert code == 0 and body.strip() == f"peer={lab.pod_ip('lab/outsider')}"  # PERMISSIVE: plaintext accepted
     lab.apply(STRICT)
     try:
-        wait_for(lambda: refused(lab, "lab/outsider", url), 5, "STRICT to refuse the plaintext client")
+        eventually(lambda: refused(lab, "lab/outsider", url), 5, 0.1, what="STRICT to refuse the plaintext client")
         code, body = lab.curl("node/n2", url)  # kubelet-style probe from the node
         assert code == 0 and body.strip() == "peer=169.254.7.127", body
         code, body = lab.curl("lab/client", url)  # mesh clients are unaffected
         assert code == 0 and body.startswith("peer=")
     finally:
         lab.delete(STRICT)
-    wait_for(lambda: not refused(lab, "lab/outsider", url), 5, "plaintext to be accepted again")
+    eventually(lambda: not refused(lab, "lab/outsider", url), 5, 0.1, what="plaintext to be accepted again")
 
 
 def test_authorization_policy_refuses_within_2s_and_removal_restores(lab: LabHandle) -> None:
@@ -197,7 +199,7 @@ def test_authorization_policy_refuses_within_2s_and_removal_restores(lab: LabHan
             apply.kill()
             apply.wait()
         lab.delete(DENY_CLIENT)
-    wait_for(lambda: not refused(lab, "lab/client", url), 2.0, "access to come back", 0.05)
+    eventually(lambda: not refused(lab, "lab/client", url), 2.0, 0.05, what="access to come back")
 
 
 def test_fail_closed_without_the_client_nodes_proxy(lab: LabHandle) -> None:
@@ -225,7 +227,7 @@ def test_fail_closed_without_the_client_nodes_proxy(lab: LabHandle) -> None:
             cwd=ROOT,
             capture_output=True,
         )
-    wait_for(lambda: not refused(lab, "lab/client", url), 10, "the client to work again after the restart")
+    eventually(lambda: not refused(lab, "lab/client", url), 10, 0.1, what="the client to work again after the restart")
     assert ruleset(lab, "lab/client") == before  # nothing lost, nothing duplicated
 
 
@@ -271,10 +273,11 @@ def test_node_agent_restart_keeps_redirection_and_enrolls_a_pod_started_meanwhil
         assert "ZTUNNEL" in lab.run("lab/late", "iptables-save", "-t", "nat").stdout
         code, body = lab.curl("lab/late", url)
         assert code == 0 and body.strip() == f"peer={lab.pod_ip('lab/late')}"
-        wait_for(
+        eventually(
             lambda: 'source_principal="spiffe://cluster.local/ns/lab/sa/late"' in lab.metrics("n2"),
             5,
-            "the late pod's principal in the server node's metrics",
+            0.1,
+            what="the late pod's principal in the server node's metrics",
         )
     finally:
         lab.delete(LATE_POD)
