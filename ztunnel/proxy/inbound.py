@@ -25,7 +25,6 @@ from ztunnel.hbone.server import InboundTunnel
 from ztunnel.hbone.streams import ByteStream, TcpStream
 from ztunnel.policy.decision import ConnectionAttributes, Decision
 from ztunnel.proxy.listeners import original_destination
-from ztunnel.proxy.relay import RelayCounters, relay
 from ztunnel.proxy.report import (
     FLAG_BAD_REQUEST,
     FLAG_DENY,
@@ -204,23 +203,11 @@ class Inbound:
         source_workload: Workload | None,
         traceparent: str | None = None,
     ) -> None:
-        counters = RelayCounters()
-        tracked = self.state.tracker.add(
-            TrackedConnection(
-                "inbound",
-                served.workload.uid,
-                abort=lambda: (downstream.abort(), app.abort()),
-                attributes=attrs,
-                counters=counters,
-                labels=labels,
-            )
-        )
-        if self.report.metrics is not None:
-            self.report.metrics.connection_opened(labels)
+        tracked = TrackedConnection("inbound", served.workload.uid, downstream, app, attributes=attrs, labels=labels)
         try:
-            await relay(downstream, app, counters)
+            await self.state.tracker.relay(tracked, self.report.metrics)
         finally:
-            self.state.tracker.remove(tracked)
+            counters = tracked.counters
             flag = FLAG_DENY if tracked.denied_by else FLAG_NONE
             self.report.connection(
                 labels,

@@ -14,6 +14,7 @@ report.py turns a finished connection into metrics and an access log line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
@@ -172,19 +173,15 @@ class NodeProxy:
             await self.contexts.client(identity)
             for sock in sockets.hbone:
                 served.servers.append(await self.hbone_server.listen(sock, identity))
-            uid = workload.uid
-            for sock in sockets.plaintext:
-                served.servers.append(
-                    await serve_streams(sock, lambda s, u=uid: self.inbound.serve_plaintext(u, s), tasks=self.tasks)
-                )
-            for sock in sockets.socks5:
-                served.servers.append(
-                    await serve_streams(sock, lambda s, u=uid: self.outbound.serve_socks5(u, s), tasks=self.tasks)
-                )
-            for sock in sockets.outbound:
-                served.servers.append(
-                    await serve_streams(sock, lambda s, u=uid: self.outbound.serve_transparent(u, s), tasks=self.tasks)
-                )
+            plain_servers = (
+                (sockets.plaintext, self.inbound.serve_plaintext),
+                (sockets.socks5, self.outbound.serve_socks5),
+                (sockets.outbound, self.outbound.serve_transparent),
+            )
+            for socks, serve in plain_servers:
+                for sock in socks:
+                    handler = functools.partial(serve, workload.uid)
+                    served.servers.append(await serve_streams(sock, handler, tasks=self.tasks))
         except BaseException:
             for server in served.servers:
                 server.close()

@@ -18,7 +18,6 @@ from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.proxy import socks5
 from ztunnel.proxy.listeners import original_destination
-from ztunnel.proxy.relay import RelayCounters, relay
 from ztunnel.proxy.report import (
     FLAG_DENY,
     FLAG_NO_ROUTE,
@@ -198,22 +197,11 @@ class Outbound:
                 upstream.stream.abort()
                 client.abort()
                 return
-        counters = RelayCounters()
-        tracked = self.state.tracker.add(
-            TrackedConnection(
-                "outbound",
-                uid,
-                abort=lambda: (client.abort(), upstream.stream.abort()),
-                counters=counters,
-                labels=upstream.labels,
-            )
-        )
-        if self.report.metrics is not None:
-            self.report.metrics.connection_opened(upstream.labels)
+        tracked = TrackedConnection("outbound", uid, client, upstream.stream, labels=upstream.labels)
         try:
-            await relay(client, upstream.stream, counters)
+            await self.state.tracker.relay(tracked, self.report.metrics)
         finally:
-            self.state.tracker.remove(tracked)
+            counters = tracked.counters
             # Source side: "received" came from the client pod, "sent" went back to it.
             self.report.connection(
                 upstream.labels,

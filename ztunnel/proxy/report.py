@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ztunnel.config.model import Service, Workload
-from ztunnel.hbone.client import IDENTITY_ERROR, TLS_FAILURE, PoolKey, SecureNamingError, TlsHandshakeError
-from ztunnel.hbone.protocol import ConnectRequest
+from ztunnel.hbone.client import PoolKey, SecureNamingError, TlsHandshakeError
+from ztunnel.hbone.protocol import IDENTITY_ERROR, TLS_FAILURE, ConnectRequest
 from ztunnel.hbone.server import InboundTunnel
 from ztunnel.policy.decision import Decision
 from ztunnel.proxy.labels import ConnectionLabelCache

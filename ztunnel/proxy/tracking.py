@@ -1,6 +1,7 @@
 """The registry of open proxied connections, so policy changes can re-check them and drain can wait.
 
-Each entry knows how to abort itself; the tracker never touches sockets on its own.
+Each entry holds the two streams of its relay, so it can abort itself; the tracker never touches sockets on its
+own. `ConnectionTracker.relay` is how inbound and outbound run a connection once it is set up.
 """
 
 from __future__ import annotations
@@ -10,30 +11,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ztunnel.hbone.streams import ByteStream
 from ztunnel.policy.decision import ConnectionAttributes
-from ztunnel.proxy.relay import RelayCounters
-from ztunnel.telemetry.metrics import ConnectionLabels
+from ztunnel.proxy.relay import RelayCounters, relay
+from ztunnel.telemetry.metrics import ConnectionLabels, ProxyMetrics
 
 
 @dataclass(eq=False)
 class TrackedConnection:
     direction: str  # "inbound" | "outbound"
     workload_uid: str  # the local pod this connection belongs to
-    abort: Callable[[], None]
+    downstream: ByteStream  # the client's side: counters.a_to_b is what it sent
+    upstream: ByteStream
     attributes: ConnectionAttributes | None = None  # inbound: what authorization decided on
     opened_at: float = field(default_factory=time.monotonic)
     denied_by: str | None = None  # set when a policy change closed it
     # Byte counts while it is open: the relay's live counters, the metric labels they are counted under,
     # and how much of each direction the periodic flush already added to the byte counters.
-    counters: RelayCounters | None = None
+    counters: RelayCounters = field(default_factory=RelayCounters)
     labels: ConnectionLabels | None = None
     flushed_sent: int = 0  # toward the client (b_to_a)
     flushed_received: int = 0  # from the client (a_to_b)
 
+    def abort(self) -> None:
+        self.downstream.abort()
+        self.upstream.abort()
+
     def take_unflushed(self) -> tuple[int, int]:
         """(sent, received) since the last flush, and mark them flushed."""
-        if self.counters is None:
-            return 0, 0
         sent, received = self.counters.b_to_a, self.counters.a_to_b
         delta = (sent - self.flushed_sent, received - self.flushed_received)
         self.flushed_sent, self.flushed_received = sent, received
@@ -61,6 +66,17 @@ class ConnectionTracker:
         self._open.discard(conn)
         if not self._open:
             self._empty.set()
+
+    async def relay(self, conn: TrackedConnection, metrics: ProxyMetrics | None) -> None:
+        """Relay `conn`'s streams until both ends close, counted open and tracked (policy re-checks, drain, byte
+        flushes) meanwhile. The caller reports the connection from `conn` when this returns or raises."""
+        self.add(conn)
+        if metrics is not None and conn.labels is not None:
+            metrics.connection_opened(conn.labels)
+        try:
+            await relay(conn.downstream, conn.upstream, conn.counters)
+        finally:
+            self.remove(conn)
 
     def connections(self, direction: str | None = None, workload_uid: str | None = None) -> list[TrackedConnection]:
         return [
