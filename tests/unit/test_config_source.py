@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_config_model import CLUSTER
 
+from tests.support.clock import FakeClock
 from ztunnel.config import ConfigError
 from ztunnel.config import source as source_module
 from ztunnel.config.source import FileConfigSource
@@ -24,14 +25,6 @@ DENY = (
 )
 # Node a's pods gone (web-1 and the host-network pod), node b's kept.
 WITHOUT_NODE_A = CLUSTER.replace("nodeName: a", "nodeName: c")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -136,13 +129,13 @@ async def test_a_config_dropping_every_workload_of_the_node_is_held_until_the_wr
     assert "removes every workload of node a (2 now); holding it for 3s" in caplog.text
     assert "Write config files atomically" in caplog.text
     assert source.status()["held"] == {"reason": "removes every workload of node a", "workloads_before": 2}
-    clock.now += 1
+    clock.advance(1)
     assert await source.reload_if_changed() is False  # unchanged, not settled yet
 
     _write(cluster_file, CLUSTER + DENY)  # the write completes within the settle time
     assert await source.reload_if_changed() is True
     assert published == [2] and source.status()["held"] is None
-    clock.now += 10
+    clock.advance(10)
     assert await source.reload_if_changed() is False  # nothing more to apply
 
 
@@ -156,9 +149,9 @@ async def test_a_held_config_is_applied_once_the_file_stays_unchanged(
     source.load()
     _write(cluster_file, WITHOUT_NODE_A)
     assert await source.reload_if_changed() is False
-    clock.now += 2.9
+    clock.advance(2.9)
     assert await source.reload_if_changed() is False and published == []
-    clock.now += 0.2
+    clock.advance(0.2)
     with caplog.at_level(logging.WARNING, logger="ztunnel.config"):
         assert await source.reload_if_changed() is True  # re-read: unchanged and still without node a
     assert published == [0]
