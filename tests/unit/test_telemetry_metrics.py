@@ -40,8 +40,7 @@ def dest_labels(cache: ConnectionLabelCache | None = None, **overrides: object) 
         "connection_security_policy": "mutual_tls",
     }
     kwargs.update(overrides)
-    build = cache.build if cache is not None else connection_labels
-    return build(**kwargs)  # type: ignore[arg-type]
+    return connection_labels(cache=cache, **kwargs)  # type: ignore[arg-type]
 
 
 def sample(registry: CollectorRegistry, name: str, labels: ConnectionLabels, flags: str = "-") -> float | None:
@@ -195,13 +194,13 @@ def test_labels_follow_the_workload_objects_they_are_built_from() -> None:
 def test_the_label_cache_hands_out_one_object_per_peer_pair_and_stays_bounded() -> None:
     cache = ConnectionLabelCache(limit=2)
     kwargs = dict(source_principal=SLEEP.identity, destination_principal=None, destination_service=None)
-    first = cache.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
-    again = cache.build(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
+    first = connection_labels(reporter="source", source=SLEEP, destination=None, cache=cache, **kwargs)  # type: ignore[arg-type]
+    again = connection_labels(reporter="source", source=SLEEP, destination=None, cache=cache, **kwargs)  # type: ignore[arg-type]
     assert again is first
     assert first == connection_labels(reporter="source", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
-    other = cache.build(reporter="destination", source=SLEEP, destination=None, **kwargs)  # type: ignore[arg-type]
+    other = connection_labels(reporter="destination", source=SLEEP, destination=None, cache=cache, **kwargs)  # type: ignore[arg-type]
     assert other is not first and other.reporter == "destination"
-    cache.build(reporter="source", source=None, destination=None, **kwargs)  # type: ignore[arg-type]
+    connection_labels(reporter="source", source=None, destination=None, cache=cache, **kwargs)  # type: ignore[arg-type]
     assert len(cache._entries) <= 2
 
 

@@ -24,12 +24,11 @@ from ztunnel.hbone.protocol import (
 from ztunnel.hbone.server import InboundTunnel
 from ztunnel.hbone.streams import ByteStream, TcpStream
 from ztunnel.policy.decision import ConnectionAttributes, Decision
+from ztunnel.proxy.labels import connection_labels
 from ztunnel.proxy.listeners import original_destination
 from ztunnel.proxy.report import (
     FLAG_BAD_REQUEST,
-    FLAG_DENY,
     FLAG_NO_ROUTE,
-    FLAG_NONE,
     FLAG_UPSTREAM_FAILURE,
     ConnectionReporter,
     format_addr,
@@ -91,15 +90,7 @@ class Inbound:
             destination_port=target.port,
         )
         source_workload = self._source_workload(source_ip, peer_identity)
-        labels = self.report.labels.build(
-            reporter="destination",
-            source=source_workload,
-            source_principal=peer_identity,
-            destination=destination,
-            destination_principal=destination.identity,
-            destination_service=self.report.labels.inbound_service(self.state.config, destination, target.port),
-            connection_security_policy="mutual_tls",
-        )
+        labels = self._labels(source_workload, peer_identity, destination, target.port)
         decision = self.state.policy.check_l4(attrs)
         if not decision.allowed:
             stream.respond(STATUS_UNAUTHORIZED)
@@ -182,6 +173,21 @@ class Inbound:
                 return request.forwarded_for
         return tunnel.peer_address
 
+    def _labels(
+        self, source: Workload | None, principal: str | None, destination: Workload, port: int
+    ) -> ConnectionLabels:
+        """The destination reporter's labels: mutual TLS for a caller with a principal (HBONE), none for plaintext."""
+        return connection_labels(
+            reporter="destination",
+            source=source,
+            source_principal=principal,
+            destination=destination,
+            destination_principal=destination.identity,
+            destination_service=self.report.labels.inbound_service(self.state.config, destination, port),
+            connection_security_policy="mutual_tls" if principal is not None else "none",
+            cache=self.report.labels,
+        )
+
     def _source_workload(self, ip: str, principal: str | None) -> Workload | None:
         w = self.state.config.workload_by_ip(ip)
         if w is None:
@@ -203,29 +209,19 @@ class Inbound:
         source_workload: Workload | None,
         traceparent: str | None = None,
     ) -> None:
-        tracked = TrackedConnection("inbound", served.workload.uid, downstream, app, attributes=attrs, labels=labels)
+        tracked = TrackedConnection("inbound", served.workload.uid, downstream, app, labels, attributes=attrs)
         try:
             await self.state.tracker.relay(tracked, self.report.metrics)
         finally:
-            counters = tracked.counters
-            flag = FLAG_DENY if tracked.denied_by else FLAG_NONE
-            self.report.connection(
-                labels,
-                "inbound",
+            self.report.relayed(
+                tracked,
                 client,
                 (attrs.destination_ip, attrs.destination_port),
-                flag,
                 started,
-                received=counters.a_to_b,
-                sent=counters.b_to_a,
-                opened=True,
                 destination=served.workload,
                 dst_identity=served.workload.identity,
                 src_identity=principal,
                 src_workload=source_workload,
-                policy=tracked.denied_by,
-                error=counters.error if not tracked.denied_by else "closed by a policy change",
-                flushed=(tracked.flushed_sent, tracked.flushed_received),
                 traceparent=traceparent,
             )
 
@@ -247,15 +243,7 @@ class Inbound:
             dst = (local[0] if local[0] in destination.ips else destination.ips[0], port)
         source_ip, source_port = client.peername
         source_workload = self._source_workload(source_ip, None)
-        labels = self.report.labels.build(
-            reporter="destination",
-            source=source_workload,
-            source_principal=None,
-            destination=destination,
-            destination_principal=destination.identity,
-            destination_service=self.report.labels.inbound_service(self.state.config, destination, dst[1]),
-            connection_security_policy="none",
-        )
+        labels = self._labels(source_workload, None, destination, dst[1])
         why_not = self._not_this_pod(destination, dst)
         if why_not is not None:
             # Redirected traffic that was not addressed to this pod (or aims at a proxy port): connecting

@@ -11,6 +11,8 @@ from typing import Any, Literal
 from ztunnel.config.model import ClusterConfig, Service, Workload
 from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, UNKNOWN, ConnectionLabels, Reporter
 
+SecurityPolicy = Literal["mutual_tls", "none", "unknown"]  # the connection_security_policy label
+
 
 def _app_of(workload: Workload) -> str:
     """Istio's canonical service: the canonical-name label, else `app`, else the workload name."""
@@ -48,15 +50,30 @@ def connection_labels(
     destination_principal: str | None,
     destination_service: Service | None,
     request_protocol: str = "tcp",
-    connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
+    connection_security_policy: SecurityPolicy = "unknown",
+    cache: ConnectionLabelCache | None = None,
 ) -> ConnectionLabels:
     """Labels for one connection; anything not known is `unknown`, as Istio reports it.
 
     Principals are full SPIFFE URIs (`spiffe://cluster.local/ns/a/sa/b`), as in Istio's metrics.
-    `destination_service` is the service's FQDN (`name.ns.svc.cluster.local`). A proxy builds them
-    through its `ConnectionLabelCache`.
+    `destination_service` is the service's FQDN (`name.ns.svc.cluster.local`). A proxy passes its
+    `ConnectionLabelCache`, which hands out the labels it built before for the same objects.
     """
-    return ConnectionLabels(
+    key = (
+        reporter,
+        id(source),
+        source_principal,
+        id(destination),
+        destination_principal,
+        id(destination_service),
+        request_protocol,
+        connection_security_policy,
+    )
+    if cache is not None:
+        hit = cache.get(key, source, destination, destination_service)
+        if hit is not None:
+            return hit
+    labels = ConnectionLabels(
         reporter=reporter,
         source_workload=source.name if source else UNKNOWN,
         source_workload_namespace=source.namespace if source else UNKNOWN,
@@ -70,10 +87,13 @@ def connection_labels(
         request_protocol=request_protocol or UNKNOWN,
         connection_security_policy=connection_security_policy or UNKNOWN,
     )
+    if cache is not None:
+        cache.put(key, source, destination, destination_service, labels)
+    return labels
 
 
 class ConnectionLabelCache:
-    """`connection_labels`, remembered: the same few (source, destination) pairs recur on every
+    """`connection_labels`' memory: the same few (source, destination) pairs recur on every
     connection, and handing out the same object also makes the metric-children lookup an identity hit.
 
     Workloads are not hashable, so the key holds their ids and the entry the objects themselves (an id
@@ -102,42 +122,22 @@ class ConnectionLabelCache:
         self._services[key] = (workload, service)
         return service
 
-    def build(
-        self,
-        *,
-        reporter: Reporter,
-        source: Workload | None,
-        source_principal: str | None,
-        destination: Workload | None,
-        destination_principal: str | None,
-        destination_service: Service | None,
-        request_protocol: str = "tcp",
-        connection_security_policy: Literal["mutual_tls", "none", "unknown"] = "unknown",
-    ) -> ConnectionLabels:
-        key = (
-            reporter,
-            id(source),
-            source_principal,
-            id(destination),
-            destination_principal,
-            id(destination_service),
-            request_protocol,
-            connection_security_policy,
-        )
+    def get(
+        self, key: tuple[Any, ...], source: Workload | None, destination: Workload | None, service: Service | None
+    ) -> ConnectionLabels | None:
         entry = self._entries.get(key)
-        if entry is not None and entry[0] is source and entry[1] is destination and entry[2] is destination_service:
+        if entry is not None and entry[0] is source and entry[1] is destination and entry[2] is service:
             return entry[3]
-        labels = connection_labels(
-            reporter=reporter,
-            source=source,
-            source_principal=source_principal,
-            destination=destination,
-            destination_principal=destination_principal,
-            destination_service=destination_service,
-            request_protocol=request_protocol,
-            connection_security_policy=connection_security_policy,
-        )
+        return None
+
+    def put(
+        self,
+        key: tuple[Any, ...],
+        source: Workload | None,
+        destination: Workload | None,
+        service: Service | None,
+        labels: ConnectionLabels,
+    ) -> None:
         if len(self._entries) >= self._limit:
             self._entries.clear()
-        self._entries[key] = (source, destination, destination_service, labels)
-        return labels
+        self._entries[key] = (source, destination, service, labels)

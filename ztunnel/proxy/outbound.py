@@ -8,7 +8,6 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ztunnel.config.model import Service, Workload, canonical_ip
 from ztunnel.errors import ZtunnelError
@@ -17,11 +16,11 @@ from ztunnel.hbone.protocol import STATUS_BAD_REQUEST, STATUS_UNAUTHORIZED, STAT
 from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.proxy import socks5
+from ztunnel.proxy.labels import SecurityPolicy, connection_labels
 from ztunnel.proxy.listeners import original_destination
 from ztunnel.proxy.report import (
     FLAG_DENY,
     FLAG_NO_ROUTE,
-    FLAG_NONE,
     FLAG_UPSTREAM_FAILURE,
     ConnectionReporter,
     format_addr,
@@ -197,29 +196,20 @@ class Outbound:
                 upstream.stream.abort()
                 client.abort()
                 return
-        tracked = TrackedConnection("outbound", uid, client, upstream.stream, labels=upstream.labels)
+        tracked = TrackedConnection("outbound", uid, client, upstream.stream, upstream.labels)
         try:
             await self.state.tracker.relay(tracked, self.report.metrics)
         finally:
-            counters = tracked.counters
-            # Source side: "received" came from the client pod, "sent" went back to it.
-            self.report.connection(
-                upstream.labels,
-                "outbound",
+            self.report.relayed(
+                tracked,
                 (src_ip, peer[1]),
                 dst,
-                FLAG_NONE,
                 started,
-                received=counters.a_to_b,
-                sent=counters.b_to_a,
-                opened=True,
                 destination=upstream.destination,
                 service=upstream.service,
                 dst_identity=upstream.dst_identity,
                 src_identity=source.identity,
                 src_workload=source,
-                error=counters.error,
-                flushed=(tracked.flushed_sent, tracked.flushed_received),
             )
 
     async def _open_upstream(
@@ -353,9 +343,9 @@ class Outbound:
         destination: Workload | None,
         service: Service | None,
         dst_principal: str | None,
-        security: Any = "unknown",
+        security: SecurityPolicy = "unknown",
     ) -> ConnectionLabels:
-        return self.report.labels.build(
+        return connection_labels(
             reporter="source",
             source=source,
             source_principal=source.identity,
@@ -363,4 +353,5 @@ class Outbound:
             destination_principal=dst_principal,
             destination_service=service,
             connection_security_policy=security,
+            cache=self.report.labels,
         )

@@ -176,14 +176,51 @@ class ConnectionReporter:
             traceparent=traceparent,
         )
 
+    def relayed(
+        self,
+        conn: TrackedConnection,
+        client: tuple[str, int],
+        dst: tuple[str, int],
+        started: float,
+        *,
+        destination: Workload | None,
+        dst_identity: str | None,
+        src_identity: str | None,
+        src_workload: Workload | None,
+        service: Service | None = None,
+        traceparent: str | None = None,
+    ) -> None:
+        """A relayed connection ended: bytes, error and whether a policy change closed it come from `conn`.
+
+        "received" is what the client side sent (a -> b), "sent" what went back to it."""
+        closed_by = conn.denied_by
+        self.connection(
+            conn.labels,
+            conn.direction,
+            client,
+            dst,
+            FLAG_DENY if closed_by else FLAG_NONE,
+            started,
+            received=conn.counters.a_to_b,
+            sent=conn.counters.b_to_a,
+            opened=True,
+            destination=destination,
+            service=service,
+            dst_identity=dst_identity,
+            src_identity=src_identity,
+            src_workload=src_workload,
+            policy=closed_by,
+            error="closed by a policy change" if closed_by else conn.counters.error,
+            flushed=(conn.flushed_sent, conn.flushed_received),
+            traceparent=traceparent,
+        )
+
     def flush_bytes(self, connections: Iterable[TrackedConnection]) -> None:
         """Add open connections' bytes since the last flush to the byte counters, one call per label set."""
         if self.metrics is None:
             return
         totals: dict[ConnectionLabels, list[int]] = {}
         for conn in connections:
-            if conn.labels is None:
-                continue
             sent, received = conn.take_unflushed()
             if sent or received:
                 total = totals.setdefault(conn.labels, [0, 0])

@@ -23,13 +23,13 @@ class TrackedConnection:
     workload_uid: str  # the local pod this connection belongs to
     downstream: ByteStream  # the client's side: counters.a_to_b is what it sent
     upstream: ByteStream
+    labels: ConnectionLabels  # what its metrics are counted under
     attributes: ConnectionAttributes | None = None  # inbound: what authorization decided on
     opened_at: float = field(default_factory=time.monotonic)
     denied_by: str | None = None  # set when a policy change closed it
-    # Byte counts while it is open: the relay's live counters, the metric labels they are counted under,
-    # and how much of each direction the periodic flush already added to the byte counters.
+    # Byte counts while it is open: the relay's live counters, and how much of each direction the periodic
+    # flush already added to the byte counters.
     counters: RelayCounters = field(default_factory=RelayCounters)
-    labels: ConnectionLabels | None = None
     flushed_sent: int = 0  # toward the client (b_to_a)
     flushed_received: int = 0  # from the client (a_to_b)
 
@@ -71,7 +71,7 @@ class ConnectionTracker:
         """Relay `conn`'s streams until both ends close, counted open and tracked (policy re-checks, drain, byte
         flushes) meanwhile. The caller reports the connection from `conn` when this returns or raises."""
         self.add(conn)
-        if metrics is not None and conn.labels is not None:
+        if metrics is not None:
             metrics.connection_opened(conn.labels)
         try:
             await relay(conn.downstream, conn.upstream, conn.counters)
