@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
+from tests.support.eventually import eventually_async
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.authz import NodeTokens, load_node_tokens
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
@@ -69,13 +70,6 @@ def remote(ca: CA, **options: object) -> CertificateManager:
         ttl=TTL,
         **options,  # type: ignore[arg-type]
     )
-
-
-async def until(cond: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.05)
 
 
 async def test_remote_manager_rotates_a_6s_cert_before_expiry(ca_server: CA) -> None:
@@ -147,7 +141,7 @@ async def test_ca_outage_keeps_the_valid_cert_backs_off_and_recovers(
             ceiling = min(1.0, 0.2 * 2 ** (n - 1), max(0.2, (not_after - failed_at[n]) / 2))
             assert ceiling / 2 - 0.001 <= wait <= ceiling + 0.001, (n, wait, ceiling)
         await ca_server.restart()
-        await until(lambda: mgr.dump()[0]["failures"] == 0, timeout=8)
+        await eventually_async(lambda: mgr.dump()[0]["failures"] == 0, 8, what='mgr.dump()[0]["failures"] == 0')
         assert (await mgr.get(WEB)).serial != first.serial
         assert mgr.dump()[0]["state"] == "valid"
     finally:
@@ -159,7 +153,7 @@ async def test_remote_manager_reports_refusals_and_prefetches(ca_server: CA) -> 
     await mgr.start()
     try:
         mgr.prefetch([WEB, SHARED])
-        await until(lambda: mgr.ready_for([WEB, SHARED]), timeout=5)
+        await eventually_async(lambda: mgr.ready_for([WEB, SHARED]), 5, what="mgr.ready_for([WEB, SHARED])")
         with pytest.raises(CertificateError, match=r"PERMISSION_DENIED.*node-b"):
             await mgr.get(DB)
         assert not mgr.ready_for([WEB, DB])
@@ -184,17 +178,20 @@ async def test_remote_manager_polls_the_crl_and_keeps_it_through_an_outage(ca_se
         cert = await mgr.get(WEB)
         assert mgr.revocation_list is None and cert.crl_pem == b""
         ca_server.ca.revoke([42])
-        await until(lambda: mgr.revocation_list is not None, timeout=5)
+        await eventually_async(lambda: mgr.revocation_list is not None, 5, what="mgr.revocation_list is not None")
         held = mgr.revocation_list
         assert held is not None and held.serials == {42} and held.number == 1
         assert (await mgr.get(WEB)).crl_pem == held.pem  # new TLS contexts are built with it
         assert [u.result for u in updates] == [LOADED]
         await ca_server.server.stop(0)
-        await until(lambda: updates[-1].result == ERROR, timeout=5)
+        await eventually_async(lambda: updates[-1].result == ERROR, 5, what="updates[-1].result == ERROR")
         assert mgr.revocation_list is held and "UNAVAILABLE" in updates[-1].reason
         await ca_server.restart()
         ca_server.ca.revoke([43])
-        await until(lambda: mgr.revocation_list is not None and 43 in mgr.revocation_list.serials, timeout=5)
+        await eventually_async(
+            lambda: mgr.revocation_list is not None and 43 in mgr.revocation_list.serials, 5,
+            what="serial 43 in the CRL in force",
+        )
         assert mgr.revocation_list is not None and mgr.revocation_list.number == 2
     finally:
         await mgr.close()

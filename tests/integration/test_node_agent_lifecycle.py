@@ -15,15 +15,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.eventually import eventually_async
 from ztunnel.cni.plugin import AgentCall, http_over_unix
 from ztunnel.config.model import Workload
 from ztunnel.config.source import FileConfigSource
@@ -163,15 +163,9 @@ class Env:
         os.replace(tmp, self.config)
 
 
-async def until(pred, what: str, timeout: float = 10.0) -> Any:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await asyncio.to_thread(pred)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """`eventually` for checks that block (the agent's HTTP status, `ip netns exec`): each poll in a thread."""
+    return await eventually_async(lambda: asyncio.to_thread(pred), timeout, what=what)
 
 
 async def cni(env: Env, command: str, pod: str, *, netns: str | None = None, version: str = "1.0.0") -> tuple[int, str]:
@@ -324,13 +318,6 @@ def netns_names() -> Iterator[dict[str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-async def until_sync(pred: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
 
 class Agent:
     """Start/stop a NodeAgent task like a process would be (state survives in the state dir)."""
@@ -382,7 +369,7 @@ async def test_restart_finds_pods_by_path_or_inode_and_forgets_gone_ones(
     holder: subprocess.Popen[bytes] | None = None
     try:
         a1 = await agent.start()
-        await until_sync(lambda: a1.proxy.connected and client.synced.is_set(), "proxy connected")
+        await eventually_async(lambda: a1.proxy.connected and client.synced.is_set(), what="proxy connected")
         for i, p in enumerate(PODS):
             body = {"podName": p, "podNamespace": "mesh", "netns": f"/var/run/netns/{netns_names[p]}"}
             body.update(containerId=f"c-{p}", ips=[f"10.244.1.{10 + i}"])
@@ -394,8 +381,9 @@ async def test_restart_finds_pods_by_path_or_inode_and_forgets_gone_ones(
         # while the agent is down: p2's pod goes away; p3's netns loses its name but a process keeps it
         holder = subprocess.Popen(["ip", "netns", "exec", netns_names["p3"], "sleep", "60"])
         pid_path = f"/proc/{holder.pid}/ns/net"
-        await until_sync(
-            lambda: os.stat(pid_path).st_ino == os.stat(f"/var/run/netns/{netns_names['p3']}").st_ino, "holder"
+        await eventually_async(
+            lambda: os.stat(pid_path).st_ino == os.stat(f"/var/run/netns/{netns_names['p3']}").st_ino,
+            what="holder",
         )
         subprocess.run(["ip", "netns", "del", netns_names["p2"]], check=True)
         subprocess.run(["ip", "netns", "del", netns_names["p3"]], check=True)
@@ -404,7 +392,7 @@ async def test_restart_finds_pods_by_path_or_inode_and_forgets_gone_ones(
         assert sorted(a2.pods) == ["uid-p1", "uid-p3"]
         assert a2.pods["uid-p3"].netns == pid_path
         assert ours(netns_names["p1"]) == rules["p1"]  # re-applied idempotently
-        await until_sync(lambda: "uid-p2" in target.removed, "proxy dropped the gone pod after the snapshot")
+        await eventually_async(lambda: "uid-p2" in target.removed, what="proxy dropped the gone pod after the snapshot")
         assert sorted(client.pods) == ["uid-p1", "uid-p3"]
         state = json.loads((tmp_path / "state" / "pods.json").read_text())
         assert sorted(state) == ["uid-p1", "uid-p3"]

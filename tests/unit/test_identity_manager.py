@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
-import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support.eventually import eventually_async
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
 from ztunnel.identity.manager import CertificateError, CertificateManager, InProcessBackend
@@ -49,13 +49,6 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.load(tmp_path / "ca")
 
 
-async def _until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.02)
-
-
 async def test_concurrent_callers_share_one_request(ca: CertificateAuthority) -> None:
     backend = ScriptedBackend(ca)
     backend.gate.clear()
@@ -63,7 +56,7 @@ async def test_concurrent_callers_share_one_request(ca: CertificateAuthority) ->
     await mgr.start()
     try:
         waiters = [asyncio.create_task(mgr.get(WEB)) for _ in range(10)]
-        await _until(lambda: backend.calls == 1)
+        await eventually_async(lambda: backend.calls == 1, 5, 0.02, what="backend.calls == 1")
         await asyncio.sleep(0.05)
         assert backend.calls == 1
         backend.gate.set()
@@ -86,7 +79,7 @@ async def test_prefetch_readiness_dump_and_expiry_metric(ca: CertificateAuthorit
         assert not mgr.ready_for([WEB, DB])
         assert mgr.ready_for([])
         mgr.prefetch([WEB, DB])
-        await _until(lambda: mgr.ready_for([WEB, DB]))
+        await eventually_async(lambda: mgr.ready_for([WEB, DB]), 5, 0.02, what="mgr.ready_for([WEB, DB])")
         cert = await mgr.get(WEB)
         value = registry.get_sample_value("ztunnel_certificate_expiry_timestamp_seconds", {"identity": WEB.uri})
         assert value == cert.not_after.timestamp()
@@ -116,9 +109,9 @@ async def test_first_failure_is_reported_then_retried_with_backoff(ca: Certifica
         with pytest.raises(CertificateError, match="retrying in"):
             await mgr.get(WEB)
         assert mgr.dump()[0]["state"] == "failed-retrying"
-        await _until(lambda: backend.calls >= 3)
+        await eventually_async(lambda: backend.calls >= 3, 5, 0.02, what="backend.calls >= 3")
         backend.fail = None
-        await _until(lambda: mgr.ready_for([WEB]))
+        await eventually_async(lambda: mgr.ready_for([WEB]), 5, 0.02, what="mgr.ready_for([WEB])")
         assert mgr.dump()[0]["failures"] == 0 and mgr.dump()[0]["last_error"] is None
     finally:
         await mgr.close()
@@ -144,11 +137,13 @@ async def test_old_cert_stays_in_use_until_the_new_one_arrives(ca: CertificateAu
     try:
         first = await mgr.get(WEB)
         backend.gate.clear()
-        await _until(lambda: backend.calls == 2)  # the rotation request is in flight and held
+        await eventually_async(
+            lambda: backend.calls == 2, 5, 0.02, what="backend.calls == 2"
+        )  # the rotation request is in flight and held
         assert mgr.dump()[0]["state"] == "rotating"
         assert (await mgr.get(WEB)).serial == first.serial
         backend.gate.set()
-        await _until(lambda: len(rotations) == 2)
+        await eventually_async(lambda: len(rotations) == 2, 5, 0.02, what="len(rotations) == 2")
         second = await mgr.get(WEB)
         assert second.serial != first.serial and rotations == [first.serial, second.serial]
     finally:
@@ -163,13 +158,13 @@ async def test_failed_rotation_keeps_the_valid_cert(ca: CertificateAuthority) ->
     try:
         first = await mgr.get(WEB)
         backend.fail = "connection refused"
-        await _until(lambda: mgr.dump()[0]["failures"] >= 2)
+        await eventually_async(lambda: mgr.dump()[0]["failures"] >= 2, 5, 0.02, what='mgr.dump()[0]["failures"] >= 2')
         assert mgr.dump()[0]["state"] == "retrying"
         assert "connection refused" in mgr.dump()[0]["last_error"]
         assert (await mgr.get(WEB)).serial == first.serial
         assert mgr.ready_for([WEB])
         backend.fail = None
-        await _until(lambda: mgr.dump()[0]["failures"] == 0)
+        await eventually_async(lambda: mgr.dump()[0]["failures"] == 0, 5, 0.02, what='mgr.dump()[0]["failures"] == 0')
         assert (await mgr.get(WEB)).serial != first.serial
     finally:
         await mgr.close()
@@ -189,7 +184,7 @@ async def test_listener_errors_do_not_break_rotation(ca: CertificateAuthority) -
     mgr.subscribe(async_listener)
     try:
         await mgr.get(WEB)
-        await _until(lambda: seen == [WEB])
+        await eventually_async(lambda: seen == [WEB], 5, 0.02, what="seen == [WEB]")
     finally:
         await mgr.close()
 
@@ -200,7 +195,7 @@ async def test_forget_during_a_request_releases_waiters(ca: CertificateAuthority
     mgr = CertificateManager(backend, registry=CollectorRegistry())
     try:
         waiter = asyncio.create_task(mgr.get(WEB))
-        await _until(lambda: backend.calls == 1)
+        await eventually_async(lambda: backend.calls == 1, 5, 0.02, what="backend.calls == 1")
         mgr.forget(WEB)
         with pytest.raises(CertificateError, match="abandoned"):
             await waiter
@@ -212,7 +207,7 @@ async def test_close_cancels_every_task(ca: CertificateAuthority) -> None:
     mgr = CertificateManager(ScriptedBackend(ca), registry=CollectorRegistry())
     await mgr.start()
     mgr.prefetch([WEB, DB])
-    await _until(lambda: mgr.ready_for([WEB, DB]))
+    await eventually_async(lambda: mgr.ready_for([WEB, DB]), 5, 0.02, what="mgr.ready_for([WEB, DB])")
     before = {t for t in asyncio.all_tasks() if t.get_name().startswith(("cert-", "crl-"))}
     assert before
     await mgr.close()
@@ -246,7 +241,10 @@ async def test_crl_changes_reach_held_certs_and_listeners(ca: CertificateAuthori
         cert = await mgr.get(WEB)
         assert cert.crl_pem == b""
         ca.revoke([12345])
-        await _until(lambda: (updates[-1] if updates else b"").startswith(b"-----BEGIN X509 CRL-----"))
+        await eventually_async(
+            lambda: (updates[-1] if updates else b"").startswith(b"-----BEGIN X509 CRL-----"), 5, 0.02,
+            what="a CRL in the last update",
+        )
         assert (await mgr.get(WEB)).crl_pem == ca.crl_pem()
         assert (await mgr.get(WEB)).serial == cert.serial
     finally:
@@ -259,7 +257,10 @@ async def test_a_revoked_certificate_of_ours_is_replaced_at_once(ca: Certificate
     try:
         cert = await mgr.get(WEB)
         ca.revoke([cert.serial])
-        await _until(lambda: mgr.dump()[0]["serial"] != f"{cert.serial:x}")
+        await eventually_async(
+            lambda: mgr.dump()[0]["serial"] != f"{cert.serial:x}", 5, 0.02,
+            what="a certificate with a new serial",
+        )
         fresh = await mgr.get(WEB)
         assert fresh.serial != cert.serial and fresh.crl_pem == ca.crl_pem()
     finally:
