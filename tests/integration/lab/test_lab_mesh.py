@@ -118,6 +118,8 @@ def test_mesh_traffic_is_hbone_on_the_wire_and_keeps_the_client_ip(lab: LabHandl
     finally:
         dump.send_signal(signal.SIGINT)
         dump.wait(timeout=10)
+        if dump.stderr is not None:
+            dump.stderr.close()
     raw = pcap.read_bytes()
     assert b"GET / HTTP" not in raw and b"peer=" not in raw  # never the HTTP payload in clear
 
@@ -267,7 +269,8 @@ def test_node_agent_restart_keeps_redirection_and_enrolls_a_pod_started_meanwhil
             capture_output=True,
         )
     try:
-        assert apply.wait(timeout=60) == 0, apply.stderr.read() if apply.stderr else ""
+        _out, err = apply.communicate(timeout=60)  # reads both pipes to the end and closes them
+        assert apply.returncode == 0, err
         assert ruleset(lab, "lab/client") == before  # reconcile re-applied idempotently
         assert not refused(lab, "lab/client", url)
         assert "ZTUNNEL" in lab.run("lab/late", "iptables-save", "-t", "nat").stdout
