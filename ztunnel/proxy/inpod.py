@@ -30,7 +30,7 @@ from ztunnel.inpod.channel import Channel
 from ztunnel.inpod.session import ProxySession
 from ztunnel.net.netns import current_netns_fd, in_netns
 from ztunnel.ports import HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, PROXY_MARK
-from ztunnel.proxy.listeners import LISTEN_BACKLOG, WorkloadSockets
+from ztunnel.proxy.listeners import WorkloadSockets, listen_on
 
 log = logging.getLogger("ztunnel.proxy.inpod")
 
@@ -56,19 +56,8 @@ def pod_listener(netns_fd: int, family: int, port: int) -> socket.socket:
     """A listening socket on 0.0.0.0:port or [::]:port inside the pod's netns."""
     with in_netns(netns_fd):
         sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        _mark(sock)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    v6 = family == socket.AF_INET6
+    return listen_on(sock, "::" if v6 else "0.0.0.0", port, reuse_port=True, v6only=v6, mark=PROXY_MARK)
 
 
 @dataclass

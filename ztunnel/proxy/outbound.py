@@ -55,6 +55,27 @@ class OutboundFailure(Exception):
         self.mesh = mesh
         self.failover = failover  # the tunnel itself failed (proxy down, handshake): another endpoint may do
 
+    @classmethod
+    def on_route(
+        cls,
+        route: HboneRoute | PassthroughRoute,
+        message: str,
+        reply: socks5.Reply,
+        flag: str,
+        *,
+        failover: bool = False,
+    ) -> OutboundFailure:
+        """A failure on the way to `route`: reported with its pod and service, as a mesh connection if HBONE."""
+        mesh = isinstance(route, HboneRoute)
+        return cls(
+            message, reply, flag, destination=route.destination, service=route.service, mesh=mesh, failover=failover
+        )
+
+    @classmethod
+    def tunnel_timeout(cls, route: HboneRoute) -> OutboundFailure:
+        message = f"timed out opening a tunnel to {route.target}"
+        return cls.on_route(route, message, socks5.Reply.TTL_EXPIRED, FLAG_UPSTREAM_FAILURE)
+
 
 @dataclass
 class _Upstream:
@@ -248,12 +269,9 @@ class Outbound:
                 async with Deadline.after(loop, self.state.options.connect_timeout):
                     stream = await served.sockets.connector.connect(route.address)
             except (OSError, TimeoutError) as e:
-                raise OutboundFailure(
-                    f"cannot connect to {format_addr(*route.address)}: {e or 'timed out'}",
-                    socks5.Reply.CONNECTION_REFUSED,
-                    FLAG_UPSTREAM_FAILURE,
-                    destination=route.destination,
-                    service=route.service,
+                message = f"cannot connect to {format_addr(*route.address)}: {e or 'timed out'}"
+                raise OutboundFailure.on_route(
+                    route, message, socks5.Reply.CONNECTION_REFUSED, FLAG_UPSTREAM_FAILURE
                 ) from None
             labels = self._outbound_labels(source, route.destination, route.service, None, security="unknown")
             return _Upstream(stream, labels, route.destination, route.service, None, format_addr(*route.address))
@@ -271,14 +289,7 @@ class Outbound:
                 async with Deadline(loop, deadline):
                     return await self._open_tunnel(source, candidate, client_addr)
             except TimeoutError:
-                raise OutboundFailure(
-                    f"timed out opening a tunnel to {candidate.target}",
-                    socks5.Reply.TTL_EXPIRED,
-                    FLAG_UPSTREAM_FAILURE,
-                    destination=candidate.destination,
-                    service=candidate.service,
-                    mesh=True,
-                ) from None
+                raise OutboundFailure.tunnel_timeout(candidate) from None
             except OutboundFailure as e:
                 if not e.failover or attempt == len(candidates) - 1 or loop.time() >= deadline:
                     raise
@@ -299,19 +310,13 @@ class Outbound:
             address=route.proxy_address,
         )
 
-        def failure(message: str, reply: socks5.Reply, flag: str, *, failover: bool = False) -> OutboundFailure:
-            return OutboundFailure(
-                message, reply, flag, destination=route.destination, service=route.service, mesh=True, failover=failover
-            )
-
+        failure = functools.partial(OutboundFailure.on_route, route)
         try:
             stream = await self.pool.connect(
                 key, route.target, expected_identities=route.expected_identities, forwarded_for=client_addr
             )
         except TimeoutError:
-            raise failure(
-                f"timed out opening a tunnel to {route.target}", socks5.Reply.TTL_EXPIRED, FLAG_UPSTREAM_FAILURE
-            ) from None
+            raise OutboundFailure.tunnel_timeout(route) from None
         except (SecureNamingError, TlsHandshakeError) as e:
             raise failure(str(e), socks5.Reply.GENERAL_FAILURE, e.reason, failover=True) from None
         except HboneError as e:
