@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from ztunnel.hbone.client import HbonePool, PoolKey
-from ztunnel.hbone.connection import HboneStream
 from ztunnel.hbone.protocol import STREAM_WINDOW, Authority
 from ztunnel.hbone.server import HboneServer, InboundTunnel
+from ztunnel.hbone.stream import HboneStream
 from ztunnel.hbone.streams import READ_CHUNK, TCP_READ_BUFFER_LIMIT, ByteStream, StreamClosed, TcpStream
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.manager import CertificateManager

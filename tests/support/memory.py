@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ztunnel.hbone.connection import HboneConnection, HboneStream
+from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import ConnectRequest, Rejection
+from ztunnel.hbone.stream import HboneStream
 
 
 class MemoryTransport(asyncio.Transport):
@@ -79,8 +80,12 @@ class MemoryTransport(asyncio.Transport):
         return False
 
 
-def connect_pair(on_request: Any) -> tuple[HboneConnection, HboneConnection, MemoryTransport, MemoryTransport]:
-    client = HboneConnection(client_side=True, keepalive_interval=0)
+def connect_pair(
+    on_request: Any, *, client_keepalive: tuple[float, float] | None = None
+) -> tuple[HboneConnection, HboneConnection, MemoryTransport, MemoryTransport]:
+    """`client_keepalive` is the client's (interval, timeout); keepalive is off otherwise."""
+    interval, timeout = client_keepalive or (0, 1)
+    client = HboneConnection(client_side=True, keepalive_interval=interval, keepalive_timeout=timeout)
     server = HboneConnection(client_side=False, on_request=on_request, keepalive_interval=0)
     ct, st = MemoryTransport(), MemoryTransport()
     ct.peer, st.peer = st, ct

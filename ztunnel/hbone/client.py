@@ -9,6 +9,7 @@ must present one of the identities expected for the destination, otherwise the c
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from ztunnel.hbone.connection import HboneConnection, HboneStream
+from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import (
     IDENTITY_ERROR,
     KEEPALIVE_INTERVAL,
@@ -27,6 +28,7 @@ from ztunnel.hbone.protocol import (
     HboneError,
     trace_headers,
 )
+from ztunnel.hbone.stream import HboneStream
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import PeerIdentityError, check_secure_naming, peer_identity
@@ -214,7 +216,7 @@ class HbonePool:
             if dial is None:
                 dial = asyncio.ensure_future(self._dial(key, expected))
                 self._dialing[key] = dial
-                dial.add_done_callback(lambda f, k=key: self._dial_done(k, f))
+                dial.add_done_callback(functools.partial(self._dial_done, key))
             await asyncio.shield(dial)  # raises the handshake's error for every waiter
 
     def _dial_done(self, key: PoolKey, fut: asyncio.Future[HboneConnection]) -> None:

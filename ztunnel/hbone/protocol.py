@@ -11,6 +11,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from hpack import NeverIndexedHeaderTuple
 
@@ -178,7 +179,8 @@ def connect_headers(
     if forwarded_for is not None:
         # Never indexed: a client port is different on every tunnel, so indexing it only churns the HPACK
         # table (and makes every later lookup in it slower).
-        headers.append(NeverIndexedHeaderTuple("forwarded", f'for="{format_authority(*forwarded_for)}"'))
+        forwarded = NeverIndexedHeaderTuple("forwarded", f'for="{format_authority(*forwarded_for)}"')
+        headers.append(cast(tuple[str, str], forwarded))
     headers.extend(extra)
     return headers
 

@@ -22,7 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ztunnel.hbone.connection import HboneConnection, HboneStream, PeerBudget
+from ztunnel.hbone.budgets import PeerBudget
+from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import (
     IDENTITY_ERROR,
     KEEPALIVE_INTERVAL,
@@ -32,6 +33,7 @@ from ztunnel.hbone.protocol import (
     ConnectRequest,
     Rejection,
 )
+from ztunnel.hbone.stream import HboneStream
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import (

@@ -180,7 +180,7 @@ class TcpStream:
             transport, protocol = await loop.create_connection(TcpStreamProtocol, sock=sock)
         else:
             transport, protocol = await loop.create_connection(TcpStreamProtocol, host, port, local_addr=local_addr)
-        return cls(cast(asyncio.Transport, transport), protocol)
+        return cls(transport, protocol)
 
     @property
     def peername(self) -> tuple[str, int]:
