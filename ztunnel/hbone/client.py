@@ -258,10 +258,10 @@ class HbonePool:
             )
         except ssl.SSLError as e:
             self._fail(TLS_FAILURE, key, TlsHandshakeError(f"TLS handshake with {host}:{port} failed: {e}"))
-        except OSError as e:
-            self._fail(CONNECT_FAILURE, key, HboneError(f"cannot connect to the HBONE endpoint {host}:{port}: {e}"))
-        except TimeoutError:
+        except TimeoutError:  # the kernel gave up on the TCP connect (ETIMEDOUT); an OSError, so caught first
             self._fail(CONNECT_FAILURE, key, HboneError(f"timed out connecting to the HBONE endpoint {host}:{port}"))
+        except OSError as e:  # refused, unreachable, or the TLS handshake over its timeout (ConnectionAbortedError)
+            self._fail(CONNECT_FAILURE, key, HboneError(f"cannot connect to the HBONE endpoint {host}:{port}: {e}"))
         if problem:
             self._fail(
                 IDENTITY_ERROR, key, SecureNamingError(f"secure naming check failed for {host}:{port}: {problem[0]}")
