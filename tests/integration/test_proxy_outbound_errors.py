@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from ztunnel.config.loader import build_config, load_documents
-from ztunnel.hbone.streams import TcpStream
 from ztunnel.identity.manager import CertificateError
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.streams import TcpStream
 from ztunnel.policy.engine import PolicyEngine
 from ztunnel.proxy.listeners import WorkloadSockets, listening_socket, serve_streams
 from ztunnel.proxy.outbound import Outbound

@@ -14,10 +14,10 @@ from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import STREAM_WINDOW, Authority
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.stream import HboneStream
-from ztunnel.hbone.streams import READ_CHUNK, TCP_READ_BUFFER_LIMIT, ByteStream, StreamClosed, TcpStream
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.streams import READ_CHUNK, TCP_READ_BUFFER_LIMIT, ByteStream, StreamClosed, TcpStream
 from ztunnel.proxy.listeners import listening_socket, serve_streams
 from ztunnel.proxy.relay import RelayCounters, relay
 

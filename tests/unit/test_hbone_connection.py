@@ -26,7 +26,7 @@ from ztunnel.hbone.protocol import (
     Rejection,
 )
 from ztunnel.hbone.stream import HboneStream
-from ztunnel.hbone.streams import StreamClosed
+from ztunnel.net.streams import StreamClosed
 
 
 async def test_connect_half_close_and_reply() -> None:

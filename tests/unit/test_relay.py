@@ -7,7 +7,7 @@ import collections
 
 import pytest
 
-from ztunnel.hbone.streams import StreamClosed
+from ztunnel.net.streams import StreamClosed
 from ztunnel.proxy.relay import RelayCounters, relay
 
 

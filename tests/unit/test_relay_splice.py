@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tests.support.memory import Handler, MemoryTransport, connect_pair
 from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, Authority
-from ztunnel.hbone.streams import PushTarget, StreamClosed
+from ztunnel.net.streams import PushTarget, StreamClosed
 from ztunnel.proxy.relay import relay
 
 

@@ -9,5 +9,7 @@
 - connection.py: `HboneConnection`, one HTTP/2 connection over TLS, client or server, and its streams
 - client.py: `HbonePool` keyed by (source identity, destination identity, address), secure naming
 - server.py: `HboneServer` serving listening sockets with a workload's SVID
-- streams.py: the `ByteStream` interface and `TcpStream`; tls_cache.py: SSL contexts per certificate
+- tls_cache.py: SSL contexts per certificate
+
+The byte-stream interface the relay speaks (`ByteStream`, `TcpStream`) and `Deadline` are in ztunnel.net.
 """

@@ -41,8 +41,8 @@ from ztunnel.hbone.protocol import (
     validate_connect,
 )
 from ztunnel.hbone.stream import HboneStream
-from ztunnel.hbone.streams import StreamClosed
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.streams import StreamClosed
 
 log = logging.getLogger("ztunnel.hbone")
 

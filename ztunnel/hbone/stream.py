@@ -20,8 +20,8 @@ from ztunnel.hbone import dataframes
 from ztunnel.hbone.budgets import PeerBudget
 from ztunnel.hbone.http2 import FAST_DATA_FRAMES, HboneH2, decode_headers
 from ztunnel.hbone.protocol import STATUS_OK, ConnectRequest, HboneError, response_status
-from ztunnel.hbone.streams import READ_CHUNK, PushTarget, StreamClosed
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.streams import READ_CHUNK, PushTarget, StreamClosed
 
 log = logging.getLogger("ztunnel.hbone")
 
@@ -97,7 +97,7 @@ class HboneStream:
         self.remote_closed = False
         self.request: ConnectRequest | None = None
         self.status: int | None = None
-        # push interface (see ztunnel.hbone.streams.PushStream)
+        # push interface (see ztunnel.net.streams.PushStream)
         self._push_to: PushTarget | None = None
         self._drain_to: PushTarget | None = None
         self._pushing_paused = False
@@ -345,7 +345,7 @@ class HboneStream:
         if self._pending:
             self.send_pending()
 
-    # ---- push interface (see ztunnel.hbone.streams.PushStream) ---------------------------------
+    # ---- push interface (see ztunnel.net.streams.PushStream) ---------------------------------
     def start_pushing(self, target: PushTarget) -> None:
         self._push_to = target
         if self.reset_code is not None:

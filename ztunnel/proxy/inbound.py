@@ -12,7 +12,6 @@ import logging
 import time
 
 from ztunnel.config.model import Workload, normalize_ip
-from ztunnel.hbone.client import Deadline
 from ztunnel.hbone.protocol import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
@@ -22,7 +21,8 @@ from ztunnel.hbone.protocol import (
     Rejection,
 )
 from ztunnel.hbone.server import InboundTunnel
-from ztunnel.hbone.streams import ByteStream, TcpStream
+from ztunnel.net.deadline import Deadline
+from ztunnel.net.streams import ByteStream, TcpStream
 from ztunnel.policy.decision import ConnectionAttributes, Decision
 from ztunnel.proxy.labels import connection_labels
 from ztunnel.proxy.listeners import original_destination

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ztunnel.config.model import DEFAULT_TRUST_DOMAIN, Workload
-from ztunnel.hbone.streams import TcpStream
 from ztunnel.inpod import protocol
 from ztunnel.inpod.channel import Channel
 from ztunnel.inpod.session import ProxySession
 from ztunnel.net.netns import current_netns_fd, in_netns
+from ztunnel.net.streams import TcpStream
 from ztunnel.ports import HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, PROXY_MARK
 from ztunnel.proxy.listeners import WorkloadSockets, listen_on
 

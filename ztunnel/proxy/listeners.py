@@ -20,7 +20,7 @@ from typing import Protocol
 
 from ztunnel.config.model import Workload
 from ztunnel.errors import ZtunnelError
-from ztunnel.hbone.streams import TcpStream
+from ztunnel.net.streams import TcpStream
 from ztunnel.ports import HBONE_PORT, PLAINTEXT_INBOUND_PORT, SOCKS5_PORT
 
 log = logging.getLogger("ztunnel.proxy")
@@ -220,7 +220,7 @@ async def serve_streams(
     sock: socket.socket, handler: Callable[[TcpStream], Awaitable[None]], *, tasks: set[asyncio.Task[None]]
 ) -> asyncio.Server:
     """Accept TCP connections on `sock`; run `handler(stream)` as a task per connection."""
-    from ztunnel.hbone.streams import TcpStreamProtocol
+    from ztunnel.net.streams import TcpStreamProtocol
 
     loop = asyncio.get_running_loop()
 

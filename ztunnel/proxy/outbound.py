@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 from ztunnel.config.model import Service, Workload, canonical_ip
 from ztunnel.errors import ZtunnelError
-from ztunnel.hbone.client import Deadline, HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
+from ztunnel.hbone.client import HbonePool, PoolKey, SecureNamingError, TlsHandshakeError
 from ztunnel.hbone.protocol import STATUS_BAD_REQUEST, STATUS_UNAUTHORIZED, STATUS_UNAVAILABLE, HboneError
-from ztunnel.hbone.streams import ByteStream, StreamClosed, TcpStream
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.deadline import Deadline
+from ztunnel.net.streams import ByteStream, StreamClosed, TcpStream
 from ztunnel.proxy import socks5
 from ztunnel.proxy.labels import SecurityPolicy, connection_labels
 from ztunnel.proxy.listeners import original_destination

@@ -16,7 +16,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import cast
 
-from ztunnel.hbone.streams import READ_CHUNK, ByteStream, PushStream
+from ztunnel.net.streams import READ_CHUNK, ByteStream, PushStream
 
 
 @dataclass(slots=True)

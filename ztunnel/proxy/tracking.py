@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ztunnel.hbone.streams import ByteStream
+from ztunnel.net.streams import ByteStream
 from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.proxy.relay import RelayCounters, relay
 from ztunnel.telemetry.metrics import ConnectionLabels, ProxyMetrics

@@ -1,4 +1,4 @@
-"""hbone.client.Deadline keeps asyncio.timeout's contract (it replaces it on the per-connection paths)."""
+"""net.deadline.Deadline keeps asyncio.timeout's contract (it replaces it on the per-connection paths)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ztunnel.hbone.client import Deadline
+from ztunnel.net.deadline import Deadline
 
 
 async def test_a_block_past_its_deadline_raises_timeout_error() -> None:
