@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from ztunnel.config import load_files
 from ztunnel.config.model import ClusterConfig
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.ca import init_ca_dir
+from ztunnel.net.http import http_request
 from ztunnel.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, PLAINTEXT_INBOUND_PORT, READINESS_PORT, SOCKS5_PORT
 
 
@@ -138,18 +138,20 @@ def _ztunnel() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "ztunnel"]
 
 
-def _wait_ready(url: str, procs: Processes, logs: Path, timeout: float = 30.0) -> None:
+def _wait_ready(port: int, procs: Processes, logs: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         procs.check_alive(logs)
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
+            status = http_request("127.0.0.1", port, "GET", "/healthz/ready", timeout=1).status
+            if status == 200:
+                return
+            last = f"HTTP {status}"
         except OSError as e:
             last = str(e)
         time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}/healthz/ready"
     raise DemoError(f"{url} did not become ready within {timeout:.0f}s ({last}); see the logs in {logs}")
 
 
@@ -162,9 +164,11 @@ def _curl(socks: str, url: str) -> tuple[int, str]:
     return r.returncode, (r.stdout or r.stderr).strip()
 
 
-def _metric_lines(url: str, name: str) -> list[str]:
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        text = resp.read().decode()
+def _metric_lines(port: int, name: str) -> list[str]:
+    response = http_request("127.0.0.1", port, "GET", "/metrics", timeout=2)
+    if response.status != 200:
+        raise DemoError(f"http://127.0.0.1:{port}/metrics answered HTTP {response.status}")
+    text = response.body.decode()
     return [line for line in text.splitlines() if line.startswith(name + "{") and not line.endswith((" 0.0", " 0"))]
 
 
@@ -222,7 +226,7 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
             ]
             procs.start(f"proxy-{n}", argv, logs / f"proxy-{n}.log")
         for n in nodes:
-            _wait_ready(f"http://127.0.0.1:{ports[n].readiness}/healthz/ready", procs, logs)
+            _wait_ready(ports[n].readiness, procs, logs)
         _say("      proxies ready (certificates issued for every local pod)")
 
         _say("[4/5] sending traffic through the mesh")
@@ -250,9 +254,7 @@ def run_demo(*, workdir: str | None, once: bool, port_base: int) -> int:
 
         procs.check_alive(logs)
         _say("[5/5] what the destination proxy (node-b) counted")
-        for line in _metric_lines(
-            f"http://127.0.0.1:{ports[nodes[-1]].metrics}/metrics", "istio_tcp_connections_opened_total"
-        ):
+        for line in _metric_lines(ports[nodes[-1]].metrics, "istio_tcp_connections_opened_total"):
             _say("  " + line)
         if failures:
             raise DemoError(f"{failures} request(s) did not behave as expected; see the logs in {logs}")
