@@ -183,13 +183,7 @@ class HboneStream:
         if not self.remote_closed:
             self.abort()
             return
-        self.local_closed = True
-        try:
-            self._conn.h2.end_stream(self.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
-        self._conn.flush_soon()
-        self._conn.forget_if_done(self)
+        self._end_local()  # not done and the peer finished: our side is still open
 
     def abort(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._discard_unread()
