@@ -32,6 +32,7 @@ import uvloop
 from tests.support.certs import in_process_certs
 from tests.support.echo import Echo
 from tests.support.eventually import eventually
+from tests.support.identity import free_port
 from ztunnel.identity.manager import CertificateManager
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,12 +103,6 @@ def mesh_config(ipv6: bool = False) -> str:
         "metadata: {name: strict, namespace: shop}\n"
         "spec: {selector: {matchLabels: {app: strict}}, mtls: {mode: STRICT}}\n"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- proxies ---------------------------------------------------------------------------------------

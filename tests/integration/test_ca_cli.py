@@ -15,10 +15,10 @@ import grpc
 import pytest
 
 from tests.support.eventually import eventually
+from tests.support.identity import free_port, pod_yaml, spiffe, two_node_config_yaml, write_token_file
 from ztunnel.identity.certs import generate_key, make_csr
 from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.testing import free_port, pod_yaml, spiffe, two_node_config_yaml, write_token_file
 
 ZTUNNEL = str(Path(sys.executable).with_name("ztunnel"))
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")

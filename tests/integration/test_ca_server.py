@@ -7,7 +7,7 @@ import datetime as dt
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from google.protobuf import struct_pb2
 
+from tests.support.eventually import eventually_async
+from tests.support.identity import free_port, pod_yaml, spiffe, two_node_config_yaml, write_token_file
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.authz import NodeTokens, load_node_tokens
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
@@ -24,9 +26,12 @@ from ztunnel.identity.certs import generate_key, make_csr, uri_sans
 from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc
 from ztunnel.identity.server import CAServer, run_ca_server
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.testing import free_port, pod_yaml, spiffe, two_node_config_yaml, write_token_file
 
 StatusCode = grpc.StatusCode
+
+
+async def _is_ok(answer: Awaitable[StatusCode]) -> bool:
+    return await answer is StatusCode.OK
 
 
 @dataclass
@@ -220,10 +225,9 @@ async def test_new_pods_become_signable_without_restart(tmp_path: Path, caplog: 
     try:
         assert await ask("api") is StatusCode.PERMISSION_DENIED
         config_file.write_text(two_node_config_yaml() + pod_yaml("api", "shop", "node-a", "api", "10.1.0.9"))
-        deadline = time.monotonic() + 5
-        while await ask("api") is not StatusCode.OK:
-            assert time.monotonic() < deadline, "the new pod never became signable"
-            await asyncio.sleep(0.1)
+        await eventually_async(
+            lambda: _is_ok(ask("api")), 5, interval=0.1, what="the new pod signable after the config edit"
+        )
         # a broken edit keeps the last good config: first see that the CA read and rejected it, then ask
         caplog.clear()
         caplog.set_level(logging.ERROR, logger="ztunnel.config")
@@ -233,10 +237,7 @@ async def test_new_pods_become_signable_without_restart(tmp_path: Path, caplog: 
             msgs = [r.getMessage() for r in caplog.records if r.name == "ztunnel.config"]
             return any("config rejected" in m and str(config_file) in m for m in msgs)
 
-        deadline = time.monotonic() + 5
-        while not rejected():
-            assert time.monotonic() < deadline, "the CA never polled the broken edit"
-            await asyncio.sleep(0.05)
+        await eventually_async(rejected, 5, what="the CA's rejection of the broken edit")
         assert await ask("api") is StatusCode.OK
     finally:
         await channel.close()

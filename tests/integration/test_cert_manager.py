@@ -15,6 +15,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from tests.support.eventually import eventually_async
+from tests.support.identity import spiffe, two_node_config_yaml, write_token_file
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.authz import NodeTokens, load_node_tokens
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
@@ -23,7 +24,6 @@ from ztunnel.identity.manager import CertificateError, CertificateManager
 from ztunnel.identity.revocation import ERROR, LOADED, RevocationAnswer, RevocationUpdate
 from ztunnel.identity.server import CAServer
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.testing import spiffe, two_node_config_yaml, write_token_file
 
 WEB = SpiffeId.parse(spiffe("shop", "web"))
 SHARED = SpiffeId.parse(spiffe("shop", "shared"))

@@ -12,16 +12,13 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
-import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from ztunnel.config.source import FileConfigSource
+from tests.support.nodeagent import AgentTask, ours, pod_namespaces, run_plugin
 from ztunnel.inpod import protocol
 from ztunnel.inpod.channel import Channel
 from ztunnel.redirect.agent import NodeAgent
@@ -32,7 +29,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
 ]
 
-PLUGIN = str(Path(sys.executable).parent / "ztunnel-cni")
 POD_IP = "10.244.1.7"
 CLUSTER = """
 apiVersion: v1
@@ -93,64 +89,24 @@ class ScriptedProxy:
                 os.close(fd)
 
 
-def sh(*cmd: str, check: bool = True) -> str:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout
-
-
-def ours(ns: str) -> str:
-    """Everything of ours in a netns, one line each, tagged with family (and table), so a repeat shows twice:
-    iptables (v4 and v6), the policy routing rule and its table 100."""
-    out = []
-    for family, tool in (("v4", "iptables-save"), ("v6", "ip6tables-save")):
-        table = ""
-        for line in sh("ip", "netns", "exec", ns, tool).splitlines():
-            table = line if line.startswith("*") else table
-            if "ZTUNNEL" in line:
-                out.append(f"{family} {table} {line.split(' [')[0]}")
-    for family in ("-4", "-6"):
-        out += [f"{family} {x}" for x in sh("ip", "-n", ns, family, "rule").splitlines() if "lookup 100" in x]
-        routes = sh("ip", "-n", ns, family, "route", "show", "table", "100", check=False)  # none: exit 2
-        out += [f"{family} {x}" for x in routes.splitlines()]
-    return "\n".join(out)
-
-
 @pytest.fixture
 def pod_netns() -> Iterator[str]:
-    name = f"zt-h3-{uuid.uuid4().hex[:6]}-web"
-    try:
-        sh("ip", "netns", "add", name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    with pod_namespaces(["web"]) as made:
+        yield made["web"]
 
 
+@dataclass
 class Running:
-    """The node agent as a task, stopped (cancelled, like SIGTERM) at the end of the test."""
+    """The node agent as a task and a scripted proxy, stopped at the end of the test."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.tasks: list[asyncio.Task[None]] = []
-        (tmp / "cluster.yaml").write_text(CLUSTER)
+    agent_task: AgentTask
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def agent(self, backend: IptablesBackend) -> NodeAgent:
-        source = FileConfigSource([self.tmp / "cluster.yaml"])
-        source.load()
-        agent = NodeAgent(
-            node="n1",
-            source=source,
-            cni_socket=self.tmp / "cni.sock",
-            proxy_socket=self.tmp / "proxy.sock",
-            state_dir=self.tmp / "state",
-            backend=backend,
-            probe_snat=False,
-        )
-        self.tasks.append(asyncio.create_task(agent.run()))
-        await asyncio.wait_for(agent.ready.wait(), 10)
-        return agent
+        return await self.agent_task.start(CLUSTER, backend)
 
     async def proxy(self, agent: NodeAgent, *, nack_adds: bool) -> ScriptedProxy:
-        proxy = ScriptedProxy(str(self.tmp / "proxy.sock"), nack_adds=nack_adds)
+        proxy = ScriptedProxy(str(self.agent_task.proxy_socket), nack_adds=nack_adds)
         self.tasks.append(asyncio.create_task(proxy.run()))
         await asyncio.wait_for(proxy.snapshot_acked.wait(), 10)
         assert agent.proxy.connected
@@ -160,11 +116,12 @@ class Running:
         for task in reversed(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.agent_task.stop()
 
 
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
-    r = Running(tmp_path)
+    r = Running(AgentTask(tmp_path))
     try:
         yield r
     finally:
@@ -174,21 +131,11 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
 async def cni_add(tmp: Path, netns: str) -> tuple[int, dict]:
     """The real plugin, as the runtime runs it: (exit code, the JSON it printed)."""
     prev = {"cniVersion": "1.0.0", "ips": [{"address": f"{POD_IP}/24"}]}
-    stdin = {"cniVersion": "1.0.0", "name": "t", "type": "ztunnel-cni", "agent_socket": str(tmp / "cni.sock")}
-    env = {
-        "PATH": os.environ["PATH"],
-        "CNI_COMMAND": "ADD",
-        "CNI_CONTAINERID": "cid-web",
-        "CNI_NETNS": f"/var/run/netns/{netns}",
-        "CNI_IFNAME": "eth0",
-        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=web;K8S_POD_UID=k8s-web",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        PLUGIN, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    rc, out, err = await run_plugin(
+        tmp / "cni.sock", "ADD", pod="web", namespace="mesh", netns=f"/var/run/netns/{netns}", prev_result=prev
     )
-    out, err = await proc.communicate(json.dumps({**stdin, "prevResult": prev}).encode())
     assert out, err
-    return proc.returncode or 0, json.loads(out)
+    return rc, json.loads(out)
 
 
 async def test_no_proxy_connected_fails_the_add_with_try_again_later_and_touches_nothing(

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +23,17 @@ from typing import Any
 import pytest
 
 from tests.support.eventually import eventually_async
+from tests.support.nodeagent import AgentTask, ours, pod_namespaces, run_plugin, sh
 from ztunnel.cni.plugin import AgentCall, http_over_unix
 from ztunnel.config.model import Workload
-from ztunnel.config.source import FileConfigSource
 from ztunnel.proxy.inpod import InpodClient
 from ztunnel.proxy.listeners import WorkloadSockets
-from ztunnel.redirect.agent import NodeAgent
-from ztunnel.redirect.iptables import detect_backend
 
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
 ]
 
-PLUGIN = str(Path(sys.executable).parent / "ztunnel-cni")
 WEB_IP = "10.244.1.5"
 
 CLUSTER = """
@@ -62,20 +58,6 @@ spec: {{nodeName: n1}}
 """
 
 
-def sh(*cmd: str, check: bool = True) -> str:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout
-
-
-def ours(ns: str) -> str:
-    """Our iptables rules and policy routing in a netns (v4+v6)."""
-    out = []
-    for tool in ("iptables-save", "ip6tables-save"):
-        out += [x for x in sh("ip", "netns", "exec", ns, tool).splitlines() if "ZTUNNEL" in x]
-    out += [x for x in sh("ip", "-n", ns, "rule").splitlines() if "lookup 100" in x]
-    out += [x for x in sh("ip", "-n", ns, "-6", "rule").splitlines() if "lookup 100" in x]
-    return "\n".join(out)
-
-
 @dataclass
 class FakeProxy:
     """Stands in for the node proxy: records what in-pod mode hands it and owns the sockets."""
@@ -95,7 +77,6 @@ class FakeProxy:
 
 @dataclass
 class Env:
-    prefix: str
     node: str
     pods: dict[str, str]
     tmp: Path
@@ -169,50 +150,31 @@ async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> An
 
 
 async def cni(env: Env, command: str, pod: str, *, netns: str | None = None, version: str = "1.0.0") -> tuple[int, str]:
-    namespace = "default" if pod == "plain" else "mesh"
     prev = {"cniVersion": version, "ips": [{"address": f"{WEB_IP}/24" if pod == "web" else "10.244.1.9/24"}]}
-    stdin = json.dumps(
-        {
-            "cniVersion": version,
-            "name": "lab",
-            "type": "ztunnel-cni",
-            "agent_socket": env.cni_socket,
-            "prevResult": prev,
-        }
-    ).encode()
-    proc_env = {
-        "PATH": os.environ["PATH"],
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": f"cid-{pod}",
-        "CNI_NETNS": netns if netns is not None else f"/var/run/netns/{env.pods[pod]}",
-        "CNI_IFNAME": "eth0",
-        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_UID=k8s-{pod}",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        PLUGIN, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=proc_env
+    rc, out, _ = await run_plugin(
+        env.cni_socket,
+        command,
+        pod=pod,
+        namespace="default" if pod == "plain" else "mesh",
+        netns=netns if netns is not None else f"/var/run/netns/{env.pods[pod]}",
+        prev_result=prev,
+        version=version,
     )
-    out, _ = await proc.communicate(stdin)
-    if command == "ADD" and proc.returncode == 0:
+    if command == "ADD" and rc == 0:
         assert json.loads(out) == prev  # prevResult passes through untouched
-    return proc.returncode or 0, out.decode()
+    return rc, out.decode()
 
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Env]:
-    prefix = f"zt-d1-{uuid.uuid4().hex[:6]}"
-    node = f"{prefix}-n1"
-    pods = {name: f"{prefix}-{name}" for name in ("web", "late", "plain")}
-    env = Env(prefix, node, pods, tmp_path, tmp_path / "cluster.yaml")
-    env.write_config()
-    try:
-        for ns in (node, *pods.values()):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield env
-    finally:
-        env.stop_agent()
-        for ns in (node, *pods.values()):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with pod_namespaces(["n1", "web", "late", "plain"]) as made:
+        node = made.pop("n1")
+        env = Env(node, made, tmp_path, tmp_path / "cluster.yaml")
+        env.write_config()
+        try:
+            yield env
+        finally:
+            env.stop_agent()
 
 
 @pytest.fixture
@@ -306,54 +268,13 @@ spec: {{nodeName: n1}}"""
 
 @pytest.fixture
 def netns_names() -> Iterator[dict[str, str]]:
-    prefix = f"zt-d1-{uuid.uuid4().hex[:6]}"
-    names = {p: f"{prefix}-{p}" for p in PODS}
-    try:
-        for ns in names.values():
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        yield names
-    finally:
-        for ns in names.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-
-class Agent:
-    """Start/stop a NodeAgent task like a process would be (state survives in the state dir)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.task: asyncio.Task[None] | None = None
-        self.agent: NodeAgent | None = None
-        (tmp / "cluster.yaml").write_text(RECONCILE_CLUSTER)
-
-    async def start(self) -> NodeAgent:
-        source = FileConfigSource([self.tmp / "cluster.yaml"])
-        source.load()
-        self.agent = NodeAgent(
-            node="n1",
-            source=source,
-            cni_socket=self.tmp / "cni.sock",
-            proxy_socket=self.tmp / "proxy.sock",
-            state_dir=self.tmp / "state",
-            backend=detect_backend(),
-            probe_snat=False,
-        )
-        self.task = asyncio.create_task(self.agent.run())
-        await asyncio.wait_for(self.agent.ready.wait(), 10)
-        return self.agent
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-            self.task = None
+    with pod_namespaces(PODS) as made:
+        yield made
 
 
 @pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    a = Agent(tmp_path)
+async def agent(tmp_path: Path) -> AsyncIterator[AgentTask]:
+    a = AgentTask(tmp_path)
     try:
         yield a
     finally:
@@ -361,14 +282,14 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
 
 
 async def test_restart_finds_pods_by_path_or_inode_and_forgets_gone_ones(
-    agent: Agent, netns_names: dict[str, str], tmp_path: Path
+    agent: AgentTask, netns_names: dict[str, str], tmp_path: Path
 ) -> None:
     target = FakeProxy()
     client = InpodClient(str(tmp_path / "proxy.sock"), target)
     client_task = asyncio.create_task(client.run())
     holder: subprocess.Popen[bytes] | None = None
     try:
-        a1 = await agent.start()
+        a1 = await agent.start(RECONCILE_CLUSTER)
         await eventually_async(lambda: a1.proxy.connected and client.synced.is_set(), what="proxy connected")
         for i, p in enumerate(PODS):
             body = {"podName": p, "podNamespace": "mesh", "netns": f"/var/run/netns/{netns_names[p]}"}
@@ -388,7 +309,7 @@ async def test_restart_finds_pods_by_path_or_inode_and_forgets_gone_ones(
         subprocess.run(["ip", "netns", "del", netns_names["p2"]], check=True)
         subprocess.run(["ip", "netns", "del", netns_names["p3"]], check=True)
 
-        a2 = await agent.start()
+        a2 = await agent.start(RECONCILE_CLUSTER)
         assert sorted(a2.pods) == ["uid-p1", "uid-p3"]
         assert a2.pods["uid-p3"].netns == pid_path
         assert ours(netns_names["p1"]) == rules["p1"]  # re-applied idempotently

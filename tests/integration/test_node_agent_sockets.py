@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from ztunnel.config.source import FileConfigSource
+from tests.support.nodeagent import AgentTask
 from ztunnel.net.unix import bind_unix_private
-from ztunnel.redirect.agent import NodeAgent
 from ztunnel.redirect.iptables import IptablesBackend
 
 CLUSTER = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh}\n"
@@ -79,35 +78,17 @@ def open_umask() -> Any:
         os.umask(old)
 
 
-async def _start(tmp: Path) -> tuple[NodeAgent, asyncio.Task[None]]:
-    (tmp / "cluster.yaml").write_text(CLUSTER)
-    source = FileConfigSource([tmp / "cluster.yaml"])
-    source.load()
-    agent = NodeAgent(
-        node="n1",
-        source=source,
-        cni_socket=tmp / "run" / "cni.sock",
-        proxy_socket=tmp / "run" / "ztunnel.sock",
-        state_dir=tmp / "state",
-        backend=IptablesBackend("nft"),  # never used: no pods, no probe SNAT
-        probe_snat=False,
-    )
-    task = asyncio.create_task(agent.run())
-    await asyncio.wait_for(agent.ready.wait(), 10)
-    return agent, task
-
-
 @pytest.fixture
-async def stopper() -> AsyncIterator[list[asyncio.Task[None]]]:
-    tasks: list[asyncio.Task[None]] = []
-    yield tasks
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+async def agent_task(tmp_path: Path) -> AsyncIterator[AgentTask]:
+    task = AgentTask(tmp_path, run_dir=tmp_path / "run")
+    try:
+        yield task
+    finally:
+        await task.stop()
 
 
 async def test_sockets_are_0600_from_the_start_even_under_umask_0(
-    tmp_path: Path, open_umask: None, monkeypatch: pytest.MonkeyPatch, stopper: list[asyncio.Task[None]]
+    tmp_path: Path, open_umask: None, monkeypatch: pytest.MonkeyPatch, agent_task: AgentTask
 ) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -115,14 +96,13 @@ async def test_sockets_are_0600_from_the_start_even_under_umask_0(
     stale.bind(str(run / "cni.sock"))
     stale.close()
     os.chmod(run / "cni.sock", 0o644)
-    paths = [run / "cni.sock", run / "ztunnel.sock"]
+    paths = [run / "cni.sock", run / "proxy.sock"]
     with ModeWatch(paths, monkeypatch) as watch:
-        agent, task = await _start(tmp_path)
-        stopper.append(task)
+        agent = await agent_task.start(CLUSTER, IptablesBackend("nft"))  # the backend is never used: no pods
     assert mode(paths[0]) == 0o600 and mode(paths[1]) == 0o600
     assert {m for _, m in watch.seen} <= {0o644, 0o600}  # the stale file's mode, then ours
-    assert not {("cni.sock", 0o777), ("ztunnel.sock", 0o777)} & watch.seen  # never open to all, not for an instant
-    assert sorted(p.name for p in run.iterdir()) == ["cni.sock", "ztunnel.sock"]  # no staging dirs left
+    assert not {("cni.sock", 0o777), ("proxy.sock", 0o777)} & watch.seen  # never open to all, not for an instant
+    assert sorted(p.name for p in run.iterdir()) == ["cni.sock", "proxy.sock"]  # no staging dirs left
     # and they serve: the CNI socket answers HTTP, the proxy socket accepts SOCK_SEQPACKET
     reader, writer = await asyncio.open_unix_connection(str(paths[0]))
     writer.write(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")

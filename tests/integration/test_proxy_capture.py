@@ -6,12 +6,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import ECHO_PORT, NODE_A_CLIENT, NODE_B_SERVER, LocalMesh, recv_all, socks_connect
+from tests.support.eventually import eventually
 
 MARKER = b"THIS-IS-THE-SECRET-PAYLOAD-0123456789" * 64
 
@@ -32,9 +32,7 @@ def test_capture_on_port_15008_shows_tls_records_and_never_the_payload(local_mes
             s.sendall(MARKER)
             s.shutdown(socket.SHUT_WR)
             assert recv_all(s) == MARKER
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and pcap.stat().st_size < 2 * len(MARKER):
-            time.sleep(0.05)
+        eventually(lambda: pcap.stat().st_size >= 2 * len(MARKER), 10, what="the tunnel's packets in the capture")
     finally:
         dump.send_signal(signal.SIGINT)
         try:

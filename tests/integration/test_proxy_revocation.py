@@ -33,8 +33,8 @@ from tests.integration.conftest import (
     start_proxy,
 )
 from tests.support.eventually import eventually
+from tests.support.identity import write_token_file
 from ztunnel.identity.ca import init_ca_dir
-from ztunnel.identity.testing import write_token_file
 
 SERVER_IP = "127.0.121.1"  # the served pod on node-b; its own range, so no other test's pod is in the way
 CLIENT_IP = "127.0.121.2"  # its client on node-a

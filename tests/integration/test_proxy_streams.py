@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.eventually import eventually_async
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import STREAM_WINDOW, Authority
 from ztunnel.hbone.server import HboneServer, InboundTunnel
@@ -300,10 +301,9 @@ async def test_splice_delivers_what_arrived_before_it_started(
     await client.write(b"early bytes")
     await client.write_eof()
     await app.write(b"early answer")
-    deadline = asyncio.get_running_loop().time() + 5
-    while not (proxy_down.protocol._eof and proxy_up._chunks):  # both arrived, nobody relaying yet
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.01)
+    await eventually_async(  # both arrived, nobody relaying yet
+        lambda: proxy_down.protocol._eof and proxy_up._chunks, 5, interval=0.01, what="both ends' early bytes"
+    )
     relaying = asyncio.create_task(relay(proxy_down, proxy_up))
     try:
         got = b""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
+from tests.support.eventually import eventually
 from ztunnel.cni.installer import Installer, primary_conf
 
 CONFLIST = {
@@ -94,10 +94,7 @@ def test_watch_puts_the_plugin_back_after_a_rewrite(tmp_path: Path) -> None:
     t.start()
     try:
         for _ in range(2):
-            deadline = time.monotonic() + 5
-            while "ztunnel-cni" not in path.read_text():
-                assert time.monotonic() < deadline, "plugin was not (re-)added"
-                time.sleep(0.01)
+            eventually(lambda: "ztunnel-cni" in path.read_text(), 5, interval=0.01, what="the plugin (re-)added")
             write(path, CONFLIST)  # the primary CNI rewrites its file
     finally:
         stop.set()

@@ -9,6 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from tests.support.identity import spiffe, two_node_config_yaml, write_token_file
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import ClusterConfig
 from ztunnel.identity.authz import (
@@ -22,7 +23,6 @@ from ztunnel.identity.authz import (
 )
 from ztunnel.identity.certs import generate_key, make_csr
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.testing import spiffe, two_node_config_yaml, write_token_file
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.support.eventually import eventually_async
+from tests.support.identity import spiffe, two_node_config_yaml
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
 from ztunnel.identity.manager import CertificateError, CertificateManager, InProcessBackend
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.testing import spiffe, two_node_config_yaml
 
 WEB = SpiffeId.parse(spiffe("shop", "web"))
 DB = SpiffeId.parse(spiffe("shop", "db"))

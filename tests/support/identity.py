@@ -1,7 +1,5 @@
-"""Helpers for tests of the identity layer (and of anything that needs a CA): configs, tokens, ports.
-
-Kept in the package so every test suite and the lab can use the same two-node fixture.
-"""
+"""For tests of the identity layer (and of anything that needs a CA): a two-node config, SPIFFE ids, token
+files, a free port."""
 
 from __future__ import annotations
 
