@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.eventually import eventually_async
+from tests.support.streams import BLOCK, Filler, check_backpressure, check_half_close, check_reset
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import STREAM_WINDOW, Authority
 from ztunnel.hbone.server import HboneServer, InboundTunnel
@@ -23,70 +24,8 @@ from ztunnel.proxy.listeners import listening_socket, serve_streams
 from ztunnel.proxy.relay import RelayCounters, relay
 
 HBONE_IP = "127.0.171.1"
-STALL_CHECKS = 8  # consecutive checks without growth before the writer counts as stalled
-STALL_CHECK_INTERVAL = 0.05
-BLOCK = 1 << 20
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/streams/sa/client")
 SERVER = SpiffeId.parse("spiffe://cluster.local/ns/streams/sa/server")
-
-
-async def check_half_close(a: ByteStream, b: ByteStream) -> None:
-    """a half-closes; b sees EOF and can still answer; then b half-closes too."""
-    await a.write(b"request")
-    await a.write_eof()
-    got = b""
-    while chunk := await b.read():
-        got += chunk
-    assert got == b"request"
-    await b.write(b"answer after EOF")
-    await b.write_eof()
-    got = b""
-    while chunk := await a.read():
-        got += chunk
-    assert got == b"answer after EOF"
-
-
-async def check_reset(a: ByteStream, b: ByteStream) -> None:
-    """An abort on one side is an error on the other, not a clean EOF."""
-    await a.write(b"x")
-    assert await b.read() == b"x"
-    a.abort()
-    with pytest.raises((StreamClosed, ConnectionError)):
-        for _ in range(100):
-            if not await b.read():
-                raise AssertionError("a reset was reported as a clean EOF")
-
-
-async def check_backpressure(a: ByteStream, b: ByteStream, limit: int) -> None:
-    """With nobody reading b, writes to a stall instead of buffering without bound.
-
-    Waits (with a deadline) until the amount written stops growing over several consecutive checks, then
-    asserts it is within `limit`: no timing guess about when a slow machine has filled the buffers.
-    """
-    written = 0
-    block = b"z" * BLOCK
-
-    async def writer() -> None:
-        nonlocal written
-        while True:
-            await a.write(block)
-            written += len(block)
-
-    task = asyncio.create_task(writer())
-    try:
-        deadline = asyncio.get_running_loop().time() + 20
-        last, steady = -1, 0
-        while steady < STALL_CHECKS:
-            assert written <= limit, f"{written} bytes written, more than the bound {limit}"
-            assert asyncio.get_running_loop().time() < deadline, f"the writer never stalled ({written} bytes)"
-            await asyncio.sleep(STALL_CHECK_INTERVAL)
-            steady = steady + 1 if written == last else 0
-            last = written
-        assert 0 < written <= limit, written
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
@@ -378,24 +317,9 @@ async def test_tcp_splice_backpressure(
 
 async def _fill_until_stalled(writer: ByteStream) -> asyncio.Task[None]:
     """Write until the writes stall (nobody reads the far end); return the still-blocked writer task."""
-    written = 0
-
-    async def write_forever() -> None:
-        nonlocal written
-        block = b"f" * BLOCK
-        while True:
-            await writer.write(block)
-            written += len(block)
-
-    task = asyncio.create_task(write_forever())
-    last, steady = -1, 0
-    deadline = asyncio.get_running_loop().time() + 20
-    while steady < STALL_CHECKS:
-        assert asyncio.get_running_loop().time() < deadline, "the writer never stalled"
-        await asyncio.sleep(STALL_CHECK_INTERVAL)
-        steady = steady + 1 if written == last else 0
-        last = written
-    return task
+    filler = Filler(writer)
+    await filler.until_stalled()
+    return filler.task
 
 
 async def _expect_reset(end: ByteStream) -> None:
