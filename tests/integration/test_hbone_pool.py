@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 from h2.errors import ErrorCodes
 
+from tests.support.echo import echo_tunnel
 from ztunnel.hbone.client import REFUSED_RETRIES, HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority, HboneError
 from ztunnel.hbone.server import HboneServer, InboundTunnel
@@ -31,17 +32,10 @@ class Setup:
     handshakes: list[int]
 
 
-async def _echo(tunnel: InboundTunnel) -> None:
-    tunnel.stream.respond(200)
-    while data := await tunnel.stream.read():
-        await tunnel.stream.write(data)
-    await tunnel.stream.write_eof()
-
-
 @pytest.fixture
 async def setup(certs: CertificateManager) -> AsyncIterator[Setup]:
     contexts = TlsContexts(certs)
-    server = HboneServer(contexts, _echo)
+    server = HboneServer(contexts, echo_tunnel)
     handshakes: list[int] = []
     original = server._new_connection
 
@@ -172,15 +166,15 @@ async def test_a_stream_the_server_refused_unprocessed_is_sent_again_on_a_new_co
     contexts = TlsContexts(certs)
     served: list[int] = []
 
-    async def refuse_first_then_echo(tunnel: InboundTunnel) -> None:
+    async def refuse_first_thenecho_tunnel(tunnel: InboundTunnel) -> None:
         served.append(tunnel.stream.stream_id)
         if len(served) == 1:
             tunnel.stream.connection.goaway()  # this connection takes no new streams...
             tunnel.stream.abort(ErrorCodes.REFUSED_STREAM)  # ...and did not process this one
             return
-        await _echo(tunnel)
+        await echo_tunnel(tunnel)
 
-    server = HboneServer(contexts, refuse_first_then_echo)
+    server = HboneServer(contexts, refuse_first_thenecho_tunnel)
     address = ("127.0.170.2", 15008)
     listener = await server.listen(listening_socket(*address), SERVER)
     pool = HbonePool(contexts)

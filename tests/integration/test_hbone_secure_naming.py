@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import NODE_A_CLIENT, NODE_C_TARGET, LocalMesh, SocksRefused, socks_connect
+from tests.support.echo import echo_tunnel
 from tests.support.svids import FORGERIES, FixedProvider, forged_svid, signed_svid
-from ztunnel.hbone.protocol import STATUS_OK
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import init_ca_dir
@@ -39,10 +39,7 @@ class FakeServer:
 
     async def _handle(self, tunnel: InboundTunnel) -> None:
         self.tunnels.append(tunnel.peer_identity.uri)
-        tunnel.stream.respond(STATUS_OK)
-        while data := await tunnel.stream.read():
-            await tunnel.stream.write(data)
-        await tunnel.stream.write_eof()
+        await echo_tunnel(tunnel)
 
     async def __aenter__(self) -> FakeServer:
         self._listener = await self.server.listen(listening_socket(NODE_C_TARGET, 15008), self.identity)

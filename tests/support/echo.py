@@ -1,11 +1,14 @@
 """The one echo app for tests: sends back what it reads, half-closes after the client does, counts
-connections. Runs on the test's loop (`echo_server`) or on a loop in a thread (conftest's AppServer)."""
+connections. Runs on the test's loop (`echo_server`) or on a loop in a thread (conftest's AppServer);
+`echo_tunnel` is the same app behind an HBONE server, answering the CONNECT with 200."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+
+from ztunnel.hbone.server import InboundTunnel
 
 
 class Echo:
@@ -39,3 +42,11 @@ async def echo_server(host: str, port: int = 0) -> AsyncIterator[tuple[Echo, int
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def echo_tunnel(tunnel: InboundTunnel) -> None:
+    """An HBONE tunnel handler that accepts the CONNECT and echoes until the client half-closes."""
+    tunnel.stream.respond(200)
+    while data := await tunnel.stream.read():
+        await tunnel.stream.write(data)
+    await tunnel.stream.write_eof()
