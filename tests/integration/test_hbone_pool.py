@@ -10,6 +10,7 @@ import pytest
 from h2.errors import ErrorCodes
 
 from tests.support.echo import echo_tunnel
+from tests.support.eventually import eventually_async
 from ztunnel.hbone.client import REFUSED_RETRIES, HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority, HboneError
 from ztunnel.hbone.server import HboneServer, InboundTunnel
@@ -67,8 +68,9 @@ async def test_concurrent_first_requests_share_one_handshake_then_spill_at_100_s
     hold = asyncio.Event()
     try:
         tasks = [asyncio.create_task(_roundtrip(pool, setup.key, i, hold)) for i in range(150)]
-        while sum(c.active_streams for c in pool.connections()) < 150:
-            await asyncio.sleep(0.01)
+        await eventually_async(
+            lambda: sum(c.active_streams for c in pool.connections()) >= 150, 10, interval=0.01, what="150 open streams"
+        )
         conns = pool.connections(setup.key)
         assert sorted(len(c.streams) for c in conns) == [50, 100]
         assert len(setup.handshakes) == 2 and pool.stats.connections_opened == 2
@@ -119,12 +121,12 @@ async def test_server_drain_moves_new_streams_to_a_new_connection(setup: Setup) 
     try:
         hold = asyncio.Event()
         first = asyncio.create_task(_roundtrip(pool, setup.key, 1, hold))
-        while not pool.connections() or not pool.connections()[0].streams:
-            await asyncio.sleep(0.01)
+        await eventually_async(
+            lambda: pool.connections() and pool.connections()[0].streams, 10, interval=0.01, what="the first stream"
+        )
         old = pool.connections()[0]
         setup.server.drain()  # GOAWAY: the open stream finishes, new ones need a new connection
-        while not old.draining:
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: old.draining, 10, interval=0.01, what="the GOAWAY seen by the client")
         setup.server._draining = False  # the listener keeps accepting for this test
         await _roundtrip(pool, setup.key, 2)
         assert pool.stats.connections_opened == 2

@@ -14,6 +14,7 @@ import pytest
 from test_config_model import CLUSTER
 
 from tests.support.clock import FakeClock
+from tests.support.eventually import eventually_async
 from ztunnel.config import ConfigError
 from ztunnel.config import source as source_module
 from ztunnel.config.source import FileConfigSource
@@ -94,9 +95,9 @@ async def test_the_watcher_stays_alive_after_a_bad_file(cluster_file: Path) -> N
                 await asyncio.sleep(0.01)
         assert not task.done()
         _write(cluster_file, CLUSTER + DENY)
-        async with asyncio.timeout(10):
-            while source.current is None or source.current.generation < 2:
-                await asyncio.sleep(0.01)
+        await eventually_async(
+            lambda: source.current is not None and source.current.generation >= 2, 10, what="the DENY applied"
+        )
         assert not task.done()
     finally:
         task.cancel()

@@ -12,6 +12,7 @@ from hyperframe.frame import GoAwayFrame, PingFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.eventually import eventually_async
 from tests.support.memory import Handler, MemoryTransport, connect_pair
 from ztunnel.hbone import connection as connection_module
 from ztunnel.hbone.budgets import PeerBudget
@@ -299,10 +300,7 @@ async def test_streams_that_end_when_the_connection_window_reopens_do_not_break_
         got = 0
         while got < STREAM_WINDOW:
             got += len(await served.read())
-    deadline = asyncio.get_running_loop().time() + 5
-    while not all(t.drained_calls for t in waiting):
-        assert asyncio.get_running_loop().time() < deadline, [t.drained_calls for t in waiting]
-        await asyncio.sleep(0.01)
+    await eventually_async(lambda: all(t.drained_calls for t in waiting), 5, interval=0.01, what="every sink drained")
     assert not client.closed.done()
     assert all(s.stream_id in client.streams for s, _ in filling)
     assert not any(t.stream.stream_id in client.streams for t in waiting)
@@ -332,10 +330,8 @@ async def test_a_goaway_that_overtakes_a_new_stream_refuses_it_as_retryable() ->
     client, _server, _, _ = connect_pair(handler)
     await client.ready
     opening = asyncio.ensure_future(client.open_stream(Authority("10.0.0.1", 8080)))
-    deadline = asyncio.get_running_loop().time() + 5
-    while not client.streams:  # open_stream ran up to its wait for the answer
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0)
+    # open_stream ran up to its wait for the answer
+    await eventually_async(lambda: client.streams, 5, interval=0, what="the stream opened")
     client.data_received(GoAwayFrame(stream_id=0, last_stream_id=0, error_code=0).serialize())
     with pytest.raises(HboneError) as failure:
         await opening

@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.eventually import eventually_async
 from tests.support.memory import Handler, MemoryTransport, connect_pair
 from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, Authority
@@ -87,10 +88,8 @@ class ScriptedEnd:
 
 
 async def until(predicate: Any, what: str, timeout: float = 5) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.001)
+    """`eventually_async`, polled every millisecond: these waits are for the loop's own callbacks."""
+    await eventually_async(predicate, timeout, interval=0.001, what=what)
 
 
 async def test_streams_that_half_close_while_their_sink_is_full_give_the_connection_window_back() -> None:
