@@ -23,7 +23,7 @@ import pytest
 
 from tests.integration.conftest import NODE_B_SERVER, LocalMesh
 from tests.support.eventually import eventually_async
-from tests.support.svids import issue
+from tests.support.svids import issue, signed_svid
 from ztunnel.hbone.protocol import STATUS_OK
 from ztunnel.hbone.server import FailureLog, HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
@@ -31,6 +31,7 @@ from ztunnel.identity.ca import init_ca_dir
 from ztunnel.identity.certs import WorkloadCertificate
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.identity.tls import client_context, peer_identity
 from ztunnel.proxy.listeners import listening_socket
 
 CLIENT = "spiffe://cluster.local/ns/shop/sa/client"
@@ -185,3 +186,43 @@ async def test_failed_handshakes_leave_no_socket_behind(server: HboneServer) -> 
         what="20 failures",
     )
     await eventually_async(lambda: _open_fds() <= before, 5, what="the sockets closed")
+
+
+async def test_connections_that_never_start_their_handshake_cannot_pile_up(
+    certs: CertificateManager, ca_dir: Path
+) -> None:
+    """Any TCP client can open connections to the HBONE port and send nothing: each holds a socket and ~70 KiB
+    until the handshake timeout, so a flood of them must not grow without bound (past the limit the oldest
+    go) nor keep a verified client from completing its handshake."""
+    contexts = TlsContexts(certs)
+    reasons: list[str] = []
+    hbone = HboneServer(contexts, _answer_ok, on_rejected=reasons.append, handshake_timeout=30.0)
+    hbone.max_pending_handshakes = 8
+    listener = await hbone.listen(listening_socket(*FLOOD_ADDRESS), SERVER)
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            silent.append(socket.create_connection(FLOOD_ADDRESS))
+        await eventually_async(lambda: reasons.count("overload") == 12, 5, what="12 handshakes dropped")
+        for s in silent[:12]:  # the oldest were ended by the server, long before its handshake timeout
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(1) == b""
+        client = signed_svid(ca_dir, CLIENT)
+        ctx = client_context(client)
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(*FLOOD_ADDRESS, ssl=ctx), 5)
+        assert peer_identity(writer.get_extra_info("ssl_object")) == SERVER  # the newest handshake went through
+        writer.close()
+        assert reasons.count("overload") == 13  # one more silent one made room for it
+    finally:
+        for s in silent:
+            s.close()
+        listener.close()
+        hbone.abort()
+
+
+async def _answer_ok(tunnel: InboundTunnel) -> None:
+    tunnel.stream.respond(STATUS_OK)
+
+
+FLOOD_ADDRESS = ("127.0.171.2", 15008)

@@ -51,6 +51,10 @@ ACCEPT_BATCH = 64  # sockets accepted per readiness event, so one busy listener 
 ACCEPT_PAUSE = 1.0  # seconds without accepting after running out of file descriptors
 FAILURE_LOG_INTERVAL = 10.0
 FAILURE_LOG_LINES = 5  # per reason and interval; the rest are counted and reported with the next line
+# Handshakes in progress per server. Each costs a socket and ~70 KiB (SSL object, transport) until the
+# handshake timeout, and any TCP client can start one without a certificate: past this many the oldest is
+# dropped (a legitimate handshake takes milliseconds, a silent one the whole timeout). 1,024 x 70 KiB ~ 70 MiB.
+MAX_PENDING_HANDSHAKES = 1024
 
 
 @dataclass(slots=True)
@@ -190,7 +194,10 @@ class HboneServer:
         self.handshake_timeout = handshake_timeout
         self.handshake_failures: dict[str, int] = {}
         self.failure_log = FailureLog()
-        self._handshakes: set[asyncio.Task[None]] = set()
+        # Handshakes in progress, oldest first (dropped first past max_pending_handshakes): task -> its socket,
+        # peer address and listener identity.
+        self._handshakes: dict[asyncio.Task[None], tuple[socket.socket, tuple[str, int], SpiffeId]] = {}
+        self.max_pending_handshakes = MAX_PENDING_HANDSHAKES
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[HboneConnection] = set()
@@ -216,9 +223,22 @@ class HboneServer:
 
     def _accepted(self, sock: socket.socket, peer: tuple[str, int], identity: SpiffeId, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
+        while len(self._handshakes) >= self.max_pending_handshakes:
+            self._drop_oldest_handshake()
         task = loop.create_task(self._handshake(loop, sock, peer, identity, ctx))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        self._handshakes[task] = (sock, peer, identity)
+        task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.pop(task, None)
+
+    def _drop_oldest_handshake(self) -> None:
+        """Too many handshakes in progress (a flood of connections that never finish theirs): end the oldest."""
+        task, (sock, peer, identity) = next(iter(self._handshakes.items()))
+        del self._handshakes[task]
+        task.cancel()  # its except-clause closes the socket; a task that never ran has no clause, so close here
+        sock.close()  # (deferred by Python while the transport holds the socket, which then lets it go)
+        self._handshake_failed(ConnectionAbortedError("too many handshakes in progress"), peer, identity, "overload")
 
     async def _handshake(
         self,
@@ -240,8 +260,10 @@ class HboneServer:
             sock.close()  # cancelled (server abort) or a bug: never leak the socket
             raise
 
-    def _handshake_failed(self, error: BaseException, peer: tuple[str, int], identity: SpiffeId) -> None:
-        reason = handshake_failure_reason(error)
+    def _handshake_failed(
+        self, error: BaseException, peer: tuple[str, int], identity: SpiffeId, reason: str | None = None
+    ) -> None:
+        reason = reason or handshake_failure_reason(error)
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
         if self.on_rejected is not None:
             self.on_rejected(reason)
@@ -381,7 +403,10 @@ class HboneServer:
             conn.goaway()
 
     def abort(self) -> None:
-        for task in list(self.tasks) + list(self._handshakes):
+        for task in list(self.tasks):
             task.cancel()
+        for task, (sock, _peer, _identity) in list(self._handshakes.items()):
+            task.cancel()
+            sock.close()  # a handshake task cancelled before it ran would never close it
         for conn in list(self.connections):
             conn.abort()

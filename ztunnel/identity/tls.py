@@ -220,6 +220,7 @@ HANDSHAKE_FAILURE_REASONS = (
     "protocol",
     "timeout",
     "closed",
+    "overload",  # dropped unfinished: the server had too many handshakes in progress (hbone/server.py)
 )
 
 
