@@ -140,7 +140,9 @@ CASES = [
     Case("hosts-l4-dropped", [allow(op(hosts=["server.foo"]))], Conn(), "deny"),
     Case("hosts-exact", [allow(op(hosts=["server.foo"]))], Conn(layer="l7", host="server.foo"), "allow"),
     Case("hosts-case-insensitive", [allow(op(hosts=["Server.Foo"]))], Conn(layer="l7", host="server.FOO"), "allow"),
-    Case("hosts-with-port", [allow(op(hosts=["server.foo"]))], Conn(layer="l7", host="server.foo:8080"), "allow"),
+    # Istio matches the Host value as sent: a host without a port does not match it with one (write `h:*`)
+    Case("hosts-with-port-missed", [allow(op(hosts=["server.foo"]))], Conn(layer="l7", host="server.foo:8080"), "deny"),
+    Case("hosts-any-port", [allow(op(hosts=["server.foo:*"]))], Conn(layer="l7", host="server.foo:8080"), "allow"),
     Case(
         "hosts-suffix",
         [allow(op(hosts=["*.foo.svc.cluster.local"]))],
@@ -482,7 +484,320 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def r7(**kw: object) -> Conn:
+    """An HTTP request at the waypoint (l7) from foo/client (10.244.1.12) to foo/server:8080."""
+    return Conn(layer="l7", **kw)  # type: ignore[arg-type]
+
+
+JWT = {"iss": "https://issuer.example", "sub": "alice"}
+CUSTOM = {"action": "CUSTOM", "provider": {"name": "ext-authz"}}
+
+# The L7 table: what a waypoint decides (engine.check_l7 and `authz check --layer l7`, one engine). Istio's
+# documented semantics for every L7 field, `when` key and not* form; a case is (policies, request, verdict).
+L7_CASES = [
+    # ---- methods: exact, case-sensitive, prefix, not ----------------------------------------------------
+    Case("l7-methods-exact", [allow(op(methods=["GET", "HEAD"]))], r7(method="HEAD"), "allow", "foo/p"),
+    Case("l7-methods-case-sensitive", [allow(op(methods=["GET"]))], r7(method="get"), "deny", "foo/p"),
+    Case("l7-methods-prefix", [allow(op(methods=["P*"]))], r7(method="PATCH"), "allow"),
+    Case("l7-notMethods-other", [allow(op(notMethods=["DELETE"]))], r7(method="GET"), "allow"),
+    Case("l7-deny-methods", [deny(op(methods=["DELETE"]))], r7(method="DELETE"), "deny", "foo/d"),
+    # ---- paths: exact, prefix*, *suffix, *, not, query, dot segments, case --------------------------------
+    Case("l7-paths-exact", [allow(op(paths=["/hello"]))], r7(path="/hello"), "allow"),
+    Case("l7-paths-case-sensitive", [allow(op(paths=["/hello"]))], r7(path="/Hello"), "deny"),
+    Case("l7-paths-exact-not-prefix", [allow(op(paths=["/hello"]))], r7(path="/hello/x"), "deny"),
+    Case("l7-paths-prefix", [allow(op(paths=["/api/*"]))], r7(path="/api/v1?q=1"), "allow"),
+    Case("l7-paths-prefix-is-not-segment", [allow(op(paths=["/api*"]))], r7(path="/apix"), "allow"),
+    Case("l7-paths-suffix-greeter", [allow(op(methods=["GET"], paths=["*/hello"]))], r7(path="/v2/hello"), "allow"),
+    Case("l7-paths-suffix-miss", [allow(op(paths=["*/hello"]))], r7(path="/hello/x"), "deny"),
+    Case("l7-paths-presence", [allow(op(paths=["*"]))], r7(path="/"), "allow"),
+    Case("l7-paths-query-not-matched", [allow(op(paths=["*x=1"]))], r7(path="/a?x=1"), "deny"),
+    Case("l7-notPaths-prefix", [allow(op(notPaths=["/admin/*"]))], r7(path="/admin/users"), "deny"),
+    Case("l7-notPaths-other", [allow(op(notPaths=["/admin/*"]))], r7(path="/public"), "allow"),
+    Case("l7-paths-dot-segments-deny", [deny(op(paths=["/admin/*"]))], r7(path="/public/../admin/x"), "deny", "foo/d"),
+    Case("l7-paths-dot-segments-allow", [allow(op(paths=["/public/*"]))], r7(path="/public/../admin"), "deny"),
+    Case("l7-paths-single-dot", [allow(op(paths=["/a/b"]))], r7(path="/a/./b"), "allow"),
+    # ---- hosts: case-insensitive, port as sent, prefix/suffix, not, Host header ----------------------------
+    Case(
+        "l7-hosts-exact",
+        [allow(op(hosts=["server.foo.svc.cluster.local"]))],
+        r7(host="server.foo.svc.cluster.local"),
+        "allow",
+    ),
+    Case("l7-hosts-upper", [allow(op(hosts=["server.foo"]))], r7(host="SERVER.Foo"), "allow"),
+    Case("l7-hosts-port-missed", [allow(op(hosts=["server.foo"]))], r7(host="server.foo:80"), "deny"),
+    Case("l7-hosts-port-prefix", [allow(op(hosts=["server.foo", "server.foo:*"]))], r7(host="server.foo:80"), "allow"),
+    Case(
+        "l7-hosts-suffix",
+        [allow(op(hosts=["*.foo.svc.cluster.local"]))],
+        r7(host="x.foo.svc.cluster.local"),
+        "allow",
+    ),
+    Case("l7-hosts-prefix", [allow(op(hosts=["server.*"]))], r7(host="server.bar"), "allow"),
+    Case("l7-notHosts", [allow(op(notHosts=["*.evil.com"]))], r7(host="a.EVIL.com"), "deny"),
+    Case("l7-hosts-from-host-header", [allow(op(hosts=["server.foo"]))], r7(headers={"Host": "server.foo"}), "allow"),
+    Case("l7-hosts-absent", [allow(op(hosts=["*"]))], r7(), "deny"),
+    # ---- ports and combinations --------------------------------------------------------------------------
+    Case("l7-ports-and-methods", [allow(op(ports=["8080"], methods=["GET"]))], r7(port=8080), "allow"),
+    Case("l7-ports-and-methods-port-miss", [allow(op(ports=["9090"], methods=["GET"]))], r7(port=8080), "deny"),
+    Case("l7-notPorts", [allow(op(notPorts=["8080"]))], r7(), "deny"),
+    Case("l7-entry-all-fields", [allow(op(methods=["GET"], notPaths=["/admin*"]))], r7(path="/admin"), "deny"),
+    Case(
+        "l7-to-entries-any",
+        [allow({"to": [{"operation": {"methods": ["POST"]}}, {"operation": {"paths": ["/ok"]}}]})],
+        r7(path="/ok"),
+        "allow",
+    ),
+    Case("l7-rule-from-and-to", [allow({**src(namespaces=["foo"]), **op(methods=["GET"])})], r7(), "allow"),
+    Case("l7-rule-from-and-to-miss", [allow({**src(namespaces=["bar"]), **op(methods=["GET"])})], r7(), "deny"),
+    # ---- request.headers[...] -------------------------------------------------------------------------------
+    Case(
+        "l7-header-name-any-case",
+        [allow(when("request.headers[X-User]", ["u1"]))],
+        r7(headers={"X-USER": "u1"}),
+        "allow",
+    ),
+    Case(
+        "l7-header-value-case-sensitive",
+        [allow(when("request.headers[x-user]", ["u1"]))],
+        r7(headers={"x-user": "U1"}),
+        "deny",
+    ),
+    Case(
+        "l7-header-prefix",
+        [allow(when("request.headers[user-agent]", ["curl/*"]))],
+        r7(headers={"User-Agent": "curl/8.5"}),
+        "allow",
+    ),
+    Case("l7-header-presence", [allow(when("request.headers[x-token]", ["*"]))], r7(headers={"x-token": "t"}), "allow"),
+    Case("l7-header-presence-absent", [allow(when("request.headers[x-token]", ["*"]))], r7(), "deny"),
+    Case(
+        "l7-header-notValues",
+        [allow(when("request.headers[x-user]", not_values=["eve"]))],
+        r7(headers={"x-user": "eve"}),
+        "deny",
+    ),
+    Case(
+        "l7-deny-header",
+        [deny(when("request.headers[x-debug]", ["*"]))],
+        r7(headers={"X-Debug": "1"}),
+        "deny",
+        "foo/d",
+    ),
+    # ---- requestPrincipals and request.auth.* ------------------------------------------------------------------
+    Case(
+        "l7-requestPrincipals-from-jwt",
+        [allow(src(requestPrincipals=["https://issuer.example/alice"]))],
+        r7(claims=JWT),
+        "allow",
+    ),
+    Case("l7-requestPrincipals-suffix", [allow(src(requestPrincipals=["*/alice"]))], r7(claims=JWT), "allow"),
+    Case("l7-requestPrincipals-presence-no-jwt", [allow(src(requestPrincipals=["*"]))], r7(), "deny"),
+    Case("l7-notRequestPrincipals", [allow(src(notRequestPrincipals=["*/alice"]))], r7(claims=JWT), "deny"),
+    Case("l7-deny-no-jwt", [deny(src(notRequestPrincipals=["*"]))], r7(), "deny", "foo/d"),
+    Case(
+        "l7-auth-principal",
+        [allow(when("request.auth.principal", ["https://issuer.example/*"]))],
+        r7(claims=JWT),
+        "allow",
+    ),
+    Case(
+        "l7-auth-audiences-list",
+        [allow(when("request.auth.audiences", ["b"]))],
+        r7(claims={**JWT, "aud": ["a", "b"]}),
+        "allow",
+    ),
+    Case(
+        "l7-auth-audiences-string",
+        [allow(when("request.auth.audiences", ["api.*"]))],
+        r7(claims={**JWT, "aud": "api.x"}),
+        "allow",
+    ),
+    Case("l7-auth-audiences-none", [allow(when("request.auth.audiences", ["*"]))], r7(claims=JWT), "deny"),
+    Case(
+        "l7-auth-audiences-notValues",
+        [allow(when("request.auth.audiences", not_values=["b"]))],
+        r7(claims={**JWT, "aud": ["a", "b"]}),
+        "deny",
+    ),
+    Case(
+        "l7-auth-presenter",
+        [allow(when("request.auth.presenter", ["web-app"]))],
+        r7(claims={**JWT, "azp": "web-app"}),
+        "allow",
+    ),
+    Case(
+        "l7-auth-presenter-miss",
+        [allow(when("request.auth.presenter", ["web-app"]))],
+        r7(claims={**JWT, "azp": "cli"}),
+        "deny",
+    ),
+    Case(
+        "l7-claims-string",
+        [allow(when("request.auth.claims[group]", ["admin"]))],
+        r7(claims={**JWT, "group": "admin"}),
+        "allow",
+    ),
+    Case(
+        "l7-claims-list",
+        [allow(when("request.auth.claims[groups]", ["admin"]))],
+        r7(claims={**JWT, "groups": ["dev", "admin"]}),
+        "allow",
+    ),
+    Case(
+        "l7-claims-list-miss",
+        [allow(when("request.auth.claims[groups]", ["admin"]))],
+        r7(claims={**JWT, "groups": ["dev"]}),
+        "deny",
+    ),
+    Case(
+        "l7-claims-nested-list",
+        [allow(when("request.auth.claims[realm_access][roles]", ["admin"]))],
+        r7(claims={**JWT, "realm_access": {"roles": ["user", "admin"]}}),
+        "allow",
+    ),
+    Case(
+        "l7-claims-nested-miss",
+        [allow(when("request.auth.claims[realm_access][roles]", ["admin"]))],
+        r7(claims={**JWT, "realm_access": ["admin"]}),
+        "deny",
+    ),
+    Case(
+        "l7-claims-number-never-matches",
+        [allow(when("request.auth.claims[level]", ["3"]))],
+        r7(claims={**JWT, "level": 3}),
+        "deny",
+    ),
+    Case(
+        "l7-claims-bool",
+        [allow(when("request.auth.claims[admin]", ["true"]))],
+        r7(claims={**JWT, "admin": True}),
+        "allow",
+    ),
+    Case(
+        "l7-claims-notValues-absent",
+        [allow(when("request.auth.claims[group]", not_values=["x"]))],
+        r7(claims=JWT),
+        "allow",
+    ),
+    # ---- remoteIpBlocks / remote.ip: X-Forwarded-For with trusted hops ---------------------------------------
+    Case(
+        "l7-remote-untrusted-xff-ignored",
+        [allow(src(remoteIpBlocks=["1.2.3.4"]))],
+        r7(forwarded_for="1.2.3.4"),
+        "deny",
+    ),
+    Case(
+        "l7-remote-is-peer-without-hops",
+        [allow(src(remoteIpBlocks=["10.244.1.12"]))],
+        r7(forwarded_for="1.2.3.4"),
+        "allow",
+    ),
+    Case(
+        "l7-remote-one-hop-rightmost",
+        [allow(src(remoteIpBlocks=["203.0.113.0/24"]))],
+        r7(forwarded_for="1.2.3.4, 203.0.113.7", trusted_hops=1),
+        "allow",
+    ),
+    Case(
+        "l7-remote-one-hop-spoof-left-ignored",
+        [allow(src(remoteIpBlocks=["1.2.3.4"]))],
+        r7(forwarded_for="1.2.3.4, 203.0.113.7", trusted_hops=1),
+        "deny",
+    ),
+    Case(
+        "l7-remote-two-hops",
+        [allow(src(remoteIpBlocks=["1.2.3.4"]))],
+        r7(forwarded_for="1.2.3.4, 203.0.113.7", trusted_hops=2),
+        "allow",
+    ),
+    Case(
+        "l7-remote-short-chain-falls-back-to-peer",
+        [allow(src(remoteIpBlocks=["10.244.1.12"]))],
+        r7(forwarded_for="203.0.113.7", trusted_hops=2),
+        "allow",
+    ),
+    Case(
+        "l7-remote-from-header",
+        [allow(when("remote.ip", ["198.51.100.0/24"]))],
+        r7(headers={"X-Forwarded-For": "198.51.100.9"}, trusted_hops=1),
+        "allow",
+    ),
+    Case(
+        "l7-notRemoteIpBlocks-deny",
+        [deny(src(notRemoteIpBlocks=["203.0.113.0/24"]))],
+        r7(forwarded_for="198.51.100.9", trusted_hops=1),
+        "deny",
+        "foo/d",
+    ),
+    Case(
+        "l7-ipBlocks-stay-the-peer",
+        [allow(src(ipBlocks=["198.51.100.9"]))],
+        r7(forwarded_for="198.51.100.9", trusted_hops=1),
+        "deny",
+    ),
+    # ---- source.*, destination.*, connection.sni at the waypoint ---------------------------------------------
+    Case("l7-source-principal", [allow(when("source.principal", ["cluster.local/ns/foo/sa/client"]))], r7(), "allow"),
+    Case("l7-source-namespace-notValues", [allow(when("source.namespace", not_values=["foo"]))], r7(), "deny"),
+    Case("l7-source-ip", [allow(when("source.ip", ["10.244.1.0/24"]))], r7(), "allow"),
+    Case("l7-destination-ip", [allow(when("destination.ip", ["10.244.1.10"]))], r7(), "allow"),
+    Case("l7-destination-port", [allow(when("destination.port", ["9090"]))], r7(), "deny"),
+    Case(
+        "l7-sni",
+        [allow(when("connection.sni", ["*.foo.svc.cluster.local"]))],
+        r7(sni="server.foo.svc.cluster.local"),
+        "allow",
+    ),
+    Case("l7-sni-notValues", [allow(when("connection.sni", not_values=["evil"]))], r7(sni="evil"), "deny"),
+    # ---- order CUSTOM -> DENY -> ALLOW, dry-run, AUDIT, allow-all, deny-all ------------------------------------
+    Case(
+        "l7-deny-beats-allow",
+        [allow(op(paths=["*"]), "a"), deny(op(paths=["/admin*"]), "d")],
+        r7(path="/admin"),
+        "deny",
+        "foo/d",
+    ),
+    Case(
+        "l7-allow-any-policy",
+        [allow(op(paths=["/x"]), "a1"), allow(op(methods=["GET"]), "a2")],
+        r7(),
+        "allow",
+        "foo/a2",
+    ),
+    Case(
+        "l7-custom-alone-leaves-allow",
+        [policy("ext", {**CUSTOM, "rules": [op(paths=["/book"])]})],
+        r7(path="/book"),
+        "allow",
+        None,
+    ),
+    Case(
+        "l7-custom-then-deny",
+        [policy("ext", {**CUSTOM, "rules": [{}]}), deny(op(methods=["POST"]))],
+        r7(method="POST"),
+        "deny",
+        "foo/d",
+    ),
+    Case(
+        "l7-dry-run-deny-logs-only",
+        [policy("d", {"action": "DENY", "rules": [op(paths=["/x"])]}, annotations={"istio.io/dry-run": "true"})],
+        r7(path="/x"),
+        "allow",
+        None,
+    ),
+    Case(
+        "l7-audit-does-not-decide",
+        [policy("au", {"action": "AUDIT", "rules": [op(paths=["*"])]})],
+        r7(),
+        "allow",
+        None,
+    ),
+    Case("l7-allow-all", [policy("all", {"rules": [{}]})], r7(method="DELETE", path="/anything"), "allow", "foo/all"),
+    Case("l7-deny-all", [policy("none", {})], r7(), "deny", "foo/none"),
+    Case("l7-no-policy", [], r7(method="DELETE"), "allow", None),
+]
+
+
+@pytest.mark.parametrize("case", CASES + L7_CASES, ids=[c.id for c in CASES + L7_CASES])
 def test_engine(case: Case) -> None:
     engine, config = engine_of(*case.policies, root_namespace=case.root_namespace)
     assert engine.errors == []
@@ -493,15 +808,19 @@ def test_engine(case: Case) -> None:
     assert d.reason
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+_BASE = {"decision", "policy", "reason"}
+
+
+@pytest.mark.parametrize("case", CASES + L7_CASES, ids=[c.id for c in CASES + L7_CASES])
 def test_authz_check_cli(case: Case, tmp_path: Path) -> None:
     rc, out = check_via_cli(tmp_path, case.policies, case.conn, case.root_namespace)
     assert out["decision"] == case.verdict, out
     assert rc == (0 if case.verdict == "allow" else 1)
-    assert set(out) == {"decision", "policy", "reason"}
+    assert _BASE <= set(out) <= {*_BASE, "dry_run", "audit_policies", "custom_policies", "custom_providers"}
     if case.policy is not ANY:
         assert out["policy"] == case.policy, out
 
 
 def test_case_ids_unique() -> None:
-    assert len({c.id for c in CASES}) == len(CASES)
+    assert len({c.id for c in CASES + L7_CASES}) == len(CASES + L7_CASES)
+    assert all(c.conn.layer == "l7" for c in L7_CASES)

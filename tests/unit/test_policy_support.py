@@ -15,7 +15,7 @@ import yaml
 from ztunnel.cli import main as cli_main
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import ClusterConfig
-from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes
+from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes, jwt_principal
 from ztunnel.policy.engine import PolicyEngine
 
 CLUSTER_YAML = """
@@ -108,8 +108,26 @@ class Conn:
     path: str = "/"
     host: str = ""
     headers: dict[str, str] = field(default_factory=dict)
-    request_principal: str | None = None
-    claims: dict[str, str] = field(default_factory=dict)
+    request_principal: str | None = None  # default: iss/sub of the claims, as `authz check --jwt-claims` derives it
+    claims: dict[str, Any] = field(default_factory=dict)  # the validated JWT's (nested, lists, aud, azp)
+    forwarded_for: str | None = None  # X-Forwarded-For chain, comma-separated
+    trusted_hops: int = 0
+    sni: str | None = None
+
+    def request(self) -> HttpRequestAttributes:
+        """The HTTP request as a waypoint hands it to the engine."""
+        xff = tuple(x.strip() for x in self.forwarded_for.split(",")) if self.forwarded_for else None
+        return HttpRequestAttributes(
+            self.method,
+            self.path,
+            self.host,
+            self.headers,
+            self.request_principal or jwt_principal(self.claims),
+            self.claims,
+            forwarded_for=xff,
+            trusted_hops=self.trusted_hops,
+            sni=self.sni,
+        )
 
 
 def decide(engine: PolicyEngine, config: ClusterConfig, c: Conn) -> Decision:
@@ -118,8 +136,7 @@ def decide(engine: PolicyEngine, config: ClusterConfig, c: Conn) -> Decision:
     assert w is not None, c.dest
     attrs = ConnectionAttributes(c.source, c.source_ip, w, w.ips[0], c.port)
     if c.layer == "l7":
-        req = HttpRequestAttributes(c.method, c.path, c.host, c.headers, c.request_principal, c.claims)
-        return engine.check_l7(attrs, req)
+        return engine.check_l7(attrs, c.request())
     return engine.check_l4(attrs)
 
 
@@ -148,8 +165,14 @@ def check_via_cli(tmp: Path, policy_yaml: list[str], c: Conn, root_namespace: st
             argv += ["--header", f"{k}={v}"]
         if c.request_principal:
             argv += ["--request-principal", c.request_principal]
-        for k, v in c.claims.items():
-            argv += ["--claim", f"{k}={v}"]
+        if c.claims:
+            argv += ["--jwt-claims", json.dumps(c.claims)]
+        if c.forwarded_for is not None:
+            argv += ["--forwarded-for", c.forwarded_for]
+        if c.trusted_hops:
+            argv += ["--trusted-hops", str(c.trusted_hops)]
+        if c.sni is not None:
+            argv += ["--sni", c.sni]
     rc, out, err = run_cli(argv)
     assert rc in (0, 1), err
     return rc, json.loads(out)

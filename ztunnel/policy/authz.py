@@ -19,7 +19,7 @@ from ztunnel.policy.matchers import (
     ClaimMatcher,
     ExactSet,
     HeaderMatcher,
-    HostMatcher,
+    ListMatcher,
     Matcher,
     PathMatcher,
     PortSet,
@@ -67,13 +67,10 @@ WHEN_KEYS: dict[str, tuple[str, str, bool]] = {
     "destination.port": ("port", "destination_port", False),
     "remote.ip": ("cidr", "remote_ip", True),
     "request.auth.principal": ("string", "request_principal", True),
-    "request.auth.audiences": ("claim:aud", "claims", True),
-    "request.auth.presenter": ("claim:azp", "claims", True),
+    "request.auth.audiences": ("list", "audiences", True),
+    "request.auth.presenter": ("string", "presenter", True),
     "connection.sni": ("string", "sni", True),
 }
-_HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
-_CLAIM_KEY = re.compile(r"^request\.auth\.claims((?:\[[^\[\]]+\])+)$")
-_EXPERIMENTAL_KEY = re.compile(r"^experimental\.envoy\.filters\.[A-Za-z0-9_.]+\[[^\[\]]+\]$")
 _HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims((?:\[[^\[\]]+\])+)$")
 _EXPERIMENTAL_KEY = re.compile(r"^experimental\.envoy\.filters\.[A-Za-z0-9_.]+\[[^\[\]]+\]$")
@@ -114,8 +111,6 @@ def _build_matcher(r: _PolicyReader, kind: str, values: list[str], path: str, po
     for i, v in enumerate(values):
         if v == "":  # Istio rejects these too: an empty value is always a templating mistake
             raise r.error(f"{path}[{i}]", 'empty value not allowed; remove it or write "*" for any value')
-    if kind.startswith("claim:"):
-        return ClaimMatcher((kind[len("claim:") :],), StringSet.compile(values))
     return _BUILDERS[kind](r, values, path, policy_ns)
 
 
@@ -128,7 +123,12 @@ def _strings(r: _PolicyReader, values: list[str], path: str, policy_ns: str) -> 
 
 
 def _hosts(r: _PolicyReader, values: list[str], path: str, policy_ns: str) -> Matcher:
-    return HostMatcher(StringSet.compile(values, ignore_case=True))
+    """Case-insensitive, against the Host value as sent, port included (Istio: `a.com` misses `a.com:80`)."""
+    return StringSet.compile(values, ignore_case=True)
+
+
+def _list(r: _PolicyReader, values: list[str], path: str, policy_ns: str) -> Matcher:
+    return ListMatcher(StringSet.compile(values))
 
 
 def _paths(r: _PolicyReader, values: list[str], path: str, policy_ns: str) -> Matcher:
@@ -139,8 +139,8 @@ def _paths(r: _PolicyReader, values: list[str], path: str, policy_ns: str) -> Ma
                 templates.append(compile_path_template(v))
             except ValueError as e:
                 raise r.error(f"{path}[{i}]", str(e)) from None
-    plain = [v for v in values if "{*" not in v]
-    return PathMatcher(StringSet.compile(plain), tuple(templates))
+    plain = StringSet.compile(v for v in values if "{*" not in v)
+    return PathMatcher(plain, tuple(templates)) if templates else plain
 
 
 def _service_accounts(r: _PolicyReader, values: list[str], path: str, policy_ns: str) -> Matcher:
@@ -180,6 +180,7 @@ _BUILDERS: dict[str, Callable[[_PolicyReader, list[str], str, str], Matcher]] = 
     "principal": _principals,
     "string": _strings,
     "host": _hosts,
+    "list": _list,
     "path": _paths,
     "service_account": _service_accounts,
     "cidr": _cidrs,
@@ -240,7 +241,7 @@ def _wrapper(key: str) -> tuple[str, Callable[[StringSet], Matcher]] | None:
     hm = _HEADER_KEY.match(key)
     if hm:
         name = hm.group(1).strip().lower()
-        return "headers", lambda s: HeaderMatcher(name, s)
+        return ("headers", lambda s: HeaderMatcher(name, s)) if name else None
     cm = _CLAIM_KEY.match(key)
     if cm:
         claim_path = tuple(re.findall(r"\[([^\[\]]+)\]", cm.group(1)))

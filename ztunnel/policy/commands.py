@@ -49,9 +49,27 @@ def register(subparsers: Any) -> None:
     check.add_argument("--method", default="GET")
     check.add_argument("--path", default="/")
     check.add_argument("--host", default="")
-    check.add_argument("--header", action="append", default=[], metavar="K=V")
+    check.add_argument("--header", action="append", default=[], metavar="K=V", help="request header (l7), repeatable")
     check.add_argument("--request-principal", metavar="ISS/SUB", help="principal of a validated JWT (l7)")
     check.add_argument("--claim", action="append", default=[], metavar="K=V", help="JWT claim (l7), repeatable")
+    check.add_argument(
+        "--jwt-claims",
+        metavar="FILE-or-JSON",
+        help="the validated JWT's claims as a JSON object (l7): nested and list claims, aud, azp; the request "
+        "principal is iss/sub unless --request-principal is given",
+    )
+    check.add_argument(
+        "--forwarded-for", metavar="IP,IP,...", help="X-Forwarded-For chain (l7; default: the --header of that name)"
+    )
+    check.add_argument(
+        "--trusted-hops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trusted proxies in front (Istio numTrustedProxies): the client is the N-th X-Forwarded-For address "
+        "from the right (l7; default 0: the connection's source)",
+    )
+    check.add_argument("--sni", metavar="NAME", help="TLS server name of the connection (l7, connection.sni)")
     check.add_argument("--root-namespace", default="istio-system")
     check.add_argument("--trust-domain", default="cluster.local")
     check.add_argument("-o", "--output", choices=["text", "json"], default="text")
@@ -147,20 +165,65 @@ def suspicious_objects(objects: Any) -> list[str]:
     return out
 
 
-def _split_kv(values: list[str], flag: str) -> dict[str, str]:
-    out = {}
+def _split_kv(values: list[str], flag: str, *, join: bool = False) -> dict[str, str]:
+    """KEY=VALUE flags; with `join`, a key given twice gets its values joined with "," (repeated headers)."""
+    out: dict[str, str] = {}
     for v in values:
         k, sep, val = v.partition("=")
-        if not sep or not k:
+        if not sep or not k.strip():
             raise PolicyCommandError(f"{flag} {v!r}: expected KEY=VALUE")
-        out[k.strip()] = val
+        key = k.strip().lower() if join else k.strip()
+        out[key] = f"{out[key]},{val}" if join and key in out else val
     return out
+
+
+def _jwt_claims(raw: str | None) -> dict[str, Any]:
+    """--jwt-claims: inline JSON (starting with "{") or a file holding it; must be a JSON object."""
+    if raw is None:
+        return {}
+    text = raw
+    if not raw.lstrip().startswith("{"):
+        try:
+            with open(raw, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            msg = f"--jwt-claims {raw}: cannot read ({e.strerror}); give a file or a JSON object"
+            raise PolicyCommandError(msg) from None
+    try:
+        claims = json.loads(text)
+    except ValueError as e:
+        raise PolicyCommandError(f"--jwt-claims {raw[:60]}: not JSON ({e})") from None
+    if not isinstance(claims, dict):
+        raise PolicyCommandError(f"--jwt-claims {raw[:60]}: must be a JSON object of claims")
+    return claims
+
+
+def _request(args: argparse.Namespace) -> Any:
+    """The HTTP request the l7 flags describe."""
+    from ztunnel.policy.decision import HttpRequestAttributes, jwt_principal
+
+    if args.trusted_hops < 0:
+        raise PolicyCommandError(f"--trusted-hops {args.trusted_hops}: must be 0 or more")
+    claims: dict[str, Any] = {**_jwt_claims(args.jwt_claims), **_split_kv(args.claim, "--claim")}
+    principal = args.request_principal or jwt_principal(claims)
+    xff = tuple(a.strip() for a in args.forwarded_for.split(",")) if args.forwarded_for else None
+    return HttpRequestAttributes(
+        method=args.method,
+        path=args.path,
+        host=args.host,
+        headers=_split_kv(args.header, "--header", join=True),
+        request_principal=principal,
+        request_claims=claims,
+        forwarded_for=xff,
+        trusted_hops=args.trusted_hops,
+        sni=args.sni,
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
     from ztunnel.config.loader import load_files
     from ztunnel.config.model import normalize_ip
-    from ztunnel.policy.decision import ConnectionAttributes, HttpRequestAttributes
+    from ztunnel.policy.decision import ConnectionAttributes
     from ztunnel.policy.engine import PolicyEngine
 
     if not 0 < args.port < 65536:
@@ -223,21 +286,19 @@ def _check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     attrs = ConnectionAttributes(principal, source_ip, dest, dest_ip, args.port)
-    if args.layer == "l7":
-        request = HttpRequestAttributes(
-            method=args.method,
-            path=args.path,
-            host=args.host,
-            headers=_split_kv(args.header, "--header"),
-            request_principal=args.request_principal,
-            request_claims=_split_kv(args.claim, "--claim"),
-        )
-        decision = engine.check_l7(attrs, request)
-    else:
-        decision = engine.check_l4(attrs)
+    decision = engine.check_l7(attrs, _request(args)) if args.layer == "l7" else engine.check_l4(attrs)
 
     if args.output == "json":
-        print(json.dumps({"decision": decision.verdict, "policy": decision.policy, "reason": decision.reason}))
+        out: dict[str, Any] = {"decision": decision.verdict, "policy": decision.policy, "reason": decision.reason}
+        if decision.custom_policies:  # the waypoint asks these providers first; their deny wins
+            out["custom_policies"] = list(decision.custom_policies)
+            out["custom_providers"] = list(decision.custom_providers)
+        if decision.dry_run_allowed is not None:
+            out["dry_run"] = {"decision": "allow" if decision.dry_run_allowed else "deny"}
+            out["dry_run"]["matched"] = list(decision.dry_run_policies)
+        if decision.audit_policies:
+            out["audit_policies"] = list(decision.audit_policies)
+        print(json.dumps(out))
     else:
         print(f"{decision.verdict.upper()}: {decision.reason}")
         if decision.policy:
@@ -248,7 +309,11 @@ def _check(args: argparse.Namespace) -> int:
         if decision.audit_policies:
             print(f"audit: {', '.join(decision.audit_policies)}")
         if decision.custom_policies:
-            print(f"custom (ext-authz at the waypoint): {', '.join(decision.custom_policies)}")
+            providers = ", ".join(decision.custom_providers)
+            print(
+                f"custom (ext-authz at the waypoint, asked before DENY/ALLOW; its deny wins): "
+                f"{', '.join(decision.custom_policies)} (provider {providers})"
+            )
         if args.verbose:
             mode, pa = engine.peer_authentication_for(dest, args.port)
             print(f"peer authentication for {dest.ref} port {args.port}: {mode} ({pa or 'mesh default'})")

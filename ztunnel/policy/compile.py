@@ -29,6 +29,7 @@ class CompiledPolicy:
     by_port: Mapping[int, IndexedRules]  # rules that can match a port, in rule order
     any_port: IndexedRules  # rules without a positive port constraint
     decisions: Mapping[int, Decision]  # built once: a decision only picks one
+    provider: str | None = None  # CUSTOM: the extension provider the waypoint asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ def compile_policy(p: AuthorizationPolicy, layer: str) -> CompiledPolicy:
             decisions[i] = Decision(False, p.key, f"denied by DENY policy {p.key} rule {i}{note}{origin}")
         else:
             decisions[i] = Decision(True, p.key, f"allowed by ALLOW policy {p.key} rule {i}{origin}")
-    return CompiledPolicy(p.key, kept, reduced, dropped, l7, p.origin, by_port, any_port, decisions)
+    return CompiledPolicy(p.key, kept, reduced, dropped, l7, p.origin, by_port, any_port, decisions, p.provider)
 
 
 def compile_workload(w: Workload, selected: Iterable[SelectedPolicy], layer: str) -> WorkloadPolicies:

@@ -7,14 +7,14 @@ This is the per-connection hot path: plain loops, no allocation beyond the attri
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ztunnel.config.model import Workload, labels_match
 from ztunnel.identity.spiffe import principal_parts
 from ztunnel.policy.compile import CompiledPolicy, WorkloadPolicies
 from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes, MatchAttributes
-from ztunnel.policy.matchers import parse_ip
+from ztunnel.policy.matchers import IpAddress, parse_ip
 from ztunnel.policy.model import Entry, PeerAuthentication, Rule
 
 
@@ -36,15 +36,91 @@ def match_attributes(attrs: ConnectionAttributes, request: HttpRequestAttributes
         destination_port=attrs.destination_port,
     )
     if request is not None:
-        a.remote_ip = source_ip
-        a.method = request.method
-        a.path = request.path
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        a.headers = headers
-        a.host = request.host or headers.get(":authority") or headers.get("host")
-        a.request_principal = request.request_principal
-        a.claims = request.request_claims
+        _add_request(a, request, source_ip)
     return a
+
+
+def _add_request(a: MatchAttributes, request: HttpRequestAttributes, source_ip: IpAddress | None) -> None:
+    """The L7 attributes; header names are lower-cased only if a rule reads a header (MatchAttributes.headers)."""
+    a.method = request.method
+    a.path = request_path(request.path)
+    a.raw_headers = request.headers
+    a.host = request.host or _header(request.headers, ":authority") or _header(request.headers, "host")
+    claims = request.request_claims
+    a.request_principal = request.request_principal
+    a.claims = claims
+    audiences = request.request_audiences
+    if audiences is None:
+        audiences = _audiences(claims.get("aud") if claims else None)
+    a.audiences = audiences
+    presenter = request.request_presenter
+    if presenter is None and claims:
+        azp = claims.get("azp")
+        presenter = azp if isinstance(azp, str) else None
+    a.presenter = presenter
+    a.sni = request.sni
+    a.remote_ip = source_ip if request.trusted_hops <= 0 else remote_address(request, source_ip)
+
+
+def _audiences(aud: Any) -> tuple[str, ...]:
+    """The `aud` claim: a string or a list of strings (anything else: no audience)."""
+    if isinstance(aud, str):
+        return (aud,)
+    if isinstance(aud, list | tuple):
+        return tuple(x for x in aud if isinstance(x, str))
+    return ()
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    v = headers.get(name)
+    if v is None and headers:
+        for k, val in headers.items():
+            if k.lower() == name:
+                return val
+    return v
+
+
+def remote_address(request: HttpRequestAttributes, peer: IpAddress | None) -> IpAddress | None:
+    """The client as Istio determines it with numTrustedProxies = N: the N-th X-Forwarded-For address from
+    the right (written by the nearest trusted proxy); with fewer than N addresses, or one that is not an IP
+    address, the connection's peer. Addresses further left are the client's own word and never used."""
+    n = request.trusted_hops
+    chain = request.forwarded_for
+    if chain is None:
+        raw = _header(request.headers, "x-forwarded-for")
+        if not raw:
+            return peer
+        chain = tuple(raw.split(","))
+    if len(chain) < n:
+        return peer
+    ip = parse_ip(chain[-n].strip())
+    return ip if ip is not None else peer
+
+
+def request_path(path: str) -> str:
+    """The path policies match: without query or fragment, dot segments removed (RFC 3986 5.2.4), so that
+    `/public/../admin` is matched as `/admin`. Cheap when there is nothing to do (the common case)."""
+    for sep in ("?", "#"):
+        i = path.find(sep)
+        if i >= 0:
+            path = path[:i]
+    if "/." not in path:
+        return path
+    out: list[str] = []
+    segments = path.split("/")
+    for i, seg in enumerate(segments[1:] if path.startswith("/") else segments):
+        last = i == len(segments) - (2 if path.startswith("/") else 1)
+        if seg == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        elif seg == ".":
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/" + "/".join(out)
 
 
 def _entries_match(entries: tuple[Entry, ...], a: MatchAttributes) -> bool:
@@ -107,7 +183,9 @@ def decide(wp: WorkloadPolicies, a: MatchAttributes) -> Decision:
     if wp.audit:
         extras["audit_policies"] = _matching(wp.audit, a)
     if wp.custom:
-        extras["custom_policies"] = _matching(wp.custom, a)
+        matched = [c for c in wp.custom if first_match(c, a) is not None]
+        extras["custom_policies"] = tuple(c.key for c in matched)
+        extras["custom_providers"] = tuple(dict.fromkeys(c.provider for c in matched if c.provider))
     return Decision(decision.allowed, decision.policy, decision.reason, **extras)
 
 

@@ -1,7 +1,7 @@
 """Matchers compiled once per policy so a decision only does set lookups and string prefix tests.
 
 Value matchers (`StringSet`, `CidrSet`) and the matchers of one request attribute built on them (ports,
-service accounts, headers, JWT claims, hosts, paths). Istio's string forms: `exact`, `prefix*`, `*suffix`,
+service accounts, headers, JWT claims and audiences, paths). Istio's string forms: `exact`, `prefix*`, `*suffix`,
 and `*` meaning "present" (any non-empty value). IP fields take addresses or CIDRs; ports are exact numbers.
 """
 
@@ -190,59 +190,64 @@ class HeaderMatcher:
 
 @dataclass(frozen=True, slots=True)
 class ClaimMatcher:
+    """`request.auth.claims[a][b]`: the claim at that path, a string or a list of strings (any element
+    matching), as Istio supports; booleans read as "true"/"false". Other types and absent claims never match."""
+
     path: tuple[str, ...]
     values: StringSet
 
     def matches(self, claims: Mapping[str, Any]) -> bool:
         value: Any = claims
         for part in self.path:
-            if not isinstance(value, Mapping) or part not in value:
+            if not isinstance(value, Mapping):
                 return False
-            value = value[part]
-        if isinstance(value, list | tuple):
-            return any(self.values.matches(str(v)) for v in value)
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        return self.values.matches(str(value))
+            value = value.get(part)
+        return _claim_matches(self.values, value)
+
+
+def _claim_matches(values: StringSet, value: Any) -> bool:
+    if isinstance(value, str):
+        return values.matches(value)
+    if isinstance(value, bool):
+        return values.matches("true" if value else "false")
+    if isinstance(value, list | tuple):
+        for v in value:
+            if isinstance(v, str | bool) and _claim_matches(values, v):
+                return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
-class HostMatcher:
-    """Hosts are case-insensitive; a value without a port also matches the host with any port."""
+class ListMatcher:
+    """A list-valued attribute (`request.auth.audiences`): any element matching."""
 
     values: StringSet
 
-    def matches(self, host: str | None) -> bool:
-        if not host:
-            return self.values.matches(host)
-        if self.values.matches(host):
-            return True
-        if host.startswith("["):
-            bare = host[: host.find("]") + 1] if "]" in host else host
-        else:
-            bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        return bare != host and self.values.matches(bare)
+    def matches(self, items: tuple[str, ...]) -> bool:
+        for v in items:  # noqa: SIM110 - hot path
+            if self.values.matches(v):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
 class PathMatcher:
-    """Paths are matched without the query string or fragment, as Istio does. Istio's path templates
-    (`/books/{*}/pages`, `/static/{**}`) match one segment and any remaining segments."""
+    """Paths with Istio's path templates (`/books/{*}/pages`, `/static/{**}`: one segment, any remaining
+    segments) among the plain values. Plain lists compile to a `StringSet`. The path arrives without its query
+    string (match_attributes strips it once per request)."""
 
     values: StringSet
     templates: tuple[re.Pattern[str], ...] = ()
 
     def matches(self, path: str | None) -> bool:
-        if path:
-            for sep in ("?", "#"):
-                i = path.find(sep)
-                if i >= 0:
-                    path = path[:i]
         if self.values.matches(path):
             return True
         if not path:
             return False
-        return any(t.fullmatch(path) for t in self.templates)
+        for t in self.templates:  # noqa: SIM110 - hot path
+            if t.fullmatch(path):
+                return True
+        return False
 
 
 def compile_path_template(value: str) -> re.Pattern[str]:
@@ -265,5 +270,7 @@ def compile_path_template(value: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-Matcher = StringSet | CidrSet | PortSet | ExactSet | HeaderMatcher | ClaimMatcher | HostMatcher | PathMatcher
+Matcher = (
+    StringSet | CidrSet | PortSet | ExactSet | HeaderMatcher | ClaimMatcher | ListMatcher | PathMatcher
+)
 
