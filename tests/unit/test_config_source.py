@@ -209,3 +209,21 @@ async def test_the_event_loop_serves_while_a_reload_is_being_read(
         assert await reload is True
         server.close()
         await server.wait_closed()
+
+
+async def test_a_config_that_keeps_changing_cannot_hold_the_node_removal_forever(cluster_file: Path) -> None:
+    """A busy cluster's file rewritten every 2 s (other objects changing) while node a's pods are gone: the
+    removal is applied after at most ten settle times, not held as long as the writes go on."""
+    clock = FakeClock()
+    source = FileConfigSource([cluster_file], node="a", settle=3.0, clock=clock)
+    published: list[int] = []
+    source.subscribe(lambda cfg: published.append(sum(1 for w in cfg.workloads if w.node == "a")))
+    source.load()
+    start, applied_at = clock.now(), None
+    for i in range(40):  # 80 s of writes, each complete and each without node a's pods
+        _write(cluster_file, WITHOUT_NODE_A + DENY.replace("deny-web", f"deny-web-{i}"))
+        if await source.reload_if_changed():
+            applied_at = clock.now() - start
+            break
+        clock.advance(2)
+    assert published == [0] and applied_at is not None and applied_at <= 30

@@ -28,6 +28,9 @@ RejectListener = Callable[[ConfigError], None]
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 DEFAULT_SETTLE_S = 3.0
+# A config that keeps changing while it drops every workload of the node is applied after this many settle
+# times at the most: a busy cluster's file rewritten every few seconds must not hold a node's removal forever.
+MAX_HOLD_SETTLES = 10
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class _Held:
     fingerprint: Fingerprint
     until: float  # monotonic
     workloads_before: int
+    since: float  # monotonic: when the first snapshot dropping the node's workloads was seen
 
 
 class FileConfigSource:
@@ -185,8 +189,11 @@ class FileConfigSource:
                 return False
             before = self._suspicious(cfg)
             if before:
-                if held is None or held.fingerprint != fp:
-                    self._held = _Held(fp, self._clock() + self.settle, before)
+                now = self._clock()
+                since = held.since if held is not None else now
+                latest = since + MAX_HOLD_SETTLES * self.settle  # however often the files change meanwhile
+                if held is None or (held.fingerprint != fp and now < latest):
+                    self._held = _Held(fp, min(now + self.settle, latest), before, since)
                     log.warning(
                         "config: the new config removes every workload of node %s (%d now); holding it for %gs in "
                         "case the file is still being written. Write config files atomically (to a temporary file, "
