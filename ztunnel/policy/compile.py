@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ztunnel.config.model import Workload
 from ztunnel.policy.decision import Decision
-from ztunnel.policy.matchers import PortSet
+from ztunnel.policy.matchers import PortSet, StringSet
 from ztunnel.policy.model import L4, L7, AuthorizationPolicy, Entry, RejectedPolicy, Rule, SelectedPolicy
 
 IndexedRules = tuple[tuple[int, Rule], ...]  # (index in the policy, rule)
@@ -30,6 +30,8 @@ class CompiledPolicy:
     any_port: IndexedRules  # rules without a positive port constraint
     decisions: Mapping[int, Decision]  # built once: a decision only picks one
     provider: str | None = None  # CUSTOM: the extension provider the waypoint asks
+    # L7: (by_port, any_port) per HTTP method the rules name exactly; "" for any other method. None at L4.
+    by_method: Mapping[str, tuple[Mapping[int, IndexedRules], IndexedRules]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,45 @@ def rule_ports(r: Rule) -> frozenset[int] | None:
             return None
         out |= frozenset.intersection(*sets)
     return frozenset(out)
+
+
+def rule_methods(r: Rule) -> frozenset[str] | None:
+    """HTTP methods the rule can match at all (exact `methods` values), or None for any: lets a waypoint's
+    decision skip rules by method as it skips them by port."""
+    if r.operations is None:
+        return None
+    out: set[str] = set()
+    for e in r.operations:
+        sets = []
+        for c in e:
+            if c.attr == "method" and not c.negate:
+                m = c.matcher
+                if not isinstance(m, StringSet) or m.prefixes or m.suffixes or m.presence or m.ignore_case:
+                    return None
+                sets.append(m.exact)
+        if not sets:
+            return None
+        out |= frozenset.intersection(*sets)
+    return frozenset(out)
+
+
+def _port_index(kept: IndexedRules) -> tuple[Mapping[int, IndexedRules], IndexedRules]:
+    """(rules that can match each named port, rules without a positive port constraint), in rule order."""
+    ports = [(i, r, rule_ports(r)) for i, r in kept]
+    any_port = tuple((i, r) for i, r, pset in ports if pset is None)
+    by_port = {
+        port: tuple((i, r) for i, r, pset in ports if pset is None or port in pset)
+        for port in {port for _, _, pset in ports if pset for port in pset}
+    }
+    return by_port, any_port
+
+
+def _method_index(kept: IndexedRules) -> dict[str, tuple[Mapping[int, IndexedRules], IndexedRules]]:
+    methods = [(i, r, rule_methods(r)) for i, r in kept]
+    named = {m for _, _, ms in methods if ms for m in ms}
+    index = {m: _port_index(tuple((i, r) for i, r, ms in methods if ms is None or m in ms)) for m in named}
+    index[""] = _port_index(tuple((i, r) for i, r, ms in methods if ms is None))
+    return index
 
 
 def l4_part(r: Rule) -> Rule:
@@ -97,12 +138,8 @@ def compile_policy(p: AuthorizationPolicy, layer: str) -> CompiledPolicy:
     else:
         kept, dropped = l4_rules(p)
     reduced = frozenset(i for i, _ in kept if i in l7) if layer == L4 else frozenset()
-    ports = [(i, r, rule_ports(r)) for i, r in kept]
-    any_port = tuple((i, r) for i, r, pset in ports if pset is None)
-    by_port = {
-        port: tuple((i, r) for i, r, pset in ports if pset is None or port in pset)
-        for port in {port for _, _, pset in ports if pset for port in pset}
-    }
+    by_port, any_port = _port_index(kept)
+    by_method = _method_index(kept) if layer == L7 else None
     origin = f" (converted from {p.origin})" if p.origin else ""
     decisions = {}
     for i, _ in kept:
@@ -111,7 +148,9 @@ def compile_policy(p: AuthorizationPolicy, layer: str) -> CompiledPolicy:
             decisions[i] = Decision(False, p.key, f"denied by DENY policy {p.key} rule {i}{note}{origin}")
         else:
             decisions[i] = Decision(True, p.key, f"allowed by ALLOW policy {p.key} rule {i}{origin}")
-    return CompiledPolicy(p.key, kept, reduced, dropped, l7, p.origin, by_port, any_port, decisions, p.provider)
+    return CompiledPolicy(
+        p.key, kept, reduced, dropped, l7, p.origin, by_port, any_port, decisions, p.provider, by_method
+    )
 
 
 def compile_workload(w: Workload, selected: Iterable[SelectedPolicy], layer: str) -> WorkloadPolicies:

@@ -147,7 +147,13 @@ def rule_matches(r: Rule, a: MatchAttributes) -> bool:
 
 def first_match(c: CompiledPolicy, a: MatchAttributes) -> int | None:
     """Index of the first rule of the policy that matches, or None."""
-    for i, r in c.by_port.get(a.destination_port, c.any_port):
+    by_method = c.by_method
+    if by_method is None or a.method is None:
+        rules = c.by_port.get(a.destination_port, c.any_port)
+    else:
+        by_port, any_port = by_method.get(a.method) or by_method[""]
+        rules = by_port.get(a.destination_port, any_port)
+    for i, r in rules:
         if rule_matches(r, a):
             return i
     return None

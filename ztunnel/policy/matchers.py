@@ -57,12 +57,8 @@ class StringSet:
             return True
         if not value:
             return False
-        if self.presence:
-            return True
-        for p in self.prefixes:
-            if value.startswith(p):
-                return True
-        return any(value.endswith(s) for s in self.suffixes)
+        # str.startswith/endswith take the whole tuple in one C call (an empty tuple matches nothing)
+        return self.presence or value.startswith(self.prefixes) or value.endswith(self.suffixes)
 
     def matches_any(self, values: Iterable[str]) -> bool:
         return any(self.matches(v) for v in values)
