@@ -114,6 +114,18 @@ def test_source_pod_outside_the_mesh_is_plaintext(tmp_path: Path, files: tuple[P
             ["--from", "plaintext", "--to", "pod/foo/server", "--port", "80", "--layer", "l7", "--header", "novalue"],
             "KEY=VALUE",
         ),
+        (
+            ["--from", "plaintext", "--to", "pod/foo/server", "--port", "80", "--layer", "l7", "--jwt-claims", "{x"],
+            "--jwt-claims {x: not JSON",
+        ),
+        (
+            ["--from", "plaintext", "--to", "pod/foo/server", "--port", "80", "--layer", "l7", "--jwt-claims", "[1]"],
+            "cannot read",
+        ),
+        (
+            ["--from", "plaintext", "--to", "pod/foo/server", "--port", "80", "--layer", "l7", "--trusted-hops", "-1"],
+            "--trusted-hops -1: must be 0 or more",
+        ),
     ],
 )
 def test_user_errors_exit_2(files: tuple[Path, Path], args: list[str], words: str) -> None:
@@ -276,3 +288,46 @@ def test_destination_outside_the_mesh_is_noted() -> None:
     argv = ["authz", "check", "-f", str(fixtures / "greeter_cluster.yaml"), "--from", "pod/default/helloweb"]
     rc, out, err = run_cli([*argv, "--to", "pod/other/outside", "--port", "80"])
     assert rc == 0 and "not in the mesh" in err and out.startswith("ALLOW")
+
+
+def test_l7_jwt_claims_xff_and_sni(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    """The waypoint's inputs from the command line: a JWT's claims (file or inline), X-Forwarded-For with trusted
+    hops, SNI, repeated headers; the decision is check_l7's."""
+    pol = tmp_path / "l7.yaml"
+    pol.write_text(
+        policy(
+            "l7",
+            {
+                "selector": {"matchLabels": {"app": "server"}},
+                "rules": [
+                    {
+                        "from": [
+                            {"source": {"requestPrincipals": ["https://idp/*"], "remoteIpBlocks": ["203.0.113.0/24"]}}
+                        ],
+                        "when": [
+                            {"key": "request.auth.claims[realm][roles]", "values": ["admin"]},
+                            {"key": "request.auth.audiences", "values": ["api"]},
+                            {"key": "connection.sni", "values": ["server.foo"]},
+                            {"key": "request.headers[x-team]", "notValues": ["red"]},
+                        ],
+                    }
+                ],
+            },
+        )
+    )
+    claims = tmp_path / "claims.json"
+    claims.write_text(json.dumps({"iss": "https://idp", "sub": "alice", "aud": ["api"], "realm": {"roles": ["admin"]}}))
+    base = ["authz", "check", "-f", str(files[0]), "-f", str(pol), "--from", "pod/foo/client", "--to", "pod/foo/server"]
+    base += ["--port", "8080", "--layer", "l7", "-o", "json", "--sni", "server.foo"]
+    ok = ["--jwt-claims", str(claims), "--forwarded-for", "1.2.3.4, 203.0.113.9", "--trusted-hops", "1"]
+    rc, out, _ = run_cli([*base, *ok])
+    assert rc == 0 and json.loads(out)["policy"] == "foo/l7", out
+    assert run_cli([*base, *ok, "--header", "X-Team=red"])[0] == 1  # header names in any case
+    # a repeated header is one value joined with "," (as Envoy matches it): "blue,red" is not "red"
+    assert run_cli([*base, *ok, "--header", "x-team=blue", "--header", "X-Team=red"])[0] == 0
+    assert run_cli([*base, *ok[:-2]])[0] == 1  # no trusted hop: the client is the peer, 10.244.1.12
+    assert run_cli([*base, *ok[:-2], "--trusted-hops", "2"])[0] == 1  # 1.2.3.4
+    inline = json.dumps({"iss": "https://idp", "sub": "alice", "aud": "api", "realm": {"roles": ["user"]}})
+    assert run_cli([*base, *ok[2:], "--jwt-claims", inline])[0] == 1  # not an admin
+    rc, out, _ = run_cli([*base, *ok, "--request-principal", "https://other/alice"])
+    assert rc == 1 and json.loads(out)["decision"] == "deny"

@@ -1,5 +1,6 @@
-"""Property tests: adding a DENY never widens access, rule and policy order never matter, and the node proxy
-(l4) never allows what a waypoint (l7) with the same policies would deny."""
+"""Property tests: adding a DENY never widens access, rule and policy order never matter, the node proxy
+(l4) never allows what a waypoint (l7) with the same policies would deny, and the waypoint's rule indexes (by
+port and method) never change a decision."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from test_policy_support import CLUSTER_YAML, Conn, decide
 
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import KubeObject, Source
+from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.policy.engine import PolicyEngine
+from ztunnel.policy.evaluation import match_attributes, rule_matches
+from ztunnel.policy.model import AuthorizationPolicy
 
 BASE_OBJECTS = load_documents(CLUSTER_YAML, "cluster.yaml")
 CONFIG = build_config(BASE_OBJECTS)
@@ -28,7 +32,7 @@ VALUES: dict[str, list[Any]] = {
     "ipBlocks": ["10.244.1.0/24", "10.244.2.10", "10.0.0.0/8", "192.168.0.0/16"],
     "requestPrincipals": ["iss/alice", "iss/*", "*"],
     "ports": ["8080", "9090"],
-    "methods": ["GET", "POST"],
+    "methods": ["GET", "POST", "P*"],
     "paths": ["/a", "/a/*", "*/b", "*"],
     "hosts": ["server.foo", "*.foo"],
 }
@@ -108,8 +112,8 @@ connection = st.builds(
     dest=st.sampled_from(["foo/server", "foo/other", "bar/server"]),
     port=st.sampled_from([8080, 9090]),
     layer=st.sampled_from(["l4", "l7"]),
-    method=st.sampled_from(["GET", "POST"]),
-    path=st.sampled_from(["/a", "/a/b", "/c"]),
+    method=st.sampled_from(["GET", "POST", "PUT", "get"]),
+    path=st.sampled_from(["/a", "/a/b", "/c", "/c/../a?x"]),
     host=st.sampled_from(["server.foo", "x.foo", ""]),
     headers=st.sampled_from([{}, {"x-user": "u1"}, {"x-user": "u2"}]),
     request_principal=st.sampled_from([None, "iss/alice", "other/bob"]),
@@ -183,3 +187,30 @@ def test_node_proxy_never_allows_what_the_waypoint_denies(specs: list, conns: li
         l7 = decide(engine, CONFIG, Conn(**{**c.__dict__, "layer": "l7"}))
         if l4.allowed:
             assert l7.allowed, (c, l4, l7)
+
+
+def _reference_l7(engine: PolicyEngine, c: Conn) -> bool:
+    """DENY -> ALLOW over every rule of every selecting policy, no index: what check_l7 must agree with."""
+    ns, name = c.dest.split("/")
+    w = CONFIG.workload(ns, name)
+    assert w is not None
+    a = match_attributes(ConnectionAttributes(c.source, c.source_ip, w, w.ips[0], c.port), c.request())
+    selected = [p for p in engine.policies_for(w, "l7") if isinstance(p, AuthorizationPolicy)]
+
+    def hit(p: AuthorizationPolicy) -> bool:
+        return any(rule_matches(r, a) for r in p.rules)
+
+    if any(hit(p) for p in selected if p.action == "DENY"):
+        return False
+    allows = [p for p in selected if p.action == "ALLOW"]
+    return not allows or any(hit(p) for p in allows)
+
+
+@COMMON
+@given(policies, st.lists(connection, min_size=1, max_size=8))
+def test_waypoint_indexes_never_change_a_decision(specs: list, conns: list[Conn]) -> None:
+    engine = engine_for(specs)
+    for c in conns:
+        c7 = Conn(**{**c.__dict__, "layer": "l7"})
+        d = decide(engine, CONFIG, c7)
+        assert d.allowed == _reference_l7(engine, c7), (c7, d)

@@ -11,7 +11,7 @@ import pytest
 from test_policy_support import run_cli
 
 from ztunnel.config.loader import load_files
-from ztunnel.policy.decision import ConnectionAttributes, HttpRequestAttributes
+from ztunnel.policy.decision import DENIED_BODY, DENIED_STATUS, ConnectionAttributes, HttpRequestAttributes
 from ztunnel.policy.engine import PolicyEngine
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policy"
@@ -369,6 +369,47 @@ SEED_CASES = [
         "allow",
         "",
     ),
+    (
+        "001-customer-jwt-claims-l7",
+        ["seed001_customer.yaml"],
+        "pod/customer/preference-1",
+        "pod/customer/customer-1",
+        8080,
+        ["--layer", "l7", "--jwt-claims", '{"iss": "http://keycloak:8080/auth/realms/istio", "sub": "alice"}'],
+        "allow",
+        "",
+    ),
+    # seed 002: GET */hello also matches any prefix before /hello, with the Host and a query string
+    (
+        "002-greeter-hello-nested-path",
+        ["greeter_hello.yaml"],
+        HELLOWEB,
+        "pod/default/greeter-v1",
+        3000,
+        ["--layer", "l7", "--path", "/api/v2/hello?name=x", "--host", "greeter-service:3000"],
+        "allow",
+        "default/greeter-service",
+    ),
+    (
+        "002-greeter-hello-dot-segments",
+        ["greeter_hello.yaml"],
+        HELLOWEB,
+        "pod/default/greeter-v1",
+        3000,
+        ["--layer", "l7", "--path", "/hello/../version"],
+        "deny",
+        "",
+    ),
+    (
+        "002-greeter-principal-header-upper-name",
+        ["greeter_principal_get_header.yaml"],
+        HELLOWEB,
+        "pod/default/greeter-v2",
+        3000,
+        ["--layer", "l7", "--header", "X-User=user-1"],
+        "allow",
+        "",
+    ),
     # seed 002 (legacy authn): prod PERMISSIVE; service-a STRICT; service-b STRICT only on 8080's target port
     (
         "002a-service-a-strict",
@@ -457,3 +498,30 @@ def test_seed003_custom_reported_for_waypoint() -> None:
     assert engine.check_l7(attrs, HttpRequestAttributes("GET", "/other", "")).custom_policies == ()
     assert engine.check_l4(attrs).custom_policies == ()
     assert any("CUSTOM" in w for w in engine.warnings)
+
+
+def test_seed003_custom_runs_first_and_its_deny_wins() -> None:
+    """CUSTOM -> DENY -> ALLOW: the waypoint asks the provider the decision names; a provider's deny is a 403."""
+    config = load_files([FIXTURES / "seed003_demo.yaml"])
+    engine = PolicyEngine.from_config(config)
+    app, ext = config.workload("demo", "testapp-1"), config.workload("demo", "ext-authz")
+    assert app and ext
+    attrs = ConnectionAttributes(ext.identity, ext.ips[0], app, app.ips[0], 8080)
+    d = engine.check_l7(attrs, HttpRequestAttributes("GET", "/movie", "testapp-1.demo.svc.cluster.local:8080"))
+    assert d.allowed and d.custom_providers == ("kyverno-ext-authz-grpc",)
+    assert d.after_custom(True) == d
+    denied = d.after_custom(False)
+    assert not denied.allowed and denied.policy == "demo/kyverno-ext-authz-grpc"
+    assert "kyverno-ext-authz-grpc denied" in denied.reason
+    assert (DENIED_STATUS, DENIED_BODY) == (403, b"RBAC: access denied")
+    other = engine.check_l7(attrs, HttpRequestAttributes("GET", "/other", ""))
+    assert other.custom_providers == () and other.after_custom(False) == other  # no CUSTOM matched: not asked
+
+
+def test_seed003_custom_in_authz_check_json() -> None:
+    argv = ["authz", "check", "-f", str(FIXTURES / "seed003_demo.yaml"), "--from", "pod/demo/ext-authz"]
+    argv += ["--to", "pod/demo/testapp-1", "--port", "8080", "--layer", "l7", "--path", "/book", "-o", "json"]
+    rc, out, _ = run_cli(argv)
+    result = json.loads(out)
+    assert rc == 0 and result["custom_policies"] == ["demo/kyverno-ext-authz-grpc"]
+    assert result["custom_providers"] == ["kyverno-ext-authz-grpc"]

@@ -235,3 +235,54 @@ def test_request_authentications_for_workload() -> None:
     assert server and other
     assert [r.name for r in engine.request_authentications_for(server)] == ["mesh", "ns", "srv"]
     assert [r.name for r in engine.request_authentications_for(other)] == ["mesh", "ns"]
+
+
+def test_validated_jwt_fields_override_the_claims() -> None:
+    """The JWT module hands over principal, audiences and presenter; without them they come from the claims."""
+    when = [{"key": "request.auth.audiences", "values": ["api"]}, {"key": "request.auth.presenter", "values": ["web"]}]
+    engine, config = engine_of(policy("p", {"rules": [{"when": when}]}))
+    w = config.workload("foo", "server")
+    assert w is not None
+    attrs = ConnectionAttributes(FOO_CLIENT, "10.244.1.12", w, "10.244.1.10", 8080)
+    claims = {"iss": "https://idp", "sub": "alice", "aud": ["other"], "azp": "web"}
+    req = HttpRequestAttributes.with_jwt("GET", "/", "server.foo", claims)
+    assert req.request_principal == "https://idp/alice"
+    assert not engine.check_l7(attrs, req).allowed
+    assert engine.check_l7(attrs, dataclasses.replace(req, request_audiences=("api",))).allowed
+    other_presenter = dataclasses.replace(req, request_audiences=("api",), request_presenter="cli")
+    assert not engine.check_l7(attrs, other_presenter).allowed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.path = "/x"  # type: ignore[misc]
+
+
+def test_jwt_principal_needs_iss_and_sub_strings() -> None:
+    from ztunnel.policy.decision import jwt_principal
+
+    assert jwt_principal({"iss": "i", "sub": "s"}) == "i/s"
+    assert jwt_principal({"iss": "i"}) is None and jwt_principal({"iss": "i", "sub": 5}) is None
+
+
+def test_after_custom_deny_wins_over_allow_and_keeps_deny() -> None:
+    custom = policy("ext", {"action": "CUSTOM", "provider": {"name": "opa"}, "rules": [{}]})
+    deny = policy("d", {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["DELETE"]}}]}]})
+    engine, config = engine_of(custom, policy("all", {"rules": [{}]}), deny)
+    allowed = decide(engine, config, Conn(layer="l7"))
+    assert allowed.allowed and allowed.custom_providers == ("opa",) and allowed.custom_policies == ("foo/ext",)
+    d = allowed.after_custom(False)
+    assert (d.allowed, d.policy, d.reason) == (False, "foo/ext", "denied by CUSTOM policy foo/ext (opa denied)")
+    denied = decide(engine, config, Conn(layer="l7", method="DELETE"))
+    assert denied.after_custom(True).policy == "foo/d" and not denied.after_custom(True).allowed
+
+
+def test_l7_headers_lower_cased_once_and_only_when_read() -> None:
+    from ztunnel.policy.evaluation import match_attributes
+
+    _, config = engine_of()
+    w = config.workload("foo", "server")
+    assert w is not None
+    attrs = ConnectionAttributes(FOO_CLIENT, "10.244.1.12", w, "10.244.1.10", 8080)
+    lower = {"x-a": "1"}
+    a = match_attributes(attrs, HttpRequestAttributes("GET", "/", "", lower))
+    assert a.headers is lower  # already lower-case: no copy
+    b = match_attributes(attrs, HttpRequestAttributes("GET", "/", "", {"X-A": "1"}))
+    assert b.headers == {"x-a": "1"} and b.headers is b.headers

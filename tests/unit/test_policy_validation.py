@@ -116,6 +116,37 @@ INVALID = [
         "port",
     ),
     ("when-missing-key", {"rules": [{"when": [{"values": ["a"]}]}]}, "when[0].key", "is required"),
+    (
+        "when-l7-key-typo",
+        {"rules": [{"when": [{"key": "request.auth.claim[group]", "values": ["a"]}]}]},
+        "spec.rules[0].when[0].key",
+        "unknown key 'request.auth.claim[group]'",
+    ),
+    (
+        "when-header-without-name",
+        {"rules": [{"when": [{"key": "request.headers[ ]", "values": ["a"]}]}]},
+        "spec.rules[0].when[0].key",
+        "unknown key",
+    ),
+    (
+        "when-claims-without-name",
+        {"rules": [{"when": [{"key": "request.auth.claims[]", "values": ["a"]}]}]},
+        "spec.rules[0].when[0].key",
+        "unknown key",
+    ),
+    (
+        "when-remote-ip-bad",
+        {"rules": [{"when": [{"key": "remote.ip", "values": ["10.0.0.1/8"]}]}]},
+        "when[0].values[0]",
+        "host bits set",
+    ),
+    (
+        "remoteIpBlocks-bad",
+        {"rules": [{"from": [{"source": {"remoteIpBlocks": ["nope"]}}]}]},
+        "from[0].source.remoteIpBlocks[0]",
+        "not an IP",
+    ),
+    ("methods-not-list", {"rules": [{"to": [{"operation": {"methods": "GET"}}]}]}, "operation.methods", "list"),
     ("custom-without-provider", {"action": "CUSTOM", "rules": [{}]}, "spec.provider", "required for action CUSTOM"),
     (
         "provider-without-custom",
@@ -205,6 +236,24 @@ def test_rejected_allow_policy_makes_selected_workload_deny() -> None:
     assert "invalid" in d.reason and "until it is fixed" in d.reason
     # workloads it did not select are unaffected
     assert decide(engine, config, Conn(dest="foo/other")).allowed
+
+
+def test_rejected_l7_allow_policy_makes_the_waypoint_deny() -> None:
+    """An unknown `when` key in an ALLOW rejects the whole policy; at the waypoint its workloads deny (never widen)."""
+    bad = policy(
+        "bad",
+        {
+            "selector": {"matchLabels": {"app": "server"}},
+            "rules": [
+                {"to": [{"operation": {"methods": ["GET"]}}], "when": [{"key": "request.user", "values": ["a"]}]}
+            ],
+        },
+    )
+    engine, config = engine_of(bad, policy("all", {"rules": [{}]}))
+    assert len(engine.errors) == 1 and "spec.rules[0].when[0].key" in str(engine.errors[0])
+    for layer in ("l4", "l7"):
+        d = decide(engine, config, Conn(layer=layer))
+        assert not d.allowed and d.policy == "foo/bad" and "invalid" in d.reason, layer
 
 
 def test_rejected_allow_policy_denies_even_when_another_allow_matches() -> None:
