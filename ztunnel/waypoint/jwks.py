@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 from ztunnel.net.http import MAX_HEAD_BYTES, ResponseParser, render_request
 
@@ -100,7 +100,7 @@ def parse_jwks(text: str | bytes, *, what: str = "jwks") -> KeySet:
         if reason is None:
             try:
                 keys.append(_load_key(raw))
-            except (PyJWKError, ValueError, TypeError) as e:
+            except (PyJWTError, ValueError, TypeError) as e:
                 reason = f"cannot be loaded ({e})"
         if reason is not None:
             skipped.append(f"keys[{i}]: {reason}")
