@@ -134,9 +134,11 @@ class FrameReader:
 
 
 async def open_attacker(
-    ctx: ssl.SSLContext, address: tuple[str, int], first: bytes = b""
+    ctx: ssl.SSLContext, address: tuple[str, int], first: bytes = b"", local_addr: tuple[str, int] | None = None
 ) -> tuple[asyncio.StreamWriter, FrameReader, asyncio.Task[None]]:
-    reader, writer = await asyncio.open_connection(*address, ssl=ctx, server_hostname="")
+    """A TLS connection that sent the preface, empty SETTINGS and `first`; `local_addr` binds the client
+    socket (another loopback address is another client node to the proxy)."""
+    reader, writer = await asyncio.open_connection(*address, ssl=ctx, server_hostname="", local_addr=local_addr)
     writer.write(PREFACE + settings() + first)
     frames = FrameReader(reader)
     task = asyncio.ensure_future(frames.run())

@@ -35,9 +35,12 @@ MAX_STREAMS_PER_CONNECTION = 100
 # REFUSED_STREAM, and no more: every open stream may pin up to about 1 MiB of the proxy's memory toward a
 # peer that grants no window (README "Limits under attack"), so this bounds one connection's share (was 1000).
 SERVER_MAX_CONCURRENT_STREAMS = 128
-# Limits under attack (README "Limits under attack"): what a hostile peer can pin in a proxy, at most
-#   per peer identity, both ways: PEER_BUDGET (64 MiB) of app bytes across its connections: DATA it sent
-#       that the local app has not taken (its window not given back: a stream's share <= STREAM_WINDOW, a
+# Limits under attack (README "Limits under attack"): what a hostile peer can pin in a proxy, at most. A
+# peer is a (verified identity, client address) pair: an identity is a service account, shared by every
+# replica on every node, and the address a connection comes from is its client node (a node proxy dials
+# HBONE from its own netns), so what one address uses up is never taken from the same identity elsewhere.
+#   per peer, both ways: PEER_BUDGET (64 MiB) of app bytes across its connections: DATA it sent that the
+#       local app has not taken (its window not given back: a stream's share <= STREAM_WINDOW, a
 #       connection's <= CONNECTION_WINDOW), and app data read for a stream it grants no window (the one
 #       chunk <= streams.READ_CHUNK, 256 KiB, it had no window for; the upstream socket pauses at once);
 #       the stream that would go past it is reset (ENHANCE_YOUR_CALM)
@@ -46,18 +49,34 @@ SERVER_MAX_CONCURRENT_STREAMS = 128
 #       before the stream stops pushing (SERVER_MAX_CONCURRENT_STREAMS x 64 KiB = 8 MiB)
 #   per connection, not sent: WRITE_BUFFER_CAP (8 MiB) in the TLS write buffer (a peer that does not read
 #       its socket; the connection is aborted past it) + EARLY_FLUSH (1 MiB) h2 queued meanwhile
-#   so ~19 MiB per connection, and an identity holds at most PEER_MAX_CONNECTIONS (256) of them:
-#   64 MiB + 256 x 19 MiB ~ 4.8 GiB per identity at the very worst (every connection with 128 stalled
-#   streams, a peer that does not read, and partial frames), N identities N x that; was unbounded (C
-#   connections x 16 MiB received). What the kernel holds in socket buffers is not counted.
+#   so ~19 MiB per connection, and a peer holds at most PEER_MAX_CONNECTIONS (256) of them:
+#   64 MiB + 256 x 19 MiB ~ 4.8 GiB per (identity, client address) at the very worst (every connection
+#   with 128 stalled streams, a peer that does not read, and partial frames). An attacker holding one SVID
+#   key can spend that from each address it can connect from (its pod's; through its node's proxy, the
+#   node's, which the identity's replicas on that node share), which takes nothing from the same
+#   identity's replicas on other nodes: their node proxies connect from their own addresses, each with its
+#   own count and budget.
+#   per server: MAX_INBOUND_CONNECTIONS connections however many identities and addresses there are, each
+#       at most ~19 MiB + the budget bytes it can hold (<= CONNECTION_WINDOW unread + 128 x 256 KiB parked
+#       = 48 MiB), so a fixed bound (was: unbounded, N identities x 4.8 GiB); reaching it takes SVIDs on
+#       MAX_INBOUND_CONNECTIONS / 256 client addresses and every connection at its own worst case.
+#   What the kernel holds in socket buffers is not counted.
 WRITE_BUFFER_CAP = 8 * 1024 * 1024
 EARLY_FLUSH = 1024 * 1024  # HTTP/2 output queued in one loop iteration past which it is written at once
 PEER_BUDGET = 64 * 1024 * 1024
-# Concurrent inbound HBONE connections one peer identity may hold; the next is closed right after its
-# handshake. A node's pool opens one connection per MAX_STREAMS_PER_CONNECTION tunnels (10,000 tunnels
-# from one node, the bench's largest step, take 100), so 256 leaves room for a burst and a drain's overlap
-# while the per-identity worst case above stays a fixed number.
+# Concurrent inbound HBONE connections one peer (identity, client address) may hold; the next is closed
+# right after its handshake. A client node's pool opens one connection per source identity and destination
+# pod, and another per MAX_STREAMS_PER_CONNECTION tunnels (10,000 tunnels to one pod, the bench's largest
+# step, take 100), so 256 covers a node's pods (110 by default) with room for a burst and a drain's overlap
+# while the per-peer worst case above stays a fixed number.
 PEER_MAX_CONNECTIONS = 256
+# Concurrent inbound HBONE connections one server (node proxy) holds in all; the next is closed right after
+# its handshake. It keeps the per-server worst case above a fixed number whatever the count of identities
+# and addresses. Legitimately a server holds one connection per (client node, source identity, local pod):
+# 16,384 is e.g. 100 client nodes x 16 identities x 10 pods. An idle connection costs the proxy ~74 KiB
+# (1,000 from 1,000 addresses: +72 MiB RSS), so ~1.2 GiB at the cap, and a descriptor each, well within
+# the hard open-files limit the proxy raises its own to.
+MAX_INBOUND_CONNECTIONS = 16384
 # The largest header block (HEADERS + CONTINUATION frames) and decoded header list accepted, advertised as
 # SETTINGS_MAX_HEADER_LIST_SIZE. A CONNECT's headers take a few hundred bytes; the block is counted as its
 # frames arrive, so a peer cannot make the proxy buffer more than this (plus one read) per connection.

@@ -28,6 +28,7 @@ from ztunnel.hbone.protocol import (
     IDENTITY_ERROR,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
+    MAX_INBOUND_CONNECTIONS,
     PEER_BUDGET,
     PEER_MAX_CONNECTIONS,
     ConnectRequest,
@@ -169,6 +170,18 @@ class InboundTunnel:
 
 
 TunnelHandler = Callable[[InboundTunnel], Awaitable[None]]
+# What a peer's connection count and memory budget are kept by: its identity and the address it connects
+# from. An identity is a service account, shared by every replica on every node; the address is the client
+# node (a node proxy dials HBONE from its own netns), so a hostile pod holding one SVID key exhausts only
+# its own (identity, address) share, not the same identity's replicas on other nodes.
+PeerKey = tuple[SpiffeId, str]
+# The `reason` label of ztunnel_connections_refused_total for a connection closed right after its handshake.
+PEER_CONNECTION_LIMIT = "peer_connection_limit"  # its (identity, address) holds peer_max_connections
+SERVER_CONNECTION_LIMIT = "server_connection_limit"  # the server holds max_connections
+_LIMIT_MESSAGES = {
+    PEER_CONNECTION_LIMIT: "HBONE client refused: its identity holds the maximum of connections from its address",
+    SERVER_CONNECTION_LIMIT: "HBONE client refused: the server holds the maximum of inbound connections",
+}
 
 
 class HboneServer:
@@ -183,8 +196,11 @@ class HboneServer:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         on_rejected: Callable[[str], None] | None = None,
         on_budget_reset: Callable[[], None] | None = None,
-        on_connection_limit: Callable[[], None] | None = None,
+        on_connection_limit: Callable[[str], None] | None = None,
         handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
+        peer_budget: int = PEER_BUDGET,
+        peer_max_connections: int = PEER_MAX_CONNECTIONS,
+        max_connections: int = MAX_INBOUND_CONNECTIONS,
     ) -> None:
         self.contexts = contexts
         self.handler = handler
@@ -201,15 +217,18 @@ class HboneServer:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[HboneConnection] = set()
-        # App bytes each peer identity holds across its connections, and how many connections it may hold
-        # (hbone/protocol.py, "Limits under attack"); a budget lives while the identity has a connection.
-        self.peer_budget = PEER_BUDGET
-        self.peer_max_connections = PEER_MAX_CONNECTIONS
+        # App bytes each peer (identity, address) holds across its connections, how many connections it may
+        # hold, and how many the server holds in all (hbone/protocol.py, "Limits under attack"); a budget
+        # lives while its peer has a connection.
+        self.peer_budget = peer_budget
+        self.peer_max_connections = peer_max_connections
+        self.max_connections = max_connections
         self.on_budget_reset = on_budget_reset
-        self.on_connection_limit = on_connection_limit  # told of each connection refused past the limit
+        # Told of each connection refused past a limit, with PEER_CONNECTION_LIMIT or SERVER_CONNECTION_LIMIT.
+        self.on_connection_limit = on_connection_limit
         self.connection_limit_refusals = 0
-        self.budgets: dict[SpiffeId, PeerBudget] = {}
-        self.budget_resets = 0  # streams reset for going over their identity's budget, budgets gone included
+        self.budgets: dict[PeerKey, PeerBudget] = {}
+        self.budget_resets = 0  # streams reset for going over their peer's budget, budgets gone included
         self.tasks: set[asyncio.Task[None]] = set()
         self.rejected_handshakes = 0
         self._draining = False
@@ -285,7 +304,8 @@ class HboneServer:
 
     def _new_connection(self, identity: SpiffeId) -> HboneConnection:
         conn: HboneConnection
-        # Peer and local address, read once per connection: each get_extra_info is a system call.
+        # Peer address (read at the handshake, it keys the limits) and local address (at the first request),
+        # each read once per connection: a get_extra_info may be a system call.
         addresses: list[tuple[str, int]] = []
 
         def on_connected(c: HboneConnection) -> bool:
@@ -301,24 +321,29 @@ class HboneServer:
                     {"peer_identity": peer.uri, "listener": str(identity)},
                 )
                 return False
-            held = self.budgets.get(peer)
+            address = c.transport.get_extra_info("peername") or ("", 0)
+            addresses.append((address[0], address[1]))  # on_request's peer_address: read once per connection
+            key = (peer, address[0])
+            if len(self.connections) >= self.max_connections:
+                self._over_connection_limit(SERVER_CONNECTION_LIMIT, key, identity, self.max_connections)
+                return False
+            held = self.budgets.get(key)
             if held is not None and held.connections >= self.peer_max_connections:
-                self._over_connection_limit(peer, identity)
+                self._over_connection_limit(PEER_CONNECTION_LIMIT, key, identity, self.peer_max_connections)
                 return False
             c.peer_identity = peer
             self.connections.add(c)
-            c.budget = self._budget_for(peer)
-            c.closed.add_done_callback(lambda _f: self._connection_closed(c))
+            c.budget = self._budget_for(key)
+            c.closed.add_done_callback(lambda _f: self._connection_closed(c, key))
             if self._draining:
                 c.goaway()
             return True
 
         def on_request(stream: HboneStream, verdict: ConnectRequest | Rejection) -> None:
             assert conn.transport is not None and isinstance(conn.peer_identity, SpiffeId)
-            if not addresses:
-                peer = conn.transport.get_extra_info("peername") or ("", 0)
+            if len(addresses) < 2:
                 local = conn.transport.get_extra_info("sockname") or ("", 0)
-                addresses[:] = [(peer[0], peer[1]), (local[0], local[1])]
+                addresses.append((local[0], local[1]))
             tunnel = InboundTunnel(
                 stream=stream,
                 request=verdict,
@@ -342,42 +367,44 @@ class HboneServer:
         )
         return conn
 
-    def _budget_for(self, peer: SpiffeId) -> PeerBudget:
-        budget = self.budgets.get(peer)
+    def _budget_for(self, key: PeerKey) -> PeerBudget:
+        """The peer's budget, looked up once per connection (the connection keeps it)."""
+        budget = self.budgets.get(key)
         if budget is None:
-            budget = self.budgets[peer] = PeerBudget(self.peer_budget, self.on_budget_reset)
+            budget = self.budgets[key] = PeerBudget(self.peer_budget, self.on_budget_reset)
         budget.connections += 1
         return budget
 
-    def _connection_closed(self, c: HboneConnection) -> None:
+    def _connection_closed(self, c: HboneConnection, key: PeerKey) -> None:
         self.connections.discard(c)
         budget = c.budget
-        if budget is not None and c.peer_identity is not None:
+        if budget is not None:
             budget.connections -= 1
             if budget.connections == 0:
                 self.budget_resets += budget.resets
-                self.budgets.pop(c.peer_identity, None)
+                self.budgets.pop(key, None)
 
-    def _over_connection_limit(self, peer: SpiffeId, listener: SpiffeId) -> None:
-        """A peer identity already holds its maximum of connections: the new one is closed (counted, logged
-        under the failure log's per-reason limit)."""
+    def _over_connection_limit(self, reason: str, key: PeerKey, listener: SpiffeId, limit: int) -> None:
+        """A peer (identity, address), or the whole server, already holds its maximum of connections: the new
+        one is closed (counted by reason, logged under the failure log's per-reason limit)."""
         self.connection_limit_refusals += 1
         if self.on_connection_limit is not None:
-            self.on_connection_limit()
-        suppressed = self.failure_log.allow("peer_connection_limit", time.monotonic())
+            self.on_connection_limit(reason)
+        suppressed = self.failure_log.allow(reason, time.monotonic())
         if suppressed is not None:
             log.warning(
-                "HBONE client refused: its identity holds the maximum of connections",
+                _LIMIT_MESSAGES[reason],
                 extra={
-                    "peer_identity": peer.uri,
+                    "peer_identity": key[0].uri,
+                    "peer": key[1],
                     "listener": str(listener),
-                    "limit": self.peer_max_connections,
+                    "limit": limit,
                     "suppressed": suppressed,
                 },
             )
 
     def budget_resets_total(self) -> int:
-        """Streams reset so far because their peer identity went over its memory budget."""
+        """Streams reset so far because their peer (identity, address) went over its memory budget."""
         return self.budget_resets + sum(b.resets for b in self.budgets.values())
 
     def _rejected(self, message: str, fields: dict[str, object]) -> None:

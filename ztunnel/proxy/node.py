@@ -75,7 +75,7 @@ class NodeProxy:
             self.inbound.serve_tunnel,
             on_rejected=self.report.handshake_rejected,
             on_budget_reset=self.report.peer_over_budget,
-            on_connection_limit=self.report.peer_over_connection_limit,
+            on_connection_limit=self.report.over_connection_limit,
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()

@@ -49,14 +49,15 @@ class ConnectionReporter:
         self.labels = ConnectionLabelCache()  # build a connection's labels through this
 
     def peer_over_budget(self) -> None:
-        """A peer identity went over its memory budget (hbone `PeerBudget`): one of its streams was reset."""
+        """A peer (identity, address) went over its memory budget (hbone `PeerBudget`): a stream of it was reset."""
         if self.metrics is not None:
             self.metrics.connection_refused("peer_memory_budget")
 
-    def peer_over_connection_limit(self) -> None:
-        """A peer identity already held its maximum of HBONE connections: a new one was closed."""
+    def over_connection_limit(self, reason: str) -> None:
+        """A new HBONE connection was closed after its handshake: its peer (identity, address) already held
+        its maximum of connections ("peer_connection_limit"), or the server did ("server_connection_limit")."""
         if self.metrics is not None:
-            self.metrics.connection_refused("peer_connection_limit")
+            self.metrics.connection_refused(reason)
 
     def handshake_rejected(self, reason: str) -> None:
         """The HBONE server refused a client: IDENTITY_ERROR after the handshake (identity or trust domain),
