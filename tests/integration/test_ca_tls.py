@@ -1,4 +1,5 @@
-"""SVIDs in real mTLS handshakes on loopback: revocation (CRL) and trust bundles with several roots."""
+"""SVIDs in real mTLS handshakes on loopback: revocation (CRLs, one per signer) and trust bundles with
+several roots."""
 
 from __future__ import annotations
 
@@ -11,22 +12,36 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.svids import issue
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import TRUST_BUNDLE, CertificateAuthority, init_ca_dir
 from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem, make_csr
+from ztunnel.identity.revocation import NO_REVOCATIONS, RevocationSet, next_revocation_list
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.tls import client_context, peer_identity, server_context
+from ztunnel.identity.tls import PeerIdentityError, PeerRevokedError, client_context, peer_identity, server_context
 
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
 DB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/db")
 
 
 def svid(
-    ca: CertificateAuthority, identity: SpiffeId, *, roots: bytes | None = None, crl: bytes = b""
+    ca: CertificateAuthority,
+    identity: SpiffeId,
+    *,
+    roots: bytes | None = None,
+    crl: RevocationSet | None = None,
 ) -> WorkloadCertificate:
     key = generate_key()
     chain = ca.sign_csr(make_csr(key, identity), expected_identity=identity)
     return WorkloadCertificate(identity, key_to_pem(key), tuple(chain), roots or ca.roots_pem, crl)
+
+
+def crls(*cas: CertificateAuthority, held: RevocationSet = NO_REVOCATIONS) -> RevocationSet:
+    """What a proxy holds once it has polled each CA (verified against the CAs' roots together)."""
+    roots = b"".join(ca.roots_pem for ca in cas)
+    for ca in cas:
+        held = next_revocation_list(held, ca.published_revocations(), roots).current
+    return held
 
 
 @asynccontextmanager
@@ -79,9 +94,9 @@ async def test_mutual_tls_between_two_svids(ca: CertificateAuthority) -> None:
 async def test_revoked_server_cert_fails_the_clients_handshake(ca: CertificateAuthority) -> None:
     server_cert = svid(ca, DB)
     ca.revoke([server_cert.serial])
-    client = svid(ca, WEB, crl=ca.crl_pem())
+    client = svid(ca, WEB, crl=crls(ca))
     async with tls_server(server_cert) as (port, _seen):
-        with pytest.raises(ssl.SSLCertVerificationError, match="revoked"):
+        with pytest.raises(PeerRevokedError, match="revoked"):
             await exchange(port, client)
         # a fresh, unrevoked server cert from the same CA is still accepted under the same CRL
     async with tls_server(svid(ca, DB)) as (port, _seen):
@@ -91,9 +106,9 @@ async def test_revoked_server_cert_fails_the_clients_handshake(ca: CertificateAu
 async def test_revoked_client_cert_is_refused_by_the_server(ca: CertificateAuthority) -> None:
     revoked_client = svid(ca, WEB)
     ca.revoke([revoked_client.serial])
-    server_cert = svid(ca, DB, crl=ca.crl_pem())
+    server_cert = svid(ca, DB, crl=crls(ca))
     async with tls_server(server_cert) as (port, seen):
-        # TLS 1.3: the client finishes first; the server's alert arrives on the first read
+        # TLS 1.3: the client finishes first; the server refuses the leaf and closes before echoing
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
             await exchange(port, revoked_client)
         assert seen == []
@@ -130,8 +145,8 @@ class _Holder:
     async def get(self, identity: SpiffeId) -> WorkloadCertificate:
         return self.certs[identity]
 
-    def set_crl(self, crl: bytes) -> None:
-        self.certs = {i: dataclasses.replace(c, crl_pem=crl) for i, c in self.certs.items()}
+    def set_crl(self, crl: RevocationSet) -> None:
+        self.certs = {i: dataclasses.replace(c, revocations=crl) for i, c in self.certs.items()}
 
 
 async def test_a_new_crl_reaches_a_running_listener_and_new_client_contexts(ca: CertificateAuthority) -> None:
@@ -145,7 +160,7 @@ async def test_a_new_crl_reaches_a_running_listener_and_new_client_contexts(ca: 
     try:
         assert await exchange(port, revoked_client) == DB
         ca.revoke([revoked_client.serial])
-        holder.set_crl(ca.crl_pem())
+        holder.set_crl(crls(ca))
         await contexts.refresh(DB)
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
             await exchange(port, revoked_client)
@@ -156,18 +171,66 @@ async def test_a_new_crl_reaches_a_running_listener_and_new_client_contexts(ca: 
     # the client side: a server whose certificate is now revoked is refused by a context made after the CRL
     revoked_server = svid(ca, DB)
     ca.revoke([revoked_server.serial])
-    holder.set_crl(ca.crl_pem())
+    holder.set_crl(crls(ca))
     async with tls_server(revoked_server) as (port, _seen):
-        with pytest.raises(ssl.SSLCertVerificationError, match="revoked"):
-            async with asyncio.timeout(5):
-                await asyncio.open_connection("127.0.0.1", port, ssl=await contexts.client(WEB))
+        async with asyncio.timeout(5):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=await contexts.client(WEB))
+        try:
+            with pytest.raises(PeerRevokedError, match="revoked"):
+                peer_identity(writer.get_extra_info("ssl_object"))
+        finally:
+            writer.close()
 
 
 async def _echo4(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo 4 bytes to a client whose leaf `peer_identity` accepts (as HboneServer checks it)."""
     try:
+        peer_identity(writer.get_extra_info("ssl_object"))
         writer.write(await reader.readexactly(4))
         await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
+    except (PeerIdentityError, ConnectionError, asyncio.IncompleteReadError):
         pass
     finally:
         writer.close()
+
+
+def _two_roots(tmp_path: Path) -> tuple[CertificateAuthority, CertificateAuthority]:
+    """Two CAs (root and intermediate each) that trust each other's root: root rotation, or federation."""
+    old = init_ca_dir(tmp_path / "old")
+    new = init_ca_dir(tmp_path / "new")
+    (new / TRUST_BUNDLE).write_bytes((old / "root-cert.pem").read_bytes())
+    (old / TRUST_BUNDLE).write_bytes((new / "root-cert.pem").read_bytes())
+    return CertificateAuthority.load(old), CertificateAuthority.load(new)
+
+
+async def test_a_crl_of_one_ca_leaves_the_other_cas_peers_connecting(tmp_path: Path) -> None:
+    """Review finding 4: with OpenSSL's CRL check, holding one CRL made every leaf of another intermediate
+    fail ("unable to get certificate CRL"); now only the leaves that CRL lists are refused."""
+    old_ca, new_ca = _two_roots(tmp_path)
+    revoked = svid(old_ca, WEB)
+    old_ca.revoke([revoked.serial])
+    held = crls(old_ca)
+    async with tls_server(svid(new_ca, DB, crl=held)) as (port, seen):
+        assert await exchange(port, svid(new_ca, WEB)) == DB  # the other CA's leaf
+        assert await exchange(port, svid(old_ca, WEB)) == DB  # an unlisted leaf of the CRL's CA
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await exchange(port, revoked)
+    assert seen == [WEB, WEB]
+    # the client side: a server of the other CA is accepted by a client holding the first CA's CRL
+    async with tls_server(svid(new_ca, DB)) as (port, _seen):
+        assert await exchange(port, svid(old_ca, WEB, crl=held)) == DB
+
+
+async def test_a_ca_with_the_same_names_is_not_touched_by_the_others_crl(tmp_path: Path) -> None:
+    """Review finding 4, same-name variant: every `ca init` names its CAs alike, so OpenSSL took the first
+    CA's CRL for the second's leaves (CRL signature failure) and names could not tell them apart."""
+    first, second = _two_roots(tmp_path)
+    assert first.signing_cert.subject == second.signing_cert.subject
+    revoked = issue(first.directory, [WEB.uri])
+    twin = issue(second.directory, [WEB.uri], serial=revoked.serial)  # same issuer name, same serial
+    first.revoke([revoked.serial])
+    async with tls_server(svid(first, DB, crl=crls(first, second))) as (port, seen):
+        assert await exchange(port, dataclasses.replace(twin, roots_pem=second.roots_pem)) == DB
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await exchange(port, dataclasses.replace(revoked, roots_pem=first.roots_pem))
+    assert seen == [WEB]

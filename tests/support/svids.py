@@ -57,9 +57,10 @@ def issue(
     crl_sign: bool = False,
     valid: tuple[dt.timedelta, dt.timedelta] = (dt.timedelta(minutes=-5), dt.timedelta(hours=1)),
     self_signed: bool = False,
+    serial: int | None = None,
 ) -> WorkloadCertificate:
     """A leaf for `uris` signed by the CA in `ca_dir` (or by its own key), valid from now+valid[0] to
-    now+valid[1]."""
+    now+valid[1], with a random serial unless `serial` is given."""
     ca = CertificateAuthority.load(ca_dir)
     key = generate_key()
     now = dt.datetime.now(dt.UTC)
@@ -69,7 +70,7 @@ def issue(
         .subject_name(x509.Name([]))
         .issuer_name(x509.Name([]) if self_signed else ca.signing_cert.subject)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(now + valid[0])
         .not_valid_after(now + valid[1])
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=True)

@@ -16,6 +16,7 @@ from ztunnel.identity.ca import (
     CA_CERT,
     CA_KEY,
     CRL,
+    RETIRED_CRLS,
     ROOT_KEY,
     TRUST_BUNDLE,
     CAError,
@@ -109,7 +110,14 @@ def test_init_writes_private_keys_0600_and_refuses_to_overwrite(tmp_path: Path) 
     CertificateAuthority.load(d).revoke([5])
     init_ca_dir(d, force=True)
     assert (d / CA_CERT).read_bytes() != old
-    assert not (d / CRL).exists()  # a CRL of the replaced intermediate would break every handshake
+    # crl.pem is the new intermediate's (nothing revoked, the numbering goes on); the old one's CRL is
+    # kept in retired-crls.pem, but not published here: its root was replaced too, so nothing trusts it
+    renewed = CertificateAuthority.load(d)
+    crl = x509.load_pem_x509_crl((d / CRL).read_bytes())
+    assert crl.is_signature_valid(renewed.signing_key.public_key()) and len(crl) == 0
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 2
+    assert (d / RETIRED_CRLS).read_bytes().count(b"BEGIN X509 CRL") == 1
+    assert renewed.published_revocations().retired == ()
 
 
 def test_trust_domain_is_recorded_and_enforced(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from ztunnel.identity.h2client import (
     encode_revocation_request,
 )
 from ztunnel.identity.proto import ca_pb2, revocation_pb2
-from ztunnel.identity.revocation import RevocationAnswer
+from ztunnel.identity.revocation import RevocationAnswer, SignedRevocationList
 
 
 @pytest.mark.parametrize("impersonated", ["", "spiffe://cluster.local/ns/shop/sa/web"])
@@ -54,6 +54,12 @@ def test_revocation_response_decoding_matches_protobuf(crl: bytes) -> None:
     wire = revocation_pb2.RevocationListResponse(crl=crl, number=7, issuer_chain=chain).SerializeToString()
     got = decode_revocation_response(wire)
     assert got.crl == crl and got.number == 7 and got.issuer_chain == tuple(c.encode() for c in chain)
+    assert got.retired == ()
     assert decode_revocation_response(b"") == RevocationAnswer(b"", 0, ())
+    retired = [revocation_pb2.SignedRevocationList(crl=b"old" + crl, issuer_chain=["old-int", "root"])] * 2
+    with_retired = revocation_pb2.RevocationListResponse(crl=crl, number=7, retired=retired).SerializeToString()
+    assert decode_revocation_response(with_retired).retired == (
+        SignedRevocationList(b"old" + crl, (b"old-int", b"root")),
+    ) * 2
     with pytest.raises(ValueError):
         decode_revocation_response(wire[:-3])

@@ -15,6 +15,7 @@ from tests.support.identity import spiffe, two_node_config_yaml
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
 from ztunnel.identity.manager import CertificateError, CertificateManager, InProcessBackend
+from ztunnel.identity.revocation import RevocationSet
 from ztunnel.identity.spiffe import SpiffeId
 
 WEB = SpiffeId.parse(spiffe("shop", "web"))
@@ -234,18 +235,18 @@ async def test_in_process_ca_enforces_node_authorization(ca: CertificateAuthorit
 
 async def test_crl_changes_reach_held_certs_and_listeners(ca: CertificateAuthority) -> None:
     mgr = CertificateManager.in_process(ca.directory, crl_refresh_interval=0.05, registry=CollectorRegistry())
-    updates: list[bytes] = []
-    mgr.subscribe(lambda identity, cert: updates.append(cert.crl_pem))
+    updates: list[RevocationSet | None] = []
+    mgr.subscribe(lambda identity, cert: updates.append(cert.revocations))
     await mgr.start()
     try:
         cert = await mgr.get(WEB)
-        assert cert.crl_pem == b""
+        assert not cert.revocations
         ca.revoke([12345])
         await eventually_async(
-            lambda: (updates[-1] if updates else b"").startswith(b"-----BEGIN X509 CRL-----"), 5, 0.02,
+            lambda: bool(updates and updates[-1] and 12345 in updates[-1].serials), 5, 0.02,
             what="a CRL in the last update",
         )
-        assert (await mgr.get(WEB)).crl_pem == ca.crl_pem()
+        assert (await mgr.get(WEB)).revocations is mgr.revocation_list
         assert (await mgr.get(WEB)).serial == cert.serial
     finally:
         await mgr.close()
@@ -262,6 +263,7 @@ async def test_a_revoked_certificate_of_ours_is_replaced_at_once(ca: Certificate
             what="a certificate with a new serial",
         )
         fresh = await mgr.get(WEB)
-        assert fresh.serial != cert.serial and fresh.crl_pem == ca.crl_pem()
+        assert fresh.serial != cert.serial and fresh.revocations is mgr.revocation_list
+        assert fresh.revocations is not None and fresh.revocations.serials == {cert.serial}
     finally:
         await mgr.close()

@@ -1,4 +1,5 @@
-"""What a proxy accepts as a CRL: signed by a CA of the trust bundle, never a rollback, never unverified."""
+"""What a proxy accepts as a CRL: signed by a CA of the trust bundle, never a rollback, never unverified;
+one CRL per signer key, and a leaf is revoked only by a CRL of its own signer."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from tests.support.svids import issue
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
 from ztunnel.identity.certs import generate_key
 from ztunnel.identity.revocation import (
-    CLEARED,
     LOADED,
+    NO_REVOCATIONS,
     REJECTED,
     UNCHANGED,
     RevocationAnswer,
     RevocationError,
+    RevocationSet,
     next_revocation_list,
     verify_revocation_list,
 )
@@ -36,11 +39,17 @@ def other(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.load(tmp_path / "other")
 
 
-def answer(ca: CertificateAuthority, serials: list[int] | None = None) -> RevocationAnswer:
+def answer(ca: CertificateAuthority, serials: list[int] | None = None, known: int = 0) -> RevocationAnswer:
     if serials:
         ca.revoke(serials)
-    der, number = ca.published_crl()
-    return RevocationAnswer(der, number, tuple(ca.chain_pem))
+    return ca.published_revocations(known)
+
+
+def held(ca: CertificateAuthority, current: RevocationSet = NO_REVOCATIONS) -> RevocationSet:
+    """What a proxy holds after polling `ca` once (its CRLs accepted)."""
+    update = next_revocation_list(current, answer(ca, known=current.number), ca.roots_pem)
+    assert update.result in (LOADED, UNCHANGED), update.reason
+    return update.current
 
 
 def test_a_crl_of_the_trusted_ca_is_verified_and_read(ca: CertificateAuthority) -> None:
@@ -106,41 +115,82 @@ def test_a_signer_that_is_not_a_ca_is_refused(ca: CertificateAuthority) -> None:
 def test_newer_loads_same_is_unchanged_older_is_a_rollback(ca: CertificateAuthority) -> None:
     first = answer(ca, [7])
     second = answer(ca, [9])
-    held = next_revocation_list(None, second, ca.roots_pem)
-    assert held.result == LOADED and held.current is not None and held.current.number == 2
-    rollback = next_revocation_list(held.current, first, ca.roots_pem)
-    assert rollback.result == REJECTED and rollback.current is held.current and "rollback" in rollback.reason
-    assert next_revocation_list(held.current, second, ca.roots_pem).result == UNCHANGED
-    not_modified = RevocationAnswer(b"", 2, second.issuer_chain)  # the CA's "you hold the current one"
-    assert next_revocation_list(held.current, not_modified, ca.roots_pem).result == UNCHANGED
+    loaded = next_revocation_list(NO_REVOCATIONS, second, ca.roots_pem)
+    assert loaded.result == LOADED and loaded.current.number == 2 and loaded.current.lists[0].number == 2
+    rollback = next_revocation_list(loaded.current, first, ca.roots_pem)
+    assert rollback.result == REJECTED and rollback.current is loaded.current and "rollback" in rollback.reason
+    assert next_revocation_list(loaded.current, second, ca.roots_pem).result == UNCHANGED
+    not_modified = RevocationAnswer(b"", 2)  # the CA's "you hold the current one"
+    assert ca.published_revocations(2) == not_modified
+    assert next_revocation_list(loaded.current, not_modified, ca.roots_pem).current is loaded.current
     third = answer(ca, [11])
-    assert next_revocation_list(held.current, third, ca.roots_pem).current.serials == {7, 9, 11}  # type: ignore[union-attr]
+    assert next_revocation_list(loaded.current, third, ca.roots_pem).current.serials == {7, 9, 11}
 
 
 def test_a_bad_answer_keeps_the_crl_in_force(ca: CertificateAuthority, other: CertificateAuthority) -> None:
-    held = next_revocation_list(None, answer(ca, [7]), ca.roots_pem).current
-    forged = next_revocation_list(held, answer(other, [8]), ca.roots_pem)
-    assert forged.result == REJECTED and forged.current is held
-    gone = next_revocation_list(held, RevocationAnswer(b"", 0, tuple(ca.chain_pem)), ca.roots_pem)
-    assert gone.result == REJECTED and gone.current is held and "no CRL" in gone.reason
-    # an empty answer naming an unverifiable signer cannot clear it either
-    unverified = next_revocation_list(held, RevocationAnswer(b"", 0, tuple(other.chain_pem)), ca.roots_pem)
-    assert unverified.result == REJECTED and unverified.current is held
+    kept = held(ca)
+    forged = next_revocation_list(kept, answer(other, [8]), ca.roots_pem)
+    assert forged.result == REJECTED and forged.current is kept
+    # a source that stops publishing (or names another signer) cannot take a CRL away
+    for empty in (RevocationAnswer(b"", 0, tuple(ca.chain_pem)), RevocationAnswer(b"", 0, tuple(other.chain_pem))):
+        update = next_revocation_list(kept, empty, ca.roots_pem)
+        assert update.result == UNCHANGED and update.current.lists == kept.lists
 
 
-def test_a_new_intermediate_of_the_same_root_starts_its_own_numbering(ca: CertificateAuthority, tmp_path: Path) -> None:
-    held = next_revocation_list(None, answer(ca, [7, 8]), ca.roots_pem).current
-    assert held is not None and held.number == 1
-    ca.revoke([9])  # number 2 from the old intermediate
-    held = next_revocation_list(held, answer(ca), ca.roots_pem).current
-    assert held is not None and held.number == 2
+def test_replacing_the_intermediate_keeps_its_revocations(ca: CertificateAuthority, tmp_path: Path) -> None:
+    """Review finding 3: `ca init --force` under the same root used to delete crl.pem, and the proxy then
+    cleared the CRL, so the old intermediate's revoked leaves (still chaining to the root) were accepted."""
+    revoked_old = issue(ca.directory, ["spiffe://cluster.local/ns/shop/sa/web"]).leaf
+    ca.revoke([revoked_old.serial_number, 8])
+    kept = held(ca)
+    assert kept.revokes(revoked_old) and kept.number == 1
     root_cert, root_key = _copy(ca.directory, "root-cert.pem", tmp_path), _copy(ca.directory, "root-key.pem", tmp_path)
     init_ca_dir(ca.directory, root_cert_file=root_cert, root_key_file=root_key, force=True)  # a new intermediate
     renewed = CertificateAuthority.load(ca.directory)
-    cleared = next_revocation_list(held, RevocationAnswer(b"", 0, tuple(renewed.chain_pem)), ca.roots_pem)
-    assert cleared.result == CLEARED and cleared.current is None
-    fresh = next_revocation_list(held, answer(renewed, [10]), ca.roots_pem)
-    assert fresh.result == LOADED and fresh.current is not None and fresh.current.number == 1
+    after = held(renewed, kept)
+    assert after.revokes(revoked_old), "the old intermediate's revoked leaf is accepted again"
+    assert after.number == 2  # the new intermediate's CRL continues the numbering (proxies send theirs)
+    # the new intermediate revokes its own leaves; both CRLs stay in force, one per signer
+    revoked_new = issue(ca.directory, ["spiffe://cluster.local/ns/shop/sa/db"]).leaf
+    renewed.revoke([revoked_new.serial_number])
+    both = held(renewed, after)
+    assert both.revokes(revoked_old) and both.revokes(revoked_new) and len(both.lists) == 2
+    assert renewed.published_revocations(both.number) == RevocationAnswer(b"", 3)
+    # a proxy that starts after the replacement gets both from a full answer
+    fresh = held(renewed)
+    assert fresh.revokes(revoked_old) and fresh.revokes(revoked_new)
+
+
+def test_a_crl_revokes_only_leaves_of_its_own_signer_key(
+    ca: CertificateAuthority, other: CertificateAuthority
+) -> None:
+    """Review finding 4: both CAs name their intermediate "ztunnel intermediate CA"; a CRL of one listing
+    serial S must not revoke the other's leaf with serial S (it did: the match was by issuer name)."""
+    ours = issue(ca.directory, ["spiffe://cluster.local/ns/shop/sa/web"]).leaf
+    theirs = issue(other.directory, ["spiffe://cluster.local/ns/shop/sa/web"], serial=ours.serial_number).leaf
+    assert ours.issuer == theirs.issuer and ours.serial_number == theirs.serial_number
+    ca.revoke([ours.serial_number])
+    crls = held(ca)
+    assert crls.revokes(ours)
+    assert not crls.revokes(theirs)
+    assert not crls.lists[0].revokes(theirs)
+
+
+def test_one_crl_per_signer_with_its_own_rollback_check(
+    ca: CertificateAuthority, other: CertificateAuthority
+) -> None:
+    """Two CAs of one trust bundle (federation, root rotation): each signer's CRL is held and numbered apart."""
+    roots = ca.roots_pem + other.roots_pem
+    ca.revoke([7])
+    ca.revoke([8])
+    other.revoke([9])
+    mine = next_revocation_list(NO_REVOCATIONS, ca.published_revocations(), roots).current
+    both = next_revocation_list(mine, other.published_revocations(), roots)
+    assert both.result == LOADED and {crl.number for crl in both.current.lists} == {1, 2}
+    assert both.current.serials == {7, 8, 9}
+    # the other signer's number 1 is not a rollback of our number 2, and does not replace it
+    again = next_revocation_list(both.current, other.published_revocations(), roots)
+    assert again.result == UNCHANGED and again.current.serials == {7, 8, 9}
 
 
 def _copy(directory: Path, name: str, tmp_path: Path) -> Path:

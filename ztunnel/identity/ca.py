@@ -2,7 +2,9 @@
 
 Files in the CA directory use Istio's plugged-in CA names so an operator's existing layout works:
 root-cert.pem, ca-cert.pem, ca-key.pem (intermediate), cert-chain.pem (intermediate..root), plus
-root-key.pem when the root was generated here and crl.pem for revocations.
+root-key.pem when the root was generated here, crl.pem for revocations, and retired-crls.pem: the last
+CRL of each replaced intermediate (followed by that intermediate's chain), published beside crl.pem until
+it expires, so replacing the intermediate does not bring its revoked leaves back.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime as dt
 import ipaddress
 import itertools
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +27,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.certs import generate_key, key_to_pem, split_pem_chain, uri_sans
+from ztunnel.identity.revocation import (
+    RevocationAnswer,
+    RevocationError,
+    SignedRevocationList,
+    verify_revocation_list,
+)
 from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 
 DEFAULT_TTL = dt.timedelta(hours=24)
@@ -40,6 +49,7 @@ CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
 CERT_CHAIN = "cert-chain.pem"
 CRL = "crl.pem"
+RETIRED_CRLS = "retired-crls.pem"  # replaced intermediates' last CRLs, each followed by its signer chain
 TRUST_BUNDLE = "trust-bundle.pem"  # optional extra roots, for root rotation
 
 
@@ -151,6 +161,7 @@ def init_ca_dir(
         _write_private(d / ROOT_KEY, key_to_pem(root_key))
     elif (d / ROOT_KEY).exists():
         (d / ROOT_KEY).unlink()  # a replaced self-made root's key must not linger next to the plugged-in one
+    last_number = _retire_crl(d, _now())
     int_key = generate_key()
     int_name = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, "ztunnel intermediate CA")])
     int_cert = _ca_cert(
@@ -161,9 +172,93 @@ def init_ca_dir(
     (d / ROOT_CERT).write_bytes(_pem(root_cert))
     (d / CERT_CHAIN).write_bytes(_pem(int_cert) + _pem(root_cert))
     (d / "trust-domain").write_text(trust_domain + "\n")
-    if (d / CRL).exists():
-        (d / CRL).unlink()  # signed by the replaced intermediate: peers would reject it
+    if last_number:  # the new intermediate's CRL continues the numbering: proxies send the number they hold
+        _write_crl(d, int_cert, int_key, {}, last_number + 1)
     return d
+
+
+def _retire_crl(d: Path, now: dt.datetime) -> int:
+    """Before the intermediate is replaced: append its CRL (and its chain) to retired-crls.pem, drop the
+    retired CRLs that have expired, remove crl.pem. Returns the highest CRL number seen (0: none)."""
+    retired = _read_retired(d / RETIRED_CRLS) if (d / RETIRED_CRLS).exists() else []
+    numbers = [_crl_number(x509.load_pem_x509_crl(r.crl)) for r in retired]
+    path = d / CRL
+    if path.exists():
+        try:
+            crl = x509.load_pem_x509_crl(path.read_bytes())
+        except ValueError as e:
+            raise CAError(f"{path}: not a PEM CRL ({_first_line(e)}); remove it before replacing the CA") from e
+        numbers.append(_crl_number(crl))
+        chain_file = d / CERT_CHAIN if (d / CERT_CHAIN).exists() else d / CA_CERT
+        if len(crl) and chain_file.exists():
+            retired.append(SignedRevocationList(path.read_bytes(), tuple(split_pem_chain(chain_file.read_bytes()))))
+    kept = [r for r in retired if _still_valid(x509.load_pem_x509_crl(r.crl), now)]
+    if kept:
+        tmp = d / (RETIRED_CRLS + ".tmp")
+        tmp.write_bytes(b"".join(r.crl.rstrip(b"\n") + b"\n" + b"".join(r.issuer_chain) for r in kept))
+        os.replace(tmp, d / RETIRED_CRLS)
+    elif (d / RETIRED_CRLS).exists():
+        (d / RETIRED_CRLS).unlink()
+    if path.exists():
+        path.unlink()  # signed by the replaced intermediate: the new one signs crl.pem from now on
+    return max(numbers, default=0)
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----\n?", re.DOTALL)
+
+
+def _read_retired(path: Path) -> list[SignedRevocationList]:
+    """retired-crls.pem: each X509 CRL block followed by the certificates of its signer chain."""
+    out: list[tuple[bytes, list[bytes]]] = []
+    for m in _PEM_BLOCK.finditer(path.read_bytes()):
+        block = m.group(0).rstrip(b"\n") + b"\n"
+        if m.group(1) == b"X509 CRL":
+            try:
+                x509.load_pem_x509_crl(block)
+            except ValueError as e:
+                raise CAError(f"{path}: holds a broken CRL ({_first_line(e)}); remove that block") from e
+            out.append((block, []))
+        elif m.group(1) == b"CERTIFICATE" and out:
+            out[-1][1].append(block)
+    return [SignedRevocationList(crl, tuple(chain)) for crl, chain in out]
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def _still_valid(crl: x509.CertificateRevocationList, now: dt.datetime) -> bool:
+    return crl.next_update_utc is None or crl.next_update_utc > now
+
+
+def _write_crl(
+    d: Path,
+    signer: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    entries: dict[int, dt.datetime],
+    number: int,
+) -> None:
+    """Sign crl.pem with the intermediate and write it atomically (readers never see half a file)."""
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(signer.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(min(now + CRL_TTL, signer.not_valid_after_utc))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+    )
+    for serial, when in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(key, hashes.SHA256())
+    tmp = d / (CRL + ".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, d / CRL)
 
 
 def _read_cert(path: Path) -> x509.Certificate:
@@ -267,6 +362,9 @@ class CertificateAuthority:
     max_ttl: dt.timedelta = DEFAULT_MAX_TTL
     # (mtime, size, inode) of crl.pem -> (DER, number): a CA server answers every proxy's poll from this
     _published: tuple[tuple[int, int, int], bytes, int] | None = field(default=None, init=False, repr=False)
+    _retired: tuple[tuple[int, int, int], tuple[SignedRevocationList, ...]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     @classmethod
     def load(cls, directory: str | Path, *, max_ttl: dt.timedelta = DEFAULT_MAX_TTL) -> CertificateAuthority:
@@ -424,6 +522,35 @@ class CertificateAuthority:
             self._published = (stamp, crl.public_bytes(serialization.Encoding.DER), number)
         return self._published[1], self._published[2]
 
+    def published_revocations(self, known_number: int = 0) -> RevocationAnswer:
+        """What a proxy polling with `known_number` gets: only the number when it holds the current CRL,
+        else crl.pem (DER) with the intermediate's chain and the retired CRLs still worth enforcing."""
+        der, number = self.published_crl()
+        if number and number == known_number:
+            return RevocationAnswer(b"", number)
+        return RevocationAnswer(der, number, tuple(self.chain_pem), self.retired_crls())
+
+    def retired_crls(self) -> tuple[SignedRevocationList, ...]:
+        """retired-crls.pem, without the CRLs that expired or whose signer no longer chains to our roots
+        (a proxy would refuse them); re-read only when the file changed."""
+        path = self.directory / RETIRED_CRLS
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return ()
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._retired is None or self._retired[0] != stamp:
+            usable = []
+            for retired in _read_retired(path):
+                try:
+                    verify_revocation_list(retired.crl, retired.issuer_chain, self.roots_pem)
+                except RevocationError:
+                    continue
+                der = x509.load_pem_x509_crl(retired.crl).public_bytes(serialization.Encoding.DER)
+                usable.append(SignedRevocationList(der, retired.issuer_chain))
+            self._retired = (stamp, tuple(usable))
+        return self._retired[1]
+
     def _load_crl(self) -> x509.CertificateRevocationList | None:
         path = self.directory / CRL
         if not path.exists():
@@ -448,30 +575,8 @@ class CertificateAuthority:
             if serial <= 0:
                 raise CAError(f"serial {serial:x} is not a valid certificate serial (must be positive)")
             entries.setdefault(serial, now)
-        number = 1
-        if existing is not None:
-            try:
-                number = existing.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
-            except x509.ExtensionNotFound:
-                number = 1
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.signing_cert.subject)
-            .last_update(now - CLOCK_SKEW)
-            .next_update(min(now + CRL_TTL, self.signing_cert.not_valid_after_utc))
-            .add_extension(x509.CRLNumber(number), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.signing_key.public_key()), critical=False
-            )
-        )
-        for serial, when in sorted(entries.items()):
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-            )
-        crl = builder.sign(self.signing_key, hashes.SHA256())
-        tmp = self.directory / (CRL + ".tmp")
-        tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-        os.replace(tmp, self.directory / CRL)  # readers never see half a file
+        number = _crl_number(existing) + 1 if existing is not None else 1
+        _write_crl(self.directory, self.signing_cert, self.signing_key, entries, number)
         return sorted(entries)
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztunnel.identity.spiffe import SpiffeId
+
+if TYPE_CHECKING:  # revocation imports this module
+    from ztunnel.identity.revocation import RevocationSet
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -67,7 +70,7 @@ class WorkloadCertificate:
     key_pem: bytes = field(repr=False)
     chain_pem: tuple[bytes, ...]
     roots_pem: bytes
-    crl_pem: bytes = b""
+    revocations: RevocationSet | None = None  # the CRLs in force when it was handed out (None: none held)
 
     @cached_property
     def leaf(self) -> x509.Certificate:

@@ -23,7 +23,7 @@ import h2.exceptions
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.authz import IMPERSONATED_IDENTITY
-from ztunnel.identity.revocation import RevocationAnswer
+from ztunnel.identity.revocation import RevocationAnswer, SignedRevocationList
 
 DEFAULT_TIMEOUT = 10.0
 METHOD_PATH = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
@@ -137,10 +137,12 @@ def encode_revocation_request(known_number: int) -> bytes:
 
 
 def decode_revocation_response(data: bytes) -> RevocationAnswer:
-    """RevocationListResponse{bytes crl = 1, uint64 number = 2, repeated string issuer_chain = 3}."""
+    """RevocationListResponse{bytes crl = 1, uint64 number = 2, repeated string issuer_chain = 3,
+    repeated SignedRevocationList{bytes crl = 1, repeated string issuer_chain = 2} retired = 4}."""
     crl = b""
     number = 0
     chain: list[bytes] = []
+    retired: list[SignedRevocationList] = []
     for field, value in _fields(data):
         if field == 1 and isinstance(value, bytes):
             crl = value
@@ -148,7 +150,15 @@ def decode_revocation_response(data: bytes) -> RevocationAnswer:
             number = value
         elif field == 3 and isinstance(value, bytes):
             chain.append(value)
-    return RevocationAnswer(crl, number, tuple(chain))
+        elif field == 4 and isinstance(value, bytes):
+            retired_crl, retired_chain = b"", []
+            for inner, part in _fields(value):
+                if inner == 1 and isinstance(part, bytes):
+                    retired_crl = part
+                elif inner == 2 and isinstance(part, bytes):
+                    retired_chain.append(part)
+            retired.append(SignedRevocationList(retired_crl, tuple(retired_chain)))
+    return RevocationAnswer(crl, number, tuple(chain), tuple(retired))
 
 
 # ---- the call ------------------------------------------------------------------------------------

@@ -34,12 +34,12 @@ from ztunnel.identity.authz import authorize_identity
 from ztunnel.identity.ca import DEFAULT_MAX_TTL, DEFAULT_TTL, CertificateAuthority
 from ztunnel.identity.certs import WorkloadCertificate, generate_key, key_to_pem, make_csr, split_pem_chain, uri_sans
 from ztunnel.identity.revocation import (
-    CLEARED,
     ERROR,
     LOADED,
+    NO_REVOCATIONS,
     REJECTED,
     RevocationAnswer,
-    RevocationList,
+    RevocationSet,
     RevocationUpdate,
     next_revocation_list,
 )
@@ -75,7 +75,7 @@ class SigningBackend(Protocol):
 
     def roots_pem(self) -> bytes: ...
 
-    async def fetch_crl(self, known: RevocationList | None) -> RevocationAnswer | None:
+    async def fetch_crl(self, known: RevocationSet) -> RevocationAnswer | None:
         """The CRL source's current answer (unverified), None when this backend has no CRL source."""
         ...
 
@@ -119,11 +119,9 @@ class InProcessBackend:
     def roots_pem(self) -> bytes:
         return self.ca.roots_pem
 
-    async def fetch_crl(self, known: RevocationList | None) -> RevocationAnswer | None:
-        """crl.pem of the CA directory (`ztunnel ca revoke` rewrites it), read again only when it changed."""
-        der, number = self.ca.published_crl()
-        held = known.number if known is not None else 0
-        return RevocationAnswer(der if number != held else b"", number, tuple(self.ca.chain_pem))
+    async def fetch_crl(self, known: RevocationSet) -> RevocationAnswer | None:
+        """crl.pem and retired-crls.pem of the CA directory, read again only when they changed."""
+        return self.ca.published_revocations(known.number)
 
     async def close(self) -> None:
         return None
@@ -144,9 +142,9 @@ class RemoteBackend:
     def roots_pem(self) -> bytes:
         return self._roots
 
-    async def fetch_crl(self, known: RevocationList | None) -> RevocationAnswer | None:
+    async def fetch_crl(self, known: RevocationSet) -> RevocationAnswer | None:
         """The CA server's RevocationService (Istio's API has no CRL); only the number when ours is current."""
-        answer: RevocationAnswer = await self.client.get_revocation_list(known.number if known is not None else 0)
+        answer: RevocationAnswer = await self.client.get_revocation_list(known.number)
         return answer
 
     async def close(self) -> None:
@@ -215,7 +213,7 @@ class CertificateManager:
         self._listeners: list[RotationListener] = []
         self._revocation_listeners: list[RevocationListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._crl: RevocationList | None = None
+        self._crl: RevocationSet = NO_REVOCATIONS
         self._crl_failing = False  # the CRL source failed last time (log once per outage, not every poll)
         self._started = False
         self._closed = False
@@ -363,8 +361,8 @@ class CertificateManager:
         self._revocation_listeners.append(listener)
 
     @property
-    def revocation_list(self) -> RevocationList | None:
-        """The CRL in force (verified), None while nothing is revoked."""
+    def revocation_list(self) -> RevocationSet:
+        """The CRLs in force (verified), one per signer; empty while nothing is revoked."""
         return self._crl
 
     def ready_for(self, identities: Iterable[SpiffeId]) -> bool:
@@ -506,7 +504,7 @@ class CertificateManager:
             key_pem=key_to_pem(key),
             chain_pem=tuple(pems),
             roots_pem=self.backend.roots_pem(),
-            crl_pem=self._crl.pem if self._crl is not None else b"",
+            revocations=self._crl,
         )
 
     def _notify(self, identity: SpiffeId, cert: WorkloadCertificate) -> None:
@@ -540,26 +538,28 @@ class CertificateManager:
         if answer is None:
             return None
         update = next_revocation_list(self._crl, answer, self.backend.roots_pem())
-        if update.result == REJECTED:
+        if update.reason:
             log.warning("CRL refused, keeping the one in force: %s", update.reason)
+        if update.result == REJECTED:
             self._tell_revocation(update)
             return update
-        if update.result not in (LOADED, CLEARED):
+        if update.result != LOADED:
+            self._crl = update.current  # the source's number may have moved on (nothing to enforce)
             return None
         self._crl = update.current
-        pem = update.current.pem if update.current is not None else b""
-        if update.current is not None:
-            log.info(
-                "CRL loaded",
-                extra={"crl_number": update.current.number, "revoked": len(update.current.serials), "bytes": len(pem)},
-            )
-        else:
-            log.info("CRL cleared: the CA's new intermediate has revoked nothing")
+        log.info(
+            "CRL loaded",
+            extra={
+                "crl_number": update.current.number,
+                "signers": len(update.current.lists),
+                "revoked": len(update.current.serials),
+            },
+        )
         for identity, slot in list(self._slots.items()):
             if slot.cert is not None:
-                slot.cert = dataclasses.replace(slot.cert, crl_pem=pem)
+                slot.cert = dataclasses.replace(slot.cert, revocations=update.current)
                 self._notify(identity, slot.cert)
-                if update.current is not None and update.current.revokes(slot.cert.leaf):
+                if update.current.revokes(slot.cert.leaf):
                     # Our own certificate is revoked: peers refuse it from now on, so get a new one at once
                     # (the revoked one stays in use until it arrives: it is no worse than none).
                     log.warning(

@@ -8,12 +8,17 @@ so an unchanged CRL costs a few bytes. Both sources are polled every few seconds
 manager; when the CA is unreachable the last good CRL stays in force.
 
 Acceptance (`next_revocation_list`, sans-IO): a CRL is attacker-controlled input until verified. It must
-be signed by a CA certificate that chains to the trust bundle, and a CRL from the same signer with a lower
-number than the one held is a rollback and refused, as is an answer that would drop the CRL held while the
-signer is unchanged. A CRL from a new signer (the CA's intermediate was replaced) starts its own numbering.
+be signed by a CA certificate that chains to the trust bundle. The proxy holds one CRL per signer key (a
+`RevocationSet`): a CRL with a lower number than the one held from the same signer is a rollback and
+refused, and a source cannot make a CRL go away by no longer sending it. When the CA's intermediate is
+replaced, the CA keeps publishing the old intermediate's last CRL beside the new one's (`retired`), so
+the old intermediate's revoked leaves stay refused until they expire.
 
-Enforcement (the proxy, on every accepted change): TLS contexts are rebuilt with the new CRL (OpenSSL
-cannot remove a CRL from a store) and open HBONE connections whose peer leaf is now revoked are closed.
+Enforcement (the proxy, on every accepted change): the revocations travel with the TLS contexts and
+`tls.peer_identity` refuses a listed peer leaf right after the handshake, on both sides; OpenSSL's own CRL
+check is not used because it demands a CRL for every issuer, which refuses every peer of an intermediate
+that has revoked nothing (and we cannot sign one for another CA). Open HBONE connections whose peer leaf
+is now revoked are closed.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from ztunnel.identity.certs import split_pem_chain
 
 LOADED = "loaded"
 UNCHANGED = "unchanged"
-CLEARED = "cleared"
 REJECTED = "rejected"
 ERROR = "error"  # the source could not be asked (CA unreachable, unreadable file)
 
@@ -43,34 +47,88 @@ class RevocationError(ZtunnelError):
 
 @dataclass(frozen=True)
 class RevocationList:
-    """A CRL whose signature was checked against the trust bundle: what the proxy enforces."""
+    """A CRL whose signature was checked against the trust bundle: one signer's revocations."""
 
     number: int
     issuer: x509.Name
-    signer_key: bytes  # the signer's public key (DER): numbers are compared per signer only
+    signer_key: bytes  # the signer's public key (DER): CRLs are told apart, and numbers compared, by it
     serials: frozenset[int]
-    pem: bytes = field(repr=False)  # what OpenSSL loads into the TLS contexts
+    signer: x509.Certificate = field(repr=False, compare=False)
+    pem: bytes = field(repr=False)
 
     def revokes(self, cert: x509.Certificate) -> bool:
-        """True when `cert` (a peer leaf) is on this list: same issuer, listed serial."""
-        return cert.serial_number in self.serials and cert.issuer == self.issuer
+        """True when `cert` (a peer leaf) is listed here and was signed by this CRL's signer.
+
+        Matched by the signer's key, not its name: every `ztunnel ca init` names its intermediate alike, so
+        two CAs (federated meshes, a replaced intermediate) share issuer names. The signature check runs
+        only for a listed serial, so an unlisted leaf costs one set lookup.
+        """
+        if cert.serial_number not in self.serials:
+            return False
+        try:
+            cert.verify_directly_issued_by(self.signer)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
 
 @dataclass(frozen=True)
-class RevocationAnswer:
-    """What a CRL source answered: the CRL (DER or PEM; empty: none, or unchanged), its number, the signer chain."""
+class RevocationSet:
+    """Every CRL in force, at most one per signer key, and the source's CRL number as of its last answer.
+
+    A peer whose issuer has no CRL here is not revoked (there is nothing to check it against); a CRL is never
+    dropped because the source stops sending it, only when its signer has expired (its leaves are then
+    refused by the chain check anyway).
+    """
+
+    lists: tuple[RevocationList, ...] = ()
+    number: int = 0  # what the source called its current CRL: sent back so an unchanged answer costs nothing
+    serials: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "serials", frozenset().union(*(crl.serials for crl in self.lists)))
+
+    def __bool__(self) -> bool:
+        return bool(self.lists)
+
+    def revokes(self, cert: x509.Certificate) -> bool:
+        """True when a CRL of the leaf's own signer lists it."""
+        if cert.serial_number not in self.serials:
+            return False
+        return any(crl.revokes(cert) for crl in self.lists)
+
+    def signer(self, signer_key: bytes) -> RevocationList | None:
+        return next((crl for crl in self.lists if crl.signer_key == signer_key), None)
+
+
+NO_REVOCATIONS = RevocationSet()
+
+
+@dataclass(frozen=True)
+class SignedRevocationList:
+    """One CRL as a source publishes it: the CRL (DER or PEM) and the PEM chain of its signer."""
 
     crl: bytes
-    number: int
     issuer_chain: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
+class RevocationAnswer:
+    """What a CRL source answered: the current signer's CRL (DER or PEM; empty: none, or unchanged), its
+    number, the signer chain, and the last CRLs of replaced signers whose leaves may still be in use."""
+
+    crl: bytes
+    number: int
+    issuer_chain: tuple[bytes, ...] = ()
+    retired: tuple[SignedRevocationList, ...] = ()
+
+
+@dataclass(frozen=True)
 class RevocationUpdate:
-    """The outcome of one poll: LOADED, UNCHANGED, CLEARED, REJECTED or ERROR (with `reason`); `current` is in force."""
+    """The outcome of one poll: LOADED, UNCHANGED, REJECTED or ERROR (with `reason`); `current` is in force."""
 
     result: str
-    current: RevocationList | None
+    current: RevocationSet
     reason: str = ""
 
 
@@ -174,43 +232,53 @@ def verify_revocation_list(
         issuer=crl.issuer,
         signer_key=_public_key_der(signer),
         serials=frozenset(r.serial_number for r in crl),
+        signer=signer,
         pem=crl.public_bytes(serialization.Encoding.PEM),
     )
 
 
 def next_revocation_list(
-    current: RevocationList | None, answer: RevocationAnswer, roots_pem: bytes, *, now: dt.datetime | None = None
+    current: RevocationSet, answer: RevocationAnswer, roots_pem: bytes, *, now: dt.datetime | None = None
 ) -> RevocationUpdate:
-    """Decide what one answer of a CRL source does to the CRL held (no I/O: the manager acts on the result)."""
-    if not answer.crl:
-        if current is None:
-            return RevocationUpdate(UNCHANGED, None)
-        if answer.number and answer.number == current.number:
-            return RevocationUpdate(UNCHANGED, current)  # "you have the current one"
+    """Decide what one answer of a CRL source does to the CRLs held (no I/O: the manager acts on the result).
+
+    Each CRL offered is verified on its own and replaces the one held from the same signer key only when its
+    number is higher; a refused one leaves the rest of the answer usable. CRLs of signers the answer does
+    not mention stay (a replaced intermediate's leaves are still valid until they expire).
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    kept = tuple(crl for crl in current.lists if crl.signer.not_valid_after_utc >= now)
+    changed = len(kept) != len(current.lists)
+    if not answer.crl and not answer.retired:  # "you hold the current one", or the source publishes none
+        if changed or answer.number != current.number:
+            return RevocationUpdate(LOADED if changed else UNCHANGED, RevocationSet(kept, answer.number))
+        return RevocationUpdate(UNCHANGED, current)
+    by_signer = {crl.signer_key: crl for crl in kept}
+    problems: list[str] = []
+    main_refused = False
+    offered = ((SignedRevocationList(answer.crl, answer.issuer_chain),) if answer.crl else ()) + answer.retired
+    for i, signed in enumerate(offered):
         try:
-            signer = _public_key_der(verified_signer(answer.issuer_chain, roots_pem, now=now))
-        except RevocationError:
-            signer = None
-        if signer is not None and signer != current.signer_key:
-            return RevocationUpdate(CLEARED, None)  # a new CA intermediate (checked), which has revoked nothing yet
-        return RevocationUpdate(
-            REJECTED,
-            current,
-            f"the CA publishes no CRL any more (number {answer.number}) while CRL {current.number} is held: "
-            "refused as a rollback; restart the proxy if the CA was re-created",
-        )
-    try:
-        fresh = verify_revocation_list(answer.crl, answer.issuer_chain, roots_pem, now=now)
-    except RevocationError as e:
-        return RevocationUpdate(REJECTED, current, str(e))
-    if current is not None and fresh.signer_key == current.signer_key:
-        if fresh.number < current.number:
-            return RevocationUpdate(
-                REJECTED, current, f"CRL number {fresh.number} is lower than the {current.number} held (rollback)"
-            )
-        if fresh.number == current.number:
-            return RevocationUpdate(UNCHANGED, current)
-    return RevocationUpdate(LOADED, fresh)
+            fresh = verify_revocation_list(signed.crl, signed.issuer_chain, roots_pem, now=now)
+        except RevocationError as e:
+            problems.append(str(e))
+            main_refused = main_refused or (i == 0 and bool(answer.crl))
+            continue
+        held = by_signer.get(fresh.signer_key)
+        if held is not None and fresh.number < held.number:
+            problems.append(f"CRL number {fresh.number} is lower than the {held.number} held (rollback)")
+            main_refused = main_refused or (i == 0 and bool(answer.crl))
+            continue
+        if held is None or fresh.number > held.number:
+            by_signer[fresh.signer_key] = fresh
+            changed = True
+    # A refused current CRL keeps the old number, so the source sends it again (and we say so again).
+    number = current.number if main_refused else answer.number
+    reason = "; ".join(problems)
+    if changed:
+        return RevocationUpdate(LOADED, RevocationSet(tuple(by_signer.values()), number), reason)
+    held_set = current if number == current.number else RevocationSet(current.lists, number)
+    return RevocationUpdate(REJECTED if problems else UNCHANGED, held_set, reason)
 
 
 def _first_line(e: Exception) -> str:
@@ -219,15 +287,17 @@ def _first_line(e: Exception) -> str:
 
 
 __all__ = [
-    "CLEARED",
     "ERROR",
     "LOADED",
+    "NO_REVOCATIONS",
     "REJECTED",
     "UNCHANGED",
     "RevocationAnswer",
     "RevocationError",
     "RevocationList",
+    "RevocationSet",
     "RevocationUpdate",
+    "SignedRevocationList",
     "next_revocation_list",
     "verified_signer",
     "verify_revocation_list",

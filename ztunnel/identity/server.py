@@ -226,17 +226,22 @@ class CAServer:
         return [c.decode() for c in chain]
 
     def revocation_list(self, body: bytes, authorization: str | None) -> revocation_pb2.RevocationListResponse:
-        """The current CRL for an authenticated node; only the number when it holds that one already."""
+        """The current CRL (and the replaced intermediates' last ones) for an authenticated node; only the
+        number when it holds the current one already."""
         self.tokens.node_for(authorization)  # raises NodeAuthError: the same credential as for certificates
         try:
             request = revocation_pb2.RevocationListRequest.FromString(body)
         except DecodeError as e:
             raise NodeAuthError(Refusal.INVALID_ARGUMENT, "the request is not a RevocationListRequest") from e
-        der, number = self.ca.published_crl()
+        answer = self.ca.published_revocations(request.known_number)
         return revocation_pb2.RevocationListResponse(
-            crl=der if number != request.known_number else b"",
-            number=number,
-            issuer_chain=[c.decode() for c in self.ca.chain_pem],
+            crl=answer.crl,
+            number=answer.number,
+            issuer_chain=[c.decode() for c in answer.issuer_chain],
+            retired=[
+                revocation_pb2.SignedRevocationList(crl=r.crl, issuer_chain=[c.decode() for c in r.issuer_chain])
+                for r in answer.retired
+            ],
         )
 
     def _credentials(self) -> grpc.ServerCredentials:

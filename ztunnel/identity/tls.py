@@ -1,6 +1,9 @@
 """TLS contexts for HBONE: TLS 1.3 only, ALPN h2, certificates required on both sides.
 
-Keys are handed to OpenSSL through an anonymous memfd so they never touch a filesystem.
+Keys are handed to OpenSSL through an anonymous memfd so they never touch a filesystem. Revocation is
+checked by `peer_identity` right after the handshake, against the CRLs the context carries, not by
+OpenSSL: its CRL check demands a CRL for every issuer, so holding one CRL would refuse every peer of
+another intermediate or root (ztunnel.identity.revocation).
 """
 
 from __future__ import annotations
@@ -17,11 +20,22 @@ from cryptography import x509
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.certs import WorkloadCertificate
+from ztunnel.identity.revocation import NO_REVOCATIONS, RevocationSet
 from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 
 
 class PeerIdentityError(ZtunnelError):
     """The peer's certificate does not carry the identity we need (secure naming, trust domain)."""
+
+
+class PeerRevokedError(PeerIdentityError):
+    """The peer's certificate is on a CRL of its own issuer."""
+
+
+class HboneContext(ssl.SSLContext):
+    """An SSLContext that also carries the revocations its handshakes' peers are checked against."""
+
+    revocations: RevocationSet = NO_REVOCATIONS
 
 
 def _load_chain_from_memory(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
@@ -33,49 +47,43 @@ def _load_chain_from_memory(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> N
         os.close(fd)
 
 
-def _load_crl_from_memory(ctx: ssl.SSLContext, crl_pem: bytes) -> None:
-    """`cadata` takes certificates only; a CRL must come through a file, so hand OpenSSL a memfd."""
-    fd = os.memfd_create("crl", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, crl_pem)
-        ctx.load_verify_locations(cafile=f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-
-
-def _base_context(purpose: ssl.Purpose, cert: WorkloadCertificate) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
+def _base_context(purpose: ssl.Purpose, cert: WorkloadCertificate) -> HboneContext:
+    ctx = HboneContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_alpn_protocols(["h2"])
     ctx.check_hostname = False  # SPIFFE ids are URI SANs; we check them ourselves after the handshake
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=cert.roots_pem.decode())
-    if cert.crl_pem:
-        # The CRL must be signed by the leaf's issuer (our intermediate). With it loaded OpenSSL requires a
-        # CRL for every peer leaf's issuer, so a peer from another intermediate fails until its CRL is added.
-        _load_crl_from_memory(ctx, cert.crl_pem)
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if cert.revocations is not None:
+        ctx.revocations = cert.revocations
     _load_chain_from_memory(ctx, cert)
     return ctx
 
 
-def server_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+def server_context(cert: WorkloadCertificate) -> HboneContext:
     ctx = _base_context(ssl.Purpose.CLIENT_AUTH, cert)
     ctx.sslobject_class = AlertingSSLObject
     return ctx
 
 
-def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+def client_context(cert: WorkloadCertificate) -> HboneContext:
     return _base_context(ssl.Purpose.SERVER_AUTH, cert)
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
-    """The SPIFFE id of the verified peer leaf, which must be an X.509-SVID (see `svid_identity`)."""
+    """The SPIFFE id of the verified peer leaf, which must be an X.509-SVID (see `svid_identity`) and not
+    revoked by a CRL of its issuer that the connection's context carries (`HboneContext.revocations`)."""
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         raise PeerIdentityError("the peer presented no certificate")
-    return svid_identity(der)
+    identity, leaf = _svid(der)
+    revocations = getattr(ssl_object.context, "revocations", NO_REVOCATIONS)
+    if leaf.serial_number in revocations.serials and revocations.revokes(leaf):
+        raise PeerRevokedError(
+            f"the peer certificate of {identity} (serial {leaf.serial_number:x}) is revoked by its issuer's CRL"
+        )
+    return identity
 
 
 def _quoted(text: str, limit: int = 256) -> str:
@@ -83,9 +91,14 @@ def _quoted(text: str, limit: int = 256) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
 
 
-@functools.lru_cache(maxsize=1024)
 def svid_identity(der: bytes) -> SpiffeId:
-    """The SPIFFE id of a DER leaf certificate, refusing what the X.509-SVID spec forbids in a leaf.
+    """The SPIFFE id of a DER leaf certificate, refusing what the X.509-SVID spec forbids in a leaf."""
+    return _svid(der)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _svid(der: bytes) -> tuple[SpiffeId, x509.Certificate]:
+    """The SPIFFE id and the parsed leaf of a DER leaf certificate (see `svid_identity`).
 
     Exactly one URI SAN, a spiffe:// one (a second one would make "the" identity a matter of order), and no
     CA powers: basicConstraints CA:TRUE, keyUsage keyCertSign or cRLSign (SPIFFE X.509-SVID §4.1, §4.3).
@@ -125,7 +138,7 @@ def svid_identity(der: bytes) -> SpiffeId:
     if not uris[0].startswith("spiffe://"):
         raise PeerIdentityError(f"the peer certificate's URI SAN {_quoted(uris[0])} is not a spiffe:// id")
     try:
-        return SpiffeId.parse(uris[0])
+        return SpiffeId.parse(uris[0]), cert
     except SpiffeIdError:
         raise PeerIdentityError(
             f"the peer certificate's URI SAN {_quoted(uris[0])} is not a workload id "
@@ -203,7 +216,6 @@ _VERIFY_REASONS = {
     18: "self_signed",  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
     19: "self_signed",  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
     2: "untrusted",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
-    3: "untrusted",  # X509_V_ERR_UNABLE_TO_GET_CRL: no CRL for the issuer, so not our intermediate
     20: "untrusted",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
     21: "untrusted",  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
     23: "revoked",  # X509_V_ERR_CERT_REVOKED

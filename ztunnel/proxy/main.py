@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from ztunnel.config.loader import ConfigError
 from ztunnel.config.model import ClusterConfig
 from ztunnel.config.source import FileConfigSource
-from ztunnel.identity.revocation import CLEARED, LOADED, RevocationUpdate
+from ztunnel.identity.revocation import LOADED, RevocationUpdate
 from ztunnel.net.http import HttpServer
 from ztunnel.proxy.listeners import LocalListenerFactory
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions, readiness
@@ -137,8 +137,8 @@ async def run_proxy(settings: ProxySettings) -> int:
 
     def on_revocation(update: RevocationUpdate) -> None:
         """A CRL poll did something: count it; a new CRL in force is enforced by the proxy (contexts, connections)."""
-        metrics.crl_update(update.result, update.current.number if update.current is not None else 0)
-        if update.result in (LOADED, CLEARED):
+        metrics.crl_update(update.result, update.current.number)
+        if update.result == LOADED:
             proxy.revocation_changed(update.current)
 
     certs.subscribe(on_rotation)

@@ -28,7 +28,7 @@ from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.server import TLS_HANDSHAKE_TIMEOUT, HboneServer
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.certs import CertificateProvider
-from ztunnel.identity.revocation import RevocationList
+from ztunnel.identity.revocation import RevocationSet
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.policy.engine import PolicyEngine
@@ -244,13 +244,13 @@ class NodeProxy:
     # ---- reporting -----------------------------------------------------------------------------
 
     # ---- revocation ----------------------------------------------------------------------------
-    def revocation_changed(self, crl: RevocationList | None) -> None:
-        """A new CRL is in force (the certificate manager verified it): enforce it, in a task of ours."""
+    def revocation_changed(self, crl: RevocationSet) -> None:
+        """New CRLs are in force (the certificate manager verified it): enforce it, in a task of ours."""
         task = asyncio.get_running_loop().create_task(self._enforce_revocation(crl))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _enforce_revocation(self, crl: RevocationList | None) -> None:
+    async def _enforce_revocation(self, crl: RevocationSet) -> None:
         """Rebuild TLS contexts (new handshakes verify against the new CRL), then close revoked peers' connections.
 
         Swept again once the longest handshake could have finished: a handshake that began on an old context
@@ -261,14 +261,15 @@ class NodeProxy:
                 await self.contexts.refresh(identity)
             except ZtunnelError as e:  # no valid certificate now: its next context is built with the CRL
                 log.warning("cannot rebuild TLS contexts after a CRL change: %s", e, extra={"identity": identity.uri})
-        if crl is None:
+        if not crl:
             return
         self.close_revoked(crl)
         await asyncio.sleep(max(TLS_HANDSHAKE_TIMEOUT, self.options.connect_timeout) + 1.0)
         self.close_revoked(crl)
 
-    def close_revoked(self, crl: RevocationList) -> int:
-        """Abort open HBONE connections (inbound and pooled outbound) whose peer leaf `crl` revokes."""
+    def close_revoked(self, crl: RevocationSet) -> int:
+        """Abort open HBONE connections (inbound and pooled outbound) whose peer leaf a CRL of its own issuer
+        lists (`RevocationSet.revokes`: matched by the issuer's key, not its name)."""
         parsed: dict[bytes, x509.Certificate] = {}  # connections from one peer share its certificate
         total = 0
         for side, conns in (("inbound", list(self.hbone_server.connections)), ("outbound", self.pool.connections())):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'ztunnel/identity/proto/revocation.proto\x12\nztunnel.v1\"-\n\x15RevocationListRequest\x12\x14\n\x0cknown_number\x18\x01 \x01(\x04\"K\n\x16RevocationListResponse\x12\x0b\n\x03\x63rl\x18\x01 \x01(\x0c\x12\x0e\n\x06number\x18\x02 \x01(\x04\x12\x14\n\x0cissuer_chain\x18\x03 \x03(\t2q\n\x11RevocationService\x12\\\n\x11GetRevocationList\x12!.ztunnel.v1.RevocationListRequest\x1a\".ztunnel.v1.RevocationListResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'ztunnel/identity/proto/revocation.proto\x12\nztunnel.v1\"-\n\x15RevocationListRequest\x12\x14\n\x0cknown_number\x18\x01 \x01(\x04\"9\n\x14SignedRevocationList\x12\x0b\n\x03\x63rl\x18\x01 \x01(\x0c\x12\x14\n\x0cissuer_chain\x18\x02 \x03(\t\"~\n\x16RevocationListResponse\x12\x0b\n\x03\x63rl\x18\x01 \x01(\x0c\x12\x0e\n\x06number\x18\x02 \x01(\x04\x12\x14\n\x0cissuer_chain\x18\x03 \x03(\t\x12\x31\n\x07retired\x18\x04 \x03(\x0b\x32 .ztunnel.v1.SignedRevocationList2q\n\x11RevocationService\x12\\\n\x11GetRevocationList\x12!.ztunnel.v1.RevocationListRequest\x1a\".ztunnel.v1.RevocationListResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REVOCATIONLISTREQUEST']._serialized_start=55
   _globals['_REVOCATIONLISTREQUEST']._serialized_end=100
-  _globals['_REVOCATIONLISTRESPONSE']._serialized_start=102
-  _globals['_REVOCATIONLISTRESPONSE']._serialized_end=177
-  _globals['_REVOCATIONSERVICE']._serialized_start=179
-  _globals['_REVOCATIONSERVICE']._serialized_end=292
+  _globals['_SIGNEDREVOCATIONLIST']._serialized_start=102
+  _globals['_SIGNEDREVOCATIONLIST']._serialized_end=159
+  _globals['_REVOCATIONLISTRESPONSE']._serialized_start=161
+  _globals['_REVOCATIONLISTRESPONSE']._serialized_end=287
+  _globals['_REVOCATIONSERVICE']._serialized_start=289
+  _globals['_REVOCATIONSERVICE']._serialized_end=402
 # @@protoc_insertion_point(module_scope)
