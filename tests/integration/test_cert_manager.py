@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from tests.support.eventually import eventually_async
 from tests.support.identity import spiffe, two_node_config_yaml, write_token_file
+from tests.support.svids import issue
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.authz import NodeTokens, load_node_tokens
 from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
 from ztunnel.identity.h2client import REVOCATION_PATH, CAClient, CAClientError, GrpcStatus
 from ztunnel.identity.manager import CertificateError, CertificateManager
-from ztunnel.identity.revocation import ERROR, LOADED, RevocationAnswer, RevocationUpdate
+from ztunnel.identity.revocation import ERROR, LOADED, REJECTED, RevocationAnswer, RevocationUpdate
 from ztunnel.identity.server import CAServer
 from ztunnel.identity.spiffe import SpiffeId
 
@@ -212,3 +213,35 @@ async def test_revocation_service_wire(ca_server: CA) -> None:
         await client._unary(REVOCATION_PATH, b"\xff\xff\xff")
     assert garbage.value.code == GrpcStatus.INVALID_ARGUMENT
     assert (await client.get_revocation_list(0)).number == 1  # and the server keeps serving
+
+
+async def test_a_replaced_intermediates_revocations_stay_in_force_over_the_wire(
+    ca_server: CA, tmp_path: Path
+) -> None:
+    """`ca init --force` keeping the root, then a CA server restart: the proxy keeps refusing the old
+    intermediate's revoked leaf (review finding 3: it got no CRL and cleared its own), and takes the new
+    intermediate's CRL beside it."""
+    old_leaf = issue(ca_server.ca.directory, [WEB.uri]).leaf
+    ca_server.ca.revoke([old_leaf.serial_number])
+    mgr = remote(ca_server, crl_refresh_interval=0.1)
+    updates: list[RevocationUpdate] = []
+    mgr.subscribe_revocation(updates.append)
+    await mgr.start()
+    try:
+        await eventually_async(lambda: mgr.revocation_list.revokes(old_leaf), 5, what="the old leaf revoked")
+        await ca_server.server.stop(0)
+        d = ca_server.ca.directory
+        for name in ("root-cert.pem", "root-key.pem"):
+            (tmp_path / f"kept-{name}").write_bytes((d / name).read_bytes())
+        kept_root, kept_key = tmp_path / "kept-root-cert.pem", tmp_path / "kept-root-key.pem"
+        init_ca_dir(d, root_cert_file=kept_root, root_key_file=kept_key, force=True)
+        ca_server.ca = CertificateAuthority.load(d)
+        await ca_server.restart()
+        new_leaf = issue(d, [WEB.uri]).leaf
+        ca_server.ca.revoke([new_leaf.serial_number])
+        await eventually_async(lambda: mgr.revocation_list.revokes(new_leaf), 5, what="the new leaf revoked")
+        assert mgr.revocation_list.revokes(old_leaf), "the old intermediate's revoked leaf is accepted again"
+        assert len(mgr.revocation_list.lists) == 2 and mgr.revocation_list.number == 3
+        assert all(u.result != REJECTED for u in updates), [u.reason for u in updates]
+    finally:
+        await mgr.close()
