@@ -219,6 +219,8 @@ async def test_revoked_client_is_refused_and_its_open_connection_closed(
         metrics = eventually(counted, 5, what="the revoked connection counted")
         assert re.search(r'ztunnel_crl_loads_total\{result="loaded"\} 1\.0', metrics), metrics
         assert re.search(r"ztunnel_crl_number 1\.0", metrics), metrics
+        # the refused handshakes of the revoked SVID are counted as revoked, not as a wrong identity
+        assert re.search(r'ztunnel_hbone_handshake_failures_total\{reason="revoked"\} [1-9]', metrics), metrics
         assert "CRL loaded" in proxy.log()
 
 

@@ -41,11 +41,14 @@ from ztunnel.identity.tls import (
     HANDSHAKE_WATCH,
     HandshakeWatch,
     PeerIdentityError,
+    PeerRevokedError,
     handshake_failure_reason,
     peer_identity,
 )
 
 log = logging.getLogger("ztunnel.hbone")
+
+REVOKED = "revoked"  # a handshake-failure reason (identity.tls.HANDSHAKE_FAILURE_REASONS): the leaf is on a CRL
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 ACCEPT_BATCH = 64  # sockets accepted per readiness event, so one busy listener cannot starve the loop
@@ -313,7 +316,10 @@ class HboneServer:
             try:
                 peer = peer_identity(c.transport.get_extra_info("ssl_object"))
             except PeerIdentityError as e:
-                self._rejected("HBONE client rejected", {"reason": str(e), "listener": str(identity)})
+                revoked = isinstance(e, PeerRevokedError)  # checked by us after the handshake, not by OpenSSL
+                self._rejected(
+                    "HBONE client rejected", {"reason": str(e), "listener": str(identity)}, REVOKED if revoked else None
+                )
                 return False
             if peer.trust_domain != identity.trust_domain:
                 self._rejected(
@@ -407,12 +413,13 @@ class HboneServer:
         """Streams reset so far because their peer (identity, address) went over its memory budget."""
         return self.budget_resets + sum(b.resets for b in self.budgets.values())
 
-    def _rejected(self, message: str, fields: dict[str, object]) -> None:
-        """A verified client of the wrong identity: counted, logged under the same limit as failed handshakes."""
+    def _rejected(self, message: str, fields: dict[str, object], reason: str | None = None) -> None:
+        """A verified client of the wrong identity (or, `reason` REVOKED, a revoked certificate): counted, logged
+        under the same limit as failed handshakes."""
         self.rejected_handshakes += 1
         if self.on_rejected is not None:
-            self.on_rejected(IDENTITY_ERROR)
-        suppressed = self.failure_log.allow("identity", time.monotonic())
+            self.on_rejected(reason or IDENTITY_ERROR)
+        suppressed = self.failure_log.allow(reason or "identity", time.monotonic())
         if suppressed is not None:
             log.info(message, extra={**fields, "suppressed": suppressed})
 
