@@ -1,0 +1,544 @@
+"""The waypoint's sans-IO HTTP/1.1 connection: bytes in, events and bytes out, each request decided alone."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ztunnel.waypoint import http1
+from ztunnel.waypoint.http1 import (
+    CLOSED,
+    NEED_DATA,
+    PAUSED,
+    Http1Connection,
+    Limits,
+    RequestData,
+    RequestEnded,
+    RequestReceived,
+    RequestRejected,
+    ResponseData,
+    ResponseEnded,
+    ResponseReceived,
+    TunnelOpened,
+)
+
+GET = b"GET /ok?x=1 HTTP/1.1\r\nHost: svc\r\nUser-Agent: t\r\n\r\n"
+ADMIN = b"GET /admin HTTP/1.1\r\nHost: svc\r\n\r\n"
+CHUNKED_POST = (
+    b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def request_events(conn: Http1Connection) -> list[object]:
+    """Every request event until the connection wants data, a decision, or is closed."""
+    out: list[object] = []
+    while True:
+        ev = conn.next_request_event()
+        out.append(ev)
+        if ev in (NEED_DATA, PAUSED, CLOSED) or isinstance(ev, RequestRejected | RequestReceived):
+            return out
+
+
+def response_events(conn: Http1Connection) -> list[object]:
+    out: list[object] = []
+    while True:
+        ev = conn.next_response_event()
+        out.append(ev)
+        if ev in (NEED_DATA, PAUSED, CLOSED) or isinstance(ev, ResponseEnded | TunnelOpened):
+            return out
+
+
+def policy(head: http1.RequestHead) -> bool:
+    return not head.path.startswith(b"/admin")
+
+
+def run(
+    conn: Http1Connection, client_bytes: list[bytes], upstream_answer: bytes = OK
+) -> tuple[bytes, bytes, list[object]]:
+    """Drive a connection with the client's bytes in the given pieces; the policy above decides, the upstream
+    answers `upstream_answer` to each forwarded request. Returns (to client, to upstream, events)."""
+    to_client: list[bytes] = []
+    to_upstream: list[bytes] = []
+    events: list[object] = []
+    pieces = list(client_bytes)
+    while True:
+        evs = request_events(conn)
+        events += [e for e in evs if not isinstance(e, http1._Signal)]
+        last = evs[-1]
+        if isinstance(last, RequestReceived):
+            if policy(last.head):
+                conn.allow()
+            else:
+                conn.deny()
+            continue
+        to_upstream.append(conn.data_to_upstream())
+        to_client.append(conn.data_to_client())
+        if last is NEED_DATA:
+            conn.receive_data(pieces.pop(0) if pieces else b"")
+            continue
+        if last is CLOSED or isinstance(last, RequestRejected):
+            break
+        # PAUSED: the request is done and forwarded; the upstream answers it
+        conn.receive_upstream_data(upstream_answer)
+        revs = response_events(conn)
+        events += [e for e in revs if not isinstance(e, http1._Signal)]
+        to_client.append(conn.data_to_client())
+    to_client.append(conn.data_to_client())
+    return b"".join(to_client), b"".join(to_upstream), events
+
+
+# --- the head ---
+
+
+def test_request_head_fields() -> None:
+    conn = Http1Connection()
+    conn.receive_data(
+        b"POST /a/b?q=1 HTTP/1.1\r\nHost: reviews:9080\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestReceived)
+    h = ev.head
+    assert (h.method, h.target, h.path, h.host, h.version) == (b"POST", b"/a/b?q=1", b"/a/b", b"reviews:9080", b"1.1")
+    assert (h.content_length, h.chunked, h.keep_alive, h.upgrade, h.expect_continue) == (3, False, True, None, True)
+    assert h.header(b"HOST") == b"reviews:9080"
+    with pytest.raises(AttributeError):
+        h.method = b"GET"  # type: ignore[misc]
+
+
+def test_allowed_then_denied_on_one_keep_alive_connection() -> None:
+    to_client, to_upstream, events = run(Http1Connection(), [GET + ADMIN])
+    assert to_client.startswith(b"HTTP/1.1 200 OK\r\n")
+    second = to_client[to_client.index(b"ok") + 2 :]
+    assert second == (
+        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\n\r\nRBAC: access denied"
+    )
+    assert b"/admin" not in to_upstream  # the denied request never reached the upstream
+    assert to_upstream.startswith(b"GET /ok?x=1 HTTP/1.1\r\nHost: svc\r\n")
+    heads = [e.head.path for e in events if isinstance(e, RequestReceived)]
+    assert heads == [b"/ok", b"/admin"]
+
+
+def test_pipelined_request_waits_until_the_response_ends() -> None:
+    conn = Http1Connection()
+    conn.receive_data(GET + GET)
+    first = conn.next_request_event()
+    assert isinstance(first, RequestReceived)
+    conn.allow()
+    assert conn.next_request_event() is PAUSED  # the second head is not parsed while the first is open
+    assert conn.buffered == len(GET)
+    conn.receive_upstream_data(OK)
+    assert isinstance(response_events(conn)[-1], ResponseEnded)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+
+
+# --- hypothesis: any split gives the same result ---
+
+
+def dechunk(stream: bytes) -> bytes:
+    """The upstream's bytes with the chunked body joined (chunk boundaries follow the client's reads)."""
+    marker = b"Transfer-Encoding: chunked\r\n\r\n"
+    start = stream.index(marker) + len(marker)
+    pos, body = start, b""
+    while True:
+        eol = stream.index(b"\r\n", pos)
+        size = int(stream[pos:eol], 16)
+        if size == 0:
+            return stream[:start] + body + stream[eol + 4 :]
+        body += stream[eol + 2 : eol + 2 + size]
+        pos = eol + 4 + size
+
+STREAM = GET + CHUNKED_POST + b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nbody" + ADMIN
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=8))
+def test_any_split_of_the_input_gives_the_same_result(cuts: list[int]) -> None:
+    whole = run(Http1Connection(), [STREAM])
+    points = sorted(set(cuts))
+    pieces = [STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)], strict=True)]
+    split = run(Http1Connection(), pieces)
+    assert split[0] == whole[0]
+    assert dechunk(split[1]) == dechunk(whole[1])
+    datas = lambda evs: b"".join(e.data for e in evs if isinstance(e, RequestData))  # noqa: E731
+    assert datas(split[2]) == datas(whole[2]) == b"hello worldbody"
+    assert [type(e) for e in split[2] if not isinstance(e, RequestData)] == [
+        type(e) for e in whole[2] if not isinstance(e, RequestData)
+    ]
+
+
+def test_every_single_split_position_of_a_chunked_request() -> None:
+    whole = run(Http1Connection(), [CHUNKED_POST])
+    for i in range(1, len(CHUNKED_POST)):
+        to_client, to_upstream, _ = run(Http1Connection(), [CHUNKED_POST[:i], CHUNKED_POST[i:]])
+        assert to_client == whole[0], i
+        assert dechunk(to_upstream) == dechunk(whole[1]) == (
+            b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\nhello world"
+        ), i
+
+
+# --- bodies stream ---
+
+
+def test_chunked_body_streams_with_a_bounded_buffer() -> None:
+    conn = Http1Connection()
+    conn.receive_data(b"PUT /big HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n")
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestReceived) and ev.head.chunked
+    conn.allow()
+    head = conn.data_to_upstream()
+    assert b"Transfer-Encoding: chunked\r\n" in head
+    chunk = b"%x\r\n" % 8192 + b"x" * 8192 + b"\r\n"
+    read = 16 * 1024
+    stream = chunk * 128 + b"0\r\n\r\n"  # 1 MiB of body
+    forwarded = 0
+    largest_buffer = 0
+    for i in range(0, len(stream), read):
+        conn.receive_data(stream[i : i + read])
+        largest_buffer = max(largest_buffer, conn.buffered)
+        evs = request_events(conn)
+        forwarded += sum(len(e.data) for e in evs if isinstance(e, RequestData))
+        assert len(conn.data_to_upstream()) <= read + 64  # what is forwarded per read is that read
+    assert forwarded == 8192 * 128
+    assert largest_buffer <= read
+    assert conn.buffered == 0
+
+
+def test_content_length_body_is_forwarded_as_it_comes() -> None:
+    conn = Http1Connection()
+    conn.receive_data(b"POST / HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\n01234")
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    assert conn.next_request_event() == RequestData(b"01234")
+    assert conn.next_request_event() is NEED_DATA
+    conn.receive_data(b"56789GET")  # the body's end and the start of a pipelined request
+    assert conn.next_request_event() == RequestData(b"56789")
+    assert isinstance(conn.next_request_event(), RequestEnded)
+    assert conn.data_to_upstream().endswith(b"\r\n\r\n0123456789")
+    assert conn.buffered == 3
+
+
+# --- Expect: 100-continue ---
+
+EXPECT = b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+
+
+def test_expect_continue_answered_only_after_allow() -> None:
+    conn = Http1Connection()
+    conn.receive_data(EXPECT)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    assert conn.data_to_client() == b""
+    conn.allow()
+    assert conn.data_to_client() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert b"expect" not in conn.data_to_upstream().lower()  # the upstream does not answer 100 again
+    conn.receive_data(b"data")
+    assert conn.next_request_event() == RequestData(b"data")
+
+
+def test_expect_continue_denied_gets_403_and_close_without_100() -> None:
+    conn = Http1Connection()
+    conn.receive_data(EXPECT)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.deny()
+    out = conn.data_to_client()
+    assert out.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"100 Continue" not in out
+    assert b"connection: close\r\n" in out and out.endswith(b"RBAC: access denied")
+    assert conn.next_request_event() is CLOSED
+
+
+def test_denied_small_body_is_discarded_and_the_connection_kept() -> None:
+    body_req = b"POST /admin HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello"
+    to_client, to_upstream, _ = run(Http1Connection(), [body_req + GET])
+    assert to_client.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"connection: close" not in to_client
+    assert to_client.endswith(b"ok")  # the next request was served on the same connection
+    assert b"hello" not in to_upstream
+
+
+# --- Upgrade / CONNECT ---
+
+WS = b"GET /chat HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n"
+
+
+def test_upgrade_relays_raw_bytes_after_allow_and_101() -> None:
+    conn = Http1Connection()
+    conn.receive_data(WS + b"\x81\x05early")
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestReceived) and ev.head.upgrade == b"websocket"
+    conn.allow()
+    up = conn.data_to_upstream()
+    assert up.startswith(b"GET /chat HTTP/1.1\r\n") and b"Connection: Upgrade\r\nUpgrade: websocket\r\n" in up
+    assert b"early" not in up  # nothing after the head moves before the upstream switches
+    conn.receive_upstream_data(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi"
+    )
+    assert isinstance(conn.next_response_event(), TunnelOpened)
+    assert conn.tunnel
+    out = conn.data_to_client()
+    assert out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n") and out.endswith(b"\r\n\r\nhi")
+    assert conn.data_to_upstream() == b"\x81\x05early"
+    conn.receive_data(b"GET /admin HTTP/1.1\r\n\r\n")  # raw now: not parsed, not decided
+    assert conn.data_to_upstream() == b"GET /admin HTTP/1.1\r\n\r\n"
+
+
+def test_upgrade_denied_closes() -> None:
+    conn = Http1Connection()
+    conn.receive_data(WS.replace(b"/chat", b"/admin"))
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.deny()
+    assert b"connection: close" in conn.data_to_client()
+    assert conn.closed
+
+
+def test_upgrade_declined_by_the_upstream_closes_after_its_answer() -> None:
+    conn = Http1Connection()
+    conn.receive_data(WS)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    conn.receive_upstream_data(OK)
+    assert response_events(conn)[-1] == ResponseEnded(keep_alive=False)
+    assert b"Connection: close\r\n" in conn.data_to_client()
+    assert conn.closed
+
+
+def test_h2c_upgrade_is_stripped_and_served_as_http1() -> None:
+    conn = Http1Connection()
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                      b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestReceived) and ev.head.upgrade is None
+    conn.allow()
+    up = conn.data_to_upstream().lower()
+    assert b"upgrade" not in up and b"http2-settings" not in up
+    conn.receive_upstream_data(OK)
+    assert response_events(conn)[-1] == ResponseEnded(keep_alive=True)
+
+
+def test_connect_tunnels_after_allow_and_2xx() -> None:
+    conn = Http1Connection()
+    conn.receive_data(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestReceived) and ev.head.is_connect
+    conn.allow()
+    assert conn.data_to_upstream().startswith(b"CONNECT db:5432 HTTP/1.1\r\n")
+    conn.receive_upstream_data(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    assert isinstance(conn.next_response_event(), TunnelOpened)
+
+
+# --- the response direction ---
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answer", "client_sees", "keep"),
+    [
+        (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", True),
+        (b"HEAD / HTTP/1.1\r\nHost: svc\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", True),
+        (GET, b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n", True),
+        (GET, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
+         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx", False),
+        (GET, b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + OK,
+         b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + OK, True),
+        (b"GET / HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n", OK,
+         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok", True),
+    ],
+    ids=["chunked-reencoded", "head-no-body", "204", "upstream-close", "103-relayed", "http10-keepalive"],
+)
+def test_response_framing(request_bytes: bytes, answer: bytes, client_sees: bytes, keep: bool) -> None:
+    conn = Http1Connection()
+    conn.receive_data(request_bytes)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    conn.receive_upstream_data(answer)
+    evs = response_events(conn)
+    assert evs[-1] == ResponseEnded(keep_alive=keep)
+    assert conn.data_to_client() == client_sees
+    assert conn.closed is not keep
+
+
+def test_response_until_eof_closes_the_client_connection() -> None:
+    conn = Http1Connection()
+    conn.receive_data(GET)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    conn.receive_upstream_data(b"HTTP/1.1 200 OK\r\n\r\npart")
+    evs = response_events(conn)
+    assert isinstance(evs[0], ResponseReceived) and evs[1] == ResponseData(b"part") and evs[-1] is NEED_DATA
+    conn.receive_upstream_data(b"")
+    assert conn.next_response_event() == ResponseEnded(keep_alive=False)
+    assert conn.data_to_client() == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart"
+
+
+def test_bad_upstream_response_is_a_502_and_close() -> None:
+    conn = Http1Connection()
+    conn.receive_data(GET)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    conn.receive_upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert conn.next_response_event() is CLOSED
+    assert conn.data_to_client().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+
+
+# --- bad input: each is answered, and the connection closes ---
+
+BIG = b"x" * (16 * 1024)
+BAD = {
+    "cl-and-te": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    "te-and-cl": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n", 400),
+    "duplicate-cl-differ": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    "duplicate-cl-same": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab", 400),
+    "cl-list": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 2\r\n\r\nab", 400),
+    "cl-sign": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +2\r\n\r\nab", 400),
+    "te-gzip-chunked": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    "te-unknown": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 400),
+    "te-space-before-colon": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
+    "obs-fold": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n", 400),
+    "bare-lf": (b"GET / HTTP/1.1\nHost: a\n\n", 400),
+    "bare-lf-mixed": (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400),
+    "bare-cr": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rc\r\n\r\n", 400),
+    "nul-in-value": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n", 400),
+    "space-in-name": (b"GET / HTTP/1.1\r\nHost: a\r\nX A: b\r\n\r\n", 400),
+    "ctl-in-target": (b"GET /a\x01b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "no-host": (b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n", 400),
+    "two-hosts": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "absolute-form": (b"GET http://evil/admin HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "http-0.9": (b"GET /\r\n\r\n", 505),
+    "http-2.0-line": (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    "h2-preface": (http1.H2_PREFACE, 505),
+    "unknown-expect": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nExpect: teapot\r\n\r\nx", 417),
+    "upgrade-with-body": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\nContent-Length: 1\r\n\r\nx", 400),
+    "oversized-head-whole": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + BIG + b"\r\n\r\n", 431),
+    "oversized-head-unfinished": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + BIG + BIG, 431),
+    "too-many-headers": (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+    "chunk-size-not-hex": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+    "chunk-size-overflow": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000000000002\r\nab\r\n", 400),
+    "chunk-size-space": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\nab\r\n0\r\n\r\n", 400),
+    "chunk-missing-crlf": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXX0\r\n\r\n", 400),
+    "chunk-bare-lf": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\r\n0\r\n\r\n", 400),
+    "bad-trailer": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nno colon\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize(("raw", "status"), list(BAD.values()), ids=list(BAD))
+def test_bad_input_is_rejected_and_closes(raw: bytes, status: int) -> None:
+    conn = Http1Connection()
+    conn.receive_data(raw)
+    evs = request_events(conn)
+    if isinstance(evs[-1], RequestReceived):  # a body framing error shows once the body is read
+        conn.allow()
+        evs = request_events(conn)
+    last = evs[-1]
+    assert isinstance(last, RequestRejected), evs
+    assert last.status == status
+    out = conn.data_to_client()
+    assert out.startswith(b"HTTP/1.1 %d " % status) and b"\r\nconnection: close\r\n" in out
+    assert conn.closed and conn.next_request_event() is CLOSED
+    # the waypoint keeps serving: a fresh connection (as the next client would get) still works
+    assert run(Http1Connection(), [GET])[0].endswith(b"ok")
+
+
+def test_head_limit_is_configurable() -> None:
+    conn = Http1Connection(Limits(max_head=64))
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    assert conn.next_request_event() is NEED_DATA
+    conn.receive_data(b"X-Long: " + b"v" * 64)
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestRejected) and ev.status == 431
+
+
+def test_decision_outside_deciding_is_an_owner_error() -> None:
+    conn = Http1Connection()
+    with pytest.raises(http1.Http1Error, match="no request is waiting"):
+        conn.allow()
+
+
+def test_client_eof_between_requests_closes_quietly() -> None:
+    conn = Http1Connection()
+    conn.receive_data(b"")
+    assert conn.next_request_event() is CLOSED
+    assert conn.data_to_client() == b""
+
+
+# --- interop: Python's http.client against a tiny asyncio server built on the connection ---
+
+
+async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream_port: int) -> None:
+    """A minimal waypoint: the policy above, one upstream connection per allowed request."""
+    conn = Http1Connection()
+    try:
+        while True:
+            ev = conn.next_request_event()
+            if ev is NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(ev, RequestReceived):
+                if not policy(ev.head):
+                    conn.deny()
+                    writer.write(conn.data_to_client())
+                    continue
+                conn.allow()
+                up_r, up_w = await asyncio.open_connection("127.0.0.1", upstream_port)
+                try:
+                    up_w.write(conn.data_to_upstream())
+                    while True:  # GET-only server: no request body to pump
+                        rev = conn.next_response_event()
+                        writer.write(conn.data_to_client())
+                        if rev is NEED_DATA:
+                            conn.receive_upstream_data(await up_r.read(65536))
+                        elif isinstance(rev, ResponseEnded) or rev is CLOSED:
+                            break
+                finally:
+                    up_w.close()
+                    await up_w.wait_closed()
+            elif ev is CLOSED or isinstance(ev, RequestRejected):
+                writer.write(conn.data_to_client())
+                break
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def test_http_client_interop_allowed_then_denied_on_one_connection() -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+        writer.close()
+
+    up_server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    up_port = up_server.sockets[0].getsockname()[1]
+    wp = await asyncio.start_server(lambda r, w: serve_one(r, w, up_port), "127.0.0.1", 0)
+    port = wp.sockets[0].getsockname()[1]
+
+    def client() -> list[tuple[int, bytes, str | None]]:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        out = []
+        try:
+            for path in ("/ok", "/admin", "/ok"):
+                c.request("GET", path)
+                r = c.getresponse()
+                out.append((r.status, r.read(), r.getheader("content-type")))
+        finally:
+            c.close()
+        return out
+
+    try:
+        async with asyncio.timeout(20):
+            results = await asyncio.to_thread(client)
+    finally:
+        wp.close()
+        up_server.close()
+        await wp.wait_closed()
+        await up_server.wait_closed()
+    assert results == [
+        (200, b"hello", "text/plain"),
+        (403, b"RBAC: access denied", "text/plain"),
+        (200, b"hello", "text/plain"),
+    ]
