@@ -33,7 +33,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ztunnel.errors import ZtunnelError
-from ztunnel.identity.certs import split_pem_chain
 
 LOADED = "loaded"
 UNCHANGED = "unchanged"
@@ -177,14 +176,19 @@ def _check_signer_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.
     raise RevocationError("the CRL's signer does not chain to the trust bundle")
 
 
+def _certificates(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle; none for an empty one."""
+    return x509.load_pem_x509_certificates(pem) if b"-----BEGIN" in pem else []
+
+
 def verified_signer(
     issuer_chain: Sequence[bytes], roots_pem: bytes, *, now: dt.datetime | None = None
 ) -> x509.Certificate:
     """The first certificate of `issuer_chain`, once the chain is checked against the trust bundle."""
     now = now or dt.datetime.now(dt.UTC)
     try:
-        chain = [x509.load_pem_x509_certificate(p) for c in issuer_chain for p in split_pem_chain(c)]
-        roots = [x509.load_pem_x509_certificate(p) for p in split_pem_chain(roots_pem)]
+        chain = [cert for c in issuer_chain for cert in _certificates(c)]
+        roots = _certificates(roots_pem)
     except ValueError as e:
         raise RevocationError(
             f"the CRL signer chain or trust bundle holds a broken certificate ({_first_line(e)})"
