@@ -30,13 +30,14 @@ def pod_namespaces(names: Iterable[str]) -> Iterator[dict[str, str]]:
     """Network namespaces named `zt-<run>-<name>` with loopback up, removed afterwards whatever happens."""
     prefix = f"zt-t{uuid.uuid4().hex[:6]}"
     made = {name: f"{prefix}-{name}" for name in names}
+    to_remove = list(made.values())  # the caller may change the dict it gets
     try:
-        for ns in made.values():
+        for ns in to_remove:
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield made
+        yield dict(made)
     finally:
-        for ns in made.values():
+        for ns in to_remove:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from tests.support.clock import FakeClock
 from tests.support.eventually import eventually, eventually_async
+from tests.support.nodeagent import pod_namespaces, sh
 
 
 def test_eventually_returns_the_first_truthy_value() -> None:
@@ -36,3 +40,12 @@ def test_the_fake_clock_moves_only_forward_and_only_when_told() -> None:
     assert clock.advance(2.5) == 12.5
     with pytest.raises(ValueError, match="does not go back"):
         clock.advance(-1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 (netns)")
+def test_pod_namespaces_removes_every_namespace_even_if_the_caller_changes_the_dict() -> None:
+    """A fixture that popped a name from the dict it got left that netns behind (before)."""
+    with pod_namespaces(["n1", "web"]) as made:
+        prefix = made.pop("n1").removesuffix("-n1")
+    left = [line.split()[0] for line in sh("ip", "netns", "list").splitlines() if line.strip()]
+    assert [name for name in left if name.startswith(prefix)] == []
