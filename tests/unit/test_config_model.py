@@ -278,3 +278,124 @@ def test_bad_json_names_file_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_files([f])
     assert str(err.value).startswith(f"{f}: not valid JSON at line 2, column 23")
+
+
+WAYPOINT_CONFIG = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: a, serviceAccountName: wp}
+status: {podIP: 10.0.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-bad, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: a, serviceAccountName: default}
+status: {podIP: 10.0.1.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: b, serviceAccountName: web}
+status: {podIP: 10.0.2.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {nodeName: b, serviceAccountName: db}
+status: {podIP: 10.0.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cache-1, namespace: shop, labels: {app: cache}}
+spec: {nodeName: b, serviceAccountName: cache}
+status: {podIP: 10.0.2.3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.96.0.11, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: shop, labels: {istio.io/use-waypoint: nosuch}}
+spec: {clusterIP: 10.96.0.12, selector: {app: cache}, ports: [{port: 6379}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: shop, labels: {istio.io/use-waypoint: ingress}}
+spec: {clusterIP: 10.96.0.13, selector: {app: front}, ports: [{port: 80}]}
+"""
+
+
+def test_waypoints_come_from_gateways_and_use_waypoint_labels() -> None:
+    cfg = build_config(load_documents(WAYPOINT_CONFIG, "mesh.yaml"))
+    assert list(cfg.waypoints) == ["shop/wp"]  # the istio-class Gateway is not a waypoint
+    wp = cfg.waypoints["shop/wp"]
+    assert wp.identity == "spiffe://cluster.local/ns/shop/sa/wp"
+    web, db, cache, front = (cfg.service("shop", n) for n in ("web", "db", "cache", "front"))
+    assert web is not None and db is not None and cache is not None and front is not None
+    assert cfg.waypoint_of(web) == wp  # the namespace's label
+    assert cfg.waypoint_of(db) is None  # the Service's `none` wins over the namespace's
+    assert cfg.waypoint_of(cache) is None  # names no Gateway: no waypoint, and a warning
+    assert cfg.waypoint_of(front) is None  # names a Gateway that is not a waypoint
+    # Only the pod running as the Gateway's service account is an endpoint; the other is reported.
+    assert [w.name for w in cfg.waypoint_endpoints(wp)] == ["wp-1"]
+    pods = {w.name: w for w in cfg.workloads}
+    assert cfg.workload_uses_waypoint(pods["web-1"]) and cfg.workload_waypoints(pods["web-1"]) == (wp,)
+    assert not cfg.workload_uses_waypoint(pods["db-1"])
+    assert not cfg.workload_uses_waypoint(pods["cache-1"])
+    assert not cfg.workload_uses_waypoint(pods["wp-1"])
+    warnings = "\n".join(cfg.warnings)
+    assert (
+        "mesh.yaml (document 11): Service shop/cache: label istio.io/use-waypoint=nosuch: "
+        "no Gateway shop/nosuch of class istio-waypoint is defined" in warnings
+    )
+    assert "Service shop/front: label istio.io/use-waypoint=ingress: Gateway shop/ingress is not a waypoint" in warnings
+    assert (
+        "mesh.yaml (document 5): Pod shop/wp-bad: runs waypoint shop/wp with identity "
+        "spiffe://cluster.local/ns/shop/sa/default, not spiffe://cluster.local/ns/shop/sa/wp" in warnings
+    )
+    assert len(cfg.warnings) == 3
+
+
+def test_a_service_label_names_a_waypoint_where_its_namespace_names_none() -> None:
+    text = WAYPOINT_CONFIG.replace("istio.io/use-waypoint: wp}", "istio.io/use-waypoint: none}", 1)
+    text = text.replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: wp}}",
+    )
+    cfg = build_config(load_documents(text))
+    web = cfg.service("shop", "web")
+    assert web is not None and cfg.waypoint_of(web) == cfg.waypoints["shop/wp"]
+
+
+def test_a_waypoint_gateway_without_the_hbone_listener_is_reported() -> None:
+    text = WAYPOINT_CONFIG.replace("listeners: [{name: mesh, port: 15008, protocol: HBONE}]", "listeners: []")
+    cfg = build_config(load_documents(text, "mesh.yaml"))
+    assert "shop/wp" in cfg.waypoints
+    assert any(
+        "Gateway shop/wp: field spec.listeners: a waypoint listens on port 15008, protocol HBONE" in w
+        for w in cfg.warnings
+    )

@@ -139,3 +139,72 @@ def test_a_new_config_snapshot_is_routed_afresh() -> None:
         ("10.0.2.1", 8080), destination=after.workload_by_ip("10.0.2.1")
     )
     assert isinstance(router.route(before, "10.0.2.1", 8080), HboneRoute)  # and back
+
+
+WAYPOINT_CONFIG = (
+    CONFIG.replace(
+        "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
+        "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}",
+    )
+    + """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: a, serviceAccountName: wp}
+status: {podIP: 10.0.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: b, serviceAccountName: wp}
+status: {podIP: 10.0.2.5}
+"""
+)
+
+
+def test_a_service_using_a_waypoint_is_routed_to_its_pods_asking_for_the_vip() -> None:
+    router, cfg = OutboundRouter(), build_config(load_documents(WAYPOINT_CONFIG))
+    web = cfg.workload("shop", "web-1")
+    seen = []
+    for _ in range(2):
+        routes = router.routes(cfg, "10.96.0.10", 80, web)
+        assert all(isinstance(r, HboneRoute) for r in routes) and len(routes) == 2
+        route = routes[0]
+        assert isinstance(route, HboneRoute)
+        assert route.target == Authority("10.96.0.10", 80)  # the VIP as dialled, not an endpoint
+        assert route.expected_identities == ("spiffe://cluster.local/ns/shop/sa/wp",)
+        assert route.destination.identity == "spiffe://cluster.local/ns/shop/sa/wp"
+        assert route.waypoint is not None and route.waypoint.ref == "shop/wp"
+        assert route.service is not None and route.service.name == "web"
+        seen.append(route.proxy_address)
+    assert sorted(seen) == [("10.0.1.5", 15008), ("10.0.2.5", 15008)]
+    # A pod address is not a Service: dialled directly it goes to the pod (whose proxy refuses the bypass).
+    direct = router.route(cfg, "10.0.2.1", 8080, web)
+    assert isinstance(direct, HboneRoute) and direct.waypoint is None
+
+
+def test_the_waypoints_own_connections_go_to_the_endpoints() -> None:
+    router, cfg = OutboundRouter(), build_config(load_documents(WAYPOINT_CONFIG))
+    route = router.route(cfg, "10.96.0.10", 80, cfg.workload("shop", "wp-1"))
+    assert isinstance(route, HboneRoute) and route.waypoint is None
+    assert route.target in (Authority("10.0.2.1", 8080), Authority("10.0.3.1", 8080))
+
+
+def test_a_service_whose_waypoint_has_no_ready_pod_is_refused_not_sent_to_endpoints() -> None:
+    text = WAYPOINT_CONFIG.replace(
+        "status: {podIP: 10.0.1.5}", 'status: {podIP: 10.0.1.5, conditions: [{type: Ready, status: "False"}]}'
+    )
+    text = text.replace("status: {podIP: 10.0.2.5}", "status: {}")
+    cfg = build_config(load_documents(text))
+    route = OutboundRouter().route(cfg, "10.96.0.10", 80, cfg.workload("shop", "web-1"))
+    assert isinstance(route, RefusedRoute)
+    assert route.reason == (
+        "service shop/web uses waypoint shop/wp, which has no ready pod "
+        "(refused: its traffic is never sent around the waypoint)"
+    )

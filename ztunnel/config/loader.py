@@ -30,7 +30,11 @@ from ztunnel.config.model import (
     DATAPLANE_MODE_LABEL,
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
+    GATEWAY_NAME_LABEL,
     POLICY_KINDS,
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NONE,
+    WAYPOINT_GATEWAY_CLASS,
     ClusterConfig,
     KubeObject,
     Namespace,
@@ -38,6 +42,7 @@ from ztunnel.config.model import (
     Service,
     ServicePort,
     Source,
+    Waypoint,
     Workload,
 )
 from ztunnel.errors import ZtunnelError
@@ -428,17 +433,93 @@ def build_config(
             nodes[w.node] = Node(w.node)
     policies = tuple(o for o in objs if o.kind in POLICY_KINDS)
     warnings.extend(_ip_conflicts(objs, workloads))
+    waypoints, others = _waypoints(objs, trust_domain, warnings)
+    warnings.extend(_waypoint_warnings(objs, workloads, waypoints, others))
     return ClusterConfig(
         namespaces=namespaces,
         workloads=workloads,
         services=services,
         nodes=nodes,
         policy_objects=policies,
+        waypoints=waypoints,
         trust_domain=trust_domain,
         root_namespace=root_namespace,
         generation=generation,
         warnings=tuple(warnings),
     )
+
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+def _waypoints(
+    objs: Sequence[KubeObject], trust_domain: str, warnings: list[str]
+) -> tuple[dict[str, Waypoint], dict[str, str]]:
+    """Gateways of class istio-waypoint -> waypoints by `namespace/name`; other Gateways (an ingress, another
+    group's `Gateway` such as Istio's networking one) are not waypoints and are returned with their class so a
+    `use-waypoint` label naming one can say why it is not honoured."""
+    waypoints: dict[str, Waypoint] = {}
+    others: dict[str, str] = {}
+    for o in objs:
+        if o.kind != "Gateway":
+            continue
+        group = o.api_version.partition("/")[0]
+        cls = o.spec.get("gatewayClassName")
+        if group != GATEWAY_GROUP or cls != WAYPOINT_GATEWAY_CLASS:
+            others[f"{o.namespace}/{o.name}"] = f"apiVersion {o.api_version}, gatewayClassName {cls!r}"
+            continue
+        listeners = o.spec.get("listeners")
+        if not isinstance(listeners, list) or not any(
+            isinstance(x, Mapping) and x.get("port") == 15008 and x.get("protocol") == "HBONE" for x in listeners
+        ):
+            warnings.append(
+                f"{o.source}: {o.ref}: field spec.listeners: a waypoint listens on port 15008, protocol HBONE; "
+                "add that listener (the waypoint is used as if it were there)"
+            )
+        waypoints[f"{o.namespace}/{o.name}"] = Waypoint(o.name, o.namespace, trust_domain)
+    return waypoints, others
+
+
+def _waypoint_warnings(
+    objs: Sequence[KubeObject],
+    workloads: Sequence[Workload],
+    waypoints: Mapping[str, Waypoint],
+    others: Mapping[str, str],
+) -> list[str]:
+    """A `use-waypoint` label naming no waypoint Gateway, and a waypoint pod with another identity: said once,
+    naming the object, since either means traffic does not go through the L7 proxy the user expects."""
+    out = []
+    for o in objs:
+        if o.kind not in ("Namespace", "Service"):
+            continue
+        name = o.labels.get(USE_WAYPOINT_LABEL)
+        if not name or name == USE_WAYPOINT_NONE:
+            continue
+        ns = o.name if o.kind == "Namespace" else o.namespace
+        if f"{ns}/{name}" in waypoints:
+            continue
+        other = others.get(f"{ns}/{name}")
+        why = (
+            f"Gateway {ns}/{name} is not a waypoint ({other}; a waypoint is {GATEWAY_GROUP}/v1 with "
+            f"gatewayClassName {WAYPOINT_GATEWAY_CLASS})"
+            if other
+            else f"no Gateway {ns}/{name} of class {WAYPOINT_GATEWAY_CLASS} is defined"
+        )
+        out.append(
+            f"{o.source}: {o.ref}: label {USE_WAYPOINT_LABEL}={name}: {why}; its traffic does not use a waypoint "
+            "(the node proxy enforces the L4 part of policies, L7 rules reduced so they never widen access)"
+        )
+    sources = {(o.namespace, o.name): o.source for o in objs if o.kind == "Pod"}
+    for w in workloads:
+        name = w.labels.get(GATEWAY_NAME_LABEL)
+        waypoint = waypoints.get(f"{w.namespace}/{name}") if name else None
+        if waypoint is not None and not waypoint.runs(w):
+            out.append(
+                f"{sources.get((w.namespace, w.name))}: Pod {w.ref}: runs waypoint {waypoint.ref} with identity "
+                f"{w.identity}, not {waypoint.identity}; set spec.serviceAccountName: {waypoint.name} "
+                "(traffic is not sent to this pod)"
+            )
+    return out
 
 
 def _ip_conflicts(objs: Sequence[KubeObject], workloads: Sequence[Workload]) -> list[str]:

@@ -15,6 +15,9 @@ from typing import Any
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
+USE_WAYPOINT_NONE = "none"  # the label's opt-out value (a Service's `none` overrides its namespace's waypoint)
+WAYPOINT_GATEWAY_CLASS = "istio-waypoint"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"  # on a waypoint's pods, naming their Gateway
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
@@ -145,6 +148,32 @@ class Service:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Waypoint:
+    """A `Gateway` of class istio-waypoint: the L7 proxy of the Services (or namespaces) that name it."""
+
+    name: str
+    namespace: str
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+    @property
+    def identity(self) -> str:
+        """Its pods' SPIFFE id: Istio runs a waypoint under a service account named after its Gateway."""
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.name}"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def runs(self, workload: Workload) -> bool:
+        """Whether `workload` is one of this waypoint's pods (labelled with the Gateway's name, same identity)."""
+        return (
+            workload.namespace == self.namespace
+            and workload.labels.get(GATEWAY_NAME_LABEL) == self.name
+            and workload.identity == self.identity
+        )
+
+
 def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     """Kubernetes equality selector: every selector label present with the same value."""
     return all(labels.get(k) == v for k, v in selector.items())
@@ -223,6 +252,7 @@ class ClusterConfig:
     services: tuple[Service, ...]
     nodes: Mapping[str, Node]
     policy_objects: tuple[KubeObject, ...] = ()
+    waypoints: Mapping[str, Waypoint] = field(default_factory=dict)  # by `namespace/name`
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     generation: int = 0
@@ -290,6 +320,48 @@ class ClusterConfig:
                 out.setdefault(w.uid, []).append(s)
         return {k: tuple(v) for k, v in out.items()}
 
+    @cached_property
+    def _waypoint_of_service(self) -> dict[str, Waypoint]:
+        """Service ref -> its waypoint. The Service's label wins over its namespace's; `none` opts out; a name
+        that is no waypoint Gateway of the namespace means no waypoint (the loader warns): the node proxy then
+        enforces the L4 part of every policy, reduced so that an L7 rule never widens access (DESIGN §4.5)."""
+        out: dict[str, Waypoint] = {}
+        for s in self.services:
+            name = s.labels.get(USE_WAYPOINT_LABEL)
+            if name is None:
+                name = self.namespace_labels(s.namespace).get(USE_WAYPOINT_LABEL)
+            if not name or name == USE_WAYPOINT_NONE:
+                continue
+            waypoint = self.waypoints.get(f"{s.namespace}/{name}")
+            if waypoint is not None:
+                out[s.ref] = waypoint
+        return out
+
+    @cached_property
+    def _waypoint_endpoints(self) -> dict[str, tuple[Workload, ...]]:
+        out: dict[str, list[Workload]] = {ref: [] for ref in self.waypoints}
+        for w in self.workloads:
+            name = w.labels.get(GATEWAY_NAME_LABEL)
+            if name is None or not w.ips:
+                continue
+            waypoint = self.waypoints.get(f"{w.namespace}/{name}")
+            if waypoint is not None and waypoint.runs(w):
+                out[waypoint.ref].append(w)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @cached_property
+    def _waypoints_of_workload(self) -> dict[str, tuple[Waypoint, ...]]:
+        """Workload uid -> the waypoints of the Services selecting it (a waypoint's own pods use none)."""
+        out: dict[str, list[Waypoint]] = {}
+        for ref, waypoint in self._waypoint_of_service.items():
+            for w in self._endpoints.get(ref, ()):
+                if w.labels.get(GATEWAY_NAME_LABEL) is not None:
+                    continue
+                chosen = out.setdefault(w.uid, [])
+                if waypoint not in chosen:
+                    chosen.append(waypoint)
+        return {k: tuple(v) for k, v in out.items()}
+
     # ---- lookups ------------------------------------------------------------------------------
     # Indexes by IP are keyed by `normalize_ip` text: a canonical address's str() finds its entry at once,
     # any other spelling once normalized.
@@ -334,6 +406,22 @@ class ClusterConfig:
 
     def services_of(self, workload: Workload) -> tuple[Service, ...]:
         return self._services_of_workload.get(workload.uid, ())
+
+    def waypoint_of(self, service: Service) -> Waypoint | None:
+        """The waypoint `service`'s traffic goes through, or None."""
+        return self._waypoint_of_service.get(service.ref)
+
+    def waypoint_endpoints(self, waypoint: Waypoint) -> tuple[Workload, ...]:
+        """The waypoint's pods with an address (ready or not: the router picks the ready ones)."""
+        return self._waypoint_endpoints.get(waypoint.ref, ())
+
+    def workload_waypoints(self, workload: Workload) -> tuple[Waypoint, ...]:
+        """Waypoints whose Services select `workload` (usually one; two Services may name two)."""
+        return self._waypoints_of_workload.get(workload.uid, ())
+
+    def workload_uses_waypoint(self, workload: Workload) -> bool:
+        """A workload uses a waypoint when a Service selecting it does: then only that waypoint may reach it."""
+        return workload.uid in self._waypoints_of_workload
 
     def namespace_labels(self, namespace: str) -> Mapping[str, str]:
         ns = self.namespaces.get(namespace)

@@ -260,7 +260,7 @@ class Outbound:
                 socks5.Reply.NOT_ALLOWED,
                 FLAG_NO_ROUTE,
             )
-        routes = self.router.routes(self.state.config, ip, dst[1])
+        routes = self.router.routes(self.state.config, ip, dst[1], source)
         route = routes[0]
         if isinstance(route, RefusedRoute):
             self.report.refusal("no_route")

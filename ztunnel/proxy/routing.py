@@ -3,6 +3,10 @@
 - a mesh pod: HBONE to `<pod ip>:15008`, expecting the pod's identity (plus its services' SANs);
 - a Service ClusterIP: a ready endpoint pod, round-robin, on the mapped target port; none: refuse
   (`routes` also lists the other ready endpoints, in order, for failover when a tunnel cannot be opened);
+- a Service that uses a waypoint (DESIGN §4.4): HBONE to a ready waypoint pod's `<ip>:15008`, expecting the
+  waypoint's identity, asking for the Service VIP:port as dialled (the waypoint picks the endpoint after its
+  L7 decision); no ready waypoint pod: refuse, never straight to an endpoint. A waypoint's own connections
+  are not sent back to it;
 - a pod or address outside the mesh: plain TCP passthrough.
 A mesh destination is never reached in plaintext: if its tunnel fails, the connection fails (a Service first
 tries its other ready mesh endpoints, see Outbound). Every decision is made on the destination's canonical
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ztunnel.config.model import ClusterConfig, IPAddress, Service, Workload, canonical_ip
+from ztunnel.config.model import ClusterConfig, IPAddress, Service, Waypoint, Workload, canonical_ip
 from ztunnel.hbone.protocol import Authority
 from ztunnel.ports import (
     ADMIN_PORT,
@@ -38,6 +42,7 @@ class HboneRoute:
     proxy_address: tuple[str, int]  # where the destination's HBONE listener is
     expected_identities: tuple[str, ...]
     service: Service | None = None
+    waypoint: Waypoint | None = None  # set when `destination` is a pod of this waypoint, `target` the VIP:port
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +95,18 @@ class OutboundRouter:
         self._fixed: dict[tuple[IPAddress, int], Route] = {}
         self._fixed_config: ClusterConfig | None = None
 
-    def route(self, config: ClusterConfig, dst: IPAddress | str, dst_port: int) -> Route:
-        return self.routes(config, dst, dst_port)[0]
+    def route(
+        self, config: ClusterConfig, dst: IPAddress | str, dst_port: int, source: Workload | None = None
+    ) -> Route:
+        return self.routes(config, dst, dst_port, source)[0]
 
-    def routes(self, config: ClusterConfig, dst: IPAddress | str, dst_port: int) -> list[Route]:
+    def routes(
+        self, config: ClusterConfig, dst: IPAddress | str, dst_port: int, source: Workload | None = None
+    ) -> list[Route]:
         """The route to take, then (for a Service) each other ready endpoint once, in round-robin order.
 
-        `dst` is canonical already when it comes from the outbound edge; text is made canonical here."""
+        `dst` is canonical already when it comes from the outbound edge; text is made canonical here.
+        `source`, the local pod connecting: a waypoint's own pod is not routed back to its waypoint."""
         if isinstance(dst, str):
             try:
                 dst = canonical_ip(dst)
@@ -114,7 +124,7 @@ class OutboundRouter:
             return [RefusedRoute(f"{dst_ip} is claimed by more than one pod")]
         service = config.service_by_ip(dst_ip)
         if service is not None:
-            return self._route_service(config, service, dst_port)
+            return self._route_service(config, service, dst_ip, dst_port, source)
         workload = config.workload_by_ip(dst_ip)
         route = (
             PassthroughRoute((dst_ip, dst_port))
@@ -139,10 +149,15 @@ class OutboundRouter:
             service=service,
         )
 
-    def _route_service(self, config: ClusterConfig, service: Service, port: int) -> list[Route]:
+    def _route_service(
+        self, config: ClusterConfig, service: Service, vip: str, port: int, source: Workload | None
+    ) -> list[Route]:
         service_port = service.port_for(port)
         if service_port is None:
             return [RefusedRoute(f"service {service.ref} has no port {port}", service)]
+        waypoint = config.waypoint_of(service)
+        if waypoint is not None and not (source is not None and waypoint.runs(source)):
+            return self._route_waypoint(config, service, waypoint, vip, port)
         candidates: list[tuple[Workload, str, int]] = []
         for w in config.endpoints(service):
             if not w.ready or not w.ips:
@@ -159,4 +174,33 @@ class OutboundRouter:
         return [
             self._route_workload(config, workload, ip, target_port, service)
             for workload, ip, target_port in candidates[first:] + candidates[:first]
+        ]
+
+    def _route_waypoint(
+        self, config: ClusterConfig, service: Service, waypoint: Waypoint, vip: str, port: int
+    ) -> list[Route]:
+        """The Service's waypoint pods, round-robin; the CONNECT asks for the VIP:port the client dialled."""
+        pods = [w for w in config.waypoint_endpoints(waypoint) if w.ready and w.ips]
+        if not pods:
+            return [
+                RefusedRoute(
+                    f"service {service.ref} uses waypoint {waypoint.ref}, which has no ready pod "
+                    "(refused: its traffic is never sent around the waypoint)",
+                    service,
+                )
+            ]
+        key = f"waypoint {waypoint.ref}"
+        i = self._cursor.get(key, 0)
+        self._cursor[key] = i + 1
+        first = i % len(pods)
+        return [
+            HboneRoute(
+                destination=pod,
+                target=Authority(vip, port),
+                proxy_address=(pod.ips[0], self.hbone_port),
+                expected_identities=(waypoint.identity,),
+                service=service,
+                waypoint=waypoint,
+            )
+            for pod in pods[first:] + pods[:first]
         ]
