@@ -28,6 +28,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 COMMAND_MODULES = (
     "ztunnel.identity.commands",
     "ztunnel.proxy.commands",
+    "ztunnel.waypoint.commands",
     "ztunnel.policy.commands",
     "ztunnel.redirect.commands",
     "ztunnel.lab.commands",

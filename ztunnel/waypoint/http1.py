@@ -580,11 +580,17 @@ class Http1Connection:
 
     # --- the owner's decision ---
 
-    def allow(self, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        """Forward the request: its head is queued for the upstream now, its body as it arrives."""
+    def allow(
+        self, extra_headers: tuple[tuple[bytes, bytes], ...] = (), *, remove: frozenset[bytes] = frozenset()
+    ) -> None:
+        """Forward the request: its head is queued for the upstream now, its body as it arrives. Header fields
+        named in `remove` (lowercase) are dropped first (a JWT the rule does not forward, a client's own copy of
+        a header the waypoint writes)."""
         head = self._deciding()
         parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
         for name, value in self._fwd_headers:
+            if remove and name.lower() in remove:
+                continue
             parts += (name, b": ", value, b"\r\n")
         for name, value in extra_headers:
             parts += (name, b": ", value, b"\r\n")

@@ -1,0 +1,163 @@
+"""The waypoint's pure parts (waypoint/server.py): which endpoint a request goes to, and what is done with it
+(RequestAuthentication, then check_l7; CUSTOM fails closed), plus the header removal `Http1Connection.allow`
+applies for the JWT edits."""
+
+from __future__ import annotations
+
+import json
+
+from tests.support.jwtkit import NOW, claims, jwks, key
+from ztunnel.config.loader import build_config, load_documents
+from ztunnel.config.model import ClusterConfig
+from ztunnel.hbone.protocol import Authority
+from ztunnel.policy.decision import ConnectionAttributes
+from ztunnel.policy.engine import PolicyEngine
+from ztunnel.waypoint.http1 import Http1Connection, RequestHead, RequestReceived
+from ztunnel.waypoint.jwt import KeyStore
+from ztunnel.waypoint.server import EndpointPicker, RequestDecider, Verdict
+
+ISS = "https://issuer.test"
+RS = key("RS256")
+VIP = "10.96.0.65"
+CLIENT = "spiffe://cluster.local/ns/greet/sa/client"
+
+
+def _pod(name: str, ip: str, *, ready: bool = True, app: str = "greeter-service") -> str:
+    conditions = "" if ready else ", conditions: [{type: Ready, status: 'False'}]"
+    return (
+        "---\napiVersion: v1\nkind: Pod\n"
+        f"metadata: {{name: {name}, namespace: greet, uid: uid-{name}, labels: {{app: {app}}}}}\n"
+        f"spec: {{nodeName: node-b, serviceAccountName: {name}, containers: [{{name: app, ports: "
+        "[{name: http, containerPort: 8080}]}]}\n"
+        f'status: {{podIP: "{ip}"{conditions}}}\n'
+    )
+
+
+BASE = (
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: greet, labels: {istio.io/dataplane-mode: ambient}}\n"
+    + _pod("greeter-a", "127.0.165.1")
+    + _pod("greeter-b", "127.0.165.2")
+    + _pod("greeter-c", "127.0.165.3", ready=False)
+    + "---\napiVersion: v1\nkind: Service\nmetadata: {name: greeter, namespace: greet}\n"
+    f"spec: {{clusterIP: {VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: http}}]}}\n"
+    "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: greeter-service, namespace: greet}\n"
+    "spec:\n  selector: {matchLabels: {app: greeter-service}}\n  action: ALLOW\n"
+    "  rules: [{to: [{operation: {methods: [GET], paths: ['*/hello']}}]}]\n"
+)
+JWT = (
+    "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+    "metadata: {name: jwt, namespace: greet}\n"
+    f"spec:\n  jwtRules:\n  - issuer: {ISS}\n    jwks: {json.dumps(jwks(RS))}\n"
+    "    outputPayloadToHeader: x-jwt-payload\n"
+)
+CUSTOM = (
+    "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: ext, namespace: greet}\n"
+    "spec:\n  action: CUSTOM\n  provider: {name: authz}\n  rules: [{to: [{operation: {paths: ['/ext*']}}]}]\n"
+)
+
+
+def config(text: str) -> ClusterConfig:
+    return build_config(load_documents(text, "c.yaml"))
+
+
+def head(raw: bytes) -> RequestHead:
+    conn = Http1Connection()
+    conn.receive_data(raw)
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestReceived), ev
+    return ev.head
+
+
+def decide(cfg: ClusterConfig, raw: bytes) -> Verdict:
+    engine = PolicyEngine.from_config(cfg)
+    picked = EndpointPicker().pick(cfg, Authority(VIP, 80))
+    assert not isinstance(picked, str), picked
+    attrs = ConnectionAttributes(CLIENT, "127.0.110.1", picked.workload, picked.target.ip, picked.target.port)
+    return RequestDecider(engine, KeyStore(lambda uri: None), clock=lambda: NOW).decide(head(raw), attrs)
+
+
+def get(path: str, method: bytes = b"GET", extra: bytes = b"") -> bytes:
+    return b"%s %s HTTP/1.1\r\nHost: greeter\r\n%s\r\n" % (method, path.encode(), extra)
+
+
+# --- endpoints ---
+
+
+def test_round_robin_over_ready_endpoints_with_named_target_port() -> None:
+    cfg = config(BASE)
+    picker = EndpointPicker()
+    picks = [picker.pick(cfg, Authority(VIP, 80)) for _ in range(4)]
+    targets = [p.target for p in picks if not isinstance(p, str)]
+    assert targets == [Authority("127.0.165.1", 8080), Authority("127.0.165.2", 8080)] * 2  # greeter-c not ready
+    first = picks[0]
+    assert not isinstance(first, str)
+    assert first.proxy_address == ("127.0.165.1", 15008)
+    assert first.expected_identities == ("spiffe://cluster.local/ns/greet/sa/greeter-a",)
+
+
+def test_the_current_endpoint_is_kept_while_it_is_ready() -> None:
+    cfg = config(BASE)
+    picker = EndpointPicker()
+    first = picker.pick(cfg, Authority(VIP, 80))
+    assert not isinstance(first, str)
+    assert [picker.pick(cfg, Authority(VIP, 80), first) for _ in range(3)] == [first] * 3
+    not_ready = 'podIP: "127.0.165.1", conditions: [{type: Ready, status: "False"}]'
+    gone = config(BASE.replace('podIP: "127.0.165.1"', not_ready))
+    other = picker.pick(gone, Authority(VIP, 80), first)
+    assert not isinstance(other, str) and other.target == Authority("127.0.165.2", 8080)
+
+
+def test_no_endpoint_says_why() -> None:
+    cfg = config(BASE)
+    picker = EndpointPicker()
+    assert picker.pick(cfg, Authority("10.96.9.9", 80)) == "10.96.9.9 is not a Service address"
+    assert picker.pick(cfg, Authority(VIP, 81)) == "service greet/greeter has no port 81"
+    empty = config(BASE.replace("app: greeter-service}}\n", "app: other}}\n"))
+    assert picker.pick(empty, Authority(VIP, 80)) == "service greet/greeter has no ready mesh endpoint for port 80"
+
+
+# --- decisions ---
+
+
+def test_greeter_policy_per_request() -> None:
+    cfg = config(BASE)
+    ok = decide(cfg, get("/hello"))
+    assert ok.allowed and ok.policy == "greet/greeter-service"
+    for raw in (get("/version"), get("/hello", b"POST", b"Content-Length: 0\r\n")):
+        v = decide(cfg, raw)
+        assert (v.allowed, v.status, v.body) == (False, 403, b"RBAC: access denied"), v
+
+
+def test_custom_policy_fails_closed_with_a_reason() -> None:
+    cfg = config(BASE + CUSTOM.replace("rules: [{to: [{operation: {paths: ['/ext*']}}]}]", "rules: [{}]"))
+    v = decide(cfg, get("/hello"))
+    assert (v.allowed, v.status, v.body, v.policy) == (False, 403, b"RBAC: access denied", "greet/ext")
+    assert "CUSTOM" in v.reason and "not supported" in v.reason
+
+
+def test_jwt_bad_token_401_good_token_allowed_with_header_edits() -> None:
+    cfg = config(BASE + JWT)
+    bad = decide(cfg, get("/hello", extra=b"Authorization: Bearer not.a.jwt\r\n"))
+    assert (bad.allowed, bad.status, bad.body) == (False, 401, b"Jwt verification fails")
+    token = RS.sign(claims(iss=ISS, sub="alice")).encode()
+    good = decide(cfg, get("/hello", extra=b"Authorization: Bearer %s\r\nX-Jwt-Payload: forged\r\n" % token))
+    assert good.allowed, good
+    assert good.remove_headers == {b"authorization", b"x-jwt-payload"}
+    assert good.add_headers == ((b"x-jwt-payload", token.split(b".")[1]),)
+    none = decide(cfg, get("/hello"))  # no token: unauthenticated, and a client's own payload header still goes
+    assert none.allowed and none.add_headers == () and none.remove_headers == {b"x-jwt-payload"}
+
+
+# --- Http1Connection.allow(remove=...) ---
+
+
+def test_allow_removes_named_headers_before_adding() -> None:
+    conn = Http1Connection()
+    conn.receive_data(get("/hello", extra=b"Authorization: Bearer t\r\nX-Sub: forged\r\nAccept: */*\r\n"))
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow(((b"x-sub", b"alice"),), remove=frozenset({b"authorization", b"x-sub"}))
+    assert conn.data_to_upstream() == (
+        b"GET /hello HTTP/1.1\r\nHost: greeter\r\nAccept: */*\r\nx-sub: alice\r\n\r\n"
+    )

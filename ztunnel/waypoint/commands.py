@@ -1,0 +1,201 @@
+"""`ztunnel waypoint`: run one waypoint (Istio ambient's L7 proxy) by hand, in local mode.
+
+The waypoint is a pod of the config: labelled `gateway.networking.k8s.io/gateway-name: <name>` in the Gateway's
+namespace, service account `<name>` (as Istio's controller deploys it). It listens on `<pod ip>:15008` with that
+pod's SVID, and re-reads the config files when they change, as the node proxy does.
+
+Not yet here: metrics, admin and readiness ports, and revocation (CRL) checks of peers at the waypoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ztunnel.errors import ZtunnelError
+from ztunnel.ports import HBONE_PORT
+
+if TYPE_CHECKING:
+    from ztunnel.config.model import ClusterConfig, Workload
+
+log = logging.getLogger("ztunnel.waypoint")
+
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+LISTEN_BACKLOG = 1024
+
+
+class WaypointCommandError(ZtunnelError):
+    pass
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "waypoint",
+        help="run a waypoint (L7 proxy: one policy decision per HTTP request)",
+        description=(
+            f"Run the waypoint --name in --namespace: HBONE on <its pod IP>:{HBONE_PORT}, HTTP/1.1 requests "
+            "inside the tunnels decided one by one (RequestAuthentication, AuthorizationPolicy), allowed ones "
+            "forwarded over HBONE to a ready endpoint of the Service the client dialled."
+        ),
+    )
+    p.add_argument("--name", required=True, help="the waypoint (Gateway) name; also its service account")
+    p.add_argument("--namespace", required=True, help="the waypoint's namespace")
+    p.add_argument(
+        "-f", "--filename", dest="files", action="append", required=True, help="YAML file or directory of objects"
+    )
+    ca = p.add_mutually_exclusive_group(required=True)
+    ca.add_argument("--ca-dir", help="sign certificates in-process with this CA directory (local mode)")
+    ca.add_argument("--ca", help="HOST:PORT of a CA server (`ztunnel ca serve`)")
+    p.add_argument("--ca-root", help="the CA server's root certificate (PEM), with --ca")
+    p.add_argument("--token-file", help="file holding the waypoint node's token for the CA server, with --ca")
+    p.add_argument("--cert-ttl", default="24h", help="requested SVID validity, e.g. 24h, 30m (default 24h)")
+    p.add_argument("--connect-timeout", default="5s", help="timeout for upstream tunnel setup (default 5s)")
+    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    if args.ca and not (args.ca_root and args.token_file):
+        raise WaypointCommandError(
+            "--ca needs --ca-root (the CA's root certificate) and --token-file (the node's token)"
+        )
+    return uvloop.run(run_waypoint(args))
+
+
+def find_waypoint_pod(config: ClusterConfig, name: str, namespace: str) -> Workload:
+    """The waypoint's pod in the config, or a WaypointCommandError saying what is missing."""
+    found = [
+        w
+        for w in config.workloads
+        if w.namespace == namespace and w.labels.get(GATEWAY_NAME_LABEL) == name and w.service_account == name
+    ]
+    if not found:
+        raise WaypointCommandError(
+            f"no pod for waypoint {namespace}/{name} in the config: expected a Pod in namespace {namespace!r} "
+            f"labelled {GATEWAY_NAME_LABEL}: {name} with serviceAccountName {name!r} and a podIP; add one to the "
+            "-f files (or check --name/--namespace)"
+        )
+    with_ip = [w for w in found if w.ips]
+    if not with_ip:
+        raise WaypointCommandError(f"the pod {found[0].ref} of waypoint {namespace}/{name} has no podIP (status.podIP)")
+    return with_ip[0]
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise WaypointCommandError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+async def run_waypoint(args: argparse.Namespace) -> int:
+    from ztunnel.config.loader import ConfigError
+    from ztunnel.config.source import FileConfigSource
+    from ztunnel.hbone.client import HbonePool
+    from ztunnel.hbone.server import HboneServer
+    from ztunnel.hbone.tls_cache import TlsContexts
+    from ztunnel.identity.duration import parse_duration
+    from ztunnel.identity.manager import CertificateManager
+    from ztunnel.identity.spiffe import SpiffeId
+    from ztunnel.policy.engine import PolicyEngine
+    from ztunnel.waypoint.jwks import JwksRefresher, RemoteJwks
+    from ztunnel.waypoint.jwt import JwtRule, KeyStore, remote_uris
+    from ztunnel.waypoint.server import RequestDecider, WaypointServer, WaypointState
+
+    loop = asyncio.get_running_loop()
+    source = FileConfigSource(args.files, trust_domain=args.trust_domain)
+    try:
+        config = source.load()
+    except ConfigError as e:
+        raise WaypointCommandError(f"cannot load the config: {e}") from None
+    pod = find_waypoint_pod(config, args.name, args.namespace)
+    identity = SpiffeId.parse(pod.identity)
+    ttl = parse_duration(args.cert_ttl)
+    if args.ca_dir:
+        certs = CertificateManager.in_process(args.ca_dir, node=pod.node, config=source, ttl=ttl)
+    else:
+        try:
+            root = Path(args.ca_root).read_bytes()
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise WaypointCommandError(f"cannot read the CA root or token file: {e}") from None
+        certs = CertificateManager.remote(args.ca, root, token, ttl=ttl)
+    refresher = JwksRefresher(())
+    keys = KeyStore(refresher.keys)
+
+    def snapshot(cfg: ClusterConfig, previous: PolicyEngine | None) -> WaypointState:
+        engine = PolicyEngine.from_config(cfg, previous)
+        rules = [JwtRule.from_policy(r) for ra in engine.request_authentications for r in ra.jwt_rules]
+        added = [u for u in remote_uris(rules) if u not in refresher.remotes]
+        for uri in added:
+            refresher.remotes[uri] = RemoteJwks(uri)  # due at once
+        if added:
+            refresher.poke()
+        return WaypointState(cfg, RequestDecider(engine, keys))
+
+    await certs.start()
+    contexts = TlsContexts(certs)
+    pool = HbonePool(contexts, connect_timeout=parse_duration(args.connect_timeout).total_seconds())
+    waypoint = WaypointServer(identity, pool, snapshot(config, None))
+    server = HboneServer(contexts, waypoint.serve_tunnel)
+
+    async def on_config(cfg: ClusterConfig) -> None:
+        waypoint.state = snapshot(cfg, waypoint.state.decider.engine)
+
+    refreshes: set[asyncio.Task[None]] = set()
+
+    def on_rotation(rotated: object, cert: object) -> None:
+        if isinstance(rotated, SpiffeId):
+            task = loop.create_task(contexts.refresh(rotated))
+            refreshes.add(task)
+            task.add_done_callback(refreshes.discard)
+
+    certs.subscribe(on_rotation)
+    source.subscribe(on_config)
+    stop = asyncio.Event()
+    listener = None
+    try:
+        listener = await server.listen(_listening_socket(pod.ips[0], HBONE_PORT), identity)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with asyncio.TaskGroup() as group:
+            background = [
+                group.create_task(source.watch(), name="config watch"),
+                group.create_task(refresher.run(), name="jwks refresh"),
+            ]
+            log.info(
+                "waypoint running",
+                extra={
+                    "waypoint": f"{args.namespace}/{args.name}",
+                    "identity": identity.uri,
+                    "hbone": f"{pod.ips[0]}:{HBONE_PORT}",
+                },
+            )
+            await stop.wait()
+            log.info("shutting down")
+            server.drain()
+            pool.drain()
+            for task in background:
+                task.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if listener is not None:
+            listener.close()
+        server.abort()
+        pool.close()
+        await certs.close()
+    return 0
