@@ -46,6 +46,7 @@ from ztunnel.config.model import (
     Workload,
 )
 from ztunnel.errors import ZtunnelError
+from ztunnel.ports import HBONE_PORT
 
 log = logging.getLogger("ztunnel.config")
 
@@ -470,10 +471,10 @@ def _waypoints(
             continue
         listeners = o.spec.get("listeners")
         if not isinstance(listeners, list) or not any(
-            isinstance(x, Mapping) and x.get("port") == 15008 and x.get("protocol") == "HBONE" for x in listeners
+            isinstance(x, Mapping) and x.get("port") == HBONE_PORT and x.get("protocol") == "HBONE" for x in listeners
         ):
             warnings.append(
-                f"{o.source}: {o.ref}: field spec.listeners: a waypoint listens on port 15008, protocol HBONE; "
+                f"{o.source}: {o.ref}: field spec.listeners: a waypoint listens on port {HBONE_PORT}, protocol HBONE; "
                 "add that listener (the waypoint is used as if it were there)"
             )
         waypoints[f"{o.namespace}/{o.name}"] = Waypoint(o.name, o.namespace, trust_domain)

@@ -3,6 +3,10 @@
 HBONE answers 400 (not a CONNECT, malformed authority, not a pod served here), 401 (authorization),
 503 (the app cannot be reached) or 200. Plaintext obeys PeerAuthentication (STRICT refuses it).
 Every open connection is tracked with its attributes so a policy change can re-check it.
+
+A pod that uses a waypoint (a Service selecting it names one) is reached only through that waypoint: an HBONE
+tunnel from any other identity gets 401 and plaintext is refused (reason `waypoint_bypass`), since neither
+could be checked against the L7 rules. The waypoint's own tunnels get the L4 check with its identity.
 """
 
 from __future__ import annotations
@@ -91,7 +95,12 @@ class Inbound:
         )
         source_workload = self._source_workload(source_ip, peer_identity)
         labels = self._labels(source_workload, peer_identity, destination, target.port)
-        decision = self.state.policy.check_l4(attrs)
+        bypass = self._waypoint_bypass(destination, peer_identity)
+        if bypass is not None:
+            self.report.refusal("waypoint_bypass")
+            decision = Decision(False, None, bypass)
+        else:
+            decision = self.state.policy.check_l4(attrs)
         if not decision.allowed:
             stream.respond(STATUS_UNAUTHORIZED)
             self.report.denied(
@@ -144,6 +153,20 @@ class Inbound:
             peer_identity,
             source_workload,
             traceparent=request.traceparent,
+        )
+
+    def _waypoint_bypass(self, destination: Workload, peer_identity: str | None) -> str | None:
+        """Why a caller may not reach `destination` directly, or None: a pod that uses a waypoint takes
+        connections from that waypoint only (a Service's label naming no Gateway means no waypoint)."""
+        waypoints = self.state.config.workload_waypoints(destination)
+        if not waypoints or any(w.identity == peer_identity for w in waypoints):
+            return None
+        names = ", ".join(w.ref for w in waypoints)
+        caller = peer_identity or "a plaintext client"
+        which = "waypoint" if len(waypoints) == 1 else "waypoints"
+        return (
+            f"{destination.ref} uses {which} {names}: only its {which} may connect to it, not {caller} "
+            "(dialling the pod address would skip the L7 rules)"
         )
 
     def _is_proxy_port(self, ip: str, port: int) -> bool:
@@ -263,6 +286,13 @@ class Inbound:
                 src_workload=source_workload,
                 error=why_not,
             )
+            return
+        bypass = self._waypoint_bypass(destination, None)
+        if bypass is not None:
+            client.abort()
+            self.report.refusal("waypoint_bypass")
+            decision = Decision(False, None, bypass)
+            self.report.denied(labels, "inbound", (source_ip, source_port), dst, decision, started, source_workload)
             return
         mode = self.state.policy.peer_authentication_mode(destination, dst[1])
         if mode == "STRICT":
