@@ -77,8 +77,13 @@ spec:
   - to:
     - operation:
         methods: ["GET"]
-        paths: ["*/hello"]
+        paths: ["*/hello", "/big"]
+  - to:
+    - operation:
+        methods: ["POST"]
+        paths: ["/upload"]
 """
+BIG = 4 * 1024 * 1024
 
 
 class KeepAliveApp:
@@ -108,6 +113,12 @@ class KeepAliveApp:
                         length = int(value)
                 body = await reader.readexactly(length)
                 i += 1
+                if target == b"/big":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
+                    for _ in range(BIG // 65536):
+                        writer.write(b"x" * 65536)
+                        await writer.drain()
+                    continue
                 text = b"hello %s %s (%d body bytes) #%d\n" % (method, target, len(body), i)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(text))
                 writer.write(text)
@@ -318,3 +329,68 @@ def test_waypoint_refuses_to_start_without_its_pod(setup: Setup) -> None:
         stop(proc)
     text = log_path.read_text()
     assert "no pod for waypoint greet/nope" in text and "gateway.networking.k8s.io/gateway-name: nope" in text
+
+
+async def test_large_bodies_stream_both_ways(client: HbonePool) -> None:
+    stream = await _tunnel(client)
+    responses = Responses(stream)
+    try:
+        await stream.write(b"POST /upload HTTP/1.1\r\nHost: greeter\r\nContent-Length: %d\r\n\r\n" % BIG)
+        chunk = b"u" * 65536
+        for _ in range(BIG // len(chunk)):
+            await stream.write(chunk)
+        status, _, body = await responses.next()
+        assert (status, body) == (200, b"hello POST /upload (%d body bytes) #1\n" % BIG)
+        await stream.write(_get("/big"))
+        status, _, body = await responses.next()
+        assert (status, len(body), body.count(b"x")) == (200, BIG, BIG)
+    finally:
+        stream.close()
+
+
+def test_denials_are_logged_with_the_request(setup: Setup) -> None:
+    def logged() -> bool:
+        text = setup.waypoint_log.read_text()
+        return "request denied" in text and "/version" in text
+
+    asyncio.run(_deny_once(setup))
+    eventually(logged, 10, what="the denial in the waypoint's log")
+
+
+async def _deny_once(setup: Setup) -> None:
+    async with in_process_certs(setup.ca_dir) as certs:
+        pool = HbonePool(TlsContexts(certs))
+        try:
+            assert await _one(pool, _get("/version")) == (403, b"RBAC: access denied")
+        finally:
+            pool.close()
+
+
+def test_config_reload_changes_the_decision(setup: Setup) -> None:
+    path = setup.workdir / "cluster.yaml"
+    changed = CONFIG.replace('paths: ["*/hello", "/big"]', 'paths: ["*/hello", "/big", "/version"]')
+    assert changed != CONFIG
+
+    def write(text: str) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    def version_status() -> int:
+        return asyncio.run(_status_of(setup, "/version"))
+
+    try:
+        write(changed)
+        eventually(lambda: version_status() == 200, 15, what="/version allowed after the reload")
+    finally:
+        write(CONFIG)
+    eventually(lambda: version_status() == 403, 15, what="/version denied again")
+
+
+async def _status_of(setup: Setup, path: str) -> int:
+    async with in_process_certs(setup.ca_dir) as certs:
+        pool = HbonePool(TlsContexts(certs))
+        try:
+            return (await _one(pool, _get(path)))[0]
+        finally:
+            pool.close()
