@@ -216,7 +216,8 @@ async def test_revoked_client_is_refused_and_its_open_connection_closed(
             # at least the open tunnel's connection; a probe handshake of the revoked SVID that was under way at the
             # sweep may be closed with it
             closed = re.search(r'ztunnel_revoked_connections_closed_total\{side="inbound"\} [1-9][0-9]*\.0', metrics)
-            return metrics if closed else None
+            assert closed, [line for line in metrics.splitlines() if "revoked" in line or "handshake" in line]
+            return metrics
 
         metrics = eventually(counted, 5, what="the revoked connection counted")
         assert re.search(r'ztunnel_crl_loads_total\{result="loaded"\} 1\.0', metrics), metrics
