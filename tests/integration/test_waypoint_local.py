@@ -113,6 +113,13 @@ class KeepAliveApp:
                         length = int(value)
                 body = await reader.readexactly(length)
                 i += 1
+                if b"\r\nupgrade: websocket" in head.lower():
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n")
+                    writer.write(b"Upgrade: websocket\r\n\r\n")
+                    while data := await reader.read(65536):  # raw echo from now on
+                        writer.write(data)
+                        await writer.drain()
+                    return
                 if target == b"/big":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
                     for _ in range(BIG // 65536):
@@ -394,3 +401,58 @@ async def _status_of(setup: Setup, path: str) -> int:
             return (await _one(pool, _get(path)))[0]
         finally:
             pool.close()
+
+
+async def test_expect_100_continue_only_after_an_allow(client: HbonePool) -> None:
+    stream = await _tunnel(client)
+    responses = Responses(stream)
+    expect = b"POST /upload HTTP/1.1\r\nHost: greeter\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    try:
+        await stream.write(expect)
+        status, _, _ = await responses.next()
+        assert status == 100
+        await stream.write(b"abcde")
+        status, _, body = await responses.next()
+        assert (status, body) == (200, b"hello POST /upload (5 body bytes) #1\n")
+        await stream.write(expect.replace(b"/upload", b"/version"))
+        status, headers, body = await responses.next()  # no 100: the body is never asked for
+        assert (status, body) == (403, b"RBAC: access denied")
+        assert headers[b"connection"] == b"close"
+    finally:
+        stream.close()
+
+
+async def test_allowed_upgrade_relays_raw_bytes(client: HbonePool) -> None:
+    stream = await _tunnel(client)
+    responses = Responses(stream)
+    try:
+        await stream.write(
+            b"GET /ws/hello HTTP/1.1\r\nHost: greeter\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        status, headers, _ = await responses.next()
+        assert (status, headers[b"upgrade"]) == (101, b"websocket")
+        raw = b"\x81\x05raw-1 not http\r\n\r\n"  # a parser would choke on it: only a relay passes it
+        await stream.write(raw)
+        async with asyncio.timeout(10):
+            while len(responses.buf) < len(raw):
+                await responses._more()
+        assert responses.buf == raw
+        await stream.write_eof()
+        async with asyncio.timeout(10):
+            assert await stream.read() == b""  # the app's EOF came back through both proxies
+    finally:
+        stream.close()
+
+
+async def test_denied_upgrade_is_answered_and_closed(client: HbonePool) -> None:
+    stream = await _tunnel(client)
+    try:
+        await stream.write(
+            b"GET /ws/other HTTP/1.1\r\nHost: greeter\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        status, headers, body = await Responses(stream).next()
+        assert (status, body, headers[b"connection"]) == (403, b"RBAC: access denied", b"close")
+        async with asyncio.timeout(10):
+            assert await stream.read() == b""
+    finally:
+        stream.close()
