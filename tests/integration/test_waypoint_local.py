@@ -33,10 +33,13 @@ from ztunnel.identity.spiffe import SpiffeId
 
 GREETER_IP = "127.0.165.1"
 WAYPOINT_IP = "127.0.165.10"
+DRAINER_IP = "127.0.165.11"  # a second waypoint, stopped by its own test
 VIP = "10.96.0.65"
 APP_PORT = 8080
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/client")
 WAYPOINT = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/waypoint")
+DRAINER = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/drainer")
+SLOW_CHUNKS = 10  # /slow: this many 1 KiB chunks, 0.1 s apart
 
 CONFIG = f"""\
 apiVersion: v1
@@ -63,6 +66,16 @@ spec: {{nodeName: node-w, serviceAccountName: waypoint}}
 status: {{podIP: "{WAYPOINT_IP}"}}
 ---
 apiVersion: v1
+kind: Pod
+metadata:
+  name: drainer-0
+  namespace: greet
+  uid: uid-drainer
+  labels: {{gateway.networking.k8s.io/gateway-name: drainer}}
+spec: {{nodeName: node-w, serviceAccountName: drainer}}
+status: {{podIP: "{DRAINER_IP}"}}
+---
+apiVersion: v1
 kind: Service
 metadata: {{name: greeter, namespace: greet}}
 spec: {{clusterIP: {VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
@@ -77,7 +90,7 @@ spec:
   - to:
     - operation:
         methods: ["GET"]
-        paths: ["*/hello", "/big"]
+        paths: ["*/hello", "/big", "/slow"]
   - to:
     - operation:
         methods: ["POST"]
@@ -120,6 +133,13 @@ class KeepAliveApp:
                         writer.write(data)
                         await writer.drain()
                     return
+                if target == b"/slow":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (SLOW_CHUNKS * 1024))
+                    for _ in range(SLOW_CHUNKS):
+                        writer.write(b"s" * 1024)
+                        await writer.drain()
+                        await asyncio.sleep(0.1)
+                    continue
                 if target == b"/big":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
                     for _ in range(BIG // 65536):
@@ -375,7 +395,7 @@ async def _deny_once(setup: Setup) -> None:
 
 def test_config_reload_changes_the_decision(setup: Setup) -> None:
     path = setup.workdir / "cluster.yaml"
-    changed = CONFIG.replace('paths: ["*/hello", "/big"]', 'paths: ["*/hello", "/big", "/version"]')
+    changed = CONFIG.replace('paths: ["*/hello", "/big", "/slow"]', 'paths: ["*/hello", "/big", "/slow", "/version"]')
     assert changed != CONFIG
 
     def write(text: str) -> None:
@@ -456,3 +476,36 @@ async def test_denied_upgrade_is_answered_and_closed(client: HbonePool) -> None:
             assert await stream.read() == b""
     finally:
         stream.close()
+
+
+def test_sigterm_lets_an_open_response_finish(setup: Setup) -> None:
+    proc, log_path = start_waypoint(
+        setup.workdir / "cluster.yaml", setup.ca_dir, setup.workdir, "--name", "drainer", "--namespace", "greet"
+    )
+    try:
+        eventually(lambda: proc.poll() is not None or _listening(DRAINER_IP, 15008), 20, what="drainer listening")
+        assert proc.poll() is None, log_path.read_text()
+
+        async def slow_response_across_sigterm() -> tuple[int, bytes]:
+            async with in_process_certs(setup.ca_dir) as certs:
+                pool = HbonePool(TlsContexts(certs))
+                try:
+                    key = PoolKey(CLIENT, DRAINER, (DRAINER_IP, 15008))
+                    stream = await pool.connect(key, Authority(VIP, 80), expected_identities=[DRAINER.uri])
+                    responses = Responses(stream)
+                    await stream.write(_get("/slow"))
+                    async with asyncio.timeout(10):
+                        await responses._more()  # the response has started
+                    proc.terminate()
+                    status, _, body = await responses.next()
+                    stream.close()
+                    return status, body
+                finally:
+                    pool.close()
+
+        status, body = asyncio.run(slow_response_across_sigterm())
+        assert (status, body) == (200, b"s" * 1024 * SLOW_CHUNKS)
+        assert proc.wait(15) == 0
+        assert "shutting down: draining connections" in log_path.read_text()
+    finally:
+        stop(proc)

@@ -4,7 +4,8 @@ The waypoint is a pod of the config: labelled `gateway.networking.k8s.io/gateway
 namespace, service account `<name>` (as Istio's controller deploys it). It listens on `<pod ip>:15008` with that
 pod's SVID, and re-reads the config files when they change, as the node proxy does.
 
-Not yet here: metrics, admin and readiness ports, and revocation (CRL) checks of peers at the waypoint.
+Not yet here: metrics, admin and readiness ports; a CRL change applies to new handshakes only (open connections
+of a revoked peer are not swept as the node proxy does).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--token-file", help="file holding the waypoint node's token for the CA server, with --ca")
     p.add_argument("--cert-ttl", default="24h", help="requested SVID validity, e.g. 24h, 30m (default 24h)")
     p.add_argument("--connect-timeout", default="5s", help="timeout for upstream tunnel setup (default 5s)")
+    p.add_argument(
+        "--drain-timeout",
+        default="10s",
+        help="on SIGTERM/SIGINT: how long open client connections may finish (no new ones) (default 10s)",
+    )
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.set_defaults(func=_run)
 
@@ -109,6 +115,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     from ztunnel.hbone.tls_cache import TlsContexts
     from ztunnel.identity.duration import parse_duration
     from ztunnel.identity.manager import CertificateManager
+    from ztunnel.identity.revocation import LOADED, RevocationUpdate
     from ztunnel.identity.spiffe import SpiffeId
     from ztunnel.policy.engine import PolicyEngine
     from ztunnel.waypoint.jwks import JwksRefresher, RemoteJwks
@@ -124,6 +131,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     pod = find_waypoint_pod(config, args.name, args.namespace)
     identity = SpiffeId.parse(pod.identity)
     ttl = parse_duration(args.cert_ttl)
+    drain_timeout = parse_duration(args.drain_timeout).total_seconds()
     if args.ca_dir:
         certs = CertificateManager.in_process(args.ca_dir, node=pod.node, config=source, ttl=ttl)
     else:
@@ -157,13 +165,22 @@ async def run_waypoint(args: argparse.Namespace) -> int:
 
     refreshes: set[asyncio.Task[None]] = set()
 
+    def refresh() -> None:
+        """A new certificate or CRL: rebuild the listener's and the pool's contexts (new handshakes use it)."""
+        task = loop.create_task(contexts.refresh(identity))
+        refreshes.add(task)
+        task.add_done_callback(refreshes.discard)
+
     def on_rotation(rotated: object, cert: object) -> None:
-        if isinstance(rotated, SpiffeId):
-            task = loop.create_task(contexts.refresh(rotated))
-            refreshes.add(task)
-            task.add_done_callback(refreshes.discard)
+        if rotated == identity:
+            refresh()
+
+    def on_revocation(update: RevocationUpdate) -> None:
+        if update.result == LOADED:
+            refresh()
 
     certs.subscribe(on_rotation)
+    certs.subscribe_revocation(on_revocation)
     source.subscribe(on_config)
     stop = asyncio.Event()
     listener = None
@@ -185,9 +202,11 @@ async def run_waypoint(args: argparse.Namespace) -> int:
                 },
             )
             await stop.wait()
-            log.info("shutting down")
+            log.info("shutting down: draining connections", extra={"deadline_s": drain_timeout})
             server.drain()
             pool.drain()
+            if server.tasks:
+                await asyncio.wait(set(server.tasks), timeout=drain_timeout)
             for task in background:
                 task.cancel()
     finally:
