@@ -72,6 +72,13 @@ CONFIG = (
     + _gateway("lonely")
     + _service("echo", SERVICE_IP, "wp")
     + _service("lonely", LONELY_IP, "lonely")
+    # A sidecar-era policy: the node proxy can only reduce it (its ALLOW rule needs L7, so at L4 it denies
+    # all); the waypoint enforces it in full with the client's identity, and its tunnels are let through.
+    + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: echo-get, namespace: wpt}\n"
+    "spec:\n  selector: {matchLabels: {app: echo}}\n  action: ALLOW\n"
+    "  rules: [{from: [{source: {principals: [cluster.local/ns/wpt/sa/client]}}],"
+    " to: [{operation: {methods: [GET]}}]}]\n"
 )
 
 
@@ -221,3 +228,39 @@ def test_plaintext_to_a_pod_that_uses_a_waypoint_is_refused(mesh: Mesh) -> None:
     )
     assert "only its waypoints may connect to it, not a plaintext client" in mesh.b.log()
     assert mesh.apps.connections == before_apps
+
+
+def test_a_config_change_that_puts_a_pod_behind_a_waypoint_closes_its_direct_connections(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    # Its own proxies, on other pod addresses than the module's mesh (which may still be running).
+    client, server = "127.0.214.1", "127.0.215.1"
+    after = CONFIG.replace(CLIENT, client).replace(SERVER, server)
+    after = after[: after.index("---\napiVersion: security.istio.io/v1")]  # no policy: only the label changes
+    config = tmp_path / "cluster.yaml"
+    before = after.replace("istio.io/use-waypoint: wp}", "istio.io/use-waypoint: none}").replace(
+        "istio.io/use-waypoint: lonely}", "istio.io/use-waypoint: none}"
+    )
+    config.write_text(before)
+    apps = AppServer()
+    procs: list[ProxyProcess] = []
+    try:
+        apps.echo(server, PORT)
+        procs.append(start_proxy("node-wa", config, ca_dir, tmp_path))
+        procs.append(start_proxy("node-wb", config, ca_dir, tmp_path))
+        with socks_connect(client, (server, PORT)) as s:
+            s.sendall(b"direct")
+            assert s.recv(100) == b"direct"
+            config.write_text(after)
+            eventually(lambda: "config loaded: generation 2" in procs[1].log(), what="node-wb to load the change")
+            s.settimeout(10)
+            try:
+                data = s.recv(100)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""  # closed by node-wb: the pod is reached through its waypoint from now on
+        assert "policy change closed connections" in procs[1].log()
+    finally:
+        for p in procs:
+            p.stop()
+        apps.close()

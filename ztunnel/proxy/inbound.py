@@ -6,7 +6,8 @@ Every open connection is tracked with its attributes so a policy change can re-c
 
 A pod that uses a waypoint (a Service selecting it names one) is reached only through that waypoint: an HBONE
 tunnel from any other identity gets 401 and plaintext is refused (reason `waypoint_bypass`), since neither
-could be checked against the L7 rules. The waypoint's own tunnels get the L4 check with its identity.
+could be checked against the L7 rules. The waypoint's own tunnels are let through: it applied the pod's
+policies in full, with the original client's identity (`waypoint_verdict`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from ztunnel.config.model import Workload, normalize_ip
+from ztunnel.config.model import ClusterConfig, Workload, normalize_ip
 from ztunnel.hbone.protocol import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
@@ -43,6 +44,28 @@ from ztunnel.proxy.tracking import TrackedConnection
 from ztunnel.telemetry.metrics import ConnectionLabels
 
 log = logging.getLogger("ztunnel.proxy")
+
+
+def waypoint_verdict(config: ClusterConfig, destination: Workload, principal: str | None) -> Decision | None:
+    """The decision for a connection to a pod that uses a waypoint, or None when it uses none (then L4
+    policy decides). Its waypoint is let through: the waypoint applied every policy of the pod in full, with
+    the original client's identity, which a check here with the waypoint's identity would get wrong (an ALLOW
+    naming the client would refuse the waypoint). Anyone else, and plaintext, would skip the L7 rules:
+    refused. A `use-waypoint` label naming no Gateway means no waypoint (see ClusterConfig)."""
+    waypoints = config.workload_waypoints(destination)
+    if not waypoints:
+        return None
+    names = ", ".join(w.ref for w in waypoints)
+    which = "waypoint" if len(waypoints) == 1 else "waypoints"
+    if any(w.identity == principal for w in waypoints):
+        return Decision(True, None, f"from its {which} {names}, which applied the policies")
+    caller = principal or "a plaintext client"
+    return Decision(
+        False,
+        None,
+        f"{destination.ref} uses {which} {names}: only its {which} may connect to it, not {caller} "
+        "(dialling the pod address would skip the L7 rules)",
+    )
 
 
 class Inbound:
@@ -95,12 +118,11 @@ class Inbound:
         )
         source_workload = self._source_workload(source_ip, peer_identity)
         labels = self._labels(source_workload, peer_identity, destination, target.port)
-        bypass = self._waypoint_bypass(destination, peer_identity)
-        if bypass is not None:
-            self.report.refusal("waypoint_bypass")
-            decision = Decision(False, None, bypass)
-        else:
+        decision = waypoint_verdict(self.state.config, destination, peer_identity)
+        if decision is None:
             decision = self.state.policy.check_l4(attrs)
+        elif not decision.allowed:
+            self.report.refusal("waypoint_bypass")
         if not decision.allowed:
             stream.respond(STATUS_UNAUTHORIZED)
             self.report.denied(
@@ -153,20 +175,6 @@ class Inbound:
             peer_identity,
             source_workload,
             traceparent=request.traceparent,
-        )
-
-    def _waypoint_bypass(self, destination: Workload, peer_identity: str | None) -> str | None:
-        """Why a caller may not reach `destination` directly, or None: a pod that uses a waypoint takes
-        connections from that waypoint only (a Service's label naming no Gateway means no waypoint)."""
-        waypoints = self.state.config.workload_waypoints(destination)
-        if not waypoints or any(w.identity == peer_identity for w in waypoints):
-            return None
-        names = ", ".join(w.ref for w in waypoints)
-        caller = peer_identity or "a plaintext client"
-        which = "waypoint" if len(waypoints) == 1 else "waypoints"
-        return (
-            f"{destination.ref} uses {which} {names}: only its {which} may connect to it, not {caller} "
-            "(dialling the pod address would skip the L7 rules)"
         )
 
     def _is_proxy_port(self, ip: str, port: int) -> bool:
@@ -287,12 +295,11 @@ class Inbound:
                 error=why_not,
             )
             return
-        bypass = self._waypoint_bypass(destination, None)
-        if bypass is not None:
+        bypass = waypoint_verdict(self.state.config, destination, None)
+        if bypass is not None:  # plaintext is never the waypoint: refused
             client.abort()
             self.report.refusal("waypoint_bypass")
-            decision = Decision(False, None, bypass)
-            self.report.denied(labels, "inbound", (source_ip, source_port), dst, decision, started, source_workload)
+            self.report.denied(labels, "inbound", (source_ip, source_port), dst, bypass, started, source_workload)
             return
         mode = self.state.policy.peer_authentication_mode(destination, dst[1])
         if mode == "STRICT":

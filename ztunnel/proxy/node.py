@@ -32,7 +32,7 @@ from ztunnel.identity.revocation import RevocationSet
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.policy.engine import PolicyEngine
-from ztunnel.proxy.inbound import Inbound
+from ztunnel.proxy.inbound import Inbound, waypoint_verdict
 from ztunnel.proxy.listeners import ListenerFactory, WorkloadSockets, serve_streams
 from ztunnel.proxy.outbound import Outbound
 from ztunnel.proxy.report import ConnectionReporter
@@ -152,7 +152,9 @@ class NodeProxy:
             mode = self.policy.peer_authentication_mode(destination, attrs.destination_port)
             if mode == "STRICT":
                 return "peer authentication STRICT"
-        decision = self.policy.check_l4(fresh)
+        decision = waypoint_verdict(self.state.config, destination, attrs.source_principal)
+        if decision is None:
+            decision = self.policy.check_l4(fresh)
         if decision.allowed:
             return None
         return decision.policy or decision.reason
