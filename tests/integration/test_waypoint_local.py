@@ -35,6 +35,9 @@ GREETER_IP = "127.0.165.1"
 WAYPOINT_IP = "127.0.165.10"
 DRAINER_IP = "127.0.165.11"  # a second waypoint, stopped by its own test
 VIP = "10.96.0.65"
+ORPHAN_VIP = "10.96.0.66"  # its one endpoint's node (node-c) runs no proxy
+EMPTY_VIP = "10.96.0.67"  # no endpoint at all
+ORPHAN_IP = "127.0.165.20"
 APP_PORT = 8080
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/client")
 WAYPOINT = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/waypoint")
@@ -79,6 +82,22 @@ apiVersion: v1
 kind: Service
 metadata: {{name: greeter, namespace: greet}}
 spec: {{clusterIP: {VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: orphan, namespace: greet, uid: uid-orphan, labels: {{app: orphan}}}}
+spec: {{nodeName: node-c, serviceAccountName: orphan}}
+status: {{podIP: "{ORPHAN_IP}"}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: orphan, namespace: greet}}
+spec: {{clusterIP: {ORPHAN_VIP}, selector: {{app: orphan}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: greet}}
+spec: {{clusterIP: {EMPTY_VIP}, selector: {{app: nobody}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -237,10 +256,10 @@ async def client(setup: Setup) -> AsyncIterator[HbonePool]:
             pool.close()
 
 
-async def _tunnel(pool: HbonePool) -> HboneStream:
+async def _tunnel(pool: HbonePool, vip: str = VIP) -> HboneStream:
     """What the source node proxy does for a client of the Service: HBONE to the waypoint, CONNECT VIP:80."""
     key = PoolKey(CLIENT, WAYPOINT, (WAYPOINT_IP, 15008))
-    return await pool.connect(key, Authority(VIP, 80), expected_identities=[WAYPOINT.uri])
+    return await pool.connect(key, Authority(vip, 80), expected_identities=[WAYPOINT.uri])
 
 
 class Responses:
@@ -271,8 +290,8 @@ class Responses:
             return status, headers, body
 
 
-async def _one(pool: HbonePool, request: bytes) -> tuple[int, bytes]:
-    stream = await _tunnel(pool)
+async def _one(pool: HbonePool, request: bytes, vip: str = VIP) -> tuple[int, bytes]:
+    stream = await _tunnel(pool, vip)
     try:
         await stream.write(request)
         status, _, body = await Responses(stream).next()
@@ -509,3 +528,8 @@ def test_sigterm_lets_an_open_response_finish(setup: Setup) -> None:
         assert "shutting down: draining connections" in log_path.read_text()
     finally:
         stop(proc)
+
+
+async def test_upstream_failures_are_answered_503(client: HbonePool) -> None:
+    assert await _one(client, _get("/hello"), ORPHAN_VIP) == (503, b"upstream connect error")
+    assert await _one(client, _get("/hello"), EMPTY_VIP) == (503, b"no healthy upstream")

@@ -14,7 +14,7 @@ from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.policy.engine import PolicyEngine
 from ztunnel.waypoint.http1 import Http1Connection, RequestHead, RequestReceived
 from ztunnel.waypoint.jwt import KeyStore
-from ztunnel.waypoint.server import EndpointPicker, RequestDecider, Verdict
+from ztunnel.waypoint.server import EndpointPicker, RequestDecider, Verdict, source_ip
 
 ISS = "https://issuer.test"
 RS = key("RS256")
@@ -116,6 +116,16 @@ def test_no_endpoint_says_why() -> None:
     assert picker.pick(cfg, Authority(VIP, 81)) == "service greet/greeter has no port 81"
     empty = config(BASE.replace("app: greeter-service}}\n", "app: other}}\n"))
     assert picker.pick(empty, Authority(VIP, 80)) == "service greet/greeter has no ready mesh endpoint for port 80"
+
+
+def test_forwarded_source_trusted_only_for_the_callers_own_pod() -> None:
+    cfg = config(BASE)
+    a = "spiffe://cluster.local/ns/greet/sa/greeter-a"
+    peer = ("127.0.0.9", 40000)
+    assert source_ip(cfg, ("127.0.165.1", 5000), a, peer) == "127.0.165.1"
+    assert source_ip(cfg, ("127.0.165.2", 5000), a, peer) == "127.0.0.9"  # greeter-b's address, not a's
+    assert source_ip(cfg, ("192.0.2.1", 5000), a, peer) == "127.0.0.9"  # no pod
+    assert source_ip(cfg, None, a, peer) == "127.0.0.9"
 
 
 # --- decisions ---

@@ -297,14 +297,17 @@ class WaypointServer:
         await _ClientConnection(self, tunnel, request).run()
 
 
-def _source_ip(config: ClusterConfig, request: ConnectRequest, tunnel: InboundTunnel) -> str:
+def source_ip(
+    config: ClusterConfig, forwarded_for: tuple[str, int] | None, peer_identity: str, peer_address: tuple[str, int]
+) -> str:
     """The client address for policy, as the node proxy trusts it: the `forwarded` address when it belongs to a
-    pod with the caller's own (authenticated) identity, else the TCP peer."""
-    if request.forwarded_for is not None:
-        claimed = config.workload_by_ip(request.forwarded_for[0])
-        if claimed is not None and claimed.identity == tunnel.peer_identity.uri:
-            return request.forwarded_for[0]
-    return tunnel.peer_address[0]
+    pod with the caller's own (authenticated) identity, else the TCP peer (a caller cannot borrow another
+    workload's address to pass a `remoteIpBlocks`/`ipBlocks` rule)."""
+    if forwarded_for is not None:
+        claimed = config.workload_by_ip(forwarded_for[0])
+        if claimed is not None and claimed.identity == peer_identity:
+            return forwarded_for[0]
+    return peer_address[0]
 
 
 class _ClientConnection:
@@ -374,7 +377,7 @@ class _ClientConnection:
             return not http.closed
         attrs = ConnectionAttributes(
             source_principal=self.principal,
-            source_ip=_source_ip(state.config, self.request, self.tunnel),
+            source_ip=source_ip(state.config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
             destination=endpoint.workload,
             destination_ip=endpoint.target.ip,
             destination_port=endpoint.target.port,
