@@ -427,8 +427,8 @@ class _ClientConnection:
         finally:
             if not body.done():
                 body.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError):
-                    await body
+            with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError, ConnectionError):
+                await body  # also retrieves the error of a body pump that failed while the response ended
         if not keep:
             upstream.stream.close()
             self.upstream = None
