@@ -15,6 +15,8 @@ import contextlib
 import socket
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import uvloop
 from tests.integration.conftest import ZTUNNEL, ProxyProcess, start_proxy
 from tests.support.certs import in_process_certs
 from tests.support.eventually import eventually
+from tests.support.identity import free_port
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
 from ztunnel.hbone.stream import HboneStream
@@ -202,6 +205,16 @@ def _listening(ip: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((ip, port)) == 0
+
+
+def _ready(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/ready", timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return 0
 
 
 def start_waypoint(config: Path, ca_dir: Path, workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -498,12 +511,17 @@ async def test_denied_upgrade_is_answered_and_closed(client: HbonePool) -> None:
 
 
 def test_sigterm_lets_an_open_response_finish(setup: Setup) -> None:
+    ready_port = free_port()
     proc, log_path = start_waypoint(
-        setup.workdir / "cluster.yaml", setup.ca_dir, setup.workdir, "--name", "drainer", "--namespace", "greet"
+        setup.workdir / "cluster.yaml",
+        setup.ca_dir,
+        setup.workdir,
+        *("--name", "drainer", "--namespace", "greet", "--readiness-addr", f"127.0.0.1:{ready_port}"),
     )
     try:
-        eventually(lambda: proc.poll() is not None or _listening(DRAINER_IP, 15008), 20, what="drainer listening")
+        eventually(lambda: proc.poll() is not None or _ready(ready_port) == 200, 20, what="drainer ready")
         assert proc.poll() is None, log_path.read_text()
+        assert _listening(DRAINER_IP, 15008)
 
         async def slow_response_across_sigterm() -> tuple[int, bytes]:
             async with in_process_certs(setup.ca_dir) as certs:

@@ -4,8 +4,8 @@ The waypoint is a pod of the config: labelled `gateway.networking.k8s.io/gateway
 namespace, service account `<name>` (as Istio's controller deploys it). It listens on `<pod ip>:15008` with that
 pod's SVID, and re-reads the config files when they change, as the node proxy does.
 
-Not yet here: metrics, admin and readiness ports; a CRL change applies to new handshakes only (open connections
-of a revoked peer are not swept as the node proxy does).
+Not yet here: metrics and admin ports (readiness is opt-in with --readiness-addr); a CRL change applies to
+new handshakes only (open connections of a revoked peer are not swept as the node proxy does).
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--cert-ttl", default="24h", help="requested SVID validity, e.g. 24h, 30m (default 24h)")
     p.add_argument("--connect-timeout", default="5s", help="timeout for upstream tunnel setup (default 5s)")
     p.add_argument(
+        "--readiness-addr",
+        default=None,
+        help="HOST:PORT for /healthz/ready (200 once listening with a certificate, 503 while draining); default: "
+        "none (the node proxy's default 127.0.0.1:15021 would collide on one host)",
+    )
+    p.add_argument(
         "--drain-timeout",
         default="10s",
         help="on SIGTERM/SIGINT: how long open client connections may finish (no new ones) (default 10s)",
@@ -68,6 +74,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
+    if args.readiness_addr is not None:
+        from ztunnel.net.http import parse_host_port
+
+        try:
+            args.readiness_addr = parse_host_port(args.readiness_addr)
+        except ValueError as e:
+            raise WaypointCommandError(f"--readiness-addr: {e}") from None
     if args.ca and not (args.ca_root and args.token_file):
         raise WaypointCommandError(
             "--ca needs --ca-root (the CA's root certificate) and --token-file (the node's token)"
@@ -184,7 +197,25 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     source.subscribe(on_config)
     stop = asyncio.Event()
     listener = None
+    draining = False
+
+    def ready() -> tuple[bool, str]:
+        if draining:
+            return False, "draining"
+        return listener is not None, "not listening yet"
+
+    readiness = None
+    if args.readiness_addr is not None:
+        from ztunnel.telemetry.http_server import ReadinessServer
+
+        host, port = args.readiness_addr
+        readiness = ReadinessServer(host, port, ready)
     try:
+        if readiness is not None:
+            try:
+                await readiness.start()
+            except OSError as e:
+                raise WaypointCommandError(f"cannot listen for readiness on {args.readiness_addr}: {e}") from None
         listener = await server.listen(_listening_socket(pod.ips[0], HBONE_PORT), identity)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -203,6 +234,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
             )
             await stop.wait()
             log.info("shutting down: draining connections", extra={"deadline_s": drain_timeout})
+            draining = True
             server.drain()
             pool.drain()
             if server.tasks:
@@ -216,5 +248,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
             listener.close()
         server.abort()
         pool.close()
+        if readiness is not None:
+            await readiness.close()
         await certs.close()
     return 0
