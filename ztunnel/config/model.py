@@ -114,6 +114,16 @@ class Workload:
     def app(self) -> str:
         return self.labels.get("app") or self.labels.get("app.kubernetes.io/name") or self.name
 
+    def target_port(self, service_port: int | str) -> int | None:
+        """A Service's targetPort on this pod: a number, or the number of the pod's containerPort of that name."""
+        if isinstance(service_port, int):
+            return service_port
+        for container in self.containers:
+            for p in container.get("ports") or ():
+                if isinstance(p, dict) and p.get("name") == service_port and isinstance(p.get("containerPort"), int):
+                    return int(p["containerPort"])
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class ServicePort:
@@ -406,6 +416,16 @@ class ClusterConfig:
 
     def services_of(self, workload: Workload) -> tuple[Service, ...]:
         return self._services_of_workload.get(workload.uid, ())
+
+    def expected_identities(self, workload: Workload) -> tuple[str, ...]:
+        """Identities a server may present for `workload` (secure naming, DESIGN §4.2): its own, then the
+        subject alt names of its Services."""
+        out = [workload.identity]
+        for service in self.services_of(workload):
+            for san in service.subject_alt_names:
+                if san not in out:
+                    out.append(san)
+        return tuple(out)
 
     def waypoint_of(self, service: Service) -> Waypoint | None:
         """The waypoint `service`'s traffic goes through, or None."""

@@ -19,24 +19,13 @@ def _app_of(workload: Workload) -> str:
     return workload.labels.get("service.istio.io/canonical-name") or workload.app
 
 
-def _serves_port(service_port: int | str, workload: Workload, port: int) -> bool:
-    """Whether a service targetPort (a number, or the name of a containerPort of `workload`) is `port`."""
-    if isinstance(service_port, int):
-        return service_port == port
-    for container in workload.containers:
-        for p in container.get("ports") or ():
-            if isinstance(p, dict) and p.get("name") == service_port and p.get("containerPort") == port:
-                return True
-    return False
-
-
 def inbound_service(config: ClusterConfig, workload: Workload, port: int) -> Service | None:
     """The service an inbound connection to `workload` on `port` is counted under, as Istio's ztunnel
     guesses it (the tunnel carries only the pod address): a service whose selector picks the workload and
     that has a port with `port` as its targetPort. When several do, the first by hostname, so every proxy
     and every restart names the same one."""
     matching = [
-        s for s in config.services_of(workload) if any(_serves_port(p.target_port, workload, port) for p in s.ports)
+        s for s in config.services_of(workload) if any(workload.target_port(p.target_port) == port for p in s.ports)
     ]
     return min(matching, key=lambda s: s.hostname, default=None)
 

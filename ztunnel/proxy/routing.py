@@ -63,27 +63,6 @@ Route = HboneRoute | PassthroughRoute | RefusedRoute
 _FIXED_ROUTES_LIMIT = 10_000  # bound on cached pod/passthrough routes (passthrough addresses are unbounded)
 
 
-def _target_port(service_port: int | str, workload: Workload) -> int | None:
-    """A service targetPort: a number, or a named containerPort of the endpoint pod."""
-    if isinstance(service_port, int):
-        return service_port
-    for container in workload.containers:
-        for p in container.get("ports") or ():
-            if isinstance(p, dict) and p.get("name") == service_port and isinstance(p.get("containerPort"), int):
-                return int(p["containerPort"])
-    return None
-
-
-def expected_identities(config: ClusterConfig, workload: Workload) -> tuple[str, ...]:
-    """Identities a server may present for `workload` (secure naming, DESIGN §4.2)."""
-    out = [workload.identity]
-    for service in config.services_of(workload):
-        for san in service.subject_alt_names:
-            if san not in out:
-                out.append(san)
-    return tuple(out)
-
-
 class OutboundRouter:
     """Decides routes; holds only the round-robin cursors (per service)."""
 
@@ -145,7 +124,7 @@ class OutboundRouter:
             destination=workload,
             target=Authority(ip, port),
             proxy_address=(ip, self.hbone_port),
-            expected_identities=expected_identities(config, workload),
+            expected_identities=config.expected_identities(workload),
             service=service,
         )
 
@@ -162,7 +141,7 @@ class OutboundRouter:
         for w in config.endpoints(service):
             if not w.ready or not w.ips:
                 continue
-            target = _target_port(service_port.target_port, w)
+            target = w.target_port(service_port.target_port)
             if target is None:
                 continue
             candidates.append((w, w.ips[0], target))

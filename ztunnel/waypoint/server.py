@@ -90,27 +90,6 @@ class Endpoint:
     expected_identities: tuple[str, ...]
 
 
-def _target_port(service_port: int | str, workload: Workload) -> int | None:
-    """A Service targetPort: a number, or a named containerPort of the endpoint pod."""
-    if isinstance(service_port, int):
-        return service_port
-    for container in workload.containers:
-        for p in container.get("ports") or ():
-            if isinstance(p, dict) and p.get("name") == service_port and isinstance(p.get("containerPort"), int):
-                return int(p["containerPort"])
-    return None
-
-
-def _expected_identities(config: ClusterConfig, workload: Workload) -> tuple[str, ...]:
-    """Secure naming (DESIGN §4.2): the pod's identity plus its Services' subject alt names."""
-    out = [workload.identity]
-    for service in config.services_of(workload):
-        for san in service.subject_alt_names:
-            if san not in out:
-                out.append(san)
-    return tuple(out)
-
-
 class EndpointPicker:
     """Chooses the endpoint for each request; holds only the round-robin cursors (per Service)."""
 
@@ -126,12 +105,12 @@ class EndpointPicker:
         for w in config.endpoints(service):
             if not w.ready or not w.ips or not w.enrolled:
                 continue
-            target = _target_port(service_port.target_port, w)
+            target = w.target_port(service_port.target_port)
             if target is None:
                 continue
             ip = w.ips[0]
             out.append(
-                Endpoint(w, service, Authority(ip, target), (ip, self.hbone_port), _expected_identities(config, w))
+                Endpoint(w, service, Authority(ip, target), (ip, self.hbone_port), config.expected_identities(w))
             )
         return out
 
