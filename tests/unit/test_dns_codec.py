@@ -1,0 +1,71 @@
+"""The DNS codec (sans-IO): hostile bytes give FORMERR or nothing, never an exception; round trips."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ztunnel.net import dns
+
+LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=63)
+
+
+@given(st.binary(max_size=600))
+def test_random_bytes_never_raise_anything_but_format_error(data: bytes) -> None:
+    try:
+        query = dns.parse_query(data)
+    except dns.DnsFormatError:
+        reply = dns.formerr_for(data)
+        assert reply is None or dns.decode_reply(reply).rcode == dns.RCODE_FORMERR
+    else:
+        dns.build_response(query, dns.RCODE_NOERROR, ("10.0.0.1",))
+
+
+@given(st.lists(LABEL, min_size=1, max_size=3), st.integers(0, 0xFFFF), st.sampled_from([1, 28, 33, 16]))
+def test_query_round_trip(labels: list[str], msg_id: int, qtype: int) -> None:
+    name = ".".join(labels)
+    query = dns.parse_query(dns.encode_query(msg_id, name.upper(), qtype))
+    assert (query.id, query.name, query.qtype, query.qclass) == (msg_id, name, qtype, dns.CLASS_IN)
+    assert query.recursion_desired
+
+
+@given(st.lists(st.ip_addresses().map(str), max_size=8), st.integers(0, 0xFFFF))
+def test_answer_round_trip(addresses: list[str], msg_id: int) -> None:
+    query = dns.parse_query(dns.encode_query(msg_id, "web.demo.svc.cluster.local", dns.TYPE_A))
+    reply = dns.decode_reply(dns.build_response(query, dns.RCODE_NOERROR, tuple(addresses)))
+    assert (reply.id, reply.rcode, reply.authoritative, reply.truncated) == (msg_id, 0, True, False)
+    assert reply.addresses == tuple(addresses)
+
+
+def test_reply_over_the_udp_limit_is_truncated_with_tc() -> None:
+    query = dns.parse_query(dns.encode_query(7, "big.demo.svc.cluster.local", dns.TYPE_AAAA))
+    many = tuple(f"fd00::{i:x}" for i in (range(1, 40)))
+    reply_bytes = dns.build_response(query, dns.RCODE_NOERROR, many, limit=dns.UDP_ANSWER_LIMIT)
+    reply = dns.decode_reply(reply_bytes)
+    assert len(reply_bytes) <= dns.UDP_ANSWER_LIMIT and reply.truncated
+    assert 0 < len(reply.addresses) < len(many)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (dns.encode_query(1, "a.b", 1)[:-2], "question truncated"),
+        (b"\x00\x01\x81\x00" + dns.encode_query(1, "a", 1)[4:], "a response"),
+        (b"\x00\x01\x01\x00\x00\x02" + dns.encode_query(1, "a", 1)[6:], "2 questions"),
+        (dns.encode_query(1, "a", 1)[:12] + b"\xc0\x0c\x00\x01\x00\x01", "compressed"),
+        (dns.encode_query(1, "a", 1)[:12] + (b"\x3f" + b"a" * 63) * 5, "too long"),
+    ],
+)
+def test_malformed_queries_are_format_errors(data: bytes, why: str) -> None:
+    with pytest.raises(dns.DnsFormatError, match=why):
+        dns.parse_query(data)
+
+
+def test_formerr_keeps_the_id_and_a_response_gets_no_reply() -> None:
+    reply = dns.formerr_for(b"\x12\x34\x01\x00garbage")
+    assert reply is not None
+    decoded = dns.decode_reply(reply)
+    assert (decoded.id, decoded.rcode) == (0x1234, dns.RCODE_FORMERR)
+    assert dns.formerr_for(b"\x12\x34\x81\x80") is None
+    assert dns.formerr_for(b"\x12") is None
