@@ -36,6 +36,7 @@ from ztunnel.config.model import (
     USE_WAYPOINT_NONE,
     WAYPOINT_GATEWAY_CLASS,
     ClusterConfig,
+    ExtAuthzProvider,
     KubeObject,
     Namespace,
     Node,
@@ -435,6 +436,8 @@ def build_config(
     policies = tuple(o for o in objs if o.kind in POLICY_KINDS)
     warnings.extend(_ip_conflicts(objs, workloads))
     waypoints, others = _waypoints(objs, trust_domain, warnings)
+    mesh = [o for o in objs if o.kind == "ConfigMap" and o.name == MESH_CONFIGMAP and o.namespace == root_namespace]
+    providers = extension_providers(mesh[0]) if mesh else {}
     warnings.extend(_waypoint_warnings(objs, workloads, waypoints, others))
     return ClusterConfig(
         namespaces=namespaces,
@@ -447,10 +450,118 @@ def build_config(
         root_namespace=root_namespace,
         generation=generation,
         warnings=tuple(warnings),
+        extension_providers=providers,
     )
 
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
+MESH_CONFIGMAP = "istio"  # Istio's mesh config: this ConfigMap of the root namespace, key `mesh` (YAML)
+MESH_KEY = "mesh"
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: Any) -> float:
+    """A protobuf/Go duration as written in mesh config (`0.5s`, `600ms`, `1m30s`) -> seconds."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a duration such as 0.5s or 200ms")
+    total, rest = 0.0, value.strip()
+    while rest:
+        i = 0
+        while i < len(rest) and (rest[i].isdigit() or rest[i] == "."):
+            i += 1
+        j = i
+        while j < len(rest) and rest[j].isalpha():
+            j += 1
+        number, unit = rest[:i], rest[i:j]
+        if not number or unit not in _DURATION_UNITS:
+            raise ValueError(f"{value!r} is not a duration such as 0.5s or 200ms")
+        total += float(number) * _DURATION_UNITS[unit]
+        rest = rest[j:]
+    return total
+
+
+def extension_providers(obj: KubeObject) -> dict[str, ExtAuthzProvider]:
+    """The ext-authz `extensionProviders` of the mesh config ConfigMap (others, such as tracing, are not ours)."""
+    data = obj.body.get("data") or {}
+    text = data.get(MESH_KEY) if isinstance(data, Mapping) else None
+    if text is None:
+        return {}
+    if not isinstance(text, str):
+        raise ConfigError("must be the mesh config as a YAML string", source=obj.source, obj=obj.ref, field="data.mesh")
+    try:
+        mesh = yaml.load(text, Loader=YAML_LOADER) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"is not YAML: {e}", source=obj.source, obj=obj.ref, field="data.mesh") from None
+    entries = (mesh.get("extensionProviders") or []) if isinstance(mesh, Mapping) else None
+    if not isinstance(entries, list):
+        raise ConfigError("must be a list", source=obj.source, obj=obj.ref, field="data.mesh.extensionProviders")
+    out: dict[str, ExtAuthzProvider] = {}
+    for i, entry in enumerate(entries):
+        where = f"data.mesh.extensionProviders[{i}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ConfigError("needs a `name`", source=obj.source, obj=obj.ref, field=where)
+        for key, kind in (("envoyExtAuthzGrpc", "grpc"), ("envoyExtAuthzHttp", "http")):
+            if key in entry:
+                out[entry["name"]] = _provider(entry["name"], kind, entry[key], obj, f"{where}.{key}")
+    return out
+
+
+def _provider(name: str, kind: str, spec: Any, obj: KubeObject, where: str) -> ExtAuthzProvider:
+    def fail(field: str, message: str) -> ConfigError:
+        return ConfigError(message, source=obj.source, obj=obj.ref, field=f"{where}.{field}" if field else where)
+
+    if not isinstance(spec, Mapping):
+        raise fail("", "must be a mapping")
+    service, port = spec.get("service"), spec.get("port")
+    if not isinstance(service, str) or not service:
+        raise fail("service", "needs the authorizer's Service host, such as authz.ns.svc.cluster.local")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise fail("port", "needs the authorizer's port (1-65535)")
+
+    def names(field: str) -> tuple[str, ...]:
+        value = spec.get(field) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail(field, "must be a list of header names")
+        return tuple(v.lower() for v in value)
+
+    timeout = 600.0
+    if "timeout" in spec:
+        try:
+            timeout = parse_duration(spec["timeout"])
+        except ValueError as e:
+            raise fail("timeout", str(e)) from None
+    status = spec.get("statusOnError", "403")
+    try:
+        status_code = int(status)
+    except (TypeError, ValueError):
+        status_code = 0
+    if not 200 <= status_code <= 599:
+        raise fail("statusOnError", "must be an HTTP status code such as 403")
+    fail_open = spec.get("failOpen", False)
+    if not isinstance(fail_open, bool):
+        raise fail("failOpen", "must be true or false")
+    prefix = spec.get("pathPrefix", "")
+    if not isinstance(prefix, str) or (prefix and not prefix.startswith("/")):
+        raise fail("pathPrefix", "must be a path starting with /")
+    extra = spec.get("includeAdditionalHeadersInCheck") or {}
+    if not isinstance(extra, Mapping) or not all(isinstance(v, str) for v in extra.values()):
+        raise fail("includeAdditionalHeadersInCheck", "must map header names to values")
+    return ExtAuthzProvider(
+        name=name,
+        kind=kind,
+        service=service,
+        port=port,
+        timeout=timeout,
+        fail_open=fail_open,
+        status_on_error=status_code,
+        path_prefix=prefix,
+        include_request_headers=names("includeRequestHeadersInCheck"),
+        include_additional_headers=tuple((str(k).lower(), v) for k, v in extra.items()),
+        headers_to_upstream_on_allow=names("headersToUpstreamOnAllow"),
+        headers_to_downstream_on_deny=names("headersToDownstreamOnDeny"),
+    )
+
+
 
 
 def _waypoints(

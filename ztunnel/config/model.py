@@ -253,6 +253,33 @@ def _canonical_texts(ips: Iterable[str]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class ExtAuthzProvider:
+    """One `extensionProviders` entry of the mesh config (`envoyExtAuthzGrpc` / `envoyExtAuthzHttp`): the
+    external authorizer a CUSTOM AuthorizationPolicy names. Durations are seconds."""
+
+    name: str
+    kind: str  # "grpc" | "http"
+    service: str  # as written: `name.ns.svc.cluster.local` (or `name.ns`)
+    port: int
+    timeout: float = 600.0  # Istio's default
+    fail_open: bool = False
+    status_on_error: int = 403
+    path_prefix: str = ""
+    include_request_headers: tuple[str, ...] = ()  # lowercase
+    include_additional_headers: tuple[tuple[str, str], ...] = ()
+    headers_to_upstream_on_allow: tuple[str, ...] = ()  # lowercase
+    headers_to_downstream_on_deny: tuple[str, ...] = ()  # lowercase; empty: all of the authorizer's
+
+    @property
+    def service_ref(self) -> tuple[str, str] | None:
+        """(namespace, name) of the Kubernetes Service `service` names, None for another kind of host."""
+        parts = self.service.rstrip(".").split(".")
+        if len(parts) == 2 or (len(parts) >= 3 and parts[2] == "svc"):
+            return parts[1], parts[0]
+        return None
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """One consistent snapshot of the cluster. Build with `ClusterConfig.build`."""
@@ -267,6 +294,7 @@ class ClusterConfig:
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     generation: int = 0
     warnings: tuple[str, ...] = ()  # problems that did not reject the config, each naming file and object
+    extension_providers: Mapping[str, ExtAuthzProvider] = field(default_factory=dict)  # mesh config, by name
 
     @classmethod
     def empty(cls) -> ClusterConfig:
