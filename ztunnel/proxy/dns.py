@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from ztunnel.config.model import ClusterConfig
 from ztunnel.net import dns
@@ -173,7 +174,7 @@ class DnsServer:
 
         class Datagrams(asyncio.DatagramProtocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.transport = transport
+                self.transport = cast(asyncio.DatagramTransport, transport)  # selector's is not a subclass
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 task = loop.create_task(self._reply(data, addr))
@@ -183,7 +184,6 @@ class DnsServer:
             async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
                 reply = await server.answer(data, namespace, limit=dns.UDP_ANSWER_LIMIT)
                 if reply is not None and not self.transport.is_closing():
-                    assert isinstance(self.transport, asyncio.DatagramTransport)
                     self.transport.sendto(reply, addr)
 
         transport, _ = await loop.create_datagram_endpoint(Datagrams, sock=udp)
