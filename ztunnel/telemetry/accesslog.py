@@ -1,4 +1,4 @@
-"""Access log: one line per proxied connection, written when it closes.
+"""Access log: one line per proxied connection, written when it closes (the waypoint: one per request).
 
 The shape follows istio/ztunnel's `connection complete` event (src.*, dst.*, direction, bytes,
 duration) so the same log queries work. Lines go straight to a stream rather than through `logging`:
@@ -18,6 +18,7 @@ from ztunnel.telemetry.logs import MAX_VALUE_CHARS, text_value, truncate
 AccessLogFormat = Literal["text", "json", "off"]
 Direction = Literal["inbound", "outbound"]
 FORMATS: tuple[str, ...] = ("text", "json", "off")
+MAX_PATH_CHARS = 256  # a request path in the access log (the full one can be 8 KiB of client bytes)
 
 
 def _timestamp(now: float) -> str:
@@ -85,10 +86,55 @@ class AccessLog:
             record["error"] = error
         if traceparent:
             record["traceparent"] = traceparent
+        self._write(record, "connection complete", now)
+
+    def log_request(
+        self,
+        *,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        request_bytes: int,
+        response_bytes: int,
+        src_addr: str,
+        src_identity: str | None = None,
+        src_workload: str | None = None,
+        dst_workload: str | None = None,
+        dst_service: str | None = None,
+        upstream: str | None = None,
+        policy: str | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Log one HTTP request the waypoint decided (`request complete`): what was asked, the answer, and what
+        decided it (`policy`, the deciding AuthorizationPolicy, and/or `reason`: jwt, rbac, upstream error).
+        `path` comes from the client: clipped to `MAX_PATH_CHARS` and escaped like every value."""
+        if self.format == "off":
+            return
+        record: dict[str, object] = {
+            "method": method,
+            "path": truncate(path, MAX_PATH_CHARS) if len(path) > MAX_PATH_CHARS else path,
+            "response_code": status,
+            "src.addr": src_addr,
+            "src.workload": src_workload,
+            "src.identity": src_identity,
+            "dst.service": dst_service,
+            "dst.workload": dst_workload,
+            "upstream": upstream,
+            "bytes_recv": request_bytes,
+            "bytes_sent": response_bytes,
+            "duration_ms": round(duration * 1000, 3),
+            "policy": policy,
+            "reason": reason,
+        }
+        self._write(record, "request complete", now)
+
+    def _write(self, record: dict[str, object], msg: str, now: float | None) -> None:
         ts = _timestamp(time.time() if now is None else now)
         if self.format == "json":
             line = json.dumps(
-                {"time": ts, "level": "info", "scope": "access", "msg": "connection complete"}
+                {"time": ts, "level": "info", "scope": "access", "msg": msg}
                 | {
                     k: truncate(v) if isinstance(v, str) and len(v) > MAX_VALUE_CHARS else v  # JSON escapes the rest
                     for k, v in record.items()
@@ -97,7 +143,7 @@ class AccessLog:
             )
         else:
             fields = " ".join(f"{k}={text_value(v)}" for k, v in record.items() if v is not None)
-            line = f"{ts} info  access connection complete {fields}"
+            line = f"{ts} info  access {msg} {fields}"
         try:
             self.stream.write(line + "\n")
             self.stream.flush()

@@ -4,7 +4,9 @@ The waypoint is a pod of the config: labelled `gateway.networking.k8s.io/gateway
 namespace, service account `<name>` (as Istio's controller deploys it). It listens on `<pod ip>:15008` with that
 pod's SVID, and re-reads the config files when they change, as the node proxy does.
 
-Not yet here: metrics and admin ports (readiness is opt-in with --readiness-addr); a CRL change applies to
+Telemetry: Istio's HTTP metrics (reporter `waypoint`) on --metrics-addr and the admin server on --admin-addr, both
+opt-in like --readiness-addr (the node proxy's defaults, 15020 and 15000, would collide on one host); one access
+log line per request on stderr (--access-log, default the --log-format). Not yet here: a CRL change applies to
 new handshakes only (open connections of a revoked peer are not swept as the node proxy does).
 """
 
@@ -16,13 +18,16 @@ import logging
 import signal
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.ports import HBONE_PORT
 
 if TYPE_CHECKING:
     from ztunnel.config.model import ClusterConfig, Workload
+    from ztunnel.net.http import HttpServer
+    from ztunnel.waypoint.server import WaypointServer
+    from ztunnel.waypoint.telemetry import RequestTelemetry
 
 log = logging.getLogger("ztunnel.waypoint")
 
@@ -63,6 +68,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "none (the node proxy's default 127.0.0.1:15021 would collide on one host)",
     )
     p.add_argument(
+        "--metrics-addr",
+        default=None,
+        help="HOST:PORT for /metrics and /stats/prometheus (Istio's istio_requests_total, ... reporter=waypoint); "
+        "default: none (the node proxy's 127.0.0.1:15020 would collide on one host)",
+    )
+    p.add_argument(
+        "--admin-addr",
+        default=None,
+        help="HOST:PORT for the admin server (/config_dump, POST /quitquitquit, /logging); default: none (the node "
+        "proxy's 127.0.0.1:15000 would collide on one host)",
+    )
+    p.add_argument(
+        "--access-log",
+        choices=["text", "json", "off"],
+        help="per-request access log format (default: the --log-format)",
+    )
+    p.add_argument(
         "--drain-timeout",
         default="10s",
         help="on SIGTERM/SIGINT: how long open client connections may finish (no new ones) (default 10s)",
@@ -74,13 +96,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
-    if args.readiness_addr is not None:
-        from ztunnel.net.http import parse_host_port
+    from ztunnel.net.http import parse_host_port
 
-        try:
-            args.readiness_addr = parse_host_port(args.readiness_addr)
-        except ValueError as e:
-            raise WaypointCommandError(f"--readiness-addr: {e}") from None
+    for flag in ("readiness_addr", "metrics_addr", "admin_addr"):
+        if getattr(args, flag) is not None:
+            try:
+                setattr(args, flag, parse_host_port(getattr(args, flag)))
+            except ValueError as e:
+                raise WaypointCommandError(f"--{flag.replace('_', '-')}: {e}") from None
+    if args.access_log is None:
+        args.access_log = getattr(args, "log_format", "text")
     if args.ca and not (args.ca_root and args.token_file):
         raise WaypointCommandError(
             "--ca needs --ca-root (the CA's root certificate) and --token-file (the node's token)"
@@ -170,7 +195,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     await certs.start()
     contexts = TlsContexts(certs)
     pool = HbonePool(contexts, connect_timeout=parse_duration(args.connect_timeout).total_seconds())
-    waypoint = WaypointServer(identity, pool, snapshot(config, None))
+    waypoint = WaypointServer(identity, pool, snapshot(config, None), telemetry=_telemetry(args))
     server = HboneServer(contexts, waypoint.serve_tunnel)
 
     async def on_config(cfg: ClusterConfig) -> None:
@@ -210,12 +235,22 @@ async def run_waypoint(args: argparse.Namespace) -> int:
 
         host, port = args.readiness_addr
         readiness = ReadinessServer(host, port, ready)
+    servers = _control_servers(args, waypoint, stop)
+    started = []
     try:
         if readiness is not None:
             try:
                 await readiness.start()
             except OSError as e:
                 raise WaypointCommandError(f"cannot listen for readiness on {args.readiness_addr}: {e}") from None
+        for control in servers:
+            try:
+                await control.start()
+            except OSError as e:
+                raise WaypointCommandError(
+                    f"cannot listen for the {control.name} server on {control.host}: {e}"
+                ) from None
+            started.append(control)
         listener = await server.listen(_listening_socket(pod.ips[0], HBONE_PORT), identity)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -250,5 +285,56 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         pool.close()
         if readiness is not None:
             await readiness.close()
+        for control in started:
+            await control.close()
         await certs.close()
     return 0
+
+
+def _telemetry(args: argparse.Namespace) -> RequestTelemetry:
+    """Per-request metrics (when --metrics-addr is given: nobody could read them otherwise) and access log."""
+    from prometheus_client import CollectorRegistry
+
+    from ztunnel.telemetry.accesslog import AccessLog
+    from ztunnel.telemetry.http_metrics import WaypointMetrics
+    from ztunnel.waypoint.telemetry import RequestTelemetry
+
+    metrics = WaypointMetrics(CollectorRegistry()) if args.metrics_addr is not None else None
+    return RequestTelemetry(metrics, AccessLog(args.access_log))
+
+
+def _control_servers(args: argparse.Namespace, waypoint: WaypointServer, stop: asyncio.Event) -> list[HttpServer]:
+    """The opt-in metrics and admin servers, as the node proxy's (telemetry.http_server)."""
+    from ztunnel.telemetry.http_server import AdminServer, MetricsServer
+
+    servers: list[HttpServer] = []
+    telemetry = waypoint.telemetry
+    if args.metrics_addr is not None and telemetry is not None and telemetry.metrics is not None:
+        host, port = args.metrics_addr
+        servers.append(MetricsServer(host, port, telemetry.metrics.registry))
+    if args.admin_addr is not None:
+        dump = lambda: _config_dump(args, waypoint)  # noqa: E731
+        host, port = args.admin_addr
+        servers.append(AdminServer(host, port, config_dump=dump, on_quit=stop.set))
+    return servers
+
+
+def _config_dump(args: argparse.Namespace, waypoint: WaypointServer) -> dict[str, Any]:
+    cfg = waypoint.state.config
+    return {
+        "waypoint": f"{args.namespace}/{args.name}",
+        "identity": waypoint.identity.uri,
+        "generation": cfg.generation,
+        "services": [
+            {
+                "name": s.ref,
+                "cluster_ips": list(s.cluster_ips),
+                "ports": [{"port": p.port, "target_port": p.target_port} for p in s.ports],
+                "endpoints": [w.ref for w in cfg.endpoints(s)],
+            }
+            for s in cfg.services
+        ],
+        "policies": [o.ref for o in cfg.policy_objects],
+        "policy_errors": [str(e) for e in waypoint.state.decider.engine.errors],
+        "requests": dict(waypoint.requests),
+    }

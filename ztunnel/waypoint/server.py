@@ -13,8 +13,9 @@ flow control as backpressure; nothing is buffered whole.
 The two pure parts (`EndpointPicker`, `RequestDecider`) hold every decision; `WaypointServer` is the asyncio
 edge that moves bytes between the HBONE streams and the HTTP connection.
 
-CUSTOM (ext-authz) policies are not served yet: a request a CUSTOM policy applies to is denied with 403 and a
-log line says so (fail closed, as an unreachable authorizer would be).
+CUSTOM (ext-authz) policies: when a CUSTOM policy's rules match, `decide` leaves the verdict pending on its
+provider (`Verdict.custom`); the connection asks the provider (extauthz.Authorizers) and `after_ext_authz`
+applies the answer before the engine's DENY/ALLOW, as Envoy's ext_authz filter runs before its RBAC filter.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from ztunnel.hbone.server import InboundTunnel
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.net.streams import StreamClosed
-from ztunnel.policy.decision import ConnectionAttributes, HttpRequestAttributes
+from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes
 from ztunnel.policy.engine import PolicyEngine
 from ztunnel.ports import HBONE_PORT
+from ztunnel.waypoint.extauthz import Authorizers, AuthzVerdict, CheckAttributes
 from ztunnel.waypoint.http1 import (
     CLOSED,
     DENIED_BODY,
@@ -54,7 +56,9 @@ from ztunnel.waypoint.http1 import (
     RequestEnded,
     RequestHead,
     RequestReceived,
+    ResponseData,
     ResponseEnded,
+    ResponseReceived,
     TunnelOpened,
 )
 from ztunnel.waypoint.jwt import (
@@ -66,6 +70,7 @@ from ztunnel.waypoint.jwt import (
     authenticate,
     header_edits,
 )
+from ztunnel.waypoint.telemetry import Outcome, RequestTelemetry
 
 log = logging.getLogger("ztunnel.waypoint")
 
@@ -148,6 +153,8 @@ class Verdict:
     policy: str | None = None
     add_headers: tuple[tuple[bytes, bytes], ...] = ()  # upstream, after an allow (JWT outputs)
     remove_headers: frozenset[bytes] = frozenset()  # upstream, lowercase names
+    custom: Decision | None = None  # pending on the CUSTOM policy's provider (see `after_ext_authz`)
+    response_headers: tuple[tuple[bytes, bytes], ...] = ()  # to the client with a local answer
 
 
 def _text(value: bytes) -> str:
@@ -208,18 +215,49 @@ class RequestDecider:
             request_presenter=presenter,
         )
         decision = self.engine.check_l7(conn, request)
-        if decision.custom_policies:
-            return Verdict(
-                False,
-                403,
-                DENIED_BODY,
-                "CUSTOM policy applies but external authorization is not supported by this waypoint yet "
-                f"(fail closed): {', '.join(decision.custom_policies)}",
-                decision.custom_policies[0],
-            )
+        if decision.custom_policies:  # its provider is asked first (`after_ext_authz`)
+            reason = f"CUSTOM policy {decision.custom_policies[0]}: waiting for its provider"
+            return Verdict(False, 403, DENIED_BODY, reason, decision.custom_policies[0], add, remove, decision)
         if not decision.allowed:
             return Verdict(False, 403, DENIED_BODY, decision.reason, decision.policy)
         return Verdict(True, 200, b"", decision.reason, decision.policy, add, remove)
+
+
+def after_ext_authz(verdict: Verdict, answer: AuthzVerdict) -> Verdict:
+    """A pending verdict once its CUSTOM provider answered: its deny is the client's answer as the provider
+    gave it; its allow leaves the engine's DENY/ALLOW decision, with the provider's headers added upstream."""
+    decision = verdict.custom
+    assert decision is not None
+    if not answer.allowed:
+        status, body, reason = answer.status, answer.body, answer.reason
+        return Verdict(False, status, body, reason, verdict.policy, response_headers=answer.headers)
+    decision = decision.after_custom(True)
+    if not decision.allowed:
+        return Verdict(False, 403, DENIED_BODY, decision.reason, decision.policy)
+    add = verdict.add_headers + answer.headers
+    removed = verdict.remove_headers | answer.remove_headers | {k for k, _ in answer.headers}
+    return Verdict(True, 200, b"", f"{answer.reason}; {decision.reason}", decision.policy, add, frozenset(removed))
+
+
+def check_attributes(head: RequestHead, conn: ConnectionAttributes, source_port: int) -> CheckAttributes:
+    """What a CUSTOM provider is told about the request (Envoy's AttributeContext)."""
+    joined: dict[str, str] = {}
+    for k, v in head.headers:
+        name, value = _text(k).lower(), _text(v)
+        joined[name] = f"{joined[name]},{value}" if name in joined else value
+    return CheckAttributes(
+        source_ip=conn.source_ip,
+        source_port=source_port,
+        source_principal=conn.source_principal or "",
+        destination_ip=conn.destination_ip,
+        destination_port=conn.destination_port,
+        destination_principal=conn.destination.identity,
+        method=_text(head.method),
+        path=_text(head.target),
+        host=_text(head.host),
+        headers=tuple(joined.items()),
+        protocol="HTTP/1.0" if head.version == b"1.0" else "HTTP/1.1",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,6 +291,8 @@ class WaypointServer:
     state: WaypointState
     picker: EndpointPicker = field(default_factory=EndpointPicker)
     requests: dict[str, int] = field(default_factory=dict)  # verdict -> count (allow, deny, jwt, error)
+    authorizers: Authorizers = field(default_factory=Authorizers)  # CUSTOM policies' providers
+    telemetry: RequestTelemetry | None = None  # Istio's HTTP metrics and the access log, per request
 
     def _count(self, what: str) -> None:
         self.requests[what] = self.requests.get(what, 0) + 1
@@ -301,6 +341,7 @@ class _ClientConnection:
         self.principal = tunnel.peer_identity.uri
         self.http = Http1Connection()
         self.upstream: _Upstream | None = None
+        self.outcome = Outcome(0.0)  # the current request's, for its telemetry
 
     async def run(self) -> None:
         http = self.http
@@ -310,7 +351,7 @@ class _ClientConnection:
                 if ev is NEED_DATA:
                     http.receive_data(await self._read_client())
                 elif isinstance(ev, RequestReceived):
-                    if not await self._request(ev.head):
+                    if not await self._recorded(ev.head):
                         break
                 else:  # CLOSED, RequestRejected (its answer is queued), PAUSED (nothing left to do)
                     break
@@ -342,6 +383,26 @@ class _ClientConnection:
                     pass
         self.client.close()
 
+    async def _recorded(self, head: RequestHead) -> bool:
+        """`_request`, and its metrics and access log line once it is over (however it ends)."""
+        telemetry = self.server.telemetry
+        config = self.server.state.config
+        self.outcome = outcome = Outcome(time.monotonic(), service=config.service_by_ip(self.target.ip))
+        try:
+            return await self._request(head)
+        finally:
+            if telemetry is not None:
+                telemetry.record(
+                    config,
+                    principal=self.principal,
+                    source_ip=source_ip(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
+                    source_addr=f"{self.tunnel.peer_address[0]}:{self.tunnel.peer_address[1]}",
+                    method=head.method,
+                    path=head.path,
+                    content_type=head.header(b"content-type"),
+                    outcome=outcome,
+                )
+
     async def _request(self, head: RequestHead) -> bool:
         """Decide and serve one request; False when the client connection is over."""
         server, http = self.server, self.http
@@ -350,10 +411,13 @@ class _ClientConnection:
         endpoint = server.picker.pick(state.config, self.target, current)
         if isinstance(endpoint, str):
             server._count("no_endpoint")
+            self.outcome.status, self.outcome.reason = 503, "no_endpoint"
+            self.outcome.response_bytes = len(NO_UPSTREAM_BODY)
             log.info("request refused: %s", endpoint, extra=self._fields(head))
             http.respond(503, NO_UPSTREAM_BODY)
             await self._to_client(http.data_to_client())
             return not http.closed
+        self.outcome.destination, self.outcome.upstream = endpoint.workload, str(endpoint.target)
         attrs = ConnectionAttributes(
             source_principal=self.principal,
             source_ip=source_ip(state.config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
@@ -362,14 +426,19 @@ class _ClientConnection:
             destination_port=endpoint.target.port,
         )
         verdict = state.decider.decide(head, attrs)
+        if verdict.custom is not None:
+            verdict = await self._ext_authz(head, attrs, verdict)
         if not verdict.allowed:
             server._count("jwt" if verdict.status == 401 else "deny")
+            self._denied(verdict)
             log.info(
                 "request denied: %s",
                 verdict.reason,
                 extra={**self._fields(head), "status": verdict.status, "policy": verdict.policy},
             )
-            http.respond(verdict.status, verdict.body)
+            content_type = next((v for k, v in verdict.response_headers if k == b"content-type"), b"text/plain")
+            extra = tuple((k, v) for k, v in verdict.response_headers if k != b"content-type")
+            http.respond(verdict.status, verdict.body, content_type=content_type, headers=extra)
             await self._to_client(http.data_to_client())
             return not http.closed
         upstream = self.upstream
@@ -386,6 +455,8 @@ class _ClientConnection:
                 )
             except HboneError as e:
                 server._count("upstream_error")
+                self.outcome.status, self.outcome.reason = 503, "upstream_error"
+                self.outcome.response_bytes = len(UPSTREAM_FAILED_BODY)
                 log.warning(
                     "upstream tunnel failed: %s", e, extra={**self._fields(head), "endpoint": str(endpoint.target)}
                 )
@@ -394,6 +465,7 @@ class _ClientConnection:
                 return not http.closed
             upstream = self.upstream = _Upstream(endpoint, stream)
         server._count("allow")
+        self.outcome.policy = verdict.policy
         log.debug("request allowed", extra={**self._fields(head), "policy": verdict.policy})
         http.allow(verdict.add_headers, remove=verdict.remove_headers)
         await self._to_client(http.data_to_client())  # 100 Continue, when asked for
@@ -413,6 +485,21 @@ class _ClientConnection:
             self.upstream = None
         return keep
 
+    async def _ext_authz(self, head: RequestHead, attrs: ConnectionAttributes, verdict: Verdict) -> Verdict:
+        """Ask the CUSTOM policy's provider (one per workload, as Istio allows) and apply its answer."""
+        assert verdict.custom is not None
+        config = self.server.state.config
+        names = verdict.custom.custom_providers
+        provider = config.extension_providers.get(names[0]) if len(names) == 1 else None
+        if provider is None:
+            why = "more than one provider" if len(names) > 1 else f"no extension provider {names[0]!r} in mesh config"
+            reason = f"CUSTOM policy {verdict.policy}: {why} (fail closed)"
+            return Verdict(False, 403, DENIED_BODY, reason, verdict.policy)
+        forwarded = self.request.forwarded_for
+        port = forwarded[1] if forwarded and forwarded[0] == attrs.source_ip else self.tunnel.peer_address[1]
+        answer = await self.server.authorizers.check(config, provider, check_attributes(head, attrs, port))
+        return after_ext_authz(verdict, answer)
+
     async def _pump_request(self, up: HboneStream) -> None:
         """The allowed request's body, client -> upstream, one read at a time (each write waits for window)."""
         http = self.http
@@ -421,6 +508,8 @@ class _ClientConnection:
             if ev is NEED_DATA:
                 http.receive_data(await self._read_client())
                 continue
+            if isinstance(ev, RequestData):
+                self.outcome.request_bytes += len(ev.data)
             if isinstance(ev, (RequestData, RequestEnded)):
                 data = http.data_to_upstream()
                 if data:
@@ -444,6 +533,10 @@ class _ClientConnection:
                 except StreamClosed:
                     data = b""
                 http.receive_upstream_data(data)
+            elif isinstance(ev, ResponseData):
+                self.outcome.response_bytes += len(ev.data)
+            elif isinstance(ev, ResponseReceived):
+                self._response_head(ev)
             elif isinstance(ev, ResponseEnded):
                 return ev.keep_alive
             elif isinstance(ev, TunnelOpened):
@@ -456,6 +549,17 @@ class _ClientConnection:
             elif ev is CLOSED or ev is PAUSED:  # PAUSED cannot happen mid-response: end the connection
                 return False
             # ResponseReceived / ResponseData: their bytes went to the client above
+
+    def _denied(self, verdict: Verdict) -> None:
+        o = self.outcome
+        o.status, o.policy, o.response_bytes = verdict.status, verdict.policy, len(verdict.body)
+        o.reason = "jwt" if verdict.status == 401 else "rbac"
+
+    def _response_head(self, ev: ResponseReceived) -> None:
+        self.outcome.status = ev.status
+        for name, value in ev.headers:
+            if name.lower() == b"grpc-status":  # a trailers-only gRPC answer; HTTP/1.1 trailers are not read
+                self.outcome.grpc_status = value.decode("latin-1").strip()
 
     def _fields(self, head: RequestHead) -> dict[str, object]:
         return {

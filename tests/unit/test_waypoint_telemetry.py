@@ -1,0 +1,162 @@
+"""The waypoint's per-request telemetry: Istio's HTTP labels from the config, one metric update and one access
+log line per request, cached label children."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from prometheus_client import CollectorRegistry
+
+from ztunnel.config.model import ClusterConfig, Service, ServicePort, Workload
+from ztunnel.telemetry.accesslog import MAX_PATH_CHARS, AccessLog
+from ztunnel.telemetry.http_metrics import DURATION_BUCKETS_MS, HTTP_LABELS, WaypointMetrics, request_protocol
+from ztunnel.telemetry.metrics import TCP_LABELS
+from ztunnel.waypoint.telemetry import Outcome, RequestTelemetry, request_labels, source_workload
+
+
+def workload(name: str, ns: str, sa: str, ip: str, **labels: str) -> Workload:
+    return Workload(
+        uid=f"uid-{name}", name=name, namespace=ns, node="a", service_account=sa, ips=(ip,), labels=labels
+    )
+
+
+SLEEP = workload("sleep-1", "foo", "sleep", "127.0.10.1", app="sleep")
+CANONICAL = {"service.istio.io/canonical-name": "hb"}
+HTTPBIN = workload("httpbin-1", "bar", "httpbin", "127.0.20.1", app="httpbin", **CANONICAL)
+SVC = Service(name="httpbin", namespace="bar", cluster_ips=("10.96.0.5",), ports=(ServicePort(8000, 80),), selector={})
+CONFIG = ClusterConfig(namespaces={}, workloads=(SLEEP, HTTPBIN), services=(SVC,), nodes={})
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_labels_follow_istio_and_the_node_proxy() -> None:
+    labels = request_labels(
+        source=SLEEP, source_principal=SLEEP.identity, destination=HTTPBIN, service=SVC, protocol="http"
+    )
+    assert (*TCP_LABELS, "response_code", "grpc_response_status") == HTTP_LABELS
+    values = dict(zip(HTTP_LABELS, (*labels.values("-"), "200", ""), strict=True))
+    assert values == {
+        "reporter": "waypoint",
+        "source_workload": "sleep-1",
+        "source_workload_namespace": "foo",
+        "source_principal": "spiffe://cluster.local/ns/foo/sa/sleep",
+        "source_app": "sleep",
+        "destination_workload": "httpbin-1",
+        "destination_workload_namespace": "bar",
+        "destination_principal": "spiffe://cluster.local/ns/bar/sa/httpbin",
+        "destination_app": "hb",  # the canonical name wins over `app`, as in the node proxy's labels
+        "destination_service": "httpbin.bar.svc.cluster.local",
+        "request_protocol": "http",
+        "response_flags": "-",
+        "connection_security_policy": "mutual_tls",
+        "response_code": "200",
+        "grpc_response_status": "",
+    }
+    unknown = request_labels(source=None, source_principal="", destination=None, service=SVC, protocol="grpc")
+    assert {unknown.source_workload, unknown.source_principal, unknown.destination_workload} == {"unknown"}
+
+
+def test_source_workload_only_with_the_callers_identity() -> None:
+    assert source_workload(CONFIG, "127.0.10.1", SLEEP.identity) is SLEEP
+    assert source_workload(CONFIG, "127.0.10.1", HTTPBIN.identity) is None  # someone else's address
+    assert source_workload(CONFIG, "127.0.99.9", SLEEP.identity) is None  # a node proxy's address
+
+
+def test_request_protocol_from_content_type() -> None:
+    assert request_protocol("application/grpc") == "grpc"
+    assert request_protocol("Application/gRPC+proto") == "grpc"
+    assert request_protocol("application/json") == "http"
+    assert request_protocol(None) == "http"
+
+
+def test_duration_buckets_are_envoys() -> None:
+    assert DURATION_BUCKETS_MS[:3] == (0.5, 1, 5) and DURATION_BUCKETS_MS[-1] == 3600000
+
+
+def _record(t: RequestTelemetry, outcome: Outcome, **kw: object) -> None:
+    args: dict[str, object] = {
+        "principal": SLEEP.identity,
+        "source_ip": "127.0.10.1",
+        "source_addr": "127.0.10.1:40000",
+        "method": b"GET",
+        "path": b"/hello",
+        "content_type": None,
+        "outcome": outcome,
+        "now": 10.25,
+    }
+    args.update(kw)
+    t.record(CONFIG, **args)  # type: ignore[arg-type]
+
+
+def test_allowed_and_denied_are_counted_once_each_and_logged_with_the_policy() -> None:
+    registry = CollectorRegistry()
+    out = io.StringIO()
+    t = RequestTelemetry(WaypointMetrics(registry), AccessLog("json", out))
+    ok = Outcome(10.0, status=200, policy="bar/allow-get", destination=HTTPBIN, service=SVC, upstream="127.0.20.1:8000")
+    ok.request_bytes, ok.response_bytes = 0, 1500
+    _record(t, ok)
+    denied = Outcome(10.0, status=403, policy="bar/deny-post", reason="rbac", destination=HTTPBIN, service=SVC)
+    denied.response_bytes = 19
+    _record(t, denied, method=b"POST", content_type=b"application/grpc")
+    common = {
+        "reporter": "waypoint",
+        "source_workload": "sleep-1",
+        "source_principal": SLEEP.identity,
+        "destination_service": "httpbin.bar.svc.cluster.local",
+        "destination_workload": "httpbin-1",
+        "response_flags": "-",
+        "connection_security_policy": "mutual_tls",
+        "source_workload_namespace": "foo",
+        "source_app": "sleep",
+        "destination_workload_namespace": "bar",
+        "destination_principal": HTTPBIN.identity,
+        "destination_app": "hb",
+        "grpc_response_status": "",
+    }
+    ok_labels = {**common, "response_code": "200", "request_protocol": "http"}
+    denied_labels = {**common, "response_code": "403", "request_protocol": "grpc"}
+    assert sample(registry, "istio_requests_total", **ok_labels) == 1
+    assert sample(registry, "istio_requests_total", **denied_labels) == 1
+    assert sample(registry, "istio_request_duration_milliseconds_count", **ok_labels) == 1
+    assert sample(registry, "istio_request_duration_milliseconds_sum", **ok_labels) == 250.0
+    assert sample(registry, "istio_request_duration_milliseconds_bucket", **ok_labels, le="250.0") == 1
+    assert sample(registry, "istio_request_duration_milliseconds_bucket", **ok_labels, le="100.0") == 0
+    assert sample(registry, "istio_response_bytes_sum", **ok_labels) == 1500
+    assert sample(registry, "istio_response_bytes_bucket", **ok_labels, le="1000.0") == 0
+    assert sample(registry, "istio_response_bytes_bucket", **ok_labels, le="10000.0") == 1
+    assert sample(registry, "istio_request_bytes_count", **denied_labels) == 1
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["msg"], r["method"], r["response_code"], r.get("policy"), r.get("reason")) for r in lines] == [
+        ("request complete", "GET", 200, "bar/allow-get", None),
+        ("request complete", "POST", 403, "bar/deny-post", "rbac"),
+    ]
+    assert lines[0]["src.workload"] == "foo/sleep-1" and lines[0]["dst.service"] == "httpbin.bar.svc.cluster.local"
+    assert lines[0]["upstream"] == "127.0.20.1:8000" and lines[0]["duration_ms"] == 250.0
+    assert lines[0]["bytes_sent"] == 1500
+
+
+def test_children_and_labels_are_cached() -> None:
+    registry = CollectorRegistry()
+    metrics = WaypointMetrics(registry)
+    t = RequestTelemetry(metrics, None)
+    for _ in range(3):
+        _record(t, Outcome(10.0, status=200, destination=HTTPBIN, service=SVC))
+    assert len(metrics._children) == 1
+    first = t.labels(CONFIG, SLEEP.identity, "127.0.10.1", HTTPBIN, SVC, "http")[1]
+    assert t.labels(CONFIG, SLEEP.identity, "127.0.10.1", HTTPBIN, SVC, "http")[1] is first
+    other = ClusterConfig(namespaces={}, workloads=(SLEEP, HTTPBIN), services=(SVC,), nodes={})
+    assert t.labels(other, SLEEP.identity, "127.0.10.1", HTTPBIN, SVC, "http")[1] is not first  # a new snapshot
+
+
+def test_request_without_a_service_is_logged_not_counted() -> None:
+    registry = CollectorRegistry()
+    out = io.StringIO()
+    t = RequestTelemetry(WaypointMetrics(registry), AccessLog("text", out))
+    _record(t, Outcome(10.0, status=503, reason="no_endpoint"), path=b"/a b\n" + b"x" * 5000)
+    assert sample(registry, "istio_requests_total", response_code="503") is None
+    line = out.getvalue()
+    assert line.count("\n") == 1 and "request complete" in line and "reason=no_endpoint" in line
+    assert len(line) < MAX_PATH_CHARS + 600  # the client's path is clipped

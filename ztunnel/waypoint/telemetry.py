@@ -1,0 +1,154 @@
+"""The waypoint's per-request telemetry: Istio's HTTP metrics (reporter `waypoint`) and one access log line.
+
+Which workload, principal and service a request belongs to is the waypoint's knowledge (its config
+snapshot); telemetry counts strings. The labels follow the node proxy's (proxy.labels, DESIGN §4.9:
+`unknown` for what is not known, principals as SPIFFE URIs, the service's FQDN), built once per
+(snapshot, source, destination, protocol) and handed out again, so the metric-children lookup that
+follows is a dict hit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ztunnel.config.model import ClusterConfig, Service, Workload
+from ztunnel.telemetry.accesslog import AccessLog
+from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, WaypointMetrics, request_protocol
+from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, UNKNOWN, ConnectionLabels
+
+CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
+
+
+def _app_of(workload: Workload) -> str:
+    # the same rule as the node proxy's labels (proxy.labels._app_of): canonical name, else `app`
+    return workload.labels.get(CANONICAL_NAME_LABEL) or workload.app
+
+
+def source_workload(config: ClusterConfig, source_ip: str, principal: str) -> Workload | None:
+    """The client's pod: the one at `source_ip`, when it runs as the authenticated `principal` (otherwise the
+    address is a node proxy's or a stranger's, and the source workload is unknown)."""
+    w = config.workload_by_ip(source_ip)
+    return w if w is not None and w.identity == principal else None
+
+
+def request_labels(
+    *, source: Workload | None, source_principal: str, destination: Workload | None, service: Service, protocol: str
+) -> ConnectionLabels:
+    """Istio's labels for a request to `service` (its endpoint `destination`, None when there was none)."""
+    return ConnectionLabels(
+        reporter=REPORTER_WAYPOINT,
+        source_workload=source.name if source else UNKNOWN,
+        source_workload_namespace=source.namespace if source else UNKNOWN,
+        source_principal=source_principal or UNKNOWN,
+        source_app=_app_of(source) if source else UNKNOWN,
+        destination_workload=destination.name if destination else UNKNOWN,
+        destination_workload_namespace=destination.namespace if destination else UNKNOWN,
+        destination_principal=destination.identity if destination else UNKNOWN,
+        destination_app=_app_of(destination) if destination else UNKNOWN,
+        destination_service=service.hostname,
+        request_protocol=protocol,
+        connection_security_policy="mutual_tls",  # HBONE in: the client's SVID was verified
+    )
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one request, filled in as it is served; `record` reads it at the end."""
+
+    started: float
+    status: int = 0  # 0: no response was sent (the client or the upstream went away)
+    policy: str | None = None
+    reason: str | None = None  # rbac, jwt, no_endpoint, upstream_error, ... (None: allowed)
+    destination: Workload | None = None
+    service: Service | None = None
+    upstream: str | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    grpc_status: str = ""
+
+
+class RequestTelemetry:
+    """Counts and logs finished requests; either part may be off (`metrics`/`access_log` None)."""
+
+    def __init__(self, metrics: WaypointMetrics | None, access_log: AccessLog | None) -> None:
+        self.metrics = metrics
+        self.access_log = access_log if access_log is not None and access_log.enabled else None
+        self._config: ClusterConfig | None = None
+        self._labels: dict[tuple[Any, ...], tuple[Workload | None, Workload | None, Service, ConnectionLabels]] = {}
+
+    def labels(
+        self,
+        config: ClusterConfig,
+        principal: str,
+        source_ip: str,
+        destination: Workload | None,
+        service: Service,
+        protocol: str,
+    ) -> tuple[Workload | None, ConnectionLabels]:
+        if config is not self._config:  # a new snapshot: its workloads and services are new objects
+            self._config = config
+            self._labels.clear()
+        key = (principal, source_ip, id(destination), id(service), protocol)
+        hit = self._labels.get(key)
+        if hit is not None and hit[1] is destination and hit[2] is service:
+            return hit[0], hit[3]
+        source = source_workload(config, source_ip, principal)
+        labels = request_labels(
+            source=source, source_principal=principal, destination=destination, service=service, protocol=protocol
+        )
+        if len(self._labels) >= CHILD_CACHE_LIMIT:
+            self._labels.clear()
+        self._labels[key] = (source, destination, service, labels)
+        return source, labels
+
+    def record(
+        self,
+        config: ClusterConfig,
+        *,
+        principal: str,
+        source_ip: str,
+        source_addr: str,
+        method: bytes,
+        path: bytes,
+        content_type: bytes | None,
+        outcome: Outcome,
+        now: float | None = None,
+    ) -> None:
+        """One finished request, counted once and logged once. A request with no `outcome.service` (the
+        tunnel's address was not a Service's) has no Istio labels to go under: logged only."""
+        duration = (time.monotonic() if now is None else now) - outcome.started
+        service, destination = outcome.service, outcome.destination
+        source: Workload | None = None
+        if service is not None:
+            protocol = request_protocol(content_type.decode("latin-1") if content_type else None)
+            source, labels = self.labels(config, principal, source_ip, destination, service, protocol)
+            if self.metrics is not None:
+                self.metrics.request_done(
+                    labels,
+                    response_code=outcome.status,
+                    duration=duration,
+                    request_bytes=outcome.request_bytes,
+                    response_bytes=outcome.response_bytes,
+                    grpc_response_status=outcome.grpc_status,
+                )
+        if self.access_log is not None:
+            if source is None:
+                source = source_workload(config, source_ip, principal)
+            self.access_log.log_request(
+                method=method.decode("latin-1"),
+                path=path.decode("latin-1"),
+                status=outcome.status,
+                duration=duration,
+                request_bytes=outcome.request_bytes,
+                response_bytes=outcome.response_bytes,
+                src_addr=source_addr,
+                src_identity=principal,
+                src_workload=source.ref if source else None,
+                dst_workload=destination.ref if destination else None,
+                dst_service=service.hostname if service else None,
+                upstream=outcome.upstream,
+                policy=outcome.policy,
+                reason=outcome.reason,
+            )
