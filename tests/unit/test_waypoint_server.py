@@ -1,5 +1,5 @@
 """The waypoint's pure parts (waypoint/server.py): which endpoint a request goes to, and what is done with it
-(RequestAuthentication, then check_l7; CUSTOM fails closed), plus the header removal `Http1Connection.allow`
+(RequestAuthentication, then check_l7; CUSTOM pending on its provider), plus the header removal `Http1Connection.allow`
 applies for the JWT edits."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from ztunnel.config.model import ClusterConfig
 from ztunnel.hbone.protocol import Authority
 from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.policy.engine import PolicyEngine
+from ztunnel.waypoint.extauthz import AuthzVerdict
 from ztunnel.waypoint.http1 import Http1Connection, RequestHead, RequestReceived
 from ztunnel.waypoint.jwt import KeyStore
-from ztunnel.waypoint.server import EndpointPicker, RequestDecider, Verdict, source_ip
+from ztunnel.waypoint.server import EndpointPicker, RequestDecider, Verdict, after_ext_authz, source_ip
 
 ISS = "https://issuer.test"
 RS = key("RS256")
@@ -140,11 +141,28 @@ def test_greeter_policy_per_request() -> None:
         assert (v.allowed, v.status, v.body) == (False, 403, b"RBAC: access denied"), v
 
 
-def test_custom_policy_fails_closed_with_a_reason() -> None:
-    cfg = config(BASE + CUSTOM.replace("rules: [{to: [{operation: {paths: ['/ext*']}}]}]", "rules: [{}]"))
-    v = decide(cfg, get("/hello"))
-    assert (v.allowed, v.status, v.body, v.policy) == (False, 403, b"RBAC: access denied", "greet/ext")
-    assert "CUSTOM" in v.reason and "not supported" in v.reason
+def test_custom_policy_leaves_the_verdict_pending_on_its_provider() -> None:
+    cfg = config(BASE + CUSTOM)
+    v = decide(cfg, get("/ext/1"))
+    assert (v.allowed, v.policy) == (False, "greet/ext")
+    assert v.custom is not None and v.custom.custom_providers == ("authz",)
+    assert decide(cfg, get("/hello")).custom is None  # outside the CUSTOM rules: the provider is never asked
+
+
+def test_after_ext_authz_deny_is_the_providers_answer_allow_defers_to_allow_policies() -> None:
+    cfg = config(BASE + CUSTOM.replace("paths: ['/ext*']", "paths: ['*']"))
+    pending = decide(cfg, get("/hello"))
+    denied = after_ext_authz(pending, AuthzVerdict(False, "no", 401, b"go away", ((b"x-why", b"policy"),)))
+    assert (denied.allowed, denied.status, denied.body, denied.response_headers) == (
+        False,
+        401,
+        b"go away",
+        ((b"x-why", b"policy"),),
+    )
+    allowed = after_ext_authz(pending, AuthzVerdict(True, "ok", headers=((b"x-user", b"alice"),)))
+    assert allowed.allowed and allowed.add_headers == ((b"x-user", b"alice"),) and b"x-user" in allowed.remove_headers
+    other = after_ext_authz(decide(cfg, get("/version")), AuthzVerdict(True, "ok"))  # the ALLOW policy still decides
+    assert (other.allowed, other.status, other.body) == (False, 403, b"RBAC: access denied")
 
 
 def test_jwt_bad_token_401_good_token_allowed_with_header_edits() -> None:
