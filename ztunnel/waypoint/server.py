@@ -554,6 +554,7 @@ class _ClientConnection:
         o = self.outcome
         o.status, o.policy, o.response_bytes = verdict.status, verdict.policy, len(verdict.body)
         o.reason = "jwt" if verdict.status == 401 else "rbac"
+        o.upstream = None  # answered here, not forwarded
 
     def _response_head(self, ev: ResponseReceived) -> None:
         self.outcome.status = ev.status

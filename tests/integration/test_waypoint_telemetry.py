@@ -1,0 +1,151 @@
+"""The waypoint process's telemetry end to end (issue 12): after one allowed and one denied request through
+`ztunnel waypoint --metrics-addr ... --access-log json`, its /metrics has Istio's `istio_requests_total` with
+reporter `waypoint` once per request (200 and 403, the client's principal, the Service's FQDN), the duration
+histogram counted twice, and the access log a `request complete` line for each with what decided it.
+
+The cluster, the destination node proxy and the app are test_waypoint_local's.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import ProxyProcess, start_proxy
+from tests.integration.test_waypoint_local import (
+    APP_PORT,
+    CLIENT,
+    CONFIG,
+    GREETER_IP,
+    WAYPOINT_IP,
+    KeepAliveApp,
+    _get,
+    _listening,
+    _one,
+    start_waypoint,
+    stop,
+)
+from tests.support.certs import in_process_certs
+from tests.support.eventually import eventually
+from tests.support.identity import free_port
+from ztunnel.hbone.client import HbonePool
+from ztunnel.hbone.tls_cache import TlsContexts
+
+SERVICE = "greeter.greet.svc.cluster.local"
+
+
+@dataclass
+class Running:
+    ca_dir: Path
+    log: Path
+    metrics_port: int
+    admin_port: int
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Running]:
+    workdir = tmp_path_factory.mktemp("waypoint-telemetry")
+    config = workdir / "cluster.yaml"
+    config.write_text(CONFIG)
+    app = KeepAliveApp(GREETER_IP, APP_PORT)
+    proxy: ProxyProcess | None = None
+    waypoint = None
+    metrics_port, admin_port = free_port(), free_port()
+    try:
+        proxy = start_proxy("node-b", config, ca_dir, workdir)
+        waypoint, log = start_waypoint(
+            config,
+            ca_dir,
+            workdir,
+            *("--name", "waypoint", "--namespace", "greet", "--access-log", "json"),
+            *("--metrics-addr", f"127.0.0.1:{metrics_port}", "--admin-addr", f"127.0.0.1:{admin_port}"),
+        )
+        eventually(
+            lambda: waypoint.poll() is not None or _listening(WAYPOINT_IP, 15008), 20, what="waypoint listening"
+        )
+        assert waypoint.poll() is None, log.read_text()
+        yield Running(ca_dir, log, metrics_port, admin_port)
+    finally:
+        if waypoint is not None:
+            stop(waypoint)
+        if proxy is not None:
+            proxy.stop()
+        app.close()
+
+
+@pytest.fixture
+async def client(running: Running) -> AsyncIterator[HbonePool]:
+    async with in_process_certs(running.ca_dir) as certs:
+        pool = HbonePool(TlsContexts(certs))
+        try:
+            yield pool
+        finally:
+            pool.close()
+
+
+def _samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _find(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> list[float]:
+    want = set(labels.items())
+    return [v for (n, ls), v in samples.items() if n == name and want <= ls]
+
+
+def _access_lines(log: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("msg") == "request complete":
+                out.append(record)
+    return out
+
+
+async def test_allowed_and_denied_requests_are_counted_and_logged(running: Running, client: HbonePool) -> None:
+    assert (await _one(client, _get("/hello")))[0] == 200
+    assert (await _one(client, _get("/version")))[0] == 403
+
+    common = {"reporter": "waypoint", "source_principal": CLIENT.uri, "destination_service": SERVICE}
+
+    def counted() -> bool:
+        s = _samples(running.metrics_port)
+        return bool(_find(s, "istio_requests_total", **common, response_code="403"))
+
+    eventually(counted, 10, what="the denied request in the waypoint's metrics")
+    s = _samples(running.metrics_port)
+    assert _find(s, "istio_requests_total", **common, response_code="200", request_protocol="http") == [1.0]
+    assert _find(s, "istio_requests_total", **common, response_code="403", request_protocol="http") == [1.0]
+    assert _find(s, "istio_requests_total", **common, destination_workload="greeter", grpc_response_status="")
+    assert sum(_find(s, "istio_request_duration_milliseconds_count", **common)) == 2
+    assert sum(_find(s, "istio_response_bytes_sum", **common, response_code="200")) > 0
+
+    lines = _access_lines(running.log)
+    assert [(r["method"], r["path"], r["response_code"], r.get("reason")) for r in lines] == [
+        ("GET", "/hello", 200, None),
+        ("GET", "/version", 403, "rbac"),
+    ]
+    allowed, denied = lines
+    for r in lines:
+        assert (r["src.identity"], r["dst.service"], r["dst.workload"]) == (CLIENT.uri, SERVICE, "greet/greeter")
+    assert allowed["policy"] == "greet/greeter-service"  # the ALLOW that matched
+    assert denied["policy"] == "greet/greeter-service"  # the ALLOW that did not match: denied by it
+    assert allowed["upstream"] == f"{GREETER_IP}:{APP_PORT}" and "upstream" not in denied
+    assert allowed["bytes_sent"] == len(b"hello GET /hello (0 body bytes) #1\n")
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.admin_port}/config_dump", timeout=5) as r:
+        dump = json.loads(r.read())
+    assert dump["waypoint"] == "greet/waypoint" and dump["requests"] == {"allow": 1, "deny": 1}
