@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import cast
 
 import pytest
 
+from tests.integration.conftest import NODE_A_CLIENT, SERVICE_IP, mesh_config, start_proxy
 from ztunnel.config.model import ClusterConfig, Service, ServicePort
 from ztunnel.net import dns
+from ztunnel.ports import DNS_PORT
 from ztunnel.proxy.dns import DnsServer, DnsTable
 
 SERVER = ("127.0.0.1", 0)
@@ -128,3 +132,67 @@ async def test_silent_upstream_is_servfail_after_the_timeout_and_no_upstream_at_
         await server.close()
         await lonely.close()
         transport.close()
+
+
+# ---- `ztunnel proxy --dns` as a process, local mode (pod IPs on loopback) -------------------------------
+class ThreadUpstream:
+    """A blocking fake resolver in a thread: every query answered with 192.0.2.7, names recorded."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.names: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            query = dns.parse_query(data)
+            self.names.append(query.name)
+            self.sock.sendto(dns.build_response(query, 0, ("192.0.2.7",), authoritative=False), addr)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _ask(ip: str, name: str, qtype: int = dns.TYPE_A, msg_id: int = 77) -> dns.Reply:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.connect((ip, DNS_PORT))  # connected: a port unreachable comes back as ConnectionRefusedError
+        s.send(dns.encode_query(msg_id, name, qtype))
+        return dns.decode_reply(s.recv(65535))
+
+
+def test_proxy_with_dns_answers_on_each_pod_ip_and_without_it_nothing_listens(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    config = tmp_path / "mesh.yaml"
+    config.write_text(mesh_config())
+    upstream = ThreadUpstream()
+    upstream_addr = f"127.0.0.1:{upstream.sock.getsockname()[1]}"
+    proxy = start_proxy("node-a", config, ca_dir, tmp_path, "--dns", "--dns-upstream", upstream_addr)
+    try:
+        reply = _ask(NODE_A_CLIENT, "server")  # the client pod's namespace (shop) search path
+        assert (reply.id, reply.rcode, reply.authoritative, reply.addresses) == (77, 0, True, (SERVICE_IP,))
+        assert _ask(NODE_A_CLIENT, "server.shop.svc.cluster.local").addresses == (SERVICE_IP,)
+        assert _ask(NODE_A_CLIENT, "server.shop.svc.cluster.local", dns.TYPE_AAAA).addresses == ()
+        assert _ask(NODE_A_CLIENT, "nope.shop.svc.cluster.local").rcode == dns.RCODE_NXDOMAIN
+        assert _ask(NODE_A_CLIENT, "example.org").addresses == ("192.0.2.7",)
+        assert upstream.names == ["example.org"]
+    finally:
+        proxy.stop()
+        upstream.close()
+    plain = start_proxy("node-a", config, ca_dir, tmp_path)
+    try:
+        with pytest.raises(ConnectionRefusedError):  # ICMP port unreachable: nothing on 15053
+            _ask(NODE_A_CLIENT, "server")
+    finally:
+        plain.stop()

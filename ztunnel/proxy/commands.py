@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 
 from ztunnel.errors import ZtunnelError
-from ztunnel.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, PLAINTEXT_INBOUND_PORT, READINESS_PORT, SOCKS5_PORT
+from ztunnel.ports import (
+    ADMIN_PORT,
+    DNS_PORT,
+    HBONE_PORT,
+    METRICS_PORT,
+    PLAINTEXT_INBOUND_PORT,
+    READINESS_PORT,
+    SOCKS5_PORT,
+)
 
 
 class ProxyCommandError(ZtunnelError):
@@ -68,6 +76,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="in-pod mode: the node agent's proxy socket (`ztunnel node-agent --proxy-socket`); pods' listeners "
         "are then created inside their netns instead of on loopback",
     )
+    p.add_argument(
+        "--dns",
+        action="store_true",
+        help=f"answer pods' DNS on port {DNS_PORT} (UDP and TCP; in-pod mode with the node agent's --dns-capture): "
+        "A/AAAA of the model's Services and pods under --dns-domain, short names through the asking pod's "
+        "search path, everything else forwarded to --dns-upstream (default off)",
+    )
+    p.add_argument(
+        "--dns-upstream",
+        default=None,
+        help="HOST:PORT of the resolver other names are forwarded to (default: the first nameserver of "
+        "/etc/resolv.conf)",
+    )
+    p.add_argument("--dns-domain", default="cluster.local", help="the cluster's DNS domain (default cluster.local)")
     p.add_argument(
         "--workers",
         type=int,

@@ -127,8 +127,8 @@ class DnsServer:
         self._timeout = timeout
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._servers: list[asyncio.AbstractServer] = []
-        self._transports: list[asyncio.DatagramTransport] = []
+        self._servers: dict[str, list[asyncio.AbstractServer]] = {}  # by key (the pod's uid)
+        self._transports: dict[str, list[asyncio.DatagramTransport]] = {}
         self._tcp_slots = asyncio.Semaphore(MAX_TCP_CONNECTIONS)
 
     async def answer(self, data: bytes, namespace: str | None, *, limit: int) -> bytes | None:
@@ -167,8 +167,10 @@ class DnsServer:
             finally:
                 sock.close()
 
-    async def serve(self, udp: socket.socket, tcp: socket.socket | None, namespace: str | None) -> None:
-        """Serve a pod's bound UDP socket (and listening TCP socket) until `close`."""
+    async def serve(
+        self, udp: socket.socket, tcp: socket.socket | None, namespace: str | None, *, key: str = ""
+    ) -> None:
+        """Serve a pod's bound UDP socket (and listening TCP socket) until `stop(key)` or `close`."""
         loop = asyncio.get_running_loop()
         server = self
 
@@ -187,9 +189,17 @@ class DnsServer:
                     self.transport.sendto(reply, addr)
 
         transport, _ = await loop.create_datagram_endpoint(Datagrams, sock=udp)
-        self._transports.append(transport)
+        self._transports.setdefault(key, []).append(transport)
         if tcp is not None:
-            self._servers.append(await asyncio.start_server(lambda r, w: self._tcp(r, w, namespace), sock=tcp))
+            tcp_server = await asyncio.start_server(lambda r, w: self._tcp(r, w, namespace), sock=tcp)
+            self._servers.setdefault(key, []).append(tcp_server)
+
+    def stop(self, key: str) -> None:
+        """Stop serving the sockets given under `key` (a pod that is no longer served)."""
+        for transport in self._transports.pop(key, []):
+            transport.close()
+        for server in self._servers.pop(key, []):
+            server.close()
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, namespace: str | None) -> None:
         """Length-prefixed messages (RFC 7766), one at a time, until the client closes or idles 10 s."""
@@ -215,12 +225,8 @@ class DnsServer:
                     await writer.wait_closed()
 
     async def close(self) -> None:
-        for transport in self._transports:
-            transport.close()
-        for server in self._servers:
-            server.close()
+        for key in list({*self._transports, *self._servers}):
+            self.stop(key)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._transports.clear()
-        self._servers.clear()

@@ -30,7 +30,7 @@ from ztunnel.inpod.session import ProxySession
 from ztunnel.net.netns import current_netns_fd, in_netns
 from ztunnel.net.streams import TcpStream
 from ztunnel.ports import HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, PROXY_MARK
-from ztunnel.proxy.listeners import WorkloadSockets, listen_on
+from ztunnel.proxy.listeners import WorkloadSockets, dns_sockets, listen_on
 
 log = logging.getLogger("ztunnel.proxy.inpod")
 
@@ -101,8 +101,10 @@ def pod_sockets(
     ipv6: bool = True,
     ports: tuple[int, int, int] = (OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT),
     home_fd: int | None = None,
+    dns_port: int | None = None,
 ) -> WorkloadSockets:
-    """All listeners of one pod (v4, and v6 when the pod has IPv6), plus its connector."""
+    """All listeners of one pod (v4, and v6 when the pod has IPv6), plus its connector; with `dns_port`,
+    the DNS server's UDP and TCP sockets on it (the pod's nat OUTPUT sends port 53 there, DESIGN §4.6)."""
     outbound_port, plaintext_port, hbone_port = ports
     out = WorkloadSockets(connector=InpodConnector(netns_fd, home_fd))
     families = [socket.AF_INET, socket.AF_INET6] if ipv6 else [socket.AF_INET]
@@ -117,6 +119,15 @@ def pod_sockets(
                 raise
             out.plaintext.append(pod_listener(netns_fd, family, plaintext_port))
             out.hbone.append(pod_listener(netns_fd, family, hbone_port))
+            if dns_port is not None:
+                v6 = family == socket.AF_INET6
+
+                def make(fam: int, kind: int) -> socket.socket:
+                    with in_netns(netns_fd, home_fd):
+                        return socket.socket(fam, kind)
+
+                host = "::" if v6 else "0.0.0.0"
+                out.dns.append(dns_sockets(host, dns_port, make=make, reuse_port=True, v6only=v6, mark=PROXY_MARK))
     except BaseException:
         out.close()
         raise
@@ -164,6 +175,7 @@ class InpodClient:
     connected: bool = False
     failed: dict[str, str] = field(default_factory=dict)  # uid -> why the last add was nacked
     home_fd: int | None = None  # this thread's own netns, opened at the first pod, closed in close()
+    dns_port: int | None = None  # `--dns`: serve DNS in each pod on this port (UDP and TCP)
 
     def not_ready(self, served: Collection[str]) -> str:
         """Why readiness must wait for in-pod mode ("" when it need not): the agent's snapshot, and every
@@ -256,7 +268,7 @@ class InpodClient:
         if self.home_fd is None:
             self.home_fd = current_netns_fd()
         try:
-            sockets = pod_sockets(msg.netns_fd, ports=self.ports, home_fd=self.home_fd)
+            sockets = pod_sockets(msg.netns_fd, ports=self.ports, home_fd=self.home_fd, dns_port=self.dns_port)
         except OSError as e:
             os.close(msg.netns_fd)
             log.error("cannot listen in pod netns", extra={"uid": msg.uid, "error": str(e)})

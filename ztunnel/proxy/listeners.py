@@ -53,13 +53,14 @@ class WorkloadSockets:
     plaintext: list[socket.socket] = field(default_factory=list)  # plaintext inbound (15006, original dst)
     outbound: list[socket.socket] = field(default_factory=list)  # transparent outbound (15001, original dst)
     socks5: list[socket.socket] = field(default_factory=list)  # SOCKS5 outbound (15080, local mode)
+    dns: list[tuple[socket.socket, socket.socket]] = field(default_factory=list)  # (UDP, TCP) on 15053, --dns
     connector: Connector = field(default_factory=DirectConnector)
     # Port the app is assumed to listen on when a plaintext connection has no original destination
     # (local mode, where nothing redirects): the pod's only declared containerPort, if any.
     fallback_port: int | None = None
 
     def all(self) -> list[socket.socket]:
-        return [*self.hbone, *self.plaintext, *self.outbound, *self.socks5]
+        return [*self.hbone, *self.plaintext, *self.outbound, *self.socks5, *(s for pair in self.dns for s in pair)]
 
     def close(self) -> None:
         for s in self.all():
@@ -108,6 +109,35 @@ def listen_on(
     return sock
 
 
+def dns_sockets(
+    host: str,
+    port: int,
+    *,
+    make: Callable[[int, int], socket.socket] = socket.socket,
+    reuse_port: bool = False,
+    v6only: bool = False,
+    mark: int | None = None,
+) -> tuple[socket.socket, socket.socket]:
+    """A bound UDP socket and a TCP listener on host:port for the DNS server (`make(family, type)` makes
+    them where they must live, e.g. in a pod's netns); both are closed if either step fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp = make(family, socket.SOCK_DGRAM)
+    try:
+        if mark is not None:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if v6only:
+            udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        udp.bind((host, port))
+        udp.setblocking(False)
+        tcp = listen_on(make(family, socket.SOCK_STREAM), host, port, reuse_port=reuse_port, v6only=v6only, mark=mark)
+    except BaseException:
+        udp.close()
+        raise
+    return udp, tcp
+
+
 def single_container_port(workload: Workload) -> int | None:
     ports = [
         int(p["containerPort"])
@@ -154,7 +184,9 @@ class LocalListenerFactory:
         connector_factory: Callable[[Workload], Connector] | None = None,
         config_files: Sequence[str] = (),
         reuse_port: bool = False,
+        dns_port: int | None = None,  # `--dns`: the DNS server's UDP and TCP port on each pod IP
     ) -> None:
+        self.dns_port = dns_port
         self.hbone_port = hbone_port
         # Worker processes (`ztunnel proxy --workers N`) each bind the same pod addresses; the kernel spreads
         # new connections over them.
@@ -190,6 +222,8 @@ class LocalListenerFactory:
                 out.hbone.append(listening_socket(ip, self.hbone_port, reuse_port=reuse))
                 out.plaintext.append(listening_socket(ip, self.plaintext_port, reuse_port=reuse))
                 out.socks5.append(listening_socket(ip, self.socks5_port, reuse_port=reuse))
+                if self.dns_port is not None:
+                    out.dns.append(dns_sockets(ip, self.dns_port, reuse_port=reuse))
         except BaseException:
             out.close()
             raise

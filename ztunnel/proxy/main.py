@@ -19,6 +19,8 @@ from ztunnel.config.model import ClusterConfig
 from ztunnel.config.source import FileConfigSource
 from ztunnel.identity.revocation import LOADED, RevocationUpdate
 from ztunnel.net.http import HttpServer
+from ztunnel.ports import DNS_PORT
+from ztunnel.proxy.dns import upstream_from_resolv_conf
 from ztunnel.proxy.listeners import LocalListenerFactory
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions, readiness
 from ztunnel.proxy.settings import ProxySettings, ProxySettingsError
@@ -107,8 +109,17 @@ async def run_proxy(settings: ProxySettings) -> int:
         access_log=AccessLog(settings.access_log, sys.stdout),  # type: ignore[arg-type]
     )
     # In-pod mode: the node agent hands over pods' netns (ztunnel.proxy.inpod); local mode: loopback IPs.
+    dns_port = None
+    if settings.dns:  # DESIGN §4.6: off by default, nothing listens on 15053 then
+        dns_port = DNS_PORT
+        proxy.enable_dns(settings.dns_upstream or upstream_from_resolv_conf(), settings.dns_domain)
     local = (
-        LocalWorkloads(proxy, LocalListenerFactory(config_files=settings.files, reuse_port=settings.workers > 1))
+        LocalWorkloads(
+            proxy,
+            LocalListenerFactory(
+                config_files=settings.files, reuse_port=settings.workers > 1, dns_port=dns_port
+            ),
+        )
         if not settings.inpod_socket
         else None
     )
@@ -155,7 +166,9 @@ async def run_proxy(settings: ProxySettings) -> int:
     if settings.inpod_socket:
         from ztunnel.proxy.inpod import InpodClient
 
-        inpod = InpodClient(settings.inpod_socket, proxy, resolve=lambda uid: proxy.config.workload_by_uid(uid))
+        inpod = InpodClient(
+            settings.inpod_socket, proxy, resolve=lambda uid: proxy.config.workload_by_uid(uid), dns_port=dns_port
+        )
     servers = [
         MetricsServer(*metrics_addr, registry),
         AdminServer(

@@ -32,6 +32,7 @@ from ztunnel.identity.revocation import RevocationSet
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.policy.engine import PolicyEngine
+from ztunnel.proxy.dns import DnsServer, DnsTable
 from ztunnel.proxy.inbound import Inbound, waypoint_verdict
 from ztunnel.proxy.listeners import ListenerFactory, WorkloadSockets, serve_streams
 from ztunnel.proxy.outbound import Outbound
@@ -79,6 +80,8 @@ class NodeProxy:
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
+        self.dns: DnsServer | None = None  # `--dns` (enable_dns): pods' DNS on 15053, served with their listeners
+        self._dns_table: DnsTable | None = None
         self._byte_flusher: asyncio.Task[None] | None = None
 
     # The state others read (main, in-pod mode, readiness, tests).
@@ -117,9 +120,20 @@ class NodeProxy:
         )
 
     # ---- config --------------------------------------------------------------------------------
+    def enable_dns(self, upstream: tuple[str, int] | None, domain: str) -> None:
+        """Answer pods' DNS (DESIGN §4.6) from the model under `domain`, the rest forwarded to `upstream`."""
+        self._dns_table = DnsTable.from_config(self.state.config, domain)
+        self.dns = DnsServer(self._current_dns_table, upstream)
+
+    def _current_dns_table(self) -> DnsTable:
+        assert self._dns_table is not None  # set with self.dns
+        return self._dns_table
+
     def apply_config(self, config: ClusterConfig) -> None:
         """Use a new snapshot: new policy engine, refreshed workload objects, re-checked inbound connections."""
         self.state.config = config
+        if self._dns_table is not None:
+            self._dns_table = DnsTable.from_config(config, self._dns_table.domain)
         self.state.config_loaded = True
         # Reuse the previous engine's parsed policies: a rebuild with 10,000 unchanged policies takes ms, not seconds.
         self.state.policy = PolicyEngine.from_config(config, previous=self.state.policy)
@@ -184,9 +198,14 @@ class NodeProxy:
                 for sock in socks:
                     handler = functools.partial(serve, workload.uid)
                     served.servers.append(await serve_streams(sock, handler, tasks=self.tasks))
+            if self.dns is not None:
+                for udp, tcp in sockets.dns:
+                    await self.dns.serve(udp, tcp, workload.namespace, key=workload.uid)
         except BaseException:
             for server in served.servers:
                 server.close()
+            if self.dns is not None:
+                self.dns.stop(workload.uid)
             sockets.close()
             raise
         self.state.add_served(served)
@@ -219,6 +238,8 @@ class NodeProxy:
             return
         for server in served.servers:
             server.close()
+        if self.dns is not None:
+            self.dns.stop(uid)
         served.sockets.close()
         self.tracker.abort_all(uid)
         identity = SpiffeId.parse(served.workload.identity)
@@ -317,6 +338,8 @@ class NodeProxy:
         self.tracker.abort_all()
         self.hbone_server.abort()
         self.pool.close()
+        if self.dns is not None:
+            await self.dns.close()
         tasks = [t for t in (*self.tasks, *self.hbone_server.tasks) if not t.done()]
         for t in tasks:
             t.cancel()

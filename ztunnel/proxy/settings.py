@@ -36,6 +36,9 @@ class ProxySettings:
     byte_flush_interval: float = 5.0
     config_settle: float = 3.0  # how long a config that drops every pod of the node waits for the file to settle
     crl_interval: float = 5.0  # how often the CRL is polled (CA dir or CA server): revocation takes effect within it
+    dns: bool = False  # `--dns`: answer pods' DNS on 15053 (DESIGN §4.6); off, nothing listens there
+    dns_upstream: tuple[str, int] | None = None  # None: the first nameserver of /etc/resolv.conf
+    dns_domain: str = "cluster.local"
     workers: int = 1  # processes sharing the pod listeners (SO_REUSEPORT); local mode only
     # Set in the worker processes of `--workers N` (ztunnel.proxy.workers): their index and their end of the
     # socketpair to the supervisor. Workers serve their operator ports on 127.0.0.1 port 0 and report them.
@@ -73,6 +76,9 @@ class ProxySettings:
             byte_flush_interval=parse_duration(getattr(args, "byte_flush_interval", "5s")).total_seconds(),
             config_settle=parse_duration(getattr(args, "config_settle", "3s")).total_seconds(),
             crl_interval=_positive("--crl-interval", parse_duration(getattr(args, "crl_interval", "5s"))),
+            dns=bool(getattr(args, "dns", False)),
+            dns_upstream=addr("--dns-upstream", args.dns_upstream) if getattr(args, "dns_upstream", None) else None,
+            dns_domain=str(getattr(args, "dns_domain", "cluster.local")).strip(".").lower(),
             workers=_workers(getattr(args, "workers", 1), getattr(args, "inpod_socket", None)),
             worker_index=getattr(args, "worker_index", None),
             worker_fd=getattr(args, "worker_fd", None),
