@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ztunnel.config.model import ClusterConfig, Service, ServicePort, Workload
 from ztunnel.net import dns
-from ztunnel.proxy.dns import FORWARD, DnsTable, Resolution
+from ztunnel.proxy.dns import FORWARD, DnsTable, Resolution, upstream_from_resolv_conf
 
 A, AAAA, SRV = dns.TYPE_A, dns.TYPE_AAAA, 33
 
@@ -64,3 +66,12 @@ def test_configurable_domain() -> None:
     t = DnsTable.from_config(ClusterConfig(namespaces={}, workloads=(), services=(svc,), nodes={}), "corp.example")
     assert t.resolve("web.prod.svc.corp.example", A, 1, None).addresses == ("10.0.0.9",)
     assert t.resolve("web.prod.svc.cluster.local", A, 1, None) == FORWARD
+
+
+def test_upstream_is_the_first_nameserver_of_resolv_conf(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# generated\nsearch example.com\nnameserver fe80::1%eth0\nnameserver 10.0.0.2\n")
+    assert upstream_from_resolv_conf(conf) == ("fe80::1%eth0", 53)
+    conf.write_text("search only\n")
+    assert upstream_from_resolv_conf(conf) is None
+    assert upstream_from_resolv_conf(tmp_path / "missing") is None

@@ -107,7 +107,7 @@ def upstream_from_resolv_conf(path: Path = Path("/etc/resolv.conf")) -> tuple[st
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "nameserver":
-            return (parts[1].split("%")[0], 53)
+            return (parts[1], 53)  # a link-local address keeps its %zone, which connect needs
     return None
 
 
