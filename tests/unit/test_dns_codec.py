@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ztunnel.config.model import ClusterConfig
 from ztunnel.net import dns
+from ztunnel.proxy.dns import DnsServer, DnsTable
 
 LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=63)
 
@@ -69,3 +73,12 @@ def test_formerr_keeps_the_id_and_a_response_gets_no_reply() -> None:
     assert (decoded.id, decoded.rcode) == (0x1234, dns.RCODE_FORMERR)
     assert dns.formerr_for(b"\x12\x34\x81\x80") is None
     assert dns.formerr_for(b"\x12") is None
+
+
+@given(st.binary(max_size=300))
+def test_the_server_answers_random_bytes_with_a_reply_or_nothing(data: bytes) -> None:
+    table = DnsTable.from_config(ClusterConfig(namespaces={}, workloads=(), services=(), nodes={}))
+    reply = asyncio.run(DnsServer(lambda: table, None).answer(data, "demo", limit=dns.UDP_ANSWER_LIMIT))
+    if reply is not None:  # a query answered (NXDOMAIN, SERVFAIL: no upstream) or FORMERR, with its id
+        assert len(reply) <= dns.UDP_ANSWER_LIMIT
+        assert dns.decode_reply(reply).id == data[0] << 8 | data[1]
