@@ -8,6 +8,7 @@ The cluster, the destination node proxy and the app are test_waypoint_local's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -26,9 +27,11 @@ from tests.integration.test_waypoint_local import (
     GREETER_IP,
     WAYPOINT_IP,
     KeepAliveApp,
+    Responses,
     _get,
     _listening,
     _one,
+    _tunnel,
     start_waypoint,
     stop,
 )
@@ -149,3 +152,23 @@ async def test_allowed_and_denied_requests_are_counted_and_logged(running: Runni
     with urllib.request.urlopen(f"http://127.0.0.1:{running.admin_port}/config_dump", timeout=5) as r:
         dump = json.loads(r.read())
     assert dump["waypoint"] == "greet/waypoint" and dump["requests"] == {"allow": 1, "deny": 1}
+
+
+async def test_an_upgrade_is_counted_101_when_its_relay_ends(running: Running, client: HbonePool) -> None:
+    stream = await _tunnel(client)
+    try:
+        await stream.write(
+            b"GET /ws/hello HTTP/1.1\r\nHost: greeter\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        assert (await Responses(stream).next())[0] == 101
+        await stream.write_eof()
+        async with asyncio.timeout(10):
+            while await stream.read():
+                pass
+    finally:
+        stream.close()
+    eventually(lambda: any(r["path"] == "/ws/hello" for r in _access_lines(running.log)), 10, what="the access line")
+    (line,) = [r for r in _access_lines(running.log) if r["path"] == "/ws/hello"]
+    assert line["response_code"] == 101 and line["policy"] == "greet/greeter-service"
+    s = _samples(running.metrics_port)
+    assert _find(s, "istio_requests_total", reporter="waypoint", response_code="101") == [1.0]

@@ -388,6 +388,7 @@ class _ClientConnection:
         telemetry = self.server.telemetry
         config = self.server.state.config
         self.outcome = outcome = Outcome(time.monotonic(), service=config.service_by_ip(self.target.ip))
+        outcome.tunnel_status = 200 if head.is_connect else 101
         try:
             return await self._request(head)
         finally:
@@ -540,6 +541,7 @@ class _ClientConnection:
             elif isinstance(ev, ResponseEnded):
                 return ev.keep_alive
             elif isinstance(ev, TunnelOpened):
+                self.outcome.status = self.outcome.status or self.outcome.tunnel_status
                 await self._to_client(http.data_to_client())
                 pending = http.data_to_upstream()
                 if pending:

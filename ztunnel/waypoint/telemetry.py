@@ -67,6 +67,7 @@ class Outcome:
     request_bytes: int = 0
     response_bytes: int = 0
     grpc_status: str = ""
+    tunnel_status: int = 101  # the code of an allowed Upgrade (101) or CONNECT (2xx) once it relays raw bytes
 
 
 class RequestTelemetry:
