@@ -126,7 +126,9 @@ def pod_sockets(
                     with in_netns(netns_fd, home_fd):
                         return socket.socket(fam, kind)
 
-                host = "::" if v6 else "0.0.0.0"
+                # Loopback, where nat OUTPUT's REDIRECT delivers: a wildcard UDP socket would answer from the
+                # pod's address, which conntrack does not map back to the resolver the app asked.
+                host = "::1" if v6 else "127.0.0.1"
                 out.dns.append(dns_sockets(host, dns_port, make=make, reuse_port=True, v6only=v6, mark=PROXY_MARK))
     except BaseException:
         out.close()
