@@ -488,27 +488,40 @@ def extension_providers(obj: KubeObject) -> dict[str, ExtAuthzProvider]:
         return {}
     if not isinstance(text, str):
         raise ConfigError("must be the mesh config as a YAML string", source=obj.source, obj=obj.ref, field="data.mesh")
+    return parse_mesh_config(text, obj.source, obj.ref, "data.mesh.")
+
+
+def read_mesh_config(path: str | Path) -> dict[str, ExtAuthzProvider]:
+    """`--mesh-config FILE`: the mesh config YAML itself (what the ConfigMap holds under `mesh`)."""
+    try:
+        text = decode_config(Path(path).read_bytes(), str(path))
+    except OSError as e:
+        raise ConfigError(f"cannot read the mesh config: {e.strerror or e}", source=str(path)) from None
+    return parse_mesh_config(text, str(path), "mesh config", "")
+
+
+def parse_mesh_config(text: str, source: Source | str, obj: str, prefix: str) -> dict[str, ExtAuthzProvider]:
     try:
         mesh = yaml.load(text, Loader=YAML_LOADER) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"is not YAML: {e}", source=obj.source, obj=obj.ref, field="data.mesh") from None
+        raise ConfigError(f"is not YAML: {e}", source=source, obj=obj, field=prefix.rstrip(".") or "mesh") from None
     entries = (mesh.get("extensionProviders") or []) if isinstance(mesh, Mapping) else None
     if not isinstance(entries, list):
-        raise ConfigError("must be a list", source=obj.source, obj=obj.ref, field="data.mesh.extensionProviders")
+        raise ConfigError("must be a list", source=source, obj=obj, field=f"{prefix}extensionProviders")
     out: dict[str, ExtAuthzProvider] = {}
     for i, entry in enumerate(entries):
-        where = f"data.mesh.extensionProviders[{i}]"
+        where = f"{prefix}extensionProviders[{i}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise ConfigError("needs a `name`", source=obj.source, obj=obj.ref, field=where)
+            raise ConfigError("needs a `name`", source=source, obj=obj, field=where)
         for key, kind in (("envoyExtAuthzGrpc", "grpc"), ("envoyExtAuthzHttp", "http")):
             if key in entry:
-                out[entry["name"]] = _provider(entry["name"], kind, entry[key], obj, f"{where}.{key}")
+                out[entry["name"]] = _provider(entry["name"], kind, entry[key], source, obj, f"{where}.{key}")
     return out
 
 
-def _provider(name: str, kind: str, spec: Any, obj: KubeObject, where: str) -> ExtAuthzProvider:
+def _provider(name: str, kind: str, spec: Any, source: Source | str, obj: str, where: str) -> ExtAuthzProvider:
     def fail(field: str, message: str) -> ConfigError:
-        return ConfigError(message, source=obj.source, obj=obj.ref, field=f"{where}.{field}" if field else where)
+        return ConfigError(message, source=source, obj=obj, field=f"{where}.{field}" if field else where)
 
     if not isinstance(spec, Mapping):
         raise fail("", "must be a mapping")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -90,6 +91,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="on SIGTERM/SIGINT: how long open client connections may finish (no new ones) (default 10s)",
     )
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    p.add_argument(
+        "--mesh-config",
+        metavar="FILE",
+        help="mesh config YAML (extensionProviders for CUSTOM policies); replaces the istio ConfigMap's `mesh`",
+    )
     p.set_defaults(func=_run)
 
 
@@ -146,7 +152,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def run_waypoint(args: argparse.Namespace) -> int:
-    from ztunnel.config.loader import ConfigError
+    from ztunnel.config.loader import ConfigError, read_mesh_config
     from ztunnel.config.source import FileConfigSource
     from ztunnel.hbone.client import HbonePool
     from ztunnel.hbone.server import HboneServer
@@ -166,6 +172,10 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         config = source.load()
     except ConfigError as e:
         raise WaypointCommandError(f"cannot load the config: {e}") from None
+    try:
+        mesh_providers = read_mesh_config(args.mesh_config) if args.mesh_config else None
+    except ConfigError as e:
+        raise WaypointCommandError(f"cannot load the mesh config: {e}") from None
     pod = find_waypoint_pod(config, args.name, args.namespace)
     identity = SpiffeId.parse(pod.identity)
     ttl = parse_duration(args.cert_ttl)
@@ -183,6 +193,8 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     keys = KeyStore(refresher.keys)
 
     def snapshot(cfg: ClusterConfig, previous: PolicyEngine | None) -> WaypointState:
+        if mesh_providers is not None:
+            cfg = dataclasses.replace(cfg, extension_providers=mesh_providers)
         engine = PolicyEngine.from_config(cfg, previous)
         rules = [JwtRule.from_policy(r) for ra in engine.request_authentications for r in ra.jwt_rules]
         added = [u for u in remote_uris(rules) if u not in refresher.remotes]
@@ -288,6 +300,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         for control in started:
             await control.close()
         await certs.close()
+        await waypoint.authorizers.close()
     return 0
 
 

@@ -6,11 +6,12 @@ by hand: 0x0a = field 1 length-delimited, 0x12 = field 2, ...), independently of
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ztunnel.config.loader import ConfigError, build_config, load_documents
+from ztunnel.config.loader import ConfigError, build_config, load_documents, read_mesh_config
 from ztunnel.config.model import ExtAuthzProvider
 from ztunnel.waypoint.extauthz import (
     CheckAttributes,
@@ -229,3 +230,14 @@ def test_bad_provider_names_file_object_field(edit: str, field: str) -> None:
         build_config(load_documents(text, "mesh.yaml"))
     message = str(e.value)
     assert "mesh.yaml" in message and "ConfigMap istio-system/istio" in message and field in message, message
+
+
+def test_mesh_config_file(tmp_path: Path) -> None:
+    mesh = MESH.split("  mesh: |\n", 1)[1]
+    path = tmp_path / "mesh.yaml"
+    path.write_text("\n".join(line[4:] for line in mesh.splitlines()))
+    assert sorted(read_mesh_config(path)) == ["kyverno", "sample"]
+    path.write_text("extensionProviders:\n- name: x\n  envoyExtAuthzHttp: {service: a.b, port: 1, failOpen: maybe}\n")
+    with pytest.raises(ConfigError) as e:
+        read_mesh_config(path)
+    assert str(path) in str(e.value) and "extensionProviders[0].envoyExtAuthzHttp.failOpen" in str(e.value)
