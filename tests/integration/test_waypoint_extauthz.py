@@ -10,6 +10,7 @@ The authorizers are plain pods outside the mesh, dialled on their pod IP:targetP
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -38,12 +39,15 @@ from ztunnel.identity.spiffe import SpiffeId
 APP_IPS = ["127.0.166.1", "127.0.166.2", "127.0.166.3", "127.0.166.4"]  # testapp-1 .. testapp-4
 VIPS = ["10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4"]
 WAYPOINT_IP = "127.0.166.10"
+MESH_WAYPOINT_IP = "127.0.166.11"  # a second waypoint, started by its own test with --mesh-config
+SILENT_IP, SILENT_PORT = "127.0.166.33", 9300  # accepts, never answers
 GRPC_IP, GRPC_PORT = "127.0.166.30", 9191
 HTTP_IP, HTTP_PORT = "127.0.166.31", 8000
 GONE_IP, GONE_PORT = "127.0.166.32", 9999  # nothing listens there
 APP_PORT = 8080
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/demo/sa/client")
 WAYPOINT = SpiffeId.parse("spiffe://cluster.local/ns/demo/sa/waypoint")
+MESH_WAYPOINT = SpiffeId.parse("spiffe://cluster.local/ns/demo/sa/meshwp")
 PROTO = Path(__file__).resolve().parents[1] / "fixtures" / "envoy_ext_authz.proto"
 BOOK_ONLY = "The GET method is restricted to the /book path."
 
@@ -116,6 +120,16 @@ spec: {{nodeName: node-w, serviceAccountName: waypoint}}
 status: {{podIP: "{WAYPOINT_IP}"}}
 ---
 apiVersion: v1
+kind: Pod
+metadata:
+  name: meshwp-0
+  namespace: demo
+  uid: uid-meshwp
+  labels: {{gateway.networking.k8s.io/gateway-name: meshwp}}
+spec: {{nodeName: node-w, serviceAccountName: meshwp}}
+status: {{podIP: "{MESH_WAYPOINT_IP}"}}
+---
+apiVersion: v1
 kind: ConfigMap
 metadata: {{name: istio, namespace: istio-system}}
 data:
@@ -141,7 +155,14 @@ data:
     + _authz("kyverno", GRPC_IP, GRPC_PORT, 9000)
     + _authz("ext-authz", HTTP_IP, HTTP_PORT, 8000)
     + _authz("gone", GONE_IP, GONE_PORT, 9000)
+    + _authz("silent", SILENT_IP, SILENT_PORT, 9000)
 )
+# --mesh-config for the second waypoint: `gone` is now the HTTP authorizer (testapp-3 then gets its answers)
+MESH_FILE = """\
+extensionProviders:
+- name: gone
+  envoyExtAuthzHttp: {service: ext-authz.authz.svc.cluster.local, port: 8000, pathPrefix: /check}
+"""
 
 
 def _messages(tmp: Path) -> ModuleType:
@@ -230,6 +251,7 @@ class HttpAuthorizer:
 
 @dataclass
 class Setup:
+    workdir: Path
     ca_dir: Path
     apps: list[KeepAliveApp]
     grpc_authz: GrpcAuthorizer
@@ -253,7 +275,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
         waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "demo")
         eventually(lambda: waypoint.poll() is not None or _listening(WAYPOINT_IP, 15008), 20, what="waypoint up")
         assert waypoint.poll() is None, log_path.read_text()
-        yield Setup(ca_dir, apps, grpc_authz, http_authz, log_path)
+        yield Setup(workdir, ca_dir, apps, grpc_authz, http_authz, log_path)
     finally:
         if waypoint is not None:
             stop(waypoint)
@@ -276,10 +298,12 @@ async def client(setup: Setup) -> AsyncIterator[HbonePool]:
             pool.close()
 
 
-async def request(pool: HbonePool, app: int, path: str, extra: str = "") -> tuple[int, dict[bytes, bytes], bytes]:
+async def request(
+    pool: HbonePool, app: int, path: str, extra: str = "", waypoint: tuple[SpiffeId, str] = (WAYPOINT, WAYPOINT_IP)
+) -> tuple[int, dict[bytes, bytes], bytes]:
     """GET `path` from testapp-<app> through the waypoint, as the source node proxy would send it."""
-    key = PoolKey(CLIENT, WAYPOINT, (WAYPOINT_IP, 15008))
-    stream = await pool.connect(key, Authority(VIPS[app - 1], 80), expected_identities=[WAYPOINT.uri])
+    key = PoolKey(CLIENT, waypoint[0], (waypoint[1], 15008))
+    stream = await pool.connect(key, Authority(VIPS[app - 1], 80), expected_identities=[waypoint[0].uri])
     try:
         host = f"testapp-{app}.demo.svc.cluster.local:8080"
         await stream.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode())
@@ -344,3 +368,51 @@ async def test_unreachable_authorizer_denies_unless_fail_open(setup: Setup, clie
     log = setup.waypoint_log.read_text()
     assert "ext-authz gone failed" in log, log[-2000:]
 
+
+
+async def test_mesh_config_file_replaces_the_configmaps_providers(setup: Setup, client: HbonePool) -> None:
+    mesh = setup.workdir / "mesh.yaml"
+    mesh.write_text(MESH_FILE)
+    config = setup.workdir / "cluster.yaml"
+    (setup.workdir / "meshwp").mkdir(exist_ok=True)
+    args = ("--name", "meshwp", "--namespace", "demo", "--mesh-config", str(mesh), "--drain-timeout", "0.5s")
+    proc, log_path = start_waypoint(config, setup.ca_dir, setup.workdir / "meshwp", *args)
+    try:
+        eventually(lambda: proc.poll() is not None or _listening(MESH_WAYPOINT_IP, 15008), 20, what="waypoint up")
+        assert proc.poll() is None, log_path.read_text()
+        status, _, body = await request(client, 3, "/x", waypoint=(MESH_WAYPOINT, MESH_WAYPOINT_IP))
+        assert (status, body) == (403, b"denied by ext_authz for testapp-2")  # the HTTP authorizer answered
+        assert setup.http_authz.seen[-1][:2] == ("GET", "/check/x")
+    finally:
+        stop(proc)
+
+
+async def test_a_silent_authorizer_times_out_and_fails_closed(setup: Setup) -> None:
+    from ztunnel.config.loader import build_config, load_documents
+    from ztunnel.config.model import ExtAuthzProvider
+    from ztunnel.waypoint.extauthz import Authorizers, CheckAttributes
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(hold, SILENT_IP, SILENT_PORT)
+    authorizers = Authorizers()
+    try:
+        cfg = build_config(load_documents(CONFIG, "cluster.yaml"))
+        attrs = CheckAttributes("10.0.0.1", 1, "", "10.0.0.2", 2, "", "GET", "/", "h", ())
+        for kind in ("http", "grpc"):
+            provider = ExtAuthzProvider("silent", kind, "silent.authz.svc.cluster.local", 9000, timeout=0.3)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            verdict = await authorizers.check(cfg, provider, attrs)
+            assert (verdict.allowed, verdict.status) == (False, 403), verdict
+            assert "no answer within 0.3s" in verdict.reason and loop.time() - started < 2
+        assert accepted  # it was reached: the timeout, not a refusal, decided
+    finally:
+        await authorizers.close()
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
