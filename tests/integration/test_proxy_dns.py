@@ -20,6 +20,8 @@ from ztunnel.ports import DNS_PORT
 from ztunnel.proxy.dns import DnsServer, DnsTable
 
 SERVER = ("127.0.0.1", 0)
+OWN_NET = "127.0.188."  # node-a's pods for the proxy this module starts
+CLIENT = NODE_A_CLIENT.replace("127.0.110.", OWN_NET)
 
 
 def _table() -> DnsTable:
@@ -55,11 +57,24 @@ async def _udp_ask(address: tuple[str, int], data: bytes, timeout: float = 5.0) 
             return await loop.sock_recv(s, 65535)
 
 
+def _udp_and_tcp_on_one_port() -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same free port (the UDP port the kernel picks may be taken for TCP)."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(SERVER)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.bind(udp.getsockname())
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        return udp, tcp
+    raise AssertionError("no port free for both UDP and TCP on 127.0.0.1")
+
+
 async def _serve(server: DnsServer, namespace: str | None) -> tuple[str, int]:
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(SERVER)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.bind(udp.getsockname())
+    udp, tcp = _udp_and_tcp_on_one_port()
     tcp.listen(16)
     await server.serve(udp, tcp, namespace)
     address: tuple[str, int] = udp.getsockname()
@@ -174,18 +189,19 @@ def _ask(ip: str, name: str, qtype: int = dns.TYPE_A, msg_id: int = 77) -> dns.R
 def test_proxy_with_dns_answers_on_each_pod_ip_and_without_it_nothing_listens(
     tmp_path: Path, ca_dir: Path
 ) -> None:
+    # its own pod addresses: the session's local mesh serves node-a's usual ones in the same run
     config = tmp_path / "mesh.yaml"
-    config.write_text(mesh_config())
+    config.write_text(mesh_config().replace("127.0.110.", OWN_NET).replace("127.0.120.", "127.0.189."))
     upstream = ThreadUpstream()
     upstream_addr = f"127.0.0.1:{upstream.sock.getsockname()[1]}"
     proxy = start_proxy("node-a", config, ca_dir, tmp_path, "--dns", "--dns-upstream", upstream_addr)
     try:
-        reply = _ask(NODE_A_CLIENT, "server")  # the client pod's namespace (shop) search path
+        reply = _ask(CLIENT, "server")  # the client pod's namespace (shop) search path
         assert (reply.id, reply.rcode, reply.authoritative, reply.addresses) == (77, 0, True, (SERVICE_IP,))
-        assert _ask(NODE_A_CLIENT, "server.shop.svc.cluster.local").addresses == (SERVICE_IP,)
-        assert _ask(NODE_A_CLIENT, "server.shop.svc.cluster.local", dns.TYPE_AAAA).addresses == ()
-        assert _ask(NODE_A_CLIENT, "nope.shop.svc.cluster.local").rcode == dns.RCODE_NXDOMAIN
-        assert _ask(NODE_A_CLIENT, "example.org").addresses == ("192.0.2.7",)
+        assert _ask(CLIENT, "server.shop.svc.cluster.local").addresses == (SERVICE_IP,)
+        assert _ask(CLIENT, "server.shop.svc.cluster.local", dns.TYPE_AAAA).addresses == ()
+        assert _ask(CLIENT, "nope.shop.svc.cluster.local").rcode == dns.RCODE_NXDOMAIN
+        assert _ask(CLIENT, "example.org").addresses == ("192.0.2.7",)
         assert upstream.names == ["example.org"]
     finally:
         proxy.stop()
@@ -193,6 +209,6 @@ def test_proxy_with_dns_answers_on_each_pod_ip_and_without_it_nothing_listens(
     plain = start_proxy("node-a", config, ca_dir, tmp_path)
     try:
         with pytest.raises(ConnectionRefusedError):  # ICMP port unreachable: nothing on 15053
-            _ask(NODE_A_CLIENT, "server")
+            _ask(CLIENT, "server")
     finally:
         plain.stop()
