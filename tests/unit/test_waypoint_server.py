@@ -159,16 +159,17 @@ def test_after_ext_authz_deny_is_the_providers_answer_allow_defers_to_allow_poli
         b"go away",
         ((b"x-why", b"policy"),),
     )
+    assert denied.denied_by == "ext_authz"  # an authorizer's 401 is not a JWT failure (was logged as jwt)
     allowed = after_ext_authz(pending, AuthzVerdict(True, "ok", headers=((b"x-user", b"alice"),)))
     assert allowed.allowed and allowed.add_headers == ((b"x-user", b"alice"),) and b"x-user" in allowed.remove_headers
     other = after_ext_authz(decide(cfg, get("/version")), AuthzVerdict(True, "ok"))  # the ALLOW policy still decides
-    assert (other.allowed, other.status, other.body) == (False, 403, b"RBAC: access denied")
+    assert (other.allowed, other.status, other.body, other.denied_by) == (False, 403, b"RBAC: access denied", "rbac")
 
 
 def test_jwt_bad_token_401_good_token_allowed_with_header_edits() -> None:
     cfg = config(BASE + JWT)
     bad = decide(cfg, get("/hello", extra=b"Authorization: Bearer not.a.jwt\r\n"))
-    assert (bad.allowed, bad.status, bad.body) == (False, 401, b"Jwt verification fails")
+    assert (bad.allowed, bad.status, bad.body, bad.denied_by) == (False, 401, b"Jwt verification fails", "jwt")
     token = RS.sign(claims(iss=ISS, sub="alice")).encode()
     good = decide(cfg, get("/hello", extra=b"Authorization: Bearer %s\r\nX-Jwt-Payload: forged\r\n" % token))
     assert good.allowed, good

@@ -155,6 +155,7 @@ class Verdict:
     remove_headers: frozenset[bytes] = frozenset()  # upstream, lowercase names
     custom: Decision | None = None  # pending on the CUSTOM policy's provider (see `after_ext_authz`)
     response_headers: tuple[tuple[bytes, bytes], ...] = ()  # to the client with a local answer
+    denied_by: str = "rbac"  # when not allowed: "rbac", "jwt" or "ext_authz" (counted and logged as the reason)
 
 
 def _text(value: bytes) -> str:
@@ -194,7 +195,7 @@ class RequestDecider:
             _, _, query = head.target.partition(b"?")
             outcome = authenticate(RequestTokens(headers, _text(query)), rules, self.keys, self.clock())
             if isinstance(outcome, Rejected):
-                return Verdict(False, outcome.status, JWT_FAILED_BODY, outcome.message())
+                return Verdict(False, outcome.status, JWT_FAILED_BODY, outcome.message(), denied_by="jwt")
             if isinstance(outcome, Authenticated):
                 principal, claims = outcome.principal, dict(outcome.claims)
                 audiences, presenter = outcome.audiences, outcome.presenter
@@ -230,7 +231,9 @@ def after_ext_authz(verdict: Verdict, answer: AuthzVerdict) -> Verdict:
     assert decision is not None
     if not answer.allowed:
         status, body, reason = answer.status, answer.body, answer.reason
-        return Verdict(False, status, body, reason, verdict.policy, response_headers=answer.headers)
+        return Verdict(
+            False, status, body, reason, verdict.policy, response_headers=answer.headers, denied_by="ext_authz"
+        )
     decision = decision.after_custom(True)
     if not decision.allowed:
         return Verdict(False, 403, DENIED_BODY, decision.reason, decision.policy)
@@ -430,7 +433,7 @@ class _ClientConnection:
         if verdict.custom is not None:
             verdict = await self._ext_authz(head, attrs, verdict)
         if not verdict.allowed:
-            server._count("jwt" if verdict.status == 401 else "deny")
+            server._count("jwt" if verdict.denied_by == "jwt" else "deny")
             self._denied(verdict)
             log.info(
                 "request denied: %s",
@@ -495,7 +498,7 @@ class _ClientConnection:
         if provider is None:
             why = "more than one provider" if len(names) > 1 else f"no extension provider {names[0]!r} in mesh config"
             reason = f"CUSTOM policy {verdict.policy}: {why} (fail closed)"
-            return Verdict(False, 403, DENIED_BODY, reason, verdict.policy)
+            return Verdict(False, 403, DENIED_BODY, reason, verdict.policy, denied_by="ext_authz")
         forwarded = self.request.forwarded_for
         port = forwarded[1] if forwarded and forwarded[0] == attrs.source_ip else self.tunnel.peer_address[1]
         answer = await self.server.authorizers.check(config, provider, check_attributes(head, attrs, port))
@@ -555,7 +558,7 @@ class _ClientConnection:
     def _denied(self, verdict: Verdict) -> None:
         o = self.outcome
         o.status, o.policy, o.response_bytes = verdict.status, verdict.policy, len(verdict.body)
-        o.reason = "jwt" if verdict.status == 401 else "rbac"
+        o.reason = verdict.denied_by
         o.upstream = None  # answered here, not forwarded
 
     def _response_head(self, ev: ResponseReceived) -> None:
