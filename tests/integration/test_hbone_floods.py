@@ -46,7 +46,7 @@ from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context
-from ztunnel.proxy.listeners import listening_socket
+from ztunnel.net.listen import listening_socket
 
 CLIENT_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/client")
 HBONE = (NODE_B_SERVER, 15008)

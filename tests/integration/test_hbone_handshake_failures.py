@@ -32,7 +32,7 @@ from ztunnel.identity.certs import WorkloadCertificate
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context, peer_identity
-from ztunnel.proxy.listeners import listening_socket
+from ztunnel.net.listen import listening_socket
 
 CLIENT = "spiffe://cluster.local/ns/shop/sa/client"
 SERVER = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/server")

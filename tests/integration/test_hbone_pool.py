@@ -17,7 +17,7 @@ from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.listeners import listening_socket
+from ztunnel.net.listen import listening_socket
 
 SERVER_IP = "127.0.170.1"
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/pool/sa/client")

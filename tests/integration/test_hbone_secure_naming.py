@@ -22,7 +22,7 @@ from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.ca import init_ca_dir
 from ztunnel.identity.certs import WorkloadCertificate
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.listeners import listening_socket
+from ztunnel.net.listen import listening_socket
 
 TARGET_PORT = 7000
 

@@ -16,7 +16,8 @@ from tests.support.echo import echo_server
 from tests.support.eventually import eventually_async
 from ztunnel.config.model import Workload
 from ztunnel.identity.manager import CertificateManager
-from ztunnel.proxy.listeners import WorkloadSockets, listening_socket
+from ztunnel.net.listen import listening_socket
+from ztunnel.proxy.listeners import WorkloadSockets
 from ztunnel.proxy.node import NodeProxy, ProxyOptions
 from ztunnel.telemetry.metrics import ProxyMetrics
 

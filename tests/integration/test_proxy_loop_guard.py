@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from ztunnel.config.model import Workload
-from ztunnel.proxy.listeners import WorkloadSockets, listening_socket
+from ztunnel.net.listen import listening_socket
+from ztunnel.proxy.listeners import WorkloadSockets
 from ztunnel.proxy.state import ProxyOptions, ProxyState, ServedWorkload
 
 BASE = "127.0.173"

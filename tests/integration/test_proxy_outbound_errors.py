@@ -15,9 +15,10 @@ import pytest
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.manager import CertificateError
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.listen import listening_socket
 from ztunnel.net.streams import TcpStream
 from ztunnel.policy.engine import PolicyEngine
-from ztunnel.proxy.listeners import WorkloadSockets, listening_socket, serve_streams
+from ztunnel.proxy.listeners import WorkloadSockets, serve_streams
 from ztunnel.proxy.outbound import Outbound
 from ztunnel.proxy.report import ConnectionReporter
 from ztunnel.proxy.state import ProxyOptions, ProxyState, ServedWorkload

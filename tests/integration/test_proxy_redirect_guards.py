@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from ztunnel.config.model import Workload
 from ztunnel.identity.manager import CertificateManager
-from ztunnel.proxy.listeners import WorkloadSockets, listening_socket
+from ztunnel.net.listen import listening_socket
+from ztunnel.proxy.listeners import WorkloadSockets
 from ztunnel.proxy.node import NodeProxy, ProxyOptions
 from ztunnel.telemetry.metrics import ProxyMetrics
 

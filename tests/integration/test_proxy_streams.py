@@ -19,8 +19,9 @@ from ztunnel.hbone.stream import HboneStream
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.listen import listening_socket
 from ztunnel.net.streams import READ_CHUNK, TCP_READ_BUFFER_LIMIT, ByteStream, StreamClosed, TcpStream
-from ztunnel.proxy.listeners import listening_socket, serve_streams
+from ztunnel.proxy.listeners import serve_streams
 from ztunnel.proxy.relay import RelayCounters, relay
 
 HBONE_IP = "127.0.171.1"

@@ -25,7 +25,7 @@ from ztunnel.hbone.protocol import Authority, ConnectRequest, HboneError
 from ztunnel.hbone.server import HboneServer, InboundTunnel
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.listeners import listening_socket
+from ztunnel.net.listen import listening_socket
 
 CLIENT = "127.0.211.1"  # node-wa
 SERVER = "127.0.212.1"  # node-wb

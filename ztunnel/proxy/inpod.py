@@ -27,14 +27,14 @@ from ztunnel.config.model import DEFAULT_TRUST_DOMAIN, Workload
 from ztunnel.inpod import protocol
 from ztunnel.inpod.channel import Channel
 from ztunnel.inpod.session import ProxySession
+from ztunnel.net.listen import IP_TRANSPARENT, listen_on
 from ztunnel.net.netns import current_netns_fd, in_netns
 from ztunnel.net.streams import TcpStream
 from ztunnel.ports import HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, PROXY_MARK
-from ztunnel.proxy.listeners import WorkloadSockets, dns_sockets, listen_on
+from ztunnel.proxy.listeners import WorkloadSockets, dns_sockets
 
 log = logging.getLogger("ztunnel.proxy.inpod")
 
-IP_TRANSPARENT = 19  # linux/in.h
 IPV6_TRANSPARENT = 75  # linux/in6.h
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from ztunnel.config.model import Workload
 from ztunnel.errors import ZtunnelError
+from ztunnel.net.listen import listen_on, listening_socket
 from ztunnel.net.streams import TcpStream
 from ztunnel.ports import HBONE_PORT, PLAINTEXT_INBOUND_PORT, SOCKS5_PORT
 
@@ -27,7 +28,6 @@ log = logging.getLogger("ztunnel.proxy")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
-LISTEN_BACKLOG = 1024
 
 
 class Connector(Protocol):
@@ -69,44 +69,6 @@ class WorkloadSockets:
 
 class ListenerFactory(Protocol):
     def sockets_for(self, workload: Workload) -> WorkloadSockets: ...
-
-
-def listening_socket(host: str, port: int, *, reuse_port: bool = False, transparent: bool = False) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    return listen_on(sock, host, port, reuse_port=reuse_port, transparent=transparent)
-
-
-def listen_on(
-    sock: socket.socket,
-    host: str,
-    port: int,
-    *,
-    reuse_port: bool = False,
-    transparent: bool = False,
-    v6only: bool = False,
-    mark: int | None = None,
-) -> socket.socket:
-    """Make `sock` (a new TCP socket, made wherever it must live) a non-blocking listener on host:port.
-
-    The one recipe for every proxy listener, local or inside a pod; `sock` is closed if any step fails.
-    """
-    try:
-        if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if transparent:
-            sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
-        if v6only:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def dns_sockets(

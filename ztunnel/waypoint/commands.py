@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.net.listen import listening_socket
 from ztunnel.ports import HBONE_PORT
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ztunnel.waypoint")
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
-LISTEN_BACKLOG = 1024
 
 
 class WaypointCommandError(ZtunnelError):
@@ -139,16 +139,10 @@ def find_waypoint_pod(config: ClusterConfig, name: str, namespace: str) -> Workl
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
+        return listening_socket(host, port)
     except OSError as e:
-        sock.close()
         raise WaypointCommandError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
 
 
 async def run_waypoint(args: argparse.Namespace) -> int:
