@@ -455,6 +455,8 @@ class Lab:
         names.sort(key=lambda n: (0 if "-pod-" in n else 1 if "-node-" in n else 2, n))
         for n in names:
             netns.delete_netns(n)
+        for n in netns.etc_netns_dirs(netns_prefix(self.name)):
+            netns.remove_resolv_conf(n)  # the pods' resolv.conf files, also those of netns already gone
         if self.dir.exists():
             _check_lab_dir(self.dir)
             shutil.rmtree(self.dir, ignore_errors=True)

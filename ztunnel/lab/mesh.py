@@ -41,6 +41,13 @@ def served_uids(node: NodeRecord) -> set[str]:
     return {str(w.get("uid")) for w in served or [] if isinstance(w, dict)}
 
 
+def dns_enabled(state: LabState, caps: components.Capabilities) -> bool:
+    """Pods' DNS through the node proxy: the agent's capture and the proxy's listener, both or neither (capture
+    alone would send pods' queries to a port nobody listens on)."""
+    running = bool(state.components.get("node-agent") and state.components.get("proxy"))
+    return running and caps.has("node-agent", "--dns-capture") and caps.has("proxy", "--dns", "--dns-upstream")
+
+
 class Mesh:
     """Starts, restarts and waits for one lab's CA, node agents and proxies."""
 
@@ -133,6 +140,8 @@ class Mesh:
             flag = caps.flag("node-agent", *flags)
             if flag:
                 args += [flag, value]
+        if dns_enabled(state, caps):
+            args.append("--dns-capture")
         return components.ztunnel_argv(*args)
 
     def _proxy_argv(self, state: LabState, node: NodeRecord) -> list[str]:
@@ -149,6 +158,10 @@ class Mesh:
             ]
         else:
             args += ["--ca-dir", str(ca_dir(state))]
+        if dns_enabled(state, self.capabilities()):
+            # names outside the model go to the fabric gateway, where nothing answers port 53: a quick SERVFAIL
+            # (the lab has no resolver reachable from the fabric; the machine's may be on its loopback)
+            args += ["--dns", "--dns-upstream", f"{FABRIC_GATEWAY}:53"]
         return components.ztunnel_argv(*args)
 
     def spawn_agents(self, state: LabState, nodes: Sequence[NodeRecord]) -> list[Waiter]:

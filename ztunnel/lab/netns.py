@@ -23,6 +23,8 @@ from ztunnel.net.http import http_request
 from ztunnel.net.netns import NETNS_RUN_DIR, open_netns, socket_in_netns
 
 NETNS_DIR = NETNS_RUN_DIR
+NETNS_ETC_DIR = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/* over /etc/*
+RESOLV_MARKER = "# written by ztunnel lab"  # only files that start with this are ever removed
 
 
 class LabCommandError(ZtunnelError):
@@ -102,6 +104,41 @@ def delete_netns(name: str) -> None:
             run(["umount", "-l", str(NETNS_DIR / name)], check=False)
             with contextlib.suppress(OSError):
                 (NETNS_DIR / name).unlink()
+
+
+def write_resolv_conf(netns: str, text: str) -> Path:
+    """/etc/netns/NETNS/resolv.conf: what processes started with `ip netns exec NETNS` see as /etc/resolv.conf."""
+    d = NETNS_ETC_DIR / netns
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "resolv.conf"
+    tmp = d / ".resolv.conf.tmp"
+    tmp.write_text(f"{RESOLV_MARKER}\n{text}")
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_resolv_conf(netns: str) -> bool:
+    """Remove /etc/netns/NETNS if the lab wrote it (its resolv.conf carries the marker and it holds nothing else)."""
+    d = NETNS_ETC_DIR / netns
+    path = d / "resolv.conf"
+    try:
+        if not path.read_text().startswith(RESOLV_MARKER):
+            return False
+    except OSError:
+        return False
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        d.rmdir()  # left in place if someone else put files there
+    return True
+
+
+def etc_netns_dirs(prefix: str) -> list[str]:
+    """Names under /etc/netns that start with PREFIX (a crashed lab's resolv.conf dirs)."""
+    try:
+        return sorted(p.name for p in NETNS_ETC_DIR.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
 
 
 def set_sysctl(netns: str, key: str, value: str) -> None:

@@ -20,6 +20,22 @@ from ztunnel.lab.model import FABRIC_SUBNET, LabError, NodeRecord, PodRecord, ip
 from ztunnel.lab.state import LabState, updating, write_atomic, write_live
 
 PRIMARY_CONFLIST = "10-lab.conflist"
+CLUSTER_DOMAIN = "cluster.local"
+
+
+def resolv_conf(rec: PodRecord, node: NodeRecord) -> str:
+    """A kubelet's ClusterFirst resolv.conf for the pod.
+
+    The nameserver is the pod's gateway (the node's cni0 address), where nothing listens on port 53: an enrolled
+    pod's queries never get there (its nat OUTPUT sends port 53 to the node proxy's 15053 in the pod), and a pod
+    outside the mesh gets "connection refused" at once instead of waiting for a resolver that is not there.
+    """
+    ns = rec.namespace
+    return (
+        f"search {ns}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\n"
+        f"nameserver {node.gateway}\n"
+        "options ndots:5\n"
+    )
 
 
 class Pods:
@@ -116,6 +132,8 @@ class Pods:
         rec.ips = ips_from_cni_result(result)
         pod_dir = state.pod_dir(rec.namespace, rec.name)
         pod_dir.mkdir(parents=True, exist_ok=True)
+        if not rec.host_network:  # before any container starts: `ip netns exec` mounts it at exec time
+            netns.write_resolv_conf(rec.netns, resolv_conf(rec, state.nodes[rec.node]))
         with updating(self.dir) as st:
             st.pods[rec.ref] = rec
             write_live(st)
@@ -207,6 +225,7 @@ class Pods:
             if stray:
                 procs.kill_pids(stray)
             netns.delete_netns(rec.netns)
+            netns.remove_resolv_conf(rec.netns)
         shutil.rmtree(state.pod_dir(rec.namespace, rec.name), ignore_errors=True)
         for k in keys:
             state.processes.pop(k, None)

@@ -245,4 +245,5 @@ def lab(tmp_path_factory: pytest.TempPathFactory, lab_name: str) -> Iterator[Lab
     # the whole session's lab, every component included, left nothing behind and never touched the root netns
     assert down.returncode == 0, down.stderr
     assert not [p for p in Path("/var/run/netns").iterdir() if p.name.startswith(f"ztl-{lab_name}-")]
+    assert not list(Path("/etc/netns").glob(f"ztl-{lab_name}-*"))  # the pods' resolv.conf dirs too
     assert root_netns_snapshot() == before
