@@ -74,3 +74,24 @@ def test_names_outside_the_model_and_pods_outside_the_mesh_get_no_mesh_address(l
     # the outsider's queries are not captured: its nameserver (the node's bridge address) refuses them at once
     code, addrs = getent(lab, "lab/outsider", FQDN)
     assert code != 0 and addrs == []
+
+
+LATE_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: dnslate, namespace: lab, labels: {app: dnslate}}
+spec:
+  nodeName: n2
+  serviceAccountName: dnslate
+  containers: [{name: main, command: [sleep, infinity]}]
+"""
+
+
+def test_a_deleted_pods_resolv_conf_goes_with_it(lab: LabHandle) -> None:
+    lab.apply(LATE_POD)
+    conf = Path(f"/etc/netns/{lab.netns('lab/dnslate')}/resolv.conf")
+    try:
+        assert "search lab.svc.cluster.local" in conf.read_text()
+    finally:
+        lab.delete(LATE_POD)
+    assert not conf.parent.exists()
