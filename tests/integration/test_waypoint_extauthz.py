@@ -28,12 +28,9 @@ import pytest
 from grpc_tools import protoc
 
 from tests.integration.conftest import ProxyProcess, start_proxy
-from tests.integration.test_waypoint_local import KeepAliveApp, Responses, _listening, start_waypoint, stop
-from tests.support.certs import in_process_certs
-from tests.support.eventually import eventually
+from tests.support.waypoint import KeepAliveApp, Responses, client_pool, start_waypoint, stop, wait_listening
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
-from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
 
 APP_IPS = ["127.0.166.1", "127.0.166.2", "127.0.166.3", "127.0.166.4"]  # testapp-1 .. testapp-4
@@ -273,8 +270,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     try:
         proxy = start_proxy("node-b", config, ca_dir, workdir)
         waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "demo")
-        eventually(lambda: waypoint.poll() is not None or _listening(WAYPOINT_IP, 15008), 20, what="waypoint up")
-        assert waypoint.poll() is None, log_path.read_text()
+        wait_listening(waypoint, log_path, WAYPOINT_IP)
         yield Setup(workdir, ca_dir, apps, grpc_authz, http_authz, log_path)
     finally:
         if waypoint is not None:
@@ -290,12 +286,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
 
 @pytest.fixture
 async def client(setup: Setup) -> AsyncIterator[HbonePool]:
-    async with in_process_certs(setup.ca_dir) as certs:
-        pool = HbonePool(TlsContexts(certs))
-        try:
-            yield pool
-        finally:
-            pool.close()
+    async with client_pool(setup.ca_dir) as pool:
+        yield pool
 
 
 async def request(
@@ -378,8 +370,7 @@ async def test_mesh_config_file_replaces_the_configmaps_providers(setup: Setup, 
     args = ("--name", "meshwp", "--namespace", "demo", "--mesh-config", str(mesh), "--drain-timeout", "0.5s")
     proc, log_path = start_waypoint(config, setup.ca_dir, setup.workdir / "meshwp", *args)
     try:
-        eventually(lambda: proc.poll() is not None or _listening(MESH_WAYPOINT_IP, 15008), 20, what="waypoint up")
-        assert proc.poll() is None, log_path.read_text()
+        wait_listening(proc, log_path, MESH_WAYPOINT_IP)
         status, _, body = await request(client, 3, "/x", waypoint=(MESH_WAYPOINT, MESH_WAYPOINT_IP))
         assert (status, body) == (403, b"denied by ext_authz for testapp-2")  # the HTTP authorizer answered
         assert setup.http_authz.seen[-1][:2] == ("GET", "/check/x")

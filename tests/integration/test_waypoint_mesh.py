@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ProxyProcess, SocksRefused, socks_connect, start_proxy
-from tests.integration.test_waypoint_local import KeepAliveApp, _listening, start_waypoint, stop
-from tests.support.eventually import eventually
+from tests.support.waypoint import KeepAliveApp, start_waypoint, stop, wait_listening
 
 CLIENT_IP = "127.0.166.1"
 GREETER_IP = "127.0.166.2"
@@ -95,10 +94,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[tup
         procs.append(start_proxy("node-a", config, ca_dir, workdir))
         procs.append(start_proxy("node-b", config, ca_dir, workdir))
         waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "default")
-        eventually(
-            lambda: waypoint.poll() is not None or _listening(WAYPOINT_IP, 15008), 20, what="waypoint listening"
-        )
-        assert waypoint.poll() is None, log_path.read_text()
+        wait_listening(waypoint, log_path, WAYPOINT_IP)
         yield procs[0], procs[1]
     finally:
         if waypoint is not None:

@@ -20,7 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import ProxyProcess, start_proxy
-from tests.integration.test_waypoint_local import (
+from tests.support.eventually import eventually
+from tests.support.identity import free_port
+from tests.support.waypoint import (
     APP_PORT,
     CLIENT,
     CONFIG,
@@ -28,18 +30,15 @@ from tests.integration.test_waypoint_local import (
     WAYPOINT_IP,
     KeepAliveApp,
     Responses,
-    _get,
-    _listening,
-    _one,
-    _tunnel,
+    client_pool,
+    get,
+    one,
     start_waypoint,
     stop,
+    tunnel,
+    wait_listening,
 )
-from tests.support.certs import in_process_certs
-from tests.support.eventually import eventually
-from tests.support.identity import free_port
 from ztunnel.hbone.client import HbonePool
-from ztunnel.hbone.tls_cache import TlsContexts
 
 SERVICE = "greeter.greet.svc.cluster.local"
 
@@ -70,10 +69,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[
             *("--name", "waypoint", "--namespace", "greet", "--access-log", "json"),
             *("--metrics-addr", f"127.0.0.1:{metrics_port}", "--admin-addr", f"127.0.0.1:{admin_port}"),
         )
-        eventually(
-            lambda: waypoint.poll() is not None or _listening(WAYPOINT_IP, 15008), 20, what="waypoint listening"
-        )
-        assert waypoint.poll() is None, log.read_text()
+        wait_listening(waypoint, log, WAYPOINT_IP)
         yield Running(ca_dir, log, metrics_port, admin_port)
     finally:
         if waypoint is not None:
@@ -85,12 +81,8 @@ def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[
 
 @pytest.fixture
 async def client(running: Running) -> AsyncIterator[HbonePool]:
-    async with in_process_certs(running.ca_dir) as certs:
-        pool = HbonePool(TlsContexts(certs))
-        try:
-            yield pool
-        finally:
-            pool.close()
+    async with client_pool(running.ca_dir) as pool:
+        yield pool
 
 
 def _samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -119,8 +111,8 @@ def _access_lines(log: Path) -> list[dict[str, Any]]:
 
 
 async def test_allowed_and_denied_requests_are_counted_and_logged(running: Running, client: HbonePool) -> None:
-    assert (await _one(client, _get("/hello")))[0] == 200
-    assert (await _one(client, _get("/version")))[0] == 403
+    assert (await one(client, get("/hello")))[0] == 200
+    assert (await one(client, get("/version")))[0] == 403
 
     common = {"reporter": "waypoint", "source_principal": CLIENT.uri, "destination_service": SERVICE}
 
@@ -155,7 +147,7 @@ async def test_allowed_and_denied_requests_are_counted_and_logged(running: Runni
 
 
 async def test_an_upgrade_is_counted_101_when_its_relay_ends(running: Running, client: HbonePool) -> None:
-    stream = await _tunnel(client)
+    stream = await tunnel(client)
     try:
         await stream.write(
             b"GET /ws/hello HTTP/1.1\r\nHost: greeter\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"

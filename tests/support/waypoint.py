@@ -1,0 +1,275 @@
+"""The waypoint tests' kit: the greeter topology in local mode (config, addresses, identities), a keep-alive
+HTTP/1.1 app on a pod IP, the `ztunnel waypoint` process, and the source node proxy's side of a request
+(HBONE to the waypoint with the client's SVID, CONNECT <Service VIP>:80, HTTP/1.1 inside)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvloop
+
+from tests.integration.conftest import ZTUNNEL
+from tests.support.certs import in_process_certs
+from tests.support.eventually import eventually
+from ztunnel.hbone.client import HbonePool, PoolKey
+from ztunnel.hbone.protocol import Authority
+from ztunnel.hbone.stream import HboneStream
+from ztunnel.hbone.tls_cache import TlsContexts
+from ztunnel.identity.spiffe import SpiffeId
+
+GREETER_IP = "127.0.165.1"
+WAYPOINT_IP = "127.0.165.10"
+DRAINER_IP = "127.0.165.11"  # a second waypoint, stopped by its own test
+VIP = "10.96.0.65"
+ORPHAN_VIP = "10.96.0.66"  # its one endpoint's node (node-c) runs no proxy
+EMPTY_VIP = "10.96.0.67"  # no endpoint at all
+ORPHAN_IP = "127.0.165.20"
+APP_PORT = 8080
+CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/client")
+WAYPOINT = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/waypoint")
+DRAINER = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/drainer")
+SLOW_CHUNKS = 10  # /slow: this many 1 KiB chunks, 0.1 s apart
+
+CONFIG = f"""\
+apiVersion: v1
+kind: Namespace
+metadata: {{name: greet, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: greeter, namespace: greet, uid: uid-greeter, labels: {{app: greeter-service}}}}
+spec:
+  nodeName: node-b
+  serviceAccountName: greeter
+  containers: [{{name: app, ports: [{{containerPort: {APP_PORT}}}]}}]
+status: {{podIP: "{GREETER_IP}"}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-0
+  namespace: greet
+  uid: uid-waypoint
+  labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {{nodeName: node-w, serviceAccountName: waypoint}}
+status: {{podIP: "{WAYPOINT_IP}"}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: drainer-0
+  namespace: greet
+  uid: uid-drainer
+  labels: {{gateway.networking.k8s.io/gateway-name: drainer}}
+spec: {{nodeName: node-w, serviceAccountName: drainer}}
+status: {{podIP: "{DRAINER_IP}"}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: greeter, namespace: greet}}
+spec: {{clusterIP: {VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: orphan, namespace: greet, uid: uid-orphan, labels: {{app: orphan}}}}
+spec: {{nodeName: node-c, serviceAccountName: orphan}}
+status: {{podIP: "{ORPHAN_IP}"}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: orphan, namespace: greet}}
+spec: {{clusterIP: {ORPHAN_VIP}, selector: {{app: orphan}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: greet}}
+spec: {{clusterIP: {EMPTY_VIP}, selector: {{app: nobody}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: greeter-service, namespace: greet}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: greeter}}]
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+        paths: ["*/hello", "/big", "/slow"]
+  - to:
+    - operation:
+        methods: ["POST"]
+        paths: ["/upload"]
+"""
+BIG = 4 * 1024 * 1024
+
+
+class KeepAliveApp:
+    """An HTTP/1.1 keep-alive app on the greeter's pod IP (its own loop in a thread): answers every request
+    with `hello <method> <path> (<n> body bytes) #<i on this connection>`."""
+
+    def __init__(self, ip: str, port: int) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="greeter", daemon=True)
+        self.thread.start()
+        self.heads: list[bytes] = []
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, ip, port, reuse_address=True), self.loop
+        ).result(10)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        i = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                i += 1
+                if b"\r\nupgrade: websocket" in head.lower():
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n")
+                    writer.write(b"Upgrade: websocket\r\n\r\n")
+                    while data := await reader.read(65536):  # raw echo from now on
+                        writer.write(data)
+                        await writer.drain()
+                    return
+                if target == b"/slow":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (SLOW_CHUNKS * 1024))
+                    for _ in range(SLOW_CHUNKS):
+                        writer.write(b"s" * 1024)
+                        await writer.drain()
+                        await asyncio.sleep(0.1)
+                    continue
+                if target == b"/big":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
+                    for _ in range(BIG // 65536):
+                        writer.write(b"x" * 65536)
+                        await writer.drain()
+                    continue
+                text = b"hello %s %s (%d body bytes) #%d\n" % (method, target, len(body), i)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(text))
+                writer.write(text)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def listening(ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((ip, port)) == 0
+
+
+def start_waypoint(config: Path, ca_dir: Path, workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log_path = workdir / "waypoint.log"
+    argv = [ZTUNNEL, "--log-level", "info", "waypoint", *args, "-f", str(config), "--ca-dir", str(ca_dir)]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    return proc, log_path
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_listening(proc: subprocess.Popen[bytes], log_path: Path, ip: str) -> None:
+    """Until the waypoint listens on ip:15008; fails with its log if it exited instead."""
+    eventually(lambda: proc.poll() is not None or listening(ip, 15008), 20, what="waypoint listening")
+    assert proc.poll() is None, log_path.read_text()
+
+
+@contextlib.asynccontextmanager
+async def client_pool(ca_dir: Path) -> AsyncIterator[HbonePool]:
+    """The source node proxy's HBONE pool, certificates from the production path."""
+    async with in_process_certs(ca_dir) as certs:
+        pool = HbonePool(TlsContexts(certs))
+        try:
+            yield pool
+        finally:
+            pool.close()
+
+
+async def tunnel(pool: HbonePool, vip: str = VIP) -> HboneStream:
+    """What the source node proxy does for a client of the Service: HBONE to the waypoint, CONNECT VIP:80."""
+    key = PoolKey(CLIENT, WAYPOINT, (WAYPOINT_IP, 15008))
+    return await pool.connect(key, Authority(vip, 80), expected_identities=[WAYPOINT.uri])
+
+
+class Responses:
+    """Reads HTTP/1.1 responses (Content-Length framed, as both the app and the waypoint's answers are)."""
+
+    def __init__(self, stream: HboneStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def _more(self) -> None:
+        data = await self.stream.read()
+        if not data:
+            raise EOFError(f"tunnel closed; have {self.buf!r}")
+        self.buf += data
+
+    async def next(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        async with asyncio.timeout(10):
+            while b"\r\n\r\n" not in self.buf:
+                await self._more()
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split(b" ")[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+            length = int(headers.get(b"content-length", b"0"))
+            while len(self.buf) < length:
+                await self._more()
+            body, self.buf = self.buf[:length], self.buf[length:]
+            return status, headers, body
+
+
+async def one(pool: HbonePool, request: bytes, vip: str = VIP) -> tuple[int, bytes]:
+    stream = await tunnel(pool, vip)
+    try:
+        await stream.write(request)
+        status, _, body = await Responses(stream).next()
+        return status, body
+    finally:
+        stream.close()
+
+
+def get(path: str, method: str = "GET", body: bytes = b"") -> bytes:
+    length = b"Content-Length: %d\r\n" % len(body) if body or method == "POST" else b""
+    return b"%s %s HTTP/1.1\r\nHost: greeter.greet.svc.cluster.local\r\n%s\r\n%s" % (
+        method.encode(),
+        path.encode(),
+        length,
+        body,
+    )
