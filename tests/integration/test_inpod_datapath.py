@@ -13,12 +13,11 @@ import asyncio
 import os
 import socket
 import subprocess
-import threading
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from tests.support.nodeagent import CLIENT_IP, POD_IP, in_thread, veth_pair
 from ztunnel.config.model import Workload
 from ztunnel.inpod import protocol
 from ztunnel.inpod.session import ProxySession
@@ -32,8 +31,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
 ]
 
-CLIENT_IP = "10.98.0.1"
-POD_IP = "10.98.0.2"
 
 
 def sh(*cmd: str) -> str:
@@ -42,40 +39,8 @@ def sh(*cmd: str) -> str:
 
 @pytest.fixture
 def pair() -> Iterator[tuple[str, str]]:
-    """(client netns, pod netns), wired with a veth pair; removed even on failure."""
-    prefix = f"zt-d1-{uuid.uuid4().hex[:6]}"
-    client, pod = f"{prefix}-c", f"{prefix}-p"
-    try:
-        sh("ip", "netns", "add", client)
-        sh("ip", "netns", "add", pod)
-        sh("ip", "-n", client, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", pod)
-        for ns, ip in ((client, CLIENT_IP), (pod, POD_IP)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield client, pod
-    finally:
-        for ns in (client, pod):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def in_thread(fd: int, fn, *args):  # type: ignore[no-untyped-def]
-    """Run fn inside the netns on a fresh thread, like the agent does."""
-    result: list[object] = []
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            result.append(iptables.run_in_netns(fd, fn, *args))
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    with veth_pair() as namespaces:
+        yield namespaces
 
 
 def save_all(ns: str) -> str:

@@ -8,10 +8,11 @@ import asyncio
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.test_inpod_datapath import CLIENT_IP, in_thread, pair  # noqa: F401 (fixture)
+from tests.support.nodeagent import CLIENT_IP, in_thread, veth_pair
 from ztunnel.config.model import ClusterConfig, Service, ServicePort
 from ztunnel.net import dns
 from ztunnel.net.netns import in_netns, open_netns
@@ -26,7 +27,13 @@ pytestmark = [
 ]
 
 
-async def test_captured_udp_and_tcp_queries_are_answered_in_the_pod(pair: tuple[str, str]) -> None:  # noqa: F811
+@pytest.fixture
+def pair() -> Iterator[tuple[str, str]]:
+    with veth_pair() as namespaces:
+        yield namespaces
+
+
+async def test_captured_udp_and_tcp_queries_are_answered_in_the_pod(pair: tuple[str, str]) -> None:
     _client, pod = pair
     pod_fd = open_netns(pod)
     in_thread(pod_fd, lambda: iptables.apply_inpod(iptables.detect_backend(), dns_capture=True))

@@ -8,16 +8,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ztunnel.config.source import FileConfigSource
+from ztunnel.redirect import iptables
 from ztunnel.redirect.agent import NodeAgent
 from ztunnel.redirect.iptables import IptablesBackend, detect_backend
 
+T = TypeVar("T")
 PLUGIN = str(Path(sys.executable).parent / "ztunnel-cni")
 
 
@@ -125,3 +128,38 @@ async def run_plugin(
     )
     out, err = await proc.communicate(json.dumps(stdin).encode())
     return proc.returncode or 0, out, err
+
+
+CLIENT_IP = "10.98.0.1"  # veth_pair's addresses
+POD_IP = "10.98.0.2"
+
+
+@contextmanager
+def veth_pair() -> Iterator[tuple[str, str]]:
+    """(client netns, pod netns), wired with a veth pair on 10.98.0.0/24; removed even on failure."""
+    with pod_namespaces(["c", "p"]) as made:
+        client, pod = made["c"], made["p"]
+        sh("ip", "-n", client, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", pod)
+        for ns, ip in ((client, CLIENT_IP), (pod, POD_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        yield client, pod
+
+
+def in_thread(fd: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run fn inside the netns `fd` on a fresh thread, as the agent does."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(iptables.run_in_netns(fd, fn, *args))
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return result[0]
