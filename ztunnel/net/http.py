@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -518,16 +519,22 @@ async def http_request_async(
     request = render_request(method, host, port, path, body)
     parser = ResponseParser(head_only=method == "HEAD", max_bytes=max_bytes)
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(request)
-            await writer.drain()
-            while True:
-                data = await reader.read(_CLIENT_READ)
-                if not data:
-                    return parser.eof()
-                response = parser.feed(data)
-                if response is not None:
-                    return response
-        finally:
-            writer.close()
+        return await exchange_async(host, port, request, parser)
+
+
+async def exchange_async(
+    host: str, port: int, request: bytes, parser: ResponseParser, *, tls: ssl.SSLContext | None = None
+) -> ClientResponse:
+    """Send one rendered request on a new connection (TLS with `tls`) and read its response with `parser`,
+    which bounds it; the caller bounds the time. Raises OSError, or HttpResponseError for a bad answer."""
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
+    try:
+        writer.write(request)
+        await writer.drain()
+        while True:
+            data = await reader.read(_CLIENT_READ)
+            response = parser.feed(data) if data else parser.eof()
+            if response is not None:
+                return response
+    finally:
+        writer.close()

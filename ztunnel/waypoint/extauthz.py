@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztunnel.config.model import ClusterConfig, ExtAuthzProvider
-from ztunnel.net.http import HttpResponseError, ResponseParser
+from ztunnel.net.http import HttpResponseError, ResponseParser, exchange_async
 
 log = logging.getLogger("ztunnel.waypoint.extauthz")
 
@@ -336,18 +336,8 @@ class Authorizers:
         return answer
 
     async def _http(self, provider: ExtAuthzProvider, where: tuple[str, int], request: bytes) -> AuthzVerdict:
-        reader, writer = await asyncio.open_connection(*where)
-        try:
-            writer.write(request)
-            await writer.drain()
-            parser = ResponseParser(max_bytes=MAX_ANSWER)
-            while True:
-                data = await reader.read(MAX_ANSWER)
-                response = parser.feed(data) if data else parser.eof()
-                if response is not None:
-                    return read_http_response(provider, response.status, response.headers, response.body)
-        finally:
-            writer.close()
+        response = await exchange_async(where[0], where[1], request, ResponseParser(max_bytes=MAX_ANSWER))
+        return read_http_response(provider, response.status, response.headers, response.body)
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}

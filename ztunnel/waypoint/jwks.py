@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
-from ztunnel.net.http import MAX_HEAD_BYTES, ResponseParser, render_request
+from ztunnel.net.http import MAX_HEAD_BYTES, ResponseParser, exchange_async, render_request
 
 log = logging.getLogger("ztunnel.waypoint.jwks")
 
@@ -35,7 +35,6 @@ RETRY_INITIAL = 1.0
 RETRY_MAX = 5 * 60.0
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 256 * 1024  # real key sets are a few KiB; a bigger answer is not a key set
-_READ = 16384
 
 # Which keys each accepted algorithm may be verified with: (kty, curves or None for any).
 KEY_TYPES: Mapping[str, tuple[str, frozenset[str] | None]] = {
@@ -241,19 +240,9 @@ class JwksFetcher:
         parser = ResponseParser(max_head=MAX_HEAD_BYTES, max_bytes=self.max_bytes + MAX_HEAD_BYTES)
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(
-                    parts.hostname, port, ssl=self.tls_context() if tls else None
+                response = await exchange_async(
+                    parts.hostname, port, request, parser, tls=self.tls_context() if tls else None
                 )
-                try:
-                    writer.write(request)
-                    await writer.drain()
-                    while True:
-                        data = await reader.read(_READ)
-                        response = parser.feed(data) if data else parser.eof()
-                        if response is not None:
-                            break
-                finally:
-                    writer.close()
         except TimeoutError:
             raise JwksFetchError(f"{uri}: no answer within {self.timeout:g}s") from None
         except (OSError, ssl.SSLError) as e:
