@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support.clock import FakeClock
+from tests.support.eventually import eventually_async
 from tests.support.jwtkit import NOW, claims, jwks, key
 from ztunnel.waypoint.jwks import (
     REFRESH_INTERVAL,
@@ -268,13 +269,10 @@ async def test_run_loop_fetches_at_start_and_when_poked() -> None:
     refresher = JwksRefresher(["http://a/keys"], fetch=fetch, clock=clock)
     task = asyncio.create_task(refresher.run())
     try:
-        async with asyncio.timeout(5):
-            while not calls:
-                await asyncio.sleep(0.01)
-            clock.advance(REFRESH_INTERVAL)
-            refresher.poke()
-            while len(calls) < 2:
-                await asyncio.sleep(0.01)
+        await eventually_async(lambda: calls, 5, interval=0.01, what="the first fetch")
+        clock.advance(REFRESH_INTERVAL)
+        refresher.poke()
+        await eventually_async(lambda: len(calls) >= 2, 5, interval=0.01, what="the refetch after the interval")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
