@@ -369,7 +369,11 @@ def _service(obj: KubeObject) -> Service:
             target = int(target)
         ports.append(
             ServicePort(
-                port=p["port"], target_port=target, name=str(p.get("name", "")), protocol=str(p.get("protocol", "TCP"))
+                port=p["port"],
+                target_port=target,
+                name=str(p.get("name", "")),
+                protocol=str(p.get("protocol", "TCP")),
+                app_protocol=str(p.get("appProtocol", "")),
             )
         )
     sans = obj.annotations.get("networking.istio.io/subject-alt-names", "")

@@ -131,6 +131,7 @@ class ServicePort:
     target_port: int | str
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""  # spec.ports[].appProtocol: Istio's protocol selection prefers it to the name
 
 
 @dataclass(frozen=True, slots=True)
