@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from bench import loadgen
 from bench.processes import Proc, ProcessGroup
-from bench.settings import LOADGEN, PY
+from bench.settings import HTTP_ALLOWED, HTTP_DENIED, LOADGEN, PY
 from bench.topology.lab import LabTopology
 from bench.topology.local import LocalTopology
 
@@ -25,7 +25,9 @@ class PathSetup:
     name: str
     available: bool = True
     note: str = ""
-    echo_target: str = ""  # loadgen TARGET
+    echo_target: str = ""  # loadgen TARGET of the echo app ("" for an HTTP-only path: no TCP figures)
+    http_target: str = ""  # loadgen TARGET of the HTTP app through this path ("": no HTTP figures)
+    http_host: str = "app"  # the Host header the HTTP requests carry
     iperf_host: str = ""
     iperf_port: int = 0
     proxies: dict[str, Proc] = field(default_factory=dict)  # proxy processes this run started
@@ -71,7 +73,13 @@ def unavailable(name: str, why: str) -> PathSetup:
 
 
 def probe_path(path: PathSetup, timeout: float = 3.0) -> bool:
-    """One connection through the path, proven by a 1-byte echo from the app."""
+    """One connection through the path, proven by a 1-byte echo from the app (an HTTP-only path: one
+    allowed request answered 200)."""
+    if not path.echo_target:
+        try:
+            return http_check(path, [HTTP_ALLOWED]) == [200]
+        except RuntimeError:
+            return False
     if not path.client_prefix:
         return probe_echo(path.echo_target, timeout)
     argv = [*path.client_prefix, PY, LOADGEN, "connrate", path.echo_target, "--workers", "1", "--duration", "0.3"]
@@ -102,3 +110,32 @@ def probe_echo(target: str, timeout: float = 3.0) -> bool:
             return sock.recv(1) == b"x"
     except OSError:
         return False
+
+
+def http_check(path: PathSetup, requests: list[str]) -> list[int]:
+    """The status of each request ("METHOD PATH") sent through the path on one keep-alive connection."""
+    argv = [*path.client_prefix, PY, LOADGEN, "http", path.http_target, "--host", path.http_host]
+    argv += ["--check", ",".join(requests)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"HTTP check through {path.name} timed out after 30 s") from None
+    try:
+        return [int(c["status"]) for c in json.loads(r.stdout)["checks"]]
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"HTTP check through {path.name} failed: {(r.stderr or r.stdout).strip()[-300:]}") from None
+
+
+def require_policy(path: PathSetup) -> PathSetup:
+    """The path as given if its L7 policy holds (the allowed request 200, each denied one 403, all on one
+    keep-alive connection), else an unavailable path saying what came back: never measure an open door."""
+    want = [HTTP_ALLOWED, *HTTP_DENIED, HTTP_ALLOWED]
+    try:
+        got = http_check(path, want)
+    except RuntimeError as e:
+        return unavailable(path.name, str(e))
+    expected = [200, *[403] * len(HTTP_DENIED), 200]
+    if got != expected:
+        pairs = ", ".join(f"{r} -> {s}" for r, s in zip(want, got, strict=False))
+        return unavailable(path.name, f"the L7 policy check failed: {pairs} (expected {expected})")
+    return path

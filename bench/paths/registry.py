@@ -5,6 +5,7 @@ from __future__ import annotations
 from bench.paths.base import PathContext, PathKind, PathSetup
 from bench.paths.direct import DIRECT, DIRECT_SAME_NODE
 from bench.paths.haproxy import HAPROXY
+from bench.paths.haproxy_http import HAPROXY_HTTP
 from bench.paths.haproxy_tcp import HAPROXY_TCP
 from bench.paths.waypoint import WAYPOINT
 from bench.paths.ztunnel import ZTUNNEL, ZTUNNEL_SAME_NODE
@@ -17,6 +18,7 @@ REGISTRY: tuple[PathKind, ...] = (
     ZTUNNEL,
     ZTUNNEL_EBPF,
     WAYPOINT,
+    HAPROXY_HTTP,
     DIRECT_SAME_NODE,
     ZTUNNEL_SAME_NODE,
 )
