@@ -15,7 +15,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,8 @@ def ztunnel(*args: str, check: bool = True, timeout: float = 180.0, **kw: Any) -
     return proc
 
 
-TEST_LAB_PREFIXES = ("it", "lc", "cr", "eb")  # this package's lab names: PREFIX + the pid of the pytest that made it
+# this package's lab names: PREFIX + the pid of the pytest that made it
+TEST_LAB_PREFIXES = ("it", "lc", "cr", "eb", "jw", "xa")
 
 
 def remove_stale_labs() -> None:
@@ -143,6 +145,13 @@ def root_netns_snapshot() -> dict[str, str]:
         "iptables": "\n".join(x for x in out("iptables-save").splitlines() if not x.startswith("#")),
         "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
     }
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    headers: dict[str, str]  # names lowercased; a repeated header keeps its last value
+    body: str
 
 
 @dataclass
@@ -214,9 +223,51 @@ class LabHandle:
         if missing:
             pytest.fail(f"the lab runs without {', '.join(missing)}; it was built with --mesh on, so that is a bug")
 
+    def http(self, target: str, url: str, *headers: str, max_time: float = 5.0) -> HttpReply:
+        """One request with real curl from TARGET's netns (`headers` as curl's -H takes them); a failed exchange
+        (no HTTP response) fails the test with curl's message."""
+        argv = ["curl", "-sS", "-i", "-m", str(max_time), *[a for h in headers for a in ("-H", h)], url]
+        p = self.run(target, *argv, timeout=max_time + 10)
+        if p.returncode != 0:
+            raise AssertionError(f"{target}: curl {url} exited {p.returncode}: {p.stderr.strip()}")
+        head, _, body = p.stdout.partition("\r\n\r\n")
+        status_line, *lines = head.split("\r\n")
+        fields = [line.partition(":") for line in lines]
+        return HttpReply(int(status_line.split()[1]), {k.strip().lower(): v.strip() for k, _, v in fields}, body)
+
+    def pod_log(self, ref: str, container: str = "main") -> list[dict[str, Any]]:
+        """The JSON lines a pod's container printed (tests/support/labapps programs log one per request)."""
+        st = json.loads((self.dir / "state.json").read_text())
+        text = Path(st["processes"][f"pod/{ref}/{container}"]["log"]).read_text()
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
     def metrics(self, node: str) -> str:
         p = self.run(f"node/{node}", "curl", "-sS", "-m", "3", "http://127.0.0.1:15020/metrics", check=True)
         return p.stdout
+
+
+@contextmanager
+def running_lab(name: str, objects: Sequence[dict[str, Any]], work: Path, timeout: int = 120) -> Iterator[LabHandle]:
+    """`ztunnel lab up` of OBJECTS (with --mesh on: a missing or broken component fails `up`), and `lab down` at
+    the end whatever happens, checking that nothing is left and the root netns is as it was."""
+    import yaml
+
+    remove_stale_labs()
+    before = root_netns_snapshot()
+    cluster = work / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+    try:
+        # --mesh on (also the default, said here so a changed default cannot make these tests pass without
+        # the mesh): a missing or broken component fails `up`, and so every test that uses the lab
+        up = ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--mesh", "on", "--timeout", str(timeout))
+        yield LabHandle(name=name, dir=Path("/run/ztunnel-lab") / name, work=work, up_output=up.stdout + up.stderr)
+    finally:
+        down = ztunnel("lab", "down", "--name", name, check=False)
+    # the lab, every component included, left nothing behind and never touched the root netns
+    assert down.returncode == 0, down.stderr
+    assert not [p for p in Path("/var/run/netns").iterdir() if p.name.startswith(f"ztl-{name}-")]
+    assert not list(Path("/etc/netns").glob(f"ztl-{name}-*"))  # the pods' resolv.conf dirs too
+    assert root_netns_snapshot() == before
 
 
 @pytest.fixture(scope="session")
@@ -226,24 +277,5 @@ def lab_name() -> str:
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory, lab_name: str) -> Iterator[LabHandle]:
-    import yaml
-
-    remove_stale_labs()
-    before = root_netns_snapshot()
-    work = tmp_path_factory.mktemp("lab")
-    cluster = work / "cluster.yaml"
-    cluster.write_text(yaml.safe_dump_all(cluster_objects(), sort_keys=False))
-    try:
-        # --mesh on (also the default, said here so a changed default cannot make these tests pass without
-        # the mesh): a missing or broken component fails `up`, and so every test that uses the lab
-        up = ztunnel("lab", "up", "--name", lab_name, "-f", str(cluster), "--mesh", "on", "--timeout", "120")
-        yield LabHandle(
-            name=lab_name, dir=Path("/run/ztunnel-lab") / lab_name, work=work, up_output=up.stdout + up.stderr
-        )
-    finally:
-        down = ztunnel("lab", "down", "--name", lab_name, check=False)
-    # the whole session's lab, every component included, left nothing behind and never touched the root netns
-    assert down.returncode == 0, down.stderr
-    assert not [p for p in Path("/var/run/netns").iterdir() if p.name.startswith(f"ztl-{lab_name}-")]
-    assert not list(Path("/etc/netns").glob(f"ztl-{lab_name}-*"))  # the pods' resolv.conf dirs too
-    assert root_netns_snapshot() == before
+    with running_lab(lab_name, cluster_objects(), tmp_path_factory.mktemp("lab")) as handle:
+        yield handle
