@@ -125,6 +125,8 @@ class PeerAuthentication:
 
 @dataclass(frozen=True)
 class JwtRule:
+    """One `jwtRules` entry as Istio's JWTRule has it; the waypoint (waypoint/jwt.py) acts on every field."""
+
     issuer: str
     audiences: tuple[str, ...]
     jwks_uri: str | None
@@ -133,6 +135,9 @@ class JwtRule:
     from_params: tuple[str, ...]
     forward_original_token: bool
     output_payload_to_header: str | None
+    from_cookies: tuple[str, ...] = ()
+    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim); nested claims as `a.b`
+    timeout: float | None = None  # seconds for one `jwksUri` fetch; None = Istio's default (5 s)
 
 
 @dataclass(frozen=True)

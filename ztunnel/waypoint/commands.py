@@ -156,8 +156,8 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     from ztunnel.identity.revocation import LOADED, RevocationUpdate
     from ztunnel.identity.spiffe import SpiffeId
     from ztunnel.policy.engine import PolicyEngine
-    from ztunnel.waypoint.jwks import JwksRefresher, RemoteJwks
-    from ztunnel.waypoint.jwt import JwtRule, KeyStore, remote_uris
+    from ztunnel.waypoint.jwks import JwksRefresher
+    from ztunnel.waypoint.jwt import JwtRule, KeyStore, remote_timeouts
     from ztunnel.waypoint.server import RequestDecider, WaypointServer, WaypointState
 
     loop = asyncio.get_running_loop()
@@ -191,11 +191,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, extension_providers=mesh_providers)
         engine = PolicyEngine.from_config(cfg, previous)
         rules = [JwtRule.from_policy(r) for ra in engine.request_authentications for r in ra.jwt_rules]
-        added = [u for u in remote_uris(rules) if u not in refresher.remotes]
-        for uri in added:
-            refresher.remotes[uri] = RemoteJwks(uri)  # due at once
-        if added:
-            refresher.poke()
+        refresher.track(remote_timeouts(rules))  # new jwksUris due at once, each with its rules' `timeout`
         return WaypointState(cfg, RequestDecider(engine, keys))
 
     await certs.start()

@@ -6,7 +6,8 @@ both. A failed fetch never drops keys that verified before: a JWKS server that g
 leaves the waypoint verifying with the cached keys, and the failure shows in the counters.
 
 Defaults follow Istio where it has one: keys are refreshed every 20 minutes (istiod's
-`PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`), a fetch times out after 5 s (`JWTRule.timeout`). The retry after a
+`PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`), a fetch times out after the rule's `timeout`, 5 s by default (Istio's
+`JWTRule.timeout`); the refresher holds that deadline, per URI. The retry after a
 failure is ours: 1 s doubling to 5 minutes, since a waypoint without keys rejects every token of that issuer
 (istiod's own backoff reaches 60 minutes, long to stay without keys).
 """
@@ -156,6 +157,7 @@ class RemoteJwks:
     """One `jwksUri`: its last good keys and when to fetch it next. Driven by `now` values the caller passes."""
 
     uri: str
+    timeout: float = FETCH_TIMEOUT  # one fetch, seconds (the rules' `timeout`)
     refresh_interval: float = REFRESH_INTERVAL
     retry_initial: float = RETRY_INITIAL
     retry_max: float = RETRY_MAX
@@ -202,13 +204,13 @@ class JwksFetchError(OSError):
 
 @dataclass
 class JwksFetcher:
-    """GET a `jwksUri` over HTTP or HTTPS, within `timeout` seconds and `max_bytes`.
+    """GET a `jwksUri` over HTTP or HTTPS, within `timeout` seconds (None: the caller bounds it) and `max_bytes`.
 
     HTTPS verifies the server against the system trust store, or only against `ca_file` when one is given
     (a private issuer's CA); TLS 1.2 or newer, the host name checked. No redirects are followed.
     """
 
-    timeout: float = FETCH_TIMEOUT
+    timeout: float | None = FETCH_TIMEOUT
     max_bytes: int = MAX_JWKS_BYTES
     ca_file: str | None = None
     _tls: ssl.SSLContext | None = field(default=None, init=False, repr=False)
@@ -258,24 +260,44 @@ FetchHook = Callable[[str, bool], None]  # (uri, ok): where the waypoint hangs i
 
 
 class JwksRefresher:
-    """Keeps every `jwksUri` in use fresh: fetches what is due, then sleeps until the next one is due."""
+    """Keeps every `jwksUri` in use fresh: fetches what is due, then sleeps until the next one is due.
+
+    Each fetch runs under its URI's `timeout` (RemoteJwks.timeout): a server that accepts and never answers is a
+    failed fetch at that deadline, whatever `fetch` does."""
 
     def __init__(
         self,
-        uris: Iterable[str],
+        uris: Iterable[str] | Mapping[str, float],
         *,
         fetch: Callable[[str], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_fetch: FetchHook | None = None,
         refresh_interval: float = REFRESH_INTERVAL,
     ) -> None:
-        self._fetch = fetch or JwksFetcher().fetch
+        self._fetch = fetch or JwksFetcher(timeout=None).fetch  # the deadline is the URI's, held here
         self._clock = clock
         self._on_fetch = on_fetch
-        self.remotes: dict[str, RemoteJwks] = {
-            u: RemoteJwks(u, refresh_interval=refresh_interval, next_fetch=clock()) for u in dict.fromkeys(uris)
-        }
+        self._refresh_interval = refresh_interval
+        self.remotes: dict[str, RemoteJwks] = {}
         self._wake = asyncio.Event()
+        self.track(uris if isinstance(uris, Mapping) else dict.fromkeys(uris, FETCH_TIMEOUT))
+
+    def track(self, timeouts: Mapping[str, float]) -> list[str]:
+        """Fetch these URIs from now on (`jwt.remote_timeouts` of the rules in force): new ones are due at once
+        (and `run` is woken), known ones take the new timeout and keep their keys. The URIs added."""
+        added = []
+        for uri, timeout in timeouts.items():
+            remote = self.remotes.get(uri)
+            if remote is None:
+                self.remotes[uri] = RemoteJwks(
+                    uri, timeout=timeout, refresh_interval=self._refresh_interval, next_fetch=self._clock()
+                )
+                added.append(uri)
+            else:
+                remote.timeout = timeout
+        if added:
+            self.poke()
+        return added
 
     def keys(self, uri: str) -> KeySet | None:
         remote = self.remotes.get(uri)
@@ -289,7 +311,10 @@ class JwksRefresher:
                 continue
             count += 1
             try:
-                body = await self._fetch(remote.uri)
+                async with asyncio.timeout(remote.timeout):
+                    body = await self._fetch(remote.uri)
+            except TimeoutError:
+                remote.failed(self._clock(), f"{remote.uri}: no answer within {remote.timeout:g}s (timeout)")
             except OSError as e:
                 remote.failed(self._clock(), str(e))
             else:

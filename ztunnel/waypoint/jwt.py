@@ -33,7 +33,8 @@ from urllib.parse import parse_qsl
 from jwt import PyJWS
 from jwt.exceptions import InvalidSignatureError, InvalidTokenError
 
-from ztunnel.waypoint.jwks import KEY_TYPES, JwksError, KeySet, parse_jwks
+from ztunnel.policy.model import JwtRule as PolicyJwtRule
+from ztunnel.waypoint.jwks import FETCH_TIMEOUT, KEY_TYPES, JwksError, KeySet, parse_jwks
 
 CLOCK_SKEW = 60.0
 ALGORITHMS = tuple(KEY_TYPES)
@@ -64,8 +65,7 @@ class Location:
 
 @dataclass(frozen=True, slots=True)
 class JwtRule:
-    """One `jwtRules` entry, with everything the waypoint needs (policy.model.JwtRule plus cookies and claim
-    headers, which that model does not carry yet)."""
+    """One `jwtRules` entry, with everything the waypoint needs (policy.model.JwtRule, header names ready)."""
 
     issuer: str
     audiences: tuple[str, ...] = ()
@@ -77,11 +77,11 @@ class JwtRule:
     forward_original_token: bool = False
     output_payload_to_header: str | None = None
     output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    timeout: float | None = None  # one jwksUri fetch, seconds; None = FETCH_TIMEOUT (Istio's 5 s)
 
     @classmethod
-    def from_policy(cls, rule: Any) -> JwtRule:
-        """From the policy model's JwtRule; fields it does not have yet default to empty."""
-        claims = getattr(rule, "output_claim_to_headers", ())
+    def from_policy(cls, rule: PolicyJwtRule) -> JwtRule:
+        """From the policy model's validated JwtRule."""
         return cls(
             issuer=rule.issuer,
             audiences=tuple(rule.audiences),
@@ -89,10 +89,11 @@ class JwtRule:
             jwks=rule.jwks,
             from_headers=tuple(rule.from_headers),
             from_params=tuple(rule.from_params),
-            from_cookies=tuple(getattr(rule, "from_cookies", ())),
+            from_cookies=tuple(rule.from_cookies),
             forward_original_token=rule.forward_original_token,
             output_payload_to_header=rule.output_payload_to_header,
-            output_claim_to_headers=tuple(c if isinstance(c, ClaimToHeader) else ClaimToHeader(*c) for c in claims),
+            output_claim_to_headers=tuple(ClaimToHeader(h, c) for h, c in rule.output_claim_to_headers),
+            timeout=rule.timeout,
         )
 
     def locations(self) -> tuple[Location, ...]:
@@ -172,7 +173,18 @@ KeyLookup = Callable[[JwtRule], KeySet | None]  # the rule's key set: inline, or
 
 def remote_uris(rules: Sequence[JwtRule]) -> list[str]:
     """The `jwksUri`s to fetch: those of rules without an inline `jwks` (which wins when both are set)."""
-    return list(dict.fromkeys(r.jwks_uri for r in rules if r.jwks_uri and not r.jwks))
+    return list(remote_timeouts(rules))
+
+
+def remote_timeouts(rules: Sequence[JwtRule]) -> dict[str, float]:
+    """Each `jwksUri` to fetch and its fetch timeout: the rule's `timeout` (default 5 s); when several rules name
+    one URI (it is fetched once), the longest of theirs, so no rule's fetch is cut shorter than it asked."""
+    out: dict[str, float] = {}
+    for r in rules:
+        if r.jwks_uri and not r.jwks:
+            t = FETCH_TIMEOUT if r.timeout is None else r.timeout
+            out[r.jwks_uri] = max(out.get(r.jwks_uri, 0.0), t)
+    return out
 
 
 class KeyStore:
@@ -440,23 +452,34 @@ def header_edits(rules: Sequence[JwtRule], outcome: Outcome) -> HeaderEdits:
 
 
 def claim_value(claims: Mapping[str, Any], path: str) -> str | None:
-    """A claim as a header value: strings as they are, numbers and booleans in JSON form, a list of those
-    joined with `,`; objects and missing claims give nothing. Nested claims by `.` (`realm.role`)."""
+    """A claim as a header value, as Envoy's jwt_authn (Istio's waypoint) writes it: a string as it is, a boolean
+    `true`/`false`, a whole non-negative number in integer form and any other number with six decimals, a list
+    or an object as base64 of its compact JSON; a missing claim gives nothing. Nested claims by `.`
+    (`realm.role`), each step an object. Values go out as UTF-8 (returned as latin-1 text, one char a byte);
+    a string with CR, LF or NUL gives nothing: it would split the header (request smuggling)."""
     value: Any = claims
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
-    items = value if isinstance(value, list) else [value]
-    parts = []
-    for item in items:
-        if isinstance(item, str):
-            parts.append(item)
-        elif isinstance(item, bool | int | float):
-            parts.append(json.dumps(item))
-        else:
-            return None
-    return ",".join(parts)
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | float):
+        whole = isinstance(value, int) or value.is_integer()
+        text = str(int(value)) if whole and 0 <= value < 2**64 else f"{value:f}"
+    elif isinstance(value, list | dict):
+        compact = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        text = base64.b64encode(compact.encode()).decode("ascii")
+    else:  # null
+        return None
+    if not text or any(c in text for c in _UNSAFE_IN_HEADER):
+        return None
+    return text.encode("utf-8").decode("latin-1")
+
+
+_UNSAFE_IN_HEADER = ("\r", "\n", "\0")
 
 
 def payload_of(header_value: str) -> Mapping[str, Any]:
