@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ztunnel.config.loader import ConfigError, config_files, read_config
 from ztunnel.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ClusterConfig
@@ -231,3 +231,23 @@ class FileConfigSource:
 
 def _names(paths: Sequence[Path]) -> str:
     return ", ".join(str(p) for p in paths)
+
+
+class ConfigSource(Protocol):
+    """What a component needs of a config source: the file source above, or the Kubernetes API's
+    (`ztunnel.config.kube.KubeConfigSource`)."""
+
+    current: ClusterConfig | None
+    trust_domain: str
+
+    def load(self) -> ClusterConfig: ...
+
+    def subscribe(self, listener: Listener) -> None: ...
+
+    def on_rejected(self, listener: RejectListener) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def watch(self) -> None: ...
+
+    async def reload_if_changed(self) -> bool: ...
