@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ztunnel.config.loader import ConfigError, read_objects
-from ztunnel.config.model import KubeObject
+from ztunnel.config.model import GATEWAY_NAME_LABEL, KubeObject, Workload
 from ztunnel.errors import ZtunnelError
-from ztunnel.lab import components, fabric, netns, procs
+from ztunnel.lab import components, fabric, netns, procs, waypoints
 from ztunnel.lab.mesh import MESH_COMPONENTS, Mesh, served_uids
 from ztunnel.lab.model import (
     FABRIC_SUBNET,
@@ -171,7 +171,7 @@ class Lab:
         fabric.build_fabric(self.name, self.say)
         for node in sorted(nodes.values(), key=lambda n: n.index):
             self._build_node(state, node)
-        fabric.route_all(state.nodes.values())
+        fabric.route_all(self.name, state.nodes.values())
         with locked(self.dir):
             save(state)
         ordered = sorted(nodes.values(), key=lambda n: n.index)
@@ -179,14 +179,50 @@ class Lab:
         first = [self.mesh.spawn_ca(state)] if state.components.get("ca") else []
         self.mesh.wait_all(state, first + self.mesh.spawn_agents(state, ordered), deadline)
         self.mesh.wait_all(state, self.mesh.spawn_proxies(state, ordered), deadline)
-        self.pods.start(state, [rec for _, rec in pods], deadline)
-        self.pods.wait_ready(state, [rec for _, rec in pods], deadline)
+        started = [rec for _, rec in pods] + self._deploy_waypoints(state, objects)
+        self.pods.start(state, started, deadline)
+        self.pods.wait_ready(state, started, deadline)
         self.mesh.wait_proxies_synced(deadline)
         with updating(self.dir) as st:
             st.ready = True
             state = st
         self.say(f"ready: {len(state.nodes)} nodes, {len(state.pods)} pods; live config {state.live_config}")
         return state
+
+    def _deploy_waypoints(self, state: LabState, objects: Sequence[KubeObject]) -> list[PodRecord]:
+        """At `up`, once the mesh runs (the waypoints' CA flags need it): a pod per waypoint Gateway, in the
+        live config before any pod starts."""
+        plan = waypoints.reconcile(objects, state.nodes, state.pods, self.mesh.waypoint_argv_for(state))
+        recs = [plan_pod(self.name, o, str(o.spec["nodeName"])) for o in plan.start]
+        for note in plan.notes:
+            self.say(note)
+        for rec in recs:
+            state.pods[rec.ref] = rec
+            self.say(f"waypoint pod {rec.ref} scheduled on {rec.node}")
+        with locked(self.dir):
+            save(state)
+            write_live(state, plan.objects)
+        return recs
+
+    def _reconcile_waypoints(
+        self, state: LabState, objects: Sequence[KubeObject], restart: Sequence[str] = ()
+    ) -> tuple[list[KubeObject], list[PodRecord], list[str]]:
+        """Inside an `updating` block of apply/delete: stop waypoint pods whose Gateway is gone or changed, plan
+        the new ones (started by the caller once the lock is released). Returns (live objects, new pods, lines)."""
+        plan = waypoints.reconcile(objects, state.nodes, state.pods, self.mesh.waypoint_argv_for(state), restart)
+        lines = list(plan.notes)
+        for ref in plan.stop:
+            rec = state.pods.pop(ref, None)
+            if rec is not None:
+                self.pods.stop(state, rec)
+            lines.append(f"Pod {ref} (waypoint) deleted")
+        recs = []
+        for o in plan.start:
+            rec = plan_pod(self.name, o, str(o.spec["nodeName"]))
+            state.pods[rec.ref] = rec
+            recs.append(rec)
+            lines.append(f"Pod {rec.ref} (waypoint) created")
+        return plan.objects, recs, lines
 
     def _choose_components(self, caps: components.Capabilities, mesh: str) -> dict[str, bool]:
         if mesh == "off":
@@ -252,6 +288,14 @@ class Lab:
                             f"containers unchanged; delete and re-apply the pod to change them"
                         )
                 done.append(f"{o.ref} {verb}")
+            restart = [  # a re-applied Gateway brings back a waypoint that is not running, as a Deployment would
+                f"{o.namespace}/{o.name}"
+                for o in changes
+                if waypoints.is_waypoint_gateway(o) and not self._waypoint_running(state, o)
+            ]
+            merged, waypoint_pods, lines = self._reconcile_waypoints(state, merged, restart)
+            new_pods += waypoint_pods
+            done += lines
             write_live(state, merged)
         for node in new_nodes:
             self._add_node(node, deadline)
@@ -267,7 +311,7 @@ class Lab:
         with locked(self.dir):
             state = load(self.dir)
         self._build_node(state, node)
-        fabric.route_all(state.nodes.values())
+        fabric.route_all(self.name, state.nodes.values())
         self.mesh.admit_node(state, node)
         self.mesh.start_node_components(state, [node], deadline)
 
@@ -295,12 +339,26 @@ class Lab:
             for rec in removed_pods:
                 self.pods.stop(state, rec)
                 del state.pods[rec.ref]
+            remaining, waypoint_pods, lines = self._reconcile_waypoints(state, remaining)
             write_live(state, remaining)
             done = [f"{o.ref} deleted" for o in gone if object_key(o) in keys]
             for ref in missing:
                 done.append(f"{ref} not found")
+            done += lines
+        if waypoint_pods:  # a pod that ran a waypoint by hand is gone: the lab deploys one now
+            deadline = time.monotonic() + 60.0
+            with locked(self.dir):
+                state = load(self.dir)
+            self.pods.start(state, waypoint_pods, deadline)
+            self.pods.wait_ready(state, waypoint_pods, deadline)
         self.mesh.wait_proxies_synced(time.monotonic() + 10.0, strict=False)
         return done
+
+    @staticmethod
+    def _waypoint_running(state: LabState, gateway: KubeObject) -> bool:
+        key = f"pod/{gateway.namespace}/{waypoints.pod_name(gateway.name)}/{waypoints.CONTAINER}"
+        rec = state.processes.get(key)
+        return rec is None or procs.is_running(rec)  # never deployed: nothing to bring back
 
     # ---- restart / kill -----------------------------------------------------------------------------------
 
@@ -396,6 +454,7 @@ class Lab:
                     "enrolled": p.uid in served,  # its node proxy serves it (listeners in its netns)
                     "ambient": bool(w and w.enrolled),  # its labels put it in the mesh
                     "identity": w.identity if w else None,
+                    "waypoint": _waypoint_of(w),
                     "ports": sorted({port for c in p.containers for port in c.ports}),
                     "containers": {c.name: proc(f"pod/{p.namespace}/{p.name}/{c.name}") for c in p.containers},
                 }
@@ -469,6 +528,12 @@ class Lab:
                 + (f", {len(state.processes)} processes" if state else "")
                 + f" and {self.dir}"
             )
+
+
+def _waypoint_of(w: Workload | None) -> str | None:
+    """The Gateway (`ns/name`) whose waypoint this pod runs, if it runs one."""
+    name = w.labels.get(GATEWAY_NAME_LABEL) if w else None
+    return f"{w.namespace}/{name}" if w and name else None
 
 
 LAB_DIR_ENTRIES = frozenset({"state.json", "lock", "cluster.yaml", "logs", "nodes", "pods", "ca", "cni-bin"})

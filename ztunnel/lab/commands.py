@@ -108,7 +108,7 @@ def _up(args: argparse.Namespace) -> int:
 def _print_hints(st: dict[str, Any], args: argparse.Namespace) -> None:
     """Commands to try next, with this lab's own names and addresses."""
     name = f" --name {st['name']}" if args.name or args.state_dir else ""
-    servers = [p for p in st["pods"] if p["ports"] and p["ips"]]
+    servers = [p for p in st["pods"] if p["ports"] and p["ips"] and not p.get("waypoint")]
     clients = [p for p in st["pods"] if not p["ports"] and p["ips"] and not p["host_network"]]
     print("TRY")
     if servers and clients:
@@ -158,6 +158,8 @@ def _print_status(st: dict[str, Any]) -> None:
     print("PODS")
     for p in st["pods"]:
         mesh = "enrolled" if p["enrolled"] else ("ambient, NOT ENROLLED" if p["ambient"] else "not in mesh")
+        if p.get("waypoint"):
+            mesh = f"waypoint of Gateway {p['waypoint']} (HBONE itself, not captured)"
         print(f"  {p['namespace'] + '/' + p['name']:<28} {','.join(p['ips']) or '-':<14} {p['node']:<10} {mesh}")
         for c, proc in p["containers"].items():
             print(f"    {c}: {pstate(proc)}")

@@ -35,10 +35,14 @@ def join_node(lab: str, node: NodeRecord) -> None:
     netns.set_sysctl(node.netns, "net.ipv4.ip_forward", "1")
 
 
-def route_all(nodes: Iterable[NodeRecord]) -> None:
-    """Each node reaches every other node's pod CIDR through that node's fabric address."""
+def route_all(lab: str, nodes: Iterable[NodeRecord]) -> None:
+    """Each node reaches every other node's pod CIDR through that node's fabric address, and so does the fabric:
+    pods reach the cluster's services there (the CA, as a waypoint pod asks it for its SVID like pods reach
+    istiod), and the answers find their way back."""
     nodes = list(nodes)
+    fab = fabric_netns(lab)
     for node in nodes:
+        netns.ip(fab, "route", "replace", node.pod_cidr, "via", node.address, "dev", FABRIC_BRIDGE)
         for other in nodes:
             if other.name != node.name:
                 netns.ip(node.netns, "route", "replace", other.pod_cidr, "via", other.address, "dev", "eth0")

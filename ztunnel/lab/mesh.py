@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ztunnel.config.model import POLICY_KINDS
-from ztunnel.lab import components, netns, probes, procs
+from ztunnel.lab import components, netns, probes, procs, waypoints
 from ztunnel.lab.model import CA_PORT, FABRIC_GATEWAY, LabError, NodeRecord, ProcessRecord, fabric_netns
 from ztunnel.lab.state import LabState, live_objects, load, locked, updating, write_atomic
 from ztunnel.ports import ADMIN_PORT, READINESS_PORT
@@ -39,6 +39,11 @@ def served_uids(node: NodeRecord) -> set[str]:
         return set()
     served = dump.get("served_workloads") if isinstance(dump, dict) else None
     return {str(w.get("uid")) for w in served or [] if isinstance(w, dict)}
+
+
+def _running(state: LabState, key: str) -> bool:
+    rec = state.processes.get(key)
+    return rec is not None and procs.is_running(rec)
 
 
 def dns_enabled(state: LabState, caps: components.Capabilities) -> bool:
@@ -144,25 +149,45 @@ class Mesh:
             args.append("--dns-capture")
         return components.ztunnel_argv(*args)
 
-    def _proxy_argv(self, state: LabState, node: NodeRecord) -> list[str]:
-        _cni_sock, inpod_sock = state.agent_sockets(node.name)
-        args = ["proxy", "--node", node.name, "-f", str(state.live_config), "--inpod-socket", str(inpod_sock)]
+    def _ca_args(self, state: LabState, node: str) -> list[str]:
+        """How a component on NODE gets its certificates: the lab's CA with the node's token, or in-process."""
         if state.components.get("ca") and state.ca_address:
-            args += [
+            return [
                 "--ca",
                 state.ca_address,
                 "--ca-root",
                 str(self._ca_root(state)),
                 "--token-file",
-                str(state.node_dir(node.name) / "token"),
+                str(state.node_dir(node) / "token"),
             ]
-        else:
-            args += ["--ca-dir", str(ca_dir(state))]
+        return ["--ca-dir", str(ca_dir(state))]
+
+    def _proxy_argv(self, state: LabState, node: NodeRecord) -> list[str]:
+        _cni_sock, inpod_sock = state.agent_sockets(node.name)
+        args = ["proxy", "--node", node.name, "-f", str(state.live_config), "--inpod-socket", str(inpod_sock)]
+        args += self._ca_args(state, node.name)
         if dns_enabled(state, self.capabilities()):
             # names outside the model go to the fabric gateway, where nothing answers port 53: a quick SERVFAIL
             # (the lab has no resolver reachable from the fabric; the machine's may be on its loopback)
             args += ["--dns", "--dns-upstream", f"{FABRIC_GATEWAY}:53"]
         return components.ztunnel_argv(*args)
+
+    def waypoint_argv_for(self, state: LabState) -> waypoints.ArgvFor | None:
+        """The command of a waypoint pod (`waypoints.pod_body`): its SVID comes from the lab's CA like the pods'
+        on its node (the node's token; the CA signs identities of pods placed on that node). None when the lab
+        runs no proxies (nothing would send traffic to a waypoint) or the CLI has no `ztunnel waypoint`."""
+        if not state.components.get("proxy"):
+            return None
+        caps = self.capabilities()
+        if not caps.has("waypoint", "--readiness-addr", "--metrics-addr", "--admin-addr"):
+            self.say("no waypoint pods: this checkout's `ztunnel waypoint` lacks --readiness-addr/--metrics-addr")
+            return None
+
+        def argv(namespace: str, gateway: str, node: str) -> list[str]:
+            args = [*waypoints.waypoint_args(namespace, gateway), "-f", str(state.live_config)]
+            return components.ztunnel_argv(*args, *self._ca_args(state, node))
+
+        return argv
 
     def spawn_agents(self, state: LabState, nodes: Sequence[NodeRecord]) -> list[Waiter]:
         if not state.components.get("node-agent"):
@@ -236,37 +261,44 @@ class Mesh:
         want_pods = {f"{p.namespace}/{p.name}": sorted(p.ips) for p in state.pods.values()}
         want_policies = {o.ref for o in objects if o.kind in POLICY_KINDS}
         proxies = [
-            (n, state.processes[f"node/{n.name}/proxy"])
-            for n in state.nodes.values()
-            if f"node/{n.name}/proxy" in state.processes and procs.is_running(state.processes[f"node/{n.name}/proxy"])
+            (f"proxy on {n.name}", n.netns) for n in state.nodes.values() if _running(state, f"node/{n.name}/proxy")
         ]
-        pending = list(proxies)
+        # the waypoints the lab deployed decide HTTP requests by the same policies: they must have them too
+        deployed = {f"{o.namespace}/{o.name}" for o in objects if waypoints.owner(o)}
+        waypoint_pods = [
+            (f"waypoint {ref}", state.pods[ref].netns)
+            for ref in sorted(deployed)
+            if ref in state.pods
+            and _running(state, f"pod/{ref}/{waypoints.CONTAINER}")
+        ]
+        pending = proxies + waypoint_pods
 
-        def synced(node: NodeRecord) -> bool:
+        def synced(ns: str, waypoint: bool) -> bool:
             try:
-                status, body = netns.http_get(node.netns, "127.0.0.1", ADMIN_PORT, "/config_dump", timeout=2.0)
+                status, body = netns.http_get(ns, "127.0.0.1", ADMIN_PORT, "/config_dump", timeout=2.0)
                 dump = json.loads(body)
             except (OSError, ValueError):
                 return False
             if status != 200 or not isinstance(dump, dict):
                 return False
-            have = {w.get("name"): sorted(w.get("ips") or []) for w in dump.get("workloads") or []}
-            if any(have.get(ref) != ips for ref, ips in want_pods.items()):
-                return False
+            if not waypoint:  # a waypoint's dump lists Services and their endpoints, not workloads
+                have = {w.get("name"): sorted(w.get("ips") or []) for w in dump.get("workloads") or []}
+                if have.keys() != want_pods.keys() or any(have[ref] != ips for ref, ips in want_pods.items()):
+                    return False  # also a pod gone (a deleted waypoint: its Services' traffic must stop going there)
             known = set(dump.get("policies") or [])
             errors = json.dumps(dump.get("policy_errors") or [])
             return all(ref in known or ref in errors for ref in want_policies)
 
         def check() -> bool:
-            pending[:] = [(n, r) for n, r in pending if not synced(n)]
+            pending[:] = [(n, ns) for n, ns in pending if not synced(ns, n.startswith("waypoint "))]
             return not pending
 
         if procs.poll_until(check, max(0.0, deadline - time.monotonic())):
             if proxies:
-                self.say(f"{len(proxies)} proxy(ies) have the live config")
+                self.say(f"{len(proxies)} proxy(ies) and {len(waypoint_pods)} waypoint(s) have the live config")
             return True
-        late = ", ".join(n.name for n, _ in pending)
+        late = ", ".join(n for n, _ in pending)
         if strict:
-            raise LabError(f"proxies on {late} did not load the live config in time; see their logs in {state.logs}")
-        self.say(f"warning: proxies on {late} have not loaded the change yet")
+            raise LabError(f"{late}: did not load the live config in time; see the logs in {state.logs}")
+        self.say(f"warning: {late}: not loaded the change yet")
         return False

@@ -6,7 +6,9 @@ the pods' processes, and the live config (the user's objects with the status a c
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import ipaddress
 import re
 import uuid
@@ -27,6 +29,8 @@ FABRIC_GATEWAY = "172.30.0.1"  # the fabric netns' address on its bridge: cluste
 CA_PORT = 15012
 POD_CIDR_TEMPLATE = "10.244.{index}.0/24"
 MAX_NODES = 200
+SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")  # Kubernetes' default service range
+SERVICE_DYNAMIC_START = ipaddress.ip_address("10.96.1.1")  # below: the static band, where users pick addresses
 
 
 class LabError(ZtunnelError):
@@ -321,11 +325,40 @@ def node_body(node: NodeRecord) -> dict[str, Any]:
     }
 
 
+def _wants_cluster_ip(body: Mapping[str, Any]) -> bool:
+    spec = body.get("spec") or {}
+    return isinstance(spec, Mapping) and not spec.get("clusterIP") and spec.get("type") != "ExternalName"
+
+
+def allocate_cluster_ips(bodies: Sequence[dict[str, Any]]) -> None:
+    """Give each Service without spec.clusterIP one, as the API server does (headless `None` and ExternalName
+    excepted): the first free address of the dynamic band 10.96.1.1 and up, so seed YAML without addresses
+    gets a VIP the mesh and its DNS know; `merge_objects` keeps it when the Service is applied again."""
+    services = [b for b in bodies if b.get("kind") == "Service"]
+    used: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for b in services:
+        spec = b.get("spec") or {}
+        for ip in [spec.get("clusterIP"), *(spec.get("clusterIPs") or [])] if isinstance(spec, Mapping) else []:
+            with contextlib.suppress(ValueError):
+                used.add(ipaddress.ip_address(str(ip)))
+    candidate = SERVICE_DYNAMIC_START
+    for b in services:
+        if not _wants_cluster_ip(b):
+            continue
+        while candidate in used:
+            candidate += 1
+        if candidate not in SERVICE_CIDR:
+            raise LabError(f"no free ClusterIP left in {SERVICE_CIDR}; set spec.clusterIP on the Services")
+        used.add(candidate)
+        b.setdefault("spec", {})["clusterIP"] = str(candidate)
+
+
 def render_live(objects: Sequence[KubeObject], nodes: Mapping[str, NodeRecord], pods: Mapping[str, PodRecord]) -> str:
     """The live config file: the user's objects (status filled in), plus Node objects for implied nodes."""
     declared_nodes = {o.name for o in objects if o.kind == "Node"}
     bodies = [node_body(n) for n in sorted(nodes.values(), key=lambda n: n.index) if n.name not in declared_nodes]
     bodies += [live_body(o, nodes, pods) for o in objects]
+    allocate_cluster_ips(bodies)
     header = "# Written by `ztunnel lab`: the lab's live cluster state. Change it with `ztunnel lab apply|delete`.\n"
     return header + yaml.safe_dump_all(bodies, sort_keys=False, default_flow_style=False)
 
@@ -337,6 +370,11 @@ def merge_objects(current: Sequence[KubeObject], changes: Sequence[KubeObject]) 
     for o in changes:
         k = object_key(o)
         if k in index:
+            old = out[index[k]]
+            if o.kind == "Service" and _wants_cluster_ip(o.body) and not _wants_cluster_ip(old.body):
+                body = copy.deepcopy(dict(o.body))  # a Service keeps its ClusterIP (immutable in Kubernetes)
+                body.setdefault("spec", {})["clusterIP"] = old.spec["clusterIP"]
+                o = dataclasses.replace(o, body=body)
             out[index[k]] = o
         else:
             index[k] = len(out)
