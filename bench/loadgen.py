@@ -9,6 +9,12 @@ Roles (`python loadgen.py ROLE ...`):
   prints JSON with the rate and the connect+first-byte time percentiles.
 - `hold TARGET`: opens N connections (each proven end to end by a 1-byte echo), prints `ready N`,
   then holds them until stdin closes.
+- `http-server HOST:PORT`: a keep-alive HTTP/1.1 app (uvloop): every request gets `200` and a 6-byte body.
+- `http TARGET`: HTTP/1.1 keep-alive client over N connections, one request in flight per connection:
+  at saturation (`--rate 0`, closed loop) or at a fixed rate (open loop, wrk2-style: latency counted from
+  when a request was due, so a stall is not hidden by the requests it delays); prints JSON with the rate,
+  latency percentiles and the status codes. `--check PATH=STATUS,...` instead sends one request per
+  entry on one connection and prints the statuses (the path's policy proven before it is measured).
 - `forward LISTEN TARGET`: a fixed-destination forwarder that reaches TARGET through a SOCKS5 proxy,
   relaying with splice(2) so the payload never enters Python; for tools that cannot speak SOCKS
   (iperf3). One thread per direction, so only for a handful of connections.
@@ -268,6 +274,220 @@ async def hold(target: Target, *, count: int, parallel: int) -> None:
         w.close()
 
 
+HTTP_BODY = b"hello\n"
+HTTP_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\n" + HTTP_BODY
+HTTP_CLOSE = HTTP_RESPONSE.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length of a message head (0 without one; chunked bodies are not used by the bench)."""
+    lower = head.lower()
+    at = lower.find(b"\r\ncontent-length:")
+    if at < 0:
+        if b"\r\ntransfer-encoding:" in lower:
+            raise ValueError("chunked message: the bench's HTTP client and app use Content-Length only")
+        return 0
+    end = lower.find(b"\r\n", at + 2)
+    return int(lower[at + 17 : end if end >= 0 else None])
+
+
+class HttpServerProtocol(asyncio.Protocol):
+    """The app: answers each complete request (head + Content-Length body) with HTTP_RESPONSE, in order."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            try:
+                total = end + 4 + content_length(buf[:end])
+            except ValueError:
+                self.transport.close()  # type: ignore[attr-defined]
+                return
+            if len(buf) < total:
+                break
+            close = b"\r\nconnection: close" in buf[:end].lower()
+            self.transport.write(HTTP_CLOSE if close else HTTP_RESPONSE)  # type: ignore[attr-defined]
+            buf = buf[total:]
+            if close:
+                self.transport.close()  # type: ignore[attr-defined]
+                return
+        self.buf = buf
+
+
+async def http_server(addr: str) -> None:
+    host, _, port = addr.rpartition(":")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(HttpServerProtocol, host, int(port), backlog=4096, reuse_address=True)
+    print("listening", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+class HttpClientProtocol(asyncio.Protocol):
+    """One keep-alive connection of the client: `exchange` sends a request and resolves to the response's
+    status once its head and Content-Length body are in; a closed connection fails the pending exchange."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.waiter: asyncio.Future[int] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._complete()
+
+    def _complete(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        try:
+            total = end + 4 + content_length(self.buf[:end])
+            status = int(self.buf[9:12])
+        except ValueError as e:
+            waiter.set_exception(ConnectionError(f"bad response: {e}"))
+            return
+        if len(self.buf) < total:
+            return
+        if b"\r\nconnection: close" in self.buf[:end].lower():
+            self.closed = True
+        self.buf = self.buf[total:]
+        waiter.set_result(status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection closed before the response"))
+
+    def exchange(self, request: bytes) -> asyncio.Future[int]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)  # type: ignore[attr-defined]
+        return self.waiter
+
+
+async def open_http(target: Target) -> HttpClientProtocol:
+    """A keep-alive connection to the app (through the SOCKS5 proxy of TARGET if any, handshake done on the
+    raw socket so the connection then runs on the lean protocol above, not a stream)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in target.connect_addr[0] else socket.AF_INET)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await loop.sock_connect(sock, target.connect_addr)
+            if target.socks:
+                await loop.sock_sendall(sock, socks5_connect_request(target.host, target.port))
+                reply = b""
+                while len(reply) < SOCKS_REPLY_LEN:
+                    chunk = await loop.sock_recv(sock, SOCKS_REPLY_LEN - len(reply))
+                    if not chunk:
+                        raise ConnectionError("SOCKS5 proxy closed")
+                    reply += chunk
+                if reply[:2] != b"\x05\x00" or reply[3] != 0:
+                    raise ConnectionError(f"SOCKS5 refused: {reply.hex()}")
+            _, proto = await loop.create_connection(HttpClientProtocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return proto
+
+
+def http_request(method: str, path: str, host: str) -> bytes:
+    length = "Content-Length: 0\r\n" if method in ("POST", "PUT") else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench\r\n{length}\r\n".encode()
+
+
+async def http_load(
+    target: Target, *, rate: float, conns: int, duration: float, warmup: float, request: bytes
+) -> dict:
+    """Closed loop (`rate` 0: each connection sends its next request when the last is answered) or open
+    loop at `rate` (each connection's requests are due on a schedule; a request held up by the one before it
+    counts from when it was due, so a slow response is not hidden by the requests it delays)."""
+    samples: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+    end_warm = start + warmup
+    end = end_warm + duration
+    interval = conns / rate if rate > 0 else 0.0
+
+    async def one(index: int) -> None:
+        nonlocal errors
+        conn = await open_http(target)
+        due = start + index * interval / conns
+        while True:
+            if interval:
+                due += interval
+                if due >= end:
+                    break
+                late = loop.time() - due
+                if late < 0:  # on time: from when it goes out (libuv's timers have 1 ms resolution)
+                    await asyncio.sleep(-late)
+                    t0 = time.perf_counter()
+                else:  # held up by the previous response on this connection: from when it was due
+                    t0 = time.perf_counter() - late
+            else:
+                if loop.time() >= end:
+                    break
+                t0 = time.perf_counter()
+            measured = loop.time() >= end_warm
+            if conn.closed:
+                conn = await open_http(target)
+            try:
+                status = await asyncio.wait_for(conn.exchange(request), CONNECT_TIMEOUT)
+            except (ConnectionError, TimeoutError, OSError):
+                errors += 1
+                conn.transport.abort()  # type: ignore[attr-defined]
+                conn = await open_http(target)
+                continue
+            if measured and loop.time() < end:
+                samples.append((time.perf_counter() - t0) * 1e6)
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+        conn.transport.close()  # type: ignore[attr-defined]
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(conns)))
+    return {
+        "tool": "loadgen.http (HTTP/1.1 keep-alive, uvloop; " + ("open loop)" if rate > 0 else "closed loop)"),
+        "rate": rate,
+        "connections": conns,
+        "duration": duration,
+        "wall": time.perf_counter() - t0,
+        "requests": len(samples),
+        "per_second": len(samples) / duration,
+        "errors": errors,
+        "status": statuses,
+        "latency_us": percentiles(samples),
+    }
+
+
+async def http_check(target: Target, checks: list[tuple[str, str]], host: str) -> dict:
+    """One request per (METHOD PATH) on one keep-alive connection (a new one only if the path closed it)."""
+    conn = await open_http(target)
+    out = []
+    for method, path in checks:
+        if conn.closed:
+            conn = await open_http(target)
+        status = await asyncio.wait_for(conn.exchange(http_request(method, path, host)), CONNECT_TIMEOUT)
+        out.append({"method": method, "path": path, "status": status})
+    conn.transport.close()  # type: ignore[attr-defined]
+    return {"checks": out}
+
+
 def forward(listen: str, target: Target) -> None:
     """Fixed-destination forwarder through SOCKS5, relaying with splice(2) (no payload in Python)."""
     host, _, port = listen.rpartition(":")
@@ -341,6 +561,18 @@ def main() -> None:
     p.add_argument("target", type=Target.parse)
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--parallel", type=int, default=100)
+    p = sub.add_parser("http-server")
+    p.add_argument("listen")
+    p = sub.add_parser("http")
+    p.add_argument("target", type=Target.parse)
+    p.add_argument("--rate", type=float, default=0, help="requests/s (0: as fast as the connections go)")
+    p.add_argument("--conns", type=int, default=16)
+    p.add_argument("--duration", type=float, default=5)
+    p.add_argument("--warmup", type=float, default=1)
+    p.add_argument("--method", default="GET")
+    p.add_argument("--path", default="/hello")
+    p.add_argument("--host", default="app")
+    p.add_argument("--check", default="", help="METHOD PATH,...: one request each, print the statuses")
     p = sub.add_parser("forward")
     p.add_argument("listen")
     p.add_argument("target", type=Target.parse)
@@ -362,6 +594,24 @@ def main() -> None:
                 size=args.size,
                 duration=args.duration,
                 warmup=args.warmup,
+            )
+        )
+        print(json.dumps(out), flush=True)
+    elif args.role == "http-server":
+        asyncio.run(http_server(args.listen))
+    elif args.role == "http" and args.check:
+        checks = [tuple(c.strip().split(" ", 1)) for c in args.check.split(",")]
+        print(json.dumps(asyncio.run(http_check(args.target, checks, args.host))), flush=True)  # type: ignore[arg-type]
+    elif args.role == "http":
+        request = http_request(args.method, args.path, args.host)
+        out = asyncio.run(
+            http_load(
+                args.target,
+                rate=args.rate,
+                conns=args.conns,
+                duration=args.duration,
+                warmup=args.warmup,
+                request=request,
             )
         )
         print(json.dumps(out), flush=True)

@@ -14,6 +14,7 @@ from typing import Any
 FLOOR = "direct"
 PEER = "haproxy"
 REFERENCES = ("haproxy-tcp",)  # measured for context (the relay floor in C), compared to the floor only
+L7_PEERS = {"waypoint": "haproxy-http"}  # an L7 path is compared with HAProxy doing the same L7 job
 SAME_NODE = "-same-node"  # a path measured between two pods of one node; its floor is direct-same-node
 
 
@@ -23,6 +24,16 @@ def floor_of(path: str) -> str:
 
 def is_floor(path: str) -> bool:
     return path in (FLOOR, FLOOR + SAME_NODE)
+
+
+def peer_of(path: str) -> str | None:
+    """The path PATH is compared with: HAProxy's L7 path for the waypoint, the mTLS peer for the node proxy
+    paths; None for the peers themselves, the references and the same-node paths."""
+    if path in L7_PEERS:
+        return L7_PEERS[path]
+    if path == PEER or path in REFERENCES or path in L7_PEERS.values() or path.endswith(SAME_NODE):
+        return None
+    return PEER
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("rss_per_conn_kib", "RSS per extra open connection (largest proxy)", "KiB", False, 1),
     Metric("conn_per_s", "New connections per second", "conn/s", True, 0),
     Metric("connect_p99_ms", "Connect + first byte, p99", "ms", False, 2),
+    Metric("http_rps", "HTTP/1.1 requests/s at saturation (keep-alive, 16 conns)", "req/s", True, 0),
+    Metric("http_busiest_proxy_vcpu", "CPU of the busiest proxy at HTTP saturation", "vCPU", False, 2),
+    Metric("http_rps_per_core", "HTTP/1.1 requests/s per core of the busiest proxy", "req/s", True, 0),
+    Metric("http_p50_us", "HTTP/1.1 latency p50 at 1,000 req/s over 4 keep-alive conns", "µs", False, 0),
+    Metric("http_p99_us", "HTTP/1.1 latency p99, same load", "µs", False, 0),
+    Metric("http_cpu_s_per_1000_req", "Proxy CPU per 1,000 HTTP requests at 1,000 req/s (all)", "CPU s", False, 4),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 
@@ -86,11 +103,10 @@ def ratios(summary: Mapping[str, Any], paths: Sequence[str]) -> dict[str, dict[s
         out[path] = {}
         for m in METRICS:
             v = _median(summary, path, m.key)
+            peer = peer_of(path)
             out[path][m.key] = {
                 "floor": ratio(v, _median(summary, floor_of(path), m.key)),
-                "peer": None
-                if path == PEER or path in REFERENCES or path.endswith(SAME_NODE)
-                else ratio(v, _median(summary, PEER, m.key)),
+                "peer": None if peer is None else ratio(v, _median(summary, peer, m.key)),
             }
     return out
 
@@ -135,6 +151,56 @@ def evaluate_targets(summary: Mapping[str, Any], path: str = "ztunnel") -> list[
     add("new connections ≥ 3,000/s", med(path, "conn_per_s"), 3000.0, True, "conn/s")
     add("connect p99 ≤ 10 ms", med(path, "connect_p99_ms"), 10.0, False, "ms")
     return checks
+
+
+def waypoint_targets(summary: Mapping[str, Any], path: str = "waypoint") -> list[dict[str, Any]]:
+    """Issue 12's targets for the waypoint path against HAProxy's L7 path (`haproxy-http`), floor `direct`."""
+    peer = L7_PEERS[path]
+
+    def med(p: str, key: str) -> float | None:
+        return _median(summary, p, key)
+
+    checks: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float | None, higher_ok: bool, unit: str) -> None:
+        met = None if value is None or limit is None else (value >= limit if higher_ok else value <= limit)
+        checks.append({"target": name, "value": value, "limit": limit, "met": met, "unit": unit})
+
+    for pct in ("p50", "p99"):
+        key = f"http_{pct}_us"
+        floor, theirs, mine = med(FLOOR, key), med(peer, key), med(path, key)
+        added = None if mine is None or floor is None else mine - floor
+        peer_added = None if theirs is None or floor is None else max(theirs - floor, 0.0)
+        limit = None if peer_added is None else 2 * peer_added
+        add(f"waypoint: added HTTP latency {pct} ≤ 2 × HAProxy L7's (issue 12)", added, limit, False, "µs")
+    for key, what in (("http_rps", "requests/s"), ("http_rps_per_core", "requests/s per core")):
+        theirs = med(peer, key)
+        limit = None if theirs is None else 0.5 * theirs
+        add(f"waypoint: HTTP {what} ≥ 0.5 × HAProxy L7's (issue 12)", med(path, key), limit, True, "req/s")
+    return checks
+
+
+def policy_l7_targets(policy: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Issue 12's decision target from `policy_bench.py --mode l7`: the slowest layout at 1,000 policies."""
+    parsed = policy.get("result") if isinstance(policy, Mapping) else None
+    results = parsed.get("results") if isinstance(parsed, Mapping) else None
+    at_1000 = [
+        float(r["median_us"])
+        for r in results or []
+        if isinstance(r, Mapping) and r.get("mode") == "l7" and r.get("policies") == 1000 and "median_us" in r
+    ]
+    if not at_1000:
+        return []
+    value = max(at_1000)
+    return [
+        {
+            "target": "L7 policy decision median with 1,000 policies ≤ 20 µs (issue 12)",
+            "value": value,
+            "limit": 20.0,
+            "met": value <= 20.0,
+            "unit": "µs",
+        }
+    ]
 
 
 def policy_targets(policy: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -195,9 +261,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     summary = result["summary"]
     rat = result.get("ratios") or ratios(summary, available)
     others = [p for p in available if not is_floor(p)]
-    peered = [
-        p for p in others if p != PEER and p not in REFERENCES and not p.endswith(SAME_NODE) and PEER in available
-    ]
+    peered = [p for p in others if (peer := peer_of(p)) is not None and peer in available]
     meta = result.get("meta", {})
 
     lines = [
@@ -213,7 +277,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         ]
     header = ["Figure", *available]
     header += [f"{p} ÷ {floor_of(p)}" for p in others]
-    header += [f"{p} ÷ {PEER}" for p in peered]
+    header += [f"{p} ÷ {peer_of(p)}" for p in peered]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for m in METRICS:
@@ -241,7 +305,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 
     targets = result.get("targets") or []
     if targets:
-        lines += ["", "| Target (issue 6) | value | limit | met |", "|---|---|---|---|"]
+        lines += ["", "| Target (issue 6 unless named) | value | limit | met |", "|---|---|---|---|"]
         for t in targets:
             met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
             lines.append(
@@ -251,4 +315,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     policy = result.get("policy")
     if policy:
         lines += ["", f"Policy decision benchmark (bench/policy_bench.py): {policy.get('summary', 'see JSON')}"]
+    policy_l7 = result.get("policy_l7")
+    if policy_l7:
+        lines += ["", f"L7 decision (bench/policy_bench.py --mode l7): {policy_l7.get('summary', 'see JSON')}"]
     return "\n".join(lines) + "\n"

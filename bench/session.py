@@ -44,6 +44,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: Topology) -> dict[s
     errors: list[str] = []
     idle_rss: dict[str, dict[str, float]] = {}
     policy = None
+    policy_l7 = None
     scaling: dict[str, Any] | None = None
     try:
         # haproxy needs two descriptors per proxied connection and refuses to start past the limit
@@ -98,7 +99,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: Topology) -> dict[s
                             errors.append(f"{path.name}: restart failed: {rebuilt.note}"[:400])
                 time.sleep(0.3)
         for path in live:
-            if not path.proxy_pids():
+            if not path.proxy_pids() or not path.echo_target:  # an HTTP-only path holds no echo connections
                 continue
             # haproxy, and a proxy serving both ends (same node), hold two descriptors per connection
             two_fds = path.name.startswith("haproxy") or path.name.endswith(report.SAME_NODE)
@@ -125,6 +126,9 @@ def measure(args: argparse.Namespace, s: Settings, topology: Topology) -> dict[s
         if not args.skip_policy:
             log("policy benchmark (bench/policy_bench.py)")
             policy = run_policy_bench(s.quick)
+            if "waypoint" in args.paths.split(","):
+                log("L7 policy benchmark (bench/policy_bench.py --mode l7, 1,000 policies)")
+                policy_l7 = run_policy_bench(s.quick, ("--mode", "l7", "--sizes", "1000"))
     finally:
         group.close()
         topology.close()
@@ -164,8 +168,12 @@ def measure(args: argparse.Namespace, s: Settings, topology: Topology) -> dict[s
         "samples": samples,
         "summary": summary,
         "ratios": report.ratios(summary, available),
-        "targets": (report.evaluate_targets(summary) if "ztunnel" in available else []) + report.policy_targets(policy),
+        "targets": (report.evaluate_targets(summary) if "ztunnel" in available else [])
+        + (report.waypoint_targets(summary) if "waypoint" in available else [])
+        + report.policy_targets(policy)
+        + report.policy_l7_targets(policy_l7),
         "holds": holds,
         "policy": policy,
+        "policy_l7": policy_l7,
         "worker_scaling": scaling,
     }

@@ -17,19 +17,33 @@ from typing import Any
 from bench.accounting import cpu_seconds, rss_mb
 from bench.paths.base import PathSetup
 from bench.processes import ProcessGroup, listening, wait_until
-from bench.settings import HERE, IPERF_PORT, LOADGEN, PY, ROOT, Settings
+from bench.settings import HERE, HTTP_ALLOWED, IPERF_PORT, LOADGEN, PY, ROOT, Settings
 
 Step = tuple[str, Callable[[PathSetup], dict[str, float | None]]]  # (what, measure one path)
 
 
 def rep_steps(group: ProcessGroup, s: Settings) -> list[Step]:
     """What one repetition measures on each path, in order (RSS per connection is measured once, at the end)."""
-    return [
+    tcp: list[Step] = [
         ("throughput 1", lambda p: {"throughput_1_gbps": iperf3(group, p, 1, s.throughput_secs)}),
         ("throughput 4", lambda p: {"throughput_4_gbps": iperf3(group, p, 4, s.throughput_secs)}),
         ("latency", lambda p: latency_with_cpu(p, s)),
         ("connrate", lambda p: connrate(p, s)),
     ]
+    http: list[Step] = [
+        ("http saturation", lambda p: http_saturation(p, s)),
+        ("http latency", lambda p: http_latency_with_cpu(p, s)),
+    ]
+    # a path without an echo target carries HTTP only; one without an HTTP target gets no HTTP figures
+    return [(what, _only(lambda p: bool(p.echo_target), step)) for what, step in tcp] + [
+        (what, _only(lambda p: bool(p.http_target), step)) for what, step in http
+    ]
+
+
+def _only(applies: Callable[[PathSetup], bool], step: Callable[[PathSetup], dict[str, float | None]]) -> Callable[
+    [PathSetup], dict[str, float | None]
+]:
+    return lambda p: step(p) if applies(p) else {}
 
 
 def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
@@ -111,6 +125,59 @@ def latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
     return result
 
 
+def run_http(path: PathSetup, args: list[str], timeout: float) -> tuple[dict[str, Any], dict[str, float], float]:
+    """`loadgen.py http` through the path (the allowed request), and the CPU each proxy used meanwhile."""
+    pids = path.proxy_pids()
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    t0 = time.monotonic()
+    argv = [*path.client_prefix, PY, LOADGEN, "http", path.http_target, "--host", path.http_host]
+    method, _, target = HTTP_ALLOWED.partition(" ")
+    out = run_json([*argv, "--method", method, "--path", target, *args], timeout=timeout)
+    wall = time.monotonic() - t0
+    codes = {k: v for k, v in out.get("status", {}).items() if k != "200"}
+    if codes or out.get("errors"):
+        raise RuntimeError(f"HTTP load through {path.name}: {out.get('errors')} errors, statuses {out.get('status')}")
+    return out, {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}, wall
+
+
+def http_saturation(path: PathSetup, s: Settings) -> dict[str, float | None]:
+    """Closed loop over `http_conns` keep-alive connections: requests/s, and per core of the busiest proxy
+    (the rate that proxy would reach with a whole core to itself: the machine has two, shared by everything)."""
+    warmup = 1.0
+    out, used, wall = run_http(
+        path,
+        ["--conns", str(s.http_conns), "--duration", str(s.http_secs), "--warmup", str(warmup)],
+        timeout=s.http_secs + warmup + 60,
+    )
+    rps = float(out["per_second"])
+    busiest = max(used.values(), default=0.0) / min(wall, s.http_secs + warmup + 0.5)
+    return {
+        "http_rps": rps,
+        "http_rps_per_core": rps / busiest if busiest > 0 else None,
+        "http_busiest_proxy_vcpu": busiest if used else None,
+    }
+
+
+def http_latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
+    """Open loop at `latency_rate` over `latency_conns` keep-alive connections; the proxies' CPU meanwhile."""
+    warmup = s.latency_warmup
+    out, used, _ = run_http(
+        path,
+        [
+            *("--rate", str(s.latency_rate), "--conns", str(s.latency_conns)),
+            *("--duration", str(s.http_secs), "--warmup", str(warmup)),
+        ],
+        timeout=s.http_secs + warmup + 60,
+    )
+    lat = out["latency_us"]
+    requests = s.latency_rate * (s.http_secs + warmup)
+    return {
+        "http_p50_us": lat.get("p50"),
+        "http_p99_us": lat.get("p99"),
+        "http_cpu_s_per_1000_req": sum(used.values()) / (requests / 1000) if used else None,
+    }
+
+
 def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:
     out, used, wall = run_load(
         path,
@@ -166,11 +233,12 @@ def held_connections_rss(path: PathSetup, count: int) -> dict[str, Any]:
 
 
 
-def run_policy_bench(quick: bool) -> dict[str, Any] | None:
-    """bench/policy_bench.py (the policy decision time), run as a module of this package, when present."""
+def run_policy_bench(quick: bool, extra: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """bench/policy_bench.py (the policy decision time), run as a module of this package, when present;
+    EXTRA: its options, e.g. `--mode l7 --sizes 1000` for the waypoint's decision."""
     if not (HERE / "policy_bench.py").exists():
         return None
-    argv = [PY, "-m", "bench.policy_bench", *(["--quick"] if quick else [])]
+    argv = [PY, "-m", "bench.policy_bench", *(["--quick"] if quick and not extra else []), *extra]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
         if r.returncode != 0 and quick:  # it may not know --quick

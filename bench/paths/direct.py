@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from bench.paths.base import PathContext, PathKind, PathSetup, unavailable
-from bench.settings import ECHO_PORT, IPERF_PORT, SERVER_POD
+from bench.settings import ECHO_PORT, HTTP_PORT, IPERF_PORT, SERVER_POD
 from bench.topology.lab import LabTopology, netns_exec
 
 
@@ -12,6 +12,7 @@ def _local() -> PathSetup:
     return PathSetup(
         "direct",
         echo_target=f"{SERVER_POD}:{ECHO_PORT}",
+        http_target=f"{SERVER_POD}:{HTTP_PORT}",  # the HTTP paths' floor (local topology only)
         iperf_host=SERVER_POD,
         iperf_port=IPERF_PORT,
         entry="plain TCP to the app",

@@ -1,15 +1,162 @@
-"""`waypoint`: listed as not available until `ztunnel waypoint` exists and is wired into the benchmark."""
+"""`waypoint`: client pod -> source node proxy -> HBONE -> `ztunnel waypoint` (one L7 decision per request:
+ALLOW GET `*/hello` on the app's Service, everything else 403) -> HBONE -> destination node proxy -> the
+HTTP app. Measured with HTTP/1.1 keep-alive requests only (its columns are the HTTP figures).
+
+Local topology: the path has its own three pods and proxies (client on node wa, app on wb, the waypoint pod on
+ww; `bench.settings.WP_*`), because a pod whose Service uses a waypoint refuses clients that dial its pod IP
+directly, which is what the `ztunnel` path does. The client enters through the source proxy's SOCKS5 port and
+dials the Service VIP, as a pod would. The lab does not deploy waypoints yet, so there it is unavailable.
+"""
 
 from __future__ import annotations
 
-from bench.paths.base import PathContext, PathKind, PathSetup, unavailable
-from bench.tools import ztunnel_help
+import subprocess
+
+from bench.paths.base import PathContext, PathKind, PathSetup, require_policy, unavailable
+from bench.processes import ProcessGroup, http_status, listening, port_open, wait_until
+from bench.settings import (
+    HTTP_PORT,
+    LOADGEN,
+    PY,
+    WP_CLIENT_POD,
+    WP_NODE_A,
+    WP_NODE_B,
+    WP_NODE_W,
+    WP_SERVER_POD,
+    WP_VIP,
+    WP_WAYPOINT_POD,
+)
+from bench.tools import ztunnel_command, ztunnel_help
+from bench.topology.lab import LabTopology
+
+NAME = "waypoint"
+NAMESPACE = "wp"
+H2C = "unavailable: `ztunnel waypoint` parses HTTP/1.1 only so far (no h2c in ztunnel/waypoint yet)"
 
 
-def _build(_ctx: PathContext) -> PathSetup:
-    exists = ztunnel_help("waypoint") is not None
-    why = "the waypoint is not wired into the benchmark yet" if exists else "`ztunnel waypoint` does not exist yet"
-    return unavailable("waypoint", why)
+def cluster_yaml() -> str:
+    """The waypoint path's cluster: three nodes, the client and app pods, the Gateway and its pod, the app's
+    Service opted in with `istio.io/use-waypoint`, and the L7 policy attached to the Service (ambient style)."""
+    docs = [
+        f"""apiVersion: v1
+kind: Namespace
+metadata:
+  name: {NAMESPACE}
+  labels: {{istio.io/dataplane-mode: ambient}}""",
+        *(
+            f"""apiVersion: v1
+kind: Node
+metadata: {{name: {node}}}
+status:
+  addresses: [{{type: InternalIP, address: {addr}}}]"""
+            for node, addr in (("wa", WP_NODE_A), ("wb", WP_NODE_B), ("ww", WP_NODE_W))
+        ),
+        f"""apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: {NAMESPACE}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]""",
+        f"""apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {NAMESPACE}, labels: {{app: client}}}}
+spec: {{nodeName: wa, serviceAccountName: client}}
+status: {{podIP: "{WP_CLIENT_POD}", podIPs: [{{ip: "{WP_CLIENT_POD}"}}]}}""",
+        f"""apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: {NAMESPACE}, labels: {{app: server}}}}
+spec:
+  nodeName: wb
+  serviceAccountName: server
+  containers: [{{name: app, ports: [{{containerPort: {HTTP_PORT}}}]}}]
+status: {{podIP: "{WP_SERVER_POD}", podIPs: [{{ip: "{WP_SERVER_POD}"}}]}}""",
+        f"""apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-0
+  namespace: {NAMESPACE}
+  labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {{nodeName: ww, serviceAccountName: waypoint}}
+status: {{podIP: "{WP_WAYPOINT_POD}", podIPs: [{{ip: "{WP_WAYPOINT_POD}"}}]}}""",
+        f"""apiVersion: v1
+kind: Service
+metadata: {{name: app, namespace: {NAMESPACE}, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: {WP_VIP}, selector: {{app: server}}, ports: [{{port: 80, targetPort: {HTTP_PORT}}}]}}""",
+        f"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: app-l7, namespace: {NAMESPACE}}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: app}}]
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+        paths: ["*/hello"]""",
+    ]
+    return "---\n".join(d + "\n" for d in docs)
 
 
-WAYPOINT = PathKind("waypoint", _build)
+def local_waypoint(group: ProcessGroup) -> PathSetup:
+    cmd = ztunnel_command()
+    if cmd is None:
+        return unavailable(NAME, "the ztunnel console script is not in the venv")
+    if ztunnel_help("waypoint") is None:
+        return unavailable(NAME, "`ztunnel waypoint` does not exist yet")
+    proxy_help = ztunnel_help("proxy") or ""
+    cluster = group.workdir / "waypoint-cluster.yaml"
+    cluster.write_text(cluster_yaml())
+    ca_dir = group.workdir / "waypoint-ca"
+    r = subprocess.run(
+        [*cmd, "ca", "init", "--dir", str(ca_dir), "--force"], capture_output=True, text=True, timeout=60
+    )
+    if r.returncode != 0:
+        return unavailable(NAME, f"`ztunnel ca init` failed: {r.stderr.strip()[-300:]}")
+    path = PathSetup(
+        NAME,
+        entry=(
+            f"SOCKS5 on the client pod ({WP_CLIENT_POD}:15080) to the Service VIP, HBONE to `ztunnel waypoint` "
+            "(ALLOW GET */hello, else 403), HBONE to the app's node proxy"
+        ),
+        http_target=f"socks5://{WP_CLIENT_POD}:15080/{WP_VIP}:80",
+        http_host=f"app.{NAMESPACE}.svc.cluster.local",
+        note=f"HTTP/1.1 figures only; h2c {H2C}",
+    )
+    app = group.start("waypoint-app", [PY, LOADGEN, "http-server", f"{WP_SERVER_POD}:{HTTP_PORT}"])
+    path.helpers.append(app)
+    wait_until(lambda: port_open(WP_SERVER_POD, HTTP_PORT), 10, "the waypoint path's HTTP app", app)
+    common = ["-f", str(cluster), "--ca-dir", str(ca_dir), "--access-log", "off"]
+    for node, addr in (("wa", WP_NODE_A), ("wb", WP_NODE_B)):
+        argv = [*cmd, "--log-level", "warning", "proxy", "--node", node, *common]
+        argv += ["--metrics-addr", f"{addr}:15020", "--readiness-addr", f"{addr}:15021"]
+        if "--admin-addr" in proxy_help:
+            argv += ["--admin-addr", f"{addr}:15000"]
+        path.proxies[node] = group.start(f"ztunnel-{node}", argv)
+    argv = [*cmd, "--log-level", "warning", "waypoint", "--name", "waypoint", "--namespace", NAMESPACE, *common]
+    argv += ["--readiness-addr", f"{WP_NODE_W}:15021"]
+    path.proxies["waypoint"] = group.start("ztunnel-waypoint", argv)
+    try:
+        for node, addr in (("wa", WP_NODE_A), ("wb", WP_NODE_B), ("waypoint", WP_NODE_W)):
+            wait_until(
+                lambda addr=addr: http_status(f"http://{addr}:15021/healthz/ready") == 200,  # type: ignore[misc]
+                60,
+                f"{node} ready",
+                path.proxies[node],
+            )
+        wait_until(lambda: listening(WP_WAYPOINT_POD, 15008), 10, "the waypoint's HBONE port", path.proxies["waypoint"])
+    except RuntimeError as e:
+        path.stop()
+        return unavailable(NAME, str(e)[:500])
+    checked = require_policy(path)
+    if not checked.available:
+        path.stop()
+    return checked
+
+
+def _build(ctx: PathContext) -> PathSetup:
+    if isinstance(ctx.topology, LabTopology):
+        return unavailable(NAME, "needs --topology local: the lab does not deploy waypoints yet (no Gateway support)")
+    return local_waypoint(ctx.group)
+
+
+WAYPOINT = PathKind(NAME, _build)

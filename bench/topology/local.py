@@ -4,7 +4,7 @@ proxies in local mode (no redirection: clients enter through the SOCKS5 port).""
 from __future__ import annotations
 
 from bench.processes import ProcessGroup, log, port_open, wait_until
-from bench.settings import CLIENT_POD, ECHO_PORT, LOADGEN, NODE_A, NODE_B, PY, SERVER_POD
+from bench.settings import CLIENT_POD, ECHO_PORT, HTTP_PORT, LOADGEN, NODE_A, NODE_B, PY, SERVER_POD
 from bench.topology import AMBIENT_NAMESPACE_YAML
 
 # The local cluster: node a with the client pod, node b with the server pod (the proxies read this file).
@@ -67,9 +67,11 @@ class LocalTopology:
         self.mode = f"local mode on loopback{' inside netns ' + netns if netns else ' (host namespace)'}"
 
     def start(self, group: ProcessGroup) -> None:
-        log(f"starting the app (echo server on {SERVER_POD}; iperf3 servers per test) in {group.workdir}")
+        log(f"starting the apps (echo and HTTP servers on {SERVER_POD}; iperf3 per test) in {group.workdir}")
         echo = group.start("echo-server", [PY, LOADGEN, "echo-server", f"{SERVER_POD}:{ECHO_PORT}"])
         wait_until(lambda: port_open(SERVER_POD, ECHO_PORT), 10, "the echo server", echo)
+        http = group.start("http-app", [PY, LOADGEN, "http-server", f"{SERVER_POD}:{HTTP_PORT}"])
+        wait_until(lambda: port_open(SERVER_POD, HTTP_PORT), 10, "the HTTP app", http)
 
     def close(self) -> None:
         pass
