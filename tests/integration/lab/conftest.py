@@ -230,8 +230,8 @@ class LabHandle:
         p = self.run(target, *argv, timeout=max_time + 10)
         if p.returncode != 0:
             raise AssertionError(f"{target}: curl {url} exited {p.returncode}: {p.stderr.strip()}")
-        head, _, body = p.stdout.partition("\r\n\r\n")
-        status_line, *lines = head.split("\r\n")
+        head, _, body = p.stdout.partition("\n\n")  # text mode: CRLF read as LF (in the body too)
+        status_line, *lines = head.split("\n")
         fields = [line.partition(":") for line in lines]
         return HttpReply(int(status_line.split()[1]), {k.strip().lower(): v.strip() for k, _, v in fields}, body)
 
