@@ -1,0 +1,150 @@
+"""Issue 12's greeter acceptance in the lab (seed 002): the lab deploys the waypoint of a Gateway by itself, and
+the seed's AuthorizationPolicies, unchanged, are enforced per HTTP request by it; real curl in the helloweb pod.
+
+The cluster is examples/lab-greeter-waypoint.yaml (the seed's Service and pods, a waypoint Gateway and the
+namespace label) applied to the session's lab on its nodes, and deleted at the end: the waypoint pod goes too.
+The lab is built with `--mesh on`: a missing or broken component fails these tests (never skips them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import pytest
+import yaml
+
+from tests.support.lab_waypoint import applied, http, waypoint_pod
+
+from .conftest import ROOT, LabHandle
+
+pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with the reason otherwise
+
+WAYPOINT = waypoint_pod("default")
+CLIENT = "default/helloweb"
+GREETER = "default/greeter-service-v1"
+URL = "http://greeter-service.default.svc.cluster.local:3000"
+DENIED = (403, "RBAC: access denied")
+
+# the seed's policies, verbatim
+DENY_ALL = """\
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-all
+  namespace: default
+spec:
+  {}
+"""
+GET_HELLO = """\
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+ name: greeter-service
+ namespace: default
+spec:
+ selector:
+  matchLabels:
+    app: greeter-service
+ rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+        paths: ["*/hello"]
+"""
+
+
+def greeter_cluster() -> str:
+    """The example on the session lab's nodes (a running lab cannot lose nodes, so it gets none)."""
+    docs = list(yaml.safe_load_all((ROOT / "examples" / "lab-greeter-waypoint.yaml").read_text()))
+    out = []
+    for d in docs:
+        if d["kind"] == "Node":
+            continue
+        if d["kind"] == "Pod":
+            d["spec"]["nodeName"] = {"node1": "n1", "node2": "n2"}[d["spec"]["nodeName"]]
+        out.append(d)
+    return yaml.safe_dump_all(out, sort_keys=False, allow_unicode=True)
+
+
+@pytest.fixture(scope="module")
+def greeter(lab: LabHandle) -> Iterator[LabHandle]:
+    lab.require("ca", "node-agent", "proxy", "cni-plugin")
+    with applied(lab, greeter_cluster(), WAYPOINT):
+        yield lab
+
+
+Apply = Callable[[str], None]
+
+
+@pytest.fixture
+def policy(greeter: LabHandle) -> Iterator[Apply]:
+    """Apply a policy for one test, delete it afterwards."""
+    texts: list[str] = []
+
+    def apply(text: str) -> None:
+        greeter.apply(text)
+        texts.append(text)
+
+    yield apply
+    for text in reversed(texts):
+        greeter.delete(text)
+
+
+def waypoint_log(lab: LabHandle) -> str:
+    return (lab.dir / "logs" / f"pod_{WAYPOINT.replace('/', '_')}_istio-proxy.log").read_text(errors="replace")
+
+
+def test_the_lab_deploys_the_waypoint_as_a_pod_with_its_own_svid(greeter: LabHandle) -> None:
+    pod = greeter.pod(WAYPOINT)
+    assert pod["waypoint"] == "default/waypoint" and pod["ips"]
+    assert pod["identity"] == "spiffe://cluster.local/ns/default/sa/waypoint"
+    assert not pod["enrolled"] and not pod["ambient"]  # not captured: it speaks HBONE itself
+    assert pod["containers"]["istio-proxy"]["running"]
+    dump = json.loads(greeter.run(WAYPOINT, "curl", "-sS", "http://127.0.0.1:15000/config_dump", check=True).stdout)
+    assert dump["waypoint"] == "default/waypoint"
+    assert dump["identity"] == "spiffe://cluster.local/ns/default/sa/waypoint"  # its SVID, from the lab's CA
+    # the Service the seed wrote without an address got one, and the name resolves to it in the pod
+    svc = greeter.run(CLIENT, "getent", "hosts", "greeter-service.default.svc.cluster.local", check=True).stdout
+    assert svc.split()[0].startswith("10.96.")
+    # no policy: allowed, and through the waypoint (its access line names the client's SVID and the pod)
+    assert http(greeter, CLIENT, f"{URL}/hello")[0][0] == 200
+    line = [x for x in waypoint_log(greeter).splitlines() if "request complete" in x and "path=/hello" in x][-1]
+    assert "src.identity=spiffe://cluster.local/ns/default/sa/helloweb" in line
+    assert f"upstream={greeter.pod_ip(GREETER)}:3000" in line
+
+
+def test_deny_all_is_rbac_access_denied(greeter: LabHandle, policy: Apply) -> None:
+    policy(DENY_ALL)
+    assert http(greeter, CLIENT, f"{URL}/hello") == [DENIED]
+
+
+def test_get_hello_only_each_request_decided_on_its_own(greeter: LabHandle, policy: Apply) -> None:
+    policy(GET_HELLO)
+    (code, body), = http(greeter, CLIENT, f"{URL}/hello")
+    assert code == 200 and json.loads(body)["message"].startswith("hello")
+    assert http(greeter, CLIENT, f"{URL}/version") == [DENIED]
+    assert http(greeter, CLIENT, "-X", "POST", "-d", "x=1", f"{URL}/hello") == [DENIED]
+    # two requests on one keep-alive connection: allowed, then denied (curl reuses the connection: 1 connect, 0)
+    p = greeter.run(
+        CLIENT, "curl", "-sS", "-m", "5", "-w", "%{http_code} %{num_connects}\n",
+        "-o", "/dev/null", "-o", "/dev/null",  # one -o per URL
+        f"{URL}/hello", f"{URL}/version",
+    )  # fmt: skip
+    assert p.stdout.split("\n")[:2] == ["200 1", "403 0"], (p.stdout, p.stderr)
+    metrics = greeter.run(WAYPOINT, "curl", "-sS", "http://127.0.0.1:15020/metrics", check=True).stdout
+    denied = [
+        line for line in metrics.splitlines()
+        if line.startswith("istio_requests_total{") and 'response_code="403"' in line and 'reporter="waypoint"' in line
+    ]  # fmt: skip
+    assert denied and float(denied[0].rsplit(" ", 1)[1]) >= 3
+
+
+def test_the_pod_ip_does_not_serve_a_client_that_skips_the_waypoint(greeter: LabHandle, policy: Apply) -> None:
+    policy(GET_HELLO)
+    direct = f"http://{greeter.pod_ip(GREETER)}:3000"
+    for client in (CLIENT, "lab/outsider"):  # a mesh client (HBONE, its own SVID) and a plaintext one
+        for path in ("/version", "/hello"):
+            (code, body), = http(greeter, client, f"{direct}{path}")
+            assert code == 0 and "version" not in body, (client, path, code, body)
+    assert http(greeter, CLIENT, f"{URL}/hello")[0][0] == 200  # through the waypoint it still answers
