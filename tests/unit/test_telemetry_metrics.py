@@ -63,6 +63,73 @@ def test_build_fills_istio_labels_with_full_spiffe_principals() -> None:
     assert labels.connection_security_policy == "mutual_tls"
 
 
+def test_istio_standard_labels_version_canonical_service_cluster_and_service_name() -> None:
+    """Istio's "Istio Standard Metrics" label set, each label filled as Istio's ztunnel does."""
+    assert set(TCP_LABELS) == {
+        "reporter",
+        *(f"source_{x}" for x in ("workload", "workload_namespace", "principal", "app", "version")),
+        *(f"source_{x}" for x in ("canonical_service", "canonical_revision", "cluster")),
+        *(f"destination_{x}" for x in ("workload", "workload_namespace", "principal", "app", "version")),
+        *(f"destination_{x}" for x in ("canonical_service", "canonical_revision", "cluster")),
+        *("destination_service", "destination_service_name", "destination_service_namespace"),
+        *("request_protocol", "response_flags", "connection_security_policy"),
+    }
+    versioned = workload(
+        "reviews-v3-5d8f",
+        "bar",
+        "reviews",
+        **{"app.kubernetes.io/name": "reviews", "app.kubernetes.io/version": "3.1", "version": "v3"},
+    )
+    canonical = workload(
+        "ratings-1",
+        "bar",
+        "ratings",
+        app="ratings",
+        **{"service.istio.io/canonical-name": "ratings-svc", "service.istio.io/canonical-revision": "r7"},
+    )
+    labels = dest_labels(source=versioned, destination=canonical)
+    got = dict(zip(TCP_LABELS, labels.values("-"), strict=True))
+    assert {k: v for k, v in got.items() if k.startswith(("source_", "destination_")) and "principal" not in k} == {
+        "source_workload": "reviews-v3-5d8f",
+        "source_workload_namespace": "bar",
+        "source_app": "reviews",
+        "source_version": "3.1",  # app.kubernetes.io/version before `version`, as Istio's canonical revision
+        "source_canonical_service": "reviews",
+        "source_canonical_revision": "3.1",
+        "source_cluster": "Kubernetes",
+        "destination_workload": "ratings-1",
+        "destination_workload_namespace": "bar",
+        "destination_app": "ratings-svc",
+        "destination_version": "r7",
+        "destination_service": "httpbin.bar.svc.cluster.local",
+        "destination_service_name": "httpbin",
+        "destination_service_namespace": "bar",
+        "destination_canonical_service": "ratings-svc",
+        "destination_canonical_revision": "r7",
+        "destination_cluster": "Kubernetes",
+    }
+    bare = dest_labels(source=workload("job-x", "foo", "job"), destination=None, destination_service=None)
+    source_side = (bare.source_canonical_service, bare.source_version, bare.source_cluster)
+    assert source_side == ("job-x", "latest", "Kubernetes")
+    assert (bare.destination_canonical_service, bare.destination_cluster, bare.destination_service_name) == (
+        "unknown",
+        "unknown",
+        "unknown",
+    )
+    registry = CollectorRegistry()
+    ProxyMetrics(registry).connection_opened(labels)
+    assert sample(registry, "istio_tcp_connections_opened_total", labels) == 1
+    assert registry.get_sample_value(
+        "istio_tcp_connections_opened_total", {**got, "destination_canonical_revision": "r8"}
+    ) is None
+
+
+def test_labels_hash_once_and_compare_by_value() -> None:
+    a, b = dest_labels(), dest_labels()
+    assert a is not b and a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert dest_labels(connection_security_policy="none") != a
+
+
 def test_unknown_peers_are_labelled_unknown() -> None:
     labels = connection_labels(
         reporter="source",

@@ -22,7 +22,7 @@ def workload(name: str, ns: str, sa: str, ip: str, **labels: str) -> Workload:
 
 
 SLEEP = workload("sleep-1", "foo", "sleep", "127.0.10.1", app="sleep")
-CANONICAL = {"service.istio.io/canonical-name": "hb"}
+CANONICAL = {"service.istio.io/canonical-name": "hb", "version": "v2"}
 HTTPBIN = workload("httpbin-1", "bar", "httpbin", "127.0.20.1", app="httpbin", **CANONICAL)
 SVC = Service(name="httpbin", namespace="bar", cluster_ips=("10.96.0.5",), ports=(ServicePort(8000, 80),), selector={})
 CONFIG = ClusterConfig(namespaces={}, workloads=(SLEEP, HTTPBIN), services=(SVC,), nodes={})
@@ -44,11 +44,21 @@ def test_labels_follow_istio_and_the_node_proxy() -> None:
         "source_workload_namespace": "foo",
         "source_principal": "spiffe://cluster.local/ns/foo/sa/sleep",
         "source_app": "sleep",
+        "source_version": "latest",  # no version label: Istio's canonical revision `latest`
+        "source_canonical_service": "sleep",
+        "source_canonical_revision": "latest",
+        "source_cluster": "Kubernetes",
         "destination_workload": "httpbin-1",
         "destination_workload_namespace": "bar",
         "destination_principal": "spiffe://cluster.local/ns/bar/sa/httpbin",
         "destination_app": "hb",  # the canonical name wins over `app`, as in the node proxy's labels
+        "destination_version": "v2",
         "destination_service": "httpbin.bar.svc.cluster.local",
+        "destination_service_name": "httpbin",
+        "destination_service_namespace": "bar",
+        "destination_canonical_service": "hb",
+        "destination_canonical_revision": "v2",
+        "destination_cluster": "Kubernetes",
         "request_protocol": "http",
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
@@ -57,6 +67,9 @@ def test_labels_follow_istio_and_the_node_proxy() -> None:
     }
     unknown = request_labels(source=None, source_principal="", destination=None, service=SVC, protocol="grpc")
     assert {unknown.source_workload, unknown.source_principal, unknown.destination_workload} == {"unknown"}
+    assert {unknown.source_version, unknown.source_canonical_service, unknown.source_cluster} == {"unknown"}
+    assert {unknown.destination_canonical_revision, unknown.destination_cluster} == {"unknown"}
+    assert (unknown.destination_service_name, unknown.destination_service_namespace) == ("httpbin", "bar")
 
 
 def test_source_workload_only_with_the_callers_identity() -> None:
@@ -115,6 +128,16 @@ def test_allowed_and_denied_are_counted_once_each_and_logged_with_the_policy() -
         "destination_principal": HTTPBIN.identity,
         "destination_app": "hb",
         "grpc_response_status": "",
+        "source_version": "latest",
+        "source_canonical_service": "sleep",
+        "source_canonical_revision": "latest",
+        "source_cluster": "Kubernetes",
+        "destination_version": "v2",
+        "destination_service_name": "httpbin",
+        "destination_service_namespace": "bar",
+        "destination_canonical_service": "hb",
+        "destination_canonical_revision": "v2",
+        "destination_cluster": "Kubernetes",
     }
     ok_labels = {**common, "response_code": "200", "request_protocol": "http"}
     denied_labels = {**common, "response_code": "403", "request_protocol": "grpc"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ztunnel.config.model import ClusterConfig, Service, Workload
-from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, UNKNOWN, ConnectionLabels, Reporter
+from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, UNKNOWN, ConnectionLabels, Reporter, workload_labels
 
 SecurityPolicy = Literal["mutual_tls", "none", "unknown"]  # the connection_security_policy label
 
@@ -73,8 +73,12 @@ def connection_labels(
         destination_principal=destination_principal or UNKNOWN,
         destination_app=_app_of(destination) if destination else UNKNOWN,
         destination_service=destination_service.hostname if destination_service else UNKNOWN,
+        destination_service_name=destination_service.name if destination_service else UNKNOWN,
+        destination_service_namespace=destination_service.namespace if destination_service else UNKNOWN,
         request_protocol=request_protocol or UNKNOWN,
         connection_security_policy=connection_security_policy or UNKNOWN,
+        **(workload_labels("source", source.name, source.labels) if source else {}),
+        **(workload_labels("destination", destination.name, destination.labels) if destination else {}),
     )
     if cache is not None:
         cache.put(key, source, destination, destination_service, labels)

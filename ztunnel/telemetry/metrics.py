@@ -1,6 +1,8 @@
 """Prometheus metrics of the node proxy, under Istio's names so existing dashboards work.
 
-The four `istio_tcp_*` counters carry Istio's standard label set (DESIGN.md §4.9). They are updated
+The four `istio_tcp_*` counters carry Istio's standard label set (DESIGN.md §4.9, Istio's "Istio Standard
+Metrics": workload, namespace, principal, app, version, canonical service and revision, cluster of either
+side; the destination service's host, name and namespace; protocol, flags, security policy). They are updated
 once when a connection opens and once when it closes (bytes aggregated per connection), never per
 chunk: the relay hot path must not touch a metric. Looking up a labelled child in prometheus-client
 takes a lock and validates the label values, so the children are cached per `ConnectionLabels`.
@@ -12,13 +14,17 @@ never share counters.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 UNKNOWN = "unknown"
 NO_FLAGS = "-"  # Envoy's spelling for "no response flags"
+DEFAULT_CLUSTER = "Kubernetes"  # Istio's cluster id when `global.multiCluster.clusterName` is not set
+CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
+CANONICAL_REVISION_LABEL = "service.istio.io/canonical-revision"
 
 Reporter = Literal["source", "destination"]
 
@@ -29,11 +35,21 @@ TCP_LABELS: tuple[str, ...] = (
     "source_workload_namespace",
     "source_principal",
     "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",
     "destination_app",
+    "destination_version",
     "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
     "request_protocol",
     "response_flags",
     "connection_security_policy",
@@ -44,12 +60,40 @@ TCP_LABELS: tuple[str, ...] = (
 CHILD_CACHE_LIMIT = 10_000
 
 
+def canonical_service(workload_name: str, labels: Mapping[str, str]) -> str:
+    """Istio's canonical service of a workload: its canonical-name label, else `app.kubernetes.io/name`, else
+    `app`, else the workload's name."""
+    return (
+        labels.get(CANONICAL_NAME_LABEL) or labels.get("app.kubernetes.io/name") or labels.get("app") or workload_name
+    )
+
+
+def canonical_revision(labels: Mapping[str, str]) -> str:
+    """Istio's canonical revision: its canonical-revision label, else `app.kubernetes.io/version`, else
+    `version`, else `latest`."""
+    revision = labels.get(CANONICAL_REVISION_LABEL) or labels.get("app.kubernetes.io/version")
+    return revision or labels.get("version") or "latest"
+
+
+def workload_labels(side: Literal["source", "destination"], name: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """A known workload's version, canonical service and revision, and cluster, as `ConnectionLabels` keyword
+    arguments for `side`. The version is the canonical revision, as Istio's ztunnel reports it."""
+    revision = canonical_revision(labels)
+    return {
+        f"{side}_version": revision,
+        f"{side}_canonical_service": canonical_service(name, labels),
+        f"{side}_canonical_revision": revision,
+        f"{side}_cluster": DEFAULT_CLUSTER,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLabels:
-    """The per-connection part of Istio's TCP label set (everything except `response_flags`).
+    """The per-connection part of Istio's standard label set (everything except `response_flags`).
 
     Plain strings: the proxy fills them from its workloads (`proxy.labels`), once per (source,
-    destination) pair. Hashable, and the cache key of the labelled metric children.
+    destination) pair. Hashable, and the cache key of the labelled metric children: the hash is computed
+    once, since a lookup hashes the key on every request or connection (23 strings).
     """
 
     reporter: str
@@ -57,13 +101,30 @@ class ConnectionLabels:
     source_workload_namespace: str = UNKNOWN
     source_principal: str = UNKNOWN
     source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_canonical_revision: str = UNKNOWN
+    source_cluster: str = UNKNOWN
     destination_workload: str = UNKNOWN
     destination_workload_namespace: str = UNKNOWN
     destination_principal: str = UNKNOWN
     destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
     destination_service: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    destination_canonical_service: str = UNKNOWN
+    destination_canonical_revision: str = UNKNOWN
+    destination_cluster: str = UNKNOWN
     request_protocol: str = "tcp"
     connection_security_policy: str = UNKNOWN
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self.values("")))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def values(self, response_flags: str) -> tuple[str, ...]:
         """Label values in `TCP_LABELS` order."""
@@ -73,11 +134,21 @@ class ConnectionLabels:
             self.source_workload_namespace,
             self.source_principal,
             self.source_app,
+            self.source_version,
+            self.source_canonical_service,
+            self.source_canonical_revision,
+            self.source_cluster,
             self.destination_workload,
             self.destination_workload_namespace,
             self.destination_principal,
             self.destination_app,
+            self.destination_version,
             self.destination_service,
+            self.destination_service_name,
+            self.destination_service_namespace,
+            self.destination_canonical_service,
+            self.destination_canonical_revision,
+            self.destination_cluster,
             self.request_protocol,
             response_flags,
             self.connection_security_policy,

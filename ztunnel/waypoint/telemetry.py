@@ -16,9 +16,13 @@ from typing import Any
 from ztunnel.config.model import ClusterConfig, Service, Workload
 from ztunnel.telemetry.accesslog import AccessLog
 from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, WaypointMetrics, request_protocol
-from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, UNKNOWN, ConnectionLabels
-
-CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
+from ztunnel.telemetry.metrics import (
+    CANONICAL_NAME_LABEL,
+    CHILD_CACHE_LIMIT,
+    UNKNOWN,
+    ConnectionLabels,
+    workload_labels,
+)
 
 
 def _app_of(workload: Workload) -> str:
@@ -36,7 +40,7 @@ def source_workload(config: ClusterConfig, source_ip: str, principal: str) -> Wo
 def request_labels(
     *, source: Workload | None, source_principal: str, destination: Workload | None, service: Service, protocol: str
 ) -> ConnectionLabels:
-    """Istio's labels for a request to `service` (its endpoint `destination`, None when there was none)."""
+    """Istio's standard labels for a request to `service` (its endpoint `destination`, None when there was none)."""
     return ConnectionLabels(
         reporter=REPORTER_WAYPOINT,
         source_workload=source.name if source else UNKNOWN,
@@ -48,8 +52,12 @@ def request_labels(
         destination_principal=destination.identity if destination else UNKNOWN,
         destination_app=_app_of(destination) if destination else UNKNOWN,
         destination_service=service.hostname,
+        destination_service_name=service.name,
+        destination_service_namespace=service.namespace,
         request_protocol=protocol,
         connection_security_policy="mutual_tls",  # HBONE in: the client's SVID was verified
+        **(workload_labels("source", source.name, source.labels) if source else {}),
+        **(workload_labels("destination", destination.name, destination.labels) if destination else {}),
     )
 
 
