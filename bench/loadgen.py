@@ -476,16 +476,19 @@ async def http_load(
 
 
 async def http_check(target: Target, checks: list[tuple[str, str]], host: str) -> dict:
-    """One request per (METHOD PATH) on one keep-alive connection (a new one only if the path closed it)."""
+    """One request per (METHOD PATH) on one keep-alive connection (a new one only if the path closed it:
+    `connections` says how many it took)."""
     conn = await open_http(target)
     out = []
+    connections = 1
     for method, path in checks:
         if conn.closed:
             conn = await open_http(target)
+            connections += 1
         status = await asyncio.wait_for(conn.exchange(http_request(method, path, host)), CONNECT_TIMEOUT)
         out.append({"method": method, "path": path, "status": status})
     conn.transport.close()  # type: ignore[attr-defined]
-    return {"checks": out}
+    return {"checks": out, "connections": connections}
 
 
 def forward(listen: str, target: Target) -> None:

@@ -7,6 +7,8 @@ Local topology only (measured side by side with the waypoint, which the lab does
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.paths.base import PathContext, PathKind, PathSetup, require_policy, unavailable
 from bench.paths.haproxy import HaproxyPlacement, haproxy_config_head, haproxy_path, make_haproxy_certs
 from bench.processes import ProcessGroup, listening, wait_until
@@ -30,6 +32,22 @@ def l7_frontend(bind: str, tls: str, upstream: str) -> str:
     )
 
 
+def haproxy_http_configs(certs: Path, maxconn: int) -> dict[str, str]:
+    """The three processes' configs (a, w, b) with the certificates in CERTS (`make_haproxy_certs`)."""
+    tls = f"ca-file {certs}/ca.pem verify required ssl-min-ver TLSv1.3"
+    to_server = f"ssl crt {certs}/client.pem {tls} verifyhost server.bench.local"
+    tls_port = HTTP_PORT + TLS_PORT_OFFSET
+    head = haproxy_config_head(maxconn)
+    upstream = f"{HAPROXY_B}:{tls_port} {to_server}"
+    return {
+        "a": head + f"frontend a\n  bind {HAPROXY_A}:{HTTP_PORT}\n  default_backend w\n"
+        f"backend w\n  server w {HAPROXY_W}:{tls_port} {to_server}\n",
+        "w": head + l7_frontend(f"{HAPROXY_W}:{tls_port}", f"ssl crt {certs}/server.pem {tls}", upstream),
+        "b": head + f"frontend b\n  bind {HAPROXY_B}:{tls_port} ssl crt {certs}/server.pem {tls}\n"
+        f"  default_backend app\nbackend app\n  server app {SERVER_POD}:{HTTP_PORT}\n",
+    }
+
+
 def setup_haproxy_http(group: ProcessGroup, maxconn: int) -> PathSetup:
     at = HaproxyPlacement()
     path, binary = haproxy_path(NAME, ENTRY, at)
@@ -38,18 +56,8 @@ def setup_haproxy_http(group: ProcessGroup, maxconn: int) -> PathSetup:
     certs = group.workdir / "haproxy-http-certs"
     certs.mkdir(exist_ok=True)
     make_haproxy_certs(certs)
-    tls = f"ca-file {certs}/ca.pem verify required ssl-min-ver TLSv1.3"
-    to_server = f"ssl crt {certs}/client.pem {tls} verifyhost server.bench.local"
+    configs = haproxy_http_configs(certs, maxconn)
     tls_port = HTTP_PORT + TLS_PORT_OFFSET
-    head = haproxy_config_head(maxconn)
-    upstream = f"{HAPROXY_B}:{tls_port} {to_server}"
-    configs = {
-        "a": head + f"frontend a\n  bind {HAPROXY_A}:{HTTP_PORT}\n  default_backend w\n"
-        f"backend w\n  server w {HAPROXY_W}:{tls_port} {to_server}\n",
-        "w": head + l7_frontend(f"{HAPROXY_W}:{tls_port}", f"ssl crt {certs}/server.pem {tls}", upstream),
-        "b": head + f"frontend b\n  bind {HAPROXY_B}:{tls_port} ssl crt {certs}/server.pem {tls}\n"
-        f"  default_backend app\nbackend app\n  server app {SERVER_POD}:{HTTP_PORT}\n",
-    }
     for side, cfg in configs.items():
         cfg_path = group.workdir / f"haproxy-http-{side}.cfg"
         cfg_path.write_text(cfg)
