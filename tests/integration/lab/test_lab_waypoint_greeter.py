@@ -9,12 +9,14 @@ The lab is built with `--mesh on`: a missing or broken component fails these tes
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
 import yaml
 
-from tests.support.lab_waypoint import applied, http, waypoint_pod
+from tests.support.lab_waypoint import applied, gateway_yaml, http, waypoint_pod
 
 from .conftest import ROOT, LabHandle
 
@@ -148,3 +150,18 @@ def test_the_pod_ip_does_not_serve_a_client_that_skips_the_waypoint(greeter: Lab
             (code, body), = http(greeter, client, f"{direct}{path}")
             assert code == 0 and "version" not in body, (client, path, code, body)
     assert http(greeter, CLIENT, f"{URL}/hello")[0][0] == 200  # through the waypoint it still answers
+
+
+def test_a_reapplied_gateway_brings_back_its_dead_waypoint(greeter: LabHandle) -> None:
+    """As a Deployment would: the waypoint's process killed, then the Gateway applied again -> a new pod."""
+    before = greeter.pod(WAYPOINT)["containers"]["istio-proxy"]["pid"]
+    os.kill(before, signal.SIGKILL)
+    assert http(greeter, CLIENT, f"{URL}/hello")[0][0] == 0  # no waypoint: refused, never around it
+    out = greeter.apply(gateway_yaml("default")).stdout
+    assert f"Pod {WAYPOINT} (waypoint) created" in out
+    pod = greeter.pod(WAYPOINT)
+    assert pod["containers"]["istio-proxy"]["running"] and pod["containers"]["istio-proxy"]["pid"] != before
+    assert http(greeter, CLIENT, f"{URL}/hello")[0][0] == 200
+    # applied again while it runs: left alone
+    assert "(waypoint)" not in greeter.apply(gateway_yaml("default")).stdout
+    assert greeter.pod(WAYPOINT)["containers"]["istio-proxy"]["pid"] == pod["containers"]["istio-proxy"]["pid"]
