@@ -241,3 +241,15 @@ def test_mesh_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         read_mesh_config(path)
     assert str(path) in str(e.value) and "extensionProviders[0].envoyExtAuthzHttp.failOpen" in str(e.value)
+
+
+@pytest.mark.parametrize(("port", "parsed"), [('"9000"', 9000), ("'9000'", 9000), ('"90x"', None), ('"0"', None)])
+def test_a_port_written_as_a_string_is_read_as_istio_reads_it(port: str, parsed: int | None) -> None:
+    """Seed 003 writes `port: "9000"`: MeshConfig is read through protobuf's JSON mapping, where a uint32 may be a
+    decimal string."""
+    text = MESH.replace("port: 9000, timeout: 250ms", f"port: {port}")
+    if parsed is None:
+        with pytest.raises(ConfigError, match=r"envoyExtAuthzGrpc\.port"):
+            build_config(load_documents(text, "mesh.yaml"))
+    else:
+        assert build_config(load_documents(text, "mesh.yaml")).extension_providers["kyverno"].port == parsed

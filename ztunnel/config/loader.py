@@ -530,6 +530,8 @@ def _provider(name: str, kind: str, spec: Any, source: Source | str, obj: str, w
     if not isinstance(spec, Mapping):
         raise fail("", "must be a mapping")
     service, port = spec.get("service"), spec.get("port")
+    if isinstance(port, str) and port.isascii() and port.isdigit():
+        port = int(port)  # protobuf's JSON mapping (how Istio reads MeshConfig) takes a uint32 as a decimal string
     if not isinstance(service, str) or not service:
         raise fail("service", "needs the authorizer's Service host, such as authz.ns.svc.cluster.local")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
