@@ -12,7 +12,7 @@ def _local() -> PathSetup:
     return PathSetup(
         "direct",
         echo_target=f"{SERVER_POD}:{ECHO_PORT}",
-        http_target=f"{SERVER_POD}:{HTTP_PORT}",  # the HTTP paths' floor (local topology only)
+        http_target=f"{SERVER_POD}:{HTTP_PORT}",  # the HTTP paths' floor
         iperf_host=SERVER_POD,
         iperf_port=IPERF_PORT,
         entry="plain TCP to the app",
@@ -33,6 +33,7 @@ def _in_lab(lab: LabTopology, same_node: bool) -> PathSetup:
         client_prefix=netns_exec(client["netns"]),
         server_prefix=netns_exec(server["netns"]),
         iperf_bind=ip,
+        http_target="" if same_node else f"{ip}:{HTTP_PORT}",  # the HTTP app runs in the plain server pod
     )
 
 

@@ -27,16 +27,20 @@ from bench.settings import (
     WP_WAYPOINT_POD,
 )
 from bench.tools import ztunnel_command, ztunnel_help
-from bench.topology.lab import LabTopology
+from bench.topology.lab import LabTopology, netns_exec
 
 NAME = "waypoint"
 NAMESPACE = "wp"
 H2C = "unavailable: `ztunnel waypoint` parses HTTP/1.1 only so far (no h2c in ztunnel/waypoint yet)"
 
 
-def cluster_yaml() -> str:
+def cluster_yaml(lab: bool = False) -> str:
     """The waypoint path's cluster: three nodes, the client and app pods, the Gateway and its pod, the app's
-    Service opted in with `istio.io/use-waypoint`, and the L7 policy attached to the Service (ambient style)."""
+    Service opted in with `istio.io/use-waypoint`, and the L7 policy attached to the Service (ambient style).
+    LAB: the objects `ztunnel lab apply` adds to the bench's lab (its nodes; it assigns the pod IPs and deploys
+    the Gateway's waypoint pod itself)."""
+    if lab:
+        return "---\n".join(d + "\n" for d in _lab_docs())
     docs = [
         f"""apiVersion: v1
 kind: Namespace
@@ -51,12 +55,6 @@ status:
   addresses: [{{type: InternalIP, address: {addr}}}]"""
             for node, addr in (("wa", WP_NODE_A), ("wb", WP_NODE_B), ("ww", WP_NODE_W))
         ),
-        f"""apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: waypoint, namespace: {NAMESPACE}}}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]""",
         f"""apiVersion: v1
 kind: Pod
 metadata: {{name: client, namespace: {NAMESPACE}, labels: {{app: client}}}}
@@ -78,6 +76,19 @@ metadata:
   labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
 spec: {{nodeName: ww, serviceAccountName: waypoint}}
 status: {{podIP: "{WP_WAYPOINT_POD}", podIPs: [{{ip: "{WP_WAYPOINT_POD}"}}]}}""",
+        *_common_docs(),
+    ]
+    return "---\n".join(d + "\n" for d in docs)
+
+
+def _common_docs() -> list[str]:
+    return [
+        f"""apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: {NAMESPACE}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]""",
         f"""apiVersion: v1
 kind: Service
 metadata: {{name: app, namespace: {NAMESPACE}, labels: {{istio.io/use-waypoint: waypoint}}}}
@@ -94,7 +105,28 @@ spec:
         methods: ["GET"]
         paths: ["*/hello"]""",
     ]
-    return "---\n".join(d + "\n" for d in docs)
+
+
+def _lab_docs() -> list[str]:
+    pods = [
+        f"""apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: {name}}}}}
+spec:
+  nodeName: {node}
+  serviceAccountName: {name}
+  containers: [{{name: main, command: [sleep, infinity]{ports}}}]"""
+        for name, node, ports in (
+            ("client", "node1", ""),
+            ("server", "node2", f", ports: [{{containerPort: {HTTP_PORT}}}]"),
+        )
+    ]
+    namespace = f"""apiVersion: v1
+kind: Namespace
+metadata:
+  name: {NAMESPACE}
+  labels: {{istio.io/dataplane-mode: ambient}}"""
+    return [namespace, *pods, *_common_docs()]
 
 
 def local_waypoint(group: ProcessGroup) -> PathSetup:
@@ -153,9 +185,54 @@ def local_waypoint(group: ProcessGroup) -> PathSetup:
     return checked
 
 
+def lab_waypoint(lab: LabTopology, group: ProcessGroup) -> PathSetup:
+    """The path in the bench's lab: `lab apply` adds namespace wp (client on node1, app on node2, the Gateway,
+    whose waypoint pod the lab deploys and places, the Service and the policy); the client pod dials the VIP
+    and in-pod redirection takes it to node1's proxy. The proxies are the lab's (its access logs included)."""
+    if ztunnel_help("waypoint") is None:
+        return unavailable(NAME, "`ztunnel waypoint` does not exist yet")
+    objects = group.workdir / "waypoint-lab.yaml"
+    objects.write_text(cluster_yaml(lab=True))
+    r = lab.apply(objects)
+    if r.returncode != 0:
+        return unavailable(NAME, f"`ztunnel lab apply` of the waypoint objects failed: {(r.stderr or r.stdout)[-400:]}")
+    lab.refresh()
+    client, server = lab.pod(NAMESPACE, "client"), lab.pod(NAMESPACE, "server")
+    waypoint = lab.pod(NAMESPACE, "waypoint-0")
+    proc = next(iter((waypoint.get("containers") or {}).values()), None)
+    if not client["enrolled"] or not proc or not proc.get("running"):
+        return unavailable(NAME, f"the lab did not enroll the client or run the waypoint pod: {waypoint}"[:500])
+    for node in ("node1", "node2"):
+        proxy = lab.node(node).get("proxy")
+        if not proxy or not proxy.get("running"):
+            return unavailable(NAME, f"the lab runs no proxy on {node}")
+        lab.proxy_pids[node] = int(proxy["pid"])
+    server_prefix = netns_exec(server["netns"])
+    app = group.start("waypoint-app", [*server_prefix, PY, LOADGEN, "http-server", f"0.0.0.0:{HTTP_PORT}"])
+    wait_until(lambda: listening("0.0.0.0", HTTP_PORT, server_prefix), 10, "the waypoint path's HTTP app", app)
+    waypoint_pid = int(proc["pid"])
+    path = PathSetup(
+        NAME,
+        entry=(
+            f"mesh pod on node1 -> the Service VIP, in-pod {lab.redirect} redirection -> node1's proxy -> HBONE -> "
+            f"the lab's waypoint pod (on {waypoint['node']}; ALLOW GET */hello, else 403) -> HBONE -> node2's "
+            "proxy -> app pod"
+        ),
+        http_target=f"{WP_VIP}:80",
+        http_host=f"app.{NAMESPACE}.svc.cluster.local",
+        client_prefix=netns_exec(client["netns"]),
+        server_prefix=server_prefix,
+        helpers=[app],
+        external_pid_source=lambda: {"node1": lab.proxy_pids["node1"], "waypoint": waypoint_pid}
+        | {"node2": lab.proxy_pids["node2"]},
+        note=f"HTTP/1.1 figures only; h2c {H2C}; the lab's waypoint and proxies log every request/connection",
+    )
+    return require_policy(path)
+
+
 def _build(ctx: PathContext) -> PathSetup:
     if isinstance(ctx.topology, LabTopology):
-        return unavailable(NAME, "needs --topology local: the lab does not deploy waypoints yet (no Gateway support)")
+        return lab_waypoint(ctx.topology, ctx.group)
     return local_waypoint(ctx.group)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import ProcessGroup, listening, log, wait_until
-from bench.settings import ECHO_PORT, LOADGEN, PY
+from bench.settings import ECHO_PORT, HTTP_PORT, LOADGEN, PY
 from bench.tools import ztunnel_command, ztunnel_help
 from bench.topology import AMBIENT_NAMESPACE_YAML
 
@@ -137,6 +137,14 @@ class LabTopology:
                 argv = [*prefix, PY, LOADGEN, "echo-server", f"0.0.0.0:{ECHO_PORT}"]
                 echo = group.start(f"echo-{self.name}-{ns}-{pod}", argv)
                 wait_until(lambda p=prefix: listening("0.0.0.0", ECHO_PORT, p), 10, f"the echo server in {ns}", echo)
+        # the HTTP floor (direct) and haproxy-http's app: the plain server pod
+        prefix = netns_exec(self.pod("plain", "server")["netns"])
+        http = group.start(f"http-{self.name}-plain", [*prefix, PY, LOADGEN, "http-server", f"0.0.0.0:{HTTP_PORT}"])
+        wait_until(lambda: listening("0.0.0.0", HTTP_PORT, prefix), 10, "the HTTP app in plain", http)
+
+    def apply(self, objects: Path) -> subprocess.CompletedProcess[str]:
+        """`ztunnel lab apply -f OBJECTS` (a path adding its own pods and policies, e.g. the waypoint's)."""
+        return self._lab("apply", "-f", str(objects), "--timeout", "120")
 
     def sibling(self, redirect: str, group: ProcessGroup) -> LabTopology:
         """A second lab like this one with another redirection (started once, removed with this one)."""

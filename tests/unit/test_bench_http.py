@@ -157,6 +157,14 @@ def test_the_waypoint_cluster_opts_the_service_in_and_attaches_the_l7_policy(tmp
     assert [w.name for w in config.workloads if w.namespace == "wp"] == ["client", "server", "waypoint-0"]
     text = f.read_text()
     assert "istio.io/use-waypoint: waypoint" in text and 'paths: ["*/hello"]' in text
+    # the lab's variant: the same Gateway, Service and policy; the lab places the pods and deploys the waypoint
+    f.write_text(cluster_yaml(lab=True))
+    lab = load_files([str(f)])
+    assert sorted(w.name for w in lab.workloads if w.namespace == "wp") == ["client", "server"]
+    lab_text = f.read_text()
+    assert "gatewayClassName: istio-waypoint" in lab_text and "kind: Node" not in lab_text
+    for doc in ("kind: Service", "kind: AuthorizationPolicy", "kind: Gateway"):
+        assert text.split(doc, 1)[1].split("---", 1)[0] == lab_text.split(doc, 1)[1].split("---", 1)[0]
 
 
 def test_haproxy_w_decides_on_method_and_path_and_its_configs_are_valid(tmp_path: Path) -> None:
