@@ -1,9 +1,11 @@
 """The node proxy's DNS server on loopback: UDP and TCP answers from the model, forwarding to a fake
-upstream resolver (relayed with the client's id), SERVFAIL when the upstream is silent, FORMERR for junk."""
+upstream resolver (relayed with the client's id), SERVFAIL when the upstream is silent, FORMERR for junk;
+forwarding over TCP (a TCP query, a truncated UDP answer) with dnslib as an independent client."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -12,8 +14,10 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from dnslib import EDNS0, DNSRecord
 
 from tests.integration.conftest import NODE_A_CLIENT, SERVICE_IP, mesh_config, start_proxy
+from tests.support.eventually import eventually_async
 from ztunnel.config.model import ClusterConfig, Service, ServicePort
 from ztunnel.net import dns
 from ztunnel.ports import DNS_PORT
@@ -212,3 +216,144 @@ def test_proxy_with_dns_answers_on_each_pod_ip_and_without_it_nothing_listens(
             _ask(CLIENT, "server")
     finally:
         plain.stop()
+
+
+# ---- forwarding over TCP: a TCP query, a truncated UDP answer -------------------------------------------
+BIG = "big.example.org"
+BIG_ADDRESSES = tuple(f"198.51.100.{i}" for i in range(1, 101))  # ~1.6 KB of answers: over 512, under 4096
+
+
+class TwoTransportUpstream:
+    """A fake resolver on one port, UDP and TCP. `big.example.org` has 100 addresses: its UDP answer is cut at
+    512 bytes (TC), as a resolver with a small UDP limit does; its TCP answer is whole. Over TCP it may also
+    stay silent (`tcp="silent"`) or answer under another id (`tcp="wrong-id"`). `seen`: (transport, name)."""
+
+    def __init__(self, tcp: str = "answer") -> None:
+        self.tcp_mode = tcp
+        self.seen: list[tuple[str, str]] = []
+
+    async def start(self) -> tuple[str, int]:
+        udp, tcp = _udp_and_tcp_on_one_port()
+        tcp.listen(16)
+        upstream = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = cast(asyncio.DatagramTransport, transport)
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                self.transport.sendto(upstream.reply(data, "udp"), addr)
+
+        loop = asyncio.get_running_loop()
+        self.udp, _ = await loop.create_datagram_endpoint(Udp, sock=udp)
+        self.server = await asyncio.start_server(self._tcp, sock=tcp)
+        address: tuple[str, int] = udp.getsockname()
+        return address
+
+    def reply(self, data: bytes, transport: str) -> bytes:
+        query = dns.parse_query(data)
+        self.seen.append((transport, query.name))
+        addresses = BIG_ADDRESSES if query.name == BIG else ("192.0.2.1",)
+        limit = dns.UDP_ANSWER_LIMIT if transport == "udp" else dns.MAX_MESSAGE
+        return dns.build_response(query, dns.RCODE_NOERROR, addresses, authoritative=False, limit=limit)
+
+    async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+            data = await reader.readexactly(length)
+            if self.tcp_mode == "silent":
+                self.seen.append(("tcp", dns.parse_query(data).name))
+                await reader.read()  # until the proxy gives up
+                return
+            reply = self.reply(data, "tcp")
+            if self.tcp_mode == "wrong-id":
+                reply = struct.pack("!H", (struct.unpack("!H", reply[:2])[0] + 1) & 0xFFFF) + reply[2:]
+            writer.write(struct.pack("!H", len(reply)) + reply)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        self.udp.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def forwarding(tcp: str = "answer", **kw: float) -> AsyncIterator[tuple[TwoTransportUpstream, tuple[str, int]]]:
+    """A DnsServer (namespace demo) forwarding to a `TwoTransportUpstream`: (the upstream, the server's address)."""
+    upstream = TwoTransportUpstream(tcp)
+    server = DnsServer(_table, await upstream.start(), **kw)  # type: ignore[arg-type]
+    try:
+        yield upstream, await _serve(server, "demo")
+    finally:
+        await server.close()
+        await upstream.close()
+
+
+async def _dnslib(address: tuple[str, int], name: str, *, tcp: bool, edns: int | None = None) -> DNSRecord:
+    """Ask with dnslib (an independent implementation), blocking in a thread: the server runs in this loop."""
+    question = DNSRecord.question(name, "A")
+    if edns is not None:
+        question.add_ar(EDNS0(udp_len=edns))
+    raw = await asyncio.to_thread(question.send, address[0], address[1], tcp, 5)
+    reply = DNSRecord.parse(raw)
+    assert reply.header.id == question.header.id
+    return reply
+
+
+def _addresses(reply: DNSRecord) -> list[str]:
+    return [str(rr.rdata) for rr in reply.rr]
+
+
+async def test_a_tcp_query_is_forwarded_over_tcp_and_gets_the_whole_answer() -> None:
+    """Before, it went to the upstream over UDP and the TCP asker got the truncated answer, with no way out."""
+    async with forwarding() as (upstream, address):
+        reply = await _dnslib(address, BIG, tcp=True)
+        assert reply.header.tc == 0 and _addresses(reply) == list(BIG_ADDRESSES)
+        assert upstream.seen == [("tcp", BIG)]
+        small = await _dnslib(address, "example.net", tcp=True)
+        assert _addresses(small) == ["192.0.2.1"] and upstream.seen[-1] == ("tcp", "example.net")
+        ours = await _dnslib(address, "testapp-1", tcp=True)  # the model's names are still answered here
+        assert _addresses(ours) == ["10.96.0.10"] and len(upstream.seen) == 2
+
+
+async def test_a_truncated_udp_answer_is_asked_again_over_tcp() -> None:
+    async with forwarding() as (upstream, address):
+        # The asker takes 4096 bytes over UDP (EDNS): the whole answer from the TCP exchange fits.
+        reply = await _dnslib(address, BIG, tcp=False, edns=4096)
+        assert reply.header.tc == 0 and _addresses(reply) == list(BIG_ADDRESSES)
+        assert upstream.seen == [("udp", BIG), ("tcp", BIG)]
+        # Without EDNS it takes 512: it gets the truncated answer, TC set, and asks over TCP itself.
+        upstream.seen.clear()
+        cut = await _dnslib(address, BIG, tcp=False)
+        assert cut.header.tc == 1 and 0 < len(cut.rr) < len(BIG_ADDRESSES)
+        assert upstream.seen == [("udp", BIG), ("tcp", BIG)]
+        whole = await _dnslib(address, BIG, tcp=True)
+        assert whole.header.tc == 0 and len(whole.rr) == len(BIG_ADDRESSES)
+        # An answer that fits is not asked again.
+        upstream.seen.clear()
+        assert _addresses(await _dnslib(address, "example.net", tcp=False)) == ["192.0.2.1"]
+        assert upstream.seen == [("udp", "example.net")]
+
+
+async def test_tcp_forwarding_is_bounded_in_time_and_number() -> None:
+    loop = asyncio.get_running_loop()
+    async with forwarding("silent", timeout=0.5, max_tcp_upstream=1) as (upstream, address):
+        started = loop.time()
+        first = asyncio.create_task(_dnslib(address, BIG, tcp=True))
+        await eventually_async(lambda: ("tcp", BIG) in upstream.seen, 5, 0.01, what="the TCP exchange under way")
+        second = await _dnslib(address, "example.net", tcp=True)  # the one TCP exchange is taken: at once
+        assert second.header.rcode == dns.RCODE_SERVFAIL and loop.time() - started < 0.45
+        assert ("tcp", "example.net") not in upstream.seen
+        first_reply = await first
+        assert first_reply.header.rcode == dns.RCODE_SERVFAIL and 0.45 <= loop.time() - started < 4
+        # A truncated UDP answer whose TCP retry fails still reaches the asker, truncated.
+        cut = await _dnslib(address, BIG, tcp=False)
+        assert cut.header.rcode == 0 and cut.header.tc == 1 and len(cut.rr) > 0
+    async with forwarding("wrong-id") as (upstream, address):
+        reply = await _dnslib(address, BIG, tcp=True)  # a reply under another id is not taken
+        assert reply.header.rcode == dns.RCODE_SERVFAIL and upstream.seen == [("tcp", BIG)]
+

@@ -82,3 +82,20 @@ def test_the_server_answers_random_bytes_with_a_reply_or_nothing(data: bytes) ->
     if reply is not None:  # a query answered (NXDOMAIN, SERVFAIL: no upstream) or FORMERR, with its id
         assert len(reply) <= dns.UDP_ANSWER_LIMIT
         assert dns.decode_reply(reply).id == data[0] << 8 | data[1]
+
+
+def test_udp_payload_size_from_edns_and_the_tc_bit() -> None:
+    plain = dns.encode_query(1, "example.org", dns.TYPE_A)
+    assert dns.udp_payload_size(plain, dns.parse_query(plain)) == 512
+    opt = b"\x00" + (41).to_bytes(2, "big") + (4096).to_bytes(2, "big") + b"\x00\x00\x00\x00\x00\x00"
+    with_edns = plain[:10] + b"\x00\x01" + plain[12:] + opt  # arcount 1, an OPT record
+    assert dns.udp_payload_size(with_edns, dns.parse_query(with_edns)) == 4096
+    small = with_edns[: len(plain) + 3] + (100).to_bytes(2, "big") + with_edns[len(plain) + 5 :]
+    assert dns.udp_payload_size(small, dns.parse_query(small)) == 512  # under 512 counts as 512
+    not_opt = with_edns[: len(plain) + 1] + (1).to_bytes(2, "big") + with_edns[len(plain) + 3 :]
+    assert dns.udp_payload_size(not_opt, dns.parse_query(not_opt)) == 512
+    query = dns.parse_query(plain)
+    many = tuple(f"10.0.{i // 250}.{i % 250}" for i in range(100))
+    assert dns.is_truncated(dns.build_response(query, 0, many, limit=512))
+    assert not dns.is_truncated(dns.build_response(query, 0, many))
+    assert not dns.is_truncated(b"\x00")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 TYPE_A = 1
 TYPE_AAAA = 28
+TYPE_OPT = 41  # EDNS(0) pseudo-record: its class is the sender's UDP payload size (RFC 6891)
 CLASS_IN = 1
 
 RCODE_NOERROR = 0
@@ -129,6 +130,23 @@ def build_response(
         body += record
         count += 1
     return _HEADER.pack(query.id, flags, 1, count, 0, 0) + bytes(body)
+
+
+def udp_payload_size(data: bytes, query: Query) -> int:
+    """The largest UDP reply the asker takes: its EDNS(0) payload size when the additional section starts with
+    an OPT record (values under 512 count as 512, RFC 6891 §6.2.5), else 512."""
+    (arcount,) = struct.unpack_from("!H", data, 10)
+    pos = _HEADER.size + len(query.question)
+    if arcount and pos + 5 <= len(data) and data[pos] == 0:  # OPT's owner is the root
+        rtype, size = struct.unpack_from("!HH", data, pos + 1)
+        if rtype == TYPE_OPT:
+            return max(UDP_ANSWER_LIMIT, int(size))
+    return UDP_ANSWER_LIMIT
+
+
+def is_truncated(data: bytes) -> bool:
+    """Has this reply its TC bit set (the answer did not fit: ask again over TCP)?"""
+    return len(data) >= 4 and bool(struct.unpack_from("!H", data, 2)[0] & _TC)
 
 
 def response_id(data: bytes) -> int | None:

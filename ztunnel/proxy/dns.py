@@ -3,6 +3,13 @@
 `DnsTable` is a pure function of a `ClusterConfig` (rebuilt on each config change, looked up per
 query); `DnsServer` does the I/O: UDP and TCP listeners per pod and the forwarding of other names to
 the node's resolver, bounded in flight, SERVFAIL on timeout.
+
+Forwarding keeps the transport's promise: a query that came over TCP goes to the upstream over TCP (its
+asker takes up to 64 KiB and cannot retry anywhere else); one that came over UDP goes over UDP, and when
+that answer is truncated (TC) it is asked again over TCP, the full answer going back if it fits the asker's
+UDP size (512, or its EDNS(0) size), the truncated one otherwise (the asker then retries over TCP itself).
+Each upstream exchange is bounded in time (`timeout`), size (one message, 64 KiB at most) and number (TCP
+exchanges at once: `max_tcp_upstream`; over it a TCP asker gets SERVFAIL, a UDP one the truncated answer).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ ANSWER_TTL = 30  # seconds: short, the model changes under the names
 FORWARD_TIMEOUT = 2.0
 MAX_IN_FLIGHT = 256  # forwarded queries at once, per server; over it the reply is SERVFAIL
 MAX_TCP_CONNECTIONS = 64
+MAX_TCP_UPSTREAM = 32  # TCP exchanges with the upstream resolver at once, per server
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class DnsServer:
         *,
         timeout: float = FORWARD_TIMEOUT,
         max_in_flight: int = MAX_IN_FLIGHT,
+        max_tcp_upstream: int = MAX_TCP_UPSTREAM,
     ) -> None:
         self._table = table
         self._upstream = upstream
@@ -130,9 +139,10 @@ class DnsServer:
         self._servers: dict[str, list[asyncio.AbstractServer]] = {}  # by key (the pod's uid)
         self._transports: dict[str, list[asyncio.DatagramTransport]] = {}
         self._tcp_slots = asyncio.Semaphore(MAX_TCP_CONNECTIONS)
+        self._tcp_upstream = asyncio.Semaphore(max_tcp_upstream)
 
-    async def answer(self, data: bytes, namespace: str | None, *, limit: int) -> bytes | None:
-        """The reply to one message (None: nothing to send back)."""
+    async def answer(self, data: bytes, namespace: str | None, *, limit: int, tcp: bool = False) -> bytes | None:
+        """The reply to one message (None: nothing to send back); `tcp`: it came over TCP."""
         try:
             query = dns.parse_query(data)
         except dns.DnsFormatError:
@@ -140,32 +150,78 @@ class DnsServer:
         verdict = self._table().resolve(query.name, query.qtype, query.qclass, namespace)
         if not verdict.forward:
             return dns.build_response(query, verdict.rcode, verdict.addresses, ttl=ANSWER_TTL, limit=limit)
-        return await self._forward(query, data)
+        return await self._forward(query, data, tcp=tcp)
 
-    async def _forward(self, query: dns.Query, data: bytes) -> bytes:
-        """Relay to the upstream resolver over UDP from a fresh port and id; SERVFAIL when it fails."""
+    async def _forward(self, query: dns.Query, data: bytes, *, tcp: bool) -> bytes:
+        """Relay to the upstream resolver, over the asker's transport (see the module's docstring); SERVFAIL
+        when it fails."""
         servfail = dns.build_response(query, dns.RCODE_SERVFAIL, authoritative=False)
         if self._upstream is None or self._slots.locked():
             return servfail
         async with self._slots:
-            loop = asyncio.get_running_loop()
-            family = socket.AF_INET6 if ":" in self._upstream[0] else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            upstream_id = random.getrandbits(16)
-            try:
-                await loop.sock_connect(sock, self._upstream)
-                await loop.sock_sendall(sock, struct.pack("!H", upstream_id) + data[2:])
-                async with asyncio.timeout(self._timeout):
-                    while True:
-                        reply = await loop.sock_recv(sock, dns.MAX_MESSAGE)
-                        if dns.response_id(reply) == upstream_id:
-                            return struct.pack("!H", query.id) + reply[2:]
-            except (OSError, TimeoutError) as exc:
-                log.debug("dns forward of %s to %s failed: %r", query.name, self._upstream, exc)
+            if tcp:
+                return await self._over_tcp(query, data) or servfail
+            reply = await self._over_udp(query, data)
+            if reply is None:
                 return servfail
+            if dns.is_truncated(reply):
+                full = await self._over_tcp(query, data)
+                if full is not None and len(full) <= dns.udp_payload_size(data, query):
+                    return full
+            return reply
+
+    async def _over_udp(self, query: dns.Query, data: bytes) -> bytes | None:
+        """One exchange over UDP from a fresh port and id: the reply under the asker's id, or None."""
+        assert self._upstream is not None
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self._upstream[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        upstream_id = random.getrandbits(16)
+        try:
+            await loop.sock_connect(sock, self._upstream)
+            await loop.sock_sendall(sock, struct.pack("!H", upstream_id) + data[2:])
+            async with asyncio.timeout(self._timeout):
+                while True:
+                    reply = await loop.sock_recv(sock, dns.MAX_MESSAGE)
+                    if dns.response_id(reply) == upstream_id:
+                        return struct.pack("!H", query.id) + reply[2:]
+        except (OSError, TimeoutError) as exc:
+            log.debug("dns forward of %s to %s over UDP failed: %r", query.name, self._upstream, exc)
+            return None
+        finally:
+            sock.close()
+
+    async def _over_tcp(self, query: dns.Query, data: bytes) -> bytes | None:
+        """One exchange over a new TCP connection (RFC 7766 framing), within the timeout and the TCP bound:
+        the reply under the asker's id, or None (also when `max_tcp_upstream` exchanges are under way)."""
+        assert self._upstream is not None
+        if self._tcp_upstream.locked():
+            log.debug("dns forward of %s over TCP refused: the TCP exchanges are all in use", query.name)
+            return None
+        async with self._tcp_upstream:
+            upstream_id = random.getrandbits(16)
+            message = struct.pack("!H", upstream_id) + data[2:]
+            writer: asyncio.StreamWriter | None = None
+            try:
+                async with asyncio.timeout(self._timeout):
+                    reader, writer = await asyncio.open_connection(*self._upstream)
+                    writer.write(struct.pack("!H", len(message)) + message)
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    reply = await reader.readexactly(length)
+                if dns.response_id(reply) != upstream_id:
+                    log.debug("dns forward of %s over TCP: a reply to another query", query.name)
+                    return None
+                return struct.pack("!H", query.id) + reply[2:]
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.debug("dns forward of %s to %s over TCP failed: %r", query.name, self._upstream, exc)
+                return None
             finally:
-                sock.close()
+                if writer is not None:
+                    writer.close()
+                    with contextlib.suppress(OSError, TimeoutError):
+                        async with asyncio.timeout(1):
+                            await writer.wait_closed()
 
     async def serve(
         self, udp: socket.socket, tcp: socket.socket | None, namespace: str | None, *, key: str = ""
@@ -212,7 +268,7 @@ class DnsServer:
                     async with asyncio.timeout(10):
                         (length,) = struct.unpack("!H", await reader.readexactly(2))
                         data = await reader.readexactly(length)
-                    reply = await self.answer(data, namespace, limit=dns.MAX_MESSAGE)
+                    reply = await self.answer(data, namespace, limit=dns.MAX_MESSAGE, tcp=True)
                     if reply is None:
                         break
                     writer.write(struct.pack("!H", len(reply)) + reply)
