@@ -206,7 +206,7 @@ def test_a_jwks_uri_by_service_name_is_fetched(lab: LabHandle) -> None:
     try:
         eventually(
             lambda: get(lab, "/hello", token(RS256, iss=NAMED_ISSUER, aud=None)).status == 200,
-            10,
+            5,  # `lab apply` returns once the waypoint has the rule; its new jwksUri is fetched at once
             0.5,
             what=f"a token of {NAMED_ISSUER} to verify with the keys from {JWKS_NAME_URI}",
         )
