@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ztunnel.config.kube.source import add_source_arguments
 from ztunnel.errors import ZtunnelError
 from ztunnel.ports import (
     ADMIN_PORT,
@@ -31,9 +32,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     p.add_argument("--node", required=True, help="the node whose pods this proxy serves (spec.nodeName)")
-    p.add_argument(
-        "-f", "--filename", dest="files", action="append", required=True, help="YAML file or directory of objects"
-    )
+    p.add_argument("-f", "--filename", dest="files", action="append", help="YAML file or directory of objects")
+    add_source_arguments(p)
     ca = p.add_mutually_exclusive_group(required=True)
     ca.add_argument("--ca-dir", help="sign certificates in-process with this CA directory (local mode)")
     ca.add_argument("--ca", help="HOST:PORT of a CA server (`ztunnel ca serve`)")

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from ztunnel.config.kube.client import KubeConfigError
+from ztunnel.config.kube.source import make_source
 from ztunnel.config.loader import ConfigError
 from ztunnel.config.model import ClusterConfig
-from ztunnel.config.source import FileConfigSource
+from ztunnel.config.source import ConfigSource
 from ztunnel.identity.revocation import LOADED, RevocationUpdate
 from ztunnel.net.http import HttpServer
 from ztunnel.ports import DNS_PORT
@@ -34,7 +36,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 SLOW_APPLY_S = 0.1  # an apply (on the event loop) slower than this is logged with its duration
 
 
-def _certificate_manager(settings: ProxySettings, source: FileConfigSource):  # type: ignore[no-untyped-def]
+def _certificate_manager(settings: ProxySettings, source: ConfigSource):  # type: ignore[no-untyped-def]
     from ztunnel.identity.manager import CertificateManager
 
     if settings.ca_dir:
@@ -84,11 +86,18 @@ def _raise_open_files_limit() -> None:
 async def run_proxy(settings: ProxySettings) -> int:
     loop = asyncio.get_running_loop()
     _raise_open_files_limit()
-    source = FileConfigSource(
-        settings.files, trust_domain=settings.trust_domain, node=settings.node, settle=settings.config_settle
-    )
     try:
+        source = make_source(
+            settings.source,
+            settings.files,
+            settings.kubeconfig,
+            trust_domain=settings.trust_domain,
+            node=settings.node,
+            settle=settings.config_settle,
+        )
         config = source.load()
+    except KubeConfigError as e:
+        raise ProxySettingsError(str(e)) from None
     except ConfigError as e:
         raise ProxySettingsError(f"cannot load the config: {e}") from None
     registry = CollectorRegistry()

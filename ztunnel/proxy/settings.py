@@ -44,6 +44,8 @@ class ProxySettings:
     # socketpair to the supervisor. Workers serve their operator ports on 127.0.0.1 port 0 and report them.
     worker_index: int | None = None
     worker_fd: int | None = None
+    source: str = "file"  # `--source`: the -f files, or "kubernetes" (the API; --kubeconfig or in-cluster)
+    kubeconfig: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProxySettings:
@@ -59,7 +61,7 @@ class ProxySettings:
             )
         return cls(
             node=args.node,
-            files=list(args.files),
+            files=list(args.files or []),
             ca_dir=args.ca_dir,
             ca_address=args.ca,
             ca_root=args.ca_root,
@@ -82,6 +84,8 @@ class ProxySettings:
             workers=_workers(getattr(args, "workers", 1), getattr(args, "inpod_socket", None)),
             worker_index=getattr(args, "worker_index", None),
             worker_fd=getattr(args, "worker_fd", None),
+            source=getattr(args, "source", "file") or "file",
+            kubeconfig=getattr(args, "kubeconfig", None),
         )
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,7 @@ class KubeClient:
                 raise KubeApiError(0, "the API server closed the connection before answering") from None
             status, headers = _parse_head(head)
         except BaseException:
-            writer.close()
+            writer.transport.abort()
             raise
         return reader, writer, status, headers
 
@@ -275,7 +275,7 @@ class KubeClient:
         try:
             data = await self._body(reader, headers, limit if status < 300 else MAX_ERROR_BODY)
         finally:
-            writer.close()
+            writer.transport.abort()  # one request per connection: nothing more to say, no TLS goodbye awaited
         if status >= 300:
             raise KubeApiError(status, f"{method} {path}: {status} {_error_text(data)}")
         try:
@@ -292,7 +292,7 @@ class KubeClient:
     async def patch(self, path: str, patch: Any, content_type: str = "application/merge-patch+json") -> dict[str, Any]:
         return await self.request_json("PATCH", path, patch, content_type=content_type, limit=MAX_ERROR_BODY * 16)
 
-    async def stream_lines(self, path: str, *, idle_timeout: float) -> AsyncIterator[bytes | Oversized]:
+    async def stream_lines(self, path: str, *, idle_timeout: float) -> AsyncGenerator[bytes | Oversized, None]:
         """A watch: its event lines as they come (an over-long one as `Oversized`); ends when the server ends the
         response or closes; TimeoutError if nothing (not even a bookmark) arrives for `idle_timeout` seconds."""
         reader, writer, status, headers = await self._open("GET", path)
@@ -314,7 +314,7 @@ class KubeClient:
                 for line in lines.feed(payload):
                     yield line
         finally:
-            writer.close()
+            writer.transport.abort()
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -195,9 +196,11 @@ class Reflector:
         self.stats.watches += 1
         try:
             path = api_path(self.resource.path(self.api_version, self.namespace), params)
-            async for line in self.client.stream_lines(path, idle_timeout=timeout + IDLE_GRACE_S):
-                if not self.apply(line):
-                    return False
+            stream = self.client.stream_lines(path, idle_timeout=timeout + IDLE_GRACE_S)
+            async with contextlib.aclosing(stream) as lines:
+                async for line in lines:
+                    if not self.apply(line):
+                        return False
         except KubeApiError as e:
             if e.status == 410:
                 return False
@@ -223,6 +226,9 @@ class Reflector:
                     self.stats.gone += 1
                     log.info("kubernetes: %s: resourceVersion too old (410 Gone); listing again", self.name)
                     need_list = True
+                    if self.stats.events + self.stats.bookmarks == events_before:  # 410 right after a list: pace
+                        attempt += 1
+                        await asyncio.sleep(self.backoff(attempt))
                     continue
                 if self.stats.events + self.stats.bookmarks > events_before or time.monotonic() - started > 1.0:
                     attempt = 0  # a watch that delivered (or lasted) resets the backoff

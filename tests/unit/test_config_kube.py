@@ -1,0 +1,335 @@
+"""The Kubernetes config source against the fake API server (tests/support/kubeapi.py): the model equals the file
+source's for the same objects, and the watch semantics (resume, 410 relist, bookmarks, cuts, readiness, bounded
+and refused events, field selectors, errors that name what is wrong)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.eventually import eventually, eventually_async
+from tests.support.kubeapi import FakeKubeApi, authz_policy, namespace, pod, service
+from ztunnel.config.kube.client import from_kubeconfig
+from ztunnel.config.kube.source import KubeConfigSource
+from ztunnel.config.kube.wire import MAX_EVENT_BYTES
+from ztunnel.config.loader import ConfigError
+from ztunnel.config.model import ClusterConfig
+from ztunnel.config.source import FileConfigSource
+
+DENY = {"action": "DENY", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/bad"]}}]}]}
+
+
+def _cluster() -> list[dict[str, Any]]:
+    server = pod("server", node="node-b", ip="10.1.0.2", heavy=True)
+    server["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8080}]
+    return [
+        namespace("shop", {"istio.io/dataplane-mode": "ambient"}),
+        namespace("istio-system"),
+        pod("client", node="node-a", ip="10.1.0.1", heavy=True),
+        server,
+        pod("other", node="node-a", ip="10.1.0.3", labels={"istio.io/dataplane-mode": "none"}),
+        service("server", "shop", "10.96.0.10", {"app": "server"}),
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}], "capacity": {"cpu": "4"}},
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop"},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {
+                "mesh": "extensionProviders:\n- name: authz\n"
+                "  envoyExtAuthzHttp: {service: a.shop.svc.cluster.local, port: 80}\n"
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "unrelated", "namespace": "istio-system"},
+            "data": {"big": "x" * 1000},
+        },
+        authz_policy("deny-bad", "shop", DENY),
+        {
+            "apiVersion": "security.istio.io/v1beta1",
+            "kind": "PeerAuthentication",
+            "metadata": {"name": "strict", "namespace": "shop"},
+            "spec": {"mtls": {"mode": "STRICT"}},
+        },
+    ]
+
+
+def _summary(cfg: ClusterConfig) -> dict[str, Any]:
+    """What the consumers read of a snapshot; containers compared through what they are used for."""
+    return {
+        "workloads": sorted(
+            ((dataclasses.replace(w, containers=()), w.target_port("http")) for w in cfg.workloads),
+            key=lambda x: x[0].ref,
+        ),
+        "services": sorted(cfg.services, key=lambda s: s.ref),
+        "namespaces": cfg.namespaces,
+        "nodes": cfg.nodes,
+        "waypoints": cfg.waypoints,
+        "providers": cfg.extension_providers,
+        "policies": sorted(
+            (o.kind, o.namespace, o.name, json.dumps(o.spec, sort_keys=True), dict(o.annotations))
+            for o in cfg.policy_objects
+        ),
+    }
+
+
+def _file_model(api: FakeKubeApi, tmp_path: Path) -> ClusterConfig:
+    """The file source's model of exactly what the API holds now."""
+    objs = [o for plural in api.objects.values() for o in plural.values()]
+    f = tmp_path / "same.yaml"
+    f.write_text("\n---\n".join(json.dumps(o) for o in objs))
+    return FileConfigSource([f]).load()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeApi]:
+    with FakeKubeApi() as server:
+        yield server
+
+
+def _source(api: FakeKubeApi, tmp_path: Path, **kw: Any) -> KubeConfigSource:
+    kw.setdefault("sync_timeout", 10.0)
+    return KubeConfigSource(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")), **kw)
+
+
+@contextlib.asynccontextmanager
+async def _watching(source: KubeConfigSource) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(source.watch())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _reflector(source: KubeConfigSource, plural: str) -> Any:
+    return next(r for r in source.reflectors if r.resource.plural == plural)
+
+
+def test_the_first_sync_builds_the_model_the_file_source_builds(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.page_size_cap = 2  # several pages per list: they must be joined
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    cfg = source.load()
+    assert _summary(cfg) == _summary(_file_model(api, tmp_path))
+    assert [w.name for w in cfg.workloads if w.enrolled] == ["client", "server"]
+    assert "authz" in cfg.extension_providers and "shop/waypoint" in cfg.waypoints
+    assert cfg.workload("shop", "server") is not None and cfg.workload("shop", "server").target_port("http") == 8080  # type: ignore[union-attr]
+    # Only what the model reads is kept: no managedFields, env, containerStatuses; the unrelated ConfigMap not listed.
+    kept = json.dumps([list(r.store.values()) for r in source.reflectors])
+    assert "managedFields" not in kept and "VAR_1" not in kept and "containerStatuses" not in kept
+    assert "unrelated" not in kept and "capacity" not in kept
+
+
+async def test_after_a_sequence_of_watch_events_the_model_equals_the_file_sources(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    async with _watching(source):
+        served = sum(1 for r in source.reflectors if r.api_version)
+        await eventually_async(lambda: api.watch_count() == served, what="every watch open")
+        api.put(pod("late", node="node-b", ip="10.1.0.9"))
+        moved = pod("client", node="node-b", ip="10.1.0.1", labels={"version": "2"})
+        api.put(moved)
+        api.delete("Pod", "other", "shop")
+        api.put(authz_policy("deny-bad", "shop", {**DENY, "action": "ALLOW"}))
+        api.put(namespace("shop", {}))  # the namespace leaves the mesh
+        api.delete("Service", "server", "shop")
+        api.put(service("late", "shop", "10.96.0.11", {"app": "late"}))
+        await eventually_async(
+            lambda: source.current is not None
+            and source.current.workload("shop", "other") is None
+            and source.current.service("shop", "late") is not None,
+            what="the events to reach the model",
+        )
+        await eventually_async(
+            lambda: _summary(source.current) == _summary(_file_model(api, tmp_path)),  # type: ignore[arg-type]
+            what="the model to equal the file source's",
+        )
+        assert not any(w.enrolled for w in source.current.workloads)  # type: ignore[union-attr]
+        assert _reflector(source, "pods").stats.lists == 1  # events, no relist
+
+
+async def test_410_gone_relists_and_an_object_deleted_while_disconnected_disappears(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    async with _watching(source):
+        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+    # Disconnected: a pod goes away and etcd compacts past the version the source holds.
+    api.delete("Pod", "other", "shop")
+    api.put(pod("new", node="node-a", ip="10.1.0.7"))
+    api.compact()
+    pods = _reflector(source, "pods")
+    async with _watching(source):
+        await eventually_async(
+            lambda: source.current is not None
+            and source.current.workload("shop", "other") is None
+            and source.current.workload("shop", "new") is not None,
+            what="the relist to replace the pods",
+        )
+    assert pods.stats.gone >= 1 and pods.stats.lists == 2
+    assert ("shop", "other") not in pods.store
+
+
+async def test_a_bookmark_moves_the_resume_point(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    pods = _reflector(source, "pods")
+    listed = pods.resource_version
+    async with _watching(source):
+        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        for i in range(5):  # other resources move the cluster's version on
+            api.put(service(f"s{i}", "shop", f"10.96.1.{i}", {"app": "x"}))
+        mark = api.bookmark()
+        await eventually_async(lambda: pods.resource_version == str(mark), what="the bookmark to be taken")
+        assert int(listed) < mark and pods.stats.bookmarks == 1
+        api.compact(before=mark)  # the list's version is gone now; the bookmark's is not
+        api.cut_watches()
+        await eventually_async(
+            lambda: len(api.watch_requests("pods")) >= 2 and api.watch_count("pods") == 1, what="the pod watch again"
+        )
+        again = api.watch_requests("pods")[-1]
+        assert again.query["resourceVersion"] == str(mark) and again.query["allowWatchBookmarks"] == "true"
+        assert pods.stats.gone == 0 and pods.stats.lists == 1
+
+
+async def test_a_cut_watch_resumes_from_the_last_version_and_loses_nothing(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    pods = _reflector(source, "pods")
+    async with _watching(source):
+        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        seen = api.put(pod("one", ip="10.1.0.11"))
+        await eventually_async(lambda: pods.resource_version == str(seen), what="the event")
+        api.cut_watches()
+        api.put(pod("two", ip="10.1.0.12"))  # while the watch is being made again
+        await eventually_async(
+            lambda: source.current is not None and source.current.workload("shop", "two") is not None,
+            what="the pod added across the cut",
+        )
+        resumed = api.watch_requests("pods")[1]
+        assert resumed.query["resourceVersion"] == str(seen)
+        assert pods.stats.lists == 1 and pods.stats.gone == 0
+        timeouts = {int(r.query["timeoutSeconds"]) for r in api.watch_requests("pods")}
+        assert all(240 <= t <= 360 for t in timeouts)
+
+
+def test_not_ready_and_no_model_until_every_list_is_done(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.put_all(_cluster())
+    hold = api.hold_lists["services"] = threading.Event()
+    source = _source(api, tmp_path)
+    result: list[Any] = []
+    loader = threading.Thread(target=lambda: result.append(source.load()))
+    loader.start()
+    try:
+        eventually(lambda: _reflector(source, "pods").synced.is_set(), what="the pods listed")
+        eventually(lambda: any(r.path.endswith("/services") for r in api.requests), what="the services list asked")
+        assert not source.ready and source.current is None and not result
+    finally:
+        hold.set()
+        loader.join(15)
+    assert source.ready and result and result[0].service("shop", "server") is not None
+
+
+def test_the_node_agent_lists_only_its_nodes_pods(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path, pods_on_node="node-a")
+    cfg = source.load()
+    assert sorted(w.name for w in cfg.workloads) == ["client", "other"]
+    asked = [r for r in api.requests if r.path == "/api/v1/pods"]
+    assert asked and all(r.query.get("fieldSelector") == "spec.nodeName=node-a" for r in asked)
+
+
+async def test_oversized_and_garbage_events_are_refused_and_the_watch_goes_on(
+    api: FakeKubeApi, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    pods = _reflector(source, "pods")
+    async with _watching(source):
+        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        huge = pod("huge", ip="10.1.0.99")
+        huge["metadata"]["annotations"] = {"pad": "x" * (MAX_EVENT_BYTES + 10)}
+        api.send_raw("pods", json.dumps({"type": "ADDED", "object": huge}).encode() + b"\n")
+        api.send_raw("pods", b"this is not json\n")
+        api.send_raw("pods", b'{"type": "SQUASHED", "object": {}}\n')
+        api.send_raw("pods", b'{"type": "ADDED", "object": {"metadata": {"namespace": "shop"}}}\n')
+        api.put(pod("after", ip="10.1.0.13"))
+        await eventually_async(
+            lambda: source.current is not None and source.current.workload("shop", "after") is not None,
+            what="the next good event",
+        )
+    assert pods.stats.refused == 4 and ("shop", "huge") not in pods.store
+    assert pods.stats.watches == 1  # the same watch carried on
+    refused = [r.getMessage() for r in caplog.records if "event refused" in r.getMessage()]
+    assert any("pods: event refused: larger than the limit" in m for m in refused)
+    assert any("not JSON" in m for m in refused) and any("unknown event type 'SQUASHED'" in m for m in refused)
+
+
+def test_a_bad_object_is_left_out_and_named_the_rest_applies(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.put_all(_cluster())
+    api.put(pod("broken", ip="not-an-ip"))
+    source = _source(api, tmp_path)
+    errors: list[ConfigError] = []
+    source.on_rejected(errors.append)
+    cfg = source.load()
+    assert cfg.workload("shop", "broken") is None and cfg.workload("shop", "client") is not None
+    assert len(errors) == 1
+    text = str(errors[0])
+    assert "kubernetes API (pods v1)" in text and "Pod shop/broken" in text and "field status.podIPs[0]" in text
+    assert source.status()["left_out"]["Pod shop/broken"] == text
+
+
+def test_a_wrong_token_fails_the_start_naming_the_resource_and_the_answer(api: FakeKubeApi, tmp_path: Path) -> None:
+    endpoint = from_kubeconfig(api.kubeconfig(tmp_path / "kc", token="wrong"))
+    source = KubeConfigSource(endpoint, sync_timeout=1.0)
+    with pytest.raises(ConfigError) as e:
+        source.load()
+    assert "pods: GET /api/v1/pods" in str(e.value) and "401 Unauthorized" in str(e.value)
+    assert "RBAC" in str(e.value)
+
+
+def test_v1beta1_is_read_where_v1_is_not_served_and_absent_crds_are_empty(
+    api: FakeKubeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support import kubeapi
+
+    monkeypatch.setitem(kubeapi.SERVED, "security.istio.io/v1", set())
+    monkeypatch.setitem(kubeapi.SERVED, "gateway.networking.k8s.io/v1", set())
+    api.put(authz_policy("old", "shop", DENY, version="v1beta1"))
+    source = _source(api, tmp_path)
+    cfg = source.load()
+    assert [(o.api_version, o.name) for o in cfg.policy_objects] == [("security.istio.io/v1beta1", "old")]
+    assert source.status()["resources"]["gateways"]["apiVersion"] is None and source.ready
