@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ztunnel.config.model import ClusterConfig, Workload
-from ztunnel.config.source import FileConfigSource
+from ztunnel.config.source import ConfigSource
 from ztunnel.inpod.channel import Channel
 from ztunnel.inpod.protocol import ProtocolError
 from ztunnel.inpod.session import AgentSession
@@ -42,7 +42,7 @@ class NodeAgent:
         self,
         *,
         node: str,
-        source: FileConfigSource,
+        source: ConfigSource,
         cni_socket: Path,
         proxy_socket: Path,
         state_dir: Path,

@@ -10,6 +10,8 @@ DEFAULT_PROXY_SOCKET = "/var/run/ztunnel/ztunnel.sock"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ztunnel.config.kube.source import add_source_arguments
+
     p = subparsers.add_parser(
         "node-agent",
         help="enroll this node's pods: CNI events, in-pod redirection, netns hand-off to the proxy",
@@ -17,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "and hands their network namespaces to the node proxy.",
     )
     p.add_argument("--node", required=True, help="this node's name (pods' spec.nodeName)")
-    p.add_argument("-f", "--file", dest="files", action="append", required=True, help="cluster YAML (repeatable)")
+    p.add_argument("-f", "--file", dest="files", action="append", help="cluster YAML (repeatable)")
+    add_source_arguments(p)
     p.add_argument("--cni-socket", default=DEFAULT_CNI_SOCKET, help="HTTP-over-unix socket the CNI plugin calls")
     p.add_argument("--proxy-socket", default=DEFAULT_PROXY_SOCKET, help="SOCK_SEQPACKET socket the proxy connects to")
     p.add_argument("--state-dir", default=None, help="runtime state (default /run/ztunnel/<node>)")
@@ -37,7 +40,7 @@ def run_node_agent(args: argparse.Namespace) -> int:
 
     import pyroute2  # noqa: F401 - imported first: it resets its logger's level on import
 
-    from ztunnel.config.source import FileConfigSource
+    from ztunnel.config.kube.source import open_source
     from ztunnel.redirect.agent import NodeAgent
     from ztunnel.redirect.iptables import detect_backend
 
@@ -48,7 +51,8 @@ def run_node_agent(args: argparse.Namespace) -> int:
         raise ZtunnelError(f"--redirect {args.redirect}: not available in this node agent; use --redirect iptables")
     # node=: a config that suddenly drops every pod of this node is held until it settles (a half-written
     # file must not un-enroll the node's pods)
-    source = FileConfigSource(args.files, trust_domain=args.trust_domain, node=args.node)
+    # --source kubernetes: only this node's pods are listed (field selector spec.nodeName)
+    source = open_source(args, trust_domain=args.trust_domain, node=args.node, pods_on_node=args.node)
     source.load()  # a bad file at start is a user error (ConfigError -> `error: ...`, exit 2)
     backend = detect_backend(None if args.iptables == "auto" else args.iptables)
     agent = NodeAgent(
