@@ -1,0 +1,133 @@
+"""RequestAuthentication at the waypoint process, as the app sees it: a verified token's `Authorization` header
+does not reach the app, the claims (nested too) and the payload arrive in the headers the rule names, a client's
+own copy of those headers is replaced, a cookie token is read, and a bad token is answered 401 without reaching
+the app. The cluster, the destination node proxy and the app are test_waypoint_local's."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ProxyProcess, start_proxy
+from tests.support.jwtkit import claims, jwks, key
+from tests.support.waypoint import (
+    APP_PORT,
+    CONFIG,
+    GREETER_IP,
+    WAYPOINT_IP,
+    KeepAliveApp,
+    Responses,
+    client_pool,
+    start_waypoint,
+    stop,
+    tunnel,
+    wait_listening,
+)
+from ztunnel.hbone.client import HbonePool
+
+ISS = "https://issuer.test"
+ES = key("ES256")
+REQUEST_AUTHENTICATION = f"""\
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: greeter-jwt, namespace: greet}}
+spec:
+  selector: {{matchLabels: {{app: greeter-service}}}}
+  jwtRules:
+  - issuer: {ISS}
+    jwks: '{jwks(ES)}'
+    fromHeaders: [{{name: Authorization, prefix: "Bearer "}}]
+    fromCookies: [session]
+    outputPayloadToHeader: x-jwt-payload
+    outputClaimToHeaders:
+    - {{header: x-jwt-sub, claim: sub}}
+    - {{header: x-jwt-role, claim: realm.role}}
+    timeout: 2s
+"""
+
+
+@dataclass
+class Running:
+    ca_dir: Path
+    app: KeepAliveApp
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Running]:
+    workdir = tmp_path_factory.mktemp("waypoint-jwt")
+    config = workdir / "cluster.yaml"
+    config.write_text(CONFIG + REQUEST_AUTHENTICATION)
+    app = KeepAliveApp(GREETER_IP, APP_PORT)
+    proxy: ProxyProcess | None = None
+    waypoint = None
+    try:
+        proxy = start_proxy("node-b", config, ca_dir, workdir)
+        waypoint, log = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
+        wait_listening(waypoint, log, WAYPOINT_IP)
+        yield Running(ca_dir, app)
+    finally:
+        if waypoint is not None:
+            stop(waypoint)
+        if proxy is not None:
+            proxy.stop()
+        app.close()
+
+
+@pytest.fixture
+async def client(running: Running) -> AsyncIterator[HbonePool]:
+    async with client_pool(running.ca_dir) as pool:
+        yield pool
+
+
+def _token() -> str:
+    now = int(time.time())
+    return ES.sign(claims(iss=ISS, sub="alice", realm={"role": "ops"}, iat=now - 10, exp=now + 600))
+
+
+def _headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    lines = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines)]
+
+
+def _request(*headers: bytes) -> bytes:
+    head = b"GET /hello HTTP/1.1\r\nHost: greeter.greet.svc.cluster.local\r\n"
+    return head + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+
+
+async def test_the_app_gets_the_claims_not_the_token_and_a_bad_token_is_401(
+    client: HbonePool, running: Running
+) -> None:
+    token = _token().encode()
+    stream = await tunnel(client)
+    responses = Responses(stream)
+    try:
+        seen = len(running.app.heads)
+        await stream.write(_request(b"Authorization: Bearer " + token, b"X-Jwt-Role: root"))
+        status, _, body = await responses.next()
+        assert (status, body.startswith(b"hello GET /hello")) == (200, True)
+        headers = _headers(running.app.heads[seen])
+        names = [k for k, _ in headers]
+        assert b"authorization" not in names  # forwardOriginalToken is false
+        assert (b"x-jwt-sub", b"alice") in headers and [v for k, v in headers if k == b"x-jwt-role"] == [b"ops"]
+        (payload,) = [v for k, v in headers if k == b"x-jwt-payload"]
+        assert json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))["realm"] == {"role": "ops"}
+
+        await stream.write(_request(b"Cookie: theme=dark; session=" + token))  # same connection, cookie token
+        status, _, _ = await responses.next()
+        headers = _headers(running.app.heads[seen + 1])
+        assert status == 200 and (b"x-jwt-sub", b"alice") in headers
+        assert (b"cookie", b"theme=dark; session=" + token) in headers
+
+        await stream.write(_request(b"Cookie: session=" + token[:-6] + b"AAAAAA"))
+        status, _, body = await responses.next()
+        assert (status, body) == (401, b"Jwt verification fails")
+        assert len(running.app.heads) == seen + 2  # never reached the app
+    finally:
+        stream.close()
