@@ -4,7 +4,10 @@ The runtime uses the lexically first config file in the conf dir, so that is whe
 appended (a single-plugin `.conf` is converted to a `.conflist`). Every write is atomic (temp file
 + rename in the same dir), and the original bytes are kept next to it as `<file>.ztunnel-backup`
 (an extension runtimes ignore) so `--uninstall` restores exactly what was there. With `--watch`
-it polls and re-adds the plugin when another component rewrites the file.
+it polls and re-adds the plugin when another component rewrites the file; `--uninstall-on-exit`
+says what happens when it stops (SIGTERM): `auto` asks the API server whether its DaemonSet is being
+deleted (an uninstall: remove the plugin) or not (a rolling update or a restart: keep it, so pods that
+start meanwhile wait for the next agent instead of running unmeshed).
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import sys
 import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,8 @@ log = logging.getLogger("ztunnel.cni")
 
 CONF_SUFFIXES = (".conf", ".conflist", ".json")
 BACKUP_SUFFIX = ".ztunnel-backup"
+UNINSTALL_MODES = ("never", "always", "auto")
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 class InstallError(Exception):
@@ -204,6 +214,88 @@ class Installer:
             stop.wait(interval)
 
 
+# ---- at exit: uninstall or keep ------------------------------------------------------------------
+
+
+def uninstall_at_exit(mode: str, daemonset_state: str | None) -> bool:
+    """Whether to take the plugin out when the installer stops.
+
+    `auto` removes it only when the API server says the DaemonSet is gone or being deleted; when it is
+    there (an update, a restart) or the answer is unknown, the plugin stays: pods then fail their CNI ADD
+    with "try again" until an agent runs, which is safe, where a missing plugin lets them start unmeshed.
+    """
+    if mode == "always":
+        return True
+    if mode == "never":
+        return False
+    return daemonset_state in ("gone", "deleting")
+
+
+@dataclass(frozen=True)
+class KubeAPI:
+    """Just enough of the API server for one GET: base URL, bearer token file, CA bundle."""
+
+    base_url: str
+    token_file: Path | None = None
+    ca_file: Path | None = None
+
+    @classmethod
+    def in_cluster(cls, env: Mapping[str, str] = os.environ, sa_dir: Path = SA_DIR) -> KubeAPI | None:
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            return None
+        host = f"[{host}]" if ":" in host else host
+        token, ca = sa_dir / "token", sa_dir / "ca.crt"
+        return cls(f"https://{host}:{port}", token if token.exists() else None, ca if ca.exists() else None)
+
+    def get_json(self, path: str, timeout: float) -> tuple[int, Any]:
+        """(HTTP status, decoded body or None); OSError/ValueError when there is no usable answer."""
+        headers = {"Accept": "application/json"}
+        if self.token_file is not None:
+            headers["Authorization"] = "Bearer " + self.token_file.read_text().strip()
+        req = urllib.request.Request(self.base_url.rstrip("/") + path, headers=headers)
+        ctx = None
+        if self.base_url.startswith("https:"):
+            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            e.close()
+            return e.code, None
+
+
+def daemonset_state(api: KubeAPI, namespace: str, name: str, timeout: float = 5.0) -> str:
+    """'present', 'deleting' (deletionTimestamp set), 'gone' (404) or 'unknown' (no clear answer)."""
+    path = f"/apis/apps/v1/namespaces/{urllib.parse.quote(namespace)}/daemonsets/{urllib.parse.quote(name)}"
+    try:
+        status, body = api.get_json(path, timeout)
+    except (OSError, ValueError) as e:
+        log.warning("cannot ask the API server about DaemonSet %s/%s: %s", namespace, name, e)
+        return "unknown"
+    if status == 404:
+        return "gone"
+    if status != 200 or not isinstance(body, dict):
+        log.warning("API server answered %s for DaemonSet %s/%s", status, namespace, name)
+        return "unknown"
+    return "deleting" if (body.get("metadata") or {}).get("deletionTimestamp") else "present"
+
+
+def settle_daemonset_state(
+    api: KubeAPI, namespace: str, name: str, *, attempts: int = 3, pause: float = 1.0, timeout: float = 3.0
+) -> str:
+    """daemonset_state, asked again a few times while the answer is 'unknown' (a blip of the API server
+    must not decide an uninstall either way); bounded so it fits in the pod's grace period."""
+    state = "unknown"
+    for i in range(attempts):
+        state = daemonset_state(api, namespace, name, timeout)
+        if state != "unknown":
+            break
+        if i + 1 < attempts:
+            time.sleep(pause)
+    return state
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PLUGIN_TYPE} install", description=__doc__.splitlines()[0])
     p.add_argument("--cni-conf-dir", required=True, type=Path, help="e.g. /etc/cni/net.d")
@@ -218,7 +310,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uninstall", action="store_true", help="remove exactly what install added")
     p.add_argument("--watch", action="store_true", help="keep the plugin in the config until SIGTERM")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between checks with --watch")
+    p.add_argument(
+        "--uninstall-on-exit",
+        choices=UNINSTALL_MODES,
+        default="never",
+        help="with --watch, at SIGTERM: remove the plugin always, never, or (auto) only if --daemonset is "
+        "gone or being deleted, as on an uninstall; a rolling update keeps it (default never)",
+    )
+    p.add_argument("--daemonset", default=None, help="the DaemonSet this installer runs in (--uninstall-on-exit auto)")
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        help="namespace of --daemonset (default: $POD_NAMESPACE)",
+    )
+    p.add_argument(
+        "--kube-api",
+        default=None,
+        help="API server URL (default: in-cluster, from KUBERNETES_SERVICE_HOST/PORT and the pod's "
+        "service-account token and CA)",
+    )
+    p.add_argument("--kube-token-file", type=Path, default=None, help="bearer token file for --kube-api")
     return p
+
+
+def _kube_api(args: argparse.Namespace) -> KubeAPI | None:
+    if args.kube_api:
+        return KubeAPI(args.kube_api, args.kube_token_file)
+    return KubeAPI.in_cluster()
 
 
 def main(argv: Sequence[str]) -> int:
@@ -232,6 +350,9 @@ def main(argv: Sequence[str]) -> int:
     else:
         found = shutil.which(sys.argv[0]) or sys.argv[0]
         binary = Path(found).resolve() if Path(found).exists() else None
+    if args.uninstall_on_exit == "auto" and not (args.daemonset and args.namespace):
+        print("error: --uninstall-on-exit auto needs --daemonset and --namespace (or $POD_NAMESPACE)", file=sys.stderr)
+        return 2
     installer = Installer(args.cni_conf_dir, args.cni_bin_dir, args.agent_socket, binary)
     try:
         if args.uninstall:
@@ -243,7 +364,31 @@ def main(argv: Sequence[str]) -> int:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             installer.watch(stop, args.interval)
+            _at_exit(installer, args)
     except (OSError, InstallError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _at_exit(installer: Installer, args: argparse.Namespace) -> None:
+    state: str | None = None
+    if args.uninstall_on_exit == "auto":
+        api = _kube_api(args)
+        state = "unknown" if api is None else settle_daemonset_state(api, args.namespace, args.daemonset)
+    where = f"DaemonSet {args.namespace}/{args.daemonset}"
+    if uninstall_at_exit(args.uninstall_on_exit, state):
+        installer.uninstall()
+        log.info("removed %s from the CNI config (%s)", PLUGIN_TYPE, f"{where} {state}" if state else "always")
+    elif state == "unknown":
+        log.warning(
+            "kept %s in the CNI config: could not tell whether %s is being deleted; if this is an uninstall, "
+            "run `%s install --uninstall --cni-conf-dir %s --cni-bin-dir %s` on this node",
+            PLUGIN_TYPE,
+            where,
+            PLUGIN_TYPE,
+            installer.conf_dir,
+            installer.bin_dir,
+        )
+    else:
+        log.info("kept %s in the CNI config (%s)", PLUGIN_TYPE, f"{where} {state}" if state else "never")
