@@ -45,9 +45,8 @@ def arr(items: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 # ---- security.istio.io (v1 and v1beta1 carry the same schema, as in Istio) ------------------------------
 
-SELECTOR = obj(
-    {"matchLabels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 63}, "maxProperties": 4096}}
-)
+LABEL_VALUES = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 63}, "maxProperties": 4096}
+SELECTOR = obj({"matchLabels": LABEL_VALUES})
 TARGET_REF = obj({"group": S, "kind": S, "name": S, "namespace": S}, ["kind", "name"])
 TARGETING = {"selector": SELECTOR, "targetRef": TARGET_REF, "targetRefs": arr(TARGET_REF, maxItems=16)}
 
@@ -412,8 +411,8 @@ def expected() -> dict[Path, str]:
         out[HELM_CRDS / name] = text
     out[HERE / "kustomization.yaml"] = (
         HEADER
-        + "# Install only what is absent: `kubectl create -k deploy/crds` (AlreadyExists for the others, which are\n"
-        + "# left untouched); or the overlays' crds component for a fresh cluster.\n"
+        + "# `kubectl create -k deploy/crds` creates only the absent CRDs (AlreadyExists for the others, which are\n"
+        + "# left untouched); the overlays' crds component applies them all, for a fresh cluster.\n"
         + yaml.safe_dump(
             {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": sorted(FILES)},
             sort_keys=False,

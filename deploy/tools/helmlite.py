@@ -254,7 +254,9 @@ class Renderer:
                 pos += 1
         return out
 
-    def _pipe(self, toks: list[tuple[str, str]], pos: int, dot: Any, scope: dict[str, Any], where: str) -> tuple[Any, int]:
+    def _pipe(
+        self, toks: list[tuple[str, str]], pos: int, dot: Any, scope: dict[str, Any], where: str
+    ) -> tuple[Any, int]:
         value: Any = None
         first = True
         while True:
@@ -282,7 +284,7 @@ class Renderer:
         self, args: list[tuple[str, Any]], piped: Any, has_piped: bool, dot: Any, scope: dict[str, Any], where: str
     ) -> Any:
         kind, head = args[0]
-        if kind == "word" and head in FUNCS or (kind == "word" and head == "include"):
+        if (kind == "word" and head in FUNCS) or (kind == "word" and head == "include"):
             vals = [self._operand(a, dot, scope, where) for a in args[1:]]
             if has_piped:
                 vals.append(piped)
