@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ztunnel.config.kube.source import add_source_arguments
 from ztunnel.errors import ZtunnelError
 
 
@@ -42,9 +43,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     serve = sub.add_parser("serve", help="serve the Istio certificate API (gRPC over TLS) with node authorization")
     serve.add_argument("--dir", required=True, help="the CA directory")
-    serve.add_argument(
-        "-f", "--file", dest="files", action="append", required=True, help="config YAML (repeatable), watched"
-    )
+    serve.add_argument("-f", "--file", dest="files", action="append", help="config YAML (repeatable), watched")
+    add_source_arguments(serve)
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT (default 127.0.0.1:15012)")
     serve.add_argument(
         "--node-tokens", required=True, help="YAML mapping token: node-name (mode 0600), reloaded on change"
@@ -136,6 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from ztunnel.config.kube.source import open_source
     from ztunnel.identity.authz import NodeTokens, load_node_tokens
     from ztunnel.identity.ca import CertificateAuthority
     from ztunnel.identity.duration import parse_duration
@@ -145,6 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
     default_ttl = parse_duration(args.default_ttl)
     ca = CertificateAuthority.load(args.dir, max_ttl=parse_duration(args.max_ttl))
     tokens = NodeTokens(load_node_tokens(args.node_tokens))
+    source = open_source(args, trust_domain=ca.trust_domain)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -155,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
             ca,
             tokens,
             args.files,
+            source=source,
             listen=args.listen,
             dns_names=args.dns_names,
             default_ttl=default_ttl,

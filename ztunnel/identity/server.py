@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ztunnel.config.model import ClusterConfig
+from ztunnel.config.source import ConfigSource
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.authz import (
     IMPERSONATED_IDENTITY,
@@ -319,11 +320,14 @@ async def run_ca_server(
     default_ttl: dt.timedelta,
     stop: asyncio.Event,
     token_file: str | Path | None = None,
+    source: ConfigSource | None = None,
 ) -> None:
-    """The `ca serve` lifetime: load and watch the config (and token file), serve until `stop` is set."""
+    """The `ca serve` lifetime: load and watch the config (and token file), serve until `stop` is set.
+    `source`: the Kubernetes API's (`--source kubernetes`) instead of the `config_files`."""
     from ztunnel.config.source import FileConfigSource
 
-    source = FileConfigSource(config_files, trust_domain=ca.trust_domain)
+    if source is None:
+        source = FileConfigSource(config_files, trust_domain=ca.trust_domain)
     source.load()  # a bad config at start is a user error (ConfigError), later ones keep the last good one
     server = CAServer(ca, tokens, lambda: source.current, listen=listen, dns_names=dns_names, default_ttl=default_ttl)
     await server.start()

@@ -21,6 +21,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ztunnel.config.kube.source import add_source_arguments
 from ztunnel.errors import ZtunnelError
 from ztunnel.net.listen import listening_socket
 from ztunnel.ports import HBONE_PORT
@@ -52,9 +53,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--name", required=True, help="the waypoint (Gateway) name; also its service account")
     p.add_argument("--namespace", required=True, help="the waypoint's namespace")
-    p.add_argument(
-        "-f", "--filename", dest="files", action="append", required=True, help="YAML file or directory of objects"
-    )
+    p.add_argument("-f", "--filename", dest="files", action="append", help="YAML file or directory of objects")
+    add_source_arguments(p)
     ca = p.add_mutually_exclusive_group(required=True)
     ca.add_argument("--ca-dir", help="sign certificates in-process with this CA directory (local mode)")
     ca.add_argument("--ca", help="HOST:PORT of a CA server (`ztunnel ca serve`)")
@@ -146,8 +146,9 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def run_waypoint(args: argparse.Namespace) -> int:
+    from ztunnel.config.kube.client import KubeConfigError
+    from ztunnel.config.kube.source import open_source
     from ztunnel.config.loader import ConfigError, read_mesh_config
-    from ztunnel.config.source import FileConfigSource
     from ztunnel.hbone.client import HbonePool
     from ztunnel.hbone.server import HboneServer
     from ztunnel.hbone.tls_cache import TlsContexts
@@ -161,9 +162,11 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     from ztunnel.waypoint.server import RequestDecider, WaypointServer, WaypointState
 
     loop = asyncio.get_running_loop()
-    source = FileConfigSource(args.files, trust_domain=args.trust_domain)
     try:
+        source = open_source(args, trust_domain=args.trust_domain)
         config = source.load()
+    except KubeConfigError as e:
+        raise WaypointCommandError(str(e)) from None
     except ConfigError as e:
         raise WaypointCommandError(f"cannot load the config: {e}") from None
     try:
