@@ -125,6 +125,15 @@ async def test_allowed_and_denied_requests_are_counted_and_logged(running: Runni
     assert _find(s, "istio_requests_total", **common, response_code="200", request_protocol="http") == [1.0]
     assert _find(s, "istio_requests_total", **common, response_code="403", request_protocol="http") == [1.0]
     assert _find(s, "istio_requests_total", **common, destination_workload="greeter", grpc_response_status="")
+    istio_standard = {  # the rest of Istio's standard labels (the greeter pod has no version label)
+        "destination_canonical_service": "greeter-service",
+        "destination_canonical_revision": "latest",
+        "destination_version": "latest",
+        "destination_cluster": "Kubernetes",
+        "destination_service_name": "greeter",
+        "destination_service_namespace": "greet",
+    }
+    assert _find(s, "istio_requests_total", **common, **istio_standard, response_code="200") == [1.0]
     assert sum(_find(s, "istio_request_duration_milliseconds_count", **common)) == 2
     assert sum(_find(s, "istio_response_bytes_sum", **common, response_code="200")) > 0
 
