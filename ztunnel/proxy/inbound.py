@@ -265,7 +265,7 @@ class Inbound:
         destination = served.workload
         dst = original_destination(client.transport.get_extra_info("socket"))
         local = client.sockname
-        if dst is None or (dst[0] == local[0] and dst[1] == local[1]):
+        if dst is None or (dst[0] == local[0] and dst[1] == local[1] and not served.sockets.preserves_destination):
             port = served.sockets.fallback_port
             if port is None:
                 log.info("plaintext inbound: no original destination and no single containerPort, closing")

@@ -7,6 +7,12 @@ bind next to a draining one), and an `InpodConnector` that opens upstream connec
 the pod netns, from the client's original address (`IP_TRANSPARENT`), so the app sees the real
 client IP. The proxy serves those sockets through `InpodTarget.add_workload`/`remove_workload`.
 
+With eBPF redirection (the agent's add says `redirect: ebpf` and where the node's maps are pinned) there is
+no conntrack: the pod's 15006 listeners go into the node's `listeners` sockhash, where the pod netns'
+sk_lookup program finds them, 15001 connections find their original destination in the `orig_dst` map,
+and the connector marks its sockets 0x111 (the pod's policy routing sends the app's replies to a
+transparent source back to us). See ztunnel/inpod/ebpf.py and bpf/README.md.
+
 If the agent goes away we keep serving what we have and reconnect; the agent then replays its
 snapshot, and after `snapshot-sent` we drop every pod it did not mention.
 """
@@ -24,13 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ztunnel.config.model import DEFAULT_TRUST_DOMAIN, Workload
-from ztunnel.inpod import protocol
+from ztunnel.inpod import ebpf, protocol
 from ztunnel.inpod.channel import Channel
 from ztunnel.inpod.session import ProxySession
 from ztunnel.net.listen import IP_TRANSPARENT, listen_on
 from ztunnel.net.netns import current_netns_fd, in_netns
 from ztunnel.net.streams import TcpStream
-from ztunnel.ports import HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, PROXY_MARK
+from ztunnel.ports import CONNMARK, HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, PROXY_MARK
 from ztunnel.proxy.listeners import WorkloadSockets, dns_sockets
 
 log = logging.getLogger("ztunnel.proxy.inpod")
@@ -48,8 +54,8 @@ class InpodTarget(Protocol):
     async def remove_workload(self, uid: str) -> None: ...
 
 
-def _mark(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+def _mark(sock: socket.socket, mark: int = PROXY_MARK) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
 
 def pod_listener(netns_fd: int, family: int, port: int) -> socket.socket:
@@ -66,13 +72,16 @@ class InpodConnector:
 
     netns_fd: int
     home_fd: int | None = None  # the proxy's own netns, held open by the InpodClient (None: looked up per call)
+    # eBPF mode: CONNMARK on connections to the app from a client's address: the pod's policy routing sends
+    # the app's replies back to us by it (module docstring); others (passthrough out of the pod) keep 0x539
+    deliver_mark: int = PROXY_MARK
 
     def make_socket(self, address: tuple[str, int], source: tuple[str, int] | None) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         with in_netns(self.netns_fd, self.home_fd):
             sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            _mark(sock)
+            _mark(sock, self.deliver_mark if source is not None and source[0] else PROXY_MARK)
             if source is not None and source[0]:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -178,6 +187,7 @@ class InpodClient:
     failed: dict[str, str] = field(default_factory=dict)  # uid -> why the last add was nacked
     home_fd: int | None = None  # this thread's own netns, opened at the first pod, closed in close()
     dns_port: int | None = None  # `--dns`: serve DNS in each pod on this port (UDP and TCP)
+    bpf_maps: dict[str, ebpf.PinnedMaps] = field(default_factory=dict)  # eBPF mode: pin dir -> open maps
 
     def not_ready(self, served: Collection[str]) -> str:
         """Why readiness must wait for in-pod mode ("" when it need not): the agent's snapshot, and every
@@ -276,6 +286,15 @@ class InpodClient:
             log.error("cannot listen in pod netns", extra={"uid": msg.uid, "error": str(e)})
             self.failed[msg.uid] = f"cannot listen in the pod netns: {e}"
             return protocol.Ack(id=msg.id, ok=False, error=f"cannot listen in the pod netns: {e}")
+        if msg.workload.get("redirect") == "ebpf":
+            try:
+                self._ebpf(msg.workload, workload, sockets)
+            except (OSError, ebpf.BpfError) as e:
+                sockets.close()
+                os.close(msg.netns_fd)
+                log.error("cannot use the node's eBPF maps", extra={"uid": msg.uid, "error": str(e)})
+                self.failed[msg.uid] = f"eBPF redirection: {e}"
+                return protocol.Ack(id=msg.id, ok=False, error=f"eBPF redirection: {e}")
         try:
             await self.target.add_workload(workload, sockets)
         except Exception as e:
@@ -288,6 +307,18 @@ class InpodClient:
         self.failed.pop(msg.uid, None)
         log.info("serving pod in its netns", extra={"uid": msg.uid, "pod": workload.ref, "ips": list(workload.ips)})
         return protocol.Ack(id=msg.id)
+
+    def _ebpf(self, info: Mapping[str, Any], workload: Workload, sockets: WorkloadSockets) -> None:
+        """eBPF mode: listeners into the node's sockhash, original destinations from its map, mark 0x111."""
+        pin_dir = str(info.get("bpfPinDir") or "")
+        pinned = self.bpf_maps.get(pin_dir)
+        if pinned is None:
+            pinned = self.bpf_maps[pin_dir] = ebpf.PinnedMaps(pin_dir).open()
+        pinned.add_listeners(workload.ips, sockets.plaintext, PLAINTEXT_INBOUND_PORT)
+        sockets.outbound_original_dst = pinned.original_destination
+        sockets.preserves_destination = True
+        if isinstance(sockets.connector, InpodConnector):
+            sockets.connector.deliver_mark = CONNMARK
 
     async def _remove(self, uid: str) -> None:
         pod = self.pods.pop(uid, None)
@@ -306,3 +337,6 @@ class InpodClient:
         if self.home_fd is not None:
             os.close(self.home_fd)
             self.home_fd = None
+        for pinned in self.bpf_maps.values():
+            pinned.close()
+        self.bpf_maps.clear()

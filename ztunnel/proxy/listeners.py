@@ -22,7 +22,7 @@ from ztunnel.config.model import Workload
 from ztunnel.errors import ZtunnelError
 from ztunnel.net.listen import listen_on, listening_socket
 from ztunnel.net.streams import TcpStream
-from ztunnel.ports import HBONE_PORT, PLAINTEXT_INBOUND_PORT, SOCKS5_PORT
+from ztunnel.ports import DNS_PORT, HBONE_PORT, OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, SOCKS5_PORT
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -58,6 +58,19 @@ class WorkloadSockets:
     # Port the app is assumed to listen on when a plaintext connection has no original destination
     # (local mode, where nothing redirects): the pod's only declared containerPort, if any.
     fallback_port: int | None = None
+    # eBPF redirection: where an outbound (15001) connection was going (from the node's pinned map; there is
+    # no conntrack entry for SO_ORIGINAL_DST), and inbound connections steered by sk_lookup, whose local
+    # address is their original destination (so local == original does not mean "not redirected").
+    outbound_original_dst: Callable[[socket.socket], tuple[str, int] | None] | None = None
+    preserves_destination: bool = False
+
+    def original_destination(self, sock: socket.socket | None) -> tuple[str, int] | None:
+        """The original destination of a connection accepted on one of these sockets."""
+        if sock is not None and self.outbound_original_dst is not None:
+            found = self.outbound_original_dst(sock)
+            if found is not None:
+                return found
+        return original_destination(sock)
 
     def all(self) -> list[socket.socket]:
         return [*self.hbone, *self.plaintext, *self.outbound, *self.socks5, *(s for pair in self.dns for s in pair)]
@@ -192,10 +205,27 @@ class LocalListenerFactory:
         return out
 
 
+PROXY_PORTS = frozenset({OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT, DNS_PORT, SOCKS5_PORT})
+
+
 def original_destination(sock: socket.socket | None) -> tuple[str, int] | None:
-    """The address a redirected connection was sent to (iptables REDIRECT/TPROXY), or None."""
+    """The address a redirected connection was sent to, or None.
+
+    iptables REDIRECT: SO_ORIGINAL_DST from conntrack. eBPF sk_lookup steering (no conntrack entry): the
+    accepted socket's own local address, unless that is one of the proxy's ports (not steered)."""
     if sock is None:
         return None
+    found = _conntrack_original_dst(sock)
+    if found is not None:
+        return found
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return None
+    return None if local[1] in PROXY_PORTS else (str(local[0]), int(local[1]))
+
+
+def _conntrack_original_dst(sock: socket.socket) -> tuple[str, int] | None:
     try:
         if sock.family == socket.AF_INET6:
             raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)

@@ -162,7 +162,9 @@ class Outbound:
         client.close()
 
     async def serve_transparent(self, uid: str, client: TcpStream) -> None:
-        dst = original_destination(client.transport.get_extra_info("socket"))
+        served = self.state.workloads.get(uid)
+        sock = client.transport.get_extra_info("socket")
+        dst = served.sockets.original_destination(sock) if served is not None else original_destination(sock)
         if dst is None:
             log.info("outbound connection without an original destination, closing")
             client.abort()

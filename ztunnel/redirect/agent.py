@@ -5,8 +5,9 @@ still run, dropping pods whose netns is gone), then serves the proxy socket, the
 config watch in one task group. Every change of enrollment goes through `_lock`, so CNI events,
 config changes and proxy (re)connects never interleave halfway.
 
-What to do is decided by `planner` (pure); this module carries it out: iptables in the pod netns
-(`iptables`), the proxy link (`link`), the state file (`pods`), the CNI endpoint (`cni_server`).
+What to do is decided by `planner` (pure); this module carries it out: redirection in the pod (a
+`redirector.Redirector`: iptables rules, or eBPF programs), the proxy link (`link`), the state file (`pods`),
+the CNI endpoint (`cni_server`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from ztunnel.net.netns import NetnsError, find_netns_by_inode, open_netns
 from ztunnel.net.unix import bind_unix_private
 from ztunnel.redirect import iptables, planner
 from ztunnel.redirect.cni_server import cni_server
+from ztunnel.redirect.iptables import RedirectError
 from ztunnel.redirect.link import AgentError, ProxyLink
 from ztunnel.redirect.pods import PodRecord, PodStateFile
+from ztunnel.redirect.redirector import IptablesRedirector, Redirector
 
 log = logging.getLogger("ztunnel.redirect.agent")
 
@@ -49,6 +52,7 @@ class NodeAgent:
         backend: iptables.IptablesBackend,
         probe_snat: bool = True,
         dns_capture: bool = False,
+        redirector: Redirector | None = None,
     ) -> None:
         self.node = node
         self.source = source
@@ -58,6 +62,9 @@ class NodeAgent:
         self.backend = backend
         self.probe_snat = probe_snat
         self.dns_capture = dns_capture
+        self.redirector: Redirector = redirector or IptablesRedirector(
+            backend, dns_capture=dns_capture, probe_snat=probe_snat
+        )
         self.pods: dict[str, PodRecord] = {}
         self.proxy = ProxyLink()
         self.ready = asyncio.Event()
@@ -78,21 +85,19 @@ class NodeAgent:
         self._state.save(self.pods)
 
     # ---- rules in a pod --------------------------------------------------------------------
-    async def _apply_rules(self, fd: int) -> None:
-        await asyncio.to_thread(
-            iptables.run_in_netns, fd, iptables.apply_inpod, self.backend, dns_capture=self.dns_capture
-        )
+    async def _apply_rules(self, pod: PodRecord, fd: int) -> None:
+        await asyncio.to_thread(self.redirector.apply, pod, fd)
 
-    async def _remove_rules(self, fd: int) -> None:
-        await asyncio.to_thread(iptables.run_in_netns, fd, iptables.remove_inpod, self.backend)
+    async def _remove_rules(self, pod: PodRecord, fd: int) -> None:
+        await asyncio.to_thread(self.redirector.remove, pod, fd)
 
     async def _update_probe_snat(self) -> None:
         if not self.probe_snat:
             return
         ips = [ip for p in self.pods.values() if p.enrolled for ip in p.ips]
         try:
-            await asyncio.to_thread(iptables.apply_probe_snat, self.backend, ips)
-        except iptables.RedirectError as e:
+            await asyncio.to_thread(self.redirector.node_pods, ips)
+        except RedirectError as e:
             log.error("probe SNAT update failed: %s", e)
 
     async def _persist(self) -> None:
@@ -109,6 +114,7 @@ class NodeAgent:
             "node": self.node,
             "containerId": pod.container_id,
             "netns": pod.netns,
+            **self.redirector.proxy_info(),
         }
         if w is not None:
             info.update(serviceAccount=w.service_account, identity=w.identity, trustDomain=w.trust_domain)
@@ -123,7 +129,7 @@ class NodeAgent:
             session = self.proxy.session
             await self.proxy.call(session.add(pod.uid, self._workload_info(pod, action.workload), pod.netns_fd))
         elif isinstance(action, planner.ReapplyRules):
-            await self._apply_rules(pod.netns_fd)
+            await self._apply_rules(pod, pod.netns_fd)
         elif isinstance(action, planner.Unenroll):
             await self._unenroll(pod)
         elif isinstance(action, planner.Forget):
@@ -136,11 +142,11 @@ class NodeAgent:
             raise AgentError(f"pod {pod.ref} is in the mesh but the node proxy is not connected; retry later")
         fd = pod.netns_fd if pod.netns_fd >= 0 else self._open(pod)
         try:
-            await self._apply_rules(fd)
+            await self._apply_rules(pod, fd)
             await self.proxy.call(self.proxy.session.add(pod.uid, self._workload_info(pod, w), fd))
-        except (AgentError, iptables.RedirectError, NetnsError) as e:
-            with contextlib.suppress(iptables.RedirectError, NetnsError):
-                await self._remove_rules(fd)
+        except (AgentError, RedirectError, NetnsError) as e:
+            with contextlib.suppress(RedirectError, NetnsError):
+                await self._remove_rules(pod, fd)
             os.close(fd)
             pod.netns_fd = -1
             pod.enrolled = False
@@ -160,8 +166,8 @@ class NodeAgent:
                 log.warning("proxy del of %s: %s", pod.ref, e)
         if pod.netns_fd >= 0:
             try:
-                await self._remove_rules(pod.netns_fd)
-            except (iptables.RedirectError, NetnsError) as e:
+                await self._remove_rules(pod, pod.netns_fd)
+            except (RedirectError, NetnsError) as e:
                 log.error("removing rules of %s: %s", pod.ref, e)
             os.close(pod.netns_fd)
         pod.netns_fd = -1
@@ -247,9 +253,9 @@ class NodeAgent:
             if problem:
                 raise AgentError(problem)
             if pod is not None and pod.enrolled:
-                current = await asyncio.to_thread(iptables.run_in_netns, pod.netns_fd, iptables.ours, self.backend)
-                if "ZTUNNEL-OUTPUT" not in current or "fwmark" not in current:
-                    raise AgentError(f"pod {pod.ref}: redirection rules are missing", status=500, code=100)
+                missing = await asyncio.to_thread(self.redirector.missing, pod, pod.netns_fd)
+                if missing:
+                    raise AgentError(f"pod {pod.ref}: {missing}", status=500, code=100)
             return {"enrolled": bool(pod and pod.enrolled)}
 
     async def cni_gc(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,17 +314,22 @@ class NodeAgent:
                 pod.enrolled = False
                 if isinstance(action, planner.ReapplyRules):
                     try:
-                        await self._apply_rules(fd)
+                        await self._apply_rules(pod, fd)
                         pod.netns_fd, pod.enrolled = fd, True
-                    except iptables.RedirectError as e:
+                    except RedirectError as e:
                         log.error("re-applying rules in %s failed: %s", pod.ref, e)
                         os.close(fd)
                 else:
                     if isinstance(action, planner.Unenroll):
-                        with contextlib.suppress(iptables.RedirectError):
-                            await self._remove_rules(fd)
+                        with contextlib.suppress(RedirectError):
+                            await self._remove_rules(pod, fd)
                     os.close(fd)
                 self.pods[uid] = pod
+            live = [p.netns_fd for p in self.pods.values() if p.enrolled]
+            try:
+                await asyncio.to_thread(self.redirector.prune, live)
+            except (RedirectError, OSError) as e:
+                log.error("pruning redirection state of gone pods: %s", e)
             await self._persist()
         log.info("reconciled", extra={"pods": len(self.pods), "enrolled": sum(p.enrolled for p in self.pods.values())})
 
