@@ -168,6 +168,8 @@ class Lab:
             save(state)
             write_live(state, objects)
 
+        if redirect == "ebpf":
+            netns.mount_bpffs(netns.lab_bpffs(self.dir))
         fabric.build_fabric(self.name, self.say)
         for node in sorted(nodes.values(), key=lambda n: n.index):
             self._build_node(state, node)
@@ -516,6 +518,7 @@ class Lab:
             netns.delete_netns(n)
         for n in netns.etc_netns_dirs(netns_prefix(self.name)):
             netns.remove_resolv_conf(n)  # the pods' resolv.conf files, also those of netns already gone
+        netns.unmount_bpffs(netns.lab_bpffs(self.dir))  # eBPF mode: every pinned map and link (programs detach)
         if self.dir.exists():
             _check_lab_dir(self.dir)
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -536,7 +539,9 @@ def _waypoint_of(w: Workload | None) -> str | None:
     return f"{w.namespace}/{name}" if w and name else None
 
 
-LAB_DIR_ENTRIES = frozenset({"state.json", "lock", "cluster.yaml", "logs", "nodes", "pods", "ca", "cni-bin"})
+LAB_DIR_ENTRIES = frozenset(
+    {"state.json", "lock", "cluster.yaml", "logs", "nodes", "pods", "ca", "cni-bin", "bpffs"}
+)
 
 
 

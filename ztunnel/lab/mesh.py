@@ -141,6 +141,7 @@ class Mesh:
             (("--inpod-socket", "--proxy-socket", "--ztunnel-socket"), str(inpod_sock)),
             (("--redirect", "--redirect-mode"), state.redirect),
             (("--state-dir",), str(state.node_dir(node.name) / "agent")),
+            (("--bpffs-dir",), str(netns.lab_bpffs(state.path) / node.name)),
         ):
             flag = caps.flag("node-agent", *flags)
             if flag:
@@ -258,7 +259,7 @@ class Mesh:
         with locked(self.dir):
             state = load(self.dir)
             objects = live_objects(state)
-        want_pods = {f"{p.namespace}/{p.name}": sorted(p.ips) for p in state.pods.values()}
+        want_pods = {f"{p.namespace}/{p.name}": (sorted(p.ips), p.ready or not p.ips) for p in state.pods.values()}
         want_policies = {o.ref for o in objects if o.kind in POLICY_KINDS}
         proxies = [
             (f"proxy on {n.name}", n.netns) for n in state.nodes.values() if _running(state, f"node/{n.name}/proxy")
@@ -282,7 +283,10 @@ class Mesh:
             if status != 200 or not isinstance(dump, dict):
                 return False
             if not waypoint:  # a waypoint's dump lists Services and their endpoints, not workloads
-                have = {w.get("name"): sorted(w.get("ips") or []) for w in dump.get("workloads") or []}
+                have = {
+                    w.get("name"): (sorted(w.get("ips") or []), w.get("ready", True))
+                    for w in dump.get("workloads") or []
+                }
                 if have.keys() != want_pods.keys() or any(have[ref] != ips for ref, ips in want_pods.items()):
                     return False  # also a pod gone (a deleted waypoint: its Services' traffic must stop going there)
             known = set(dump.get("policies") or [])

@@ -208,3 +208,40 @@ def http_get(netns: str, host: str, port: int, path: str, timeout: float = 2.0) 
     sock = connect_in(netns, host, port, timeout)
     response = http_request(host, port, "GET", path, timeout=timeout, sock=sock)
     return response.status, response.body.decode("utf-8", "replace")
+
+
+# ---- eBPF mode: the lab's bpffs ------------------------------------------------------------------------------
+
+
+def lab_bpffs(lab_dir: Path) -> Path:
+    """A bpf filesystem of the lab's own, mounted in the machine's mount namespace under its state dir, where
+    its node agents pin their maps and links (a directory per node) and its proxies find them.
+
+    Not /sys/fs/bpf: `ip netns exec` (how the lab starts every component) gives each process a fresh /sys,
+    without the machine's bpffs or cgroup mounts; a mount under /run stays visible to all of them. And one
+    instance per lab makes removal whole: unmounting it releases every map and link pinned there (the
+    programs detach), after a crashed run too."""
+    return lab_dir / "bpffs"
+
+
+def mounted(path: Path) -> bool:
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split()[1] == str(path) for line in lines if len(line.split()) > 1)
+
+
+def mount_bpffs(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if not mounted(path):
+        run(["mount", "-t", "bpf", "bpf", str(path)])
+
+
+def unmount_bpffs(path: Path) -> None:
+    """Unmount the lab's bpffs (every pin in it goes); a no-op when it is not mounted."""
+    while mounted(path):
+        if run(["umount", "-l", str(path)], check=False).returncode != 0:
+            break
+    with contextlib.suppress(OSError):
+        path.rmdir()
