@@ -8,7 +8,8 @@ PY="${PYTHON:-python3}"
 
 # System tools: iptables for in-pod redirection, the CNI reference plugins for the lab, iproute2 for
 # netns, tcpdump for capture checks, curl for demos. Only as root; tests needing them skip otherwise.
-APT_PACKAGES=(iptables iproute2 containernetworking-plugins tcpdump curl openssl)
+# python3-bpfcc + linux-headers-amd64: bcc compiles bpf/redirect.c for eBPF redirection (--redirect ebpf).
+APT_PACKAGES=(iptables iproute2 containernetworking-plugins tcpdump curl openssl python3-bpfcc linux-headers-amd64)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do
@@ -22,6 +23,22 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 
+# bcc needs the running kernel's headers at /lib/modules/$(uname -r)/{build,source}. Kernels that ship BTF but
+# no headers (6.18 here) compile against the installed Debian headers package, whatever its version: link it,
+# only where nothing is there yet. And a bpffs at /sys/fs/bpf, where the node agent pins its maps.
+if [ "$(id -u)" = 0 ]; then
+  mods="/lib/modules/$(uname -r)"
+  hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)"
+  if [ -n "$hdr" ] && [ -d "${hdr%-amd64}-common" ]; then
+    mkdir -p "$mods"
+    [ -e "$mods/build" ] || ln -s "$hdr" "$mods/build"
+    [ -e "$mods/source" ] || ln -s "${hdr%-amd64}-common" "$mods/source"
+  fi
+  if [ -d /sys/fs/bpf ] && [ "$(stat -f -c %T /sys/fs/bpf)" != bpf_fs ]; then
+    mount -t bpf bpf /sys/fs/bpf || true
+  fi
+fi
+
 stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: creating $VENV and installing the project (pip)" >&2
@@ -31,4 +48,10 @@ if [ ! -f "$stamp" ]; then
     || { echo "setup: the venv at $VENV is incomplete; remove it and run again" >&2; exit 1; }
   rm -f "$VENV"/.installed-*
   touch "$stamp"
+fi
+
+# python3-bpfcc is built for the system Python: make only its `bcc` package importable from the venv.
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
+  ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
