@@ -1,13 +1,16 @@
 """RequestAuthentication at the waypoint process, as the app sees it: a verified token's `Authorization` header
 does not reach the app, the claims (nested too) and the payload arrive in the headers the rule names, a client's
 own copy of those headers is replaced, a cookie token is read, and a bad token is answered 401 without reaching
-the app. The cluster, the destination node proxy and the app are test_waypoint_local's."""
+the app; a jwksUri that never answers fails at the rule's `timeout`, counted in the waypoint's metrics. The
+cluster, the destination node proxy and the app are test_waypoint_local's."""
 
 from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ProxyProcess, start_proxy
+from tests.support.eventually import eventually
+from tests.support.identity import free_port
 from tests.support.jwtkit import claims, jwks, key
 from tests.support.waypoint import (
     APP_PORT,
@@ -50,6 +55,9 @@ spec:
     - {{header: x-jwt-sub, claim: sub}}
     - {{header: x-jwt-role, claim: realm.role}}
     timeout: 2s
+  - issuer: https://remote.test
+    jwksUri: http://127.0.0.1:SILENT_PORT/jwks
+    timeout: 300ms
 """
 
 
@@ -57,27 +65,41 @@ spec:
 class Running:
     ca_dir: Path
     app: KeepAliveApp
+    log: Path
+    metrics_port: int
+    jwks_uri: str
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Running]:
     workdir = tmp_path_factory.mktemp("waypoint-jwt")
     config = workdir / "cluster.yaml"
-    config.write_text(CONFIG + REQUEST_AUTHENTICATION)
+    silent = socket.socket()  # a JWKS server that takes connections (the backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent_port = silent.getsockname()[1]
+    config.write_text(CONFIG + REQUEST_AUTHENTICATION.replace("SILENT_PORT", str(silent_port)))
     app = KeepAliveApp(GREETER_IP, APP_PORT)
     proxy: ProxyProcess | None = None
     waypoint = None
+    metrics_port = free_port()
     try:
         proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
+        waypoint, log = start_waypoint(
+            config,
+            ca_dir,
+            workdir,
+            *("--name", "waypoint", "--namespace", "greet", "--metrics-addr", f"127.0.0.1:{metrics_port}"),
+        )
         wait_listening(waypoint, log, WAYPOINT_IP)
-        yield Running(ca_dir, app)
+        yield Running(ca_dir, app, log, metrics_port, f"http://127.0.0.1:{silent_port}/jwks")
     finally:
         if waypoint is not None:
             stop(waypoint)
         if proxy is not None:
             proxy.stop()
         app.close()
+        silent.close()
 
 
 @pytest.fixture
@@ -131,3 +153,16 @@ async def test_the_app_gets_the_claims_not_the_token_and_a_bad_token_is_401(
         assert len(running.app.heads) == seen + 2  # never reached the app
     finally:
         stream.close()
+
+
+def _metric(port: int, line_start: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5) as r:
+        text = r.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
+    return values[0] if values else None
+
+
+def test_a_silent_jwks_uri_fails_at_the_rules_timeout_and_is_counted(running: Running) -> None:
+    errors = f'ztunnel_jwks_fetches_total{{result="error",uri="{running.jwks_uri}"}}'
+    eventually(lambda: (_metric(running.metrics_port, errors) or 0) >= 1, 10, what="a failed JWKS fetch counted")
+    assert "no answer within 0.3s" in running.log.read_text()  # the rule's 300ms, not the 5 s default

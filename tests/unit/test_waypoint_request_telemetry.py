@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -183,3 +184,16 @@ def test_request_without_a_service_is_logged_not_counted() -> None:
     line = out.getvalue()
     assert line.count("\n") == 1 and "request complete" in line and "reason=no_endpoint" in line
     assert len(line) < MAX_PATH_CHARS + 600  # the client's path is clipped
+
+
+def test_jwks_fetches_are_counted_by_result_with_the_last_success_time() -> None:
+    registry = CollectorRegistry()
+    metrics = WaypointMetrics(registry)
+    uri = "http://keys.test/jwks"
+    metrics.jwks_fetch(uri, True)
+    metrics.jwks_fetch(uri, False)
+    metrics.jwks_fetch(uri, False)
+    assert sample(registry, "ztunnel_jwks_fetches_total", uri=uri, result="ok") == 1
+    assert sample(registry, "ztunnel_jwks_fetches_total", uri=uri, result="error") == 2
+    last = sample(registry, "ztunnel_jwks_last_success_timestamp_seconds", uri=uri)
+    assert last is not None and abs(last - time.time()) < 60

@@ -11,10 +11,11 @@ Strings only: which workload, principal and service a request belongs to is the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, NO_FLAGS, TCP_LABELS, ConnectionLabels
 
@@ -46,7 +47,7 @@ class _RequestChildren:
 
 class WaypointMetrics:
     """`istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`,
-    `istio_response_bytes` of one waypoint, in `registry` (one per test, one per process)."""
+    `istio_response_bytes` of one waypoint, in `registry` (one per test, one per process), and its JWKS fetches."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -67,6 +68,24 @@ class WaypointMetrics:
             "istio_response_bytes", "Response body size (bytes)", HTTP_LABELS, buckets=SIZE_BUCKETS, registry=registry
         )
         self._children: dict[tuple[ConnectionLabels, int, str, str], _RequestChildren] = {}
+        self._jwks_fetches = Counter(
+            "ztunnel_jwks_fetches",
+            "Fetches of a RequestAuthentication jwksUri, by result (ok, error: the last good keys stay in use)",
+            ("uri", "result"),
+            registry=registry,
+        )
+        self._jwks_last_success = Gauge(
+            "ztunnel_jwks_last_success_timestamp_seconds",
+            "Unix time of a jwksUri's last good fetch (the age of the keys in use)",
+            ("uri",),
+            registry=registry,
+        )
+
+    def jwks_fetch(self, uri: str, ok: bool) -> None:
+        """One fetch of `uri` (the JWKS refresher's `on_fetch` hook)."""
+        self._jwks_fetches.labels(uri, "ok" if ok else "error").inc()
+        if ok:
+            self._jwks_last_success.labels(uri).set(time.time())
 
     def _of(self, labels: ConnectionLabels, code: int, grpc_status: str, flags: str) -> _RequestChildren:
         key = (labels, code, grpc_status, flags)

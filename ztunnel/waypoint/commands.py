@@ -186,7 +186,9 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         except OSError as e:
             raise WaypointCommandError(f"cannot read the CA root or token file: {e}") from None
         certs = CertificateManager.remote(args.ca, root, token, ttl=ttl)
-    refresher = JwksRefresher(())
+    telemetry = _telemetry(args)
+    metrics = telemetry.metrics
+    refresher = JwksRefresher((), on_fetch=metrics.jwks_fetch if metrics is not None else None)
     keys = KeyStore(refresher.keys)
 
     def snapshot(cfg: ClusterConfig, previous: PolicyEngine | None) -> WaypointState:
@@ -200,7 +202,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     await certs.start()
     contexts = TlsContexts(certs)
     pool = HbonePool(contexts, connect_timeout=parse_duration(args.connect_timeout).total_seconds())
-    waypoint = WaypointServer(identity, pool, snapshot(config, None), telemetry=_telemetry(args))
+    waypoint = WaypointServer(identity, pool, snapshot(config, None), telemetry=telemetry)
     server = HboneServer(contexts, waypoint.serve_tunnel)
 
     async def on_config(cfg: ClusterConfig) -> None:
