@@ -104,6 +104,9 @@ class PodRecord:
     ips: list[str] = field(default_factory=list)
     cni_result: dict[str, Any] = field(default_factory=dict)
     containers: list[ContainerSpec] = field(default_factory=list)
+    # passed its readiness probes (the kubelet's Ready condition): only then a Service's (or a waypoint's)
+    # endpoint. True for records of labs made before the field existed; `plan_pod` starts every new pod at False.
+    ready: bool = True
 
     @property
     def ref(self) -> str:
@@ -267,6 +270,7 @@ def plan_pod(lab: str, pod: KubeObject, node: str) -> PodRecord:
         host_network=host_network,
         container_id=uuid.uuid4().hex,
         containers=_container_specs(pod),
+        ready=False,
     )
 
 
@@ -298,9 +302,11 @@ def live_body(obj: KubeObject, nodes: Mapping[str, NodeRecord], pods: Mapping[st
             status["podIP"] = rec.ips[0]
             status["podIPs"] = [{"ip": ip} for ip in rec.ips]
             status["phase"] = "Running"
+            status["conditions"] = [{"type": "Ready", "status": "True" if rec.ready else "False"}]
         else:
             status.pop("podIP", None)
             status.pop("podIPs", None)
+            status.pop("conditions", None)
             status["phase"] = "Pending"
     elif obj.kind == "Node":
         node = nodes.get(obj.name)

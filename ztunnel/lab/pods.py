@@ -202,6 +202,12 @@ class Pods:
             names = ", ".join(p.ref for p in pending)
             raise LabError(f"timed out waiting for pods to be ready: {names} (see logs in {state.logs})")
         if pods:
+            with updating(self.dir) as st:  # Ready: now the Services' (and waypoints') endpoints
+                for rec in pods:
+                    rec.ready = True
+                    if rec.ref in st.pods:
+                        st.pods[rec.ref].ready = True
+                write_live(st)
             self.say(f"{len(pods)} pod(s) ready (probed from their nodes)")
 
     # ---- stop ---------------------------------------------------------------------------------------------------

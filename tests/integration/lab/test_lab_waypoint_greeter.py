@@ -8,9 +8,11 @@ The lab is built with `--mesh on`: a missing or broken component fails these tes
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -152,12 +154,31 @@ def test_the_pod_ip_does_not_serve_a_client_that_skips_the_waypoint(greeter: Lab
     assert http(greeter, CLIENT, f"{URL}/hello")[0][0] == 200  # through the waypoint it still answers
 
 
+def _ready_condition(lab: LabHandle) -> str:
+    """The waypoint pod's Ready condition in the live config ("" while it has no IP)."""
+    for doc in yaml.safe_load_all((lab.dir / "cluster.yaml").read_text()):
+        meta = doc.get("metadata") or {}
+        if doc.get("kind") == "Pod" and f"{meta.get('namespace')}/{meta.get('name')}" == WAYPOINT:
+            status = doc.get("status") or {}
+            conditions = [c["status"] for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+            return conditions[0] if conditions and status.get("podIP") else ""
+    return ""
+
+
 def test_a_reapplied_gateway_brings_back_its_dead_waypoint(greeter: LabHandle) -> None:
     """As a Deployment would: the waypoint's process killed, then the Gateway applied again -> a new pod."""
     before = greeter.pod(WAYPOINT)["containers"]["istio-proxy"]["pid"]
     os.kill(before, signal.SIGKILL)
     assert http(greeter, CLIENT, f"{URL}/hello")[0][0] == 0  # no waypoint: refused, never around it
-    out = greeter.apply(gateway_yaml("default")).stdout
+    # while the new waypoint starts, its pod has an IP but is not Ready: the node proxies do not send to it yet
+    seen: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        applying = pool.submit(greeter.apply, gateway_yaml("default"))
+        while not applying.done():
+            seen.append(_ready_condition(greeter))
+            time.sleep(0.02)
+        out = applying.result().stdout
+    assert "False" in seen and _ready_condition(greeter) == "True", seen
     assert f"Pod {WAYPOINT} (waypoint) created" in out
     pod = greeter.pod(WAYPOINT)
     assert pod["containers"]["istio-proxy"]["running"] and pod["containers"]["istio-proxy"]["pid"] != before
