@@ -7,7 +7,7 @@ import yaml
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import KubeObject
 from ztunnel.lab import waypoints
-from ztunnel.lab.model import merge_objects, plan_node, render_live
+from ztunnel.lab.model import merge_objects, plan_node, plan_pod, render_live
 
 CLUSTER = """
 apiVersion: v1
@@ -93,3 +93,24 @@ def test_services_without_a_cluster_ip_get_one_and_keep_it_when_applied_again() 
     merged = merge_objects(live, [o for o in objects if o.kind == "Service"])  # the seed file applied again
     (svc,) = [o for o in merged if o.kind == "Service"]
     assert svc.spec["clusterIP"] == "10.96.1.1"
+
+
+def test_a_pod_is_an_endpoint_only_once_the_lab_marks_it_ready() -> None:
+    pod = load_documents(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop, labels: {app: backend}}\n"
+        "spec: {nodeName: n1}\n"
+    )
+    rec = plan_pod("t", pod[0], "n1")
+    rec.ips = ["10.244.1.9"]
+    assert not rec.ready  # a new pod starts unready: probes decide
+
+    def endpoints() -> list[str]:
+        live = load_documents(render_live([*_objects(), *pod], NODES, {rec.ref: rec}))
+        cfg = build_config(live)
+        service = cfg.service("shop", "backend")
+        assert service is not None
+        return [w.ref for w in cfg.endpoints(service) if w.ready]
+
+    assert endpoints() == []
+    rec.ready = True
+    assert endpoints() == ["shop/p"]
