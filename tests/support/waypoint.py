@@ -18,10 +18,11 @@ from tests.integration.conftest import ZTUNNEL
 from tests.support.certs import in_process_certs
 from tests.support.eventually import eventually
 from ztunnel.hbone.client import HbonePool, PoolKey
-from ztunnel.hbone.protocol import Authority
+from ztunnel.hbone.protocol import Authority, HboneError
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.net.streams import StreamClosed
 
 GREETER_IP = "127.0.165.1"
 WAYPOINT_IP = "127.0.165.10"
@@ -273,3 +274,59 @@ def get(path: str, method: str = "GET", body: bytes = b"") -> bytes:
         length,
         body,
     )
+
+
+async def tunnel_to(pool: HbonePool, vip: str, port: int) -> HboneStream:
+    """`tunnel` to any Service port (the source node proxy's CONNECT <vip>:<port> to the waypoint)."""
+    key = PoolKey(CLIENT, WAYPOINT, (WAYPOINT_IP, 15008))
+    return await pool.connect(key, Authority(vip, port), expected_identities=[WAYPOINT.uri])
+
+
+@contextlib.asynccontextmanager
+async def tcp_bridge(pool: HbonePool, vip: str = VIP, port: int = 80) -> AsyncIterator[int]:
+    """A loopback TCP listener (127.0.0.1:<yielded port>) whose every connection is carried to the waypoint in
+    its own HBONE tunnel (CONNECT <vip>:<port>), as a source node proxy does for a captured connection: lets
+    clients we did not write (curl, node, grpcio) talk to the waypoint. Runs on the test's loop."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(src: HboneStream | asyncio.StreamReader, dst: HboneStream | asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                if isinstance(dst, asyncio.StreamWriter):
+                    dst.write(data)
+                    await dst.drain()
+                else:
+                    await dst.write(data)
+            if isinstance(dst, asyncio.StreamWriter):
+                dst.write_eof()
+            else:
+                await dst.write_eof()
+        except (ConnectionError, OSError, StreamClosed):
+            pass
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        stream: HboneStream | None = None
+        try:
+            stream = await tunnel_to(pool, vip, port)
+            await asyncio.gather(pipe(reader, stream), pipe(stream, writer))
+        except (ConnectionError, OSError, StreamClosed, HboneError):
+            pass
+        finally:
+            if stream is not None:
+                stream.close()
+            writer.close()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            await asyncio.wait(list(tasks), timeout=5)
+        await server.wait_closed()

@@ -21,14 +21,18 @@ applies the answer before the engine's DENY/ALLOW, as Envoy's ext_authz filter r
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztunnel.config.model import ClusterConfig, Service, Workload
+from h2.errors import ErrorCodes
+
+from ztunnel.config.model import ClusterConfig, Service, ServicePort, Workload
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import (
     STATUS_BAD_REQUEST,
@@ -56,11 +60,28 @@ from ztunnel.waypoint.http1 import (
     RequestEnded,
     RequestHead,
     RequestReceived,
+    RequestRejected,
     ResponseData,
     ResponseEnded,
     ResponseReceived,
     TunnelOpened,
 )
+from ztunnel.waypoint.http2 import (
+    H2C_PREFACE_LINE,
+    HOP_BY_HOP,
+    BadRequest,
+    H2Conn,
+    RequestStarted,
+    ResponseStarted,
+    Trailers,
+    WindowOpened,
+    is_grpc,
+)
+from ztunnel.waypoint.http2 import Closed as H2Closed
+from ztunnel.waypoint.http2 import Data as H2Data
+from ztunnel.waypoint.http2 import Ended as H2Ended
+from ztunnel.waypoint.http2 import Event as H2Event
+from ztunnel.waypoint.http2 import Reset as H2Reset
 from ztunnel.waypoint.jwt import (
     Authenticated,
     JwtRule,
@@ -259,7 +280,7 @@ def check_attributes(head: RequestHead, conn: ConnectionAttributes, source_port:
         path=_text(head.target),
         host=_text(head.host),
         headers=tuple(joined.items()),
-        protocol="HTTP/1.0" if head.version == b"1.0" else "HTTP/1.1",
+        protocol={b"1.0": "HTTP/1.0", b"2": "HTTP/2"}.get(head.version, "HTTP/1.1"),
     )
 
 
@@ -332,6 +353,40 @@ def source_ip(
     return peer_address[0]
 
 
+# Protocol selection (Istio's: `appProtocol`, else the port name's prefix, else detection on the first bytes).
+HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc", "grpc-web"})
+L4_PROTOCOLS = frozenset({"tcp", "tls", "https", "mongo", "mysql", "redis"})  # opaque at a waypoint
+SNIFF_LIMIT = 4096  # bytes read before deciding (a request line longer than this is not one we detect)
+SNIFF_TIMEOUT = 1.0  # seconds without a decisive byte after which a silent client's connection is TCP
+_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+
+
+def classify(data: bytes, *, final: bool) -> str:
+    """What the first bytes of a connection are: "h2c" (the HTTP/2 preface), "http1" (an HTTP/1.x request
+    line: METHOD SP target SP HTTP/1.x), "tcp", or "more" (could still be either; only when not `final`).
+    With `final`, a request line still incomplete counts as HTTP/1.1 when it has its method and a space."""
+    if not data:
+        return "tcp" if final else "more"
+    if data.startswith(H2C_PREFACE_LINE):
+        return "h2c"
+    if H2C_PREFACE_LINE.startswith(data) and not final:
+        return "more"
+    sp = data.find(b" ")
+    method = data if sp < 0 else data[:sp]
+    if not method or len(method) > 20 or not _METHOD_CHARS.issuperset(method):
+        return "tcp"
+    if sp < 0:
+        return "tcp" if final else "more"
+    eol = data.find(b"\n", sp)
+    if eol < 0:
+        if final:
+            return "http1"
+        return "more"
+    line = data[:eol].rstrip(b"\r")
+    _, _, version = line.rpartition(b" ")
+    return "http1" if version.startswith(b"HTTP/1.") and line.count(b" ") >= 2 else "tcp"
+
+
 class _ClientConnection:
     """One client connection (one inbound tunnel) and at most one upstream stream at a time."""
 
@@ -347,7 +402,46 @@ class _ClientConnection:
         self.outcome = Outcome(0.0)  # the current request's, for its telemetry
 
     async def run(self) -> None:
+        """Istio's protocol selection for the port, then the first bytes when it says nothing (`sniff`)."""
+        port = self.server.state.config.service_by_ip(self.target.ip)
+        service_port = port.port_for(self.target.port) if port is not None else None
+        declared = port_protocol(service_port) if service_port is not None else ""
+        try:
+            if declared in L4_PROTOCOLS:
+                await self._relay_tcp(b"", f"port protocol {declared}")
+                return
+            first = await self._sniff()
+            kind = classify(first, final=True)
+            if kind == "h2c":
+                await _H2ClientConnection(self).run(first)
+                return
+            if kind == "tcp" and declared not in HTTP_PROTOCOLS:
+                await self._relay_tcp(first, "no HTTP in the first bytes")
+                return
+        except (StreamClosed, HboneError, ConnectionError):
+            self.client.abort()
+            return
+        await self._run_http1(first)
+
+    async def _sniff(self) -> bytes:
+        """The client's first bytes, until they say HTTP/1.x, h2c or neither (`classify`), SNIFF_LIMIT bytes or
+        SNIFF_TIMEOUT (a server-first protocol sends nothing: TCP)."""
+        data = b""
+        try:
+            async with asyncio.timeout(SNIFF_TIMEOUT):
+                while classify(data, final=False) == "more" and len(data) < SNIFF_LIMIT:
+                    more = await self._read_client()
+                    if not more:
+                        break
+                    data += more
+        except TimeoutError:
+            pass
+        return data
+
+    async def _run_http1(self, first: bytes) -> None:
         http = self.http
+        if first:
+            http.receive_data(first)
         try:
             while True:
                 ev = http.next_request_event()
@@ -357,6 +451,8 @@ class _ClientConnection:
                     if not await self._recorded(ev.head):
                         break
                 else:  # CLOSED, RequestRejected (its answer is queued), PAUSED (nothing left to do)
+                    if isinstance(ev, RequestRejected):
+                        self._refused(ev.status, ev.reason, None)
                     break
             await self._to_client(http.data_to_client())
             await self._finish_client()
@@ -366,6 +462,90 @@ class _ClientConnection:
             if self.upstream is not None:
                 self.upstream.stream.close()
                 self.upstream = None
+
+    # --- shared by the HTTP/1.1, h2c and TCP paths ---
+
+    def _attributes(self, endpoint: Endpoint) -> ConnectionAttributes:
+        config = self.server.state.config
+        return ConnectionAttributes(
+            source_principal=self.principal,
+            source_ip=source_ip(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
+            destination=endpoint.workload,
+            destination_ip=endpoint.target.ip,
+            destination_port=endpoint.target.port,
+        )
+
+    async def _dial(self, endpoint: Endpoint) -> HboneStream:
+        server = self.server
+        return await server.pool.connect(
+            PoolKey(server.identity, SpiffeId.parse(endpoint.workload.identity), endpoint.proxy_address),
+            endpoint.target,
+            expected_identities=endpoint.expected_identities,
+            traceparent=self.request.traceparent,
+        )
+
+    def _record(self, head: RequestHead | None, outcome: Outcome) -> None:
+        telemetry = self.server.telemetry
+        if telemetry is None:
+            return
+        config = self.server.state.config
+        telemetry.record(
+            config,
+            principal=self.principal,
+            source_ip=source_ip(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
+            source_addr=f"{self.tunnel.peer_address[0]}:{self.tunnel.peer_address[1]}",
+            method=head.method if head is not None else b"-",
+            path=head.path if head is not None else b"-",
+            content_type=head.header(b"content-type") if head is not None else None,
+            outcome=outcome,
+        )
+
+    def _refused(self, status: int, reason: str, head: RequestHead | None) -> None:
+        """A request the HTTP parser refused (400, 431, 505, ...): counted, logged and in the metrics."""
+        self.server._count("bad_request")
+        log.info(
+            "request refused by the HTTP parser: %s",
+            reason,
+            extra={"status": status, "authority": str(self.target), "peer_identity": self.principal},
+        )
+        service = self.server.state.config.service_by_ip(self.target.ip)
+        outcome = Outcome(time.monotonic(), status=status, reason="bad_request", service=service)
+        self._record(head, outcome)
+
+    async def _relay_tcp(self, first: bytes, why: str) -> None:
+        """Not HTTP: the engine's L4 check with the original client's identity, then bytes both ways over
+        HBONE to the chosen endpoint (EOF passed on as a half-close)."""
+        server = self.server
+        fields: dict[str, object] = {"authority": str(self.target), "peer_identity": self.principal, "why": why}
+        endpoint = server.picker.pick(server.state.config, self.target)
+        if isinstance(endpoint, str):
+            server._count("no_endpoint")
+            log.info("tcp connection refused: %s", endpoint, extra=fields)
+            self.client.abort()
+            return
+        decision = server.state.decider.engine.check_l4(self._attributes(endpoint))
+        fields["endpoint"] = str(endpoint.target)
+        if not decision.allowed:
+            server._count("deny_l4")
+            log.info("tcp connection denied: %s", decision.reason, extra={**fields, "policy": decision.policy})
+            self.client.abort()
+            return
+        try:
+            up = await self._dial(endpoint)
+        except HboneError as e:
+            server._count("upstream_error")
+            log.warning("upstream tunnel failed: %s", e, extra=fields)
+            self.client.abort()
+            return
+        server._count("tcp")
+        log.debug("tcp connection relayed", extra={**fields, "policy": decision.policy})
+        try:
+            if first:
+                await up.write(first)
+            await asyncio.gather(_copy(self.client, up), _copy(up, self.client))
+        finally:
+            up.close()
+            self.client.close()
 
     async def _read_client(self) -> bytes:
         try:
@@ -388,24 +568,13 @@ class _ClientConnection:
 
     async def _recorded(self, head: RequestHead) -> bool:
         """`_request`, and its metrics and access log line once it is over (however it ends)."""
-        telemetry = self.server.telemetry
         config = self.server.state.config
         self.outcome = outcome = Outcome(time.monotonic(), service=config.service_by_ip(self.target.ip))
         outcome.tunnel_status = 200 if head.is_connect else 101
         try:
             return await self._request(head)
         finally:
-            if telemetry is not None:
-                telemetry.record(
-                    config,
-                    principal=self.principal,
-                    source_ip=source_ip(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
-                    source_addr=f"{self.tunnel.peer_address[0]}:{self.tunnel.peer_address[1]}",
-                    method=head.method,
-                    path=head.path,
-                    content_type=head.header(b"content-type"),
-                    outcome=outcome,
-                )
+            self._record(head, outcome)
 
     async def _request(self, head: RequestHead) -> bool:
         """Decide and serve one request; False when the client connection is over."""
@@ -422,13 +591,7 @@ class _ClientConnection:
             await self._to_client(http.data_to_client())
             return not http.closed
         self.outcome.destination, self.outcome.upstream = endpoint.workload, str(endpoint.target)
-        attrs = ConnectionAttributes(
-            source_principal=self.principal,
-            source_ip=source_ip(state.config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
-            destination=endpoint.workload,
-            destination_ip=endpoint.target.ip,
-            destination_port=endpoint.target.port,
-        )
+        attrs = self._attributes(endpoint)
         verdict = state.decider.decide(head, attrs)
         if verdict.custom is not None:
             verdict = await self._ext_authz(head, attrs, verdict)
@@ -451,12 +614,7 @@ class _ClientConnection:
             upstream = self.upstream = None
         if upstream is None:
             try:
-                stream = await server.pool.connect(
-                    PoolKey(server.identity, SpiffeId.parse(endpoint.workload.identity), endpoint.proxy_address),
-                    endpoint.target,
-                    expected_identities=endpoint.expected_identities,
-                    traceparent=self.request.traceparent,
-                )
+                stream = await self._dial(endpoint)
             except HboneError as e:
                 server._count("upstream_error")
                 self.outcome.status, self.outcome.reason = 503, "upstream_error"
@@ -584,3 +742,675 @@ async def _copy(src: HboneStream, dst: HboneStream) -> None:
         await dst.write_eof()
     except StreamClosed:
         dst.abort()
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP/2 with prior knowledge (h2c) inside a tunnel
+# ---------------------------------------------------------------------------------------------------
+H2_OUT_HIGH = 256 * 1024  # bytes queued for one HBONE stream past which producers wait for the writer
+H2_UPSTREAM_PROTOCOLS = ("http2", "grpc", "grpc-web")
+# The gRPC status a local HTTP answer becomes for a gRPC client (the mapping of gRPC's HTTP-to-gRPC document).
+GRPC_STATUS_OF_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+def port_protocol(port: ServicePort) -> str:
+    """Istio's protocol selection for a Service port: `appProtocol`, else the name's `<protocol>[-<suffix>]`;
+    "" when neither says (then the first bytes decide: HTTP/1.1, h2c, or else TCP)."""
+    if port.app_protocol:
+        return port.app_protocol.lower()
+    name = port.name.lower()
+    for proto in ("http2", "https", "http", "grpc-web", "grpc", "tcp", "tls", "mongo", "mysql", "redis", "udp"):
+        if name == proto or name.startswith(proto + "-"):
+            return proto
+    return ""
+
+
+class _Inbox:
+    """Items for one consumer task, in order; `get` waits. Bounded by the flow control of what feeds it."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def drain(self) -> list[Any]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+class _H2Side:
+    """An H2Conn over an HBONE stream: `read_loop` feeds received events to `on_event`, `flush` hands what
+    h2 queued to the writer task; `send_all` waits for the peer's window and for the writer to catch up."""
+
+    def __init__(self, conn: H2Conn, stream: HboneStream, on_event: Callable[[H2Event], None]) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.on_event = on_event
+        self._out: list[bytes] = []
+        self.pending = 0
+        self._wake: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+        self._windows: dict[int, asyncio.Future[None]] = {}
+        self.dead = False
+        self.writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.flush()
+        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.dead:
+            self._out.append(data)
+            self.pending += len(data)
+            _wake(self._wake)
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                if not self._out:
+                    if self.dead:
+                        return
+                    self._wake = asyncio.get_running_loop().create_future()
+                    await self._wake
+                    continue
+                data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+                self._out.clear()
+                await self.stream.write(data)
+                self.pending -= len(data)
+                if self.pending < H2_OUT_HIGH:
+                    _wake(self._room)
+        except (StreamClosed, HboneError, ConnectionError):
+            self.die()
+
+    def die(self) -> None:
+        self.dead = True
+        self._out.clear()
+        _wake(self._wake)
+        _wake(self._room)
+        for waiter in self._windows.values():
+            _wake(waiter)
+
+    async def drained(self, timeout: float = CLOSE_WAIT) -> None:
+        """The writer sent everything queued (or the stream died)."""
+        self.dead = True
+        _wake(self._wake)
+        if self.writer is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(timeout):
+                    await self.writer
+
+    async def read_loop(self, initial: bytes = b"") -> None:
+        data = initial
+        while True:
+            if data:
+                for ev in self.conn.receive(data):
+                    if isinstance(ev, WindowOpened):
+                        if ev.stream_id == 0:
+                            for waiter in self._windows.values():
+                                _wake(waiter)
+                        else:
+                            _wake(self._windows.get(ev.stream_id))
+                    self.on_event(ev)
+                self.flush()
+                closed = self.conn.closed
+                if closed is not None and (closed.ours or closed.code != 0):
+                    return  # a graceful GOAWAY from the peer: its open streams go on
+            try:
+                data = await self.stream.read(READ_CHUNK)
+            except (StreamClosed, HboneError):
+                data = b""
+            if not data:
+                self.on_event(H2Closed(int(ErrorCodes.CANCEL), "the tunnel ended", False))
+                return
+
+    async def send_all(self, stream_id: int, data: bytes) -> bool:
+        """All of `data` on the stream, as the peer's windows open; False when the stream or side is gone."""
+        view = memoryview(data)
+        while view:
+            if self.dead:
+                return False
+            n = self.conn.send_data(stream_id, view)
+            if n < 0:
+                return False
+            if n:
+                view = view[n:]
+                self.flush()
+            if view:
+                waiter = self._windows[stream_id] = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    self._windows.pop(stream_id, None)
+        while self.pending >= H2_OUT_HIGH and not self.dead:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        return not self.dead
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+@dataclass(eq=False)
+class _H2Exchange:
+    """One request stream of a client's h2c connection."""
+
+    stream_id: int
+    head: RequestHead
+    ended: bool  # the client sent END_STREAM
+    body: _Inbox = field(default_factory=_Inbox)  # Data, Trailers, Ended, Reset from the client
+    replies: _Inbox = field(default_factory=_Inbox)  # ResponseStarted, Data, Trailers, Ended, Reset upstream
+    task: asyncio.Task[None] | None = None
+    reset: bool = False
+    answered: bool = False  # a response head went to the client
+    discard: bool = False  # the request body is not wanted: acknowledge it as it comes
+    h1_stream: HboneStream | None = None  # the HTTP/1.1 upstream serving it, if any
+
+    @property
+    def bodiless(self) -> bool:
+        """The request ended with no DATA (so far all of it is here and none of it is body)."""
+        return self.ended and not any(isinstance(item, H2Data) for item in self.body._items)
+    outcome: Outcome = field(default_factory=lambda: Outcome(time.monotonic()))
+
+
+class _H2Upstream:
+    """An h2c connection to one endpoint (one HBONE stream), shared by the client connection's streams."""
+
+    def __init__(self, endpoint: Endpoint, stream: HboneStream) -> None:
+        self.endpoint = endpoint
+        self.exchanges: dict[int, _H2Exchange] = {}
+        self.side = _H2Side(H2Conn(client_side=True), stream, self._on_event)
+        self.side.start()
+        self.reader = asyncio.get_running_loop().create_task(self.side.read_loop())
+
+    @property
+    def usable(self) -> bool:
+        c = self.side.conn
+        limit = c.h2.remote_settings.max_concurrent_streams
+        return not self.side.dead and c.closed is None and c.open_streams() < limit
+
+    def _on_event(self, ev: H2Event) -> None:
+        if isinstance(ev, H2Closed):
+            graceful = not ev.ours and ev.code == 0
+            for sid, pending in list(self.exchanges.items()):
+                if graceful and sid <= ev.last_stream_id:
+                    continue  # a graceful GOAWAY: the streams it covers finish
+                pending.replies.put(H2Reset(sid, int(ErrorCodes.REFUSED_STREAM if graceful else ErrorCodes.CANCEL)))
+            if not graceful:
+                self.side.die()
+            return
+        sid = getattr(ev, "stream_id", 0)
+        ex = self.exchanges.get(sid)
+        if ex is None:
+            if isinstance(ev, H2Data):
+                self.side.conn.ack(sid, ev.flow)
+            return
+        if not isinstance(ev, WindowOpened):
+            ex.replies.put(ev)
+
+    def close(self) -> None:
+        self.side.conn.goaway()
+        self.side.flush()
+        self.side.die()
+        self.reader.cancel()
+        self.side.stream.close()
+
+
+class _H2ClientConnection:
+    """One client connection speaking h2c: each stream decided and forwarded on its own."""
+
+    def __init__(self, owner: _ClientConnection) -> None:
+        self.owner = owner
+        self.server = owner.server
+        self.conn = H2Conn(client_side=False)
+        self.side = _H2Side(self.conn, owner.client, self._on_event)
+        self.exchanges: dict[int, _H2Exchange] = {}
+        self.h2_upstreams: dict[tuple[str, Authority], _H2Upstream] = {}  # by (workload uid, target)
+        self.h1_idle: dict[tuple[str, Authority], list[HboneStream]] = {}
+
+    async def run(self, initial: bytes) -> None:
+        self.side.start()
+        try:
+            await self.side.read_loop(initial)
+            closed = self.conn.closed
+            if closed is not None and closed.ours:
+                self.server._count("bad_request")
+                log.info(
+                    "h2c connection closed for bad input: %s",
+                    closed.reason,
+                    extra={
+                        "authority": str(self.owner.target),
+                        "peer_identity": self.owner.principal,
+                        "code": closed.code,
+                    },
+                )
+            elif closed is not None and closed.code == 0:  # graceful: open streams finish
+                pending = [ex.task for ex in self.exchanges.values() if ex.task is not None]
+                if pending:
+                    await asyncio.wait(pending, timeout=CLOSE_WAIT * 6)
+        finally:
+            for ex in list(self.exchanges.values()):
+                if ex.task is not None:
+                    ex.task.cancel()
+            tasks = [ex.task for ex in self.exchanges.values() if ex.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=CLOSE_WAIT)
+            for up in self.h2_upstreams.values():
+                up.close()
+            for streams in self.h1_idle.values():
+                for s in streams:
+                    s.close()
+            self.side.flush()
+            await self.side.drained()
+            with contextlib.suppress(StreamClosed, HboneError, ConnectionError):
+                await self.owner._finish_client()  # a reset would drop the GOAWAY unread at the peer
+            self.owner.client.close()
+
+    def _on_event(self, ev: H2Event) -> None:
+        if isinstance(ev, RequestStarted):
+            new = _H2Exchange(ev.stream_id, ev.head, ev.ended)
+            self.exchanges[ev.stream_id] = new
+            new.task = asyncio.get_running_loop().create_task(self._serve(new))
+            return
+        if isinstance(ev, BadRequest):
+            self.owner._refused(ev.status, ev.reason, None)
+            return
+        if isinstance(ev, (H2Closed, WindowOpened)):
+            return
+        ex = self.exchanges.get(ev.stream_id)
+        if ex is None or ex.discard:
+            if isinstance(ev, H2Data):
+                self.conn.ack(ev.stream_id, ev.flow)
+            return
+        if isinstance(ev, H2Reset):
+            ex.reset = True
+            ex.replies.put(_CLIENT_RESET)  # wakes a response pump waiting on an h2c upstream
+            if ex.h1_stream is not None:
+                ex.h1_stream.abort()  # wakes one reading an HTTP/1.1 upstream
+        elif isinstance(ev, H2Ended):
+            ex.ended = True
+        ex.body.put(ev)
+
+    async def _serve(self, ex: _H2Exchange) -> None:
+        owner, server = self.owner, self.server
+        config = server.state.config
+        ex.outcome = Outcome(time.monotonic(), service=config.service_by_ip(owner.target.ip))
+        try:
+            await self._exchange(ex)
+        except (StreamClosed, HboneError, ConnectionError) as e:
+            log.info("h2c stream failed: %s", e, extra=owner._fields(ex.head))
+            self.conn.reset(ex.stream_id, ErrorCodes.INTERNAL_ERROR)
+        except Exception:  # a bug here must cost this stream only
+            log.exception("h2c stream handling failed", extra=owner._fields(ex.head))
+            self.conn.reset(ex.stream_id, ErrorCodes.INTERNAL_ERROR)
+        finally:
+            self.exchanges.pop(ex.stream_id, None)
+            for item in ex.body.drain():
+                if isinstance(item, H2Data):
+                    self.conn.ack(ex.stream_id, item.flow)
+            self.side.flush()
+            owner._record(ex.head, ex.outcome)
+
+    def _answer(self, ex: _H2Exchange, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """A local answer on the stream; the rest of the request body is not wanted (RST_STREAM NO_ERROR, as
+        RFC 9113 §8.1 lets a server that answered early ask)."""
+        ex.answered = True
+        if is_grpc(ex.head):  # a gRPC client reads a trailers-only answer (Envoy's gRPC local reply)
+            code = GRPC_STATUS_OF_HTTP.get(status, 2)
+            fields = [(b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % code)]
+            if body:
+                fields.append((b"grpc-message", urllib.parse.quote(body.strip(), safe=" ").encode()))
+            self.conn.send_response(ex.stream_id, 200, fields, end_stream=True)
+            if not ex.ended:
+                self.conn.reset(ex.stream_id, ErrorCodes.NO_ERROR)
+                ex.discard = True
+            self.side.flush()
+            ex.outcome.status, ex.outcome.grpc_status = 200, str(code)
+            return
+        content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"text/plain")
+        extra = tuple((k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length"))
+        self.conn.respond(ex.stream_id, status, body, extra, content_type=content_type)
+        if not ex.ended:
+            self.conn.reset(ex.stream_id, ErrorCodes.NO_ERROR)
+            ex.discard = True
+        self.side.flush()
+        ex.outcome.status, ex.outcome.response_bytes = status, len(body)
+
+    async def _exchange(self, ex: _H2Exchange) -> None:
+        owner, server = self.owner, self.server
+        state = server.state
+        head = ex.head
+        endpoint = server.picker.pick(state.config, owner.target)
+        if isinstance(endpoint, str):
+            server._count("no_endpoint")
+            ex.outcome.reason = "no_endpoint"
+            log.info("request refused: %s", endpoint, extra=owner._fields(head))
+            self._answer(ex, 503, NO_UPSTREAM_BODY)
+            return
+        ex.outcome.destination, ex.outcome.upstream = endpoint.workload, str(endpoint.target)
+        attrs = owner._attributes(endpoint)
+        verdict = state.decider.decide(head, attrs)
+        if verdict.custom is not None:
+            verdict = await owner._ext_authz(head, attrs, verdict)
+        if ex.reset:
+            return
+        if not verdict.allowed:
+            server._count("jwt" if verdict.denied_by == "jwt" else "deny")
+            log.info(
+                "request denied: %s",
+                verdict.reason,
+                extra={**owner._fields(head), "status": verdict.status, "policy": verdict.policy},
+            )
+            self._answer(ex, verdict.status, verdict.body, verdict.response_headers)
+            ex.outcome.policy, ex.outcome.reason, ex.outcome.upstream = verdict.policy, verdict.denied_by, None
+            return
+        server._count("allow")
+        ex.outcome.policy = verdict.policy
+        if not ex.ended and (head.header(b"expect") or b"").lower() == b"100-continue":
+            self.conn.send_response(ex.stream_id, 100, [])  # only after the allow, as on HTTP/1.1
+            self.side.flush()
+        port = endpoint.service.port_for(owner.target.port)
+        if (port is not None and port_protocol(port) in H2_UPSTREAM_PROTOCOLS) or is_grpc(head):
+            await self._forward_h2(ex, endpoint, verdict)
+        else:
+            await self._forward_h1(ex, endpoint, verdict)
+
+    async def _upstream_failed(self, ex: _H2Exchange, endpoint: Endpoint, e: Exception) -> None:
+        self.server._count("upstream_error")
+        ex.outcome.reason = "upstream_error"
+        log.warning(
+            "upstream tunnel failed: %s", e, extra={**self.owner._fields(ex.head), "endpoint": str(endpoint.target)}
+        )
+        self._answer(ex, 503, UPSTREAM_FAILED_BODY)
+
+    # --- h2c upstream (gRPC, and ports declared http2/grpc) ---
+
+    async def _forward_h2(self, ex: _H2Exchange, endpoint: Endpoint, verdict: Verdict) -> None:
+        key = (endpoint.workload.uid, endpoint.target)
+        up = self.h2_upstreams.get(key)
+        if up is None or not up.usable:
+            try:
+                stream = await self.owner._dial(endpoint)
+            except HboneError as e:
+                await self._upstream_failed(ex, endpoint, e)
+                return
+            if up is not None:
+                up.close()
+            up = self.h2_upstreams[key] = _H2Upstream(endpoint, stream)
+        bodiless = ex.bodiless
+        if bodiless:
+            ex.body.drain()
+        sid = up.side.conn.send_request(
+            ex.head, b"http", verdict.add_headers, verdict.remove_headers, end_stream=bodiless
+        )
+        up.exchanges[sid] = ex
+        up.side.flush()
+        body = None
+        if not bodiless:
+            body = asyncio.get_running_loop().create_task(self._pump_request_h2(ex, up, sid))
+        try:
+            await self._pump_response_h2(ex, up, sid)
+            if body is not None:
+                await body
+        finally:
+            if body is not None and not body.done():
+                body.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await body
+            if up.exchanges.pop(sid, None) is not None and ex.reset:
+                up.side.conn.reset(sid, ErrorCodes.CANCEL)
+                up.side.flush()
+
+    async def _pump_request_h2(self, ex: _H2Exchange, up: _H2Upstream, sid: int) -> None:
+        while True:
+            item = await ex.body.get()
+            if isinstance(item, H2Data):
+                ex.outcome.request_bytes += len(item.data)
+                if not await up.side.send_all(sid, item.data):
+                    self.conn.ack(ex.stream_id, item.flow)
+                    return
+                self.conn.ack(ex.stream_id, item.flow)
+                self.side.flush()
+            elif isinstance(item, Trailers):
+                up.side.conn.send_trailers(sid, item.headers)
+                up.side.flush()
+                return
+            elif isinstance(item, H2Ended):
+                up.side.conn.end(sid)
+                up.side.flush()
+                return
+            elif isinstance(item, H2Reset):
+                up.side.conn.reset(sid, ErrorCodes.CANCEL)
+                up.side.flush()
+                return
+
+    async def _pump_response_h2(self, ex: _H2Exchange, up: _H2Upstream, sid: int) -> None:
+        conn, o = self.conn, ex.outcome
+        while True:
+            item = await ex.replies.get()
+            if item is _CLIENT_RESET:
+                return
+            if isinstance(item, ResponseStarted):
+                o.status = item.status
+                grpc = _header(item.headers, b"grpc-status")
+                if grpc is not None:
+                    o.grpc_status = grpc.decode("latin-1")
+                ex.answered = True
+                conn.send_response(ex.stream_id, item.status, item.headers, end_stream=item.ended)
+                self.side.flush()
+                if item.ended:
+                    return
+            elif isinstance(item, H2Data):
+                o.response_bytes += len(item.data)
+                ok = await self.side.send_all(ex.stream_id, item.data)
+                up.side.conn.ack(sid, item.flow)
+                up.side.flush()
+                if not ok:
+                    return
+            elif isinstance(item, Trailers):
+                grpc = _header(item.headers, b"grpc-status")
+                if grpc is not None:
+                    o.grpc_status = grpc.decode("latin-1")
+                conn.send_trailers(ex.stream_id, item.headers)
+                self.side.flush()
+                return
+            elif isinstance(item, H2Ended):
+                conn.end(ex.stream_id)
+                self.side.flush()
+                return
+            elif isinstance(item, H2Reset):
+                if not ex.answered:
+                    self.server._count("upstream_error")
+                    o.reason = "upstream_error"
+                    self._answer(ex, 502, b"upstream reset before response headers")
+                else:
+                    conn.reset(ex.stream_id, item.code or ErrorCodes.INTERNAL_ERROR)
+                    self.side.flush()
+                return
+
+    # --- HTTP/1.1 upstream (everything else: the apps of the seeds speak HTTP/1.1) ---
+
+    async def _forward_h1(self, ex: _H2Exchange, endpoint: Endpoint, verdict: Verdict) -> None:
+        head = ex.head
+        no_body = ex.bodiless
+        if no_body:
+            ex.body.drain()
+        http = Http1Connection()
+        http.receive_data(_h1_head(head, no_body))
+        ev = http.next_request_event()
+        if not isinstance(ev, RequestReceived):
+            self._answer(ex, 400, b"request not expressible in HTTP/1.1\n")
+            return
+        http.allow(verdict.add_headers, remove=verdict.remove_headers)
+        head_bytes = http.data_to_upstream()
+        key = (endpoint.workload.uid, endpoint.target)
+        idle = self.h1_idle.get(key)
+        reused = bool(idle)
+        stream: HboneStream | None = idle.pop() if idle else None
+        while True:
+            if stream is None:
+                try:
+                    stream = await self.owner._dial(endpoint)
+                except HboneError as e:
+                    await self._upstream_failed(ex, endpoint, e)
+                    return
+            ex.h1_stream = stream
+            try:
+                await stream.write(head_bytes)
+            except StreamClosed:
+                stream.abort()
+                if reused:
+                    reused, stream = False, None
+                    continue
+                raise
+            body = None
+            if not no_body:
+                body = asyncio.get_running_loop().create_task(self._pump_request_h1(ex, http, stream))
+            try:
+                retry = reused and no_body and head.method in IDEMPOTENT
+                keep = await self._pump_response_h1(ex, http, stream, retry_stale=retry)
+                if body is not None and keep:
+                    await body
+            except _StaleUpstream:
+                stream.abort()
+                self.server._count("retried")
+                log.info("stale keep-alive upstream: request sent again", extra=self.owner._fields(head))
+                reused, stream = False, None
+                continue
+            finally:
+                if body is not None and not body.done():
+                    body.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError):
+                        await body
+            ex.h1_stream = None
+            if keep and not ex.reset:
+                self.h1_idle.setdefault(key, []).append(stream)
+            else:
+                stream.close()
+            return
+
+    async def _pump_request_h1(self, ex: _H2Exchange, http: Http1Connection, up: HboneStream) -> None:
+        chunked = ex.head.content_length is None
+        while True:
+            item = await ex.body.get()
+            if isinstance(item, H2Data):
+                if item.data:
+                    ex.outcome.request_bytes += len(item.data)
+                    http.receive_data(b"%x\r\n%s\r\n" % (len(item.data), item.data) if chunked else item.data)
+                    while isinstance(http.next_request_event(), RequestData):
+                        pass
+                    data = http.data_to_upstream()
+                    if data:
+                        await up.write(data)
+                self.conn.ack(ex.stream_id, item.flow)
+                self.side.flush()
+            elif isinstance(item, (Trailers, H2Ended)):
+                if chunked:
+                    http.receive_data(b"0\r\n\r\n")
+                http.next_request_event()
+                data = http.data_to_upstream()
+                if data:
+                    await up.write(data)
+                return
+            elif isinstance(item, H2Reset):
+                up.abort()
+                return
+
+    async def _pump_response_h1(
+        self, ex: _H2Exchange, http: Http1Connection, up: HboneStream, *, retry_stale: bool
+    ) -> bool:
+        o = ex.outcome
+        got = False
+        while True:
+            ev = http.next_response_event()
+            http.data_to_client()  # the HTTP/1.1 rendering of the response: not what this client gets
+            if ev is NEED_DATA:
+                try:
+                    data = await up.read(READ_CHUNK)
+                except StreamClosed:
+                    data = b""
+                if ex.reset:  # the client gave up (its reset aborted `up`)
+                    return False
+                if not data and not got and retry_stale:
+                    raise _StaleUpstream
+                got = got or bool(data)
+                http.receive_upstream_data(data)
+            elif isinstance(ev, ResponseReceived):
+                o.status = ev.status
+                headers = [(k.lower(), v) for k, v in ev.headers if k.lower() not in HOP_BY_HOP]
+                grpc = _header(headers, b"grpc-status")
+                if grpc is not None:
+                    o.grpc_status = grpc.decode("latin-1")
+                ex.answered = True
+                self.conn.send_response(ex.stream_id, ev.status, headers)
+                self.side.flush()
+            elif isinstance(ev, ResponseData):
+                o.response_bytes += len(ev.data)
+                if not await self.side.send_all(ex.stream_id, ev.data):
+                    return False
+            elif isinstance(ev, ResponseEnded):
+                self.conn.end(ex.stream_id)
+                self.side.flush()
+                return ev.keep_alive
+            else:  # CLOSED: the upstream broke off (or answered garbage)
+                if not ex.answered:
+                    self.server._count("upstream_error")
+                    o.reason = "upstream_error"
+                    self._answer(ex, 502, b"upstream closed before its response\n")
+                else:
+                    self.conn.reset(ex.stream_id, ErrorCodes.INTERNAL_ERROR)
+                    self.side.flush()
+                return False
+
+
+_CLIENT_RESET = object()  # in an exchange's `replies`: the client reset the stream
+
+
+class _StaleUpstream(Exception):
+    """A reused keep-alive upstream stream ended before any byte of the response: send the request again."""
+
+
+
+
+_NOT_TO_H1 = frozenset({b"host", b"content-length", b"expect"})  # written below, or answered here (100)
+
+
+def _h1_head(head: RequestHead, no_body: bool) -> bytes:
+    """An h2 request head as HTTP/1.1 (its values were checked free of CR/LF/NUL: http2.request_head)."""
+    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nhost: ", head.host, b"\r\n"]
+    for name, value in head.headers:
+        if name in HOP_BY_HOP or name in _NOT_TO_H1:
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if head.content_length is not None:
+        parts.append(b"content-length: %d\r\n" % head.content_length)
+    elif not no_body:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _header(headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None

@@ -1,0 +1,344 @@
+"""HTTP/2 with prior knowledge (h2c) through the waypoint process, with clients and servers we did not write:
+curl --http2-prior-knowledge, Node's http2 client and grpcio (client and server), each reaching the waypoint
+through the kit's TCP→HBONE bridge (the source node proxy's part). Each stream is decided on its own (one
+connection carries an allowed and a denied request); bodies stream with flow control; gRPC goes upstream as
+h2c; malformed HTTP/2 ends that connection with a GOAWAY carrying the spec's code while the waypoint serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from tests.integration.conftest import ProxyProcess, start_proxy
+from tests.support.waypoint import (
+    APP_PORT,
+    BIG,
+    CONFIG,
+    GREETER_IP,
+    WAYPOINT_IP,
+    KeepAliveApp,
+    client_pool,
+    start_waypoint,
+    stop,
+    tcp_bridge,
+    tunnel,
+    wait_listening,
+)
+from ztunnel.hbone.client import HbonePool
+from ztunnel.hbone.stream import HboneStream
+from ztunnel.net.streams import StreamClosed
+
+GRPC_VIP = "10.96.0.68"
+GRPC_PORT = 50051
+EXTRA = f"""\
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hello-grpc, namespace: greet}}
+spec:
+  clusterIP: {GRPC_VIP}
+  selector: {{app: greeter-service}}
+  ports: [{{port: {GRPC_PORT}, targetPort: {GRPC_PORT}, name: grpc}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: hello-grpc, namespace: greet}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: hello-grpc}}]
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        paths: ["/test.Greeter/Hello", "/test.Greeter/Echo"]
+"""
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass
+class Setup:
+    ca_dir: Path
+    waypoint_log: Path
+
+
+def _hello(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return b"hello " + request
+
+
+def _echo(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    yield from requests
+
+
+def _grpc_server() -> grpc.Server:
+    handlers = {
+        "Hello": grpc.unary_unary_rpc_method_handler(_hello),
+        "Other": grpc.unary_unary_rpc_method_handler(_hello),
+        "Echo": grpc.stream_stream_rpc_method_handler(_echo),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Greeter", handlers),))
+    server.add_insecure_port(f"{GREETER_IP}:{GRPC_PORT}")
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Setup]:
+    workdir = tmp_path_factory.mktemp("waypoint-h2c")
+    config = workdir / "cluster.yaml"
+    config.write_text(CONFIG + EXTRA)
+    app = KeepAliveApp(GREETER_IP, APP_PORT)
+    grpc_server = _grpc_server()
+    proxy: ProxyProcess | None = None
+    waypoint: subprocess.Popen[bytes] | None = None
+    try:
+        proxy = start_proxy("node-b", config, ca_dir, workdir)
+        waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
+        wait_listening(waypoint, log_path, WAYPOINT_IP)
+        yield Setup(ca_dir, log_path)
+    finally:
+        if waypoint is not None:
+            stop(waypoint)
+        if proxy is not None:
+            proxy.stop()
+        grpc_server.stop(None)
+        app.close()
+
+
+@pytest.fixture
+async def client(setup: Setup) -> AsyncIterator[HbonePool]:
+    async with client_pool(setup.ca_dir) as pool:
+        yield pool
+
+
+async def _run(*argv: str, stdin: bytes | None = None) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def _curl(port: int, path: str, *args: str) -> str:
+    return await _run(
+        "curl", "--http2-prior-knowledge", "-sS", "--max-time", "20", "-w", "|%{http_version} %{http_code}",
+        *args, f"http://127.0.0.1:{port}{path}",
+    )  # fmt: skip
+
+
+async def test_curl_requests_are_decided(client: HbonePool) -> None:
+    """curl 7.88 cannot reuse an h2c connection for a second URL (its own framing-layer error, with any
+    server), so each request is one curl run; one connection carrying both is the Node test's."""
+    async with tcp_bridge(client) as port:
+        assert await _curl(port, "/hello") == "hello GET /hello (0 body bytes) #1\n|2 200"
+        assert await _curl(port, "/version") == "RBAC: access denied|2 403"
+        assert await _curl(port, "/hello", "-X", "POST") == "RBAC: access denied|2 403"
+        upload = await _curl(port, "/upload", "--data-binary", "x" * 3000, "-H", "expect: 100-continue")
+        assert upload == "hello POST /upload (3000 body bytes) #1\n|2 200"
+
+
+NODE_CLIENT = r"""
+const http2 = require('http2');
+const port = process.argv[2];
+const session = http2.connect(`http://127.0.0.1:${port}`);
+function req(headers, body) {
+  return new Promise((resolve, reject) => {
+    const s = session.request(headers);
+    let status = 0, n = 0, chunks = [];
+    s.on('response', (h) => { status = h[':status']; });
+    s.on('data', (d) => { n += d.length; if (chunks.length < 4) chunks.push(d); });
+    s.on('end', () => resolve({status, bytes: n, head: Buffer.concat(chunks).toString().slice(0, 80)}));
+    s.on('error', reject);
+    if (body) { s.end(body); } else { s.end(); }
+  });
+}
+(async () => {
+  const results = await Promise.all([
+    req({':path': '/hello'}),
+    req({':path': '/version'}),
+    req({':method': 'POST', ':path': '/upload', 'content-length': String(1 << 20)}, Buffer.alloc(1 << 20, 'u')),
+    req({':method': 'POST', ':path': '/upload', 'content-length': '300000'}, Buffer.alloc(300000, 'c')),
+    req({':path': '/big'}),
+    req({':method': 'DELETE', ':path': '/hello'}),
+  ]);
+  console.log(JSON.stringify(results));
+  session.close();
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+async def test_node_concurrent_streams_each_decided(client: HbonePool, tmp_path: Path) -> None:
+    script = tmp_path / "client.js"
+    script.write_text(NODE_CLIENT)
+    async with tcp_bridge(client) as port:
+        results = json.loads(await _run("node", str(script), str(port)))
+    got = [(r["status"], r["bytes"] if r["status"] == 200 and r["bytes"] > 100 else r["head"]) for r in results]
+    assert got[0] == (200, got[0][1]) and got[0][1].startswith("hello GET /hello (0 body bytes)")
+    assert got[1] == (403, "RBAC: access denied")
+    assert got[2][0] == 200 and "hello POST /upload (1048576 body bytes)" in got[2][1]
+    assert got[3][0] == 200 and "hello POST /upload (300000 body bytes)" in got[3][1]
+    assert got[4] == (200, BIG)
+    assert got[5] == (403, "RBAC: access denied")
+
+
+def _grpc_calls(port: int) -> tuple[bytes, grpc.StatusCode, str, int]:
+    options = [("grpc.enable_http_proxy", 0)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        hello = channel.unary_unary("/test.Greeter/Hello")(b"grpc", timeout=20)
+        try:
+            channel.unary_unary("/test.Greeter/Other")(b"x", timeout=20)
+            denied = (grpc.StatusCode.OK, "")
+        except grpc.RpcError as e:
+            denied = (e.code(), e.details())
+        chunk = b"e" * 65536
+        echoed = channel.stream_stream("/test.Greeter/Echo")(iter([chunk] * 64), timeout=30)
+        total = sum(len(m) for m in echoed)
+    return hello, denied[0], denied[1], total
+
+
+async def test_grpc_through_the_waypoint(client: HbonePool) -> None:
+    async with tcp_bridge(client, GRPC_VIP, GRPC_PORT) as port:
+        hello, code, details, total = await asyncio.to_thread(_grpc_calls, port)
+    assert hello == b"hello grpc"
+    assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "RBAC: access denied")
+    assert total == 64 * 65536  # 4 MiB each way through flow-controlled streams
+
+
+# --- malformed HTTP/2: GOAWAY with the spec's code, the connection closed, the waypoint serves on ---
+
+
+async def _goaway_after(stream: HboneStream, data: bytes) -> int:
+    """Send `data` on a fresh h2c connection; the error code of the GOAWAY the waypoint answers with."""
+    await stream.write(data)
+    buf = b""
+    with contextlib.suppress(StreamClosed):  # the waypoint ends the tunnel after its GOAWAY
+        async with asyncio.timeout(10):
+            while chunk := await stream.read():
+                buf += chunk
+    pos = 0
+    while pos + 9 <= len(buf):
+        frame, length = Frame.parse_frame_header(memoryview(buf[pos : pos + 9]))
+        frame.parse_body(memoryview(buf[pos + 9 : pos + 9 + length]))
+        pos += 9 + length
+        if isinstance(frame, GoAwayFrame):
+            return int(frame.error_code)
+    raise AssertionError(f"no GOAWAY in {buf!r}")
+
+
+def _raw(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    """A frame as bytes, whatever it breaks (hyperframe refuses to build some of the ones sent here)."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+def _headers(stream_id: int, block: bytes, flags: tuple[str, ...] = ("END_HEADERS", "END_STREAM")) -> bytes:
+    bits = (0x4 if "END_HEADERS" in flags else 0) | (0x1 if "END_STREAM" in flags else 0)
+    return _raw(0x1, bits, stream_id, block)
+
+
+# a literal header block: :method GET, :scheme http, :path /hello, :authority greeter (static-table indices)
+GET_HELLO = b"\x82\x86\x04\x06/hello\x01\x07greeter"
+SETTINGS = SettingsFrame(0).serialize()
+PROTOCOL_ERROR, FRAME_SIZE_ERROR, ENHANCE_YOUR_CALM = 0x1, 0x6, 0xB
+
+MALFORMED = {
+    "bad preface after the magic": (b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + SETTINGS, PROTOCOL_ERROR),
+    "HEADERS on stream 0": (PREFACE + SETTINGS + _headers(0, GET_HELLO), PROTOCOL_ERROR),
+    "DATA on stream 0": (PREFACE + SETTINGS + _raw(0x0, 0, 0, b"x"), PROTOCOL_ERROR),
+    "frame over SETTINGS_MAX_FRAME_SIZE": (
+        PREFACE + SETTINGS + _headers(1, GET_HELLO + b"\x00\x01a\x01b" * 4200),
+        FRAME_SIZE_ERROR,
+    ),
+    "header block over the cap": (
+        PREFACE
+        + SETTINGS
+        + _headers(1, GET_HELLO, ("END_STREAM",))
+        + b"".join(ContinuationFrame(1, data=b"\x00\x01a\x01b" * 3200).serialize() for _ in range(6)),
+        ENHANCE_YOUR_CALM,
+    ),
+    "CONTINUATION flood": (
+        PREFACE
+        + SETTINGS
+        + _headers(1, GET_HELLO, ("END_STREAM",))
+        + ContinuationFrame(1, data=b"").serialize() * 200,
+        PROTOCOL_ERROR,
+    ),
+    "rapid reset": (
+        PREFACE
+        + SETTINGS
+        + b"".join(
+            _headers(i, GET_HELLO) + RstStreamFrame(i, error_code=8).serialize() for i in range(1, 1000, 2)
+        ),
+        ENHANCE_YOUR_CALM,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_malformed_http2_gets_goaway_and_the_waypoint_serves_on(client: HbonePool, case: str) -> None:
+    data, code = MALFORMED[case]
+    stream = await tunnel(client)
+    try:
+        assert await _goaway_after(stream, data) == code
+    finally:
+        stream.close()
+    async with tcp_bridge(client) as port:
+        assert (await _curl(port, "/hello")).endswith("|2 200")
+
+
+async def test_a_denied_stream_leaves_the_others_open(client: HbonePool) -> None:
+    """A request body still arriving on a denied stream is refused on that stream (RST_STREAM NO_ERROR after
+    the 403) while an allowed stream of the same connection completes."""
+    stream = await tunnel(client)
+    try:
+        denied = _headers(1, b"\x83\x86\x04\x08/version\x01\x07greeter", ("END_HEADERS",))  # POST, no END_STREAM
+        allowed = _headers(3, GET_HELLO)
+        await stream.write(PREFACE + SETTINGS + denied + DataFrame(1, data=b"x" * 1000).serialize() + allowed)
+        seen: dict[int, list[str]] = {1: [], 3: []}
+        buf = b""
+        async with asyncio.timeout(10):
+            while not any(x.startswith("DATA-END") for x in seen[3]):
+                chunk = await stream.read()
+                assert chunk, f"tunnel closed: {seen}"
+                buf += chunk
+                while len(buf) >= 9:
+                    frame, length = Frame.parse_frame_header(memoryview(buf[:9]))
+                    if len(buf) < 9 + length:
+                        break
+                    frame.parse_body(memoryview(buf[9 : 9 + length]))
+                    buf = buf[9 + length :]
+                    if frame.stream_id in seen and not isinstance(frame, WindowUpdateFrame):
+                        if isinstance(frame, DataFrame):
+                            end = "DATA-END" if "END_STREAM" in frame.flags else "DATA"
+                            seen[frame.stream_id].append(f"{end} {frame.data[:19]!r}")
+                        else:
+                            seen[frame.stream_id].append(type(frame).__name__)
+    finally:
+        stream.close()
+    assert seen[1][:2] == ["HeadersFrame", "DATA-END b'RBAC: access denied'"]
+    assert seen[1][2:] in ([], ["RstStreamFrame"])
+    assert seen[3][0] == "HeadersFrame" and seen[3][-1].startswith("DATA-END")

@@ -1,0 +1,465 @@
+"""The waypoint's HTTP/2 layer (h2c, prior knowledge), sans-IO: one connection, client-facing or upstream.
+
+`H2Conn` is h2 (adapted as HBONE's: hbone/http2.HboneH2, so the same frame-level limits hold: a header block
+capped as its frames arrive, announced oversized frames refused by their header, new streams and premature
+resets per second on the StreamBudget) with the waypoint's own settings, its events turned into a few small
+ones: a validated request head (`RequestStarted`, an http1.RequestHead with version b"2", so RequestDecider,
+ext-authz and telemetry treat both protocols alike), `Data`, `Trailers`, `Ended`, `Reset`, `WindowOpened`,
+`ResponseStarted` (upstream side) and `Closed` (GOAWAY sent or received: the connection is over).
+
+Flow control is the backpressure: received DATA is given back to the peer (`ack`) only once the owner has
+passed it on, so what one connection can hold is its windows (`H2Limits`); `send_data` sends no more than
+the peer's window and says how much went. Malformed input is the connection's end, with the code h2 (or
+our limits) give: PROTOCOL_ERROR for a bad preface or frames where they may not be, FRAME_SIZE_ERROR for an
+oversized frame, ENHANCE_YOUR_CALM for header blocks over the cap, CONTINUATION floods, and rapid reset.
+A request that is well-framed but not one we serve (a target that is not a path, CONNECT, a bad
+content-length) gets an answer on its stream only (`BadRequest`, queued here), the other streams go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from ztunnel.hbone.budgets import StreamBudget
+from ztunnel.hbone.http2 import HboneH2
+from ztunnel.hbone.protocol import MAX_HEADER_LIST, PREMATURE_RESET_BUDGET, STREAM_OPEN_BUDGET
+from ztunnel.waypoint.http1 import RequestHead
+
+H2C_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"  # the first line of the h2c preface: routes a connection here
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class H2Limits:
+    # Envoy's default SETTINGS_MAX_CONCURRENT_STREAMS is 2^31-1; 100 is what RFC 9113 recommends as a floor
+    # and what HBONE's pool uses per connection: with the windows below it bounds one connection's memory.
+    max_concurrent_streams: int = 100
+    # A stream's and the connection's receive windows (bytes held for the peer until passed on): 256 KiB
+    # keeps a gRPC stream at line rate on loopback; the connection's 1 MiB caps what 100 streams pin.
+    stream_window: int = 256 * 1024
+    connection_window: int = 1024 * 1024
+    max_frame_size: int = 16 * 1024  # the protocol's default: no peer has to split less than it expects
+    max_header_list: int = MAX_HEADER_LIST  # also the cap hbone/http2.LimitedFrameBuffer applies to a block
+    open_budget: int = STREAM_OPEN_BUDGET  # new streams per second (rapid reset, as HBONE's)
+    reset_budget: int = PREMATURE_RESET_BUDGET  # streams reset before their answer, per second
+
+
+# --- events ---
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStarted:
+    stream_id: int
+    head: RequestHead
+    ended: bool  # no body follows (END_STREAM on the HEADERS)
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A request refused on its stream (its answer is queued); the connection goes on."""
+
+    stream_id: int
+    status: int
+    reason: str
+    head: RequestHead | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    stream_id: int
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]  # regular fields (no pseudo-headers)
+    ended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    stream_id: int
+    data: bytes
+    flow: int  # window to give back (`ack`) once passed on (padding included)
+
+
+@dataclass(frozen=True, slots=True)
+class Trailers:
+    stream_id: int
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    stream_id: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    stream_id: int  # 0: the connection's window or the initial window changed (every stream may send)
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The connection is over: a GOAWAY was received (`ours` False) or sent for bad input (`ours` True)."""
+
+    code: int
+    reason: str
+    ours: bool
+    last_stream_id: int = 0
+
+
+Event = RequestStarted | BadRequest | ResponseStarted | Data | Trailers | Ended | Reset | WindowOpened | Closed
+
+# Connection-specific fields (RFC 9113 §8.2.2) that never cross from HTTP/1.1 to HTTP/2 or back.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"http2-settings"}
+)
+
+
+class _H2(HboneH2):
+    """HBONE's h2 adaptation with the waypoint's settings (smaller windows and frames than a tunnel's)."""
+
+    def __init__(self, client_side: bool, limits: H2Limits, budget: StreamBudget | None) -> None:
+        super().__init__(client_side, budget)
+        self.limits = limits
+
+    def start(self) -> None:
+        limits = self.limits
+        settings = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list,
+        }
+        if self.config.client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        self.local_settings = h2.settings.Settings(client=self.config.client_side, initial_values=settings)
+        self.max_inbound_frame_size = limits.max_frame_size
+        self.incoming_buffer.max_frame_size = limits.max_frame_size
+        self.initiate_connection()
+        if limits.connection_window > 65535:
+            self.increment_flow_control_window(limits.connection_window - 65535)
+
+
+class H2Conn:
+    """One h2c connection of the waypoint: `client_side` False faces the client (requests in), True faces an
+    app (requests out). Bytes in with `receive`, events out; bytes out with `data_to_send`."""
+
+    def __init__(self, *, client_side: bool, limits: H2Limits | None = None) -> None:
+        self.limits = limits or H2Limits()
+        self._answered: set[int] = set()  # server: streams we answered (a reset of one is not premature)
+        self._high = 0  # server: highest stream id seen
+        budget = None
+        if not client_side:
+            budget = StreamBudget(self.limits.open_budget, self.limits.reset_budget, self._is_abort)
+        self.h2 = _H2(client_side, self.limits, budget)
+        self.h2.start()
+        self.closed: Closed | None = None
+
+    def _is_abort(self, stream_id: int) -> bool:
+        return stream_id in self._answered or (stream_id <= self._high and stream_id not in self.h2.streams)
+
+    # --- bytes ---
+
+    @property
+    def dead(self) -> bool:
+        """Nothing more is read or sent (a GOAWAY for an error, either way); a graceful one lets streams end."""
+        return self.closed is not None and (self.closed.ours or self.closed.code != 0)
+
+    def receive(self, data: bytes | memoryview) -> list[Event]:
+        if self.dead:
+            return []
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:  # h2 queued GOAWAY with the error's code
+            code = int(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR))
+            self.closed = Closed(code, str(e) or type(e).__name__, True)
+            self._ensure_goaway(code)
+            return [self.closed]
+        out: list[Event] = []
+        for ev in events:
+            self._translate(ev, out)
+        if self.closed is None:
+            violation = self.h2.incoming_buffer.pending_violation()
+            pending = self.h2.incoming_buffer._data  # a frame header waiting for its payload
+            if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > self.limits.max_frame_size:
+                violation = (ErrorCodes.FRAME_SIZE_ERROR, "a frame over SETTINGS_MAX_FRAME_SIZE")
+            if violation is not None:
+                code, why = violation
+                self.closed = Closed(int(code), why, True)
+                self._ensure_goaway(int(code))
+                out.append(self.closed)
+        return out
+
+    def _ensure_goaway(self, code: int) -> None:
+        try:
+            self.h2.close_connection(code)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def data_to_send(self) -> bytes:
+        return self.h2.data_to_send()
+
+    # --- events ---
+
+    def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            assert ev.stream_id is not None and ev.data is not None
+            out.append(Data(ev.stream_id, ev.data, ev.flow_controlled_length or 0))
+            if ev.stream_ended is not None:
+                out.append(Ended(ev.stream_id))
+        elif isinstance(ev, h2.events.RequestReceived):
+            assert ev.stream_id is not None
+            self._high = max(self._high, ev.stream_id)
+            ended = ev.stream_ended is not None
+            head = request_head(ev.headers or [])
+            if isinstance(head, RequestHead):
+                out.append(RequestStarted(ev.stream_id, head, ended))
+            else:
+                status, reason = head
+                self.respond(ev.stream_id, status, reason.encode() + b"\n")
+                if not ended:
+                    self.reset(ev.stream_id, ErrorCodes.NO_ERROR)
+                out.append(BadRequest(ev.stream_id, status, reason, None))
+        elif isinstance(ev, h2.events.ResponseReceived):
+            assert ev.stream_id is not None
+            status = 0
+            fields = []
+            for name, value in ev.headers or []:
+                n, v = _b(name), _b(value)
+                if n == b":status":
+                    status = int(v)
+                elif not n.startswith(b":"):
+                    fields.append((n, v))
+            out.append(ResponseStarted(ev.stream_id, status, tuple(fields), ev.stream_ended is not None))
+            if ev.stream_ended is not None:
+                out.append(Ended(ev.stream_id))
+        elif isinstance(ev, h2.events.TrailersReceived):
+            assert ev.stream_id is not None
+            out.append(Trailers(ev.stream_id, tuple((_b(n), _b(v)) for n, v in ev.headers or [])))
+            out.append(Ended(ev.stream_id))
+        elif isinstance(ev, h2.events.StreamEnded):
+            assert ev.stream_id is not None
+            out.append(Ended(ev.stream_id))
+        elif isinstance(ev, h2.events.StreamReset):
+            assert ev.stream_id is not None
+            out.append(Reset(ev.stream_id, int(ev.error_code or 0)))
+        elif isinstance(ev, h2.events.WindowUpdated):
+            out.append(WindowOpened(ev.stream_id or 0))
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            out.append(WindowOpened(0))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            code = int(ev.error_code or 0)
+            self.closed = Closed(code, "GOAWAY from the peer", False, ev.last_stream_id or 0)
+            out.append(self.closed)
+        # InformationalResponseReceived (1xx from an app) is dropped; PINGs and SETTINGS h2 answers itself
+
+    # --- commands ---
+
+    def send_request(
+        self, head: RequestHead, scheme: bytes, extra: tuple[tuple[bytes, bytes], ...], remove: frozenset[bytes], *,
+        end_stream: bool,
+    ) -> int:
+        """Client side: open a stream for `head` (as the client sent it, minus `remove`, plus `extra`)."""
+        sid = self.h2.get_next_available_stream_id()
+        fields = [
+            (b":method", head.method),
+            (b":scheme", scheme),
+            (b":authority", head.host),
+            (b":path", head.target),
+        ]
+        for name, value in head.headers:
+            low = name.lower()
+            if low in HOP_BY_HOP and not (low == b"te" and value.strip().lower() == b"trailers"):
+                continue
+            if low == b"host" or low == b"expect" or low in remove:  # a 100 went to the client already
+                continue
+            fields.append((low, value))
+        fields += [(k.lower(), v) for k, v in extra]
+        self.h2.send_headers(sid, fields, end_stream=end_stream)
+        return sid
+
+    def send_response(
+        self, stream_id: int, status: int, headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]], *,
+        end_stream: bool = False,
+    ) -> bool:
+        """Server side: the response head; False when the stream is gone (reset meanwhile)."""
+        self._answered.add(stream_id)
+        fields = [(b":status", b"%d" % status)]
+        for name, value in headers:
+            low = name.lower()
+            if low in HOP_BY_HOP or low.startswith(b":"):
+                continue
+            fields.append((low, value))
+        try:
+            self.h2.send_headers(stream_id, fields, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
+        return True
+
+    def respond(
+        self, stream_id: int, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = (), *,
+        content_type: bytes = b"text/plain",
+    ) -> None:
+        """A local answer, whole (a short body: always within the initial window of a fresh stream)."""
+        fields = [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers]
+        if not self.send_response(stream_id, status, fields, end_stream=not body):
+            return
+        if body:
+            if self.window(stream_id) >= len(body):  # the usual case: one DATA frame with END_STREAM
+                self.h2.send_data(stream_id, body, end_stream=True)
+            elif self.send_data(stream_id, body) == len(body):
+                self.end(stream_id)
+            else:  # no window for even this little: give up on the stream
+                self.reset(stream_id, ErrorCodes.INTERNAL_ERROR)
+
+    def window(self, stream_id: int) -> int:
+        try:
+            return min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return -1
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Send what the peer's windows allow of `data`; how many bytes went (-1: the stream is gone)."""
+        sent = 0
+        view = memoryview(data)
+        try:
+            while sent < len(view):
+                n = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size, len(view) - sent)
+                if n <= 0:
+                    break
+                self.h2.send_data(stream_id, view[sent : sent + n])
+                sent += n
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return -1 if sent == 0 else sent
+        return sent
+
+    def send_trailers(self, stream_id: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        fields = [(n.lower(), v) for n, v in headers if not n.startswith(b":")]
+        try:
+            self.h2.send_headers(stream_id, fields, end_stream=True)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def end(self, stream_id: int) -> None:
+        try:
+            self.h2.end_stream(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def reset(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def ack(self, stream_id: int, flow: int) -> None:
+        """Give `flow` received bytes of window back (they were passed on, or nobody will read them); h2 gives
+        the connection's share back even when the stream is gone."""
+        if flow <= 0 or self.dead:
+            return
+        try:
+            self.h2.acknowledge_received_data(flow, stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
+        self._ensure_goaway(code)
+
+    def open_streams(self) -> int:
+        return self.h2.open_outbound_streams if self.h2.config.client_side else self.h2.open_inbound_streams
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+_CONNECT = b"CONNECT"
+_BAD_FIELD_BYTES = frozenset(b"\r\n\0")
+
+
+def request_head(headers: Iterable[tuple[bytes | str, bytes | str]]) -> RequestHead | tuple[int, str]:
+    """A received HEADERS block as the head the policy decides on, or (status, why) to refuse the stream.
+
+    h2 has already checked the pseudo-header rules (RFC 9113 §8.3.1: present once, before regular fields,
+    no connection-specific fields, lowercase names); what is left is ours: an origin-form :path (the path the
+    policy sees is the one the app serves), no CONNECT (no tunnels inside h2c), a numeric content-length."""
+    method = target = authority = b""
+    host: bytes | None = None
+    length: int | None = None
+    fields: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        n, v = _b(name), _b(value)
+        if n.startswith(b":"):
+            if n == b":method":
+                method = v
+            elif n == b":path":
+                target = v
+            elif n == b":authority":
+                authority = v
+            continue
+        if _BAD_FIELD_BYTES.intersection(v):  # h2 lets CR/LF/NUL through; an HTTP/1.1 upstream must not see them
+            return 400, f"a field value of {n.decode('latin-1')} holds CR, LF or NUL"
+        if n == b"host":
+            host = v
+        elif n == b"content-length":
+            if not v.isdigit():
+                return 400, "content-length is not a number"
+            if length is not None and int(v) != length:
+                return 400, "conflicting content-length fields"
+            length = int(v)
+        fields.append((n, v))
+    if method == _CONNECT:
+        return 501, "CONNECT is not served inside HTTP/2"
+    if target.startswith(b"/"):
+        path = target.split(b"?", 1)[0]
+    elif target == b"*" and method == b"OPTIONS":
+        path = target
+    else:
+        return 400, "the :path must be a path (origin-form)"
+    return RequestHead(
+        method=method,
+        target=target,
+        path=path,
+        host=authority or host or b"",
+        headers=tuple(fields),
+        version=b"2",
+        content_length=length,
+        chunked=False,
+        keep_alive=True,
+        upgrade=None,
+        expect_continue=False,
+    )
+
+
+def is_grpc(head: RequestHead) -> bool:
+    ct = head.header(b"content-type")
+    return ct is not None and ct.startswith(b"application/grpc")
+
+
+__all__ = [
+    "H2C_PREFACE_LINE",
+    "HOP_BY_HOP",
+    "BadRequest",
+    "Closed",
+    "Data",
+    "Ended",
+    "Event",
+    "H2Conn",
+    "H2Limits",
+    "RequestStarted",
+    "Reset",
+    "ResponseStarted",
+    "Trailers",
+    "WindowOpened",
+    "is_grpc",
+    "request_head",
+]
