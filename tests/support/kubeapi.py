@@ -519,13 +519,16 @@ def pod(
         obj["metadata"]["managedFields"] = [
             {"manager": "kubelet", "operation": "Update", "fieldsV1": {f"f:{i}": {"f:x": {}} for i in range(40)}}
         ]
-        obj["metadata"]["ownerReferences"] = [{"kind": "ReplicaSet", "name": f"{name}-rs", "uid": "x" * 36}]
+        obj["metadata"]["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{name}-rs", "uid": "x" * 36, "controller": True}
+        ]
         obj["spec"]["containers"][0].update(
             env=[{"name": f"VAR_{i}", "value": "v" * 20} for i in range(20)],
             resources={"requests": {"cpu": "100m", "memory": "128Mi"}},
             volumeMounts=[{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
         )
-        obj["spec"]["volumes"] = [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {}}]}}]
+        token = {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}
+        obj["spec"]["volumes"] = [{"name": "kube-api-access", "projected": {"sources": [token]}}]
         obj["status"]["containerStatuses"] = [
             {"name": "app", "ready": True, "restartCount": 0, "image": "app:1", "imageID": "sha256:" + "a" * 64}
         ]
