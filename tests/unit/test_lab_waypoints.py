@@ -114,3 +114,21 @@ def test_a_pod_is_an_endpoint_only_once_the_lab_marks_it_ready() -> None:
     assert endpoints() == []
     rec.ready = True
     assert endpoints() == ["shop/p"]
+
+
+def test_the_gateway_status_shows_its_waypoint_pods_address_once_ready() -> None:
+    plan = waypoints.reconcile(_objects(), NODES, {}, argv)
+    rec = plan_pod("t", plan.start[0], "n1")
+
+    def status() -> dict[str, object]:
+        live = load_documents(render_live(plan.objects, NODES, {rec.ref: rec}))
+        return dict(next(o for o in live if o.kind == "Gateway" and o.name == "wp").body["status"])
+
+    assert status() == {"addresses": [], "conditions": [{"type": "Programmed", "status": "False"}]}
+    rec.ips, rec.ready = ["10.244.1.7"], True
+    assert status() == {
+        "addresses": [{"type": "IPAddress", "value": "10.244.1.7"}],
+        "conditions": [{"type": "Programmed", "status": "True"}],
+    }
+    ingress = next(o for o in load_documents(render_live(plan.objects, NODES, {})) if o.name == "ingress")
+    assert "status" not in ingress.body  # another class's Gateway is another controller's

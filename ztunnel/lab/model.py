@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from ztunnel.config.loader import ConfigError, build_config
-from ztunnel.config.model import KubeObject
+from ztunnel.config.model import GATEWAY_NAME_LABEL, WAYPOINT_GATEWAY_CLASS, KubeObject
 from ztunnel.errors import ZtunnelError
 
 NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
@@ -359,12 +359,36 @@ def allocate_cluster_ips(bodies: Sequence[dict[str, Any]]) -> None:
         b.setdefault("spec", {})["clusterIP"] = str(candidate)
 
 
+def gateway_status(bodies: Sequence[dict[str, Any]]) -> None:
+    """A waypoint Gateway's status as its controller reports it: the addresses of its pods (labelled with its
+    name: the lab's or a hand-run one) and whether one of them is Ready (`Programmed`)."""
+    owned: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for b in bodies:
+        meta = b.get("metadata") or {}
+        gateway = (meta.get("labels") or {}).get(GATEWAY_NAME_LABEL)
+        if b.get("kind") == "Pod" and gateway:
+            owned.setdefault((str(meta.get("namespace") or "default"), str(gateway)), []).append(b.get("status") or {})
+    for b in bodies:
+        meta = b.get("metadata") or {}
+        if b.get("kind") != "Gateway" or (b.get("spec") or {}).get("gatewayClassName") != WAYPOINT_GATEWAY_CLASS:
+            continue
+        pods = owned.get((str(meta.get("namespace") or "default"), str(meta.get("name"))), [])
+        ips = [str(st["podIP"]) for st in pods if st.get("podIP")]
+        conditions = [c for st in pods for c in st.get("conditions") or []]
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        b["status"] = {
+            "addresses": [{"type": "IPAddress", "value": ip} for ip in ips],
+            "conditions": [{"type": "Programmed", "status": "True" if ready else "False"}],
+        }
+
+
 def render_live(objects: Sequence[KubeObject], nodes: Mapping[str, NodeRecord], pods: Mapping[str, PodRecord]) -> str:
     """The live config file: the user's objects (status filled in), plus Node objects for implied nodes."""
     declared_nodes = {o.name for o in objects if o.kind == "Node"}
     bodies = [node_body(n) for n in sorted(nodes.values(), key=lambda n: n.index) if n.name not in declared_nodes]
     bodies += [live_body(o, nodes, pods) for o in objects]
     allocate_cluster_ips(bodies)
+    gateway_status(bodies)
     header = "# Written by `ztunnel lab`: the lab's live cluster state. Change it with `ztunnel lab apply|delete`.\n"
     return header + yaml.safe_dump_all(bodies, sort_keys=False, default_flow_style=False)
 
