@@ -14,6 +14,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
@@ -30,6 +31,7 @@ class Refusal(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNAVAILABLE = "UNAVAILABLE"  # the CA cannot decide now (the Kubernetes API is down): refused, retry later
 
 
 class NodeAuthError(CAError):
@@ -81,6 +83,27 @@ def bearer_token(authorization: str | None) -> str:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who is asking, once authenticated: the node it runs on and, with Kubernetes, its own identity.
+
+    `node_proxy`: it may have the identities of every pod on its node (a node token, or a TokenReview of the
+    node proxy's service account); otherwise only `identity`, its own.
+    """
+
+    node: str
+    identity: SpiffeId | None = None
+    node_proxy: bool = True
+    name: str = ""  # for logs: the pod (namespace/name) or the node
+
+    def __str__(self) -> str:
+        return self.name or f"node {self.node}"
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, authorization: str | None) -> Caller: ...
+
+
+@dataclass(frozen=True)
 class NodeTokens:
     """Maps bearer tokens to node names, compared in constant time."""
 
@@ -95,6 +118,9 @@ class NodeTokens:
         if not found:
             raise NodeAuthError(Refusal.UNAUTHENTICATED, "unknown node token; check the token file the CA was given")
         return found
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        return Caller(self.node_for(authorization))
 
 
 def authorize_identity(config: ClusterConfig | None, node: str, identity: SpiffeId) -> None:
@@ -118,8 +144,10 @@ def check_request(
     *,
     trust_domain: str,
     impersonated: str = "",
+    caller: Caller | None = None,
 ) -> SigningRequest:
-    """Everything the CA checks about one request from `node`; returns the request to sign."""
+    """Everything the CA checks about one request from `node`; returns the request to sign. A `caller` that is
+    not a node proxy may have only its own identity (a waypoint's or an app's own agent)."""
     try:
         req = parse_csr(csr_pem, trust_domain)
     except InvalidRequestError as e:
@@ -136,5 +164,13 @@ def check_request(
                 Refusal.PERMISSION_DENIED,
                 f"the CSR's SAN {req.identity} differs from metadata {IMPERSONATED_IDENTITY} {asked}",
             )
+    if caller is not None and caller.identity is not None and req.identity == caller.identity:
+        return req  # its own identity, of a pod the API just confirmed on its node
+    if caller is not None and not caller.node_proxy:
+        raise NodeAuthError(
+            Refusal.PERMISSION_DENIED,
+            f"{caller} ({caller.identity}) may have only its own identity, not {req.identity}: only a node proxy's "
+            "service account (ca serve --node-proxy-account) may have the identities of the pods on its node",
+        )
     authorize_identity(config, node, req.identity)
     return req

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -42,18 +43,49 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     issue.set_defaults(func=_issue)
 
     serve = sub.add_parser("serve", help="serve the Istio certificate API (gRPC over TLS) with node authorization")
-    serve.add_argument("--dir", required=True, help="the CA directory")
+    serve.add_argument(
+        "--dir",
+        help="the CA directory; with --source kubernetes: the operator's mounted cacerts Secret (Istio's file "
+        "names), used when it holds ca-cert.pem and ca-key.pem, else the CA is kept in --ca-secret",
+    )
     serve.add_argument("-f", "--file", dest="files", action="append", help="config YAML (repeatable), watched")
     add_source_arguments(serve)
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT (default 127.0.0.1:15012)")
     serve.add_argument(
-        "--node-tokens", required=True, help="YAML mapping token: node-name (mode 0600), reloaded on change"
+        "--node-tokens", help="YAML mapping token: node-name (mode 0600), reloaded on change (file source)"
     )
     serve.add_argument(
         "--dns-name", dest="dns_names", action="append", default=[], help="extra DNS name or IP for the server cert"
     )
     serve.add_argument("--default-ttl", default="24h", help="validity when the request asks for none")
     serve.add_argument("--max-ttl", default="168h", help="upper bound on any SVID's validity (default 168h)")
+    kube = serve.add_argument_group("with --source kubernetes")
+    kube.add_argument(
+        "--token-audience",
+        default="istio-ca",
+        help="audience the callers' projected service-account tokens must carry (TokenReview; default istio-ca)",
+    )
+    kube.add_argument(
+        "--node-proxy-account",
+        dest="node_proxy_accounts",
+        action="append",
+        default=[],
+        metavar="NS/SA",
+        help="service account of the node proxies, which may have the identities of every pod on their node "
+        "(repeatable; default <CA namespace>/ztunnel); any other caller gets only its own identity",
+    )
+    kube.add_argument(
+        "--ca-secret", default="istio-ca-secret", help="Secret that keeps the generated CA (default istio-ca-secret)"
+    )
+    kube.add_argument("--ca-namespace", help="namespace of --ca-secret (default: the CA's service account's)")
+    kube.add_argument(
+        "--root-configmap",
+        default="istio-ca-root-cert",
+        help="ConfigMap holding the trust bundle (key root-cert.pem) in every namespace (default istio-ca-root-cert)",
+    )
+    kube.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    kube.add_argument("--readiness-addr", help="HOST:PORT for /healthz/ready (200 once serving with pods listed)")
+    kube.add_argument("--metrics-addr", help="HOST:PORT for /metrics (certificates issued/refused, token reviews)")
     serve.set_defaults(func=_serve)
 
     revoke = sub.add_parser("revoke", help="put a certificate serial on the CA's CRL (crl.pem)")
@@ -144,6 +176,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     split_host_port(args.listen)  # report a bad --listen before anything else
     default_ttl = parse_duration(args.default_ttl)
+    if args.source == "kubernetes":
+        return _serve_kubernetes(args, default_ttl)
+    for flag in ("dir", "node_tokens"):
+        if not getattr(args, flag):
+            raise CommandError(f"--{flag.replace('_', '-')} is required (unless --source kubernetes)")
     ca = CertificateAuthority.load(args.dir, max_ttl=parse_duration(args.max_ttl))
     tokens = NodeTokens(load_node_tokens(args.node_tokens))
     source = open_source(args, trust_domain=ca.trust_domain)
@@ -164,6 +201,61 @@ def _serve(args: argparse.Namespace) -> int:
             stop=stop,
             token_file=args.node_tokens,
         )
+
+    asyncio.run(main())
+    return 0
+
+
+def _serve_kubernetes(args: argparse.Namespace, default_ttl: dt.timedelta) -> int:
+    import asyncio
+    import signal
+
+    from ztunnel.config.kube.client import from_kubeconfig, in_cluster
+    from ztunnel.identity.duration import parse_duration
+    from ztunnel.identity.kube import KubeCASettings, run_kube_ca_server
+    from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
+    from ztunnel.net.http import parse_host_port
+
+    if args.files or args.node_tokens:
+        raise CommandError("-f and --node-tokens are for the file source; --source kubernetes reads the API")
+    for account in args.node_proxy_accounts:
+        ns, _, sa = account.partition("/")
+        if not ns or not sa or "/" in sa:
+            raise CommandError(f"--node-proxy-account {account!r}: expected NAMESPACE/SERVICEACCOUNT")
+    try:
+        SpiffeId.parse(f"spiffe://{args.trust_domain}/ns/default/sa/default")
+    except SpiffeIdError as e:
+        raise CommandError(f"--trust-domain {args.trust_domain!r}: {e}") from None
+    addrs: dict[str, tuple[str, int] | None] = {}
+    for flag in ("readiness_addr", "metrics_addr"):
+        value = getattr(args, flag)
+        try:
+            addrs[flag] = parse_host_port(value) if value else None
+        except ValueError as e:
+            raise CommandError(f"--{flag.replace('_', '-')}: {e}") from None
+    settings = KubeCASettings(
+        mounted=Path(args.dir) if args.dir else None,
+        secret=args.ca_secret,
+        namespace=args.ca_namespace,
+        root_configmap=args.root_configmap,
+        trust_domain=args.trust_domain,
+        audience=args.token_audience,
+        node_proxy_accounts=tuple(args.node_proxy_accounts),
+        listen=args.listen,
+        dns_names=tuple(args.dns_names),
+        default_ttl=default_ttl,
+        max_ttl=parse_duration(args.max_ttl),
+        readiness_addr=addrs["readiness_addr"],
+        metrics_addr=addrs["metrics_addr"],
+    )
+    endpoint = from_kubeconfig(args.kubeconfig) if args.kubeconfig else in_cluster()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_kube_ca_server(endpoint, settings, stop)
 
     asyncio.run(main())
     return 0

@@ -23,6 +23,8 @@ from ztunnel.config.source import ConfigSource
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.authz import (
     IMPERSONATED_IDENTITY,
+    Authenticator,
+    Caller,
     NodeAuthError,
     NodeTokens,
     Refusal,
@@ -41,6 +43,7 @@ _STATUS = {
     Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Refusal.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Refusal.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -92,7 +95,8 @@ class _CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         peer = context.peer()
         try:
-            chain = self._server.sign_body(body, metadata.get("authorization"))
+            caller = await self._server.authenticate(metadata.get("authorization"))
+            chain = self._server.sign_body(body, metadata.get("authorization"), caller=caller)
         except NodeAuthError as e:
             log.warning("certificate refused: %s", e, extra={"peer": peer, "status": e.refusal.value})
             await context.abort(_STATUS[e.refusal], str(e))
@@ -130,7 +134,8 @@ class _RevocationService:
     ) -> revocation_pb2.RevocationListResponse:
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         try:
-            return self._server.revocation_list(body, metadata.get("authorization"))
+            await self._server.authenticate(metadata.get("authorization"))
+            return self._server.revocation_list(body, metadata.get("authorization"), authenticated=True)
         except NodeAuthError as e:
             log.warning("CRL request refused: %s", e, extra={"peer": context.peer(), "status": e.refusal.value})
             await context.abort(_STATUS[e.refusal], str(e))
@@ -159,7 +164,7 @@ class CAServer:
     def __init__(
         self,
         ca: CertificateAuthority,
-        tokens: NodeTokens,
+        tokens: NodeTokens | Authenticator,
         config: Callable[[], ClusterConfig | None],
         *,
         listen: str,
@@ -179,11 +184,27 @@ class CAServer:
         self.refused = 0
         self._server: grpc.aio.Server | None = None
 
-    def sign_body(self, body: bytes, authorization: str | None) -> list[str]:
-        """`sign` for a request still in its wire form: the token is checked first, so an unauthenticated
-        caller gets UNAUTHENTICATED whatever it sent, and nothing of its body is parsed."""
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """Who is calling (node token, or TokenReview with `--source kubernetes`); NodeAuthError if unknown."""
         try:
-            node = self.tokens.node_for(authorization)
+            return await self.tokens.authenticate(authorization)
+        except NodeAuthError:
+            self.refused += 1
+            raise
+
+    def _node_token_caller(self, authorization: str | None) -> Caller:
+        """The synchronous path (tests, local mode): only a node token file can answer without I/O."""
+        if not isinstance(self.tokens, NodeTokens):
+            raise TypeError("this CA authenticates callers with I/O: await authenticate() and pass caller=")
+        return Caller(self.tokens.node_for(authorization))
+
+    def sign_body(self, body: bytes, authorization: str | None, *, caller: Caller | None = None) -> list[str]:
+        """`sign` for a request still in its wire form: the token is checked first (or `caller` is the one
+        `authenticate` found), so an unauthenticated caller gets UNAUTHENTICATED whatever it sent, and nothing
+        of its body is parsed."""
+        try:
+            if caller is None:
+                caller = self._node_token_caller(authorization)
             try:
                 request = ca_pb2.IstioCertificateRequest.FromString(body)
             except DecodeError as e:
@@ -193,16 +214,22 @@ class CAServer:
         except NodeAuthError:
             self.refused += 1
             raise
-        return self.sign(request, authorization, node=node)
+        return self.sign(request, authorization, caller=caller)
 
     def sign(
-        self, request: ca_pb2.IstioCertificateRequest, authorization: str | None, *, node: str | None = None
+        self,
+        request: ca_pb2.IstioCertificateRequest,
+        authorization: str | None,
+        *,
+        node: str | None = None,
+        caller: Caller | None = None,
     ) -> list[str]:
-        """Authenticate the node (unless `node` is already known), authorize the identity, sign. Raises
-        NodeAuthError saying why not."""
+        """Authenticate the node (unless `node` or `caller` is already known), authorize the identity, sign.
+        Raises NodeAuthError saying why not."""
         try:
-            if node is None:
-                node = self.tokens.node_for(authorization)
+            if caller is None:
+                caller = Caller(node) if node is not None else self._node_token_caller(authorization)
+            node = caller.node
             impersonated = ""
             if request.HasField("metadata") and IMPERSONATED_IDENTITY in request.metadata.fields:
                 value = request.metadata.fields[IMPERSONATED_IDENTITY]
@@ -210,7 +237,12 @@ class CAServer:
                     raise NodeAuthError(Refusal.INVALID_ARGUMENT, f"metadata {IMPERSONATED_IDENTITY} must be a string")
                 impersonated = value.string_value
             req = check_request(
-                self.config(), node, request.csr, trust_domain=self.ca.trust_domain, impersonated=impersonated
+                self.config(),
+                node,
+                request.csr,
+                trust_domain=self.ca.trust_domain,
+                impersonated=impersonated,
+                caller=caller,
             )
             if request.validity_duration < 0:
                 raise NodeAuthError(Refusal.INVALID_ARGUMENT, "validity_duration must not be negative")
@@ -223,13 +255,19 @@ class CAServer:
             self.refused += 1
             raise
         self.issued += 1
-        log.info("certificate issued", extra={"node": node, "identity": req.identity.uri, "ttl_s": ttl.total_seconds()})
+        log.info(
+            "certificate issued",
+            extra={"node": node, "caller": str(caller), "identity": req.identity.uri, "ttl_s": ttl.total_seconds()},
+        )
         return [c.decode() for c in chain]
 
-    def revocation_list(self, body: bytes, authorization: str | None) -> revocation_pb2.RevocationListResponse:
+    def revocation_list(
+        self, body: bytes, authorization: str | None, *, authenticated: bool = False
+    ) -> revocation_pb2.RevocationListResponse:
         """The current CRL (and the replaced intermediates' last ones) for an authenticated node; only the
         number when it holds the current one already."""
-        self.tokens.node_for(authorization)  # raises NodeAuthError: the same credential as for certificates
+        if not authenticated:
+            self._node_token_caller(authorization)  # raises NodeAuthError: the same credential as for certificates
         try:
             request = revocation_pb2.RevocationListRequest.FromString(body)
         except DecodeError as e:

@@ -1,0 +1,622 @@
+"""The CA on a Kubernetes cluster (`ztunnel ca serve --source kubernetes`).
+
+- Who is calling: a TokenReview of the caller's projected service-account token (audience `--token-audience`),
+  then its pod, read from the API (uid as the token's bound pod claim, `spec.nodeName`); the pod's node is the
+  node the file mode reads from its token file, and the same rule applies (`authz.check_request`). Reviews
+  are cached briefly (bounded LRU, `REVIEW_TTL_S` or the token's expiry if sooner) and concurrent ones for one
+  token are shared, so a proxy's burst of CSRs costs one review. Any failure to ask the API refuses the CSR
+  (UNAVAILABLE): the CA never signs on a guess.
+- Its root and intermediate: the operator's mounted `cacerts` Secret (Istio's file names), or one generated
+  once and stored in a Secret; a second replica that loses the race to create it reads the winner's.
+- The trust bundle: a ConfigMap `istio-ca-root-cert` (key `root-cert.pem`) in every namespace, as Istio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ztunnel.config.kube.client import KubeApiError, KubeClient, KubeEndpoint, quote_name
+from ztunnel.identity.authz import Caller, NodeAuthError, Refusal, bearer_token
+from ztunnel.identity.ca import (
+    CA_CERT,
+    CA_KEY,
+    CERT_CHAIN,
+    CRL,
+    RETIRED_CRLS,
+    ROOT_CERT,
+    ROOT_KEY,
+    TRUST_BUNDLE,
+    CAError,
+    CertificateAuthority,
+    init_ca_dir,
+)
+from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from ztunnel.identity.server import CAServer
+    from ztunnel.net.http import HttpServer
+
+log = logging.getLogger("ztunnel.ca")
+
+DEFAULT_AUDIENCE = "istio-ca"
+DEFAULT_CA_SECRET = "istio-ca-secret"
+DEFAULT_ROOT_CONFIGMAP = "istio-ca-root-cert"
+ROOT_CONFIGMAP_KEY = "root-cert.pem"
+NODE_PROXY_SERVICE_ACCOUNT = "ztunnel"  # in the CA's own namespace, unless --node-proxy-account says otherwise
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+POD_NAME_CLAIM = "authentication.kubernetes.io/pod-name"
+POD_UID_CLAIM = "authentication.kubernetes.io/pod-uid"
+NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"  # Kubernetes >= 1.30 binds the node too
+REVIEW_TTL_S = 60.0
+REVIEW_CACHE_SIZE = 4096
+API_TIMEOUT_S = 5.0
+SA_PREFIX = "system:serviceaccount:"
+TRUST_DOMAIN_KEY = "trust-domain"
+# What the generated CA's Secret holds: Istio's plugged-in names, the root key, the trust domain.
+SECRET_FILES = (CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, ROOT_KEY, TRUST_DOMAIN_KEY)
+# What is read from a mounted cacerts dir into the CA's working dir (a Secret mount is read-only).
+MOUNTED_FILES = (CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, TRUST_BUNDLE, CRL, RETIRED_CRLS)
+
+
+def _first(extra: Mapping[str, Any], key: str) -> str:
+    """A TokenReview `extra` value is a list of strings; the claims this reads have one."""
+    value = extra.get(key)
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return value[0]
+    return value if isinstance(value, str) else ""
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` of a JWT, unverified (the API verified it): only used to keep a cached review no longer than
+    the token is valid. None when it is not a JWT with a numeric `exp`."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+@dataclass
+class ReviewStats:
+    reviews: int = 0  # TokenReviews sent
+    cache_hits: int = 0
+    shared: int = 0  # requests that waited for a review already in flight for the same token
+    api_errors: int = 0
+
+
+class KubeAuthenticator:
+    """A bearer token -> the calling pod's `Caller`, by TokenReview and a GET of the pod (see the module doc)."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        *,
+        trust_domain: str,
+        audience: str = DEFAULT_AUDIENCE,
+        node_proxy_accounts: Collection[str] = (),
+        ttl: float = REVIEW_TTL_S,
+        max_entries: int = REVIEW_CACHE_SIZE,
+        timeout: float = API_TIMEOUT_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.trust_domain = trust_domain
+        self.audience = audience
+        self.node_proxy_accounts = frozenset(node_proxy_accounts)
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.timeout = timeout
+        self.clock = clock
+        self.stats = ReviewStats()
+        self._cache: collections.OrderedDict[bytes, tuple[float, Caller]] = collections.OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[Caller]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        token = bearer_token(authorization)
+        key = hashlib.sha256(token.encode()).digest()  # the cache never holds a token itself
+        now = self.clock()
+        hit = self._cache.get(key)
+        if hit is not None:
+            if hit[0] > now:
+                self._cache.move_to_end(key)
+                self.stats.cache_hits += 1
+                return hit[1]
+            del self._cache[key]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self.stats.shared += 1
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            caller = await self._review(token)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        else:
+            future.set_result(caller)
+            expiry = token_expiry(token)
+            until = min(now + self.ttl, expiry if expiry is not None else now + self.ttl)
+            if until > now:
+                self._cache[key] = (until, caller)
+                while len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+            return caller
+        finally:
+            del self._inflight[key]
+
+    async def _api(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """One API call bounded by `timeout`; every failure becomes an UNAVAILABLE refusal that says what failed."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.client.request_json(method, path, body)
+        except KubeApiError as e:
+            if e.status == 404:
+                raise
+            self.stats.api_errors += 1
+            raise NodeAuthError(Refusal.UNAVAILABLE, f"cannot {what}: the Kubernetes API failed ({e}); retry") from e
+        except (OSError, TimeoutError) as e:
+            self.stats.api_errors += 1
+            why = f"no answer within {self.timeout:g}s" if isinstance(e, TimeoutError) else str(e) or repr(e)
+            raise NodeAuthError(
+                Refusal.UNAVAILABLE, f"cannot {what}: the Kubernetes API is unreachable ({why}); retry"
+            ) from e
+
+    async def _review(self, token: str) -> Caller:
+        self.stats.reviews += 1
+        review = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [self.audience]},
+        }
+        try:
+            answer = await self._api("review the caller's token", "POST", TOKEN_REVIEWS, review)
+        except KubeApiError as e:
+            self.stats.api_errors += 1
+            raise NodeAuthError(Refusal.UNAVAILABLE, f"cannot review the caller's token: {e}; retry") from e
+        status = answer.get("status") if isinstance(answer.get("status"), dict) else {}
+        assert isinstance(status, dict)
+        if status.get("authenticated") is not True:
+            why = status.get("error") or "the token is invalid or expired"
+            raise NodeAuthError(Refusal.UNAUTHENTICATED, f"the Kubernetes API does not accept the token: {why}")
+        audiences = status.get("audiences")
+        if not isinstance(audiences, list) or self.audience not in audiences:
+            raise NodeAuthError(
+                Refusal.UNAUTHENTICATED,
+                f"the token is not for audience {self.audience!r} (it is for {audiences or 'none the API names'}); "
+                f"mount a projected service-account token with `audience: {self.audience}`",
+            )
+        user = status.get("user") if isinstance(status.get("user"), dict) else {}
+        assert isinstance(user, dict)
+        username = str(user.get("username") or "")
+        ns, _, sa = username.removeprefix(SA_PREFIX).partition(":")
+        if not username.startswith(SA_PREFIX) or not ns or not sa or ":" in sa:
+            raise NodeAuthError(
+                Refusal.PERMISSION_DENIED, f"the token belongs to {username!r}, not to a service account"
+            )
+        extra = user.get("extra") if isinstance(user.get("extra"), dict) else {}
+        assert isinstance(extra, dict)
+        pod_name, pod_uid, claimed_node = (_first(extra, k) for k in (POD_NAME_CLAIM, POD_UID_CLAIM, NODE_NAME_CLAIM))
+        if not pod_name or not pod_uid:
+            raise NodeAuthError(
+                Refusal.UNAUTHENTICATED,
+                f"the token of {ns}/{sa} is not bound to a pod (a legacy Secret token?); mount a projected "
+                f"service-account token (audience {self.audience}) in the pod",
+            )
+        path = f"/api/v1/namespaces/{quote_name(ns)}/pods/{quote_name(pod_name)}"
+        try:
+            pod = await self._api(f"read the caller's pod {ns}/{pod_name}", "GET", path)
+        except KubeApiError as e:  # 404 only: _api turned the rest into UNAVAILABLE
+            raise NodeAuthError(
+                Refusal.UNAUTHENTICATED, f"the caller's pod {ns}/{pod_name} no longer exists"
+            ) from e
+        return self._caller(pod, ns, sa, pod_name, pod_uid, claimed_node)
+
+    def _caller(self, pod: Mapping[str, Any], ns: str, sa: str, name: str, uid: str, claimed_node: str) -> Caller:
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        where = f"pod {ns}/{name}"
+        if meta.get("uid") != uid:
+            raise NodeAuthError(
+                Refusal.UNAUTHENTICATED,
+                f"the token is bound to {where} uid {uid}, but that pod is now uid {meta.get('uid')} (replaced)",
+            )
+        if (spec.get("serviceAccountName") or "default") != sa:
+            raise NodeAuthError(
+                Refusal.PERMISSION_DENIED,
+                f"{where} runs as service account {spec.get('serviceAccountName')!r}, the token is {sa!r}'s",
+            )
+        if status.get("phase") in ("Succeeded", "Failed"):
+            raise NodeAuthError(Refusal.PERMISSION_DENIED, f"{where} has terminated ({status.get('phase')})")
+        node = spec.get("nodeName") or ""
+        if not node:
+            raise NodeAuthError(Refusal.PERMISSION_DENIED, f"{where} is not scheduled on a node")
+        if claimed_node and claimed_node != node:
+            raise NodeAuthError(
+                Refusal.PERMISSION_DENIED,
+                f"the token is bound to node {claimed_node!r}, but {where} runs on {node!r}",
+            )
+        try:
+            identity = SpiffeId.parse(f"spiffe://{self.trust_domain}/ns/{ns}/sa/{sa}")
+        except SpiffeIdError as e:
+            raise NodeAuthError(Refusal.PERMISSION_DENIED, f"{where}: {e}") from e
+        return Caller(node, identity, f"{ns}/{sa}" in self.node_proxy_accounts, f"{where} on {node}")
+
+
+# ---- the CA's keys ---------------------------------------------------------------------------------------
+
+
+def _private_dir(work_dir: Path | None) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="ztunnel-ca-", dir=work_dir))
+    os.chmod(d, 0o700)
+    return d
+
+
+def _write_files(d: Path, files: Mapping[str, bytes]) -> None:
+    for name, data in files.items():
+        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+
+def is_plugged_in(mounted: Path | None) -> bool:
+    return mounted is not None and (mounted / CA_CERT).is_file() and (mounted / CA_KEY).is_file()
+
+
+def secret_files(secret: Mapping[str, Any], where: str) -> dict[str, bytes]:
+    data = secret.get("data") or {}
+    out: dict[str, bytes] = {}
+    for name in SECRET_FILES:
+        if name in data:
+            try:
+                out[name] = base64.b64decode(str(data[name]), validate=True)
+            except (ValueError, binascii.Error):
+                raise CAError(
+                    f"{where}: data[{name!r}] is not base64; delete the Secret to generate a new CA"
+                ) from None
+    for name in (CA_CERT, CA_KEY, ROOT_CERT):
+        if name not in out:
+            raise CAError(f"{where}: data[{name!r}] is missing; delete the Secret to generate a new CA")
+    return out
+
+
+async def ensure_ca_secret(
+    client: KubeClient, namespace: str, name: str, trust_domain: str, *, attempts: int = 6, timeout: float = 10.0
+) -> dict[str, bytes]:
+    """The CA stored in Secret `namespace/name`: read it, or generate one and create it; on a conflict (another
+    replica created it first) read the winner's, so every replica signs under the same root."""
+    where = f"Secret {namespace}/{name}"
+    path = f"/api/v1/namespaces/{quote_name(namespace)}/secrets"
+    rng = random.Random()
+    for attempt in range(1, attempts + 1):
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    return secret_files(await client.get(f"{path}/{quote_name(name)}"), where)
+                except KubeApiError as e:
+                    if e.status != 404:
+                        raise
+                files = await asyncio.to_thread(generate_ca_files, trust_domain)
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "type": "istio.io/ca-root",
+                    "metadata": {
+                        "name": name,
+                        "namespace": namespace,
+                        "labels": {"app.kubernetes.io/part-of": "ztunnel-py"},
+                    },
+                    "data": {k: base64.b64encode(v).decode() for k, v in files.items()},
+                }
+                try:
+                    await client.request_json("POST", path, body)
+                    log.info("CA generated and stored", extra={"secret": f"{namespace}/{name}"})
+                    return files
+                except KubeApiError as e:
+                    if e.status != 409:
+                        raise
+                log.info("another CA replica stored its CA first; using it", extra={"secret": f"{namespace}/{name}"})
+                return secret_files(await client.get(f"{path}/{quote_name(name)}"), where)
+        except (OSError, TimeoutError) as e:
+            if attempt == attempts or (isinstance(e, KubeApiError) and e.status in (401, 403)):
+                raise CAError(
+                    f"{where}: cannot read or create it ({e or 'no answer'}); check that the API server is reachable "
+                    "and that the CA's service account may get and create this Secret (RBAC)"
+                ) from None
+            delay = min(0.5 * 2**attempt, 8.0) * (0.5 + rng.random())
+            log.warning("CA Secret %s: %s; retrying in %.1fs", where, e, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def generate_ca_files(trust_domain: str) -> dict[str, bytes]:
+    """A new root and intermediate (as `ztunnel ca init` makes them), as the Secret's files."""
+    d = _private_dir(None)
+    try:
+        init_ca_dir(d, trust_domain=trust_domain)
+        files = {n: (d / n).read_bytes() for n in SECRET_FILES if n != TRUST_DOMAIN_KEY}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    files[TRUST_DOMAIN_KEY] = trust_domain.encode() + b"\n"
+    return files
+
+
+async def load_kube_ca(
+    client: KubeClient,
+    *,
+    mounted: Path | None,
+    namespace: str,
+    secret: str,
+    trust_domain: str,
+    work_dir: Path | None = None,
+    max_ttl: dt.timedelta | None = None,
+) -> CertificateAuthority:
+    """The operator's plugged-in CA from `mounted` (Istio's cacerts names) if it holds one, else the Secret's.
+
+    Either is copied to a private working dir the CA owns (a Secret mount is read-only and its files are
+    symlinks that change under it); the trust domain is `trust_domain`, and a stored CA of another one is
+    refused rather than silently serving two."""
+    if is_plugged_in(mounted):
+        assert mounted is not None
+        files = {n: (mounted / n).read_bytes() for n in MOUNTED_FILES if (mounted / n).is_file()}
+        origin = f"{mounted} (plugged-in CA)"
+    else:
+        files = await ensure_ca_secret(client, namespace, secret, trust_domain)
+        origin = f"Secret {namespace}/{secret}"
+        stored = files.get(TRUST_DOMAIN_KEY, b"").decode(errors="replace").strip()
+        if stored and stored != trust_domain:
+            raise CAError(
+                f"{origin} holds a CA for trust domain {stored!r}, not --trust-domain {trust_domain!r}; "
+                "give the same trust domain, or delete the Secret to generate a new CA"
+            )
+    files[TRUST_DOMAIN_KEY] = trust_domain.encode() + b"\n"
+    d = _private_dir(work_dir)
+    _write_files(d, files)
+    try:
+        ca = CertificateAuthority.load(d) if max_ttl is None else CertificateAuthority.load(d, max_ttl=max_ttl)
+    except CAError as e:
+        raise CAError(f"{origin}: {e}") from None
+    log.info("CA loaded", extra={"from": origin, "trust_domain": trust_domain})
+    return ca
+
+
+# ---- the trust bundle in every namespace -------------------------------------------------------------------
+
+
+class TrustBundlePublisher:
+    """Keeps ConfigMap `name` (key `root-cert.pem`: the CA's roots) in every namespace: created where missing,
+    updated where it differs. Remembers what it published, forgets it every `resync` seconds to repair edits."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        roots_pem: bytes,
+        *,
+        name: str = DEFAULT_ROOT_CONFIGMAP,
+        resync: float = 300.0,
+        retry: float = 5.0,
+        timeout: float = API_TIMEOUT_S,
+    ) -> None:
+        self.client = client
+        self.data = {ROOT_CONFIGMAP_KEY: roots_pem.decode()}
+        self.name = name
+        self.resync = resync
+        self.retry = retry
+        self.timeout = timeout
+        self.published: set[str] = set()
+        self.failed: dict[str, str] = {}  # namespace -> the last error
+        self.writes = 0
+        self.wake = asyncio.Event()
+
+    async def ensure(self, namespace: str) -> bool:
+        """The ConfigMap in `namespace` as it should be; True if it had to be created or changed."""
+        base = f"/api/v1/namespaces/{quote_name(namespace)}/configmaps"
+        async with asyncio.timeout(self.timeout):
+            try:
+                current = await self.client.get(f"{base}/{quote_name(self.name)}")
+            except KubeApiError as e:
+                if e.status != 404:
+                    raise
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {"name": self.name, "namespace": namespace, "labels": {"istio.io/config": "true"}},
+                    "data": dict(self.data),
+                }
+                await self.client.request_json("POST", base, body)
+                self.writes += 1
+                return True
+            if all((current.get("data") or {}).get(k) == v for k, v in self.data.items()):
+                return False
+            await self.client.patch(f"{base}/{quote_name(self.name)}", {"data": dict(self.data)})
+            self.writes += 1
+            return True
+
+    async def publish(self, namespaces: Iterable[str]) -> None:
+        """One pass: every namespace not yet published; the failed ones are kept for the next pass."""
+        wanted = set(namespaces)
+        self.published &= wanted
+        for ns in sorted(wanted - self.published):
+            try:
+                changed = await self.ensure(ns)
+            except (OSError, TimeoutError) as e:
+                if self.failed.get(ns) != str(e):
+                    log.warning(
+                        "cannot publish ConfigMap %s in namespace %s: %s; retrying", self.name, ns, e or "timeout"
+                    )
+                self.failed[ns] = str(e)
+                continue
+            self.failed.pop(ns, None)
+            self.published.add(ns)
+            if changed:
+                log.info("trust bundle published", extra={"namespace": ns, "configmap": self.name})
+
+    async def run(self, namespaces: Callable[[], Iterable[str]]) -> None:
+        """Publish at start, whenever `wake` is set (the namespaces changed), after failures, and every resync."""
+        last_resync = time.monotonic()
+        while True:
+            if time.monotonic() - last_resync >= self.resync:
+                self.published.clear()
+                last_resync = time.monotonic()
+            await self.publish(namespaces())
+            self.wake.clear()
+            try:
+                async with asyncio.timeout(self.retry if self.failed else self.resync):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
+
+
+# ---- `ca serve --source kubernetes` ----------------------------------------------------------------------
+
+
+class _CAMetrics:
+    """The CA's counters for Prometheus, read at scrape time from the server and the authenticator."""
+
+    def __init__(self, server: CAServer, auth: KubeAuthenticator, publisher: TrustBundlePublisher) -> None:
+        self.server, self.auth, self.publisher = server, auth, publisher
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        certs = CounterMetricFamily("ztunnel_ca_certificates", "CSRs answered by the CA", labels=["result"])
+        certs.add_metric(["issued"], self.server.issued)
+        certs.add_metric(["refused"], self.server.refused)
+        yield certs
+        reviews = CounterMetricFamily(
+            "ztunnel_ca_token_reviews", "Caller authentications by TokenReview", labels=["result"]
+        )
+        stats = self.auth.stats
+        for result, value in (
+            ("reviewed", stats.reviews),
+            ("cache_hit", stats.cache_hits),
+            ("shared", stats.shared),
+            ("api_error", stats.api_errors),
+        ):
+            reviews.add_metric([result], value)
+        yield reviews
+        pending = GaugeMetricFamily(
+            "ztunnel_ca_trust_bundle_pending_namespaces", "Namespaces whose trust bundle ConfigMap could not be written"
+        )
+        pending.add_metric([], len(self.publisher.failed))
+        yield pending
+
+
+@dataclass(frozen=True)
+class KubeCASettings:
+    mounted: Path | None  # --dir: the operator's cacerts mount (may be empty or absent)
+    secret: str = DEFAULT_CA_SECRET
+    namespace: str | None = None  # the CA's namespace; default: its service account's
+    root_configmap: str = DEFAULT_ROOT_CONFIGMAP
+    trust_domain: str = "cluster.local"
+    audience: str = DEFAULT_AUDIENCE
+    node_proxy_accounts: tuple[str, ...] = ()  # default: <namespace>/ztunnel
+    listen: str = "127.0.0.1:15012"
+    dns_names: tuple[str, ...] = ()
+    default_ttl: dt.timedelta = dt.timedelta(hours=24)
+    max_ttl: dt.timedelta = dt.timedelta(days=7)
+    readiness_addr: tuple[str, int] | None = None
+    metrics_addr: tuple[str, int] | None = None
+
+
+async def run_kube_ca_server(endpoint: KubeEndpoint, settings: KubeCASettings, stop: asyncio.Event) -> None:
+    """The `ca serve --source kubernetes` lifetime: the CA's keys, the pods and namespaces listed (no decision
+    before), the server, the trust bundle published; until `stop` is set."""
+    from prometheus_client import CollectorRegistry
+
+    from ztunnel.config.kube.source import RESOURCES, KubeConfigSource
+    from ztunnel.identity.server import CAServer
+    from ztunnel.telemetry.http_server import MetricsServer, ReadinessServer
+
+    client = KubeClient(endpoint)
+    namespace = settings.namespace or endpoint.namespace
+    ca = await load_kube_ca(
+        client,
+        mounted=settings.mounted,
+        namespace=namespace,
+        secret=settings.secret,
+        trust_domain=settings.trust_domain,
+        max_ttl=settings.max_ttl,
+    )
+    try:
+        # Only what the node rule reads (the CA's RBAC lists nothing else): pods and namespaces.
+        source = KubeConfigSource(
+            endpoint,
+            trust_domain=settings.trust_domain,
+            resources=[r for r in RESOURCES if r.kind in ("Pod", "Namespace")],
+        )
+        source.reflectors = [r for r in source.reflectors if r.resource.kind in ("Pod", "Namespace")]
+        await asyncio.to_thread(source.load)  # ConfigError naming what could not be listed, after its timeout
+        accounts = settings.node_proxy_accounts or (f"{namespace}/{NODE_PROXY_SERVICE_ACCOUNT}",)
+        auth = KubeAuthenticator(
+            client, trust_domain=settings.trust_domain, audience=settings.audience, node_proxy_accounts=accounts
+        )
+        server = CAServer(
+            ca,
+            auth,
+            lambda: source.current,
+            listen=settings.listen,
+            dns_names=settings.dns_names,
+            default_ttl=settings.default_ttl,
+        )
+        publisher = TrustBundlePublisher(client, ca.roots_pem, name=settings.root_configmap)
+        source.subscribe(lambda _cfg: publisher.wake.set())
+
+        def namespaces() -> Iterable[str]:
+            return list(source.current.namespaces) if source.current is not None else []
+
+        def ready() -> tuple[bool, str]:
+            if not server.port:
+                return False, "not listening yet"
+            return (True, "") if source.ready else (False, "pods and namespaces not listed yet")
+
+        controls: list[HttpServer] = []
+        if settings.readiness_addr is not None:
+            controls.append(ReadinessServer(*settings.readiness_addr, ready))
+        if settings.metrics_addr is not None:
+            registry = CollectorRegistry()
+            registry.register(_CAMetrics(server, auth, publisher))
+            controls.append(MetricsServer(*settings.metrics_addr, registry))
+        await server.start()
+        log.info(
+            "CA serving for Kubernetes",
+            extra={"audience": settings.audience, "node_proxies": ",".join(accounts), "namespace": namespace},
+        )
+        try:
+            for control in controls:
+                await control.start()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(source.watch()), tg.create_task(publisher.run(namespaces))]
+                await stop.wait()
+                for t in tasks:
+                    t.cancel()
+        finally:
+            for control in controls:
+                await control.close()
+            await server.stop()
+    finally:
+        shutil.rmtree(ca.directory, ignore_errors=True)  # the private copy of the keys
