@@ -134,6 +134,36 @@ def link_update(link_fd: int, prog_fd: int) -> None:
     bpf(LINK_UPDATE, _attr("=IIII", link_fd, prog_fd, 0, 0))
 
 
+OBJ_GET_INFO_BY_FD = 15
+LINK_TYPE_CGROUP, LINK_TYPE_NETNS = 3, 5
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    """What a bpf link attaches: its program, and the cgroup id or netns inode it is attached to, and how."""
+
+    type: int
+    prog_id: int
+    target: int
+    attach_type: int
+
+
+def link_info(path: str) -> LinkInfo:
+    """The link pinned at `path` (BpfError if none)."""
+    fd = obj_get(path)
+    try:
+        info = ctypes.create_string_buffer(64)
+        bpf(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, len(info), ctypes.addressof(info)))
+    finally:
+        os.close(fd)
+    kind, _id, prog_id = struct.unpack_from("=III", info, 0)
+    if kind == LINK_TYPE_CGROUP:
+        target, attach_type = struct.unpack_from("=QI", info, 16)
+    else:
+        target, attach_type = struct.unpack_from("=II", info, 16)
+    return LinkInfo(kind, prog_id, target, attach_type)
+
+
 # ---- the maps' layouts (bpf/redirect.c) ---------------------------------------------------------------------
 
 
