@@ -17,6 +17,7 @@ examples:
   ztunnel lab exec demo/client -- curl -s http://10.244.2.2:8080/
   ztunnel lab exec node/node2 -- tcpdump -ni eth0 tcp port {HBONE_PORT}
   ztunnel lab apply -f policy.yaml
+  ztunnel lab up -f examples/lab-greeter-waypoint.yaml   # a Gateway of class istio-waypoint: the lab deploys it
   ztunnel lab kill proxy --node node1; ztunnel lab restart proxy --node node1
   ztunnel lab down
 """

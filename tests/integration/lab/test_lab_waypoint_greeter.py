@@ -108,6 +108,11 @@ def test_the_lab_deploys_the_waypoint_as_a_pod_with_its_own_svid(greeter: LabHan
     dump = json.loads(greeter.run(WAYPOINT, "curl", "-sS", "http://127.0.0.1:15000/config_dump", check=True).stdout)
     assert dump["waypoint"] == "default/waypoint"
     assert dump["identity"] == "spiffe://cluster.local/ns/default/sa/waypoint"  # its SVID, from the lab's CA
+    # the Gateway's status says where its waypoint is, as Istio's controller reports it
+    live = yaml.safe_load_all((greeter.dir / "cluster.yaml").read_text())
+    gateway = next(d for d in live if d["kind"] == "Gateway" and d["metadata"]["name"] == "waypoint")
+    assert gateway["status"]["addresses"] == [{"type": "IPAddress", "value": pod["ips"][0]}]
+    assert gateway["status"]["conditions"] == [{"type": "Programmed", "status": "True"}]
     # the Service the seed wrote without an address got one, and the name resolves to it in the pod
     svc = greeter.run(CLIENT, "getent", "hosts", "greeter-service.default.svc.cluster.local", check=True).stdout
     assert svc.split()[0].startswith("10.96.")
