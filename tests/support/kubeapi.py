@@ -43,10 +43,11 @@ KINDS: dict[str, tuple[str, bool]] = {
     "authorizationpolicies": ("AuthorizationPolicy", True),
     "peerauthentications": ("PeerAuthentication", True),
     "requestauthentications": ("RequestAuthentication", True),
+    "secrets": ("Secret", True),
 }
 # group/version -> plurals it serves (security.istio.io serves both versions of the same objects, as a CRD does)
 SERVED: dict[str, set[str]] = {
-    "v1": {"namespaces", "pods", "services", "nodes", "configmaps"},
+    "v1": {"namespaces", "pods", "services", "nodes", "configmaps", "secrets"},
     "discovery.k8s.io/v1": {"endpointslices"},
     "gateway.networking.k8s.io/v1": {"gateways"},
     "security.istio.io/v1": {"authorizationpolicies", "peerauthentications", "requestauthentications"},
@@ -153,6 +154,11 @@ class FakeKubeApi:
         self._server: asyncio.Server | None = None
         self._lock = threading.Lock()
         self._continues: dict[str, tuple[list[dict[str, Any]], int]] = {}
+        # TokenReview (the CA): token -> what the API knows of it (see `add_token`); reviews answer from it
+        self.review_tokens: dict[str, dict[str, Any]] = {}
+        self.reviews_omit_audiences = False  # an authenticator that is not audience-aware
+        self.hold_creates: dict[str, threading.Event] = {}  # plural -> a create of it waits until the event is set
+        self.fail: dict[str, int] = {}  # plural -> answer every request for it with this status (0: drop it)
 
     # ---- lifetime ---------------------------------------------------------------------------------------
 
@@ -284,6 +290,39 @@ class FakeKubeApi:
         with self._lock:
             return [r for r in self.requests if r.path.endswith("/" + plural) and r.query.get("watch") == "true"]
 
+    def add_token(
+        self,
+        token: str,
+        namespace: str,
+        service_account: str,
+        *,
+        pod_name: str = "",
+        pod_uid: str = "",
+        node: str = "",
+        audiences: tuple[str, ...] = ("istio-ca",),
+    ) -> None:
+        """A service-account token as the API would review it: bound to a pod (and a node, as 1.30+), for
+        `audiences`. Without `pod_name` it is a legacy (Secret) token."""
+        extra: dict[str, list[str]] = {}
+        if pod_name:
+            extra["authentication.kubernetes.io/pod-name"] = [pod_name]
+            extra["authentication.kubernetes.io/pod-uid"] = [pod_uid or f"uid-pods-{namespace}-{pod_name}"]
+        if node:
+            extra["authentication.kubernetes.io/node-name"] = [node]
+        user = {
+            "username": f"system:serviceaccount:{namespace}:{service_account}",
+            "uid": f"uid-sa-{namespace}-{service_account}",
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+            "extra": extra,
+        }
+        with self._lock:
+            self.review_tokens[token] = {"user": user, "audiences": list(audiences)}
+
+    def count(self, method: str, path_suffix: str) -> int:
+        """Requests seen with `method` whose path ends with `path_suffix` (e.g. POST .../tokenreviews)."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.method == method and r.path.endswith(path_suffix))
+
     # ---- store ------------------------------------------------------------------------------------------
 
     def _put(self, obj: dict[str, Any]) -> int:
@@ -391,11 +430,31 @@ class FakeKubeApi:
     async def _route(
         self, method: str, path: str, query: dict[str, str], body: bytes, writer: asyncio.StreamWriter
     ) -> None:
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" and method == "POST":
+            await self._token_review(writer, json.loads(body))
+            return
         parsed = self._parse_path(path)
         if parsed is None or parsed[1] not in SERVED.get(parsed[0], set()):
             await self._send(writer, 404, _status(404, "NotFound", f"the server could not find {path}"))
             return
         gv, plural, namespace, name = parsed
+        if plural in self.fail:
+            if not self.fail[plural]:
+                writer.transport.abort()
+                return
+            status = self.fail[plural]
+            await self._send(writer, status, _status(status, "ServiceUnavailable", "injected failure"))
+            return
+        if method == "POST" and not name:
+            await self._create(writer, plural, namespace or "", json.loads(body))
+            return
+        if method == "GET" and name:
+            found = self.objects[plural].get((namespace or "", name))
+            if found is None:
+                await self._send(writer, 404, _status(404, "NotFound", f'{plural} "{name}" not found'))
+            else:
+                await self._send(writer, 200, found)
+            return
         if method == "PATCH" and name:
             obj = self.objects[plural].get((namespace or "", name))
             if obj is None:
@@ -416,6 +475,45 @@ class FakeKubeApi:
             await self._watch(writer, gv, plural, namespace, selector, query)
         else:
             await self._list(writer, gv, plural, namespace, selector, query)
+
+    async def _create(self, writer: asyncio.StreamWriter, plural: str, namespace: str, obj: dict[str, Any]) -> None:
+        hold = self.hold_creates.get(plural)
+        if hold is not None:
+            await asyncio.to_thread(hold.wait)
+        meta = obj.get("metadata") or {}
+        if KINDS[plural][1] and meta.get("namespace", namespace) != namespace:
+            await self._send(writer, 400, _status(400, "BadRequest", "the namespace of the object does not match"))
+            return
+        if KINDS[plural][1]:
+            meta["namespace"] = namespace
+            if namespace not in {n for _, n in self.objects["namespaces"]}:
+                await self._send(writer, 404, _status(404, "NotFound", f'namespaces "{namespace}" not found'))
+                return
+        obj["kind"] = KINDS[plural][0]
+        if (meta.get("namespace", ""), meta.get("name")) in self.objects[plural]:
+            reason = f'{plural} "{meta.get("name")}" already exists'
+            await self._send(writer, 409, _status(409, "AlreadyExists", reason))
+            return
+        self._put(obj)
+        await self._send(writer, 201, obj)
+
+    async def _token_review(self, writer: asyncio.StreamWriter, review: dict[str, Any]) -> None:
+        spec = review.get("spec") or {}
+        known = self.review_tokens.get(str(spec.get("token") or ""))
+        wanted = list(spec.get("audiences") or [])
+        status: dict[str, Any]
+        if known is None:
+            status = {"authenticated": False, "error": "invalid bearer token, token lookup failed"}
+        else:
+            both = [a for a in wanted if a in known["audiences"]] if wanted else list(known["audiences"])
+            if not both:
+                status = {"authenticated": False, "error": "invalid bearer token, token audiences is invalid"}
+            else:
+                status = {"authenticated": True, "user": known["user"]}
+                if not self.reviews_omit_audiences:
+                    status["audiences"] = both
+        answer = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "spec": spec, "status": status}
+        await self._send(writer, 201, answer)
 
     async def _list(
         self,
