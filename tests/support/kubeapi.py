@@ -431,7 +431,10 @@ class FakeKubeApi:
         self, method: str, path: str, query: dict[str, str], body: bytes, writer: asyncio.StreamWriter
     ) -> None:
         if path == "/apis/authentication.k8s.io/v1/tokenreviews" and method == "POST":
-            await self._token_review(writer, json.loads(body))
+            if "tokenreviews" in self.fail:
+                await self._fail(writer, self.fail["tokenreviews"])
+            else:
+                await self._token_review(writer, json.loads(body))
             return
         parsed = self._parse_path(path)
         if parsed is None or parsed[1] not in SERVED.get(parsed[0], set()):
@@ -439,11 +442,7 @@ class FakeKubeApi:
             return
         gv, plural, namespace, name = parsed
         if plural in self.fail:
-            if not self.fail[plural]:
-                writer.transport.abort()
-                return
-            status = self.fail[plural]
-            await self._send(writer, status, _status(status, "ServiceUnavailable", "injected failure"))
+            await self._fail(writer, self.fail[plural])
             return
         if method == "POST" and not name:
             await self._create(writer, plural, namespace or "", json.loads(body))
@@ -475,6 +474,12 @@ class FakeKubeApi:
             await self._watch(writer, gv, plural, namespace, selector, query)
         else:
             await self._list(writer, gv, plural, namespace, selector, query)
+
+    async def _fail(self, writer: asyncio.StreamWriter, status: int) -> None:
+        if not status:
+            writer.transport.abort()
+        else:
+            await self._send(writer, status, _status(status, "ServiceUnavailable", "injected failure"))
 
     async def _create(self, writer: asyncio.StreamWriter, plural: str, namespace: str, obj: dict[str, Any]) -> None:
         hold = self.hold_creates.get(plural)
