@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import ebpf as ebpf_state
 from tests.support.eventually import eventually
 
 from .conftest import root_netns_snapshot, ztunnel
@@ -154,15 +155,25 @@ EBPF_CLUSTER = [
 ]
 
 
-def test_ebpf_redirection_carries_mesh_traffic(tmp_path: Path) -> None:
+def _attached(infos: dict[str, ebpf_state.ebpf.LinkInfo]) -> dict[str, bool]:
+    """For each recorded cgroup link: is its program still attached to the cgroup v2 root?"""
+    return {n: i.prog_id in ebpf_state.cgroup_root_programs(i.attach_type) for n, i in infos.items()}
+
+
+def test_ebpf_unenroll_and_down_after_a_crash_leave_nothing(tmp_path: Path) -> None:
+    """eBPF mode on one node: mesh traffic flows with no rule in the pods; deleting a pod detaches its sk_lookup;
+    after the agent and proxy crash (SIGKILL) the programs stay attached (fail closed), and `lab down` leaves no
+    pinned map or link, no attached program, no netns and no mount."""
     name = f"eb{os.getpid()}"
+    lab_dir = Path("/run/ztunnel-lab") / name
     cluster = tmp_path / "ebpf.yaml"
     cluster.write_text(yaml.safe_dump_all(EBPF_CLUSTER))
+    before = root_netns_snapshot()
     try:
         up = ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--redirect", "ebpf", "--timeout", "90",
                      check=False)  # fmt: skip
-        if up.returncode != 0 and "--redirect ebpf: not available" in up.stderr:
-            pytest.skip("eBPF redirection is not built yet (the node agent refuses `--redirect ebpf`)")
+        if up.returncode != 0 and "eBPF redirection is not supported here" in up.stderr:
+            pytest.skip(next(x for x in up.stderr.splitlines() if "not supported here" in x))
         assert up.returncode == 0, up.stderr
         st = json.loads(ztunnel("lab", "status", "--name", name, "-o", "json").stdout)
         pods = {p["name"]: p for p in st["pods"]}
@@ -170,6 +181,33 @@ def test_ebpf_redirection_carries_mesh_traffic(tmp_path: Path) -> None:
         curl = ztunnel("lab", "exec", "--name", name, "ebpf/client", "--", "curl", "-sS", "-m", "5", "-o", "/dev/null",
                        "-w", "%{http_code}", f"http://{pods['web']['ips'][0]}:8080/")  # fmt: skip
         assert curl.stdout == "200"
+        pinned = sorted(p.name for p in (lab_dir / "bpffs" / "solo").iterdir())
+        assert pinned == ["bypass", "dns_orig", "links", "listeners", "orig_dst", "pending", "pods"]
+        links = ebpf_state.links_dir(lab_dir, "solo")
+        cgroup_links = {p.name: ebpf_state.ebpf.link_info(str(p)) for p in links.glob("cgroup-*")}
+        assert len(cgroup_links) == 7 and all(_attached(cgroup_links).values())
+        client_netns = pods["client"]["netns"]
+        assert ebpf_state.sk_lookup_attached(lab_dir, "solo", client_netns)
+        client_link = links / f"netns-{os.stat(f'/var/run/netns/{client_netns}').st_ino}"
+
+        # un-enroll (the pod is deleted: CNI DEL): its sk_lookup link is unpinned, so detached
+        client = next(o for o in EBPF_CLUSTER if o["kind"] == "Pod" and o["metadata"]["name"] == "client")
+        (tmp_path / "client.yaml").write_text(yaml.safe_dump(client))
+        ztunnel("lab", "delete", "--name", name, "-f", str(tmp_path / "client.yaml"))
+        assert not client_link.exists()
+        assert ebpf_state.sk_lookup_attached(lab_dir, "solo", pods["web"]["netns"])
+
+        # a crash of the node's components: the pinned links keep the programs attached
+        ztunnel("lab", "kill", "node-agent", "--node", "solo", "--name", name)
+        ztunnel("lab", "kill", "proxy", "--node", "solo", "--name", name)
+        assert all(_attached(cgroup_links).values())
+        (lab_dir / "state.json").unlink()  # and `lab` lost its state: down goes by name and path alone
     finally:
-        ztunnel("lab", "down", "--name", name, check=False)
+        down = ztunnel("lab", "down", "--name", name, check=False)
+    assert down.returncode == 0, down.stderr
     assert _netns(f"ztl-{name}-") == []
+    assert str(lab_dir) not in Path("/proc/self/mounts").read_text()
+    assert not lab_dir.exists()
+    # links are released (and their programs detached) by a deferred kernel work item: poll, briefly
+    eventually(lambda: not any(_attached(cgroup_links).values()), 5, 0.05, what="the programs to be detached")
+    assert root_netns_snapshot() == before
