@@ -144,6 +144,7 @@ class FakeKubeApi:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {p: {} for p in KINDS}
         self.history: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, plural, type, object)
         self.requests: list[Request] = []
+        self.patches: list[tuple[str, str, str, Any]] = []  # (plural, namespace, name, patch) as received
         self.hold_lists: dict[str, threading.Event] = {}  # plural -> a list of it waits until the event is set
         self.page_size_cap = 0  # > 0: pages are at most this long even if the client asks for more
         self._watches: set[_Watch] = set()
@@ -394,7 +395,8 @@ class FakeKubeApi:
             if headers.get("authorization") != f"Bearer {self.token}":
                 await self._send(writer, 401, _status(401, "Unauthorized", "Unauthorized"))
                 return
-            await self._route(method, unquote(url.path), query, body, writer)
+            content_type = headers.get("content-type", "")
+            await self._route(method, unquote(url.path), query, body, writer, content_type)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError):
             pass
         finally:
@@ -428,7 +430,13 @@ class FakeKubeApi:
         return gv, rest[0], namespace, rest[1] if len(rest) == 2 else None
 
     async def _route(
-        self, method: str, path: str, query: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+        content_type: str = "",
     ) -> None:
         if path == "/apis/authentication.k8s.io/v1/tokenreviews" and method == "POST":
             if "tokenreviews" in self.fail:
@@ -455,11 +463,15 @@ class FakeKubeApi:
                 await self._send(writer, 200, found)
             return
         if method == "PATCH" and name:
+            if content_type != "application/merge-patch+json":
+                await self._send(writer, 415, _status(415, "UnsupportedMediaType", f"{content_type!r}"))
+                return
             obj = self.objects[plural].get((namespace or "", name))
             if obj is None:
                 await self._send(writer, 404, _status(404, "NotFound", f'{plural} "{name}" not found'))
                 return
             merged = _merge(obj, json.loads(body))
+            self.patches.append((plural, namespace or "", name, json.loads(body)))
             self._put(merged)
             await self._send(writer, 200, merged)
             return

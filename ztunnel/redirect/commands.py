@@ -58,6 +58,7 @@ def run_node_agent(args: argparse.Namespace) -> int:
     import pyroute2  # noqa: F401 - imported first: it resets its logger's level on import
 
     from ztunnel.config.kube.source import open_source
+    from ztunnel.config.kube.status import pod_annotator
     from ztunnel.errors import ZtunnelError
     from ztunnel.redirect.agent import NodeAgent
     from ztunnel.redirect.iptables import detect_backend
@@ -109,10 +110,16 @@ def run_node_agent(args: argparse.Namespace) -> int:
         assert task is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+        # --source kubernetes: enrolled pods get ambient.istio.io/redirection: enabled, as Istio's CNI agent does
+        annotator = pod_annotator(source, lambda: {(p.namespace, p.name) for p in agent.pods.values() if p.enrolled})
+        annotating = asyncio.create_task(annotator.run()) if annotator is not None else None
         try:
             await agent.run()
         except asyncio.CancelledError:
             pass
+        finally:
+            if annotating is not None:
+                annotating.cancel()
 
     try:
         import uvloop
