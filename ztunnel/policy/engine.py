@@ -174,6 +174,16 @@ class PolicyEngine:
         """Decide as a waypoint: full rules. CUSTOM matches are listed for the caller to ask the provider."""
         return self._check(attrs, request, L7)
 
+    def check_l4_at_waypoint(self, attrs: ConnectionAttributes) -> Decision:
+        """Decide non-HTTP traffic at a waypoint: the policies a waypoint applies (Service targetRefs too) read as
+        the node proxy reads rules (L7 parts never match in an ALLOW, and widen a DENY)."""
+        w = attrs.destination
+        key = (w.uid, w.namespace, "waypoint-l4")
+        cached = self._cache.get(key)
+        if cached is None or not (cached.labels is w.labels or cached.labels == w.labels):
+            cached = self._cache[key] = compile_workload(w, self.policies_for(w, L7), L4)
+        return decide(cached, match_attributes(attrs, None))
+
     def _check(self, attrs: ConnectionAttributes, request: HttpRequestAttributes | None, layer: str) -> Decision:
         w = attrs.destination
         if attrs.source_principal is None:
