@@ -523,7 +523,7 @@ class _ClientConnection:
             log.info("tcp connection refused: %s", endpoint, extra=fields)
             self.client.abort()
             return
-        decision = server.state.decider.engine.check_l4(self._attributes(endpoint))
+        decision = server.state.decider.engine.check_l4_at_waypoint(self._attributes(endpoint))
         fields["endpoint"] = str(endpoint.target)
         if not decision.allowed:
             server._count("deny_l4")
