@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from test_policy_support import engine_of, policy
-from test_waypoint_server import BASE, CLIENT, VIP, config
 
 from tests.support.clock import FakeClock
 from tests.support.jwtkit import NOW, claims, jwks, key
+from tests.support.waypoint_config import BASE, CLIENT, VIP, config
 from ztunnel.config.loader import load_documents
 from ztunnel.hbone.protocol import Authority
 from ztunnel.policy.decision import ConnectionAttributes

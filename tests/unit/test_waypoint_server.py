@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from tests.support.jwtkit import NOW, claims, jwks, key
-from ztunnel.config.loader import build_config, load_documents
+from tests.support.waypoint_config import BASE, CLIENT, VIP, config
 from ztunnel.config.model import ClusterConfig
 from ztunnel.hbone.protocol import Authority
 from ztunnel.policy.decision import ConnectionAttributes
@@ -19,33 +19,6 @@ from ztunnel.waypoint.server import EndpointPicker, RequestDecider, Verdict, aft
 
 ISS = "https://issuer.test"
 RS = key("RS256")
-VIP = "10.96.0.65"
-CLIENT = "spiffe://cluster.local/ns/greet/sa/client"
-
-
-def _pod(name: str, ip: str, *, ready: bool = True, app: str = "greeter-service") -> str:
-    conditions = "" if ready else ", conditions: [{type: Ready, status: 'False'}]"
-    return (
-        "---\napiVersion: v1\nkind: Pod\n"
-        f"metadata: {{name: {name}, namespace: greet, uid: uid-{name}, labels: {{app: {app}}}}}\n"
-        f"spec: {{nodeName: node-b, serviceAccountName: {name}, containers: [{{name: app, ports: "
-        "[{name: http, containerPort: 8080}]}]}\n"
-        f'status: {{podIP: "{ip}"{conditions}}}\n'
-    )
-
-
-BASE = (
-    "apiVersion: v1\nkind: Namespace\nmetadata: {name: greet, labels: {istio.io/dataplane-mode: ambient}}\n"
-    + _pod("greeter-a", "127.0.165.1")
-    + _pod("greeter-b", "127.0.165.2")
-    + _pod("greeter-c", "127.0.165.3", ready=False)
-    + "---\napiVersion: v1\nkind: Service\nmetadata: {name: greeter, namespace: greet}\n"
-    f"spec: {{clusterIP: {VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: http}}]}}\n"
-    "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
-    "metadata: {name: greeter-service, namespace: greet}\n"
-    "spec:\n  selector: {matchLabels: {app: greeter-service}}\n  action: ALLOW\n"
-    "  rules: [{to: [{operation: {methods: [GET], paths: ['*/hello']}}]}]\n"
-)
 JWT = (
     "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
     "metadata: {name: jwt, namespace: greet}\n"
@@ -57,10 +30,6 @@ CUSTOM = (
     "metadata: {name: ext, namespace: greet}\n"
     "spec:\n  action: CUSTOM\n  provider: {name: authz}\n  rules: [{to: [{operation: {paths: ['/ext*']}}]}]\n"
 )
-
-
-def config(text: str) -> ClusterConfig:
-    return build_config(load_documents(text, "c.yaml"))
 
 
 def head(raw: bytes) -> RequestHead:
