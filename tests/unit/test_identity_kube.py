@@ -1,0 +1,336 @@
+"""The CA's Kubernetes side against the fake API server over TLS on loopback: TokenReview and the caller's pod,
+the node rule applied to the pod's node, the review cache, the CA kept in a Secret, the trust bundle ConfigMaps."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.support.identity import spiffe, two_node_config_yaml
+from tests.support.kubeapi import FakeKubeApi, namespace, pod
+from ztunnel.config.kube.client import KubeClient, from_kubeconfig
+from ztunnel.config.loader import build_config, load_documents
+from ztunnel.identity.authz import Caller, NodeAuthError, Refusal
+from ztunnel.identity.ca import CA_KEY, ROOT_KEY, CAError, CertificateAuthority, init_ca_dir
+from ztunnel.identity.certs import generate_key, make_csr, uri_sans
+from ztunnel.identity.kube import (
+    KubeAuthenticator,
+    TrustBundlePublisher,
+    ensure_ca_secret,
+    load_kube_ca,
+    token_expiry,
+)
+from ztunnel.identity.proto import ca_pb2
+from ztunnel.identity.server import CAServer
+from ztunnel.identity.spiffe import SpiffeId
+
+PROXY_A, PROXY_B, WEB_TOKEN = "proxy-a-token", "proxy-b-token", "web-token"
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeApi]:
+    with FakeKubeApi() as fake:
+        fake.put_all(
+            [
+                namespace("istio-system"),
+                namespace("shop"),
+                pod("ztunnel-a", "istio-system", node="node-a", ip="10.0.0.1", sa="ztunnel"),
+                pod("ztunnel-b", "istio-system", node="node-b", ip="10.0.0.2", sa="ztunnel"),
+                pod("web", "shop", node="node-a", ip="10.1.0.1", sa="web"),
+            ]
+        )
+        fake.add_token(PROXY_A, "istio-system", "ztunnel", pod_name="ztunnel-a", node="node-a")
+        fake.add_token(PROXY_B, "istio-system", "ztunnel", pod_name="ztunnel-b")  # no node claim (before 1.30)
+        fake.add_token(WEB_TOKEN, "shop", "web", pod_name="web", node="node-a")
+        yield fake
+
+
+def client(api: FakeKubeApi, tmp_path: Path) -> KubeClient:
+    return KubeClient(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")))
+
+
+def authenticator(api: FakeKubeApi, tmp_path: Path, **kwargs: object) -> KubeAuthenticator:
+    return KubeAuthenticator(
+        client(api, tmp_path),
+        trust_domain="cluster.local",
+        node_proxy_accounts={"istio-system/ztunnel"},
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def refusal(auth: KubeAuthenticator, token: str) -> NodeAuthError:
+    with pytest.raises(NodeAuthError) as info:
+        await auth.authenticate(f"Bearer {token}")
+    return info.value
+
+
+def reviews(api: FakeKubeApi) -> int:
+    return api.count("POST", "/tokenreviews")
+
+
+async def test_a_review_gives_the_callers_pod_node_and_identity(api: FakeKubeApi, tmp_path: Path) -> None:
+    auth = authenticator(api, tmp_path)
+    caller = await auth.authenticate(f"Bearer {PROXY_A}")
+    assert caller == Caller(
+        "node-a", SpiffeId.parse(spiffe("istio-system", "ztunnel")), True, "pod istio-system/ztunnel-a on node-a"
+    )
+    assert (await auth.authenticate(f"Bearer {PROXY_B}")).node == "node-b"  # from spec.nodeName alone
+    web = await auth.authenticate(f"Bearer {WEB_TOKEN}")
+    assert (web.node, web.node_proxy, str(web.identity)) == ("node-a", False, spiffe("shop", "web"))
+    assert api.count("GET", "/namespaces/istio-system/pods/ztunnel-a") == 1  # the pod read back from the API
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority.load(init_ca_dir(tmp_path_factory.mktemp("ca") / "ca"))
+
+
+def _server(auth: KubeAuthenticator, ca: CertificateAuthority) -> CAServer:
+    config = build_config(load_documents(two_node_config_yaml(), "two-nodes.yaml"))  # web node-a, db node-b
+    return CAServer(ca, auth, lambda: config, listen="127.0.0.1:0")
+
+
+async def sign(server: CAServer, token: str, identity: str) -> list[str]:
+    caller = await server.authenticate(f"Bearer {token}")
+    request = ca_pb2.IstioCertificateRequest(csr=make_csr(generate_key(), SpiffeId.parse(identity)).decode())
+    return server.sign(request, f"Bearer {token}", caller=caller)
+
+
+async def test_a_node_proxy_gets_the_identities_of_its_nodes_pods_only(
+    api: FakeKubeApi, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    server = _server(authenticator(api, tmp_path), ca)
+    chain = await sign(server, PROXY_A, spiffe("shop", "web"))
+    assert uri_sans(x509.load_pem_x509_certificate(chain[0].encode())) == [spiffe("shop", "web")]
+    with pytest.raises(NodeAuthError) as other:
+        await sign(server, PROXY_A, spiffe("shop", "db"))  # db runs on node-b
+    assert other.value.refusal is Refusal.PERMISSION_DENIED
+    assert "node 'node-a' may not have a certificate for spiffe://cluster.local/ns/shop/sa/db" in str(other.value)
+    assert "node-b" in str(other.value)
+    await sign(server, PROXY_B, spiffe("shop", "db"))  # node-b's proxy may
+    with pytest.raises(NodeAuthError) as web:
+        await sign(server, PROXY_B, spiffe("shop", "web"))
+    assert web.value.refusal is Refusal.PERMISSION_DENIED
+    assert (server.issued, server.refused) == (2, 2)
+
+
+async def test_a_pod_that_is_not_a_node_proxy_gets_its_own_identity_only(
+    api: FakeKubeApi, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    server = _server(authenticator(api, tmp_path), ca)
+    assert await sign(server, WEB_TOKEN, spiffe("shop", "web"))
+    with pytest.raises(NodeAuthError) as info:
+        await sign(server, WEB_TOKEN, spiffe("shop", "shared"))  # shared-a runs on node-a too
+    assert info.value.refusal is Refusal.PERMISSION_DENIED
+    assert "may have only its own identity" in str(info.value) and "--node-proxy-account" in str(info.value)
+
+
+async def test_tokens_the_api_does_not_accept_are_refused(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.add_token("other-audience", "istio-system", "ztunnel", pod_name="ztunnel-a", audiences=("kubernetes",))
+    api.add_token("legacy", "istio-system", "ztunnel")
+    auth = authenticator(api, tmp_path)
+    unknown = await refusal(auth, "forged")
+    assert unknown.refusal is Refusal.UNAUTHENTICATED
+    assert "does not accept the token: invalid bearer token" in str(unknown)
+    audience = await refusal(auth, "other-audience")
+    assert audience.refusal is Refusal.UNAUTHENTICATED and "token audiences is invalid" in str(audience)
+    legacy = await refusal(auth, "legacy")
+    assert legacy.refusal is Refusal.UNAUTHENTICATED and "not bound to a pod" in str(legacy)
+    assert reviews(api) == 3  # each was reviewed (and nothing refused was cached: asked again, reviewed again)
+    await refusal(auth, "forged")
+    assert reviews(api) == 4
+
+
+async def test_an_api_that_is_not_audience_aware_is_not_trusted(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.reviews_omit_audiences = True
+    error = await refusal(authenticator(api, tmp_path), PROXY_A)
+    assert error.refusal is Refusal.UNAUTHENTICATED
+    assert "not for audience 'istio-ca'" in str(error) and "audience: istio-ca" in str(error)
+
+
+async def test_the_audience_is_configurable(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.add_token("custom", "istio-system", "ztunnel", pod_name="ztunnel-a", audiences=("mesh-ca",))
+    assert (await authenticator(api, tmp_path, audience="mesh-ca").authenticate("Bearer custom")).node == "node-a"
+    assert (await refusal(authenticator(api, tmp_path), "custom")).refusal is Refusal.UNAUTHENTICATED
+
+
+async def test_the_pod_is_checked_against_the_api(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.add_token("replaced", "istio-system", "ztunnel", pod_name="ztunnel-a", pod_uid="uid-of-an-older-pod")
+    api.add_token("moved", "istio-system", "ztunnel", pod_name="ztunnel-a", node="node-b")
+    api.add_token("gone", "istio-system", "ztunnel", pod_name="ztunnel-z")
+    api.add_token("other-sa", "shop", "db", pod_name="web")
+    auth = authenticator(api, tmp_path)
+    replaced = await refusal(auth, "replaced")
+    assert replaced.refusal is Refusal.UNAUTHENTICATED and "uid-of-an-older-pod" in str(replaced)
+    moved = await refusal(auth, "moved")
+    assert moved.refusal is Refusal.PERMISSION_DENIED
+    assert "bound to node 'node-b'" in str(moved) and "runs on 'node-a'" in str(moved)
+    gone = await refusal(auth, "gone")
+    assert gone.refusal is Refusal.UNAUTHENTICATED and "istio-system/ztunnel-z no longer exists" in str(gone)
+    assert (await refusal(auth, "other-sa")).refusal is Refusal.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize(("plural", "status"), [("tokenreviews", 503), ("tokenreviews", 0), ("pods", 500)])
+async def test_api_failures_refuse_with_unavailable_and_are_not_cached(
+    api: FakeKubeApi, tmp_path: Path, plural: str, status: int
+) -> None:
+    auth = authenticator(api, tmp_path)
+    api.fail[plural] = status
+    error = await refusal(auth, PROXY_A)
+    assert error.refusal is Refusal.UNAVAILABLE and "retry" in str(error)
+    assert "Kubernetes API" in str(error) or "review" in str(error)
+    assert auth.stats.api_errors == 1
+    del api.fail[plural]
+    assert (await auth.authenticate(f"Bearer {PROXY_A}")).node == "node-a"
+
+
+async def test_an_unreachable_api_refuses_within_the_timeout(tmp_path: Path) -> None:
+    with FakeKubeApi() as fake:
+        kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig")
+    auth = KubeAuthenticator(KubeClient(from_kubeconfig(kubeconfig)), trust_domain="cluster.local", timeout=2)
+    started = time.monotonic()
+    error = await refusal(auth, PROXY_A)
+    assert error.refusal is Refusal.UNAVAILABLE and "unreachable" in str(error)
+    assert time.monotonic() - started < 2.5
+
+
+async def test_reviews_are_cached_for_a_while_and_shared_in_flight(api: FakeKubeApi, tmp_path: Path) -> None:
+    now = [1000.0]
+    auth = authenticator(api, tmp_path, clock=lambda: now[0], ttl=60.0)
+    callers = await asyncio.gather(*(auth.authenticate(f"Bearer {PROXY_A}") for _ in range(20)))
+    assert {c.node for c in callers} == {"node-a"}
+    assert reviews(api) == 1 and auth.stats.shared == 19
+    now[0] += 59
+    await auth.authenticate(f"Bearer {PROXY_A}")
+    assert reviews(api) == 1 and auth.stats.cache_hits == 1
+    now[0] += 2  # past the TTL: reviewed again (a revoked token stops working within a minute)
+    await auth.authenticate(f"Bearer {PROXY_A}")
+    assert reviews(api) == 2
+
+
+async def test_the_cache_is_bounded_and_never_outlives_the_token(api: FakeKubeApi, tmp_path: Path) -> None:
+    now = [1000.0]
+    auth = authenticator(api, tmp_path, clock=lambda: now[0], max_entries=2)
+    for token in (PROXY_A, PROXY_B, WEB_TOKEN):
+        await auth.authenticate(f"Bearer {token}")
+    assert len(auth._cache) == 2
+    await auth.authenticate(f"Bearer {PROXY_A}")  # the least recently used: evicted, reviewed again
+    assert reviews(api) == 4
+    claims = base64.urlsafe_b64encode(json.dumps({"exp": 1005}).encode()).decode().rstrip("=")
+    jwt = f"eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln"
+    assert token_expiry(jwt) == 1005.0 and token_expiry("opaque") is None
+    api.add_token(jwt, "istio-system", "ztunnel", pod_name="ztunnel-a")
+    await auth.authenticate(f"Bearer {jwt}")
+    now[0] += 6  # the token expired at 1005: the cached review goes with it
+    await auth.authenticate(f"Bearer {jwt}")
+    assert reviews(api) == 6
+
+
+# ---- the CA's keys ---------------------------------------------------------------------------------------
+
+
+def _secret_root(api: FakeKubeApi, name: str = "istio-ca-secret") -> bytes:
+    secret = api.get("Secret", name, "istio-system")
+    assert secret is not None
+    return base64.b64decode(secret["data"]["root-cert.pem"])
+
+
+async def test_a_generated_ca_is_stored_once_and_read_back(api: FakeKubeApi, tmp_path: Path) -> None:
+    c = client(api, tmp_path)
+    first = await ensure_ca_secret(c, "istio-system", "istio-ca-secret", "cluster.local")
+    assert first["root-cert.pem"] == _secret_root(api) and CA_KEY in first and ROOT_KEY in first
+    again = await ensure_ca_secret(c, "istio-system", "istio-ca-secret", "cluster.local")
+    assert again == first and api.count("POST", "/secrets") == 1
+
+
+async def test_two_replicas_racing_to_store_the_ca_agree(api: FakeKubeApi, tmp_path: Path) -> None:
+    import threading
+
+    api.hold_creates["secrets"] = hold = threading.Event()
+    c = client(api, tmp_path)
+    both = [asyncio.create_task(ensure_ca_secret(c, "istio-system", "istio-ca-secret", "cluster.local")) for _ in "ab"]
+    deadline = time.monotonic() + 20
+    while api.count("POST", "/secrets") < 2:  # both generated their own CA and are creating it
+        assert time.monotonic() < deadline, "the replicas did not both try to create the Secret"
+        await asyncio.sleep(0.02)
+    hold.set()
+    a, b = await asyncio.gather(*both)
+    assert a == b and a["root-cert.pem"] == _secret_root(api)
+
+
+async def test_a_plugged_in_cacerts_dir_is_used_as_is(api: FakeKubeApi, tmp_path: Path) -> None:
+    made = init_ca_dir(tmp_path / "made", trust_domain="example.org")
+    mounted = tmp_path / "cacerts"  # what `kubectl create secret generic cacerts --from-file=...` mounts
+    mounted.mkdir()
+    for name in ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"):
+        (mounted / name).write_bytes((made / name).read_bytes())
+    ca = await load_kube_ca(
+        client(api, tmp_path), mounted=mounted, namespace="istio-system", secret="istio-ca-secret",
+        trust_domain="example.org", work_dir=tmp_path,
+    )
+    assert ca.roots_pem == (made / "root-cert.pem").read_bytes() and ca.trust_domain == "example.org"
+    assert ca.directory != mounted and api.count("GET", "/secrets/istio-ca-secret") == 0
+    empty = tmp_path / "empty"  # the optional Secret volume when no cacerts exists
+    empty.mkdir()
+    generated = await load_kube_ca(
+        client(api, tmp_path), mounted=empty, namespace="istio-system", secret="istio-ca-secret",
+        trust_domain="cluster.local", work_dir=tmp_path,
+    )
+    assert generated.roots_pem == _secret_root(api)
+    with pytest.raises(CAError, match=re.escape("trust domain 'cluster.local', not --trust-domain 'example.org'")):
+        await load_kube_ca(
+            client(api, tmp_path), mounted=None, namespace="istio-system", secret="istio-ca-secret",
+            trust_domain="example.org", work_dir=tmp_path,
+        )
+
+
+# ---- the trust bundle ------------------------------------------------------------------------------------
+
+
+async def test_the_trust_bundle_reaches_every_namespace_and_is_repaired(api: FakeKubeApi, tmp_path: Path) -> None:
+    publisher = TrustBundlePublisher(client(api, tmp_path), b"ROOTS\n", resync=3600, retry=0.05)
+    names = ["istio-system", "shop"]
+    task = asyncio.create_task(publisher.run(lambda: list(names)))
+    try:
+
+        def bundle(ns: str) -> str | None:
+            cm = api.get("ConfigMap", "istio-ca-root-cert", ns)
+            return cm["data"]["root-cert.pem"] if cm else None
+
+        async def until(check: object) -> None:
+            deadline = time.monotonic() + 10
+            while not check():  # type: ignore[operator]
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+
+        await until(lambda: bundle("shop") == "ROOTS\n" and bundle("istio-system") == "ROOTS\n")
+        api.put(namespace("late"))  # a namespace created later: published once the source says it changed
+        names.append("late")
+        publisher.wake.set()
+        await until(lambda: bundle("late") == "ROOTS\n")
+        cm = api.get("ConfigMap", "istio-ca-root-cert", "shop")
+        assert cm is not None
+        cm["data"]["root-cert.pem"] = "tampered"
+        api.put(cm)
+        publisher.published.discard("shop")  # what the resync does for every namespace
+        publisher.wake.set()
+        await until(lambda: bundle("shop") == "ROOTS\n")
+        assert api.count("PATCH", "/configmaps/istio-ca-root-cert") == 1
+        api.put(namespace("brand-new"))
+        api.fail["configmaps"] = 503
+        names.append("brand-new")
+        publisher.wake.set()
+        await until(lambda: "brand-new" in publisher.failed)
+        del api.fail["configmaps"]
+        await until(lambda: bundle("brand-new") == "ROOTS\n")  # retried without another wake
+        assert publisher.failed == {}
+    finally:
+        task.cancel()
