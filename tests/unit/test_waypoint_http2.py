@@ -1,0 +1,193 @@
+"""The waypoint's h2c layer without sockets: heads as the policy sees them, refusals on one stream only, window
+given back only on `ack`, the connection's end for floods; and protocol selection (port and first bytes)."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from h2.errors import ErrorCodes
+
+from ztunnel.config.loader import build_config, load_documents
+from ztunnel.config.model import ServicePort
+from ztunnel.waypoint.http2 import (
+    BadRequest,
+    Closed,
+    Data,
+    H2Conn,
+    H2Limits,
+    RequestStarted,
+)
+from ztunnel.waypoint.server import _h1_head, classify, port_protocol
+
+
+def _client() -> h2.connection.H2Connection:
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+    c.initiate_connection()
+    return c
+
+
+def _req(path: str = "/hello", method: str = "GET", **extra: str) -> list[tuple[str, str]]:
+    return [(":method", method), (":path", path), (":scheme", "http"), (":authority", "greeter"), *extra.items()]
+
+
+def _exchange(server: H2Conn, client: h2.connection.H2Connection) -> list[object]:
+    events = server.receive(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    return [e for e in events if type(e).__name__ != "WindowOpened"]
+
+
+def test_request_head_as_the_policy_sees_it() -> None:
+    server, client = H2Conn(client_side=False), _client()
+    client.send_headers(1, [*_req("/api/hello?x=1"), ("x-user", "a"), ("content-type", "application/grpc")])
+    (ev,) = _exchange(server, client)
+    assert isinstance(ev, RequestStarted) and not ev.ended
+    head = ev.head
+    assert (head.method, head.target, head.path, head.host, head.version) == (
+        b"GET",
+        b"/api/hello?x=1",
+        b"/api/hello",
+        b"greeter",
+        b"2",
+    )
+    assert head.headers == ((b"x-user", b"a"), (b"content-type", b"application/grpc"))
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (_req("http://evil/x"), 400),  # not origin-form: the policy must see the path the app serves
+        ([(":method", "CONNECT"), (":authority", "greeter:80")], 501),  # no tunnels inside h2c
+        (_req("*", "GET"), 400),  # `*` is OPTIONS' only
+    ],
+)
+def test_refused_on_its_stream_only(headers: list[tuple[str, str]], status: int) -> None:
+    server, client = H2Conn(client_side=False), _client()
+    client.send_headers(1, headers, end_stream=True)
+    client.send_headers(3, _req(), end_stream=True)
+    events = server.receive(client.data_to_send())
+    refused = [e for e in events if isinstance(e, BadRequest)]
+    started = [e for e in events if isinstance(e, RequestStarted)]
+    assert [(e.stream_id, e.status) for e in refused] == [(1, status)]
+    assert [e.stream_id for e in started] == [3]
+    answers = client.receive_data(server.data_to_send())
+    statuses = [dict(e.headers)[b":status"] for e in answers if isinstance(e, h2.events.ResponseReceived)]
+    assert statuses == [str(status).encode()]
+    assert server.closed is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [*_req(), ("x-a", "b\r\nx-injected: 1")],  # would split a field on an HTTP/1.1 upstream
+        [*_req("/x", "CONNECT")],  # an ordinary CONNECT with :path and :scheme
+        [("x-first", "1"), *_req()],  # a pseudo-header after a regular field
+    ],
+)
+def test_malformed_head_ends_the_connection(headers: list[tuple[str, str]]) -> None:
+    server, client = H2Conn(client_side=False), _client()
+    client.send_headers(1, headers, end_stream=True)
+    events = server.receive(client.data_to_send())
+    assert [(type(e), getattr(e, "code", None)) for e in events] == [(Closed, ErrorCodes.PROTOCOL_ERROR)]
+
+
+def test_window_is_given_back_only_when_passed_on() -> None:
+    limits = H2Limits(stream_window=65535, connection_window=65535)
+    server, client = H2Conn(client_side=False, limits=limits), _client()
+    client.send_headers(1, _req("/upload", "POST"))
+    for _ in range(4):
+        client.send_data(1, b"x" * 15000)
+    events = _exchange(server, client)
+    assert sum(len(e.data) for e in events if isinstance(e, Data)) == 60000
+    assert client.local_flow_control_window(1) == 65535 - 60000  # nothing acknowledged yet: backpressure
+    server.ack(1, 60000)
+    client.receive_data(server.data_to_send())
+    assert client.local_flow_control_window(1) == 65535
+
+
+def test_send_data_stops_at_the_peer_window() -> None:
+    server, client = H2Conn(client_side=False), _client()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    client.send_headers(1, _req(), end_stream=True)
+    _exchange(server, client)
+    server.receive(client.data_to_send())
+    assert server.send_response(1, 200, [(b"content-type", b"text/plain")])
+    assert server.send_data(1, b"y" * 5000) == 1000
+
+
+def test_rapid_reset_ends_the_connection() -> None:
+    server, client = H2Conn(client_side=False, limits=H2Limits(reset_budget=10)), _client()
+    for sid in range(1, 40, 2):
+        client.send_headers(sid, _req(), end_stream=True)
+        client.reset_stream(sid, ErrorCodes.CANCEL)
+    events = server.receive(client.data_to_send())
+    assert events and isinstance(events[-1], Closed)
+    assert (events[-1].code, events[-1].ours) == (ErrorCodes.ENHANCE_YOUR_CALM, True)
+    goaway = [e for e in client.receive_data(server.data_to_send()) if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_h2_head_as_http1_for_the_upstream() -> None:
+    server, client = H2Conn(client_side=False), _client()
+    client.send_headers(1, [*_req("/up", "POST"), ("te", "trailers"), ("expect", "100-continue"), ("x-a", "1")])
+    (ev,) = _exchange(server, client)
+    assert isinstance(ev, RequestStarted)
+    assert _h1_head(ev.head, no_body=False) == (
+        b"POST /up HTTP/1.1\r\nhost: greeter\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    client.send_headers(3, [*_req("/up", "POST"), ("content-length", "5")])
+    (ev,) = _exchange(server, client)
+    assert isinstance(ev, RequestStarted)
+    assert _h1_head(ev.head, no_body=False) == b"POST /up HTTP/1.1\r\nhost: greeter\r\ncontent-length: 5\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "final", "kind"),
+    [
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", False, "h2c"),
+        (b"PRI * HT", False, "more"),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", False, "http1"),
+        (b"GE", False, "more"),
+        (b"GE", True, "tcp"),
+        (b"GET /very/long", False, "more"),
+        (b"GET /very/long", True, "http1"),
+        (b"M-SEARCH * HTTP/1.1\r\n", False, "http1"),
+        (b"\x16\x03\x01\x02\x00", False, "tcp"),  # a TLS ClientHello
+        (b"get / HTTP/1.1\r\n", False, "tcp"),
+        (b"HELLO there\r\n", False, "tcp"),
+        (b"", True, "tcp"),  # a silent client after the deadline: a server-first protocol
+    ],
+)
+def test_first_bytes(data: bytes, final: bool, kind: str) -> None:
+    assert classify(data, final=final) == kind
+
+
+@pytest.mark.parametrize(
+    ("name", "app_protocol", "protocol"),
+    [
+        ("tcp-echo", "", "tcp"),
+        ("tcp", "", "tcp"),
+        ("http-web", "", "http"),
+        ("http2", "", "http2"),
+        ("grpc-api", "", "grpc"),
+        ("http-web", "tcp", "tcp"),  # appProtocol wins over the name
+        ("web", "", ""),
+        ("tcpish", "", ""),
+    ],
+)
+def test_port_protocol_as_istio_selects_it(name: str, app_protocol: str, protocol: str) -> None:
+    assert port_protocol(ServicePort(80, 80, name=name, app_protocol=app_protocol)) == protocol
+
+
+def test_loader_keeps_app_protocol() -> None:
+    text = """
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: n}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80, name: web, appProtocol: tcp}, {port: 81}]}
+"""
+
+    config = build_config(load_documents(text, "s.yaml"))
+    (service,) = config.services
+    assert [(p.name, p.app_protocol) for p in service.ports] == [("web", "tcp"), ("", "")]
