@@ -523,11 +523,21 @@ async def http_request_async(
 
 
 async def exchange_async(
-    host: str, port: int, request: bytes, parser: ResponseParser, *, tls: ssl.SSLContext | None = None
+    host: str,
+    port: int,
+    request: bytes,
+    parser: ResponseParser,
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> ClientResponse:
     """Send one rendered request on a new connection (TLS with `tls`) and read its response with `parser`,
-    which bounds it; the caller bounds the time. Raises OSError, or HttpResponseError for a bad answer."""
-    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
+    which bounds it; the caller bounds the time. Raises OSError, or HttpResponseError for a bad answer.
+    `server_hostname`: the TLS name to send and verify when `host` is an address resolved from it."""
+    if tls is None:
+        reader, writer = await asyncio.open_connection(host, port)
+    else:
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls, server_hostname=server_hostname)
     try:
         writer.write(request)
         await writer.drain()
