@@ -263,7 +263,8 @@ class Inbound:
             return
         started = time.monotonic()
         destination = served.workload
-        dst = original_destination(client.transport.get_extra_info("socket"))
+        sock = client.transport.get_extra_info("socket")
+        dst = original_destination(sock) or served.sockets.inbound_destination(sock)
         local = client.sockname
         if dst is None or (dst[0] == local[0] and dst[1] == local[1] and not served.sockets.preserves_destination):
             port = served.sockets.fallback_port

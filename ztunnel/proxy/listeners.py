@@ -64,13 +64,23 @@ class WorkloadSockets:
     outbound_original_dst: Callable[[socket.socket], tuple[str, int] | None] | None = None
     preserves_destination: bool = False
 
-    def original_destination(self, sock: socket.socket | None) -> tuple[str, int] | None:
-        """The original destination of a connection accepted on one of these sockets."""
-        if sock is not None and self.outbound_original_dst is not None:
-            found = self.outbound_original_dst(sock)
-            if found is not None:
-                return found
-        return original_destination(sock)
+    def outbound_destination(self, sock: socket.socket | None) -> tuple[str, int] | None:
+        """Where a connection accepted on the outbound (15001) listener was going, when conntrack cannot say
+        (eBPF redirection: the node's map)."""
+        if sock is None or self.outbound_original_dst is None:
+            return None
+        return self.outbound_original_dst(sock)
+
+    def inbound_destination(self, sock: socket.socket | None) -> tuple[str, int] | None:
+        """Where a connection accepted on the plaintext (15006) listener was going, when conntrack cannot say:
+        with sk_lookup steering, the socket's own local address (unless it is one of the proxy's ports)."""
+        if sock is None or not self.preserves_destination:
+            return None
+        try:
+            local = sock.getsockname()
+        except OSError:
+            return None
+        return None if local[1] in PROXY_PORTS else (str(local[0]), int(local[1]))
 
     def all(self) -> list[socket.socket]:
         return [*self.hbone, *self.plaintext, *self.outbound, *self.socks5, *(s for pair in self.dns for s in pair)]
@@ -209,20 +219,8 @@ PROXY_PORTS = frozenset({OUTBOUND_PORT, PLAINTEXT_INBOUND_PORT, HBONE_PORT, DNS_
 
 
 def original_destination(sock: socket.socket | None) -> tuple[str, int] | None:
-    """The address a redirected connection was sent to, or None.
-
-    iptables REDIRECT: SO_ORIGINAL_DST from conntrack. eBPF sk_lookup steering (no conntrack entry): the
-    accepted socket's own local address, unless that is one of the proxy's ports (not steered)."""
-    if sock is None:
-        return None
-    found = _conntrack_original_dst(sock)
-    if found is not None:
-        return found
-    try:
-        local = sock.getsockname()
-    except OSError:
-        return None
-    return None if local[1] in PROXY_PORTS else (str(local[0]), int(local[1]))
+    """The address a redirected connection was sent to (iptables REDIRECT/TPROXY: conntrack), or None."""
+    return None if sock is None else _conntrack_original_dst(sock)
 
 
 def _conntrack_original_dst(sock: socket.socket) -> tuple[str, int] | None:

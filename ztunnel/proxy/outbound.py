@@ -164,7 +164,9 @@ class Outbound:
     async def serve_transparent(self, uid: str, client: TcpStream) -> None:
         served = self.state.workloads.get(uid)
         sock = client.transport.get_extra_info("socket")
-        dst = served.sockets.original_destination(sock) if served is not None else original_destination(sock)
+        dst = original_destination(sock)
+        if dst is None and served is not None:
+            dst = served.sockets.outbound_destination(sock)
         if dst is None:
             log.info("outbound connection without an original destination, closing")
             client.abort()
