@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from test_deploy_support import (
+
+from tests.support.deploy import (
     CHART,
     CRD_GROUPS,
     DEPLOY,

@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 
-from test_deploy_support import ROOT, helm_objects
+from tests.support.deploy import ROOT, helm_objects
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 BUILD = ROOT / "scripts" / "build-image.sh"

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deploy_support import (
+
+from tests.support.deploy import (
     DEPLOY,
     HELM,
     Obj,
@@ -24,7 +25,6 @@ from test_deploy_support import (
     kustomize,
     needs_kubectl,
 )
-
 from ztunnel import ports
 
 pytestmark = needs_kubectl

@@ -11,9 +11,6 @@ TESTS = Path(__file__).resolve().parents[1]
 # Known and left to their owners: (importer, imported), both relative to tests/.
 KNOWN = {
     ("unit/test_config_source.py", "unit/test_config_model.py"),
-    ("unit/test_deploy_crds.py", "unit/test_deploy_support.py"),
-    ("unit/test_deploy_image.py", "unit/test_deploy_support.py"),
-    ("unit/test_deploy_render.py", "unit/test_deploy_support.py"),
 }
 
 
