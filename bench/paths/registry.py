@@ -9,7 +9,7 @@ from bench.paths.haproxy_http import HAPROXY_HTTP
 from bench.paths.haproxy_tcp import HAPROXY_TCP
 from bench.paths.waypoint import WAYPOINT
 from bench.paths.ztunnel import ZTUNNEL, ZTUNNEL_SAME_NODE
-from bench.paths.ztunnel_ebpf import ZTUNNEL_EBPF
+from bench.paths.ztunnel_ebpf import ZTUNNEL_EBPF, ZTUNNEL_EBPF_SAME_NODE
 
 REGISTRY: tuple[PathKind, ...] = (
     DIRECT,
@@ -21,6 +21,7 @@ REGISTRY: tuple[PathKind, ...] = (
     HAPROXY_HTTP,
     DIRECT_SAME_NODE,
     ZTUNNEL_SAME_NODE,
+    ZTUNNEL_EBPF_SAME_NODE,
 )
 ALL_PATHS = tuple(k.name for k in REGISTRY)
 

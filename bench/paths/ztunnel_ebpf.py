@@ -1,5 +1,5 @@
-"""`ztunnel-ebpf`: the mesh pair of `ztunnel`, in a second lab that redirects with eBPF instead of iptables
-(lab topology only; not available until `ztunnel.redirect.ebpf` and bcc exist)."""
+"""`ztunnel-ebpf` and `ztunnel-ebpf-same-node`: the mesh paths of `ztunnel`, in a second lab that redirects with
+eBPF instead of iptables (lab topology only; not available where bcc cannot load the programs)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from bench.paths.base import PathContext, PathKind, PathSetup, unavailable
 from bench.topology.lab import LabTopology
 
 NAME = "ztunnel-ebpf"
+SAME_NODE_NAME = "ztunnel-ebpf-same-node"
 
 
 def ebpf_redirect_missing() -> str | None:
@@ -21,20 +22,22 @@ def ebpf_redirect_missing() -> str | None:
     return None
 
 
-def _build(ctx: PathContext) -> PathSetup:
+def _build(ctx: PathContext, same_node: bool = False) -> PathSetup:
+    name = SAME_NODE_NAME if same_node else NAME
     lab = ctx.topology
     if not isinstance(lab, LabTopology):
-        return unavailable(NAME, "needs the lab topology (in-pod redirection)")
+        return unavailable(name, "needs the lab topology (in-pod redirection)")
     missing = ebpf_redirect_missing() if lab.redirect != "ebpf" else "the main lab already uses eBPF"
     if missing:
-        return unavailable(NAME, missing)
+        return unavailable(name, missing)
     try:
         ebpf_lab = lab.sibling("ebpf", ctx.group)
     except Exception as e:
-        return unavailable(NAME, f"the eBPF lab failed: {e}"[:500])
-    path = ztunnel.in_lab(ebpf_lab)
-    path.name = NAME
+        return unavailable(name, f"the eBPF lab failed: {e}"[:500])
+    path = ztunnel.in_lab(ebpf_lab, same_node=same_node)
+    path.name = name
     return path
 
 
 ZTUNNEL_EBPF = PathKind(NAME, _build)
+ZTUNNEL_EBPF_SAME_NODE = PathKind(SAME_NODE_NAME, lambda ctx: _build(ctx, same_node=True))
