@@ -4,7 +4,6 @@ enforces a DENY policy added through a watch event within 2 s, and is not ready 
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -12,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ZTUNNEL, AppServer, ProxyProcess, SocksRefused, recv_all, socks_connect
+from tests.integration.conftest import AppServer, ProxyProcess, SocksRefused, recv_all, socks_connect
 from tests.support.eventually import eventually
-from tests.support.identity import free_port
-from tests.support.kubeapi import FakeKubeApi, authz_policy, namespace, pod
+from tests.support.kubeapi import FakeKubeApi, authz_policy, namespace, pod, start_kube_proxy
 
 CLIENT = "127.0.210.1"
 SERVER = "127.0.210.2"
@@ -46,31 +44,8 @@ def apps() -> Iterator[AppServer]:
 
 
 def _start(api: FakeKubeApi, ca_dir: Path, workdir: Path) -> ProxyProcess:
-    metrics, admin, ready = free_port(), free_port(), free_port()
-    log_path = workdir / f"proxy-kube-{admin}.log"
-    argv = [
-        ZTUNNEL,
-        "--log-level",
-        "info",
-        "proxy",
-        "--node",
-        NODE,
-        "--source",
-        "kubernetes",
-        "--kubeconfig",
-        str(api.kubeconfig(workdir / "kubeconfig")),
-        "--ca-dir",
-        str(ca_dir),
-        "--metrics-addr",
-        f"127.0.0.1:{metrics}",
-        "--admin-addr",
-        f"127.0.0.1:{admin}",
-        "--readiness-addr",
-        f"127.0.0.1:{ready}",
-    ]
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    return ProxyProcess(NODE, proc, metrics, admin, ready, log_path)
+    proxy: ProxyProcess = start_kube_proxy(api, NODE, ca_dir, workdir)
+    return proxy
 
 
 def _echo_once() -> bytes:

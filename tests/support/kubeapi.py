@@ -612,6 +612,27 @@ class FakeKubeApi:
             self._watches.discard(w)
 
 
+def start_kube_proxy(api: FakeKubeApi, node: str, ca_dir: Path, workdir: Path, *extra: str) -> Any:
+    """A `ztunnel proxy --source kubernetes --kubeconfig F` process (tests.integration.conftest.ProxyProcess) for
+    `node`, not waited for."""
+    import subprocess
+
+    from tests.integration.conftest import ZTUNNEL, ProxyProcess
+    from tests.support.identity import free_port
+
+    metrics, admin, ready = free_port(), free_port(), free_port()
+    log_path = workdir / f"proxy-kube-{node}-{admin}.log"
+    argv = [
+        ZTUNNEL, "--log-level", "info", "proxy", "--node", node, "--source", "kubernetes",
+        "--kubeconfig", str(api.kubeconfig(workdir / f"kubeconfig-{admin}")), "--ca-dir", str(ca_dir),
+        "--metrics-addr", f"127.0.0.1:{metrics}", "--admin-addr", f"127.0.0.1:{admin}",
+        "--readiness-addr", f"127.0.0.1:{ready}", *extra,
+    ]  # fmt: skip
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    return ProxyProcess(node, proc, metrics, admin, ready, log_path)
+
+
 def pod(
     name: str,
     namespace: str = "shop",
