@@ -324,3 +324,32 @@ def test_crds_only_when_absent_is_documented_where_it_happens() -> None:
     assert "only the absent" in (DEPLOY / "crds" / "kustomization.yaml").read_text()
     assert not [k for k in by_key(rendered("base")) if k[0] == "CustomResourceDefinition"]
     assert len([k for k in objs() if k[0] == "CustomResourceDefinition"]) == 10
+
+
+def grants(rs: list[Obj], group: str, resource: str) -> set[str]:
+    return {v for r in rs if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]}
+
+
+def test_roles_cover_what_the_kubernetes_source_lists_and_watches() -> None:
+    """Each component's role alone lets it list+watch what ztunnel/config/kube lists for it (so a split of the
+    DaemonSet, or a narrower role, is caught here rather than by a component that never becomes ready)."""
+    from ztunnel.config.kube.source import MESH_CONFIG, RESOURCES
+
+    def group(api_version: str) -> str:
+        return api_version.split("/")[0] if "/" in api_version else ""
+
+    for role in ("ztunnel-proxy", "ztunnel-node-agent", "ztunnel-waypoint"):
+        rs = rules("ClusterRole", role)
+        for r in RESOURCES:
+            for av in r.versions:
+                assert {"list", "watch"} <= grants(rs, group(av), r.plural), f"{role}: {r.plural} {av}"
+    mesh = rules("Role", "ztunnel-mesh-config")
+    assert {"list", "watch"} <= grants(mesh, group(MESH_CONFIG.versions[0]), MESH_CONFIG.plural)
+    bindings = [o for (k, _, _), o in objs().items() if k == "RoleBinding"]
+    bound = {s["name"] for o in bindings if o["roleRef"]["name"] == "ztunnel-mesh-config" for s in o["subjects"]}
+    assert bound == {"ztunnel"}
+    wp = by_key(rendered("waypoint"))[("RoleBinding", "istio-system", "ztunnel-waypoint-default-waypoint")]
+    assert wp["roleRef"]["name"] == "ztunnel-mesh-config"
+    ca = rules("ClusterRole", "ztunnel-ca")
+    for plural in ("pods", "namespaces"):  # what `ca serve --source kubernetes` lists
+        assert {"list", "watch"} <= grants(ca, "", plural)

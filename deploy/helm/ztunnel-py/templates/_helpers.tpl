@@ -35,3 +35,25 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end }}
+
+{{/* What the config model is built from: read-only (node proxy, node agent, waypoints). */}}
+{{- define "ztunnel-py.readRules" -}}
+- apiGroups: [""]
+  resources: [namespaces, pods, services, nodes]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gateways]
+  verbs: [get, list, watch]
+- apiGroups: [security.istio.io]
+  resources: [authorizationpolicies, peerauthentications, requestauthentications]
+  verbs: [get, list, watch]
+- apiGroups: [rbac.istio.io]
+  resources: [serviceroles, servicerolebindings, clusterrbacconfigs, rbacconfigs]
+  verbs: [get, list, watch]
+- apiGroups: [authentication.istio.io]
+  resources: [policies, meshpolicies]
+  verbs: [get, list, watch]
+{{- end }}
