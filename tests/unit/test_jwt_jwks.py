@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,9 +23,12 @@ from cryptography.x509.oid import NameOID
 from tests.support.clock import FakeClock
 from tests.support.eventually import eventually_async
 from tests.support.jwtkit import NOW, claims, jwks, key
+from tests.support.waypoint_config import config
+from ztunnel.config.model import ClusterConfig
 from ztunnel.waypoint.jwks import (
     REFRESH_INTERVAL,
     RETRY_MAX,
+    ClusterNames,
     JwksError,
     JwksFetcher,
     JwksFetchError,
@@ -201,7 +205,7 @@ async def test_fetch_failures_are_jwks_fetch_errors_naming_the_uri() -> None:
         await JwksFetcher().fetch("ftp://127.0.0.1/k")
 
 
-def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, Path]:
+def _self_signed(tmp: Path, dns: str | None = None) -> tuple[ssl.SSLContext, Path]:
     k = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jwks test")])
     now = datetime.datetime.now(datetime.UTC)
@@ -213,7 +217,12 @@ def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(dns)] if dns else [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(k, hashes.SHA256())
     )
@@ -235,6 +244,93 @@ async def test_fetch_over_https_verifies_the_server(tmp_path: Path) -> None:
         assert await JwksFetcher(ca_file=str(ca_file)).fetch(uri) == body
         with pytest.raises(JwksFetchError, match="CERTIFICATE_VERIFY_FAILED"):
             await JwksFetcher().fetch(uri)  # the system trust store does not know this issuer
+
+
+def jwks_service(*ports: int, ready: bool = True) -> ClusterConfig:
+    """Service `jwks` of namespace `auth` (ClusterIP 10.96.9.9, port 8000), one pod per loopback server port: each
+    pod 127.0.0.1 with the Service's targetPort `http` on that port (a named port, as a chart writes it)."""
+    text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: auth}\n"
+    for i, port in enumerate(ports):
+        not_ready = "" if ready else ", conditions: [{type: Ready, status: 'False'}]"
+        text += (
+            f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: jwks-{i}, namespace: auth, labels: {{app: jwks}}}}\n"
+            f"spec: {{nodeName: n1, containers: [{{name: s, ports: [{{name: http, containerPort: {port}}}]}}]}}\n"
+            f'status: {{podIP: "127.0.0.1"{not_ready}}}\n'
+        )
+    text += (
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: jwks, namespace: auth}\n"
+        "spec: {clusterIP: 10.96.9.9, selector: {app: jwks}, ports: [{port: 8000, targetPort: http}]}\n"
+    )
+    return config(text)
+
+
+def names_for(cfg: ClusterConfig, uri: str, namespace: str) -> ClusterNames:
+    names = ClusterNames()
+    names.update(cfg, [(namespace, uri), ("elsewhere", uri)])  # the first namespace naming a URI is its
+    return names
+
+
+@pytest.mark.parametrize(
+    ("uri", "namespace"),
+    [
+        ("http://jwks:8000/jwks.json", "auth"),  # short: relative to the RequestAuthentication's namespace
+        ("http://jwks.auth:8000/jwks.json", "demo"),
+        ("http://jwks.auth.svc:8000/jwks.json", "demo"),
+        ("http://jwks.auth.svc.cluster.local:8000/jwks.json", "demo"),
+        ("http://10.96.9.9:8000/jwks.json", "demo"),  # its ClusterIP: nothing routes it here, an endpoint does
+    ],
+)
+async def test_a_service_name_is_fetched_from_a_ready_endpoint_through_the_config(uri: str, namespace: str) -> None:
+    body = jwks(key("RS256")).encode()
+    requests: list[bytes] = []
+    async with serve(answering(body, requests=requests)) as (_, port):
+        fetcher = JwksFetcher(timeout=2, names=names_for(jwks_service(port), uri, namespace))
+        assert await fetcher.fetch(uri) == body
+    host = uri.split("/")[2]
+    assert requests[0].startswith(b"GET /jwks.json HTTP/1.1\r\n")
+    assert f"\r\nhost: {host}\r\n".encode() in requests[0].lower()  # the name as written, not the pod address
+
+
+async def test_a_service_without_a_ready_endpoint_fails_naming_it_and_other_names_use_the_system_resolver() -> None:
+    uri = "http://jwks:8000/jwks.json"
+    with pytest.raises(JwksFetchError, match=r"jwks:8000/jwks.json: Service auth/jwks has no ready endpoint"):
+        await JwksFetcher(timeout=2, names=names_for(jwks_service(1, ready=False), uri, "auth")).fetch(uri)
+    body = jwks(key("ES256")).encode()
+    async with serve(answering(body)) as (_, port):
+        outside = f"http://localhost:{port}/k"  # no Service of that name: the system resolver has it
+        assert await JwksFetcher(timeout=2, names=names_for(jwks_service(1), outside, "auth")).fetch(outside) == body
+
+
+async def test_a_failed_endpoint_is_named_and_the_retry_takes_the_next() -> None:
+    uri = "http://jwks.auth.svc.cluster.local:8000/jwks.json"
+    body = jwks(key("ES256")).encode()
+    with socket.socket() as bound:  # bound, never listening: connections to it are refused
+        bound.bind(("127.0.0.1", 0))
+        dead = bound.getsockname()[1]
+        async with serve(answering(body)) as (_, port):
+            fetcher = JwksFetcher(timeout=2, names=names_for(jwks_service(dead, port), uri, "auth"))
+            outcomes = []
+            for _ in range(2):
+                try:
+                    outcomes.append(await fetcher.fetch(uri))
+                except JwksFetchError as e:
+                    outcomes.append(str(e).encode())
+    assert body in outcomes
+    failed = [o for o in outcomes if o != body]
+    assert len(failed) == 1 and f"(Service endpoint 127.0.0.1:{dead})".encode() in failed[0], outcomes
+
+
+async def test_https_to_a_service_name_verifies_the_name_not_the_endpoint(tmp_path: Path) -> None:
+    name = "jwks.auth.svc.cluster.local"
+    server_tls, ca_file = _self_signed(tmp_path, dns=name)
+    sni: list[str | None] = []
+    server_tls.sni_callback = lambda sock, server_name, ctx: sni.append(server_name)
+    body = jwks(key("EdDSA")).encode()
+    async with serve(answering(body), tls=server_tls) as (_, port):
+        uri = f"https://{name}:8000/jwks"
+        fetcher = JwksFetcher(timeout=2, ca_file=str(ca_file), names=names_for(jwks_service(port), uri, "auth"))
+        assert await fetcher.fetch(uri) == body
+    assert sni == [name]
 
 
 async def test_server_gone_after_first_fetch_cached_keys_still_verify() -> None:

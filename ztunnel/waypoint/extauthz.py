@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ztunnel.config import names
 from ztunnel.config.model import ClusterConfig, ExtAuthzProvider
 from ztunnel.net.http import HttpResponseError, ResponseParser, exchange_async
 
@@ -284,19 +285,15 @@ def read_http_response(
 # Where the provider is, and the clients
 # ---------------------------------------------------------------------------------------------------
 def resolve_provider(config: ClusterConfig, provider: ExtAuthzProvider) -> tuple[str, int] | str:
-    """The provider's Service -> a ready endpoint's (pod IP, target port), or why there is none."""
-    ref = provider.service_ref
-    service = config.service(*ref) if ref is not None else None
-    if service is None:
+    """The provider's Service -> a ready endpoint's (pod IP, target port), or why there is none (config/names.py:
+    `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local` or a ClusterIP; the mesh config has no namespace of
+    its own to resolve a bare name in)."""
+    where = names.resolve(config, provider.service, provider.port)
+    if where is None:
         return f"provider {provider.name}: no Service {provider.service}"
-    port = service.port_for(provider.port)
-    if port is None:
-        return f"provider {provider.name}: Service {service.ref} has no port {provider.port}"
-    for w in config.endpoints(service):
-        target = w.target_port(port.target_port) if w.ready and w.ips else None
-        if target is not None:
-            return w.ips[0], target
-    return f"provider {provider.name}: Service {service.ref} has no ready endpoint"
+    if isinstance(where, str):
+        return f"provider {provider.name}: {where}"
+    return where
 
 
 class Authorizers:

@@ -1,7 +1,8 @@
 """JSON Web Key Sets for the waypoint's JWT checks: parsing, a refresh schedule, and a thin fetcher.
 
 The schedule is sans-IO (`RemoteJwks`: what to fetch when, given an injected clock, and what the last good keys
-are); `JwksFetcher` is the only I/O (one bounded HTTP(S) GET) and `JwksRefresher` the asyncio loop that drives
+are); `JwksFetcher` is the only I/O (one bounded HTTP(S) GET, a Service name dialled at a ready endpoint
+through the config snapshot, `ClusterNames`) and `JwksRefresher` the asyncio loop that drives
 both. A failed fetch never drops keys that verified before: a JWKS server that goes away after the first fetch
 leaves the waypoint verifying with the cached keys, and the failure shows in the counters.
 
@@ -27,6 +28,8 @@ from urllib.parse import urlsplit
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from ztunnel.config.model import ClusterConfig
+from ztunnel.config.names import resolve as resolve_name
 from ztunnel.net.http import MAX_HEAD_BYTES, ResponseParser, exchange_async, render_request
 
 log = logging.getLogger("ztunnel.waypoint.jwks")
@@ -203,16 +206,45 @@ class JwksFetchError(OSError):
 
 
 @dataclass
+class ClusterNames:
+    """Where a `jwksUri`'s host is when it is a Service name, from the config snapshot of the moment
+    (config/names.py; the waypoint pod has no mesh DNS). A short name is relative to the namespace of the
+    RequestAuthentication that names the URI; a URI named from several namespaces resolves in the first."""
+
+    config: ClusterConfig | None = None
+    namespaces: dict[str, str] = field(default_factory=dict)  # jwksUri -> namespace it was written in
+    _turn: int = field(default=0, init=False)
+
+    def update(self, config: ClusterConfig, named: Iterable[tuple[str, str]]) -> None:
+        """A new snapshot and the `(namespace, jwksUri)` pairs of its RequestAuthentications."""
+        namespaces: dict[str, str] = {}
+        for namespace, uri in named:
+            namespaces.setdefault(uri, namespace)
+        self.config, self.namespaces = config, namespaces
+
+    def where(self, uri: str, host: str, port: int) -> tuple[str, int] | str | None:
+        """A ready endpoint for a Service name, why there is none, or None: not a name of the cluster. Each call
+        takes the next ready endpoint, so a retry after a failure tries another one."""
+        if self.config is None:
+            return None
+        self._turn += 1
+        return resolve_name(self.config, host, port, self.namespaces.get(uri), self._turn)
+
+
+@dataclass
 class JwksFetcher:
     """GET a `jwksUri` over HTTP or HTTPS, within `timeout` seconds (None: the caller bounds it) and `max_bytes`.
 
-    HTTPS verifies the server against the system trust store, or only against `ca_file` when one is given
-    (a private issuer's CA); TLS 1.2 or newer, the host name checked. No redirects are followed.
+    A host that names a Service of the cluster (`names`) is dialled at a ready endpoint, pod IP and target port,
+    with the URI's host still in `Host` and, over HTTPS, as the TLS server name checked; other hosts go through
+    the system resolver. HTTPS verifies the server against the system trust store, or only against `ca_file`
+    when one is given (a private issuer's CA); TLS 1.2 or newer, the host name checked. No redirects are followed.
     """
 
     timeout: float | None = FETCH_TIMEOUT
     max_bytes: int = MAX_JWKS_BYTES
     ca_file: str | None = None
+    names: ClusterNames | None = None
     _tls: ssl.SSLContext | None = field(default=None, init=False, repr=False)
 
     def tls_context(self) -> ssl.SSLContext:
@@ -239,18 +271,28 @@ class JwksFetcher:
             request = render_request("GET", parts.hostname, port, path)
         except ValueError as e:
             raise JwksFetchError(f"{uri}: {e}") from None
+        where = self.names.where(uri, parts.hostname, port) if self.names is not None else None
+        if isinstance(where, str):
+            raise JwksFetchError(f"{uri}: {where}")
+        address, dial_port = where or (parts.hostname, port)
+        via = f" (Service endpoint {address}:{dial_port})" if where is not None else ""
         parser = ResponseParser(max_head=MAX_HEAD_BYTES, max_bytes=self.max_bytes + MAX_HEAD_BYTES)
         try:
             async with asyncio.timeout(self.timeout):
                 response = await exchange_async(
-                    parts.hostname, port, request, parser, tls=self.tls_context() if tls else None
+                    address,
+                    dial_port,
+                    request,
+                    parser,
+                    tls=self.tls_context() if tls else None,
+                    server_hostname=parts.hostname if tls else None,
                 )
         except TimeoutError:
-            raise JwksFetchError(f"{uri}: no answer within {self.timeout:g}s") from None
+            raise JwksFetchError(f"{uri}{via}: no answer within {self.timeout:g}s") from None
         except (OSError, ssl.SSLError) as e:
-            raise JwksFetchError(f"{uri}: {e}") from None
+            raise JwksFetchError(f"{uri}{via}: {e}") from None
         if response.status != 200:
-            raise JwksFetchError(f"{uri}: answered {response.status}, expected 200")
+            raise JwksFetchError(f"{uri}{via}: answered {response.status}, expected 200")
         if len(response.body) > self.max_bytes:
             raise JwksFetchError(f"{uri}: key set larger than {self.max_bytes} bytes")
         return response.body
