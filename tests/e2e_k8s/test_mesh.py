@@ -103,7 +103,12 @@ def test_pod_to_pod_is_mutual_tls_on_the_wire(kube: Kube, mesh: Mesh) -> None:
     kube.apply([capture])
     try:
         kube.run("wait", "-n", mesh.outside, "--for=jsonpath={.status.phase}=Running", "pod/capture", "--timeout=120s")
-        time.sleep(2)  # tcpdump opens its capture after the container starts; nothing to poll for
+        eventually(
+            lambda: "listening on" in kube.run("logs", "-n", mesh.outside, "capture"),
+            30,
+            interval=0.5,
+            what="tcpdump capturing",
+        )
         for _ in range(3):
             status, body = kube.http(mesh.ns, "client", f"{mesh.url}/{marker}", "GET", f"x-marker:{marker}")
             assert status == 200 and marker in body
