@@ -157,7 +157,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     from ztunnel.identity.revocation import LOADED, RevocationUpdate
     from ztunnel.identity.spiffe import SpiffeId
     from ztunnel.policy.engine import PolicyEngine
-    from ztunnel.waypoint.jwks import JwksRefresher
+    from ztunnel.waypoint.jwks import ClusterNames, JwksFetcher, JwksRefresher
     from ztunnel.waypoint.jwt import JwtRule, KeyStore, remote_timeouts
     from ztunnel.waypoint.server import RequestDecider, WaypointServer, WaypointState
 
@@ -188,7 +188,12 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         certs = CertificateManager.remote(args.ca, root, token, ttl=ttl)
     telemetry = _telemetry(args)
     metrics = telemetry.metrics
-    refresher = JwksRefresher((), on_fetch=metrics.jwks_fetch if metrics is not None else None)
+    jwks_names = ClusterNames()  # a jwksUri by Service name: the waypoint pod has no mesh DNS
+    refresher = JwksRefresher(
+        (),
+        fetch=JwksFetcher(timeout=None, names=jwks_names).fetch,
+        on_fetch=metrics.jwks_fetch if metrics is not None else None,
+    )
     keys = KeyStore(refresher.keys)
 
     def snapshot(cfg: ClusterConfig, previous: PolicyEngine | None) -> WaypointState:
@@ -196,6 +201,8 @@ async def run_waypoint(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, extension_providers=mesh_providers)
         engine = PolicyEngine.from_config(cfg, previous)
         rules = [JwtRule.from_policy(r) for ra in engine.request_authentications for r in ra.jwt_rules]
+        named = [(ra.namespace, r.jwks_uri) for ra in engine.request_authentications for r in ra.jwt_rules]
+        jwks_names.update(cfg, ((ns, uri) for ns, uri in named if uri))  # before track: new URIs are fetched at once
         refresher.track(remote_timeouts(rules))  # new jwksUris due at once, each with its rules' `timeout`
         return WaypointState(cfg, RequestDecider(engine, keys))
 
