@@ -6,8 +6,8 @@ pod's SVID, and re-reads the config files when they change, as the node proxy do
 
 Telemetry: Istio's HTTP metrics (reporter `waypoint`) on --metrics-addr and the admin server on --admin-addr, both
 opt-in like --readiness-addr (the node proxy's defaults, 15020 and 15000, would collide on one host); one access
-log line per request on stderr (--access-log, default the --log-format). Not yet here: a CRL change applies to
-new handshakes only (open connections of a revoked peer are not swept as the node proxy does).
+log line per request on stderr (--access-log, default the --log-format). A CRL change applies to new handshakes
+and, as at the node proxy, closes the open HBONE connections (client and upstream side) of a revoked peer.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from ztunnel.ports import HBONE_PORT
 
 if TYPE_CHECKING:
     from ztunnel.config.model import ClusterConfig, Workload
+    from ztunnel.hbone.client import HbonePool
+    from ztunnel.hbone.server import HboneServer
+    from ztunnel.identity.revocation import RevocationSet
     from ztunnel.net.http import HttpServer
     from ztunnel.waypoint.server import WaypointServer
     from ztunnel.waypoint.telemetry import RequestTelemetry
@@ -150,7 +153,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     from ztunnel.config.kube.source import open_source
     from ztunnel.config.loader import ConfigError, read_mesh_config
     from ztunnel.hbone.client import HbonePool
-    from ztunnel.hbone.server import HboneServer
+    from ztunnel.hbone.server import TLS_HANDSHAKE_TIMEOUT, HboneServer
     from ztunnel.hbone.tls_cache import TlsContexts
     from ztunnel.identity.duration import parse_duration
     from ztunnel.identity.manager import CertificateManager
@@ -227,9 +230,21 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         if rotated == identity:
             refresh()
 
+    async def enforce(crl: RevocationSet) -> None:
+        """New contexts first (new handshakes verify against the CRL), then the open connections of revoked peers;
+        swept again once a handshake begun on an old context has finished."""
+        await contexts.refresh(identity)
+        if not crl:
+            return
+        close_revoked(crl, server, pool)
+        await asyncio.sleep(max(TLS_HANDSHAKE_TIMEOUT, pool.connect_timeout) + 1.0)
+        close_revoked(crl, server, pool)
+
     def on_revocation(update: RevocationUpdate) -> None:
         if update.result == LOADED:
-            refresh()
+            task = loop.create_task(enforce(update.current))
+            refreshes.add(task)
+            task.add_done_callback(refreshes.discard)
 
     certs.subscribe(on_rotation)
     certs.subscribe_revocation(on_revocation)
@@ -304,6 +319,35 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         await certs.close()
         await waypoint.authorizers.close()
     return 0
+
+
+def close_revoked(crl: RevocationSet, server: HboneServer, pool: HbonePool) -> int:
+    """Abort the open HBONE connections (clients' and upstream) whose peer leaf a CRL of its issuer lists; the
+    waypoint's counterpart of the node proxy's sweep (proxy and waypoint may not import each other)."""
+    from cryptography import x509
+
+    parsed: dict[bytes, x509.Certificate] = {}  # connections from one peer share its certificate
+    closed = 0
+    for side, conns in (("inbound", list(server.connections)), ("outbound", pool.connections())):
+        for conn in conns:
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                continue
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if not der:
+                continue
+            leaf = parsed.get(der)
+            if leaf is None:
+                leaf = parsed[der] = x509.load_der_x509_certificate(der)
+            if crl.revokes(leaf):
+                log.info(
+                    "closing the HBONE connection of a revoked peer",
+                    extra={"peer": str(conn.peer_identity), "serial": f"{leaf.serial_number:x}", "side": side},
+                )
+                conn.abort()
+                closed += 1
+    return closed
 
 
 def _telemetry(args: argparse.Namespace) -> RequestTelemetry:

@@ -612,16 +612,20 @@ class _ClientConnection:
         if upstream is not None and (upstream.endpoint != endpoint or not upstream.reusable):
             upstream.stream.close()
             upstream = self.upstream = None
+        # A kept-alive upstream may have died before our request met it: an idempotent request without a body
+        # (nothing of it consumed) is sent once more on a fresh stream, as Envoy retries a reset before headers.
+        retry = (
+            upstream is not None
+            and head.method in IDEMPOTENT
+            and not head.has_body
+            and head.upgrade is None
+            and not head.is_connect
+        )
         if upstream is None:
             try:
                 stream = await self._dial(endpoint)
             except HboneError as e:
-                server._count("upstream_error")
-                self.outcome.status, self.outcome.reason = 503, "upstream_error"
-                self.outcome.response_bytes = len(UPSTREAM_FAILED_BODY)
-                log.warning(
-                    "upstream tunnel failed: %s", e, extra={**self._fields(head), "endpoint": str(endpoint.target)}
-                )
+                self._dial_failed(head, endpoint, e)
                 http.respond(503, UPSTREAM_FAILED_BODY)
                 await self._to_client(http.data_to_client())
                 return not http.closed
@@ -631,21 +635,54 @@ class _ClientConnection:
         log.debug("request allowed", extra={**self._fields(head), "policy": verdict.policy})
         http.allow(verdict.add_headers, remove=verdict.remove_headers)
         await self._to_client(http.data_to_client())  # 100 Continue, when asked for
-        await upstream.stream.write(http.data_to_upstream())
-        body = asyncio.get_running_loop().create_task(self._pump_request(upstream.stream))
-        try:
-            keep = await self._pump_response(upstream.stream)
-            if keep:
-                await body
-        finally:
-            if not body.done():
-                body.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError, ConnectionError):
-                await body  # also retrieves the error of a body pump that failed while the response ended
+        head_bytes = http.data_to_upstream()
+        while True:
+            if upstream is None:  # the retry's fresh stream
+                try:
+                    stream = await self._dial(endpoint)
+                except HboneError as e:
+                    self._dial_failed(head, endpoint, e)
+                    http.receive_upstream_data(b"")  # the request is committed: answered 502 as an upstream EOF
+                    http.next_response_event()
+                    await self._to_client(http.data_to_client())
+                    return False
+                upstream = self.upstream = _Upstream(endpoint, stream)
+            body = None
+            try:
+                try:
+                    await upstream.stream.write(head_bytes)
+                except StreamClosed:
+                    if retry:
+                        raise _StaleUpstream from None
+                    raise
+                body = asyncio.get_running_loop().create_task(self._pump_request(upstream.stream))
+                keep = await self._pump_response(upstream.stream, retry_stale=retry)
+                if keep:
+                    await body
+            except _StaleUpstream:
+                retry = False
+                upstream.stream.abort()
+                upstream = self.upstream = None
+                server._count("retried")
+                log.info("stale keep-alive upstream: request sent again", extra=self._fields(head))
+                continue
+            finally:
+                if body is not None:
+                    if not body.done():
+                        body.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError, ConnectionError):
+                        await body  # also retrieves the error of a body pump that failed while the response ended
+            break
         if not keep:
             upstream.stream.close()
             self.upstream = None
         return keep
+
+    def _dial_failed(self, head: RequestHead, endpoint: Endpoint, e: HboneError) -> None:
+        self.server._count("upstream_error")
+        self.outcome.status, self.outcome.reason = 503, "upstream_error"
+        self.outcome.response_bytes = len(UPSTREAM_FAILED_BODY)
+        log.warning("upstream tunnel failed: %s", e, extra={**self._fields(head), "endpoint": str(endpoint.target)})
 
     async def _ext_authz(self, head: RequestHead, attrs: ConnectionAttributes, verdict: Verdict) -> Verdict:
         """Ask the CUSTOM policy's provider (one per workload, as Istio allows) and apply its answer."""
@@ -683,8 +720,9 @@ class _ClientConnection:
                 up.abort()
             return  # PAUSED: no body (or its decision is made)
 
-    async def _pump_response(self, up: HboneStream) -> bool:
-        """The response, upstream -> client; True when the client connection goes on to its next request."""
+    async def _pump_response(self, up: HboneStream, *, retry_stale: bool = False) -> bool:
+        """The response, upstream -> client; True when the client connection goes on to its next request.
+        With `retry_stale`, an upstream that ends before the first response byte raises _StaleUpstream."""
         http = self.http
         while True:
             ev = http.next_response_event()
@@ -694,6 +732,10 @@ class _ClientConnection:
                     data = await up.read(READ_CHUNK)
                 except StreamClosed:
                     data = b""
+                if retry_stale:
+                    if not data:
+                        raise _StaleUpstream
+                    retry_stale = False
                 http.receive_upstream_data(data)
             elif isinstance(ev, ResponseData):
                 self.outcome.response_bytes += len(ev.data)
