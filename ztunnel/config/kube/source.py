@@ -37,6 +37,7 @@ RejectListener = Callable[[ConfigError], None]
 
 SYNC_TIMEOUT_S = 120.0
 DEBOUNCE_S = 0.05
+MAX_PACE_S = 2.0
 MAX_DROPPED_PER_BUILD = 1000
 
 _SEC = "security.istio.io"
@@ -180,11 +181,17 @@ class KubeConfigSource:
         async with asyncio.TaskGroup() as group:
             for r in self.reflectors:
                 group.create_task(r.run(), name=f"watch {r.name}")
+            loop = asyncio.get_running_loop()
             while True:
                 await self._wake.wait()
                 await asyncio.sleep(self.debounce)  # a burst (a Deployment rolled out) becomes one snapshot
                 self._wake.clear()
+                started = loop.time()
                 await self.reload_if_changed()
+                # A snapshot is built whole (0.6 s for 5,000 pods, 1,000 Services and 1,000 policies): under a
+                # steady stream of events, rest as long as the last build took, so building takes at most half
+                # a core and the proxy's traffic keeps the other half.
+                await asyncio.sleep(min(loop.time() - started, MAX_PACE_S))
 
     async def reload_if_changed(self) -> bool:
         """Build and publish a snapshot if anything changed since the last; True if one was published."""
