@@ -28,8 +28,8 @@ from ztunnel.policy.matchers import (
     parse_cidr,
     parse_port,
 )
-from ztunnel.policy.model import ACTIONS, AuthorizationPolicy, Check, Entry, Rule, TargetRef
-from ztunnel.policy.validation import ObjectReader, dry_run_of, parse_selector
+from ztunnel.policy.model import ACTIONS, AuthorizationPolicy, Check, Entry, Rule
+from ztunnel.policy.validation import ObjectReader, dry_run_of, parse_selector, parse_target_refs
 
 SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "action", "provider", "rules")
 SOURCE_FIELDS: dict[str, tuple[str, str, bool]] = {
@@ -303,23 +303,6 @@ def _rule(r: _PolicyReader, raw: Any, path: str, policy_ns: str) -> Rule:
 # ---------------------------------------------------------------------------------------------------
 # The policy
 # ---------------------------------------------------------------------------------------------------
-def _target_refs(r: ObjectReader, spec: Mapping[str, Any], namespace: str) -> tuple[TargetRef, ...]:
-    raws: list[tuple[str, Any]] = []
-    if spec.get("targetRef") is not None:
-        raws.append(("spec.targetRef", spec["targetRef"]))
-    refs = r.list_of(spec.get("targetRefs"), "spec.targetRefs")
-    raws.extend((f"spec.targetRefs[{i}]", x) for i, x in enumerate(refs))
-    out = []
-    for path, raw in raws:
-        m = r.mapping(raw, path)
-        r.known_fields(m, ["group", "kind", "name", "namespace"], path)
-        for f in ("kind", "name"):
-            if not isinstance(m.get(f), str) or not m[f]:
-                raise r.error(f"{path}.{f}", "is required")
-        out.append(TargetRef(str(m.get("group", "")), m["kind"], m["name"], str(m.get("namespace") or namespace)))
-    return tuple(out)
-
-
 def _action(r: ObjectReader, spec: Mapping[str, Any]) -> str:
     action = spec.get("action", "ALLOW")
     if action is None:
@@ -355,9 +338,7 @@ def parse_authorization_policy(
     r.known_fields(spec, SPEC_FIELDS, "spec")
     action = _action(r, spec)
     selector = parse_selector(r, spec)
-    target_refs = _target_refs(r, spec, obj.namespace)
-    if selector is not None and target_refs:
-        raise r.error("spec.selector", "cannot be used together with targetRef/targetRefs; keep one")
+    target_refs = parse_target_refs(r, spec, obj.namespace, selector)
     provider = _provider(r, spec, action)
     raw_rules = r.list_of(spec.get("rules"), "spec.rules")
     rules = tuple(_rule(r, x, f"spec.rules[{i}]", obj.namespace) for i, x in enumerate(raw_rules))

@@ -9,7 +9,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from ztunnel.config.model import KubeObject
-from ztunnel.policy.model import ACTIONS, API_GROUP, DRY_RUN_ANNOTATION, PolicyError
+from ztunnel.policy.model import ACTIONS, API_GROUP, DRY_RUN_ANNOTATION, PolicyError, TargetRef
 
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -104,6 +104,29 @@ def parse_selector(
             raise reader.error(f"{path}.matchLabels.{k}", f"must be a string, not {type_name(v)}")
         out[k] = str(v)
     return out or None
+
+
+def parse_target_refs(
+    reader: ObjectReader, spec: Mapping[str, Any], namespace: str, selector: Mapping[str, str] | None
+) -> tuple[TargetRef, ...]:
+    """`spec.targetRef` and `spec.targetRefs` (Istio: a policy attaches by selector or by targetRefs, not both);
+    a reference without a namespace is to the policy's own."""
+    raws: list[tuple[str, Any]] = []
+    if spec.get("targetRef") is not None:
+        raws.append(("spec.targetRef", spec["targetRef"]))
+    refs = reader.list_of(spec.get("targetRefs"), "spec.targetRefs")
+    raws.extend((f"spec.targetRefs[{i}]", x) for i, x in enumerate(refs))
+    out = []
+    for path, raw in raws:
+        m = reader.mapping(raw, path)
+        reader.known_fields(m, ["group", "kind", "name", "namespace"], path)
+        for f in ("kind", "name"):
+            if not isinstance(m.get(f), str) or not m[f]:
+                raise reader.error(f"{path}.{f}", "is required")
+        out.append(TargetRef(str(m.get("group", "")), m["kind"], m["name"], str(m.get("namespace") or namespace)))
+    if selector is not None and out:
+        raise reader.error("spec.selector", "cannot be used together with targetRef/targetRefs; keep one")
+    return tuple(out)
 
 
 def dry_run_of(reader: ObjectReader) -> bool:
