@@ -7,8 +7,8 @@ and ES256 keys, by `jwksUri`) and a second one whose key is inline; an ALLOW pol
 /hello and the first issuer's `groups: admins` claim for /admin. Tokens are minted per test with the real clock
 (tests/support/jwtkit.py keys).
 
-The `jwksUri` names the JWKS pod by its IP: the waypoint fetches key sets itself with the system resolver, and a
-waypoint pod (not enrolled) has no DNS for the mesh's Service names; the strict xfail below tracks that gap.
+The main `jwksUri` names the JWKS pod by its IP; a second rule names the JWKS Service by its name, which the
+waypoint (its pod not enrolled, without the mesh's DNS) resolves through its config snapshot to a ready endpoint.
 """
 
 from __future__ import annotations
@@ -196,11 +196,6 @@ def test_an_inline_jwks_verifies_its_issuers_tokens(lab: LabHandle) -> None:
     assert (reply.status, reply.body) == (403, "RBAC: access denied")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the waypoint fetches a jwksUri with the system resolver (ztunnel/waypoint/jwks.py JwksFetcher.fetch) and "
-    "its pod has no DNS for Service names: a jwksUri by Service name never loads (issue 12)",
-)
 def test_a_jwks_uri_by_service_name_is_fetched(lab: LabHandle) -> None:
     lab.apply(yaml.safe_dump(named_rule()))
     try:
