@@ -9,7 +9,8 @@ PY="${PYTHON:-python3}"
 # System tools: iptables for in-pod redirection, the CNI reference plugins for the lab, iproute2 for
 # netns, tcpdump for capture checks, curl for demos. Only as root; tests needing them skip otherwise.
 # python3-bpfcc + linux-headers-amd64: bcc compiles bpf/redirect.c for eBPF redirection (--redirect ebpf).
-APT_PACKAGES=(iptables iproute2 containernetworking-plugins tcpdump curl openssl python3-bpfcc linux-headers-amd64)
+# prometheus: `ztunnel lab up --prometheus` scrapes the lab's proxies and waypoints with it (run by the lab, not systemd).
+APT_PACKAGES=(iptables iproute2 containernetworking-plugins tcpdump curl openssl python3-bpfcc linux-headers-amd64 prometheus)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do
