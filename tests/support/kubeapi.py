@@ -18,6 +18,7 @@ import copy
 import datetime as dt
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -132,9 +133,13 @@ def _merge(target: Any, patch: Any) -> Any:
 class FakeKubeApi:
     """See the module docstring. Use as a context manager (starts and stops the server thread)."""
 
-    def __init__(self, *, token: str = "test-token", host: str = "127.0.0.1", tls: bool = True) -> None:
+    def __init__(
+        self, *, token: str = "test-token", host: str = "127.0.0.1", tls: bool = True, sock: socket.socket | None = None
+    ) -> None:
+        """`sock`: a listening socket to serve on (made in another network namespace, say) instead of host:0."""
         self.token = token
-        self.host = host
+        self.host = sock.getsockname()[0] if sock is not None else host
+        self._sock = sock
         self.port = 0
         self.ca_pem, cert, key = _tls_material(host)
         self._tls_files = (cert, key)
@@ -185,7 +190,10 @@ class FakeKubeApi:
                 cf.write_bytes(self._tls_files[0])
                 kf.write_bytes(self._tls_files[1])
                 ctx.load_cert_chain(cf, kf)
-        self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=ctx)
+        if self._sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=self._sock, ssl=ctx)
+        else:
+            self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=ctx)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
