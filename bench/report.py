@@ -275,6 +275,13 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             " above a few percent, latency percentiles are mostly the host's)",
             "",
         ]
+    if meta.get("host_load_average"):
+        start, end = meta["host_load_average"]
+        lines[-1:] = [
+            f"Load average (1 min) at the start / end: {start} / {end} ({meta.get('host', {}).get('cpus', '?')} CPUs;"
+            " well above the bench's own few processes means other work shared the machine)",
+            "",
+        ]
     header = ["Figure", *available]
     header += [f"{p} ÷ {floor_of(p)}" for p in others]
     header += [f"{p} ÷ {peer_of(p)}" for p in peered]

@@ -38,6 +38,7 @@ def measure(args: argparse.Namespace, s: Settings, topology: Topology) -> dict[s
     group = ProcessGroup(workdir)
     started = time.monotonic()
     cpu_at_start = host_cpu_ticks()
+    load_at_start = os.getloadavg()[0]
     paths: list[PathSetup] = []
     samples: dict[str, dict[str, list[float | None]]] = {}
     holds: dict[str, Any] = {}
@@ -154,6 +155,9 @@ def measure(args: argparse.Namespace, s: Settings, topology: Topology) -> dict[s
             "tools": {**tool_versions(), "latency": "bench/loadgen.py latency (open-loop fixed rate, uvloop)"},
             "wall_seconds": round(time.monotonic() - started, 1),
             "host_steal_percent": steal_percent(cpu_at_start, host_cpu_ticks()),
+            # runnable tasks (1-minute average) at the start and the end: on 2 cores, anything well above the
+            # bench's own 3-5 processes means other work shared the machine (latency tails are then its)
+            "host_load_average": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
             "errors": errors,
         },
         "paths": {

@@ -108,6 +108,8 @@ spec:
 
 
 def _lab_docs() -> list[str]:
+    """The app is the server pod's container (the lab reports the pod ready once its port listens)."""
+    app = f'command: ["{PY}", "{LOADGEN}", http-server, "0.0.0.0:{HTTP_PORT}"], ports: [{{containerPort: {HTTP_PORT}}}]'
     pods = [
         f"""apiVersion: v1
 kind: Pod
@@ -115,11 +117,8 @@ metadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: {name}}}}}
 spec:
   nodeName: {node}
   serviceAccountName: {name}
-  containers: [{{name: main, command: [sleep, infinity]{ports}}}]"""
-        for name, node, ports in (
-            ("client", "node1", ""),
-            ("server", "node2", f", ports: [{{containerPort: {HTTP_PORT}}}]"),
-        )
+  containers: [{{name: main, {command}}}]"""
+        for name, node, command in (("client", "node1", "command: [sleep, infinity]"), ("server", "node2", app))
     ]
     namespace = f"""apiVersion: v1
 kind: Namespace
@@ -208,8 +207,7 @@ def lab_waypoint(lab: LabTopology, group: ProcessGroup) -> PathSetup:
             return unavailable(NAME, f"the lab runs no proxy on {node}")
         lab.proxy_pids[node] = int(proxy["pid"])
     server_prefix = netns_exec(server["netns"])
-    app = group.start("waypoint-app", [*server_prefix, PY, LOADGEN, "http-server", f"0.0.0.0:{HTTP_PORT}"])
-    wait_until(lambda: listening("0.0.0.0", HTTP_PORT, server_prefix), 10, "the waypoint path's HTTP app", app)
+    wait_until(lambda: listening("0.0.0.0", HTTP_PORT, server_prefix), 10, "the waypoint path's HTTP app")
     waypoint_pid = int(proc["pid"])
     path = PathSetup(
         NAME,
@@ -222,7 +220,6 @@ def lab_waypoint(lab: LabTopology, group: ProcessGroup) -> PathSetup:
         http_host=f"app.{NAMESPACE}.svc.cluster.local",
         client_prefix=netns_exec(client["netns"]),
         server_prefix=server_prefix,
-        helpers=[app],
         external_pid_source=lambda: {"node1": lab.proxy_pids["node1"], "waypoint": waypoint_pid}
         | {"node2": lab.proxy_pids["node2"]},
         note=f"HTTP/1.1 figures only; h2c {H2C}; the lab's waypoint and proxies log every request/connection",

@@ -182,3 +182,13 @@ def test_haproxy_w_decides_on_method_and_path_and_its_configs_are_valid(tmp_path
         path.write_text(cfg)
         r = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, f"{side}: {r.stdout}{r.stderr}"
+
+
+def test_the_hosts_load_average_is_shown() -> None:
+    """On a shared 2-core machine the tails of the HTTP latency are mostly other work's: the table says how much."""
+    result = {
+        "meta": {"date": "d", "quick": True, "reps": 1, "host_load_average": [4.5, 5.25], "host": {"cpus": 2}},
+        "paths": {"direct": {"available": True}},
+        "summary": {},
+    }
+    assert "Load average (1 min) at the start / end: 4.5 / 5.25 (2 CPUs;" in report.render_markdown(result)
