@@ -286,3 +286,71 @@ def test_l7_headers_lower_cased_once_and_only_when_read() -> None:
     assert a.headers is lower  # already lower-case: no copy
     b = match_attributes(attrs, HttpRequestAttributes("GET", "/", "", {"X-A": "1"}))
     assert b.headers == {"x-a": "1"} and b.headers is b.headers
+
+
+# ---- targetRefs: what a waypoint applies, as Istio ambient attaches policies ------------------------------------
+WAYPOINT = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: foo}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-l7, namespace: foo, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.11, selector: {app: server}, ports: [{port: 80, targetPort: 8080}]}
+"""
+GATEWAY_REF = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}
+
+
+def ra(name: str, namespace: str = "foo", **spec: object) -> str:
+    body = {**spec, "jwtRules": [{"issuer": f"https://{name}"}]}
+    return policy(name, body, kind="RequestAuthentication", namespace=namespace)
+
+
+def test_request_authentication_target_refs_attach_to_a_waypoint_or_a_service_not_the_namespace() -> None:
+    engine, config = engine_of(
+        WAYPOINT,
+        ra("gw", targetRefs=[GATEWAY_REF]),
+        ra("svc", targetRefs=[{"group": "", "kind": "Service", "name": "server"}]),
+        ra("class", "istio-system", targetRefs=[{**GATEWAY_REF, "kind": "GatewayClass", "name": "istio-waypoint"}]),
+        ra("class-not-root", targetRefs=[{**GATEWAY_REF, "kind": "GatewayClass", "name": "istio-waypoint"}]),
+        ra("other-gw", targetRefs=[{**GATEWAY_REF, "name": "elsewhere"}]),
+        ra("entry", targetRefs=[{"group": "networking.istio.io", "kind": "ServiceEntry", "name": "server"}]),
+        ra("ns"),
+    )
+    assert engine.errors == []
+    server, other = config.workload("foo", "server"), config.workload("foo", "other")
+    assert server and other
+    # server: behind server-l7, which uses the waypoint, and selected by Service server
+    assert sorted(r.name for r in engine.request_authentications_for(server)) == ["class", "gw", "ns", "svc"]
+    assert [r.name for r in engine.request_authentications_for(other)] == ["ns"]  # no waypoint, no targeted Service
+    at_waypoint = PolicyEngine.from_config(config, waypoint="foo/waypoint")
+    assert sorted(r.name for r in at_waypoint.request_authentications_for(server)) == ["class", "gw", "ns", "svc"]
+    # the deciding waypoint is another one: what targets foo/waypoint is not its
+    at_other = PolicyEngine.from_config(config, waypoint="foo/elsewhere")
+    assert sorted(r.name for r in at_other.request_authentications_for(server)) == ["class", "ns", "other-gw", "svc"]
+
+
+def test_request_authentication_target_refs_are_validated_as_an_authorization_policys() -> None:
+    engine, _ = engine_of(
+        ra("both", selector={"matchLabels": {"app": "server"}}, targetRefs=[GATEWAY_REF]),
+        ra("nameless", targetRef={"kind": "Gateway"}),
+    )
+    text = "\n".join(str(e) for e in engine.errors)
+    assert "RequestAuthentication foo/both" in text and "spec.selector" in text and "targetRef" in text, text
+    assert "spec.targetRef.name: is required" in text, text
+    assert engine.request_authentications == ()
+
+
+def test_authorization_policy_target_refs_to_the_waypoint_apply_at_l7_only() -> None:
+    deny_admin = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}
+    engine, config = engine_of(WAYPOINT, policy("gw-deny", {**deny_admin, "targetRefs": [GATEWAY_REF]}))
+    assert engine.errors == []
+    denied = decide(engine, config, Conn(layer="l7", path="/admin"))
+    assert (denied.allowed, denied.policy) == (False, "foo/gw-deny")
+    assert decide(engine, config, Conn(layer="l7", path="/hello")).allowed
+    assert decide(engine, config, Conn(layer="l7", path="/admin", dest="foo/other")).allowed  # not behind it
+    assert decide(engine, config, Conn()).allowed  # the node proxy leaves it to the waypoint
+    elsewhere = PolicyEngine.from_config(config, waypoint="foo/elsewhere")
+    assert decide(elsewhere, config, Conn(layer="l7", path="/admin")).allowed

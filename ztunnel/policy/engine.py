@@ -14,8 +14,9 @@ config snapshot (`PolicyEngine.from_config`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Generic, TypeVar
 
-from ztunnel.config.model import ClusterConfig, KubeObject, Workload, labels_match
+from ztunnel.config.model import WAYPOINT_GATEWAY_CLASS, ClusterConfig, KubeObject, Workload, labels_match
 from ztunnel.policy.compile import WorkloadPolicies, compile_workload
 from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes
 from ztunnel.policy.evaluation import PeerAuthenticationIndex, decide, match_attributes, plaintext_refused
@@ -29,7 +30,55 @@ from ztunnel.policy.model import (
     RejectedPolicy,
     RequestAuthentication,
     SelectedPolicy,
+    TargetRef,
 )
+
+Attached = TypeVar("Attached", AuthorizationPolicy, RequestAuthentication)
+CORE_GROUPS = ("", "core")
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+class TargetIndex(Generic[Attached]):
+    """Policies attached by `targetRefs`, by what they target, as Istio ambient attaches them at a waypoint: a
+    Service (requests to its endpoints), a waypoint `Gateway` (requests through that waypoint), or, from the root
+    namespace, GatewayClass istio-waypoint (requests through any waypoint). Other targets attach to nothing."""
+
+    def __init__(self, root_namespace: str) -> None:
+        self.root_namespace = root_namespace
+        self._by: dict[tuple[str, str, str], list[Attached]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by)
+
+    def add(self, policy: Attached, refs: Iterable[TargetRef]) -> None:
+        for ref in refs:
+            key = self._key(policy.namespace, ref)
+            if key is not None:
+                self._by.setdefault(key, []).append(policy)
+
+    def _key(self, namespace: str, ref: TargetRef) -> tuple[str, str, str] | None:
+        if ref.kind == "Service" and ref.group in CORE_GROUPS:
+            return ("Service", ref.namespace, ref.name)
+        if ref.kind == "Gateway" and ref.group == GATEWAY_GROUP:
+            return ("Gateway", ref.namespace, ref.name)
+        if ref.kind == "GatewayClass" and ref.group == GATEWAY_GROUP and namespace == self.root_namespace:
+            return ("GatewayClass", "", ref.name)
+        return None
+
+    def attached(self, workload: Workload, config: ClusterConfig | None, waypoint: str | None) -> list[Attached]:
+        """What applies to a request for `workload` at the waypoint `waypoint` ("ns/name"; None: the waypoints of
+        the workload's Services, where its requests go)."""
+        if not self._by or config is None:
+            return []
+        found: list[Attached] = []
+        for svc in config.services_of(workload):
+            found.extend(self._by.get(("Service", svc.namespace, svc.name), ()))
+        waypoints = [waypoint] if waypoint is not None else [w.ref for w in config.workload_waypoints(workload)]
+        for ref in waypoints:
+            ns, _, name = ref.partition("/")
+            found.extend(self._by.get(("Gateway", ns, name), ()))
+            found.extend(self._by.get(("GatewayClass", "", WAYPOINT_GATEWAY_CLASS), ()))
+        return found
 
 
 class PolicyEngine:
@@ -48,8 +97,10 @@ class PolicyEngine:
         root_namespace: str = "istio-system",
         config: ClusterConfig | None = None,
         parsed: ParseResults | None = None,
+        waypoint: str | None = None,
     ) -> None:
         self.root_namespace = root_namespace
+        self.waypoint = waypoint  # "ns/name" of the waypoint deciding with this engine, for Gateway targetRefs
         self.errors: list[PolicyError] = list(errors)
         self.warnings: list[str] = list(warnings)
         self.policies: tuple[AuthorizationPolicy, ...] = tuple(
@@ -63,14 +114,15 @@ class PolicyEngine:
         self._cache: dict[tuple[str, str, str], WorkloadPolicies] = {}
         self._ns_wide: dict[str, list[SelectedPolicy]] = {}
         self._by_label: dict[tuple[str, str, str], list[SelectedPolicy]] = {}
-        self._by_service: dict[tuple[str, str], list[AuthorizationPolicy]] = {}
+        self._targeted: TargetIndex[AuthorizationPolicy] = TargetIndex(root_namespace)
         for p in self.policies:
             if p.target_refs:
-                for ref in p.target_refs:
-                    if ref.kind == "Service":
-                        self._by_service.setdefault((ref.namespace, ref.name), []).append(p)
+                self._targeted.add(p, p.target_refs)
             else:
                 self._index(p)
+        self._targeted_request_authentications: TargetIndex[RequestAuthentication] = TargetIndex(root_namespace)
+        for ra in self.request_authentications:
+            self._targeted_request_authentications.add(ra, ra.target_refs)
         for r in self.rejected:
             self._index(r)
         self._peer = PeerAuthenticationIndex(self.peer_authentications, rejected_peer_authentications, root_namespace)
@@ -84,12 +136,15 @@ class PolicyEngine:
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ClusterConfig, previous: PolicyEngine | None = None) -> PolicyEngine:
+    def from_config(
+        cls, config: ClusterConfig, previous: PolicyEngine | None = None, *, waypoint: str | None = None
+    ) -> PolicyEngine:
         """Parse every security object of the snapshot (legacy kinds converted first); never raises for bad ones.
 
         Invalid objects end up in `errors` (report them); their workloads fail closed. Pass the engine of the
         previous snapshot as `previous` to reuse the AuthorizationPolicies that did not change: parsing 10,000
-        policies takes seconds, so a proxy should also build engines off its event loop."""
+        policies takes seconds, so a proxy should also build engines off its event loop. A waypoint passes its own
+        `waypoint` ("ns/name"): policies targeting a waypoint Gateway then apply when it is that one."""
         legacy = convert_legacy(config)
         return cls.from_objects(
             legacy.objects,
@@ -98,6 +153,7 @@ class PolicyEngine:
             warnings=legacy.notes,
             origins=legacy.origins,
             previous=previous,
+            waypoint=waypoint,
         )
 
     @classmethod
@@ -111,6 +167,7 @@ class PolicyEngine:
         warnings: Iterable[str] = (),
         origins: Mapping[int, str] | None = None,
         previous: PolicyEngine | None = None,
+        waypoint: str | None = None,
     ) -> PolicyEngine:
         root = root_namespace or (config.root_namespace if config else "istio-system")
         loaded = load_objects(
@@ -120,11 +177,16 @@ class PolicyEngine:
             origins=origins,
             previous=previous._parsed if previous is not None else None,
         )
-        return cls.from_loaded(loaded, root_namespace=root, config=config)
+        return cls.from_loaded(loaded, root_namespace=root, config=config, waypoint=waypoint)
 
     @classmethod
     def from_loaded(
-        cls, loaded: LoadedPolicies, *, root_namespace: str, config: ClusterConfig | None = None
+        cls,
+        loaded: LoadedPolicies,
+        *,
+        root_namespace: str,
+        config: ClusterConfig | None = None,
+        waypoint: str | None = None,
     ) -> PolicyEngine:
         return cls(
             loaded.authorization_policies,
@@ -137,6 +199,7 @@ class PolicyEngine:
             root_namespace=root_namespace,
             config=config,
             parsed=loaded.parsed,
+            waypoint=waypoint,
         )
 
     # ---- policy selection -------------------------------------------------------------------------
@@ -151,9 +214,8 @@ class PolicyEngine:
                 for p in self._by_label.get((scope, k, v), ()):
                     if p.selector is not None and labels_match(p.selector, workload.labels):
                         found.append(p)
-        if layer == L7 and self._by_service and self._config is not None:
-            for svc in self._config.services_of(workload):
-                found.extend(self._by_service.get((svc.namespace, svc.name), ()))
+        if layer == L7:
+            found.extend(self._targeted.attached(workload, self._config, self.waypoint))
         unique = list({id(p): p for p in found}.values())
         return tuple(sorted(unique, key=lambda p: (p.namespace, p.name)))
 
@@ -194,12 +256,17 @@ class PolicyEngine:
         return decide(self._workload_policies(w, layer), match_attributes(attrs, request))
 
     def request_authentications_for(self, workload: Workload) -> tuple[RequestAuthentication, ...]:
-        """JWT rules a waypoint applies for `workload`: its namespace's and the root namespace's, by selector."""
+        """JWT rules a waypoint applies for `workload`: by selector, its namespace's and the root namespace's; by
+        targetRefs, those attached to its Services or to the waypoint (see `TargetIndex`)."""
+        targeted = self._targeted_request_authentications.attached(workload, self._config, self.waypoint)
         out = []
         for ra in self.request_authentications:
-            if ra.namespace not in (workload.namespace, self.root_namespace):
-                continue
-            if ra.selector is None or labels_match(ra.selector, workload.labels):
+            if ra.target_refs:
+                if any(t is ra for t in targeted):
+                    out.append(ra)
+            elif ra.namespace in (workload.namespace, self.root_namespace) and (
+                ra.selector is None or labels_match(ra.selector, workload.labels)
+            ):
                 out.append(ra)
         return tuple(out)
 
@@ -214,4 +281,4 @@ class PolicyEngine:
         return mode, pa.key if pa else None
 
 
-__all__ = ["PolicyEngine"]
+__all__ = ["PolicyEngine", "TargetIndex"]

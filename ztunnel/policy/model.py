@@ -142,13 +142,16 @@ class JwtRule:
 
 @dataclass(frozen=True)
 class RequestAuthentication:
-    """Parsed and validated only: the waypoint validates JWTs; the node proxy never sees HTTP."""
+    """Parsed and validated only: the waypoint validates JWTs; the node proxy never sees HTTP. Attached by
+    `selector` (its namespace's workloads, or the mesh's from the root namespace) or by `target_refs` (a waypoint
+    Gateway, a Service, or GatewayClass istio-waypoint from the root namespace), as an AuthorizationPolicy is."""
 
     namespace: str
     name: str
     selector: Mapping[str, str] | None
     jwt_rules: tuple[JwtRule, ...]
     source: Source | None = None
+    target_refs: tuple[TargetRef, ...] = ()
 
     @property
     def key(self) -> str:

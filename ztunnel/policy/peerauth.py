@@ -18,7 +18,7 @@ from ztunnel.config.loader import parse_duration
 from ztunnel.config.model import KubeObject
 from ztunnel.policy.matchers import parse_port
 from ztunnel.policy.model import MTLS_MODES, JwtRule, PeerAuthentication, RequestAuthentication
-from ztunnel.policy.validation import ObjectReader, parse_selector, type_name
+from ztunnel.policy.validation import ObjectReader, parse_selector, parse_target_refs, type_name
 
 
 def _mode(ctx: ObjectReader, raw: Any, path: str) -> str:
@@ -94,9 +94,10 @@ def parse_request_authentication(obj: KubeObject) -> RequestAuthentication:
     spec = ctx.mapping(obj.body.get("spec"), "spec")
     ctx.known_fields(spec, ["selector", "targetRef", "targetRefs", "jwtRules"], "spec")
     selector = parse_selector(ctx, spec)
+    target_refs = parse_target_refs(ctx, spec, obj.namespace, selector)
     raw_rules = ctx.list_of(spec.get("jwtRules"), "spec.jwtRules")
     rules = [_jwt_rule(ctx, raw, f"spec.jwtRules[{i}]") for i, raw in enumerate(raw_rules)]
-    return RequestAuthentication(obj.namespace, obj.name, selector, tuple(rules), obj.source)
+    return RequestAuthentication(obj.namespace, obj.name, selector, tuple(rules), obj.source, target_refs)
 
 
 def _jwt_rule(ctx: ObjectReader, raw: Any, path: str) -> JwtRule:
