@@ -202,7 +202,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     def snapshot(cfg: ClusterConfig, previous: PolicyEngine | None) -> WaypointState:
         if mesh_providers is not None:
             cfg = dataclasses.replace(cfg, extension_providers=mesh_providers)
-        engine = PolicyEngine.from_config(cfg, previous)
+        engine = PolicyEngine.from_config(cfg, previous, waypoint=f"{args.namespace}/{args.name}")  # Gateway targetRefs
         rules = [JwtRule.from_policy(r) for ra in engine.request_authentications for r in ra.jwt_rules]
         named = [(ra.namespace, r.jwks_uri) for ra in engine.request_authentications for r in ra.jwt_rules]
         jwks_names.update(cfg, ((ns, uri) for ns, uri in named if uri))  # before track: new URIs are fetched at once
