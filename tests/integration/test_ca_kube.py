@@ -5,6 +5,8 @@ projected token file (TokenReview); refusals reach the caller as gRPC statuses; 
 from __future__ import annotations
 
 import base64
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,8 +26,9 @@ from tests.integration.conftest import ZTUNNEL, AppServer, ProxyProcess, recv_al
 from tests.support.eventually import eventually
 from tests.support.identity import free_port, spiffe
 from tests.support.kubeapi import FakeKubeApi, namespace, pod
+from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
 from ztunnel.identity.certs import generate_key, make_csr, uri_sans
-from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc
+from ztunnel.identity.proto import ca_pb2, ca_pb2_grpc, revocation_pb2
 from ztunnel.identity.spiffe import SpiffeId
 
 NODE, OTHER_NODE = "node-k", "node-j"
@@ -65,7 +68,7 @@ class CAProcess:
         return self.proc.returncode
 
 
-def start_ca(api: FakeKubeApi, workdir: Path, name: str = "ca") -> CAProcess:
+def start_ca(api: FakeKubeApi, workdir: Path, name: str = "ca", *extra: str) -> CAProcess:
     port, ready = free_port(), free_port()
     log_path = workdir / f"{name}.log"
     argv = [
@@ -84,6 +87,7 @@ def start_ca(api: FakeKubeApi, workdir: Path, name: str = "ca") -> CAProcess:
         f"127.0.0.1:{port}",
         "--readiness-addr",
         f"127.0.0.1:{ready}",
+        *extra,
     ]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
@@ -259,3 +263,58 @@ async def test_two_ca_replicas_racing_to_store_the_root_agree(tmp_path: Path) ->
             hold.set()
             codes = first.stop(), second.stop()
             assert codes == (0, 0), first.log() + second.log()
+
+
+async def crl_number(ca: CAProcess, roots: str, token: str) -> int:
+    """ztunnel.v1.RevocationService/GetRevocationList with the caller's projected token."""
+    credentials = grpc.ssl_channel_credentials(roots.encode())
+    async with grpc.aio.secure_channel(ca.address, credentials) as channel:
+        call = channel.unary_unary(
+            "/ztunnel.v1.RevocationService/GetRevocationList",
+            request_serializer=revocation_pb2.RevocationListRequest.SerializeToString,
+            response_deserializer=revocation_pb2.RevocationListResponse.FromString,
+        )
+        answer = await call(
+            revocation_pb2.RevocationListRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=10
+        )
+    return int(answer.number)
+
+
+async def test_a_plugged_in_cacerts_and_its_crls_are_served_and_published(tmp_path: Path) -> None:
+    made = init_ca_dir(tmp_path / "operator-ca")  # the operator's CA, plugged in as the cacerts Secret
+    operator = CertificateAuthority.load(made)
+    operator.revoke([0x1234])
+    mounted = tmp_path / "cacerts"
+    mounted.mkdir()
+    for name in ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem", "crl.pem"):
+        shutil.copy(made / name, mounted / name)
+    root = (made / "root-cert.pem").read_text()
+    with FakeKubeApi() as api:
+        cluster(api)
+        ca = start_ca(api, tmp_path, "ca-plugged", "--dir", str(mounted))
+        try:
+            wait_ready(ca)
+            assert api.get("Secret", "istio-ca-secret", "istio-system") is None  # nothing generated
+            assert (await ask(ca, root, PROXY_TOKEN, spiffe("kube", "client")))[-1].strip() == root.strip()
+
+            def crl_map() -> dict | None:  # type: ignore[type-arg]
+                return api.get("ConfigMap", "ztunnel-ca-crl", "kube")
+
+            eventually(lambda: bundle(api, "kube") == root and crl_map() is not None, 10, what="both ConfigMaps")
+            cm = crl_map()
+            assert cm is not None and cm["data"]["number"] == "1"
+            crl = x509.load_der_x509_crl(base64.b64decode(cm["binaryData"]["crl.der"]))
+            assert [r.serial_number for r in crl] == [0x1234]
+            assert await crl_number(ca, root, PROXY_TOKEN) == 1  # the gRPC path, authenticated by TokenReview
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await crl_number(ca, root, "forged")
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+            operator.revoke([0x5678])  # the operator revokes and updates the Secret: the mount changes
+            tmp = mounted / "crl.pem.new"
+            shutil.copy(made / "crl.pem", tmp)
+            os.replace(tmp, mounted / "crl.pem")
+            eventually(lambda: (crl_map() or {}).get("data", {}).get("number") == "2", 15, what="the new CRL")
+            assert await crl_number(ca, root, PROXY_TOKEN) == 2
+        finally:
+            assert ca.stop() == 0, ca.log()

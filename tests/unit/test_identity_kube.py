@@ -22,10 +22,13 @@ from ztunnel.identity.authz import Caller, NodeAuthError, Refusal
 from ztunnel.identity.ca import CA_KEY, ROOT_KEY, CAError, CertificateAuthority, init_ca_dir
 from ztunnel.identity.certs import generate_key, make_csr, uri_sans
 from ztunnel.identity.kube import (
+    ConfigMapPublisher,
     KubeAuthenticator,
     TrustBundlePublisher,
     ensure_ca_secret,
     load_kube_ca,
+    revocation_content,
+    sync_mounted_revocations,
     token_expiry,
 )
 from ztunnel.identity.proto import ca_pb2
@@ -331,6 +334,46 @@ async def test_the_trust_bundle_reaches_every_namespace_and_is_repaired(api: Fak
         await until(lambda: "brand-new" in publisher.failed)
         del api.fail["configmaps"]
         await until(lambda: bundle("brand-new") == "ROOTS\n")  # retried without another wake
-        assert publisher.failed == {}
+        await until(lambda: publisher.failed == {})  # (the fake stores it before the publisher has its answer)
     finally:
         task.cancel()
+
+
+# ---- the CRLs beside it ----------------------------------------------------------------------------------
+
+
+async def test_the_crl_configmap_follows_the_revocations_and_drops_stale_keys(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    made = init_ca_dir(tmp_path / "made")
+    ca = CertificateAuthority.load(made)
+    assert revocation_content(ca.published_revocations(0)) == ({}, {})  # nothing revoked: nothing published
+    ca.revoke([0xABC])
+    data, binary = revocation_content(ca.published_revocations(0))
+    assert data["number"] == "1" and data["issuer-chain.pem"].startswith("-----BEGIN CERTIFICATE-----")
+    crl = x509.load_der_x509_crl(base64.b64decode(binary["crl.der"]))
+    assert [r.serial_number for r in crl] == [0xABC]
+
+    publisher = ConfigMapPublisher(client(api, tmp_path), "ztunnel-ca-crl", {})
+    await publisher.publish(["shop"])
+    assert api.get("ConfigMap", "ztunnel-ca-crl", "shop") is None  # empty: not published
+    publisher.set_content(data, {**binary, "retired-0.der": "AAAA"})
+    await publisher.publish(["shop"])
+    cm = api.get("ConfigMap", "ztunnel-ca-crl", "shop")
+    assert cm is not None and cm["data"]["number"] == "1" and set(cm["binaryData"]) == {"crl.der", "retired-0.der"}
+    publisher.set_content({**data, "number": "2"}, binary)
+    await publisher.publish(["shop"])
+    cm = api.get("ConfigMap", "ztunnel-ca-crl", "shop")
+    assert cm is not None and cm["data"]["number"] == "2" and set(cm["binaryData"]) == {"crl.der"}
+
+
+def test_the_mounted_crl_files_are_followed(tmp_path: Path) -> None:
+    mounted, work = tmp_path / "mounted", tmp_path / "work"
+    mounted.mkdir()
+    work.mkdir()
+    assert not sync_mounted_revocations(mounted, work)
+    (mounted / "crl.pem").write_bytes(b"one")
+    assert sync_mounted_revocations(mounted, work) and (work / "crl.pem").read_bytes() == b"one"
+    assert not sync_mounted_revocations(mounted, work)
+    (mounted / "crl.pem").unlink()
+    assert sync_mounted_revocations(mounted, work) and not (work / "crl.pem").exists()

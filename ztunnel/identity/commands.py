@@ -83,6 +83,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="istio-ca-root-cert",
         help="ConfigMap holding the trust bundle (key root-cert.pem) in every namespace (default istio-ca-root-cert)",
     )
+    kube.add_argument(
+        "--crl-configmap",
+        default="ztunnel-ca-crl",
+        help="ConfigMap beside it with the CRLs (crl.der, number, issuer-chain.pem, retired-N.der), in every "
+        "namespace once something is revoked (default ztunnel-ca-crl)",
+    )
     kube.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     kube.add_argument("--readiness-addr", help="HOST:PORT for /healthz/ready (200 once serving with pods listed)")
     kube.add_argument("--metrics-addr", help="HOST:PORT for /metrics (certificates issued/refused, token reviews)")
@@ -238,6 +244,7 @@ def _serve_kubernetes(args: argparse.Namespace, default_ttl: dt.timedelta) -> in
         secret=args.ca_secret,
         namespace=args.ca_namespace,
         root_configmap=args.root_configmap,
+        crl_configmap=args.crl_configmap,
         trust_domain=args.trust_domain,
         audience=args.token_audience,
         node_proxy_accounts=tuple(args.node_proxy_accounts),

@@ -46,6 +46,7 @@ from ztunnel.identity.ca import (
     CertificateAuthority,
     init_ca_dir,
 )
+from ztunnel.identity.revocation import RevocationAnswer
 from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ log = logging.getLogger("ztunnel.ca")
 DEFAULT_AUDIENCE = "istio-ca"
 DEFAULT_CA_SECRET = "istio-ca-secret"
 DEFAULT_ROOT_CONFIGMAP = "istio-ca-root-cert"
+DEFAULT_CRL_CONFIGMAP = "ztunnel-ca-crl"  # beside the trust bundle: the CRLs the proxies also get over gRPC
 ROOT_CONFIGMAP_KEY = "root-cert.pem"
 NODE_PROXY_SERVICE_ACCOUNT = "ztunnel"  # in the CA's own namespace, unless --node-proxy-account says otherwise
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -407,22 +409,25 @@ async def load_kube_ca(
 # ---- the trust bundle in every namespace -------------------------------------------------------------------
 
 
-class TrustBundlePublisher:
-    """Keeps ConfigMap `name` (key `root-cert.pem`: the CA's roots) in every namespace: created where missing,
-    updated where it differs. Remembers what it published, forgets it every `resync` seconds to repair edits."""
+class ConfigMapPublisher:
+    """Keeps ConfigMap `name` with `data` (and `binary_data`, base64) in every namespace: created where missing,
+    updated where it differs. Remembers what it published, forgets it every `resync` seconds to repair edits;
+    publishes nothing while `data` and `binary_data` are both empty."""
 
     def __init__(
         self,
         client: KubeClient,
-        roots_pem: bytes,
+        name: str,
+        data: Mapping[str, str],
+        binary_data: Mapping[str, str] | None = None,
         *,
-        name: str = DEFAULT_ROOT_CONFIGMAP,
         resync: float = 300.0,
         retry: float = 5.0,
         timeout: float = API_TIMEOUT_S,
     ) -> None:
         self.client = client
-        self.data = {ROOT_CONFIGMAP_KEY: roots_pem.decode()}
+        self.data = dict(data)
+        self.binary_data = dict(binary_data or {})
         self.name = name
         self.resync = resync
         self.retry = retry
@@ -431,6 +436,12 @@ class TrustBundlePublisher:
         self.failed: dict[str, str] = {}  # namespace -> the last error
         self.writes = 0
         self.wake = asyncio.Event()
+
+    def set_content(self, data: Mapping[str, str], binary_data: Mapping[str, str] | None = None) -> None:
+        """New content for every namespace (published on the next pass)."""
+        self.data, self.binary_data = dict(data), dict(binary_data or {})
+        self.published.clear()
+        self.wake.set()
 
     async def ensure(self, namespace: str) -> bool:
         """The ConfigMap in `namespace` as it should be; True if it had to be created or changed."""
@@ -447,18 +458,27 @@ class TrustBundlePublisher:
                     "metadata": {"name": self.name, "namespace": namespace, "labels": {"istio.io/config": "true"}},
                     "data": dict(self.data),
                 }
+                if self.binary_data:
+                    body["binaryData"] = dict(self.binary_data)
                 await self.client.request_json("POST", base, body)
                 self.writes += 1
                 return True
-            if all((current.get("data") or {}).get(k) == v for k, v in self.data.items()):
+            patch: dict[str, dict[str, str | None]] = {}
+            for field_name, wanted in (("data", self.data), ("binaryData", self.binary_data)):
+                have = current.get(field_name) or {}
+                change: dict[str, str | None] = {k: v for k, v in wanted.items() if have.get(k) != v}
+                change.update({k: None for k in have if k not in wanted})  # the CA owns the ConfigMap's keys
+                if change:
+                    patch[field_name] = change
+            if not patch:
                 return False
-            await self.client.patch(f"{base}/{quote_name(self.name)}", {"data": dict(self.data)})
+            await self.client.patch(f"{base}/{quote_name(self.name)}", patch)
             self.writes += 1
             return True
 
     async def publish(self, namespaces: Iterable[str]) -> None:
         """One pass: every namespace not yet published; the failed ones are kept for the next pass."""
-        wanted = set(namespaces)
+        wanted = set(namespaces) if self.data or self.binary_data else set()
         self.published &= wanted
         for ns in sorted(wanted - self.published):
             try:
@@ -489,6 +509,70 @@ class TrustBundlePublisher:
                     await self.wake.wait()
             except TimeoutError:
                 pass
+
+
+class TrustBundlePublisher(ConfigMapPublisher):
+    """`istio-ca-root-cert` (key `root-cert.pem`: the CA's roots) in every namespace, as Istio publishes it."""
+
+    def __init__(self, client: KubeClient, roots_pem: bytes, *, name: str = DEFAULT_ROOT_CONFIGMAP, **kwargs: Any):
+        super().__init__(client, name, {ROOT_CONFIGMAP_KEY: roots_pem.decode()}, **kwargs)
+
+
+def revocation_content(answer: RevocationAnswer) -> tuple[dict[str, str], dict[str, str]]:
+    """The CRL ConfigMap's data and binaryData: the CRL (DER) and its number, its signer chain, and each retired
+    intermediate's last CRL with its chain; empty when nothing is revoked."""
+    if not answer.number and not answer.retired:
+        return {}, {}
+    data = {"number": str(answer.number), "issuer-chain.pem": b"".join(answer.issuer_chain).decode()}
+    binary = {"crl.der": base64.b64encode(answer.crl).decode()} if answer.crl else {}
+    for i, retired in enumerate(answer.retired):
+        binary[f"retired-{i}.der"] = base64.b64encode(retired.crl).decode()
+        data[f"retired-{i}-chain.pem"] = b"".join(retired.issuer_chain).decode()
+    return data, binary
+
+
+def sync_mounted_revocations(mounted: Path, work: Path) -> bool:
+    """Copy the operator's crl.pem and retired-crls.pem from the cacerts mount into the CA's working dir when they
+    changed there (the Secret was updated); True if anything changed. Written atomically, as the CA re-reads."""
+    changed = False
+    for name in (CRL, RETIRED_CRLS):
+        src, dst = mounted / name, work / name
+        try:
+            new: bytes | None = src.read_bytes()
+        except FileNotFoundError:
+            new = None
+        old = dst.read_bytes() if dst.exists() else None
+        if new == old:
+            continue
+        if new is None:
+            dst.unlink()
+        else:
+            tmp = work / (name + ".tmp")
+            _write_files(work, {tmp.name: new})
+            os.replace(tmp, dst)
+        changed = True
+    return changed
+
+
+async def follow_revocations(
+    ca: CertificateAuthority, publisher: ConfigMapPublisher, mounted: Path | None, interval: float = 5.0
+) -> None:
+    """Keep the CRL ConfigMap current: the mounted CRL files followed (when plugged in), the content re-derived
+    whenever the CRL number or the retired set changes. A broken CRL is logged and the last content kept."""
+    last: tuple[dict[str, str], dict[str, str]] | None = None
+    while True:
+        try:
+            if mounted is not None:
+                await asyncio.to_thread(sync_mounted_revocations, mounted, ca.directory)
+            content = revocation_content(await asyncio.to_thread(ca.published_revocations, 0))
+        except (OSError, CAError) as e:
+            log.error("cannot publish the CRL, keeping the last one: %s", e)
+        else:
+            if content != last:
+                last = content
+                publisher.set_content(*content)
+        await asyncio.sleep(interval)
+
 
 
 # ---- `ca serve --source kubernetes` ----------------------------------------------------------------------
@@ -532,6 +616,7 @@ class KubeCASettings:
     secret: str = DEFAULT_CA_SECRET
     namespace: str | None = None  # the CA's namespace; default: its service account's
     root_configmap: str = DEFAULT_ROOT_CONFIGMAP
+    crl_configmap: str = DEFAULT_CRL_CONFIGMAP
     trust_domain: str = "cluster.local"
     audience: str = DEFAULT_AUDIENCE
     node_proxy_accounts: tuple[str, ...] = ()  # default: <namespace>/ztunnel
@@ -584,7 +669,13 @@ async def run_kube_ca_server(endpoint: KubeEndpoint, settings: KubeCASettings, s
             default_ttl=settings.default_ttl,
         )
         publisher = TrustBundlePublisher(client, ca.roots_pem, name=settings.root_configmap)
-        source.subscribe(lambda _cfg: publisher.wake.set())
+        crls = ConfigMapPublisher(client, settings.crl_configmap, {})
+
+        def namespaces_changed(_cfg: object) -> None:
+            publisher.wake.set()
+            crls.wake.set()
+
+        source.subscribe(namespaces_changed)
 
         def namespaces() -> Iterable[str]:
             return list(source.current.namespaces) if source.current is not None else []
@@ -610,7 +701,14 @@ async def run_kube_ca_server(endpoint: KubeEndpoint, settings: KubeCASettings, s
             for control in controls:
                 await control.start()
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(source.watch()), tg.create_task(publisher.run(namespaces))]
+                tasks = [
+                    tg.create_task(source.watch()),
+                    tg.create_task(publisher.run(namespaces)),
+                    tg.create_task(crls.run(namespaces)),
+                    tg.create_task(
+                        follow_revocations(ca, crls, settings.mounted if is_plugged_in(settings.mounted) else None)
+                    ),
+                ]
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
