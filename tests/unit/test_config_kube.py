@@ -298,7 +298,7 @@ async def test_oversized_and_garbage_events_are_refused_and_the_watch_goes_on(
     assert any("not JSON" in m for m in refused) and any("unknown event type 'SQUASHED'" in m for m in refused)
 
 
-def test_a_bad_object_is_left_out_and_named_the_rest_applies(api: FakeKubeApi, tmp_path: Path) -> None:
+async def test_a_bad_object_is_left_out_and_named_the_rest_applies(api: FakeKubeApi, tmp_path: Path) -> None:
     api.put_all(_cluster())
     api.put(pod("broken", ip="not-an-ip"))
     source = _source(api, tmp_path)
@@ -310,6 +310,20 @@ def test_a_bad_object_is_left_out_and_named_the_rest_applies(api: FakeKubeApi, t
     text = str(errors[0])
     assert "kubernetes API (pods v1)" in text and "Pod shop/broken" in text and "field status.podIPs[0]" in text
     assert source.status()["left_out"]["Pod shop/broken"] == text
+    async with _watching(source):
+        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        api.put(pod("other-change", ip="10.1.0.21"))  # builds again: the bad pod is not reported twice
+        await eventually_async(
+            lambda: source.current is not None and source.current.workload("shop", "other-change") is not None,
+            what="the next build",
+        )
+        assert len(errors) == 1
+        api.put(pod("broken", ip="10.1.0.20"))  # fixed
+        await eventually_async(
+            lambda: source.current is not None and source.current.workload("shop", "broken") is not None,
+            what="the fixed pod",
+        )
+    assert source.status()["left_out"] == {} and len(errors) == 1
 
 
 def test_a_wrong_token_fails_the_start_naming_the_resource_and_the_answer(api: FakeKubeApi, tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def test_any_sequence_of_events_gives_the_file_sources_model(events: list[tuple[
             truth[key] = copy.deepcopy(obj)
         assert by_kind[kind].apply(json.dumps({"type": kind_of_event, "object": obj}).encode())
         assert by_kind[kind].resource_version == str(rv)
-    got = source._build()
+    got, _ = source.build(source.snapshot())
     text = "\n---\n".join(json.dumps(o) for o in truth.values())
     want = build_config(load_documents(text)) if truth else build_config([])
     strip = lambda cfg: (  # noqa: E731

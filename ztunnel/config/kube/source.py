@@ -27,12 +27,13 @@ from typing import Any
 from ztunnel.config.kube.client import KubeClient, KubeConfigError, KubeEndpoint, from_kubeconfig, in_cluster
 from ztunnel.config.kube.reflector import Reflector, Resource
 from ztunnel.config.loader import MESH_CONFIGMAP, ConfigError, _build_indexes, build_config, to_kube_object
-from ztunnel.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ClusterConfig, KubeObject, Source
+from ztunnel.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ClusterConfig, Source
 from ztunnel.config.source import ConfigSource, FileConfigSource
 
 log = logging.getLogger("ztunnel.config.kube")
 
 Listener = Callable[[ClusterConfig], Awaitable[None] | None]
+Snapshot = list[tuple["KubeSource", str, list[dict[str, Any]]]]  # (source, kind, objects) per reflector
 RejectListener = Callable[[ConfigError], None]
 
 SYNC_TIMEOUT_S = 120.0
@@ -102,7 +103,7 @@ class KubeConfigSource:
         self._reject_listeners: list[RejectListener] = []
         self._changed = False
         self._wake: asyncio.Event | None = None
-        self._bad: dict[str, str] = {}  # object ref -> why it is left out (reported once)
+        self._bad: dict[str, str] = {}  # object ref -> why it is left out now (each reported once)
         self._rng = random.Random()
         self.reflectors = [
             Reflector(
@@ -138,7 +139,8 @@ class KubeConfigSource:
         Raises ConfigError naming the resources that could not be listed and why."""
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kube-sync") as pool:
             pool.submit(asyncio.run, self._sync_all()).result()
-        cfg = self._build()
+        cfg, left_out = self.build(self.snapshot())
+        self._left_out(left_out)
         self._accept(cfg)
         return cfg
 
@@ -199,10 +201,11 @@ class KubeConfigSource:
             return False
         started = time.monotonic()
         try:
-            cfg = await asyncio.to_thread(self._build)
+            cfg, left_out = await asyncio.to_thread(self.build, self.snapshot())
         except ConfigError as e:
             self._reject(e)
             return False
+        self._left_out(left_out)
         self._accept(cfg)
         log.info(
             "config loaded: generation %d in %.2fs",
@@ -245,47 +248,51 @@ class KubeConfigSource:
         if self._wake is not None:
             self._wake.set()
 
-    def objects(self) -> list[KubeObject]:
-        """The stores as the loader's objects; one that cannot be read is left out and reported."""
-        out = []
-        for r in self.reflectors:
-            source = KubeSource(f"{r.resource.plural} {r.api_version}", 0)
-            for obj in list(r.store.values()):
-                try:
-                    out.append(to_kube_object(obj, source))
-                except ConfigError as e:
-                    self._leave_out(e, f"{r.resource.kind} {obj.get('metadata', {}).get('name')}")
-        return out
-
-    def _build(self) -> ClusterConfig:
-        """The stores -> one snapshot. An object the model refuses (a pod IP that is not an address, ...) is left
-        out, reported with resource, object and field, and the rest is built: one bad object must not freeze
-        every later update of the cluster. Runs in a thread; raises only ConfigError."""
+    def snapshot(self) -> Snapshot:
+        """The stores' objects now, taken on the event loop (where the watches change the stores) with the change
+        flag cleared at the same moment: a change after this sets it again and is built next time."""
         self._changed = False
+        return [
+            (KubeSource(f"{r.resource.plural} {r.api_version}", 0), r.resource.kind, list(r.store.values()))
+            for r in self.reflectors
+        ]
+
+    def build(self, snapshot: Snapshot) -> tuple[ClusterConfig, dict[str, ConfigError]]:
+        """A snapshot of the stores -> the model, and the objects left out (ref -> why). An object the model
+        refuses (a pod IP that is not an address, a label map that is a list...) is left out and the rest is built:
+        one bad object must not freeze every later update of the cluster. Runs in a thread; raises only
+        ConfigError."""
+        left_out: dict[str, ConfigError] = {}
+        objects = []
+        for source, kind, items in snapshot:
+            for obj in items:
+                try:
+                    objects.append(to_kube_object(obj, source))
+                except ConfigError as e:
+                    left_out[f"{kind} {(obj.get('metadata') or {}).get('name')}"] = e
         generation = self.current.generation + 1 if self.current else 1
-        objects = self.objects()
         for _ in range(MAX_DROPPED_PER_BUILD):
             try:
                 cfg = build_config(
                     objects, trust_domain=self.trust_domain, root_namespace=self.root_namespace, generation=generation
                 )
                 _build_indexes(cfg)
-                return cfg
+                return cfg, left_out
             except ConfigError as e:
-                bad = [o for o in objects if o.ref == e.obj]
-                if not bad:
+                if not any(o.ref == e.obj for o in objects):
                     raise
-                self._leave_out(e, e.obj)
+                left_out[e.obj] = e
                 objects = [o for o in objects if o.ref != e.obj]
             except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:
                 raise ConfigError(f"cannot be built ({type(e).__name__}: {e}); please report this") from e
         raise ConfigError(f"more than {MAX_DROPPED_PER_BUILD} objects refused; see the log for each")
 
-    def _leave_out(self, e: ConfigError, ref: str) -> None:
-        if self._bad.get(ref) == str(e):
-            return
-        self._bad[ref] = str(e)
-        self._reject(e, left_out=True)
+    def _left_out(self, left_out: dict[str, ConfigError]) -> None:
+        """Report each object newly left out (once, not at every build); forget those fixed or deleted."""
+        for ref, e in left_out.items():
+            if self._bad.get(ref) != str(e):
+                self._reject(e, left_out=True)
+        self._bad = {ref: str(e) for ref, e in left_out.items()}
 
     def _accept(self, cfg: ClusterConfig) -> None:
         self.current = cfg
