@@ -1,7 +1,8 @@
 """RequestAuthentication at the waypoint process, as the app sees it: a verified token's `Authorization` header
 does not reach the app, the claims (nested too) and the payload arrive in the headers the rule names, a client's
 own copy of those headers is replaced, a cookie token is read, and a bad token is answered 401 without reaching
-the app; a jwksUri that never answers fails at the rule's `timeout`, counted in the waypoint's metrics. The
+the app; a jwksUri that never answers fails at the rule's `timeout`, counted in the waypoint's metrics; a
+RequestAuthentication with `targetRefs` applies through its waypoint Gateway or to its Service only. The
 cluster, the destination node proxy and the app are test_waypoint_local's."""
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from ztunnel.hbone.client import HbonePool
 
 ISS = "https://issuer.test"
 ES = key("ES256")
+GATEWAY_ISS = "https://gateway.test"  # its RequestAuthentication targets the waypoint Gateway
+GATEWAY_KEY = key("RS256")
+ORPHAN_ISS = "https://orphan.test"  # its RequestAuthentication targets another Service
+ORPHAN_KEY = key("ES256", n=1)
 REQUEST_AUTHENTICATION = f"""\
 ---
 apiVersion: security.istio.io/v1
@@ -58,6 +63,20 @@ spec:
   - issuer: https://remote.test
     jwksUri: http://127.0.0.1:SILENT_PORT/jwks
     timeout: 300ms
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: at-the-waypoint, namespace: greet}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}}]
+  jwtRules: [{{issuer: {GATEWAY_ISS}, jwks: '{jwks(GATEWAY_KEY)}'}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: for-orphan, namespace: greet}}
+spec:
+  targetRefs: [{{group: "", kind: Service, name: orphan}}]
+  jwtRules: [{{issuer: {ORPHAN_ISS}, jwks: '{jwks(ORPHAN_KEY)}'}}]
 """
 
 
@@ -166,3 +185,25 @@ def test_a_silent_jwks_uri_fails_at_the_rules_timeout_and_is_counted(running: Ru
     errors = f'ztunnel_jwks_fetches_total{{result="error",uri="{running.jwks_uri}"}}'
     eventually(lambda: (_metric(running.metrics_port, errors) or 0) >= 1, 10, what="a failed JWKS fetch counted")
     assert "no answer within 0.3s" in running.log.read_text()  # the rule's 300ms, not the 5 s default
+
+
+async def test_request_authentications_by_target_refs_apply_through_their_waypoint_or_service_only(
+    client: HbonePool, running: Running
+) -> None:
+    now = int(time.time())
+    times = {"iat": now - 10, "exp": now + 600}
+    stream = await tunnel(client)
+    responses = Responses(stream)
+    try:
+        seen = len(running.app.heads)
+        gateway_token = GATEWAY_KEY.sign(claims(iss=GATEWAY_ISS, sub="bob", **times)).encode()
+        await stream.write(_request(b"Authorization: Bearer " + gateway_token))
+        status, _, body = await responses.next()
+        assert (status, body.startswith(b"hello GET /hello")) == (200, True)  # the waypoint's rule verified it
+        orphan_token = ORPHAN_KEY.sign(claims(iss=ORPHAN_ISS, sub="eve", **times)).encode()
+        await stream.write(_request(b"Authorization: Bearer " + orphan_token))
+        status, _, body = await responses.next()
+        assert (status, body) == (401, b"Jwt verification fails")  # that rule is the orphan Service's, not greeter's
+        assert len(running.app.heads) == seen + 1
+    finally:
+        stream.close()
