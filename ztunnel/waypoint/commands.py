@@ -49,9 +49,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "waypoint",
         help="run a waypoint (L7 proxy: one policy decision per HTTP request)",
         description=(
-            f"Run the waypoint --name in --namespace: HBONE on <its pod IP>:{HBONE_PORT}, HTTP/1.1 requests "
+            f"Run the waypoint --name in --namespace: HBONE on <its pod IP>:{HBONE_PORT}, HTTP/1.1 and h2c requests "
             "inside the tunnels decided one by one (RequestAuthentication, AuthorizationPolicy), allowed ones "
-            "forwarded over HBONE to a ready endpoint of the Service the client dialled."
+            "forwarded over HBONE to a ready endpoint of the Service the client dialled; TCP (a port declared so, "
+            "or first bytes that are not HTTP) gets the L4 check and is relayed."
         ),
     )
     p.add_argument("--name", required=True, help="the waypoint (Gateway) name; also its service account")

@@ -1,4 +1,4 @@
-"""The waypoint's data path: HBONE in, one decision per HTTP/1.1 request, HBONE out.
+"""The waypoint's data path: HBONE in, one decision per HTTP request (HTTP/1.1 or h2c), HBONE out; TCP relayed.
 
 A source node proxy opens HBONE to the waypoint for a Service that uses it: the CONNECT authority is the
 Service VIP:port the client dialled, and the peer certificate is the ORIGINAL client's SVID (node proxies
@@ -12,6 +12,13 @@ flow control as backpressure; nothing is buffered whole.
 
 The two pure parts (`EndpointPicker`, `RequestDecider`) hold every decision; `WaypointServer` is the asyncio
 edge that moves bytes between the HBONE streams and the HTTP connection.
+
+Protocols (Istio's protocol selection): a Service port's `appProtocol`, else its name's `<protocol>[-suffix]`, says
+TCP (`tcp`, `tls`, ...: the engine's L4 check with the client's identity, then bytes relayed both ways) or HTTP;
+when it says nothing, the first bytes decide (`classify`, at most SNIFF_LIMIT bytes or SNIFF_TIMEOUT): an HTTP/1.x
+request line is `Http1Connection`'s, the HTTP/2 preface `_H2ClientConnection`'s (each stream decided as a request
+of its own, sent upstream as h2c for gRPC and ports declared http2/grpc, as HTTP/1.1 otherwise), anything else
+TCP. A bodiless idempotent request whose kept-alive upstream ends before any response byte is sent once more.
 
 CUSTOM (ext-authz) policies: when a CUSTOM policy's rules match, `decide` leaves the verdict pending on its
 provider (`Verdict.custom`); the connection asks the provider (extauthz.Authorizers) and `after_ext_authz`
