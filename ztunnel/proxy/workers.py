@@ -412,8 +412,9 @@ async def run_supervisor(settings: ProxySettings, argv: Sequence[str]) -> int:
     from ztunnel.config.loader import ConfigError
     from ztunnel.config.source import FileConfigSource
 
-    try:
-        FileConfigSource(settings.files, trust_domain=settings.trust_domain).load()
-    except ConfigError as e:
-        raise ProxySettingsError(f"cannot load the config: {e}") from None
+    if settings.source == "file":  # with --source kubernetes each worker lists the API and fails alone
+        try:
+            FileConfigSource(settings.files, trust_domain=settings.trust_domain).load()
+        except ConfigError as e:
+            raise ProxySettingsError(f"cannot load the config: {e}") from None
     return await Supervisor(settings, argv).run()
