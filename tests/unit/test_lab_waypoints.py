@@ -95,25 +95,21 @@ def test_services_without_a_cluster_ip_get_one_and_keep_it_when_applied_again() 
     assert svc.spec["clusterIP"] == "10.96.1.1"
 
 
-def test_a_pod_is_an_endpoint_only_once_the_lab_marks_it_ready() -> None:
-    pod = load_documents(
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop, labels: {app: backend}}\n"
-        "spec: {nodeName: n1}\n"
-    )
-    rec = plan_pod("t", pod[0], "n1")
-    rec.ips = ["10.244.1.9"]
-    assert not rec.ready  # a new pod starts unready: probes decide
+def test_a_waypoint_pod_is_routed_to_only_once_the_lab_marks_it_ready() -> None:
+    plan = waypoints.reconcile(_objects(), NODES, {}, argv)
+    rec = plan_pod("t", plan.start[0], "n1")
+    rec.ips = ["10.244.1.7"]
+    assert not rec.ready  # a new waypoint pod starts unready: its probe decides
+    app = plan_pod("t", load_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop}\n")[0], "n1")
+    assert app.ready  # other pods are ready with their IP, as the lab always had them
 
-    def endpoints() -> list[str]:
-        live = load_documents(render_live([*_objects(), *pod], NODES, {rec.ref: rec}))
-        cfg = build_config(live)
-        service = cfg.service("shop", "backend")
-        assert service is not None
-        return [w.ref for w in cfg.endpoints(service) if w.ready]
+    def ready_waypoints() -> list[str]:
+        cfg = build_config(load_documents(render_live(plan.objects, NODES, {rec.ref: rec})))
+        return [w.ref for w in cfg.waypoint_endpoints(cfg.waypoints["shop/wp"]) if w.ready]
 
-    assert endpoints() == []
+    assert ready_waypoints() == []
     rec.ready = True
-    assert endpoints() == ["shop/p"]
+    assert ready_waypoints() == ["shop/wp-0"]
 
 
 def test_the_gateway_status_shows_its_waypoint_pods_address_once_ready() -> None:

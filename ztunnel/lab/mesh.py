@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from ztunnel.config.loader import ConfigError, build_config
 from ztunnel.config.model import POLICY_KINDS
 from ztunnel.lab import components, netns, probes, procs, waypoints
 from ztunnel.lab.model import CA_PORT, FABRIC_GATEWAY, LabError, NodeRecord, ProcessRecord, fabric_netns
@@ -273,6 +274,11 @@ class Mesh:
             and _running(state, f"pod/{ref}/{waypoints.CONTAINER}")
         ]
         pending = proxies + waypoint_pods
+        endpoints: dict[str, list[str]] | None = None
+        if waypoint_pods:
+            with contextlib.suppress(ConfigError):  # a bad file: the waypoints keep their config, policies decide
+                cfg = build_config(objects)
+                endpoints = {s.ref: sorted(w.ref for w in cfg.endpoints(s)) for s in cfg.services}
 
         def synced(ns: str, waypoint: bool) -> bool:
             try:
@@ -289,6 +295,10 @@ class Mesh:
                 }
                 if have.keys() != want_pods.keys() or any(have[ref] != ips for ref, ips in want_pods.items()):
                     return False  # also a pod gone (a deleted waypoint: its Services' traffic must stop going there)
+            if waypoint and endpoints is not None:  # the Services' endpoints it picks from: the pods with an IP
+                have_endpoints = {x.get("name"): sorted(x.get("endpoints") or []) for x in dump.get("services") or []}
+                if have_endpoints != endpoints:
+                    return False
             known = set(dump.get("policies") or [])
             errors = json.dumps(dump.get("policy_errors") or [])
             return all(ref in known or ref in errors for ref in want_policies)

@@ -104,8 +104,10 @@ class PodRecord:
     ips: list[str] = field(default_factory=list)
     cni_result: dict[str, Any] = field(default_factory=dict)
     containers: list[ContainerSpec] = field(default_factory=list)
-    # passed its readiness probes (the kubelet's Ready condition): only then a Service's (or a waypoint's)
-    # endpoint. True for records of labs made before the field existed; `plan_pod` starts every new pod at False.
+    # the kubelet's Ready condition, tracked for waypoint pods: the node proxies send a Service's traffic to one
+    # only once its probe passed (it listens). Other pods are Ready with their IP, as the lab always had them: a
+    # waypoint's config dump shows which endpoints it has, not whether it has them ready, so the lab could not
+    # wait for a waypoint to see an app pod turn Ready.
     ready: bool = True
 
     @property
@@ -270,7 +272,7 @@ def plan_pod(lab: str, pod: KubeObject, node: str) -> PodRecord:
         host_network=host_network,
         container_id=uuid.uuid4().hex,
         containers=_container_specs(pod),
-        ready=False,
+        ready=GATEWAY_NAME_LABEL not in pod.labels,
     )
 
 

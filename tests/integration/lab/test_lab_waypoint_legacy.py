@@ -255,7 +255,8 @@ def test_the_seed_curl_by_service_name_goes_through_the_waypoint(lab: LabHandle)
     lab.require("ca", "node-agent", "proxy", "cni-plugin")
     with applied(lab, TESTAPP_CLUSTER, waypoint_pod("demo")):
         (code, body), = http(lab, "demo/test", "http://testapp-1.demo.svc.cluster.local:8080/book")
-        assert (code, json.loads(body)) == (200, BOOKS)
+        assert code == 200, body
+        assert json.loads(body) == BOOKS
         log = (lab.dir / "logs" / "pod_demo_waypoint-0_istio-proxy.log").read_text(errors="replace")
         assert "method=GET path=/book response_code=200" in log
         assert "dst.service=testapp-1.demo.svc.cluster.local" in log
