@@ -347,3 +347,22 @@ def test_v1beta1_is_read_where_v1_is_not_served_and_absent_crds_are_empty(
     cfg = source.load()
     assert [(o.api_version, o.name) for o in cfg.policy_objects] == [("security.istio.io/v1beta1", "old")]
     assert source.status()["resources"]["gateways"]["apiVersion"] is None and source.ready
+
+
+async def test_a_crd_removed_while_watched_empties_its_objects(
+    api: FakeKubeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support import kubeapi
+
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    assert "shop/waypoint" in source.current.waypoints  # type: ignore[union-attr]
+    async with _watching(source):
+        await eventually_async(lambda: api.watch_count("gateways") == 1, what="the gateway watch open")
+        monkeypatch.setitem(kubeapi.SERVED, "gateway.networking.k8s.io/v1", set())
+        api.cut_watches()
+        await eventually_async(
+            lambda: source.current is not None and not source.current.waypoints, what="the gateways gone"
+        )
+    assert source.status()["resources"]["gateways"]["apiVersion"] is None

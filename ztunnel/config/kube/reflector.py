@@ -237,6 +237,8 @@ class Reflector:
                 attempt += 1
                 await asyncio.sleep(self.backoff(attempt))
             except (OSError, TimeoutError, KubeApiError) as e:
+                if isinstance(e, KubeApiError) and e.status == 404 and self.resource.optional:
+                    need_list = True  # the CRD went away: the list finds out and empties the store
                 attempt += 1
                 delay = self.backoff(attempt)
                 self.stats.errors += 1
