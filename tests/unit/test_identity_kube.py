@@ -377,3 +377,33 @@ def test_the_mounted_crl_files_are_followed(tmp_path: Path) -> None:
     assert not sync_mounted_revocations(mounted, work)
     (mounted / "crl.pem").unlink()
     assert sync_mounted_revocations(mounted, work) and not (work / "crl.pem").exists()
+
+
+async def test_the_ca_client_reads_its_token_file_for_every_call(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """A projected token rotates (the kubelet rewrites it, the old one expires): the proxy's client must send the
+    current one, not the one it read at start."""
+    from ztunnel.identity.authz import NodeTokens
+    from ztunnel.identity.h2client import CAClient, CAClientError, GrpcStatus
+
+    config = build_config(load_documents(two_node_config_yaml(), "two-nodes.yaml"))
+    server = CAServer(ca, NodeTokens({"first": "node-a"}), lambda: config, listen="127.0.0.1:0")
+    port = await server.start()
+    try:
+        token_file = tmp_path / "istio-token"
+        token_file.write_text("first\n")
+        client = CAClient(f"127.0.0.1:{port}", ca.roots_pem, token_file)
+        web = spiffe("shop", "web")
+        assert await client.create_certificate(make_csr(generate_key(), SpiffeId.parse(web)), 3600)
+        server.tokens = NodeTokens({"rotated": "node-a"})  # the old token is no longer valid
+        token_file.write_text("rotated\n")
+        assert await client.create_certificate(make_csr(generate_key(), SpiffeId.parse(web)), 3600)
+        server.tokens = NodeTokens({"third": "node-a"})
+        with pytest.raises(CAClientError) as stale:
+            await client.create_certificate(make_csr(generate_key(), SpiffeId.parse(web)), 3600)
+        assert stale.value.code is GrpcStatus.UNAUTHENTICATED
+        token_file.unlink()
+        with pytest.raises(CAClientError, match="cannot read the token file"):
+            await client.create_certificate(make_csr(generate_key(), SpiffeId.parse(web)), 3600)
+        assert server.issued == 2
+    finally:
+        await server.stop()

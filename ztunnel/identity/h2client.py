@@ -15,6 +15,7 @@ import enum
 import ssl
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -243,11 +244,14 @@ class CAClient:
         self,
         address: str,
         root_pem: bytes | str,
-        token: str,
+        token: str | Path,
         *,
         server_name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        """`token`: the bearer token, or the file holding it, read again for every call: a projected
+        service-account token is rotated by the kubelet and expires (12 h in deploy/), so one read at start
+        would stop every renewal once it does."""
         self.address = address
         self.root_pem = root_pem.encode() if isinstance(root_pem, str) else root_pem
         self.token = token
@@ -310,7 +314,7 @@ class CAClient:
             ("content-type", "application/grpc"),
             ("te", "trailers"),
             ("grpc-timeout", f"{max(1, int(self.timeout * 1000))}m"),
-            ("authorization", f"Bearer {self.token}"),
+            ("authorization", f"Bearer {self._bearer()}"),
         ]
         body = b"\x00" + len(message).to_bytes(4, "big") + message
         loop = asyncio.get_running_loop()
@@ -342,6 +346,15 @@ class CAClient:
         if len(data) < 5 or data[0] != 0 or int.from_bytes(data[1:5], "big") != len(data) - 5:
             raise CAClientError(f"CA at {self.address} answered with a malformed gRPC message")
         return data[5:]
+
+    def _bearer(self) -> str:
+        if not isinstance(self.token, Path):
+            return self.token
+        try:
+            return self.token.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8"
+            raise CAClientError(f"CA at {self.address}: cannot read the token file {self.token}: {why}") from None
 
     async def close(self) -> None:
         """Nothing stays open between calls."""

@@ -257,14 +257,15 @@ class CertificateManager:
         cls,
         address: str,
         root_pem: bytes | str,
-        token: str,
+        token: str | Path,
         *,
         ttl: dt.timedelta | float = DEFAULT_TTL,
         registry: CollectorRegistry | None = None,
         server_name: str | None = None,
         **options: Any,
     ) -> CertificateManager:
-        """A CA server at `address` (HOST:PORT), verified with `root_pem`, authenticated with the node `token`."""
+        """A CA server at `address` (HOST:PORT), verified with `root_pem`, authenticated with the node `token`
+        (or the token file, read again for each call: projected tokens rotate)."""
         from ztunnel.identity.h2client import CAClient  # no grpcio in the proxy: ~15 MB less RSS
 
         roots = root_pem.encode() if isinstance(root_pem, str) else root_pem

@@ -50,11 +50,15 @@ def _certificate_manager(settings: ProxySettings, source: ConfigSource):  # type
     assert settings.ca_address and settings.ca_root and settings.token_file
     try:
         root = Path(settings.ca_root).read_bytes()
-        token = Path(settings.token_file).read_text().strip()
+        Path(settings.token_file).read_text()  # unreadable at start is a user error; re-read per call (rotation)
     except OSError as e:
         raise ProxySettingsError(f"cannot read the CA root or token file: {e}") from None
     return CertificateManager.remote(
-        settings.ca_address, root, token, ttl=settings.cert_ttl, crl_refresh_interval=settings.crl_interval
+        settings.ca_address,
+        root,
+        Path(settings.token_file),
+        ttl=settings.cert_ttl,
+        crl_refresh_interval=settings.crl_interval,
     )
 
 

@@ -186,10 +186,10 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     else:
         try:
             root = Path(args.ca_root).read_bytes()
-            token = Path(args.token_file).read_text().strip()
+            Path(args.token_file).read_text()  # unreadable at start is a user error; re-read per call (rotation)
         except OSError as e:
             raise WaypointCommandError(f"cannot read the CA root or token file: {e}") from None
-        certs = CertificateManager.remote(args.ca, root, token, ttl=ttl)
+        certs = CertificateManager.remote(args.ca, root, Path(args.token_file), ttl=ttl)
     telemetry = _telemetry(args)
     metrics = telemetry.metrics
     jwks_names = ClusterNames()  # a jwksUri by Service name: the waypoint pod has no mesh DNS
