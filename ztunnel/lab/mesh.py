@@ -20,7 +20,7 @@ from ztunnel.config.model import POLICY_KINDS
 from ztunnel.lab import components, netns, probes, procs, waypoints
 from ztunnel.lab.model import CA_PORT, FABRIC_GATEWAY, LabError, NodeRecord, ProcessRecord, fabric_netns
 from ztunnel.lab.state import LabState, live_objects, load, locked, updating, write_atomic
-from ztunnel.ports import ADMIN_PORT, READINESS_PORT
+from ztunnel.ports import ADMIN_PORT, METRICS_PORT, READINESS_PORT
 
 Progress = Callable[[str], None]
 Waiter = tuple[str, Callable[[], bool], str]  # (process key, readiness check, what it means when ready)
@@ -168,6 +168,9 @@ class Mesh:
         _cni_sock, inpod_sock = state.agent_sockets(node.name)
         args = ["proxy", "--node", node.name, "-f", str(state.live_config), "--inpod-socket", str(inpod_sock)]
         args += self._ca_args(state, node.name)
+        # metrics on every address of the node, as the DaemonSet's proxy has them on its node IP: a Prometheus
+        # (`lab up --prometheus`, in the fabric) scrapes <node address>:15020, and 127.0.0.1 still answers
+        args += ["--metrics-addr", f"0.0.0.0:{METRICS_PORT}"]
         if dns_enabled(state, self.capabilities()):
             # names outside the model go to the fabric gateway, where nothing answers port 53: a quick SERVFAIL
             # (the lab has no resolver reachable from the fabric; the machine's may be on its loopback)
