@@ -42,6 +42,11 @@ class CAProcess:
     port: int
     ready_port: int
     log_path: Path
+    metrics_port: int
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
 
     @property
     def address(self) -> str:
@@ -69,7 +74,7 @@ class CAProcess:
 
 
 def start_ca(api: FakeKubeApi, workdir: Path, name: str = "ca", *extra: str) -> CAProcess:
-    port, ready = free_port(), free_port()
+    port, ready, metrics = free_port(), free_port(), free_port()
     log_path = workdir / f"{name}.log"
     argv = [
         ZTUNNEL,
@@ -87,11 +92,13 @@ def start_ca(api: FakeKubeApi, workdir: Path, name: str = "ca", *extra: str) -> 
         f"127.0.0.1:{port}",
         "--readiness-addr",
         f"127.0.0.1:{ready}",
+        "--metrics-addr",
+        f"127.0.0.1:{metrics}",
         *extra,
     ]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    return CAProcess(proc, port, ready, log_path)
+    return CAProcess(proc, port, ready, log_path, metrics)
 
 
 def wait_ready(ca: CAProcess) -> None:
@@ -239,6 +246,10 @@ async def test_refusals_reach_the_caller_as_grpc_statuses(api: FakeKubeApi, ca: 
     for _ in range(5):
         await ask(ca, root, PROXY_TOKEN, spiffe("kube", "server"))
     assert api.count("POST", "/tokenreviews") == before  # cached: a burst costs no review
+    scrape = ca.metrics()
+    assert 'ztunnel_ca_token_reviews_total{result="api_error"} 1.0' in scrape
+    assert 'ztunnel_ca_certificates_total{result="refused"}' in scrape
+    assert 'ztunnel_ca_token_reviews_total{result="cache_hit"}' in scrape
 
 
 async def test_two_ca_replicas_racing_to_store_the_root_agree(tmp_path: Path) -> None:
