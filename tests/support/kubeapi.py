@@ -447,6 +447,9 @@ class FakeKubeApi:
         content_type: str = "",
     ) -> None:
         if path == "/apis/authentication.k8s.io/v1/tokenreviews" and method == "POST":
+            hold = self.hold_creates.get("tokenreviews")
+            if hold is not None:
+                await asyncio.to_thread(hold.wait)
             if "tokenreviews" in self.fail:
                 await self._fail(writer, self.fail["tokenreviews"])
             else:
