@@ -112,7 +112,7 @@ def ztunnel(*args: str, check: bool = True, timeout: float = 180.0, **kw: Any) -
 
 
 # this package's lab names: PREFIX + the pid of the pytest that made it
-TEST_LAB_PREFIXES = ("it", "lc", "cr", "eb", "jw", "xa", "ie")
+TEST_LAB_PREFIXES = ("it", "lc", "cr", "eb", "jw", "xa", "ie", "pm")
 
 
 def remove_stale_labs() -> None:
@@ -248,7 +248,12 @@ class LabHandle:
 
 @contextmanager
 def running_lab(
-    name: str, objects: Sequence[dict[str, Any]], work: Path, timeout: int = 120, redirect: str = "iptables"
+    name: str,
+    objects: Sequence[dict[str, Any]],
+    work: Path,
+    timeout: int = 120,
+    redirect: str = "iptables",
+    up_args: Sequence[str] = (),
 ) -> Iterator[LabHandle]:
     """`ztunnel lab up` of OBJECTS (with --mesh on: a missing or broken component fails `up`), and `lab down` at
     the end whatever happens, checking that nothing is left and the root netns is as it was.
@@ -264,7 +269,7 @@ def running_lab(
         # --mesh on (also the default, said here so a changed default cannot make these tests pass without
         # the mesh): a missing or broken component fails `up`, and so every test that uses the lab
         up = ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--mesh", "on", "--timeout", str(timeout),
-                     "--redirect", redirect, check=redirect != "ebpf")  # fmt: skip
+                     "--redirect", redirect, *up_args, check=redirect != "ebpf")  # fmt: skip
         if up.returncode != 0:
             reason = re.search(r"eBPF redirection is not supported here: [^\n]*", up.stderr)
             if reason:
