@@ -366,3 +366,48 @@ async def test_a_crd_removed_while_watched_empties_its_objects(
             lambda: source.current is not None and not source.current.waypoints, what="the gateways gone"
         )
     assert source.status()["resources"]["gateways"]["apiVersion"] is None
+
+
+async def test_a_watch_the_server_ends_at_its_timeout_is_renewed_from_the_same_version(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    pods = _reflector(source, "pods")
+    pods.watch_timeout = (1, 1)  # timeoutSeconds=1: the fake ends the stream after a second
+    listed = pods.resource_version
+    async with _watching(source):
+        await eventually_async(lambda: len(api.watch_requests("pods")) >= 3, what="the watch renewed twice")
+    assert {r.query["resourceVersion"] for r in api.watch_requests("pods")} == {listed}
+    assert {r.query["timeoutSeconds"] for r in api.watch_requests("pods")} == {"1"}
+    assert pods.stats.lists == 1 and pods.stats.errors == 0
+
+
+async def test_api_errors_are_retried_with_jittered_backoff_and_the_watch_resumes(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    pods = _reflector(source, "pods")
+    delays = [pods.backoff(n) for n in range(1, 12) for _ in range(20)]
+    assert all(0 <= d <= 30 for d in delays) and len(set(delays)) > 100  # full jitter, capped
+    assert max(pods.backoff(1) for _ in range(200)) <= 0.4
+    async with _watching(source):
+        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        seen = api.put(pod("before", ip="10.1.0.31"))
+        await eventually_async(lambda: pods.resource_version == str(seen), what="the event")
+        api.token = "rotated-on-the-server"  # every request is refused (401) until the token matches again
+        api.cut_watches()
+        await eventually_async(lambda: pods.stats.errors >= 2, what="refused watches retried")
+        assert "401" in pods.stats.last_error
+        api.put(pod("during", ip="10.1.0.32"))
+        api.token = "test-token"
+        await eventually_async(
+            lambda: source.current is not None and source.current.workload("shop", "during") is not None,
+            30,
+            what="the watch resumed",
+        )
+    assert pods.stats.lists == 1  # resumed from its version, no relist
+    assert api.watch_requests("pods")[-1].query["resourceVersion"] == str(seen)
