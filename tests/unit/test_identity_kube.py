@@ -407,3 +407,23 @@ async def test_the_ca_client_reads_its_token_file_for_every_call(tmp_path: Path,
         assert server.issued == 2
     finally:
         await server.stop()
+
+
+async def test_a_caller_that_goes_away_does_not_fail_the_others_sharing_its_review(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    import threading
+
+    api.hold_creates["tokenreviews"] = hold = threading.Event()
+    auth = authenticator(api, tmp_path)
+    first = asyncio.create_task(auth.authenticate(f"Bearer {PROXY_A}"))
+    deadline = time.monotonic() + 10
+    while reviews(api) < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(auth.authenticate(f"Bearer {PROXY_A}"))
+    await asyncio.sleep(0)  # the second joins the review in flight
+    first.cancel()  # its RPC was cancelled (the proxy gave up or went away)
+    hold.set()
+    assert (await second).node == "node-a"
+    assert first.cancelled() and reviews(api) == 1

@@ -147,28 +147,31 @@ class KubeAuthenticator:
                 return hit[1]
             del self._cache[key]
         pending = self._inflight.get(key)
-        if pending is not None:
-            self.stats.shared += 1
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            caller = await self._review(token)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
+        if pending is None:
+            # A task of its own: a caller that goes away (its RPC cancelled) does not cancel the others' review.
+            pending = asyncio.get_running_loop().create_task(self._review_and_cache(token, key))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda task: self._done(key, task))
         else:
-            future.set_result(caller)
-            expiry = token_expiry(token)
-            until = min(now + self.ttl, expiry if expiry is not None else now + self.ttl)
-            if until > now:
-                self._cache[key] = (until, caller)
-                while len(self._cache) > self.max_entries:
-                    self._cache.popitem(last=False)
-            return caller
-        finally:
+            self.stats.shared += 1
+        return await asyncio.shield(pending)
+
+    def _done(self, key: bytes, task: asyncio.Task[Caller]) -> None:
+        if self._inflight.get(key) is task:
             del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when every caller went away
+
+    async def _review_and_cache(self, token: str, key: bytes) -> Caller:
+        caller = await self._review(token)
+        now = self.clock()
+        expiry = token_expiry(token)
+        until = min(now + self.ttl, expiry if expiry is not None else now + self.ttl)
+        if until > now:
+            self._cache[key] = (until, caller)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return caller
 
     async def _api(self, what: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """One API call bounded by `timeout`; every failure becomes an UNAVAILABLE refusal that says what failed."""
