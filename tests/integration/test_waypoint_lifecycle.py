@@ -36,6 +36,7 @@ from tests.support.waypoint import (
     wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
+from ztunnel.hbone.stream import HboneStream
 from ztunnel.net.streams import StreamClosed
 
 STALE_VIP = "10.96.0.70"
@@ -150,34 +151,58 @@ async def test_stale_upstream_not_retried_for_a_post(client: tuple[HbonePool, St
     assert (first[0], second[0], app.connections) == (200, 502, 1)
 
 
-async def test_stale_keep_alive_upstream_is_retried_once_h2c(client: tuple[HbonePool, StaleApp]) -> None:
-    pool, _ = client
-    stream = await tunnel_to(pool, STALE_VIP, 80)
+async def _h2c_gets(stream: HboneStream, paths: list[str]) -> list[tuple[int, bytes]]:
+    """GET each path in turn on one h2c connection inside `stream`; (status, body) of each."""
     h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     h2c.initiate_connection()
     got: list[tuple[int, bytes]] = []
+    for i, path in enumerate(paths):
+        sid = 1 + 2 * i
+        request = [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "stale")]
+        h2c.send_headers(sid, request, end_stream=True)
+        await stream.write(h2c.data_to_send())
+        status, body, ended = 0, b"", False
+        async with asyncio.timeout(10):
+            while not ended:
+                data = await stream.read()
+                assert data, "tunnel closed"
+                for ev in h2c.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        status = int(dict(ev.headers)[b":status"])
+                    elif isinstance(ev, h2.events.DataReceived):
+                        body += ev.data
+                    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                        ended = True
+                await stream.write(h2c.data_to_send())
+        got.append((status, body))
+    return got
+
+
+async def test_stale_keep_alive_upstream_is_retried_once_h2c(client: tuple[HbonePool, StaleApp]) -> None:
+    pool, _ = client
+    stream = await tunnel_to(pool, STALE_VIP, 80)
     try:
-        for sid in (1, 3):
-            request = [(":method", "GET"), (":path", "/hello"), (":scheme", "http"), (":authority", "stale")]
-            h2c.send_headers(sid, request, end_stream=True)
-            await stream.write(h2c.data_to_send())
-            status, body, ended = 0, b"", False
-            async with asyncio.timeout(10):
-                while not ended:
-                    data = await stream.read()
-                    assert data, "tunnel closed"
-                    for ev in h2c.receive_data(data):
-                        if isinstance(ev, h2.events.ResponseReceived):
-                            status = int(dict(ev.headers)[b":status"])
-                        elif isinstance(ev, h2.events.DataReceived):
-                            body += ev.data
-                        elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
-                            ended = True
-                    await stream.write(h2c.data_to_send())
-            got.append((status, body))
+        got = await _h2c_gets(stream, ["/hello", "/hello"])
     finally:
         stream.close()
     assert got == [(200, b"fresh connection 1\n"), (200, b"fresh connection 2\n")]
+
+
+async def test_h2c_requests_are_counted(client: tuple[HbonePool, StaleApp], setup: Setup) -> None:
+    pool, _ = client
+    before = _metrics(setup)
+    stream = await tunnel_to(pool, STALE_VIP, 80)
+    try:
+        got = await _h2c_gets(stream, ["/hello", "/version"])
+    finally:
+        stream.close()
+    assert [status for status, _ in got] == [200, 403]
+
+    def counted() -> bool:
+        text = _metrics(setup)
+        return all(_count(text, code) == _count(before, code) + 1 for code in (200, 403))
+
+    eventually(counted, 10, what="the h2c requests in istio_requests_total")
 
 
 def _metrics(setup: Setup) -> str:
