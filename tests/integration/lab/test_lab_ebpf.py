@@ -1,6 +1,7 @@
-"""eBPF redirection's DNS capture on the session's eBPF lab (issue 13): port 53 reaches the node proxy's 15053
-in the pod with no rule there, connected UDP (glibc) through connect4, unconnected UDP through sendmsg4, and the
-answer seems to come from the resolver the app asked (recvmsg4), as glibc and apps that check it need.
+"""eBPF redirection on the session's eBPF lab (issue 13): un-enrolling by label, and DNS capture: port 53
+reaches the node proxy's 15053 in the pod with no rule there, connected UDP (glibc) through connect4,
+unconnected UDP through sendmsg4, and the answer seems to come from the resolver the app asked (recvmsg4), as
+glibc and apps that check it need.
 
 Skipped, with the node agent's reason, on a machine that cannot load the programs.
 """
@@ -8,9 +9,11 @@ Skipped, with the node agent's reason, on a machine that cannot load the program
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.support import ebpf
 from tests.support.eventually import eventually
 
 from .conftest import LabHandle
@@ -81,3 +84,45 @@ def test_unconnected_udp_queries_are_answered_as_the_resolver_asked(ebpf_lab: La
 
     eventually(answered, 30, 0.2, what="an answer to a sendto() query")
     assert out == f"{resolver} 53 0x5a5a {service}"  # from the resolver's address and port, our id
+
+
+def _client_pod(ambient: bool) -> str:
+    import yaml
+
+    from .conftest import cluster_objects
+
+    pod = next(o for o in cluster_objects() if o["kind"] == "Pod" and o["metadata"]["name"] == "client")
+    if not ambient:
+        del pod["metadata"]["labels"]["istio.io/dataplane-mode"]
+    return str(yaml.safe_dump(pod))
+
+
+def test_a_pod_taken_out_of_the_mesh_loses_its_programs_and_gets_them_back(ebpf_lab: LabHandle) -> None:
+    """Un-enrolling by label (not deleting the pod) detaches its sk_lookup and drops it from the pods map: its
+    traffic then goes out directly, plaintext; labelled again, it is redirected again."""
+    lab = ebpf_lab
+    url = f"http://{lab.pod_ip('lab/server')}:8080/"
+    client_ns = lab.netns("lab/client")
+    server_log = Path(lab.pod("lab/server")["containers"]["main"]["log"])
+
+    def mesh_requests() -> int:  # connections the server's proxy took in with the client's SPIFFE identity
+        log = (lab.dir / "logs" / "node_n2_proxy.log").read_text()
+        return log.count("src.identity=spiffe://cluster.local/ns/lab/sa/client dst.addr")
+
+    assert ebpf.sk_lookup_attached(lab.dir, "n1", client_ns)
+    lab.apply(_client_pod(ambient=False))
+    try:
+        eventually(lambda: not ebpf.sk_lookup_attached(lab.dir, "n1", client_ns), 10, 0.1, what="sk_lookup detached")
+        assert "lab/client" not in {f"{p['namespace']}/{p['name']}" for p in lab.status()["pods"] if p["enrolled"]}
+        before, mesh_before = server_log.read_text().count("request from"), mesh_requests()
+        code, body = lab.curl("lab/client", url)  # out of the mesh: plaintext to the server pod (PERMISSIVE)
+        assert code == 0 and body.strip() == f"peer={lab.pod_ip('lab/client')}"
+        assert server_log.read_text().count("request from") == before + 1
+        assert mesh_requests() == mesh_before
+    finally:
+        lab.apply(_client_pod(ambient=True))
+    eventually(lambda: ebpf.sk_lookup_attached(lab.dir, "n1", client_ns), 10, 0.1, what="sk_lookup attached again")
+    mesh_before = mesh_requests()
+    code, body = lab.curl("lab/client", url)
+    assert code == 0 and body.strip() == f"peer={lab.pod_ip('lab/client')}"
+    eventually(lambda: mesh_requests() == mesh_before + 1, 5, 0.1, what="the request to arrive through the mesh")
