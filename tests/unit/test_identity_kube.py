@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 import re
 import time
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from tests.support.identity import spiffe, two_node_config_yaml
 from tests.support.kubeapi import FakeKubeApi, namespace, pod
@@ -427,3 +431,59 @@ async def test_a_caller_that_goes_away_does_not_fail_the_others_sharing_its_revi
     hold.set()
     assert (await second).node == "node-a"
     assert first.cancelled() and reviews(api) == 1
+
+
+def _rsa_ca(
+    name: str, key: rsa.RSAPrivateKey, issuer: x509.Certificate | None, issuer_key: rsa.RSAPrivateKey
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Istio")
+    subject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+async def test_an_rsa_cacerts_as_istios_samples_make_it_signs_svids_and_crls(api: FakeKubeApi, tmp_path: Path) -> None:
+    """Istio's sample plugged-in certs (tools/certs) are RSA: an operator moving over keeps them."""
+    root_key = rsa.generate_private_key(65537, 2048)
+    int_key = rsa.generate_private_key(65537, 2048)
+    root = _rsa_ca("Root CA", root_key, None, root_key)
+    intermediate = _rsa_ca("Intermediate CA", int_key, root, root_key)
+    pem = serialization.Encoding.PEM
+    mounted = tmp_path / "cacerts"
+    mounted.mkdir()
+    (mounted / "root-cert.pem").write_bytes(root.public_bytes(pem))
+    (mounted / "ca-cert.pem").write_bytes(intermediate.public_bytes(pem))
+    (mounted / "cert-chain.pem").write_bytes(intermediate.public_bytes(pem) + root.public_bytes(pem))
+    (mounted / "ca-key.pem").write_bytes(
+        int_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    )
+    ca = await load_kube_ca(
+        client(api, tmp_path), mounted=mounted, namespace="istio-system", secret="istio-ca-secret",
+        trust_domain="cluster.local", work_dir=tmp_path,
+    )
+    signed = ca.sign_csr(make_csr(generate_key(), SpiffeId.parse(spiffe("shop", "web"))))
+    chain = [x509.load_pem_x509_certificate(c) for c in signed]
+    chain[0].verify_directly_issued_by(intermediate)
+    assert uri_sans(chain[0]) == [spiffe("shop", "web")] and chain[-1] == root
+    ca.revoke([chain[0].serial_number])
+    der, number = ca.published_crl()
+    assert number == 1 and x509.load_der_x509_crl(der).is_signature_valid(int_key.public_key())
+    weak = rsa.generate_private_key(65537, 1024)
+    (mounted / "ca-key.pem").write_bytes(
+        weak.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    with pytest.raises(CAError, match="1024 bits is too weak"):
+        CertificateAuthority.load(mounted)

@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztunnel.errors import ZtunnelError
@@ -51,6 +51,12 @@ CERT_CHAIN = "cert-chain.pem"
 CRL = "crl.pem"
 RETIRED_CRLS = "retired-crls.pem"  # replaced intermediates' last CRLs, each followed by its signer chain
 TRUST_BUNDLE = "trust-bundle.pem"  # optional extra roots, for root rotation
+
+
+# An operator's plugged-in root or intermediate may be RSA (Istio's sample cacerts are); what we make is ECDSA P-256.
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+CAPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+MIN_RSA_BITS = 2048
 
 
 class CAError(ZtunnelError):
@@ -85,10 +91,10 @@ def _ca_cert(
     subject: x509.Name,
     issuer: x509.Name,
     public_key: ec.EllipticCurvePublicKey,
-    signing_key: ec.EllipticCurvePrivateKey,
+    signing_key: CAKey,
     ttl: dt.timedelta,
     path_length: int | None,
-    issuer_key: ec.EllipticCurvePublicKey,
+    issuer_key: CAPublicKey,
 ) -> x509.Certificate:
     now = _now()
     return (
@@ -143,6 +149,8 @@ def init_ca_dir(
     if bool(root_cert_file) != bool(root_key_file):
         raise CAError("give both --root-cert and --root-key to plug in your own root")
     org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)
+    generated: ec.EllipticCurvePrivateKey | None = None
+    root_key: CAKey
     if root_cert_file and root_key_file:
         root_cert = _read_cert(Path(root_cert_file))
         root_key = _read_key(Path(root_key_file))
@@ -152,13 +160,13 @@ def init_ca_dir(
         if bc is None or not bc.ca:
             raise CAError(f"{root_cert_file}: not a CA certificate (basicConstraints CA:TRUE is missing)")
     else:
-        root_key = generate_key()
+        root_key = generated = generate_key()
         name = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, "ztunnel root CA")])
         root_cert = _ca_cert(name, name, root_key.public_key(), root_key, ROOT_TTL, None, root_key.public_key())
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    if not (root_cert_file and root_key_file):
-        _write_private(d / ROOT_KEY, key_to_pem(root_key))
+    if generated is not None:
+        _write_private(d / ROOT_KEY, key_to_pem(generated))
     elif (d / ROOT_KEY).exists():
         (d / ROOT_KEY).unlink()  # a replaced self-made root's key must not linger next to the plugged-in one
     last_number = _retire_crl(d, _now())
@@ -237,7 +245,7 @@ def _still_valid(crl: x509.CertificateRevocationList, now: dt.datetime) -> bool:
 def _write_crl(
     d: Path,
     signer: x509.Certificate,
-    key: ec.EllipticCurvePrivateKey,
+    key: CAKey,
     entries: dict[int, dt.datetime],
     number: int,
 ) -> None:
@@ -272,7 +280,7 @@ def _read_cert(path: Path) -> x509.Certificate:
         raise CAError(f"{path}: not a PEM certificate ({_first_line(e)})") from e
 
 
-def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def _read_key(path: Path) -> CAKey:
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -281,14 +289,20 @@ def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         raise CAError(f"{path}: not an unencrypted PEM private key ({_first_line(e)})") from e
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CAError(f"{path}: only ECDSA keys are supported")
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+        raise CAError(f"{path}: an RSA key of {key.key_size} bits is too weak; use {MIN_RSA_BITS} bits or more")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CAError(f"{path}: only ECDSA and RSA keys are supported")
     return key
 
 
-def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
-    pub = cert.public_key()
-    return isinstance(pub, ec.EllipticCurvePublicKey) and pub.public_numbers() == key.public_key().public_numbers()
+def _same_key(cert: x509.Certificate, key: CAKey) -> bool:
+    pub, mine = cert.public_key(), key.public_key()
+    if isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(mine, ec.EllipticCurvePublicKey):
+        return pub.public_numbers() == mine.public_numbers()
+    if isinstance(pub, rsa.RSAPublicKey) and isinstance(mine, rsa.RSAPublicKey):
+        return pub.public_numbers() == mine.public_numbers()
+    return False
 
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
@@ -356,7 +370,7 @@ class CertificateAuthority:
     directory: Path
     trust_domain: str
     signing_cert: x509.Certificate
-    signing_key: ec.EllipticCurvePrivateKey
+    signing_key: CAKey
     chain_pem: list[bytes]  # signing cert .. root
     roots_pem: bytes
     max_ttl: dt.timedelta = DEFAULT_MAX_TTL
