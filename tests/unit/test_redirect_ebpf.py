@@ -103,20 +103,38 @@ def test_the_agent_refuses_ebpf_mode_with_the_check_message(
 ) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
-    monkeypatch.setattr(ebpf, "check_support", lambda pin_dir=None: [ebpf.Check("bcc", False, "not importable")])
+    missing = [ebpf.Check("bcc", False, "not importable")]
+    monkeypatch.setattr(ebpf, "check_support", lambda pin_dir=None, programs=True: missing)
     monkeypatch.setattr("ztunnel.redirect.iptables.detect_backend", lambda preferred=None: None)
     with pytest.raises(ZtunnelError, match=r"--redirect ebpf: eBPF redirection is not supported here: bcc: not imp"):
         commands.run_node_agent(_agent_args(files=[str(cfg)]))
 
 
+def test_a_program_the_kernel_refuses_on_a_capable_machine_is_an_error_not_unsupported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The lab tests skip eBPF where it is "not supported here"; a verifier refusal on a machine that has every
+    piece must fail them instead, so it is worded as what it is."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
+    monkeypatch.setattr(ebpf, "check_support", lambda pin_dir=None, programs=True: [ebpf.Check("BTF", True, "ok")])
+    monkeypatch.setattr("ztunnel.redirect.iptables.detect_backend", lambda preferred=None: None)
+
+    def refused(self: ebpf.EbpfRedirector) -> None:
+        raise ebpf.RedirectError("loading program sk_lookup of bpf/redirect.c failed: Permission denied")
+
+    monkeypatch.setattr(ebpf.EbpfRedirector, "load", refused)
+    with pytest.raises(ZtunnelError) as e:
+        commands.run_node_agent(_agent_args(files=[str(cfg)]))
+    assert str(e.value).startswith("--redirect ebpf: loading program sk_lookup")
+    assert "not supported here" not in str(e.value)
+
+
 def test_check_prints_each_item_and_fails_when_one_is_missing(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(
-        ebpf,
-        "check_support",
-        lambda pin_dir=None: [ebpf.Check("BTF", True, "/sys/kernel/btf/vmlinux"), ebpf.Check("bcc", False, "no")],
-    )
+    checks = [ebpf.Check("BTF", True, "/sys/kernel/btf/vmlinux"), ebpf.Check("bcc", False, "no")]
+    monkeypatch.setattr(ebpf, "check_support", lambda pin_dir=None, programs=True: checks)
     assert commands.check("ebpf") == 1
     out = capsys.readouterr().out
     assert "ok       BTF: /sys/kernel/btf/vmlinux" in out and "MISSING  bcc: no" in out

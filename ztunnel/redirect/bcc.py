@@ -90,21 +90,23 @@ def compile_and_load(defines: Mapping[str, str | int], *, source: Path = SOURCE)
     """Compile `source` with `-D` defines and load every program (maps pinned as the source declares)."""
     bcc = import_bcc()
     cflags = [f"-D{k}={v}" for k, v in defines.items()]
-    with _quiet_stderr() as err:
+    failure: Exception | None = None
+    with _quiet_stderr() as err:  # the compiler's and verifier's words are in `err` once the block is left
         try:
             module = bcc.BPF(src_file=str(source).encode(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exception
-            raise BccUnavailable(f"compiling {source} failed: {e}\n{err.getvalue().strip()[-2000:]}") from e
+            failure = e
+    if failure is not None:
+        raise BccUnavailable(f"compiling {source} failed: {failure}\n{err.getvalue().strip()[-2000:]}")
     loaded = Loaded(module)
     for name, (prog_type, attach_type) in {**CGROUP_PROGRAMS, **NETNS_PROGRAMS}.items():
         with _quiet_stderr() as err:
             try:
-                fn = module.load_func(name.encode(), prog_type, attach_type=attach_type)
+                loaded.prog_fds[name] = int(module.load_func(name.encode(), prog_type, attach_type=attach_type).fd)
             except Exception as e:
-                raise BccUnavailable(
-                    f"loading program {name} of {source} failed: {e}\n{err.getvalue().strip()[-2000:]}"
-                ) from e
-        loaded.prog_fds[name] = int(fn.fd)
+                failure = e
+        if failure is not None:
+            raise BccUnavailable(f"loading program {name} of {source} failed: {failure}\n{err.getvalue()[-2000:]}")
     return loaded
 
 

@@ -61,7 +61,7 @@ def run_node_agent(args: argparse.Namespace) -> int:
     from ztunnel.config.kube.status import pod_annotator
     from ztunnel.errors import ZtunnelError
     from ztunnel.redirect.agent import NodeAgent
-    from ztunnel.redirect.iptables import detect_backend
+    from ztunnel.redirect.iptables import RedirectError, detect_backend
 
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per netlink message
     if args.action == "check":
@@ -79,7 +79,7 @@ def run_node_agent(args: argparse.Namespace) -> int:
         from ztunnel.redirect import ebpf
 
         pin_dir = Path(args.bpffs_dir) if args.bpffs_dir else ebpf.default_pin_dir(args.node)
-        problem = ebpf.unsupported(ebpf.check_support(pin_dir))
+        problem = ebpf.unsupported(ebpf.check_support(pin_dir, programs=False))
         if problem:
             raise ZtunnelError(f"--redirect ebpf: {problem} (see `ztunnel node-agent check --redirect ebpf`)")
         redirector = ebpf.EbpfRedirector(
@@ -89,7 +89,10 @@ def run_node_agent(args: argparse.Namespace) -> int:
             probe_snat=not args.no_probe_snat,
             backend=backend,
         )
-        redirector.load()
+        try:
+            redirector.load()
+        except RedirectError as e:  # the machine has every piece: a program the kernel refuses is a bug
+            raise ZtunnelError(f"--redirect ebpf: {e}") from e
     agent = NodeAgent(
         node=args.node,
         source=source,

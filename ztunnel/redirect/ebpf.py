@@ -134,9 +134,11 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def check_support(pin_dir: Path = BPFFS) -> list[Check]:
+def check_support(pin_dir: Path = BPFFS, *, programs: bool = True) -> list[Check]:
     """What this machine offers eBPF mode: each item `ztunnel node-agent check --redirect ebpf` prints.
-    `pin_dir`: where the maps would be pinned (it, or its nearest existing ancestor, must be on bpffs)."""
+    `pin_dir`: where the maps would be pinned (it, or its nearest existing ancestor, must be on bpffs).
+    `programs`: also compile and load every program (the verifier's word on helpers and attach types); the
+    agent itself skips that here, since loading them is the next thing it does anyway."""
     pin_root = _existing(pin_dir)
     out: list[Check] = []
     try:
@@ -170,7 +172,7 @@ def check_support(pin_dir: Path = BPFFS) -> list[Check]:
     except bcc.BccUnavailable as e:
         out.append(Check("bcc", False, str(e)))
         return out
-    if not (headers and fs_ok):
+    if not (headers and fs_ok and programs):
         return out
     scratch = pin_root / f"ztunnel-check-{os.getpid()}"
     try:
