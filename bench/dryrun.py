@@ -49,11 +49,12 @@ def dry_run(args: argparse.Namespace, s: Settings, out: TextIO) -> int:
         "haproxy-tcp": [6.0, 9.0, 100, 150, 300, 0.02, 0.02, 8.0, 30.0, 4000, 4.0],
         "ztunnel": [2.0, 3.0, 300, 500, 1200, 0.15, 0.12, 50.0, 12.0, 2000, 9.0],
     }
-    # HTTP/1.1: req/s, busiest proxy vCPU, req/s per core, p50, p99, CPU s per 1,000 (the HTTP paths only)
+    # HTTP/1.1: req/s, busiest proxy vCPU, req/s per core, p50, p99, CPU s per 1,000; then h2c: req/s, per core,
+    # p50, p99, CPU s per 1,000 (the HTTP paths only; the app speaks HTTP/1.1, so direct has no h2c figures)
     http_fake = {
-        "direct": [40000, None, None, 60, 200, None],
-        "waypoint": [1500, 0.9, 1700, 900, 3000, 0.9],
-        "haproxy-http": [9000, 0.6, 15000, 250, 600, 0.1],
+        "direct": [40000, None, None, 60, 200, None, None, None, None, None, None],
+        "waypoint": [1500, 0.9, 1700, 900, 3000, 0.9, 1200, 1400, 1000, 3500, 1.0],
+        "haproxy-http": [9000, 0.6, 15000, 250, 600, 0.1, 20000, 30000, 300, 700, 0.12],
     }
     n_tcp = len(report.METRICS) - len(http_fake["direct"])
     fake = {

@@ -378,9 +378,9 @@ class HttpClientProtocol(asyncio.Protocol):
         return self.waiter
 
 
-async def open_http(target: Target) -> HttpClientProtocol:
-    """A keep-alive connection to the app (through the SOCKS5 proxy of TARGET if any, handshake done on the
-    raw socket so the connection then runs on the lean protocol above, not a stream)."""
+async def connected_socket(target: Target) -> socket.socket:
+    """A connected non-blocking socket to TARGET's app, the SOCKS5 handshake (if any) done on it, so the
+    connection can go on with a lean protocol instead of a stream."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in target.connect_addr[0] else socket.AF_INET)
     sock.setblocking(False)
@@ -398,7 +398,17 @@ async def open_http(target: Target) -> HttpClientProtocol:
                     reply += chunk
                 if reply[:2] != b"\x05\x00" or reply[3] != 0:
                     raise ConnectionError(f"SOCKS5 refused: {reply.hex()}")
-            _, proto = await loop.create_connection(HttpClientProtocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_http(target: Target) -> HttpClientProtocol:
+    """A keep-alive HTTP/1.1 connection to the app (through the SOCKS5 proxy of TARGET if any)."""
+    sock = await connected_socket(target)
+    try:
+        _, proto = await asyncio.get_running_loop().create_connection(HttpClientProtocol, sock=sock)
     except BaseException:
         sock.close()
         raise
@@ -491,6 +501,153 @@ async def http_check(target: Target, checks: list[tuple[str, str]], host: str) -
     return {"checks": out, "connections": connections}
 
 
+class H2ClientProtocol(asyncio.Protocol):
+    """One h2c (HTTP/2 with prior knowledge) connection of the client: `exchange` opens a stream with a GET and
+    resolves to its `:status` once the stream ends; many streams may be in flight (the `h2` package, which the
+    venv has; imported here only, so the HTTP/1.1 roles work without it)."""
+
+    def __init__(self) -> None:
+        import h2.config
+        import h2.connection
+
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.waiters: dict[int, asyncio.Future[int]] = {}
+        self.status: dict[int, int] = {}
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.conn.initiate_connection()
+        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+
+        try:
+            events = self.conn.receive_data(data)
+        except Exception as e:  # a protocol error ends every stream of the connection
+            self.connection_lost(e)
+            self.transport.close()  # type: ignore[attr-defined]
+            return
+        for ev in events:
+            if isinstance(ev, h2.events.ResponseReceived):
+                self.status[ev.stream_id] = int(dict(ev.headers)[b":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                waiter = self.waiters.pop(ev.stream_id, None)
+                status = self.status.pop(ev.stream_id, 0)
+                if waiter is not None and not waiter.done():
+                    if isinstance(ev, h2.events.StreamReset) or not status:
+                        waiter.set_exception(ConnectionError(f"stream {ev.stream_id} reset"))
+                    else:
+                        waiter.set_result(status)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.closed = True
+        out = self.conn.data_to_send()
+        if out:
+            self.transport.write(out)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for waiter in self.waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("connection closed before the response"))
+        self.waiters.clear()
+
+    def exchange(self, method: str, path: str, host: str) -> asyncio.Future[int]:
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(":method", method), (":scheme", "http"), (":authority", host), (":path", path)]
+        self.conn.send_headers(sid, headers, end_stream=True)
+        waiter = self.waiters[sid] = asyncio.get_running_loop().create_future()
+        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        return waiter
+
+
+async def open_h2c(target: Target) -> H2ClientProtocol:
+    """An h2c connection (prior knowledge) to the app, through TARGET's SOCKS5 proxy if any."""
+    sock = await connected_socket(target)
+    try:
+        _, proto = await asyncio.get_running_loop().create_connection(H2ClientProtocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return proto
+
+
+async def h2c_load(
+    target: Target, *, rate: float, conns: int, duration: float, warmup: float, path: str, host: str
+) -> dict:
+    """Open loop at `rate` over `conns` h2c connections: each request is a new stream sent when it is due,
+    whatever is still in flight (HTTP/2 multiplexes), latency from when it went out."""
+    samples: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+    end_warm = start + warmup
+    end = end_warm + duration
+    interval = conns / rate
+
+    async def one_request(conn: H2ClientProtocol, measured: bool) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            status = await asyncio.wait_for(conn.exchange("GET", path, host), CONNECT_TIMEOUT)
+        except (ConnectionError, TimeoutError, OSError):
+            errors += 1
+            return
+        if measured and loop.time() < end:
+            samples.append((time.perf_counter() - t0) * 1e6)
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    async def one(index: int) -> None:
+        conn = await open_h2c(target)
+        due = start + index * interval / conns
+        pending: set[asyncio.Task[None]] = set()
+        while True:
+            due += interval
+            if due >= end:
+                break
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if conn.closed:
+                conn = await open_h2c(target)
+            task = asyncio.ensure_future(one_request(conn, loop.time() >= end_warm))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending, timeout=CONNECT_TIMEOUT + 1)
+        conn.transport.close()  # type: ignore[attr-defined]
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(conns)))
+    return {
+        "tool": "loadgen.http --h2c (HTTP/2 prior knowledge, open loop, h2 + uvloop)",
+        "rate": rate,
+        "connections": conns,
+        "duration": duration,
+        "wall": time.perf_counter() - t0,
+        "requests": len(samples),
+        "per_second": len(samples) / duration,
+        "errors": errors,
+        "status": statuses,
+        "latency_us": percentiles(samples),
+    }
+
+
+async def h2c_check(target: Target, checks: list[tuple[str, str]], host: str) -> dict:
+    """One stream per (METHOD PATH), in turn, on one h2c connection."""
+    conn = await open_h2c(target)
+    out = []
+    for method, path in checks:
+        status = await asyncio.wait_for(conn.exchange(method, path, host), CONNECT_TIMEOUT)
+        out.append({"method": method, "path": path, "status": status})
+    conn.transport.close()  # type: ignore[attr-defined]
+    return {"checks": out, "connections": 1, "protocol": "h2c"}
+
+
 def forward(listen: str, target: Target) -> None:
     """Fixed-destination forwarder through SOCKS5, relaying with splice(2) (no payload in Python)."""
     host, _, port = listen.rpartition(":")
@@ -576,6 +733,7 @@ def main() -> None:
     p.add_argument("--path", default="/hello")
     p.add_argument("--host", default="app")
     p.add_argument("--check", default="", help="METHOD PATH,...: one request each, print the statuses")
+    p.add_argument("--h2c", action="store_true", help="HTTP/2 with prior knowledge (open loop only: --rate > 0)")
     p = sub.add_parser("forward")
     p.add_argument("listen")
     p.add_argument("target", type=Target.parse)
@@ -602,6 +760,24 @@ def main() -> None:
         print(json.dumps(out), flush=True)
     elif args.role == "http-server":
         asyncio.run(http_server(args.listen))
+    elif args.role == "http" and args.h2c and args.check:
+        checks = [tuple(c.strip().split(" ", 1)) for c in args.check.split(",")]
+        print(json.dumps(asyncio.run(h2c_check(args.target, checks, args.host))), flush=True)  # type: ignore[arg-type]
+    elif args.role == "http" and args.h2c:
+        if args.rate <= 0:
+            parser.error("--h2c measures at a fixed --rate (saturation: h2load)")
+        out = asyncio.run(
+            h2c_load(
+                args.target,
+                rate=args.rate,
+                conns=args.conns,
+                duration=args.duration,
+                warmup=args.warmup,
+                path=args.path,
+                host=args.host,
+            )
+        )
+        print(json.dumps(out), flush=True)
     elif args.role == "http" and args.check:
         checks = [tuple(c.strip().split(" ", 1)) for c in args.check.split(",")]
         print(json.dumps(asyncio.run(http_check(args.target, checks, args.host))), flush=True)  # type: ignore[arg-type]

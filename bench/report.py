@@ -63,6 +63,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("http_p50_us", "HTTP/1.1 latency p50 at 1,000 req/s over 4 keep-alive conns", "µs", False, 0),
     Metric("http_p99_us", "HTTP/1.1 latency p99, same load", "µs", False, 0),
     Metric("http_cpu_s_per_1000_req", "Proxy CPU per 1,000 HTTP requests at 1,000 req/s (all)", "CPU s", False, 4),
+    Metric("h2c_rps", "h2c requests/s at saturation (h2load, 4 conns × 16 streams)", "req/s", True, 0),
+    Metric("h2c_rps_per_core", "h2c requests/s per core of the busiest proxy", "req/s", True, 0),
+    Metric("h2c_p50_us", "h2c latency p50 at 1,000 req/s over 4 conns", "µs", False, 0),
+    Metric("h2c_p99_us", "h2c latency p99, same load", "µs", False, 0),
+    Metric("h2c_cpu_s_per_1000_req", "Proxy CPU per 1,000 h2c requests at 1,000 req/s (all)", "CPU s", False, 4),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 
@@ -166,17 +171,19 @@ def waypoint_targets(summary: Mapping[str, Any], path: str = "waypoint") -> list
         met = None if value is None or limit is None else (value >= limit if higher_ok else value <= limit)
         checks.append({"target": name, "value": value, "limit": limit, "met": met, "unit": unit})
 
-    for pct in ("p50", "p99"):
-        key = f"http_{pct}_us"
-        floor, theirs, mine = med(FLOOR, key), med(peer, key), med(path, key)
-        added = None if mine is None or floor is None else mine - floor
-        peer_added = None if theirs is None or floor is None else max(theirs - floor, 0.0)
-        limit = None if peer_added is None else 2 * peer_added
-        add(f"waypoint: added HTTP latency {pct} ≤ 2 × HAProxy L7's (issue 12)", added, limit, False, "µs")
-    for key, what in (("http_rps", "requests/s"), ("http_rps_per_core", "requests/s per core")):
-        theirs = med(peer, key)
-        limit = None if theirs is None else 0.5 * theirs
-        add(f"waypoint: HTTP {what} ≥ 0.5 × HAProxy L7's (issue 12)", med(path, key), limit, True, "req/s")
+    # h2c's floor is the HTTP/1.1 one: both L7 paths speak HTTP/1.1 to the same app (there is no h2c app)
+    for proto, label in (("http", "HTTP"), ("h2c", "h2c")):
+        for pct in ("p50", "p99"):
+            key = f"{proto}_{pct}_us"
+            floor, theirs, mine = med(FLOOR, f"http_{pct}_us"), med(peer, key), med(path, key)
+            added = None if mine is None or floor is None else mine - floor
+            peer_added = None if theirs is None or floor is None else max(theirs - floor, 0.0)
+            limit = None if peer_added is None else 2 * peer_added
+            add(f"waypoint: added {label} latency {pct} ≤ 2 × HAProxy L7's (issue 12)", added, limit, False, "µs")
+        for key, what in ((f"{proto}_rps", "requests/s"), (f"{proto}_rps_per_core", "requests/s per core")):
+            theirs = med(peer, key)
+            limit = None if theirs is None else 0.5 * theirs
+            add(f"waypoint: {label} {what} ≥ 0.5 × HAProxy L7's (issue 12)", med(path, key), limit, True, "req/s")
     return checks
 
 

@@ -25,6 +25,7 @@ HTTP_PORT = 8080  # the HTTP app (`loadgen.py http-server`) beside the echo serv
 # would then refuse a client that skips it): client on node wa, app on node wb, the waypoint pod on node ww.
 WP_NODE_A, WP_NODE_B, WP_NODE_W = "127.77.3.1", "127.77.4.1", "127.77.5.1"
 WP_CLIENT_POD, WP_SERVER_POD, WP_WAYPOINT_POD = "127.77.3.10", "127.77.4.10", "127.77.5.10"
+WP_FORWARDER = "127.77.3.30"  # h2load's way into the waypoint path in local mode (it cannot speak SOCKS5)
 WP_VIP = "10.96.77.80"  # the app's Service (port 80 -> HTTP_PORT), `istio.io/use-waypoint: waypoint`
 HAPROXY_W = "127.77.5.20"  # haproxy-http's L7 proxy (the waypoint's counterpart)
 HTTP_ALLOWED = "GET /hello"  # what the L7 policy of both HTTP paths allows (ALLOW GET */hello) ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -34,10 +35,16 @@ def rep_steps(group: ProcessGroup, s: Settings) -> list[Step]:
         ("http saturation", lambda p: http_saturation(p, s)),
         ("http latency", lambda p: http_latency_with_cpu(p, s)),
     ]
-    # a path without an echo target carries HTTP only; one without an HTTP target gets no HTTP figures
-    return [(what, _only(lambda p: bool(p.echo_target), step)) for what, step in tcp] + [
-        (what, _only(lambda p: bool(p.http_target), step)) for what, step in http
+    h2c: list[Step] = [
+        ("h2c saturation", lambda p: h2c_saturation(p, s)),
+        ("h2c latency", lambda p: http_latency_with_cpu(p, s, h2c=True)),
     ]
+    # a path without an echo target carries HTTP only; one without an HTTP target gets no HTTP figures
+    return (
+        [(what, _only(lambda p: bool(p.echo_target), step)) for what, step in tcp]
+        + [(what, _only(lambda p: bool(p.http_target), step)) for what, step in http]
+        + [(what, _only(lambda p: bool(p.http_target) and p.h2c, step)) for what, step in h2c]
+    )
 
 
 def _only(applies: Callable[[PathSetup], bool], step: Callable[[PathSetup], dict[str, float | None]]) -> Callable[
@@ -134,10 +141,15 @@ def run_http(path: PathSetup, args: list[str], timeout: float) -> tuple[dict[str
     method, _, target = HTTP_ALLOWED.partition(" ")
     out = run_json([*argv, "--method", method, "--path", target, *args], timeout=timeout)
     wall = time.monotonic() - t0
+    check_statuses(path, out)
+    return out, {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}, wall
+
+
+def check_statuses(path: PathSetup, out: dict[str, Any]) -> None:
+    """Only the allowed request's 200 counts: anything else fails the test (the figure would be another's)."""
     codes = {k: v for k, v in out.get("status", {}).items() if k != "200"}
     if codes or out.get("errors"):
         raise RuntimeError(f"HTTP load through {path.name}: {out.get('errors')} errors, statuses {out.get('status')}")
-    return out, {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}, wall
 
 
 def http_saturation(path: PathSetup, s: Settings) -> dict[str, float | None]:
@@ -158,24 +170,76 @@ def http_saturation(path: PathSetup, s: Settings) -> dict[str, float | None]:
     }
 
 
-def http_latency_with_cpu(path: PathSetup, s: Settings) -> dict[str, float | None]:
-    """Open loop at `latency_rate` over `latency_conns` keep-alive connections; the proxies' CPU meanwhile."""
+def http_latency_with_cpu(path: PathSetup, s: Settings, h2c: bool = False) -> dict[str, float | None]:
+    """Open loop at `latency_rate` over `latency_conns` keep-alive connections (H2C: h2c connections, a stream
+    per request); the proxies' CPU meanwhile."""
     warmup = s.latency_warmup
     out, used, _ = run_http(
         path,
         [
             *("--rate", str(s.latency_rate), "--conns", str(s.latency_conns)),
             *("--duration", str(s.http_secs), "--warmup", str(warmup)),
+            *(["--h2c"] if h2c else []),
         ],
         timeout=s.http_secs + warmup + 60,
     )
     lat = out["latency_us"]
     requests = s.latency_rate * (s.http_secs + warmup)
+    proto = "h2c" if h2c else "http"
     return {
-        "http_p50_us": lat.get("p50"),
-        "http_p99_us": lat.get("p99"),
-        "http_cpu_s_per_1000_req": sum(used.values()) / (requests / 1000) if used else None,
+        f"{proto}_p50_us": lat.get("p50"),
+        f"{proto}_p99_us": lat.get("p99"),
+        f"{proto}_cpu_s_per_1000_req": sum(used.values()) / (requests / 1000) if used else None,
     }
+
+
+H2LOAD_CONNS, H2LOAD_STREAMS = 4, 16
+
+
+def parse_h2load(text: str) -> dict[str, float]:
+    """h2load's summary: req/s, and the request and status counts (what must all be 2xx for the figure to count)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("finished in"):
+            out["per_second"] = float(line.split(",")[1].split()[0])
+        elif line.startswith("requests:"):
+            parts = dict((w[1], float(w[0])) for w in (p.split() for p in line[len("requests:") :].split(",")))
+            out |= {"requests": parts["total"], "succeeded": parts["succeeded"], "failed": parts["failed"]}
+            out["errored"], out["timeout"] = parts.get("errored", 0.0), parts.get("timeout", 0.0)
+        elif line.startswith("status codes:"):
+            codes = dict((w[1], float(w[0])) for w in (p.split() for p in line[len("status codes:") :].split(",")))
+            out["non_2xx"] = sum(v for k, v in codes.items() if k != "2xx")
+    if "per_second" not in out or "requests" not in out:
+        raise RuntimeError(f"h2load printed no summary: {text.strip()[-300:]}")
+    return out
+
+
+def h2c_saturation(path: PathSetup, s: Settings) -> dict[str, float | None]:
+    """h2load (nghttp2-client) at saturation: 4 h2c connections with 16 streams each, GET /hello, 1 s warm-up;
+    requests/s and per core of the busiest proxy, like the HTTP/1.1 figure."""
+    if shutil.which("h2load") is None:
+        raise RuntimeError("h2load is missing (Debian nghttp2-client; bench/run installs it as root)")
+    if not path.h2load_target:
+        raise RuntimeError(f"{path.name} has no address h2load can reach")
+    pids = path.proxy_pids()
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    warmup = 1.0
+    argv = [*path.client_prefix, "h2load", "-c", str(H2LOAD_CONNS), "-m", str(H2LOAD_STREAMS)]
+    argv += ["-D", str(s.http_secs), "--warm-up-time", str(warmup), "-H", f":authority: {path.http_host}"]
+    argv += [f"http://{path.h2load_target}/{HTTP_ALLOWED.partition(' /')[2]}"]
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=s.http_secs + warmup + 60)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("h2load did not finish") from None
+    wall = time.monotonic() - t0
+    out = parse_h2load(r.stdout)
+    if out["failed"] or out["errored"] or out["timeout"] or out.get("non_2xx"):
+        raise RuntimeError(f"h2load through {path.name}: {r.stdout.strip()[-400:]}")
+    used = {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}
+    busiest = max(used.values(), default=0.0) / min(wall, s.http_secs + warmup + 0.5)
+    return {"h2c_rps": out["per_second"], "h2c_rps_per_core": out["per_second"] / busiest if busiest > 0 else None}
 
 
 def connrate(path: PathSetup, s: Settings) -> dict[str, float | None]:

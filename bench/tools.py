@@ -7,12 +7,13 @@ from pathlib import Path
 
 from bench.settings import PY
 
-BENCH_TOOLS = ("haproxy", "iperf3")  # bench/run's BENCH_APT installs these (and sockperf, wrk)
+BENCH_TOOLS = ("haproxy", "iperf3")  # bench/run's BENCH_APT installs these (and sockperf, wrk, h2load)
 
 
 def tool_versions() -> dict[str, str]:
     out = {}
-    for tool, argv in (("haproxy", ["haproxy", "-v"]), ("iperf3", ["iperf3", "--version"])):
+    tools = (("haproxy", ["haproxy", "-v"]), ("iperf3", ["iperf3", "--version"]), ("h2load", ["h2load", "--version"]))
+    for tool, argv in tools:
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             out[tool] = (r.stdout or r.stderr).splitlines()[0].strip()

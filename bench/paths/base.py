@@ -28,6 +28,8 @@ class PathSetup:
     echo_target: str = ""  # loadgen TARGET of the echo app ("" for an HTTP-only path: no TCP figures)
     http_target: str = ""  # loadgen TARGET of the HTTP app through this path ("": no HTTP figures)
     http_host: str = "app"  # the Host header the HTTP requests carry
+    h2c: bool = False  # the path carries HTTP/2 with prior knowledge too (the h2c figures)
+    h2load_target: str = ""  # HOST:PORT h2load reaches the path at (it cannot speak SOCKS5: local mode's forwarder)
     iperf_host: str = ""
     iperf_port: int = 0
     proxies: dict[str, Proc] = field(default_factory=dict)  # proxy processes this run started
@@ -112,10 +114,11 @@ def probe_echo(target: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def http_check(path: PathSetup, requests: list[str]) -> list[int]:
-    """The status of each request ("METHOD PATH") sent through the path on one keep-alive connection."""
+def http_check(path: PathSetup, requests: list[str], h2c: bool = False) -> list[int]:
+    """The status of each request ("METHOD PATH") sent through the path on one keep-alive connection (H2C:
+    one stream each on one HTTP/2 prior-knowledge connection)."""
     argv = [*path.client_prefix, PY, LOADGEN, "http", path.http_target, "--host", path.http_host]
-    argv += ["--check", ",".join(requests)]
+    argv += ["--check", ",".join(requests), *(["--h2c"] if h2c else [])]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
@@ -128,14 +131,17 @@ def http_check(path: PathSetup, requests: list[str]) -> list[int]:
 
 def require_policy(path: PathSetup) -> PathSetup:
     """The path as given if its L7 policy holds (the allowed request 200, each denied one 403, all on one
-    keep-alive connection), else an unavailable path saying what came back: never measure an open door."""
+    keep-alive connection; over h2c too if the path carries it), else an unavailable path saying what came
+    back: never measure an open door."""
     want = [HTTP_ALLOWED, *HTTP_DENIED, HTTP_ALLOWED]
-    try:
-        got = http_check(path, want)
-    except RuntimeError as e:
-        return unavailable(path.name, str(e))
     expected = [200, *[403] * len(HTTP_DENIED), 200]
-    if got != expected:
-        pairs = ", ".join(f"{r} -> {s}" for r, s in zip(want, got, strict=False))
-        return unavailable(path.name, f"the L7 policy check failed: {pairs} (expected {expected})")
+    for h2c in (False, True) if path.h2c else (False,):
+        try:
+            got = http_check(path, want, h2c=h2c)
+        except RuntimeError as e:
+            return unavailable(path.name, str(e))
+        if got != expected:
+            pairs = ", ".join(f"{r} -> {s}" for r, s in zip(want, got, strict=False))
+            proto = "h2c" if h2c else "HTTP/1.1"
+            return unavailable(path.name, f"the L7 policy check failed over {proto}: {pairs} (expected {expected})")
     return path

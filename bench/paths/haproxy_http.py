@@ -107,8 +107,9 @@ def setup_haproxy_http(group: ProcessGroup, maxconn: int, at: L7Placement | None
             f"haproxy-http {side}",
             path.proxies[side],
         )
-    path.http_target = f"{at.a[0]}:{at.a[1]}"
-    path.note = "HTTP/1.1 figures only; h2c not measured (the waypoint has no h2c yet)"
+    path.http_target = path.h2load_target = f"{at.a[0]}:{at.a[1]}"
+    path.h2c = True  # W finds the h2 preface itself (no ALPN inside A's TLS): h2c in, HTTP/1.1 to the app
+    path.note = "HTTP figures only; h2c: prior knowledge from the client, HTTP/1.1 from W to the app"
     checked = require_policy(path)
     if not checked.available:
         path.stop()

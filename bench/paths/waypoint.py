@@ -1,6 +1,6 @@
 """`waypoint`: client pod -> source node proxy -> HBONE -> `ztunnel waypoint` (one L7 decision per request:
 ALLOW GET `*/hello` on the app's Service, everything else 403) -> HBONE -> destination node proxy -> the
-HTTP app. Measured with HTTP/1.1 keep-alive requests only (its columns are the HTTP figures).
+HTTP app. Measured with HTTP/1.1 keep-alive requests and h2c (its columns are the HTTP figures).
 
 Local topology: the path has its own three pods and proxies (client on node wa, app on wb, the waypoint pod on
 ww; `bench.settings.WP_*`), because a pod whose Service uses a waypoint refuses clients that dial its pod IP
@@ -19,6 +19,7 @@ from bench.settings import (
     LOADGEN,
     PY,
     WP_CLIENT_POD,
+    WP_FORWARDER,
     WP_NODE_A,
     WP_NODE_B,
     WP_NODE_W,
@@ -31,7 +32,7 @@ from bench.topology.lab import LabTopology, netns_exec
 
 NAME = "waypoint"
 NAMESPACE = "wp"
-H2C = "unavailable: `ztunnel waypoint` parses HTTP/1.1 only so far (no h2c in ztunnel/waypoint yet)"
+H2C_NOTE = "h2c: prior knowledge from the client, HTTP/1.1 from the waypoint to the app (an unnamed port)"
 
 
 def cluster_yaml(lab: bool = False) -> str:
@@ -151,11 +152,17 @@ def local_waypoint(group: ProcessGroup) -> PathSetup:
         ),
         http_target=f"socks5://{WP_CLIENT_POD}:15080/{WP_VIP}:80",
         http_host=f"app.{NAMESPACE}.svc.cluster.local",
-        note=f"HTTP/1.1 figures only; h2c {H2C}",
+        h2c=True,
+        h2load_target=f"{WP_FORWARDER}:{HTTP_PORT}",
+        note=f"HTTP figures only; {H2C_NOTE}; h2load enters through a splice(2) SOCKS5 forwarder (local mode)",
     )
     app = group.start("waypoint-app", [PY, LOADGEN, "http-server", f"{WP_SERVER_POD}:{HTTP_PORT}"])
     path.helpers.append(app)
     wait_until(lambda: port_open(WP_SERVER_POD, HTTP_PORT), 10, "the waypoint path's HTTP app", app)
+    socks = f"socks5://{WP_CLIENT_POD}:15080/{WP_VIP}:80"
+    fwd = group.start("waypoint-forwarder", [PY, LOADGEN, "forward", f"{WP_FORWARDER}:{HTTP_PORT}", socks])
+    path.helpers.append(fwd)
+    wait_until(lambda: port_open(WP_FORWARDER, HTTP_PORT), 10, "the waypoint path's SOCKS forwarder", fwd)
     common = ["-f", str(cluster), "--ca-dir", str(ca_dir), "--access-log", "off"]
     for node, addr in (("wa", WP_NODE_A), ("wb", WP_NODE_B)):
         argv = [*cmd, "--log-level", "warning", "proxy", "--node", node, *common]
@@ -218,11 +225,13 @@ def lab_waypoint(lab: LabTopology, group: ProcessGroup) -> PathSetup:
         ),
         http_target=f"{WP_VIP}:80",
         http_host=f"app.{NAMESPACE}.svc.cluster.local",
+        h2c=True,
+        h2load_target=f"{WP_VIP}:80",
         client_prefix=netns_exec(client["netns"]),
         server_prefix=server_prefix,
         external_pid_source=lambda: {"node1": lab.proxy_pids["node1"], "waypoint": waypoint_pid}
         | {"node2": lab.proxy_pids["node2"]},
-        note=f"HTTP/1.1 figures only; h2c {H2C}; the lab's waypoint and proxies log every request/connection",
+        note=f"HTTP figures only; {H2C_NOTE}; the lab's waypoint and proxies log every request/connection",
     )
     return require_policy(path)
 

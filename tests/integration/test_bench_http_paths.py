@@ -1,7 +1,7 @@
 """The benchmark's two L7 paths come up as `bench/run --topology local` builds them and enforce the policy they
 claim to measure: through the waypoint path (source proxy -> waypoint -> destination proxy) and through
-HAProxy's (A -> W -> B, when haproxy is installed) GET /hello is 200 and GET /version, POST /hello are 403.
-A short load through each gets only 200s. Timings are never asserted."""
+HAProxy's (A -> W -> B, when haproxy is installed) GET /hello is 200 and GET /version, POST /hello are 403,
+over HTTP/1.1 and h2c. A short load through each gets only 200s. Timings are never asserted."""
 
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def test_the_waypoint_path_enforces_its_l7_policy_on_one_keep_alive_connection(g
     assert checked["connections"] == 1  # a denied request does not cost the client its connection
     out = _short_load(path)
     assert out["errors"] == 0 and out["requests"] > 0 and out["status"] == {"200": out["requests"]}
+    h2 = _loadgen(path, "--h2c", "--check", ",".join([HTTP_ALLOWED, *HTTP_DENIED, HTTP_ALLOWED]))
+    assert [c["status"] for c in h2["checks"]] == [200, 403, 403, 200]  # each stream decided on its own
+    if shutil.which("h2load"):  # through the path's SOCKS forwarder, as the bench runs it
+        r = subprocess.run(
+            ["h2load", "-n", "200", "-c", "2", "-m", "4", f"http://{path.h2load_target}/hello"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "200 succeeded" in r.stdout and "200 2xx" in r.stdout, r.stdout
 
 
 def test_haproxy_w_enforces_the_same_policy(group: ProcessGroup) -> None:

@@ -90,10 +90,14 @@ def test_http_only_paths_skip_the_tcp_steps_and_tcp_paths_the_http_ones() -> Non
     steps = dict(rep_steps(None, s))  # type: ignore[arg-type]  # a step that ran would need the group
     http_only = PathSetup("waypoint", http_target="socks5://127.0.0.1:1/10.0.0.1:80")
     tcp_only = PathSetup("ztunnel", echo_target="127.0.0.1:1")
-    assert list(steps) == ["throughput 1", "throughput 4", "latency", "connrate", "http saturation", "http latency"]
-    for what in ("throughput 1", "throughput 4", "latency", "connrate"):
+    tcp, http, h2c = ["throughput 1", "throughput 4", "latency", "connrate"], ["http saturation", "http latency"], [
+        "h2c saturation",
+        "h2c latency",
+    ]
+    assert list(steps) == [*tcp, *http, *h2c]
+    for what in [*tcp, *h2c]:  # the path does not say it carries h2c
         assert steps[what](http_only) == {}, what
-    for what in ("http saturation", "http latency"):
+    for what in [*http, *h2c]:
         assert steps[what](tcp_only) == {}, what
 
 
@@ -192,3 +196,65 @@ def test_the_hosts_load_average_is_shown() -> None:
         "summary": {},
     }
     assert "Load average (1 min) at the start / end: 4.5 / 5.25 (2 CPUs;" in report.render_markdown(result)
+
+
+H2LOAD_OUTPUT = """starting benchmark...
+spawning thread #0: 4 total client(s). Timing-based test with 1s of warm-up time and 3s of main duration ...
+Warm-up phase is over for thread #0.
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 3.00s, 12345.67 req/s, 1.05MB/s
+requests: 37037 total, 37101 started, 37037 done, 37037 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 37037 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 3.15MB (3300000) total, 1.20MB (1250000) headers (space savings 80.00%), 222.22KB (227556) data
+"""
+
+
+def test_h2load_summary_is_parsed_and_a_non_2xx_is_seen() -> None:
+    from bench.steps import parse_h2load
+
+    out = parse_h2load(H2LOAD_OUTPUT)
+    assert out["per_second"] == 12345.67 and out["requests"] == 37037 and out["succeeded"] == 37037
+    assert out["failed"] == out["errored"] == out["timeout"] == out["non_2xx"] == 0
+    denied = parse_h2load(H2LOAD_OUTPUT.replace("37037 2xx, 0 3xx, 0 4xx", "37000 2xx, 0 3xx, 37 4xx"))
+    assert denied["non_2xx"] == 37
+    with pytest.raises(RuntimeError, match="no summary"):
+        parse_h2load("connect: Connection refused\n")
+
+
+class _H2App(asyncio.Protocol):
+    """A tiny h2c app for the client's test: 200 `hello` for every path but /version (403)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import h2.config
+        import h2.connection
+
+        self.transport = transport
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+
+        for ev in self.conn.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                status = "403" if dict(ev.headers)[":path"] == "/version" else "200"
+                self.conn.send_headers(ev.stream_id, [(":status", status), ("content-length", "5")])
+                self.conn.send_data(ev.stream_id, b"hello", end_stream=True)
+        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+
+async def test_the_h2c_client_checks_and_loads_one_stream_per_request() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_H2App, "127.0.0.1", 0)
+    try:
+        target = loadgen.Target("127.0.0.1", server.sockets[0].getsockname()[1])
+        out = await loadgen.h2c_check(target, [("GET", "/hello"), ("GET", "/version"), ("GET", "/hello")], "h")
+        assert [c["status"] for c in out["checks"]] == [200, 403, 200]
+        load = await loadgen.h2c_load(target, rate=200, conns=2, duration=0.5, warmup=0.1, path="/hello", host="h")
+        assert load["errors"] == 0 and load["status"] == {"200": load["requests"]} and load["requests"] >= 60
+    finally:
+        server.close()
+        await server.wait_closed()
