@@ -23,7 +23,7 @@ from typing import Any
 from ztunnel.config.loader import ConfigError, read_objects
 from ztunnel.config.model import GATEWAY_NAME_LABEL, KubeObject, Workload
 from ztunnel.errors import ZtunnelError
-from ztunnel.lab import components, fabric, netns, procs, waypoints
+from ztunnel.lab import components, fabric, netns, procs, prometheus, waypoints
 from ztunnel.lab.mesh import MESH_COMPONENTS, Mesh, served_uids
 from ztunnel.lab.model import (
     FABRIC_SUBNET,
@@ -111,9 +111,18 @@ class Lab:
     # ---- up ---------------------------------------------------------------------------------------------
 
     def up(
-        self, files: Sequence[str], *, redirect: str = "iptables", mesh: str = "on", timeout: float = 90.0
+        self,
+        files: Sequence[str],
+        *,
+        redirect: str = "iptables",
+        mesh: str = "on",
+        timeout: float = 90.0,
+        scrape: float | None = None,
     ) -> LabState:
+        """SCRAPE: run a Prometheus scraping the proxies and waypoints every SCRAPE seconds (`--prometheus`)."""
         require_root()
+        if scrape is not None:
+            prometheus.config_check(scrape)  # before anything is built: the binary is there, the interval valid
         objects = read_objects(files)
         validate(objects)
         if (self.dir / "state.json").exists():
@@ -137,7 +146,7 @@ class Lab:
             self.say("cleaning up after an earlier run")
             self.down(quiet=True)
         try:
-            return self._up(objects, redirect=redirect, mesh=mesh, timeout=timeout)
+            return self._up(objects, redirect=redirect, mesh=mesh, timeout=timeout, scrape=scrape)
         except (ZtunnelError, OSError, KeyboardInterrupt) as e:
             why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
             raise LabError(
@@ -145,12 +154,16 @@ class Lab:
                 f"remove it with `ztunnel lab down --name {self.name}`"
             ) from e
 
-    def _up(self, objects: Sequence[KubeObject], *, redirect: str, mesh: str, timeout: float) -> LabState:
+    def _up(
+        self, objects: Sequence[KubeObject], *, redirect: str, mesh: str, timeout: float, scrape: float | None
+    ) -> LabState:
         deadline = time.monotonic() + timeout
         nodes = plan_nodes(self.name, objects, {})
         caps = self.mesh.capabilities()
         state = LabState(name=self.name, dir=str(self.dir), redirect=redirect, mesh=mesh)
         state.components = self._choose_components(caps, mesh)
+        if scrape is not None:
+            state.components[prometheus.COMPONENT] = True
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         state.logs.mkdir(exist_ok=True)
@@ -176,6 +189,7 @@ class Lab:
         fabric.route_all(self.name, state.nodes.values())
         with locked(self.dir):
             save(state)
+        scraper = [prometheus.start(state, scrape, objects)] if scrape is not None else []  # ready in the meantime
         ordered = sorted(nodes.values(), key=lambda n: n.index)
         # The CA and the agents need nothing from each other: start them together, then the proxies.
         first = [self.mesh.spawn_ca(state)] if state.components.get("ca") else []
@@ -185,6 +199,8 @@ class Lab:
         self.pods.start(state, started, deadline)
         self.pods.wait_ready(state, started, deadline)
         self.mesh.wait_proxies_synced(deadline)
+        self._refresh_scrape_targets()
+        self.mesh.wait_all(state, scraper, deadline)
         with updating(self.dir) as st:
             st.ready = True
             state = st
@@ -307,7 +323,15 @@ class Lab:
             self.pods.start(state, new_pods, deadline)
             self.pods.wait_ready(state, new_pods, deadline)
         self.mesh.wait_proxies_synced(max(deadline, time.monotonic() + 10.0), strict=False)
+        self._refresh_scrape_targets()
         return done
+
+    def _refresh_scrape_targets(self) -> None:
+        """Prometheus' targets from the lab as it is now (a waypoint came, went or moved, a node joined)."""
+        with locked(self.dir):
+            state = load(self.dir)
+            if state.components.get(prometheus.COMPONENT):
+                prometheus.write_targets(state, live_objects(state))
 
     def _add_node(self, node: NodeRecord, deadline: float) -> None:
         with locked(self.dir):
@@ -354,6 +378,7 @@ class Lab:
             self.pods.start(state, waypoint_pods, deadline)
             self.pods.wait_ready(state, waypoint_pods, deadline)
         self.mesh.wait_proxies_synced(time.monotonic() + 10.0, strict=False)
+        self._refresh_scrape_targets()
         return done
 
     @staticmethod
@@ -472,6 +497,7 @@ class Lab:
             "ca": (proc("ca") or {}) | ({"address": state.ca_address} if state.ca_address else {}),
             "nodes": nodes,
             "pods": pods,
+            "prometheus": prometheus.status(state),
         }
 
     def target_netns(self, target: str) -> str:
@@ -540,7 +566,7 @@ def _waypoint_of(w: Workload | None) -> str | None:
 
 
 LAB_DIR_ENTRIES = frozenset(
-    {"state.json", "lock", "cluster.yaml", "logs", "nodes", "pods", "ca", "cni-bin", "bpffs"}
+    {"state.json", "lock", "cluster.yaml", "logs", "nodes", "pods", "ca", "cni-bin", "bpffs", prometheus.DIR}
 )
 
 

@@ -53,6 +53,14 @@ def register(subparsers: Any) -> None:
         "auto: run only the components that can, without mTLS for the rest (opt-in); off: plain pod networking",
     )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for everything to be ready")
+    up.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a Prometheus (Debian's `prometheus`) in the fabric, scraping every node proxy and waypoint",
+    )
+    up.add_argument(
+        "--scrape-interval", type=float, default=1.0, metavar="SECONDS", help="with --prometheus (default 1)"
+    )
     up.set_defaults(func=_up)
 
     down = sub.add_parser("down", help="remove every netns, process and file of the lab (also after a crash)")
@@ -99,7 +107,8 @@ def _lab(args: argparse.Namespace, creating: bool = False) -> Any:
 
 def _up(args: argparse.Namespace) -> int:
     lab = _lab(args, creating=True)
-    lab.up(args.filename, redirect=args.redirect, mesh=args.mesh, timeout=args.timeout)
+    scrape = args.scrape_interval if args.prometheus else None
+    lab.up(args.filename, redirect=args.redirect, mesh=args.mesh, timeout=args.timeout, scrape=scrape)
     st = lab.status()
     _print_status(st)
     _print_hints(st, args)
@@ -121,6 +130,10 @@ def _print_hints(st: dict[str, Any], args: argparse.Namespace) -> None:
     if any(n["proxy"] for n in st["nodes"]):
         node_name = servers[0]["node"] if servers else st["nodes"][0]["name"]
         print(f"  ztunnel lab exec{name} node/{node_name} -- curl -s http://127.0.0.1:{METRICS_PORT}/metrics")
+    if st.get("prometheus"):
+        query = "sum(rate(istio_tcp_sent_bytes_total{reporter=\"destination\"}[1m])) by (destination_workload)"
+        print(f"  ztunnel lab exec{name} fabric -- curl -s {st['prometheus']['url']}/api/v1/query --data-urlencode '"
+              f"query={query}'")  # fmt: skip
     print(f"  ztunnel lab down{name}")
 
 
@@ -150,6 +163,10 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"components: {comps}; redirect: {st['redirect']}")
     if st["ca"]:
         print(f"ca: {st['ca'].get('address', '-')} {pstate(st['ca'] if 'pid' in st['ca'] else None)}")
+    prom = st.get("prometheus")
+    if prom:
+        print(f"prometheus: {prom['url']} (netns {prom['netns']}) {pstate(prom if prom['pid'] else None)}, "
+              f"{prom['targets']} targets")  # fmt: skip
     print("NODES")
     for n in st["nodes"]:
         print(f"  {n['name']:<12} {n['address']:<14} pods {n['pod_cidr']:<16} netns {n['netns']}")
