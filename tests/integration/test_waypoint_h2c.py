@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from hyperframe.frame import (
     ContinuationFrame,
@@ -41,6 +44,7 @@ from tests.support.waypoint import (
     stop,
     tcp_bridge,
     tunnel,
+    tunnel_to,
     wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
@@ -68,7 +72,7 @@ spec:
   rules:
   - to:
     - operation:
-        paths: ["/test.Greeter/Hello", "/test.Greeter/Echo"]
+        paths: ["/test.Greeter/Hello", "/test.Greeter/Echo", "/test.Greeter/First"]
 """
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -87,8 +91,13 @@ def _echo(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[
     yield from requests
 
 
+def _first(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    return b"first: " + next(requests)  # answers before the client's stream ends
+
+
 def _grpc_server() -> grpc.Server:
     handlers = {
+        "First": grpc.stream_unary_rpc_method_handler(_first),
         "Hello": grpc.unary_unary_rpc_method_handler(_hello),
         "Other": grpc.unary_unary_rpc_method_handler(_hello),
         "Echo": grpc.stream_stream_rpc_method_handler(_echo),
@@ -342,3 +351,37 @@ async def test_a_denied_stream_leaves_the_others_open(client: HbonePool) -> None
     assert seen[1][:2] == ["HeadersFrame", "DATA-END b'RBAC: access denied'"]
     assert seen[1][2:] in ([], ["RstStreamFrame"])
     assert seen[3][0] == "HeadersFrame" and seen[3][-1].startswith("DATA-END")
+
+
+async def test_response_before_the_request_body_ends_releases_the_stream(client: HbonePool) -> None:
+    """A gRPC server answers (trailers) while the client's stream is still open: the waypoint passes the answer
+    on and then resets the client's stream with NO_ERROR (RFC 9113 §8.1) instead of holding it open for a body
+    nobody wants; the connection serves the next call."""
+    stream = await tunnel_to(client, GRPC_VIP, GRPC_PORT)
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    h2c.initiate_connection()
+    seen: list[str] = []
+    grpc_headers = [
+        (":method", "POST"), (":scheme", "http"), (":path", "/test.Greeter/First"), (":authority", "hello-grpc"),
+        ("content-type", "application/grpc"), ("te", "trailers"),
+    ]  # fmt: skip
+    try:
+        h2c.send_headers(1, grpc_headers)
+        h2c.send_data(1, b"\x00\x00\x00\x00\x03abc")  # one message; the stream stays open
+        await stream.write(h2c.data_to_send())
+        async with asyncio.timeout(10):
+            while "reset" not in seen:
+                data = await stream.read()
+                assert data, f"tunnel closed: {seen}"
+                for ev in h2c.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived):
+                        seen.append(ev.data[5:].decode())
+                        h2c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        seen.append("grpc-status " + dict(ev.headers)[b"grpc-status"].decode())
+                    elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == 1:
+                        seen.append("reset" if ev.error_code == 0 else f"reset {ev.error_code}")
+                await stream.write(h2c.data_to_send())
+    finally:
+        stream.close()
+    assert seen == ["first: abc", "grpc-status 0", "reset"]

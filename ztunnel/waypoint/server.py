@@ -1183,6 +1183,16 @@ class _H2ClientConnection:
         else:
             await self._forward_h1(ex, endpoint, verdict)
 
+    def _stop_body(self, ex: _H2Exchange) -> bool:
+        """The response ended before the request body: the rest is not wanted (RST_STREAM NO_ERROR after a
+        complete response, RFC 9113 §8.1), so a client that never ends its body holds nothing. True if stopped."""
+        if not ex.answered or ex.reset:
+            return False
+        self.conn.reset(ex.stream_id, ErrorCodes.NO_ERROR)
+        ex.discard = True
+        self.side.flush()
+        return True
+
     async def _upstream_failed(self, ex: _H2Exchange, endpoint: Endpoint, e: Exception) -> None:
         self.server._count("upstream_error")
         ex.outcome.reason = "upstream_error"
@@ -1219,7 +1229,11 @@ class _H2ClientConnection:
         try:
             await self._pump_response_h2(ex, up, sid)
             if body is not None:
-                await body
+                if ex.ended or not self._stop_body(ex):
+                    await body
+                else:  # nor does the upstream get the rest
+                    up.side.conn.reset(sid, ErrorCodes.CANCEL)
+                    up.side.flush()
         finally:
             if body is not None and not body.done():
                 body.cancel()
@@ -1338,7 +1352,10 @@ class _H2ClientConnection:
                 retry = reused and no_body and head.method in IDEMPOTENT
                 keep = await self._pump_response_h1(ex, http, stream, retry_stale=retry)
                 if body is not None and keep:
-                    await body
+                    if ex.ended or not self._stop_body(ex):
+                        await body
+                    else:
+                        keep = False  # the upstream has an unfinished request body: not reusable
             except _StaleUpstream:
                 stream.abort()
                 self.server._count("retried")
