@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ spec:
   rules:
   - to:
     - operation:
-        paths: ["/test.Greeter/Hello", "/test.Greeter/Echo", "/test.Greeter/First"]
+        paths: ["/test.Greeter/Hello", "/test.Greeter/Echo", "/test.Greeter/First", "/test.Greeter/Slow"]
 """
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -95,14 +96,21 @@ def _first(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
     return b"first: " + next(requests)  # answers before the client's stream ends
 
 
+def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+    time.sleep(0.3)
+    return b"slow " + request
+
+
 def _grpc_server() -> grpc.Server:
     handlers = {
+        "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         "First": grpc.stream_unary_rpc_method_handler(_first),
         "Hello": grpc.unary_unary_rpc_method_handler(_hello),
         "Other": grpc.unary_unary_rpc_method_handler(_hello),
         "Echo": grpc.stream_stream_rpc_method_handler(_echo),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    # two streams per connection: the waypoint must spread a client's calls over more upstream connections
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.max_concurrent_streams", 2)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Greeter", handlers),))
     server.add_insecure_port(f"{GREETER_IP}:{GRPC_PORT}")
     server.start()
@@ -236,6 +244,23 @@ async def test_grpc_through_the_waypoint(client: HbonePool) -> None:
     assert hello == b"hello grpc"
     assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "RBAC: access denied")
     assert total == 64 * 65536  # 4 MiB each way through flow-controlled streams
+
+
+def _concurrent_slow_calls(port: int, n: int) -> list[bytes]:
+    options = [("grpc.enable_http_proxy", 0)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        call = channel.unary_unary("/test.Greeter/Slow")
+        call(b"warm-up", timeout=20)  # the waypoint's upstream connection has the app's SETTINGS now
+        pending = [call.future(b"%d" % i, timeout=20) for i in range(n)]
+        return [f.result() for f in pending]
+
+
+async def test_grpc_calls_over_the_apps_stream_limit(client: HbonePool) -> None:
+    """The app takes 2 streams per connection: 6 concurrent calls on one client connection go over more upstream
+    connections, and one that fills up is not cut while its calls are in flight."""
+    async with tcp_bridge(client, GRPC_VIP, GRPC_PORT) as port:
+        results = await asyncio.to_thread(_concurrent_slow_calls, port, 6)
+    assert results == [b"slow %d" % i for i in range(6)]
 
 
 # --- malformed HTTP/2: GOAWAY with the spec's code, the connection closed, the waypoint serves on ---

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import h2.exceptions
 from h2.errors import ErrorCodes
 
 from ztunnel.config.model import ClusterConfig, Service, ServicePort, Workload
@@ -1035,6 +1036,7 @@ class _H2ClientConnection:
         self.exchanges: dict[int, _H2Exchange] = {}
         self.h2_upstreams: dict[tuple[str, Authority], _H2Upstream] = {}  # by (workload uid, target)
         self.h1_idle: dict[tuple[str, Authority], list[HboneStream]] = {}
+        self.h2_retired: list[_H2Upstream] = []  # replaced while streams were still open on them
 
     async def run(self, initial: bytes) -> None:
         self.side.start()
@@ -1063,7 +1065,7 @@ class _H2ClientConnection:
             tasks = [ex.task for ex in self.exchanges.values() if ex.task is not None]
             if tasks:
                 await asyncio.wait(tasks, timeout=CLOSE_WAIT)
-            for up in self.h2_upstreams.values():
+            for up in [*self.h2_upstreams.values(), *self.h2_retired]:
                 up.close()
             for streams in self.h1_idle.values():
                 for s in streams:
@@ -1213,14 +1215,29 @@ class _H2ClientConnection:
                 await self._upstream_failed(ex, endpoint, e)
                 return
             if up is not None:
-                up.close()
+                if up.exchanges:  # full, or draining after a graceful GOAWAY: its streams finish there
+                    self.h2_retired.append(up)
+                else:
+                    up.close()
             up = self.h2_upstreams[key] = _H2Upstream(endpoint, stream)
         bodiless = ex.bodiless
         if bodiless:
             ex.body.drain()
-        sid = up.side.conn.send_request(
-            ex.head, b"http", verdict.add_headers, verdict.remove_headers, end_stream=bodiless
-        )
+        try:
+            sid = up.side.conn.send_request(
+                ex.head, b"http", verdict.add_headers, verdict.remove_headers, end_stream=bodiless
+            )
+        except h2.exceptions.TooManyStreamsError:  # the app lowered its limit since `usable` was checked
+            try:
+                stream = await self.owner._dial(endpoint)
+            except HboneError as e:
+                await self._upstream_failed(ex, endpoint, e)
+                return
+            self.h2_retired.append(up)
+            up = self.h2_upstreams[key] = _H2Upstream(endpoint, stream)
+            sid = up.side.conn.send_request(
+                ex.head, b"http", verdict.add_headers, verdict.remove_headers, end_stream=bodiless
+            )
         up.exchanges[sid] = ex
         up.side.flush()
         body = None
@@ -1242,6 +1259,9 @@ class _H2ClientConnection:
             if up.exchanges.pop(sid, None) is not None and ex.reset:
                 up.side.conn.reset(sid, ErrorCodes.CANCEL)
                 up.side.flush()
+            if not up.exchanges and up in self.h2_retired:
+                self.h2_retired.remove(up)
+                up.close()
 
     async def _pump_request_h2(self, ex: _H2Exchange, up: _H2Upstream, sid: int) -> None:
         while True:
