@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,8 +134,12 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         # round 2: what the dashboards must show
         echo_bytes = _round(lab, OK, DENIED, ECHOES, echo)
         print(f"lab up and two rounds of traffic in {time.monotonic() - started:.1f} s")
+        pid = lab.status()["prometheus"]["pid"]
         yield Traffic(lab, echo, echo_bytes)
-        print(f"module in {time.monotonic() - started:.1f} s")
+    # `lab down` stopped it and removed its TSDB with the state dir
+    assert not lab.dir.exists()
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    print(f"module in {time.monotonic() - started:.1f} s")
 
 
 def _round(lab: LabHandle, ok: int, denied: int, echoes: int, echo_ip: str) -> int:
@@ -155,6 +160,7 @@ def test_every_node_proxy_and_waypoint_is_scraped(traffic: Traffic) -> None:
     assert prom["url"] == "http://172.30.0.1:9090" and prom["running"] and prom["targets"] == 3
     want = {f"{n['address']}:15020": ("ztunnel", f"ztunnel-{n['name']}") for n in st["nodes"]}
     want[f"{lab.pod_ip(WAYPOINT)}:15020"] = ("waypoint", "waypoint-0")
+    assert "istio_tcp_sent_bytes_total{" in lab.metrics("n2")  # on all its addresses: loopback still answers
     up = {r["metric"]["instance"]: (r["metric"]["job"], r["metric"]["pod"], r["value"][1]) for r in query(lab, "up")}
     assert up == {instance: (job, name, "1") for instance, (job, name) in want.items()}
 
