@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
@@ -54,6 +56,8 @@ from ztunnel.net.streams import StreamClosed
 
 GRPC_VIP = "10.96.0.68"
 GRPC_PORT = 50051
+PLAIN_VIP = "10.96.0.71"
+PLAIN_PORT = 8082  # Python's http.server (HTTP/1.0 answers, body until close), as the lab's apps
 EXTRA = f"""\
 ---
 apiVersion: v1
@@ -74,8 +78,23 @@ spec:
   - to:
     - operation:
         paths: ["/test.Greeter/Hello", "/test.Greeter/Echo", "/test.Greeter/First", "/test.Greeter/Slow"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: plain, namespace: greet}}
+spec: {{clusterIP: {PLAIN_VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: {PLAIN_PORT}}}]}}
 """
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class _PlainHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"plain " + self.path.encode() + b"\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
 
 
 @dataclass
@@ -124,6 +143,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     config.write_text(CONFIG + EXTRA)
     app = KeepAliveApp(GREETER_IP, APP_PORT)
     grpc_server = _grpc_server()
+    plain = http.server.ThreadingHTTPServer((GREETER_IP, PLAIN_PORT), _PlainHandler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
     proxy: ProxyProcess | None = None
     waypoint: subprocess.Popen[bytes] | None = None
     try:
@@ -137,6 +158,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
         if proxy is not None:
             proxy.stop()
         grpc_server.stop(None)
+        plain.shutdown()
+        plain.server_close()
         app.close()
 
 
@@ -177,6 +200,13 @@ async def test_curl_requests_are_decided(client: HbonePool) -> None:
         assert await _curl(port, "/hello", "-X", "POST") == "RBAC: access denied|2 403"
         upload = await _curl(port, "/upload", "--data-binary", "x" * 3000, "-H", "expect: 100-continue")
         assert upload == "hello POST /upload (3000 body bytes) #1\n|2 200"
+
+
+async def test_curl_h2c_to_an_http10_app(client: HbonePool) -> None:
+    """The lab's apps are Python's http.server: HTTP/1.0 answers without a length, ended by close."""
+    async with tcp_bridge(client, PLAIN_VIP, 80) as port:
+        assert await _curl(port, "/hello") == "plain /hello\n|2 200"
+        assert await _curl(port, "/version") == "RBAC: access denied|2 403"
 
 
 NODE_CLIENT = r"""

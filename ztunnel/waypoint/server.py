@@ -1347,8 +1347,13 @@ class _H2ClientConnection:
         head_bytes = http.data_to_upstream()
         key = (endpoint.workload.uid, endpoint.target)
         idle = self.h1_idle.get(key)
-        reused = bool(idle)
-        stream: HboneStream | None = idle.pop() if idle else None
+        stream: HboneStream | None = None
+        while idle and stream is None:
+            stream = idle.pop()
+            if stream.done or stream.remote_closed:  # the app ended it while idle
+                stream.close()
+                stream = None
+        reused = stream is not None
         while True:
             if stream is None:
                 try:
