@@ -73,7 +73,8 @@ def test_unchanged_is_kept_changed_is_replaced_deleted_is_removed() -> None:
 
 
 def test_no_mesh_no_waypoint_and_a_hand_run_waypoint_is_left_alone() -> None:
-    assert waypoints.reconcile(_objects(), NODES, {}, None).start == []
+    no_mesh = waypoints.reconcile(_objects(), NODES, {}, "this lab runs no node proxies")
+    assert no_mesh.start == [] and no_mesh.notes == ["waypoint shop/wp: not deployed: this lab runs no node proxies"]
     by_hand = CLUSTER + """
 ---
 apiVersion: v1

@@ -177,16 +177,15 @@ class Mesh:
             args += ["--dns", "--dns-upstream", f"{FABRIC_GATEWAY}:53"]
         return components.ztunnel_argv(*args)
 
-    def waypoint_argv_for(self, state: LabState) -> waypoints.ArgvFor | None:
+    def waypoint_argv_for(self, state: LabState) -> waypoints.ArgvFor | str:
         """The command of a waypoint pod (`waypoints.pod_body`): its SVID comes from the lab's CA like the pods'
-        on its node (the node's token; the CA signs identities of pods placed on that node). None when the lab
-        runs no proxies (nothing would send traffic to a waypoint) or the CLI has no `ztunnel waypoint`."""
+        on its node (the node's token; the CA signs identities of pods placed on that node). Or why the lab
+        deploys no waypoints: it runs no proxies (nothing would send traffic to one), or no `ztunnel waypoint`."""
         if not state.components.get("proxy"):
-            return None
+            return "this lab runs no node proxies (nothing would send traffic to a waypoint)"
         caps = self.capabilities()
         if not caps.has("waypoint", "--readiness-addr", "--metrics-addr", "--admin-addr"):
-            self.say("no waypoint pods: this checkout's `ztunnel waypoint` lacks --readiness-addr/--metrics-addr")
-            return None
+            return caps.problem or "`ztunnel waypoint` here lacks --readiness-addr, --metrics-addr or --admin-addr"
 
         def argv(namespace: str, gateway: str, node: str) -> list[str]:
             args = [*waypoints.waypoint_args(namespace, gateway), "-f", str(state.live_config)]

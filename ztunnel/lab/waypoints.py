@@ -137,13 +137,13 @@ def reconcile(
     objects: Sequence[KubeObject],
     nodes: Mapping[str, NodeRecord],
     pods: Mapping[str, PodRecord],
-    argv_for: ArgvFor | None,
+    argv_for: ArgvFor | str,
     restart: Collection[str] = (),
 ) -> Plan:
     """The waypoint pods OBJECTS' Gateways call for, against those already deployed (owned by a Gateway).
 
-    `argv_for` None: the lab runs no mesh, so no waypoint. `restart`: Gateways (`ns/name`) whose pod is
-    recreated even if unchanged (a re-applied Gateway whose waypoint is not running)."""
+    `argv_for` a string: why the lab deploys no waypoint (no mesh), said once per Gateway. `restart`: Gateways
+    (`ns/name`) whose pod is recreated even if unchanged (a re-applied Gateway whose waypoint is not running)."""
     deployed: dict[str, KubeObject] = {}
     others: list[KubeObject] = []
     for o in objects:
@@ -160,7 +160,10 @@ def reconcile(
     }
     taken = {(o.namespace, o.name) for o in others if o.kind == "Pod"}
     wanted: dict[str, KubeObject] = {}
-    if argv_for is not None:
+    if isinstance(argv_for, str):
+        gateways = [f"{o.namespace}/{o.name}" for o in others if is_waypoint_gateway(o)]
+        plan.notes += [f"waypoint {ref}: not deployed: {argv_for}" for ref in gateways]
+    else:
         load = list(pods.values())
         for gw in (o for o in others if is_waypoint_gateway(o)):
             ref = f"{gw.namespace}/{gw.name}"
