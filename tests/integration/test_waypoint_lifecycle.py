@@ -18,15 +18,23 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
 from tests.integration.conftest import ZTUNNEL, ProxyProcess, start_proxy
+from tests.support.certs import in_process_certs
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
 from tests.support.waypoint import (
+    APP_PORT,
     CLIENT,
     CONFIG,
+    DRAINER,
+    DRAINER_IP,
     GREETER_IP,
+    SLOW_CHUNKS,
+    VIP,
     WAYPOINT_IP,
+    KeepAliveApp,
     Responses,
     client_pool,
     get,
@@ -35,8 +43,10 @@ from tests.support.waypoint import (
     tunnel_to,
     wait_listening,
 )
-from ztunnel.hbone.client import HbonePool
+from ztunnel.hbone.client import HbonePool, PoolKey
+from ztunnel.hbone.protocol import Authority
 from ztunnel.hbone.stream import HboneStream
+from ztunnel.hbone.tls_cache import TlsContexts
 from ztunnel.net.streams import StreamClosed
 
 STALE_VIP = "10.96.0.70"
@@ -303,3 +313,57 @@ async def test_a_revoked_clients_open_connection_is_closed(setup: Setup) -> None
         with contextlib.suppress(ssl.SSLError, ConnectionError, OSError):
             await writer.wait_closed()
     assert "closing the HBONE connection of a revoked peer" in setup.log.read_text()
+
+
+def test_sigterm_sends_h2c_clients_a_graceful_goaway(setup: Setup) -> None:
+    """On SIGTERM an h2c client inside a tunnel is told GOAWAY(NO_ERROR, last stream 1) and its open /slow
+    response still arrives whole before the waypoint exits."""
+    proc, log_path = start_waypoint(
+        setup.workdir / "cluster.yaml", setup.ca_dir, setup.workdir, "--name", "drainer", "--namespace", "greet"
+    )
+    app = KeepAliveApp(GREETER_IP, APP_PORT)
+    try:
+        wait_listening(proc, log_path, DRAINER_IP)
+
+        async def slow_across_sigterm() -> tuple[list[tuple[int, int]], bytes]:
+            async with in_process_certs(setup.ca_dir) as certs:
+                pool = HbonePool(TlsContexts(certs))
+                try:
+                    key = PoolKey(CLIENT, DRAINER, (DRAINER_IP, 15008))
+                    stream = await pool.connect(key, Authority(VIP, 80), expected_identities=[DRAINER.uri])
+                    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                    h2c.initiate_connection()
+                    request = [(":method", "GET"), (":path", "/slow"), (":scheme", "http"), (":authority", "g")]
+                    h2c.send_headers(1, request, end_stream=True)
+                    await stream.write(h2c.data_to_send())
+                    goaways: list[tuple[int, int]] = []
+                    body, buf, ended, signalled = b"", b"", False, False
+                    async with asyncio.timeout(15):  # frames parsed by hand: h2's client stops at any GOAWAY
+                        while not ended:
+                            data = await stream.read()
+                            assert data, f"tunnel closed; body {len(body)} bytes"
+                            buf += data
+                            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                                frame, length = Frame.parse_frame_header(memoryview(buf[:9]))
+                                frame.parse_body(memoryview(buf[9 : 9 + length]))
+                                buf = buf[9 + length :]
+                                if isinstance(frame, GoAwayFrame):
+                                    goaways.append((frame.error_code, frame.last_stream_id))
+                                elif isinstance(frame, DataFrame) and frame.stream_id == 1:
+                                    body += frame.data
+                                    ended = "END_STREAM" in frame.flags
+                            if body and not signalled:
+                                proc.terminate()  # the response has started
+                                signalled = True
+                    stream.close()
+                    return goaways, body
+                finally:
+                    pool.close()
+
+        goaways, body = asyncio.run(slow_across_sigterm())
+        assert goaways == [(0, 1)]
+        assert body == b"s" * 1024 * SLOW_CHUNKS
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+        app.close()

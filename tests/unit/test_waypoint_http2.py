@@ -8,6 +8,7 @@ import h2.connection
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import ServicePort
@@ -191,3 +192,29 @@ spec: {clusterIP: 10.96.0.1, ports: [{port: 80, name: web, appProtocol: tcp}, {p
     config = build_config(load_documents(text, "s.yaml"))
     (service,) = config.services
     assert [(p.name, p.app_protocol) for p in service.ports] == [("web", "tcp"), ("", "")]
+
+
+def _frames(data: bytes) -> list[Frame]:
+    out = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        out.append(frame)
+        data = data[9 + length :]
+    return out
+
+
+def test_graceful_goaway_lets_open_streams_finish_and_refuses_new_ones() -> None:
+    server, client = H2Conn(client_side=False), _client()
+    client.send_headers(1, _req(), end_stream=True)
+    _exchange(server, client)
+    server.goaway()
+    server.respond(1, 200, b"still served")  # h2's own close_connection would refuse this
+    frames = _frames(server.data_to_send())
+    goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+    assert [(f.error_code, f.last_stream_id) for f in goaway] == [(0, 1)]
+    assert [f.data for f in frames if isinstance(f, DataFrame)] == [b"still served"]
+    client.send_headers(3, _req(), end_stream=True)  # a client that ignores the GOAWAY
+    assert not [e for e in server.receive(client.data_to_send()) if isinstance(e, RequestStarted)]
+    resets = [f for f in _frames(server.data_to_send()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in resets] == [(3, ErrorCodes.REFUSED_STREAM)]

@@ -301,6 +301,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
             log.info("shutting down: draining connections", extra={"deadline_s": drain_timeout})
             draining = True
             server.drain()
+            waypoint.drain()  # h2c clients inside the tunnels: GOAWAY too
             pool.drain()
             if server.tasks:
                 await asyncio.wait(set(server.tasks), timeout=drain_timeout)

@@ -25,6 +25,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 
 from ztunnel.hbone.budgets import StreamBudget
 from ztunnel.hbone.http2 import HboneH2
@@ -163,6 +164,8 @@ class H2Conn:
         self.h2 = _H2(client_side, self.limits, budget)
         self.h2.start()
         self.closed: Closed | None = None
+        self._goaway_last: int | None = None  # a graceful GOAWAY was sent: streams above this are refused
+        self._extra_out = b""
 
     def _is_abort(self, stream_id: int) -> bool:
         return stream_id in self._answered or (stream_id <= self._high and stream_id not in self.h2.streams)
@@ -206,7 +209,10 @@ class H2Conn:
             pass
 
     def data_to_send(self) -> bytes:
-        return self.h2.data_to_send()
+        data = self.h2.data_to_send()
+        if self._extra_out:
+            data, self._extra_out = data + self._extra_out, b""
+        return data
 
     # --- events ---
 
@@ -219,6 +225,9 @@ class H2Conn:
         elif isinstance(ev, h2.events.RequestReceived):
             assert ev.stream_id is not None
             self._high = max(self._high, ev.stream_id)
+            if self._goaway_last is not None and ev.stream_id > self._goaway_last:
+                self.reset(ev.stream_id, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: never processed
+                return
             ended = ev.stream_ended is not None
             head = request_head(ev.headers or [])
             if isinstance(head, RequestHead):
@@ -372,7 +381,15 @@ class H2Conn:
             pass
 
     def goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
-        self._ensure_goaway(code)
+        """GOAWAY; NO_ERROR is graceful: no new streams (any above the last one seen is refused), open ones
+        finish (h2's own close_connection would end them all, as hbone/http2 explains)."""
+        if code != ErrorCodes.NO_ERROR:
+            self._ensure_goaway(code)
+            return
+        if self._goaway_last is None:
+            self._goaway_last = self.h2.highest_inbound_stream_id
+            frame = GoAwayFrame(stream_id=0, last_stream_id=self._goaway_last, error_code=0)
+            self._extra_out += frame.serialize()
 
     def open_streams(self) -> int:
         return self.h2.open_outbound_streams if self.h2.config.client_side else self.h2.open_inbound_streams

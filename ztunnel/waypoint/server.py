@@ -325,9 +325,18 @@ class WaypointServer:
     requests: dict[str, int] = field(default_factory=dict)  # verdict -> count (allow, deny, jwt, error)
     authorizers: Authorizers = field(default_factory=Authorizers)  # CUSTOM policies' providers
     telemetry: RequestTelemetry | None = None  # Istio's HTTP metrics and the access log, per request
+    h2c_connections: set[_H2ClientConnection] = field(default_factory=set)  # told to drain on `drain`
+    draining: bool = False
 
     def _count(self, what: str) -> None:
         self.requests[what] = self.requests.get(what, 0) + 1
+
+    def drain(self) -> None:
+        """Shutting down: h2c clients get a graceful GOAWAY (no new streams; open ones finish), as HBONE's
+        clients get one from the HboneServer."""
+        self.draining = True
+        for c in list(self.h2c_connections):
+            c.goaway()
 
     async def serve_tunnel(self, tunnel: InboundTunnel) -> None:
         stream, request = tunnel.stream, tunnel.request
@@ -1038,8 +1047,15 @@ class _H2ClientConnection:
         self.h1_idle: dict[tuple[str, Authority], list[HboneStream]] = {}
         self.h2_retired: list[_H2Upstream] = []  # replaced while streams were still open on them
 
+    def goaway(self) -> None:
+        self.conn.goaway()
+        self.side.flush()
+
     async def run(self, initial: bytes) -> None:
         self.side.start()
+        self.server.h2c_connections.add(self)
+        if self.server.draining:
+            self.goaway()
         try:
             await self.side.read_loop(initial)
             closed = self.conn.closed
@@ -1070,6 +1086,7 @@ class _H2ClientConnection:
             for streams in self.h1_idle.values():
                 for s in streams:
                     s.close()
+            self.server.h2c_connections.discard(self)
             self.side.flush()
             await self.side.drained()
             with contextlib.suppress(StreamClosed, HboneError, ConnectionError):
