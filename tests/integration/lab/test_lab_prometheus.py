@@ -8,7 +8,8 @@ the first creates the series, the second is counted, since `rate()` sees only wh
 Prometheus' first sample of it (a real dashboard loses a new series' first requests the same way).
 
 The dashboard queries are Istio's (manifests/addons/dashboards: the mesh dashboard's "4xxs", "HTTP/gRPC Workloads"
-and "TCP Workloads" panels) with Grafana's `$__rate_interval` written as `1m`, and the two the issue names.
+and "TCP Workloads" panels, the ztunnel dashboard's "Bytes Transmitted") with Grafana's `$__rate_interval` written
+as `1m`, and the two the issue names.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ WEB = "http://web.demo.svc.cluster.local:8080"
 OK, DENIED = 5, 3  # the counted round's requests through the waypoint: 200s and 403s
 ECHOES = 4  # the counted round's requests to echo's pod IP
 
-# the issue's two queries, and panels of Istio's mesh dashboard (istio-mesh-dashboard.gen.json) as it writes them,
-# split only to fit here; `rate_1m` writes Grafana's $__rate_interval as 1m
+# the issue's two queries, and panels of Istio's mesh and ztunnel dashboards (manifests/addons/dashboards/
+# istio-mesh-dashboard.gen.json, ztunnel-dashboard.gen.json) as they write them, split only to fit here;
+# `rate_1m` writes Grafana's $__rate_interval as 1m
 TCP_BY_WORKLOAD = 'sum(rate(istio_tcp_sent_bytes_total{reporter="destination"}[1m])) by (destination_workload)'
 REQUESTS_BY_CODE = 'sum(rate(istio_requests_total{reporter="waypoint"}[1m])) by (response_code)'
 MESH_4XX = (  # "4xxs"
@@ -58,6 +60,9 @@ MESH_TCP_WORKLOADS = (  # "TCP Workloads", its bytes sent column
     '(rate(istio_tcp_sent_bytes_total{reporter=~"source|waypoint"}[$__rate_interval])), '
     '"destination_workload_var", ".", "destination_workload", "destination_workload_namespace")'
 )
+
+# the ztunnel dashboard's "Bytes Transmitted" (sent), by node proxy (the `pod` label of its scrape target)
+ZTUNNEL_BYTES = 'sum by (pod) (rate(istio_tcp_sent_bytes_total{pod=~"ztunnel-.*"}[$__rate_interval]))'
 
 
 def rate_1m(panel: str) -> str:
@@ -173,6 +178,8 @@ def test_tcp_bytes_by_destination_workload(traffic: Traffic) -> None:
         assert values.get("echo", 0) > 0 and values.get("web", 0) > 0, values  # web: from the waypoint's tunnels
         table = by(lab, rate_1m(MESH_TCP_WORKLOADS), "destination_workload_var")
         assert table.get("echo.demo", 0) > 0, table  # the mesh dashboard's TCP Workloads (the client's side)
+        pods = by(lab, rate_1m(ZTUNNEL_BYTES), "pod")  # the ztunnel dashboard's Bytes Transmitted, by node proxy
+        assert pods.keys() == {"ztunnel-n1", "ztunnel-n2"} and min(pods.values()) > 0, pods
         return True
 
     eventually(panels, 20, 0.5, what="the TCP bytes panels to show echo and web")
