@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import datetime as dt
 import ipaddress
@@ -155,6 +156,7 @@ class FakeKubeApi:
         self._watches: set[_Watch] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-kube-api", daemon=True)
         self._server: asyncio.Server | None = None
@@ -203,8 +205,15 @@ class FakeKubeApi:
             w.transport.abort()
         for hold in self.hold_lists.values():
             hold.set()
-        for w in list(self._watches):
-            w.queue.put_nowait(None)
+        self._stopping = True
+        for _ in range(100):  # a handler that read its request just before may register a watch after this
+            if not self._tasks:
+                break
+            for w in list(self._watches):
+                w.queue.put_nowait(None)
+            await asyncio.wait(list(self._tasks), timeout=0.05)
+        for task in list(self._tasks):  # none should be left; if one is, end it here, not in a closed loop
+            task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
 
@@ -411,6 +420,8 @@ class FakeKubeApi:
             self._writers.discard(writer)
             self._tasks.discard(task)
             writer.close()
+            with contextlib.suppress(Exception):  # flushed and closed before the handler ends (and the loop may stop)
+                await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -600,6 +611,9 @@ class FakeKubeApi:
             chunk(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+            return
+        if self._stopping:
+            writer.transport.abort()
             return
         w = _Watch(plural, namespace, selector, query.get("allowWatchBookmarks") == "true")
         for rv, p, kind, obj in self.history:
