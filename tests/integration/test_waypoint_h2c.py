@@ -23,6 +23,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from hyperframe.frame import (
     ContinuationFrame,
@@ -440,3 +441,34 @@ async def test_response_before_the_request_body_ends_releases_the_stream(client:
     finally:
         stream.close()
     assert seen == ["first: abc", "grpc-status 0", "reset"]
+
+
+async def test_streams_waiting_for_a_slow_reader_all_resume(client: HbonePool) -> None:
+    """Two 4 MiB downloads to a client that grants big HTTP/2 windows but does not read its tunnel for a while:
+    both responses wait for the tunnel to drain and both complete once it does (nothing is dropped or stuck)."""
+    stream = await tunnel(client)
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    h2c.initiate_connection()
+    h2c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    h2c.increment_flow_control_window(2**31 - 1 - 65535)
+    request = [(":method", "GET"), (":path", "/big"), (":scheme", "http"), (":authority", "greeter")]
+    h2c.send_headers(1, request, end_stream=True)
+    h2c.send_headers(3, request, end_stream=True)
+    got = {1: 0, 3: 0}
+    ended: set[int] = set()
+    try:
+        await stream.write(h2c.data_to_send())
+        await asyncio.sleep(0.5)  # not reading: the waypoint's writes to this tunnel back up
+        async with asyncio.timeout(30):
+            while ended != {1, 3}:
+                data = await stream.read()
+                assert data, f"tunnel closed: {got}"
+                for ev in h2c.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived):
+                        got[ev.stream_id] += len(ev.data)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        ended.add(ev.stream_id)
+                await stream.write(h2c.data_to_send())
+    finally:
+        stream.close()
+    assert got == {1: BIG, 3: BIG}

@@ -959,8 +959,9 @@ class _H2Side:
                 finally:
                     self._windows.pop(stream_id, None)
         while self.pending >= H2_OUT_HIGH and not self.dead:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
+            if self._room is None or self._room.done():  # one future shared by every stream that waits
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)  # a waiter cancelled (its stream reset) leaves it to the others
         return not self.dead
 
 
