@@ -59,6 +59,8 @@ GRPC_VIP = "10.96.0.68"
 GRPC_PORT = 50051
 PLAIN_VIP = "10.96.0.71"
 PLAIN_PORT = 8082  # Python's http.server (HTTP/1.0 answers, body until close), as the lab's apps
+NODE_VIP = "10.96.0.72"
+NODE_PORT = 8083  # Node's http server: reads chunked request bodies, answers chunked
 EXTRA = f"""\
 ---
 apiVersion: v1
@@ -84,6 +86,11 @@ apiVersion: v1
 kind: Service
 metadata: {{name: plain, namespace: greet}}
 spec: {{clusterIP: {PLAIN_VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: {PLAIN_PORT}}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: nodeapp, namespace: greet}}
+spec: {{clusterIP: {NODE_VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: {NODE_PORT}}}]}}
 """
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -137,6 +144,21 @@ def _grpc_server() -> grpc.Server:
     return server
 
 
+# Answers each request with its method, path and the body's length (read chunked or not), chunked itself.
+NODE_APP = r"""
+const http = require('http');
+const [host, port] = process.argv.slice(1);
+http.createServer((req, res) => {
+  let n = 0;
+  req.on('data', (d) => { n += d.length; });
+  req.on('end', () => {
+    res.write(`node ${req.method} ${req.url} `);
+    res.end(`${n} body bytes, te=${req.headers['transfer-encoding'] || ''}\n`);
+  });
+}).listen(parseInt(port), host, () => console.log('listening'));
+"""
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Setup]:
     workdir = tmp_path_factory.mktemp("waypoint-h2c")
@@ -146,9 +168,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     grpc_server = _grpc_server()
     plain = http.server.ThreadingHTTPServer((GREETER_IP, PLAIN_PORT), _PlainHandler)
     threading.Thread(target=plain.serve_forever, daemon=True).start()
+    node_app = subprocess.Popen(["node", "-e", NODE_APP, GREETER_IP, str(NODE_PORT)], stdout=subprocess.PIPE)
     proxy: ProxyProcess | None = None
     waypoint: subprocess.Popen[bytes] | None = None
     try:
+        assert node_app.stdout is not None and node_app.stdout.readline() == b"listening\n"
         proxy = start_proxy("node-b", config, ca_dir, workdir)
         waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
         wait_listening(waypoint, log_path, WAYPOINT_IP)
@@ -161,6 +185,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
         grpc_server.stop(None)
         plain.shutdown()
         plain.server_close()
+        node_app.kill()
+        node_app.wait()
+        if node_app.stdout is not None:
+            node_app.stdout.close()
         app.close()
 
 
@@ -208,6 +236,27 @@ async def test_curl_h2c_to_an_http10_app(client: HbonePool) -> None:
     async with tcp_bridge(client, PLAIN_VIP, 80) as port:
         assert await _curl(port, "/hello") == "plain /hello\n|2 200"
         assert await _curl(port, "/version") == "RBAC: access denied|2 403"
+
+
+NODE_UPLOAD = r"""
+const http2 = require('http2');
+const session = http2.connect(`http://127.0.0.1:${process.argv[2]}`);
+const s = session.request({':method': 'POST', ':path': '/upload'});  // no content-length: chunked upstream
+let out = '';
+s.on('response', (h) => { out += h[':status'] + ' '; });
+s.on('data', (d) => { out += d; });
+s.on('end', () => { process.stdout.write(out); session.close(); });
+for (let i = 0; i < 20; i++) { s.write(Buffer.alloc(50000, 'u')); }
+s.end();
+"""
+
+
+async def test_body_without_length_goes_chunked_to_an_http1_app(client: HbonePool, tmp_path: Path) -> None:
+    script = tmp_path / "upload.js"
+    script.write_text(NODE_UPLOAD)
+    async with tcp_bridge(client, NODE_VIP, 80) as port:
+        out = await _run("node", str(script), str(port))
+    assert out == "200 node POST /upload 1000000 body bytes, te=chunked\n"
 
 
 NODE_CLIENT = r"""
