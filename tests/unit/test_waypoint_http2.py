@@ -11,7 +11,8 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 
 from ztunnel.config.loader import build_config, load_documents
-from ztunnel.config.model import ServicePort
+from ztunnel.config.model import ServicePort, Workload
+from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.waypoint.http2 import (
     BadRequest,
     Closed,
@@ -20,7 +21,7 @@ from ztunnel.waypoint.http2 import (
     H2Limits,
     RequestStarted,
 )
-from ztunnel.waypoint.server import _h1_head, classify, port_protocol
+from ztunnel.waypoint.server import _h1_head, check_attributes, classify, port_protocol
 
 
 def _client() -> h2.connection.H2Connection:
@@ -218,3 +219,22 @@ def test_graceful_goaway_lets_open_streams_finish_and_refuses_new_ones() -> None
     assert not [e for e in server.receive(client.data_to_send()) if isinstance(e, RequestStarted)]
     resets = [f for f in _frames(server.data_to_send()) if isinstance(f, RstStreamFrame)]
     assert [(f.stream_id, f.error_code) for f in resets] == [(3, ErrorCodes.REFUSED_STREAM)]
+
+
+def test_an_h2_request_as_a_custom_provider_sees_it() -> None:
+    """Envoy's AttributeContext for an h2c request: protocol HTTP/2, the path with its query, :authority as host."""
+    server, client = H2Conn(client_side=False), _client()
+    client.send_headers(1, [*_req("/book?id=1", "POST"), ("x-user", "a")], end_stream=True)
+    (ev,) = [e for e in _exchange(server, client) if isinstance(e, RequestStarted)]
+    assert isinstance(ev, RequestStarted)
+    pod = Workload("uid", "app", "demo", "node-b", "app", ("10.0.0.2",), {})
+    conn = ConnectionAttributes(
+        source_principal="spiffe://cluster.local/ns/demo/sa/client",
+        source_ip="10.0.0.1",
+        destination=pod,
+        destination_ip="10.0.0.2",
+        destination_port=8080,
+    )
+    attrs = check_attributes(ev.head, conn, 40000)
+    assert (attrs.protocol, attrs.method, attrs.path, attrs.host) == ("HTTP/2", "POST", "/book?id=1", "greeter")
+    assert ("x-user", "a") in attrs.headers
