@@ -159,6 +159,8 @@ def test_h2_head_as_http1_for_the_upstream() -> None:
         (b"get / HTTP/1.1\r\n", False, "tcp"),
         (b"HELLO there\r\n", False, "tcp"),
         (b"", True, "tcp"),  # a silent client after the deadline: a server-first protocol
+        (b"\r\nGET / HTTP/1.1\r\n", False, "http1"),  # an empty line before the request line is allowed
+        (b"\r\n", False, "more"),
     ],
 )
 def test_first_bytes(data: bytes, final: bool, kind: str) -> None:

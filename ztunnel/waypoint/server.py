@@ -382,6 +382,7 @@ def classify(data: bytes, *, final: bool) -> str:
     """What the first bytes of a connection are: "h2c" (the HTTP/2 preface), "http1" (an HTTP/1.x request
     line: METHOD SP target SP HTTP/1.x), "tcp", or "more" (could still be either; only when not `final`).
     With `final`, a request line still incomplete counts as HTTP/1.1 when it has its method and a space."""
+    data = data.lstrip(b"\r\n")  # empty lines before a request line are allowed (RFC 9112 §2.2)
     if not data:
         return "tcp" if final else "more"
     if data.startswith(H2C_PREFACE_LINE):
