@@ -203,7 +203,7 @@ class FakeKubeApi:
         self._server.close()
         for w in list(self._writers):
             w.transport.abort()
-        for hold in self.hold_lists.values():
+        for hold in [*self.hold_lists.values(), *self.hold_creates.values()]:
             hold.set()
         self._stopping = True
         for _ in range(100):  # a handler that read its request just before may register a watch after this
