@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from tests.support.eventually import eventually_async
 from tests.support.identity import spiffe, two_node_config_yaml
 from tests.support.kubeapi import FakeKubeApi, namespace, pod
 from ztunnel.config.kube.client import KubeClient, from_kubeconfig
@@ -264,10 +265,7 @@ async def test_two_replicas_racing_to_store_the_ca_agree(api: FakeKubeApi, tmp_p
     api.hold_creates["secrets"] = hold = threading.Event()
     c = client(api, tmp_path)
     both = [asyncio.create_task(ensure_ca_secret(c, "istio-system", "istio-ca-secret", "cluster.local")) for _ in "ab"]
-    deadline = time.monotonic() + 20
-    while api.count("POST", "/secrets") < 2:  # both generated their own CA and are creating it
-        assert time.monotonic() < deadline, "the replicas did not both try to create the Secret"
-        await asyncio.sleep(0.02)
+    await eventually_async(lambda: api.count("POST", "/secrets") == 2, 30, what="both replicas creating the Secret")
     hold.set()
     a, b = await asyncio.gather(*both)
     assert a == b and a["root-cert.pem"] == _secret_root(api)
@@ -312,11 +310,8 @@ async def test_the_trust_bundle_reaches_every_namespace_and_is_repaired(api: Fak
             cm = api.get("ConfigMap", "istio-ca-root-cert", ns)
             return cm["data"]["root-cert.pem"] if cm else None
 
-        async def until(check: object) -> None:
-            deadline = time.monotonic() + 10
-            while not check():  # type: ignore[operator]
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+        async def until(check: Callable[[], bool]) -> None:
+            await eventually_async(check, 30, what="the ConfigMaps as expected")
 
         await until(lambda: bundle("shop") == "ROOTS\n" and bundle("istio-system") == "ROOTS\n")
         api.put(namespace("late"))  # a namespace created later: published once the source says it changed
@@ -421,10 +416,7 @@ async def test_a_caller_that_goes_away_does_not_fail_the_others_sharing_its_revi
     api.hold_creates["tokenreviews"] = hold = threading.Event()
     auth = authenticator(api, tmp_path)
     first = asyncio.create_task(auth.authenticate(f"Bearer {PROXY_A}"))
-    deadline = time.monotonic() + 10
-    while reviews(api) < 1:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    await eventually_async(lambda: reviews(api) == 1, 30, what="the review sent")
     second = asyncio.create_task(auth.authenticate(f"Bearer {PROXY_A}"))
     await asyncio.sleep(0)  # the second joins the review in flight
     first.cancel()  # its RPC was cancelled (the proxy gave up or went away)
@@ -487,3 +479,21 @@ async def test_an_rsa_cacerts_as_istios_samples_make_it_signs_svids_and_crls(api
     )
     with pytest.raises(CAError, match="1024 bits is too weak"):
         CertificateAuthority.load(mounted)
+
+
+async def test_a_flood_of_distinct_tokens_holds_at_most_a_few_reviews_at_once(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    import threading
+
+    api.hold_creates["tokenreviews"] = hold = threading.Event()
+    auth = authenticator(api, tmp_path, max_concurrent=4)
+    flood = [asyncio.create_task(auth.authenticate(f"Bearer forged-{i}")) for i in range(12)]
+    await eventually_async(lambda: reviews(api) >= 4, 30, what="four reviews sent")
+    for _ in range(20):  # give the others every chance to go out too
+        await asyncio.sleep(0.01)
+    assert reviews(api) == 4
+    hold.set()
+    results = await asyncio.gather(*flood, return_exceptions=True)
+    assert all(isinstance(r, NodeAuthError) and r.refusal is Refusal.UNAUTHENTICATED for r in results)
+    assert reviews(api) == 12

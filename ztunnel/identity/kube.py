@@ -69,6 +69,7 @@ POD_UID_CLAIM = "authentication.kubernetes.io/pod-uid"
 NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"  # Kubernetes >= 1.30 binds the node too
 REVIEW_TTL_S = 60.0
 REVIEW_CACHE_SIZE = 4096
+MAX_CONCURRENT_REVIEWS = 32  # the API server's load from a flood of distinct (forged) tokens stays bounded
 API_TIMEOUT_S = 5.0
 SA_PREFIX = "system:serviceaccount:"
 TRUST_DOMAIN_KEY = "trust-domain"
@@ -122,8 +123,10 @@ class KubeAuthenticator:
         max_entries: int = REVIEW_CACHE_SIZE,
         timeout: float = API_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
+        max_concurrent: int = MAX_CONCURRENT_REVIEWS,
     ) -> None:
         self.client = client
+        self._slots = asyncio.Semaphore(max_concurrent)
         self.trust_domain = trust_domain
         self.audience = audience
         self.node_proxy_accounts = frozenset(node_proxy_accounts)
@@ -163,7 +166,8 @@ class KubeAuthenticator:
             task.exception()  # retrieved: no "never retrieved" warning when every caller went away
 
     async def _review_and_cache(self, token: str, key: bytes) -> Caller:
-        caller = await self._review(token)
+        async with self._slots:
+            caller = await self._review(token)
         now = self.clock()
         expiry = token_expiry(token)
         until = min(now + self.ttl, expiry if expiry is not None else now + self.ttl)
