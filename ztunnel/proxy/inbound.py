@@ -108,7 +108,7 @@ class Inbound:
             )
             self.report.inbound_refusal(tunnel, destination, None, FLAG_NO_ROUTE, why, started)
             return
-        source_ip, source_port = self._claimed_source(request, tunnel)
+        source_ip, source_port = self._claimed_source(request, tunnel, destination)
         attrs = ConnectionAttributes(
             source_principal=peer_identity,
             source_ip=source_ip,
@@ -116,7 +116,11 @@ class Inbound:
             destination_ip=target.ip,
             destination_port=target.port,
         )
-        source_workload = self._source_workload(source_ip, peer_identity)
+        # Metrics name the authenticated caller's pod: for the waypoint's tunnels that is the waypoint (its TCP
+        # peer), while the address (policy, access log, the app's peer) is the original client it forwarded.
+        source_workload = self._source_workload(source_ip, peer_identity) or self._source_workload(
+            tunnel.peer_address[0], peer_identity
+        )
         labels = self._labels(source_workload, peer_identity, destination, target.port)
         decision = waypoint_verdict(self.state.config, destination, peer_identity)
         if decision is None:
@@ -194,14 +198,22 @@ class Inbound:
             return f"original destination port {dst[1]} is a proxy port"
         return None
 
-    def _claimed_source(self, request: ConnectRequest, tunnel: InboundTunnel) -> tuple[str, int]:
-        """The client address for policy and telemetry: the `forwarded` address when it belongs to a pod
-        with the caller's own (authenticated) identity, else the TCP peer. A workload cannot borrow another
-        workload's address to pass an ipBlocks rule."""
-        if request.forwarded_for is not None:
-            claimed = self.state.config.workload_by_ip(request.forwarded_for[0])
-            if claimed is not None and claimed.identity == tunnel.peer_identity.uri:
-                return request.forwarded_for
+    def _claimed_source(
+        self, request: ConnectRequest, tunnel: InboundTunnel, destination: Workload
+    ) -> tuple[str, int]:
+        """The client address for policy, telemetry and the app's peer: the `forwarded` address when it belongs
+        to a pod with the caller's own (authenticated) identity, else the TCP peer. A workload cannot borrow
+        another workload's address to pass an ipBlocks rule. The destination's own waypoint is a trusted proxy:
+        its `forwarded` is the original client it checked (as Istio's ztunnel trusts its waypoint's header), so
+        the app sees the client's address, not the waypoint's (DESIGN §4.6)."""
+        forwarded = request.forwarded_for
+        if forwarded is not None:
+            caller = tunnel.peer_identity.uri
+            claimed = self.state.config.workload_by_ip(forwarded[0])
+            if claimed is not None and claimed.identity == caller:
+                return forwarded
+            if any(w.identity == caller for w in self.state.config.workload_waypoints(destination)):
+                return forwarded
         return tunnel.peer_address
 
     def _labels(

@@ -357,17 +357,25 @@ class WaypointServer:
         await _ClientConnection(self, tunnel, request).run()
 
 
-def source_ip(
+def client_address(
     config: ClusterConfig, forwarded_for: tuple[str, int] | None, peer_identity: str, peer_address: tuple[str, int]
-) -> str:
-    """The client address for policy, as the node proxy trusts it: the `forwarded` address when it belongs to a
+) -> tuple[str, int]:
+    """The original client's address, as the node proxy trusts it: the `forwarded` address when it belongs to a
     pod with the caller's own (authenticated) identity, else the TCP peer (a caller cannot borrow another
-    workload's address to pass a `remoteIpBlocks`/`ipBlocks` rule)."""
+    workload's address to pass a `remoteIpBlocks`/`ipBlocks` rule). The TCP peer is the client's node proxy,
+    which dials from its node, so this is what policy, the access log and the app's node proxy are given."""
     if forwarded_for is not None:
         claimed = config.workload_by_ip(forwarded_for[0])
         if claimed is not None and claimed.identity == peer_identity:
-            return forwarded_for[0]
-    return peer_address[0]
+            return forwarded_for
+    return peer_address
+
+
+def source_ip(
+    config: ClusterConfig, forwarded_for: tuple[str, int] | None, peer_identity: str, peer_address: tuple[str, int]
+) -> str:
+    """The client address for policy (`source.ip`, `ipBlocks`, `remoteIpBlocks`): see `client_address`."""
+    return client_address(config, forwarded_for, peer_identity, peer_address)[0]
 
 
 # Protocol selection (Istio's: `appProtocol`, else the port name's prefix, else detection on the first bytes).
@@ -493,12 +501,20 @@ class _ClientConnection:
             destination_port=endpoint.target.port,
         )
 
+    def _client_address(self) -> tuple[str, int]:
+        return client_address(
+            self.server.state.config, self.request.forwarded_for, self.principal, self.tunnel.peer_address
+        )
+
     async def _dial(self, endpoint: Endpoint) -> HboneStream:
+        """A tunnel to the endpoint's node proxy, which is told the original client (`forwarded`) and trusts it
+        from the pod's waypoint: the app sees the client's address, not the waypoint's (DESIGN §4.6)."""
         server = self.server
         return await server.pool.connect(
             PoolKey(server.identity, SpiffeId.parse(endpoint.workload.identity), endpoint.proxy_address),
             endpoint.target,
             expected_identities=endpoint.expected_identities,
+            forwarded_for=self._client_address(),
             traceparent=self.request.traceparent,
         )
 
@@ -506,12 +522,12 @@ class _ClientConnection:
         telemetry = self.server.telemetry
         if telemetry is None:
             return
-        config = self.server.state.config
+        client = self._client_address()  # the original client, as Istio logs it (the TCP peer is its node)
         telemetry.record(
-            config,
+            self.server.state.config,
             principal=self.principal,
-            source_ip=source_ip(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
-            source_addr=f"{self.tunnel.peer_address[0]}:{self.tunnel.peer_address[1]}",
+            source_ip=client[0],
+            source_addr=f"{client[0]}:{client[1]}",
             method=head.method if head is not None else b"-",
             path=head.path if head is not None else b"-",
             content_type=head.header(b"content-type") if head is not None else None,

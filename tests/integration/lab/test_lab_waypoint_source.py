@@ -1,0 +1,127 @@
+"""The original client's address through a waypoint, in the lab: the app behind it, the waypoint's `ipBlocks`/
+`remoteIpBlocks` rules and its access log all see the client pod's IP, whichever node the client runs on.
+
+The source node proxy opens its HBONE connections from its own netns (DESIGN §4.2 pools per identity pair and
+node, not per pod), so the waypoint's TCP peer is a node address (10.244.x.1 for a client on the waypoint's
+node); the client's address travels in the CONNECT's `forwarded` header, which the waypoint checks against the
+caller's SVID and passes on, and the destination node proxy trusts from the pod's own waypoint (DESIGN §4.6:
+the app sees the real client IP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from tests.support.lab_waypoint import applied, gateway_yaml, http, waypoint_pod
+
+from .conftest import ECHO_SERVER, LabHandle
+
+pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with the reason otherwise
+
+NS = "wpsrc"
+WAYPOINT = waypoint_pod(NS)
+SERVER = f"{NS}/echo"
+CLIENTS = (f"{NS}/client-n1", f"{NS}/client-n2")  # one of them shares the waypoint's node
+URL = f"http://echo.{NS}.svc.cluster.local:8080/"
+
+
+def cluster() -> str:
+    def pod(name: str, node: str, command: list[str], **extra: object) -> dict:
+        container = {"name": "main", "command": command, **extra}
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "labels": {"app": name}},
+            "spec": {"nodeName": node, "serviceAccountName": name, "containers": [container]},
+        }
+
+    labels = {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
+
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": NS, "labels": labels},
+        },
+        yaml.safe_load(gateway_yaml(NS)),
+        pod("echo", "n2", ["python3", "-c", ECHO_SERVER], readinessProbe={"tcpSocket": {"port": 8080}}),
+        pod("client-n1", "n1", ["sleep", "infinity"]),
+        pod("client-n2", "n2", ["sleep", "infinity"]),
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "echo", "namespace": NS},
+            "spec": {"selector": {"app": "echo"}, "ports": [{"port": 8080, "name": "http"}]},
+        },
+    ]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+@pytest.fixture(scope="module")
+def wlab(lab: LabHandle) -> Iterator[LabHandle]:
+    lab.require("ca", "node-agent", "proxy", "cni-plugin")
+    with applied(lab, cluster(), WAYPOINT):
+        yield lab
+
+
+def policy(name: str, rule_source: dict[str, list[str]]) -> str:
+    """An ALLOW for the echo pod. Each gets its own name: `lab apply` waits for the proxies and the waypoint to
+    list a policy by name, so a changed policy under an old name could be tested before they load it."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"selector": {"matchLabels": {"app": "echo"}}, "rules": [{"from": [{"source": rule_source}]}]},
+        }
+    )
+
+
+def waypoint_lines(lab: LabHandle) -> list[str]:
+    text = (lab.dir / "logs" / f"pod_{WAYPOINT.replace('/', '_')}_istio-proxy.log").read_text(errors="replace")
+    return [line for line in text.splitlines() if "request complete" in line]
+
+
+def test_the_app_and_the_waypoint_log_see_the_client_pod_on_either_node(wlab: LabHandle) -> None:
+    waypoint_node = wlab.pod(WAYPOINT)["node"]
+    assert waypoint_node in {wlab.pod(c)["node"] for c in CLIENTS}  # the same-node case is covered
+    seen, expected = {}, {}
+    for client in CLIENTS:
+        ip = wlab.pod_ip(client)
+        before = len(waypoint_lines(wlab))
+        (code, body), = http(wlab, client, URL)
+        line = waypoint_lines(wlab)[before:][-1]
+        assert f"src.identity=spiffe://cluster.local/ns/{NS}/sa/{client.split('/')[1]}" in line
+        src = re.search(r"src\.addr=(\S+?):\d+ ", line)
+        # the app's peer and the waypoint's src.addr: the client pod, not its node or the waypoint
+        seen[client] = (code, body.strip(), src.group(1) if src else line)
+        expected[client] = (200, f"peer={ip}", ip)
+    assert seen == expected, f"waypoint on {waypoint_node}"
+
+
+@pytest.mark.parametrize("field", ["ipBlocks", "remoteIpBlocks"])
+def test_an_ip_rule_at_the_waypoint_admits_only_the_named_client(wlab: LabHandle, field: str) -> None:
+    # the client on the waypoint's node: its tunnel's TCP peer there is the node's bridge address
+    allowed, other = CLIENTS if wlab.pod(CLIENTS[0])["node"] == wlab.pod(WAYPOINT)["node"] else CLIENTS[::-1]
+    texts = [policy(f"{field.lower()}-client", {field: [f"{wlab.pod_ip(allowed)}/32"]})]
+    wlab.apply(texts[0])
+    try:
+        assert http(wlab, other, URL) == [(403, "RBAC: access denied")]
+        (code, body), = http(wlab, allowed, URL)
+        assert (code, body.strip()) == (200, f"peer={wlab.pod_ip(allowed)}")
+        # the rule names the node's bridge address instead: nobody passes (the TCP peer is not the client)
+        cidr = json.loads((wlab.dir / "state.json").read_text())["nodes"][wlab.pod(allowed)["node"]]["pod_cidr"]
+        bridge = next(ipaddress.ip_network(cidr).hosts())  # the node's address on its pod bridge
+        wlab.delete(texts.pop())
+        texts.append(policy(f"{field.lower()}-bridge", {field: [f"{bridge}/32"]}))
+        wlab.apply(texts[0])
+        assert http(wlab, allowed, URL) == [(403, "RBAC: access denied")]
+    finally:
+        for text in texts:
+            wlab.delete(text)
