@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from tests.support.eventually import eventually
 from tests.support.lab_waypoint import applied, gateway_yaml, http, waypoint_pod
 
 from .conftest import ECHO_SERVER, LabHandle
@@ -91,7 +92,8 @@ def waypoint_lines(lab: LabHandle) -> list[str]:
 def test_the_app_and_the_waypoint_log_see_the_client_pod_on_either_node(wlab: LabHandle) -> None:
     waypoint_node = wlab.pod(WAYPOINT)["node"]
     assert waypoint_node in {wlab.pod(c)["node"] for c in CLIENTS}  # the same-node case is covered
-    seen, expected = {}, {}
+    seen: dict[str, tuple[int, str, str]] = {}
+    expected: dict[str, tuple[int, str, str]] = {}
     for client in CLIENTS:
         ip = wlab.pod_ip(client)
         before = len(waypoint_lines(wlab))
@@ -103,6 +105,18 @@ def test_the_app_and_the_waypoint_log_see_the_client_pod_on_either_node(wlab: La
         seen[client] = (code, body.strip(), src.group(1) if src else line)
         expected[client] = (200, f"peer={ip}", ip)
     assert seen == expected, f"waypoint on {waypoint_node}"
+    # the echo pod's node proxy logs the tunnels from the waypoint (its SVID) with the client's address too
+    waypoint_id = f"src.identity=spiffe://cluster.local/ns/{NS}/sa/waypoint"
+    proxy_log = wlab.dir / "logs" / f"node_{wlab.pod(SERVER)['node']}_proxy.log"
+
+    def inbound_sources() -> set[str]:
+        text = proxy_log.read_text(errors="replace")
+        lines = [x for x in text.splitlines() if "direction=inbound" in x and waypoint_id in x]
+        return {m.group(1) for x in lines if (m := re.search(r"src\.addr=(\S+?):\d+ ", x))}
+
+    want = {wlab.pod_ip(c) for c in CLIENTS}
+    eventually(lambda: want <= inbound_sources(), 10, 0.1, what=f"inbound lines from {want}")
+    assert wlab.pod_ip(WAYPOINT) not in inbound_sources()
 
 
 @pytest.mark.parametrize("field", ["ipBlocks", "remoteIpBlocks"])
