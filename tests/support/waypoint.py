@@ -330,3 +330,24 @@ async def tcp_bridge(pool: HbonePool, vip: str = VIP, port: int = 80) -> AsyncIt
         if tasks:
             await asyncio.wait(list(tasks), timeout=5)
         await server.wait_closed()
+
+
+def metric_samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The waypoint's /stats/prometheus on 127.0.0.1:`port` (--metrics-addr): value by (sample name, labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_sum(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of `name`'s samples that carry all of `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

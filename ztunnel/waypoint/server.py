@@ -557,7 +557,8 @@ class _ClientConnection:
             log.info("tcp connection refused: %s", endpoint, extra=fields)
             self.client.abort()
             return
-        decision = server.state.decider.engine.check_l4_at_waypoint(self._attributes(endpoint))
+        attrs = self._attributes(endpoint)
+        decision = server.state.decider.engine.check_l4_at_waypoint(attrs)
         fields["endpoint"] = str(endpoint.target)
         if not decision.allowed:
             server._count("deny_l4")
@@ -573,13 +574,26 @@ class _ClientConnection:
             return
         server._count("tcp")
         log.debug("tcp connection relayed", extra={**fields, "policy": decision.policy})
+        telemetry = server.telemetry
+        labels = None
+        if telemetry is not None:  # Istio's TCP metrics, reporter waypoint: opened now, bytes and close at the end
+            labels = telemetry.tcp_opened(
+                server.state.config,
+                principal=self.principal,
+                source_ip=attrs.source_ip,
+                destination=endpoint.workload,
+                service=endpoint.service,
+            )
+        moved = [0, 0]  # bytes from the client, bytes to it: counted by the copies, read once at the close
         try:
             if first:
                 await up.write(first)
-            await asyncio.gather(_copy(self.client, up), _copy(up, self.client))
+            await asyncio.gather(_copy(self.client, up, moved, 0), _copy(up, self.client, moved, 1))
         finally:
             up.close()
             self.client.close()
+            if labels is not None and telemetry is not None:
+                telemetry.tcp_closed(labels, sent=moved[1], received=moved[0] + len(first))
 
     async def _read_client(self) -> bytes:
         try:
@@ -810,14 +824,21 @@ class _ClientConnection:
         }
 
 
-async def _copy(src: HboneStream, dst: HboneStream) -> None:
-    """Raw bytes after an Upgrade or CONNECT was allowed and accepted; EOF is passed on as a half-close."""
+async def _copy(src: HboneStream, dst: HboneStream, moved: list[int] | None = None, index: int = 0) -> None:
+    """Raw bytes (TCP, or after an Upgrade or CONNECT was allowed and accepted); EOF is passed on as a half-close.
+    With `moved`, the bytes copied end up in moved[index] however the copy ends (a local sum per read, stored
+    once: no per-chunk metric)."""
+    total = 0
     try:
         while data := await src.read(READ_CHUNK):
             await dst.write(data)
+            total += len(data)
         await dst.write_eof()
     except StreamClosed:
         dst.abort()
+    finally:
+        if moved is not None:
+            moved[index] = total
 
 
 # ---------------------------------------------------------------------------------------------------

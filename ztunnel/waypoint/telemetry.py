@@ -1,4 +1,5 @@
-"""The waypoint's per-request telemetry: Istio's HTTP metrics (reporter `waypoint`) and one access log line.
+"""The waypoint's per-request telemetry: Istio's HTTP metrics (reporter `waypoint`) and one access log line; and
+Istio's TCP metrics for the connections it relays as TCP (`WaypointTcpMetrics`), as Istio's waypoint counts them.
 
 Which workload, principal and service a request belongs to is the waypoint's knowledge (its config
 snapshot); telemetry counts strings. The labels follow the node proxy's (proxy.labels, DESIGN §4.9:
@@ -13,12 +14,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
+
 from ztunnel.config.model import ClusterConfig, Service, Workload
 from ztunnel.telemetry.accesslog import AccessLog
 from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, WaypointMetrics, request_protocol
 from ztunnel.telemetry.metrics import (
     CANONICAL_NAME_LABEL,
     CHILD_CACHE_LIMIT,
+    NO_FLAGS,
+    TCP_LABELS,
     UNKNOWN,
     ConnectionLabels,
     workload_labels,
@@ -78,11 +83,58 @@ class Outcome:
     tunnel_status: int = 101  # the code of an allowed Upgrade (101) or CONNECT (2xx) once it relays raw bytes
 
 
+class WaypointTcpMetrics:
+    """`istio_tcp_connections_opened_total`, `..._closed_total`, `istio_tcp_sent_bytes_total` and
+    `istio_tcp_received_bytes_total` for the connections the waypoint relays as TCP, in the waypoint's registry,
+    under the node proxy's names and label set (reporter `waypoint`, request_protocol `tcp`). Bytes are counted
+    by the relay in two integers and added here once, at the close: the relay never touches a metric. `sent` is
+    toward the client (response direction), `received` from it, as Istio counts them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, TCP_LABELS, registry=registry)
+
+        self._opened = counter("istio_tcp_connections_opened", "Total TCP connections opened")
+        self._closed = counter("istio_tcp_connections_closed", "Total TCP connections closed")
+        self._sent = counter("istio_tcp_sent_bytes", "Bytes sent to the client (response direction) on TCP connections")
+        self._received = counter(
+            "istio_tcp_received_bytes", "Bytes received from the client (request direction) on TCP connections"
+        )
+        self._children: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
+
+    def _of(self, labels: ConnectionLabels) -> tuple[Any, Any, Any, Any]:
+        children = self._children.get(labels)
+        if children is None:
+            if len(self._children) >= CHILD_CACHE_LIMIT:
+                self._children.clear()  # only the lookup cache: the counters keep their values
+            values = labels.values(NO_FLAGS)
+            children = self._children[labels] = (
+                self._opened.labels(*values),
+                self._closed.labels(*values),
+                self._sent.labels(*values),
+                self._received.labels(*values),
+            )
+        return children
+
+    def opened(self, labels: ConnectionLabels) -> None:
+        self._of(labels)[0].inc()
+
+    def closed(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        _, closed, sent_bytes, received_bytes = self._of(labels)
+        closed.inc()
+        if sent:
+            sent_bytes.inc(sent)
+        if received:
+            received_bytes.inc(received)
+
+
 class RequestTelemetry:
-    """Counts and logs finished requests; either part may be off (`metrics`/`access_log` None)."""
+    """Counts and logs finished requests; either part may be off (`metrics`/`access_log` None). With `metrics`,
+    the TCP connections it relays are counted too (`tcp_opened`, `tcp_closed`)."""
 
     def __init__(self, metrics: WaypointMetrics | None, access_log: AccessLog | None) -> None:
         self.metrics = metrics
+        self.tcp = WaypointTcpMetrics(metrics.registry) if metrics is not None else None
         self.access_log = access_log if access_log is not None and access_log.enabled else None
         self._config: ClusterConfig | None = None
         self._labels: dict[tuple[Any, ...], tuple[Workload | None, Workload | None, Service, ConnectionLabels]] = {}
@@ -111,6 +163,21 @@ class RequestTelemetry:
             self._labels.clear()
         self._labels[key] = (source, destination, service, labels)
         return source, labels
+
+    def tcp_opened(
+        self, config: ClusterConfig, *, principal: str, source_ip: str, destination: Workload, service: Service
+    ) -> ConnectionLabels | None:
+        """A TCP connection relayed from now on: counted opened; its labels for `tcp_closed` (None: not counted)."""
+        if self.tcp is None:
+            return None
+        _, labels = self.labels(config, principal, source_ip, destination, service, "tcp")
+        self.tcp.opened(labels)
+        return labels
+
+    def tcp_closed(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        """The relay of a `tcp_opened` connection ended, having sent `sent` bytes to the client and `received`."""
+        if self.tcp is not None:
+            self.tcp.closed(labels, sent, received)
 
     def record(
         self,
