@@ -33,6 +33,7 @@ from ztunnel.hbone.protocol import MAX_HEADER_LIST, PREMATURE_RESET_BUDGET, STRE
 from ztunnel.waypoint.http1 import RequestHead
 
 H2C_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"  # the first line of the h2c preface: routes a connection here
+_HEADER_FRAMES = (0x1, 0x9)  # HEADERS, CONTINUATION: frames whose payload is a header block fragment
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -393,6 +394,17 @@ class H2Conn:
 
     def open_streams(self) -> int:
         return self.h2.open_outbound_streams if self.h2.config.client_side else self.h2.open_inbound_streams
+
+    @property
+    def receiving_headers(self) -> bool:
+        """Part of a header block is buffered: a HEADERS/CONTINUATION frame (or a frame header too short to
+        say its type) not whole yet, or a HEADERS frame waiting for its CONTINUATION (the request-headers
+        timeout's clock runs while this holds)."""
+        buffer = self.h2.incoming_buffer
+        if buffer._headers_buffer:
+            return True
+        pending = buffer._data
+        return 0 < len(pending) < 4 or (len(pending) >= 4 and pending[3] in _HEADER_FRAMES)
 
 
 def _b(value: bytes | str) -> bytes:
