@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ProxyProcess, SocksRefused, socks_connect, start_proxy
+from tests.support.eventually import eventually
 from tests.support.waypoint import KeepAliveApp, start_waypoint, stop, wait_listening
 
 CLIENT_IP = "127.0.166.1"
@@ -139,3 +140,27 @@ def test_the_pod_ip_does_not_serve_a_client_that_skips_the_waypoint(mesh: tuple[
     """The destination node proxy refuses the direct tunnel (the other half of the split, see README)."""
     with pytest.raises(SocksRefused):
         socks_connect(CLIENT_IP, (GREETER_IP, APP_PORT)).close()
+
+
+def test_the_client_address_reaches_the_waypoint_log_and_the_destination_proxy(
+    mesh: tuple[ProxyProcess, ProxyProcess],
+) -> None:
+    """The source proxy dials the waypoint from its own address; the client's travels in `forwarded`. The
+    waypoint logs it as src.addr and passes it on, and the destination proxy takes it from the pod's waypoint
+    (in in-pod mode the app's peer is that address)."""
+    _, node_b = mesh
+    with socks_connect(CLIENT_IP, (VIP, 80)) as s:
+        s.settimeout(10)
+        client = f"{CLIENT_IP}:{s.getsockname()[1]}"  # the pod's address (SOCKS5 on it), the client's port
+        assert _exchange(s, "/hello")[0] == 200
+    waypoint_log = node_b.log_path.parent / "waypoint.log"
+
+    def logged(path: Path, *parts: str) -> bool:
+        return any(all(p in line for p in parts) for line in path.read_text(errors="replace").splitlines())
+
+    eventually(lambda: logged(waypoint_log, "request complete", f"src.addr={client} "), 10, what="waypoint line")
+    eventually(
+        lambda: logged(node_b.log_path, "direction=inbound", f"src.addr={client} ", "sa/waypoint"),
+        10,
+        what=f"node-b's inbound line from {client}",
+    )
