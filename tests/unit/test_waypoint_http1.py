@@ -318,15 +318,76 @@ def test_h2c_upgrade_is_stripped_and_served_as_http1() -> None:
     assert response_events(conn)[-1] == ResponseEnded(keep_alive=True)
 
 
-def test_connect_tunnels_after_allow_and_2xx() -> None:
+def test_connect_is_refused() -> None:
+    """A CONNECT has no path for a DENY on paths to match: allowed, an app's 2xx would open a raw tunnel whose
+    requests are never decided. Istio's waypoint does not serve it either."""
     conn = Http1Connection()
-    conn.receive_data(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+    conn.receive_data(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n")
     ev = conn.next_request_event()
-    assert isinstance(ev, RequestReceived) and ev.head.is_connect
+    assert ev == RequestRejected(501, "CONNECT is not served by the waypoint")
+    assert conn.data_to_client().startswith(b"HTTP/1.1 501 ") and conn.closed
+    assert conn.data_to_upstream() == b""
+
+
+# --- what the policy sees is what the app gets ---
+
+
+@pytest.mark.parametrize(
+    ("target", "normalization", "forwarded", "path"),
+    [
+        (b"/public/../admin", "MERGE_SLASHES", b"/admin", b"/admin"),
+        (b"/public/%2e%2E/admin", "MERGE_SLASHES", b"/admin", b"/admin"),  # %2e is `.`, decoded once
+        (b"/%61dmin", "MERGE_SLASHES", b"/admin", b"/admin"),
+        (b"/%252e%252e/admin", "MERGE_SLASHES", b"/%252e%252e/admin", b"/%252e%252e/admin"),  # never twice
+        (b"/public/..\\admin", "MERGE_SLASHES", b"/admin", b"/admin"),
+        (b"//admin", "MERGE_SLASHES", b"/admin", b"/admin"),
+        (b"//admin", "BASE", b"//admin", b"//admin"),  # Istio's default leaves slashes
+        (b"/public/..%2Fadmin", "MERGE_SLASHES", b"/public/..%2Fadmin", b"/public/..%2Fadmin"),
+        (b"/public/..%2Fadmin", "DECODE_AND_MERGE_SLASHES", b"/admin", b"/admin"),
+        (b"/a/./b/../c/?q=/../x#", "MERGE_SLASHES", None, None),  # a fragment: refused
+        (b"/a/./b/../c/?q=/../x", "MERGE_SLASHES", b"/a/c/?q=/../x", b"/a/c/"),  # the query as sent
+        (b"/a/%00", "NONE", None, None),
+        (b"/a/..", "MERGE_SLASHES", b"/", b"/"),
+        (b"/%zz%4", "MERGE_SLASHES", b"/%zz%4", b"/%zz%4"),
+        (b"http://greeter/admin", "MERGE_SLASHES", None, None),
+    ],
+)
+def test_request_target_normalized(
+    target: bytes, normalization: str, forwarded: bytes | None, path: bytes | None
+) -> None:
+    conn = Http1Connection(Limits(path_normalization=normalization))
+    conn.receive_data(b"GET %s HTTP/1.1\r\nHost: svc\r\n\r\n" % target)
+    ev = conn.next_request_event()
+    if forwarded is None:
+        assert isinstance(ev, RequestRejected) and ev.status == 400
+        return
+    assert isinstance(ev, RequestReceived)
+    assert (ev.head.target, ev.head.path) == (forwarded, path)
     conn.allow()
-    assert conn.data_to_upstream().startswith(b"CONNECT db:5432 HTTP/1.1\r\n")
-    conn.receive_upstream_data(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-    assert isinstance(conn.next_response_event(), TunnelOpened)
+    assert conn.data_to_upstream().startswith(b"GET %s HTTP/1.1\r\n" % forwarded)
+
+
+def test_connection_cannot_name_content_length_or_host() -> None:
+    """Named hop-by-hop, Content-Length left the head while the body still went: the app read it as a request."""
+    body = b"GET /admin HTTP/1.1\r\nHost: svc\r\n\r\n"
+    conn = Http1Connection()
+    conn.receive_data(
+        b"POST /ok HTTP/1.1\r\nHost: svc\r\nConnection: content-length, host, x-a\r\nX-A: 1\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    head = conn.data_to_upstream()
+    assert b"Content-Length: %d\r\n" % len(body) in head and b"Host: svc\r\n" in head
+    assert b"X-A" not in head
+
+
+def test_client_cert_header_is_not_forwarded() -> None:
+    conn = Http1Connection()
+    conn.receive_data(b"GET /ok HTTP/1.1\r\nHost: svc\r\nX-Forwarded-Client-Cert: URI=spiffe://x\r\n\r\n")
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    assert b"spiffe" not in conn.data_to_upstream()
 
 
 # --- the response direction ---

@@ -56,12 +56,26 @@ def test_request_head_as_the_policy_sees_it() -> None:
     assert head.headers == ((b"x-user", b"a"), (b"content-type", b"application/grpc"))
 
 
+def test_path_normalized_alike_for_policy_and_app() -> None:
+    """The :path the policy matches is the one forwarded (an h2 or HTTP/1.1 upstream): `%2e%2e`, `\\` and `//`
+    resolved, the query as sent."""
+    server, client = H2Conn(client_side=False), _client()
+    client.send_headers(1, _req("/public/%2e%2E/\\/admin/%7Ex?q=/../"), end_stream=True)
+    (ev, _) = _exchange(server, client)
+    assert isinstance(ev, RequestStarted)
+    assert (ev.head.target, ev.head.path) == (b"/admin/~x?q=/../", b"/admin/~x")
+    assert _h1_head(ev.head, True).startswith(b"GET /admin/~x?q=/../ HTTP/1.1\r\n")
+
+
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
         (_req("http://evil/x"), 400),  # not origin-form: the policy must see the path the app serves
         ([(":method", "CONNECT"), (":authority", "greeter:80")], 501),  # no tunnels inside h2c
         (_req("*", "GET"), 400),  # `*` is OPTIONS' only
+        (_req("/x", "delete"), 400),  # Istio: a method not in upper case is refused (a DENY on DELETE holds)
+        (_req("/public/#/../admin"), 400),  # a fragment: an app resolving it would serve /admin
+        (_req("/public/%00/../admin"), 400),  # %00: always refused, as Istio
     ],
 )
 def test_refused_on_its_stream_only(headers: list[tuple[str, str]], status: int) -> None:

@@ -51,6 +51,8 @@ class Limits:
     max_discard: int = 64 * 1024
     # A chunk-size line with extensions longer than this is not a client we serve (400).
     max_chunk_line: int = 4096
+    # How request paths are normalized before the policy sees them and the app gets them (`normalize_path`).
+    path_normalization: str = "MERGE_SLASHES"
 
 
 # --- events (past tense, small) ---
@@ -299,6 +301,88 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Named in a client's Connection header, these are still the message's own (framing, routing), never dropped.
+_END_TO_END = frozenset({b"content-length", b"host"})
+# The proxy's word about the peer: a client's copy never reaches the app (Envoy's default, SANITIZE).
+SANITIZED_HEADERS = frozenset({b"x-forwarded-client-cert"})
+
+# --- paths: Istio's normalization (security/normalization in its docs), the same bytes for policy and app ---
+
+PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class BadTarget(ValueError):
+    """A request target the waypoint refuses (400): the reason is the client's answer."""
+
+
+def request_target(target: bytes, method: bytes, normalization: str = "MERGE_SLASHES") -> tuple[bytes, bytes]:
+    """(the target as forwarded, its path as the policy matches it), both normalized alike, or BadTarget.
+
+    Only origin-form (and `*` for OPTIONS): the path the policy sees must be the path the app serves. A fragment
+    is refused (Envoy's default; an app resolving `/public/#/../admin` would serve /admin) and so is `%00`
+    (always, as Istio). Then, but for NONE: `%XX` of an unreserved character decoded once (`%2e%2e` is `..`),
+    `\\` as `/`, dot segments removed (RFC 3986 §5.2.4) = Istio's BASE; MERGE_SLASHES also merges `//`
+    (`//admin` is /admin to most apps: our default, where Istio's is BASE, so that a DENY on `/admin*` holds);
+    DECODE_AND_MERGE_SLASHES first decodes `%2F` and `%5C` too. The query is left as it is (Istio: the app
+    sees it unchanged)."""
+    if target == b"*" and method == b"OPTIONS":
+        return target, target
+    if not target.startswith(b"/"):
+        raise BadTarget("request target must be a path (origin-form)")
+    if b"#" in target:
+        raise BadTarget("request target has a fragment (#)")
+    path, sep, query = target.partition(b"?")
+    if b"%" in path:
+        if b"%00" in path:
+            raise BadTarget("request path has %00")
+        if normalization != "NONE":
+            path = _decode_unreserved(path, normalization == "DECODE_AND_MERGE_SLASHES")
+    if normalization != "NONE":
+        if b"\\" in path:
+            path = path.replace(b"\\", b"/")
+        if normalization != "BASE" and b"//" in path:
+            while b"//" in path:
+                path = path.replace(b"//", b"/")
+        if b"/." in path:
+            path = _remove_dot_segments(path)
+    return path + sep + query, path
+
+
+def _decode_unreserved(path: bytes, slashes: bool) -> bytes:
+    out = bytearray()
+    i, n = 0, len(path)
+    while i < n:
+        c = path[i]
+        if c == 0x25 and i + 2 < n and path[i + 1] in _HEX and path[i + 2] in _HEX:
+            v = int(path[i + 1 : i + 3], 16)
+            if v in _UNRESERVED or (slashes and v in (0x2F, 0x5C)):
+                out.append(v)
+                i += 3
+                continue
+        out.append(c)
+        i += 1
+    return bytes(out)
+
+
+def _remove_dot_segments(path: bytes) -> bytes:
+    segments = path.split(b"/")[1:]
+    out: list[bytes] = []
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        if seg == b"..":
+            if out:
+                out.pop()
+            if i == last:
+                out.append(b"")
+        elif seg == b".":
+            if i == last:
+                out.append(b"")
+        else:
+            out.append(seg)
+    return b"/" + b"/".join(out)
+
 
 
 def _tokens(value: bytes) -> set[bytes]:
@@ -470,15 +554,12 @@ class Http1Connection:
         if version not in (b"1.1", b"1.0"):
             raise _Reject(505, f"HTTP/{version.decode()} is not served here")
         method = parser.get_method()
-        target = sink.url
-        if method == b"CONNECT":
-            path = b""
-        elif target.startswith(b"/"):
-            path = target.split(b"?", 1)[0]
-        elif target == b"*" and method == b"OPTIONS":
-            path = target
-        else:
-            raise _Reject(400, "request target must be a path (origin-form)")
+        if method == b"CONNECT":  # a tunnel to an app answering 2xx would carry requests never decided
+            raise _Reject(501, "CONNECT is not served by the waypoint")
+        try:
+            target, path = request_target(sink.url, method, self.limits.path_normalization)
+        except BadTarget as exc:
+            raise _Reject(400, str(exc)) from None
         host: bytes | None = None
         hosts = 0
         length: int | None = None
@@ -502,7 +583,7 @@ class Http1Connection:
                 upgrade = value
             elif low == b"expect":
                 expect = value.strip().lower()
-            if low not in _HOP_BY_HOP:
+            if low not in _HOP_BY_HOP and low not in SANITIZED_HEADERS:
                 fwd.append((name, value))
         if hosts > 1 or (hosts == 0 and version == b"1.1"):
             raise _Reject(400, "a request needs exactly one Host header")
@@ -515,6 +596,7 @@ class Http1Connection:
             raise _Reject(417, "unknown expectation")
         if upgrade is not None and (b"upgrade" not in conn_tokens or b"h2c" in _tokens(upgrade)):
             upgrade = None  # h2c is stripped: HTTP/2 inside would escape per-request decisions
+        conn_tokens -= _END_TO_END  # `Connection: content-length` would send the body as the app's next request
         if conn_tokens:
             fwd = [(n, v) for n, v in fwd if n.lower() not in conn_tokens]
         if (upgrade is not None or method == b"CONNECT") and (chunked or length):
@@ -890,7 +972,10 @@ __all__ = [
     "DENIED_BODY",
     "H2_PREFACE",
     "NEED_DATA",
+    "PATH_NORMALIZATIONS",
     "PAUSED",
+    "SANITIZED_HEADERS",
+    "BadTarget",
     "Http1Connection",
     "Http1Error",
     "Limits",
@@ -903,4 +988,5 @@ __all__ = [
     "ResponseEnded",
     "ResponseReceived",
     "TunnelOpened",
+    "request_target",
 ]

@@ -30,7 +30,7 @@ from hyperframe.frame import GoAwayFrame
 from ztunnel.hbone.budgets import StreamBudget
 from ztunnel.hbone.http2 import HboneH2
 from ztunnel.hbone.protocol import MAX_HEADER_LIST, PREMATURE_RESET_BUDGET, STREAM_OPEN_BUDGET
-from ztunnel.waypoint.http1 import RequestHead
+from ztunnel.waypoint.http1 import SANITIZED_HEADERS, BadTarget, RequestHead, request_target
 
 H2C_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"  # the first line of the h2c preface: routes a connection here
 _HEADER_FRAMES = (0x1, 0x9)  # HEADERS, CONTINUATION: frames whose payload is a header block fragment
@@ -290,7 +290,7 @@ class H2Conn:
             low = name.lower()
             if low in HOP_BY_HOP and not (low == b"te" and value.strip().lower() == b"trailers"):
                 continue
-            if low == b"host" or low == b"expect" or low in remove:  # a 100 went to the client already
+            if low == b"host" or low == b"expect" or low in remove or low in SANITIZED_HEADERS:  # 100: sent already
                 continue
             fields.append((low, value))
         fields += [(k.lower(), v) for k, v in extra]
@@ -413,14 +413,19 @@ def _b(value: bytes | str) -> bytes:
 
 _CONNECT = b"CONNECT"
 _BAD_FIELD_BYTES = frozenset(b"\r\n\0")
+_METHOD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
 
-def request_head(headers: Iterable[tuple[bytes | str, bytes | str]]) -> RequestHead | tuple[int, str]:
+def request_head(
+    headers: Iterable[tuple[bytes | str, bytes | str]], normalization: str = "MERGE_SLASHES"
+) -> RequestHead | tuple[int, str]:
     """A received HEADERS block as the head the policy decides on, or (status, why) to refuse the stream.
 
     h2 has already checked the pseudo-header rules (RFC 9113 §8.3.1: present once, before regular fields,
-    no connection-specific fields, lowercase names); what is left is ours: an origin-form :path (the path the
-    policy sees is the one the app serves), no CONNECT (no tunnels inside h2c), a numeric content-length."""
+    no connection-specific fields, lowercase names); what is left is ours: an origin-form :path, normalized as
+    an HTTP/1.1 target is (http1.request_target: the path the policy sees is the one the app gets), no CONNECT
+    (no tunnels inside h2c), an upper-case :method, no CR/LF/NUL/space in pseudo-headers (they become an
+    HTTP/1.1 request line), a numeric content-length."""
     method = target = authority = b""
     host: bytes | None = None
     length: int | None = None
@@ -428,6 +433,8 @@ def request_head(headers: Iterable[tuple[bytes | str, bytes | str]]) -> RequestH
     for name, value in headers:
         n, v = _b(name), _b(value)
         if n.startswith(b":"):
+            if _BAD_FIELD_BYTES.intersection(v) or b" " in v:  # an HTTP/1.1 upstream's request line or Host
+                return 400, f"{n.decode('latin-1')} holds CR, LF, NUL or a space"
             if n == b":method":
                 method = v
             elif n == b":path":
@@ -448,12 +455,12 @@ def request_head(headers: Iterable[tuple[bytes | str, bytes | str]]) -> RequestH
         fields.append((n, v))
     if method == _CONNECT:
         return 501, "CONNECT is not served inside HTTP/2"
-    if target.startswith(b"/"):
-        path = target.split(b"?", 1)[0]
-    elif target == b"*" and method == b"OPTIONS":
-        path = target
-    else:
-        return 400, "the :path must be a path (origin-form)"
+    if not method or method.strip(_METHOD_CHARS):  # Istio refuses a method not in upper case (400)
+        return 400, "the :method must be an upper-case token"
+    try:
+        target, path = request_target(target, method, normalization)
+    except BadTarget as e:
+        return 400, str(e)
     return RequestHead(
         method=method,
         target=target,
