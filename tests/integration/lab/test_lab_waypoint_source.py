@@ -64,8 +64,11 @@ def cluster() -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-@pytest.fixture(scope="module")
-def wlab(lab: LabHandle) -> Iterator[LabHandle]:
+@pytest.fixture(scope="module", params=["iptables_lab", "ebpf_lab"])
+def wlab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
+    """Both redirection modes: the app's node proxy dials it from the client's address through the pod's
+    iptables rules or its eBPF programs (marks and policy routing differ)."""
+    lab: LabHandle = request.getfixturevalue(request.param)
     lab.require("ca", "node-agent", "proxy", "cni-plugin")
     with applied(lab, cluster(), WAYPOINT):
         yield lab
