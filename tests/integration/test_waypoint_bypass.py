@@ -76,6 +76,8 @@ spec:
   - to: [{{operation: {{paths: ["/admin*"]}}}}]
   - to: [{{operation: {{methods: ["DELETE"]}}}}]
   - to: [{{operation: {{hosts: ["secret.greet"]}}}}]
+  - from: [{{source: {{notRemoteIpBlocks: ["10.9.9.9/32"]}}}}]
+    to: [{{operation: {{paths: ["/ops*"]}}}}]
 """
 
 
@@ -182,6 +184,41 @@ DENY_CASES = [
     ("backslash", b"/x\\..\\admin"),
     ("triple slash", b"///admin/x"),
 ]
+
+
+# Istio's own semantics, kept so that a policy means here what it means there: paths are case-sensitive, `;` is
+# not a separator, `%25` is never decoded twice, `*` is OPTIONS' own. (An app that folds case or reads `..;` as
+# `..` needs its policy written for that, as Istio's best practices say.)
+AS_ISTIO = [
+    ("upper case", b"GET", b"/ADMIN", 200, b"GET /ADMIN HTTP/1.1"),
+    ("matrix param", b"GET", b"/admin;x=1", 403, None),
+    ("tomcat dot-dot-semicolon", b"GET", b"/x/..;/admin", 200, b"GET /x/..;/admin HTTP/1.1"),
+    ("double-encoded", b"GET", b"/%2561dmin", 200, b"GET /%2561dmin HTTP/1.1"),
+    ("query only", b"GET", b"/x?/admin", 200, b"GET /x?/admin HTTP/1.1"),
+    ("asterisk", b"OPTIONS", b"*", 200, b"OPTIONS * HTTP/1.1"),
+    ("absolute-form", b"GET", b"http://greeter/admin", 400, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status", "seen"), [c[1:] for c in AS_ISTIO], ids=[c[0] for c in AS_ISTIO]
+)
+async def test_as_istio_http1(
+    client: HbonePool, setup: Setup, method: bytes, target: bytes, status: int, seen: bytes | None
+) -> None:
+    before = len(setup.guarded.heads)
+    answers = await _exchange(client, _req(target, method), GUARDED_VIP)
+    assert answers and answers[0][0] == status, answers
+    assert _seen(setup.guarded, before) == ([seen] if seen else [])
+
+
+async def test_forwarded_for_does_not_choose_the_remote_ip(client: HbonePool, setup: Setup) -> None:
+    """numTrustedProxies is 0 at the waypoint: `remoteIpBlocks` reads the connection's client, never the
+    client's own X-Forwarded-For."""
+    before = len(setup.guarded.heads)
+    answers = await _exchange(client, _req(b"/ops", extra=b"X-Forwarded-For: 10.9.9.9\r\n"), GUARDED_VIP)
+    assert answers[0][0] == 403
+    assert _seen(setup.guarded, before) == []
 
 
 @pytest.mark.parametrize("target", [c[1] for c in DENY_CASES], ids=[c[0] for c in DENY_CASES])
