@@ -22,7 +22,7 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,10 @@ class FakeKubeApi:
         self.reviews_omit_audiences = False  # an authenticator that is not audience-aware
         self.hold_creates: dict[str, threading.Event] = {}  # plural -> a create of it waits until the event is set
         self.fail: dict[str, int] = {}  # plural -> answer every request for it with this status (0: drop it)
+        # plural -> writes the whole answer itself (a hostile or broken server: bad framing, a drip, no answer);
+        # it gets the writer and the request's query, and should end by `until_stopped()` at the latest
+        self.raw: dict[str, Callable[[asyncio.StreamWriter, dict[str, str]], Awaitable[None]]] = {}
+        self._stopped: asyncio.Event | None = None
 
     # ---- lifetime ---------------------------------------------------------------------------------------
 
@@ -182,6 +186,7 @@ class FakeKubeApi:
         self._loop.close()
 
     async def _start(self) -> None:
+        self._stopped = asyncio.Event()
         ctx = None
         if self.tls:
             import tempfile
@@ -198,8 +203,15 @@ class FakeKubeApi:
             self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=ctx)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    async def until_stopped(self) -> None:
+        """For a `raw` handler that never answers: returns when the server stops."""
+        assert self._stopped is not None
+        await self._stopped.wait()
+
     async def _stop(self) -> None:
         assert self._server is not None
+        if self._stopped is not None:
+            self._stopped.set()
         self._server.close()
         for w in list(self._writers):
             w.transport.abort()
@@ -473,6 +485,9 @@ class FakeKubeApi:
         gv, plural, namespace, name = parsed
         if plural in self.fail:
             await self._fail(writer, self.fail[plural])
+            return
+        if plural in self.raw:
+            await self.raw[plural](writer, query)
             return
         if method == "POST" and not name:
             await self._create(writer, plural, namespace or "", json.loads(body))
