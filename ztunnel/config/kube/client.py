@@ -136,6 +136,12 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> KubeEndpoin
                 raise KubeConfigError(f"{path}: field {key}: cannot read {f}: {e.strerror}") from None
         return None
 
+    if cluster.get("insecure-skip-tls-verify"):
+        # Anyone on the path could then serve this component its pods and policies and read its token.
+        raise KubeConfigError(
+            f"{path}: field clusters[].cluster.insecure-skip-tls-verify is set: the API server would not be "
+            "authenticated, so it is refused; give certificate-authority(-data) instead"
+        )
     server = urlsplit(str(cluster.get("server") or ""))
     if server.scheme not in ("https", "http") or not server.hostname:
         raise KubeConfigError(f"{path}: field clusters[].cluster.server: {cluster.get('server')!r} is not an https URL")
@@ -146,9 +152,6 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> KubeEndpoin
         try:
             if ca is not None:
                 tls = ssl.create_default_context(cadata=ca.decode("ascii"))
-            if cluster.get("insecure-skip-tls-verify"):
-                tls.check_hostname = False
-                tls.verify_mode = ssl.CERT_NONE
             cert, key = material("client-certificate", user), material("client-key", user)
             if cert and key:
                 _load_client_cert(tls, cert, key)
@@ -292,10 +295,17 @@ class KubeClient:
     async def patch(self, path: str, patch: Any, content_type: str = "application/merge-patch+json") -> dict[str, Any]:
         return await self.request_json("PATCH", path, patch, content_type=content_type, limit=MAX_ERROR_BODY * 16)
 
-    async def stream_lines(self, path: str, *, idle_timeout: float) -> AsyncGenerator[bytes | Oversized, None]:
+    async def stream_lines(
+        self, path: str, *, idle_timeout: float, deadline: float | None = None
+    ) -> AsyncGenerator[bytes | Oversized, None]:
         """A watch: its event lines as they come (an over-long one as `Oversized`); ends when the server ends the
-        response or closes; TimeoutError if nothing (not even a bookmark) arrives for `idle_timeout` seconds."""
-        reader, writer, status, headers = await self._open("GET", path)
+        response or closes; TimeoutError if the answer does not start or nothing (not even a bookmark) arrives for
+        `idle_timeout` seconds, or if it is still going after `deadline` seconds (a server that drips a byte at a
+        time past the watch's own timeoutSeconds)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline if deadline is not None else None
+        async with asyncio.timeout(idle_timeout):
+            reader, writer, status, headers = await self._open("GET", path)
         try:
             if status >= 300:
                 data = await self._body(reader, headers, MAX_ERROR_BODY)
@@ -303,7 +313,10 @@ class KubeClient:
             chunked = headers.get("transfer-encoding", "").lower() == "chunked"
             decoder, lines = ChunkedDecoder(), LineSplitter()
             while not (chunked and decoder.done):
-                async with asyncio.timeout(idle_timeout):
+                wait = idle_timeout if end is None else min(idle_timeout, end - loop.time())
+                if wait <= 0:
+                    raise TimeoutError(f"GET {path}: the answer is still going after {deadline:g}s")
+                async with asyncio.timeout(wait):
                     data = await reader.read(READ_SIZE)
                 if not data:
                     return

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 30.0
 ABSENT_RECHECK_S = 60.0
 REQUEST_TIMEOUT_S = 60.0  # one list page
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label, as the API validates it
+_NOT_IN_A_NAME = re.compile(r"[/%\x00-\x20\x7f]")  # what the API refuses in any object's name (a path segment)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,34 @@ class Reflector:
         params.update(extra)
         return params
 
+    def _out_of_scope(self, obj: dict[str, Any]) -> str | None:
+        """Why an object the API sent is not one this request asked for, or cannot exist; None if it is fine.
+
+        The API only sends what was asked for; anything else is a broken or hostile server (or a man in the middle)
+        and is refused: another kind on this watch, an object outside the namespace or the field selector (a
+        node agent must never see, hence never enroll, a pod of another node), a name with path characters."""
+        kind = obj.get("kind")
+        if kind is not None and kind != self.resource.kind:
+            return f"a {str(kind)[:40]!r} object on a watch of {self.resource.kind}"
+        meta = obj.get("metadata") or {}
+        name, ns = meta.get("name"), meta.get("namespace")
+        if not isinstance(name, str) or not name:
+            return "object without metadata.name"
+        if name in (".", "..") or _NOT_IN_A_NAME.search(name) or len(name) > 253:
+            return f"metadata.name {name[:80]!r} is not a name the API allows"
+        if self.resource.namespaced and (not isinstance(ns, str) or not _NAMESPACE.fullmatch(ns)):
+            return f"{name}: metadata.namespace {str(ns)[:80]!r} is not a namespace name"
+        if self.namespace and ns != self.namespace:
+            return f"{ns}/{name} is outside namespace {self.namespace}, which the request was for"
+        for term in filter(None, (self.field_selector or "").split(",")):
+            field_path, _, want = term.partition("=")
+            value: Any = obj
+            for part in field_path.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if str(value or "") != want:
+                return f"{ns}/{name}: {field_path} is {str(value)[:80]!r}, not {want!r} (fieldSelector {term})"
+        return None
+
     def _key(self, obj: dict[str, Any]) -> tuple[str, str]:
         meta = obj.get("metadata") or {}
         return str(meta.get("namespace") or ""), str(meta.get("name") or "")
@@ -138,10 +169,12 @@ class Reflector:
             if not isinstance(raw, list):
                 raise KubeApiError(0, f"list {self.resource.plural}: the answer has no items list")
             for i, item in enumerate(raw):
-                if isinstance(item, dict) and isinstance(item.get("metadata"), dict):
-                    items.append(strip_object(item, version, self.resource.kind))
-                else:
+                if not isinstance(item, dict) or not isinstance(item.get("metadata"), dict):
                     self._refuse(f"items[{i}] is not an object with metadata")
+                elif (why := self._out_of_scope(item)) is not None:
+                    self._refuse(f"items[{i}]: {why}")
+                else:
+                    items.append(strip_object(item, version, self.resource.kind))
             rv = str(meta.get("resourceVersion") or "")
             cont = str(meta.get("continue") or "")
             if not cont:
@@ -171,11 +204,12 @@ class Reflector:
         if event.type == "BOOKMARK":
             self.stats.bookmarks += 1
         else:
+            why = self._out_of_scope(event.object)
+            if why is not None:
+                self._refuse(f"{event.type} event: {why}")
+                return True
             obj = strip_object(event.object, self.api_version, self.resource.kind)
             key = self._key(obj)
-            if not key[1]:
-                self._refuse(f"{event.type} event object without metadata.name")
-                return True
             if event.type == "DELETED":
                 self.store.pop(key, None)
             else:
@@ -196,7 +230,9 @@ class Reflector:
         self.stats.watches += 1
         try:
             path = api_path(self.resource.path(self.api_version, self.namespace), params)
-            stream = self.client.stream_lines(path, idle_timeout=timeout + IDLE_GRACE_S)
+            stream = self.client.stream_lines(
+                path, idle_timeout=timeout + IDLE_GRACE_S, deadline=timeout + 2 * IDLE_GRACE_S
+            )
             async with contextlib.aclosing(stream) as lines:
                 async for line in lines:
                     if not self.apply(line):

@@ -10,6 +10,7 @@ amount of memory, and an event over the bound is refused and reported, not buffe
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 # etcd refuses values over 1.5 MiB by default, so no real object is larger; a watch line carries one object.
 MAX_EVENT_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_LINE = 1024  # "<hex size>[;extensions]\r\n"
+# Plain hex only: int(x, 16) would also take "0x10", "+10", "1_0", which another reader frames differently.
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
 # Annotations nothing in the mesh reads but that can be as large as the object itself.
 DROPPED_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
@@ -46,12 +49,9 @@ class ChunkedDecoder:
                     break
                 line = bytes(self._buf[:end]).rstrip(b"\r").partition(b";")[0].strip()
                 del self._buf[: end + 1]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise KubeWireError(f"bad chunk size {line[:20]!r}") from None
-                if size < 0:
+                if _CHUNK_SIZE.fullmatch(line) is None:
                     raise KubeWireError(f"bad chunk size {line[:20]!r}")
+                size = int(line, 16)
                 if size == 0:
                     self.done = True  # trailers, if any, are not read: the connection is closed after this
                     break

@@ -1,0 +1,261 @@
+"""The Kubernetes config source against a hostile API server (or a man in the middle) and hostile tenants: every
+byte from the API and every object a namespace admin can create is an attack (issue 14, review)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tests.unit.test_config_kube as base
+from tests.support.eventually import eventually_async
+from tests.support.kubeapi import FakeKubeApi, authz_policy, namespace, pod, service
+from ztunnel.config.kube import reflector as reflector_module
+from ztunnel.config.kube.client import KubeApiError, KubeClient, KubeConfigError, from_kubeconfig
+from ztunnel.config.kube.wire import ChunkedDecoder, KubeWireError
+from ztunnel.config.model import USE_WAYPOINT_LABEL
+from ztunnel.policy.engine import PolicyEngine
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeApi]:
+    with FakeKubeApi() as server:
+        yield server
+
+
+def _client(api: FakeKubeApi, tmp_path: Path) -> KubeClient:
+    return KubeClient(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")))
+
+
+def _event(kind: str, obj: dict[str, Any]) -> bytes:
+    return json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+
+
+# ---- the wire ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [b"0x10", b"+10", b"1_0", b"-5", b" 1 0", b"1" * 17, b""])
+def test_a_chunk_size_that_is_not_plain_hex_is_refused(size: bytes) -> None:
+    # int(x, 16) takes "0x10", "+10" and "1_0": a lenient reader and a strict proxy in between would frame the
+    # stream differently; 17 hex digits is more than any body can be.
+    with pytest.raises(KubeWireError, match="bad chunk size"):
+        ChunkedDecoder().feed(size + b"\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n")
+
+
+def test_a_plain_hex_chunk_size_with_an_extension_is_read() -> None:
+    d = ChunkedDecoder()
+    assert d.feed(b"A;name=value\r\n0123456789\r\n0\r\n\r\n") == b"0123456789" and d.done
+
+
+async def test_a_watch_whose_answer_never_comes_times_out(api: FakeKubeApi, tmp_path: Path) -> None:
+    async def silent(_w: asyncio.StreamWriter, _q: dict[str, str]) -> None:
+        await api.until_stopped()
+
+    api.raw["pods"] = silent
+    client = _client(api, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(10):
+            async for _ in client.stream_lines("/api/v1/pods?watch=true", idle_timeout=0.5):
+                pass
+    assert time.monotonic() - started < 5  # the idle bound, not the test's own 10 s
+
+
+async def test_a_watch_that_drips_a_byte_at_a_time_ends_at_its_deadline(
+    api: FakeKubeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def drip(w: asyncio.StreamWriter, _q: dict[str, str]) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(600):  # 60 s at most
+                w.write(b"1\r\n \r\n")
+                await w.drain()
+                await asyncio.sleep(0.1)
+        except ConnectionError:
+            pass
+
+    api.put_all(base._cluster())
+    source = base._source(api, tmp_path)
+    source.load()
+    api.raw["pods"] = drip
+    monkeypatch.setattr(reflector_module, "IDLE_GRACE_S", 0.5)
+    pods = base._reflector(source, "pods")
+    pods.watch_timeout = (1, 1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(8):
+            await pods.watch_once()
+    assert time.monotonic() - started < 4  # timeoutSeconds + grace, not the drip's 60 s (nor the test's 8)
+
+
+async def test_a_list_declaring_10_gb_is_refused_before_reading(api: FakeKubeApi, tmp_path: Path) -> None:
+    async def huge(w: asyncio.StreamWriter, _q: dict[str, str]) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10737418240\r\n\r\n{")
+        await w.drain()
+        await api.until_stopped()
+
+    api.raw["services"] = huge
+    with pytest.raises(KubeApiError, match="content-length 10737418240 over the limit"):
+        async with asyncio.timeout(5):
+            await _client(api, tmp_path).get("/api/v1/services")
+
+
+async def test_a_list_nested_100000_deep_is_refused_not_a_crash(api: FakeKubeApi, tmp_path: Path) -> None:
+    async def deep(w: asyncio.StreamWriter, _q: dict[str, str]) -> None:
+        body = b'{"items": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await w.drain()
+
+    api.raw["services"] = deep
+    with pytest.raises(KubeApiError, match="not JSON"):
+        await _client(api, tmp_path).get("/api/v1/services")
+
+
+def test_insecure_skip_tls_verify_is_refused(api: FakeKubeApi, tmp_path: Path) -> None:
+    cfg = api.kubeconfig(tmp_path / "kubeconfig")
+    doc = json.loads(cfg.read_text())
+    doc["clusters"][0]["cluster"] = {"server": api.url, "insecure-skip-tls-verify": True}
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(KubeConfigError, match="insecure-skip-tls-verify"):
+        from_kubeconfig(cfg)
+
+
+async def test_a_man_in_the_middle_without_the_ca_is_refused(api: FakeKubeApi, tmp_path: Path) -> None:
+    cfg = api.kubeconfig(tmp_path / "kubeconfig")
+    doc = json.loads(cfg.read_text())
+    del doc["clusters"][0]["cluster"]["certificate-authority-data"]  # the system CAs: the fake's is not one
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
+        await KubeClient(from_kubeconfig(cfg)).get("/api/v1/pods")
+    assert not api.requests  # no token was sent to it
+
+
+# ---- watch events the API should never send -----------------------------------------------------------------
+
+
+async def _watched(api: FakeKubeApi, tmp_path: Path, **kw: Any) -> Any:
+    api.put_all(base._cluster())
+    source = base._source(api, tmp_path, **kw)
+    source.load()
+    return source
+
+
+async def test_events_the_request_did_not_ask_for_are_refused(api: FakeKubeApi, tmp_path: Path) -> None:
+    """Another kind on a pods watch, a pod of another node on a node agent's pods watch (field selector), a
+    ConfigMap of another namespace or name on the mesh ConfigMap's watch, names with path characters."""
+    source = await _watched(api, tmp_path, pods_on_node="node-a")
+    pods = base._reflector(source, "pods")
+    mesh = next(r for r in source.reflectors if r.resource.plural == "configmaps")
+    async with base._watching(source):
+        await eventually_async(
+            lambda: api.watch_count("configmaps") == 1 and api.watch_count("pods") == 1, what="the watches open"
+        )
+        svc = service("client", "shop", "10.96.0.99", {"app": "x"})
+        api.send_raw("pods", _event("ADDED", svc))
+        api.send_raw("pods", _event("ADDED", pod("elsewhere", node="node-b", ip="10.1.0.50")))
+        api.send_raw("pods", _event("MODIFIED", pod("client", node="node-b", ip="10.1.0.1")))
+        api.send_raw("pods", _event("ADDED", pod("../../kube-system/pods/x", node="node-a", ip="10.1.0.51")))
+        api.send_raw("pods", _event("ADDED", pod("ok", "a/b", node="node-a", ip="10.1.0.52")))
+        api.send_raw("pods", _event("ADDED", pod("..", node="node-a", ip="10.1.0.53")))
+        tenant_mesh = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "shop"},
+            "data": {"mesh": "extensionProviders:\n- name: evil\n  envoyExtAuthzHttp: {service: e.shop, port: 80}\n"},
+        }
+        api.send_raw("configmaps", _event("ADDED", tenant_mesh))
+        api.put(pod("after", node="node-a", ip="10.1.0.13"))
+        await eventually_async(
+            lambda: source.current is not None and source.current.workload("shop", "after") is not None,
+            what="the next good event",
+        )
+    cfg = source.current
+    assert cfg is not None
+    assert pods.stats.refused == 6, pods.stats
+    assert mesh.stats.refused == 1 and list(mesh.store) == [("istio-system", "istio")]
+    assert cfg.workload("shop", "elsewhere") is None
+    assert cfg.workload("shop", "client") is not None and cfg.workload("shop", "client").node == "node-a"  # type: ignore[union-attr]
+    assert sorted(w.name for w in cfg.workloads) == ["after", "client", "other"]
+    assert set(cfg.extension_providers) == {"authz"}
+
+
+async def test_a_resource_version_that_goes_backwards_is_followed(api: FakeKubeApi, tmp_path: Path) -> None:
+    """resourceVersions are opaque (the API conventions forbid comparing them): the source resumes from the
+    last one it was given, whatever its value, and keeps the event."""
+    source = await _watched(api, tmp_path)
+    pods = base._reflector(source, "pods")
+    async with base._watching(source):
+        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        old = pod("late", ip="10.1.0.40")
+        old["metadata"]["resourceVersion"] = "5"
+        api.send_raw("pods", _event("ADDED", old))
+        await eventually_async(lambda: ("shop", "late") in pods.store, what="the event kept")
+    assert pods.resource_version == "5"
+
+
+# ---- what tenants can create ------------------------------------------------------------------------------
+
+
+def test_a_tenant_istio_configmap_is_ignored(api: FakeKubeApi, tmp_path: Path) -> None:
+    api.put_all(base._cluster())
+    api.put(namespace("tenant"))
+    api.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "tenant"},
+            "data": {"mesh": "extensionProviders:\n- name: evil\n  envoyExtAuthzHttp: {service: e.tenant, port: 80}\n"},
+        }
+    )
+    cfg = base._source(api, tmp_path).load()
+    assert set(cfg.extension_providers) == {"authz"}
+    assert [r.query.get("fieldSelector") for r in api.requests if r.path.endswith("/configmaps")] == [
+        "metadata.name=istio"
+    ]
+    assert all(r.path.startswith("/api/v1/namespaces/istio-system/") for r in api.requests if "configmaps" in r.path)
+
+
+def test_a_tenant_policy_selecting_another_namespaces_labels_does_not_apply_there(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    api.put_all(base._cluster())
+    api.put(namespace("tenant"))
+    deny_all = {"action": "DENY", "selector": {"matchLabels": {"app": "server"}}, "rules": [{}]}
+    api.put(authz_policy("grab", "tenant", deny_all))
+    cfg = base._source(api, tmp_path).load()
+    engine = PolicyEngine.from_objects(cfg.policy_objects, config=cfg)
+    server = cfg.workload("shop", "server")
+    assert server is not None
+    assert [p.name for p in engine.policies_for(server)] == ["deny-bad"]
+
+
+def test_a_tenant_waypoint_of_the_same_name_is_not_used_by_another_namespace(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    api.put_all(base._cluster())
+    api.put(namespace("tenant"))
+    api.put(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "tenant"},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "m", "port": 15008, "protocol": "HBONE"}],
+            },
+        }
+    )
+    svc = service("server", "shop", "10.96.0.10", {"app": "server"})
+    svc["metadata"]["labels"] = {USE_WAYPOINT_LABEL: "waypoint"}
+    api.put(svc)
+    cfg = base._source(api, tmp_path).load()
+    shop_server = cfg.service("shop", "server")
+    assert shop_server is not None
+    chosen = cfg.waypoint_of(shop_server)
+    assert chosen is not None and chosen.ref == "shop/waypoint"
+    assert {"shop/waypoint", "tenant/waypoint"} <= set(cfg.waypoints)
