@@ -516,6 +516,13 @@ L7_CASES = [
     Case("l7-paths-dot-segments-deny", [deny(op(paths=["/admin/*"]))], r7(path="/public/../admin/x"), "deny", "foo/d"),
     Case("l7-paths-dot-segments-allow", [allow(op(paths=["/public/*"]))], r7(path="/public/../admin"), "deny"),
     Case("l7-paths-single-dot", [allow(op(paths=["/a/b"]))], r7(path="/a/./b"), "allow"),
+    # the waypoint's normalization (Istio's, MERGE_SLASHES): `authz check` answers what the waypoint does
+    Case("l7-paths-encoded-dots", [allow(op(paths=["/public/*"]))], r7(path="/public/%2e%2E/admin"), "deny"),
+    Case("l7-paths-encoded-letter", [deny(op(paths=["/admin*"]))], r7(path="/%61dmin"), "deny", "foo/d"),
+    Case("l7-paths-backslash", [deny(op(paths=["/admin*"]))], r7(path="/x\\..\\admin"), "deny", "foo/d"),
+    Case("l7-paths-double-slash", [deny(op(paths=["/admin*"]))], r7(path="//admin"), "deny", "foo/d"),
+    Case("l7-paths-encoded-slash-kept", [allow(op(paths=["/public/*"]))], r7(path="/public/..%2Fadmin"), "allow"),
+    Case("l7-paths-no-double-decoding", [deny(op(paths=["/admin*"]))], r7(path="/%2561dmin"), "allow"),
     # ---- hosts: case-insensitive, port as sent, prefix/suffix, not, Host header ----------------------------
     Case(
         "l7-hosts-exact",

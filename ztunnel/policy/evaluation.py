@@ -98,25 +98,70 @@ def remote_address(request: HttpRequestAttributes, peer: IpAddress | None) -> Ip
 
 
 def request_path(path: str) -> str:
-    """The path policies match: without query or fragment, dot segments removed (RFC 3986 5.2.4), so that
-    `/public/../admin` is matched as `/admin`. Cheap when there is nothing to do (the common case)."""
+    """The path policies match: without query or fragment, normalized as the waypoint normalizes what it
+    forwards (`normalize_path`), so that `authz check` answers for `/public/%2e%2e/admin` what the waypoint
+    does. Cheap when there is nothing to do (the common case)."""
     for sep in ("?", "#"):
         i = path.find(sep)
         if i >= 0:
             path = path[:i]
-    if "/." not in path:
+    return normalize_path(path)
+
+
+PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def normalize_path(path: str, normalization: str = "MERGE_SLASHES") -> str:
+    """A path (no query) as Istio normalizes it for policy and app alike (its "Authorization Policy
+    Normalization"): but for NONE, `%XX` of an unreserved character decoded once (`%2e%2e` is `..`, `%2561` stays),
+    `\\` as `/`, dot segments removed (RFC 3986 §5.2.4): BASE; MERGE_SLASHES also merges `//` (the waypoint's
+    default, one step past Istio's BASE: `//admin` is /admin to most apps); DECODE_AND_MERGE_SLASHES first
+    decodes `%2F` and `%5C` too."""
+    if normalization == "NONE":
         return path
+    if "%" in path:
+        path = _decode_unreserved(path, normalization == "DECODE_AND_MERGE_SLASHES")
+    if "\\" in path:
+        path = path.replace("\\", "/")
+    if normalization != "BASE":
+        while "//" in path:
+            path = path.replace("//", "/")
+    if "/." in path:
+        path = _remove_dot_segments(path)
+    return path
+
+
+def _decode_unreserved(path: str, slashes: bool) -> str:
     out: list[str] = []
-    segments = path.split("/")
-    for i, seg in enumerate(segments[1:] if path.startswith("/") else segments):
-        last = i == len(segments) - (2 if path.startswith("/") else 1)
+    i, n = 0, len(path)
+    while i < n:
+        c = path[i]
+        if c == "%" and i + 2 < n and path[i + 1] in _HEX and path[i + 2] in _HEX:
+            v = chr(int(path[i + 1 : i + 3], 16))
+            if v in _UNRESERVED or (slashes and v in "/\\"):
+                out.append(v)
+                i += 3
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _remove_dot_segments(path: str) -> str:
+    rooted = path.startswith("/")
+    segments = path.split("/")[1:] if rooted else path.split("/")
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
         if seg == "..":
             if out:
                 out.pop()
-            if last:
+            if i == last:
                 out.append("")
         elif seg == ".":
-            if last:
+            if i == last:
                 out.append("")
         else:
             out.append(seg)

@@ -36,6 +36,8 @@ from http import HTTPStatus
 
 import httptools
 
+from ztunnel.policy.evaluation import PATH_NORMALIZATIONS, normalize_path
+
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DENIED_BODY = b"RBAC: access denied"  # what Istio's waypoint (Envoy's RBAC filter) answers
 
@@ -308,10 +310,6 @@ SANITIZED_HEADERS = frozenset({b"x-forwarded-client-cert"})
 
 # --- paths: Istio's normalization (security/normalization in its docs), the same bytes for policy and app ---
 
-PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
 
 class BadTarget(ValueError):
     """A request target the waypoint refuses (400): the reason is the client's answer."""
@@ -322,11 +320,8 @@ def request_target(target: bytes, method: bytes, normalization: str = "MERGE_SLA
 
     Only origin-form (and `*` for OPTIONS): the path the policy sees must be the path the app serves. A fragment
     is refused (Envoy's default; an app resolving `/public/#/../admin` would serve /admin) and so is `%00`
-    (always, as Istio). Then, but for NONE: `%XX` of an unreserved character decoded once (`%2e%2e` is `..`),
-    `\\` as `/`, dot segments removed (RFC 3986 §5.2.4) = Istio's BASE; MERGE_SLASHES also merges `//`
-    (`//admin` is /admin to most apps: our default, where Istio's is BASE, so that a DENY on `/admin*` holds);
-    DECODE_AND_MERGE_SLASHES first decodes `%2F` and `%5C` too. The query is left as it is (Istio: the app
-    sees it unchanged)."""
+    (always, as Istio); the path is then normalized (policy.evaluation.normalize_path: `%2e%2e`, `\\`, dot
+    segments, `//`), the query left as sent (Istio: the app sees it unchanged)."""
     if target == b"*" and method == b"OPTIONS":
         return target, target
     if not target.startswith(b"/"):
@@ -334,55 +329,11 @@ def request_target(target: bytes, method: bytes, normalization: str = "MERGE_SLA
     if b"#" in target:
         raise BadTarget("request target has a fragment (#)")
     path, sep, query = target.partition(b"?")
-    if b"%" in path:
-        if b"%00" in path:
-            raise BadTarget("request path has %00")
-        if normalization != "NONE":
-            path = _decode_unreserved(path, normalization == "DECODE_AND_MERGE_SLASHES")
-    if normalization != "NONE":
-        if b"\\" in path:
-            path = path.replace(b"\\", b"/")
-        if normalization != "BASE" and b"//" in path:
-            while b"//" in path:
-                path = path.replace(b"//", b"/")
-        if b"/." in path:
-            path = _remove_dot_segments(path)
+    if b"%00" in path:
+        raise BadTarget("request path has %00")
+    if b"%" in path or b"\\" in path or b"//" in path or b"/." in path:
+        path = normalize_path(path.decode("latin-1"), normalization).encode("latin-1")
     return path + sep + query, path
-
-
-def _decode_unreserved(path: bytes, slashes: bool) -> bytes:
-    out = bytearray()
-    i, n = 0, len(path)
-    while i < n:
-        c = path[i]
-        if c == 0x25 and i + 2 < n and path[i + 1] in _HEX and path[i + 2] in _HEX:
-            v = int(path[i + 1 : i + 3], 16)
-            if v in _UNRESERVED or (slashes and v in (0x2F, 0x5C)):
-                out.append(v)
-                i += 3
-                continue
-        out.append(c)
-        i += 1
-    return bytes(out)
-
-
-def _remove_dot_segments(path: bytes) -> bytes:
-    segments = path.split(b"/")[1:]
-    out: list[bytes] = []
-    last = len(segments) - 1
-    for i, seg in enumerate(segments):
-        if seg == b"..":
-            if out:
-                out.pop()
-            if i == last:
-                out.append(b"")
-        elif seg == b".":
-            if i == last:
-                out.append(b"")
-        else:
-            out.append(seg)
-    return b"/" + b"/".join(out)
-
 
 
 def _tokens(value: bytes) -> set[bytes]:
