@@ -13,16 +13,19 @@ a message's end (no pause, no offset): body framing (Content-Length counted, chu
 until-EOF for responses) is ours, which is what lets a pipelined next request wait, unparsed, until the
 current one is answered. What llhttp lets through and we refuse: a missing or repeated Host (400), HTTP/0.9
 and versions other than 1.0/1.1 (505), a target that is not origin-form (400: the path the policy sees must
-be the path the upstream serves), transfer codings other than `chunked` (501), an Upgrade with a body (400),
-heads over `Limits.max_head` or with more than `Limits.max_headers` fields (431).
+be the path the upstream serves; the path is normalized, see `request_target`, and sent so), a fragment or
+`%00` (400), CONNECT (501), transfer codings other than `chunked` (501), an Upgrade with a body (400), heads
+over `Limits.max_head` or with more than `Limits.max_headers` fields (431). `Connection` may not name
+Content-Length or Host (the body would reach the app as its next request), and a client's
+x-forwarded-client-cert is not forwarded.
 
 Pipelining is handled in order, one request at a time: the next head is not parsed until the previous
 response has ended, so it is decided on its own; its bytes wait in the buffer (the owner reads only after
 NEED_DATA, so that is at most one read). Bodies stream: each read becomes one `RequestData`, framed for the
 upstream as it goes; nothing is buffered whole. `100 Continue` is sent only after an allow (the upstream
 never sees `Expect`). `Upgrade` (not `h2c`, which is stripped so HTTP/2 cannot slip past per-request
-decisions) and `CONNECT` switch to a raw relay after an allowed request and the upstream's 101/2xx
-(`TunnelOpened`); a refused or declined one closes the connection.
+decisions) switches to a raw relay after an allowed request and the upstream's 101 (`TunnelOpened`); a
+refused or declined one closes the connection.
 
 HTTP/2 with prior knowledge is a separate connection class: the owner routes a connection whose first
 bytes are `H2_PREFACE` there; this one answers such bytes 505 and closes.
