@@ -259,3 +259,63 @@ def test_a_tenant_waypoint_of_the_same_name_is_not_used_by_another_namespace(
     chosen = cfg.waypoint_of(shop_server)
     assert chosen is not None and chosen.ref == "shop/waypoint"
     assert {"shop/waypoint", "tenant/waypoint"} <= set(cfg.waypoints)
+
+
+# ---- --root-namespace ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["proxy", "--node", "node-a", "--ca-dir", "ca"],
+        ["node-agent", "--node", "node-a"],
+        ["waypoint", "--name", "waypoint", "--namespace", "shop", "--ca-dir", "ca"],
+        ["ca", "serve"],
+    ],
+)
+def test_every_kubernetes_component_takes_root_namespace(
+    api: FakeKubeApi, tmp_path: Path, command: list[str]
+) -> None:
+    """--root-namespace, as Istio's meshConfig.rootNamespace: the mesh ConfigMap is read there and its policies
+    apply to every namespace; istio-system is then an ordinary namespace."""
+    from ztunnel.cli import build_parser
+    from ztunnel.config.kube.source import KubeConfigSource, open_source
+
+    api.put_all(base._cluster())
+    api.put(namespace("mesh-root"))
+    api.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "mesh-root"},
+            "data": {"mesh": "extensionProviders:\n- name: rooted\n  envoyExtAuthzHttp: {service: r.shop, port: 80}\n"},
+        }
+    )
+    port_9 = {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9"]}}]}]}
+    api.put(authz_policy("mesh-wide", "mesh-root", port_9))
+    api.put(authz_policy("not-root", "istio-system", {"action": "DENY", "rules": [{}]}))
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    args = build_parser().parse_args(
+        [*command, "--source", "kubernetes", "--kubeconfig", str(kubeconfig), "--root-namespace", "mesh-root"]
+    )
+    source = open_source(args)
+    assert isinstance(source, KubeConfigSource)
+    source.sync_timeout = 10.0
+    cfg = source.load()
+    assert cfg.root_namespace == "mesh-root"
+    assert set(cfg.extension_providers) == {"rooted"}
+    server = cfg.workload("shop", "server")
+    assert server is not None
+    names = [p.name for p in PolicyEngine.from_config(cfg).policies_for(server)]
+    assert sorted(names) == ["deny-bad", "mesh-wide"]  # istio-system's "not-root" is no longer mesh-wide
+
+
+def test_the_file_source_takes_root_namespace_too(tmp_path: Path) -> None:
+    from ztunnel.cli import build_parser
+    from ztunnel.config.kube.source import open_source
+
+    f = tmp_path / "c.yaml"
+    f.write_text(json.dumps(authz_policy("mesh-wide", "mesh-root", {"action": "DENY", "rules": [{}]})))
+    argv = ["proxy", "--node", "n", "--ca-dir", "ca", "-f", str(f), "--root-namespace", "mesh-root"]
+    args = build_parser().parse_args(argv)
+    assert open_source(args).load().root_namespace == "mesh-root"

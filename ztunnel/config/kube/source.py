@@ -326,6 +326,14 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "service account, else --kubeconfig)",
     )
     parser.add_argument("--kubeconfig", default=None, help="with --source kubernetes: a kubeconfig file to use")
+    parser.add_argument(
+        "--root-namespace",
+        default=DEFAULT_ROOT_NAMESPACE,
+        metavar="NS",
+        help="the mesh's root namespace, as Istio's meshConfig.rootNamespace: its policies apply to every "
+        f"namespace, and the mesh config (ConfigMap {MESH_CONFIGMAP!r}, key mesh) is read from it "
+        f"(default {DEFAULT_ROOT_NAMESPACE})",
+    )
 
 
 def open_source(
@@ -343,6 +351,7 @@ def open_source(
         getattr(args, "files", None) or [],
         getattr(args, "kubeconfig", None),
         trust_domain=trust_domain,
+        root_namespace=getattr(args, "root_namespace", None) or DEFAULT_ROOT_NAMESPACE,
         node=node,
         settle=settle,
         pods_on_node=pods_on_node,
@@ -355,6 +364,7 @@ def make_source(
     kubeconfig: str | None,
     *,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     node: str | None = None,
     settle: float | None = None,
     pods_on_node: str | None = None,
@@ -363,12 +373,14 @@ def make_source(
         if files:
             raise KubeConfigError("-f and --source kubernetes exclude each other: the config comes from one of them")
         endpoint = from_kubeconfig(kubeconfig) if kubeconfig else in_cluster()
-        return KubeConfigSource(endpoint, trust_domain=trust_domain, pods_on_node=pods_on_node)
+        return KubeConfigSource(
+            endpoint, trust_domain=trust_domain, root_namespace=root_namespace, pods_on_node=pods_on_node
+        )
     if kubeconfig:
         raise KubeConfigError("--kubeconfig is used with --source kubernetes only")
     if not files:
         raise KubeConfigError("give the config: -f FILE (or DIR), or --source kubernetes")
-    kwargs: dict[str, Any] = {"trust_domain": trust_domain, "node": node}
+    kwargs: dict[str, Any] = {"trust_domain": trust_domain, "root_namespace": root_namespace, "node": node}
     if settle is not None:
         kwargs["settle"] = settle
     return FileConfigSource([Path(f) for f in files], **kwargs)
