@@ -24,9 +24,11 @@ import pytest
 from tests.integration.conftest import ProxyProcess, start_proxy
 from tests.support.waypoint import (
     APP_PORT,
+    CLIENT,
     CONFIG,
     GREETER_IP,
     VIP,
+    WAYPOINT,
     WAYPOINT_IP,
     KeepAliveApp,
     Responses,
@@ -36,7 +38,8 @@ from tests.support.waypoint import (
     tunnel,
     wait_listening,
 )
-from ztunnel.hbone.client import HbonePool
+from ztunnel.hbone.client import HbonePool, PoolKey
+from ztunnel.hbone.protocol import Authority
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.net.streams import StreamClosed
 
@@ -76,7 +79,7 @@ spec:
   - to: [{{operation: {{paths: ["/admin*"]}}}}]
   - to: [{{operation: {{methods: ["DELETE"]}}}}]
   - to: [{{operation: {{hosts: ["secret.greet"]}}}}]
-  - from: [{{source: {{notRemoteIpBlocks: ["10.9.9.9/32"]}}}}]
+  - from: [{{source: {{notRemoteIpBlocks: ["{GUARDED_IP}/32"]}}}}]
     to: [{{operation: {{paths: ["/ops*"]}}}}]
 """
 
@@ -216,8 +219,25 @@ async def test_forwarded_for_does_not_choose_the_remote_ip(client: HbonePool, se
     """numTrustedProxies is 0 at the waypoint: `remoteIpBlocks` reads the connection's client, never the
     client's own X-Forwarded-For."""
     before = len(setup.guarded.heads)
-    answers = await _exchange(client, _req(b"/ops", extra=b"X-Forwarded-For: 10.9.9.9\r\n"), GUARDED_VIP)
+    spoofed = _req(b"/ops", extra=b"X-Forwarded-For: %s\r\n" % GUARDED_IP.encode())
+    answers = await _exchange(client, spoofed, GUARDED_VIP)
     assert answers[0][0] == 403
+    assert _seen(setup.guarded, before) == []
+
+
+async def test_hbone_forwarded_for_another_pod_is_not_trusted(client: HbonePool, setup: Setup) -> None:
+    """The CONNECT's `forwarded: for=` naming a pod of another identity: the waypoint keeps the TCP peer."""
+    before = len(setup.guarded.heads)
+    key = PoolKey(CLIENT, WAYPOINT, (WAYPOINT_IP, 15008))
+    stream = await client.connect(
+        key, Authority(GUARDED_VIP, 80), expected_identities=[WAYPOINT.uri], forwarded_for=(GUARDED_IP, 40000)
+    )
+    try:
+        await stream.write(_req(b"/ops"))
+        status, _, _ = await Responses(stream).next()
+    finally:
+        stream.close()
+    assert status == 403
     assert _seen(setup.guarded, before) == []
 
 
