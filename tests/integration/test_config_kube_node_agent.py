@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,10 @@ import pytest
 
 from tests.support.eventually import eventually_async
 from tests.support.kubeapi import FakeKubeApi, namespace, pod
-from tests.support.nodeagent import in_thread, pod_namespaces, run_plugin
+from tests.support.nodeagent import FakeProxy, in_thread, pod_namespaces, run_plugin
 from ztunnel.cni.plugin import AgentCall, http_over_unix
 from ztunnel.config.kube.status import REDIRECTION_ANNOTATION
-from ztunnel.config.model import Workload
 from ztunnel.proxy.inpod import InpodClient
-from ztunnel.proxy.listeners import WorkloadSockets
 
 pytestmark = [
     pytest.mark.netns,
@@ -31,19 +28,6 @@ pytestmark = [
 ]
 
 WEB_IP = "10.244.1.5"
-
-
-@dataclass
-class Target:
-    """The node proxy's side of in-pod mode, reduced to owning the sockets it is handed."""
-
-    sockets: dict[str, WorkloadSockets] = field(default_factory=dict)
-
-    async def add_workload(self, workload: Workload, sockets: WorkloadSockets) -> None:
-        self.sockets[workload.uid] = sockets
-
-    async def remove_workload(self, uid: str) -> None:
-        self.sockets.pop(uid).close()
 
 
 def _status(cni_socket: Path) -> dict[str, Any] | None:
@@ -91,7 +75,7 @@ async def test_the_node_agent_on_the_api_marks_the_pods_it_enrolls(tmp_path: Pat
                     return proxy_socket.exists()
 
                 await eventually_async(lambda: asyncio.to_thread(up), 20, what="the agent's proxy socket")
-                client_task = asyncio.create_task(InpodClient(str(proxy_socket), Target()).run())
+                client_task = asyncio.create_task(InpodClient(str(proxy_socket), FakeProxy()).run())
 
                 def connected() -> bool:
                     status = _status(cni_socket)

@@ -16,18 +16,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.eventually import eventually_async
-from tests.support.nodeagent import AgentTask, ours, pod_namespaces, run_plugin, sh
+from tests.support.nodeagent import AgentTask, FakeProxy, ours, pod_namespaces, run_plugin, sh
 from ztunnel.cni.plugin import AgentCall, http_over_unix
-from ztunnel.config.model import Workload
 from ztunnel.proxy.inpod import InpodClient
-from ztunnel.proxy.listeners import WorkloadSockets
 
 pytestmark = [
     pytest.mark.netns,
@@ -56,23 +54,6 @@ kind: Pod
 metadata: {{name: plain, namespace: default, uid: uid-plain}}
 spec: {{nodeName: n1}}
 """
-
-
-@dataclass
-class FakeProxy:
-    """Stands in for the node proxy: records what in-pod mode hands it and owns the sockets."""
-
-    added: list[Workload] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    sockets: dict[str, WorkloadSockets] = field(default_factory=dict)
-
-    async def add_workload(self, workload: Workload, sockets: WorkloadSockets) -> None:
-        self.added.append(workload)
-        self.sockets[workload.uid] = sockets
-
-    async def remove_workload(self, uid: str) -> None:
-        self.removed.append(uid)
-        self.sockets.pop(uid).close()
 
 
 @dataclass

@@ -12,10 +12,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ztunnel.config.model import Workload
 from ztunnel.config.source import FileConfigSource
+from ztunnel.proxy.listeners import WorkloadSockets
 from ztunnel.redirect import iptables
 from ztunnel.redirect.agent import NodeAgent
 from ztunnel.redirect.iptables import IptablesBackend, detect_backend
@@ -163,3 +166,21 @@ def in_thread(fd: int, fn: Callable[..., T], *args: Any) -> T:
     if errors:
         raise errors[0]
     return result[0]
+
+
+@dataclass
+class FakeProxy:
+    """Stands in for the node proxy's side of in-pod mode (an `InpodClient` target): records what it is handed
+    and owns the sockets, closing each when its workload is removed."""
+
+    added: list[Workload] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    sockets: dict[str, WorkloadSockets] = field(default_factory=dict)
+
+    async def add_workload(self, workload: Workload, sockets: WorkloadSockets) -> None:
+        self.added.append(workload)
+        self.sockets[workload.uid] = sockets
+
+    async def remove_workload(self, uid: str) -> None:
+        self.removed.append(uid)
+        self.sockets.pop(uid).close()
