@@ -34,6 +34,7 @@ bytes are `H2_PREFACE` there; this one answers such bytes 505 and closes.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -314,6 +315,9 @@ SANITIZED_HEADERS = frozenset({b"x-forwarded-client-cert"})
 # --- paths: Istio's normalization (security/normalization in its docs), the same bytes for policy and app ---
 
 
+_PATH_WORK = re.compile(rb"[#%\\?]|/\.|//")  # the first byte that may need work (a `?` ends the path)
+
+
 class BadTarget(ValueError):
     """A request target the waypoint refuses (400): the reason is the client's answer."""
 
@@ -325,6 +329,9 @@ def request_target(target: bytes, method: bytes, normalization: str = "MERGE_SLA
     is refused (Envoy's default; an app resolving `/public/#/../admin` would serve /admin) and so is `%00`
     (always, as Istio); the path is then normalized (policy.evaluation.normalize_path: `%2e%2e`, `\\`, dot
     segments, `//`), the query left as sent (Istio: the app sees it unchanged)."""
+    m = _PATH_WORK.search(target)  # one C scan: most paths have nothing to normalize
+    if (m is None or (target[m.start()] == 0x3F and b"#" not in target)) and target.startswith(b"/"):
+        return target, target if m is None else target[: m.start()]
     if target == b"*" and method == b"OPTIONS":
         return target, target
     if not target.startswith(b"/"):
