@@ -319,3 +319,78 @@ def test_the_file_source_takes_root_namespace_too(tmp_path: Path) -> None:
     argv = ["proxy", "--node", "n", "--ca-dir", "ca", "-f", str(f), "--root-namespace", "mesh-root"]
     args = build_parser().parse_args(argv)
     assert open_source(args).load().root_namespace == "mesh-root"
+
+
+# ---- EndpointSlices: the endpoints of a Service without a selector -------------------------------------------
+
+
+def _slice(name: str, ns: str, service_name: str, endpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": service_name}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}],
+    }
+
+
+def _selectorless(name: str, ns: str, ip: str) -> dict[str, Any]:
+    svc = service(name, ns, ip, {}, port=5432, target=5432)
+    del svc["spec"]["selector"]
+    return svc
+
+
+async def test_a_service_without_selector_gets_its_endpoints_from_its_endpoint_slices(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    from ztunnel.proxy.routing import HboneRoute, OutboundRouter, PassthroughRoute
+
+    api.put_all(base._cluster())
+    api.put(namespace("tenant", {"istio.io/dataplane-mode": "ambient"}))
+    api.put(pod("victim", "tenant", node="node-b", ip="10.2.0.5"))
+    api.put(_selectorless("db", "shop", "10.96.0.20"))
+    endpoints = [
+        {"addresses": ["10.1.0.2"], "conditions": {"ready": True}},  # shop/server, a mesh pod
+        {"addresses": ["192.0.2.10"]},  # outside the cluster (ready when the condition is absent)
+        {"addresses": ["192.0.2.11"], "conditions": {"ready": False}},
+        {"addresses": ["10.2.0.5"], "conditions": {"ready": True}},  # another namespace's pod: left out
+    ]
+    api.put(_slice("db-1", "shop", "db", endpoints))
+    # A selector Service keeps its pods whatever a slice claims; a tenant's slice for shop's Service is not shop's.
+    api.put(_slice("server-x", "shop", "server", [{"addresses": ["192.0.2.99"]}]))
+    api.put(_slice("db-evil", "tenant", "db", [{"addresses": ["192.0.2.66"]}]))
+    source = base._source(api, tmp_path)
+    cfg = source.load()
+    db = cfg.service("shop", "db")
+    server = cfg.service("shop", "server")
+    assert db is not None and server is not None
+    got = {w.ips[0]: (w.ref, w.enrolled, w.ready) for w in cfg.endpoints(db)}
+    assert got == {
+        "10.1.0.2": ("shop/server", True, True),
+        "192.0.2.10": ("shop/db-1/192.0.2.10", False, True),
+        "192.0.2.11": ("shop/db-1/192.0.2.11", False, False),
+    }
+    assert [w.ref for w in cfg.endpoints(server)] == ["shop/server"]
+    # The file source builds the same endpoints from the same objects.
+    file_cfg = base._file_model(api, tmp_path)
+    file_db = file_cfg.service("shop", "db")
+    assert file_db is not None
+    assert sorted(w.uid for w in file_cfg.endpoints(file_db)) == sorted(w.uid for w in cfg.endpoints(db))
+    # The proxy: the pod by HBONE with the pod's own identity, the outside address passed through.
+    routes = OutboundRouter().routes(cfg, "10.96.0.20", 5432)
+    kinds = sorted((type(r).__name__, getattr(r, "expected_identities", ())) for r in routes)
+    assert kinds == [
+        ("HboneRoute", ("spiffe://cluster.local/ns/shop/sa/server",)),
+        ("PassthroughRoute", ()),
+    ]
+    assert {r.address for r in routes if isinstance(r, PassthroughRoute)} == {("192.0.2.10", 5432)}
+    assert {r.target.port for r in routes if isinstance(r, HboneRoute)} == {5432}
+    # Watched: the slice goes away, so do the endpoints.
+    async with base._watching(source):
+        await eventually_async(lambda: api.watch_count("endpointslices") == 1, what="the slice watch open")
+        api.delete("EndpointSlice", "db-1", "shop")
+        await eventually_async(
+            lambda: source.current is not None and source.current.endpoints(db) == (),
+            what="the slice's endpoints gone",
+        )

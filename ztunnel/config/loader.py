@@ -32,6 +32,7 @@ from ztunnel.config.model import (
     DEFAULT_TRUST_DOMAIN,
     GATEWAY_NAME_LABEL,
     POLICY_KINDS,
+    SERVICE_NAME_LABEL,
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NONE,
     WAYPOINT_GATEWAY_CLASS,
@@ -42,9 +43,11 @@ from ztunnel.config.model import (
     Node,
     Service,
     ServicePort,
+    SliceEndpoint,
     Source,
     Waypoint,
     Workload,
+    normalize_ip,
 )
 from ztunnel.errors import ZtunnelError
 from ztunnel.ports import HBONE_PORT
@@ -388,6 +391,25 @@ def _service(obj: KubeObject) -> Service:
     )
 
 
+def _slice_endpoints(obj: KubeObject) -> list[SliceEndpoint]:
+    """An EndpointSlice's addresses (IPv4/IPv6 slices; FQDN ones name no address and are skipped)."""
+    if obj.body.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        return []
+    out = []
+    for i, e in enumerate(obj.body.get("endpoints") or []):
+        if not isinstance(e, Mapping):
+            raise ConfigError("must be a mapping", source=obj.source, obj=obj.ref, field=f"endpoints[{i}]")
+        ready = (e.get("conditions") or {}).get("ready")
+        for j, ip in enumerate(e.get("addresses") or []):
+            try:
+                text = normalize_ip(str(ip))
+            except ValueError as err:
+                where = f"endpoints[{i}].addresses[{j}]"
+                raise ConfigError(f"{ip!r} is not an IP address", source=obj.source, obj=obj.ref, field=where) from err
+            out.append(SliceEndpoint(obj.name, text, ready is not False, str(e.get("nodeName") or "")))
+    return out
+
+
 def _node(obj: KubeObject) -> Node:
     addrs = []
     for a in (obj.body.get("status") or {}).get("addresses") or []:
@@ -438,6 +460,11 @@ def build_config(
         if w.node and w.node not in nodes:
             nodes[w.node] = Node(w.node)
     policies = tuple(o for o in objs if o.kind in POLICY_KINDS)
+    slices: dict[str, list[SliceEndpoint]] = {}
+    for o in objs:
+        if o.kind == "EndpointSlice" and o.labels.get(SERVICE_NAME_LABEL):
+            ref = f"{o.namespace}/{o.labels[SERVICE_NAME_LABEL]}"
+            slices.setdefault(ref, []).extend(_checked(_slice_endpoints, o))
     warnings.extend(_ip_conflicts(objs, workloads))
     waypoints, others = _waypoints(objs, trust_domain, warnings)
     mesh = [o for o in objs if o.kind == "ConfigMap" and o.name == MESH_CONFIGMAP and o.namespace == root_namespace]
@@ -455,6 +482,7 @@ def build_config(
         generation=generation,
         warnings=tuple(warnings),
         extension_providers=providers,
+        slice_endpoints={ref: tuple(v) for ref, v in slices.items()},
     )
 
 

@@ -20,6 +20,7 @@ WAYPOINT_GATEWAY_CLASS = "istio-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"  # on a waypoint's pods, naming their Gateway
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_ROOT_NAMESPACE = "istio-system"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # an EndpointSlice's Service (same namespace)
 
 # Kinds that carry security policy; the policy package parses their specs.
 POLICY_KINDS = frozenset(
@@ -281,6 +282,17 @@ class ExtAuthzProvider:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """One address of an EndpointSlice: the endpoints of a Service without a selector (managed by hand, e.g. a
+    database outside the cluster), which the model cannot find by labels."""
+
+    slice: str  # the EndpointSlice's name
+    ip: str  # canonical text
+    ready: bool = True  # conditions.ready; absent means ready, as Kubernetes reads it
+    node: str = ""
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """One consistent snapshot of the cluster. Build with `ClusterConfig.build`."""
@@ -296,6 +308,9 @@ class ClusterConfig:
     generation: int = 0
     warnings: tuple[str, ...] = ()  # problems that did not reject the config, each naming file and object
     extension_providers: Mapping[str, ExtAuthzProvider] = field(default_factory=dict)  # mesh config, by name
+    # Service ref -> the addresses of its EndpointSlices (label kubernetes.io/service-name, same namespace); used
+    # for Services without a selector only: a selector's endpoints are its pods, whatever the slices say.
+    slice_endpoints: Mapping[str, tuple[SliceEndpoint, ...]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> ClusterConfig:
@@ -346,10 +361,41 @@ class ClusterConfig:
         out: dict[str, tuple[Workload, ...]] = {}
         for s in self.services:
             if not s.selector:
-                out[s.ref] = ()
+                out[s.ref] = self._slice_workloads(s)
                 continue
             out[s.ref] = tuple(w for w in by_namespace.get(s.namespace, ()) if labels_match(s.selector, w.labels))
         return out
+
+    def _slice_workloads(self, service: Service) -> tuple[Workload, ...]:
+        """A selector-less Service's endpoints, from its EndpointSlices: a pod of the Service's namespace at that
+        address is that pod (its identity is what the proxy then expects); an address no pod has is a workload
+        outside the mesh (traffic to it is passed through); a pod of another namespace is left out: a tenant's
+        hand-written slice cannot make its Service an alias of another namespace's pods."""
+        out: dict[str, Workload] = {}
+        for e in self.slice_endpoints.get(service.ref, ()):
+            pod = None if e.ip in self.conflicting_ips else self._workload_by_ip.get(e.ip)
+            if pod is not None:
+                if pod.namespace == service.namespace:
+                    out.setdefault(pod.uid, pod)
+                continue
+            if e.ip in self.conflicting_ips:
+                continue
+            uid = f"endpointslice/{service.namespace}/{e.slice}/{e.ip}"
+            out.setdefault(
+                uid,
+                Workload(
+                    uid=uid,
+                    name=f"{e.slice}/{e.ip}",
+                    namespace=service.namespace,
+                    node=e.node,
+                    service_account="",
+                    ips=(e.ip,),
+                    labels={},
+                    trust_domain=self.trust_domain,
+                    ready=e.ready,
+                ),
+            )
+        return tuple(out.values())
 
     @cached_property
     def _services_of_workload(self) -> dict[str, tuple[Service, ...]]:
