@@ -226,7 +226,9 @@ def h2c_saturation(path: PathSetup, s: Settings) -> dict[str, float | None]:
     before = {n: cpu_seconds(pid) for n, pid in pids.items()}
     warmup = 1.0
     argv = [*path.client_prefix, "h2load", "-c", str(H2LOAD_CONNS), "-m", str(H2LOAD_STREAMS)]
-    argv += ["-D", str(s.http_secs), "--warm-up-time", str(warmup), "-H", f":authority: {path.http_host}"]
+    # h2load's durations are integers with a unit ("5.0" is a value error)
+    argv += ["-D", f"{round(s.http_secs * 1000)}ms", "--warm-up-time", f"{round(warmup * 1000)}ms"]
+    argv += ["-H", f":authority: {path.http_host}"]
     argv += [f"http://{path.h2load_target}/{HTTP_ALLOWED.partition(' /')[2]}"]
     t0 = time.monotonic()
     try:
@@ -234,8 +236,8 @@ def h2c_saturation(path: PathSetup, s: Settings) -> dict[str, float | None]:
     except subprocess.TimeoutExpired:
         raise RuntimeError("h2load did not finish") from None
     wall = time.monotonic() - t0
-    out = parse_h2load(r.stdout)
-    if out["failed"] or out["errored"] or out["timeout"] or out.get("non_2xx"):
+    out = parse_h2load(r.stdout + r.stderr)
+    if not out["succeeded"] or out["failed"] or out["errored"] or out["timeout"] or out.get("non_2xx"):
         raise RuntimeError(f"h2load through {path.name}: {r.stdout.strip()[-400:]}")
     used = {n: cpu_seconds(pid) - before[n] for n, pid in pids.items()}
     busiest = max(used.values(), default=0.0) / min(wall, s.http_secs + warmup + 0.5)

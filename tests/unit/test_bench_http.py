@@ -258,3 +258,25 @@ async def test_the_h2c_client_checks_and_loads_one_stream_per_request() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_h2c_saturation_runs_h2load_against_the_path() -> None:
+    """The step's own h2load command line works (h2load refuses fractional seconds: `-D 5.0` is a value error,
+    which the first lab run met: no summary, no h2c figure)."""
+    import dataclasses
+
+    from bench.steps import h2c_saturation
+
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load is not installed (bench/run installs nghttp2-client)")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_H2App, "127.0.0.1", 0)
+    try:
+        path = PathSetup("haproxy-http", h2c=True, h2load_target=f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        s = Settings.for_args(type("A", (), {"quick": True, "reps": 0, "hold": 0})())
+        out = await asyncio.to_thread(h2c_saturation, path, dataclasses.replace(s, http_secs=0.5))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert out["h2c_rps"] is not None and out["h2c_rps"] > 0
+    assert out["h2c_rps_per_core"] is None  # no proxy processes: no CPU to divide by
