@@ -299,6 +299,14 @@ async def test_hosts_rule_case_and_port(client: HbonePool, host: bytes, status: 
     assert answers[0][0] == status
 
 
+async def test_http10_without_host_is_refused(client: HbonePool, setup: Setup) -> None:
+    """Without a Host the `hosts` DENY cannot match, and the app answers from its default virtual host."""
+    before = len(setup.guarded.heads)
+    answers = await _exchange(client, b"GET /x HTTP/1.0\r\n\r\n", GUARDED_VIP)
+    assert answers and answers[0][0] == 400
+    assert _seen(setup.guarded, before) == []
+
+
 async def test_forged_client_cert_header_does_not_reach_the_app(client: HbonePool, setup: Setup) -> None:
     """x-forwarded-client-cert is the proxy's word about the peer (Envoy sanitizes a client's copy by default)."""
     before = len(setup.guarded.heads)

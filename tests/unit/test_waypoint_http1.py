@@ -467,6 +467,7 @@ BAD = {
     "ctl-in-target": (b"GET /a\x01b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     "no-host": (b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n", 400),
     "two-hosts": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "http-1.0-no-host": (b"GET / HTTP/1.0\r\n\r\n", 400),  # a DENY on `hosts` must not be skipped by omission
     "absolute-form": (b"GET http://evil/admin HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     "http-0.9": (b"GET /\r\n\r\n", 505),
     "http-2.0-line": (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),

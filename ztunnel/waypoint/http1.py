@@ -546,7 +546,7 @@ class Http1Connection:
                 expect = value.strip().lower()
             if low not in _HOP_BY_HOP and low not in SANITIZED_HEADERS:
                 fwd.append((name, value))
-        if hosts > 1 or (hosts == 0 and version == b"1.1"):
+        if hosts != 1:  # HTTP/1.0 too: a `hosts` rule would not match a Host-less request the app may still route
             raise _Reject(400, "a request needs exactly one Host header")
         chunked = False
         if te is not None:
