@@ -370,6 +370,7 @@ H2_CASES = [
     ("connection", [*_h2_head(b"/x"), (b"connection", b"close")]),
     ("upper-case name", [*_h2_head(b"/x"), (b"X-Admin", b"1")]),
     ("duplicate :path", [*_h2_head(b"/x"), (b":path", b"/admin")]),
+    ("no authority", [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x")]),
 ]
 
 
@@ -383,6 +384,7 @@ async def test_h2c_tricks(client: HbonePool, setup: Setup, headers: list[tuple[b
         assert result == 200, (result, seen)
     for head in setup.guarded.heads[before:]:
         assert b"secret" not in head.lower(), head
+        assert b"\r\nhost: \r\n" not in head.lower(), head  # a Host-less request a `hosts` DENY cannot see
 
 
 async def test_h2c_content_length_disagreeing_with_data(client: HbonePool, setup: Setup) -> None:
