@@ -71,6 +71,7 @@ REVIEW_TTL_S = 60.0
 REVIEW_CACHE_SIZE = 4096
 MAX_CONCURRENT_REVIEWS = 32  # the API server's load from a flood of distinct (forged) tokens stays bounded
 API_TIMEOUT_S = 5.0
+CLOCK_SKEW_S = 60.0  # an expired token is refused without a review only this long after its exp
 SA_PREFIX = "system:serviceaccount:"
 TRUST_DOMAIN_KEY = "trust-domain"
 # What the generated CA's Secret holds: Istio's plugged-in names, the root key, the trust domain.
@@ -87,9 +88,8 @@ def _first(extra: Mapping[str, Any], key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def token_expiry(token: str) -> float | None:
-    """The `exp` of a JWT, unverified (the API verified it): only used to keep a cached review no longer than
-    the token is valid. None when it is not a JWT with a numeric `exp`."""
+def _unverified_claims(token: str) -> dict[str, Any] | None:
+    """A JWT's payload, unverified; None when the token is not a JWT."""
     parts = token.split(".")
     if len(parts) != 3:
         return None
@@ -97,7 +97,32 @@ def token_expiry(token: str) -> float | None:
         claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, binascii.Error, RecursionError):
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return claims if isinstance(claims, dict) else None
+
+
+def precheck(token: str, audience: str, now: float) -> str | None:
+    """Why a token cannot pass a TokenReview, read from its own (unverified) claims without asking the API; None
+    if it may. A replayed expired token, or one minted for another audience, then costs the API nothing however
+    often it is sent. Only what would make the review fail is read, so a verdict here is never wrong."""
+    claims = _unverified_claims(token)
+    if claims is None:
+        return None
+    exp = claims.get("exp")
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and exp + CLOCK_SKEW_S < now:
+        return f"the token expired at {dt.datetime.fromtimestamp(exp, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+    aud = claims.get("aud")
+    auds = [aud] if isinstance(aud, str) else aud
+    if isinstance(auds, list) and auds and audience not in auds:
+        shown = ", ".join(repr(str(a))[:60] for a in auds[:5])
+        return f"the token is for audience {shown}, not {audience!r}"
+    return None
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` of a JWT, unverified (the API verified it): only used to keep a cached review no longer than
+    the token is valid. None when it is not a JWT with a numeric `exp`."""
+    claims = _unverified_claims(token)
+    exp = claims.get("exp") if claims is not None else None
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
@@ -107,6 +132,8 @@ class ReviewStats:
     cache_hits: int = 0
     shared: int = 0  # requests that waited for a review already in flight for the same token
     api_errors: int = 0
+    prechecked: int = 0  # refused from the token's own claims, no review asked
+    stale: int = 0  # cached reviews dropped because the caller's pod is gone or replaced
 
 
 class KubeAuthenticator:
@@ -124,8 +151,13 @@ class KubeAuthenticator:
         timeout: float = API_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
         max_concurrent: int = MAX_CONCURRENT_REVIEWS,
+        pod_uid: Callable[[str, str], str | None] | None = None,
     ) -> None:
+        """`pod_uid(namespace, name)`: the uid of that pod in the CA's pod cache, None if it has none; a cached
+        review whose pod is gone or replaced is dropped (Kubernetes stops accepting a bound token when its pod is
+        deleted: the cache must not keep it alive)."""
         self.client = client
+        self.pod_uid = pod_uid
         self._slots = asyncio.Semaphore(max_concurrent)
         self.trust_domain = trust_domain
         self.audience = audience
@@ -135,7 +167,10 @@ class KubeAuthenticator:
         self.timeout = timeout
         self.clock = clock
         self.stats = ReviewStats()
-        self._cache: collections.OrderedDict[bytes, tuple[float, Caller]] = collections.OrderedDict()
+        # sha256(token) -> (until, caller, (namespace, pod name, pod uid) the token is bound to)
+        self._cache: collections.OrderedDict[bytes, tuple[float, Caller, tuple[str, str, str]]] = (
+            collections.OrderedDict()
+        )
         self._inflight: dict[bytes, asyncio.Future[Caller]] = {}
 
     async def authenticate(self, authorization: str | None) -> Caller:
@@ -144,11 +179,15 @@ class KubeAuthenticator:
         now = self.clock()
         hit = self._cache.get(key)
         if hit is not None:
-            if hit[0] > now:
+            if hit[0] > now and not self._stale(hit[2]):
                 self._cache.move_to_end(key)
                 self.stats.cache_hits += 1
                 return hit[1]
             del self._cache[key]
+        why = precheck(token, self.audience, now)
+        if why is not None:
+            self.stats.prechecked += 1
+            raise NodeAuthError(Refusal.UNAUTHENTICATED, f"the token cannot be accepted: {why}")
         pending = self._inflight.get(key)
         if pending is None:
             # A task of its own: a caller that goes away (its RPC cancelled) does not cancel the others' review.
@@ -159,6 +198,16 @@ class KubeAuthenticator:
             self.stats.shared += 1
         return await asyncio.shield(pending)
 
+    def _stale(self, bound: tuple[str, str, str]) -> bool:
+        """The pod a cached review was for is no longer in the pod cache, or is another pod of the same name."""
+        if self.pod_uid is None:
+            return False
+        namespace, name, uid = bound
+        if self.pod_uid(namespace, name) == uid:
+            return False
+        self.stats.stale += 1
+        return True
+
     def _done(self, key: bytes, task: asyncio.Task[Caller]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
@@ -167,12 +216,12 @@ class KubeAuthenticator:
 
     async def _review_and_cache(self, token: str, key: bytes) -> Caller:
         async with self._slots:
-            caller = await self._review(token)
+            caller, bound = await self._review(token)
         now = self.clock()
         expiry = token_expiry(token)
         until = min(now + self.ttl, expiry if expiry is not None else now + self.ttl)
         if until > now:
-            self._cache[key] = (until, caller)
+            self._cache[key] = (until, caller, bound)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return caller
@@ -194,7 +243,7 @@ class KubeAuthenticator:
                 Refusal.UNAVAILABLE, f"cannot {what}: the Kubernetes API is unreachable ({why}); retry"
             ) from e
 
-    async def _review(self, token: str) -> Caller:
+    async def _review(self, token: str) -> tuple[Caller, tuple[str, str, str]]:
         self.stats.reviews += 1
         review = {
             "apiVersion": "authentication.k8s.io/v1",
@@ -242,7 +291,7 @@ class KubeAuthenticator:
             raise NodeAuthError(
                 Refusal.UNAUTHENTICATED, f"the caller's pod {ns}/{pod_name} no longer exists"
             ) from e
-        return self._caller(pod, ns, sa, pod_name, pod_uid, claimed_node)
+        return self._caller(pod, ns, sa, pod_name, pod_uid, claimed_node), (ns, pod_name, pod_uid)
 
     def _caller(self, pod: Mapping[str, Any], ns: str, sa: str, name: str, uid: str, claimed_node: str) -> Caller:
         meta = pod.get("metadata") or {}
@@ -607,6 +656,8 @@ class _CAMetrics:
             ("cache_hit", stats.cache_hits),
             ("shared", stats.shared),
             ("api_error", stats.api_errors),
+            ("prechecked", stats.prechecked),
+            ("stale_cache", stats.stale),
         ):
             reviews.add_metric([result], value)
         yield reviews
@@ -664,8 +715,17 @@ async def run_kube_ca_server(endpoint: KubeEndpoint, settings: KubeCASettings, s
         source.reflectors = [r for r in source.reflectors if r.resource.kind in ("Pod", "Namespace")]
         await asyncio.to_thread(source.load)  # ConfigError naming what could not be listed, after its timeout
         accounts = settings.node_proxy_accounts or (f"{namespace}/{NODE_PROXY_SERVICE_ACCOUNT}",)
+
+        def pod_uid(ns: str, name: str) -> str | None:
+            w = source.current.workload(ns, name) if source.current is not None else None
+            return w.uid if w is not None else None
+
         auth = KubeAuthenticator(
-            client, trust_domain=settings.trust_domain, audience=settings.audience, node_proxy_accounts=accounts
+            client,
+            trust_domain=settings.trust_domain,
+            audience=settings.audience,
+            node_proxy_accounts=accounts,
+            pod_uid=pod_uid,
         )
         server = CAServer(
             ca,
