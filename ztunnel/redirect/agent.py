@@ -425,3 +425,4 @@ class NodeAgent:
                 if pod.netns_fd >= 0:
                     os.close(pod.netns_fd)
                     pod.netns_fd = -1
+            self.redirector.close()  # eBPF: our fds only; the pinned links keep the programs attached
