@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 import tests.unit.test_identity_kube as base
+from tests.support.identity import spiffe
 from tests.support.kubeapi import FakeKubeApi, namespace, pod
-from ztunnel.identity.authz import Refusal
+from ztunnel.identity.authz import CALLER_PEER, Refusal
+from ztunnel.identity.ca import CertificateAuthority, init_ca_dir
+from ztunnel.identity.certs import generate_key, make_csr
+from ztunnel.identity.kube import RefusalBudget, peer_address
+from ztunnel.identity.spiffe import SpiffeId
 
 
 @pytest.fixture
@@ -28,6 +33,11 @@ def api() -> Iterator[FakeKubeApi]:
             ]
         )
         yield fake
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority.load(init_ca_dir(tmp_path_factory.mktemp("ca") / "ca"))
 
 
 def _jwt(claims: dict[str, object]) -> str:
@@ -97,3 +107,65 @@ async def test_expired_and_wrong_audience_jwts_cost_no_review(api: FakeKubeApi, 
     # Just expired, within the clock skew allowed: the API decides.
     await base.refusal(auth, _jwt({"aud": "istio-ca", "exp": int(now - 5)}))
     assert base.reviews(api) == 2
+
+
+async def test_a_caller_flooding_fresh_invalid_tokens_costs_a_bounded_number_of_reviews(
+    api: FakeKubeApi, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    """Each fresh forged token (well formed, our audience, not expired) is worth a review; per caller (gRPC peer
+    address) a burst of refused reviews is allowed, then one per 2 s: 60 tokens in a row cost 20 reviews, not 60.
+    Another caller is not affected, nor a good token already reviewed (cached)."""
+    from ztunnel.identity.h2client import CAClient, CAClientError, GrpcStatus
+
+    api.add_token("web", "shop", "web", pod_name="web", node="node-a")
+    auth = base.authenticator(api, tmp_path)
+    server = base._server(auth, ca)
+    port = await server.start()
+    web = SpiffeId.parse(spiffe("shop", "web"))
+    token_file = tmp_path / "token"
+    try:
+        token_file.write_text("web")
+        client = CAClient(f"127.0.0.1:{port}", ca.roots_pem, token_file)
+        assert await client.create_certificate(make_csr(generate_key(), web), 3600)  # reviewed once, cached
+        exp = int(time.time() + 3600)
+        codes = []
+        started = time.monotonic()
+        for i in range(60):
+            token_file.write_text(_jwt({"aud": ["istio-ca"], "exp": exp, "jti": str(i)}))
+            with pytest.raises(CAClientError) as refused:
+                await client.create_certificate(make_csr(generate_key(), web), 3600)
+            codes.append(refused.value.code)
+        assert set(codes) == {GrpcStatus.UNAUTHENTICATED}
+        refilled = int((time.monotonic() - started) * 0.5)  # a slow run earns a review back every 2 s
+        forged_reviews = base.reviews(api) - 1
+        assert 20 <= forged_reviews <= 20 + refilled and auth.stats.throttled == 60 - forged_reviews
+        assert "too many refused tokens from 127.0.0.1" in str(refused.value)
+        token_file.write_text("web")  # the good token: from the cache, no review, still served
+        assert await client.create_certificate(make_csr(generate_key(), web), 3600)
+        assert base.reviews(api) == 1 + forged_reviews
+    finally:
+        await server.stop()
+    # Another caller has its own budget (the peer is what the CA server saw).
+    CALLER_PEER.set("ipv6:[fd00::7]:40000")
+    assert "does not accept the token" in str(await base.refusal(auth, _jwt({"aud": "istio-ca", "exp": exp})))
+    assert base.reviews(api) == 2 + forged_reviews
+
+
+def test_the_budget_refills_with_time() -> None:
+    now = [0.0]
+    budget = RefusalBudget(burst=2, rate=0.5, max_peers=2, clock=lambda: now[0])
+    budget.charge("a")
+    budget.charge("a")
+    assert budget.exhausted("a") and not budget.exhausted("b")
+    now[0] = 2.0
+    assert not budget.exhausted("a")
+    budget.charge("a")
+    assert budget.exhausted("a")
+    budget.charge("b")
+    budget.charge("c")  # past max_peers: the least recently charged ("a") is forgotten, with its debt
+    assert not budget.exhausted("a")
+    assert [peer_address(p) for p in ("ipv4:10.0.0.1:4000", "ipv6:[fd00::1]:4000", "unix:/x")] == [
+        "10.0.0.1",
+        "fd00::1",
+        "unix:/x",
+    ]

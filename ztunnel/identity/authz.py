@@ -7,6 +7,7 @@ names the gRPC status to return and whose text says why.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hmac
 import os
@@ -23,6 +24,9 @@ from ztunnel.identity.ca import CAError, IdentityRejectedError, InvalidRequestEr
 from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"  # the metadata key Istio's CA client uses
+# The gRPC peer ("ipv4:10.0.0.1:40000") of the request being authenticated, set by the CA server: an
+# authenticator that asks an API per token bounds what each caller's refused tokens may cost by it.
+CALLER_PEER: contextvars.ContextVar[str] = contextvars.ContextVar("ztunnel_ca_caller_peer", default="")
 
 
 class Refusal(enum.Enum):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ztunnel.config.kube.client import KubeApiError, KubeClient, KubeEndpoint, quote_name
-from ztunnel.identity.authz import Caller, NodeAuthError, Refusal, bearer_token
+from ztunnel.identity.authz import CALLER_PEER, Caller, NodeAuthError, Refusal, bearer_token
 from ztunnel.identity.ca import (
     CA_CERT,
     CA_KEY,
@@ -71,6 +71,11 @@ REVIEW_TTL_S = 60.0
 REVIEW_CACHE_SIZE = 4096
 MAX_CONCURRENT_REVIEWS = 32  # the API server's load from a flood of distinct (forged) tokens stays bounded
 API_TIMEOUT_S = 5.0
+# Refused reviews each caller (gRPC peer address) may cost the API: a burst, then this many a second. A caller
+# past it is refused without a review until it has earned one back; its cached (good) tokens still work.
+REFUSED_REVIEW_BURST = 20
+REFUSED_REVIEWS_PER_S = 0.5
+MAX_TRACKED_PEERS = 4096
 CLOCK_SKEW_S = 60.0  # an expired token is refused without a review only this long after its exp
 SA_PREFIX = "system:serviceaccount:"
 TRUST_DOMAIN_KEY = "trust-domain"
@@ -118,6 +123,47 @@ def precheck(token: str, audience: str, now: float) -> str | None:
     return None
 
 
+def peer_address(peer: str) -> str:
+    """A gRPC peer ("ipv4:10.0.0.1:40000", "ipv6:[::1]:40000") without its port: one caller's many connections
+    are one caller."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:].partition("]")[0]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    return peer
+
+
+class RefusalBudget:
+    """Per caller, a token bucket of refused reviews (`REFUSED_REVIEW_BURST`, refilled at
+    `REFUSED_REVIEWS_PER_S`); the least recently seen callers are forgotten past `max_peers`."""
+
+    def __init__(
+        self,
+        burst: int = REFUSED_REVIEW_BURST,
+        rate: float = REFUSED_REVIEWS_PER_S,
+        max_peers: int = MAX_TRACKED_PEERS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst, self.rate, self.max_peers, self.clock = burst, rate, max_peers, clock
+        self._peers: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()  # tokens, at
+
+    def _level(self, peer: str) -> float:
+        tokens, at = self._peers.get(peer, (float(self.burst), self.clock()))
+        return min(float(self.burst), tokens + (self.clock() - at) * self.rate)
+
+    def exhausted(self, peer: str) -> bool:
+        return bool(peer) and self._level(peer) < 1.0
+
+    def charge(self, peer: str) -> None:
+        if not peer:
+            return
+        self._peers[peer] = (self._level(peer) - 1.0, self.clock())
+        self._peers.move_to_end(peer)
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+
+
 def token_expiry(token: str) -> float | None:
     """The `exp` of a JWT, unverified (the API verified it): only used to keep a cached review no longer than
     the token is valid. None when it is not a JWT with a numeric `exp`."""
@@ -133,6 +179,7 @@ class ReviewStats:
     shared: int = 0  # requests that waited for a review already in flight for the same token
     api_errors: int = 0
     prechecked: int = 0  # refused from the token's own claims, no review asked
+    throttled: int = 0  # refused without a review: the caller spent its budget of refused reviews
     stale: int = 0  # cached reviews dropped because the caller's pod is gone or replaced
 
 
@@ -158,6 +205,7 @@ class KubeAuthenticator:
         deleted: the cache must not keep it alive)."""
         self.client = client
         self.pod_uid = pod_uid
+        self.refusals = RefusalBudget()
         self._slots = asyncio.Semaphore(max_concurrent)
         self.trust_domain = trust_domain
         self.audience = audience
@@ -189,6 +237,14 @@ class KubeAuthenticator:
             self.stats.prechecked += 1
             raise NodeAuthError(Refusal.UNAUTHENTICATED, f"the token cannot be accepted: {why}")
         pending = self._inflight.get(key)
+        peer = peer_address(CALLER_PEER.get())
+        if pending is None and self.refusals.exhausted(peer):
+            self.stats.throttled += 1
+            raise NodeAuthError(
+                Refusal.UNAUTHENTICATED,
+                f"too many refused tokens from {peer}; not reviewed (retry in {1 / self.refusals.rate:g}s at the "
+                "earliest, with a valid projected service-account token)",
+            )
         if pending is None:
             # A task of its own: a caller that goes away (its RPC cancelled) does not cancel the others' review.
             pending = asyncio.get_running_loop().create_task(self._review_and_cache(token, key))
@@ -216,7 +272,12 @@ class KubeAuthenticator:
 
     async def _review_and_cache(self, token: str, key: bytes) -> Caller:
         async with self._slots:
-            caller, bound = await self._review(token)
+            try:
+                caller, bound = await self._review(token)
+            except NodeAuthError as e:
+                if e.refusal is not Refusal.UNAVAILABLE:  # the API's failures are not the caller's
+                    self.refusals.charge(peer_address(CALLER_PEER.get()))  # the task runs in its caller's context
+                raise
         now = self.clock()
         expiry = token_expiry(token)
         until = min(now + self.ttl, expiry if expiry is not None else now + self.ttl)
@@ -658,6 +719,7 @@ class _CAMetrics:
             ("api_error", stats.api_errors),
             ("prechecked", stats.prechecked),
             ("stale_cache", stats.stale),
+            ("throttled", stats.throttled),
         ):
             reviews.add_metric([result], value)
         yield reviews

@@ -22,6 +22,7 @@ from ztunnel.config.model import ClusterConfig
 from ztunnel.config.source import ConfigSource
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.authz import (
+    CALLER_PEER,
     IMPERSONATED_IDENTITY,
     Authenticator,
     Caller,
@@ -94,6 +95,7 @@ class _CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
     ) -> ca_pb2.IstioCertificateResponse:
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         peer = context.peer()
+        CALLER_PEER.set(peer or "")
         try:
             caller = await self._server.authenticate(metadata.get("authorization"))
             chain = self._server.sign_body(body, metadata.get("authorization"), caller=caller)
@@ -133,6 +135,7 @@ class _RevocationService:
         self, body: bytes, context: grpc.aio.ServicerContext
     ) -> revocation_pb2.RevocationListResponse:
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        CALLER_PEER.set(context.peer() or "")
         try:
             await self._server.authenticate(metadata.get("authorization"))
             return self._server.revocation_list(body, metadata.get("authorization"), authenticated=True)
