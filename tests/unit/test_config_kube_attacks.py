@@ -394,3 +394,16 @@ async def test_a_service_without_selector_gets_its_endpoints_from_its_endpoint_s
             lambda: source.current is not None and source.current.endpoints(db) == (),
             what="the slice's endpoints gone",
         )
+
+
+def test_a_plain_http_api_server_off_loopback_is_warned_about(
+    api: FakeKubeApi, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = api.kubeconfig(tmp_path / "kubeconfig")
+    doc = json.loads(cfg.read_text())
+    for server, warned in (("http://10.96.0.1:8080", True), ("http://127.0.0.1:8001", False)):
+        caplog.clear()
+        doc["clusters"][0]["cluster"] = {"server": server}
+        cfg.write_text(json.dumps(doc))
+        assert from_kubeconfig(cfg).tls is None
+        assert any("over plain HTTP" in r.getMessage() for r in caplog.records) is warned

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
+import logging
 import os
 import re
 import ssl
@@ -25,6 +27,8 @@ import yaml
 
 from ztunnel.config.kube.wire import ChunkedDecoder, KubeWireError, LineSplitter, Oversized
 from ztunnel.errors import ZtunnelError
+
+log = logging.getLogger("ztunnel.config.kube")
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_HEAD_BYTES = 64 * 1024
@@ -146,6 +150,13 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> KubeEndpoin
     if server.scheme not in ("https", "http") or not server.hostname:
         raise KubeConfigError(f"{path}: field clusters[].cluster.server: {cluster.get('server')!r} is not an https URL")
     tls = None
+    if server.scheme == "http" and not _is_loopback(server.hostname):
+        log.warning(
+            "%s: the API server %s is reached over plain HTTP: anyone on the path can read this component's token "
+            "and feed it pods and policies; use https (a kubectl proxy on loopback is the only safe http server)",
+            path,
+            cluster.get("server"),
+        )
     if server.scheme == "https":
         tls = ssl.create_default_context()
         ca = material("certificate-authority", cluster)
@@ -171,6 +182,15 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> KubeEndpoin
         namespace=str(ctx.get("namespace") or "default"),
         base_path=server.path.rstrip("/"),
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _load_client_cert(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
