@@ -382,12 +382,23 @@ def test_connection_cannot_name_content_length_or_host() -> None:
     assert b"X-A" not in head
 
 
-def test_client_cert_header_is_not_forwarded() -> None:
+@pytest.mark.parametrize("name", [b"X-Forwarded-Client-Cert", b"x_forwarded_client_cert"])
+def test_client_cert_header_is_not_forwarded(name: bytes) -> None:
     conn = Http1Connection()
-    conn.receive_data(b"GET /ok HTTP/1.1\r\nHost: svc\r\nX-Forwarded-Client-Cert: URI=spiffe://x\r\n\r\n")
+    conn.receive_data(b"GET /ok HTTP/1.1\r\nHost: svc\r\n%s: URI=spiffe://x\r\n\r\n" % name)
     assert isinstance(conn.next_request_event(), RequestReceived)
     conn.allow()
     assert b"spiffe" not in conn.data_to_upstream()
+
+
+def test_a_removed_header_goes_in_its_underscore_spelling_too() -> None:
+    """A WSGI/PHP app reads `X_Jwt_Payload` as x-jwt-payload: the client's copy would pass for the waypoint's."""
+    conn = Http1Connection()
+    conn.receive_data(b"GET /ok HTTP/1.1\r\nHost: svc\r\nX_Jwt_Payload: forged\r\nX-Jwt-Payload: forged\r\n\r\n")
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow(((b"x-jwt-payload", b"real"),), remove=frozenset({b"x-jwt-payload"}))
+    up = conn.data_to_upstream()
+    assert b"forged" not in up and b"x-jwt-payload: real\r\n" in up
 
 
 # --- the response direction ---

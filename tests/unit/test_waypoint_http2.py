@@ -13,6 +13,7 @@ from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import ServicePort, Workload
 from ztunnel.policy.decision import ConnectionAttributes
+from ztunnel.waypoint.http1 import RequestHead
 from ztunnel.waypoint.http2 import (
     BadRequest,
     Closed,
@@ -254,3 +255,19 @@ def test_an_h2_request_as_a_custom_provider_sees_it() -> None:
     attrs = check_attributes(ev.head, conn, 40000)
     assert (attrs.protocol, attrs.method, attrs.path, attrs.host) == ("HTTP/2", "POST", "/book?id=1", "greeter")
     assert ("x-user", "a") in attrs.headers
+
+
+def test_upstream_h2_drops_forged_headers_in_either_spelling() -> None:
+    """To an h2 app: a client's x-forwarded-client-cert and its copy of a header the waypoint writes (a JWT
+    output) go, `_` spellings too, since CGI-style apps read `x_jwt_payload` as x-jwt-payload."""
+    head = RequestHead(
+        method=b"GET", target=b"/x", path=b"/x", host=b"greeter", version=b"2", content_length=None,
+        chunked=False, keep_alive=True, upgrade=None, expect_continue=False,
+        headers=((b"x_jwt_payload", b"forged"), (b"x_forwarded_client_cert", b"forged"), (b"x-ok", b"1")),
+    )  # fmt: skip
+    up, app = H2Conn(client_side=True), H2Conn(client_side=False)
+    app.receive(up.data_to_send())
+    up.receive(app.data_to_send())
+    up.send_request(head, b"http", ((b"x-jwt-payload", b"real"),), frozenset({b"x-jwt-payload"}), end_stream=True)
+    (started,) = [e for e in app.receive(up.data_to_send()) if isinstance(e, RequestStarted)]
+    assert started.head.headers == ((b"x-ok", b"1"), (b"x-jwt-payload", b"real"))

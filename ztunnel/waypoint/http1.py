@@ -312,6 +312,12 @@ _END_TO_END = frozenset({b"content-length", b"host"})
 # The proxy's word about the peer: a client's copy never reaches the app (Envoy's default, SANITIZE).
 SANITIZED_HEADERS = frozenset({b"x-forwarded-client-cert"})
 
+
+def fold_name(low: bytes) -> bytes:
+    """A lower-case field name as CGI-style apps (WSGI, PHP, nginx's fastcgi) read it: `_` and `-` are one, so
+    a client's `x_jwt_payload` is the app's `x-jwt-payload` and goes wherever that one goes."""
+    return low.replace(b"_", b"-") if b"_" in low else low
+
 # --- paths: Istio's normalization (security/normalization in its docs), the same bytes for policy and app ---
 
 
@@ -544,7 +550,7 @@ class Http1Connection:
                 upgrade = value
             elif low == b"expect":
                 expect = value.strip().lower()
-            if low not in _HOP_BY_HOP and low not in SANITIZED_HEADERS:
+            if low not in _HOP_BY_HOP and fold_name(low) not in SANITIZED_HEADERS:
                 fwd.append((name, value))
         if hosts != 1:  # HTTP/1.0 too: a `hosts` rule would not match a Host-less request the app may still route
             raise _Reject(400, "a request needs exactly one Host header")
@@ -631,8 +637,10 @@ class Http1Connection:
         a header the waypoint writes)."""
         head = self._deciding()
         parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+        if remove:
+            remove = frozenset(fold_name(n) for n in remove)
         for name, value in self._fwd_headers:
-            if remove and name.lower() in remove:
+            if remove and fold_name(name.lower()) in remove:
                 continue
             parts += (name, b": ", value, b"\r\n")
         for name, value in extra_headers:
@@ -949,5 +957,6 @@ __all__ = [
     "ResponseEnded",
     "ResponseReceived",
     "TunnelOpened",
+    "fold_name",
     "request_target",
 ]

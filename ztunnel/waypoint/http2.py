@@ -30,7 +30,7 @@ from hyperframe.frame import GoAwayFrame
 from ztunnel.hbone.budgets import StreamBudget
 from ztunnel.hbone.http2 import HboneH2
 from ztunnel.hbone.protocol import MAX_HEADER_LIST, PREMATURE_RESET_BUDGET, STREAM_OPEN_BUDGET
-from ztunnel.waypoint.http1 import SANITIZED_HEADERS, BadTarget, RequestHead, request_target
+from ztunnel.waypoint.http1 import SANITIZED_HEADERS, BadTarget, RequestHead, fold_name, request_target
 
 H2C_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"  # the first line of the h2c preface: routes a connection here
 _HEADER_FRAMES = (0x1, 0x9)  # HEADERS, CONTINUATION: frames whose payload is a header block fragment
@@ -280,6 +280,8 @@ class H2Conn:
     ) -> int:
         """Client side: open a stream for `head` (as the client sent it, minus `remove`, plus `extra`)."""
         sid = self.h2.get_next_available_stream_id()
+        if remove:
+            remove = frozenset(fold_name(n) for n in remove)
         fields = [
             (b":method", head.method),
             (b":scheme", scheme),
@@ -290,7 +292,9 @@ class H2Conn:
             low = name.lower()
             if low in HOP_BY_HOP and not (low == b"te" and value.strip().lower() == b"trailers"):
                 continue
-            if low == b"host" or low == b"expect" or low in remove or low in SANITIZED_HEADERS:  # 100: sent already
+            if low == b"host" or low == b"expect":  # a 100 went to the client already
+                continue
+            if fold_name(low) in SANITIZED_HEADERS or (remove and fold_name(low) in remove):
                 continue
             fields.append((low, value))
         fields += [(k.lower(), v) for k, v in extra]
