@@ -523,6 +523,7 @@ L7_CASES = [
     Case("l7-paths-double-slash", [deny(op(paths=["/admin*"]))], r7(path="//admin"), "deny", "foo/d"),
     Case("l7-paths-encoded-slash-kept", [allow(op(paths=["/public/*"]))], r7(path="/public/..%2Fadmin"), "allow"),
     Case("l7-paths-no-double-decoding", [deny(op(paths=["/admin*"]))], r7(path="/%2561dmin"), "allow"),
+    Case("l7-paths-escape-case", [deny(op(paths=["/a%2Fb"]))], r7(path="/a%2fb"), "deny", "foo/d"),
     # ---- hosts: case-insensitive, port as sent, prefix/suffix, not, Host header ----------------------------
     Case(
         "l7-hosts-exact",

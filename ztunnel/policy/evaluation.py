@@ -115,10 +115,10 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 
 def normalize_path(path: str, normalization: str = "MERGE_SLASHES") -> str:
     """A path (no query) as Istio normalizes it for policy and app alike (its "Authorization Policy
-    Normalization"): but for NONE, `%XX` of an unreserved character decoded once (`%2e%2e` is `..`, `%2561` stays),
-    `\\` as `/`, dot segments removed (RFC 3986 §5.2.4): BASE; MERGE_SLASHES also merges `//` (the waypoint's
-    default, one step past Istio's BASE: `//admin` is /admin to most apps); DECODE_AND_MERGE_SLASHES first
-    decodes `%2F` and `%5C` too."""
+    Normalization"): but for NONE, `%XX` of an unreserved character decoded once (`%2e%2e` is `..`, `%2561`
+    stays) and other escapes upper-cased (Envoy's canonical form), `\\` as `/`, dot segments removed (RFC 3986
+    §5.2.4): BASE; MERGE_SLASHES also merges `//` (the waypoint's default, one step past Istio's BASE: `//admin`
+    is /admin to most apps); DECODE_AND_MERGE_SLASHES first decodes `%2F` and `%5C` too."""
     if normalization == "NONE":
         return path
     if "%" in path:
@@ -142,8 +142,10 @@ def _decode_unreserved(path: str, slashes: bool) -> str:
             v = chr(int(path[i + 1 : i + 3], 16))
             if v in _UNRESERVED or (slashes and v in "/\\"):
                 out.append(v)
-                i += 3
-                continue
+            else:  # kept encoded, in one spelling: `%2f` is matched (and sent) as `%2F`
+                out.append(path[i : i + 3].upper())
+            i += 3
+            continue
         out.append(c)
         i += 1
     return "".join(out)
