@@ -16,13 +16,14 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import ipaddress
 import json
 import socket
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from ztunnel.config.kube.client import from_kubeconfig
+from ztunnel.config.kube.source import KubeConfigSource
+from ztunnel.config.model import ClusterConfig
+from ztunnel.config.source import FileConfigSource
 
 # plural -> (kind, namespaced)
 KINDS: dict[str, tuple[str, bool]] = {
@@ -737,3 +743,144 @@ def iter_documents(objs: list[dict[str, Any]]) -> Iterator[str]:
     """The same objects as YAML documents (JSON is YAML), for the file source."""
     for o in objs:
         yield json.dumps(o)
+
+
+# ---- what the Kubernetes config source's tests share ----------------------------------------------------------
+
+DENY_BAD = {"action": "DENY", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/bad"]}}]}]}
+
+
+def sample_cluster() -> list[dict[str, Any]]:
+    server = pod("server", node="node-b", ip="10.1.0.2", heavy=True)
+    server["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8080}]
+    return [
+        namespace("shop", {"istio.io/dataplane-mode": "ambient"}),
+        namespace("istio-system"),
+        pod("client", node="node-a", ip="10.1.0.1", heavy=True),
+        server,
+        pod("other", node="node-a", ip="10.1.0.3", labels={"istio.io/dataplane-mode": "none"}),
+        service("server", "shop", "10.96.0.10", {"app": "server"}),
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}], "capacity": {"cpu": "4"}},
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop"},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {
+                "mesh": "extensionProviders:\n- name: authz\n"
+                "  envoyExtAuthzHttp: {service: a.shop.svc.cluster.local, port: 80}\n"
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "unrelated", "namespace": "istio-system"},
+            "data": {"big": "x" * 1000},
+        },
+        authz_policy("deny-bad", "shop", DENY_BAD),
+        {
+            "apiVersion": "security.istio.io/v1beta1",
+            "kind": "PeerAuthentication",
+            "metadata": {"name": "strict", "namespace": "shop"},
+            "spec": {"mtls": {"mode": "STRICT"}},
+        },
+    ]
+
+
+def model_summary(cfg: ClusterConfig) -> dict[str, Any]:
+    """What the consumers read of a snapshot; containers compared through what they are used for."""
+    return {
+        "workloads": sorted(
+            ((dataclasses.replace(w, containers=()), w.target_port("http")) for w in cfg.workloads),
+            key=lambda x: x[0].ref,
+        ),
+        "services": sorted(cfg.services, key=lambda s: s.ref),
+        "namespaces": cfg.namespaces,
+        "nodes": cfg.nodes,
+        "waypoints": cfg.waypoints,
+        "providers": cfg.extension_providers,
+        "policies": sorted(
+            (o.kind, o.namespace, o.name, json.dumps(o.spec, sort_keys=True), dict(o.annotations))
+            for o in cfg.policy_objects
+        ),
+    }
+
+
+def file_model(api: FakeKubeApi, tmp_path: Path) -> ClusterConfig:
+    """The file source's model of exactly what the API holds now."""
+    objs = [o for plural in api.objects.values() for o in plural.values()]
+    f = tmp_path / "same.yaml"
+    f.write_text("\n---\n".join(json.dumps(o) for o in objs))
+    return FileConfigSource([f]).load()
+
+
+def kube_source(api: FakeKubeApi, tmp_path: Path, **kw: Any) -> KubeConfigSource:
+    kw.setdefault("sync_timeout", 10.0)
+    return KubeConfigSource(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")), **kw)
+
+
+@contextlib.asynccontextmanager
+async def watching(source: KubeConfigSource) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(source.watch())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def reflector_of(source: KubeConfigSource, plural: str) -> Any:
+    return next(r for r in source.reflectors if r.resource.plural == plural)
+
+
+# ---- what the CA's TokenReview tests share ---------------------------------------------------------------------
+
+
+def kube_authenticator(api: FakeKubeApi, tmp_path: Path, **kwargs: Any) -> Any:
+    """A KubeAuthenticator on `api` (the CA's node proxies: istio-system/ztunnel)."""
+    from ztunnel.config.kube.client import KubeClient
+    from ztunnel.identity.kube import KubeAuthenticator
+
+    client = KubeClient(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")))
+    return KubeAuthenticator(
+        client, trust_domain="cluster.local", node_proxy_accounts={"istio-system/ztunnel"}, **kwargs
+    )
+
+
+async def refused(auth: Any, token: str) -> Any:
+    """The NodeAuthError `auth` refuses `token` with (AssertionError if it accepts it)."""
+    from ztunnel.identity.authz import NodeAuthError
+
+    try:
+        caller = await auth.authenticate(f"Bearer {token}")
+    except NodeAuthError as e:
+        return e
+    raise AssertionError(f"token {token[:20]!r} was accepted: {caller}")
+
+
+def review_count(api: FakeKubeApi) -> int:
+    return api.count("POST", "/tokenreviews")
+
+
+def ca_server(auth: Any, ca: Any) -> Any:
+    """A CAServer authenticating with `auth`, over the two-node test config (web on node-a, db on node-b)."""
+    from tests.support.identity import two_node_config_yaml
+    from ztunnel.config.loader import build_config, load_documents
+    from ztunnel.identity.server import CAServer
+
+    config = build_config(load_documents(two_node_config_yaml(), "two-nodes.yaml"))
+    return CAServer(ca, auth, lambda: config, listen="127.0.0.1:0")

@@ -4,130 +4,33 @@ and refused events, field selectors, errors that name what is wrong)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.eventually import eventually, eventually_async
+from tests.support.kubeapi import DENY_BAD as DENY
 from tests.support.kubeapi import FakeKubeApi, authz_policy, namespace, pod, service
+from tests.support.kubeapi import file_model as _file_model
+from tests.support.kubeapi import kube_source as _source
+from tests.support.kubeapi import model_summary as _summary
+from tests.support.kubeapi import reflector_of as _reflector
+from tests.support.kubeapi import sample_cluster as _cluster
+from tests.support.kubeapi import watching as _watching
 from ztunnel.config.kube.client import from_kubeconfig
 from ztunnel.config.kube.source import KubeConfigSource
 from ztunnel.config.kube.wire import MAX_EVENT_BYTES
 from ztunnel.config.loader import ConfigError
-from ztunnel.config.model import ClusterConfig
-from ztunnel.config.source import FileConfigSource
-
-DENY = {"action": "DENY", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/bad"]}}]}]}
-
-
-def _cluster() -> list[dict[str, Any]]:
-    server = pod("server", node="node-b", ip="10.1.0.2", heavy=True)
-    server["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8080}]
-    return [
-        namespace("shop", {"istio.io/dataplane-mode": "ambient"}),
-        namespace("istio-system"),
-        pod("client", node="node-a", ip="10.1.0.1", heavy=True),
-        server,
-        pod("other", node="node-a", ip="10.1.0.3", labels={"istio.io/dataplane-mode": "none"}),
-        service("server", "shop", "10.96.0.10", {"app": "server"}),
-        {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": "node-a"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}], "capacity": {"cpu": "4"}},
-        },
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "Gateway",
-            "metadata": {"name": "waypoint", "namespace": "shop"},
-            "spec": {
-                "gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio", "namespace": "istio-system"},
-            "data": {
-                "mesh": "extensionProviders:\n- name: authz\n"
-                "  envoyExtAuthzHttp: {service: a.shop.svc.cluster.local, port: 80}\n"
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "unrelated", "namespace": "istio-system"},
-            "data": {"big": "x" * 1000},
-        },
-        authz_policy("deny-bad", "shop", DENY),
-        {
-            "apiVersion": "security.istio.io/v1beta1",
-            "kind": "PeerAuthentication",
-            "metadata": {"name": "strict", "namespace": "shop"},
-            "spec": {"mtls": {"mode": "STRICT"}},
-        },
-    ]
-
-
-def _summary(cfg: ClusterConfig) -> dict[str, Any]:
-    """What the consumers read of a snapshot; containers compared through what they are used for."""
-    return {
-        "workloads": sorted(
-            ((dataclasses.replace(w, containers=()), w.target_port("http")) for w in cfg.workloads),
-            key=lambda x: x[0].ref,
-        ),
-        "services": sorted(cfg.services, key=lambda s: s.ref),
-        "namespaces": cfg.namespaces,
-        "nodes": cfg.nodes,
-        "waypoints": cfg.waypoints,
-        "providers": cfg.extension_providers,
-        "policies": sorted(
-            (o.kind, o.namespace, o.name, json.dumps(o.spec, sort_keys=True), dict(o.annotations))
-            for o in cfg.policy_objects
-        ),
-    }
-
-
-def _file_model(api: FakeKubeApi, tmp_path: Path) -> ClusterConfig:
-    """The file source's model of exactly what the API holds now."""
-    objs = [o for plural in api.objects.values() for o in plural.values()]
-    f = tmp_path / "same.yaml"
-    f.write_text("\n---\n".join(json.dumps(o) for o in objs))
-    return FileConfigSource([f]).load()
 
 
 @pytest.fixture
 def api() -> Iterator[FakeKubeApi]:
     with FakeKubeApi() as server:
         yield server
-
-
-def _source(api: FakeKubeApi, tmp_path: Path, **kw: Any) -> KubeConfigSource:
-    kw.setdefault("sync_timeout", 10.0)
-    return KubeConfigSource(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")), **kw)
-
-
-@contextlib.asynccontextmanager
-async def _watching(source: KubeConfigSource) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.watch())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def _reflector(source: KubeConfigSource, plural: str) -> Any:
-    return next(r for r in source.reflectors if r.resource.plural == plural)
 
 
 def test_the_first_sync_builds_the_model_the_file_source_builds(api: FakeKubeApi, tmp_path: Path) -> None:

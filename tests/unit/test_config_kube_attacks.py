@@ -12,9 +12,19 @@ from typing import Any
 
 import pytest
 
-import tests.unit.test_config_kube as base
 from tests.support.eventually import eventually_async
-from tests.support.kubeapi import FakeKubeApi, authz_policy, namespace, pod, service
+from tests.support.kubeapi import (
+    FakeKubeApi,
+    authz_policy,
+    file_model,
+    kube_source,
+    namespace,
+    pod,
+    reflector_of,
+    sample_cluster,
+    service,
+    watching,
+)
 from ztunnel.config.kube import reflector as reflector_module
 from ztunnel.config.kube.client import KubeApiError, KubeClient, KubeConfigError, from_kubeconfig
 from ztunnel.config.kube.wire import ChunkedDecoder, KubeWireError
@@ -79,12 +89,12 @@ async def test_a_watch_that_drips_a_byte_at_a_time_ends_at_its_deadline(
         except ConnectionError:
             pass
 
-    api.put_all(base._cluster())
-    source = base._source(api, tmp_path)
+    api.put_all(sample_cluster())
+    source = kube_source(api, tmp_path)
     source.load()
     api.raw["pods"] = drip
     monkeypatch.setattr(reflector_module, "IDLE_GRACE_S", 0.5)
-    pods = base._reflector(source, "pods")
+    pods = reflector_of(source, "pods")
     pods.watch_timeout = (1, 1)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
@@ -139,8 +149,8 @@ async def test_a_man_in_the_middle_without_the_ca_is_refused(api: FakeKubeApi, t
 
 
 async def _watched(api: FakeKubeApi, tmp_path: Path, **kw: Any) -> Any:
-    api.put_all(base._cluster())
-    source = base._source(api, tmp_path, **kw)
+    api.put_all(sample_cluster())
+    source = kube_source(api, tmp_path, **kw)
     source.load()
     return source
 
@@ -149,9 +159,9 @@ async def test_events_the_request_did_not_ask_for_are_refused(api: FakeKubeApi, 
     """Another kind on a pods watch, a pod of another node on a node agent's pods watch (field selector), a
     ConfigMap of another namespace or name on the mesh ConfigMap's watch, names with path characters."""
     source = await _watched(api, tmp_path, pods_on_node="node-a")
-    pods = base._reflector(source, "pods")
+    pods = reflector_of(source, "pods")
     mesh = next(r for r in source.reflectors if r.resource.plural == "configmaps")
-    async with base._watching(source):
+    async with watching(source):
         await eventually_async(
             lambda: api.watch_count("configmaps") == 1 and api.watch_count("pods") == 1, what="the watches open"
         )
@@ -188,8 +198,8 @@ async def test_a_resource_version_that_goes_backwards_is_followed(api: FakeKubeA
     """resourceVersions are opaque (the API conventions forbid comparing them): the source resumes from the
     last one it was given, whatever its value, and keeps the event."""
     source = await _watched(api, tmp_path)
-    pods = base._reflector(source, "pods")
-    async with base._watching(source):
+    pods = reflector_of(source, "pods")
+    async with watching(source):
         await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
         old = pod("late", ip="10.1.0.40")
         old["metadata"]["resourceVersion"] = "5"
@@ -202,7 +212,7 @@ async def test_a_resource_version_that_goes_backwards_is_followed(api: FakeKubeA
 
 
 def test_a_tenant_istio_configmap_is_ignored(api: FakeKubeApi, tmp_path: Path) -> None:
-    api.put_all(base._cluster())
+    api.put_all(sample_cluster())
     api.put(namespace("tenant"))
     api.put(
         {
@@ -212,7 +222,7 @@ def test_a_tenant_istio_configmap_is_ignored(api: FakeKubeApi, tmp_path: Path) -
             "data": {"mesh": "extensionProviders:\n- name: evil\n  envoyExtAuthzHttp: {service: e.tenant, port: 80}\n"},
         }
     )
-    cfg = base._source(api, tmp_path).load()
+    cfg = kube_source(api, tmp_path).load()
     assert set(cfg.extension_providers) == {"authz"}
     assert [r.query.get("fieldSelector") for r in api.requests if r.path.endswith("/configmaps")] == [
         "metadata.name=istio"
@@ -223,11 +233,11 @@ def test_a_tenant_istio_configmap_is_ignored(api: FakeKubeApi, tmp_path: Path) -
 def test_a_tenant_policy_selecting_another_namespaces_labels_does_not_apply_there(
     api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    api.put_all(base._cluster())
+    api.put_all(sample_cluster())
     api.put(namespace("tenant"))
     deny_all = {"action": "DENY", "selector": {"matchLabels": {"app": "server"}}, "rules": [{}]}
     api.put(authz_policy("grab", "tenant", deny_all))
-    cfg = base._source(api, tmp_path).load()
+    cfg = kube_source(api, tmp_path).load()
     engine = PolicyEngine.from_objects(cfg.policy_objects, config=cfg)
     server = cfg.workload("shop", "server")
     assert server is not None
@@ -237,7 +247,7 @@ def test_a_tenant_policy_selecting_another_namespaces_labels_does_not_apply_ther
 def test_a_tenant_waypoint_of_the_same_name_is_not_used_by_another_namespace(
     api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    api.put_all(base._cluster())
+    api.put_all(sample_cluster())
     api.put(namespace("tenant"))
     api.put(
         {
@@ -253,7 +263,7 @@ def test_a_tenant_waypoint_of_the_same_name_is_not_used_by_another_namespace(
     svc = service("server", "shop", "10.96.0.10", {"app": "server"})
     svc["metadata"]["labels"] = {USE_WAYPOINT_LABEL: "waypoint"}
     api.put(svc)
-    cfg = base._source(api, tmp_path).load()
+    cfg = kube_source(api, tmp_path).load()
     shop_server = cfg.service("shop", "server")
     assert shop_server is not None
     chosen = cfg.waypoint_of(shop_server)
@@ -281,7 +291,7 @@ def test_every_kubernetes_component_takes_root_namespace(
     from ztunnel.cli import build_parser
     from ztunnel.config.kube.source import KubeConfigSource, open_source
 
-    api.put_all(base._cluster())
+    api.put_all(sample_cluster())
     api.put(namespace("mesh-root"))
     api.put(
         {
@@ -346,7 +356,7 @@ async def test_a_service_without_selector_gets_its_endpoints_from_its_endpoint_s
 ) -> None:
     from ztunnel.proxy.routing import HboneRoute, OutboundRouter, PassthroughRoute
 
-    api.put_all(base._cluster())
+    api.put_all(sample_cluster())
     api.put(namespace("tenant", {"istio.io/dataplane-mode": "ambient"}))
     api.put(pod("victim", "tenant", node="node-b", ip="10.2.0.5"))
     api.put(_selectorless("db", "shop", "10.96.0.20"))
@@ -360,7 +370,7 @@ async def test_a_service_without_selector_gets_its_endpoints_from_its_endpoint_s
     # A selector Service keeps its pods whatever a slice claims; a tenant's slice for shop's Service is not shop's.
     api.put(_slice("server-x", "shop", "server", [{"addresses": ["192.0.2.99"]}]))
     api.put(_slice("db-evil", "tenant", "db", [{"addresses": ["192.0.2.66"]}]))
-    source = base._source(api, tmp_path)
+    source = kube_source(api, tmp_path)
     cfg = source.load()
     db = cfg.service("shop", "db")
     server = cfg.service("shop", "server")
@@ -373,7 +383,7 @@ async def test_a_service_without_selector_gets_its_endpoints_from_its_endpoint_s
     }
     assert [w.ref for w in cfg.endpoints(server)] == ["shop/server"]
     # The file source builds the same endpoints from the same objects.
-    file_cfg = base._file_model(api, tmp_path)
+    file_cfg = file_model(api, tmp_path)
     file_db = file_cfg.service("shop", "db")
     assert file_db is not None
     assert sorted(w.uid for w in file_cfg.endpoints(file_db)) == sorted(w.uid for w in cfg.endpoints(db))
@@ -387,7 +397,7 @@ async def test_a_service_without_selector_gets_its_endpoints_from_its_endpoint_s
     assert {r.address for r in routes if isinstance(r, PassthroughRoute)} == {("192.0.2.10", 5432)}
     assert {r.target.port for r in routes if isinstance(r, HboneRoute)} == {5432}
     # Watched: the slice goes away, so do the endpoints.
-    async with base._watching(source):
+    async with watching(source):
         await eventually_async(lambda: api.watch_count("endpointslices") == 1, what="the slice watch open")
         api.delete("EndpointSlice", "db-1", "shop")
         await eventually_async(
