@@ -417,3 +417,41 @@ def test_a_plain_http_api_server_off_loopback_is_warned_about(
         cfg.write_text(json.dumps(doc))
         assert from_kubeconfig(cfg).tls is None
         assert any("over plain HTTP" in r.getMessage() for r in caplog.records) is warned
+
+
+async def test_a_list_that_never_stops_paging_is_given_up_not_buffered_for_ever(
+    api: FakeKubeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pages = [0]
+
+    async def endless(w: asyncio.StreamWriter, _q: dict[str, str]) -> None:
+        pages[0] += 1
+        token = f"page-{pages[0]}"  # a new one every time: never the end
+        item = service(f"s{pages[0]}", "shop", "10.96.0.1", {"app": "x"})
+        body = json.dumps({"metadata": {"resourceVersion": "1", "continue": token}, "items": [item] * 100}).encode()
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await w.drain()
+
+    api.put_all(sample_cluster())
+    source = kube_source(api, tmp_path)
+    source.load()
+    services = reflector_of(source, "services")
+    api.raw["services"] = endless
+    monkeypatch.setattr(reflector_module, "MAX_LIST_OBJECTS", 5_000)
+    with pytest.raises(KubeApiError, match="does not stop paging"):
+        async with asyncio.timeout(20):
+            await services.relist()
+    assert 50 <= pages[0] <= 52 and services.store  # the last good list is kept
+
+    async def repeating(w: asyncio.StreamWriter, _q: dict[str, str]) -> None:
+        pages[0] += 1
+        body = json.dumps({"metadata": {"resourceVersion": "1", "continue": "same"}, "items": []}).encode()
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await w.drain()
+
+    api.raw["services"] = repeating
+    pages[0] = 0
+    with pytest.raises(KubeApiError, match="'same' repeated"):
+        async with asyncio.timeout(20):
+            await services.relist()
+    assert pages[0] == 2

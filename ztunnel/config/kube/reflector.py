@@ -37,6 +37,9 @@ BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 30.0
 ABSENT_RECHECK_S = 60.0
 REQUEST_TIMEOUT_S = 60.0  # one list page
+# A list's pages together (each page is bounded in bytes): far above any cluster's objects of one kind
+# (Kubernetes' own scale limits: 150,000 pods), so an API that never stops paging cannot fill the memory.
+MAX_LIST_OBJECTS = 1_000_000
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label, as the API validates it
 _NOT_IN_A_NAME = re.compile(r"[/%\x00-\x20\x7f]")  # what the API refuses in any object's name (a path segment)
 
@@ -176,9 +179,15 @@ class Reflector:
                 else:
                     items.append(strip_object(item, version, self.resource.kind))
             rv = str(meta.get("resourceVersion") or "")
-            cont = str(meta.get("continue") or "")
+            previous, cont = cont, str(meta.get("continue") or "")
             if not cont:
                 return items, rv
+            if cont == previous or len(items) > MAX_LIST_OBJECTS:
+                raise KubeApiError(
+                    0,
+                    f"list {self.resource.plural}: the API does not stop paging ({len(items)} objects so far, "
+                    f"continue token {cont[:40]!r}{' repeated' if cont == previous else ''}); listing again later",
+                )
 
     def _refuse(self, why: str) -> None:
         self.stats.refused += 1
