@@ -4,7 +4,7 @@ are not HTTP, is counted in `istio_tcp_connections_opened_total` / `_closed_tota
 (to it), with reporter `waypoint` and the node proxy's label set (the client's principal, the Service's FQDN, the
 endpoint workload, request_protocol tcp, mutual_tls), once the connection closes.
 
-The cluster is test_waypoint_tcp's (the echo Service behind the greeter pod), with --metrics-addr.
+The cluster is the kit's greeter plus an echo Service (a `tcp-` port and an undeclared one) on the greeter pod.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ProxyProcess, start_proxy
-from tests.integration.test_waypoint_tcp import ECHO_PORT, ECHO_VIP, EXTRA, RAW, SNIFFED, TCP_NAMED
 from tests.support.echo import echo_server
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
@@ -38,6 +37,33 @@ from tests.support.waypoint import (
 from ztunnel.hbone.client import HbonePool
 from ztunnel.net.streams import StreamClosed
 
+ECHO_VIP = "10.96.0.81"
+ECHO_PORT = 9000
+TCP_NAMED, SNIFFED = 9000, 9001
+EXTRA = f"""\
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: greet}}
+spec:
+  clusterIP: {ECHO_VIP}
+  selector: {{app: greeter-service}}
+  ports:
+  - {{port: {TCP_NAMED}, targetPort: {ECHO_PORT}, name: tcp-echo}}
+  - {{port: {SNIFFED}, targetPort: {ECHO_PORT}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: echo-l4, namespace: greet}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/greet/sa/client"]
+"""
+RAW = b"\x00\x01\x02 not http at all \xff\r\n\r\n"
 LABELS = {
     "reporter": "waypoint",
     "source_principal": CLIENT.uri,

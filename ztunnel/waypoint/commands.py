@@ -8,6 +8,10 @@ Telemetry: Istio's HTTP metrics (reporter `waypoint`) on --metrics-addr and the 
 opt-in like --readiness-addr (the node proxy's defaults, 15020 and 15000, would collide on one host); one access
 log line per request on stderr (--access-log, default the --log-format). A CRL change applies to new handshakes
 and, as at the node proxy, closes the open HBONE connections (client and upstream side) of a revoked peer.
+
+Timeouts (server.Timeouts, Envoy's as reference): --idle-timeout (1h) closes a client connection with no request
+in flight, --request-headers-timeout (10s) one whose request head dribbles in, --response-timeout (off, as Istio's
+route timeout) answers 504 for an upstream that does not answer. Each takes a duration up to 24h, 0 for off.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ if TYPE_CHECKING:
     from ztunnel.hbone.server import HboneServer
     from ztunnel.identity.revocation import RevocationSet
     from ztunnel.net.http import HttpServer
-    from ztunnel.waypoint.server import WaypointServer
+    from ztunnel.waypoint.server import Timeouts, WaypointServer
     from ztunnel.waypoint.telemetry import RequestTelemetry
 
 log = logging.getLogger("ztunnel.waypoint")
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+MAX_TIMEOUT = 24 * 3600.0  # seconds: the bound of --idle-timeout, --request-headers-timeout, --response-timeout
+MAX_TIMEOUT_TEXT = "24h"
 
 
 class WaypointCommandError(ZtunnelError):
@@ -94,6 +100,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="10s",
         help="on SIGTERM/SIGINT: how long open client connections may finish (no new ones) (default 10s)",
     )
+    p.add_argument(
+        "--idle-timeout",
+        default="1h",
+        help="close a client connection with no request in flight (h2c: no open stream; GOAWAY first) after this "
+        f"long; 0 turns it off, at most {MAX_TIMEOUT_TEXT} (default 1h, as Envoy's HTTP idle_timeout)",
+    )
+    p.add_argument(
+        "--request-headers-timeout",
+        default="10s",
+        help="a request head must arrive whole within this long of its first byte, or the connection is closed "
+        "(HTTP/1.1: 408 first; h2c: GOAWAY first): a client that sends it a byte at a time holds nothing for long; "
+        f"0 turns it off, at most {MAX_TIMEOUT_TEXT} (default 10s; Envoy's is off)",
+    )
+    p.add_argument(
+        "--response-timeout",
+        default="0",
+        help="answer 504 when the upstream's response head has not arrived this long after the request was "
+        f"forwarded (the upstream stream is cut); at most {MAX_TIMEOUT_TEXT} (default 0: off, as Istio sets no route "
+        "timeout)",
+    )
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument(
         "--mesh-config",
@@ -114,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
                 setattr(args, flag, parse_host_port(getattr(args, flag)))
             except ValueError as e:
                 raise WaypointCommandError(f"--{flag.replace('_', '-')}: {e}") from None
+    args.timeouts = timeouts_from_args(args)
     if args.access_log is None:
         args.access_log = getattr(args, "log_format", "text")
     if args.ca and not (args.ca_root and args.token_file):
@@ -121,6 +148,32 @@ def _run(args: argparse.Namespace) -> int:
             "--ca needs --ca-root (the CA's root certificate) and --token-file (the node's token)"
         )
     return uvloop.run(run_waypoint(args))
+
+
+def timeout_seconds(flag: str, text: str) -> float | None:
+    """A timeout flag's value in seconds; None for 0 (off). A WaypointCommandError naming the flag otherwise."""
+    from ztunnel.identity.duration import DurationError, parse_duration
+
+    value = text.strip()
+    if value in ("0", "0s", "0ms", "off"):
+        return None
+    try:
+        seconds = parse_duration(value).total_seconds()
+    except DurationError as e:
+        raise WaypointCommandError(f"{flag}: {e} (0 turns it off)") from None
+    if seconds > MAX_TIMEOUT:
+        raise WaypointCommandError(f"{flag}: {text!r} is over {MAX_TIMEOUT_TEXT}; write at most {MAX_TIMEOUT_TEXT}")
+    return seconds
+
+
+def timeouts_from_args(args: argparse.Namespace) -> Timeouts:
+    from ztunnel.waypoint.server import Timeouts
+
+    return Timeouts(
+        idle=timeout_seconds("--idle-timeout", getattr(args, "idle_timeout", "1h")),
+        request_headers=timeout_seconds("--request-headers-timeout", getattr(args, "request_headers_timeout", "10s")),
+        response=timeout_seconds("--response-timeout", getattr(args, "response_timeout", "0")),
+    )
 
 
 def find_waypoint_pod(config: ClusterConfig, name: str, namespace: str) -> Workload:
@@ -213,7 +266,8 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     await certs.start()
     contexts = TlsContexts(certs)
     pool = HbonePool(contexts, connect_timeout=parse_duration(args.connect_timeout).total_seconds())
-    waypoint = WaypointServer(identity, pool, snapshot(config, None), telemetry=telemetry)
+    timeouts = getattr(args, "timeouts", None) or timeouts_from_args(args)
+    waypoint = WaypointServer(identity, pool, snapshot(config, None), telemetry=telemetry, timeouts=timeouts)
     server = HboneServer(contexts, waypoint.serve_tunnel)
 
     async def on_config(cfg: ClusterConfig) -> None:

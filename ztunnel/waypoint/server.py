@@ -20,6 +20,12 @@ request line is `Http1Connection`'s, the HTTP/2 preface `_H2ClientConnection`'s 
 of its own, sent upstream as h2c for gRPC and ports declared http2/grpc, as HTTP/1.1 otherwise), anything else
 TCP. A bodiless idempotent request whose kept-alive upstream ends before any response byte is sent once more.
 
+Timeouts (`Timeouts`): a client connection with no request in flight is closed after the idle timeout (h2c: with
+a GOAWAY); a request head not whole within the request-headers timeout of its first byte ends the connection
+(HTTP/1.1: 408; h2c: GOAWAY); with a response timeout, an upstream whose response head is late is cut and the
+client answered 504. HTTP/1.1 reads carry a timeout only while waiting for a head; h2c arms one timer per
+transition (no open stream, a header block arriving), not per read.
+
 CUSTOM (ext-authz) policies: when a CUSTOM policy's rules match, `decide` leaves the verdict pending on its
 provider (`Verdict.custom`); the connection asks the provider (extauthz.Authorizers) and `after_ext_authz`
 applies the answer before the engine's DENY/ALLOW, as Envoy's ext_authz filter runs before its RBAC filter.
@@ -108,6 +114,29 @@ JWT_FAILED_BODY = b"Jwt verification fails"  # Envoy's jwt_authn answer to a pre
 NO_UPSTREAM_BODY = b"no healthy upstream"  # Envoy's answer when a cluster has no ready endpoint
 UPSTREAM_FAILED_BODY = b"upstream connect error"
 CLOSE_WAIT = 5.0  # seconds a finished client stream waits for the peer's end before it is reset
+TIMEOUT_BODY = b"request timeout"  # 408: the request head did not arrive in time (Envoy's words)
+UPSTREAM_TIMEOUT_BODY = b"upstream request timeout"  # 504: Envoy's answer when its route timeout fires
+_HEAD_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: %d\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n%s"
+    % (len(TIMEOUT_BODY), TIMEOUT_BODY)
+)
+_UPSTREAM_TIMED_OUT = (
+    b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: %d\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n%s"
+    % (len(UPSTREAM_TIMEOUT_BODY), UPSTREAM_TIMEOUT_BODY)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The waypoint's HTTP timeouts (`ztunnel waypoint --idle-timeout ...`); None turns one off.
+
+    Envoy's as reference: its HTTP idle_timeout is 1 h; request_headers_timeout and the route timeout are off
+    by default (Istio sets no route timeout). Here the head timeout is on (10 s: a slowloris client that sends
+    its head a byte at a time holds a connection 10 s, not forever) and the response timeout is opt-in."""
+
+    idle: float | None = 3600.0  # a client connection with no request in flight (h2c: no open stream): closed
+    request_headers: float | None = 10.0  # from a request head's first byte to its end: 408 (h2c: GOAWAY), closed
+    response: float | None = None  # from the request forwarded to the upstream's response head: 504
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,6 +356,7 @@ class WaypointServer:
     telemetry: RequestTelemetry | None = None  # Istio's HTTP metrics and the access log, per request
     h2c_connections: set[_H2ClientConnection] = field(default_factory=set)  # told to drain on `drain`
     draining: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     def _count(self, what: str) -> None:
         self.requests[what] = self.requests.get(what, 0) + 1
@@ -426,6 +456,7 @@ class _ClientConnection:
         self.http = Http1Connection()
         self.upstream: _Upstream | None = None
         self.outcome = Outcome(0.0)  # the current request's, for its telemetry
+        self.started = time.monotonic()
 
     async def run(self) -> None:
         """Istio's protocol selection for the port, then the first bytes when it says nothing (`sniff`)."""
@@ -468,12 +499,32 @@ class _ClientConnection:
         http = self.http
         if first:
             http.receive_data(first)
+        timeouts = self.server.timeouts
+        head_since: float | None = self.started  # when the awaited request head began (None: none has)
         try:
             while True:
                 ev = http.next_request_event()
-                if ev is NEED_DATA:
-                    http.receive_data(await self._read_client())
+                if ev is NEED_DATA:  # between requests, or inside a head
+                    if head_since is None and http.buffered:
+                        head_since = time.monotonic()
+                    limit = timeouts.idle if head_since is None else timeouts.request_headers
+                    if limit is None:
+                        data = await self._read_client()
+                    else:
+                        delay = limit if head_since is None else head_since + limit - time.monotonic()
+                        try:
+                            async with asyncio.timeout(delay):
+                                data = await self._read_client()
+                        except TimeoutError:
+                            self._timed_out(head_since is not None)
+                            if head_since is not None:
+                                await self._to_client(_HEAD_TIMED_OUT)
+                            break
+                    if data and head_since is None:
+                        head_since = time.monotonic()
+                    http.receive_data(data)
                 elif isinstance(ev, RequestReceived):
+                    head_since = None
                     if not await self._recorded(ev.head):
                         break
                 else:  # CLOSED, RequestRejected (its answer is queued), PAUSED (nothing left to do)
@@ -545,6 +596,20 @@ class _ClientConnection:
         service = self.server.state.config.service_by_ip(self.target.ip)
         outcome = Outcome(time.monotonic(), status=status, reason="bad_request", service=service)
         self._record(head, outcome)
+
+    def _timed_out(self, in_head: bool, protocol: str = "HTTP/1.1") -> None:
+        """A client connection closed by a timeout: idle (no request in flight), or inside a request head (counted
+        and recorded as a 408, which is what an HTTP/1.1 client is told)."""
+        timeouts = self.server.timeouts
+        what = "request_headers_timeout" if in_head else "idle_timeout"
+        self.server._count(what)
+        fields = {"authority": str(self.target), "peer_identity": self.principal, "protocol": protocol}
+        if not in_head:
+            log.debug("idle client connection closed", extra={**fields, "timeout_s": timeouts.idle})
+            return
+        log.info("request head too slow: connection closed", extra={**fields, "timeout_s": timeouts.request_headers})
+        service = self.server.state.config.service_by_ip(self.target.ip)
+        self._record(None, Outcome(time.monotonic(), status=408, reason=what, service=service))
 
     async def _relay_tcp(self, first: bytes, why: str) -> None:
         """Not HTTP: the engine's L4 check with the original client's identity, then bytes both ways over
@@ -770,16 +835,28 @@ class _ClientConnection:
 
     async def _pump_response(self, up: HboneStream, *, retry_stale: bool = False) -> bool:
         """The response, upstream -> client; True when the client connection goes on to its next request.
-        With `retry_stale`, an upstream that ends before the first response byte raises _StaleUpstream."""
+        With `retry_stale`, an upstream that ends before the first response byte raises _StaleUpstream. With a
+        response timeout, an upstream whose response head is not here in time gets the client a 504 (and closed)."""
         http = self.http
+        limit = self.server.timeouts.response
+        deadline = None if limit is None else time.monotonic() + limit  # cleared by the response head
         while True:
             ev = http.next_response_event()
             await self._to_client(http.data_to_client())
             if ev is NEED_DATA:
                 try:
-                    data = await up.read(READ_CHUNK)
+                    if deadline is None:
+                        data = await up.read(READ_CHUNK)
+                    else:
+                        async with asyncio.timeout(deadline - time.monotonic()):
+                            data = await up.read(READ_CHUNK)
                 except StreamClosed:
                     data = b""
+                except TimeoutError:
+                    up.abort()
+                    self._upstream_timed_out(self.outcome)
+                    await self._to_client(_UPSTREAM_TIMED_OUT)
+                    return False
                 if retry_stale:
                     if not data:
                         raise _StaleUpstream
@@ -788,6 +865,7 @@ class _ClientConnection:
             elif isinstance(ev, ResponseData):
                 self.outcome.response_bytes += len(ev.data)
             elif isinstance(ev, ResponseReceived):
+                deadline = None
                 self._response_head(ev)
             elif isinstance(ev, ResponseEnded):
                 return ev.keep_alive
@@ -802,6 +880,20 @@ class _ClientConnection:
             elif ev is CLOSED or ev is PAUSED:  # PAUSED cannot happen mid-response: end the connection
                 return False
             # ResponseReceived / ResponseData: their bytes went to the client above
+
+    def _upstream_timed_out(self, outcome: Outcome) -> None:
+        """The upstream's response head did not come within the response timeout: the client is told 504."""
+        self.server._count("upstream_timeout")
+        outcome.status, outcome.reason, outcome.response_bytes = 504, "upstream_timeout", len(UPSTREAM_TIMEOUT_BODY)
+        log.info(
+            "upstream response timeout: 504",
+            extra={
+                "authority": str(self.target),
+                "peer_identity": self.principal,
+                "endpoint": outcome.upstream,
+                "timeout_s": self.server.timeouts.response,
+            },
+        )
 
     def _denied(self, verdict: Verdict) -> None:
         o = self.outcome
@@ -896,10 +988,18 @@ class _H2Side:
     """An H2Conn over an HBONE stream: `read_loop` feeds received events to `on_event`, `flush` hands what
     h2 queued to the writer task; `send_all` waits for the peer's window and for the writer to catch up."""
 
-    def __init__(self, conn: H2Conn, stream: HboneStream, on_event: Callable[[H2Event], None]) -> None:
+    def __init__(
+        self,
+        conn: H2Conn,
+        stream: HboneStream,
+        on_event: Callable[[H2Event], None],
+        on_headers: Callable[[bool], None] | None = None,
+    ) -> None:
         self.conn = conn
         self.stream = stream
         self.on_event = on_event
+        self.on_headers = on_headers  # told when a header block starts arriving (True) and when none is (False)
+        self.headers_pending = False
         self._out: list[bytes] = []
         self.pending = 0
         self._wake: asyncio.Future[None] | None = None
@@ -958,7 +1058,8 @@ class _H2Side:
         data = initial
         while True:
             if data:
-                for ev in self.conn.receive(data):
+                events = self.conn.receive(data)
+                for ev in events:
                     if isinstance(ev, WindowOpened):
                         if ev.stream_id == 0:
                             for waiter in self._windows.values():
@@ -966,6 +1067,15 @@ class _H2Side:
                         else:
                             _wake(self._windows.get(ev.stream_id))
                     self.on_event(ev)
+                if self.on_headers is not None:
+                    # A partial header block sits behind every frame that produced an event: when this read
+                    # produced any, the block began in it (the clock restarts), else it is the one seen before.
+                    pending = self.conn.receiving_headers
+                    if pending and (events or not self.headers_pending):
+                        self.on_headers(True)
+                    elif not pending and self.headers_pending:
+                        self.on_headers(False)
+                    self.headers_pending = pending
                 self.flush()
                 closed = self.conn.closed
                 if closed is not None and (closed.ours or closed.code != 0):
@@ -1080,8 +1190,13 @@ class _H2ClientConnection:
         self.owner = owner
         self.server = owner.server
         self.conn = H2Conn(client_side=False)
-        self.side = _H2Side(self.conn, owner.client, self._on_event)
+        timeouts = self.server.timeouts
+        on_headers = self._headers_clock if timeouts.request_headers is not None else None
+        self.side = _H2Side(self.conn, owner.client, self._on_event, on_headers)
         self.exchanges: dict[int, _H2Exchange] = {}
+        self._expired: asyncio.Future[str] | None = None  # why a timeout ends the connection: idle, request_headers
+        self._idle_timer: asyncio.TimerHandle | None = None  # armed while no stream is open
+        self._headers_timer: asyncio.TimerHandle | None = None  # armed while a header block is arriving
         self.h2_upstreams: dict[tuple[str, Authority], _H2Upstream] = {}  # by (workload uid, target)
         self.h1_idle: dict[tuple[str, Authority], list[HboneStream]] = {}
         self.h2_retired: list[_H2Upstream] = []  # replaced while streams were still open on them
@@ -1090,13 +1205,49 @@ class _H2ClientConnection:
         self.conn.goaway()
         self.side.flush()
 
+    # --- timeouts: one timer each, armed and cancelled on transitions (not per read) ---
+
+    def _expire(self, why: str) -> None:
+        if self._expired is not None and not self._expired.done():
+            self._expired.set_result(why)
+
+    def _headers_clock(self, started: bool) -> None:
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+        limit = self.server.timeouts.request_headers
+        if started and limit is not None and self._expired is not None and not self._expired.done():
+            self._headers_timer = asyncio.get_running_loop().call_later(limit, self._expire, "request_headers")
+
+    def _idle_clock(self, idle: bool) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        limit = self.server.timeouts.idle
+        if idle and limit is not None and self._expired is not None and not self._expired.done():
+            self._idle_timer = asyncio.get_running_loop().call_later(limit, self._expire, "idle")
+
     async def run(self, initial: bytes) -> None:
+        """Serve the connection until the client ends it, or a timeout does (GOAWAY, then closed): no stream for
+        the idle timeout, or a header block not whole within the request-headers timeout."""
         self.side.start()
         self.server.h2c_connections.add(self)
         if self.server.draining:
             self.goaway()
+        loop = asyncio.get_running_loop()
+        self._expired = loop.create_future()
+        self._idle_clock(True)
+        reader = loop.create_task(self.side.read_loop(initial))
         try:
-            await self.side.read_loop(initial)
+            await asyncio.wait((reader, self._expired), return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                self.goaway()
+                self.owner._timed_out(self._expired.result() == "request_headers", "HTTP/2")
+                return
+            await reader
             closed = self.conn.closed
             if closed is not None and closed.ours:
                 self.server._count("bad_request")
@@ -1114,6 +1265,12 @@ class _H2ClientConnection:
                 if pending:
                     await asyncio.wait(pending, timeout=CLOSE_WAIT * 6)
         finally:
+            if not reader.done():
+                reader.cancel()
+            if not self._expired.done():
+                self._expired.cancel()  # no clock is armed from now on (streams ending below would arm one)
+            self._idle_clock(False)
+            self._headers_clock(False)
             for ex in list(self.exchanges.values()):
                 if ex.task is not None:
                     ex.task.cancel()
@@ -1135,6 +1292,8 @@ class _H2ClientConnection:
     def _on_event(self, ev: H2Event) -> None:
         if isinstance(ev, RequestStarted):
             new = _H2Exchange(ev.stream_id, ev.head, ev.ended)
+            if not self.exchanges:
+                self._idle_clock(False)
             self.exchanges[ev.stream_id] = new
             new.task = asyncio.get_running_loop().create_task(self._serve(new))
             return
@@ -1171,6 +1330,8 @@ class _H2ClientConnection:
             self.conn.reset(ex.stream_id, ErrorCodes.INTERNAL_ERROR)
         finally:
             self.exchanges.pop(ex.stream_id, None)
+            if not self.exchanges:
+                self._idle_clock(True)
             for item in ex.body.drain():
                 if isinstance(item, H2Data):
                     self.conn.ack(ex.stream_id, item.flow)
@@ -1344,11 +1505,25 @@ class _H2ClientConnection:
 
     async def _pump_response_h2(self, ex: _H2Exchange, up: _H2Upstream, sid: int) -> None:
         conn, o = self.conn, ex.outcome
+        limit = self.server.timeouts.response
+        deadline = None if limit is None else time.monotonic() + limit  # cleared by the response head
         while True:
-            item = await ex.replies.get()
+            if deadline is None:
+                item = await ex.replies.get()
+            else:
+                try:
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        item = await ex.replies.get()
+                except TimeoutError:
+                    up.side.conn.reset(sid, ErrorCodes.CANCEL)
+                    up.side.flush()
+                    self.owner._upstream_timed_out(o)
+                    self._answer(ex, 504, UPSTREAM_TIMEOUT_BODY)
+                    return
             if item is _CLIENT_RESET:
                 return
             if isinstance(item, ResponseStarted):
+                deadline = None
                 o.status = item.status
                 grpc = _header(item.headers, b"grpc-status")
                 if grpc is not None:
@@ -1487,14 +1662,25 @@ class _H2ClientConnection:
     ) -> bool:
         o = ex.outcome
         got = False
+        limit = self.server.timeouts.response
+        deadline = None if limit is None else time.monotonic() + limit  # cleared by the response head
         while True:
             ev = http.next_response_event()
             http.data_to_client()  # the HTTP/1.1 rendering of the response: not what this client gets
             if ev is NEED_DATA:
                 try:
-                    data = await up.read(READ_CHUNK)
+                    if deadline is None:
+                        data = await up.read(READ_CHUNK)
+                    else:
+                        async with asyncio.timeout(deadline - time.monotonic()):
+                            data = await up.read(READ_CHUNK)
                 except StreamClosed:
                     data = b""
+                except TimeoutError:
+                    up.abort()
+                    self.owner._upstream_timed_out(o)
+                    self._answer(ex, 504, UPSTREAM_TIMEOUT_BODY)
+                    return False
                 if ex.reset:  # the client gave up (its reset aborted `up`)
                     return False
                 if not data and not got and retry_stale:
@@ -1502,6 +1688,7 @@ class _H2ClientConnection:
                 got = got or bool(data)
                 http.receive_upstream_data(data)
             elif isinstance(ev, ResponseReceived):
+                deadline = None
                 o.status = ev.status
                 headers = [(k.lower(), v) for k, v in ev.headers if k.lower() not in HOP_BY_HOP]
                 grpc = _header(headers, b"grpc-status")
