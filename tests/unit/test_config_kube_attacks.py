@@ -455,3 +455,23 @@ async def test_a_list_that_never_stops_paging_is_given_up_not_buffered_for_ever(
         async with asyncio.timeout(20):
             await services.relist()
     assert pages[0] == 2
+
+
+async def test_a_watch_that_adds_without_end_fills_the_store_to_the_bound_only(
+    api: FakeKubeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api.put_all(sample_cluster())
+    source = kube_source(api, tmp_path)
+    source.load()
+    services = reflector_of(source, "services")
+    monkeypatch.setattr(reflector_module, "MAX_LIST_OBJECTS", 10)
+    async with watching(source):
+        await eventually_async(lambda: api.watch_count("services") == 1, what="the service watch open")
+        for i in range(30):
+            api.send_raw("services", _event("ADDED", service(f"flood-{i}", "shop", "10.96.1.1", {"app": "x"})))
+        api.send_raw("services", _event("MODIFIED", service("server", "shop", "10.96.0.10", {"app": "moved"})))
+        await eventually_async(
+            lambda: services.store[("shop", "server")]["spec"]["selector"] == {"app": "moved"},
+            what="the last event applied",
+        )
+    assert len(services.store) == 10 and services.stats.refused == 21  # 1 listed + 9 added, then refused

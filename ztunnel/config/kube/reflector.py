@@ -37,8 +37,9 @@ BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 30.0
 ABSENT_RECHECK_S = 60.0
 REQUEST_TIMEOUT_S = 60.0  # one list page
-# A list's pages together (each page is bounded in bytes): far above any cluster's objects of one kind
-# (Kubernetes' own scale limits: 150,000 pods), so an API that never stops paging cannot fill the memory.
+# Objects one resource may hold (a list's pages together, or the store as watch events fill it; each page and
+# event is bounded in bytes): far above any cluster's objects of one kind (Kubernetes' scale limits: 150,000
+# pods), so an API that never stops paging or adding cannot fill the memory.
 MAX_LIST_OBJECTS = 1_000_000
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label, as the API validates it
 _NOT_IN_A_NAME = re.compile(r"[/%\x00-\x20\x7f]")  # what the API refuses in any object's name (a path segment)
@@ -221,6 +222,9 @@ class Reflector:
             key = self._key(obj)
             if event.type == "DELETED":
                 self.store.pop(key, None)
+            elif key not in self.store and len(self.store) >= MAX_LIST_OBJECTS:
+                self._refuse(f"{key[0]}/{key[1]}: already {len(self.store)} objects kept, the most a list may hold")
+                return True
             else:
                 self.store[key] = obj
             self.stats.events += 1
