@@ -54,6 +54,7 @@ RESPONSE = 1.0
 MUTE_IP = "127.0.165.30"
 MUTE_VIP = "10.96.0.80"
 H2_PORT = 81  # the mute Service's port declared grpc: the waypoint speaks h2c upstream
+HTTP_PORT = 82  # declared http: a silent client is HTTP/1.1 there (elsewhere the sniff makes it TCP)
 EXTRA = f"""\
 ---
 apiVersion: v1
@@ -74,6 +75,7 @@ spec:
   ports:
   - {{port: 80, targetPort: {APP_PORT}}}
   - {{port: {H2_PORT}, targetPort: {APP_PORT}, name: grpc-mute}}
+  - {{port: {HTTP_PORT}, targetPort: {APP_PORT}, name: http-mute}}
 """
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS = SettingsFrame(0).serialize()
@@ -227,6 +229,19 @@ async def test_an_idle_h2c_connection_gets_a_goaway_then_is_closed(client: Hbone
     goaways = [f for f in _frames(rest) if isinstance(f, GoAwayFrame)]
     assert [(g.error_code, g.last_stream_id) for g in goaways] == [(0, 1)]
     assert IDLE * 0.9 <= closed - ended < IDLE + 5
+
+
+async def test_a_client_that_never_sends_a_head_is_idle_not_slow(client: HbonePool) -> None:
+    """The head's clock starts with its first byte: a connection that says nothing is closed at the idle timeout,
+    without a 408."""
+    stream = await tunnel_to(client, MUTE_VIP, HTTP_PORT)
+    try:
+        opened = time.monotonic()
+        rest, closed = await _eof(stream, IDLE + 10)
+    finally:
+        stream.close()
+    assert rest == b""
+    assert IDLE * 0.9 <= closed - opened < IDLE + 5
 
 
 # --- slowloris ---

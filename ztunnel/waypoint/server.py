@@ -500,7 +500,7 @@ class _ClientConnection:
         if first:
             http.receive_data(first)
         timeouts = self.server.timeouts
-        head_since: float | None = self.started  # when the awaited request head began (None: none has)
+        head_since = self.started if first else None  # when the awaited request head began (None: none has)
         try:
             while True:
                 ev = http.next_request_event()
