@@ -63,6 +63,7 @@ spec:
     - source:
         principals: ["cluster.local/ns/greet/sa/client"]
 """
+FLUSH = 0.2  # --byte-flush-interval
 RAW = b"\x00\x01\x02 not http at all \xff\r\n\r\n"
 LABELS = {
     "reporter": "waypoint",
@@ -94,7 +95,11 @@ def metrics_port(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iter
     try:
         proxy = start_proxy("node-b", config, ca_dir, workdir)
         waypoint, log_path = start_waypoint(
-            config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet", "--metrics-addr", f"127.0.0.1:{port}"
+            config,
+            ca_dir,
+            workdir,
+            *("--name", "waypoint", "--namespace", "greet", "--metrics-addr", f"127.0.0.1:{port}"),
+            *("--byte-flush-interval", f"{FLUSH}s"),
         )
         wait_listening(waypoint, log_path, WAYPOINT_IP)
         yield port
@@ -151,3 +156,40 @@ async def test_a_relayed_tcp_connection_is_counted_with_its_bytes(
         return True
 
     eventually(counted, 10, what="the TCP connection in the waypoint's istio_tcp_* metrics")
+
+
+async def test_an_open_connection_shows_its_bytes_before_it_closes(client: HbonePool, metrics_port: int) -> None:
+    """The periodic flush adds an open connection's bytes (the node proxy's --byte-flush-interval); its close adds
+    only what was not flushed."""
+    before = _counts(metrics_port)
+    payload = RAW + b"x" * 100_000
+    n = len(payload)
+    stream = await tunnel_to(client, ECHO_VIP, TCP_NAMED)
+    try:
+        await stream.write(payload)
+        got = b""
+        async with asyncio.timeout(10):
+            while len(got) < n:
+                chunk = await stream.read()
+                assert chunk
+                got += chunk
+
+        def flushed() -> bool:
+            delta = tuple(a - b for a, b in zip(_counts(metrics_port), before, strict=True))
+            assert delta == (1, 0, n, n), f"opened, closed, received, sent: {delta}"
+            return True
+
+        eventually(flushed, 10, what="the open connection's bytes flushed")
+        await stream.write_eof()
+        with contextlib.suppress(StreamClosed):
+            async with asyncio.timeout(10):
+                assert await stream.read() == b""
+    finally:
+        stream.close()
+
+    def closed() -> bool:
+        delta = tuple(a - b for a, b in zip(_counts(metrics_port), before, strict=True))
+        assert delta == (1, 1, n, n), f"opened, closed, received, sent: {delta}"
+        return True
+
+    eventually(closed, 10, what="the close counted, its bytes not twice")

@@ -120,6 +120,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         f"forwarded (the upstream stream is cut); at most {MAX_TIMEOUT_TEXT} (default 0: off, as Istio sets no route "
         "timeout)",
     )
+    p.add_argument(
+        "--byte-flush-interval",
+        default="5s",
+        help="how often open TCP connections' bytes are added to istio_tcp_*_bytes_total, with --metrics-addr "
+        "(default 5s, as the node proxy)",
+    )
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument(
         "--mesh-config",
@@ -234,6 +240,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     identity = SpiffeId.parse(pod.identity)
     ttl = parse_duration(args.cert_ttl)
     drain_timeout = parse_duration(args.drain_timeout).total_seconds()
+    byte_flush = _flag_duration("--byte-flush-interval", getattr(args, "byte_flush_interval", "5s"))
     if args.ca_dir:
         certs = CertificateManager.in_process(args.ca_dir, node=pod.node, config=source, ttl=ttl)
     else:
@@ -343,6 +350,8 @@ async def run_waypoint(args: argparse.Namespace) -> int:
                 group.create_task(source.watch(), name="config watch"),
                 group.create_task(refresher.run(), name="jwks refresh"),
             ]
+            if metrics is not None:  # one timer for every open TCP relay, as the node proxy's
+                background.append(group.create_task(_flush_tcp_bytes(waypoint, byte_flush), name="tcp byte flush"))
             log.info(
                 "waypoint running",
                 extra={
@@ -375,6 +384,21 @@ async def run_waypoint(args: argparse.Namespace) -> int:
         await certs.close()
         await waypoint.authorizers.close()
     return 0
+
+
+def _flag_duration(flag: str, text: str) -> float:
+    from ztunnel.identity.duration import DurationError, parse_duration
+
+    try:
+        return parse_duration(text).total_seconds()
+    except DurationError as e:
+        raise WaypointCommandError(f"{flag}: {e}") from None
+
+
+async def _flush_tcp_bytes(waypoint: WaypointServer, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        waypoint.flush_tcp_bytes()
 
 
 def close_revoked(crl: RevocationSet, server: HboneServer, pool: HbonePool) -> int:

@@ -63,6 +63,7 @@ from ztunnel.net.streams import StreamClosed
 from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes
 from ztunnel.policy.engine import PolicyEngine
 from ztunnel.ports import HBONE_PORT
+from ztunnel.telemetry.metrics import ConnectionLabels
 from ztunnel.waypoint.extauthz import Authorizers, AuthzVerdict, CheckAttributes
 from ztunnel.waypoint.http1 import (
     CLOSED,
@@ -343,6 +344,23 @@ class _Upstream:
         return not (s.done or s.remote_closed or s.local_closed)
 
 
+@dataclass(eq=False, slots=True)
+class _TcpRelay:
+    """An open TCP relay's byte counts for the metrics: `moved` is [from the client, to it], kept current by the
+    copies; `flushed` is how much of each the periodic flush already added to the counters."""
+
+    labels: ConnectionLabels
+    moved: list[int] = field(default_factory=lambda: [0, 0])
+    flushed: list[int] = field(default_factory=lambda: [0, 0])
+
+    def take_unflushed(self) -> tuple[int, int]:
+        """(sent to the client, received from it) since the last flush, marked flushed."""
+        received, sent = self.moved
+        delta = (sent - self.flushed[1], received - self.flushed[0])
+        self.flushed[0], self.flushed[1] = received, sent
+        return delta
+
+
 @dataclass
 class WaypointServer:
     """Serves the waypoint's inbound tunnels: `serve_tunnel` is the HboneServer's handler."""
@@ -357,6 +375,23 @@ class WaypointServer:
     h2c_connections: set[_H2ClientConnection] = field(default_factory=set)  # told to drain on `drain`
     draining: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    tcp_relays: set[_TcpRelay] = field(default_factory=set)  # open TCP relays, for `flush_tcp_bytes`
+
+    def flush_tcp_bytes(self) -> None:
+        """Add the open TCP relays' bytes since the last flush to the byte counters (a long connection shows
+        its traffic before it ends), one call per label set; the node proxy's periodic flush."""
+        telemetry = self.telemetry
+        if telemetry is None:
+            return
+        totals: dict[ConnectionLabels, list[int]] = {}
+        for relay in self.tcp_relays:
+            sent, received = relay.take_unflushed()
+            if sent or received:
+                total = totals.setdefault(relay.labels, [0, 0])
+                total[0] += sent
+                total[1] += received
+        for labels, (sent, received) in totals.items():
+            telemetry.tcp_bytes(labels, sent, received)
 
     def _count(self, what: str) -> None:
         self.requests[what] = self.requests.get(what, 0) + 1
@@ -640,8 +675,8 @@ class _ClientConnection:
         server._count("tcp")
         log.debug("tcp connection relayed", extra={**fields, "policy": decision.policy})
         telemetry = server.telemetry
-        labels = None
-        if telemetry is not None:  # Istio's TCP metrics, reporter waypoint: opened now, bytes and close at the end
+        relay = None
+        if telemetry is not None:  # Istio's TCP metrics, reporter waypoint: opened now, bytes flushed and at the end
             labels = telemetry.tcp_opened(
                 server.state.config,
                 principal=self.principal,
@@ -649,16 +684,22 @@ class _ClientConnection:
                 destination=endpoint.workload,
                 service=endpoint.service,
             )
-        moved = [0, 0]  # bytes from the client, bytes to it: counted by the copies, read once at the close
+            if labels is not None:
+                relay = _TcpRelay(labels)
+                server.tcp_relays.add(relay)
+        moved = relay.moved if relay is not None else [0, 0]  # from the client, to it: kept by the copies
         try:
             if first:
                 await up.write(first)
+                moved[0] = len(first)
             await asyncio.gather(_copy(self.client, up, moved, 0), _copy(up, self.client, moved, 1))
         finally:
             up.close()
             self.client.close()
-            if labels is not None and telemetry is not None:
-                telemetry.tcp_closed(labels, sent=moved[1], received=moved[0] + len(first))
+            if relay is not None and telemetry is not None:
+                server.tcp_relays.discard(relay)
+                sent, received = relay.take_unflushed()
+                telemetry.tcp_closed(relay.labels, sent=sent, received=received)
 
     async def _read_client(self) -> bytes:
         try:
@@ -918,19 +959,19 @@ class _ClientConnection:
 
 async def _copy(src: HboneStream, dst: HboneStream, moved: list[int] | None = None, index: int = 0) -> None:
     """Raw bytes (TCP, or after an Upgrade or CONNECT was allowed and accepted); EOF is passed on as a half-close.
-    With `moved`, the bytes copied end up in moved[index] however the copy ends (a local sum per read, stored
-    once: no per-chunk metric)."""
-    total = 0
+    With `moved`, moved[index] grows by the bytes copied, chunk by chunk (an integer add per read, read by the
+    periodic flush and at the close: no per-chunk metric)."""
     try:
-        while data := await src.read(READ_CHUNK):
-            await dst.write(data)
-            total += len(data)
+        if moved is None:
+            while data := await src.read(READ_CHUNK):
+                await dst.write(data)
+        else:
+            while data := await src.read(READ_CHUNK):
+                await dst.write(data)
+                moved[index] += len(data)
         await dst.write_eof()
     except StreamClosed:
         dst.abort()
-    finally:
-        if moved is not None:
-            moved[index] = total
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ class WaypointTcpMetrics:
     """`istio_tcp_connections_opened_total`, `..._closed_total`, `istio_tcp_sent_bytes_total` and
     `istio_tcp_received_bytes_total` for the connections the waypoint relays as TCP, in the waypoint's registry,
     under the node proxy's names and label set (reporter `waypoint`, request_protocol `tcp`). Bytes are counted
-    by the relay in two integers and added here once, at the close: the relay never touches a metric. `sent` is
+    by the relay in two integers and added here by a periodic flush and at the close: the relay never touches a
+    metric. `sent` is
     toward the client (response direction), `received` from it, as Istio counts them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -119,7 +120,15 @@ class WaypointTcpMetrics:
     def opened(self, labels: ConnectionLabels) -> None:
         self._of(labels)[0].inc()
 
+    def add_bytes(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        _, _, sent_bytes, received_bytes = self._of(labels)
+        if sent:
+            sent_bytes.inc(sent)
+        if received:
+            received_bytes.inc(received)
+
     def closed(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        """The close, with the bytes not flushed yet."""
         _, closed, sent_bytes, received_bytes = self._of(labels)
         closed.inc()
         if sent:
@@ -173,6 +182,11 @@ class RequestTelemetry:
         _, labels = self.labels(config, principal, source_ip, destination, service, "tcp")
         self.tcp.opened(labels)
         return labels
+
+    def tcp_bytes(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        """Bytes of a still-open `tcp_opened` connection (the periodic flush)."""
+        if self.tcp is not None:
+            self.tcp.add_bytes(labels, sent, received)
 
     def tcp_closed(self, labels: ConnectionLabels, sent: int, received: int) -> None:
         """The relay of a `tcp_opened` connection ended, having sent `sent` bytes to the client and `received`."""
