@@ -11,7 +11,6 @@ node proxy's side), h2c ones with h2's own validation off.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ import h2.connection
 import h2.events
 import pytest
 
-from tests.integration.conftest import ProxyProcess, start_proxy
 from tests.support.waypoint import (
     APP_PORT,
     CLIENT,
@@ -33,10 +31,8 @@ from tests.support.waypoint import (
     KeepAliveApp,
     Responses,
     client_pool,
-    start_waypoint,
-    stop,
+    proxy_and_waypoint,
     tunnel,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
@@ -99,18 +95,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     config.write_text(BASE + POLICIES)
     app = KeepAliveApp(GREETER_IP, APP_PORT)
     guarded = KeepAliveApp(GUARDED_IP, APP_PORT)
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
     try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
-        wait_listening(waypoint, log_path, WAYPOINT_IP)
-        yield Setup(ca_dir, app, guarded)
+        with proxy_and_waypoint(config, ca_dir, workdir):
+            yield Setup(ca_dir, app, guarded)
     finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
         app.close()
         guarded.close()
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ProxyProcess, start_proxy
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
 from tests.support.jwtkit import claims, jwks, key
@@ -26,14 +25,11 @@ from tests.support.waypoint import (
     APP_PORT,
     CONFIG,
     GREETER_IP,
-    WAYPOINT_IP,
     KeepAliveApp,
     Responses,
     client_pool,
-    start_waypoint,
-    stop,
+    proxy_and_waypoint,
     tunnel,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
 
@@ -99,24 +95,11 @@ def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[
     silent_port = silent.getsockname()[1]
     config.write_text(CONFIG + REQUEST_AUTHENTICATION.replace("SILENT_PORT", str(silent_port)))
     app = KeepAliveApp(GREETER_IP, APP_PORT)
-    proxy: ProxyProcess | None = None
-    waypoint = None
     metrics_port = free_port()
     try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log = start_waypoint(
-            config,
-            ca_dir,
-            workdir,
-            *("--name", "waypoint", "--namespace", "greet", "--metrics-addr", f"127.0.0.1:{metrics_port}"),
-        )
-        wait_listening(waypoint, log, WAYPOINT_IP)
-        yield Running(ca_dir, app, log, metrics_port, f"http://127.0.0.1:{silent_port}/jwks")
+        with proxy_and_waypoint(config, ca_dir, workdir, "--metrics-addr", f"127.0.0.1:{metrics_port}") as (_, _, log):
+            yield Running(ca_dir, app, log, metrics_port, f"http://127.0.0.1:{silent_port}/jwks")
     finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
         app.close()
         silent.close()
 

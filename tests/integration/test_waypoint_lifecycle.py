@@ -20,7 +20,7 @@ import h2.events
 import pytest
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
-from tests.integration.conftest import ZTUNNEL, ProxyProcess, start_proxy
+from tests.integration.conftest import ZTUNNEL
 from tests.support.certs import in_process_certs
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
@@ -38,6 +38,7 @@ from tests.support.waypoint import (
     Responses,
     client_pool,
     get,
+    proxy_and_waypoint,
     start_waypoint,
     stop,
     tunnel_to,
@@ -97,23 +98,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     config = workdir / "cluster.yaml"
     config.write_text(CONFIG + EXTRA)
     metrics_port = free_port()
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
-    try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log_path = start_waypoint(
-            config,
-            ca_dir,
-            workdir,
-            *("--name", "waypoint", "--namespace", "greet", "--metrics-addr", f"127.0.0.1:{metrics_port}"),
-        )
-        wait_listening(waypoint, log_path, WAYPOINT_IP)
-        yield Setup(workdir, ca_dir, log_path, metrics_port)
-    finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
+    with proxy_and_waypoint(config, ca_dir, workdir, "--metrics-addr", f"127.0.0.1:{metrics_port}") as (_, _, log):
+        yield Setup(workdir, ca_dir, log, metrics_port)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ProxyProcess, start_proxy
+from tests.integration.conftest import ProxyProcess
 from tests.support.certs import in_process_certs
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
@@ -44,10 +44,10 @@ from tests.support.waypoint import (
     get,
     listening,
     one,
+    proxy_and_waypoint,
     start_waypoint,
     stop,
     tunnel,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
@@ -80,18 +80,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     config = workdir / "cluster.yaml"
     config.write_text(CONFIG)
     app = KeepAliveApp(GREETER_IP, APP_PORT)
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
     try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
-        wait_listening(waypoint, log_path, WAYPOINT_IP)
-        yield Setup(workdir, ca_dir, proxy, waypoint, log_path, app)
+        with proxy_and_waypoint(config, ca_dir, workdir) as (proxy, waypoint, log_path):
+            yield Setup(workdir, ca_dir, proxy, waypoint, log_path, app)
     finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
         app.close()
 
 

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import ProxyProcess, start_proxy
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
 from tests.support.waypoint import (
@@ -27,16 +25,14 @@ from tests.support.waypoint import (
     CLIENT,
     CONFIG,
     GREETER_IP,
-    WAYPOINT_IP,
     KeepAliveApp,
     Responses,
     client_pool,
     get,
+    metric_samples,
     one,
-    start_waypoint,
-    stop,
+    proxy_and_waypoint,
     tunnel,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
 
@@ -57,25 +53,18 @@ def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[
     config = workdir / "cluster.yaml"
     config.write_text(CONFIG)
     app = KeepAliveApp(GREETER_IP, APP_PORT)
-    proxy: ProxyProcess | None = None
-    waypoint = None
     metrics_port, admin_port = free_port(), free_port()
     try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log = start_waypoint(
+        with proxy_and_waypoint(
             config,
             ca_dir,
             workdir,
-            *("--name", "waypoint", "--namespace", "greet", "--access-log", "json"),
+            "--access-log",
+            "json",
             *("--metrics-addr", f"127.0.0.1:{metrics_port}", "--admin-addr", f"127.0.0.1:{admin_port}"),
-        )
-        wait_listening(waypoint, log, WAYPOINT_IP)
-        yield Running(ca_dir, log, metrics_port, admin_port)
+        ) as (_, _, log):
+            yield Running(ca_dir, log, metrics_port, admin_port)
     finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
         app.close()
 
 
@@ -83,16 +72,6 @@ def running(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[
 async def client(running: Running) -> AsyncIterator[HbonePool]:
     async with client_pool(running.ca_dir) as pool:
         yield pool
-
-
-def _samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5) as r:
-        text = r.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def _find(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> list[float]:
@@ -117,11 +96,11 @@ async def test_allowed_and_denied_requests_are_counted_and_logged(running: Runni
     common = {"reporter": "waypoint", "source_principal": CLIENT.uri, "destination_service": SERVICE}
 
     def counted() -> bool:
-        s = _samples(running.metrics_port)
+        s = metric_samples(running.metrics_port)
         return bool(_find(s, "istio_requests_total", **common, response_code="403"))
 
     eventually(counted, 10, what="the denied request in the waypoint's metrics")
-    s = _samples(running.metrics_port)
+    s = metric_samples(running.metrics_port)
     assert _find(s, "istio_requests_total", **common, response_code="200", request_protocol="http") == [1.0]
     assert _find(s, "istio_requests_total", **common, response_code="403", request_protocol="http") == [1.0]
     assert _find(s, "istio_requests_total", **common, destination_workload="greeter", grpc_response_status="")
@@ -171,5 +150,5 @@ async def test_an_upgrade_is_counted_101_when_its_relay_ends(running: Running, c
     eventually(lambda: any(r["path"] == "/ws/hello" for r in _access_lines(running.log)), 10, what="the access line")
     (line,) = [r for r in _access_lines(running.log) if r["path"] == "/ws/hello"]
     assert line["response_code"] == 101 and line["policy"] == "greet/greeter-service"
-    s = _samples(running.metrics_port)
+    s = metric_samples(running.metrics_port)
     assert _find(s, "istio_requests_total", reporter="waypoint", response_code="101") == [1.0]

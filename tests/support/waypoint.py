@@ -9,12 +9,12 @@ import contextlib
 import socket
 import subprocess
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import uvloop
 
-from tests.integration.conftest import ZTUNNEL
+from tests.integration.conftest import ZTUNNEL, ProxyProcess, start_proxy
 from tests.support.certs import in_process_certs
 from tests.support.eventually import eventually
 from ztunnel.hbone.client import HbonePool, PoolKey
@@ -209,6 +209,25 @@ def wait_listening(proc: subprocess.Popen[bytes], log_path: Path, ip: str) -> No
     """Until the waypoint listens on ip:15008; fails with its log if it exited instead."""
     eventually(lambda: proc.poll() is not None or listening(ip, 15008), 20, what="waypoint listening")
     assert proc.poll() is None, log_path.read_text()
+
+
+@contextlib.contextmanager
+def proxy_and_waypoint(
+    config: Path, ca_dir: Path, workdir: Path, *args: str
+) -> Iterator[tuple[ProxyProcess, subprocess.Popen[bytes], Path]]:
+    """node-b's node proxy and greet's `waypoint` (with `args` after --name/--namespace), up until the waypoint
+    listens on WAYPOINT_IP:15008; yields (proxy, waypoint, its log) and stops the waypoint, then the proxy."""
+    proxy = start_proxy("node-b", config, ca_dir, workdir)
+    try:
+        names = ("--name", "waypoint", "--namespace", "greet")
+        waypoint, log_path = start_waypoint(config, ca_dir, workdir, *names, *args)
+        try:
+            wait_listening(waypoint, log_path, WAYPOINT_IP)
+            yield proxy, waypoint, log_path
+        finally:
+            stop(waypoint)
+    finally:
+        proxy.stop()
 
 
 @contextlib.asynccontextmanager
