@@ -33,6 +33,16 @@ spec:
 """
 
 
+# namespace shop, labelled to use waypoint `wp`; wp's Gateway; an ingress Gateway (class istio: no waypoint pod)
+SHOP_WAYPOINT = (
+    "apiVersion: v1\nkind: Namespace\n"
+    "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}\n---\n"
+    + gateway_yaml("shop", "wp")
+    + "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: shop}\n"
+    "spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}\n"
+)
+
+
 def waypoint_pod(namespace: str, gateway: str = "waypoint") -> str:
     return f"{namespace}/{gateway}-0"
 

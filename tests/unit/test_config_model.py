@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.lab_waypoint import SHOP_WAYPOINT
 from ztunnel.config import ConfigError, load_documents, load_files
 from ztunnel.config.loader import build_config, is_enrolled
 from ztunnel.config.source import FileConfigSource
@@ -280,23 +281,7 @@ def test_bad_json_names_file_line_and_column(tmp_path: Path) -> None:
     assert str(err.value).startswith(f"{f}: not valid JSON at line 2, column 23")
 
 
-WAYPOINT_CONFIG = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: wp, namespace: shop}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: ingress, namespace: shop}
-spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}
----
+WAYPOINT_CONFIG = SHOP_WAYPOINT + """---
 apiVersion: v1
 kind: Pod
 metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}

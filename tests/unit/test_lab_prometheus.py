@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.lab_waypoint import gateway_yaml
 from ztunnel.config.loader import load_documents
 from ztunnel.config.model import KubeObject
 from ztunnel.lab import prometheus, waypoints
@@ -14,14 +15,7 @@ from ztunnel.lab.cluster import _check_lab_dir
 from ztunnel.lab.model import LabError, plan_node, plan_pod
 from ztunnel.lab.state import LabState
 
-GATEWAY = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: wp, namespace: shop}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
+GATEWAY = gateway_yaml("shop", "wp") + """---
 apiVersion: v1
 kind: Pod
 metadata: {name: by-hand, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: other}}

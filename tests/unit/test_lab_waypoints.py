@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import yaml
 
+from tests.support.lab_waypoint import SHOP_WAYPOINT
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import KubeObject
 from ztunnel.lab import waypoints
 from ztunnel.lab.model import merge_objects, plan_node, plan_pod, render_live
 
-CLUSTER = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: wp, namespace: shop}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: ingress, namespace: shop}
-spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}
----
+CLUSTER = SHOP_WAYPOINT + """---
 apiVersion: v1
 kind: Service
 metadata: {name: backend, namespace: shop}
