@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ztunnel.config.kube.client import from_kubeconfig
+from ztunnel.config.kube.client import KubeClient, from_kubeconfig
 from ztunnel.config.kube.source import KubeConfigSource
 from ztunnel.config.model import ClusterConfig
 from ztunnel.config.source import FileConfigSource
@@ -850,14 +850,17 @@ def reflector_of(source: KubeConfigSource, plural: str) -> Any:
 # ---- what the CA's TokenReview tests share ---------------------------------------------------------------------
 
 
+def kube_client(api: FakeKubeApi, tmp_path: Path) -> KubeClient:
+    """A KubeClient on `api`, through a kubeconfig written in `tmp_path` (as a deployment's would be)."""
+    return KubeClient(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")))
+
+
 def kube_authenticator(api: FakeKubeApi, tmp_path: Path, **kwargs: Any) -> Any:
     """A KubeAuthenticator on `api` (the CA's node proxies: istio-system/ztunnel)."""
-    from ztunnel.config.kube.client import KubeClient
     from ztunnel.identity.kube import KubeAuthenticator
 
-    client = KubeClient(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")))
     return KubeAuthenticator(
-        client, trust_domain="cluster.local", node_proxy_accounts={"istio-system/ztunnel"}, **kwargs
+        kube_client(api, tmp_path), trust_domain="cluster.local", node_proxy_accounts={"istio-system/ztunnel"}, **kwargs
     )
 
 

@@ -17,6 +17,7 @@ from tests.support.kubeapi import (
     FakeKubeApi,
     authz_policy,
     file_model,
+    kube_client,
     kube_source,
     namespace,
     pod,
@@ -36,10 +37,6 @@ from ztunnel.policy.engine import PolicyEngine
 def api() -> Iterator[FakeKubeApi]:
     with FakeKubeApi() as server:
         yield server
-
-
-def _client(api: FakeKubeApi, tmp_path: Path) -> KubeClient:
-    return KubeClient(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")))
 
 
 def _event(kind: str, obj: dict[str, Any]) -> bytes:
@@ -67,7 +64,7 @@ async def test_a_watch_whose_answer_never_comes_times_out(api: FakeKubeApi, tmp_
         await api.until_stopped()
 
     api.raw["pods"] = silent
-    client = _client(api, tmp_path)
+    client = kube_client(api, tmp_path)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(10):
@@ -112,7 +109,7 @@ async def test_a_list_declaring_10_gb_is_refused_before_reading(api: FakeKubeApi
     api.raw["services"] = huge
     with pytest.raises(KubeApiError, match="content-length 10737418240 over the limit"):
         async with asyncio.timeout(5):
-            await _client(api, tmp_path).get("/api/v1/services")
+            await kube_client(api, tmp_path).get("/api/v1/services")
 
 
 async def test_a_list_nested_100000_deep_is_refused_not_a_crash(api: FakeKubeApi, tmp_path: Path) -> None:
@@ -123,7 +120,7 @@ async def test_a_list_nested_100000_deep_is_refused_not_a_crash(api: FakeKubeApi
 
     api.raw["services"] = deep
     with pytest.raises(KubeApiError, match="not JSON"):
-        await _client(api, tmp_path).get("/api/v1/services")
+        await kube_client(api, tmp_path).get("/api/v1/services")
 
 
 def test_insecure_skip_tls_verify_is_refused(api: FakeKubeApi, tmp_path: Path) -> None:

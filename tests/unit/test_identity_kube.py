@@ -20,7 +20,16 @@ from cryptography.x509.oid import NameOID
 
 from tests.support.eventually import eventually_async
 from tests.support.identity import spiffe, two_node_config_yaml
-from tests.support.kubeapi import FakeKubeApi, namespace, pod
+from tests.support.kubeapi import (
+    FakeKubeApi,
+    ca_server,
+    kube_authenticator,
+    kube_client,
+    namespace,
+    pod,
+    refused,
+    review_count,
+)
 from ztunnel.config.kube.client import KubeClient, from_kubeconfig
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.identity.authz import Caller, NodeAuthError, Refusal
@@ -61,31 +70,8 @@ def api() -> Iterator[FakeKubeApi]:
         yield fake
 
 
-def client(api: FakeKubeApi, tmp_path: Path) -> KubeClient:
-    return KubeClient(from_kubeconfig(api.kubeconfig(tmp_path / "kubeconfig")))
-
-
-def authenticator(api: FakeKubeApi, tmp_path: Path, **kwargs: object) -> KubeAuthenticator:
-    return KubeAuthenticator(
-        client(api, tmp_path),
-        trust_domain="cluster.local",
-        node_proxy_accounts={"istio-system/ztunnel"},
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-async def refusal(auth: KubeAuthenticator, token: str) -> NodeAuthError:
-    with pytest.raises(NodeAuthError) as info:
-        await auth.authenticate(f"Bearer {token}")
-    return info.value
-
-
-def reviews(api: FakeKubeApi) -> int:
-    return api.count("POST", "/tokenreviews")
-
-
 async def test_a_review_gives_the_callers_pod_node_and_identity(api: FakeKubeApi, tmp_path: Path) -> None:
-    auth = authenticator(api, tmp_path)
+    auth = kube_authenticator(api, tmp_path)
     caller = await auth.authenticate(f"Bearer {PROXY_A}")
     assert caller == Caller(
         "node-a", SpiffeId.parse(spiffe("istio-system", "ztunnel")), True, "pod istio-system/ztunnel-a on node-a"
@@ -101,11 +87,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     return CertificateAuthority.load(init_ca_dir(tmp_path_factory.mktemp("ca") / "ca"))
 
 
-def _server(auth: KubeAuthenticator, ca: CertificateAuthority) -> CAServer:
-    config = build_config(load_documents(two_node_config_yaml(), "two-nodes.yaml"))  # web node-a, db node-b
-    return CAServer(ca, auth, lambda: config, listen="127.0.0.1:0")
-
-
 async def sign(server: CAServer, token: str, identity: str) -> list[str]:
     caller = await server.authenticate(f"Bearer {token}")
     request = ca_pb2.IstioCertificateRequest(csr=make_csr(generate_key(), SpiffeId.parse(identity)).decode())
@@ -115,7 +96,7 @@ async def sign(server: CAServer, token: str, identity: str) -> list[str]:
 async def test_a_node_proxy_gets_the_identities_of_its_nodes_pods_only(
     api: FakeKubeApi, tmp_path: Path, ca: CertificateAuthority
 ) -> None:
-    server = _server(authenticator(api, tmp_path), ca)
+    server = ca_server(kube_authenticator(api, tmp_path), ca)
     chain = await sign(server, PROXY_A, spiffe("shop", "web"))
     assert uri_sans(x509.load_pem_x509_certificate(chain[0].encode())) == [spiffe("shop", "web")]
     with pytest.raises(NodeAuthError) as other:
@@ -133,7 +114,7 @@ async def test_a_node_proxy_gets_the_identities_of_its_nodes_pods_only(
 async def test_a_pod_that_is_not_a_node_proxy_gets_its_own_identity_only(
     api: FakeKubeApi, tmp_path: Path, ca: CertificateAuthority
 ) -> None:
-    server = _server(authenticator(api, tmp_path), ca)
+    server = ca_server(kube_authenticator(api, tmp_path), ca)
     assert await sign(server, WEB_TOKEN, spiffe("shop", "web"))
     with pytest.raises(NodeAuthError) as info:
         await sign(server, WEB_TOKEN, spiffe("shop", "shared"))  # shared-a runs on node-a too
@@ -144,30 +125,30 @@ async def test_a_pod_that_is_not_a_node_proxy_gets_its_own_identity_only(
 async def test_tokens_the_api_does_not_accept_are_refused(api: FakeKubeApi, tmp_path: Path) -> None:
     api.add_token("other-audience", "istio-system", "ztunnel", pod_name="ztunnel-a", audiences=("kubernetes",))
     api.add_token("legacy", "istio-system", "ztunnel")
-    auth = authenticator(api, tmp_path)
-    unknown = await refusal(auth, "forged")
+    auth = kube_authenticator(api, tmp_path)
+    unknown = await refused(auth, "forged")
     assert unknown.refusal is Refusal.UNAUTHENTICATED
     assert "does not accept the token: invalid bearer token" in str(unknown)
-    audience = await refusal(auth, "other-audience")
+    audience = await refused(auth, "other-audience")
     assert audience.refusal is Refusal.UNAUTHENTICATED and "token audiences is invalid" in str(audience)
-    legacy = await refusal(auth, "legacy")
+    legacy = await refused(auth, "legacy")
     assert legacy.refusal is Refusal.UNAUTHENTICATED and "not bound to a pod" in str(legacy)
-    assert reviews(api) == 3  # each was reviewed (and nothing refused was cached: asked again, reviewed again)
-    await refusal(auth, "forged")
-    assert reviews(api) == 4
+    assert review_count(api) == 3  # each was reviewed (and nothing refused was cached: asked again, reviewed again)
+    await refused(auth, "forged")
+    assert review_count(api) == 4
 
 
 async def test_an_api_that_is_not_audience_aware_is_not_trusted(api: FakeKubeApi, tmp_path: Path) -> None:
     api.reviews_omit_audiences = True
-    error = await refusal(authenticator(api, tmp_path), PROXY_A)
+    error = await refused(kube_authenticator(api, tmp_path), PROXY_A)
     assert error.refusal is Refusal.UNAUTHENTICATED
     assert "not for audience 'istio-ca'" in str(error) and "audience: istio-ca" in str(error)
 
 
 async def test_the_audience_is_configurable(api: FakeKubeApi, tmp_path: Path) -> None:
     api.add_token("custom", "istio-system", "ztunnel", pod_name="ztunnel-a", audiences=("mesh-ca",))
-    assert (await authenticator(api, tmp_path, audience="mesh-ca").authenticate("Bearer custom")).node == "node-a"
-    assert (await refusal(authenticator(api, tmp_path), "custom")).refusal is Refusal.UNAUTHENTICATED
+    assert (await kube_authenticator(api, tmp_path, audience="mesh-ca").authenticate("Bearer custom")).node == "node-a"
+    assert (await refused(kube_authenticator(api, tmp_path), "custom")).refusal is Refusal.UNAUTHENTICATED
 
 
 async def test_the_pod_is_checked_against_the_api(api: FakeKubeApi, tmp_path: Path) -> None:
@@ -175,24 +156,24 @@ async def test_the_pod_is_checked_against_the_api(api: FakeKubeApi, tmp_path: Pa
     api.add_token("moved", "istio-system", "ztunnel", pod_name="ztunnel-a", node="node-b")
     api.add_token("gone", "istio-system", "ztunnel", pod_name="ztunnel-z")
     api.add_token("other-sa", "shop", "db", pod_name="web")
-    auth = authenticator(api, tmp_path)
-    replaced = await refusal(auth, "replaced")
+    auth = kube_authenticator(api, tmp_path)
+    replaced = await refused(auth, "replaced")
     assert replaced.refusal is Refusal.UNAUTHENTICATED and "uid-of-an-older-pod" in str(replaced)
-    moved = await refusal(auth, "moved")
+    moved = await refused(auth, "moved")
     assert moved.refusal is Refusal.PERMISSION_DENIED
     assert "bound to node 'node-b'" in str(moved) and "runs on 'node-a'" in str(moved)
-    gone = await refusal(auth, "gone")
+    gone = await refused(auth, "gone")
     assert gone.refusal is Refusal.UNAUTHENTICATED and "istio-system/ztunnel-z no longer exists" in str(gone)
-    assert (await refusal(auth, "other-sa")).refusal is Refusal.PERMISSION_DENIED
+    assert (await refused(auth, "other-sa")).refusal is Refusal.PERMISSION_DENIED
 
 
 @pytest.mark.parametrize(("plural", "status"), [("tokenreviews", 503), ("tokenreviews", 0), ("pods", 500)])
 async def test_api_failures_refuse_with_unavailable_and_are_not_cached(
     api: FakeKubeApi, tmp_path: Path, plural: str, status: int
 ) -> None:
-    auth = authenticator(api, tmp_path)
+    auth = kube_authenticator(api, tmp_path)
     api.fail[plural] = status
-    error = await refusal(auth, PROXY_A)
+    error = await refused(auth, PROXY_A)
     assert error.refusal is Refusal.UNAVAILABLE and "retry" in str(error)
     assert "Kubernetes API" in str(error) or "review" in str(error)
     assert auth.stats.api_errors == 1
@@ -205,33 +186,33 @@ async def test_an_unreachable_api_refuses_within_the_timeout(tmp_path: Path) -> 
         kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig")
     auth = KubeAuthenticator(KubeClient(from_kubeconfig(kubeconfig)), trust_domain="cluster.local", timeout=2)
     started = time.monotonic()
-    error = await refusal(auth, PROXY_A)
+    error = await refused(auth, PROXY_A)
     assert error.refusal is Refusal.UNAVAILABLE and "unreachable" in str(error)
     assert time.monotonic() - started < 2.5
 
 
 async def test_reviews_are_cached_for_a_while_and_shared_in_flight(api: FakeKubeApi, tmp_path: Path) -> None:
     now = [1000.0]
-    auth = authenticator(api, tmp_path, clock=lambda: now[0], ttl=60.0)
+    auth = kube_authenticator(api, tmp_path, clock=lambda: now[0], ttl=60.0)
     callers = await asyncio.gather(*(auth.authenticate(f"Bearer {PROXY_A}") for _ in range(20)))
     assert {c.node for c in callers} == {"node-a"}
-    assert reviews(api) == 1 and auth.stats.shared == 19
+    assert review_count(api) == 1 and auth.stats.shared == 19
     now[0] += 59
     await auth.authenticate(f"Bearer {PROXY_A}")
-    assert reviews(api) == 1 and auth.stats.cache_hits == 1
+    assert review_count(api) == 1 and auth.stats.cache_hits == 1
     now[0] += 2  # past the TTL: reviewed again (a revoked token stops working within a minute)
     await auth.authenticate(f"Bearer {PROXY_A}")
-    assert reviews(api) == 2
+    assert review_count(api) == 2
 
 
 async def test_the_cache_is_bounded_and_never_outlives_the_token(api: FakeKubeApi, tmp_path: Path) -> None:
     now = [1000.0]
-    auth = authenticator(api, tmp_path, clock=lambda: now[0], max_entries=2)
+    auth = kube_authenticator(api, tmp_path, clock=lambda: now[0], max_entries=2)
     for token in (PROXY_A, PROXY_B, WEB_TOKEN):
         await auth.authenticate(f"Bearer {token}")
     assert len(auth._cache) == 2
     await auth.authenticate(f"Bearer {PROXY_A}")  # the least recently used: evicted, reviewed again
-    assert reviews(api) == 4
+    assert review_count(api) == 4
     claims = base64.urlsafe_b64encode(json.dumps({"exp": 1005}).encode()).decode().rstrip("=")
     jwt = f"eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln"
     assert token_expiry(jwt) == 1005.0 and token_expiry("opaque") is None
@@ -239,7 +220,7 @@ async def test_the_cache_is_bounded_and_never_outlives_the_token(api: FakeKubeAp
     await auth.authenticate(f"Bearer {jwt}")
     now[0] += 6  # the token expired at 1005: the cached review goes with it
     await auth.authenticate(f"Bearer {jwt}")
-    assert reviews(api) == 6
+    assert review_count(api) == 6
 
 
 # ---- the CA's keys ---------------------------------------------------------------------------------------
@@ -252,7 +233,7 @@ def _secret_root(api: FakeKubeApi, name: str = "istio-ca-secret") -> bytes:
 
 
 async def test_a_generated_ca_is_stored_once_and_read_back(api: FakeKubeApi, tmp_path: Path) -> None:
-    c = client(api, tmp_path)
+    c = kube_client(api, tmp_path)
     first = await ensure_ca_secret(c, "istio-system", "istio-ca-secret", "cluster.local")
     assert first["root-cert.pem"] == _secret_root(api) and CA_KEY in first and ROOT_KEY in first
     again = await ensure_ca_secret(c, "istio-system", "istio-ca-secret", "cluster.local")
@@ -263,7 +244,7 @@ async def test_two_replicas_racing_to_store_the_ca_agree(api: FakeKubeApi, tmp_p
     import threading
 
     api.hold_creates["secrets"] = hold = threading.Event()
-    c = client(api, tmp_path)
+    c = kube_client(api, tmp_path)
     both = [asyncio.create_task(ensure_ca_secret(c, "istio-system", "istio-ca-secret", "cluster.local")) for _ in "ab"]
     await eventually_async(lambda: api.count("POST", "/secrets") == 2, 30, what="both replicas creating the Secret")
     hold.set()
@@ -278,7 +259,7 @@ async def test_a_plugged_in_cacerts_dir_is_used_as_is(api: FakeKubeApi, tmp_path
     for name in ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"):
         (mounted / name).write_bytes((made / name).read_bytes())
     ca = await load_kube_ca(
-        client(api, tmp_path), mounted=mounted, namespace="istio-system", secret="istio-ca-secret",
+        kube_client(api, tmp_path), mounted=mounted, namespace="istio-system", secret="istio-ca-secret",
         trust_domain="example.org", work_dir=tmp_path,
     )
     assert ca.roots_pem == (made / "root-cert.pem").read_bytes() and ca.trust_domain == "example.org"
@@ -286,13 +267,13 @@ async def test_a_plugged_in_cacerts_dir_is_used_as_is(api: FakeKubeApi, tmp_path
     empty = tmp_path / "empty"  # the optional Secret volume when no cacerts exists
     empty.mkdir()
     generated = await load_kube_ca(
-        client(api, tmp_path), mounted=empty, namespace="istio-system", secret="istio-ca-secret",
+        kube_client(api, tmp_path), mounted=empty, namespace="istio-system", secret="istio-ca-secret",
         trust_domain="cluster.local", work_dir=tmp_path,
     )
     assert generated.roots_pem == _secret_root(api)
     with pytest.raises(CAError, match=re.escape("trust domain 'cluster.local', not --trust-domain 'example.org'")):
         await load_kube_ca(
-            client(api, tmp_path), mounted=None, namespace="istio-system", secret="istio-ca-secret",
+            kube_client(api, tmp_path), mounted=None, namespace="istio-system", secret="istio-ca-secret",
             trust_domain="example.org", work_dir=tmp_path,
         )
 
@@ -301,7 +282,7 @@ async def test_a_plugged_in_cacerts_dir_is_used_as_is(api: FakeKubeApi, tmp_path
 
 
 async def test_the_trust_bundle_reaches_every_namespace_and_is_repaired(api: FakeKubeApi, tmp_path: Path) -> None:
-    publisher = TrustBundlePublisher(client(api, tmp_path), b"ROOTS\n", resync=3600, retry=0.05)
+    publisher = TrustBundlePublisher(kube_client(api, tmp_path), b"ROOTS\n", resync=3600, retry=0.05)
     names = ["istio-system", "shop"]
     task = asyncio.create_task(publisher.run(lambda: list(names)))
     try:
@@ -353,7 +334,7 @@ async def test_the_crl_configmap_follows_the_revocations_and_drops_stale_keys(
     crl = x509.load_der_x509_crl(base64.b64decode(binary["crl.der"]))
     assert [r.serial_number for r in crl] == [0xABC]
 
-    publisher = ConfigMapPublisher(client(api, tmp_path), "ztunnel-ca-crl", {})
+    publisher = ConfigMapPublisher(kube_client(api, tmp_path), "ztunnel-ca-crl", {})
     await publisher.publish(["shop"])
     assert api.get("ConfigMap", "ztunnel-ca-crl", "shop") is None  # empty: not published
     publisher.set_content(data, {**binary, "retired-0.der": "AAAA"})
@@ -414,15 +395,15 @@ async def test_a_caller_that_goes_away_does_not_fail_the_others_sharing_its_revi
     import threading
 
     api.hold_creates["tokenreviews"] = hold = threading.Event()
-    auth = authenticator(api, tmp_path)
+    auth = kube_authenticator(api, tmp_path)
     first = asyncio.create_task(auth.authenticate(f"Bearer {PROXY_A}"))
-    await eventually_async(lambda: reviews(api) == 1, 30, what="the review sent")
+    await eventually_async(lambda: review_count(api) == 1, 30, what="the review sent")
     second = asyncio.create_task(auth.authenticate(f"Bearer {PROXY_A}"))
     await asyncio.sleep(0)  # the second joins the review in flight
     first.cancel()  # its RPC was cancelled (the proxy gave up or went away)
     hold.set()
     assert (await second).node == "node-a"
-    assert first.cancelled() and reviews(api) == 1
+    assert first.cancelled() and review_count(api) == 1
 
 
 def _rsa_ca(
@@ -463,7 +444,7 @@ async def test_an_rsa_cacerts_as_istios_samples_make_it_signs_svids_and_crls(api
         int_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
     )
     ca = await load_kube_ca(
-        client(api, tmp_path), mounted=mounted, namespace="istio-system", secret="istio-ca-secret",
+        kube_client(api, tmp_path), mounted=mounted, namespace="istio-system", secret="istio-ca-secret",
         trust_domain="cluster.local", work_dir=tmp_path,
     )
     signed = ca.sign_csr(make_csr(generate_key(), SpiffeId.parse(spiffe("shop", "web"))))
@@ -487,13 +468,13 @@ async def test_a_flood_of_distinct_tokens_holds_at_most_a_few_reviews_at_once(
     import threading
 
     api.hold_creates["tokenreviews"] = hold = threading.Event()
-    auth = authenticator(api, tmp_path, max_concurrent=4)
+    auth = kube_authenticator(api, tmp_path, max_concurrent=4)
     flood = [asyncio.create_task(auth.authenticate(f"Bearer forged-{i}")) for i in range(12)]
-    await eventually_async(lambda: reviews(api) >= 4, 30, what="four reviews sent")
+    await eventually_async(lambda: review_count(api) >= 4, 30, what="four reviews sent")
     for _ in range(20):  # give the others every chance to go out too
         await asyncio.sleep(0.01)
-    assert reviews(api) == 4
+    assert review_count(api) == 4
     hold.set()
     results = await asyncio.gather(*flood, return_exceptions=True)
     assert all(isinstance(r, NodeAuthError) and r.refusal is Refusal.UNAUTHENTICATED for r in results)
-    assert reviews(api) == 12
+    assert review_count(api) == 12
