@@ -20,6 +20,7 @@ from tests.e2e_k8s.kube import (
     waypoint_objects,
 )
 from tests.support.eventually import eventually
+from tests.support.waypoint_config import GREETER_DENY_ALL, GREETER_GET_HELLO
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -191,31 +192,6 @@ def test_a_restart_never_lets_traffic_around_the_mesh(kube: Kube, mesh: Mesh, co
 
 # ---- the greeter walk-through (seed 002) through a waypoint --------------------------------------------------
 
-DENY_ALL = """\
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-all
-  namespace: {ns}
-spec:
-  {{}}
-"""
-GET_HELLO = """\
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata:
- name: greeter-service
- namespace: {ns}
-spec:
- selector:
-  matchLabels:
-    app: greeter-service
- rules:
-  - to:
-    - operation:
-        methods: ["GET"]
-        paths: ["*/hello"]
-"""
 
 
 @pytest.fixture(scope="module")
@@ -253,18 +229,18 @@ def test_greeter_through_the_waypoint(kube: Kube, greeter: str) -> None:
         return kube.http(ns, "helloweb", url + path, method)
 
     eventually(lambda: call("/hello")[0] == 200, 60, interval=1, what="greeter reachable through the waypoint")
-    kube.apply(DENY_ALL.format(ns=ns))
+    kube.apply(GREETER_DENY_ALL.format(ns=ns))
     try:
         eventually(lambda: call("/hello") == (403, "RBAC: access denied"), 30, interval=1, what="deny-all at L7")
     finally:
-        kube.delete(DENY_ALL.format(ns=ns))
-    kube.apply(GET_HELLO.format(ns=ns))
+        kube.delete(GREETER_DENY_ALL.format(ns=ns))
+    kube.apply(GREETER_GET_HELLO.format(ns=ns))
     try:
         eventually(lambda: call("/hello")[0] == 200, 30, interval=1, what="GET */hello allowed")
         assert call("/version")[0] == 403
         assert call("/hello", "POST")[0] == 403
     finally:
-        kube.delete(GET_HELLO.format(ns=ns))
+        kube.delete(GREETER_GET_HELLO.format(ns=ns))
     # the greeter's pod IP does not answer a client that skips the waypoint
     ip = kube.get("pod", "-n", ns, "greeter-service-v1")["status"]["podIP"]
     assert kube.http(ns, "helloweb", f"http://{ip}:3000/hello")[0] != 200

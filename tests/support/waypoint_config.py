@@ -39,3 +39,31 @@ BASE = (
 def config(text: str) -> ClusterConfig:
     """The snapshot of these YAML documents (BASE plus whatever a test adds)."""
     return build_config(load_documents(text, "c.yaml"))
+
+
+# the greeter walk-through's (seed 002) policies, verbatim but for the namespace: `.format(ns=...)`
+GREETER_DENY_ALL = """\
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-all
+  namespace: {ns}
+spec:
+  {{}}
+"""
+GREETER_GET_HELLO = """\
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+ name: greeter-service
+ namespace: {ns}
+spec:
+ selector:
+  matchLabels:
+    app: greeter-service
+ rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+        paths: ["*/hello"]
+"""

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.support.lab_waypoint import applied, gateway_yaml, http, waypoint_pod
+from tests.support.waypoint_config import GREETER_DENY_ALL, GREETER_GET_HELLO
 
 from .conftest import ROOT, LabHandle
 
@@ -32,31 +33,8 @@ URL = "http://greeter-service.default.svc.cluster.local:3000"
 DENIED = (403, "RBAC: access denied")
 
 # the seed's policies, verbatim
-DENY_ALL = """\
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-all
-  namespace: default
-spec:
-  {}
-"""
-GET_HELLO = """\
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata:
- name: greeter-service
- namespace: default
-spec:
- selector:
-  matchLabels:
-    app: greeter-service
- rules:
-  - to:
-    - operation:
-        methods: ["GET"]
-        paths: ["*/hello"]
-"""
+DENY_ALL = GREETER_DENY_ALL.format(ns="default")
+GET_HELLO = GREETER_GET_HELLO.format(ns="default")
 
 
 def greeter_cluster() -> str:
