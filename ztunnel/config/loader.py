@@ -13,6 +13,7 @@ It does no asyncio: the proxy runs it in a thread so a large file never stops th
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -28,9 +29,11 @@ import yaml
 
 from ztunnel.config.model import (
     DATAPLANE_MODE_LABEL,
+    DEFAULT_PATH_NORMALIZATION,
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
     GATEWAY_NAME_LABEL,
+    PATH_NORMALIZATIONS,
     POLICY_KINDS,
     SERVICE_NAME_LABEL,
     USE_WAYPOINT_LABEL,
@@ -395,6 +398,17 @@ def _slice_endpoints(obj: KubeObject) -> list[SliceEndpoint]:
     """An EndpointSlice's addresses (IPv4/IPv6 slices; FQDN ones name no address and are skipped)."""
     if obj.body.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
         return []
+    ports: list[tuple[str, int]] = []
+    for i, p in enumerate(obj.body.get("ports") or []):
+        if not isinstance(p, Mapping):
+            raise ConfigError("must be a mapping", source=obj.source, obj=obj.ref, field=f"ports[{i}]")
+        number = p.get("port")
+        if number is None:  # "not restricted": no port we could dial; the Service's ports find none here
+            continue
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 < number < 65536:
+            where = f"ports[{i}].port"
+            raise ConfigError("must be a number from 1 to 65535", source=obj.source, obj=obj.ref, field=where)
+        ports.append((str(p.get("name") or ""), number))
     out = []
     for i, e in enumerate(obj.body.get("endpoints") or []):
         if not isinstance(e, Mapping):
@@ -406,7 +420,7 @@ def _slice_endpoints(obj: KubeObject) -> list[SliceEndpoint]:
             except ValueError as err:
                 where = f"endpoints[{i}].addresses[{j}]"
                 raise ConfigError(f"{ip!r} is not an IP address", source=obj.source, obj=obj.ref, field=where) from err
-            out.append(SliceEndpoint(obj.name, text, ready is not False, str(e.get("nodeName") or "")))
+            out.append(SliceEndpoint(obj.name, text, ready is not False, str(e.get("nodeName") or ""), tuple(ports)))
     return out
 
 
@@ -466,9 +480,10 @@ def build_config(
             ref = f"{o.namespace}/{o.labels[SERVICE_NAME_LABEL]}"
             slices.setdefault(ref, []).extend(_checked(_slice_endpoints, o))
     warnings.extend(_ip_conflicts(objs, workloads))
+    warnings.extend(_service_ip_conflicts(objs, services))
     waypoints, others = _waypoints(objs, trust_domain, warnings)
-    mesh = [o for o in objs if o.kind == "ConfigMap" and o.name == MESH_CONFIGMAP and o.namespace == root_namespace]
-    providers = extension_providers(mesh[0]) if mesh else {}
+    mesh_maps = [o for o in objs if o.kind == "ConfigMap" and (o.namespace, o.name) == (root_namespace, MESH_CONFIGMAP)]
+    mesh = mesh_config(mesh_maps[0]) if mesh_maps else MeshConfig()
     warnings.extend(_waypoint_warnings(objs, workloads, waypoints, others))
     return ClusterConfig(
         namespaces=namespaces,
@@ -481,8 +496,9 @@ def build_config(
         root_namespace=root_namespace,
         generation=generation,
         warnings=tuple(warnings),
-        extension_providers=providers,
+        extension_providers=mesh.extension_providers,
         slice_endpoints={ref: tuple(v) for ref, v in slices.items()},
+        path_normalization=mesh.path_normalization,
     )
 
 
@@ -512,32 +528,57 @@ def parse_duration(value: Any) -> float:
     return total
 
 
-def extension_providers(obj: KubeObject) -> dict[str, ExtAuthzProvider]:
-    """The ext-authz `extensionProviders` of the mesh config ConfigMap (others, such as tracing, are not ours)."""
+@dataclass(frozen=True)
+class MeshConfig:
+    """What the mesh reads of Istio's MeshConfig (the `mesh` YAML): its ext-authz providers and how request paths
+    are normalized (`pathNormalization.normalization`)."""
+
+    extension_providers: Mapping[str, ExtAuthzProvider] = dataclasses.field(default_factory=dict)
+    path_normalization: str = DEFAULT_PATH_NORMALIZATION
+
+
+def mesh_config(obj: KubeObject) -> MeshConfig:
+    """The mesh config of the `istio` ConfigMap (key `mesh`); what the mesh does not use (tracing, ...) is ignored."""
     data = obj.body.get("data") or {}
     text = data.get(MESH_KEY) if isinstance(data, Mapping) else None
     if text is None:
-        return {}
+        return MeshConfig()
     if not isinstance(text, str):
         raise ConfigError("must be the mesh config as a YAML string", source=obj.source, obj=obj.ref, field="data.mesh")
-    return parse_mesh_config(text, obj.source, obj.ref, "data.mesh.")
+    return parse_mesh(text, obj.source, obj.ref, "data.mesh.")
 
 
-def read_mesh_config(path: str | Path) -> dict[str, ExtAuthzProvider]:
+def extension_providers(obj: KubeObject) -> dict[str, ExtAuthzProvider]:
+    """The ext-authz `extensionProviders` of the mesh config ConfigMap (others, such as tracing, are not ours)."""
+    return dict(mesh_config(obj).extension_providers)
+
+
+def read_mesh(path: str | Path) -> MeshConfig:
     """`--mesh-config FILE`: the mesh config YAML itself (what the ConfigMap holds under `mesh`)."""
     try:
         text = decode_config(Path(path).read_bytes(), str(path))
     except OSError as e:
         raise ConfigError(f"cannot read the mesh config: {e.strerror or e}", source=str(path)) from None
-    return parse_mesh_config(text, str(path), "mesh config", "")
+    return parse_mesh(text, str(path), "mesh config", "")
+
+
+def read_mesh_config(path: str | Path) -> dict[str, ExtAuthzProvider]:
+    """`read_mesh`'s extension providers."""
+    return dict(read_mesh(path).extension_providers)
 
 
 def parse_mesh_config(text: str, source: Source | str, obj: str, prefix: str) -> dict[str, ExtAuthzProvider]:
+    return dict(parse_mesh(text, source, obj, prefix).extension_providers)
+
+
+def parse_mesh(text: str, source: Source | str, obj: str, prefix: str) -> MeshConfig:
     try:
         mesh = yaml.load(text, Loader=YAML_LOADER) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"is not YAML: {e}", source=source, obj=obj, field=prefix.rstrip(".") or "mesh") from None
-    entries = (mesh.get("extensionProviders") or []) if isinstance(mesh, Mapping) else None
+    if not isinstance(mesh, Mapping):
+        raise ConfigError("must be a mapping (MeshConfig)", source=source, obj=obj, field=prefix.rstrip(".") or "mesh")
+    entries = mesh.get("extensionProviders") or []
     if not isinstance(entries, list):
         raise ConfigError("must be a list", source=source, obj=obj, field=f"{prefix}extensionProviders")
     out: dict[str, ExtAuthzProvider] = {}
@@ -548,7 +589,32 @@ def parse_mesh_config(text: str, source: Source | str, obj: str, prefix: str) ->
         for key, kind in (("envoyExtAuthzGrpc", "grpc"), ("envoyExtAuthzHttp", "http")):
             if key in entry:
                 out[entry["name"]] = _provider(entry["name"], kind, entry[key], source, obj, f"{where}.{key}")
-    return out
+    return MeshConfig(out, _path_normalization(mesh.get("pathNormalization"), source, obj, prefix))
+
+
+def _path_normalization(value: Any, source: Source | str, obj: str, prefix: str) -> str:
+    """`pathNormalization: {normalization: MERGE_SLASHES}`. Unset or DEFAULT: ours (MERGE_SLASHES; Istio's DEFAULT
+    is BASE, which lets `//admin` past a DENY on `/admin*`); a value we do not know is refused, never guessed."""
+    if value is None:
+        return DEFAULT_PATH_NORMALIZATION
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "must be a mapping such as {normalization: MERGE_SLASHES}",
+            source=source,
+            obj=obj,
+            field=f"{prefix}pathNormalization",
+        )
+    mode = value.get("normalization", "DEFAULT")
+    if mode is None or mode == "DEFAULT":
+        return DEFAULT_PATH_NORMALIZATION
+    if mode not in PATH_NORMALIZATIONS:
+        raise ConfigError(
+            f"{mode!r} is not a normalization; use one of DEFAULT, {', '.join(PATH_NORMALIZATIONS)}",
+            source=source,
+            obj=obj,
+            field=f"{prefix}pathNormalization.normalization",
+        )
+    return str(mode)
 
 
 def _provider(name: str, kind: str, spec: Any, source: Source | str, obj: str, where: str) -> ExtAuthzProvider:
@@ -695,6 +761,23 @@ def _ip_conflicts(objs: Sequence[KubeObject], workloads: Sequence[Workload]) -> 
             names = ", ".join(f"Pod {w.ref} ({sources.get((w.namespace, w.name))})" for w in pods)
             out.append(
                 f"status.podIP {ip} is claimed by {names}; traffic to and from {ip} is refused until one is changed"
+            )
+    return out
+
+
+def _service_ip_conflicts(objs: Sequence[KubeObject], services: Sequence[Service]) -> list[str]:
+    """Two Services with one cluster IP: neither gets the traffic (the model resolves the IP to no Service)."""
+    by_ip: dict[str, list[Service]] = {}
+    for s in services:
+        for ip in s.cluster_ips:
+            by_ip.setdefault(normalize_ip(ip), []).append(s)
+    sources = {(o.namespace, o.name): o.source for o in objs if o.kind == "Service"}
+    out = []
+    for ip, claimants in by_ip.items():
+        if len({s.ref for s in claimants}) > 1:
+            names = ", ".join(f"Service {s.ref} ({sources.get((s.namespace, s.name))})" for s in claimants)
+            out.append(
+                f"spec.clusterIP {ip} is claimed by {names}; traffic to {ip} is refused until one is changed"
             )
     return out
 

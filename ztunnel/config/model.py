@@ -21,6 +21,11 @@ GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"  # on a waypoint's
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # an EndpointSlice's Service (same namespace)
+# Istio's MeshConfig `pathNormalization.normalization` values (policy.evaluation.normalize_path). Istio's default
+# (DEFAULT) is BASE; ours is MERGE_SLASHES, one step stricter, so that `//admin` cannot pass a DENY on `/admin*`
+# while most apps serve it as /admin.
+PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
+DEFAULT_PATH_NORMALIZATION = "MERGE_SLASHES"
 
 # Kinds that carry security policy; the policy package parses their specs.
 POLICY_KINDS = frozenset(
@@ -291,6 +296,7 @@ class SliceEndpoint:
     ip: str  # canonical text
     ready: bool = True  # conditions.ready; absent means ready, as Kubernetes reads it
     node: str = ""
+    ports: tuple[tuple[str, int], ...] = ()  # the slice's ports, (name, number): matched to the Service's by name
 
 
 @dataclass(frozen=True)
@@ -311,6 +317,8 @@ class ClusterConfig:
     # Service ref -> the addresses of its EndpointSlices (label kubernetes.io/service-name, same namespace); used
     # for Services without a selector only: a selector's endpoints are its pods, whatever the slices say.
     slice_endpoints: Mapping[str, tuple[SliceEndpoint, ...]] = field(default_factory=dict)
+    # Mesh config `pathNormalization.normalization`: how the waypoint and `authz check` normalize request paths.
+    path_normalization: str = DEFAULT_PATH_NORMALIZATION
 
     @classmethod
     def empty(cls) -> ClusterConfig:
@@ -347,8 +355,22 @@ class ClusterConfig:
         return {w.ref: w for w in self.workloads}
 
     @cached_property
+    def conflicting_service_ips(self) -> frozenset[str]:
+        """Cluster IPs claimed by more than one Service (an API server refuses it; a file or a hostile source may
+        not): they resolve to no Service, as a pod IP claimed twice resolves to no workload, so traffic to them
+        is never sent to whichever Service happened to come last."""
+        seen: dict[str, str] = {}
+        out = set()
+        for s in self.services:
+            for ip in _canonical_texts(s.cluster_ips):
+                if seen.setdefault(ip, s.ref) != s.ref:
+                    out.add(ip)
+        return frozenset(out)
+
+    @cached_property
     def _service_by_ip(self) -> dict[str, Service]:
-        return {ip: s for s in self.services for ip in _canonical_texts(s.cluster_ips)}
+        conflicts = self.conflicting_service_ips
+        return {ip: s for s in self.services for ip in _canonical_texts(s.cluster_ips) if ip not in conflicts}
 
     @cached_property
     def _endpoints(self) -> dict[str, tuple[Workload, ...]]:
@@ -367,23 +389,32 @@ class ClusterConfig:
         return out
 
     def _slice_workloads(self, service: Service) -> tuple[Workload, ...]:
-        """A selector-less Service's endpoints, from its EndpointSlices: a pod of the Service's namespace at that
-        address is that pod (its identity is what the proxy then expects); an address no pod has is a workload
-        outside the mesh (traffic to it is passed through); a pod of another namespace is left out: a tenant's
-        hand-written slice cannot make its Service an alias of another namespace's pods."""
-        out: dict[str, Workload] = {}
-        for e in self.slice_endpoints.get(service.ref, ()):
-            pod = None if e.ip in self.conflicting_ips else self._workload_by_ip.get(e.ip)
-            if pod is not None:
-                if pod.namespace == service.namespace:
-                    out.setdefault(pod.uid, pod)
+        return tuple(w for w, _ in self._slice_endpoints.get(service.ref, ()))
+
+    @cached_property
+    def _slice_endpoints(self) -> dict[str, tuple[tuple[Workload, SliceEndpoint], ...]]:
+        """Service ref -> a selector-less Service's endpoints from its EndpointSlices, each with the slice address
+        it came from (its ports): a pod of the Service's namespace at that address is that pod (its identity is
+        what the proxy then expects); an address no pod has is a workload outside the mesh (traffic to it is
+        passed through); a pod of another namespace is left out: a tenant's hand-written slice cannot make its
+        Service an alias of another namespace's pods."""
+        selectorless = {s.ref: s for s in self.services if not s.selector}
+        result: dict[str, tuple[tuple[Workload, SliceEndpoint], ...]] = {}
+        for ref, entries in self.slice_endpoints.items():
+            service = selectorless.get(ref)
+            if service is None:
                 continue
-            if e.ip in self.conflicting_ips:
-                continue
-            uid = f"endpointslice/{service.namespace}/{e.slice}/{e.ip}"
-            out.setdefault(
-                uid,
-                Workload(
+            out: dict[str, tuple[Workload, SliceEndpoint]] = {}
+            for e in entries:
+                if e.ip in self.conflicting_ips:
+                    continue
+                pod = self._workload_by_ip.get(e.ip)
+                if pod is not None:
+                    if pod.namespace == service.namespace:
+                        out.setdefault(pod.uid, (pod, e))
+                    continue
+                uid = f"endpointslice/{service.namespace}/{e.slice}/{e.ip}"
+                outside = Workload(
                     uid=uid,
                     name=f"{e.slice}/{e.ip}",
                     namespace=service.namespace,
@@ -393,9 +424,26 @@ class ClusterConfig:
                     labels={},
                     trust_domain=self.trust_domain,
                     ready=e.ready,
-                ),
-            )
-        return tuple(out.values())
+                )
+                out.setdefault(uid, (outside, e))
+            result[ref] = tuple(out.values())
+        return result
+
+    @cached_property
+    def _slice_ports(self) -> dict[tuple[str, str], tuple[tuple[str, int], ...]]:
+        return {(ref, w.uid): e.ports for ref, pairs in self._slice_endpoints.items() for w, e in pairs}
+
+    def endpoint_port(self, service: Service, service_port: ServicePort, workload: Workload) -> int | None:
+        """The port to dial on `workload` for `service_port` of `service`, or None when it serves none. For a
+        Service without a selector it is the port its EndpointSlice lists under the Service port's name (as
+        Kubernetes matches them; the Service's targetPort is not used: the slice's author says where the
+        endpoint listens); otherwise the targetPort on the pod (a number, or a named containerPort)."""
+        if service.selector:
+            return workload.target_port(service_port.target_port)
+        for name, port in self._slice_ports.get((service.ref, workload.uid), ()):
+            if name == service_port.name:
+                return port
+        return None
 
     @cached_property
     def _services_of_workload(self) -> dict[str, tuple[Service, ...]]:

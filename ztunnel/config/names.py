@@ -63,7 +63,7 @@ def endpoint_address(config: ClusterConfig, service: Service, port: int, turn: i
         return f"Service {service.ref} has no port {port}"
     ready: list[tuple[str, int]] = []
     for w in config.endpoints(service):
-        target = w.target_port(service_port.target_port) if w.ready and w.ips else None
+        target = config.endpoint_port(service, service_port, w) if w.ready and w.ips else None
         if target is not None:
             ready.append((w.ips[0], target))
     if not ready:

@@ -25,7 +25,7 @@ def inbound_service(config: ClusterConfig, workload: Workload, port: int) -> Ser
     that has a port with `port` as its targetPort. When several do, the first by hostname, so every proxy
     and every restart names the same one."""
     matching = [
-        s for s in config.services_of(workload) if any(workload.target_port(p.target_port) == port for p in s.ports)
+        s for s in config.services_of(workload) if any(config.endpoint_port(s, p, workload) == port for p in s.ports)
     ]
     return min(matching, key=lambda s: s.hostname, default=None)
 

@@ -141,7 +141,7 @@ class OutboundRouter:
         for w in config.endpoints(service):
             if not w.ready or not w.ips:
                 continue
-            target = w.target_port(service_port.target_port)
+            target = config.endpoint_port(service, service_port, w)
             if target is None:
                 continue
             candidates.append((w, w.ips[0], target))

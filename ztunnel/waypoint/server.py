@@ -169,7 +169,7 @@ class EndpointPicker:
         for w in config.endpoints(service):
             if not w.ready or not w.ips or not w.enrolled:
                 continue
-            target = w.target_port(service_port.target_port)
+            target = config.endpoint_port(service, service_port, w)
             if target is None:
                 continue
             ip = w.ips[0]
