@@ -345,6 +345,7 @@ def _slice(name: str, ns: str, service_name: str, endpoints: list[dict[str, Any]
 def _selectorless(name: str, ns: str, ip: str) -> dict[str, Any]:
     svc = service(name, ns, ip, {}, port=5432, target=5432)
     del svc["spec"]["selector"]
+    svc["spec"]["ports"][0]["name"] = "pg"  # a slice's port serves the Service port of its name
     return svc
 
 
