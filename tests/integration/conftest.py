@@ -296,6 +296,23 @@ def recv_all(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def socks_echo(client_ip: str, dst: tuple[str, int], payload: bytes = b"ping") -> bytes:
+    """`payload` from `client_ip`'s SOCKS5 listener to `dst`, the write side shut after it: all that came back."""
+    with socks_connect(client_ip, dst) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return recv_all(s)
+
+
+def socks_refused(client_ip: str, dst: tuple[str, int]) -> bool:
+    """Whether an echo from `client_ip` to `dst` is refused (a SOCKS5 error reply or a failed connection)."""
+    try:
+        socks_echo(client_ip, dst)
+    except (SocksRefused, ConnectionError):
+        return True
+    return False
+
+
 # ---- the shared mesh -------------------------------------------------------------------------------
 @dataclass
 class LocalMesh:

@@ -3,7 +3,6 @@ enforces a DENY policy added through a watch event within 2 s, and is not ready 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import AppServer, ProxyProcess, SocksRefused, recv_all, socks_connect
+from tests.integration.conftest import (
+    AppServer,
+    ProxyProcess,
+    SocksRefused,
+    socks_echo,
+    socks_refused,
+)
 from tests.support.eventually import eventually
 from tests.support.kubeapi import FakeKubeApi, authz_policy, namespace, pod, start_kube_proxy
 
@@ -49,18 +54,11 @@ def _start(api: FakeKubeApi, ca_dir: Path, workdir: Path) -> ProxyProcess:
 
 
 def _echo_once() -> bytes:
-    with socks_connect(CLIENT, (SERVER, PORT)) as s:
-        s.sendall(b"ping")
-        s.shutdown(socket.SHUT_WR)
-        return recv_all(s)
+    return socks_echo(CLIENT, (SERVER, PORT))
 
 
 def _refused() -> bool:
-    try:
-        _echo_once()
-    except (SocksRefused, ConnectionError):
-        return True
-    return False
+    return socks_refused(CLIENT, (SERVER, PORT))
 
 
 def test_a_deny_added_through_the_api_is_enforced_within_2s(

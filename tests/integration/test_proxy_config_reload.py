@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import AppServer, ProxyProcess, SocksRefused, recv_all, socks_connect, start_proxy
+from tests.integration.conftest import (
+    AppServer,
+    ProxyProcess,
+    socks_connect,
+    socks_echo,
+    socks_refused,
+    start_proxy,
+)
 from tests.support.eventually import eventually
 
 CLIENT = "127.0.200.1"
@@ -58,18 +64,11 @@ def _replace(config: Path, data: bytes | str) -> None:
 
 
 def _echo_once(payload: bytes = b"ping") -> bytes:
-    with socks_connect(CLIENT, (SERVER, PORT)) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        return recv_all(s)
+    return socks_echo(CLIENT, (SERVER, PORT), payload)
 
 
 def _refused() -> bool:
-    try:
-        _echo_once()
-    except (SocksRefused, ConnectionError):
-        return True
-    return False
+    return socks_refused(CLIENT, (SERVER, PORT))
 
 
 def _rejected_count(proxy: ProxyProcess) -> float:

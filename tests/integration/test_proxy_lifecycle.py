@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import AppServer, ProxyProcess, SocksRefused, recv_all, socks_connect, start_proxy
+from tests.integration.conftest import (
+    AppServer,
+    ProxyProcess,
+    SocksRefused,
+    recv_all,
+    socks_connect,
+    socks_echo,
+    start_proxy,
+)
 from tests.support.eventually import eventually
 
 CLIENT = "127.0.150.1"
@@ -83,10 +91,7 @@ def pair(tmp_path: Path, ca_dir: Path, apps: AppServer) -> Iterator[Pair]:
 
 
 def _echo_once(client_ip: str, payload: bytes = b"ping") -> bytes:
-    with socks_connect(client_ip, (SERVER, PORT)) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        return recv_all(s)
+    return socks_echo(client_ip, (SERVER, PORT), payload)
 
 
 def _accepts(addr: tuple[str, int]) -> bool:

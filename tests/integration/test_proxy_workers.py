@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ZTUNNEL, AppServer, ProxyProcess, recv_all, socks_connect, start_proxy
+from tests.integration.conftest import (
+    ZTUNNEL,
+    AppServer,
+    ProxyProcess,
+    socks_echo,
+    start_proxy,
+)
 from tests.support.eventually import eventually
 
 CLIENT = "127.0.170.1"
@@ -75,10 +80,7 @@ def pair(tmp_path: Path, ca_dir: Path) -> Iterator[Pair]:
 
 
 def _echo_once(payload: bytes = b"ping") -> bytes:
-    with socks_connect(CLIENT, (SERVER, PORT)) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        return recv_all(s)
+    return socks_echo(CLIENT, (SERVER, PORT), payload)
 
 
 def _sample(metrics: str, name: str, **labels: str) -> float:
