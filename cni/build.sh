@@ -4,6 +4,11 @@
 #
 #   cni/build.sh [OUT_DIR]            -> OUT_DIR/ztunnel-cni   PyInstaller one-file binary (default OUT_DIR: dist/cni)
 #   cni/build.sh --zipapp [OUT_DIR]   -> OUT_DIR/ztunnel-cni   zipapp; needs python3 on the node (labs, dev boxes)
+#   cni/build.sh --cached             -> build/cni/<key>/ztunnel-cni, built only when its key is new; prints the path
+#
+# --cached keys the binary by a hash of what goes into it (ztunnel/__init__.py, ztunnel/cni/*.py, this script,
+# the PyInstaller version, the base interpreter's version, the machine): the test suite builds once per machine
+# and reuses it. Exit 3 means the build tooling is missing here (no venv/ensurepip in the base Python, no ldd).
 #
 # PyInstaller is a build tool, not a dependency of the project: it is installed into its own build venv
 # ($CNI_BUILD_VENV, default build/cni-build-venv, pinned to $PYINSTALLER_VERSION), never into .venv.
@@ -13,15 +18,39 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KIND=pyinstaller
-if [ "${1:-}" = "--zipapp" ]; then
-  KIND=zipapp
-  shift
-fi
+case "${1:-}" in
+  --zipapp) KIND=zipapp; shift ;;
+  --cached) KIND=cached; shift ;;
+esac
 OUT="${1:-$ROOT/dist/cni}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 BUILD_VENV="${CNI_BUILD_VENV:-$ROOT/build/cni-build-venv}"
 PYINSTALLER_VERSION="${PYINSTALLER_VERSION:-6.22.3}"
+export PYINSTALLER_VERSION
+
+if [ "$KIND" = cached ]; then
+  BASE="$("$PYTHON" -c 'import sys; print(sys._base_executable)')"
+  if ! "$BASE" -c 'import venv, ensurepip' 2>/dev/null || ! command -v ldd >/dev/null; then
+    echo "error: cannot build ztunnel-cni here: $BASE lacks venv/ensurepip (apt-get install python3-venv)" \
+      "or ldd is missing" >&2
+    exit 3
+  fi
+  KEY="$(cd "$ROOT" && for f in ztunnel/__init__.py ztunnel/cni/*.py cni/build.sh; do echo "$f"; cat "$f"; done \
+    | { cat; echo "pyinstaller $PYINSTALLER_VERSION"; "$BASE" -VV; uname -m; } | sha256sum | cut -c1-16)"
+  CACHE="$ROOT/build/cni/$KEY"
+  if [ ! -x "$CACHE/ztunnel-cni" ]; then
+    mkdir -p "$ROOT/build/cni"
+    TMP_OUT="$(mktemp -d "$ROOT/build/cni/.build.XXXXXX")"
+    chmod 755 "$TMP_OUT"
+    trap 'rm -rf "$TMP_OUT"' EXIT
+    bash "$ROOT/cni/build.sh" "$TMP_OUT" >&2
+    # a concurrent build of the same key may have won: keep the first, drop this one
+    mv -T "$TMP_OUT" "$CACHE" 2>/dev/null || rm -rf "$TMP_OUT"
+  fi
+  echo "$CACHE/ztunnel-cni"
+  exit 0
+fi
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
 

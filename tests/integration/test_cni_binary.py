@@ -1,7 +1,8 @@
 """cni/build.sh makes a `ztunnel-cni` that runs on a node with no Python (DESIGN §4.8).
 
-A PyInstaller build takes tens of seconds (more the first time, when it installs PyInstaller into its own build
-venv), too slow for every run: set ZTUNNEL_TEST_CNI_BINARY=1 to run it.
+The binary is built once per machine and reused (tests/support/cni_binary.py); the plugin's behaviour through
+it (VERSION, ADD, CHECK, DEL, STATUS, GC, errors, chained after bridge + host-local) is tested by
+test_cni_plugin_process.py, parametrized over the module and the binary. Here: that it is self-contained.
 """
 
 from __future__ import annotations
@@ -16,15 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("ZTUNNEL_TEST_CNI_BINARY") != "1",
-        reason="builds the PyInstaller binary (slow): set ZTUNNEL_TEST_CNI_BINARY=1 to run",
-    ),
-]
+from tests.support.cni_binary import cni_binary
 
 
 def run_plugin(binary: Path, env: dict[str, str], stdin: str, *, hide_python: bool = False) -> tuple[int, str]:
@@ -40,27 +33,14 @@ def run_plugin(binary: Path, env: dict[str, str], stdin: str, *, hide_python: bo
 
 
 @pytest.fixture(scope="module")
-def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cni-bin")
-    build = subprocess.run(["bash", str(ROOT / "cni" / "build.sh"), str(out)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stdout + build.stderr
-    assert "PyInstaller one-file executable" in build.stdout
-    return out / "ztunnel-cni"
+def binary() -> Path:
+    return cni_binary()
 
 
 def test_the_binary_is_self_contained(binary: Path) -> None:
     assert binary.read_bytes()[:4] == b"\x7fELF"  # an executable, not a script with a python3 shebang
     ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
     assert "libpython" not in ldd, ldd
-
-
-def test_version_with_an_empty_environment(binary: Path) -> None:
-    rc, out = run_plugin(binary, {"CNI_COMMAND": "VERSION"}, '{"cniVersion": "1.0.0"}')
-    assert rc == 0
-    reply = json.loads(out)
-    assert reply["cniVersion"] == "1.0.0" and {"0.4.0", "1.0.0", "1.1.0"} <= set(reply["supportedVersions"])
-    rc, out = run_plugin(binary, {"CNI_COMMAND": "ADD"}, "not json")  # a CNI error on stdout, not a traceback
-    assert rc != 0 and json.loads(out)["code"] == 6
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
