@@ -33,6 +33,18 @@ def api() -> Iterator[FakeKubeApi]:
         yield server
 
 
+def _loaded(api: FakeKubeApi, tmp_path: Path) -> KubeConfigSource:
+    """A source on the sample cluster, its first sync done."""
+    api.put_all(_cluster())
+    source = _source(api, tmp_path)
+    source.load()
+    return source
+
+
+async def _pod_watch_open(api: FakeKubeApi) -> None:
+    await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+
+
 def test_the_first_sync_builds_the_model_the_file_source_builds(api: FakeKubeApi, tmp_path: Path) -> None:
     api.page_size_cap = 2  # several pages per list: they must be joined
     api.put_all(_cluster())
@@ -51,9 +63,7 @@ def test_the_first_sync_builds_the_model_the_file_source_builds(api: FakeKubeApi
 async def test_after_a_sequence_of_watch_events_the_model_equals_the_file_sources(
     api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     async with _watching(source):
         served = sum(1 for r in source.reflectors if r.api_version)
         await eventually_async(lambda: api.watch_count() == served, what="every watch open")
@@ -82,11 +92,9 @@ async def test_after_a_sequence_of_watch_events_the_model_equals_the_file_source
 async def test_410_gone_relists_and_an_object_deleted_while_disconnected_disappears(
     api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     async with _watching(source):
-        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        await _pod_watch_open(api)
     # Disconnected: a pod goes away and etcd compacts past the version the source holds.
     api.delete("Pod", "other", "shop")
     api.put(pod("new", node="node-a", ip="10.1.0.7"))
@@ -104,13 +112,11 @@ async def test_410_gone_relists_and_an_object_deleted_while_disconnected_disappe
 
 
 async def test_a_bookmark_moves_the_resume_point(api: FakeKubeApi, tmp_path: Path) -> None:
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     pods = _reflector(source, "pods")
     listed = pods.resource_version
     async with _watching(source):
-        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        await _pod_watch_open(api)
         for i in range(5):  # other resources move the cluster's version on
             api.put(service(f"s{i}", "shop", f"10.96.1.{i}", {"app": "x"}))
         mark = api.bookmark()
@@ -127,12 +133,10 @@ async def test_a_bookmark_moves_the_resume_point(api: FakeKubeApi, tmp_path: Pat
 
 
 async def test_a_cut_watch_resumes_from_the_last_version_and_loses_nothing(api: FakeKubeApi, tmp_path: Path) -> None:
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     pods = _reflector(source, "pods")
     async with _watching(source):
-        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        await _pod_watch_open(api)
         seen = api.put(pod("one", ip="10.1.0.11"))
         await eventually_async(lambda: pods.resource_version == str(seen), what="the event")
         before = len(api.watch_requests("pods"))
@@ -178,12 +182,10 @@ def test_the_node_agent_lists_only_its_nodes_pods(api: FakeKubeApi, tmp_path: Pa
 async def test_oversized_and_garbage_events_are_refused_and_the_watch_goes_on(
     api: FakeKubeApi, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     pods = _reflector(source, "pods")
     async with _watching(source):
-        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        await _pod_watch_open(api)
         huge = pod("huge", ip="10.1.0.99")
         huge["metadata"]["annotations"] = {"pad": "x" * (MAX_EVENT_BYTES + 10)}
         api.send_raw("pods", json.dumps({"type": "ADDED", "object": huge}).encode() + b"\n")
@@ -215,7 +217,7 @@ async def test_a_bad_object_is_left_out_and_named_the_rest_applies(api: FakeKube
     assert "kubernetes API (pods v1)" in text and "Pod shop/broken" in text and "field status.podIPs[0]" in text
     assert source.status()["left_out"]["Pod shop/broken"] == text
     async with _watching(source):
-        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        await _pod_watch_open(api)
         api.put(pod("other-change", ip="10.1.0.21"))  # builds again: the bad pod is not reported twice
         await eventually_async(
             lambda: source.current is not None and source.current.workload("shop", "other-change") is not None,
@@ -258,9 +260,7 @@ async def test_a_crd_removed_while_watched_empties_its_objects(
 ) -> None:
     from tests.support import kubeapi
 
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     assert "shop/waypoint" in source.current.waypoints  # type: ignore[union-attr]
     async with _watching(source):
         await eventually_async(lambda: api.watch_count("gateways") == 1, what="the gateway watch open")
@@ -275,9 +275,7 @@ async def test_a_crd_removed_while_watched_empties_its_objects(
 async def test_a_watch_the_server_ends_at_its_timeout_is_renewed_from_the_same_version(
     api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     pods = _reflector(source, "pods")
     pods.watch_timeout = (1, 1)  # timeoutSeconds=1: the fake ends the stream after a second
     listed = pods.resource_version
@@ -291,15 +289,13 @@ async def test_a_watch_the_server_ends_at_its_timeout_is_renewed_from_the_same_v
 async def test_api_errors_are_retried_with_jittered_backoff_and_the_watch_resumes(
     api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    api.put_all(_cluster())
-    source = _source(api, tmp_path)
-    source.load()
+    source = _loaded(api, tmp_path)
     pods = _reflector(source, "pods")
     delays = [pods.backoff(n) for n in range(1, 12) for _ in range(20)]
     assert all(0 <= d <= 30 for d in delays) and len(set(delays)) > 100  # full jitter, capped
     assert max(pods.backoff(1) for _ in range(200)) <= 0.4
     async with _watching(source):
-        await eventually_async(lambda: api.watch_count("pods") == 1, what="the pod watch open")
+        await _pod_watch_open(api)
         seen = api.put(pod("before", ip="10.1.0.31"))
         await eventually_async(lambda: pods.resource_version == str(seen), what="the event")
         api.token = "rotated-on-the-server"  # every request is refused (401) until the token matches again
