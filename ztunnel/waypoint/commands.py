@@ -4,7 +4,8 @@ The waypoint is a pod of the config: labelled `gateway.networking.k8s.io/gateway
 namespace, service account `<name>` (as Istio's controller deploys it). It listens on `<pod ip>:15008` with that
 pod's SVID, and re-reads the config files when they change, as the node proxy does.
 
-Telemetry: Istio's HTTP metrics (reporter `waypoint`) on --metrics-addr and the admin server on --admin-addr, both
+Telemetry: Istio's HTTP metrics (reporter `waypoint`; and its TCP metrics for relayed TCP, open connections' bytes
+flushed every --byte-flush-interval) on --metrics-addr and the admin server on --admin-addr, both
 opt-in like --readiness-addr (the node proxy's defaults, 15020 and 15000, would collide on one host); one access
 log line per request on stderr (--access-log, default the --log-format). A CRL change applies to new handshakes
 and, as at the node proxy, closes the open HBONE connections (client and upstream side) of a revoked peer.
