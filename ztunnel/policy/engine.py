@@ -16,7 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
 
-from ztunnel.config.model import WAYPOINT_GATEWAY_CLASS, ClusterConfig, KubeObject, Workload, labels_match
+from ztunnel.config.model import (
+    DEFAULT_PATH_NORMALIZATION,
+    WAYPOINT_GATEWAY_CLASS,
+    ClusterConfig,
+    KubeObject,
+    Workload,
+    labels_match,
+)
 from ztunnel.policy.compile import WorkloadPolicies, compile_workload
 from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes
 from ztunnel.policy.evaluation import PeerAuthenticationIndex, decide, match_attributes, plaintext_refused
@@ -110,6 +117,8 @@ class PolicyEngine:
         self.request_authentications = tuple(request_authentications)
         self.peer_authentications = tuple(peer_authentications)
         self._config = config
+        # The mesh config's pathNormalization: request paths are matched as the waypoint forwards them.
+        self.path_normalization = config.path_normalization if config is not None else DEFAULT_PATH_NORMALIZATION
         self._parsed: ParseResults = parsed if parsed is not None else {}
         self._cache: dict[tuple[str, str, str], WorkloadPolicies] = {}
         self._ns_wide: dict[str, list[SelectedPolicy]] = {}
@@ -253,7 +262,7 @@ class PolicyEngine:
             refused = plaintext_refused(w, attrs.destination_port, mode, pa)
             if refused is not None:
                 return refused
-        return decide(self._workload_policies(w, layer), match_attributes(attrs, request))
+        return decide(self._workload_policies(w, layer), match_attributes(attrs, request, self.path_normalization))
 
     def request_authentications_for(self, workload: Workload) -> tuple[RequestAuthentication, ...]:
         """JWT rules a waypoint applies for `workload`: by selector, its namespace's and the root namespace's; by

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ztunnel.config.model import Workload, labels_match
+from ztunnel.config.model import DEFAULT_PATH_NORMALIZATION, Workload, labels_match
+from ztunnel.config.model import PATH_NORMALIZATIONS as PATH_NORMALIZATIONS  # re-exported (http1)
 from ztunnel.identity.spiffe import principal_parts
 from ztunnel.policy.compile import CompiledPolicy, WorkloadPolicies
 from ztunnel.policy.decision import ConnectionAttributes, Decision, HttpRequestAttributes, MatchAttributes
@@ -21,8 +22,13 @@ from ztunnel.policy.model import Entry, PeerAuthentication, Rule
 # ---------------------------------------------------------------------------------------------------
 # Authorization
 # ---------------------------------------------------------------------------------------------------
-def match_attributes(attrs: ConnectionAttributes, request: HttpRequestAttributes | None) -> MatchAttributes:
-    """Everything a rule can read, normalised once per decision."""
+def match_attributes(
+    attrs: ConnectionAttributes,
+    request: HttpRequestAttributes | None,
+    path_normalization: str = DEFAULT_PATH_NORMALIZATION,
+) -> MatchAttributes:
+    """Everything a rule can read, normalised once per decision (the path as the mesh config's
+    `pathNormalization` says, as the waypoint normalizes what it forwards)."""
     principal, namespace, service_account = principal_parts(attrs.source_principal or "")
     if attrs.source_namespace is not None:
         namespace = attrs.source_namespace
@@ -36,14 +42,16 @@ def match_attributes(attrs: ConnectionAttributes, request: HttpRequestAttributes
         destination_port=attrs.destination_port,
     )
     if request is not None:
-        _add_request(a, request, source_ip)
+        _add_request(a, request, source_ip, path_normalization)
     return a
 
 
-def _add_request(a: MatchAttributes, request: HttpRequestAttributes, source_ip: IpAddress | None) -> None:
+def _add_request(
+    a: MatchAttributes, request: HttpRequestAttributes, source_ip: IpAddress | None, path_normalization: str
+) -> None:
     """The L7 attributes; header names are lower-cased only if a rule reads a header (MatchAttributes.headers)."""
     a.method = request.method
-    a.path = request_path(request.path)
+    a.path = request_path(request.path, path_normalization)
     a.raw_headers = request.headers
     a.host = request.host or _header(request.headers, ":authority") or _header(request.headers, "host")
     claims = request.request_claims
@@ -97,23 +105,22 @@ def remote_address(request: HttpRequestAttributes, peer: IpAddress | None) -> Ip
     return ip if ip is not None else peer
 
 
-def request_path(path: str) -> str:
+def request_path(path: str, normalization: str = DEFAULT_PATH_NORMALIZATION) -> str:
     """The path policies match: without query or fragment, normalized as the waypoint normalizes what it
-    forwards (`normalize_path`), so that `authz check` answers for `/public/%2e%2e/admin` what the waypoint
-    does. Cheap when there is nothing to do (the common case)."""
+    forwards (`normalize_path`, the mesh config's mode), so that `authz check` answers for
+    `/public/%2e%2e/admin` what the waypoint does. Cheap when there is nothing to do (the common case)."""
     for sep in ("?", "#"):
         i = path.find(sep)
         if i >= 0:
             path = path[:i]
-    return normalize_path(path)
+    return normalize_path(path, normalization)
 
 
-PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
-def normalize_path(path: str, normalization: str = "MERGE_SLASHES") -> str:
+def normalize_path(path: str, normalization: str = DEFAULT_PATH_NORMALIZATION) -> str:
     """A path (no query) as Istio normalizes it for policy and app alike (its "Authorization Policy
     Normalization"): but for NONE, `%XX` of an unreserved character decoded once (`%2e%2e` is `..`, `%2561`
     stays) and other escapes upper-cased (Envoy's canonical form), `\\` as `/`, dot segments removed (RFC 3986
