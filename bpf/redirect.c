@@ -38,9 +38,12 @@ struct orig_dst {
     u16 port;
     u16 family;
 };
-// a redirected connection as the proxy sees it: the client's netns, family and port (host order)
+// a redirected connection as the proxy sees it: the client's netns, family, address (network order) and port
+// (host order). The address matters: sockets bound to different local addresses may share a port, and with
+// the port alone the second connect overwrote the first one's destination (the proxy sent it there).
 struct conn_key {
     u64 netns;
+    u32 addr[4];
     u32 family;
     u32 port;
 };
@@ -111,6 +114,23 @@ static __always_inline void let_through(struct bpf_sock *sk, u32 app_port) {
     bypass.update(&k, &one);
 }
 
+// Where an IPv4 destination goes, as the iptables rules of DESIGN §4.6 decide it: 0 (left alone) for the pod
+// itself (127/8, 0.0.0.0, which the kernel makes 127.0.0.1, its own address) and for TCP to the probe address
+// (replies to node probes); else DNS_PORT for port 53 with DNS capture; else OUTBOUND_PORT for TCP.
+static __always_inline u16 v4_target(struct pod_cfg *cfg, u32 dst, u32 port, int udp) {
+    if ((bpf_ntohl(dst) >> 24) == 127 || !dst || dst == cfg->ip4)
+        return 0;
+    if (dst == PROBE_V4 && !udp)
+        return 0;
+    if (is_dns(cfg, port))
+        return DNS_PORT;
+    return udp ? 0 : OUTBOUND_PORT;
+}
+
+static __always_inline int is_v4_mapped(u32 a0, u32 a1, u32 a2) {
+    return !a0 && !a1 && a2 == bpf_htonl(0xffff);
+}
+
 int connect4(struct bpf_sock_addr *ctx) {
     let_through(ctx->sk, ctx->user_port);
     struct pod_cfg *cfg = pod_of(ctx, ctx->sk);
@@ -121,12 +141,8 @@ int connect4(struct bpf_sock_addr *ctx) {
     int udp = ctx->protocol == IPPROTO_UDP;
     if (ctx->protocol != IPPROTO_TCP && !udp)
         return 1;
-    if ((bpf_ntohl(dst) >> 24) == 127 || dst == cfg->ip4 || dst == PROBE_V4)  // itself, probe replies
-        return 1;
-    u16 to = OUTBOUND_PORT;
-    if (is_dns(cfg, port))
-        to = DNS_PORT;
-    else if (udp)
+    u16 to = v4_target(cfg, dst, port, udp);
+    if (!to)
         return 1;
     struct orig_dst o = {};
     o.addr[0] = dst;
@@ -138,13 +154,31 @@ int connect4(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
+// the pod itself: ::1, :: (the kernel makes it ::1), its own address
 static __always_inline int v6_local(struct bpf_sock_addr *ctx, struct pod_cfg *cfg) {
     u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-    if (!a0 && !a1 && !a2 && a3 == bpf_htonl(1))  // ::1
-        return 1;
-    if (!a0 && !a1 && a2 == bpf_htonl(0xffff))  // v4-mapped: the v4 rules decide (not redirected here)
+    if (!a0 && !a1 && !a2 && (!a3 || a3 == bpf_htonl(1)))
         return 1;
     return a0 == cfg->ip6[0] && a1 == cfg->ip6[1] && a2 == cfg->ip6[2] && a3 == cfg->ip6[3];
+}
+
+// An AF_INET6 socket dialling ::ffff:a.b.c.d sends IPv4 packets, which the IPv4 rules of iptables mode
+// redirect: the same decision as connect4, the proxy's address as ::ffff:127.0.0.1, and the destination
+// recorded as IPv4 (what the proxy's IPv4 listener sees).
+static __always_inline int connect_v4_mapped(struct bpf_sock_addr *ctx, struct pod_cfg *cfg, int udp) {
+    u32 dst = ctx->user_ip6[3];
+    u32 port = ctx->user_port;
+    u16 to = v4_target(cfg, dst, port, udp);
+    if (!to)
+        return 1;
+    struct orig_dst o = {};
+    o.addr[0] = dst;
+    o.port = port;
+    o.family = AF_INET_;
+    remember(ctx, &o, udp);
+    ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+    ctx->user_port = bpf_htons(to);
+    return 1;
 }
 
 int connect6(struct bpf_sock_addr *ctx) {
@@ -155,6 +189,8 @@ int connect6(struct bpf_sock_addr *ctx) {
     int udp = ctx->protocol == IPPROTO_UDP;
     if (ctx->protocol != IPPROTO_TCP && !udp)
         return 1;
+    if (is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
+        return connect_v4_mapped(ctx, cfg, udp);
     if (v6_local(ctx, cfg))
         return 1;
     u32 port = ctx->user_port;
@@ -188,16 +224,26 @@ int sockops(struct bpf_sock_ops *skops) {
         return 1;
     struct conn_key k = {};
     k.netns = bpf_get_netns_cookie(skops);
-    k.family = skops->family;
     k.port = skops->local_port;
+    if (o->family == AF_INET_) {  // an AF_INET6 socket to a v4-mapped address too: the proxy sees IPv4
+        k.family = AF_INET_;
+        k.addr[0] = skops->local_ip4;
+    } else {
+        k.family = AF_INET6_;
+        k.addr[0] = skops->local_ip6[0];
+        k.addr[1] = skops->local_ip6[1];
+        k.addr[2] = skops->local_ip6[2];
+        k.addr[3] = skops->local_ip6[3];
+    }
     orig_dst.update(&k, o);
     pending.delete(&c);
     return 1;
 }
 
+// (an AF_INET6 socket's datagram to a v4-mapped address comes here too: the kernel sends it as IPv4)
 int sendmsg4(struct bpf_sock_addr *ctx) {
     struct pod_cfg *cfg = pod_of(ctx, ctx->sk);
-    if (!cfg || !is_dns(cfg, ctx->user_port) || (bpf_ntohl(ctx->user_ip4) >> 24) == 127)
+    if (!cfg || v4_target(cfg, ctx->user_ip4, ctx->user_port, 1) != DNS_PORT)
         return 1;
     struct orig_dst o = {};
     o.addr[0] = ctx->user_ip4;
@@ -211,7 +257,8 @@ int sendmsg4(struct bpf_sock_addr *ctx) {
 
 int sendmsg6(struct bpf_sock_addr *ctx) {
     struct pod_cfg *cfg = pod_of(ctx, ctx->sk);
-    if (!cfg || !is_dns(cfg, ctx->user_port) || v6_local(ctx, cfg))
+    if (!cfg || !is_dns(cfg, ctx->user_port) || v6_local(ctx, cfg) ||
+        is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))  // (sendmsg4 sees those)
         return 1;
     struct orig_dst o = {};
     o.addr[0] = ctx->user_ip6[0];
@@ -242,10 +289,19 @@ int recvmsg4(struct bpf_sock_addr *ctx) {
 }
 
 int recvmsg6(struct bpf_sock_addr *ctx) {
-    if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] || ctx->user_ip6[3] != bpf_htonl(1) ||
-        ctx->user_port != bpf_htons(DNS_PORT))
+    if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_port != bpf_htons(DNS_PORT))
         return 1;
     u64 c = socket_cookie(ctx);
+    if (ctx->user_ip6[2] == bpf_htonl(0xffff) && ctx->user_ip6[3] == bpf_htonl(0x7f000001)) {
+        struct orig_dst *m = dns_orig.lookup(&c);  // from ::ffff:127.0.0.1: a v4-mapped query's answer
+        if (m && m->family == AF_INET_) {
+            ctx->user_ip6[3] = m->addr[0];
+            ctx->user_port = m->port;
+        }
+        return 1;
+    }
+    if (ctx->user_ip6[2] || ctx->user_ip6[3] != bpf_htonl(1))
+        return 1;
     struct orig_dst *o = dns_orig.lookup(&c);
     if (o && o->family == AF_INET6_) {
         ctx->user_ip6[0] = o->addr[0];

@@ -33,7 +33,10 @@ def c_struct_size(name: str) -> int:
 
 def test_key_and_value_layouts_match_the_c_structs() -> None:
     assert len(maps.pod_cfg_value(["10.244.1.2", "fd00::2"], dns=True)) == c_struct_size("pod_cfg")
-    assert len(maps.conn_key(1, socket.AF_INET, 40000)) == c_struct_size("conn_key")
+    assert len(maps.conn_key(1, socket.AF_INET, "127.0.0.1", 40000)) == c_struct_size("conn_key")
+    key = maps.conn_key(7, socket.AF_INET6, "::ffff:10.244.1.2", 40000)  # as the proxy's v4 listener sees it
+    assert key == maps.conn_key(7, socket.AF_INET, "10.244.1.2", 40000)
+    assert key[8:12] == socket.inet_aton("10.244.1.2") and struct.unpack("=II", key[24:]) == (socket.AF_INET, 40000)
     assert len(maps.listener_key("10.244.1.2", PLAINTEXT_INBOUND_PORT)) == c_struct_size("listener_key")
     assert c_struct_size("orig_dst") == maps.ORIG_DST_SIZE
 

@@ -189,8 +189,11 @@ def cookie_key(cookie: int) -> bytes:
     return struct.pack("=Q", cookie)
 
 
-def conn_key(cookie: int, family: int, port: int) -> bytes:
-    return struct.pack("=QII", cookie, family, port)
+def conn_key(cookie: int, family: int, ip: str, port: int) -> bytes:
+    """struct conn_key: the client's netns, family, address (a v4-mapped one as IPv4) and port."""
+    if family == socket.AF_INET6 and ip.startswith("::ffff:") and "." in ip:
+        family, ip = socket.AF_INET, ip.removeprefix("::ffff:")
+    return struct.pack("=Q16sII", cookie, _addr16(ip)[1], family, port)
 
 
 def listener_key(ip: str, port: int) -> bytes:
@@ -240,8 +243,8 @@ class PinnedMaps:
     def original_destination(self, sock: socket.socket) -> tuple[str, int] | None:
         """Where the app connected to, for a connection accepted on 15001 (taken out of the map: read once)."""
         try:
-            peer_port = sock.getpeername()[1]
-            key = conn_key(netns_cookie(sock), sock.family, peer_port)
+            peer = sock.getpeername()
+            key = conn_key(netns_cookie(sock), sock.family, peer[0], peer[1])
             raw = map_lookup(self.orig_dst_fd, key, ORIG_DST_SIZE)
             if raw is None:
                 return None
