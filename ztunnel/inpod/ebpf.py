@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -241,8 +242,13 @@ class PinnedMaps:
         self.orig_dst_fd = self.listeners_fd = -1
 
     def original_destination(self, sock: socket.socket) -> tuple[str, int] | None:
-        """Where the app connected to, for a connection accepted on 15001 (taken out of the map: read once)."""
+        """Where the app connected to, for a connection accepted on 15001 (taken out of the map: read once).
+
+        Only one that connect4/6 sent here, to loopback: one dialled straight to the pod's address:15001 from
+        the same address and port as a redirected one would otherwise take that one's destination."""
         try:
+            if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+                return None
             peer = sock.getpeername()
             key = conn_key(netns_cookie(sock), sock.family, peer[0], peer[1])
             raw = map_lookup(self.orig_dst_fd, key, ORIG_DST_SIZE)

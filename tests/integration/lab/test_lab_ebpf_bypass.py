@@ -55,18 +55,20 @@ except OSError as e:
     print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
 """
 
-# argv: client address, then pairs of destinations: socket A bound to 127.0.0.1:P dials the first, socket B
-# bound to (client address, P) the second: one source port, two connections, before any is read
+# argv: A's source address, B's, then two destinations: socket A bound to (A's address, P) dials the first,
+# socket B bound to (B's address, P) the second (B first with "b-first"): one source port, two connections, both
+# made before any is read
 SHARED_PORT = r"""
 import json, socket, sys
-client, dsts = sys.argv[1], [(sys.argv[i], int(sys.argv[i + 1])) for i in (2, 4)]
+srcs, dsts = sys.argv[1:3], [(sys.argv[i], int(sys.argv[i + 1])) for i in (3, 5)]
 REQ = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
 pairs, failed = [], {}
-for _ in range(int(sys.argv[6])):
-    a = socket.socket(); a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); a.bind(("127.0.0.1", 0))
-    b = socket.socket(); b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); b.bind((client, a.getsockname()[1]))
+for _ in range(int(sys.argv[7])):
+    a = socket.socket(); a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); a.bind((srcs[0], 0))
+    b = socket.socket(); b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); b.bind((srcs[1], a.getsockname()[1]))
     pairs.append((a, b))
-    for s, dst in zip((a, b), dsts):
+    order = list(zip((a, b), dsts))
+    for s, dst in order[::-1] if sys.argv[8] == "b-first" else order:
         try:
             s.connect(dst)
         except OSError as e:
@@ -175,7 +177,8 @@ def test_connections_sharing_a_source_port_keep_their_own_destinations(mode_lab:
     lab = mode_lab
     client, server = lab.pod_ip("lab/client"), lab.pod_ip("lab/server")
     metrics = "172.30.0.12"  # n2's address: its metrics port answers "no such path /" to GET /
-    out = json.loads(unprivileged(lab, "lab/client", SHARED_PORT, client, server, "8080", metrics, "15020", "8"))
+    args = ["127.0.0.1", client, server, "8080", metrics, "15020", "8", "a-first"]
+    out = json.loads(unprivileged(lab, "lab/client", SHARED_PORT, *args))
     for a, b in out:
         # iptables mode: a socket bound to 127.0.0.1 cannot leave the pod (EINVAL); eBPF: it reaches the proxy
         assert a == f"peer={client}" or a.startswith("error"), out
@@ -209,3 +212,17 @@ def test_the_pod_itself_is_never_redirected(mode_lab: LabHandle) -> None:
     assert "request from 127.0.0.1" in server_log
     own = lab.pod_ip("lab/client")
     assert unprivileged(lab, "lab/client", DNS_QUERY, "sendto", own) == "error timed out"
+
+
+def test_a_connection_dialled_straight_to_the_outbound_port_takes_no_other_destination(mode_lab: LabHandle) -> None:
+    """B, bound to A's address and port, dials the pod's own address:15001 (no redirection: the pod itself), then A
+    dials the server (redirected to 127.0.0.1:15001 from the same address and port): the proxy looked B up by
+    its peer alone and sent B where A was going."""
+    lab = mode_lab
+    client, server = lab.pod_ip("lab/client"), lab.pod_ip("lab/server")
+    args = [client, client, server, "8080", client, "15001", "8", "b-first"]
+    out = json.loads(unprivileged(lab, "lab/client", SHARED_PORT, *args))
+    for a, b in out:
+        assert not b.startswith("peer="), out  # B never reaches the server
+        assert a == f"peer={client}" or a.startswith("error"), out
+    assert any(a == f"peer={client}" for a, _ in out), out
