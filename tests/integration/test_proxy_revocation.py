@@ -34,6 +34,7 @@ from tests.integration.conftest import (
 )
 from tests.support.eventually import eventually
 from tests.support.identity import write_token_file
+from tests.support.svids import cli_issued
 from ztunnel.identity.ca import init_ca_dir
 
 SERVER_IP = "127.0.121.1"  # the served pod on node-b; its own range, so no other test's pod is in the way
@@ -60,25 +61,7 @@ class Svid:
 
 
 def issue(ca_dir: Path, workdir: Path, name: str) -> Svid:
-    cert, key, bundle = workdir / f"{name}.pem", workdir / f"{name}.key", workdir / f"{name}-bundle.pem"
-    out = subprocess.run(
-        [
-            *(ZTUNNEL, "ca", "issue", "--dir", str(ca_dir), "--id", CLIENT_ID),
-            *("--cert-out", str(cert), "--key-out", str(key), "--bundle-out", str(bundle)),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    serial = re.search(r"serial ([0-9a-f]+)", out)
-    assert serial, out
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.set_alpn_protocols(["h2"])
-    ctx.load_verify_locations(cafile=str(bundle))
-    ctx.load_cert_chain(str(cert), str(key))
-    return Svid(serial.group(1), ctx)
+    return Svid(*cli_issued(ca_dir, workdir, name, CLIENT_ID))
 
 
 def revoke(ca_dir: Path, serial: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 import subprocess
 import urllib.request
@@ -24,6 +23,7 @@ from tests.integration.conftest import ZTUNNEL
 from tests.support.certs import in_process_certs
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
+from tests.support.svids import cli_issued
 from tests.support.waypoint import (
     APP_PORT,
     CLIENT,
@@ -236,30 +236,8 @@ async def test_parser_refusals_are_counted_and_logged(client: tuple[HbonePool, S
     eventually(lambda: "request refused by the HTTP parser" in setup.log.read_text(), 10, what="the log line")
 
 
-def _issue(setup: Setup, name: str) -> tuple[str, ssl.SSLContext]:
-    cert, key, bundle = (setup.workdir / f"{name}{ext}" for ext in (".pem", ".key", "-bundle.pem"))
-    out = subprocess.run(
-        [
-            *(ZTUNNEL, "ca", "issue", "--dir", str(setup.ca_dir), "--id", CLIENT.uri),
-            *("--cert-out", str(cert), "--key-out", str(key), "--bundle-out", str(bundle)),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    serial = re.search(r"serial ([0-9a-f]+)", out)
-    assert serial, out
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.set_alpn_protocols(["h2"])
-    ctx.load_verify_locations(cafile=str(bundle))
-    ctx.load_cert_chain(str(cert), str(key))
-    return serial.group(1), ctx
-
-
 async def test_a_revoked_clients_open_connection_is_closed(setup: Setup) -> None:
-    serial, ctx = _issue(setup, "revoked-client")
+    serial, ctx = cli_issued(setup.ca_dir, setup.workdir, "revoked-client", CLIENT.uri)
     reader, writer = await asyncio.open_connection(WAYPOINT_IP, 15008, ssl=ctx, server_hostname="")
     outer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     outer.initiate_connection()

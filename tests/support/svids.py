@@ -10,6 +10,9 @@ production (tests/support/certs.py).
 from __future__ import annotations
 
 import datetime as dt
+import re
+import ssl
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,3 +111,29 @@ class FixedProvider:
 
     async def get(self, identity: SpiffeId) -> WorkloadCertificate:
         return self.cert
+
+
+def cli_issued(ca_dir: Path, workdir: Path, name: str, identity: str) -> tuple[str, ssl.SSLContext]:
+    """An SVID for `identity` from `ztunnel ca issue` (files `<name>.pem`, `.key`, `-bundle.pem` in `workdir`):
+    its serial (hex, as the command prints it) and a TLS 1.3 h2 client context presenting it."""
+    from tests.integration.conftest import ZTUNNEL
+
+    cert, key, bundle = (workdir / f"{name}{ext}" for ext in (".pem", ".key", "-bundle.pem"))
+    out = subprocess.run(
+        [
+            *(ZTUNNEL, "ca", "issue", "--dir", str(ca_dir), "--id", identity),
+            *("--cert-out", str(cert), "--key-out", str(key), "--bundle-out", str(bundle)),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    serial = re.search(r"serial ([0-9a-f]+)", out)
+    assert serial, out
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["h2"])
+    ctx.load_verify_locations(cafile=str(bundle))
+    ctx.load_cert_chain(str(cert), str(key))
+    return serial.group(1), ctx
