@@ -131,7 +131,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--mesh-config",
         metavar="FILE",
-        help="mesh config YAML (extensionProviders for CUSTOM policies); replaces the istio ConfigMap's `mesh`",
+        help="mesh config YAML (extensionProviders for CUSTOM policies, pathNormalization); replaces the istio "
+        "ConfigMap's `mesh`",
+    )
+    p.add_argument(
+        "--headers-with-underscores",
+        choices=("ALLOW", "REJECT_REQUEST", "DROP_HEADER"),
+        default="ALLOW",
+        help="a request header whose name holds `_` (which CGI-style apps read as `-`, past a policy on the `-` "
+        "name): passed on (ALLOW, Envoy's and Istio's default), answered 400 (REJECT_REQUEST) or dropped "
+        "(DROP_HEADER)",
     )
     p.set_defaults(func=_run)
 
@@ -212,7 +221,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 async def run_waypoint(args: argparse.Namespace) -> int:
     from ztunnel.config.kube.client import KubeConfigError
     from ztunnel.config.kube.source import open_source
-    from ztunnel.config.loader import ConfigError, read_mesh_config
+    from ztunnel.config.loader import ConfigError, read_mesh
     from ztunnel.hbone.client import HbonePool
     from ztunnel.hbone.server import TLS_HANDSHAKE_TIMEOUT, HboneServer
     from ztunnel.hbone.tls_cache import TlsContexts
@@ -234,7 +243,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise WaypointCommandError(f"cannot load the config: {e}") from None
     try:
-        mesh_providers = read_mesh_config(args.mesh_config) if args.mesh_config else None
+        mesh = read_mesh(args.mesh_config) if args.mesh_config else None
     except ConfigError as e:
         raise WaypointCommandError(f"cannot load the mesh config: {e}") from None
     pod = find_waypoint_pod(config, args.name, args.namespace)
@@ -262,8 +271,10 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     keys = KeyStore(refresher.keys)
 
     def snapshot(cfg: ClusterConfig, previous: PolicyEngine | None) -> WaypointState:
-        if mesh_providers is not None:
-            cfg = dataclasses.replace(cfg, extension_providers=mesh_providers)
+        if mesh is not None:
+            cfg = dataclasses.replace(
+                cfg, extension_providers=mesh.extension_providers, path_normalization=mesh.path_normalization
+            )
         engine = PolicyEngine.from_config(cfg, previous, waypoint=f"{args.namespace}/{args.name}")  # Gateway targetRefs
         rules = [JwtRule.from_policy(r) for ra in engine.request_authentications for r in ra.jwt_rules]
         named = [(ra.namespace, r.jwks_uri) for ra in engine.request_authentications for r in ra.jwt_rules]
@@ -276,6 +287,7 @@ async def run_waypoint(args: argparse.Namespace) -> int:
     pool = HbonePool(contexts, connect_timeout=parse_duration(args.connect_timeout).total_seconds())
     timeouts = getattr(args, "timeouts", None) or timeouts_from_args(args)
     waypoint = WaypointServer(identity, pool, snapshot(config, None), telemetry=telemetry, timeouts=timeouts)
+    waypoint.headers_with_underscores = getattr(args, "headers_with_underscores", "ALLOW")
     server = HboneServer(contexts, waypoint.serve_tunnel)
 
     async def on_config(cfg: ClusterConfig) -> None:

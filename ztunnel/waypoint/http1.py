@@ -59,6 +59,25 @@ class Limits:
     max_chunk_line: int = 4096
     # How request paths are normalized before the policy sees them and the app gets them (`normalize_path`).
     path_normalization: str = "MERGE_SLASHES"
+    # A request header whose name holds `_` (Envoy's headers_with_underscores_action): ALLOW (Envoy's and Istio's
+    # default: passed on, though a CGI-style app reads `X_Admin` as `x-admin` where a DENY on x-admin does not
+    # see it), REJECT_REQUEST (400) or DROP_HEADER (neither the policy nor the app sees it).
+    headers_with_underscores: str = "ALLOW"
+
+
+UNDERSCORE_ACTIONS = ("ALLOW", "REJECT_REQUEST", "DROP_HEADER")
+
+
+def underscored_headers(
+    headers: list[tuple[bytes, bytes]], action: str
+) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """`headers` without those whose name holds `_` when `action` is DROP_HEADER; with REJECT_REQUEST, the first
+    such name (the request is answered 400), else None. Called only when `action` is not ALLOW."""
+    if not any(b"_" in n for n, _ in headers):
+        return headers, None
+    if action == "REJECT_REQUEST":
+        return headers, next(n for n, _ in headers if b"_" in n)
+    return [(n, v) for n, v in headers if b"_" not in n], None
 
 
 # --- events (past tense, small) ---
@@ -535,7 +554,12 @@ class Http1Connection:
         upgrade: bytes | None = None
         expect: bytes | None = None
         fwd: list[tuple[bytes, bytes]] = []
-        for name, value in sink.headers:
+        received = sink.headers
+        if self.limits.headers_with_underscores != "ALLOW":
+            received, bad = underscored_headers(received, self.limits.headers_with_underscores)
+            if bad is not None:
+                raise _Reject(400, f"header {bad.decode('latin-1')!r} has an underscore in its name")
+        for name, value in received:
             low = name.lower()
             if low == b"host":
                 host = value
@@ -575,7 +599,7 @@ class Http1Connection:
             target=target,
             path=path,
             host=host or b"",
-            headers=tuple(sink.headers),
+            headers=tuple(received),
             version=version,
             content_length=length,
             chunked=chunked,
@@ -944,6 +968,7 @@ __all__ = [
     "PATH_NORMALIZATIONS",
     "PAUSED",
     "SANITIZED_HEADERS",
+    "UNDERSCORE_ACTIONS",
     "BadTarget",
     "Http1Connection",
     "Http1Error",

@@ -49,6 +49,8 @@ class H2Limits:
     max_header_list: int = MAX_HEADER_LIST  # also the cap hbone/http2.LimitedFrameBuffer applies to a block
     open_budget: int = STREAM_OPEN_BUDGET  # new streams per second (rapid reset, as HBONE's)
     reset_budget: int = PREMATURE_RESET_BUDGET  # streams reset before their answer, per second
+    path_normalization: str = "MERGE_SLASHES"  # as http1.Limits: the mesh config's pathNormalization
+    headers_with_underscores: str = "ALLOW"  # as http1.Limits: ALLOW, REJECT_REQUEST (400) or DROP_HEADER
 
 
 # --- events ---
@@ -230,7 +232,8 @@ class H2Conn:
                 self.reset(ev.stream_id, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: never processed
                 return
             ended = ev.stream_ended is not None
-            head = request_head(ev.headers or [])
+            limits = self.limits
+            head = request_head(ev.headers or [], limits.path_normalization, limits.headers_with_underscores)
             if isinstance(head, RequestHead):
                 out.append(RequestStarted(ev.stream_id, head, ended))
             else:
@@ -421,7 +424,9 @@ _METHOD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
 
 def request_head(
-    headers: Iterable[tuple[bytes | str, bytes | str]], normalization: str = "MERGE_SLASHES"
+    headers: Iterable[tuple[bytes | str, bytes | str]],
+    normalization: str = "MERGE_SLASHES",
+    underscores: str = "ALLOW",
 ) -> RequestHead | tuple[int, str]:
     """A received HEADERS block as the head the policy decides on, or (status, why) to refuse the stream.
 
@@ -429,7 +434,7 @@ def request_head(
     no connection-specific fields, lowercase names); what is left is ours: an origin-form :path, normalized as
     an HTTP/1.1 target is (http1.request_target: the path the policy sees is the one the app gets), no CONNECT
     (no tunnels inside h2c), an upper-case :method, no CR/LF/NUL/space in pseudo-headers (they become an
-    HTTP/1.1 request line), a numeric content-length."""
+    HTTP/1.1 request line), a numeric content-length; a field name with `_` as `underscores` says (http1.Limits)."""
     method = target = authority = b""
     host: bytes | None = None
     length: int | None = None
@@ -446,6 +451,10 @@ def request_head(
             elif n == b":authority":
                 authority = v
             continue
+        if underscores != "ALLOW" and b"_" in n:
+            if underscores == "REJECT_REQUEST":
+                return 400, f"header {n.decode('latin-1')!r} has an underscore in its name"
+            continue  # DROP_HEADER
         if _BAD_FIELD_BYTES.intersection(v):  # h2 lets CR/LF/NUL through; an HTTP/1.1 upstream must not see them
             return 400, f"a field value of {n.decode('latin-1')} holds CR, LF or NUL"
         if n == b"host":

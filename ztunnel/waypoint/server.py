@@ -71,6 +71,7 @@ from ztunnel.waypoint.http1 import (
     NEED_DATA,
     PAUSED,
     Http1Connection,
+    Limits,
     RequestData,
     RequestEnded,
     RequestHead,
@@ -86,6 +87,7 @@ from ztunnel.waypoint.http2 import (
     HOP_BY_HOP,
     BadRequest,
     H2Conn,
+    H2Limits,
     RequestStarted,
     ResponseStarted,
     Trailers,
@@ -376,6 +378,7 @@ class WaypointServer:
     draining: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     tcp_relays: set[_TcpRelay] = field(default_factory=set)  # open TCP relays, for `flush_tcp_bytes`
+    headers_with_underscores: str = "ALLOW"  # http1.Limits: ALLOW, REJECT_REQUEST or DROP_HEADER
 
     def flush_tcp_bytes(self) -> None:
         """Add the open TCP relays' bytes since the last flush to the byte counters (a long connection shows
@@ -488,7 +491,8 @@ class _ClientConnection:
         self.target = request.target
         self.request = request
         self.principal = tunnel.peer_identity.uri
-        self.http = Http1Connection()
+        mode, underscores = server.state.config.path_normalization, server.headers_with_underscores  # as the policy
+        self.http = Http1Connection(Limits(path_normalization=mode, headers_with_underscores=underscores))
         self.upstream: _Upstream | None = None
         self.outcome = Outcome(0.0)  # the current request's, for its telemetry
         self.started = time.monotonic()
@@ -1230,7 +1234,10 @@ class _H2ClientConnection:
     def __init__(self, owner: _ClientConnection) -> None:
         self.owner = owner
         self.server = owner.server
-        self.conn = H2Conn(client_side=False)
+        mode, underscores = self.server.state.config.path_normalization, self.server.headers_with_underscores
+        self.conn = H2Conn(
+            client_side=False, limits=H2Limits(path_normalization=mode, headers_with_underscores=underscores)
+        )
         timeouts = self.server.timeouts
         on_headers = self._headers_clock if timeouts.request_headers is not None else None
         self.side = _H2Side(self.conn, owner.client, self._on_event, on_headers)
