@@ -730,6 +730,23 @@ def service(name: str, namespace: str, ip: str, selector: dict[str, str], port: 
     }
 
 
+def configmap(name: str, namespace: str, data: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace}, "data": data}
+
+
+def waypoint_gateway(name: str, namespace: str, listener: str = "mesh") -> dict[str, Any]:
+    """A Gateway of class istio-waypoint with its one HBONE listener on 15008."""
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": listener, "port": 15008, "protocol": "HBONE"}],
+        },
+    }
+
+
 def authz_policy(name: str, namespace: str, spec: dict[str, Any], version: str = "v1") -> dict[str, Any]:
     return {
         "apiVersion": f"security.istio.io/{version}",
@@ -766,30 +783,16 @@ def sample_cluster() -> list[dict[str, Any]]:
             "metadata": {"name": "node-a"},
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}], "capacity": {"cpu": "4"}},
         },
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "Gateway",
-            "metadata": {"name": "waypoint", "namespace": "shop"},
-            "spec": {
-                "gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio", "namespace": "istio-system"},
-            "data": {
+        waypoint_gateway("waypoint", "shop"),
+        configmap(
+            "istio",
+            "istio-system",
+            {
                 "mesh": "extensionProviders:\n- name: authz\n"
                 "  envoyExtAuthzHttp: {service: a.shop.svc.cluster.local, port: 80}\n"
             },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "unrelated", "namespace": "istio-system"},
-            "data": {"big": "x" * 1000},
-        },
+        ),
+        configmap("unrelated", "istio-system", {"big": "x" * 1000}),
         authz_policy("deny-bad", "shop", DENY_BAD),
         {
             "apiVersion": "security.istio.io/v1beta1",

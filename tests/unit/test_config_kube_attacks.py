@@ -16,6 +16,7 @@ from tests.support.eventually import eventually_async
 from tests.support.kubeapi import (
     FakeKubeApi,
     authz_policy,
+    configmap,
     file_model,
     kube_client,
     kube_source,
@@ -25,6 +26,7 @@ from tests.support.kubeapi import (
     sample_cluster,
     service,
     watching,
+    waypoint_gateway,
 )
 from ztunnel.config.kube import reflector as reflector_module
 from ztunnel.config.kube.client import KubeApiError, KubeClient, KubeConfigError, from_kubeconfig
@@ -169,12 +171,11 @@ async def test_events_the_request_did_not_ask_for_are_refused(api: FakeKubeApi, 
         api.send_raw("pods", _event("ADDED", pod("../../kube-system/pods/x", node="node-a", ip="10.1.0.51")))
         api.send_raw("pods", _event("ADDED", pod("ok", "a/b", node="node-a", ip="10.1.0.52")))
         api.send_raw("pods", _event("ADDED", pod("..", node="node-a", ip="10.1.0.53")))
-        tenant_mesh = {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio", "namespace": "shop"},
-            "data": {"mesh": "extensionProviders:\n- name: evil\n  envoyExtAuthzHttp: {service: e.shop, port: 80}\n"},
-        }
+        tenant_mesh = configmap(
+            "istio",
+            "shop",
+            {"mesh": "extensionProviders:\n- name: evil\n  envoyExtAuthzHttp: {service: e.shop, port: 80}\n"},
+        )
         api.send_raw("configmaps", _event("ADDED", tenant_mesh))
         api.put(pod("after", node="node-a", ip="10.1.0.13"))
         await eventually_async(
@@ -212,12 +213,11 @@ def test_a_tenant_istio_configmap_is_ignored(api: FakeKubeApi, tmp_path: Path) -
     api.put_all(sample_cluster())
     api.put(namespace("tenant"))
     api.put(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio", "namespace": "tenant"},
-            "data": {"mesh": "extensionProviders:\n- name: evil\n  envoyExtAuthzHttp: {service: e.tenant, port: 80}\n"},
-        }
+        configmap(
+            "istio",
+            "tenant",
+            {"mesh": "extensionProviders:\n- name: evil\n  envoyExtAuthzHttp: {service: e.tenant, port: 80}\n"},
+        )
     )
     cfg = kube_source(api, tmp_path).load()
     assert set(cfg.extension_providers) == {"authz"}
@@ -246,17 +246,7 @@ def test_a_tenant_waypoint_of_the_same_name_is_not_used_by_another_namespace(
 ) -> None:
     api.put_all(sample_cluster())
     api.put(namespace("tenant"))
-    api.put(
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "Gateway",
-            "metadata": {"name": "waypoint", "namespace": "tenant"},
-            "spec": {
-                "gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "m", "port": 15008, "protocol": "HBONE"}],
-            },
-        }
-    )
+    api.put(waypoint_gateway("waypoint", "tenant", listener="m"))
     svc = service("server", "shop", "10.96.0.10", {"app": "server"})
     svc["metadata"]["labels"] = {USE_WAYPOINT_LABEL: "waypoint"}
     api.put(svc)
@@ -291,12 +281,11 @@ def test_every_kubernetes_component_takes_root_namespace(
     api.put_all(sample_cluster())
     api.put(namespace("mesh-root"))
     api.put(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio", "namespace": "mesh-root"},
-            "data": {"mesh": "extensionProviders:\n- name: rooted\n  envoyExtAuthzHttp: {service: r.shop, port: 80}\n"},
-        }
+        configmap(
+            "istio",
+            "mesh-root",
+            {"mesh": "extensionProviders:\n- name: rooted\n  envoyExtAuthzHttp: {service: r.shop, port: 80}\n"},
+        )
     )
     port_9 = {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9"]}}]}]}
     api.put(authz_policy("mesh-wide", "mesh-root", port_9))
