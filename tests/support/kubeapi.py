@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.support.labapps import waypoint_gateway
 from ztunnel.config.kube.client import KubeClient, from_kubeconfig
 from ztunnel.config.kube.source import KubeConfigSource
 from ztunnel.config.model import ClusterConfig
@@ -732,19 +733,6 @@ def service(name: str, namespace: str, ip: str, selector: dict[str, str], port: 
 
 def configmap(name: str, namespace: str, data: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace}, "data": data}
-
-
-def waypoint_gateway(name: str, namespace: str, listener: str = "mesh") -> dict[str, Any]:
-    """A Gateway of class istio-waypoint with its one HBONE listener on 15008."""
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "Gateway",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "gatewayClassName": "istio-waypoint",
-            "listeners": [{"name": listener, "port": 15008, "protocol": "HBONE"}],
-        },
-    }
 
 
 def authz_policy(name: str, namespace: str, spec: dict[str, Any], version: str = "v1") -> dict[str, Any]:

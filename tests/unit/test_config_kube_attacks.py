@@ -26,8 +26,8 @@ from tests.support.kubeapi import (
     sample_cluster,
     service,
     watching,
-    waypoint_gateway,
 )
+from tests.support.labapps import waypoint_gateway
 from ztunnel.config.kube import reflector as reflector_module
 from ztunnel.config.kube.client import KubeApiError, KubeClient, KubeConfigError, from_kubeconfig
 from ztunnel.config.kube.wire import ChunkedDecoder, KubeWireError

@@ -60,7 +60,7 @@ def service(
     }
 
 
-def waypoint_gateway(name: str, namespace: str) -> dict[str, Any]:
+def waypoint_gateway(name: str, namespace: str, listener: str = "mesh") -> dict[str, Any]:
     """An Istio waypoint as a user declares one (`istioctl waypoint generate`); the lab deploys its pod."""
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
@@ -68,6 +68,6 @@ def waypoint_gateway(name: str, namespace: str) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "gatewayClassName": "istio-waypoint",
-            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            "listeners": [{"name": listener, "port": 15008, "protocol": "HBONE"}],
         },
     }
