@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -27,8 +26,15 @@ import grpc
 import pytest
 from grpc_tools import protoc
 
-from tests.integration.conftest import ProxyProcess, start_proxy
-from tests.support.waypoint import KeepAliveApp, Responses, client_pool, start_waypoint, stop, wait_listening
+from tests.support.waypoint import (
+    KeepAliveApp,
+    Responses,
+    client_pool,
+    proxy_and_waypoint,
+    start_waypoint,
+    stop,
+    wait_listening,
+)
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
 from ztunnel.identity.spiffe import SpiffeId
@@ -265,18 +271,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     apps = [KeepAliveApp(ip, APP_PORT) for ip in APP_IPS]
     grpc_authz = GrpcAuthorizer(pb)
     http_authz = HttpAuthorizer()
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
     try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "demo")
-        wait_listening(waypoint, log_path, WAYPOINT_IP)
-        yield Setup(workdir, ca_dir, apps, grpc_authz, http_authz, log_path)
+        with proxy_and_waypoint(config, ca_dir, workdir, namespace="demo", ip=WAYPOINT_IP) as (_, _, log_path):
+            yield Setup(workdir, ca_dir, apps, grpc_authz, http_authz, log_path)
     finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
         grpc_authz.server.stop(0).wait(5)
         http_authz.close()
         for app in apps:

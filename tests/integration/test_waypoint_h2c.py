@@ -35,21 +35,17 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from tests.integration.conftest import ProxyProcess, start_proxy
 from tests.support.waypoint import (
     APP_PORT,
     BIG,
     CONFIG,
     GREETER_IP,
-    WAYPOINT_IP,
     KeepAliveApp,
     client_pool,
-    start_waypoint,
-    stop,
+    proxy_and_waypoint,
     tcp_bridge,
     tunnel,
     tunnel_to,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
 from ztunnel.hbone.stream import HboneStream
@@ -169,19 +165,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     plain = http.server.ThreadingHTTPServer((GREETER_IP, PLAIN_PORT), _PlainHandler)
     threading.Thread(target=plain.serve_forever, daemon=True).start()
     node_app = subprocess.Popen(["node", "-e", NODE_APP, GREETER_IP, str(NODE_PORT)], stdout=subprocess.PIPE)
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
     try:
         assert node_app.stdout is not None and node_app.stdout.readline() == b"listening\n"
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
-        wait_listening(waypoint, log_path, WAYPOINT_IP)
-        yield Setup(ca_dir, log_path)
+        with proxy_and_waypoint(config, ca_dir, workdir) as (_, _, log_path):
+            yield Setup(ca_dir, log_path)
     finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
         grpc_server.stop(None)
         plain.shutdown()
         plain.server_close()

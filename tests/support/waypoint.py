@@ -213,16 +213,16 @@ def wait_listening(proc: subprocess.Popen[bytes], log_path: Path, ip: str) -> No
 
 @contextlib.contextmanager
 def proxy_and_waypoint(
-    config: Path, ca_dir: Path, workdir: Path, *args: str
+    config: Path, ca_dir: Path, workdir: Path, *args: str, namespace: str = "greet", ip: str = WAYPOINT_IP
 ) -> Iterator[tuple[ProxyProcess, subprocess.Popen[bytes], Path]]:
-    """node-b's node proxy and greet's `waypoint` (with `args` after --name/--namespace), up until the waypoint
-    listens on WAYPOINT_IP:15008; yields (proxy, waypoint, its log) and stops the waypoint, then the proxy."""
+    """node-b's node proxy and `namespace`'s `waypoint` (with `args` after --name/--namespace), up until the
+    waypoint listens on `ip`:15008; yields (proxy, waypoint, its log), stops the waypoint, then the proxy."""
     proxy = start_proxy("node-b", config, ca_dir, workdir)
     try:
-        names = ("--name", "waypoint", "--namespace", "greet")
+        names = ("--name", "waypoint", "--namespace", namespace)
         waypoint, log_path = start_waypoint(config, ca_dir, workdir, *names, *args)
         try:
-            wait_listening(waypoint, log_path, WAYPOINT_IP)
+            wait_listening(waypoint, log_path, ip)
             yield proxy, waypoint, log_path
         finally:
             stop(waypoint)
