@@ -13,6 +13,8 @@
 //                             keyed (netns cookie, family, client port), where the proxy reads it
 //   sendmsg4/6   cgroup       unconnected UDP to port 53 -> loopback:15053 (DNS capture)
 //   recvmsg4/6   cgroup       replies from loopback:15053 appear to come from the resolver the app asked
+//   getpeername4/6, getsockname4/6  cgroup  a redirected socket's peer is what it dialled, its address the
+//                             pod's (as under iptables REDIRECT), from `redirected` (socket storage)
 //   sk_lookup    pod netns    inbound TCP SYNs (not 15008, not from the probe address, not the proxy's own
 //                             connections to the app, which connect4 noted in `bypass`) -> the proxy's
 //                             15006 listener for the destination address, from the listeners sockhash; none
@@ -68,6 +70,9 @@ struct bypass_key {
     u32 app_port;
 };
 BPF_TABLE_PINNED("lru_hash", struct bypass_key, u8, bypass, 16384, PIN_DIR "/bypass");
+// a redirected socket's original destination, for as long as the socket lives (freed with it): getpeername()
+// and getsockname() answer as they would under iptables REDIRECT (family 0: connected again, not redirected)
+BPF_SK_STORAGE(redirected, struct orig_dst);
 
 // bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits
 static u64 (*socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
@@ -92,6 +97,17 @@ static __always_inline void remember(void *ctx, struct orig_dst *o, int udp) {
         dns_orig.update(&c, o);
     else
         pending.update(&c, o);
+}
+
+// connect4/6 redirected the socket (o: where it was going) or, with o 0, left it alone
+static __always_inline void connected(struct bpf_sock_addr *ctx, struct orig_dst *o, int udp) {
+    struct orig_dst *r = redirected.sk_storage_get(ctx->sk, 0, o ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+    if (r && o)
+        *r = *o;
+    else if (r)
+        r->family = 0;
+    if (o)
+        remember(ctx, o, udp);
 }
 
 // The proxy's connector (bound to the client's address with IP_TRANSPARENT, so its port is known): let its
@@ -142,13 +158,15 @@ int connect4(struct bpf_sock_addr *ctx) {
     if (ctx->protocol != IPPROTO_TCP && !udp)
         return 1;
     u16 to = v4_target(cfg, dst, port, udp);
-    if (!to)
+    if (!to) {
+        connected(ctx, 0, udp);
         return 1;
+    }
     struct orig_dst o = {};
     o.addr[0] = dst;
     o.port = port;
     o.family = AF_INET_;
-    remember(ctx, &o, udp);
+    connected(ctx, &o, udp);
     ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = bpf_htons(to);
     return 1;
@@ -169,13 +187,15 @@ static __always_inline int connect_v4_mapped(struct bpf_sock_addr *ctx, struct p
     u32 dst = ctx->user_ip6[3];
     u32 port = ctx->user_port;
     u16 to = v4_target(cfg, dst, port, udp);
-    if (!to)
+    if (!to) {
+        connected(ctx, 0, udp);
         return 1;
+    }
     struct orig_dst o = {};
     o.addr[0] = dst;
     o.port = port;
     o.family = AF_INET_;
-    remember(ctx, &o, udp);
+    connected(ctx, &o, udp);
     ctx->user_ip6[3] = bpf_htonl(0x7f000001);
     ctx->user_port = bpf_htons(to);
     return 1;
@@ -191,14 +211,12 @@ int connect6(struct bpf_sock_addr *ctx) {
         return 1;
     if (is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
         return connect_v4_mapped(ctx, cfg, udp);
-    if (v6_local(ctx, cfg))
-        return 1;
     u32 port = ctx->user_port;
-    u16 to = OUTBOUND_PORT;
-    if (is_dns(cfg, port))
-        to = DNS_PORT;
-    else if (udp)
+    if (v6_local(ctx, cfg) || (udp && !is_dns(cfg, port))) {
+        connected(ctx, 0, udp);
         return 1;
+    }
+    u16 to = is_dns(cfg, port) ? DNS_PORT : OUTBOUND_PORT;
     struct orig_dst o = {};
     o.addr[0] = ctx->user_ip6[0];
     o.addr[1] = ctx->user_ip6[1];
@@ -206,7 +224,7 @@ int connect6(struct bpf_sock_addr *ctx) {
     o.addr[3] = ctx->user_ip6[3];
     o.port = port;
     o.family = AF_INET6_;
-    remember(ctx, &o, udp);
+    connected(ctx, &o, udp);
     ctx->user_ip6[0] = 0;
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = 0;
@@ -309,6 +327,70 @@ int recvmsg6(struct bpf_sock_addr *ctx) {
         ctx->user_ip6[2] = o->addr[2];
         ctx->user_ip6[3] = o->addr[3];
         ctx->user_port = o->port;
+    }
+    return 1;
+}
+
+static __always_inline int is_proxy_port(u32 port) {
+    return port == bpf_htons(OUTBOUND_PORT) || port == bpf_htons(DNS_PORT);
+}
+
+int getpeername4(struct bpf_sock_addr *ctx) {
+    struct orig_dst *r = redirected.sk_storage_get(ctx->sk, 0, 0);
+    if (r && r->family == AF_INET_ && ctx->user_ip4 == bpf_htonl(0x7f000001) && is_proxy_port(ctx->user_port)) {
+        ctx->user_ip4 = r->addr[0];
+        ctx->user_port = r->port;
+    }
+    return 1;
+}
+
+int getpeername6(struct bpf_sock_addr *ctx) {
+    struct orig_dst *r = redirected.sk_storage_get(ctx->sk, 0, 0);
+    if (!r || ctx->user_ip6[0] || ctx->user_ip6[1] || !is_proxy_port(ctx->user_port))
+        return 1;
+    if (r->family == AF_INET_ && ctx->user_ip6[2] == bpf_htonl(0xffff) &&
+        ctx->user_ip6[3] == bpf_htonl(0x7f000001)) {
+        ctx->user_ip6[3] = r->addr[0];
+        ctx->user_port = r->port;
+    } else if (r->family == AF_INET6_ && !ctx->user_ip6[2] && ctx->user_ip6[3] == bpf_htonl(1)) {
+        ctx->user_ip6[0] = r->addr[0];
+        ctx->user_ip6[1] = r->addr[1];
+        ctx->user_ip6[2] = r->addr[2];
+        ctx->user_ip6[3] = r->addr[3];
+        ctx->user_port = r->port;
+    }
+    return 1;
+}
+
+// a redirected socket's own address is the pod's, as when it leaves through eth0 (loopback only by us)
+int getsockname4(struct bpf_sock_addr *ctx) {
+    struct orig_dst *r = redirected.sk_storage_get(ctx->sk, 0, 0);
+    if (!r || r->family != AF_INET_ || ctx->user_ip4 != bpf_htonl(0x7f000001))
+        return 1;
+    u64 ns = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pods.lookup(&ns);
+    if (cfg && cfg->ip4)
+        ctx->user_ip4 = cfg->ip4;
+    return 1;
+}
+
+int getsockname6(struct bpf_sock_addr *ctx) {
+    struct orig_dst *r = redirected.sk_storage_get(ctx->sk, 0, 0);
+    if (!r || ctx->user_ip6[0] || ctx->user_ip6[1])
+        return 1;
+    u64 ns = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pods.lookup(&ns);
+    if (!cfg)
+        return 1;
+    if (r->family == AF_INET_ && ctx->user_ip6[2] == bpf_htonl(0xffff) &&
+        ctx->user_ip6[3] == bpf_htonl(0x7f000001) && cfg->ip4) {
+        ctx->user_ip6[3] = cfg->ip4;
+    } else if (r->family == AF_INET6_ && !ctx->user_ip6[2] && ctx->user_ip6[3] == bpf_htonl(1) &&
+               (cfg->ip6[0] || cfg->ip6[1] || cfg->ip6[2] || cfg->ip6[3])) {
+        ctx->user_ip6[0] = cfg->ip6[0];
+        ctx->user_ip6[1] = cfg->ip6[1];
+        ctx->user_ip6[2] = cfg->ip6[2];
+        ctx->user_ip6[3] = cfg->ip6[3];
     }
     return 1;
 }

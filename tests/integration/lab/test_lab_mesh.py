@@ -106,7 +106,8 @@ def test_pods_are_enrolled_and_the_chain_ran(lab: LabHandle) -> None:
         assert not ebpf.sk_lookup_attached(lab.dir, "n1", lab.netns("lab/outsider"))
         for node in ("n1", "n2"):
             assert ebpf.attached_cgroup_programs(lab.dir, node) == sorted(
-                ["connect4", "connect6", "recvmsg4", "recvmsg6", "sendmsg4", "sendmsg6", "sockops"]
+                ["connect4", "connect6", "recvmsg4", "recvmsg6", "sendmsg4", "sendmsg6", "sockops",
+                 "getpeername4", "getpeername6", "getsockname4", "getsockname6"]
             )
     else:
         assert "ZTUNNEL" in lab.run("lab/client", "iptables-save", "-t", "nat").stdout
