@@ -157,13 +157,30 @@ class Endpoint:
 
 
 class EndpointPicker:
-    """Chooses the endpoint for each request; holds only the round-robin cursors (per Service)."""
+    """Chooses the endpoint for each request; holds the round-robin cursors (per Service) and the endpoint lists
+    of the current config snapshot (per Service and port: a snapshot is immutable, a reload replaces it)."""
 
     def __init__(self, *, hbone_port: int = HBONE_PORT) -> None:
         self.hbone_port = hbone_port
         self._cursor: dict[str, int] = {}
+        self._config: ClusterConfig | None = None
+        self._endpoints: dict[tuple[str, int], tuple[Service, list[Endpoint]]] = {}
 
     def endpoints(self, config: ClusterConfig, service: Service, port: int) -> list[Endpoint]:
+        """The ready mesh endpoints of `service` for `port` (the same list while the snapshot lasts: not to be
+        changed by the caller)."""
+        if config is not self._config:
+            self._config = config
+            self._endpoints = {}
+        key = (service.ref, port)
+        hit = self._endpoints.get(key)
+        if hit is not None and hit[0] is service:
+            return hit[1]
+        out = self._build(config, service, port)
+        self._endpoints[key] = (service, out)
+        return out
+
+    def _build(self, config: ClusterConfig, service: Service, port: int) -> list[Endpoint]:
         service_port = service.port_for(port)
         if service_port is None:
             return []
@@ -496,6 +513,10 @@ class _ClientConnection:
         self.upstream: _Upstream | None = None
         self.outcome = Outcome(0.0)  # the current request's, for its telemetry
         self.started = time.monotonic()
+        # per-connection values kept while the config snapshot (and the endpoint) stays the same
+        self._attrs: tuple[ClusterConfig, Endpoint, ConnectionAttributes] | None = None
+        self._client: tuple[ClusterConfig, tuple[str, int]] | None = None
+        self._service: tuple[ClusterConfig, Service | None] | None = None
 
     async def run(self) -> None:
         """Istio's protocol selection for the port, then the first bytes when it says nothing (`sniff`)."""
@@ -582,19 +603,30 @@ class _ClientConnection:
     # --- shared by the HTTP/1.1, h2c and TCP paths ---
 
     def _attributes(self, endpoint: Endpoint) -> ConnectionAttributes:
+        """The connection's side of a decision: the same for every request to one endpoint within a snapshot."""
         config = self.server.state.config
-        return ConnectionAttributes(
+        cached = self._attrs
+        if cached is not None and cached[0] is config and cached[1] is endpoint:
+            return cached[2]
+        attrs = ConnectionAttributes(
             source_principal=self.principal,
-            source_ip=source_ip(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address),
+            source_ip=self._client_address()[0],
             destination=endpoint.workload,
             destination_ip=endpoint.target.ip,
             destination_port=endpoint.target.port,
         )
+        self._attrs = (config, endpoint, attrs)
+        return attrs
 
     def _client_address(self) -> tuple[str, int]:
-        return client_address(
-            self.server.state.config, self.request.forwarded_for, self.principal, self.tunnel.peer_address
-        )
+        """`client_address` of this connection (per snapshot: whether the claimed address is trusted depends on it)."""
+        config = self.server.state.config
+        cached = self._client
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        address = client_address(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address)
+        self._client = (config, address)
+        return address
 
     async def _dial(self, endpoint: Endpoint) -> HboneStream:
         """A tunnel to the endpoint's node proxy, which is told the original client (`forwarded`) and trusts it
@@ -726,13 +758,22 @@ class _ClientConnection:
 
     async def _recorded(self, head: RequestHead) -> bool:
         """`_request`, and its metrics and access log line once it is over (however it ends)."""
-        config = self.server.state.config
-        self.outcome = outcome = Outcome(time.monotonic(), service=config.service_by_ip(self.target.ip))
+        self.outcome = outcome = Outcome(time.monotonic(), service=self._target_service())
         outcome.tunnel_status = 200 if head.is_connect else 101
         try:
             return await self._request(head)
         finally:
             self._record(head, outcome)
+
+    def _target_service(self) -> Service | None:
+        """The Service whose VIP the tunnel's authority names (per snapshot)."""
+        config = self.server.state.config
+        cached = self._service
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        service = config.service_by_ip(self.target.ip)
+        self._service = (config, service)
+        return service
 
     async def _request(self, head: RequestHead) -> bool:
         """Decide and serve one request; False when the client connection is over."""
