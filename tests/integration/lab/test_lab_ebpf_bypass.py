@@ -199,7 +199,8 @@ def test_dns_over_v4_mapped_addresses_is_captured_like_ipv4(mode_lab: LabHandle,
     lab = mode_lab
     conf = lab.run("lab/client", "cat", "/etc/resolv.conf").stdout
     resolver = next(line.split()[1] for line in conf.splitlines() if line.startswith("nameserver"))
-    for target in (resolver, f"::ffff:{resolver}"):
+    other = lab.pod_ip("lab/plain")  # not the pod's resolver: port 53 anywhere is captured
+    for target in (resolver, f"::ffff:{resolver}", other, f"::ffff:{other}"):
         out = unprivileged(lab, "lab/client", DNS_QUERY, how, target)
         assert out == f"{target} 53 0x5a5a", (target, out)  # nothing listens there: only the capture answers
 
