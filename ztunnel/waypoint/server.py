@@ -831,7 +831,8 @@ class _ClientConnection:
             upstream = self.upstream = _Upstream(endpoint, stream)
         server._count("allow")
         self.outcome.policy = verdict.policy
-        log.debug("request allowed", extra={**self._fields(head), "policy": verdict.policy})
+        if log.isEnabledFor(logging.DEBUG):  # its fields are a dict per request: not built unless logged
+            log.debug("request allowed", extra={**self._fields(head), "policy": verdict.policy})
         http.allow(verdict.add_headers, remove=verdict.remove_headers)
         await self._to_client(http.data_to_client())  # 100 Continue, when asked for
         head_bytes = http.data_to_upstream()
@@ -854,9 +855,10 @@ class _ClientConnection:
                     if retry:
                         raise _StaleUpstream from None
                     raise
-                body = asyncio.get_running_loop().create_task(self._pump_request(upstream.stream))
+                if head.has_body:  # without one `_pump_request` has nothing to do: no task per request
+                    body = asyncio.get_running_loop().create_task(self._pump_request(upstream.stream))
                 keep = await self._pump_response(upstream.stream, retry_stale=retry)
-                if keep:
+                if keep and body is not None:
                     await body
             except _StaleUpstream:
                 retry = False
@@ -926,9 +928,12 @@ class _ClientConnection:
         http = self.http
         limit = self.server.timeouts.response
         deadline = None if limit is None else time.monotonic() + limit  # cleared by the response head
+        client = self.client
         while True:
             ev = http.next_response_event()
-            await self._to_client(http.data_to_client())
+            out = http.data_to_client()
+            if out:
+                await client.write(out)
             if ev is NEED_DATA:
                 try:
                     if deadline is None:
