@@ -931,9 +931,12 @@ class _ClientConnection:
         client = self.client
         while True:
             ev = http.next_response_event()
-            out = http.data_to_client()
-            if out:
-                await client.write(out)
+            if not isinstance(ev, (ResponseReceived, ResponseData)):
+                # the head and the body pieces of one upstream read go to the client as one write (one DATA
+                # frame), sent before the next read waits and when the response ends
+                out = http.data_to_client()
+                if out:
+                    await client.write(out)
             if ev is NEED_DATA:
                 try:
                     if deadline is None:
@@ -970,7 +973,7 @@ class _ClientConnection:
                 return False
             elif ev is CLOSED or ev is PAUSED:  # PAUSED cannot happen mid-response: end the connection
                 return False
-            # ResponseReceived / ResponseData: their bytes went to the client above
+            # ResponseReceived / ResponseData: their bytes go to the client with the next event's
 
     def _upstream_timed_out(self, outcome: Outcome) -> None:
         """The upstream's response head did not come within the response timeout: the client is told 504."""
