@@ -74,6 +74,21 @@ BPF_TABLE_PINNED("lru_hash", struct bypass_key, u8, bypass, 16384, PIN_DIR "/byp
 // and getsockname() answer as they would under iptables REDIRECT (family 0: connected again, not redirected)
 BPF_SK_STORAGE(redirected, struct orig_dst);
 
+// The node proxy's own sockets in a pod netns: the proxy tags each one here (bpf(2) on the pinned map, keyed by
+// its fd) as it makes it. Its marks alone prove nothing: SO_MARK needs only CAP_NET_RAW (Linux >= 5.17), which
+// containers usually have, and a 0x111-marked connect() used to plant a `bypass` entry for any pod on the node.
+// (BPF_SK_STORAGE, pinned)
+struct proxy_socks_table_t {
+    int key;
+    u32 leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" PIN_DIR "/proxy_socks"))) struct proxy_socks_table_t proxy_socks = {
+    .flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(proxy_socks, int, u32);
+
 // bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits
 static u64 (*socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
@@ -81,8 +96,8 @@ static __always_inline struct pod_cfg *pod_of(void *ctx, struct bpf_sock *sk) {
     if (!sk)
         return 0;
     u32 mark = sk->mark & MARK_MASK;
-    if (mark == PROXY_MARK || mark == CONNMARK)  // the proxy's own sockets (listeners, DNS, its connector)
-        return 0;
+    if ((mark == PROXY_MARK || mark == CONNMARK) && proxy_socks.sk_storage_get(sk, 0, 0))
+        return 0;  // the proxy's own sockets (DNS, its connector): marked, and tagged by the proxy
     u64 ns = bpf_get_netns_cookie(ctx);
     return pods.lookup(&ns);
 }
@@ -113,7 +128,7 @@ static __always_inline void connected(struct bpf_sock_addr *ctx, struct orig_dst
 // The proxy's connector (bound to the client's address with IP_TRANSPARENT, so its port is known): let its
 // SYN reach the app (sk_lookup).
 static __always_inline void let_through(struct bpf_sock *sk, u32 app_port) {
-    if (!sk || (sk->mark & MARK_MASK) != CONNMARK || !sk->src_port)
+    if (!sk || (sk->mark & MARK_MASK) != CONNMARK || !sk->src_port || !proxy_socks.sk_storage_get(sk, 0, 0))
         return;
     struct bypass_key k = {};
     if (sk->family == AF_INET_) {

@@ -36,6 +36,7 @@ ANY = 0
 PODS_MAP = "pods"
 ORIG_DST_MAP = "orig_dst"
 LISTENERS_MAP = "listeners"
+PROXY_SOCKS_MAP = "proxy_socks"
 
 
 class BpfError(ZtunnelError):
@@ -224,22 +225,28 @@ class PinnedMaps:
     pin_dir: str
     orig_dst_fd: int = -1
     listeners_fd: int = -1
+    proxy_socks_fd: int = -1
 
     def open(self) -> PinnedMaps:
-        self.orig_dst_fd = obj_get(f"{self.pin_dir}/{ORIG_DST_MAP}")
         try:
+            self.orig_dst_fd = obj_get(f"{self.pin_dir}/{ORIG_DST_MAP}")
             self.listeners_fd = obj_get(f"{self.pin_dir}/{LISTENERS_MAP}")
+            self.proxy_socks_fd = obj_get(f"{self.pin_dir}/{PROXY_SOCKS_MAP}")
         except BpfError:
-            os.close(self.orig_dst_fd)
-            self.orig_dst_fd = -1
+            self.close()
             raise
         return self
 
     def close(self) -> None:
-        for fd in (self.orig_dst_fd, self.listeners_fd):
+        for fd in (self.orig_dst_fd, self.listeners_fd, self.proxy_socks_fd):
             if fd >= 0:
                 os.close(fd)
-        self.orig_dst_fd = self.listeners_fd = -1
+        self.orig_dst_fd = self.listeners_fd = self.proxy_socks_fd = -1
+
+    def tag(self, sock: socket.socket) -> None:
+        """Mark `sock` as the proxy's for the programs (socket storage, keyed by fd from user space): only a
+        tagged socket with the proxy's mark escapes redirection or lets a connection through to the app."""
+        map_update(self.proxy_socks_fd, struct.pack("=i", sock.fileno()), struct.pack("=I", 1))
 
     def original_destination(self, sock: socket.socket) -> tuple[str, int] | None:
         """Where the app connected to, for a connection accepted on 15001 (taken out of the map: read once).

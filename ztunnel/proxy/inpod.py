@@ -75,6 +75,7 @@ class InpodConnector:
     # eBPF mode: CONNMARK on connections to the app from a client's address: the pod's policy routing sends
     # the app's replies back to us by it (module docstring); others (passthrough out of the pod) keep 0x539
     deliver_mark: int = PROXY_MARK
+    tag: Callable[[socket.socket], None] | None = None  # eBPF mode: how the programs know our sockets
 
     def make_socket(self, address: tuple[str, int], source: tuple[str, int] | None) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -82,6 +83,8 @@ class InpodConnector:
             sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             _mark(sock, self.deliver_mark if source is not None and source[0] else PROXY_MARK)
+            if self.tag is not None:
+                self.tag(sock)
             if source is not None and source[0]:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -317,8 +320,12 @@ class InpodClient:
         pinned.add_listeners(workload.ips, sockets.plaintext, PLAINTEXT_INBOUND_PORT)
         sockets.outbound_original_dst = pinned.original_destination
         sockets.preserves_destination = True
+        for dns in sockets.dns:
+            for sock in dns:
+                pinned.tag(sock)
         if isinstance(sockets.connector, InpodConnector):
             sockets.connector.deliver_mark = CONNMARK
+            sockets.connector.tag = pinned.tag
 
     async def _remove(self, uid: str) -> None:
         pod = self.pods.pop(uid, None)

@@ -231,3 +231,65 @@ def test_a_connection_dialled_straight_to_the_outbound_port_takes_no_other_desti
         assert not b.startswith("peer="), out  # B never reaches the server
         assert a == f"peer={client}" or a.startswith("error"), out
     assert any(a == f"peer={client}" for a, _ in out), out
+
+
+# argv: own address, victim, port. With CAP_NET_RAW (containers' default): a 0x111-marked connect from (own
+# address, P) that never reaches a pod, then the victim's app dialled from that address and port
+PLANT = r"""
+import json, socket, sys
+me, victim, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x111); s.bind((me, 0)); p = s.getsockname()[1]
+s.setblocking(False); s.connect_ex(("192.0.2.1", port)); s.close()  # TEST-NET-1: its SYN reaches no pod
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind((me, p)); t.settimeout(3)
+try:
+    t.connect((victim, port)); t.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"); data = b""
+    while chunk := t.recv(4096):
+        data += chunk
+    print(json.dumps({"reply": data.decode(errors="replace").split("\r\n\r\n")[-1].strip()}))
+except OSError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+
+STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict-server, namespace: lab}
+spec:
+  selector: {matchLabels: {app: server}}
+  mtls: {mode: STRICT}
+"""
+
+
+def test_the_proxys_marks_alone_do_not_open_an_app_under_strict(mode_lab: LabHandle) -> None:
+    """A pod with CAP_NET_RAW (no more) on the server's node, in the mesh or not: SO_MARK 0x111 on a connect()
+    made connect4 note its address and port in `bypass`, as for the proxy's delivery to an app, and sk_lookup
+    then let its next SYN from there straight to any app on the node, STRICT or not. The programs now trust
+    only sockets the proxy tagged; iptables mode never had node-wide state to plant."""
+    lab = mode_lab
+    plain, server = lab.pod_ip("lab/plain"), lab.pod_ip("lab/server")
+    url = f"http://{server}:8080/"
+    lab.apply(STRICT)
+    try:
+        eventually(lambda: lab.curl("lab/plain", url)[0] != 0, 5, 0.1, what="STRICT to refuse plaintext")
+        net_raw = ["setpriv", "--bounding-set=-all,+net_raw", "--inh-caps=-all", "/usr/bin/python3", "-c"]
+        for _ in range(3):
+            p = lab.run("lab/plain", *net_raw, PLANT, plain, server, "8080", timeout=30)
+            assert p.returncode == 0, p.stderr
+            assert "reply" not in json.loads(p.stdout), p.stdout  # refused by the server's proxy, never the app
+    finally:
+        lab.delete(STRICT)
+    eventually(lambda: lab.curl("lab/plain", url)[0] == 0, 5, 0.1, what="plaintext to be accepted again")
+
+
+def test_the_proxy_mark_set_with_cap_net_raw_is_still_redirected_under_ebpf(ebpf_lab: LabHandle) -> None:
+    """SO_MARK 0x539 needs only CAP_NET_RAW on Linux >= 5.17. iptables mode trusts the mark (such an app skips
+    the proxy there: a known limit of the rules); the programs trust only sockets the proxy tagged."""
+    lab = ebpf_lab
+    server = lab.pod_ip("lab/server")
+    net_raw = ["setpriv", "--bounding-set=-all,+net_raw", "--inh-caps=-all", "/usr/bin/python3", "-c"]
+    p = lab.run("lab/client", *net_raw, DIAL, "somark", server, "8080", timeout=30)
+    out = json.loads(p.stdout)
+    assert out.get("reply") == f"peer={lab.pod_ip('lab/client')}", (out, p.stderr)
+    src = source_port(lab, "lab/client", out["local"])
+    eventually(lambda: proxied(lab, "n1", src, f"{server}:8080"), 5, 0.1, what=f"the proxy to log {src}")

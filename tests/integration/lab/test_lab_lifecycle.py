@@ -182,10 +182,10 @@ def test_ebpf_unenroll_and_down_after_a_crash_leave_nothing(tmp_path: Path) -> N
                        "-w", "%{http_code}", f"http://{pods['web']['ips'][0]}:8080/")  # fmt: skip
         assert curl.stdout == "200"
         pinned = sorted(p.name for p in (lab_dir / "bpffs" / "solo").iterdir())
-        assert pinned == ["bypass", "dns_orig", "links", "listeners", "orig_dst", "pending", "pods"]
+        assert pinned == ["bypass", "dns_orig", "links", "listeners", "orig_dst", "pending", "pods", "proxy_socks"]
         links = ebpf_state.links_dir(lab_dir, "solo")
         cgroup_links = {p.name: ebpf_state.ebpf.link_info(str(p)) for p in links.glob("cgroup-*")}
-        assert len(cgroup_links) == 7 and all(_attached(cgroup_links).values())
+        assert len(cgroup_links) == 11 and all(_attached(cgroup_links).values())
         client_netns = pods["client"]["netns"]
         assert ebpf_state.sk_lookup_attached(lab_dir, "solo", client_netns)
         client_link = links / f"netns-{os.stat(f'/var/run/netns/{client_netns}').st_ino}"
