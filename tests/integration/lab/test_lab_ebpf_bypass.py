@@ -293,3 +293,48 @@ def test_the_proxy_mark_set_with_cap_net_raw_is_still_redirected_under_ebpf(ebpf
     assert out.get("reply") == f"peer={lab.pod_ip('lab/client')}", (out, p.stderr)
     src = source_port(lab, "lab/client", out["local"])
     eventually(lambda: proxied(lab, "n1", src, f"{server}:8080"), 5, 0.1, what=f"the proxy to log {src}")
+
+
+# argv: port, destination ip, port: accept one connection (the proxy's delivery: mark 0x111 in eBPF mode, from
+# tcp_fwmark_accept), dissolve it with AF_UNSPEC and dial the destination with that very socket
+REUSE_ACCEPTED = r"""
+import ctypes, json, socket, struct, sys
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(4); l.settimeout(15)
+print("listening", flush=True)
+c, _ = l.accept()
+sa = struct.pack("=H14s", 0, b"")
+assert ctypes.CDLL(None).connect(c.fileno(), sa, len(sa)) == 0
+try:
+    c.settimeout(4); c.connect((sys.argv[2], int(sys.argv[3]))); c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    data = b""
+    while chunk := c.recv(4096):
+        data += chunk
+    reply = data.decode(errors="replace").split("\r\n\r\n")[-1].strip()
+    print(json.dumps({"local": c.getsockname()[:2], "reply": reply}))
+except OSError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+
+
+def test_a_socket_accepted_from_the_proxy_and_reused_is_redirected(mode_lab: LabHandle) -> None:
+    """The proxy delivers to the app with mark 0x111, which the app's socket keeps in eBPF mode: dissolved and
+    connected elsewhere, connect4 took it for the proxy's and skipped it (the policy routing then failed it,
+    ENETUNREACH). iptables mode redirects it like any connection."""
+    import subprocess
+
+    lab = mode_lab
+    client, plain = lab.pod_ip("lab/client"), lab.pod_ip("lab/plain")
+    argv = ["ip", "netns", "exec", lab.netns("lab/client"), *UNPRIVILEGED, REUSE_ACCEPTED, "9090", plain, "8080"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+        lab.run("lab/server", "curl", "-sS", "-m", "3", f"http://{client}:9090/", timeout=15)  # through the mesh
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    res = json.loads(out)
+    assert res.get("reply") == f"peer={client}", (res, err)
+    src = source_port(lab, "lab/client", res["local"])
+    eventually(lambda: proxied(lab, "n1", src, f"{plain}:8080"), 5, 0.1, what=f"the proxy to log {src}")
