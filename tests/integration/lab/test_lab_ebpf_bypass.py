@@ -338,3 +338,21 @@ def test_a_socket_accepted_from_the_proxy_and_reused_is_redirected(mode_lab: Lab
     assert res.get("reply") == f"peer={client}", (res, err)
     src = source_port(lab, "lab/client", res["local"])
     eventually(lambda: proxied(lab, "n1", src, f"{plain}:8080"), 5, 0.1, what=f"the proxy to log {src}")
+
+
+def test_under_strict_no_port_of_the_pod_reaches_the_app_in_plaintext(mode_lab: LabHandle) -> None:
+    """From a pod out of the mesh and from another node, the app's port and the proxy's own ports of the server
+    pod: sk_lookup hands every SYN but 15008's to the 15006 listener (iptables: nat PREROUTING), which refuses
+    plaintext under STRICT; none is answered by the app."""
+    lab = mode_lab
+    server = lab.pod_ip("lab/server")
+    lab.apply(STRICT)
+    try:
+        eventually(lambda: lab.curl("lab/outsider", f"http://{server}:8080/")[0] != 0, 5, 0.1, what="STRICT")
+        for source in ("lab/outsider", "node/n1"):
+            for port in (8080, 15001, 15006, 15053, 15021):
+                code, body = lab.curl(source, f"http://{server}:{port}/", max_time=2)
+                assert code != 0 and "peer=" not in body, (source, port, code, body)
+    finally:
+        lab.delete(STRICT)
+    eventually(lambda: lab.curl("lab/outsider", f"http://{server}:8080/")[0] == 0, 5, 0.1, what="PERMISSIVE again")
