@@ -28,11 +28,17 @@ pytestmark = pytest.mark.netns  # root + network namespaces; conftest skips with
 NS = "wpsrc"
 WAYPOINT = waypoint_pod(NS)
 SERVER = f"{NS}/echo"
-CLIENTS = (f"{NS}/client-n1", f"{NS}/client-n2")  # one of them shares the waypoint's node
+CLIENTS = (f"{NS}/client-near", f"{NS}/client-far")  # on the waypoint's node, and on another one
 URL = f"http://echo.{NS}.svc.cluster.local:8080/"
+LABELS = {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
+NAMESPACE = yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": LABELS}})
 
 
-def cluster() -> str:
+def workloads(near: str, far: str) -> str:
+    """The echo server and a client on NEAR (the waypoint's node) and one on FAR. The lab schedules the waypoint
+    (the node with the fewest pods); the session lab may have more nodes than n1 and n2 by then (the network
+    tests add n3), so the clients follow the waypoint rather than the other way round."""
+
     def pod(name: str, node: str, command: list[str], **extra: object) -> dict:
         container = {"name": "main", "command": command, **extra}
         return {
@@ -42,18 +48,10 @@ def cluster() -> str:
             "spec": {"nodeName": node, "serviceAccountName": name, "containers": [container]},
         }
 
-    labels = {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
-
     docs = [
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": NS, "labels": labels},
-        },
-        yaml.safe_load(gateway_yaml(NS)),
         pod("echo", "n2", ["python3", "-c", ECHO_SERVER], readinessProbe={"tcpSocket": {"port": 8080}}),
-        pod("client-n1", "n1", ["sleep", "infinity"]),
-        pod("client-n2", "n2", ["sleep", "infinity"]),
+        pod("client-near", near, ["sleep", "infinity"]),
+        pod("client-far", far, ["sleep", "infinity"]),
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -70,8 +68,11 @@ def wlab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
     iptables rules or its eBPF programs (marks and policy routing differ)."""
     lab: LabHandle = request.getfixturevalue(request.param)
     lab.require("ca", "node-agent", "proxy", "cni-plugin")
-    with applied(lab, cluster(), WAYPOINT):
-        yield lab
+    with applied(lab, NAMESPACE + "---\n" + gateway_yaml(NS), WAYPOINT):
+        near = lab.pod(WAYPOINT)["node"]
+        far = next(n["name"] for n in lab.status()["nodes"] if n["name"] != near)
+        with applied(lab, workloads(near, far)):
+            yield lab
 
 
 def policy(name: str, rule_source: dict[str, list[str]]) -> str:
@@ -94,7 +95,7 @@ def waypoint_lines(lab: LabHandle) -> list[str]:
 
 def test_the_app_and_the_waypoint_log_see_the_client_pod_on_either_node(wlab: LabHandle) -> None:
     waypoint_node = wlab.pod(WAYPOINT)["node"]
-    assert waypoint_node in {wlab.pod(c)["node"] for c in CLIENTS}  # the same-node case is covered
+    assert [wlab.pod(c)["node"] == waypoint_node for c in CLIENTS] == [True, False]  # both cases covered
     seen: dict[str, tuple[int, str, str]] = {}
     expected: dict[str, tuple[int, str, str]] = {}
     for client in CLIENTS:
@@ -125,7 +126,7 @@ def test_the_app_and_the_waypoint_log_see_the_client_pod_on_either_node(wlab: La
 @pytest.mark.parametrize("field", ["ipBlocks", "remoteIpBlocks"])
 def test_an_ip_rule_at_the_waypoint_admits_only_the_named_client(wlab: LabHandle, field: str) -> None:
     # the client on the waypoint's node: its tunnel's TCP peer there is the node's bridge address
-    allowed, other = CLIENTS if wlab.pod(CLIENTS[0])["node"] == wlab.pod(WAYPOINT)["node"] else CLIENTS[::-1]
+    allowed, other = CLIENTS
     texts = [policy(f"{field.lower()}-client", {field: [f"{wlab.pod_ip(allowed)}/32"]})]
     wlab.apply(texts[0])
     try:
