@@ -191,3 +191,46 @@ def test_any_frame_mix_split_anywhere_reads_the_same_as_h2(wire_frames: list[byt
     assert feed_fast(fast, chunks) == feed_h2(slow, chunks)
     assert windows(fast) == windows(slow)
     assert fast.data_to_send() == slow.data_to_send()
+
+
+def ack_fast(conn: h2.connection.H2Connection, sid: int, size: int) -> None:
+    """What HboneConnection.acknowledge does: the fast path, else h2."""
+    if not dataframes.acknowledge(conn, sid, size):
+        conn.acknowledge_received_data(size, sid)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 3]), st.integers(1, 16384), st.booleans()), min_size=1, max_size=40))
+def test_acknowledge_sends_the_window_updates_h2_sends(steps: list[tuple[int, int, bool]]) -> None:
+    # Each step: the client sends `size` bytes on a stream (as window allows); the server acknowledges them at
+    # once or holds them for a later step. Both servers' output (the WINDOW_UPDATEs) and windows stay h2's.
+    client_a, server_a = pair()
+    client_b, server_b = pair()
+    held: dict[int, int] = {1: 0, 3: 0}
+    for sid, size, now in steps:
+        size = min(size, client_a.local_flow_control_window(sid))
+        if size:
+            for client, server in ((client_a, server_a), (client_b, server_b)):
+                client.send_data(sid, b"x" * size)
+                server.receive_data(client.data_to_send())
+            held[sid] += size
+        if now or not size:
+            for s in (1, 3):
+                if held[s]:
+                    server_a.acknowledge_received_data(held[s], s)
+                    ack_fast(server_b, s, held[s])
+                    held[s] = 0
+        out_a, out_b = server_a.data_to_send(), server_b.data_to_send()
+        assert out_b == out_a
+        client_a.receive_data(out_a)
+        client_b.receive_data(out_b)
+        assert windows(server_b) == windows(server_a)
+        assert windows(client_b) == windows(client_a)
+
+
+def test_acknowledge_leaves_a_due_window_update_to_h2() -> None:
+    _, server = pair()
+    assert not dataframes.acknowledge(server, 1, 40000)  # half of the 65,535 window: a WINDOW_UPDATE is due
+    assert not dataframes.acknowledge(server, 5, 10)  # no such stream
+    assert dataframes.acknowledge(server, 1, 100)
+    assert server.data_to_send() == b""

@@ -343,6 +343,8 @@ class HboneConnection(asyncio.BufferedProtocol):
     def acknowledge(self, stream_id: int, size: int) -> None:
         if self.is_closed:
             return
+        if FAST_DATA_FRAMES and dataframes.acknowledge(self.h2, stream_id, size):
+            return  # no WINDOW_UPDATE due: nothing to send
         try:
             self.h2.acknowledge_received_data(size, stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):

@@ -8,12 +8,14 @@ output buffer, so h2 stays the source of truth for everything else: any frame th
 frame of an open stream with window to spare goes to h2 as before (and h2 raises the protocol errors).
 
 They use h2 attributes that are not public API (the output buffer, window managers, stream states);
-`supported()` checks them once, and without them everything goes through h2.
+`supported()` checks them once, and without them everything goes through h2. `acknowledge` is the same for
+received bytes handed back: only the bookkeeping when neither window is due a WINDOW_UPDATE.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -24,6 +26,7 @@ _OPEN_CONNECTION = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 # The states in which h2 lets DATA out / in without a transition or an event other than DataReceived.
 _MAY_SEND = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 _MAY_RECEIVE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+_OPEN_STREAM = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)  # h2's `open`
 _HEADER_SIZE = 9
 
 
@@ -44,6 +47,9 @@ def supported() -> bool:
             and hasattr(st.state_machine, "headers_received")
             and hasattr(st, "_expected_content_length")
             and isinstance(c.state_machine.state, ConnectionState)
+            and isinstance(c._inbound_flow_control_window_manager._bytes_processed, int)
+            and isinstance(st._inbound_window_manager._bytes_processed, int)
+            and isinstance(st._inbound_window_manager.max_window_size, int)
             and isinstance(c.incoming_buffer._data, bytearray)
             and hasattr(c.incoming_buffer, "_preamble_len")
             and hasattr(c.incoming_buffer, "_headers_buffer")
@@ -73,6 +79,30 @@ def send(conn: h2.connection.H2Connection, stream_id: int, data: bytes | memoryv
     out += data
     conn.outbound_flow_control_window -= size
     st.outbound_flow_control_window -= size
+    return True
+
+
+def _due(window: Any, processed: int) -> bool:
+    """Whether h2's window manager (`_maybe_update_window`) would emit an increment with `processed` bytes."""
+    size: int = window.max_window_size
+    return (window.current_window_size == 0 and processed > min(1024, size // 4)) or processed >= size // 2
+
+
+def acknowledge(conn: h2.connection.H2Connection, stream_id: int, size: int) -> bool:
+    """Count `size` processed bytes of an open stream as h2's `acknowledge_received_data` does when neither the
+    connection's nor the stream's window is due a WINDOW_UPDATE (almost every call: h2 hands window back in
+    halves); False (nothing done) otherwise, and then h2 must do it (it builds the frames)."""
+    st = conn.streams.get(stream_id)
+    if st is None or size <= 0 or st.state_machine.state not in _OPEN_STREAM:
+        return False
+    conn_window = conn._inbound_flow_control_window_manager
+    stream_window = st._inbound_window_manager
+    conn_processed = conn_window._bytes_processed + size
+    stream_processed = stream_window._bytes_processed + size
+    if _due(conn_window, conn_processed) or _due(stream_window, stream_processed):
+        return False
+    conn_window._bytes_processed = conn_processed
+    stream_window._bytes_processed = stream_processed
     return True
 
 
