@@ -512,3 +512,27 @@ async def test_data_a_local_app_does_not_take_is_charged_to_the_peer_budget() ->
         while served._chunks:
             await served.read()
     assert budget.unread == 0
+
+
+async def test_a_read_takes_the_queued_chunks_up_to_n_with_one_acknowledgement() -> None:
+    handler = Handler()
+    client, _server, _, _ = connect_pair(handler)
+    stream = await client.open_stream(Authority("10.0.0.1", 8080))
+    served = await handler.streams.get()
+    for part in (b"one ", b"two ", b"three"):  # three DATA frames, queued unread
+        await served.write(part)
+        for _ in range(5):
+            await asyncio.sleep(0)
+    acks: list[int] = []
+    acknowledge = client.acknowledge
+
+    def counted(stream_id: int, size: int) -> None:
+        acks.append(size)
+        acknowledge(stream_id, size)
+
+    client.acknowledge = counted  # type: ignore[method-assign]
+    assert await stream.read(9) == b"one two "  # "three" would go past n: left for the next read
+    assert acks == [8]
+    assert await stream.read(2) == b"th"
+    assert await stream.read() == b"ree"
+    assert acks == [8, 2, 3]

@@ -133,12 +133,21 @@ class HboneStream:
                 await self._read_waiter
             finally:
                 self._read_waiter = None
-        data, flow = self._chunks.popleft()
+        chunks = self._chunks
+        data, flow = chunks.popleft()
         if len(data) > n:
             # flow >= len(data) (it counts padding too): the rest keeps what this part does not acknowledge
-            self._chunks.appendleft((data[n:], flow - n))
+            chunks.appendleft((data[n:], flow - n))
             data = data[:n]
             flow = n
+        elif chunks and len(data) + len(chunks[0][0]) <= n:  # several DATA frames queued: one read, one ack
+            parts, size = [data], len(data)
+            while chunks and size + len(chunks[0][0]) <= n:
+                more, more_flow = chunks.popleft()
+                parts.append(more)
+                size += len(more)
+                flow += more_flow
+            data = b"".join(parts)
         if flow:
             self._ack(flow)
         return data
