@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ProxyProcess, start_proxy
 from tests.support.certs import in_process_certs
 from tests.support.echo import echo_server
 from tests.support.waypoint import (
@@ -25,10 +23,8 @@ from tests.support.waypoint import (
     Responses,
     client_pool,
     get,
-    start_waypoint,
-    stop,
+    proxy_and_waypoint,
     tunnel_to,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool, PoolKey
 from ztunnel.hbone.protocol import Authority
@@ -75,18 +71,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Pa
     workdir = tmp_path_factory.mktemp("waypoint-tcp")
     config = workdir / "cluster.yaml"
     config.write_text(CONFIG + EXTRA)
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
-    try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", "greet")
-        wait_listening(waypoint, log_path, WAYPOINT_IP)
+    with proxy_and_waypoint(config, ca_dir, workdir) as (_, _, log_path):
         yield log_path
-    finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
 
 
 @pytest.fixture

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ProxyProcess, start_proxy
 from tests.support.echo import echo_server
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
@@ -25,14 +23,11 @@ from tests.support.waypoint import (
     CLIENT,
     CONFIG,
     GREETER_IP,
-    WAYPOINT_IP,
     client_pool,
     metric_samples,
     metric_sum,
-    start_waypoint,
-    stop,
+    proxy_and_waypoint,
     tunnel_to,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
 from ztunnel.net.streams import StreamClosed
@@ -89,25 +84,10 @@ def metrics_port(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iter
     workdir = tmp_path_factory.mktemp("waypoint-tcp-metrics")
     config = workdir / "cluster.yaml"
     config.write_text(CONFIG + EXTRA)
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
     port = free_port()
-    try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log_path = start_waypoint(
-            config,
-            ca_dir,
-            workdir,
-            *("--name", "waypoint", "--namespace", "greet", "--metrics-addr", f"127.0.0.1:{port}"),
-            *("--byte-flush-interval", f"{FLUSH}s"),
-        )
-        wait_listening(waypoint, log_path, WAYPOINT_IP)
+    args = ("--metrics-addr", f"127.0.0.1:{port}", "--byte-flush-interval", f"{FLUSH}s")
+    with proxy_and_waypoint(config, ca_dir, workdir, *args):
         yield port
-    finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
 
 
 @pytest.fixture

@@ -28,21 +28,18 @@ import h2.events
 import pytest
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
-from tests.integration.conftest import ZTUNNEL, ProxyProcess, start_proxy
+from tests.integration.conftest import ZTUNNEL
 from tests.support.waypoint import (
     APP_PORT,
     CONFIG,
     GREETER_IP,
-    WAYPOINT_IP,
     KeepAliveApp,
     Responses,
     client_pool,
     get,
-    start_waypoint,
-    stop,
+    proxy_and_waypoint,
     tunnel,
     tunnel_to,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
 from ztunnel.hbone.stream import HboneStream
@@ -95,25 +92,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Se
     config = workdir / "cluster.yaml"
     config.write_text(CONFIG + EXTRA)
     app = KeepAliveApp(GREETER_IP, APP_PORT)
-    proxy: ProxyProcess | None = None
-    waypoint: subprocess.Popen[bytes] | None = None
+    timeouts = (
+        *("--idle-timeout", f"{IDLE}s", "--request-headers-timeout", f"{HEADERS}s"),
+        *("--response-timeout", f"{RESPONSE}s"),
+    )
     try:
-        proxy = start_proxy("node-b", config, ca_dir, workdir)
-        waypoint, log = start_waypoint(
-            config,
-            ca_dir,
-            workdir,
-            *("--name", "waypoint", "--namespace", "greet"),
-            *("--idle-timeout", f"{IDLE}s", "--request-headers-timeout", f"{HEADERS}s"),
-            *("--response-timeout", f"{RESPONSE}s"),
-        )
-        wait_listening(waypoint, log, WAYPOINT_IP)
-        yield Setup(ca_dir, log)
+        with proxy_and_waypoint(config, ca_dir, workdir, *timeouts) as (_, _, log):
+            yield Setup(ca_dir, log)
     finally:
-        if waypoint is not None:
-            stop(waypoint)
-        if proxy is not None:
-            proxy.stop()
         app.close()
 
 
