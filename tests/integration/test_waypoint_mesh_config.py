@@ -28,15 +28,12 @@ from tests.support.waypoint import (
     APP_PORT,
     CONFIG,
     GREETER_IP,
-    WAYPOINT_IP,
     KeepAliveApp,
     client_pool,
     get,
     one,
-    start_waypoint,
-    stop,
+    running_waypoint,
     tunnel,
-    wait_listening,
 )
 from ztunnel.hbone.client import HbonePool
 
@@ -99,13 +96,8 @@ def waypoint_args() -> list[str]:
 @pytest.fixture
 def waypoint(setup: Setup, waypoint_args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     setup.config.write_text(CONFIG + DENY)
-    names = ("--name", "waypoint", "--namespace", "greet")
-    proc, log = start_waypoint(setup.config, setup.ca_dir, setup.workdir, *names, *waypoint_args)
-    try:
-        wait_listening(proc, log, WAYPOINT_IP)
+    with running_waypoint(setup.config, setup.ca_dir, setup.workdir, *waypoint_args) as (proc, _):
         yield proc
-    finally:
-        stop(proc)
 
 
 def authz_check(setup: Setup, path: str, *extra: str) -> int:

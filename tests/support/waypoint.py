@@ -219,15 +219,24 @@ def proxy_and_waypoint(
     waypoint listens on `ip`:15008; yields (proxy, waypoint, its log), stops the waypoint, then the proxy."""
     proxy = start_proxy("node-b", config, ca_dir, workdir)
     try:
-        names = ("--name", "waypoint", "--namespace", namespace)
-        waypoint, log_path = start_waypoint(config, ca_dir, workdir, *names, *args)
-        try:
-            wait_listening(waypoint, log_path, ip)
+        with running_waypoint(config, ca_dir, workdir, *args, namespace=namespace, ip=ip) as (waypoint, log_path):
             yield proxy, waypoint, log_path
-        finally:
-            stop(waypoint)
     finally:
         proxy.stop()
+
+
+@contextlib.contextmanager
+def running_waypoint(
+    config: Path, ca_dir: Path, workdir: Path, *args: str, namespace: str = "greet", ip: str = WAYPOINT_IP
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`namespace`'s `waypoint` alone (`args` after --name/--namespace), for a test that keeps its node proxy
+    longer than one waypoint: up until it listens on `ip`:15008; yields (waypoint, its log), then stops it."""
+    waypoint, log_path = start_waypoint(config, ca_dir, workdir, "--name", "waypoint", "--namespace", namespace, *args)
+    try:
+        wait_listening(waypoint, log_path, ip)
+        yield waypoint, log_path
+    finally:
+        stop(waypoint)
 
 
 @contextlib.asynccontextmanager
