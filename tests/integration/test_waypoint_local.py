@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -214,6 +215,43 @@ def test_config_reload_changes_the_decision(setup: Setup) -> None:
     finally:
         write(CONFIG)
     eventually(lambda: version_status() == 403, 15, what="/version denied again")
+
+
+async def test_a_repeated_request_on_one_connection_is_decided_again_after_a_reload(
+    setup: Setup, client: HbonePool
+) -> None:
+    # The connection keeps the verdict of a request it sees again; a new snapshot must not get the old one.
+    path = setup.workdir / "cluster.yaml"
+    changed = CONFIG.replace('paths: ["*/hello", "/big", "/slow"]', 'paths: ["*/hello", "/big", "/slow", "/version"]')
+
+    def write(text: str) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    stream = await tunnel(client)
+    responses = Responses(stream)
+
+    async def version_status() -> int:
+        await stream.write(get("/version"))
+        status, _, _ = await responses.next()
+        return status
+
+    async def becomes(status: int, what: str) -> None:
+        deadline = time.monotonic() + 15
+        while await version_status() != status:
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    try:
+        assert await version_status() == 403
+        assert await version_status() == 403
+        write(changed)
+        await becomes(200, "/version still denied on the connection 15 s after the reload")
+    finally:
+        write(CONFIG)
+        await becomes(403, "/version still allowed on the connection 15 s after the reload back")
+        stream.close()
 
 
 async def _status_of(setup: Setup, path: str) -> int:

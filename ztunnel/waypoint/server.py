@@ -517,6 +517,7 @@ class _ClientConnection:
         self._attrs: tuple[ClusterConfig, Endpoint, ConnectionAttributes] | None = None
         self._client: tuple[ClusterConfig, tuple[str, int]] | None = None
         self._service: tuple[ClusterConfig, Service | None] | None = None
+        self._last_verdict: tuple[RequestDecider, ConnectionAttributes, tuple[Any, ...], Verdict] | None = None
 
     async def run(self) -> None:
         """Istio's protocol selection for the port, then the first bytes when it says nothing (`sniff`)."""
@@ -617,6 +618,21 @@ class _ClientConnection:
         )
         self._attrs = (config, endpoint, attrs)
         return attrs
+
+    def _decide(self, head: RequestHead, attrs: ConnectionAttributes) -> Verdict:
+        """`RequestDecider.decide`, or the previous request's verdict when this one is the same again: same
+        method, path, host and header fields, same connection attributes and snapshot. Only verdicts that depend on
+        nothing else are kept: none under JWT rules (the clock, the key sets) and none pending on a CUSTOM
+        provider (asked for every request). A keep-alive client repeating its request skips the engine."""
+        decider = self.server.state.decider
+        key = (head.method, head.path, head.host, head.headers)
+        last = self._last_verdict
+        if last is not None and last[0] is decider and last[1] is attrs and last[2] == key:
+            return last[3]
+        verdict = decider.decide(head, attrs)
+        if verdict.custom is None and not decider.jwt_rules(attrs.destination):
+            self._last_verdict = (decider, attrs, key, verdict)
+        return verdict
 
     def _client_address(self) -> tuple[str, int]:
         """`client_address` of this connection (per snapshot: whether the claimed address is trusted depends on it)."""
@@ -791,7 +807,7 @@ class _ClientConnection:
             return not http.closed
         self.outcome.destination, self.outcome.upstream = endpoint.workload, str(endpoint.target)
         attrs = self._attributes(endpoint)
-        verdict = state.decider.decide(head, attrs)
+        verdict = self._decide(head, attrs)
         if verdict.custom is not None:
             verdict = await self._ext_authz(head, attrs, verdict)
         if not verdict.allowed:
@@ -1473,7 +1489,7 @@ class _H2ClientConnection:
             return
         ex.outcome.destination, ex.outcome.upstream = endpoint.workload, str(endpoint.target)
         attrs = owner._attributes(endpoint)
-        verdict = state.decider.decide(head, attrs)
+        verdict = owner._decide(head, attrs)
         if verdict.custom is not None:
             verdict = await owner._ext_authz(head, attrs, verdict)
         if ex.reset:
