@@ -25,6 +25,13 @@ from ztunnel.net.netns import current_netns_fd, in_netns, open_netns, socket_in_
 from ztunnel.proxy.inpod import InpodClient, InpodConnector, pod_sockets
 from ztunnel.proxy.listeners import WorkloadSockets, original_destination
 from ztunnel.redirect import iptables
+from ztunnel.redirect.agent import process_cgroup
+
+
+def apply_inpod(backend: iptables.IptablesBackend) -> None:
+    """The rules, with this process's cgroup as the proxy's (the proxy runs here)."""
+    iptables.apply_inpod(backend, proxy_cgroup=process_cgroup()[0])
+
 
 pytestmark = [
     pytest.mark.netns,
@@ -69,9 +76,9 @@ def test_rules_apply_twice_identically_and_remove_to_nothing(pair: tuple[str, st
     fd = open_netns(pod)
     try:
         before = save_all(pod)
-        in_thread(fd, iptables.apply_inpod, backend)
+        in_thread(fd, apply_inpod, backend)
         once = save_all(pod)
-        in_thread(fd, iptables.apply_inpod, backend)
+        in_thread(fd, apply_inpod, backend)
         twice = save_all(pod)
         assert once == twice
         assert "ZTUNNEL-OUTPUT" in once and "fwmark 0x111/0xfff lookup 100" in once
@@ -135,7 +142,7 @@ async def test_redirect_outbound_inbound_and_hbone_with_client_ip_preserved(pair
     pod_fd = open_netns(pod)
     client_fd = open_netns(client_ns)
     loop = asyncio.get_running_loop()
-    in_thread(pod_fd, iptables.apply_inpod, backend)
+    in_thread(pod_fd, apply_inpod, backend)
     socks = pod_sockets(pod_fd)
     app = socket_in_netns(pod_fd)
     remote = socket_in_netns(client_fd)

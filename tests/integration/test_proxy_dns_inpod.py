@@ -20,6 +20,7 @@ from ztunnel.ports import DNS_PORT
 from ztunnel.proxy.dns import DnsServer, DnsTable
 from ztunnel.proxy.inpod import pod_sockets
 from ztunnel.redirect import iptables
+from ztunnel.redirect.agent import process_cgroup
 
 pytestmark = [
     pytest.mark.netns,
@@ -36,7 +37,8 @@ def pair() -> Iterator[tuple[str, str]]:
 async def test_captured_udp_and_tcp_queries_are_answered_in_the_pod(pair: tuple[str, str]) -> None:
     _client, pod = pair
     pod_fd = open_netns(pod)
-    in_thread(pod_fd, lambda: iptables.apply_inpod(iptables.detect_backend(), dns_capture=True))
+    cgroup = process_cgroup()[0]  # the proxy runs in this process
+    in_thread(pod_fd, lambda: iptables.apply_inpod(iptables.detect_backend(), dns_capture=True, proxy_cgroup=cgroup))
     socks = pod_sockets(pod_fd, ipv6=False, dns_port=DNS_PORT)
     svc = Service("testapp-1", "demo", ("10.96.0.10",), (ServicePort(8080, 8080),), {})
     table = DnsTable.from_config(ClusterConfig(namespaces={}, workloads=(), services=(svc,), nodes={}))

@@ -23,7 +23,7 @@ from typing import Any
 from ztunnel.config.loader import ConfigError, read_objects
 from ztunnel.config.model import GATEWAY_NAME_LABEL, KubeObject, Workload
 from ztunnel.errors import ZtunnelError
-from ztunnel.lab import components, fabric, netns, procs, prometheus, waypoints
+from ztunnel.lab import cgroups, components, fabric, netns, procs, prometheus, waypoints
 from ztunnel.lab.mesh import MESH_COMPONENTS, Mesh, served_uids
 from ztunnel.lab.model import (
     FABRIC_SUBNET,
@@ -545,6 +545,7 @@ class Lab:
         for n in netns.etc_netns_dirs(netns_prefix(self.name)):
             netns.remove_resolv_conf(n)  # the pods' resolv.conf files, also those of netns already gone
         netns.unmount_bpffs(netns.lab_bpffs(self.dir))  # eBPF mode: every pinned map and link (programs detach)
+        cgroups.remove(self.name)  # the proxies' cgroups (killing what a crash left in them)
         if self.dir.exists():
             _check_lab_dir(self.dir)
             shutil.rmtree(self.dir, ignore_errors=True)

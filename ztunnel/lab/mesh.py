@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ztunnel.config.loader import ConfigError, build_config
 from ztunnel.config.model import POLICY_KINDS
-from ztunnel.lab import components, netns, probes, procs, waypoints
+from ztunnel.lab import cgroups, components, netns, probes, procs, waypoints
 from ztunnel.lab.model import CA_PORT, FABRIC_GATEWAY, LabError, NodeRecord, ProcessRecord, fabric_netns
 from ztunnel.lab.state import LabState, live_objects, load, locked, updating, write_atomic
 from ztunnel.ports import ADMIN_PORT, METRICS_PORT, READINESS_PORT
@@ -218,7 +218,9 @@ class Mesh:
         waiters: list[Waiter] = []
         for node in nodes:
             key = f"node/{node.name}/proxy"
-            procs.spawn_recorded(self.dir, state, key, self._proxy_argv(state, node), node.netns)
+            cgroup = cgroups.proxy_cgroup(self.name, node.name)  # iptables mode trusts the mark only from there
+            join = cgroups.joiner(cgroup) if cgroup is not None else None
+            procs.spawn_recorded(self.dir, state, key, self._proxy_argv(state, node), node.netns, preexec=join)
             ready = functools.partial(probes.http_ok, node.netns, "127.0.0.1", READINESS_PORT, "/healthz/ready")
             waiters.append((key, ready, f"proxy on {node.name} ready (127.0.0.1:{READINESS_PORT} in {node.netns})"))
         return waiters

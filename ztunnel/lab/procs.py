@@ -39,8 +39,10 @@ def spawn(
     *,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> ProcessRecord:
-    """Start ARGV inside NETNS as the leader of a new session; stdout and stderr go to LOG (appended)."""
+    """Start ARGV inside NETNS as the leader of a new session; stdout and stderr go to LOG (appended); PREEXEC
+    runs in the child before exec (joining a cgroup)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full = [*exec_prefix(netns), *argv]
     with open(log, "ab") as out:
@@ -54,6 +56,7 @@ def spawn(
             start_new_session=True,
             env=dict(env) if env is not None else None,
             cwd=cwd,
+            preexec_fn=preexec,
         )
     st = None
     deadline = time.monotonic() + 2.0
@@ -73,10 +76,12 @@ def spawn_recorded(
     *,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> ProcessRecord:
     """`spawn` with the log in the lab's log dir, recorded in the state file at once (so `down` stops it even
     if the command that started it crashes) and in STATE."""
-    rec = spawn(key, argv, netns, state.logs / (key.replace("/", "_") + ".log"), env=env, cwd=cwd)
+    log = state.logs / (key.replace("/", "_") + ".log")
+    rec = spawn(key, argv, netns, log, env=env, cwd=cwd, preexec=preexec)
     with updating(lab_dir) as st:
         st.processes[key] = rec
     state.processes[key] = rec

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from ztunnel.config.source import ConfigSource
 from ztunnel.inpod.channel import Channel
 from ztunnel.inpod.protocol import ProtocolError
 from ztunnel.inpod.session import AgentSession
-from ztunnel.net.netns import NetnsError, find_netns_by_inode, open_netns
+from ztunnel.net.netns import NetnsError, find_netns_by_inode, open_netns, setns
 from ztunnel.net.unix import bind_unix_private
 from ztunnel.redirect import iptables, planner
 from ztunnel.redirect.cni_server import cni_server
@@ -36,6 +37,49 @@ from ztunnel.redirect.pods import PodRecord, PodStateFile
 from ztunnel.redirect.redirector import IptablesRedirector, Redirector
 
 log = logging.getLogger("ztunnel.redirect.agent")
+
+CLONE_NEWCGROUP = 0x02000000
+
+
+def peer_cgroup(conn: socket.socket) -> tuple[str, str]:
+    """(cgroup v2 path, "") of the process at the other end of CONN (the kernel's word: SO_PEERCRED), or
+    ("", why not). iptables mode trusts the proxy's mark only on sockets of that cgroup (DESIGN §4.6)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid = struct.unpack("3i", creds)[0]
+    if pid <= 0:
+        return "", "the node proxy's pid is not visible here: run the agent in the host's pid namespace (hostPID)"
+    return process_cgroup(str(pid))
+
+
+def process_cgroup(pid: str = "self") -> tuple[str, str]:
+    """(cgroup v2 path of process PID as this process's cgroup namespace shows it, "") or ("", why not)."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError as e:
+        return "", f"reading the node proxy's /proc/{pid}/cgroup: {e}"
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            path = line[3:].strip()
+            if path.startswith("/.."):
+                return "", f"the node proxy's cgroup {path} is outside the agent's cgroup namespace"
+            return path, ""
+    return "", f"/proc/{pid}/cgroup has no cgroup v2 entry: iptables mode needs cgroup v2 to know the proxy's sockets"
+
+
+def enter_host_cgroupns() -> None:
+    """See cgroup paths as the node does: the agent reads the proxy's, and `-m cgroup --path` resolves it in
+    iptables' cgroup namespace. With hostPID, pid 1 is the node's init. Main thread, before worker threads."""
+    try:
+        if os.stat("/proc/1/ns/cgroup").st_ino == os.stat("/proc/thread-self/ns/cgroup").st_ino:
+            return
+        fd = os.open("/proc/1/ns/cgroup", os.O_RDONLY)
+        try:
+            setns(fd, CLONE_NEWCGROUP)
+        finally:
+            os.close(fd)
+        log.info("entered the host's cgroup namespace")
+    except (OSError, NetnsError) as e:
+        log.warning("staying in this cgroup namespace (the node proxy's cgroup may be out of sight): %s", e)
 
 HELLO_TIMEOUT = 5.0
 
@@ -343,6 +387,9 @@ class NodeAgent:
             problem = f"no hello: {e or type(e).__name__}"
         else:
             problem = AgentSession.check_hello(hello)
+        cgroup = ""
+        if not problem and isinstance(self.redirector, IptablesRedirector):
+            cgroup, problem = peer_cgroup(conn)
         if problem:
             log.warning("proxy connection refused: %s", problem)
             channel.close()
@@ -351,9 +398,12 @@ class NodeAgent:
             if self.proxy.channel is not None:
                 self.proxy.drop(self.proxy.channel)
             self.proxy.channel = channel
-            log.info("node proxy connected; sending the snapshot")
+            log.info("node proxy connected; sending the snapshot", extra={"cgroup": cgroup})
+            rewrite = self._use_proxy_cgroup(cgroup)
             for action in planner.plan_snapshot(self.config, list(self.pods.values())):
                 try:
+                    if rewrite and isinstance(action, planner.HandOver):  # the rules name the proxy's cgroup
+                        await self._reapply_for_proxy(self.pods[action.uid])
                     await self._execute(action)
                 except AgentError as e:
                     log.error("snapshot: pod %s not handed to the proxy: %s", self.pods[action.uid].ref, e)
@@ -365,6 +415,25 @@ class NodeAgent:
                 except AgentError as e:
                     log.error("snapshot to the proxy failed: %s", e)
             await self._persist()
+
+    def _use_proxy_cgroup(self, cgroup: str) -> bool:
+        """Iptables mode: the proxy's sockets are known by mark and this cgroup; True if it changed."""
+        if not isinstance(self.redirector, IptablesRedirector):
+            return False
+        if cgroup == "/":
+            log.warning(
+                "the node proxy runs in the root cgroup, so any process there that sets its mark passes as the proxy;"
+                " give the proxy a cgroup of its own"
+            )
+        changed = self.redirector.proxy_cgroup != cgroup
+        self.redirector.proxy_cgroup = cgroup
+        return changed
+
+    async def _reapply_for_proxy(self, pod: PodRecord) -> None:
+        try:
+            await self._apply_rules(pod, pod.netns_fd)
+        except RedirectError as e:
+            raise AgentError(f"re-applying the rules of pod {pod.ref} for the new proxy: {e}", status=500) from e
 
     async def serve_proxy(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -402,6 +471,8 @@ class NodeAgent:
 
     # ---- lifetime --------------------------------------------------------------------------
     async def run(self) -> None:
+        if isinstance(self.redirector, IptablesRedirector):
+            enter_host_cgroupns()
         self.source.subscribe(self.on_config)
         await self.reconcile()
         try:

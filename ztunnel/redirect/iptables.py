@@ -98,11 +98,19 @@ def _families() -> tuple[rules.Family, ...]:
 # ---- in-pod ------------------------------------------------------------------------------------
 
 
-def apply_inpod(backend: IptablesBackend, *, dns_capture: bool = False) -> None:
-    """Install (or re-install, idempotently) the in-pod rules in the current netns."""
+def apply_inpod(backend: IptablesBackend, *, dns_capture: bool = False, proxy_cgroup: str | None = None) -> None:
+    """Install (or re-install, idempotently) the in-pod rules in the current netns; `proxy_cgroup` None keeps
+    the proxy cgroup the rules there name, or none if that cgroup is gone (fail closed)."""
     for fam in _families():
         current = iptables_save(backend, fam.version)
-        _restore(backend, fam.version, rules.render_inpod(fam, current, dns_capture=dns_capture))
+        try:
+            text = rules.render_inpod(fam, current, dns_capture=dns_capture, proxy_cgroup=proxy_cgroup)
+            _restore(backend, fam.version, text)
+        except RedirectError:
+            if proxy_cgroup is not None or rules.existing_proxy_cgroup(current) is None:
+                raise
+            wanted = rules.inpod_chain_rules(fam, dns_capture=dns_capture)  # `-m cgroup` refuses a removed path
+            _restore(backend, fam.version, rules.render_apply(wanted, rules.INPOD_JUMPS, current))
     ensure_policy_routing()
 
 

@@ -42,9 +42,12 @@ class IptablesRedirector:
         self.backend = backend
         self.dns_capture = dns_capture
         self.probe_snat = probe_snat
+        self.proxy_cgroup: str | None = None  # the connected proxy's, set by the agent (None: keep the pod's)
 
     def apply(self, pod: PodRecord, netns_fd: int) -> None:
-        iptables.run_in_netns(netns_fd, iptables.apply_inpod, self.backend, dns_capture=self.dns_capture)
+        iptables.run_in_netns(
+            netns_fd, iptables.apply_inpod, self.backend, dns_capture=self.dns_capture, proxy_cgroup=self.proxy_cgroup
+        )
 
     def remove(self, pod: PodRecord, netns_fd: int | None) -> None:
         if netns_fd is not None:

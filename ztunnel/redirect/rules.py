@@ -59,22 +59,46 @@ MARK = f"{_hex(PROXY_MARK)}/{_hex(MARK_MASK)}"
 CT_MARK = f"{_hex(CONNMARK)}/{_hex(MARK_MASK)}"
 
 
-def inpod_chain_rules(fam: Family, *, dns_capture: bool = False) -> dict[str, dict[str, list[str]]]:
-    """table -> chain -> rule specs (without `-A CHAIN`), in order. The heart of DESIGN §4.6."""
+def proxy_cgroup_match(path: str) -> str:
+    """`-m cgroup` for the node proxy's cgroup v2 PATH (as in /proc/PID/cgroup, from the host's cgroup namespace).
+
+    The proxy's mark alone proves nothing: SO_MARK needs only CAP_NET_RAW since Linux 5.17, a container default.
+    A socket's cgroup is its creator's, and the proxy creates its in-pod sockets itself, so mark AND cgroup name
+    the proxy's sockets; an app's socket is in the app's cgroup whatever mark it sets.
+    """
+    if not path.startswith("/") or any(c.isspace() or c in "\"'" for c in path):
+        raise ValueError(f"proxy cgroup {path!r}: expected a cgroup v2 path like /kubepods/.../<container>")
+    return f'-m cgroup --path "{path}"'
+
+
+def existing_proxy_cgroup(save_text: str) -> str | None:
+    """The proxy cgroup named by the in-pod rules already in an iptables-save (re-applied after an agent restart
+    before the proxy has reconnected); None when there is none."""
+    for line in save_text.splitlines():
+        if line.startswith(f"-A {OUTPUT_CHAIN} ") and f"--mark {MARK}" in line and "--path " in line:
+            return line.split("--path ", 1)[1].split()[0].strip('"')
+    return None
+
+
+def inpod_chain_rules(
+    fam: Family, *, dns_capture: bool = False, proxy_cgroup: str | None = None
+) -> dict[str, dict[str, list[str]]]:
+    """table -> chain -> rule specs (without `-A CHAIN`), in order. The heart of DESIGN §4.6.
+
+    Without `proxy_cgroup` no local socket skips redirection (fail closed: the agent knows the cgroup once the
+    proxy connects, and re-applies the rules then)."""
     probe = f"{fam.probe_snat}/{fam.host_len}"
     nat_output = [
         f"-d {probe} -p tcp -j ACCEPT",  # replies to node probes, untouched
         f"-p tcp -m mark --mark {CT_MARK} -j ACCEPT",  # return traffic of proxy connections
         f"! -d {fam.loopback} -o lo -j ACCEPT",  # the pod talking to itself
     ]
+    if proxy_cgroup is not None:
+        nat_output.append(f"-m mark --mark {MARK} {proxy_cgroup_match(proxy_cgroup)} -j ACCEPT")  # the proxy's own
     if dns_capture:
-        nat_output.append(
-            f"! -d {fam.loopback} -p udp --dport 53 -m mark ! --mark {MARK} -j REDIRECT --to-ports {DNS_PORT}"
-        )
-        nat_output.append(
-            f"! -d {fam.loopback} -p tcp --dport 53 -m mark ! --mark {MARK} -j REDIRECT --to-ports {DNS_PORT}"
-        )
-    nat_output.append(f"! -d {fam.loopback} -p tcp -m mark ! --mark {MARK} -j REDIRECT --to-ports {OUTBOUND_PORT}")
+        nat_output.append(f"! -d {fam.loopback} -p udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}")
+        nat_output.append(f"! -d {fam.loopback} -p tcp --dport 53 -j REDIRECT --to-ports {DNS_PORT}")
+    nat_output.append(f"! -d {fam.loopback} -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}")
     return {
         "mangle": {
             PREROUTING_CHAIN: [f"-m mark --mark {MARK} -j CONNMARK --set-xmark {CT_MARK}"],
@@ -185,8 +209,14 @@ INPOD_TABLES = {"mangle": (PREROUTING_CHAIN, OUTPUT_CHAIN), "nat": (PREROUTING_C
 PROBE_TABLES = {"nat": (POSTROUTING_CHAIN,)}
 
 
-def render_inpod(fam: Family, current_save: str = "", *, dns_capture: bool = False) -> str:
-    return render_apply(inpod_chain_rules(fam, dns_capture=dns_capture), INPOD_JUMPS, current_save)
+def render_inpod(
+    fam: Family, current_save: str = "", *, dns_capture: bool = False, proxy_cgroup: str | None = None
+) -> str:
+    """`proxy_cgroup` None keeps the one the pod's rules name already (if any)."""
+    if proxy_cgroup is None:
+        proxy_cgroup = existing_proxy_cgroup(current_save)
+    chains = inpod_chain_rules(fam, dns_capture=dns_capture, proxy_cgroup=proxy_cgroup)
+    return render_apply(chains, INPOD_JUMPS, current_save)
 
 
 def render_inpod_remove(current_save: str) -> str:

@@ -282,10 +282,11 @@ def test_the_proxys_marks_alone_do_not_open_an_app_under_strict(mode_lab: LabHan
     eventually(lambda: lab.curl("lab/plain", url)[0] == 0, 5, 0.1, what="plaintext to be accepted again")
 
 
-def test_the_proxy_mark_set_with_cap_net_raw_is_still_redirected_under_ebpf(ebpf_lab: LabHandle) -> None:
-    """SO_MARK 0x539 needs only CAP_NET_RAW on Linux >= 5.17. iptables mode trusts the mark (such an app skips
-    the proxy there: a known limit of the rules); the programs trust only sockets the proxy tagged."""
-    lab = ebpf_lab
+def test_the_proxy_mark_set_with_cap_net_raw_is_still_redirected(mode_lab: LabHandle) -> None:
+    """SO_MARK 0x539 needs only CAP_NET_RAW on Linux >= 5.17. The programs trust only sockets the proxy tagged;
+    the rules only marked sockets of the proxy's cgroup (before, iptables mode trusted the mark: such an app
+    reached the server in plaintext around both proxies)."""
+    lab = mode_lab
     server = lab.pod_ip("lab/server")
     net_raw = ["setpriv", "--bounding-set=-all,+net_raw", "--inh-caps=-all", "/usr/bin/python3", "-c"]
     p = lab.run("lab/client", *net_raw, DIAL, "somark", server, "8080", timeout=30)
