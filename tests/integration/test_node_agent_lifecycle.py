@@ -25,7 +25,9 @@ import pytest
 from tests.support.eventually import eventually_async
 from tests.support.nodeagent import AgentTask, FakeProxy, ours, pod_namespaces, run_plugin, sh
 from ztunnel.cni.plugin import AgentCall, http_over_unix
+from ztunnel.lab import cgroups
 from ztunnel.proxy.inpod import InpodClient
+from ztunnel.redirect.agent import process_cgroup
 
 pytestmark = [
     pytest.mark.netns,
@@ -313,3 +315,53 @@ async def test_restart_finds_pods_by_path_or_inode_and_forgets_gone_ones(
         if holder is not None:
             holder.kill()
             holder.wait()
+
+
+# a node proxy with a target that only holds what it is handed (argv: the agent's proxy socket)
+PROXY_ELSEWHERE = """
+import asyncio, sys
+from ztunnel.proxy.inpod import InpodClient
+
+class Target:
+    def __init__(self): self.sockets = {}
+    async def add_workload(self, workload, sockets): self.sockets[workload.uid] = sockets
+    async def remove_workload(self, uid): self.sockets.pop(uid).close()
+
+asyncio.run(InpodClient(sys.argv[1], Target()).run())
+"""
+
+
+async def test_a_proxy_in_another_cgroup_gets_the_pods_rules_rewritten_for_it(lab: Env, tmp_path: Path) -> None:
+    """The rules let the proxy's mark through only from the proxy's cgroup (the mark alone needs CAP_NET_RAW):
+    a restarted proxy in another cgroup (a new container) is handed the pods only after their rules name it."""
+    root = cgroups.cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 mount")
+    client = InpodClient(str(lab.proxy_socket), FakeProxy())
+    task = asyncio.create_task(client.run())
+    lab.start_agent()
+    try:
+        await until(lambda: client.synced.is_set(), "first snapshot")
+        assert (await cni(lab, "ADD", "web"))[0] == 0
+        assert f'-m cgroup --path "{process_cgroup()[0]}" -j ACCEPT' in ours(lab.pods["web"])
+    finally:
+        task.cancel()  # this proxy goes; the next one runs in a cgroup of its own
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+    other = root / f"ztunnel-test-{os.getpid()}"
+    other.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    argv = [sys.executable, "-c", PROXY_ELSEWHERE, str(lab.proxy_socket)]
+    log = (tmp_path / "proxy.log").open("wb")
+    elsewhere = subprocess.Popen(argv, stdout=log, stderr=log, env=env, preexec_fn=cgroups.joiner(other))
+    try:
+        named = f'-m cgroup --path "/{other.relative_to(root)}" -j ACCEPT'
+        await until(lambda: named in ours(lab.pods["web"]), "rules naming the new proxy's cgroup")
+        await until(lambda: listening_in(lab.pods["web"], 15001), "the new proxy serving the pod")
+        assert f'--path "{process_cgroup()[0]}"' not in ours(lab.pods["web"])  # the old cgroup's sockets: no more
+    finally:
+        elsewhere.kill()
+        elsewhere.wait()
+        log.close()
+        await until(lambda: not (other / "cgroup.procs").read_text().strip(), "the proxy gone from its cgroup")
+        other.rmdir()
