@@ -359,6 +359,17 @@ class H2Conn:
             return -1 if sent == 0 else sent
         return sent
 
+    def send_last(self, stream_id: int, data: bytes) -> bool:
+        """`data` as the stream's last DATA frame (END_STREAM) when the windows take it whole; False (nothing
+        sent) otherwise, or when the stream is gone."""
+        if not data or self.window(stream_id) < len(data):
+            return False
+        try:
+            self.h2.send_data(stream_id, data, end_stream=True)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
+        return True
+
     def send_trailers(self, stream_id: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         fields = [(n.lower(), v) for n, v in headers if not n.startswith(b":")]
         try:

@@ -1777,8 +1777,10 @@ class _H2ClientConnection:
         got = False
         limit = self.server.timeouts.response
         deadline = None if limit is None else time.monotonic() + limit  # cleared by the response head
+        after: object = None  # the event read past a body piece (to end the stream with that piece)
         while True:
-            ev = http.next_response_event()
+            ev = http.next_response_event() if after is None else after
+            after = None
             http.data_to_client()  # the HTTP/1.1 rendering of the response: not what this client gets
             if ev is NEED_DATA:
                 try:
@@ -1812,6 +1814,11 @@ class _H2ClientConnection:
                 self.side.flush()
             elif isinstance(ev, ResponseData):
                 o.response_bytes += len(ev.data)
+                after = http.next_response_event()
+                if isinstance(after, ResponseEnded) and self.conn.send_last(ex.stream_id, ev.data):
+                    http.data_to_client()
+                    self.side.flush()  # the last piece carries END_STREAM: one frame, no empty DATA after it
+                    return after.keep_alive
                 if not await self.side.send_all(ex.stream_id, ev.data):
                     return False
             elif isinstance(ev, ResponseEnded):
