@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import yaml
 
 from tests.support import ebpf as ebpf_state
 from tests.support.eventually import eventually
+from ztunnel.lab import cgroups
 
 from .conftest import root_netns_snapshot, ztunnel
 
@@ -75,6 +77,9 @@ def test_up_down_leaves_nothing_and_root_netns_unchanged(tmp_path: Path) -> None
             ["ca", "node-agent", "proxy", "cni-plugin"], True
         )
         assert {"node/solo/node-agent", "node/solo/proxy"} <= set(state["processes"])
+        # the proxy in a cgroup of its own: the in-pod rules trust its mark only from there
+        proxy_pid = state["processes"]["node/solo/proxy"]["pid"]
+        assert f"0::/ztunnel-lab-{name}/solo-proxy" in Path(f"/proc/{proxy_pid}/cgroup").read_text().splitlines()
         assert state["pods"]["default/idle"]["node"] == "solo"  # no nodeName: the lab scheduled it
         assert len(_netns(f"ztl-{name}-")) == 4  # fabric, node, two pods
         assert root_netns_snapshot() == before
@@ -85,10 +90,13 @@ def test_up_down_leaves_nothing_and_root_netns_unchanged(tmp_path: Path) -> None
     assert not any(_alive(p) for p in pids)
     assert not (Path("/run/ztunnel-lab") / name).exists()
     assert root_netns_snapshot() == before
+    cgroup_root = cgroups.cgroup2_root()
+    assert cgroup_root is None or not (cgroup_root / f"ztunnel-lab-{name}").exists()
 
 
 def test_down_cleans_up_after_a_crashed_run(tmp_path: Path) -> None:
     name = f"cr{os.getpid()}"
+    stray: subprocess.Popen[bytes] | None = None
     cluster = tmp_path / "small.yaml"
     cluster.write_text(yaml.safe_dump_all(SMALL))
     try:
@@ -98,6 +106,9 @@ def test_down_cleans_up_after_a_crashed_run(tmp_path: Path) -> None:
         pids = [p["pid"] for p in state["processes"].values()]
         shutil.rmtree(lab_dir)  # the state is gone, as after a crash: only the netns prefix is left to go by
         assert _netns(f"ztl-{name}-")
+        leftover = cgroups.proxy_cgroup(name, "solo")  # and a proxy's cgroup with a process still in it
+        if leftover is not None:
+            stray = subprocess.Popen(["sleep", "300"], preexec_fn=cgroups.joiner(leftover))
         # `up` again over the wreck works too: it cleans first
         ztunnel("lab", "up", "--name", name, "-f", str(cluster), "--mesh", "off", "--timeout", "60")
         eventually(lambda: not any(_alive(p) for p in pids), 5, 0.1, what="old processes to be gone")
@@ -109,6 +120,9 @@ def test_down_cleans_up_after_a_crashed_run(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert _netns(f"ztl-{name}-") == []
     assert not any(_alive(p) for p in pids)
+    if stray is not None:
+        assert stray.wait(5) == -9  # killed by the clean-up (`up` over the wreck, or `down`), its cgroup removed
+        assert leftover is not None and not leftover.parent.exists()
 
 
 def test_errors_name_what_to_do(tmp_path: Path) -> None:
