@@ -27,7 +27,7 @@ from ztunnel.config.source import ConfigSource
 from ztunnel.inpod.channel import Channel
 from ztunnel.inpod.protocol import ProtocolError
 from ztunnel.inpod.session import AgentSession
-from ztunnel.net.netns import NetnsError, find_netns_by_inode, open_netns, setns
+from ztunnel.net.netns import NetnsError, find_netns_by_inode, open_netns
 from ztunnel.net.unix import bind_unix_private
 from ztunnel.redirect import iptables, planner
 from ztunnel.redirect.cni_server import cni_server
@@ -37,8 +37,6 @@ from ztunnel.redirect.pods import PodRecord, PodStateFile
 from ztunnel.redirect.redirector import IptablesRedirector, Redirector
 
 log = logging.getLogger("ztunnel.redirect.agent")
-
-CLONE_NEWCGROUP = 0x02000000
 
 
 def peer_cgroup(conn: socket.socket) -> tuple[str, str]:
@@ -65,21 +63,6 @@ def process_cgroup(pid: str = "self") -> tuple[str, str]:
             return path, ""
     return "", f"/proc/{pid}/cgroup has no cgroup v2 entry: iptables mode needs cgroup v2 to know the proxy's sockets"
 
-
-def enter_host_cgroupns() -> None:
-    """See cgroup paths as the node does: the agent reads the proxy's, and `-m cgroup --path` resolves it in
-    iptables' cgroup namespace. With hostPID, pid 1 is the node's init. Main thread, before worker threads."""
-    try:
-        if os.stat("/proc/1/ns/cgroup").st_ino == os.stat("/proc/thread-self/ns/cgroup").st_ino:
-            return
-        fd = os.open("/proc/1/ns/cgroup", os.O_RDONLY)
-        try:
-            setns(fd, CLONE_NEWCGROUP)
-        finally:
-            os.close(fd)
-        log.info("entered the host's cgroup namespace")
-    except (OSError, NetnsError) as e:
-        log.warning("staying in this cgroup namespace (the node proxy's cgroup may be out of sight): %s", e)
 
 HELLO_TIMEOUT = 5.0
 
@@ -420,10 +403,12 @@ class NodeAgent:
         """Iptables mode: the proxy's sockets are known by mark and this cgroup; True if it changed."""
         if not isinstance(self.redirector, IptablesRedirector):
             return False
-        if cgroup == "/":
+        own = process_cgroup()[0]
+        if cgroup == "/" or own == cgroup or own.startswith(cgroup.rstrip("/") + "/"):
             log.warning(
-                "the node proxy runs in the root cgroup, so any process there that sets its mark passes as the proxy;"
-                " give the proxy a cgroup of its own"
+                "the node proxy's cgroup %s is not its own (the agent is in it too; a cgroup v1 node?): any process"
+                " there that sets the proxy's mark skips redirection; give the proxy a cgroup of its own",
+                cgroup,
             )
         changed = self.redirector.proxy_cgroup != cgroup
         self.redirector.proxy_cgroup = cgroup
@@ -472,7 +457,7 @@ class NodeAgent:
     # ---- lifetime --------------------------------------------------------------------------
     async def run(self) -> None:
         if isinstance(self.redirector, IptablesRedirector):
-            enter_host_cgroupns()
+            iptables.enter_host_cgroupns()
         self.source.subscribe(self.on_config)
         await self.reconcile()
         try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ztunnel.errors import ZtunnelError
-from ztunnel.net.netns import in_netns
+from ztunnel.net.netns import NetnsError, in_netns, setns
 from ztunnel.ports import CONNMARK, MARK_MASK, ROUTE_TABLE
 from ztunnel.redirect import rules
 
@@ -97,10 +97,30 @@ def _families() -> tuple[rules.Family, ...]:
 
 # ---- in-pod ------------------------------------------------------------------------------------
 
+CLONE_NEWCGROUP = 0x02000000
+
+
+def enter_host_cgroupns() -> None:
+    """See cgroup paths as the node does, on this thread (a cgroup namespace is per thread, and inherited by the
+    threads and processes it starts): the agent reads the proxy's path, and `-m cgroup --path` resolves it in
+    iptables-restore's cgroup namespace. With hostPID, pid 1 is the node's init. A no-op when already there."""
+    try:
+        if os.stat("/proc/1/ns/cgroup").st_ino == os.stat("/proc/thread-self/ns/cgroup").st_ino:
+            return
+        fd = os.open("/proc/1/ns/cgroup", os.O_RDONLY)
+        try:
+            setns(fd, CLONE_NEWCGROUP)
+        finally:
+            os.close(fd)
+        log.debug("thread entered the host's cgroup namespace")
+    except (OSError, NetnsError) as e:
+        log.warning("staying in this cgroup namespace (the node proxy's cgroup may be out of sight): %s", e)
+
 
 def apply_inpod(backend: IptablesBackend, *, dns_capture: bool = False, proxy_cgroup: str | None = None) -> None:
     """Install (or re-install, idempotently) the in-pod rules in the current netns; `proxy_cgroup` None keeps
     the proxy cgroup the rules there name, or none if that cgroup is gone (fail closed)."""
+    enter_host_cgroupns()  # a worker thread started before the agent entered it would resolve the path elsewhere
     for fam in _families():
         current = iptables_save(backend, fam.version)
         try:
