@@ -353,3 +353,49 @@ def test_roles_cover_what_the_kubernetes_source_lists_and_watches() -> None:
     ca = rules("ClusterRole", "ztunnel-ca")
     for plural in ("pods", "namespaces"):  # what `ca serve --source kubernetes` lists
         assert {"list", "watch"} <= grants(ca, "", plural)
+
+
+def components(objects: dict[tuple[str, str, str], Obj]) -> dict[str, Obj]:
+    """The containers running the ztunnel command, by name."""
+    out: dict[str, Obj] = {}
+    for (kind, _, _), o in objects.items():
+        if kind in ("DaemonSet", "Deployment"):
+            out |= {n: c for n, c in containers(o).items() if c["command"] == ["ztunnel"]}
+    return out
+
+
+@pytest.mark.parametrize("root", ["istio-system", "mesh-root"])
+def test_root_namespace_is_every_components_and_its_role_lives_there(root: str) -> None:
+    """Installed outside istio-system (release namespace `ztunnel`), every component still reads the mesh config
+    of one root namespace and may read it there: flag, Role and RoleBindings name the same namespace."""
+    values: dict[str, Any] = {**WAYPOINT_VALUES, "rootNamespace": root}
+    if root == "istio-system":
+        del values["rootNamespace"]  # the default is Istio's
+    o = by_key(helm_objects(values, namespace="ztunnel"))
+    cs = components(o)
+    assert set(cs) == {"node-agent", "proxy", "ca", "waypoint"}
+    for c in cs.values():
+        assert arg(c, "--root-namespace") == root, c["name"]
+    assert ("Role", root, "ztunnel-mesh-config") in o
+    bindings = {k: b for k, b in o.items() if k[0] == "RoleBinding" and b["roleRef"]["name"] == "ztunnel-mesh-config"}
+    assert {k[1] for k in bindings} == {root}
+    subjects = {(s["namespace"], s["name"]) for b in bindings.values() for s in b["subjects"]}
+    assert subjects == {("ztunnel", "ztunnel"), ("default", "waypoint")}
+    # everything else stays in the release namespace
+    assert ("Role", "ztunnel", "ztunnel-ca") in o and ("DaemonSet", "ztunnel", "ztunnel") in o
+
+
+def test_ebpf_redirect_runs_the_bcc_image_on_the_node_unless_the_tag_is_given() -> None:
+    """redirectMode ebpf needs bcc, only in the -bpf build (scripts/build-image.sh --bpf): the node DaemonSet
+    switches to it; the CA and waypoints keep the plain image; an explicit image.tag wins."""
+    ebpf = by_key(helm_objects({**WAYPOINT_VALUES, "node": {"redirectMode": "ebpf"}}))
+    node = containers(ebpf[("DaemonSet", "istio-system", "ztunnel")])
+    assert {c["image"] for c in node.values()} == {"ztunnel-py:0.1.0-bpf"}
+    others = [c for k, o in ebpf.items() if k[0] == "Deployment" for c in containers(o).values()]
+    assert len(others) == 2 and {c["image"] for c in others} == {"ztunnel-py:0.1.0"}
+    plain = containers(by_key(helm_objects({}))[("DaemonSet", "istio-system", "ztunnel")])
+    assert {c["image"] for c in plain.values()} == {"ztunnel-py:0.1.0"}
+    given = by_key(helm_objects({"node": {"redirectMode": "ebpf"}, "image": {"tag": "mine-bpf"}}))
+    assert {c["image"] for c in containers(given[("DaemonSet", "istio-system", "ztunnel")]).values()} == {
+        "ztunnel-py:mine-bpf"
+    }

@@ -8,6 +8,16 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{/* The node DaemonSet's image: eBPF redirection needs bcc, only in the <appVersion>-bpf build (an explicit
+image.tag is taken as given). */}}
+{{- define "ztunnel-py.nodeImage" -}}
+{{- if and (eq .Values.node.redirectMode "ebpf") (not .Values.image.tag) -}}
+{{ .Values.image.repository }}:{{ .Chart.AppVersion }}-bpf
+{{- else -}}
+{{ include "ztunnel-py.image" . }}
+{{- end }}
+{{- end }}
+
 {{/* The CA Service every proxy and waypoint asks for certificates. */}}
 {{- define "ztunnel-py.caAddress" -}}
 ztunnel-ca.{{ .Release.Namespace }}.svc:15012
