@@ -70,7 +70,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ca.add_argument("--ca-dir", help="sign certificates in-process with this CA directory (local mode)")
     ca.add_argument("--ca", help="HOST:PORT of a CA server (`ztunnel ca serve`)")
     p.add_argument("--ca-root", help="the CA server's root certificate (PEM), with --ca")
-    p.add_argument("--token-file", help="file holding the waypoint node's token for the CA server, with --ca")
+    p.add_argument(
+        "--token-file",
+        help="file holding the token the CA server authenticates, with --ca: the waypoint node's token (the lab's "
+        "CA, -f), or with --source kubernetes the waypoint's own projected service-account token",
+    )
     p.add_argument("--cert-ttl", default="24h", help="requested SVID validity, e.g. 24h, 30m (default 24h)")
     p.add_argument("--connect-timeout", default="5s", help="timeout for upstream tunnel setup (default 5s)")
     p.add_argument(
@@ -161,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         args.access_log = getattr(args, "log_format", "text")
     if args.ca and not (args.ca_root and args.token_file):
         raise WaypointCommandError(
-            "--ca needs --ca-root (the CA's root certificate) and --token-file (the node's token)"
+            "--ca needs --ca-root (the CA's root certificate) and --token-file (the node's or the waypoint's token)"
         )
     return uvloop.run(run_waypoint(args))
 
