@@ -29,7 +29,7 @@ fi
 rm -f "$cni_log"
 echo "== pytest" >&2
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider "$@"  # -rs: every skip says why
 rc=$?
 set -e
 # pytest exit 5 means no test ran: that is a failure for this project.
