@@ -518,6 +518,7 @@ class _ClientConnection:
         self._client: tuple[ClusterConfig, tuple[str, int]] | None = None
         self._service: tuple[ClusterConfig, Service | None] | None = None
         self._last_verdict: tuple[RequestDecider, ConnectionAttributes, tuple[Any, ...], Verdict] | None = None
+        self._picked: tuple[ClusterConfig, Endpoint] | None = None  # the last endpoint `pick` gave, and its snapshot
 
     async def run(self) -> None:
         """Istio's protocol selection for the port, then the first bytes when it says nothing (`sniff`)."""
@@ -796,7 +797,13 @@ class _ClientConnection:
         server, http = self.server, self.http
         state = server.state
         current = self.upstream.endpoint if self.upstream is not None else None
-        endpoint = server.picker.pick(state.config, self.target, current)
+        picked = self._picked
+        if current is not None and picked is not None and picked[0] is state.config and picked[1] is current:
+            endpoint: Endpoint | str = current  # what `pick` answers: the snapshot, so its endpoint list, is the same
+        else:
+            endpoint = server.picker.pick(state.config, self.target, current)
+            if not isinstance(endpoint, str):
+                self._picked = (state.config, endpoint)
         if isinstance(endpoint, str):
             server._count("no_endpoint")
             self.outcome.status, self.outcome.reason = 503, "no_endpoint"
