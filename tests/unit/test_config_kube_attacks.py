@@ -267,7 +267,6 @@ def test_a_tenant_waypoint_of_the_same_name_is_not_used_by_another_namespace(
         ["proxy", "--node", "node-a", "--ca-dir", "ca"],
         ["node-agent", "--node", "node-a"],
         ["waypoint", "--name", "waypoint", "--namespace", "shop", "--ca-dir", "ca"],
-        ["ca", "serve"],
     ],
 )
 def test_every_kubernetes_component_takes_root_namespace(
@@ -304,6 +303,20 @@ def test_every_kubernetes_component_takes_root_namespace(
     assert server is not None
     names = [p.name for p in PolicyEngine.from_config(cfg).policies_for(server)]
     assert sorted(names) == ["deny-bad", "mesh-wide"]  # istio-system's "not-root" is no longer mesh-wide
+
+
+@pytest.mark.parametrize("source", ["file", "kubernetes"])
+def test_ca_serve_refuses_root_namespace_it_would_not_use(
+    source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CA reads pods and namespaces only (node authorization), never policies or the mesh config: a
+    --root-namespace it accepted would change nothing, so it is refused rather than silently ignored."""
+    from ztunnel.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["ca", "serve", "--source", source, "--root-namespace", "mesh-root"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --root-namespace mesh-root" in capsys.readouterr().err
 
 
 def test_the_file_source_takes_root_namespace_too(tmp_path: Path) -> None:

@@ -366,8 +366,9 @@ def components(objects: dict[tuple[str, str, str], Obj]) -> dict[str, Obj]:
 
 @pytest.mark.parametrize("root", ["istio-system", "mesh-root"])
 def test_root_namespace_is_every_components_and_its_role_lives_there(root: str) -> None:
-    """Installed outside istio-system (release namespace `ztunnel`), every component still reads the mesh config
-    of one root namespace and may read it there: flag, Role and RoleBindings name the same namespace."""
+    """Installed outside istio-system (release namespace `ztunnel`), every component that reads policies still
+    reads the mesh config of one root namespace and may read it there: flag, Role and RoleBindings name the same
+    namespace. The CA reads pods and namespaces only: `ca serve` has no --root-namespace."""
     values: dict[str, Any] = {**WAYPOINT_VALUES, "rootNamespace": root}
     if root == "istio-system":
         del values["rootNamespace"]  # the default is Istio's
@@ -375,7 +376,9 @@ def test_root_namespace_is_every_components_and_its_role_lives_there(root: str) 
     cs = components(o)
     assert set(cs) == {"node-agent", "proxy", "ca", "waypoint"}
     for c in cs.values():
-        assert arg(c, "--root-namespace") == root, c["name"]
+        if c["name"] != "ca":
+            assert arg(c, "--root-namespace") == root, c["name"]
+    assert "--root-namespace" not in cs["ca"]["args"]
     assert ("Role", root, "ztunnel-mesh-config") in o
     bindings = {k: b for k, b in o.items() if k[0] == "RoleBinding" and b["roleRef"]["name"] == "ztunnel-mesh-config"}
     assert {k[1] for k in bindings} == {root}

@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "names), used when it holds ca-cert.pem and ca-key.pem, else the CA is kept in --ca-secret",
     )
     serve.add_argument("-f", "--file", dest="files", action="append", help="config YAML (repeatable), watched")
-    add_source_arguments(serve)
+    # No --root-namespace: the CA reads pods and namespaces only (node authorization), never policies or the
+    # mesh config, so a root namespace would change nothing it does.
+    add_source_arguments(serve, root_namespace=False)
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT (default 127.0.0.1:15012)")
     serve.add_argument(
         "--node-tokens", help="YAML mapping token: node-name (mode 0600), reloaded on change (file source)"

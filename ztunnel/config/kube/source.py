@@ -316,8 +316,9 @@ class KubeConfigSource:
 # ---- the components' flags ------------------------------------------------------------------------------
 
 
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--source` and `--kubeconfig`, the same for the proxy, the node agent, the CA and the waypoint."""
+def add_source_arguments(parser: argparse.ArgumentParser, *, root_namespace: bool = True) -> None:
+    """`--source` and `--kubeconfig`, the same for the proxy, the node agent, the CA and the waypoint;
+    `--root-namespace` only where the component reads policies or the mesh config (not the CA)."""
     parser.add_argument(
         "--source",
         choices=["file", "kubernetes"],
@@ -326,6 +327,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "service account, else --kubeconfig)",
     )
     parser.add_argument("--kubeconfig", default=None, help="with --source kubernetes: a kubeconfig file to use")
+    if not root_namespace:
+        return
     parser.add_argument(
         "--root-namespace",
         default=DEFAULT_ROOT_NAMESPACE,
