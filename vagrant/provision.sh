@@ -41,8 +41,10 @@ export KUBECONFIG=/home/vagrant/.kube/config
 
 # The image, loaded into every node (so never pulled), and the install: CRDs (a fresh cluster: the
 # overlay's crds component), RBAC, CA, node DaemonSet. iptables: overlays/dev (ztunnel-py:dev, debug logs);
-# ebpf: overlays/ebpf (ztunnel-py:<version>-bpf, with bcc; the kind nodes share the VM's kernel and bpffs).
+# ebpf: overlays/ebpf (the node DaemonSet on ztunnel-py:<version>-bpf, with bcc; the kind nodes share the VM's
+# kernel and bpffs; the CA on the plain ztunnel-py:<version>, so both are loaded).
 if [ "$REDIRECT" = ebpf ]; then
+  bash "$SRC/scripts/build-image.sh" --kind-load "$CLUSTER"
   bash "$SRC/scripts/build-image.sh" --bpf --kind-load "$CLUSTER"
   kubectl apply --server-side -k "$SRC/deploy/overlays/ebpf"
 else

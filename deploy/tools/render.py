@@ -5,6 +5,8 @@
 - deploy/base/install.yaml                 the chart with its default values (and its Namespace object)
 - deploy/components/podmonitor/podmonitors.yaml   the chart's PodMonitors (podMonitor.enabled)
 - deploy/waypoint/waypoint.yaml            the chart's waypoint template for `waypoint` in `default`
+- deploy/overlays/ebpf/node-image.yaml     the node DaemonSet's images under node.redirectMode: ebpf (the
+                                           -bpf build; the CA and waypoints keep theirs, as in the chart)
 
 The overlays (ebpf, dev, prometheus-operator) are Kustomize patches on that base; tests/unit/
 test_deploy_render.py renders each one and the chart with the matching values and requires the same objects.
@@ -46,10 +48,31 @@ def as_helm_prints(rendered: Mapping[str, str], only: set[str] | None = None) ->
     return "".join(out)
 
 
+def node_image_patch(rendered: Mapping[str, str]) -> str:
+    """A strategic-merge patch setting only the node DaemonSet's container images to the chart's (by container
+    name), so an overlay switches the node to another build without touching the CA's or waypoints' image."""
+    docs = [d for text in rendered.values() for d in yaml.safe_load_all(text) if d]
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "ztunnel"]
+    pod = ds["spec"]["template"]["spec"]
+    spec = {
+        field: [{"name": c["name"], "image": c["image"]} for c in pod[field]]
+        for field in ("initContainers", "containers")
+        if pod.get(field)
+    }
+    patch = {
+        "apiVersion": ds["apiVersion"],
+        "kind": "DaemonSet",
+        "metadata": {"name": ds["metadata"]["name"], "namespace": ds["metadata"]["namespace"]},
+        "spec": {"template": {"spec": spec}},
+    }
+    return yaml.safe_dump(patch, sort_keys=False)
+
+
 def expected() -> dict[Path, str]:
     base = helmlite.render_chart(CHART, namespace=NAMESPACE, values=BASE_VALUES)
     monitors = helmlite.render_chart(CHART, namespace=NAMESPACE, values={"podMonitor": {"enabled": True}})
     waypoint = helmlite.render_chart(CHART, namespace=NAMESPACE, values=WAYPOINT_VALUES)
+    ebpf = helmlite.render_chart(CHART, namespace=NAMESPACE, values={"node": {"redirectMode": "ebpf"}})
     skip = {"podmonitors.yaml", "waypoints.yaml"}
     base_names = {n.rsplit("/", 1)[-1] for n in base} - skip
     return {
@@ -59,6 +82,10 @@ def expected() -> dict[Path, str]:
         + as_helm_prints(monitors, {"podmonitors.yaml"}),
         DEPLOY / "waypoint" / "waypoint.yaml": HEADER.format(what="waypoints: [{name: waypoint, namespace: default}]")
         + as_helm_prints(waypoint, {"waypoints.yaml"}),
+        DEPLOY / "overlays" / "ebpf" / "node-image.yaml": HEADER.format(
+            what="node.redirectMode: ebpf, node images only"
+        )
+        + node_image_patch(ebpf),
     }
 
 

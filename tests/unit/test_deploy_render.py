@@ -33,7 +33,8 @@ NS: dict[str, Any] = {"createNamespace": True}
 # (Kustomize dir, the chart's values that give the same objects)
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("overlays/default", NS),
-    ("overlays/ebpf", {**NS, "node": {"redirectMode": "ebpf"}, "image": {"tag": "0.1.0-bpf"}}),
+    # no image.tag: the chart then runs the node DaemonSet alone on <appVersion>-bpf, and so must the overlay
+    ("overlays/ebpf", {**NS, "node": {"redirectMode": "ebpf"}}),
     ("overlays/prometheus-operator", {**NS, "podMonitor": {"enabled": True}}),
     (
         "overlays/dev",
@@ -386,6 +387,18 @@ def test_root_namespace_is_every_components_and_its_role_lives_there(root: str) 
     assert subjects == {("ztunnel", "ztunnel"), ("default", "waypoint")}
     # everything else stays in the release namespace
     assert ("Role", "ztunnel", "ztunnel-ca") in o and ("DaemonSet", "ztunnel", "ztunnel") in o
+
+
+def test_ebpf_overlay_runs_the_bcc_image_on_the_node_only() -> None:
+    """overlays/ebpf, as the chart: the node DaemonSet's containers on <version>-bpf, the CA on the plain image
+    (a Kustomize `images:` tag would switch every object)."""
+    o = objs("overlays/ebpf")
+    node = containers(o[("DaemonSet", "istio-system", "ztunnel")])
+    assert set(node) == {"cni-installer", "node-agent", "proxy"}
+    assert {c["image"] for c in node.values()} == {"ztunnel-py:0.1.0-bpf"}
+    assert {c["image"] for c in containers(o[("Deployment", "istio-system", "ztunnel-ca")]).values()} == {
+        "ztunnel-py:0.1.0"
+    }
 
 
 def test_ebpf_redirect_runs_the_bcc_image_on_the_node_unless_the_tag_is_given() -> None:
