@@ -19,9 +19,10 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import h2.config
 import h2.connection
@@ -34,6 +35,8 @@ from tests.support.echo import Echo
 from tests.support.eventually import eventually
 from tests.support.identity import free_port
 from ztunnel.identity.manager import CertificateManager
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 ZTUNNEL = str(Path(sys.executable).with_name("ztunnel"))
@@ -128,10 +131,11 @@ class ProxyProcess:
     def ready(self) -> bool:
         return self.http(self.readiness_port, "/healthz/ready")[0] == 200
 
-    def config_dump(self) -> dict:  # type: ignore[type-arg]
+    def config_dump(self) -> dict[str, Any]:
         status, body = self.http(self.admin_port, "/config_dump")
         assert status == 200, body
-        return json.loads(body)
+        dump: dict[str, Any] = json.loads(body)
+        return dump
 
     def metrics(self) -> str:
         status, body = self.http(self.metrics_port, "/metrics")
@@ -208,7 +212,7 @@ class AppServer:
         self._echo_app = Echo()
         self._thread.start()
 
-    def _run(self, coro):  # type: ignore[no-untyped-def]
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
     async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -389,7 +393,8 @@ async def raw_hbone_status(
             while data := await reader.read(65536):
                 for event in conn.receive_data(data):
                     if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
-                        return int(dict(event.headers)[":status"])
+                        # header_encoding utf-8: h2 gives str headers (its annotations say bytes)
+                        return int(cast("dict[str, str]", dict(event.headers))[":status"])
                 writer.write(conn.data_to_send())
         return None
     finally:

@@ -61,7 +61,7 @@ def helm_objects(
     values: Mapping[str, Any], *, include_crds: bool = False, namespace: str = "istio-system"
 ) -> list[Obj]:
     """The chart's objects with these values, as `helm template --include-crds` would give them."""
-    objs = helmlite.objects(helmlite.render_chart(CHART, namespace=namespace, values=values))
+    objs: list[Obj] = helmlite.objects(helmlite.render_chart(CHART, namespace=namespace, values=values))
     return (chart_crds() if include_crds else []) + objs
 
 

@@ -64,7 +64,7 @@ async def eventually_async(
             pending.error = e
         else:
             if value:
-                return value  # type: ignore[return-value]
+                return value
             pending.value, pending.error = value, None
         if time.monotonic() >= deadline:
             raise pending.timeout(what, timeout)

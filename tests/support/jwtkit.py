@@ -46,7 +46,9 @@ class TestKey:
         return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **header})
 
     def public_pem(self) -> bytes:
-        return self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        pem: bytes = self.public.public_bytes(serialization.Encoding.PEM, spki)
+        return pem
 
 
 @cache

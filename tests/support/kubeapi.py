@@ -220,8 +220,8 @@ class FakeKubeApi:
         if self._stopped is not None:
             self._stopped.set()
         self._server.close()
-        for w in list(self._writers):
-            w.transport.abort()
+        for writer in list(self._writers):
+            writer.transport.abort()
         for hold in [*self.hold_lists.values(), *self.hold_creates.values()]:
             hold.set()
         self._stopping = True
@@ -315,13 +315,23 @@ class FakeKubeApi:
 
     def send_raw(self, plural: str, data: bytes) -> None:
         """Bytes straight into every open watch of `plural` (garbage, an oversized line...)."""
-        self._call(lambda: [w.queue.put_nowait(data) for w in self._watches if w.plural == plural])
+
+        def run() -> None:
+            for w in self._watches:
+                if w.plural == plural:
+                    w.queue.put_nowait(data)
+
+        self._call(run)
 
     def watch_count(self, plural: str | None = None) -> int:
         return int(self._call(lambda: sum(1 for w in self._watches if plural is None or w.plural == plural)))
 
     def get(self, kind: str, name: str, namespace: str = "") -> dict[str, Any] | None:
-        return self._call(lambda: copy.deepcopy(self.objects[PLURAL_OF[kind]].get((namespace, name))))
+        def run() -> dict[str, Any] | None:
+            return copy.deepcopy(self.objects[PLURAL_OF[kind]].get((namespace, name)))
+
+        obj: dict[str, Any] | None = self._call(run)
+        return obj
 
     def watch_requests(self, plural: str) -> list[Request]:
         with self._lock:

@@ -6,11 +6,21 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 from ztunnel.hbone.connection import HboneConnection
 from ztunnel.hbone.protocol import ConnectRequest, Rejection
 from ztunnel.hbone.stream import HboneStream
+
+
+class Receiver(Protocol):
+    """What the transport drives: an asyncio.Protocol, or HboneConnection (a BufferedProtocol that also takes
+    whole chunks through data_received)."""
+
+    def data_received(self, data: bytes) -> None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
 
 
 class MemoryTransport(asyncio.Transport):
@@ -19,7 +29,7 @@ class MemoryTransport(asyncio.Transport):
     def __init__(self, high: int = 1 << 20) -> None:
         super().__init__()
         self.peer: MemoryTransport | None = None
-        self.protocol: asyncio.Protocol | None = None
+        self.protocol: Receiver | None = None
         self.closing = False
         self.high = high
         self.in_flight = 0

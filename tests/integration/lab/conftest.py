@@ -44,7 +44,9 @@ ECHO_SERVER = textwrap.dedent(
 ).strip()
 
 
-def _pod(name: str, node: str, *, ambient: bool, sa: str, server: bool, labels: dict[str, str] | None = None) -> dict:
+def _pod(
+    name: str, node: str, *, ambient: bool, sa: str, server: bool, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     lab = {"app": name, **(labels or {})}
     if ambient:
         lab["istio.io/dataplane-mode"] = "ambient"
@@ -64,7 +66,7 @@ def _pod(name: str, node: str, *, ambient: bool, sa: str, server: bool, labels: 
     }
 
 
-def cluster_objects() -> list[dict]:
+def cluster_objects() -> list[dict[str, Any]]:
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lab"}},
         {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}},
@@ -164,23 +166,25 @@ class LabHandle:
     up_output: str
 
     def status(self) -> dict[str, Any]:
-        return json.loads(ztunnel("lab", "status", "--name", self.name, "-o", "json").stdout)
+        status: dict[str, Any] = json.loads(ztunnel("lab", "status", "--name", self.name, "-o", "json").stdout)
+        return status
 
     def pod(self, ref: str) -> dict[str, Any]:
         for p in self.status()["pods"]:
             if f"{p['namespace']}/{p['name']}" == ref:
-                return p
+                pod: dict[str, Any] = p
+                return pod
         raise KeyError(ref)
 
     def pod_ip(self, ref: str) -> str:
         """From the lab's state file (what `status` reports too), without starting a CLI process."""
-        return json.loads((self.dir / "state.json").read_text())["pods"][ref]["ips"][0]
+        ip: str = json.loads((self.dir / "state.json").read_text())["pods"][ref]["ips"][0]
+        return ip
 
     def netns(self, target: str) -> str:
         st = json.loads((self.dir / "state.json").read_text())
-        if target.startswith("node/"):
-            return st["nodes"][target[5:]]["netns"]
-        return st["pods"][target]["netns"]
+        netns: str = st["nodes"][target[5:]]["netns"] if target.startswith("node/") else st["pods"][target]["netns"]
+        return netns
 
     def run(
         self, target: str, *cmd: str, timeout: float = 20.0, check: bool = False
@@ -214,7 +218,8 @@ class LabHandle:
             f.unlink()
 
     def components(self) -> dict[str, bool]:
-        return json.loads((self.dir / "state.json").read_text())["components"]
+        components: dict[str, bool] = json.loads((self.dir / "state.json").read_text())["components"]
+        return components
 
     def require(self, *names: str) -> None:
         """Every component exists in this checkout: one the lab runs without is a failure, never a skip."""
