@@ -498,6 +498,69 @@ def classify(data: bytes, *, final: bool) -> str:
     return "http1" if version.startswith(b"HTTP/1.") and line.count(b" ") >= 2 else "tcp"
 
 
+class _ReadDeadline:
+    """A client connection's read deadline (idle, request head) on one loop timer, re-armed only when it fires
+    before the deadline (which keep-alive requests keep moving later) or when a deadline moves earlier: an
+    `asyncio.timeout` per read armed and cancelled a timer for every request. Expiry cancels the reading task;
+    `read` turns that cancellation (and only that one) into TimeoutError."""
+
+    __slots__ = ("_handle", "_loop", "_task", "_when", "deadline", "expired")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0
+        self.deadline: float | None = None  # loop time; None while no read waits
+        self.expired = False
+
+    async def read(self, read: Callable[[], Any], delay: float) -> bytes:
+        """`await read()`, TimeoutError after `delay` seconds."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        deadline = self._loop.time() + delay
+        self.deadline = deadline
+        handle = self._handle
+        if handle is None or self._when > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._arm(deadline)
+        try:
+            data: bytes = await read()
+            return data
+        except asyncio.CancelledError:
+            if self.expired:
+                self.expired = False
+                if task.uncancel() == 0:  # ours alone: nobody else cancelled the task meanwhile
+                    raise TimeoutError from None
+            raise
+        finally:
+            self.deadline = None
+
+    def _arm(self, when: float) -> None:
+        self._when = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self.deadline
+        if deadline is None:  # no read waits: the next one arms the timer again
+            return
+        if self._loop.time() < deadline:
+            self._arm(deadline)
+            return
+        self.deadline = None
+        self.expired = True
+        assert self._task is not None
+        self._task.cancel()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class _ClientConnection:
     """One client connection (one inbound tunnel) and at most one upstream stream at a time."""
 
@@ -563,6 +626,7 @@ class _ClientConnection:
             http.receive_data(first)
         timeouts = self.server.timeouts
         head_since = self.started if first else None  # when the awaited request head began (None: none has)
+        reads = _ReadDeadline()
         try:
             while True:
                 ev = http.next_request_event()
@@ -575,8 +639,7 @@ class _ClientConnection:
                     else:
                         delay = limit if head_since is None else head_since + limit - time.monotonic()
                         try:
-                            async with asyncio.timeout(delay):
-                                data = await self._read_client()
+                            data = await reads.read(self._read_client, delay)
                         except TimeoutError:
                             self._timed_out(head_since is not None)
                             if head_since is not None:
@@ -598,6 +661,7 @@ class _ClientConnection:
         except (StreamClosed, HboneError, ConnectionError):
             self.client.abort()
         finally:
+            reads.close()
             if self.upstream is not None:
                 self.upstream.stream.close()
                 self.upstream = None
