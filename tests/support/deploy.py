@@ -21,7 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "ztunnel-py"
-SEEDS = ROOT.parent / "shared" / "seeds"
+SEEDS = ROOT.parent / "shared" / "seeds"  # the originals: beside the repository in the project's tree, not in CI
+SEED_FIXTURES = ROOT / "tests" / "fixtures" / "seeds"  # their policies, vendored: what the tests read
 KUBECTL = shutil.which("kubectl")
 HELM = shutil.which("helm")
 
@@ -186,11 +187,44 @@ def seed_documents(text: str) -> Iterator[Obj]:
 CRD_GROUPS = ("security.istio.io/", "rbac.istio.io/", "authentication.istio.io/", "gateway.networking.k8s.io/")
 
 
-def seed_policies() -> list[tuple[str, Obj]]:
-    """(seed file:kind/name, object) for every seed object of a group our CRDs serve."""
+def extract_seed_policies(seeds: Path = SEEDS) -> list[tuple[str, Obj]]:
+    """(seed file:kind/name, object) for every object of a group our CRDs serve, pulled out of the seeds' prose."""
     out: list[tuple[str, Obj]] = []
-    for f in sorted(SEEDS.glob("*.txt")):
+    for f in sorted(seeds.glob("*.txt")):
         for doc in seed_documents(f.read_text()):
             if str(doc.get("apiVersion", "")).startswith(CRD_GROUPS):
                 out.append((f"{f.name[:3]}:{doc['kind']}/{(doc.get('metadata') or {}).get('name')}", doc))
     return out
+
+
+def vendored_seed_files(seeds: Path = SEEDS) -> dict[str, str]:
+    """tests/fixtures/seeds/<file> -> its text, as extracted from the seeds now (the vendored copy lets the
+    tests run on a fresh clone, where ../shared/seeds is absent)."""
+    by_seed: dict[str, list[Obj]] = {}
+    sources = {f.name[:3]: f.name for f in seeds.glob("*.txt")}
+    for where, doc in extract_seed_policies(seeds):
+        by_seed.setdefault(where[:3], []).append(doc)
+    header = (
+        "# The policies of the seed {}, extracted (SEED_REPAIRS made) by tests/support/deploy.py;\n"
+        "# `.venv/bin/python -m tests.support.deploy` rewrites this file from ../shared/seeds.\n"
+    )
+    return {
+        f"{n}.yaml": header.format(sources[n]) + yaml.safe_dump_all(docs, sort_keys=False)
+        for n, docs in sorted(by_seed.items())
+    }
+
+
+def seed_policies() -> list[tuple[str, Obj]]:
+    """(seed file:kind/name, object) for every seed policy, from the vendored copy (tests/fixtures/seeds)."""
+    out: list[tuple[str, Obj]] = []
+    for f in sorted(SEED_FIXTURES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if isinstance(doc, dict):
+                out.append((f"{f.stem}:{doc['kind']}/{(doc.get('metadata') or {}).get('name')}", doc))
+    return out
+
+
+if __name__ == "__main__":
+    SEED_FIXTURES.mkdir(parents=True, exist_ok=True)
+    for name, text in vendored_seed_files().items():
+        (SEED_FIXTURES / name).write_text(text)

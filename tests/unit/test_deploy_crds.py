@@ -16,7 +16,6 @@ from tests.support.deploy import (
     CRD_GROUPS,
     DEPLOY,
     ROOT,
-    SEEDS,
     crd_errors,
     crd_generate,
     crd_schemas,
@@ -26,12 +25,7 @@ from tests.support.deploy import (
 FIXTURES = ROOT / "tests" / "fixtures" / "policy"
 
 
-def _seed_ids() -> list[tuple[str, dict[str, Any]]]:
-    return seed_policies() if SEEDS.is_dir() else []
-
-
-@pytest.mark.skipif(not SEEDS.is_dir(), reason="the seeds (../shared/seeds) are not beside the repository")
-@pytest.mark.parametrize(("where", "obj"), _seed_ids(), ids=[w for w, _ in _seed_ids()])
+@pytest.mark.parametrize(("where", "obj"), seed_policies(), ids=[w for w, _ in seed_policies()])
 def test_every_seed_policy_validates_against_the_crd_schema(where: str, obj: dict[str, Any]) -> None:
     assert crd_errors(obj) == [], where
 
