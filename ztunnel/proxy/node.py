@@ -177,8 +177,11 @@ class NodeProxy:
     async def add_workload(self, workload: Workload, sockets: WorkloadSockets) -> None:
         """Serve `workload` on the given listening sockets (the proxy owns them from now on).
 
-        Fetches the workload's certificate first, so a pod is never served without its SVID. Adding a uid
-        that is already served replaces its sockets.
+        Fetches the workload's certificate first, so a pod is never served without its SVID, then registers
+        the pod before serving any listener: in-pod listeners accept (kernel backlog) from the moment they are
+        made, and a connection picked up while the other listeners start must find the pod, not be reset for
+        want of its record (the lab saw resets for 15-35 ms per enrolment). Adding a uid that is already
+        served replaces its sockets.
         """
         if workload.uid in self.workloads:
             await self.remove_workload(workload.uid)
@@ -187,6 +190,7 @@ class NodeProxy:
         try:
             await self.contexts.server(identity)
             await self.contexts.client(identity)
+            self.state.add_served(served)
             for sock in sockets.hbone:
                 served.servers.append(await self.hbone_server.listen(sock, identity))
             plain_servers = (
@@ -202,13 +206,15 @@ class NodeProxy:
                 for udp, tcp in sockets.dns:
                     await self.dns.serve(udp, tcp, workload.namespace, key=workload.uid)
         except BaseException:
+            if self.workloads.get(workload.uid) is served:
+                self.state.remove_served(workload.uid)
+                self.tracker.abort_all(workload.uid)
             for server in served.servers:
                 server.close()
             if self.dns is not None:
                 self.dns.stop(workload.uid)
             sockets.close()
             raise
-        self.state.add_served(served)
         self._start_byte_flusher()
         log.info("serving workload", extra={"workload": workload.ref, "identity": workload.identity})
         if self.metrics is not None:
