@@ -3,53 +3,107 @@
 
 In-pod mode opens the listeners (pod_sockets) before `add_workload` fetches the SVID; the app may connect in
 that window (15-35 ms measured in the lab). Here the certificate fetch is held by a hook, the app connects
-through the outbound listener meanwhile, and the bytes must reach the app once the fetch completes. The
-original destination comes from the eBPF-style map lookup (`outbound_original_dst`), as with sk_lookup.
+through the outbound listener meanwhile, and the bytes must reach the app (a mesh pod on another node, over
+HBONE) once the fetch completes. The original destination comes from the eBPF-style map lookup
+(`outbound_original_dst`), as with sk_lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.integration.test_proxy_redirect_guards import CountingServer
-from ztunnel.config.model import Workload
+from tests.support.certs import in_process_certs
+from ztunnel.config.loader import load_files
+from ztunnel.config.model import ClusterConfig
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.net.listen import listening_socket
 from ztunnel.net.streams import TcpStream
-from ztunnel.proxy.listeners import WorkloadSockets, dns_sockets
-from ztunnel.proxy.node import NodeProxy, ProxyOptions
+from ztunnel.proxy.listeners import LocalListenerFactory, WorkloadSockets, dns_sockets
+from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions
+from ztunnel.telemetry.metrics import ProxyMetrics
 
 POD_IP = "127.0.183.1"
 APP_IP = "127.0.183.9"
 APP_PORT = 7310
 
 
-async def test_connection_accepted_while_the_certificate_is_fetched_is_served(certs: CertificateManager) -> None:
+CONFIG = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: race, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: racing, namespace: race, uid: uid-racing}}
+spec: {{nodeName: node-r, serviceAccountName: racing}}
+status: {{podIP: "{POD_IP}"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: app, namespace: race, uid: uid-app}}
+spec: {{nodeName: node-s, serviceAccountName: app}}
+status: {{podIP: "{APP_IP}"}}
+"""
+
+
+def _mtls_inbound(registry: CollectorRegistry) -> float:
+    return sum(
+        sample.value
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name == "istio_tcp_connections_opened_total"
+        and sample.labels.get("reporter") == "destination"
+        and sample.labels.get("connection_security_policy") == "mutual_tls"
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ClusterConfig:
+    config_file = tmp_path / "cluster.yaml"
+    config_file.write_text(CONFIG)
+    return load_files([config_file])
+
+
+@pytest.fixture
+async def app_node(ca_dir: Path, config: ClusterConfig) -> AsyncIterator[CollectorRegistry]:
+    """The app's node: its proxy serves the app pod (HBONE on APP_IP:15008); yields its metrics."""
+    registry = CollectorRegistry()
+    async with in_process_certs(ca_dir) as certs:
+        proxy = NodeProxy(ProxyOptions(node="node-s"), certs, metrics=ProxyMetrics(registry))
+        try:
+            proxy.apply_config(config)
+            await LocalWorkloads(proxy, LocalListenerFactory(hbone_port=15008)).reconcile(config)
+            yield registry
+        finally:
+            await proxy.close()
+
+
+async def test_connection_accepted_while_the_certificate_is_fetched_is_served(
+    config: ClusterConfig, certs: CertificateManager, app_node: CollectorRegistry
+) -> None:
     app = await CountingServer().start(APP_IP, APP_PORT)
     node = NodeProxy(ProxyOptions(node="node-r", connect_timeout=2.0), certs)
+    node.apply_config(config)
     release = asyncio.Event()
     fetching = asyncio.Event()
-    fetch: Callable[[SpiffeId], Awaitable[object]] = node.contexts.server
+    fetch: Callable[[SpiffeId], Awaitable[ssl.SSLContext]] = node.contexts.server
 
-    async def slow_server(identity: SpiffeId) -> object:
+    async def slow_server(identity: SpiffeId) -> ssl.SSLContext:
         fetching.set()
         await release.wait()
         return await fetch(identity)
 
     node.contexts.server = slow_server  # type: ignore[method-assign]
-    workload = Workload(
-        uid="uid-racing",
-        name="racing",
-        namespace="race",
-        node="node-r",
-        service_account="racing",
-        ips=(POD_IP,),
-        labels={"app": "racing"},
-        enrolled=True,
-    )
+    workload = next(w for w in config.workloads if w.uid == "uid-racing")
     # the pod's DNS sockets too, as in-pod mode adds them (--dns): the proxy starts serving them after the
     # outbound listener, which already accepts meanwhile. Their start is held until the proxy has picked the
     # connection up (how the loop interleaves those steps varies; this makes the order the lab saw certain).
@@ -87,6 +141,7 @@ async def test_connection_accepted_while_the_certificate_is_fetched_is_served(ce
         writer.close()
         assert reply == b"early bytes"
         assert app.connections == 1
+        assert _mtls_inbound(app_node) == 1  # through the mesh, not passthrough
     finally:
         release.set()
         if not adding.done():
