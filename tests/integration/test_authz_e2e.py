@@ -17,6 +17,7 @@ For every probe the CLI verdict must equal the table's, and the proxies must agr
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import socket
@@ -309,9 +310,12 @@ def plaintext_exchange(dst: tuple[str, int], payload: bytes) -> bytes:
     even during the handshake) reads as no data."""
     try:
         with socket.create_connection((dst[0], 15006), timeout=10, source_address=(PLAINTEXT_IP, 0)) as s:
-            with suppress(ConnectionError):
+            try:
                 s.sendall(payload)
                 s.shutdown(socket.SHUT_WR)
+            except OSError as e:  # a reset before the half-close: ENOTCONN from shutdown() is not a ConnectionError
+                if not isinstance(e, ConnectionError) and e.errno != errno.ENOTCONN:
+                    raise
             return read_to_end(s)
     except ConnectionError:
         return b""

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.integration.test_proxy_redirect_guards import CountingServer
 from tests.support.certs import in_process_certs
+from tests.support.echo import CountingServer
 from ztunnel.config.loader import load_files
 from ztunnel.config.model import ClusterConfig
 from ztunnel.identity.manager import CertificateManager

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support.echo import CountingServer
 from ztunnel.config.model import Workload
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.net.listen import listening_socket
@@ -29,34 +30,6 @@ POD_IP = "127.0.182.1"
 OTHER_IP = "127.0.182.9"  # some other host the app did not address
 APP_PORT = 7300
 ELSEWHERE_PORT = 7200
-
-
-class CountingServer:
-    """A plain TCP echo server that counts what reached it."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def start(self, ip: str, port: int) -> CountingServer:
-        self.server = await asyncio.start_server(self._serve, ip, port, reuse_address=True)
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture

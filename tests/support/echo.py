@@ -44,6 +44,28 @@ async def echo_server(host: str, port: int = 0) -> AsyncIterator[tuple[Echo, int
         await server.wait_closed()
 
 
+class CountingServer:
+    """The echo app as a server with a visible lifetime (start/stop) for tests that hold several at once;
+    `connections` counts what reached it."""
+
+    def __init__(self) -> None:
+        self.echo = Echo(chunk=65536)
+        self.server: asyncio.Server | None = None
+
+    @property
+    def connections(self) -> int:
+        return self.echo.connections
+
+    async def start(self, ip: str, port: int) -> CountingServer:
+        self.server = await asyncio.start_server(self.echo, ip, port, reuse_address=True)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
 async def echo_tunnel(tunnel: InboundTunnel) -> None:
     """An HBONE tunnel handler that accepts the CONNECT and echoes until the client half-closes."""
     tunnel.stream.respond(200)
