@@ -30,6 +30,7 @@ from tests.support.waypoint import (
     KeepAliveApp,
     Responses,
     client_pool,
+    gateway_pod,
     proxy_and_waypoint,
     start_waypoint,
     stop,
@@ -112,26 +113,8 @@ apiVersion: v1
 kind: Namespace
 metadata: {{name: authz}}
 ---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: waypoint-0
-  namespace: demo
-  uid: uid-waypoint
-  labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
-spec: {{nodeName: node-w, serviceAccountName: waypoint}}
-status: {{podIP: "{WAYPOINT_IP}"}}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: meshwp-0
-  namespace: demo
-  uid: uid-meshwp
-  labels: {{gateway.networking.k8s.io/gateway-name: meshwp}}
-spec: {{nodeName: node-w, serviceAccountName: meshwp}}
-status: {{podIP: "{MESH_WAYPOINT_IP}"}}
----
+{gateway_pod("waypoint", "demo", WAYPOINT_IP)}---
+{gateway_pod("meshwp", "demo", MESH_WAYPOINT_IP)}---
 apiVersion: v1
 kind: ConfigMap
 metadata: {{name: istio, namespace: istio-system}}

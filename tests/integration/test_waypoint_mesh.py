@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.conftest import ProxyProcess, SocksRefused, socks_connect, start_proxy
 from tests.support.eventually import eventually
-from tests.support.waypoint import KeepAliveApp, start_waypoint, stop, wait_listening
+from tests.support.waypoint import KeepAliveApp, gateway_pod, start_waypoint, stop, wait_listening
 
 CLIENT_IP = "127.0.166.1"
 GREETER_IP = "127.0.166.2"
@@ -50,16 +50,7 @@ spec:
   containers: [{{name: app, ports: [{{containerPort: {APP_PORT}}}]}}]
 status: {{podIP: "{GREETER_IP}"}}
 ---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: waypoint-0
-  namespace: default
-  uid: uid-waypoint
-  labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
-spec: {{nodeName: node-w, serviceAccountName: waypoint}}
-status: {{podIP: "{WAYPOINT_IP}"}}
----
+{gateway_pod("waypoint", "default", WAYPOINT_IP)}---
 apiVersion: v1
 kind: Service
 metadata: {{name: greeter-service, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}

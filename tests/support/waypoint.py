@@ -37,6 +37,18 @@ WAYPOINT = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/waypoint")
 DRAINER = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/drainer")
 SLOW_CHUNKS = 10  # /slow: this many 1 KiB chunks, 0.1 s apart
 
+
+def gateway_pod(gateway: str, namespace: str, ip: str) -> str:
+    """The pod `<gateway>-0` of waypoint Gateway `gateway` on node-w (service account `gateway`), a YAML
+    document without its `---`: one copy for every waypoint topology of the tests."""
+    return (
+        f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {gateway}-0\n  namespace: {namespace}\n"
+        f"  uid: uid-{gateway}\n  labels: {{gateway.networking.k8s.io/gateway-name: {gateway}}}\n"
+        f"spec: {{nodeName: node-w, serviceAccountName: {gateway}}}\n"
+        f'status: {{podIP: "{ip}"}}\n'
+    )
+
+
 CONFIG = f"""\
 apiVersion: v1
 kind: Namespace
@@ -51,26 +63,8 @@ spec:
   containers: [{{name: app, ports: [{{containerPort: {APP_PORT}}}]}}]
 status: {{podIP: "{GREETER_IP}"}}
 ---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: waypoint-0
-  namespace: greet
-  uid: uid-waypoint
-  labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
-spec: {{nodeName: node-w, serviceAccountName: waypoint}}
-status: {{podIP: "{WAYPOINT_IP}"}}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: drainer-0
-  namespace: greet
-  uid: uid-drainer
-  labels: {{gateway.networking.k8s.io/gateway-name: drainer}}
-spec: {{nodeName: node-w, serviceAccountName: drainer}}
-status: {{podIP: "{DRAINER_IP}"}}
----
+{gateway_pod("waypoint", "greet", WAYPOINT_IP)}---
+{gateway_pod("drainer", "greet", DRAINER_IP)}---
 apiVersion: v1
 kind: Service
 metadata: {{name: greeter, namespace: greet}}
