@@ -22,6 +22,7 @@ from tests.support.waypoint import (
     WAYPOINT_IP,
     Responses,
     client_pool,
+    echo_service,
     get,
     proxy_and_waypoint,
     tunnel_to,
@@ -38,31 +39,13 @@ ECHO_PORT = 9000
 BANNER_PORT = 9100
 TCP_NAMED, SNIFFED, APP_TCP, SERVER_FIRST = 9000, 9001, 9002, 9100
 STRANGER = SpiffeId.parse("spiffe://cluster.local/ns/greet/sa/stranger")
-EXTRA = f"""\
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: greet}}
-spec:
-  clusterIP: {ECHO_VIP}
-  selector: {{app: greeter-service}}
-  ports:
-  - {{port: {TCP_NAMED}, targetPort: {ECHO_PORT}, name: tcp-echo}}
-  - {{port: {SNIFFED}, targetPort: {ECHO_PORT}}}
-  - {{port: {APP_TCP}, targetPort: {ECHO_PORT}, name: http-echo, appProtocol: tcp}}
-  - {{port: {SERVER_FIRST}, targetPort: {BANNER_PORT}}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: echo-l4, namespace: greet}}
-spec:
-  targetRefs: [{{kind: Service, group: "", name: echo}}]
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/greet/sa/client"]
-"""
+EXTRA = echo_service(
+    ECHO_VIP,
+    f"port: {TCP_NAMED}, targetPort: {ECHO_PORT}, name: tcp-echo",
+    f"port: {SNIFFED}, targetPort: {ECHO_PORT}",
+    f"port: {APP_TCP}, targetPort: {ECHO_PORT}, name: http-echo, appProtocol: tcp",
+    f"port: {SERVER_FIRST}, targetPort: {BANNER_PORT}",
+)
 RAW = b"\x00\x01\x02 not http at all \xff\r\n\r\n"
 
 

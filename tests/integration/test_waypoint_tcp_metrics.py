@@ -24,6 +24,7 @@ from tests.support.waypoint import (
     CONFIG,
     GREETER_IP,
     client_pool,
+    echo_service,
     metric_samples,
     metric_sum,
     proxy_and_waypoint,
@@ -35,29 +36,11 @@ from ztunnel.net.streams import StreamClosed
 ECHO_VIP = "10.96.0.81"
 ECHO_PORT = 9000
 TCP_NAMED, SNIFFED = 9000, 9001
-EXTRA = f"""\
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: greet}}
-spec:
-  clusterIP: {ECHO_VIP}
-  selector: {{app: greeter-service}}
-  ports:
-  - {{port: {TCP_NAMED}, targetPort: {ECHO_PORT}, name: tcp-echo}}
-  - {{port: {SNIFFED}, targetPort: {ECHO_PORT}}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: echo-l4, namespace: greet}}
-spec:
-  targetRefs: [{{kind: Service, group: "", name: echo}}]
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/greet/sa/client"]
-"""
+EXTRA = echo_service(
+    ECHO_VIP,
+    f"port: {TCP_NAMED}, targetPort: {ECHO_PORT}, name: tcp-echo",
+    f"port: {SNIFFED}, targetPort: {ECHO_PORT}",
+)
 FLUSH = 0.2  # --byte-flush-interval
 RAW = b"\x00\x01\x02 not http at all \xff\r\n\r\n"
 LABELS = {

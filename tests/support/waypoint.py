@@ -105,6 +105,20 @@ spec:
 BIG = 4 * 1024 * 1024
 
 
+def echo_service(vip: str, *ports: str) -> str:
+    """Service `echo` (namespace greet, on the greeter pods) with these ports (each a flow mapping's body) and
+    its L4 policy (ALLOW from the client's SVID), as YAML documents to append to CONFIG."""
+    port_lines = "".join(f"  - {{{port}}}\n" for port in ports)
+    return (
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: greet}\n"
+        f"spec:\n  clusterIP: {vip}\n  selector: {{app: greeter-service}}\n  ports:\n{port_lines}"
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: echo-l4, namespace: greet}\nspec:\n"
+        '  targetRefs: [{kind: Service, group: "", name: echo}]\n  action: ALLOW\n  rules:\n  - from:\n'
+        '    - source:\n        principals: ["cluster.local/ns/greet/sa/client"]\n'
+    )
+
+
 class KeepAliveApp:
     """An HTTP/1.1 keep-alive app on the greeter's pod IP (its own loop in a thread): answers every request
     with `hello <method> <path> (<n> body bytes) #<i on this connection>`."""
