@@ -29,6 +29,7 @@ import pytest
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from tests.integration.conftest import ZTUNNEL
+from tests.support.eventually import eventually_async
 from tests.support.waypoint import (
     APP_PORT,
     CONFIG,
@@ -134,8 +135,7 @@ async def mute() -> AsyncIterator[list[bytes]]:
             writer.transport.abort()
         async with asyncio.timeout(5):
             await server.wait_closed()
-            while writers:
-                await asyncio.sleep(0.01)
+        await eventually_async(lambda: not writers, timeout=5, interval=0.01, what="the mute app's handlers to end")
 
 
 async def _eof(stream: HboneStream, timeout: float) -> tuple[bytes, float]:
