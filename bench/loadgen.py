@@ -471,12 +471,27 @@ async def http_load(
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(conns)))
+    tool = "loadgen.http (HTTP/1.1 keep-alive, uvloop; " + ("open loop)" if rate > 0 else "closed loop)")
+    return http_load_result(tool, rate, conns, duration, time.perf_counter() - t0, samples, errors, statuses)
+
+
+def http_load_result(
+    tool: str,
+    rate: float,
+    conns: int,
+    duration: float,
+    wall: float,
+    samples: list[float],
+    errors: int,
+    statuses: dict[str, int],
+) -> dict:
+    """The JSON both HTTP load paths (HTTP/1.1 and h2c) report, so the report reads them alike."""
     return {
-        "tool": "loadgen.http (HTTP/1.1 keep-alive, uvloop; " + ("open loop)" if rate > 0 else "closed loop)"),
+        "tool": tool,
         "rate": rate,
         "connections": conns,
         "duration": duration,
-        "wall": time.perf_counter() - t0,
+        "wall": wall,
         "requests": len(samples),
         "per_second": len(samples) / duration,
         "errors": errors,
@@ -623,18 +638,8 @@ async def h2c_load(
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(conns)))
-    return {
-        "tool": "loadgen.http --h2c (HTTP/2 prior knowledge, open loop, h2 + uvloop)",
-        "rate": rate,
-        "connections": conns,
-        "duration": duration,
-        "wall": time.perf_counter() - t0,
-        "requests": len(samples),
-        "per_second": len(samples) / duration,
-        "errors": errors,
-        "status": statuses,
-        "latency_us": percentiles(samples),
-    }
+    tool = "loadgen.http --h2c (HTTP/2 prior knowledge, open loop, h2 + uvloop)"
+    return http_load_result(tool, rate, conns, duration, time.perf_counter() - t0, samples, errors, statuses)
 
 
 async def h2c_check(target: Target, checks: list[tuple[str, str]], host: str) -> dict:
