@@ -116,6 +116,12 @@ def ratios(summary: Mapping[str, Any], paths: Sequence[str]) -> dict[str, dict[s
     return out
 
 
+def _target_check(name: str, value: float | None, limit: float | None, higher_ok: bool, unit: str) -> dict[str, Any]:
+    """One target's row (met None: no data), the same for issue 6's and issue 12's targets."""
+    met = None if value is None or limit is None else (value >= limit if higher_ok else value <= limit)
+    return {"target": name, "value": value, "limit": limit, "met": met, "unit": unit}
+
+
 def evaluate_targets(summary: Mapping[str, Any], path: str = "ztunnel") -> list[dict[str, Any]]:
     """Issue 6's targets for `path`, each with its value, limit and whether it is met (None: no data)."""
 
@@ -125,8 +131,7 @@ def evaluate_targets(summary: Mapping[str, Any], path: str = "ztunnel") -> list[
     checks: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float | None, higher_ok: bool, unit: str) -> None:
-        met = None if value is None or limit is None else (value >= limit if higher_ok else value <= limit)
-        checks.append({"target": name, "value": value, "limit": limit, "met": met, "unit": unit})
+        checks.append(_target_check(name, value, limit, higher_ok, unit))
 
     for streams in (1, 4):
         key = f"throughput_{streams}_gbps"
@@ -168,8 +173,7 @@ def waypoint_targets(summary: Mapping[str, Any], path: str = "waypoint") -> list
     checks: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float | None, higher_ok: bool, unit: str) -> None:
-        met = None if value is None or limit is None else (value >= limit if higher_ok else value <= limit)
-        checks.append({"target": name, "value": value, "limit": limit, "met": met, "unit": unit})
+        checks.append(_target_check(name, value, limit, higher_ok, unit))
 
     # h2c's floor is the HTTP/1.1 one: both L7 paths speak HTTP/1.1 to the same app (there is no h2c app)
     for proto, label in (("http", "HTTP"), ("h2c", "h2c")):
