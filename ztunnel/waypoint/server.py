@@ -1026,13 +1026,7 @@ class _ClientConnection:
                     await client.write(out)
             if ev is NEED_DATA:
                 try:
-                    if deadline is None:
-                        data = await up.read(READ_CHUNK)
-                    else:
-                        async with asyncio.timeout(deadline - time.monotonic()):
-                            data = await up.read(READ_CHUNK)
-                except StreamClosed:
-                    data = b""
+                    data = await _read_upstream(up, deadline)
                 except TimeoutError:
                     up.abort()
                     self._upstream_timed_out(self.outcome)
@@ -1095,6 +1089,18 @@ class _ClientConnection:
             "authority": str(self.target),
             "peer_identity": self.principal,
         }
+
+
+async def _read_upstream(up: HboneStream, deadline: float | None) -> bytes:
+    """One read of an upstream response, by the response-head deadline if one is set (TimeoutError past it);
+    a closed stream reads as EOF."""
+    try:
+        if deadline is None:
+            return await up.read(READ_CHUNK)
+        async with asyncio.timeout(deadline - time.monotonic()):
+            return await up.read(READ_CHUNK)
+    except StreamClosed:
+        return b""
 
 
 async def _copy(src: HboneStream, dst: HboneStream, moved: list[int] | None = None, index: int = 0) -> None:
@@ -1855,13 +1861,7 @@ class _H2ClientConnection:
             http.data_to_client()  # the HTTP/1.1 rendering of the response: not what this client gets
             if ev is NEED_DATA:
                 try:
-                    if deadline is None:
-                        data = await up.read(READ_CHUNK)
-                    else:
-                        async with asyncio.timeout(deadline - time.monotonic()):
-                            data = await up.read(READ_CHUNK)
-                except StreamClosed:
-                    data = b""
+                    data = await _read_upstream(up, deadline)
                 except TimeoutError:
                     up.abort()
                     self.owner._upstream_timed_out(o)
