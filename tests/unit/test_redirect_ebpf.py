@@ -5,6 +5,8 @@ inbound destination under sk_lookup steering."""
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import re
 import socket
 import struct
@@ -172,3 +174,34 @@ def test_steered_inbound_connections_keep_their_destination_as_local_address() -
     finally:
         for s in (cli, conn, srv):
             s.close()
+
+
+def test_the_outbound_original_destination_takes_one_bpf_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 15001 accept path reads and removes the connection's orig_dst entry in one bpf(2) call; a kernel
+    refusing lookup-and-delete (before 5.14) is remembered and served by lookup then delete."""
+    entry = socket.inet_pton(socket.AF_INET, "10.0.2.7") + b"\0" * 12 + struct.pack("!H", 8080)
+    entry += struct.pack("=H", socket.AF_INET)
+    calls: list[int] = []
+    refuse = {maps.MAP_LOOKUP_AND_DELETE_ELEM: False}
+
+    def fake_bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+        calls.append(cmd)
+        if refuse.get(cmd):
+            raise maps.BpfError("refused", errno.EINVAL)
+        if cmd in (maps.MAP_LOOKUP_ELEM, maps.MAP_LOOKUP_AND_DELETE_ELEM):
+            ctypes.memmove(struct.unpack_from("=Q", attr, 16)[0], entry, len(entry))
+        return 0
+
+    monkeypatch.setattr(maps, "bpf", fake_bpf)
+    pinned = maps.PinnedMaps("/nonexistent", orig_dst_fd=3)
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
+        accepted, _ = server.accept()
+        with accepted:
+            assert pinned.original_destination(accepted) == ("10.0.2.7", 8080)
+            assert calls == [maps.MAP_LOOKUP_AND_DELETE_ELEM]
+            calls.clear()
+            refuse[maps.MAP_LOOKUP_AND_DELETE_ELEM] = True
+            assert pinned.original_destination(accepted) == ("10.0.2.7", 8080)
+            assert pinned.original_destination(accepted) == ("10.0.2.7", 8080)
+            lookup_then_delete = [maps.MAP_LOOKUP_ELEM, maps.MAP_DELETE_ELEM]
+            assert calls == [maps.MAP_LOOKUP_AND_DELETE_ELEM, *lookup_then_delete, *lookup_then_delete]
