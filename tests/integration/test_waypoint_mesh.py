@@ -16,6 +16,7 @@ import pytest
 from tests.integration.conftest import ProxyProcess, SocksRefused, socks_connect, start_proxy
 from tests.support.eventually import eventually
 from tests.support.waypoint import KeepAliveApp, gateway_pod, start_waypoint, stop, wait_listening
+from tests.support.waypoint_config import GREETER_GET_HELLO
 
 CLIENT_IP = "127.0.166.1"
 GREETER_IP = "127.0.166.2"
@@ -56,22 +57,7 @@ kind: Service
 metadata: {{name: greeter-service, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
 spec: {{clusterIP: {VIP}, selector: {{app: greeter-service}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
 ---
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata:
- name: greeter-service
- namespace: default
-spec:
-  selector:
-    matchLabels:
-      app: greeter-service
-  action: ALLOW
-  rules:
-   - to:
-     - operation:
-         methods: ["GET"]
-         paths: ["*/hello"]
-"""
+""" + GREETER_GET_HELLO.format(ns="default")  # the greeter seed's selector policy (ALLOW by default)
 
 
 @pytest.fixture(scope="module")
