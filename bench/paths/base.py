@@ -132,15 +132,17 @@ def http_check(path: PathSetup, requests: list[str], h2c: bool = False) -> list[
 def require_policy(path: PathSetup) -> PathSetup:
     """The path as given if its L7 policy holds (the allowed request 200, each denied one 403, all on one
     keep-alive connection; over h2c too if the path carries it), else an unavailable path saying what came
-    back: never measure an open door."""
+    back, the path's processes stopped: never measure an open door."""
     want = [HTTP_ALLOWED, *HTTP_DENIED, HTTP_ALLOWED]
     expected = [200, *[403] * len(HTTP_DENIED), 200]
     for h2c in (False, True) if path.h2c else (False,):
         try:
             got = http_check(path, want, h2c=h2c)
         except RuntimeError as e:
+            path.stop()
             return unavailable(path.name, str(e))
         if got != expected:
+            path.stop()
             pairs = ", ".join(f"{r} -> {s}" for r, s in zip(want, got, strict=False))
             proto = "h2c" if h2c else "HTTP/1.1"
             return unavailable(path.name, f"the L7 policy check failed over {proto}: {pairs} (expected {expected})")

@@ -110,10 +110,7 @@ def setup_haproxy_http(group: ProcessGroup, maxconn: int, at: L7Placement | None
     path.http_target = path.h2load_target = f"{at.a[0]}:{at.a[1]}"
     path.h2c = True  # W finds the h2 preface itself (no ALPN inside A's TLS): h2c in, HTTP/1.1 to the app
     path.note = "HTTP figures only; h2c: prior knowledge from the client, HTTP/1.1 from W to the app"
-    checked = require_policy(path)
-    if not checked.available:
-        path.stop()
-    return checked
+    return require_policy(path)
 
 
 def _build(ctx: PathContext) -> PathSetup:

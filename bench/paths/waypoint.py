@@ -185,10 +185,7 @@ def local_waypoint(group: ProcessGroup) -> PathSetup:
     except RuntimeError as e:
         path.stop()
         return unavailable(NAME, str(e)[:500])
-    checked = require_policy(path)
-    if not checked.available:
-        path.stop()
-    return checked
+    return require_policy(path)
 
 
 def lab_waypoint(lab: LabTopology, group: ProcessGroup) -> PathSetup:
