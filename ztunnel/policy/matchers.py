@@ -60,9 +60,6 @@ class StringSet:
         # str.startswith/endswith take the whole tuple in one C call (an empty tuple matches nothing)
         return self.presence or value.startswith(self.prefixes) or value.endswith(self.suffixes)
 
-    def matches_any(self, values: Iterable[str]) -> bool:
-        return any(self.matches(v) for v in values)
-
 
 @dataclass(frozen=True, slots=True)
 class CidrSet:
