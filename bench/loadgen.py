@@ -36,7 +36,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 try:
     import uvloop
@@ -78,6 +80,7 @@ def socks5_connect_request(host: str, port: int) -> bytes:
 
 CONNECT_TIMEOUT = 5.0  # a connection not echoing within this counts as an error, never a hang
 SOCKS_REPLY_LEN = 2 + 10  # method choice + IPv4 CONNECT reply (what a proxy with an IPv4 bind sends)
+P = TypeVar("P", bound=asyncio.Protocol)  # the protocol a client connection is driven by
 
 
 async def open_stream(target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -404,15 +407,20 @@ async def connected_socket(target: Target) -> socket.socket:
     return sock
 
 
-async def open_http(target: Target) -> HttpClientProtocol:
-    """A keep-alive HTTP/1.1 connection to the app (through the SOCKS5 proxy of TARGET if any)."""
+async def open_protocol(target: Target, factory: Callable[[], P]) -> P:
+    """A connection to the app (through the SOCKS5 proxy of TARGET if any) driven by FACTORY's protocol."""
     sock = await connected_socket(target)
     try:
-        _, proto = await asyncio.get_running_loop().create_connection(HttpClientProtocol, sock=sock)
+        _, proto = await asyncio.get_running_loop().create_connection(factory, sock=sock)
     except BaseException:
         sock.close()
         raise
     return proto
+
+
+async def open_http(target: Target) -> HttpClientProtocol:
+    """A keep-alive HTTP/1.1 connection to the app."""
+    return await open_protocol(target, HttpClientProtocol)
 
 
 def http_request(method: str, path: str, host: str) -> bytes:
@@ -580,14 +588,8 @@ class H2ClientProtocol(asyncio.Protocol):
 
 
 async def open_h2c(target: Target) -> H2ClientProtocol:
-    """An h2c connection (prior knowledge) to the app, through TARGET's SOCKS5 proxy if any."""
-    sock = await connected_socket(target)
-    try:
-        _, proto = await asyncio.get_running_loop().create_connection(H2ClientProtocol, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    return proto
+    """An h2c connection (prior knowledge) to the app."""
+    return await open_protocol(target, H2ClientProtocol)
 
 
 async def h2c_load(
