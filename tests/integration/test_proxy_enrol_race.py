@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.support.certs import in_process_certs
 from tests.support.echo import CountingServer
+from tests.support.identity import pod_yaml
 from ztunnel.config.loader import load_files
 from ztunnel.config.model import ClusterConfig
 from ztunnel.identity.manager import CertificateManager
@@ -36,23 +37,11 @@ APP_IP = "127.0.183.9"
 APP_PORT = 7310
 
 
-CONFIG = f"""
-apiVersion: v1
-kind: Namespace
-metadata: {{name: race, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: racing, namespace: race, uid: uid-racing}}
-spec: {{nodeName: node-r, serviceAccountName: racing}}
-status: {{podIP: "{POD_IP}"}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: app, namespace: race, uid: uid-app}}
-spec: {{nodeName: node-s, serviceAccountName: app}}
-status: {{podIP: "{APP_IP}"}}
-"""
+CONFIG = (
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: race, labels: {istio.io/dataplane-mode: ambient}}\n"
+    + pod_yaml("racing", "race", "node-r", "racing", POD_IP, uid="uid-racing")
+    + pod_yaml("app", "race", "node-s", "app", APP_IP, uid="uid-app")
+)
 
 
 def _mtls_inbound(registry: CollectorRegistry) -> float:

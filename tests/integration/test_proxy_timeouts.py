@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.certs import in_process_certs
+from tests.support.identity import pod_yaml
 from ztunnel.config.loader import load_files
 from ztunnel.proxy.listeners import LocalListenerFactory
 from ztunnel.proxy.node import LocalWorkloads, NodeProxy, ProxyOptions
@@ -32,29 +33,12 @@ APP_PORT = 7400
 TIMEOUT = 0.4  # node-t, the client's proxy
 INBOUND_TIMEOUT = 0.2  # node-u: shorter, so its 503 reaches the client before node-t's own timeout
 
-CONFIG = f"""
-apiVersion: v1
-kind: Namespace
-metadata: {{name: tmo, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: client, namespace: tmo, uid: uid-client}}
-spec: {{nodeName: node-t, serviceAccountName: client}}
-status: {{podIP: "{CLIENT_IP}"}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: server, namespace: tmo, uid: uid-server}}
-spec: {{nodeName: node-u, serviceAccountName: server}}
-status: {{podIP: "{SERVER_IP}"}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: unserved, namespace: tmo, uid: uid-unserved}}
-spec: {{nodeName: node-v, serviceAccountName: unserved}}
-status: {{podIP: "{UNSERVED_IP}"}}
-"""
+CONFIG = (
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: tmo, labels: {istio.io/dataplane-mode: ambient}}\n"
+    + pod_yaml("client", "tmo", "node-t", "client", CLIENT_IP, uid="uid-client")
+    + pod_yaml("server", "tmo", "node-u", "server", SERVER_IP, uid="uid-server")
+    + pod_yaml("unserved", "tmo", "node-v", "unserved", UNSERVED_IP, uid="uid-unserved")
+)
 
 
 def black_hole(ip: str, port: int) -> list[socket.socket]:

@@ -12,10 +12,11 @@ from pathlib import Path
 TRUST_DOMAIN = "cluster.local"
 
 
-def pod_yaml(name: str, namespace: str, node: str, service_account: str, ip: str) -> str:
+def pod_yaml(name: str, namespace: str, node: str, service_account: str, ip: str, uid: str | None = None) -> str:
+    uid_field = "" if uid is None else f", uid: {uid}"
     return (
         "---\napiVersion: v1\nkind: Pod\n"
-        f"metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}\n"
+        f"metadata: {{name: {name}, namespace: {namespace}{uid_field}, labels: {{app: {name}}}}}\n"
         f"spec: {{nodeName: {node}, serviceAccountName: {service_account}}}\n"
         f"status: {{podIP: {ip}}}\n"
     )
