@@ -754,15 +754,7 @@ def _ip_conflicts(objs: Sequence[KubeObject], workloads: Sequence[Workload]) -> 
         if not w.host_network:
             for ip in w.ips:
                 by_ip.setdefault(ip, []).append(w)
-    sources = {(o.namespace, o.name): o.source for o in objs if o.kind == "Pod"}
-    out = []
-    for ip, pods in by_ip.items():
-        if len({w.uid for w in pods}) > 1:
-            names = ", ".join(f"Pod {w.ref} ({sources.get((w.namespace, w.name))})" for w in pods)
-            out.append(
-                f"status.podIP {ip} is claimed by {names}; traffic to and from {ip} is refused until one is changed"
-            )
-    return out
+    return _claimed_twice(objs, "Pod", "status.podIP", "to and from", by_ip, lambda w: w.uid)
 
 
 def _service_ip_conflicts(objs: Sequence[KubeObject], services: Sequence[Service]) -> list[str]:
@@ -771,14 +763,24 @@ def _service_ip_conflicts(objs: Sequence[KubeObject], services: Sequence[Service
     for s in services:
         for ip in s.cluster_ips:
             by_ip.setdefault(normalize_ip(ip), []).append(s)
-    sources = {(o.namespace, o.name): o.source for o in objs if o.kind == "Service"}
+    return _claimed_twice(objs, "Service", "spec.clusterIP", "to", by_ip, lambda s: s.ref)
+
+
+def _claimed_twice(
+    objs: Sequence[KubeObject],
+    kind: str,
+    field: str,
+    traffic: str,
+    by_ip: Mapping[str, Sequence[Workload | Service]],
+    key: Callable[[Any], str],
+) -> list[str]:
+    """A warning per IP that two objects of `kind` (told apart by `key`) claim, naming both with their sources."""
+    sources = {(o.namespace, o.name): o.source for o in objs if o.kind == kind}
     out = []
     for ip, claimants in by_ip.items():
-        if len({s.ref for s in claimants}) > 1:
-            names = ", ".join(f"Service {s.ref} ({sources.get((s.namespace, s.name))})" for s in claimants)
-            out.append(
-                f"spec.clusterIP {ip} is claimed by {names}; traffic to {ip} is refused until one is changed"
-            )
+        if len({key(c) for c in claimants}) > 1:
+            names = ", ".join(f"{kind} {c.ref} ({sources.get((c.namespace, c.name))})" for c in claimants)
+            out.append(f"{field} {ip} is claimed by {names}; traffic {traffic} {ip} is refused until one is changed")
     return out
 
 
