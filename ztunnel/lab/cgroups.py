@@ -13,20 +13,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ztunnel.redirect.ebpf import cgroup2_mount
+
 PREFIX = "ztunnel-lab-"
 
 
 def cgroup2_root() -> Path | None:
-    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts); None if nowhere."""
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    for line in mounts:
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    return None
+    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts); None if nowhere:
+    the mount eBPF redirection attaches under, found the same way."""
+    return cgroup2_mount()
 
 
 def lab_cgroup(lab: str) -> Path | None:

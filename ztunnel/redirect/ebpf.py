@@ -55,7 +55,6 @@ from ztunnel.redirect.pods import PodRecord
 
 log = logging.getLogger("ztunnel.redirect.ebpf")
 
-CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 BPFFS = Path("/sys/fs/bpf")
 BPF_FS_MAGIC = 0xCAFE4A11
 FWMARK_ACCEPT = "net/ipv4/tcp_fwmark_accept"
