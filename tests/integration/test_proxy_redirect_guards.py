@@ -150,3 +150,20 @@ async def test_plaintext_inbound_not_addressed_to_the_pod_is_refused(
     finally:
         for s in servers:
             await s.stop()
+
+
+async def test_with_the_ebpf_map_conntrack_is_not_asked(
+    proxy: tuple[NodeProxy, CollectorRegistry], original_dst: list[tuple[str, int]]
+) -> None:
+    """eBPF redirection (a 15001 connection's destination in the node's map): conntrack, when the pod netns has it
+    (the probe SNAT's nat table), reports an un-NATed connection's own address, the proxy's 15001; the map's
+    answer is the destination, and conntrack is not asked (one lookup per connection, not two)."""
+    node, registry = proxy
+    elsewhere = await CountingServer().start(OTHER_IP, ELSEWHERE_PORT)
+    try:
+        node.state.workloads["uid-guarded"].sockets.outbound_original_dst = lambda sock: (OTHER_IP, ELSEWHERE_PORT)
+        original_dst[0] = ("127.0.0.1", 15001)
+        assert await _exchange(15001) == b"hello"
+        assert elsewhere.connections == 1 and _refused(registry, "loop") == 0
+    finally:
+        await elsewhere.stop()

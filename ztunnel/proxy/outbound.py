@@ -164,9 +164,12 @@ class Outbound:
     async def serve_transparent(self, uid: str, client: TcpStream) -> None:
         served = self.state.workloads.get(uid)
         sock = client.transport.get_extra_info("socket")
-        dst = original_destination(sock)
-        if dst is None and served is not None:
+        # eBPF redirection's map, when the pod has one, is the answer: conntrack there (if loaded) only knows an
+        # un-NATed connection's own address, and asking it too is a second syscall per connection
+        if served is not None and served.sockets.outbound_original_dst is not None:
             dst = served.sockets.outbound_destination(sock)
+        else:
+            dst = original_destination(sock)
         if dst is None:
             log.info("outbound connection without an original destination, closing")
             client.abort()
