@@ -8,8 +8,8 @@ Supported (and nothing else: anything more is an error naming the template and o
 difference): text with `{{ }}` actions and `{{-`/`-}}` trimming; comments; `define`/`include`; `if`/`else
 if`/`else`/`end`; `range` over lists (`range $x := …`) and maps (`range $k, $v := …`, sorted keys as Go
 does); variable assignment (`$x := …`); pipelines with parentheses; fields of `.`, `$` and variables;
-string, integer and boolean literals; the functions quote, toYaml, toJson, nindent, indent, default, eq, ne,
-not, and, or, empty, printf (%s %d %v), required, lower, upper, trimSuffix, hasKey, list, int.
+string, integer and boolean literals; the functions the chart calls: quote, toYaml, nindent, default, eq,
+not, and, or, required, list.
 With `strict=True` a missing key under `.Values` is an error (a typo in a template), where Helm prints "".
 """
 
@@ -132,10 +132,6 @@ def _indent(n: int, s: Any) -> str:
     return pad + str(s).replace("\n", "\n" + pad)
 
 
-def _printf(fmt: str, *args: Any) -> str:
-    return re.sub(r"%[sdv]", "{}", fmt).format(*args)
-
-
 def _required(msg: str, v: Any) -> Any:
     if v is None or v == "":
         raise TemplateError(msg)
@@ -155,24 +151,14 @@ def _str(v: Any) -> str:
 FUNCS: dict[str, Callable[..., Any]] = {
     "quote": lambda *a: " ".join(json.dumps(_str(x)) for x in a),
     "toYaml": _to_yaml,
-    "toJson": lambda v: json.dumps(v, separators=(",", ":"), sort_keys=True),
     "nindent": lambda n, s: "\n" + _indent(n, s),
-    "indent": _indent,
     "default": lambda d, v=None: v if _truthy(v) else d,
     "eq": lambda a, *b: any(a == x for x in b),
-    "ne": lambda a, b: a != b,
     "not": lambda a: not _truthy(a),
     "and": lambda *a: next((x for x in a if not _truthy(x)), a[-1]),
     "or": lambda *a: next((x for x in a if _truthy(x)), a[-1]),
-    "empty": lambda v: not _truthy(v),
-    "printf": _printf,
     "required": _required,
-    "lower": lambda s: _str(s).lower(),
-    "upper": lambda s: _str(s).upper(),
-    "trimSuffix": lambda suf, s: _str(s)[: -len(suf)] if suf and _str(s).endswith(suf) else _str(s),
-    "hasKey": lambda m, k: isinstance(m, Mapping) and k in m,
     "list": lambda *a: list(a),
-    "int": lambda v: int(v or 0),
 }
 
 
