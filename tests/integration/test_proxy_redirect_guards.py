@@ -156,8 +156,8 @@ async def test_with_the_ebpf_map_conntrack_is_not_asked(
     proxy: tuple[NodeProxy, CollectorRegistry], original_dst: list[tuple[str, int]]
 ) -> None:
     """eBPF redirection (a 15001 connection's destination in the node's map): conntrack, when the pod netns has it
-    (the probe SNAT's nat table), reports an un-NATed connection's own address, the proxy's 15001; the map's
-    answer is the destination, and conntrack is not asked (one lookup per connection, not two)."""
+    (any netfilter rule there, e.g. the app's own), reports an un-NATed connection's own address, the proxy's
+    15001; the map's answer is the destination, and conntrack is not asked (one lookup per connection, not two)."""
     node, registry = proxy
     elsewhere = await CountingServer().start(OTHER_IP, ELSEWHERE_PORT)
     try:
