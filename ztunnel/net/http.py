@@ -444,28 +444,34 @@ class ResponseParser:
         return ClientResponse(status, headers, bytes(self._buf))
 
     def _parse_head(self, head: bytes) -> tuple[int, tuple[tuple[str, str], ...], int | None]:
-        lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
-        m = _STATUS_LINE.match(lines[0])
-        if m is None:
-            raise HttpResponseError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-        headers: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.match(name):
-                raise HttpResponseError(f"malformed response header line: {line[:80]!r}")
-            headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+        status, headers = parse_response_head(head)
         if any(k == "transfer-encoding" for k, _ in headers):
             raise HttpResponseError("transfer-encoding in a response is not supported")  # our servers never send it
         lengths = {v for k, v in headers if k == "content-length"}
         if len(lengths) > 1 or any(not (v.isascii() and v.isdigit()) or len(v) > 12 for v in lengths):
             raise HttpResponseError(f"malformed content-length: {sorted(lengths)}")
-        status = int(m.group(1))
         length = int(next(iter(lengths))) if lengths else None
         if self._head_only or status in (204, 304) or status < 200:
             length = 0
         if length is not None and length > self._max_bytes:
             raise HttpResponseError(f"response larger than {self._max_bytes} bytes (content-length {length})")
-        return status, tuple(headers), length
+        return status, headers, length
+
+
+def parse_response_head(head: bytes) -> tuple[int, tuple[tuple[str, str], ...]]:
+    """A response head (without its blank line): the status and the headers (names lowercased, in arrival order);
+    HttpResponseError if it is not an HTTP/1.x one. The framing (length, chunked) is the caller's to read."""
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+    m = _STATUS_LINE.match(lines[0])
+    if m is None:
+        raise HttpResponseError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise HttpResponseError(f"malformed response header line: {line[:80]!r}")
+        headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+    return int(m.group(1)), tuple(headers)
 
 
 def http_request(

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import ssl
 import tempfile
 from collections.abc import AsyncGenerator, Mapping
@@ -27,6 +26,7 @@ import yaml
 
 from ztunnel.config.kube.wire import ChunkedDecoder, KubeWireError, LineSplitter, Oversized
 from ztunnel.errors import ZtunnelError
+from ztunnel.net.http import HttpResponseError, parse_response_head
 
 log = logging.getLogger("ztunnel.config.kube")
 
@@ -35,7 +35,6 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_LIST_BYTES = 64 * 1024 * 1024  # one page of a list (pages are asked for with limit=500)
 MAX_ERROR_BODY = 64 * 1024
 READ_SIZE = 64 * 1024
-_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})(?: .*)?$")
 
 
 class KubeConfigError(ZtunnelError):
@@ -351,17 +350,12 @@ class KubeClient:
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
-    m = _STATUS_LINE.match(lines[0])
-    if m is None:
-        raise KubeApiError(0, f"not an HTTP/1.x response: {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise KubeApiError(0, f"malformed response header {line[:80]!r}")
-        headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
-    return int(m.group(1)), headers
+    """The head `readuntil` returned (its blank line included): the status and the headers by name."""
+    try:
+        status, headers = parse_response_head(head[:-4])
+    except HttpResponseError as e:
+        raise KubeApiError(0, str(e)) from None
+    return status, dict(headers)
 
 
 def _error_text(data: bytes) -> str:
