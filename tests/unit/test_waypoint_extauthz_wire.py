@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ztunnel.config.loader import ConfigError, build_config, load_documents, read_mesh_config
+from ztunnel.config.loader import ConfigError, build_config, load_documents, read_mesh
 from ztunnel.config.model import ExtAuthzProvider
 from ztunnel.waypoint.extauthz import (
     CheckAttributes,
@@ -236,10 +236,10 @@ def test_mesh_config_file(tmp_path: Path) -> None:
     mesh = MESH.split("  mesh: |\n", 1)[1]
     path = tmp_path / "mesh.yaml"
     path.write_text("\n".join(line[4:] for line in mesh.splitlines()))
-    assert sorted(read_mesh_config(path)) == ["kyverno", "sample"]
+    assert sorted(read_mesh(path).extension_providers) == ["kyverno", "sample"]
     path.write_text("extensionProviders:\n- name: x\n  envoyExtAuthzHttp: {service: a.b, port: 1, failOpen: maybe}\n")
     with pytest.raises(ConfigError) as e:
-        read_mesh_config(path)
+        read_mesh(path)
     assert str(path) in str(e.value) and "extensionProviders[0].envoyExtAuthzHttp.failOpen" in str(e.value)
 
 

@@ -548,11 +548,6 @@ def mesh_config(obj: KubeObject) -> MeshConfig:
     return parse_mesh(text, obj.source, obj.ref, "data.mesh.")
 
 
-def extension_providers(obj: KubeObject) -> dict[str, ExtAuthzProvider]:
-    """The ext-authz `extensionProviders` of the mesh config ConfigMap (others, such as tracing, are not ours)."""
-    return dict(mesh_config(obj).extension_providers)
-
-
 def read_mesh(path: str | Path) -> MeshConfig:
     """`--mesh-config FILE`: the mesh config YAML itself (what the ConfigMap holds under `mesh`)."""
     try:
@@ -560,15 +555,6 @@ def read_mesh(path: str | Path) -> MeshConfig:
     except OSError as e:
         raise ConfigError(f"cannot read the mesh config: {e.strerror or e}", source=str(path)) from None
     return parse_mesh(text, str(path), "mesh config", "")
-
-
-def read_mesh_config(path: str | Path) -> dict[str, ExtAuthzProvider]:
-    """`read_mesh`'s extension providers."""
-    return dict(read_mesh(path).extension_providers)
-
-
-def parse_mesh_config(text: str, source: Source | str, obj: str, prefix: str) -> dict[str, ExtAuthzProvider]:
-    return dict(parse_mesh(text, source, obj, prefix).extension_providers)
 
 
 def parse_mesh(text: str, source: Source | str, obj: str, prefix: str) -> MeshConfig:
