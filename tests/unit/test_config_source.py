@@ -90,9 +90,7 @@ async def test_the_watcher_stays_alive_after_a_bad_file(cluster_file: Path) -> N
     task = asyncio.create_task(source.watch())
     try:
         _write(cluster_file, b"\x00\x01\x02binary")
-        async with asyncio.timeout(10):
-            while source.rejected == 0:
-                await asyncio.sleep(0.01)
+        await eventually_async(lambda: source.rejected > 0, 10, 0.01, what="the bad file rejected")
         assert not task.done()
         _write(cluster_file, CLUSTER + DENY)
         await eventually_async(
@@ -195,8 +193,7 @@ async def test_the_event_loop_serves_while_a_reload_is_being_read(
     reload = asyncio.create_task(source.reload_if_changed())
     try:
         async with asyncio.timeout(10):
-            while not reading.is_set():
-                await asyncio.sleep(0.01)
+            await eventually_async(reading.is_set, 10, 0.01, what="the reload reading the file")
             started = time.monotonic()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"ping\n")
