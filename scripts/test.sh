@@ -5,7 +5,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 echo "== ruff" >&2
-"$VENV/bin/ruff" check ztunnel tests bench
+"$VENV/bin/ruff" check ztunnel tests bench deploy
 echo "== mypy" >&2
 "$VENV/bin/mypy"  # strict, as configured in pyproject.toml
 # The CNI plugin tests also run the self-contained binary (no Python on the node): built once per machine.
