@@ -15,6 +15,7 @@ import pytest
 
 from tests.integration.conftest import ProxyProcess, SocksRefused, socks_connect, start_proxy
 from tests.support.eventually import eventually
+from tests.support.lab_waypoint import gateway_yaml
 from tests.support.waypoint import KeepAliveApp, gateway_pod, start_waypoint, stop, wait_listening
 from tests.support.waypoint_config import GREETER_GET_HELLO
 
@@ -29,13 +30,7 @@ apiVersion: v1
 kind: Namespace
 metadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: waypoint, namespace: default}}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
----
+{gateway_yaml("default")}---
 apiVersion: v1
 kind: Pod
 metadata: {{name: helloweb, namespace: default, uid: uid-helloweb, labels: {{app: helloweb}}}}
