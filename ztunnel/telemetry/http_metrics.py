@@ -17,9 +17,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, NO_FLAGS, TCP_LABELS, ConnectionLabels, Reporter
+from ztunnel.telemetry.metrics import CHILD_CACHE_LIMIT, NO_FLAGS, TCP_LABELS, ConnectionLabels
 
-REPORTER_WAYPOINT: Reporter = "waypoint"
+REPORTER_WAYPOINT = "waypoint"
 HTTP_LABELS: tuple[str, ...] = (*TCP_LABELS, "response_code", "grpc_response_status")
 
 # Envoy's default histogram buckets, which Istio's duration histogram uses (milliseconds).

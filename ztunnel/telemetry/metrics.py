@@ -26,7 +26,7 @@ DEFAULT_CLUSTER = "Kubernetes"  # Istio's cluster id when `global.multiCluster.c
 CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
 CANONICAL_REVISION_LABEL = "service.istio.io/canonical-revision"
 
-Reporter = Literal["source", "destination", "waypoint"]
+Reporter = Literal["source", "destination"]
 
 # Istio's label set for TCP metrics, in the order the counters declare them.
 TCP_LABELS: tuple[str, ...] = (

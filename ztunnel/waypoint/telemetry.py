@@ -17,15 +17,22 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel.config.model import ClusterConfig, Service, Workload
-from ztunnel.proxy.labels import connection_labels
 from ztunnel.telemetry.accesslog import AccessLog
 from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, WaypointMetrics, request_protocol
 from ztunnel.telemetry.metrics import (
+    CANONICAL_NAME_LABEL,
     CHILD_CACHE_LIMIT,
     NO_FLAGS,
     TCP_LABELS,
+    UNKNOWN,
     ConnectionLabels,
+    workload_labels,
 )
+
+
+def _app_of(workload: Workload) -> str:
+    # the same rule as the node proxy's labels (proxy.labels._app_of): canonical name, else `app`
+    return workload.labels.get(CANONICAL_NAME_LABEL) or workload.app
 
 
 def source_workload(config: ClusterConfig, source_ip: str, principal: str) -> Workload | None:
@@ -38,17 +45,24 @@ def source_workload(config: ClusterConfig, source_ip: str, principal: str) -> Wo
 def request_labels(
     *, source: Workload | None, source_principal: str, destination: Workload | None, service: Service, protocol: str
 ) -> ConnectionLabels:
-    """Istio's standard labels for a request to `service` (its endpoint `destination`, None when there was none):
-    the node proxy's mapping (proxy.labels), as reporter `waypoint` of an mTLS (HBONE) request."""
-    return connection_labels(
+    """Istio's standard labels for a request to `service` (its endpoint `destination`, None when there was none)."""
+    return ConnectionLabels(
         reporter=REPORTER_WAYPOINT,
-        source=source,
-        source_principal=source_principal,
-        destination=destination,
-        destination_principal=destination.identity if destination else None,
-        destination_service=service,
+        source_workload=source.name if source else UNKNOWN,
+        source_workload_namespace=source.namespace if source else UNKNOWN,
+        source_principal=source_principal or UNKNOWN,
+        source_app=_app_of(source) if source else UNKNOWN,
+        destination_workload=destination.name if destination else UNKNOWN,
+        destination_workload_namespace=destination.namespace if destination else UNKNOWN,
+        destination_principal=destination.identity if destination else UNKNOWN,
+        destination_app=_app_of(destination) if destination else UNKNOWN,
+        destination_service=service.hostname,
+        destination_service_name=service.name,
+        destination_service_namespace=service.namespace,
         request_protocol=protocol,
         connection_security_policy="mutual_tls",  # HBONE in: the client's SVID was verified
+        **(workload_labels("source", source.name, source.labels) if source else {}),
+        **(workload_labels("destination", destination.name, destination.labels) if destination else {}),
     )
 
 
