@@ -194,7 +194,11 @@ class _Chunked:
 
     __slots__ = ("done", "limits", "remaining", "state", "trailer_bytes")
 
-    SIZE, DATA, DATA_CRLF, TRAILER = range(4)
+    # one assignment per state: mypyc (ztunnel/compiled.py) compiles only plain assignments in a class body
+    SIZE = 0
+    DATA = 1
+    DATA_CRLF = 2
+    TRAILER = 3
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits

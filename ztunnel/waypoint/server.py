@@ -935,6 +935,7 @@ class _ClientConnection:
                     return False
                 upstream = self.upstream = _Upstream(endpoint, stream)
             body = None
+            stale = False  # `continue` is after the `finally`: mypyc cannot compile one inside try/finally
             try:
                 try:
                     await upstream.stream.write(head_bytes)
@@ -953,14 +954,16 @@ class _ClientConnection:
                 upstream = self.upstream = None
                 server._count("retried")
                 log.info("stale keep-alive upstream: request sent again", extra=self._fields(head))
-                continue
+                stale = True
             finally:
                 if body is not None:
                     if not body.done():
                         body.cancel()
                     with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError, ConnectionError):
                         await body  # also retrieves the error of a body pump that failed while the response ended
-            break
+            if not stale:
+                break
+        assert upstream is not None
         if not keep:
             upstream.stream.close()
             self.upstream = None
@@ -1794,6 +1797,7 @@ class _H2ClientConnection:
             body = None
             if not no_body:
                 body = asyncio.get_running_loop().create_task(self._pump_request_h1(ex, http, stream))
+            stale = False  # `continue` is after the `finally`: mypyc cannot compile one inside try/finally
             try:
                 retry = reused and no_body and head.method in IDEMPOTENT
                 keep = await self._pump_response_h1(ex, http, stream, retry_stale=retry)
@@ -1806,13 +1810,15 @@ class _H2ClientConnection:
                 stream.abort()
                 self.server._count("retried")
                 log.info("stale keep-alive upstream: request sent again", extra=self.owner._fields(head))
-                reused, stream = False, None
-                continue
+                reused, stale = False, True
             finally:
                 if body is not None and not body.done():
                     body.cancel()
                     with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError):
                         await body
+            if stale:
+                stream = None
+                continue
             ex.h1_stream = None
             if keep and not ex.reset:
                 self.h1_idle.setdefault(key, []).append(stream)
