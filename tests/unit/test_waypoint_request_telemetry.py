@@ -7,11 +7,20 @@ import io
 import json
 import time
 
-from prometheus_client import CollectorRegistry
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from ztunnel.config.model import ClusterConfig, Service, ServicePort, Workload
 from ztunnel.telemetry.accesslog import MAX_PATH_CHARS, AccessLog
-from ztunnel.telemetry.http_metrics import DURATION_BUCKETS_MS, HTTP_LABELS, WaypointMetrics, request_protocol
+from ztunnel.telemetry.http_metrics import (
+    DURATION_BUCKETS_MS,
+    HTTP_LABELS,
+    SIZE_BUCKETS,
+    WaypointMetrics,
+    request_protocol,
+)
 from ztunnel.telemetry.metrics import TCP_LABELS
 from ztunnel.waypoint.telemetry import Outcome, RequestTelemetry, request_labels, source_workload
 
@@ -168,7 +177,7 @@ def test_children_and_labels_are_cached() -> None:
     t = RequestTelemetry(metrics, None)
     for _ in range(3):
         _record(t, Outcome(10.0, status=200, destination=HTTPBIN, service=SVC))
-    assert len(metrics._children) == 1
+    assert len(metrics._series) == 1 and len(t._series_of) == 1
     first = t.labels(CONFIG, SLEEP.identity, "127.0.10.1", HTTPBIN, SVC, "http")[1]
     assert t.labels(CONFIG, SLEEP.identity, "127.0.10.1", HTTPBIN, SVC, "http")[1] is first
     other = ClusterConfig(namespaces={}, workloads=(SLEEP, HTTPBIN), services=(SVC,), nodes={})
@@ -197,3 +206,96 @@ def test_jwks_fetches_are_counted_by_result_with_the_last_success_time() -> None
     assert sample(registry, "ztunnel_jwks_fetches_total", uri=uri, result="error") == 2
     last = sample(registry, "ztunnel_jwks_last_success_timestamp_seconds", uri=uri)
     assert last is not None and abs(last - time.time()) < 60
+
+
+class _Only:
+    def __init__(self, registry: CollectorRegistry, names: set[str]) -> None:
+        self.registry, self.names = registry, names
+
+    def collect(self) -> list[Metric]:
+        return [m for m in self.registry.collect() if m.name in self.names]
+
+
+def _reference(registry: CollectorRegistry) -> tuple[Counter, Histogram, Histogram, Histogram]:
+    """The four metrics as prometheus-client's own Counter and Histograms, which WaypointMetrics' output must equal."""
+    sizes = SIZE_BUCKETS
+    return (
+        Counter("istio_requests", "Requests the waypoint served, by outcome", HTTP_LABELS, registry=registry),
+        Histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request head to the end of the response (ms)",
+            HTTP_LABELS,
+            buckets=DURATION_BUCKETS_MS,
+            registry=registry,
+        ),
+        Histogram("istio_request_bytes", "Request body size (bytes)", HTTP_LABELS, buckets=sizes, registry=registry),
+        Histogram("istio_response_bytes", "Response body size (bytes)", HTTP_LABELS, buckets=sizes, registry=registry),
+    )
+
+
+def _without_created_values(exposition: bytes) -> bytes:
+    # `_created` is the wall time a series appeared: its sample stays, its value cannot be compared
+    return b"\n".join(line.rsplit(b" ", 1)[0] if b"_created{" in line else line for line in exposition.split(b"\n"))
+
+
+def test_exposition_is_prometheus_clients_for_the_same_requests() -> None:
+    """The metrics are a collector of their own (cheaper per request): the scrape is byte for byte what
+    prometheus-client's Counter and Histograms give for the same requests, text and OpenMetrics, bounds included."""
+    registry, expected = CollectorRegistry(), CollectorRegistry()
+    t = RequestTelemetry(WaypointMetrics(registry), None)
+    total, duration, request_bytes, response_bytes = _reference(expected)
+    other = ClusterConfig(namespaces={}, workloads=(SLEEP, HTTPBIN), services=(SVC,), nodes={})
+    n = 0
+    for config in (CONFIG, other):  # a new snapshot: the same label values count on in the same series
+        for status, grpc_status, content_type in ((200, "", None), (403, "7", b"application/grpc"), (0, "", None)):
+            for destination in (HTTPBIN, None):
+                for seconds in (0.0, 0.0004, 0.0005, 0.001, 0.0051, 0.25, 4000.0):
+                    for size in (0, 1, 10, 11, 999_999, 10**9, 3 * 10**9):
+                        n += 1
+                        principal = SLEEP.identity if n % 3 else "spiffe://cluster.local/ns/x/sa/y"
+                        out = Outcome(10.0, status=status, destination=destination, service=SVC)
+                        out.grpc_status = grpc_status
+                        out.request_bytes, out.response_bytes = size, size * 7 % 100_003
+                        t.record(
+                            config,
+                            principal=principal,
+                            source_ip="127.0.10.1",
+                            source_port=40000,
+                            method=b"GET",
+                            path=b"/",
+                            content_type=content_type,
+                            outcome=out,
+                            now=10.0 + seconds,
+                        )
+                        _, labels = t.labels(
+                            config, principal, "127.0.10.1", destination, SVC, "grpc" if content_type else "http"
+                        )
+                        values = (*labels.values("-"), str(status), grpc_status)
+                        total.labels(*values).inc()
+                        duration.labels(*values).observe(((10.0 + seconds) - 10.0) * 1000.0)  # as `record` has it
+                        request_bytes.labels(*values).observe(out.request_bytes)
+                        response_bytes.labels(*values).observe(out.response_bytes)
+    requests_only = CollectorRegistry()  # the registry's four request metrics, not its TCP and JWKS ones
+    names = {"istio_requests", "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"}
+    requests_only.register(_Only(registry, names))
+    for render in (generate_latest, generate_openmetrics):
+        got, want = render(requests_only), render(expected)
+        assert b'le="1.8e+06"' in got and b"istio_request_bytes_created{" in got
+        assert _without_created_values(got) == _without_created_values(want)
+
+
+def test_the_metric_names_are_taken_in_the_registry() -> None:
+    registry = CollectorRegistry()
+    WaypointMetrics(registry)
+    with pytest.raises(ValueError, match="istio_requests"):
+        Counter("istio_requests", "another", registry=registry)
+
+
+def test_the_logged_client_address_from_ip_and_port() -> None:
+    out = io.StringIO()
+    t = RequestTelemetry(None, AccessLog("json", out))
+    ok = Outcome(10.0, status=200, destination=HTTPBIN, service=SVC)
+    _record(t, ok, source_addr=None, source_port=40123)
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["src.addr"] == "127.0.10.1:40123"
+    assert json.loads(line)["src.workload"] == "foo/sleep-1"

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel.config.model import ClusterConfig, Service, Workload
 from ztunnel.telemetry.accesslog import AccessLog
-from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, WaypointMetrics, request_protocol
+from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, RequestSeries, WaypointMetrics, request_protocol
 from ztunnel.telemetry.metrics import (
     CANONICAL_NAME_LABEL,
     CHILD_CACHE_LIMIT,
@@ -147,6 +147,7 @@ class RequestTelemetry:
         self.access_log = access_log if access_log is not None and access_log.enabled else None
         self._config: ClusterConfig | None = None
         self._labels: dict[tuple[Any, ...], tuple[Workload | None, Workload | None, Service, ConnectionLabels]] = {}
+        self._series_of: dict[tuple[Any, ...], tuple[Workload | None, Service, RequestSeries]] = {}
 
     def labels(
         self,
@@ -160,6 +161,7 @@ class RequestTelemetry:
         if config is not self._config:  # a new snapshot: its workloads and services are new objects
             self._config = config
             self._labels.clear()
+            self._series_of.clear()
         key = (principal, source_ip, id(destination), id(service), protocol)
         hit = self._labels.get(key)
         if hit is not None and hit[1] is destination and hit[2] is service:
@@ -193,13 +195,42 @@ class RequestTelemetry:
         if self.tcp is not None:
             self.tcp.closed(labels, sent, received)
 
+    def _series(
+        self,
+        config: ClusterConfig,
+        principal: str,
+        source_ip: str,
+        destination: Workload | None,
+        service: Service,
+        protocol: str,
+        outcome: Outcome,
+        metrics: WaypointMetrics,
+    ) -> RequestSeries:
+        """The metric series a request goes in: one dict hit for a request like an earlier one (same client,
+        endpoint, service, protocol, code and gRPC status, same snapshot)."""
+        if config is not self._config:  # a new snapshot: labels and series keys are built again
+            self._config = config
+            self._labels.clear()
+            self._series_of.clear()
+        key = (principal, source_ip, id(destination), id(service), protocol, outcome.status, outcome.grpc_status)
+        hit = self._series_of.get(key)
+        if hit is not None and hit[0] is destination and hit[1] is service:
+            return hit[2]
+        _, labels = self.labels(config, principal, source_ip, destination, service, protocol)
+        series = metrics.series(labels, outcome.status, outcome.grpc_status)
+        if len(self._series_of) >= CHILD_CACHE_LIMIT:
+            self._series_of.clear()  # only the lookup: the series keep their values in `metrics`
+        self._series_of[key] = (destination, service, series)
+        return series
+
     def record(
         self,
         config: ClusterConfig,
         *,
         principal: str,
         source_ip: str,
-        source_addr: str,
+        source_port: int = 0,
+        source_addr: str | None = None,
         method: bytes,
         path: bytes,
         content_type: bytes | None,
@@ -207,38 +238,55 @@ class RequestTelemetry:
         now: float | None = None,
     ) -> None:
         """One finished request, counted once and logged once. A request with no `outcome.service` (the
-        tunnel's address was not a Service's) has no Istio labels to go under: logged only."""
+        tunnel's address was not a Service's) has no Istio labels to go under: logged only. The client's
+        address in the log is `source_addr`, else `source_ip:source_port` (formatted only when logged)."""
         duration = (time.monotonic() if now is None else now) - outcome.started
+        service = outcome.service
+        metrics = self.metrics
+        if service is not None and metrics is not None:
+            protocol = "http" if content_type is None else request_protocol(content_type.decode("latin-1"))
+            destination = outcome.destination
+            series = self._series(config, principal, source_ip, destination, service, protocol, outcome, metrics)
+            series.observe(duration * 1000.0, outcome.request_bytes, outcome.response_bytes)
+        if self.access_log is not None:
+            address = source_addr or f"{source_ip}:{source_port}"
+            self._log(config, principal, source_ip, address, method, path, content_type, outcome, duration)
+
+    def _log(
+        self,
+        config: ClusterConfig,
+        principal: str,
+        source_ip: str,
+        source_addr: str,
+        method: bytes,
+        path: bytes,
+        content_type: bytes | None,
+        outcome: Outcome,
+        duration: float,
+    ) -> None:
+        """The access log line of a `record`ed request (the source workload from the labels' cache)."""
+        access_log = self.access_log
+        if access_log is None:
+            return
         service, destination = outcome.service, outcome.destination
-        source: Workload | None = None
         if service is not None:
             protocol = request_protocol(content_type.decode("latin-1") if content_type else None)
-            source, labels = self.labels(config, principal, source_ip, destination, service, protocol)
-            if self.metrics is not None:
-                self.metrics.request_done(
-                    labels,
-                    response_code=outcome.status,
-                    duration=duration,
-                    request_bytes=outcome.request_bytes,
-                    response_bytes=outcome.response_bytes,
-                    grpc_response_status=outcome.grpc_status,
-                )
-        if self.access_log is not None:
-            if source is None:
-                source = source_workload(config, source_ip, principal)
-            self.access_log.log_request(
-                method=method.decode("latin-1"),
-                path=path.decode("latin-1"),
-                status=outcome.status,
-                duration=duration,
-                request_bytes=outcome.request_bytes,
-                response_bytes=outcome.response_bytes,
-                src_addr=source_addr,
-                src_identity=principal,
-                src_workload=source.ref if source else None,
-                dst_workload=destination.ref if destination else None,
-                dst_service=service.hostname if service else None,
-                upstream=outcome.upstream,
-                policy=outcome.policy,
-                reason=outcome.reason,
-            )
+            source, _ = self.labels(config, principal, source_ip, destination, service, protocol)
+        else:
+            source = source_workload(config, source_ip, principal)
+        access_log.log_request(
+            method=method.decode("latin-1"),
+            path=path.decode("latin-1"),
+            status=outcome.status,
+            duration=duration,
+            request_bytes=outcome.request_bytes,
+            response_bytes=outcome.response_bytes,
+            src_addr=source_addr,
+            src_identity=principal,
+            src_workload=source.ref if source else None,
+            dst_workload=destination.ref if destination else None,
+            dst_service=service.hostname if service else None,
+            upstream=outcome.upstream,
+            policy=outcome.policy,
+            reason=outcome.reason,
+        )
