@@ -523,16 +523,35 @@ async def test_a_read_takes_the_queued_chunks_up_to_n_with_one_acknowledgement()
         await served.write(part)
         for _ in range(5):
             await asyncio.sleep(0)
-    acks: list[int] = []
-    acknowledge = client.acknowledge
-
-    def counted(stream_id: int, size: int) -> None:
-        acks.append(size)
-        acknowledge(stream_id, size)
-
-    client.acknowledge = counted  # type: ignore[method-assign]
+    budget = _UnchargeCounter()
+    client.budget = budget  # each acknowledgement gives its bytes back to the budget once: counted there
+    budget.unread = sum(f for _d, f in stream._chunks)
+    h2_window = client.h2.streams[stream.stream_id]._inbound_window_manager
+    processed = h2_window._bytes_processed
     assert await stream.read(9) == b"one two "  # "three" would go past n: left for the next read
-    assert acks == [8]
+    assert budget.acks == [8]
     assert await stream.read(2) == b"th"
     assert await stream.read() == b"ree"
-    assert acks == [8, 2, 3]
+    assert budget.acks == [8, 2, 3]
+    assert h2_window._bytes_processed == processed + 13  # and h2 counted each of them as processed
+
+
+class _UnchargeCounter(PeerBudget):
+    """A budget that records each uncharge (`unread -= n`, one per acknowledgement of received DATA)."""
+
+    __slots__ = ("_unread", "acks")
+
+    def __init__(self) -> None:
+        self.acks: list[int] = []
+        self._unread = 0
+        super().__init__(1 << 30)
+
+    @property
+    def unread(self) -> int:
+        return self._unread
+
+    @unread.setter
+    def unread(self, value: int) -> None:
+        if value < self._unread:
+            self.acks.append(self._unread - value)
+        self._unread = value

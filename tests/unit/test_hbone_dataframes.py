@@ -80,14 +80,23 @@ def feed_h2(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple
     return got
 
 
+class Sink:
+    """A stream's receiving end for `dataframes.receive`: records what it is given."""
+
+    def __init__(self, sid: int, got: list[tuple[int, bytes, int, bool]], reset_code: int | None = None) -> None:
+        self.sid = sid
+        self.got = got
+        self.reset_code = reset_code
+
+    def on_data(self, data: bytes, flow: int) -> None:
+        self.got.append((self.sid, data, flow, False))
+
+
 def feed_fast(conn: h2.connection.H2Connection, chunks: list[bytes]) -> list[tuple[int, bytes, int, bool]]:
     got: list[tuple[int, bytes, int, bool]] = []
-
-    def receiver(sid: int):  # type: ignore[no-untyped-def]
-        return lambda payload, flow: got.append((sid, payload, flow, False))
-
+    sinks = {sid: Sink(sid, got) for sid in (1, 3)}
     for chunk in chunks:
-        rest = dataframes.receive(conn, chunk, receiver)
+        rest = dataframes.receive(conn, chunk, sinks)
         if rest:
             got += feed_h2(conn, [bytes(rest)])
     return got
@@ -133,15 +142,26 @@ def test_receive_leaves_a_partial_frame_to_h2() -> None:
 def test_receive_refused_stream_goes_to_h2() -> None:
     _, server = pair()
     wire = data_frame(1, b"a") + data_frame(3, b"b")
-    rest = dataframes.receive(server, wire, lambda sid: None if sid == 3 else (lambda p, f: None))
+    got: list[tuple[int, bytes, int, bool]] = []
+    rest = dataframes.receive(server, wire, {1: Sink(1, got)})  # no sink for 3
     assert bytes(rest) == data_frame(3, b"b")
+    assert got == [(1, b"a", 1, False)]
+
+
+def test_receive_leaves_a_reset_streams_data_to_h2() -> None:
+    _, server = pair()
+    wire = data_frame(1, b"a") + data_frame(3, b"b")
+    got: list[tuple[int, bytes, int, bool]] = []
+    rest = dataframes.receive(server, wire, {1: Sink(1, got), 3: Sink(3, got, reset_code=8)})
+    assert bytes(rest) == data_frame(3, b"b")
+    assert got == [(1, b"a", 1, False)]
 
 
 def test_a_peer_overrunning_the_window_still_gets_h2s_flow_control_error() -> None:
     _, server = pair()
     server._inbound_flow_control_window_manager.current_window_size = 10
     wire = data_frame(1, b"x" * 11)
-    rest = dataframes.receive(server, wire, lambda sid: lambda p, f: None)
+    rest = dataframes.receive(server, wire, {1: Sink(1, [])})
     assert bytes(rest) == wire
     with pytest.raises(h2.exceptions.FlowControlError):
         server.receive_data(bytes(rest))
@@ -157,7 +177,7 @@ def test_data_before_the_response_headers_is_h2s_protocol_error() -> None:
     client.send_headers(1, CONNECT)
     server.receive_data(client.data_to_send())
     wire = data_frame(1, b"early")  # the server "answers" with DATA before HEADERS
-    rest = dataframes.receive(client, wire, lambda sid: lambda p, f: None)
+    rest = dataframes.receive(client, wire, {1: Sink(1, [])})
     assert bytes(rest) == wire
     with pytest.raises(h2.exceptions.ProtocolError):
         client.receive_data(bytes(rest))

@@ -161,13 +161,17 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.keepalive.last_received = self._clock()
         if FAST_DATA_FRAMES:
             try:
-                data = dataframes.receive(self.h2, data, self._data_receiver)
+                data = dataframes.receive(self.h2, data, self.streams)
             except Exception as e:
                 log.exception("HBONE data handling failed, closing the connection", extra={"peer": self.label})
                 self._fail(HboneError(f"internal error: {e}"))
                 return
             if not data or self.is_closed:
-                self.flush_soon()
+                # The fast path queues nothing itself; what its sinks queued (a reset, DATA relayed back on this
+                # connection) is sent with this iteration's frames. No flush when nothing is queued: the reader
+                # usually answers on another connection, and an empty flush is a loop callback for nothing.
+                if self.h2._data_to_send:
+                    self.flush_soon()
                 return
         try:
             events = self.h2.receive_data(data)
@@ -312,12 +316,22 @@ class HboneConnection(asyncio.BufferedProtocol):
         other streams' sends of this loop iteration (128 streams x 256 KiB would be queued otherwise)."""
         if len(self.h2._data_to_send) >= EARLY_FLUSH:
             self._flush()
-        else:
-            self.flush_soon()
+        elif not self._flush_scheduled:  # flush_soon, inline: this runs for every DATA frame sent
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        data = self.h2.data_to_send()
+        h2c = self.h2
+        data: bytes | bytearray
+        if FAST_DATA_FRAMES:
+            # h2's output buffer itself, replaced by a new one (data_to_send() copies it to bytes first): the
+            # transport gets a buffer nobody writes to again.
+            data = h2c._data_to_send
+            if data:
+                h2c._data_to_send = bytearray()
+        else:
+            data = h2c.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
@@ -371,13 +385,6 @@ class HboneConnection(asyncio.BufferedProtocol):
         if stream is not None:
             return stream.status is not None  # answered
         return stream_id <= self._requests_high  # already ended (its reset crossed our answer)
-
-    def _data_receiver(self, stream_id: int) -> Callable[[bytes, int], None] | None:
-        """For the DATA fast path: the stream that takes a frame's bytes, if it is open and ours."""
-        stream = self.streams.get(stream_id)
-        if stream is None or stream.reset_code is not None:
-            return None  # h2 decides (and acknowledges) what arrives for a stream we are done with
-        return stream.on_data
 
     # ---- h2 events -----------------------------------------------------------------------------
     def _dispatch(self, event: h2.events.Event) -> None:

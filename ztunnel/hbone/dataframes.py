@@ -14,8 +14,9 @@ received bytes handed back: only the bookkeeping when neither window is due a WI
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import struct
+from collections.abc import Mapping
+from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -28,6 +29,18 @@ _MAY_SEND = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 _MAY_RECEIVE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _OPEN_STREAM = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)  # h2's `open`
 _HEADER_SIZE = 9
+# A frame header as three fields: (length << 8 | type), flags, R bit + stream id. Sent DATA has type and flags 0
+# (the pad byte); struct reads and writes it in one call, without a slice or an int per field.
+_DATA_HEADER = struct.Struct(">IxI")
+_FRAME_HEADER = struct.Struct(">IBI")
+
+
+class DataSink(Protocol):
+    """A stream's receiving end, as `receive` needs it (HboneStream is one)."""
+
+    reset_code: int | None  # a reset stream takes no DATA here: h2 decides (and acknowledges) what comes for it
+
+    def on_data(self, data: bytes, flow: int) -> None: ...
 
 
 def supported() -> bool:
@@ -73,19 +86,11 @@ def send(conn: h2.connection.H2Connection, stream_id: int, data: bytes | memoryv
     ):
         return False
     out = conn._data_to_send
-    out += size.to_bytes(3, "big")
-    out += b"\x00\x00"  # type DATA, no flags
-    out += stream_id.to_bytes(4, "big")
+    out += _DATA_HEADER.pack(size << 8, stream_id)
     out += data
     conn.outbound_flow_control_window -= size
     st.outbound_flow_control_window -= size
     return True
-
-
-def _due(window: Any, processed: int) -> bool:
-    """Whether h2's window manager (`_maybe_update_window`) would emit an increment with `processed` bytes."""
-    size: int = window.max_window_size
-    return (window.current_window_size == 0 and processed > min(1024, size // 4)) or processed >= size // 2
 
 
 def acknowledge(conn: h2.connection.H2Connection, stream_id: int, size: int) -> bool:
@@ -97,9 +102,18 @@ def acknowledge(conn: h2.connection.H2Connection, stream_id: int, size: int) -> 
         return False
     conn_window = conn._inbound_flow_control_window_manager
     stream_window = st._inbound_window_manager
-    conn_processed = conn_window._bytes_processed + size
-    stream_processed = stream_window._bytes_processed + size
-    if _due(conn_window, conn_processed) or _due(stream_window, stream_processed):
+    conn_processed: int = conn_window._bytes_processed + size
+    stream_processed: int = stream_window._bytes_processed + size
+    # Due, as h2's WindowManager._maybe_update_window decides: half the window processed, or the window shut
+    # and more than min(1024, a quarter of it) processed. Written out for both windows: this runs per read.
+    conn_max: int = conn_window.max_window_size
+    stream_max: int = stream_window.max_window_size
+    if (
+        conn_processed >= conn_max // 2
+        or stream_processed >= stream_max // 2
+        or (conn_window.current_window_size == 0 and conn_processed > min(1024, conn_max // 4))
+        or (stream_window.current_window_size == 0 and stream_processed > min(1024, stream_max // 4))
+    ):
         return False
     conn_window._bytes_processed = conn_processed
     stream_window._bytes_processed = stream_processed
@@ -107,15 +121,13 @@ def acknowledge(conn: h2.connection.H2Connection, stream_id: int, size: int) -> 
 
 
 def receive(
-    conn: h2.connection.H2Connection,
-    data: bytes | memoryview,
-    receiver: Callable[[int], Callable[[bytes, int], None] | None],
+    conn: h2.connection.H2Connection, data: bytes | memoryview, sinks: Mapping[int, DataSink]
 ) -> bytes | memoryview:
     """Take the plain DATA frames at the front of `data`; return the rest, for h2.
 
-    `receiver(stream_id)` gives the callback for a stream's data, `(payload, flow_controlled_length)`,
-    or None to leave that frame (and all after it) to h2. A callback runs only for a frame h2 would
-    turn into one DataReceived event and nothing else, after the windows are charged as h2 charges them.
+    `sinks[stream_id].on_data(payload, flow_controlled_length)` takes a frame's bytes; a stream with no sink, or
+    whose sink was reset, leaves that frame (and all after it) to h2. A sink gets only a frame h2 would turn
+    into one DataReceived event and nothing else, after the windows are charged as h2 charges them.
     What is returned starts at a frame boundary, or is `data` itself when nothing was taken.
     """
     buffer = conn.incoming_buffer
@@ -129,30 +141,33 @@ def receive(
     streams = conn.streams
     machine = conn.state_machine
     while end - pos >= _HEADER_SIZE:
-        if view[pos + 3] or view[pos + 4] or machine.state not in _OPEN_CONNECTION:
+        head, flags, stream_id = _FRAME_HEADER.unpack_from(view, pos)
+        if head & 0xFF or flags or machine.state not in _OPEN_CONNECTION:
             break  # not DATA, or flags (END_STREAM, PADDED), or a closing connection: h2's
-        length = int.from_bytes(view[pos : pos + 3], "big")
+        length: int = head >> 8
         frame_end = pos + _HEADER_SIZE + length
         if frame_end > end or length == 0 or length > max_size or length > conn_window.current_window_size:
             break
-        stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+        stream_id &= 0x7FFFFFFF
         st = streams.get(stream_id)
+        if st is None:
+            break
+        stream_window = st._inbound_window_manager
         if (
-            st is None
-            or st.state_machine.state not in _MAY_RECEIVE
+            st.state_machine.state not in _MAY_RECEIVE
             or not st.state_machine.headers_received
             or st._expected_content_length is not None
-            or length > st._inbound_window_manager.current_window_size
+            or length > stream_window.current_window_size
         ):
             break
-        on_data = receiver(stream_id)
-        if on_data is None:
+        sink = sinks.get(stream_id)
+        if sink is None or sink.reset_code is not None:
             break
         conn_window.current_window_size -= length
-        st._inbound_window_manager.current_window_size -= length
+        stream_window.current_window_size -= length
         payload = view[pos + _HEADER_SIZE : frame_end].tobytes()
         pos = frame_end
-        on_data(payload, length)
+        sink.on_data(payload, length)
     if pos == 0:
         return data
     return view[pos:]

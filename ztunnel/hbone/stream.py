@@ -154,6 +154,16 @@ class HboneStream:
 
     async def write(self, data: bytes | memoryview) -> None:
         conn = self._conn
+        if (  # the common case in one step: an open stream, window to spare, one DATA frame
+            FAST_DATA_FRAMES
+            and self.reset_code is None
+            and not self.local_closed
+            and not conn.write_paused
+            and not conn.closed.done()
+            and dataframes.send(conn.h2, self.stream_id, data)
+        ):
+            conn.flush_after_send()
+            return
         rest: bytes | memoryview | None = data
         while rest:
             if self.reset_code is not None or self.local_closed or conn.closed.done():
@@ -297,7 +307,10 @@ class HboneStream:
         if target is not None and not self._chunks and not self._pushing_paused:
             target.data(data)
             if flow:
-                self._consumed(flow)
+                if self._pushing_paused and self.reset_code is None:  # _consumed, inline (per frame relayed)
+                    self._held_flow += flow
+                else:
+                    self._ack(flow)
             return
         self._chunks.append((data, flow))
         if self._read_waiter is not None and not self._read_waiter.done():
@@ -311,11 +324,16 @@ class HboneStream:
             self._ack(flow)
 
     def _ack(self, flow: int) -> None:
-        """Give received bytes' window back to the peer (the app took them, or nobody will) and uncharge them."""
-        budget = self._conn.budget
+        """Give received bytes' window back to the peer (the app took them, or nobody will) and uncharge them.
+
+        Almost always no WINDOW_UPDATE is due, and the DATA fast path's bookkeeping is all there is to do: done
+        here, without the connection's (which checks it is open and, when one is due, has h2 build it)."""
+        conn = self._conn
+        budget = conn.budget
         if budget is not None:
             budget.unread -= flow
-        self._conn.acknowledge(self.stream_id, flow)
+        if not (FAST_DATA_FRAMES and dataframes.acknowledge(conn.h2, self.stream_id, flow)):
+            conn.acknowledge(self.stream_id, flow)
 
     def on_eof(self) -> None:
         self._eof = True
@@ -386,7 +404,13 @@ class HboneStream:
             self._pending.append(chunk)
             self._park(len(chunk))
             return False
-        rest = self._send_some(chunk)
+        conn = self._conn
+        rest: bytes | memoryview | None
+        if FAST_DATA_FRAMES and not conn.write_paused and dataframes.send(conn.h2, self.stream_id, chunk):
+            conn.flush_after_send()  # _send_some's common case, inline (per chunk relayed)
+            rest = None
+        else:
+            rest = self._send_some(chunk)
         if self.reset_code is not None:  # the send's flush found the connection dead (write buffer cap)
             raise StreamClosed("HBONE stream is closed")
         if rest is not None:
@@ -394,7 +418,7 @@ class HboneStream:
             self._park(len(rest))
             self._wait_for_room()
             return False
-        if self._conn.write_paused:
+        if conn.write_paused:
             self._wait_for_room()
             return False
         return True
