@@ -115,17 +115,21 @@ class RequestHead:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+# The events are plain (not frozen) dataclasses, read-only by convention: a frozen dataclass's __init__ sets each
+# field through object.__setattr__, which costs about 0.2 us a field in CPython, and there are several per request.
+
+
+@dataclass(slots=True)
 class RequestReceived:
     head: RequestHead
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestData:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestEnded:
     pass
 
@@ -138,19 +142,20 @@ class RequestRejected:
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ResponseReceived:
     status: int
     reason: bytes
     headers: tuple[tuple[bytes, bytes], ...]
+    grpc_status: bytes | None = None  # a trailers-only gRPC answer's status (HTTP/1.1 trailers are not read)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseData:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseEnded:
     keep_alive: bool  # False: flush data_to_client() and close the client connection
 
@@ -183,6 +188,15 @@ class _Reject(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class _NoCallbacks:
+    """llhttp's protocol object for a response head: no callbacks (`_fields_of` splits the head it accepted)."""
+
+    __slots__ = ()
+
+
+_NO_CALLBACKS = _NoCallbacks()
 
 
 # --- framing (ours: httptools cannot stop at a message's end) ---
@@ -287,33 +301,32 @@ class _Body:
 
 
 class _HeadSink:
-    __slots__ = ("complete", "count", "headers", "max_headers", "status", "url")
+    """llhttp's callbacks for one head: the request target and the head's end. Header fields are not taken
+    from callbacks (one Python call per field): once llhttp accepted the head, `_fields_of` splits its bytes."""
 
-    def __init__(self, max_headers: int) -> None:
-        self.max_headers = max_headers
-        self.reset()
+    __slots__ = ("complete", "url")
 
-    def reset(self) -> None:
+    def __init__(self) -> None:
         self.url = b""
-        self.status = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.count = 0
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_status(self, status: bytes) -> None:
-        self.status += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.count += 1
-        if self.count > self.max_headers:
-            raise _Reject(431, f"more than {self.max_headers} header fields")
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         self.complete = True
+
+
+def _fields_of(block: bytes) -> list[tuple[bytes, bytes]]:
+    """The (name, value) fields of a header block llhttp accepted (lines joined by CRLF, no final CRLF): llhttp
+    refused bare CR/LF, obs-fold, a space before the colon and non-token names, so each line is `name:value`;
+    the value loses its leading whitespace, as llhttp's own callback gives it (the trailing part is kept)."""
+    fields: list[tuple[bytes, bytes]] = []
+    if block:
+        for line in block.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            fields.append((name, value.lstrip(b" \t")))
+    return fields
 
 
 _HOP_BY_HOP = frozenset(
@@ -329,11 +342,37 @@ _HOP_BY_HOP = frozenset(
         b"trailer",  # trailers are dropped, so is their announcement
     }
 )
+# What a request field's (lowercase) name means here; a name not in _REQUEST_FIELDS is forwarded as it is.
+_HOST = 1
+_CONTENT_LENGTH = 2
+_TRANSFER_ENCODING = 3
+_CONNECTION = 4
+_UPGRADE = 5
+_EXPECT = 6
+_DROPPED = 7  # the other hop-by-hop fields, and those sanitized
+_GRPC_STATUS = 8
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Named in a client's Connection header, these are still the message's own (framing, routing), never dropped.
 _END_TO_END = frozenset({b"content-length", b"host"})
 # The proxy's word about the peer: a client's copy never reaches the app (Envoy's default, SANITIZE).
 SANITIZED_HEADERS = frozenset({b"x-forwarded-client-cert"})
+_REQUEST_FIELDS: dict[bytes, int] = {
+    **dict.fromkeys(_HOP_BY_HOP | SANITIZED_HEADERS, _DROPPED),
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"expect": _EXPECT,
+}
+_RESPONSE_FIELDS: dict[bytes, int] = {
+    **dict.fromkeys(_HOP_BY_HOP, _DROPPED),
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"grpc-status": _GRPC_STATUS,
+}
 
 
 def fold_name(low: bytes) -> bytes:
@@ -410,11 +449,12 @@ class Http1Connection:
         self._to_upstream: list[bytes] = []
         self._c = _C.IDLE
         self._r = _R.IDLE
-        self._sink = _HeadSink(self.limits.max_headers)
+        self._sink = _HeadSink()
         self._parser = httptools.HttpRequestParser(self._sink)
         self._parser_clean = True  # False after a head whose message llhttp would go on parsing
         self._head: RequestHead | None = None
-        self._fwd_headers: list[tuple[bytes, bytes]] = []
+        self._fwd_headers: list[tuple[bytes, bytes]] = []  # the deciding request's fields as they go upstream
+        self._fwd_head: bytes | None = None  # its whole head, when it goes upstream unchanged
         self._req_body: _Body | None = None
         self._resp_body: _Body | None = None
         self._resp_chunked_out = False  # re-encode response data as chunks for the client
@@ -511,7 +551,8 @@ class Http1Connection:
         if end - pos > self.limits.max_head:
             raise _Reject(431, f"request head over {self.limits.max_head} bytes")
         sink = self._sink
-        sink.reset()
+        sink.url = b""
+        sink.complete = False
         if not self._parser_clean:
             self._parser = httptools.HttpRequestParser(sink)
         parser = self._parser
@@ -519,12 +560,6 @@ class Http1Connection:
             parser.feed_data(memoryview(buf)[pos:end])
         except httptools.HttpParserUpgrade:
             pass  # Upgrade or CONNECT: decided below
-        except httptools.HttpParserCallbackError as exc:
-            self._parser_clean = False
-            ctx = exc.__context__
-            if isinstance(ctx, _Reject):
-                raise ctx from None
-            raise _Reject(400, str(exc)) from None
         except httptools.HttpParserError as exc:
             self._parser_clean = False
             raise _Reject(400, str(exc)) from None
@@ -532,13 +567,15 @@ class Http1Connection:
         if not sink.complete:  # cannot happen for a CRLFCRLF-terminated head llhttp accepted
             self._parser_clean = False
             raise _Reject(400, "incomplete request head")
-        head = self._build_head(parser)
-        self._parser_clean = not (head.has_body or head.is_connect or parser.should_upgrade())
+        head = self._build_head(parser, buf, pos, end)
+        self._parser_clean = not (head.chunked or head.content_length or parser.should_upgrade())
         self._head = head
         self._c = _C.DECIDING
         return RequestReceived(head)
 
-    def _build_head(self, parser: httptools.HttpRequestParser) -> RequestHead:
+    def _build_head(self, parser: httptools.HttpRequestParser, buf: bytes, pos: int, end: int) -> RequestHead:
+        """The head llhttp accepted in `buf[pos:end]`, checked (see the module docstring); what goes upstream is
+        kept for `allow`: the fields as they go, and the head's own bytes when they can go unchanged."""
         sink = self._sink
         version = parser.get_http_version().encode()
         if version not in (b"1.1", b"1.0"):
@@ -546,10 +583,24 @@ class Http1Connection:
         method = parser.get_method()
         if method == b"CONNECT":  # a tunnel to an app answering 2xx would carry requests never decided
             raise _Reject(501, "CONNECT is not served by the waypoint")
+        url = sink.url
         try:
-            target, path = request_target(sink.url, method, self.limits.path_normalization)
+            target, path = request_target(url, method, self.limits.path_normalization)
         except BadTarget as exc:
             raise _Reject(400, str(exc)) from None
+        line_end = buf.find(b"\r\n", pos)
+        received = _fields_of(buf[line_end + 2 : end - 4])
+        if len(received) > self.limits.max_headers:
+            raise _Reject(431, f"more than {self.limits.max_headers} header fields")
+        underscores = self.limits.headers_with_underscores
+        if underscores != "ALLOW":
+            all_received = received
+            received, bad = underscored_headers(received, underscores)
+            if bad is not None:
+                raise _Reject(400, f"header {bad.decode('latin-1')!r} has an underscore in its name")
+            dropped = received is not all_received
+        else:
+            dropped = False
         host: bytes | None = None
         hosts = 0
         length: int | None = None
@@ -557,29 +608,29 @@ class Http1Connection:
         conn_tokens: set[bytes] = set()
         upgrade: bytes | None = None
         expect: bytes | None = None
-        fwd: list[tuple[bytes, bytes]] = []
-        received = sink.headers
-        if self.limits.headers_with_underscores != "ALLOW":
-            received, bad = underscored_headers(received, self.limits.headers_with_underscores)
-            if bad is not None:
-                raise _Reject(400, f"header {bad.decode('latin-1')!r} has an underscore in its name")
         for name, value in received:
             low = name.lower()
-            if low == b"host":
+            kind = _REQUEST_FIELDS.get(low)
+            if kind is None:  # most fields: forwarded as they are
+                if b"_" in low and fold_name(low) in SANITIZED_HEADERS:
+                    dropped = True
+                continue
+            if kind == _HOST:
                 host = value
                 hosts += 1
-            elif low == b"content-length":
+                continue
+            if kind == _CONTENT_LENGTH:
                 length = int(value)  # llhttp allowed digits only, and one field
-            elif low == b"transfer-encoding":
+                continue
+            dropped = True  # the rest are hop-by-hop or sanitized: not forwarded
+            if kind == _TRANSFER_ENCODING:
                 te = value if te is None else te + b"," + value
-            elif low == b"connection":
+            elif kind == _CONNECTION:
                 conn_tokens |= _tokens(value)
-            elif low == b"upgrade":
+            elif kind == _UPGRADE:
                 upgrade = value
-            elif low == b"expect":
+            elif kind == _EXPECT:
                 expect = value.strip().lower()
-            if low not in _HOP_BY_HOP and fold_name(low) not in SANITIZED_HEADERS:
-                fwd.append((name, value))
         if hosts != 1:  # HTTP/1.0 too: a `hosts` rule would not match a Host-less request the app may still route
             raise _Reject(400, "a request needs exactly one Host header")
         chunked = False
@@ -592,12 +643,23 @@ class Http1Connection:
         if upgrade is not None and (b"upgrade" not in conn_tokens or b"h2c" in _tokens(upgrade)):
             upgrade = None  # h2c is stripped: HTTP/2 inside would escape per-request decisions
         conn_tokens -= _END_TO_END  # `Connection: content-length` would send the body as the app's next request
-        if conn_tokens:
-            fwd = [(n, v) for n, v in fwd if n.lower() not in conn_tokens]
         if (upgrade is not None or method == b"CONNECT") and (chunked or length):
             raise _Reject(400, "an Upgrade or CONNECT request carries no body")
         keep_alive = (b"close" not in conn_tokens) if version == b"1.1" else (b"keep-alive" in conn_tokens)
-        self._fwd_headers = fwd
+        if dropped:
+            self._fwd_headers = [
+                (n, v)
+                for n, v in received
+                if (low := n.lower()) not in _HOP_BY_HOP
+                and fold_name(low) not in SANITIZED_HEADERS
+                and low not in conn_tokens
+            ]
+            self._fwd_head = None
+        else:
+            self._fwd_headers = received
+            # nothing to drop and a request line as `allow` writes it: the head goes upstream as it came
+            canonical = target is url and line_end - pos == len(method) + len(url) + 10 and version == b"1.1"
+            self._fwd_head = buf[pos:end] if canonical else None
         return RequestHead(
             method=method,
             target=target,
@@ -664,24 +726,28 @@ class Http1Connection:
         named in `remove` (lowercase) are dropped first (a JWT the rule does not forward, a client's own copy of
         a header the waypoint writes)."""
         head = self._deciding()
-        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-        if remove:
-            remove = frozenset(fold_name(n) for n in remove)
-        for name, value in self._fwd_headers:
-            if remove and fold_name(name.lower()) in remove:
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        for name, value in extra_headers:
-            parts += (name, b": ", value, b"\r\n")
-        if head.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        if head.upgrade is not None:
-            parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
-        parts.append(b"\r\n")
-        self._to_upstream.append(b"".join(parts))
+        if self._fwd_head is not None and not remove and not extra_headers:
+            self._to_upstream.append(self._fwd_head)  # nothing to change: the head as the client sent it
+        else:
+            parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+            if remove:
+                remove = frozenset(fold_name(n) for n in remove)
+            for name, value in self._fwd_headers:
+                if remove and fold_name(name.lower()) in remove:
+                    continue
+                parts += (name, b": ", value, b"\r\n")
+            for name, value in extra_headers:
+                parts += (name, b": ", value, b"\r\n")
+            if head.chunked:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            if head.upgrade is not None:
+                parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
+            parts.append(b"\r\n")
+            self._to_upstream.append(b"".join(parts))
+        self._fwd_head = None
         self._r = _R.HEAD
         self._resp_body = None
-        if head.has_body:
+        if head.chunked or head.content_length:
             if head.expect_continue and head.version == b"1.1":
                 self._to_client.append(_CONTINUE)
             chunked = _Chunked(self.limits) if head.chunked else None
@@ -764,8 +830,7 @@ class Http1Connection:
                 raise _Reject(502, "upstream closed before its response head")
             return NEED_DATA
         end += 4
-        sink = _HeadSink(self.limits.max_headers)
-        parser = httptools.HttpResponseParser(sink)
+        parser = httptools.HttpResponseParser(_NO_CALLBACKS)
         try:
             parser.feed_data(memoryview(buf)[pos:end])
         except httptools.HttpParserUpgrade:
@@ -777,39 +842,61 @@ class Http1Connection:
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise _Reject(502, f"upstream answered HTTP/{version}")
+        while buf.startswith(b"\r\n", pos):  # empty lines llhttp skipped
+            pos += 2
+        line_end = buf.find(b"\r\n", pos)
+        if not buf.startswith(b"HTTP/", pos) or line_end + 4 > end:
+            raise _Reject(502, "upstream response has no status line")
+        reason = buf[pos + 13 : line_end]  # llhttp accepted `HTTP/x.y SP ddd [SP reason]`
+        fields = _fields_of(buf[line_end + 2 : end - 4])
+        if len(fields) > self.limits.max_headers:
+            raise _Reject(502, f"upstream response has more than {self.limits.max_headers} header fields")
         length: int | None = None
         chunked = False
         conn_tokens: set[bytes] = set()
-        out = [b"HTTP/1.1 %d " % status, sink.status, b"\r\n"]
-        fwd: list[tuple[bytes, bytes]] = []
-        for name, value in sink.headers:
-            low = name.lower()
-            if low == b"content-length":
+        upgrade: bytes | None = None
+        grpc_status: bytes | None = None
+        dropped = False
+        for name, value in fields:
+            kind = _RESPONSE_FIELDS.get(name.lower())
+            if kind is None:  # most fields: forwarded as they are
+                continue
+            if kind == _CONTENT_LENGTH:
                 length = int(value)
-            elif low == b"transfer-encoding":
+                continue
+            if kind == _GRPC_STATUS:
+                grpc_status = value
+                continue
+            dropped = True  # hop-by-hop: not forwarded
+            if kind == _TRANSFER_ENCODING:
                 if value.strip().lower() != b"chunked":
                     raise _Reject(502, "upstream used a transfer coding other than chunked")
                 chunked = True
-            elif low == b"connection":
+            elif kind == _CONNECTION:
                 conn_tokens |= _tokens(value)
-            if low not in _HOP_BY_HOP:
-                fwd.append((name, value))
+            elif kind == _UPGRADE and upgrade is None:
+                upgrade = value
         if chunked and length is not None:
             raise _Reject(502, "upstream response has both Content-Length and Transfer-Encoding")
-        if conn_tokens:
-            fwd = [(n, v) for n, v in fwd if n.lower() not in conn_tokens]
-        event = ResponseReceived(status=status, reason=sink.status, headers=tuple(sink.headers))
-        tunnel = (status == 101 and head.upgrade is not None) or (head.is_connect and 200 <= status < 300)
+        if dropped or version != "1.1":
+            fwd = [(n, v) for n, v in fields if (low := n.lower()) not in _HOP_BY_HOP and low not in conn_tokens]
+            out = [b"HTTP/1.1 %d " % status, reason, b"\r\n", *_fields(fwd)]
+        else:
+            out = [buf[pos : end - 2]]  # nothing to drop: the status line and fields as they came
+        event = ResponseReceived(status=status, reason=reason, headers=tuple(fields), grpc_status=grpc_status)
+        tunnel = status == 101 and head.upgrade is not None  # (CONNECT was refused: a 2xx opens no tunnel here)
         if 100 <= status < 200 and not tunnel:
             if status == 101:
                 raise _Reject(502, "upstream switched protocols unasked")
             if status != 100 and head.version == b"1.1":  # 100 was ours to send; other 1xx go on
-                self._to_client.append(b"".join([*out, *_fields(fwd), b"\r\n"]))
+                out.append(b"\r\n")
+                self._to_client.append(b"".join(out))
             return self.next_response_event()
         if tunnel:
             if head.upgrade is not None:
-                fwd += [(b"Connection", b"Upgrade"), (b"Upgrade", _header(sink.headers, b"upgrade") or head.upgrade)]
-            self._to_client.append(b"".join([*out, *_fields(fwd), b"\r\n"]))
+                out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade or head.upgrade, b"\r\n")
+            out.append(b"\r\n")
+            self._to_client.append(b"".join(out))
             self._r = _R.TUNNEL
             self._c = _C.TUNNEL
             rest_up = self._up_in[self._up_pos :]
@@ -829,7 +916,7 @@ class Http1Connection:
             body = _Body(chunked=_Chunked(self.limits))
             if head.version == b"1.1":
                 self._resp_chunked_out = True
-                fwd.append((b"Transfer-Encoding", b"chunked"))
+                out.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 resp_keep = False  # an HTTP/1.0 client gets the decoded body, ended by close
         elif length is not None:
@@ -838,12 +925,13 @@ class Http1Connection:
             body = _Body(until_eof=True)
             resp_keep = False
         # Upgrade/CONNECT refused upstream, or a request body still arriving: the connection ends here.
-        if not (resp_keep and head.keep_alive and head.upgrade is None and not head.is_connect and self._c is _C.DONE):
+        if not (resp_keep and head.keep_alive and head.upgrade is None and self._c is _C.DONE):  # CONNECT: refused
             self._keep_alive = False
-            fwd.append((b"Connection", b"close"))
+            out.append(b"Connection: close\r\n")
         elif head.version == b"1.0":
-            fwd.append((b"Connection", b"keep-alive"))
-        self._to_client.append(b"".join([*out, *_fields(fwd), b"\r\n"]))
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        self._to_client.append(b"".join(out))
         self._resp_body = body
         self._r = _R.BODY
         return event
@@ -940,13 +1028,6 @@ def _fields(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     return parts
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for k, v in headers:
-        if k.lower() == name:
-            return v
-    return None
 
 
 def _append(buf: bytes, pos: int, data: bytes) -> bytes:

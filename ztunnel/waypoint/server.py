@@ -69,7 +69,6 @@ from ztunnel.waypoint.http1 import (
     CLOSED,
     DENIED_BODY,
     NEED_DATA,
-    PAUSED,
     Http1Connection,
     Limits,
     RequestData,
@@ -515,10 +514,11 @@ class _ReadDeadline:
         self.expired = False
 
     async def read(self, read: Callable[[], Any], delay: float) -> bytes:
-        """`await read()`, TimeoutError after `delay` seconds."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
+        """`await read()`, TimeoutError after `delay` seconds. Every read is from one task (the first one's)."""
+        task = self._task
+        if task is None:
+            task = self._task = asyncio.current_task()
+            assert task is not None
         deadline = self._loop.time() + delay
         self.deadline = deadline
         handle = self._handle
@@ -578,10 +578,11 @@ class _ClientConnection:
         self.started = time.monotonic()
         # per-connection values kept while the config snapshot (and the endpoint) stays the same
         self._attrs: tuple[ClusterConfig, Endpoint, ConnectionAttributes] | None = None
-        self._client: tuple[ClusterConfig, tuple[str, int]] | None = None
+        self._client: tuple[ClusterConfig, tuple[str, int], str] | None = None  # and its `ip:port` for the log
         self._service: tuple[ClusterConfig, Service | None] | None = None
         self._last_verdict: tuple[RequestDecider, ConnectionAttributes, tuple[Any, ...], Verdict] | None = None
-        self._picked: tuple[ClusterConfig, Endpoint] | None = None  # the last endpoint `pick` gave, and its snapshot
+        # the last endpoint `pick` gave, its snapshot, and its target as the access log shows it
+        self._picked: tuple[ClusterConfig, Endpoint, str] | None = None
 
     async def run(self) -> None:
         """Istio's protocol selection for the port, then the first bytes when it says nothing (`sniff`)."""
@@ -645,12 +646,20 @@ class _ClientConnection:
                             if head_since is not None:
                                 await self._to_client(_HEAD_TIMED_OUT)
                             break
-                    if data and head_since is None:
-                        head_since = time.monotonic()
+                    # (a head that is not whole after this read is timed from the next NEED_DATA, just above)
                     http.receive_data(data)
                 elif isinstance(ev, RequestReceived):
                     head_since = None
-                    if not await self._recorded(ev.head):
+                    # `_request`, and its metrics and access log line once it is over (however it ends); not a
+                    # coroutine of its own: each upstream read resumes every frame of the await chain
+                    head = ev.head
+                    self.outcome = outcome = Outcome(time.monotonic(), service=self._target_service())
+                    outcome.tunnel_status = 101  # (CONNECT is refused by Http1Connection)
+                    try:
+                        go_on = await self._request(head)
+                    finally:
+                        self._record(head, outcome)
+                    if not go_on:
                         break
                 else:  # CLOSED, RequestRejected (its answer is queued), PAUSED (nothing left to do)
                     if isinstance(ev, RequestRejected):
@@ -706,7 +715,7 @@ class _ClientConnection:
         if cached is not None and cached[0] is config:
             return cached[1]
         address = client_address(config, self.request.forwarded_for, self.principal, self.tunnel.peer_address)
-        self._client = (config, address)
+        self._client = (config, address, f"{address[0]}:{address[1]}")
         return address
 
     async def _dial(self, endpoint: Endpoint) -> HboneStream:
@@ -726,11 +735,12 @@ class _ClientConnection:
         if telemetry is None:
             return
         client = self._client_address()  # the original client, as Istio logs it (the TCP peer is its node)
+        assert self._client is not None
         telemetry.record(
             self.server.state.config,
             principal=self.principal,
             source_ip=client[0],
-            source_addr=f"{client[0]}:{client[1]}",
+            source_addr=self._client[2],  # formatted once per connection and snapshot
             method=head.method if head is not None else b"-",
             path=head.path if head is not None else b"-",
             content_type=head.header(b"content-type") if head is not None else None,
@@ -837,15 +847,6 @@ class _ClientConnection:
                     pass
         self.client.close()
 
-    async def _recorded(self, head: RequestHead) -> bool:
-        """`_request`, and its metrics and access log line once it is over (however it ends)."""
-        self.outcome = outcome = Outcome(time.monotonic(), service=self._target_service())
-        outcome.tunnel_status = 200 if head.is_connect else 101
-        try:
-            return await self._request(head)
-        finally:
-            self._record(head, outcome)
-
     def _target_service(self) -> Service | None:
         """The Service whose VIP the tunnel's authority names (per snapshot)."""
         config = self.server.state.config
@@ -867,7 +868,7 @@ class _ClientConnection:
         else:
             endpoint = server.picker.pick(state.config, self.target, current)
             if not isinstance(endpoint, str):
-                self._picked = (state.config, endpoint)
+                picked = self._picked = (state.config, endpoint, str(endpoint.target))
         if isinstance(endpoint, str):
             server._count("no_endpoint")
             self.outcome.status, self.outcome.reason = 503, "no_endpoint"
@@ -876,7 +877,8 @@ class _ClientConnection:
             http.respond(503, NO_UPSTREAM_BODY)
             await self._to_client(http.data_to_client())
             return not http.closed
-        self.outcome.destination, self.outcome.upstream = endpoint.workload, str(endpoint.target)
+        assert picked is not None
+        self.outcome.destination, self.outcome.upstream = endpoint.workload, picked[2]
         attrs = self._attributes(endpoint)
         verdict = self._decide(head, attrs)
         if verdict.custom is not None:
@@ -900,13 +902,8 @@ class _ClientConnection:
             upstream = self.upstream = None
         # A kept-alive upstream may have died before our request met it: an idempotent request without a body
         # (nothing of it consumed) is sent once more on a fresh stream, as Envoy retries a reset before headers.
-        retry = (
-            upstream is not None
-            and head.method in IDEMPOTENT
-            and not head.has_body
-            and head.upgrade is None
-            and not head.is_connect
-        )
+        has_body = head.has_body
+        retry = upstream is not None and head.method in IDEMPOTENT and not has_body and head.upgrade is None
         if upstream is None:
             try:
                 stream = await self._dial(endpoint)
@@ -943,7 +940,7 @@ class _ClientConnection:
                     if retry:
                         raise _StaleUpstream from None
                     raise
-                if head.has_body:  # without one `_pump_request` has nothing to do: no task per request
+                if has_body:  # without one `_pump_request` has nothing to do: no task per request
                     body = asyncio.get_running_loop().create_task(self._pump_request(upstream.stream))
                 keep = await self._pump_response(upstream.stream, retry_stale=retry)
                 if keep and body is not None:
@@ -1019,45 +1016,54 @@ class _ClientConnection:
         limit = self.server.timeouts.response
         deadline = None if limit is None else time.monotonic() + limit  # cleared by the response head
         client = self.client
+        outcome = self.outcome
         while True:
             ev = http.next_response_event()
-            if not isinstance(ev, (ResponseReceived, ResponseData)):
-                # the head and the body pieces of one upstream read go to the client as one write (one DATA
-                # frame), sent before the next read waits and when the response ends
-                out = http.data_to_client()
-                if out:
-                    await client.write(out)
+            # the head and the body pieces of one upstream read go to the client as one write (one DATA frame),
+            # sent before the next read waits and when the response ends
+            if type(ev) is ResponseData:
+                outcome.response_bytes += len(ev.data)
+                continue
+            if type(ev) is ResponseReceived:
+                deadline = None
+                outcome.status = ev.status
+                if ev.grpc_status is not None:  # a trailers-only gRPC answer; HTTP/1.1 trailers are not read
+                    outcome.grpc_status = ev.grpc_status.decode("latin-1").strip()
+                continue
+            out = http.data_to_client()
+            if out:
+                await client.write(out)
             if ev is NEED_DATA:
-                try:
-                    data = await _read_upstream(up, deadline)
-                except TimeoutError:
-                    up.abort()
-                    self._upstream_timed_out(self.outcome)
-                    await self._to_client(_UPSTREAM_TIMED_OUT)
-                    return False
+                if deadline is None:  # read here, not in `_read_upstream`: one coroutine frame less per read
+                    try:
+                        data = await up.read(READ_CHUNK)
+                    except StreamClosed:
+                        data = b""
+                else:
+                    try:
+                        data = await _read_upstream(up, deadline)
+                    except TimeoutError:
+                        up.abort()
+                        self._upstream_timed_out(outcome)
+                        await self._to_client(_UPSTREAM_TIMED_OUT)
+                        return False
                 if retry_stale:
                     if not data:
                         raise _StaleUpstream
                     retry_stale = False
                 http.receive_upstream_data(data)
-            elif isinstance(ev, ResponseData):
-                self.outcome.response_bytes += len(ev.data)
-            elif isinstance(ev, ResponseReceived):
-                deadline = None
-                self._response_head(ev)
             elif isinstance(ev, ResponseEnded):
                 return ev.keep_alive
             elif isinstance(ev, TunnelOpened):
-                self.outcome.status = self.outcome.status or self.outcome.tunnel_status
+                outcome.status = outcome.status or outcome.tunnel_status
                 await self._to_client(http.data_to_client())
                 pending = http.data_to_upstream()
                 if pending:
                     await up.write(pending)
                 await asyncio.gather(_copy(self.client, up), _copy(up, self.client))
                 return False
-            elif ev is CLOSED or ev is PAUSED:  # PAUSED cannot happen mid-response: end the connection
+            else:  # CLOSED, or PAUSED (which cannot happen mid-response): end the connection
                 return False
-            # ResponseReceived / ResponseData: their bytes go to the client with the next event's
 
     def _upstream_timed_out(self, outcome: Outcome) -> None:
         """The upstream's response head did not come within the response timeout: the client is told 504."""
@@ -1078,12 +1084,6 @@ class _ClientConnection:
         o.status, o.policy, o.response_bytes = verdict.status, verdict.policy, len(verdict.body)
         o.reason = verdict.denied_by
         o.upstream = None  # answered here, not forwarded
-
-    def _response_head(self, ev: ResponseReceived) -> None:
-        self.outcome.status = ev.status
-        for name, value in ev.headers:
-            if name.lower() == b"grpc-status":  # a trailers-only gRPC answer; HTTP/1.1 trailers are not read
-                self.outcome.grpc_status = value.decode("latin-1").strip()
 
     def _fields(self, head: RequestHead) -> dict[str, object]:
         return {
