@@ -195,8 +195,9 @@ class RequestTelemetry:
         if self.tcp is not None:
             self.tcp.closed(labels, sent, received)
 
-    def _series(
+    def _new_series(
         self,
+        key: tuple[Any, ...],
         config: ClusterConfig,
         principal: str,
         source_ip: str,
@@ -206,17 +207,8 @@ class RequestTelemetry:
         outcome: Outcome,
         metrics: WaypointMetrics,
     ) -> RequestSeries:
-        """The metric series a request goes in: one dict hit for a request like an earlier one (same client,
-        endpoint, service, protocol, code and gRPC status, same snapshot)."""
-        if config is not self._config:  # a new snapshot: labels and series keys are built again
-            self._config = config
-            self._labels.clear()
-            self._series_of.clear()
-        key = (principal, source_ip, id(destination), id(service), protocol, outcome.status, outcome.grpc_status)
-        hit = self._series_of.get(key)
-        if hit is not None and hit[0] is destination and hit[1] is service:
-            return hit[2]
-        _, labels = self.labels(config, principal, source_ip, destination, service, protocol)
+        """The series of a request unlike any since the snapshot `config` came (`record` finds it under `key`)."""
+        _, labels = self.labels(config, principal, source_ip, destination, service, protocol)  # clears on a new config
         series = metrics.series(labels, outcome.status, outcome.grpc_status)
         if len(self._series_of) >= CHILD_CACHE_LIMIT:
             self._series_of.clear()  # only the lookup: the series keep their values in `metrics`
@@ -246,7 +238,16 @@ class RequestTelemetry:
         if service is not None and metrics is not None:
             protocol = "http" if content_type is None else request_protocol(content_type.decode("latin-1"))
             destination = outcome.destination
-            series = self._series(config, principal, source_ip, destination, service, protocol, outcome, metrics)
+            # one dict hit for a request like an earlier one of this snapshot (same client, endpoint, service,
+            # protocol, code and gRPC status); the objects' identity guards against a recycled id()
+            key = (principal, source_ip, id(destination), id(service), protocol, outcome.status, outcome.grpc_status)
+            hit = self._series_of.get(key) if config is self._config else None
+            if hit is not None and hit[0] is destination and hit[1] is service:
+                series = hit[2]
+            else:
+                series = self._new_series(
+                    key, config, principal, source_ip, destination, service, protocol, outcome, metrics
+                )
             series.observe(duration * 1000.0, outcome.request_bytes, outcome.response_bytes)
         if self.access_log is not None:
             address = source_addr or f"{source_ip}:{source_port}"
