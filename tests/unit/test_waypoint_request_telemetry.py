@@ -22,7 +22,7 @@ from ztunnel.telemetry.http_metrics import (
     request_protocol,
 )
 from ztunnel.telemetry.metrics import TCP_LABELS
-from ztunnel.waypoint.telemetry import Outcome, RequestTelemetry, request_labels, source_workload
+from ztunnel.waypoint.telemetry import Outcome, RequestTelemetry, protocol_of, request_labels, source_workload
 
 
 def workload(name: str, ns: str, sa: str, ip: str, **labels: str) -> Workload:
@@ -93,6 +93,9 @@ def test_request_protocol_from_content_type() -> None:
     assert request_protocol("Application/gRPC+proto") == "grpc"
     assert request_protocol("application/json") == "http"
     assert request_protocol(None) == "http"
+    # the waypoint's, on the header's bytes: the same answer as on its latin-1 text
+    for value in (b"application/grpc", b"Application/gRPC+proto", b"application/grp", b"", b"\xc1pplication/grpc"):
+        assert protocol_of(value) == request_protocol(value.decode("latin-1")), value
 
 
 def test_duration_buckets_are_envoys() -> None:
@@ -260,7 +263,7 @@ def test_exposition_is_prometheus_clients_for_the_same_requests() -> None:
                             config,
                             principal=principal,
                             source_ip="127.0.10.1",
-                            source_port=40000,
+                            source_addr="127.0.10.1:40000",
                             method=b"GET",
                             path=b"/",
                             content_type=content_type,
@@ -290,12 +293,3 @@ def test_the_metric_names_are_taken_in_the_registry() -> None:
     with pytest.raises(ValueError, match="istio_requests"):
         Counter("istio_requests", "another", registry=registry)
 
-
-def test_the_logged_client_address_from_ip_and_port() -> None:
-    out = io.StringIO()
-    t = RequestTelemetry(None, AccessLog("json", out))
-    ok = Outcome(10.0, status=200, destination=HTTPBIN, service=SVC)
-    _record(t, ok, source_addr=None, source_port=40123)
-    (line,) = out.getvalue().splitlines()
-    assert json.loads(line)["src.addr"] == "127.0.10.1:40123"
-    assert json.loads(line)["src.workload"] == "foo/sleep-1"

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel.config.model import ClusterConfig, Service, Workload
 from ztunnel.telemetry.accesslog import AccessLog
-from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, RequestSeries, WaypointMetrics, request_protocol
+from ztunnel.telemetry.http_metrics import REPORTER_WAYPOINT, RequestSeries, WaypointMetrics
 from ztunnel.telemetry.metrics import (
     CANONICAL_NAME_LABEL,
     CHILD_CACHE_LIMIT,
@@ -33,6 +33,11 @@ from ztunnel.telemetry.metrics import (
 def _app_of(workload: Workload) -> str:
     # the same rule as the node proxy's labels (proxy.labels._app_of): canonical name, else `app`
     return workload.labels.get(CANONICAL_NAME_LABEL) or workload.app
+
+
+def protocol_of(content_type: bytes) -> str:
+    """`request_protocol` of a request's content type as it came (bytes: no decode per request)."""
+    return "grpc" if content_type[:16].lower() == b"application/grpc" else "http"
 
 
 def source_workload(config: ClusterConfig, source_ip: str, principal: str) -> Workload | None:
@@ -221,8 +226,7 @@ class RequestTelemetry:
         *,
         principal: str,
         source_ip: str,
-        source_port: int = 0,
-        source_addr: str | None = None,
+        source_addr: str,
         method: bytes,
         path: bytes,
         content_type: bytes | None,
@@ -230,13 +234,12 @@ class RequestTelemetry:
         now: float | None = None,
     ) -> None:
         """One finished request, counted once and logged once. A request with no `outcome.service` (the
-        tunnel's address was not a Service's) has no Istio labels to go under: logged only. The client's
-        address in the log is `source_addr`, else `source_ip:source_port` (formatted only when logged)."""
+        tunnel's address was not a Service's) has no Istio labels to go under: logged only."""
         duration = (time.monotonic() if now is None else now) - outcome.started
         service = outcome.service
         metrics = self.metrics
         if service is not None and metrics is not None:
-            protocol = "http" if content_type is None else request_protocol(content_type.decode("latin-1"))
+            protocol = "http" if content_type is None else protocol_of(content_type)
             destination = outcome.destination
             # one dict hit for a request like an earlier one of this snapshot (same client, endpoint, service,
             # protocol, code and gRPC status); the objects' identity guards against a recycled id()
@@ -250,8 +253,7 @@ class RequestTelemetry:
                 )
             series.observe(duration * 1000.0, outcome.request_bytes, outcome.response_bytes)
         if self.access_log is not None:
-            address = source_addr or f"{source_ip}:{source_port}"
-            self._log(config, principal, source_ip, address, method, path, content_type, outcome, duration)
+            self._log(config, principal, source_ip, source_addr, method, path, content_type, outcome, duration)
 
     def _log(
         self,
@@ -271,7 +273,7 @@ class RequestTelemetry:
             return
         service, destination = outcome.service, outcome.destination
         if service is not None:
-            protocol = request_protocol(content_type.decode("latin-1") if content_type else None)
+            protocol = "http" if content_type is None else protocol_of(content_type)
             source, _ = self.labels(config, principal, source_ip, destination, service, protocol)
         else:
             source = source_workload(config, source_ip, principal)
