@@ -148,8 +148,13 @@ class HboneStream:
                 size += len(more)
                 flow += more_flow
             data = b"".join(parts)
-        if flow:
-            self._ack(flow)
+        if flow:  # _ack, inline (per read)
+            conn = self._conn
+            budget = conn.budget
+            if budget is not None:
+                budget.unread -= flow
+            if not (FAST_DATA_FRAMES and dataframes.acknowledge(conn.h2, self.stream_id, flow)):
+                conn.acknowledge(self.stream_id, flow)
         return data
 
     async def write(self, data: bytes | memoryview) -> None:
