@@ -654,7 +654,6 @@ class _ClientConnection:
                     # coroutine of its own: each upstream read resumes every frame of the await chain
                     head = ev.head
                     self.outcome = outcome = Outcome(time.monotonic(), service=self._target_service())
-                    outcome.tunnel_status = 101  # (CONNECT is refused by Http1Connection)
                     try:
                         go_on = await self._request(head)
                     finally:
@@ -918,7 +917,9 @@ class _ClientConnection:
         if log.isEnabledFor(logging.DEBUG):  # its fields are a dict per request: not built unless logged
             log.debug("request allowed", extra={**self._fields(head), "policy": verdict.policy})
         http.allow(verdict.add_headers, remove=verdict.remove_headers)
-        await self._to_client(http.data_to_client())  # 100 Continue, when asked for
+        out = http.data_to_client()  # 100 Continue, when asked for
+        if out:
+            await self.client.write(out)
         head_bytes = http.data_to_upstream()
         while True:
             if upstream is None:  # the retry's fresh stream
@@ -933,6 +934,7 @@ class _ClientConnection:
                 upstream = self.upstream = _Upstream(endpoint, stream)
             body = None
             stale = False  # `continue` is after the `finally`: mypyc cannot compile one inside try/finally
+            failed: BaseException | None = None
             try:
                 try:
                     await upstream.stream.write(head_bytes)
@@ -952,12 +954,19 @@ class _ClientConnection:
                 server._count("retried")
                 log.info("stale keep-alive upstream: request sent again", extra=self._fields(head))
                 stale = True
-            finally:
-                if body is not None:
-                    if not body.done():
-                        body.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError, ConnectionError):
-                        await body  # also retrieves the error of a body pump that failed while the response ended
+            # Not a `finally`: mypyc (mypy 2.4.1) compiles a coroutine's `finally` that awaits so that, after the
+            # `try` ended normally, it re-raises an exception thrown into the try's await and handled further down
+            # (asyncio.timeout's cancellation, which _read_upstream turns into a 504: the connection then died of
+            # CancelledError without closing the client's stream). Same for the two h2c exchanges below.
+            except BaseException as e:
+                failed = e
+            if body is not None:
+                if not body.done():
+                    body.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError, ConnectionError):
+                    await body  # also retrieves the error of a body pump that failed while the response ended
+            if failed is not None:
+                raise failed
             if not stale:
                 break
         assert upstream is not None
@@ -1653,6 +1662,7 @@ class _H2ClientConnection:
         body = None
         if not bodiless:
             body = asyncio.get_running_loop().create_task(self._pump_request_h2(ex, up, sid))
+        failed: BaseException | None = None
         try:
             await self._pump_response_h2(ex, up, sid)
             if body is not None:
@@ -1661,17 +1671,20 @@ class _H2ClientConnection:
                 else:  # nor does the upstream get the rest
                     up.side.conn.reset(sid, ErrorCodes.CANCEL)
                     up.side.flush()
-        finally:
-            if body is not None and not body.done():
-                body.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await body
-            if up.exchanges.pop(sid, None) is not None and ex.reset:
-                up.side.conn.reset(sid, ErrorCodes.CANCEL)
-                up.side.flush()
-            if not up.exchanges and up in self.h2_retired:
-                self.h2_retired.remove(up)
-                up.close()
+        except BaseException as e:  # not a `finally` that awaits: a mypyc bug, see _ClientConnection._request
+            failed = e
+        if body is not None and not body.done():
+            body.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await body
+        if up.exchanges.pop(sid, None) is not None and ex.reset:
+            up.side.conn.reset(sid, ErrorCodes.CANCEL)
+            up.side.flush()
+        if not up.exchanges and up in self.h2_retired:
+            self.h2_retired.remove(up)
+            up.close()
+        if failed is not None:
+            raise failed
 
     async def _pump_request_h2(self, ex: _H2Exchange, up: _H2Upstream, sid: int) -> None:
         while True:
@@ -1798,6 +1811,7 @@ class _H2ClientConnection:
             if not no_body:
                 body = asyncio.get_running_loop().create_task(self._pump_request_h1(ex, http, stream))
             stale = False  # `continue` is after the `finally`: mypyc cannot compile one inside try/finally
+            failed: BaseException | None = None
             try:
                 retry = reused and no_body and head.method in IDEMPOTENT
                 keep = await self._pump_response_h1(ex, http, stream, retry_stale=retry)
@@ -1811,11 +1825,14 @@ class _H2ClientConnection:
                 self.server._count("retried")
                 log.info("stale keep-alive upstream: request sent again", extra=self.owner._fields(head))
                 reused, stale = False, True
-            finally:
-                if body is not None and not body.done():
-                    body.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError):
-                        await body
+            except BaseException as e:  # not a `finally` that awaits: a mypyc bug, see _ClientConnection._request
+                failed = e
+            if body is not None and not body.done():
+                body.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StreamClosed, HboneError):
+                    await body
+            if failed is not None:
+                raise failed
             if stale:
                 stream = None
                 continue
