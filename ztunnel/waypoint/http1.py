@@ -109,8 +109,9 @@ class RequestHead:
 
     def header(self, name: bytes) -> bytes | None:
         name = name.lower()
+        size = len(name)
         for k, v in self.headers:
-            if k.lower() == name:
+            if len(k) == size and k.lower() == name:
                 return v
         return None
 
@@ -529,6 +530,11 @@ class Http1Connection:
 
     def _next_head(self) -> RequestEvent:
         buf, pos = self._in, self._pos
+        if pos == len(buf):  # nothing buffered (a keep-alive connection between requests)
+            if self._client_eof:
+                self._c = _C.CLOSED
+                return CLOSED
+            return NEED_DATA
         while buf.startswith(b"\r\n", pos):  # empty lines before a request line are ignored (RFC 9112 §2.2)
             pos += 2
         self._pos = pos
@@ -577,9 +583,10 @@ class Http1Connection:
         """The head llhttp accepted in `buf[pos:end]`, checked (see the module docstring); what goes upstream is
         kept for `allow`: the fields as they go, and the head's own bytes when they can go unchanged."""
         sink = self._sink
-        version = parser.get_http_version().encode()
-        if version not in (b"1.1", b"1.0"):
-            raise _Reject(505, f"HTTP/{version.decode()} is not served here")
+        line_end = buf.find(b"\r\n", pos)
+        version = buf[line_end - 3 : line_end]  # llhttp accepted `... HTTP/x.y` CRLF
+        if version != b"1.1" and version != b"1.0":
+            raise _Reject(505, f"HTTP/{parser.get_http_version()} is not served here")
         method = parser.get_method()
         if method == b"CONNECT":  # a tunnel to an app answering 2xx would carry requests never decided
             raise _Reject(501, "CONNECT is not served by the waypoint")
@@ -588,7 +595,6 @@ class Http1Connection:
             target, path = request_target(url, method, self.limits.path_normalization)
         except BadTarget as exc:
             raise _Reject(400, str(exc)) from None
-        line_end = buf.find(b"\r\n", pos)
         received = _fields_of(buf[line_end + 2 : end - 4])
         if len(received) > self.limits.max_headers:
             raise _Reject(431, f"more than {self.limits.max_headers} header fields")
@@ -839,25 +845,30 @@ class Http1Connection:
             raise _Reject(502, f"upstream response: {exc}") from None
         self._up_pos = end
         status = parser.get_status_code()
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise _Reject(502, f"upstream answered HTTP/{version}")
         while buf.startswith(b"\r\n", pos):  # empty lines llhttp skipped
             pos += 2
         line_end = buf.find(b"\r\n", pos)
         if not buf.startswith(b"HTTP/", pos) or line_end + 4 > end:
             raise _Reject(502, "upstream response has no status line")
-        reason = buf[pos + 13 : line_end]  # llhttp accepted `HTTP/x.y SP ddd [SP reason]`
-        fields = _fields_of(buf[line_end + 2 : end - 4])
-        if len(fields) > self.limits.max_headers:
+        version = buf[pos + 5 : pos + 8]  # llhttp accepted `HTTP/x.y SP ddd [SP reason]`
+        if version != b"1.1" and version != b"1.0":
+            raise _Reject(502, f"upstream answered HTTP/{parser.get_http_version()}")
+        reason = buf[pos + 13 : line_end]
+        block = buf[line_end + 2 : end - 4]  # the fields, split here as in `_fields_of`
+        lines = block.split(b"\r\n") if block else []
+        if len(lines) > self.limits.max_headers:
             raise _Reject(502, f"upstream response has more than {self.limits.max_headers} header fields")
+        fields: list[tuple[bytes, bytes]] = []
         length: int | None = None
         chunked = False
         conn_tokens: set[bytes] = set()
         upgrade: bytes | None = None
         grpc_status: bytes | None = None
         dropped = False
-        for name, value in fields:
+        for line in lines:
+            name, _, value = line.partition(b":")
+            value = value.lstrip(b" \t")
+            fields.append((name, value))
             kind = _RESPONSE_FIELDS.get(name.lower())
             if kind is None:  # most fields: forwarded as they are
                 continue
@@ -878,7 +889,7 @@ class Http1Connection:
                 upgrade = value
         if chunked and length is not None:
             raise _Reject(502, "upstream response has both Content-Length and Transfer-Encoding")
-        if dropped or version != "1.1":
+        if dropped or version != b"1.1":
             fwd = [(n, v) for n, v in fields if (low := n.lower()) not in _HOP_BY_HOP and low not in conn_tokens]
             out = [b"HTTP/1.1 %d " % status, reason, b"\r\n", *_fields(fwd)]
         else:
@@ -907,7 +918,7 @@ class Http1Connection:
             if rest_client:
                 self._to_upstream.append(rest_client)
             return TunnelOpened()
-        resp_keep = (b"close" not in conn_tokens) if version == "1.1" else (b"keep-alive" in conn_tokens)
+        resp_keep = (b"close" not in conn_tokens) if version == b"1.1" else (b"keep-alive" in conn_tokens)
         no_body = head.method == b"HEAD" or status in (204, 304)
         self._resp_chunked_out = False
         if no_body:
