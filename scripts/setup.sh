@@ -56,3 +56,11 @@ site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pu
 if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
   ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
+
+# The waypoint's and HBONE's hot modules compiled with mypyc, into build/compiled/<digest>/ (ztunnel/compiled):
+# ~40 s after a change of the sources it reads, ~0.3 s otherwise. Without it everything runs from source.
+compiled_rc=0
+bash "$ROOT/scripts/build-compiled.sh" >/dev/null || compiled_rc=$?
+if [ "$compiled_rc" != 0 ]; then
+  echo "setup: no compiled hot modules (scripts/build-compiled.sh exit $compiled_rc, see above): the waypoint and HBONE run as pure Python" >&2
+fi

