@@ -52,6 +52,11 @@ SOURCE_ROOT: Final = Path(__file__).resolve().parents[2]  # the directory holdin
 BUILD_ROOT: Final = SOURCE_ROOT / "build" / "compiled"
 
 
+def source_file(name: str) -> str:
+    """`ztunnel.hbone.stream` -> `ztunnel/hbone/stream.py`, relative to SOURCE_ROOT (MODULES are no packages)."""
+    return name.replace(".", "/") + ".py"
+
+
 def interpreter_abi() -> dict[str, str]:
     """What an extension module is bound to: a build for another interpreter is never loaded."""
     return {

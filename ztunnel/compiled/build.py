@@ -32,6 +32,7 @@ from ztunnel.compiled import (
     file_sha256,
     find_build,
     interpreter_abi,
+    source_file,
 )
 
 KEEP: Final = 3
@@ -49,12 +50,6 @@ follow_imports = skip
 
 class BuildUnavailable(Exception):
     """mypyc or a C compiler is missing here: the project runs as pure Python."""
-
-
-def module_path(name: str) -> str:
-    """`ztunnel.hbone.stream` -> `ztunnel/hbone/stream.py` (or the package's `__init__.py`)."""
-    rel = name.replace(".", "/")
-    return f"{rel}/__init__.py" if (SOURCE_ROOT / rel).is_dir() else f"{rel}.py"
 
 
 def closure(root: Path, modules: Iterable[str]) -> list[str]:
@@ -133,7 +128,7 @@ def build(log: Callable[[str], None], force: bool = False) -> Path:
         started = time.monotonic()
         staged = BUILD_ROOT / f".{name}.{os.getpid()}"  # beside the final name: the rename is atomic
         try:
-            extensions = _mypyc(snapshot, staged, Path(tmp), [module_path(m) for m in MODULES], log)
+            extensions = _mypyc(snapshot, staged, Path(tmp), [source_file(m) for m in MODULES], log)
             manifest = {"modules": list(MODULES), "mypy_version": version, "abi": abi, "files": hashes,
                         "extensions": extensions}
             (staged / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
