@@ -301,7 +301,8 @@ class HboneStream:
             self._response.set_exception(error)
 
     def on_data(self, data: bytes, flow: int) -> None:
-        budget = self._conn.budget
+        conn = self._conn
+        budget = conn.budget
         if budget is not None:  # charged until acknowledged (_ack): bytes the local app has not taken
             budget.unread += flow
             if budget.unread + budget.parked > budget.limit:
@@ -311,11 +312,15 @@ class HboneStream:
         target = self._push_to
         if target is not None and not self._chunks and not self._pushing_paused:
             target.data(data)
-            if flow:
-                if self._pushing_paused and self.reset_code is None:  # _consumed, inline (per frame relayed)
+            if flow:  # _consumed and _ack, inline (per frame relayed)
+                if self._pushing_paused and self.reset_code is None:
                     self._held_flow += flow
-                else:
-                    self._ack(flow)
+                    return
+                budget = conn.budget
+                if budget is not None:
+                    budget.unread -= flow
+                if not (FAST_DATA_FRAMES and dataframes.acknowledge(conn.h2, self.stream_id, flow)):
+                    conn.acknowledge(self.stream_id, flow)
             return
         self._chunks.append((data, flow))
         if self._read_waiter is not None and not self._read_waiter.done():
