@@ -68,18 +68,6 @@ class Limits:
 UNDERSCORE_ACTIONS = ("ALLOW", "REJECT_REQUEST", "DROP_HEADER")
 
 
-def underscored_headers(
-    headers: list[tuple[bytes, bytes]], action: str
-) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-    """`headers` without those whose name holds `_` when `action` is DROP_HEADER; with REJECT_REQUEST, the first
-    such name (the request is answered 400), else None. Called only when `action` is not ALLOW."""
-    if not any(b"_" in n for n, _ in headers):
-        return headers, None
-    if action == "REJECT_REQUEST":
-        return headers, next(n for n, _ in headers if b"_" in n)
-    return [(n, v) for n, v in headers if b"_" not in n], None
-
-
 # --- events (past tense, small) ---
 
 
@@ -192,7 +180,7 @@ class _Reject(Exception):
 
 
 class _NoCallbacks:
-    """llhttp's protocol object for a response head: no callbacks (`_fields_of` splits the head it accepted)."""
+    """llhttp's protocol object for a response head: no callbacks (see `_HeadSink`)."""
 
     __slots__ = ()
 
@@ -302,8 +290,11 @@ class _Body:
 
 
 class _HeadSink:
-    """llhttp's callbacks for one head: the request target and the head's end. Header fields are not taken
-    from callbacks (one Python call per field): once llhttp accepted the head, `_fields_of` splits its bytes."""
+    """llhttp's callbacks for one request head: its target and its end. Header fields are not taken from
+    callbacks (a Python call per field): once llhttp accepted a head, its field lines are split where they are
+    classified (`_build_head`, `_next_response_head`). llhttp refused bare CR/LF, obs-fold, whitespace before the
+    colon and non-token names, so each line is `name:value`; the value loses its leading whitespace, as llhttp's
+    own callback gives it (the trailing part is kept, as there)."""
 
     __slots__ = ("complete", "url")
 
@@ -316,18 +307,6 @@ class _HeadSink:
 
     def on_headers_complete(self) -> None:
         self.complete = True
-
-
-def _fields_of(block: bytes) -> list[tuple[bytes, bytes]]:
-    """The (name, value) fields of a header block llhttp accepted (lines joined by CRLF, no final CRLF): llhttp
-    refused bare CR/LF, obs-fold, a space before the colon and non-token names, so each line is `name:value`;
-    the value loses its leading whitespace, as llhttp's own callback gives it (the trailing part is kept)."""
-    fields: list[tuple[bytes, bytes]] = []
-    if block:
-        for line in block.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            fields.append((name, value.lstrip(b" \t")))
-    return fields
 
 
 _HOP_BY_HOP = frozenset(
@@ -563,7 +542,7 @@ class Http1Connection:
             self._parser = httptools.HttpRequestParser(sink)
         parser = self._parser
         try:
-            parser.feed_data(memoryview(buf)[pos:end])
+            parser.feed_data(buf if pos == 0 and end == len(buf) else memoryview(buf)[pos:end])
         except httptools.HttpParserUpgrade:
             pass  # Upgrade or CONNECT: decided below
         except httptools.HttpParserError as exc:
@@ -595,18 +574,13 @@ class Http1Connection:
             target, path = request_target(url, method, self.limits.path_normalization)
         except BadTarget as exc:
             raise _Reject(400, str(exc)) from None
-        received = _fields_of(buf[line_end + 2 : end - 4])
-        if len(received) > self.limits.max_headers:
+        block = buf[line_end + 2 : end - 4]  # its field lines (see `_HeadSink`)
+        lines = block.split(b"\r\n") if block else []
+        if len(lines) > self.limits.max_headers:
             raise _Reject(431, f"more than {self.limits.max_headers} header fields")
         underscores = self.limits.headers_with_underscores
-        if underscores != "ALLOW":
-            all_received = received
-            received, bad = underscored_headers(received, underscores)
-            if bad is not None:
-                raise _Reject(400, f"header {bad.decode('latin-1')!r} has an underscore in its name")
-            dropped = received is not all_received
-        else:
-            dropped = False
+        received: list[tuple[bytes, bytes]] = []
+        dropped = False
         host: bytes | None = None
         hosts = 0
         length: int | None = None
@@ -614,13 +588,22 @@ class Http1Connection:
         conn_tokens: set[bytes] = set()
         upgrade: bytes | None = None
         expect: bytes | None = None
-        for name, value in received:
+        for line in lines:
+            name, _, value = line.partition(b":")
+            value = value.lstrip(b" \t")
             low = name.lower()
             kind = _REQUEST_FIELDS.get(low)
             if kind is None:  # most fields: forwarded as they are
-                if b"_" in low and fold_name(low) in SANITIZED_HEADERS:
-                    dropped = True
+                if b"_" in low:  # (no name in _REQUEST_FIELDS has one)
+                    if underscores == "REJECT_REQUEST":
+                        raise _Reject(400, f"header {name.decode('latin-1')!r} has an underscore in its name")
+                    if underscores == "DROP_HEADER" or fold_name(low) in SANITIZED_HEADERS:
+                        dropped = True
+                        if underscores == "DROP_HEADER":
+                            continue  # neither the policy nor the app sees it
+                received.append((name, value))
                 continue
+            received.append((name, value))
             if kind == _HOST:
                 host = value
                 hosts += 1
@@ -838,7 +821,7 @@ class Http1Connection:
         end += 4
         parser = httptools.HttpResponseParser(_NO_CALLBACKS)
         try:
-            parser.feed_data(memoryview(buf)[pos:end])
+            parser.feed_data(buf if pos == 0 and end == len(buf) else memoryview(buf)[pos:end])
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError as exc:
@@ -854,7 +837,7 @@ class Http1Connection:
         if version != b"1.1" and version != b"1.0":
             raise _Reject(502, f"upstream answered HTTP/{parser.get_http_version()}")
         reason = buf[pos + 13 : line_end]
-        block = buf[line_end + 2 : end - 4]  # the fields, split here as in `_fields_of`
+        block = buf[line_end + 2 : end - 4]  # its field lines (see `_HeadSink`)
         lines = block.split(b"\r\n") if block else []
         if len(lines) > self.limits.max_headers:
             raise _Reject(502, f"upstream response has more than {self.limits.max_headers} header fields")

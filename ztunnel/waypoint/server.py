@@ -896,7 +896,9 @@ class _ClientConnection:
             await self._to_client(http.data_to_client())
             return not http.closed
         upstream = self.upstream
-        if upstream is not None and (upstream.endpoint != endpoint or not upstream.reusable):
+        if upstream is not None and (
+            (upstream.endpoint is not endpoint and upstream.endpoint != endpoint) or not upstream.reusable
+        ):
             upstream.stream.close()
             upstream = self.upstream = None
         # A kept-alive upstream may have died before our request met it: an idempotent request without a body
