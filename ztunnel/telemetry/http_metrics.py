@@ -170,26 +170,11 @@ class WaypointMetrics:
         grpc_response_status: str = "",
         response_flags: str = NO_FLAGS,
     ) -> RequestSeries:
-        """The series of one label set, to `observe` requests in (a caller may keep it: it stays this one)."""
+        """The series of one label set, to `observe` finished requests in (duration in ms, body sizes in bytes;
+        `grpc_response_status` empty for a non-gRPC request, as Istio reports it). A caller may keep it."""
         key = (labels, response_code, grpc_response_status, response_flags or NO_FLAGS)
         series = self._series.get(key)
         if series is None:
             values = (*labels.values(key[3]), str(response_code), grpc_response_status)
             series = self._series[key] = RequestSeries(values, time.time())
         return series
-
-    def request_done(
-        self,
-        labels: ConnectionLabels,
-        *,
-        response_code: int,
-        duration: float,
-        request_bytes: int,
-        response_bytes: int,
-        grpc_response_status: str = "",
-        response_flags: str = NO_FLAGS,
-    ) -> None:
-        """Count one finished request; `duration` in seconds, sizes are body bytes. `grpc_response_status`
-        is empty for a non-gRPC request, as Istio reports it."""
-        series = self.series(labels, response_code, grpc_response_status, response_flags)
-        series.observe(duration * 1000.0, request_bytes, response_bytes)
