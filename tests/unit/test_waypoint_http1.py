@@ -616,3 +616,43 @@ async def test_http_client_interop_allowed_then_denied_on_one_connection() -> No
         (403, b"RBAC: access denied", "text/plain"),
         (200, b"hello", "text/plain"),
     ]
+
+
+# A head with nothing to drop or rewrite goes on as its own bytes (no re-serializing); anything else is rebuilt.
+def test_an_unchanged_head_goes_on_as_sent_both_ways() -> None:
+    request = b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A:b\r\nX-Pad: v  \r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nX-B:c\r\nContent-Length: 2\r\n\r\nok"
+    to_client, to_upstream, _ = run(Http1Connection(), [request], response)
+    assert to_upstream == request
+    assert to_client == response
+
+
+def test_a_request_line_with_extra_spaces_or_hop_by_hop_fields_is_rebuilt() -> None:
+    _, to_upstream, _ = run(Http1Connection(), [b"GET  /a HTTP/1.1\r\nHost: svc\r\n\r\n"])  # llhttp allows it
+    assert to_upstream == b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n"
+    _, to_upstream, _ = run(Http1Connection(), [b"GET /a HTTP/1.1\r\nHost: svc\r\nTE: x\r\nX-A: b\r\n\r\n"])
+    assert to_upstream == b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A: b\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "head"),
+    [
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"),
+        (b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+        (
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: 5\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+        ),
+    ],
+    ids=["upstream HTTP/1.0", "empty line before the status line", "hop-by-hop field"],
+)
+def test_a_response_head_that_needs_a_change_is_rebuilt(answer: bytes, head: bytes) -> None:
+    to_client, _, _ = run(Http1Connection(), [GET], answer)
+    assert to_client.startswith(head) and to_client.endswith(b"\r\n\r\nok")
+    assert to_client.count(b"HTTP/") == 1
+
+
+def test_a_response_with_too_many_fields_is_a_502() -> None:
+    answer = b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 3 + b"Content-Length: 2\r\n\r\nok"
+    to_client, _, events = run(Http1Connection(Limits(max_headers=3)), [GET], answer)
+    assert to_client.startswith(b"HTTP/1.1 502 ") and not any(isinstance(e, ResponseReceived) for e in events)
