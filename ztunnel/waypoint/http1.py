@@ -446,10 +446,20 @@ class Http1Connection:
     # --- output ---
 
     def data_to_client(self) -> bytes:
-        return _take(self._to_client)
+        parts = self._to_client  # (not a shared helper: one Python call less, three times a request)
+        if not parts:
+            return b""
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        return out
 
     def data_to_upstream(self) -> bytes:
-        return _take(self._to_upstream)
+        parts = self._to_upstream
+        if not parts:
+            return b""
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        return out
 
     @property
     def closed(self) -> bool:
@@ -1029,14 +1039,6 @@ def _append(buf: bytes, pos: int, data: bytes) -> bytes:
     if pos >= len(buf):
         return bytes(data)
     return buf[pos:] + data
-
-
-def _take(parts: list[bytes]) -> bytes:
-    if not parts:
-        return b""
-    out = parts[0] if len(parts) == 1 else b"".join(parts)
-    parts.clear()
-    return out
 
 
 __all__ = [
