@@ -584,7 +584,9 @@ class Http1Connection:
             target, path = request_target(url, method, self.limits.path_normalization)
         except BadTarget as exc:
             raise _Reject(400, str(exc)) from None
-        block = buf[line_end + 2 : end - 4]  # its field lines (see `_HeadSink`)
+        # An empty range is sliced as [i:i], never [i:j] with j < i: compiled, mypyc (2.4.1) raises SystemError
+        # ("Negative size passed to PyBytes_FromStringAndSize") for that instead of answering b"". Twice below too.
+        block = buf[line_end + 2 : max(line_end + 2, end - 4)]  # its field lines (see `_HeadSink`)
         lines = block.split(b"\r\n") if block else []
         if len(lines) > self.limits.max_headers:
             raise _Reject(431, f"more than {self.limits.max_headers} header fields")
@@ -846,8 +848,8 @@ class Http1Connection:
         version = buf[pos + 5 : pos + 8]  # llhttp accepted `HTTP/x.y SP ddd [SP reason]`
         if version != b"1.1" and version != b"1.0":
             raise _Reject(502, f"upstream answered HTTP/{parser.get_http_version()}")
-        reason = buf[pos + 13 : line_end]
-        block = buf[line_end + 2 : end - 4]  # its field lines (see `_HeadSink`)
+        reason = buf[pos + 13 : max(pos + 13, line_end)]
+        block = buf[line_end + 2 : max(line_end + 2, end - 4)]  # its field lines (see `_HeadSink`)
         lines = block.split(b"\r\n") if block else []
         if len(lines) > self.limits.max_headers:
             raise _Reject(502, f"upstream response has more than {self.limits.max_headers} header fields")
