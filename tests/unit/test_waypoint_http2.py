@@ -3,24 +3,36 @@ given back only on `ack`, the connection's end for floods; and protocol selectio
 
 from __future__ import annotations
 
+import random
+
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
+import hpack
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
+from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
+from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.config.model import ServicePort, Workload
 from ztunnel.policy.decision import ConnectionAttributes
 from ztunnel.waypoint.http1 import RequestHead
 from ztunnel.waypoint.http2 import (
+    _REQUEST,
+    _RESPONSE,
+    _TRAILERS,
     BadRequest,
     Closed,
     Data,
     H2Conn,
     H2Limits,
     RequestStarted,
+    _Decoder,
+    _Encoder,
+    check_received,
 )
 from ztunnel.waypoint.server import _h1_head, check_attributes, classify, port_protocol
 
@@ -271,3 +283,174 @@ def test_upstream_h2_drops_forged_headers_in_either_spelling() -> None:
     up.send_request(head, b"http", ((b"x-jwt-payload", b"real"),), frozenset({b"x-jwt-payload"}), end_stream=True)
     (started,) = [e for e in app.receive(up.data_to_send()) if isinstance(e, RequestStarted)]
     assert started.head.headers == ((b"x-ok", b"1"), (b"x-jwt-payload", b"real"))
+
+
+# --- h2's inbound validation and HPACK, as the waypoint does them (check_received, _Encoder, _Decoder) ---
+
+_KINDS = {  # check_received's kinds -> h2's validation flags for the same block
+    _REQUEST: HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False),
+    _RESPONSE: HeaderValidationFlags(is_client=True, is_trailer=False, is_response_header=True, is_push_promise=False),
+    _TRAILERS: HeaderValidationFlags(is_client=False, is_trailer=True, is_response_header=False, is_push_promise=False),
+}
+_BASE = {
+    _REQUEST: [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")],
+    _RESPONSE: [(b":status", b"200")],
+    _TRAILERS: [(b"grpc-status", b"0")],
+}
+
+
+def _h2_refuses(headers: list[tuple[bytes, bytes]], kind: int) -> bool:
+    try:
+        list(validate_headers(normalize_inbound_headers(headers, _KINDS[kind]), _KINDS[kind]))
+    except h2.exceptions.ProtocolError:
+        return True
+    return False
+
+
+def _we_refuse(headers: list[tuple[bytes, bytes]], kind: int) -> bool:
+    try:
+        check_received(list(normalize_inbound_headers(headers, _KINDS[kind])), kind)
+    except h2.exceptions.ProtocolError:
+        return True
+    return False
+
+
+def _blocks() -> list[tuple[list[tuple[bytes, bytes]], int]]:
+    """Header blocks of each kind, good and bad: every byte in a name and at each place in a value, every set of
+    pseudo-headers with and without CONNECT, and random mixes of fields that are each fine or each not."""
+    out: list[tuple[list[tuple[bytes, bytes]], int]] = []
+    for kind, base in _BASE.items():
+        for c in range(256):
+            b = bytes((c,))
+            out.append(([*base, (b"x" + b, b"v")], kind))
+            out.append(([*base, (b + b"x", b"v")], kind))
+            out += [([*base, (b"x", v)], kind) for v in (b + b"v", b"v" + b + b"v", b"v" + b, b)]
+        for i in range(len(base)):  # each field of the good block emptied, or dropped
+            out.append(([*base[:i], (base[i][0], b""), *base[i + 1 :]], kind))
+            out.append(([*base[:i], *base[i + 1 :]], kind))
+        pseudo = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/"),
+                  (b":status", b"200"), (b":protocol", b"websocket")]  # fmt: skip
+        for mask in range(64):
+            chosen = [f for i, f in enumerate(pseudo) if mask >> i & 1]
+            out.append(([*chosen, (b"x", b"1")], kind))
+            out.append(([(n, b"CONNECT") if n == b":method" else (n, v) for n, v in chosen], kind))
+    pool = [
+        (b":method", b"GET"), (b":method", b"CONNECT"), (b":scheme", b"http"), (b":path", b"/a"), (b":path", b""),
+        (b":authority", b"a"), (b":authority", b"b"), (b":status", b"200"), (b":status", b"100"), (b":foo", b"x"),
+        (b":protocol", b"ws"), (b"host", b"a"), (b"host", b"b"), (b"te", b"trailers"), (b"te", b"TRAILERS"),
+        (b"te", b"gzip"), (b"connection", b"close"), (b"keep-alive", b"1"), (b"upgrade", b"h2"), (b"cookie", b"a=1"),
+        (b"cookie", b"b=2"), (b"x", b" lead"), (b"x", b"trail\t"), (b"x", b"in side"), (b"", b"empty"),
+        (b"X-Up", b"1"), (b"x:y", b"1"), (b"x", b"a\x00b"), (b"content-length", b"5"), (b"x", b""),
+    ]  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(6000):
+        fields = [rng.choice(pool) for _ in range(rng.randint(0, 7))]
+        out.append((fields, rng.choice(list(_BASE))))
+        out.append(([*_BASE[_REQUEST], *fields], _REQUEST))
+    return out
+
+
+def test_received_headers_are_refused_exactly_as_h2_refuses_them() -> None:
+    """check_received replaces h2's inbound validation (turned off in the waypoint's h2): the same blocks pass."""
+    blocks = _blocks()
+    verdicts = [(_h2_refuses(headers, kind), _we_refuse(headers, kind)) for headers, kind in blocks]
+    differ = [(blocks[i], v) for i, v in enumerate(verdicts) if v[0] != v[1]]
+    assert differ == []
+    refused = sum(theirs for theirs, _ in verdicts)
+    assert 0.2 * len(blocks) < refused < 0.9 * len(blocks)  # the corpus holds both, in bulk
+
+
+def test_a_bad_field_still_ends_the_connection_with_h2_validation_off() -> None:
+    server, client = H2Conn(client_side=False), _client()
+    assert not server.h2.config.validate_inbound_headers
+    client.send_headers(1, [*_req(), ("x-a", "b\x00c")], end_stream=True)
+    events = server.receive(client.data_to_send())
+    assert [(type(e), getattr(e, "code", None)) for e in events] == [(Closed, ErrorCodes.PROTOCOL_ERROR)]
+
+
+def test_encoder_blocks_decode_as_sent_and_signal_a_table_size_change() -> None:
+    encoder, decoder = _Encoder(), hpack.Decoder()
+    fields = [
+        (b":status", b"200"), (b"content-type", b"text/plain"), (b"content-length", b"1" * 200),
+        (b"x-custom", b"v"), (b"authorization", b"Bearer x"), (b"cookie", b"short=1"), (b"cookie", b"c" * 30),
+        (b"x-long-name-" + b"n" * 150, b""),
+    ]  # fmt: skip
+    block = encoder.encode(fields)
+    decoded = decoder.decode(block, raw=True)
+    assert decoded == fields
+    assert [isinstance(h, NeverIndexedHeaderTuple) for h in decoded] == [False] * 4 + [True, True, False, False]
+    assert len(decoder.header_table.dynamic_entries) == 0  # nothing indexed: the peer's table stays empty
+    assert encoder.encode([(b":status", b"200")]) == b"\x88"
+    encoder.header_table_size = 0  # the peer lowered SETTINGS_HEADER_TABLE_SIZE
+    block = encoder.encode([(b":status", b"404")])
+    assert block[0] & 0xE0 == 0x20  # a dynamic table size update opens the next block
+    assert decoder.decode(block, raw=True) == [(b":status", b"404")]
+
+
+def test_decoder_gives_what_hpack_gives_for_every_block() -> None:
+    """_Decoder's short way (blocks of one-byte indexed fields) against hpack's decoder on one stream of blocks
+    from hpack's encoder (which indexes, so repeats come as indexed fields); errors alike."""
+    encoder, ours, theirs = hpack.Encoder(), _Decoder(), hpack.Decoder()
+    rng = random.Random(3)
+    names = [b":method", b":path", b"x-a", b"x-b", b"user-agent", b"accept"]
+    values = [b"GET", b"/", b"/a", b"1", b"2", b"bench", b"*/*"]
+    indexed_only = 0
+    for _ in range(2000):
+        fields = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randint(0, 6))]
+        block = encoder.encode(fields, huffman=rng.random() < 0.5)
+        indexed_only += not block.translate(None, bytes(range(0x81, 0xFF)))
+        assert ours.decode(block, raw=True) == theirs.decode(block, raw=True) == fields
+    assert indexed_only > 500  # the short way was taken (and agreed)
+    for bad in (b"\xfe", b"\x82\xfe"):  # an index past the dynamic table
+        with pytest.raises(hpack.InvalidTableIndex):
+            _Decoder().decode(bad, raw=True)
+    small = _Decoder()
+    small.max_header_list_size = 40
+    with pytest.raises(hpack.OversizedHeaderListError):
+        small.decode(b"\x82\x84", raw=True)  # :method GET (32+10) + :path / (32+6)
+
+
+def _raw_request(encoder: hpack.Encoder, sid: int) -> bytes:
+    frame = HeadersFrame(sid, encoder.encode(_req_bytes()), flags=["END_HEADERS", "END_STREAM"])
+    return bytes(frame.serialize())
+
+
+def _req_bytes() -> list[tuple[bytes, bytes]]:
+    return [(n.encode(), v.encode()) for n, v in _req()]
+
+
+def test_concurrent_stream_limit_holds_with_closed_streams_held() -> None:
+    """h2's open-stream count is skipped below the limit (_H2._open_streams): at the limit, answered streams
+    still make room and open ones still refuse one more."""
+    limit = 4
+    server, client = H2Conn(client_side=False, limits=H2Limits(max_concurrent_streams=limit)), _client()
+    _exchange(server, client)  # SETTINGS acknowledged: the limit is in force
+    encoder = hpack.Encoder()
+    for rnd in range(3):  # each round: `limit` streams open at once, then answered (closed)
+        sids = [1 + 2 * (rnd * limit + i) for i in range(limit)]
+        events = server.receive(b"".join(_raw_request(encoder, sid) for sid in sids))
+        assert [e.stream_id for e in events if isinstance(e, RequestStarted)] == sids
+        for sid in sids:
+            server.respond(sid, 200, b"ok")
+        server.data_to_send()
+    sids = [101 + 2 * i for i in range(limit)]  # as many as the limit, none answered
+    events = server.receive(b"".join(_raw_request(encoder, sid) for sid in sids))
+    assert [e.stream_id for e in events if isinstance(e, RequestStarted)] == sids
+    (closed,) = server.receive(_raw_request(encoder, 201))  # one more
+    assert isinstance(closed, Closed) and closed.code == ErrorCodes.PROTOCOL_ERROR
+    assert "Max inbound streams" in closed.reason
+
+
+def test_answered_streams_are_not_remembered_forever() -> None:
+    """A long-lived connection: the set of answered streams (for the premature-reset count) stays bounded, and
+    resets of long-answered streams still cost the peer nothing."""
+    server, client = H2Conn(client_side=False, limits=H2Limits(open_budget=10_000, reset_budget=5)), _client()
+    _exchange(server, client)
+    encoder = hpack.Encoder()
+    for i in range(2000):
+        server.receive(_raw_request(encoder, 1 + 2 * i))
+        server.respond(1 + 2 * i, 200, b"ok")
+        server.data_to_send()
+    assert len(server._answered) <= 300
+    resets = b"".join(bytes(RstStreamFrame(1 + 2 * i, error_code=8).serialize()) for i in range(50))
+    assert not [e for e in server.receive(resets) if isinstance(e, Closed)]
