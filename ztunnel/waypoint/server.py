@@ -514,11 +514,23 @@ class _ReadDeadline:
         self.expired = False
 
     async def read(self, read: Callable[[], Any], delay: float) -> bytes:
-        """`await read()`, TimeoutError after `delay` seconds. Every read is from one task (the first one's)."""
-        task = self._task
-        if task is None:
-            task = self._task = asyncio.current_task()
-            assert task is not None
+        """`await read()`, TimeoutError after `delay` seconds (what `start`, `timed_out` and `end` do around a read,
+        which `_run_http1` writes out inline: no coroutine of its own per request)."""
+        self.start(delay)
+        try:
+            data: bytes = await read()
+            return data
+        except asyncio.CancelledError:
+            if self.timed_out():
+                raise TimeoutError from None
+            raise
+        finally:
+            self.deadline = None
+
+    def start(self, delay: float) -> None:
+        """A read begins that must end within `delay` seconds (then `end` it). Every read is from one task."""
+        if self._task is None:
+            self._task = asyncio.current_task()
         deadline = self._loop.time() + delay
         self.deadline = deadline
         handle = self._handle
@@ -526,17 +538,18 @@ class _ReadDeadline:
             if handle is not None:
                 handle.cancel()
             self._arm(deadline)
-        try:
-            data: bytes = await read()
-            return data
-        except asyncio.CancelledError:
-            if self.expired:
-                self.expired = False
-                if task.uncancel() == 0:  # ours alone: nobody else cancelled the task meanwhile
-                    raise TimeoutError from None
-            raise
-        finally:
-            self.deadline = None
+
+    def timed_out(self) -> bool:
+        """The read was cancelled: True when by its deadline alone (then the cancellation is spent, and the read
+        is a timeout), False when the cancellation is someone else's (to be re-raised)."""
+        if not self.expired:
+            return False
+        self.expired = False
+        assert self._task is not None
+        return self._task.uncancel() == 0  # ours alone: nobody else cancelled the task meanwhile
+
+    def end(self) -> None:
+        self.deadline = None
 
     def _arm(self, when: float) -> None:
         self._when = when
@@ -628,6 +641,7 @@ class _ClientConnection:
         timeouts = self.server.timeouts
         head_since = self.started if first else None  # when the awaited request head began (None: none has)
         reads = _ReadDeadline()
+        client = self.client
         try:
             while True:
                 ev = http.next_request_event()
@@ -637,11 +651,20 @@ class _ClientConnection:
                     limit = timeouts.idle if head_since is None else timeouts.request_headers
                     if limit is None:
                         data = await self._read_client()
-                    else:
-                        delay = limit if head_since is None else head_since + limit - time.monotonic()
+                    else:  # `reads.read(self._read_client, ...)` written out: two coroutines less per request
+                        reads.start(limit if head_since is None else head_since + limit - time.monotonic())
+                        timed_out = False
                         try:
-                            data = await reads.read(self._read_client, delay)
-                        except TimeoutError:
+                            data = await client.read(READ_CHUNK)
+                        except StreamClosed:
+                            data = b""
+                        except asyncio.CancelledError:
+                            if not reads.timed_out():
+                                raise
+                            timed_out = True
+                        finally:
+                            reads.end()
+                        if timed_out:
                             self._timed_out(head_since is not None)
                             if head_since is not None:
                                 await self._to_client(_HEAD_TIMED_OUT)
