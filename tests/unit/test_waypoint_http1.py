@@ -656,3 +656,13 @@ def test_a_response_with_too_many_fields_is_a_502() -> None:
     answer = b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 3 + b"Content-Length: 2\r\n\r\nok"
     to_client, _, events = run(Http1Connection(Limits(max_headers=3)), [GET], answer)
     assert to_client.startswith(b"HTTP/1.1 502 ") and not any(isinstance(e, ResponseReceived) for e in events)
+
+
+def test_the_request_content_type_is_its_first_content_type_field() -> None:
+    conn = Http1Connection()
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: svc\r\ncontent-TYPE: application/grpc\r\nContent-Type: text/x\r\n\r\n")
+    ev = conn.next_request_event()
+    assert isinstance(ev, RequestReceived)
+    assert conn.request_content_type == ev.head.header(b"content-type") == b"application/grpc"
+    conn.allow()
+    assert b"content-TYPE: application/grpc\r\nContent-Type: text/x\r\n" in conn.data_to_upstream()

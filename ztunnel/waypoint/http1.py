@@ -331,6 +331,7 @@ _UPGRADE = 5
 _EXPECT = 6
 _DROPPED = 7  # the other hop-by-hop fields, and those sanitized
 _GRPC_STATUS = 8
+_CONTENT_TYPE = 9  # forwarded; kept for the request's telemetry
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Named in a client's Connection header, these are still the message's own (framing, routing), never dropped.
 _END_TO_END = frozenset({b"content-length", b"host"})
@@ -344,6 +345,7 @@ _REQUEST_FIELDS: dict[bytes, int] = {
     b"connection": _CONNECTION,
     b"upgrade": _UPGRADE,
     b"expect": _EXPECT,
+    b"content-type": _CONTENT_TYPE,
 }
 _RESPONSE_FIELDS: dict[bytes, int] = {
     **dict.fromkeys(_HOP_BY_HOP, _DROPPED),
@@ -435,6 +437,8 @@ class Http1Connection:
         self._head: RequestHead | None = None
         self._fwd_headers: list[tuple[bytes, bytes]] = []  # the deciding request's fields as they go upstream
         self._fwd_head: bytes | None = None  # its whole head, when it goes upstream unchanged
+        # the last request head's Content-Type (its first field; `RequestHead.header` without the walk)
+        self.request_content_type: bytes | None = None
         self._req_body: _Body | None = None
         self._resp_body: _Body | None = None
         self._resp_chunked_out = False  # re-encode response data as chunks for the client
@@ -600,6 +604,7 @@ class Http1Connection:
         conn_tokens: set[bytes] = set()
         upgrade: bytes | None = None
         expect: bytes | None = None
+        content_type: bytes | None = None
         for line in lines:
             name, _, value = line.partition(b":")
             value = value.lstrip(b" \t")
@@ -622,6 +627,10 @@ class Http1Connection:
                 continue
             if kind == _CONTENT_LENGTH:
                 length = int(value)  # llhttp allowed digits only, and one field
+                continue
+            if kind == _CONTENT_TYPE:
+                if content_type is None:
+                    content_type = value
                 continue
             dropped = True  # the rest are hop-by-hop or sanitized: not forwarded
             if kind == _TRANSFER_ENCODING:
@@ -647,6 +656,7 @@ class Http1Connection:
         if (upgrade is not None or method == b"CONNECT") and (chunked or length):
             raise _Reject(400, "an Upgrade or CONNECT request carries no body")
         keep_alive = (b"close" not in conn_tokens) if version == b"1.1" else (b"keep-alive" in conn_tokens)
+        self.request_content_type = content_type
         if dropped:
             self._fwd_headers = [
                 (n, v)

@@ -676,11 +676,12 @@ class _ClientConnection:
                     # `_request`, and its metrics and access log line once it is over (however it ends); not a
                     # coroutine of its own: each upstream read resumes every frame of the await chain
                     head = ev.head
+                    content_type = http.request_content_type
                     self.outcome = outcome = Outcome(time.monotonic(), service=self._target_service())
                     try:
                         go_on = await self._request(head)
                     finally:
-                        self._record(head, outcome)
+                        self._record_as(head, outcome, content_type)
                     if not go_on:
                         break
                 else:  # CLOSED, RequestRejected (its answer is queued), PAUSED (nothing left to do)
@@ -753,6 +754,10 @@ class _ClientConnection:
         )
 
     def _record(self, head: RequestHead | None, outcome: Outcome) -> None:
+        self._record_as(head, outcome, head.header(b"content-type") if head is not None else None)
+
+    def _record_as(self, head: RequestHead | None, outcome: Outcome, content_type: bytes | None) -> None:
+        """`_record` with the request's content type known (HTTP/1.1 has it from the head's parse)."""
         telemetry = self.server.telemetry
         if telemetry is None:
             return
@@ -765,7 +770,7 @@ class _ClientConnection:
             source_addr=self._client[2],  # formatted once per connection and snapshot
             method=head.method if head is not None else b"-",
             path=head.path if head is not None else b"-",
-            content_type=head.header(b"content-type") if head is not None else None,
+            content_type=content_type,
             outcome=outcome,
         )
 
