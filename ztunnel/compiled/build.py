@@ -143,6 +143,9 @@ def build(log: Callable[[str], None], force: bool = False) -> Path:
             shutil.rmtree(staged, ignore_errors=True)
         log(f"compiled: built {final} in {time.monotonic() - started:.1f} s")
     _prune(final, log)
+    now = find_build(BUILD_ROOT, SOURCE_ROOT, env={})
+    if now.build is None or now.build.path != final:
+        log(f"compiled: the source changed during the build, which is stale already: {now.reason}")
     return final
 
 
