@@ -89,6 +89,10 @@ def test_path_normalized_alike_for_policy_and_app() -> None:
         (_req("/x", "delete"), 400),  # Istio: a method not in upper case is refused (a DENY on DELETE holds)
         (_req("/public/#/../admin"), 400),  # a fragment: an app resolving it would serve /admin
         (_req("/public/%00/../admin"), 400),  # %00: always refused, as Istio
+        ([*_req(), ("x(y", "1")], 400),  # not a token: no HTTP/1.1 upstream may be sent it (nghttp2 refuses it too)
+        ([*_req(), ("x-a", "b\x01c")], 400),  # a control character other than HTAB
+        ([*_req(), ("x-a", "b\x7fc")], 400),
+        (_req("/a\tb"), 400),  # a tab in the request line
     ],
 )
 def test_refused_on_its_stream_only(headers: list[tuple[str, str]], status: int) -> None:

@@ -670,7 +670,9 @@ def _b(value: bytes | str) -> bytes:
 
 
 _CONNECT = b"CONNECT"
-_PSEUDO_VALUE_BAD = re.compile(rb"[\0\r\n ]")  # in an HTTP/1.1 upstream's request line or Host
+_PSEUDO_VALUE_BAD = re.compile(rb"[\x00-\x20\x7f]")  # in an HTTP/1.1 upstream's request line or Host
+_FIELD_VALUE_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9110 §5.5: no CTL but HTAB
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # RFC 9110 tchar
 _METHOD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
 
@@ -685,8 +687,10 @@ def request_head(
     NUL in any value, upper case in names; §8.3.1: pseudo-headers present once, before regular fields, no
     connection-specific fields); what is left is ours: an origin-form :path, normalized as an HTTP/1.1 target
     is (http1.request_target: the path the policy sees is the one the app gets), no CONNECT (no tunnels inside
-    h2c), an upper-case :method, no space in pseudo-headers (they become an HTTP/1.1 request line), a numeric
-    content-length; a field name with `_` as `underscores` says (http1.Limits)."""
+    h2c), an upper-case :method, no space or control in pseudo-headers (they become an HTTP/1.1 request line),
+    field names that are tokens and values without controls (RFC 9110 §5.1, §5.5: what an HTTP/1.1 upstream
+    may be sent; nghttp2, so Envoy, refuses them too, RFC 9113 lets h2 through), a numeric content-length; a
+    field name with `_` as `underscores` says (http1.Limits)."""
     method = target = authority = b""
     host: bytes | None = None
     length: int | None = None
@@ -695,7 +699,7 @@ def request_head(
     for name, value in headers:
         if name.startswith(b":"):
             if _PSEUDO_VALUE_BAD.search(value) is not None:
-                return 400, f"{name.decode('latin-1')} holds CR, LF, NUL or a space"
+                return 400, f"{name.decode('latin-1')} holds a space or a control character"
             if name == b":method":
                 method = value
             elif name == b":path":
@@ -707,6 +711,10 @@ def request_head(
             if underscores == "REJECT_REQUEST":
                 return 400, f"header {name.decode('latin-1')!r} has an underscore in its name"
             continue  # DROP_HEADER
+        if name.translate(None, _TOKEN_CHARS):
+            return 400, f"header name {name.decode('latin-1')!r} is not a token"
+        if _FIELD_VALUE_CTL.search(value) is not None:
+            return 400, f"a field value of {name.decode('latin-1')} holds a control character"
         if name == b"host":
             host = value
         elif name == b"content-length":
