@@ -40,7 +40,7 @@ from ztunnel.hbone.protocol import (
     connect_headers,
     validate_connect,
 )
-from ztunnel.hbone.stream import HboneStream
+from ztunnel.hbone.stream import HboneStream, StreamOwner
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.net.streams import StreamClosed
 
@@ -60,7 +60,7 @@ TLS_READ_BUFFER = 256 * 1024
 TLS_READ_BUFFER_IDLE = 16 * 1024
 
 
-class HboneConnection(asyncio.BufferedProtocol):
+class HboneConnection(StreamOwner):
     """HTTP/2 over one TLS connection. Create with `client()` / `server()` factories."""
 
     def __init__(

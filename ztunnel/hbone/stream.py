@@ -11,7 +11,6 @@ import asyncio
 import collections
 import logging
 from collections.abc import Sequence
-from typing import Protocol
 
 import h2.exceptions
 from h2.errors import ErrorCodes
@@ -26,8 +25,9 @@ from ztunnel.net.streams import READ_CHUNK, PushTarget, StreamClosed
 log = logging.getLogger("ztunnel.hbone")
 
 
-class StreamOwner(Protocol):
-    """What a stream needs of its connection (HboneConnection implements it)."""
+class StreamOwner(asyncio.BufferedProtocol):
+    """What a stream needs of its connection: HboneConnection's base class. A base class, not a Protocol: compiled
+    (mypyc), a stream then reads these attributes and calls these methods directly, not by name (per DATA chunk)."""
 
     h2: HboneH2
     loop: asyncio.AbstractEventLoop
@@ -39,23 +39,30 @@ class StreamOwner(Protocol):
 
     def flush_soon(self) -> None:
         """Send what h2 queued at the end of this loop iteration."""
+        raise NotImplementedError
 
     def flush_after_send(self) -> None:
         """DATA went into h2's output: send it now if it is big, else at the end of the iteration."""
+        raise NotImplementedError
 
     async def wait_writable(self) -> None:
         """Return once the transport takes data again (or the connection closed)."""
+        raise NotImplementedError
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         """Give `size` received bytes of window back to the peer."""
+        raise NotImplementedError
 
     def notify_writable(self, stream: HboneStream) -> None:
         """Call `stream.send_pending()` once the transport takes data again."""
+        raise NotImplementedError
 
-    def cancel_notify_writable(self, stream: HboneStream) -> None: ...
+    def cancel_notify_writable(self, stream: HboneStream) -> None:
+        raise NotImplementedError
 
     def forget_if_done(self, stream: HboneStream) -> None:
         """The stream's state changed: once it is done, it leaves the connection."""
+        raise NotImplementedError
 
 
 class HboneStream:
