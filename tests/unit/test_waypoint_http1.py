@@ -447,6 +447,21 @@ def test_response_until_eof_closes_the_client_connection() -> None:
     assert conn.data_to_client() == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart"
 
 
+@pytest.mark.parametrize("fields", [b"", b"X-A: 1\r\n"], ids=["no-fields", "fields"])
+def test_a_status_line_without_a_reason_phrase_is_passed_on(fields: bytes) -> None:
+    """Its reason (and a head's field block) is an empty slice: compiled with mypyc 2.4.1, `buf[i:j]` with j < i
+    raised SystemError instead of answering b"" (the suite runs compiled where it can build: test_compiled)."""
+    conn = Http1Connection()
+    conn.receive_data(GET)
+    assert isinstance(conn.next_request_event(), RequestReceived)
+    conn.allow()
+    conn.receive_upstream_data(b"HTTP/1.1 204\r\n" + fields + b"\r\n")
+    evs = response_events(conn)
+    assert isinstance(evs[0], ResponseReceived) and (evs[0].status, evs[0].reason) == (204, b"")
+    assert evs[-1] == ResponseEnded(keep_alive=True)
+    assert conn.data_to_client() == b"HTTP/1.1 204\r\n" + fields + b"\r\n"
+
+
 def test_bad_upstream_response_is_a_502_and_close() -> None:
     conn = Http1Connection()
     conn.receive_data(GET)
