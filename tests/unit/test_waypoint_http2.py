@@ -458,3 +458,56 @@ def test_answered_streams_are_not_remembered_forever() -> None:
     assert len(server._answered) <= 300
     resets = b"".join(bytes(RstStreamFrame(1 + 2 * i, error_code=8).serialize()) for i in range(50))
     assert not [e for e in server.receive(resets) if isinstance(e, Closed)]
+
+
+def _two_servers(requests: int) -> tuple[H2Conn, H2Conn]:
+    """Two server connections in the same state: each got the same client preface and requests (1, 3, ...)."""
+    client = _client()
+    for i in range(requests):
+        client.send_headers(1 + 2 * i, _req(), end_stream=True)
+    data = client.data_to_send()
+    servers = (H2Conn(client_side=False), H2Conn(client_side=False))
+    for server in servers:
+        server.receive(data)
+        server.data_to_send()
+    return servers
+
+
+def test_response_head_and_last_data_go_out_as_h2_sends_them() -> None:
+    """send_response/send_last queue their frames without h2's send_headers/send_data: the same bytes, stream
+    states, windows and refusals as h2's own calls on a connection in the same state."""
+    ours, h2s = _two_servers(4)
+    fields = [(b"content-type", b"text/plain"), (b"content-length", b"5"), (b"x-app", b"a" * 300)]
+    assert ours.send_response(1, 200, fields)
+    h2s.h2.send_headers(1, [(b":status", b"200"), *fields])
+    assert ours.send_last(1, b"hello")
+    h2s.h2.send_data(1, b"hello", end_stream=True)
+    assert ours.send_response(3, 204, [], end_stream=True)
+    h2s.h2.send_headers(3, [(b":status", b"204")], end_stream=True)
+    assert ours.send_response(5, 200, fields)
+    h2s.h2.send_headers(5, [(b":status", b"200"), *fields])
+    assert not ours.send_response(5, 200, fields)  # a second head without END_STREAM: trailers must end it
+    with pytest.raises(h2.exceptions.ProtocolError):
+        h2s.h2.send_headers(5, [(b":status", b"200"), *fields])
+    assert ours.data_to_send() == h2s.data_to_send()
+    for sid in (1, 3, 5, 7):
+        a, b = ours.h2.streams[sid], h2s.h2.streams[sid]
+        assert (a.state_machine.state, a.outbound_flow_control_window) == (
+            b.state_machine.state,
+            b.outbound_flow_control_window,
+        )
+    assert ours.h2.outbound_flow_control_window == h2s.h2.outbound_flow_control_window
+    assert not ours.send_response(1, 200, fields)  # closed: refused as h2 refuses it
+    with pytest.raises(h2.exceptions.StreamClosedError):
+        h2s.h2.send_headers(1, [(b":status", b"200")])
+    assert not ours.send_last(3, b"late")
+    client, server = _client(), H2Conn(client_side=False)  # and a client reads them
+    client.send_headers(1, _req(), end_stream=True)
+    server.receive(client.data_to_send())
+    assert server.send_response(1, 200, fields) and server.send_last(1, b"hello")
+    events = client.receive_data(server.data_to_send())
+    assert [(type(e).__name__, getattr(e, "headers", None) or getattr(e, "data", None)) for e in events[-3:]] == [
+        ("ResponseReceived", [(b":status", b"200"), *fields]),
+        ("DataReceived", b"hello"),
+        ("StreamEnded", None),
+    ]

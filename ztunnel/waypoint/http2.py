@@ -19,6 +19,7 @@ content-length) gets an answer on its stream only (`BadRequest`, queued here), t
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -27,15 +28,17 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
+from h2.connection import ConnectionInputs
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
+from h2.stream import StreamInputs
 from h2.utilities import CONNECTION_HEADERS
 from hpack import HeaderTuple
 from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame
 
 from ztunnel.hbone.budgets import StreamBudget
-from ztunnel.hbone.http2 import HboneH2
+from ztunnel.hbone.http2 import FAST_DATA_FRAMES, HboneH2
 from ztunnel.hbone.protocol import MAX_HEADER_LIST, PREMATURE_RESET_BUDGET, STREAM_OPEN_BUDGET
 from ztunnel.waypoint.http1 import SANITIZED_HEADERS, BadTarget, RequestHead, fold_name, request_target
 
@@ -374,9 +377,39 @@ class H2Conn:
                 continue
             fields.append((low, value))
         try:
-            self.h2.send_headers(stream_id, fields, end_stream=end_stream)
+            if status < 200 or not self._send_head(stream_id, fields, end_stream):
+                self.h2.send_headers(stream_id, fields, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return False
+        return True
+
+    def _send_head(self, stream_id: int, fields: list[tuple[bytes, bytes]], end_stream: bool) -> bool:
+        """A final response head as h2's send_headers queues it (the same state-machine inputs in its order, so
+        the same errors; the same encoder), without its per-header passes and frame objects. False (nothing
+        done) when h2 itself must: a client side, a stream h2 does not hold, a table size change to signal (the
+        encoder's only state), a head over one frame, or an h2 without the internals this relies on
+        (hbone/dataframes.supported)."""
+        conn = self.h2
+        stream = conn.streams.get(stream_id)
+        encoder = conn.encoder
+        if not FAST_DATA_FRAMES or conn.client or stream is None or encoder.header_table.resized:
+            return False
+        block = encoder.encode(fields)  # _Encoder with no resize pending: no state touched, so it may go first
+        if len(block) > conn.max_outbound_frame_size:
+            return False
+        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+            flags |= _END_STREAM
+        elif machine.trailers_sent:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        stream.request_method = None  # as h2 records it from a response's fields
+        out = conn._data_to_send
+        out += _FRAME_HEADER.pack(len(block) << 8 | _HEADERS_TYPE, flags, stream_id)
+        out += block
         return True
 
     def respond(
@@ -422,9 +455,30 @@ class H2Conn:
         if not data or self.window(stream_id) < len(data):
             return False
         try:
-            self.h2.send_data(stream_id, data, end_stream=True)
+            if not self._send_last_frame(stream_id, data):
+                self.h2.send_data(stream_id, data, end_stream=True)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return False
+        return True
+
+    def _send_last_frame(self, stream_id: int, data: bytes) -> bool:
+        """`data` (within both windows and one frame: send_last checked) as one DATA frame with END_STREAM, as
+        h2's send_data queues it (its state-machine inputs and window accounting) without its frame objects;
+        False (nothing done) when h2 itself must."""
+        conn = self.h2
+        stream = conn.streams.get(stream_id)
+        if not FAST_DATA_FRAMES or stream is None:
+            return False
+        conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_DATA)
+        machine.process_input(StreamInputs.SEND_END_STREAM)
+        size = len(data)
+        out = conn._data_to_send
+        out += _FRAME_HEADER.pack(size << 8, _END_STREAM, stream_id)
+        out += data
+        conn.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
         return True
 
     def send_trailers(self, stream_id: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
@@ -485,6 +539,8 @@ class H2Conn:
 # --- HPACK and received-header checks: what hpack and h2 do, in fewer Python steps ---
 
 _ANSWERED_KEPT = 256  # H2Conn._answered is pruned to the streams h2 holds past this many
+_FRAME_HEADER = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
+_HEADERS_TYPE, _END_STREAM, _END_HEADERS = 0x1, 0x1, 0x4
 
 
 def _hpack_int(value: int, prefix: int, flags: int) -> bytes:
