@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -465,7 +466,7 @@ class H2Conn:
         """`data` (within both windows and one frame: send_last checked) as one DATA frame with END_STREAM, as
         h2's send_data queues it (its state-machine inputs and window accounting) without its frame objects;
         False (nothing done) when h2 itself must."""
-        conn = self.h2
+        conn: h2.connection.H2Connection = self.h2  # (as h2's type: mypyc compiles the window updates on it)
         stream = conn.streams.get(stream_id)
         if not FAST_DATA_FRAMES or stream is None:
             return False
