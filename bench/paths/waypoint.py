@@ -171,7 +171,8 @@ def local_waypoint(group: ProcessGroup) -> PathSetup:
             argv += ["--admin-addr", f"{addr}:15000"]
         path.proxies[node] = group.start(f"ztunnel-{node}", argv)
     argv = [*cmd, "--log-level", "warning", "waypoint", "--name", "waypoint", "--namespace", NAMESPACE, *common]
-    argv += ["--readiness-addr", f"{WP_NODE_W}:15021"]
+    # metrics on, as every waypoint runs (the lab's too): the node proxies above count theirs
+    argv += ["--metrics-addr", f"{WP_NODE_W}:15020", "--readiness-addr", f"{WP_NODE_W}:15021"]
     path.proxies["waypoint"] = group.start("ztunnel-waypoint", argv)
     try:
         for node, addr in (("wa", WP_NODE_A), ("wb", WP_NODE_B), ("waypoint", WP_NODE_W)):
