@@ -307,6 +307,31 @@ async def test_forged_client_cert_header_does_not_reach_the_app(client: HbonePoo
     assert heads and b"spiffe" not in heads[0].lower()
 
 
+@pytest.mark.parametrize("host", [b"secret.greet ", b"secret.greet\t", b"secret.greet \t "])
+async def test_hosts_rule_sees_host_without_trailing_whitespace(client: HbonePool, setup: Setup, host: bytes) -> None:
+    """Whitespace after a field value is not part of it (RFC 9112 §5: OWS either side); the app's parser trims it
+    and routes `secret.greet`, so the `hosts` DENY must match it too (it matched `secret.greet ` before, and the
+    request reached the app)."""
+    before = len(setup.guarded.heads)
+    answers = await _exchange(client, _req(b"/x", host=host), GUARDED_VIP)
+    assert answers[0][0] == 403
+    assert _seen(setup.guarded, before) == []
+
+
+async def test_field_values_reach_the_app_as_the_policy_saw_them(client: HbonePool, setup: Setup) -> None:
+    """Whitespace around a value is dropped for the policy, and the head is rebuilt so the app gets the same value
+    (a head with none goes on as its own bytes)."""
+    before = len(setup.guarded.heads)
+    raw = _req(b"/ok", extra=b"X-A:\t v \t\r\nX-B: w\r\n") + _req(b"/ok", extra=b"X-A: v\r\n")
+    answers = await _exchange(client, raw, GUARDED_VIP, answers=2)
+    assert [s for s, _ in answers] == [200, 200]
+    heads = setup.guarded.heads[before:]
+    assert heads == [
+        b"GET /ok HTTP/1.1\r\nHost: greeter\r\nX-A: v\r\nX-B: w\r\n\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: greeter\r\nX-A: v\r\n\r\n",
+    ]
+
+
 # --- h2c ---
 
 

@@ -635,7 +635,7 @@ async def test_http_client_interop_allowed_then_denied_on_one_connection() -> No
 
 # A head with nothing to drop or rewrite goes on as its own bytes (no re-serializing); anything else is rebuilt.
 def test_an_unchanged_head_goes_on_as_sent_both_ways() -> None:
-    request = b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A:b\r\nX-Pad: v  \r\n\r\n"
+    request = b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A:b\r\nX-Pad:\t v\r\n\r\n"
     response = b"HTTP/1.1 200 OK\r\nX-B:c\r\nContent-Length: 2\r\n\r\nok"
     to_client, to_upstream, _ = run(Http1Connection(), [request], response)
     assert to_upstream == request
@@ -647,6 +647,19 @@ def test_a_request_line_with_extra_spaces_or_hop_by_hop_fields_is_rebuilt() -> N
     assert to_upstream == b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n"
     _, to_upstream, _ = run(Http1Connection(), [b"GET /a HTTP/1.1\r\nHost: svc\r\nTE: x\r\nX-A: b\r\n\r\n"])
     assert to_upstream == b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A: b\r\n\r\n"
+
+
+def test_a_request_value_is_trimmed_for_the_policy_and_the_app() -> None:
+    """llhttp keeps a value's trailing whitespace; the app's parser does not (OWS, RFC 9112 §5)."""
+    for fields in (b"Host: svc \r\nX-A: b\r\n", b"Host: svc\r\nX-A: b\t\r\n", b"Host:\tsvc\r\nX-A: \tb \t\r\n"):
+        http = Http1Connection()
+        http.receive_data(b"GET /a HTTP/1.1\r\n" + fields + b"\r\n")
+        ev = http.next_request_event()
+        assert isinstance(ev, RequestReceived)
+        assert ev.head.host == b"svc"
+        assert ev.head.headers == ((fields[:4], b"svc"), (b"X-A", b"b"))
+        http.allow()
+        assert http.data_to_upstream() == b"GET /a HTTP/1.1\r\n%s: svc\r\nX-A: b\r\n\r\n" % fields[:4]
 
 
 @pytest.mark.parametrize(

@@ -293,8 +293,8 @@ class _HeadSink:
     """llhttp's callbacks for one request head: its target and its end. Header fields are not taken from
     callbacks (a Python call per field): once llhttp accepted a head, its field lines are split where they are
     classified (`_build_head`, `_next_response_head`). llhttp refused bare CR/LF, obs-fold, whitespace before the
-    colon and non-token names, so each line is `name:value`; the value loses its leading whitespace, as llhttp's
-    own callback gives it (the trailing part is kept, as there)."""
+    colon and non-token names, so each line is `name:value`; a request value loses the whitespace around it (llhttp's
+    own callback kept the trailing part), a response value its leading whitespace, as llhttp's callback gives it."""
 
     __slots__ = ("complete", "url")
 
@@ -596,7 +596,10 @@ class Http1Connection:
             raise _Reject(431, f"more than {self.limits.max_headers} header fields")
         underscores = self.limits.headers_with_underscores
         received: list[tuple[bytes, bytes]] = []
-        dropped = False
+        # A value's trailing whitespace is not its own (RFC 9112 §5: OWS either side), which llhttp keeps: the app's
+        # parser trims it, so the policy must see `Host: secret.greet ` as `secret.greet` (a `hosts` DENY missed
+        # it), and the app gets the head rebuilt with the value the policy saw.
+        dropped = b" \r\n" in block or b"\t\r\n" in block or block.endswith(b" ") or block.endswith(b"\t")
         host: bytes | None = None
         hosts = 0
         length: int | None = None
@@ -607,7 +610,7 @@ class Http1Connection:
         content_type: bytes | None = None
         for line in lines:
             name, _, value = line.partition(b":")
-            value = value.lstrip(b" \t")
+            value = value.strip(b" \t")
             low = name.lower()
             kind = _REQUEST_FIELDS.get(low)
             if kind is None:  # most fields: forwarded as they are
@@ -668,7 +671,7 @@ class Http1Connection:
             self._fwd_head = None
         else:
             self._fwd_headers = received
-            # nothing to drop and a request line as `allow` writes it: the head goes upstream as it came
+            # nothing to drop or trim and a request line as `allow` writes it: the head goes upstream as it came
             canonical = target is url and line_end - pos == len(method) + len(url) + 10 and version == b"1.1"
             self._fwd_head = buf[pos:end] if canonical else None
         return RequestHead(
