@@ -694,3 +694,12 @@ def test_the_request_content_type_is_its_first_content_type_field() -> None:
     assert conn.request_content_type == ev.head.header(b"content-type") == b"application/grpc"
     conn.allow()
     assert b"content-TYPE: application/grpc\r\nContent-Type: text/x\r\n" in conn.data_to_upstream()
+
+
+def test_a_flood_of_informational_answers_is_relayed_without_recursion() -> None:
+    """Each 1xx head was handled by calling next_response_event again: an app's one read of ~3,600 `103` heads
+    (64 KiB) ended the connection with RecursionError (compiled: a native call per head, no depth check)."""
+    early = b"HTTP/1.1 103 E\r\n\r\n"
+    to_client, _, events = run(Http1Connection(), [GET], early * 5000 + OK)
+    assert to_client == early * 5000 + OK
+    assert [e.status for e in events if isinstance(e, ResponseReceived)] == [200]

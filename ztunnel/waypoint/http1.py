@@ -158,11 +158,13 @@ class _Signal(enum.Enum):
     NEED_DATA = "need data"  # read more from that side (b"" for its EOF)
     PAUSED = "paused"  # nothing to do on that side until the owner decides or the other side moves
     CLOSED = "closed"  # the connection is over: flush data_to_client() and close
+    INFORMATIONAL = "informational"  # (internal) a 1xx head was handled: the final head comes next
 
 
 NEED_DATA = _Signal.NEED_DATA
 PAUSED = _Signal.PAUSED
 CLOSED = _Signal.CLOSED
+_INFORMATIONAL = _Signal.INFORMATIONAL  # never returned by next_response_event
 
 RequestEvent = RequestReceived | RequestData | RequestEnded | RequestRejected | _Signal
 ResponseEvent = ResponseReceived | ResponseData | ResponseEnded | TunnelOpened | _Signal
@@ -823,7 +825,10 @@ class Http1Connection:
         r = self._r
         try:
             if r is _R.HEAD:
-                return self._next_response_head()
+                # a loop, not a call per 1xx head: an app's read of thousands of them was as deep a recursion
+                while (ev := self._next_response_head()) is _INFORMATIONAL:
+                    pass
+                return ev
             if r is _R.BODY:
                 return self._next_response_body()
         except _Reject as exc:
@@ -910,7 +915,7 @@ class Http1Connection:
             if status != 100 and head.version == b"1.1":  # 100 was ours to send; other 1xx go on
                 out.append(b"\r\n")
                 self._to_client.append(b"".join(out))
-            return self.next_response_event()
+            return _INFORMATIONAL
         if tunnel:
             if head.upgrade is not None:
                 out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade or head.upgrade, b"\r\n")
