@@ -318,6 +318,17 @@ async def test_hosts_rule_sees_host_without_trailing_whitespace(client: HbonePoo
     assert _seen(setup.guarded, before) == []
 
 
+@pytest.mark.parametrize("line", [b"GET /ok?1.1", b"GET /ok/HTTP/1.1", b"GET /HTTP/1.0"])
+async def test_a_request_line_without_a_version_is_refused(client: HbonePool, setup: Setup, line: bytes) -> None:
+    """`GET /ok?1.1` CRLF is an HTTP/0.9 request line to llhttp (method and target only). Read from the line's last
+    three bytes, its version passed as 1.1 and the app got `GET /ok?1.1 HTTP/1.1`; it is 505 as before 865c75b.
+    (Behind a first request: as a connection's first bytes, the sniffer does not take it for HTTP/1.x.)"""
+    before = len(setup.guarded.heads)
+    answers = await _exchange(client, _req(b"/ok") + b"%s\r\nHost: greeter\r\n\r\n" % line, GUARDED_VIP, answers=2)
+    assert [s for s, _ in answers] == [200, 505]
+    assert _seen(setup.guarded, before) == [b"GET /ok HTTP/1.1"]
+
+
 async def test_field_values_reach_the_app_as_the_policy_saw_them(client: HbonePool, setup: Setup) -> None:
     """Whitespace around a value is dropped for the policy, and the head is rebuilt so the app gets the same value
     (a head with none goes on as its own bytes)."""

@@ -703,3 +703,24 @@ def test_a_flood_of_informational_answers_is_relayed_without_recursion() -> None
     to_client, _, events = run(Http1Connection(), [GET], early * 5000 + OK)
     assert to_client == early * 5000 + OK
     assert [e.status for e in events if isinstance(e, ResponseReceived)] == [200]
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /ok?1.1\r\nHost: svc\r\n\r\n", 505),  # HTTP/0.9 to llhttp: its target ends in `1.1`
+        (b"GET /HTTP/1.0\r\nHost: svc\r\n\r\n", 505),
+        (b"GET /\r\nHost: svc\r\n\r\n", 505),
+        (b"\n\r\nGET / HTTP/1.1\r\nHost: svc\r\n\r\n", 400),  # llhttp skips the bare-LF line; we do not
+        (b"\r\n\n\r\nGET / HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    ],
+)
+def test_a_request_line_is_http1x_only_when_it_says_so(head: bytes, status: int) -> None:
+    """The version was read from the line's last three bytes: an HTTP/0.9 line whose target ends in `1.1` passed as
+    HTTP/1.1, and a bare-LF line before the request line was taken as the request line ([-2:1] slice)."""
+    http = Http1Connection()
+    http.receive_data(head)
+    ev = http.next_request_event()
+    assert isinstance(ev, RequestRejected)
+    assert ev.status == status
+    assert http.data_to_upstream() == b""

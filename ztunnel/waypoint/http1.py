@@ -579,8 +579,12 @@ class Http1Connection:
         kept for `allow`: the fields as they go, and the head's own bytes when they can go unchanged."""
         sink = self._sink
         line_end = buf.find(b"\r\n", pos)
-        version = buf[line_end - 3 : line_end]  # llhttp accepted `... HTTP/x.y` CRLF
+        # llhttp accepted `method SP target SP HTTP/x.y` CRLF, or HTTP/0.9's `method SP target` CRLF, whose target
+        # (no space in it) may end in `1.1` too: the last three bytes are a version only after ` HTTP/`
+        version = buf[line_end - 3 : line_end] if buf.startswith(b" HTTP/", max(pos, line_end - 9)) else b"0.9"
         if version != b"1.1" and version != b"1.0":
+            if buf.startswith(b"\n", pos):  # llhttp skipped an empty line ended by a bare LF; `line_end` is not ours
+                raise _Reject(400, "bare LF in the request head")
             raise _Reject(505, f"HTTP/{parser.get_http_version()} is not served here")
         method = parser.get_method()
         if method == b"CONNECT":  # a tunnel to an app answering 2xx would carry requests never decided
