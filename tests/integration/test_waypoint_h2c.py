@@ -94,6 +94,11 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 class _PlainHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.send_response(200)
+        if self.path.endswith("?hop"):  # fields the app's Connection field makes hop-by-hop, and one it does not
+            self.send_header("Connection", "x-hop, Keep-Alive")
+            self.send_header("X-Hop", "for the waypoint only")
+            self.send_header("Keep-Alive", "timeout=5")
+            self.send_header("X-Kept", "yes")
         self.end_headers()
         self.wfile.write(b"plain " + self.path.encode() + b"\n")
 
@@ -224,6 +229,17 @@ async def test_curl_h2c_to_an_http10_app(client: HbonePool) -> None:
     async with tcp_bridge(client, PLAIN_VIP, 80) as port:
         assert await _curl(port, "/hello") == "plain /hello\n|2 200"
         assert await _curl(port, "/version") == "RBAC: access denied|2 403"
+
+
+async def test_fields_the_apps_connection_field_names_stop_at_the_waypoint(client: HbonePool) -> None:
+    """RFC 9110 §7.6.1: a field the response's Connection field names is for the hop it arrived on. The h2c
+    client gets the fields HTTP/1.1 forwarding passes on (the app's others), none of the named ones."""
+    async with tcp_bridge(client, PLAIN_VIP, 80) as port:
+        out = await _curl(port, "/hello?hop", "-D", "-")
+    head, _, body = out.partition("\r\n\r\n")
+    names = [line.split(":", 1)[0].lower() for line in head.split("\r\n")[1:]]
+    assert body == "plain /hello?hop\n|2 200"
+    assert "x-kept" in names and "x-hop" not in names and "keep-alive" not in names and "connection" not in names
 
 
 NODE_UPLOAD = r"""

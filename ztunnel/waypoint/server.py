@@ -65,6 +65,7 @@ from ztunnel.policy.engine import PolicyEngine
 from ztunnel.ports import HBONE_PORT
 from ztunnel.telemetry.metrics import ConnectionLabels
 from ztunnel.waypoint.extauthz import Authorizers, AuthzVerdict, CheckAttributes
+from ztunnel.waypoint.http1 import _HOP_BY_HOP as _H1_HOP_BY_HOP
 from ztunnel.waypoint.http1 import (
     CLOSED,
     DENIED_BODY,
@@ -81,6 +82,7 @@ from ztunnel.waypoint.http1 import (
     ResponseReceived,
     TunnelOpened,
 )
+from ztunnel.waypoint.http1 import _tokens as _connection_tokens
 from ztunnel.waypoint.http2 import (
     H2C_PREFACE_LINE,
     HOP_BY_HOP,
@@ -1929,7 +1931,7 @@ class _H2ClientConnection:
             elif isinstance(ev, ResponseReceived):
                 deadline = None
                 o.status = ev.status
-                headers = [(k.lower(), v) for k, v in ev.headers if k.lower() not in HOP_BY_HOP]
+                headers = _forwarded_fields(ev.headers)
                 grpc = _header(headers, b"grpc-status")
                 if grpc is not None:
                     o.grpc_status = grpc.decode("latin-1")
@@ -1985,6 +1987,24 @@ def _h1_head(head: RequestHead, no_body: bool) -> bytes:
         parts.append(b"transfer-encoding: chunked\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _forwarded_fields(fields: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+    """An HTTP/1.1 response's fields (lowercase) as HTTP/1.1 forwarding passes them on (http1's hop-by-hop set,
+    and whatever its Connection field names: RFC 9110 §7.6.1); H2Conn.send_response drops what HTTP/2 forbids."""
+    out: list[tuple[bytes, bytes]] = []
+    named: set[bytes] | None = None
+    for name, value in fields:
+        low = name.lower()
+        if low in _H1_HOP_BY_HOP:
+            if low == b"connection":
+                tokens = _connection_tokens(value)
+                named = tokens if named is None else named | tokens
+            continue
+        out.append((low, value))
+    if named:
+        out = [(k, v) for k, v in out if k not in named]
+    return out
 
 
 def _header(headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
