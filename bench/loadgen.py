@@ -526,15 +526,19 @@ async def http_check(target: Target, checks: list[tuple[str, str]], host: str) -
 
 class H2ClientProtocol(asyncio.Protocol):
     """One h2c (HTTP/2 with prior knowledge) connection of the client: `exchange` opens a stream with a GET and
-    resolves to its `:status` once the stream ends; many streams may be in flight (the `h2` package, which the
-    venv has; imported here only, so the HTTP/1.1 roles work without it)."""
+    resolves to its `:status` once the stream ends; many streams may be in flight, as many as the server's
+    SETTINGS_MAX_CONCURRENT_STREAMS allows, the others wait in order for a stream to end (the `h2` package, which
+    the venv has; imported here only, so the HTTP/1.1 roles work without it)."""
 
     def __init__(self) -> None:
         import h2.config
         import h2.connection
+        import h2.exceptions
 
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        self.waiters: dict[int, asyncio.Future[int]] = {}
+        self._refused = h2.exceptions.ProtocolError
+        self.waiters: dict[int, asyncio.Future[int]] = {}  # by stream: the streams open (sent, not ended)
+        self.queued: deque[tuple[list[tuple[str, str]], asyncio.Future[int]]] = deque()  # waiting for room
         self.status: dict[int, int] = {}
         self.closed = False
 
@@ -567,24 +571,50 @@ class H2ClientProtocol(asyncio.Protocol):
                         waiter.set_result(status)
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.closed = True
+        self._send_queued()  # streams ended (or the limit rose): room for queued requests
         out = self.conn.data_to_send()
         if out:
             self.transport.write(out)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for waiter in self.waiters.values():
+        waiters = [*self.waiters.values(), *(waiter for _, waiter in self.queued)]
+        self.waiters.clear()
+        self.queued.clear()
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(ConnectionError("connection closed before the response"))
-        self.waiters.clear()
 
     def exchange(self, method: str, path: str, host: str) -> asyncio.Future[int]:
-        sid = self.conn.get_next_available_stream_id()
+        """The request's stream, now or once the server's stream limit leaves room (a timed-out waiter is
+        cancelled: it is then never sent)."""
         headers = [(":method", method), (":scheme", "http"), (":authority", host), (":path", path)]
-        self.conn.send_headers(sid, headers, end_stream=True)
-        waiter = self.waiters[sid] = asyncio.get_running_loop().create_future()
-        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self.closed:
+            waiter.set_exception(ConnectionError("connection closed"))
+            return waiter
+        self.queued.append((headers, waiter))
+        if self._send_queued():
+            self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
         return waiter
+
+    def _send_queued(self) -> bool:
+        """Open streams for queued requests while the server's SETTINGS_MAX_CONCURRENT_STREAMS allows (sending
+        past it is h2's TooManyStreamsError); True if any went out. A request h2 refuses fails as an error."""
+        conn, queued, sent = self.conn, self.queued, False
+        while queued and not self.closed and len(self.waiters) < conn.remote_settings.max_concurrent_streams:
+            headers, waiter = queued.popleft()
+            if waiter.done():  # timed out while queued
+                continue
+            try:
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, headers, end_stream=True)
+            except self._refused as e:  # h2's ProtocolError: a closed connection, exhausted stream ids
+                waiter.set_exception(ConnectionError(f"h2 refused the request: {e!r}"))
+                continue
+            self.waiters[sid] = waiter
+            sent = True
+        return sent
 
 
 async def open_h2c(target: Target) -> H2ClientProtocol:
@@ -596,7 +626,10 @@ async def h2c_load(
     target: Target, *, rate: float, conns: int, duration: float, warmup: float, path: str, host: str
 ) -> dict:
     """Open loop at `rate` over `conns` h2c connections: each request is a new stream sent when it is due,
-    whatever is still in flight (HTTP/2 multiplexes), latency from when it went out."""
+    whatever is still in flight (HTTP/2 multiplexes) up to the server's stream limit (then queued: latency counts
+    from when it was due, as the HTTP/1.1 open loop counts a request held up by the one before it)."""
+    import h2.exceptions
+
     samples: list[float] = []
     statuses: dict[str, int] = {}
     errors = 0
@@ -611,7 +644,7 @@ async def h2c_load(
         t0 = time.perf_counter()
         try:
             status = await asyncio.wait_for(conn.exchange("GET", path, host), CONNECT_TIMEOUT)
-        except (ConnectionError, TimeoutError, OSError):
+        except (ConnectionError, TimeoutError, OSError, h2.exceptions.ProtocolError):
             errors += 1
             return
         if measured and loop.time() < end:
