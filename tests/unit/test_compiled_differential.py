@@ -77,6 +77,7 @@ SEEDS_RESPONSE = (
 )
 # Bytes a hostile peer places: line ends, NUL, separators, sizes that overflow or go negative.
 PLACED = (b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"\x00", b" ", b":", b";", b"\t", b"\x7f", b"\xff", b"HTTP/")
+LEADS = (b"\r\n", b"\n", b"\r", b"\r\r\n", b"\n\r\n", b"\n\n", b"\r\n\n", b"\r\n\r\n", b"\n\n\r\n", b"\r\n\r\n\r\n")
 SIZES = (b"-1", b"0", b"99999999999999999999", b"ffffffffffffffff", b"1" * 40, b"0x10", b"+5", b"-0", b"1e3")
 
 
@@ -131,9 +132,18 @@ def http1_corpus() -> list[Case]:
     for raw in responses:
         cases.append(("req", (_request(b"/ok"),), (raw,)))
         cases.append(("req", (_request(b"/ok", method=b"HEAD"),), (raw,)))
-    for _ in range(MUTATIONS):
-        request = rng.choice(SEEDS_REQUEST + tuple(requests))
-        response = rng.choice(responses)
+    # Empty lines before a head, bare or not, whole or ending mid-line: where a parser's positions go wrong
+    # (compiled, `\r\r\n` before a request and an empty head before a status line raised SystemError).
+    for lead in LEADS:
+        for request in SEEDS_REQUEST:
+            cases.append(("req", (lead + request,), (OK,)))
+        for response in SEEDS_RESPONSE:
+            cases.append(("req", (_request(b"/ok"),), (lead + response,)))
+            cases.append(("req", (_request(b"/ok"),), (lead + response[:12],)))
+    for n in range(MUTATIONS):
+        # the first half from the seeds above only: the same cases however the tests' literals change
+        request = rng.choice(SEEDS_REQUEST if n < MUTATIONS // 2 else SEEDS_REQUEST + tuple(requests))
+        response = rng.choice(SEEDS_RESPONSE if n < MUTATIONS // 2 else tuple(responses))
         if rng.random() < 0.5:
             request = _mutate(rng, request)
         else:
