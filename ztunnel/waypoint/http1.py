@@ -581,7 +581,9 @@ class Http1Connection:
         line_end = buf.find(b"\r\n", pos)
         # llhttp accepted `method SP target SP HTTP/x.y` CRLF, or HTTP/0.9's `method SP target` CRLF, whose target
         # (no space in it) may end in `1.1` too: the last three bytes are a version only after ` HTTP/`
-        version = buf[line_end - 3 : line_end] if buf.startswith(b" HTTP/", max(pos, line_end - 9)) else b"0.9"
+        version = b"0.9"
+        if buf.startswith(b" HTTP/", max(pos, line_end - 9)):
+            version = buf[line_end - 3 : line_end]  # slice-ok: ` HTTP/` is at or after pos >= 0, before line_end
         if version != b"1.1" and version != b"1.0":
             if buf.startswith(b"\n", pos):  # llhttp skipped an empty line ended by a bare LF; `line_end` is not ours
                 raise _Reject(400, "bare LF in the request head")
@@ -679,7 +681,7 @@ class Http1Connection:
             self._fwd_headers = received
             # nothing to drop or trim and a request line as `allow` writes it: the head goes upstream as it came
             canonical = target is url and line_end - pos == len(method) + len(url) + 10 and version == b"1.1"
-            self._fwd_head = buf[pos:end] if canonical else None
+            self._fwd_head = buf[pos:end] if canonical else None  # slice-ok: end was found searching from pos
         return RequestHead(
             method=method,
             target=target,
@@ -867,7 +869,7 @@ class Http1Connection:
         line_end = buf.find(b"\r\n", pos)
         if not buf.startswith(b"HTTP/", pos) or line_end + 4 > end:
             raise _Reject(502, "upstream response has no status line")
-        version = buf[pos + 5 : pos + 8]  # llhttp accepted `HTTP/x.y SP ddd [SP reason]`
+        version = buf[pos + 5 : pos + 8]  # slice-ok: llhttp accepted `HTTP/x.y SP ddd [SP reason]`
         if version != b"1.1" and version != b"1.0":
             raise _Reject(502, f"upstream answered HTTP/{parser.get_http_version()}")
         reason = buf[pos + 13 : max(pos + 13, line_end)]
@@ -910,7 +912,8 @@ class Http1Connection:
             fwd = [(n, v) for n, v in fields if (low := n.lower()) not in _HOP_BY_HOP and low not in conn_tokens]
             out = [b"HTTP/1.1 %d " % status, reason, b"\r\n", *_fields(fwd)]
         else:
-            out = [buf[pos : end - 2]]  # nothing to drop: the status line and fields as they came
+            # nothing to drop: the status line and fields as they came
+            out = [buf[pos : end - 2]]  # slice-ok: pos <= line_end and line_end + 4 <= end (checked above)
         event = ResponseReceived(status=status, reason=reason, headers=tuple(fields), grpc_status=grpc_status)
         tunnel = status == 101 and head.upgrade is not None  # (CONNECT was refused: a 2xx opens no tunnel here)
         if 100 <= status < 200 and not tunnel:
