@@ -1189,10 +1189,11 @@ def port_protocol(port: ServicePort) -> str:
 class _Inbox:
     """Items for one consumer task, in order; `get` waits. Bounded by the flow control of what feeds it."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_loop", "_waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._items: collections.deque[Any] = collections.deque()
+        self._loop = loop  # the owner's: asyncio.get_running_loop() costs a getpid(2) a call in 3.11
         self._waiter: asyncio.Future[None] | None = None
 
     def put(self, item: Any) -> None:
@@ -1202,7 +1203,7 @@ class _Inbox:
 
     async def get(self) -> Any:
         while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -1230,6 +1231,7 @@ class _H2Side:
         self.stream = stream
         self.on_event = on_event
         self.on_headers = on_headers  # told when a header block starts arriving (True) and when none is (False)
+        self.loop = asyncio.get_running_loop()  # kept: each get_running_loop() is a getpid(2) in 3.11
         self.headers_pending = False
         self._out: list[bytes] = []
         self.pending = 0
@@ -1241,7 +1243,7 @@ class _H2Side:
 
     def start(self) -> None:
         self.flush()
-        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self.writer = self.loop.create_task(self._write_loop())
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -1256,7 +1258,7 @@ class _H2Side:
                 if not self._out:
                     if self.dead:
                         return
-                    self._wake = asyncio.get_running_loop().create_future()
+                    self._wake = self.loop.create_future()
                     await self._wake
                     continue
                 data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
@@ -1332,14 +1334,14 @@ class _H2Side:
                 view = view[n:]
                 self.flush()
             if view:
-                waiter = self._windows[stream_id] = asyncio.get_running_loop().create_future()
+                waiter = self._windows[stream_id] = self.loop.create_future()
                 try:
                     await waiter
                 finally:
                     self._windows.pop(stream_id, None)
         while self.pending >= H2_OUT_HIGH and not self.dead:
             if self._room is None or self._room.done():  # one future shared by every stream that waits
-                self._room = asyncio.get_running_loop().create_future()
+                self._room = self.loop.create_future()
             await asyncio.shield(self._room)  # a waiter cancelled (its stream reset) leaves it to the others
         return not self.dead
 
@@ -1356,8 +1358,8 @@ class _H2Exchange:
     stream_id: int
     head: RequestHead
     ended: bool  # the client sent END_STREAM
-    body: _Inbox = field(default_factory=_Inbox)  # Data, Trailers, Ended, Reset from the client
-    replies: _Inbox = field(default_factory=_Inbox)  # ResponseStarted, Data, Trailers, Ended, Reset upstream
+    body: _Inbox  # Data, Trailers, Ended, Reset from the client
+    replies: _Inbox  # ResponseStarted, Data, Trailers, Ended, Reset upstream
     task: asyncio.Task[None] | None = None
     reset: bool = False
     answered: bool = False  # a response head went to the client
@@ -1379,7 +1381,7 @@ class _H2Upstream:
         self.exchanges: dict[int, _H2Exchange] = {}
         self.side = _H2Side(H2Conn(client_side=True), stream, self._on_event)
         self.side.start()
-        self.reader = asyncio.get_running_loop().create_task(self.side.read_loop())
+        self.reader = self.side.loop.create_task(self.side.read_loop())
 
     @property
     def usable(self) -> bool:
@@ -1451,7 +1453,7 @@ class _H2ClientConnection:
             self._headers_timer = None
         limit = self.server.timeouts.request_headers
         if started and limit is not None and self._expired is not None and not self._expired.done():
-            self._headers_timer = asyncio.get_running_loop().call_later(limit, self._expire, "request_headers")
+            self._headers_timer = self.side.loop.call_later(limit, self._expire, "request_headers")
 
     def _idle_clock(self, idle: bool) -> None:
         if self._idle_timer is not None:
@@ -1459,7 +1461,7 @@ class _H2ClientConnection:
             self._idle_timer = None
         limit = self.server.timeouts.idle
         if idle and limit is not None and self._expired is not None and not self._expired.done():
-            self._idle_timer = asyncio.get_running_loop().call_later(limit, self._expire, "idle")
+            self._idle_timer = self.side.loop.call_later(limit, self._expire, "idle")
 
     async def run(self, initial: bytes) -> None:
         """Serve the connection until the client ends it, or a timeout does (GOAWAY, then closed): no stream for
@@ -1468,7 +1470,7 @@ class _H2ClientConnection:
         self.server.h2c_connections.add(self)
         if self.server.draining:
             self.goaway()
-        loop = asyncio.get_running_loop()
+        loop = self.side.loop
         self._expired = loop.create_future()
         self._idle_clock(True)
         reader = loop.create_task(self.side.read_loop(initial))
@@ -1525,11 +1527,12 @@ class _H2ClientConnection:
 
     def _on_event(self, ev: H2Event) -> None:
         if isinstance(ev, RequestStarted):
-            new = _H2Exchange(ev.stream_id, ev.head, ev.ended)
+            loop = self.side.loop
+            new = _H2Exchange(ev.stream_id, ev.head, ev.ended, _Inbox(loop), _Inbox(loop))
             if not self.exchanges:
                 self._idle_clock(False)
             self.exchanges[ev.stream_id] = new
-            new.task = asyncio.get_running_loop().create_task(self._serve(new))
+            new.task = loop.create_task(self._serve(new))
             return
         if isinstance(ev, BadRequest):
             self.owner._refused(ev.status, ev.reason, None)
@@ -1693,7 +1696,7 @@ class _H2ClientConnection:
         up.side.flush()
         body = None
         if not bodiless:
-            body = asyncio.get_running_loop().create_task(self._pump_request_h2(ex, up, sid))
+            body = self.side.loop.create_task(self._pump_request_h2(ex, up, sid))
         failed: BaseException | None = None
         try:
             await self._pump_response_h2(ex, up, sid)
@@ -1841,7 +1844,7 @@ class _H2ClientConnection:
                 raise
             body = None
             if not no_body:
-                body = asyncio.get_running_loop().create_task(self._pump_request_h1(ex, http, stream))
+                body = self.side.loop.create_task(self._pump_request_h1(ex, http, stream))
             stale = False  # `continue` is after the `finally`: mypyc cannot compile one inside try/finally
             failed: BaseException | None = None
             try:
