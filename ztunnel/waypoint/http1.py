@@ -607,7 +607,8 @@ class Http1Connection:
         # A value's trailing whitespace is not its own (RFC 9112 §5: OWS either side), which llhttp keeps: the app's
         # parser trims it, so the policy must see `Host: secret.greet ` as `secret.greet` (a `hosts` DENY missed
         # it), and the app gets the head rebuilt with the value the policy saw.
-        dropped = b" \r\n" in block or b"\t\r\n" in block or block.endswith(b" ") or block.endswith(b"\t")
+        # (`find`, not `in`: bytes' `in` tries its argument as an int first, ~0.1 us more a call)
+        dropped = buf.find(b" \r", line_end + 2, end) >= 0 or buf.find(b"\t\r", line_end + 2, end) >= 0
         host: bytes | None = None
         hosts = 0
         length: int | None = None
