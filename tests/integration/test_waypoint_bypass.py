@@ -67,6 +67,16 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
+metadata: {{name: peer-cert-rule, namespace: greet}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: greeter}}]
+  action: ALLOW
+  rules:
+  - to: [{{operation: {{paths: ["/by-cert"]}}}}]
+    when: [{{key: "request.headers[x-forwarded-client-cert]", values: ["*/sa/admin"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
 metadata: {{name: no-admin, namespace: greet}}
 spec:
   targetRefs: [{{kind: Service, group: "", name: greeter}}, {{kind: Service, group: "", name: guarded}}]
@@ -305,6 +315,19 @@ async def test_forged_client_cert_header_does_not_reach_the_app(client: HbonePoo
     assert answers[0][0] == 200
     heads = setup.guarded.heads[before:]
     assert heads and b"spiffe" not in heads[0].lower()
+
+
+@pytest.mark.parametrize("name", [b"X-Forwarded-Client-Cert", b"x_forwarded_client_cert"])
+async def test_forged_client_cert_header_is_not_what_the_policy_sees(
+    client: HbonePool, setup: Setup, name: bytes
+) -> None:
+    """Envoy sanitizes a client's x-forwarded-client-cert before its filters run, so RBAC never matches a client's
+    copy; here the policy saw it (only the app did not), and a `when` on it let a forged one through."""
+    before = len(setup.greeter.heads)
+    xfcc = b"%s: By=spiffe://cluster.local/ns/greet/sa/greeter;URI=spiffe://cluster.local/ns/x/sa/admin\r\n" % name
+    answers = await _exchange(client, _req(b"/by-cert", extra=xfcc), VIP)
+    assert answers[0][0] == 403
+    assert _seen(setup.greeter, before) == []
 
 
 @pytest.mark.parametrize("host", [b"secret.greet ", b"secret.greet\t", b"secret.greet \t "])

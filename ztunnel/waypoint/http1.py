@@ -17,7 +17,8 @@ be the path the upstream serves; the path is normalized, see `request_target`, a
 `%00` (400), CONNECT (501), transfer codings other than `chunked` (501), an Upgrade with a body (400), heads
 over `Limits.max_head` or with more than `Limits.max_headers` fields (431). `Connection` may not name
 Content-Length or Host (the body would reach the app as its next request), and a client's
-x-forwarded-client-cert is not forwarded.
+x-forwarded-client-cert (any spelling) is neither decided on nor forwarded. A field value is what is left
+between the whitespace around it (RFC 9112 §5), for the policy and the app alike.
 
 Pipelining is handled in order, one request at a time: the next head is not parsed until the previous
 response has ended, so it is decided on its own; its bytes wait in the buffer (the owner reads only after
@@ -331,16 +332,18 @@ _TRANSFER_ENCODING = 3
 _CONNECTION = 4
 _UPGRADE = 5
 _EXPECT = 6
-_DROPPED = 7  # the other hop-by-hop fields, and those sanitized
+_DROPPED = 7  # the other hop-by-hop fields
 _GRPC_STATUS = 8
 _CONTENT_TYPE = 9  # forwarded; kept for the request's telemetry
+_SANITIZED = 10  # a client's copy is neither decided on nor forwarded
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Named in a client's Connection header, these are still the message's own (framing, routing), never dropped.
 _END_TO_END = frozenset({b"content-length", b"host"})
 # The proxy's word about the peer: a client's copy never reaches the app (Envoy's default, SANITIZE).
 SANITIZED_HEADERS = frozenset({b"x-forwarded-client-cert"})
 _REQUEST_FIELDS: dict[bytes, int] = {
-    **dict.fromkeys(_HOP_BY_HOP | SANITIZED_HEADERS, _DROPPED),
+    **dict.fromkeys(_HOP_BY_HOP, _DROPPED),
+    **dict.fromkeys(SANITIZED_HEADERS, _SANITIZED),
     b"host": _HOST,
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
@@ -628,9 +631,11 @@ class Http1Connection:
                         raise _Reject(400, f"header {name.decode('latin-1')!r} has an underscore in its name")
                     if underscores == "DROP_HEADER" or fold_name(low) in SANITIZED_HEADERS:
                         dropped = True
-                        if underscores == "DROP_HEADER":
-                            continue  # neither the policy nor the app sees it
+                        continue  # neither the policy nor the app sees it
                 received.append((name, value))
+                continue
+            if kind == _SANITIZED:  # as Envoy's SANITIZE: gone before any filter (RBAC, ext-authz) sees the request
+                dropped = True
                 continue
             received.append((name, value))
             if kind == _HOST:
@@ -644,7 +649,7 @@ class Http1Connection:
                 if content_type is None:
                     content_type = value
                 continue
-            dropped = True  # the rest are hop-by-hop or sanitized: not forwarded
+            dropped = True  # the rest are hop-by-hop: not forwarded
             if kind == _TRANSFER_ENCODING:
                 te = value if te is None else te + b"," + value
             elif kind == _CONNECTION:
@@ -673,9 +678,7 @@ class Http1Connection:
             self._fwd_headers = [
                 (n, v)
                 for n, v in received
-                if (low := n.lower()) not in _HOP_BY_HOP
-                and fold_name(low) not in SANITIZED_HEADERS
-                and low not in conn_tokens
+                if (low := n.lower()) not in _HOP_BY_HOP and low not in conn_tokens
             ]
             self._fwd_head = None
         else:
