@@ -724,3 +724,19 @@ def test_a_request_line_is_http1x_only_when_it_says_so(head: bytes, status: int)
     assert isinstance(ev, RequestRejected)
     assert ev.status == status
     assert http.data_to_upstream() == b""
+
+
+@pytest.mark.parametrize("answer", [b"\r\n\r\nHTTP/1.1 200", b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2"])
+def test_an_empty_upstream_head_is_a_502(answer: bytes) -> None:
+    """An empty line pair ends no response head: the status line after it had no CRLF yet (find's -1 passed the
+    bounds check), and the client got `Connection: close` CRLF CRLF with the upstream's bytes as the body (compiled:
+    SystemError from the [4:2] slice). 502, as before 865c75b (then as `HTTP/0.0`)."""
+    http = Http1Connection()
+    http.receive_data(b"GET /ok HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert isinstance(http.next_request_event(), RequestReceived)
+    http.allow()
+    http.data_to_upstream()
+    http.next_request_event()
+    http.receive_upstream_data(answer)
+    assert response_events(http) == [CLOSED]
+    assert http.data_to_client().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")

@@ -871,7 +871,8 @@ class Http1Connection:
         while buf.startswith(b"\r\n", pos):  # empty lines llhttp skipped
             pos += 2
         line_end = buf.find(b"\r\n", pos)
-        if not buf.startswith(b"HTTP/", pos) or line_end + 4 > end:
+        # (an empty head, CRLF CRLF, is no head: the status line after it may have no CRLF yet, `line_end` -1)
+        if line_end < 0 or line_end + 4 > end or not buf.startswith(b"HTTP/", pos):
             raise _Reject(502, "upstream response has no status line")
         version = buf[pos + 5 : pos + 8]  # slice-ok: llhttp accepted `HTTP/x.y SP ddd [SP reason]`
         if version != b"1.1" and version != b"1.0":
