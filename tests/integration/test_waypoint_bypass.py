@@ -436,6 +436,19 @@ async def test_h2c_tricks(client: HbonePool, setup: Setup, headers: list[tuple[b
         assert b"\r\nhost: \r\n" not in head.lower(), head  # a Host-less request a `hosts` DENY cannot see
 
 
+@pytest.mark.parametrize("name", [b"x-forwarded-client-cert", b"x_forwarded_client_cert"])
+async def test_forged_client_cert_header_is_not_what_the_policy_sees_h2c(
+    client: HbonePool, setup: Setup, name: bytes
+) -> None:
+    """As its HTTP/1.1 twin: the policy (and ext-authz) decide on the h2c head without a client's copy; here h2c
+    kept it for them (only the app lost it), and the `when` on it let a forged one through (200)."""
+    before = len(setup.greeter.heads)
+    xfcc = b"By=spiffe://cluster.local/ns/greet/sa/greeter;URI=spiffe://cluster.local/ns/x/sa/admin"
+    result = await _h2(client, VIP, [*_h2_head(b"/by-cert"), (name, xfcc)])
+    assert result == 403
+    assert _seen(setup.greeter, before) == []
+
+
 async def test_h2c_content_length_disagreeing_with_data(client: HbonePool, setup: Setup) -> None:
     """Content-Length 0 and a DATA frame holding a request: the app must not read it as a second request."""
     before = len(setup.guarded.heads)

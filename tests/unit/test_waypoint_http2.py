@@ -69,6 +69,29 @@ def test_request_head_as_the_policy_sees_it() -> None:
     assert head.headers == ((b"x-user", b"a"), (b"content-type", b"application/grpc"))
 
 
+@pytest.mark.parametrize("underscores", ["ALLOW", "DROP_HEADER"])
+def test_client_cert_header_is_not_in_the_head_the_policy_sees(underscores: str) -> None:
+    """A client's x-forwarded-client-cert, in either spelling a CGI-style app reads as it, is gone before the
+    policy and ext-authz see the head (Envoy's SANITIZE), not only from what the app is sent."""
+    server, client = H2Conn(client_side=False, limits=H2Limits(headers_with_underscores=underscores)), _client()
+    forged = "URI=spiffe://cluster.local/ns/x/sa/admin"
+    client.send_headers(
+        1, [*_req(), ("x-forwarded-client-cert", forged), ("x_forwarded_client_cert", forged), ("x-user", "a")],
+        end_stream=True,
+    )
+    (ev, _) = _exchange(server, client)
+    assert isinstance(ev, RequestStarted)
+    assert ev.head.headers == ((b"x-user", b"a"),)
+
+
+def test_client_cert_header_with_an_underscore_refused_as_any() -> None:
+    """REJECT_REQUEST refuses any name with `_` (400), the `x_forwarded_client_cert` spelling too, as HTTP/1.1."""
+    server, client = H2Conn(client_side=False, limits=H2Limits(headers_with_underscores="REJECT_REQUEST")), _client()
+    client.send_headers(1, [*_req(), ("x_forwarded_client_cert", "URI=spiffe://x")], end_stream=True)
+    (ev, *_) = _exchange(server, client)
+    assert isinstance(ev, BadRequest) and ev.status == 400
+
+
 def test_path_normalized_alike_for_policy_and_app() -> None:
     """The :path the policy matches is the one forwarded (an h2 or HTTP/1.1 upstream): `%2e%2e`, `\\` and `//`
     resolved, the query as sent."""

@@ -747,7 +747,8 @@ def request_head(
     h2c), an upper-case :method, no space or control in pseudo-headers (they become an HTTP/1.1 request line),
     field names that are tokens and values without controls (RFC 9110 §5.1, §5.5: what an HTTP/1.1 upstream
     may be sent; nghttp2, so Envoy, refuses them too, RFC 9113 lets h2 through), a numeric content-length; a
-    field name with `_` as `underscores` says (http1.Limits)."""
+    field name with `_` as `underscores` says (http1.Limits). A client's x-forwarded-client-cert (any spelling,
+    http1.SANITIZED_HEADERS) is left out: neither the policy nor ext-authz decides on it, as for HTTP/1.1."""
     method = target = authority = b""
     host: bytes | None = None
     length: int | None = None
@@ -764,7 +765,8 @@ def request_head(
             elif name == b":authority":
                 authority = value
             continue
-        if drop and b"_" in name:
+        underscore = b"_" in name
+        if drop and underscore:
             if underscores == "REJECT_REQUEST":
                 return 400, f"header {name.decode('latin-1')!r} has an underscore in its name"
             continue  # DROP_HEADER
@@ -772,6 +774,10 @@ def request_head(
             return 400, f"header name {name.decode('latin-1')!r} is not a token"
         if _FIELD_VALUE_CTL.search(value) is not None:
             return 400, f"a field value of {name.decode('latin-1')} holds a control character"
+        # As Envoy's SANITIZE, before any filter (RBAC, ext-authz) sees the request; the `_` spelling too, which a
+        # CGI-style app reads as the same field (h2 names are lower case: check_received).
+        if (fold_name(name) if underscore else name) in SANITIZED_HEADERS:
+            continue
         if name == b"host":
             host = value
         elif name == b"content-length":
