@@ -165,7 +165,7 @@ def receive(
             break
         conn_window.current_window_size -= length
         stream_window.current_window_size -= length
-        payload = view[pos + _HEADER_SIZE : frame_end].tobytes()
+        payload = view[pos + _HEADER_SIZE : frame_end].tobytes()  # slice-ok: a memoryview
         pos = frame_end
         sink.on_data(payload, length)
     if pos == 0:

@@ -224,7 +224,7 @@ class _Chunked:
                 self.remaining -= n
                 if self.remaining == 0:
                     self.state = self.DATA_CRLF
-                piece = buf if (pos == 0 and n == len(buf)) else buf[pos : pos + n]
+                piece = buf if (pos == 0 and n == len(buf)) else buf[pos : pos + n]  # slice-ok: n > 0
                 return pos + n, piece
             eol = buf.find(b"\r\n", pos)
             if self.state == self.DATA_CRLF:
@@ -241,7 +241,7 @@ class _Chunked:
                 if b"\n" in buf[pos:]:
                     raise _Reject(400, "bare LF in chunked framing")
                 return pos, None
-            line = buf[pos:eol]
+            line = buf[pos:eol]  # slice-ok: eol >= pos (found from pos)
             if b"\n" in line or b"\r" in line:
                 raise _Reject(400, "bare CR or LF in chunked framing")
             pos = eol + 2
@@ -716,7 +716,7 @@ class Http1Connection:
                 n = min(body.remaining, len(buf) - pos)
                 if n:
                     body.remaining -= n
-                    piece = buf if (pos == 0 and n == len(buf)) else buf[pos : pos + n]
+                    piece = buf if (pos == 0 and n == len(buf)) else buf[pos : pos + n]  # slice-ok: n > 0
                     pos += n
             self._pos = pos
             if piece is None:
@@ -989,7 +989,7 @@ class Http1Connection:
             n = min(body.remaining, len(buf) - pos)
             if n:
                 body.remaining -= n
-                piece = buf if (pos == 0 and n == len(buf)) else buf[pos : pos + n]
+                piece = buf if (pos == 0 and n == len(buf)) else buf[pos : pos + n]  # slice-ok: n > 0
                 pos += n
             done = body.remaining == 0 and piece is None
         self._up_pos = pos

@@ -936,10 +936,13 @@ class _ClientConnection:
         has_body = head.has_body
         retry = upstream is not None and head.method in IDEMPOTENT and not has_body and head.upgrade is None
         if upstream is None:
+            dial_error: HboneError | None = None
             try:
                 stream = await self._dial(endpoint)
             except HboneError as e:
-                self._dial_failed(head, endpoint, e)
+                dial_error = e
+            if dial_error is not None:  # answered after the except block: tests/unit/test_compiled_async.py
+                self._dial_failed(head, endpoint, dial_error)
                 http.respond(503, UPSTREAM_FAILED_BODY)
                 await self._to_client(http.data_to_client())
                 return not http.closed
@@ -955,10 +958,13 @@ class _ClientConnection:
         head_bytes = http.data_to_upstream()
         while True:
             if upstream is None:  # the retry's fresh stream
+                redial_error: HboneError | None = None
                 try:
                     stream = await self._dial(endpoint)
                 except HboneError as e:
-                    self._dial_failed(head, endpoint, e)
+                    redial_error = e
+                if redial_error is not None:  # answered after the except block (test_compiled_async.py)
+                    self._dial_failed(head, endpoint, redial_error)
                     http.receive_upstream_data(b"")  # the request is committed: answered 502 as an upstream EOF
                     http.next_response_event()
                     await self._to_client(http.data_to_client())
@@ -1081,9 +1087,12 @@ class _ClientConnection:
                     except StreamClosed:
                         data = b""
                 else:
+                    timed_out = False
                     try:
                         data = await _read_upstream(up, deadline)
                     except TimeoutError:
+                        timed_out = True
+                    if timed_out:  # the 504 is written after the except block (test_compiled_async.py)
                         up.abort()
                         self._upstream_timed_out(outcome)
                         await self._to_client(_UPSTREAM_TIMED_OUT)
@@ -1474,6 +1483,7 @@ class _H2ClientConnection:
         self._expired = loop.create_future()
         self._idle_clock(True)
         reader = loop.create_task(self.side.read_loop(initial))
+        failed: BaseException | None = None
         try:
             await asyncio.wait((reader, self._expired), return_when=asyncio.FIRST_COMPLETED)
             if not reader.done():
@@ -1482,48 +1492,51 @@ class _H2ClientConnection:
                     await reader
                 self.goaway()
                 self.owner._timed_out(self._expired.result() == "request_headers", "HTTP/2")
-                return
-            await reader
-            closed = self.conn.closed
-            if closed is not None and closed.ours:
-                self.server._count("bad_request")
-                log.info(
-                    "h2c connection closed for bad input: %s",
-                    closed.reason,
-                    extra={
-                        "authority": str(self.owner.target),
-                        "peer_identity": self.owner.principal,
-                        "code": closed.code,
-                    },
-                )
-            elif closed is not None and closed.code == 0:  # graceful: open streams finish
-                pending = [ex.task for ex in self.exchanges.values() if ex.task is not None]
-                if pending:
-                    await asyncio.wait(pending, timeout=CLOSE_WAIT * 6)
-        finally:
-            if not reader.done():
-                reader.cancel()
-            if not self._expired.done():
-                self._expired.cancel()  # no clock is armed from now on (streams ending below would arm one)
-            self._idle_clock(False)
-            self._headers_clock(False)
-            for ex in list(self.exchanges.values()):
-                if ex.task is not None:
-                    ex.task.cancel()
-            tasks = [ex.task for ex in self.exchanges.values() if ex.task is not None]
-            if tasks:
-                await asyncio.wait(tasks, timeout=CLOSE_WAIT)
-            for up in [*self.h2_upstreams.values(), *self.h2_retired]:
-                up.close()
-            for streams in self.h1_idle.values():
-                for s in streams:
-                    s.close()
-            self.server.h2c_connections.discard(self)
-            self.side.flush()
-            await self.side.drained()
-            with contextlib.suppress(StreamClosed, HboneError, ConnectionError):
-                await self.owner._finish_client()  # a reset would drop the GOAWAY unread at the peer
-            self.owner.client.close()
+            else:
+                await reader
+                closed = self.conn.closed
+                if closed is not None and closed.ours:
+                    self.server._count("bad_request")
+                    log.info(
+                        "h2c connection closed for bad input: %s",
+                        closed.reason,
+                        extra={
+                            "authority": str(self.owner.target),
+                            "peer_identity": self.owner.principal,
+                            "code": closed.code,
+                        },
+                    )
+                elif closed is not None and closed.code == 0:  # graceful: open streams finish
+                    pending = [ex.task for ex in self.exchanges.values() if ex.task is not None]
+                    if pending:
+                        await asyncio.wait(pending, timeout=CLOSE_WAIT * 6)
+        except BaseException as e:  # not a `finally` that awaits: mypyc 2.4.1, test_compiled_async.py
+            failed = e
+        if not reader.done():
+            reader.cancel()
+        if not self._expired.done():
+            self._expired.cancel()  # no clock is armed from now on (streams ending below would arm one)
+        self._idle_clock(False)
+        self._headers_clock(False)
+        for ex in list(self.exchanges.values()):
+            if ex.task is not None:
+                ex.task.cancel()
+        tasks = [ex.task for ex in self.exchanges.values() if ex.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT)
+        for up in [*self.h2_upstreams.values(), *self.h2_retired]:
+            up.close()
+        for streams in self.h1_idle.values():
+            for s in streams:
+                s.close()
+        self.server.h2c_connections.discard(self)
+        self.side.flush()
+        await self.side.drained()
+        with contextlib.suppress(StreamClosed, HboneError, ConnectionError):
+            await self.owner._finish_client()  # a reset would drop the GOAWAY unread at the peer
+        self.owner.client.close()
+        if failed is not None:
+            raise failed
 
     def _on_event(self, ev: H2Event) -> None:
         if isinstance(ev, RequestStarted):
@@ -1649,7 +1662,7 @@ class _H2ClientConnection:
         self.side.flush()
         return True
 
-    async def _upstream_failed(self, ex: _H2Exchange, endpoint: Endpoint, e: Exception) -> None:
+    def _upstream_failed(self, ex: _H2Exchange, endpoint: Endpoint, e: Exception) -> None:
         self.server._count("upstream_error")
         ex.outcome.reason = "upstream_error"
         log.warning(
@@ -1666,7 +1679,7 @@ class _H2ClientConnection:
             try:
                 stream = await self.owner._dial(endpoint)
             except HboneError as e:
-                await self._upstream_failed(ex, endpoint, e)
+                self._upstream_failed(ex, endpoint, e)
                 return
             if up is not None:
                 if up.exchanges:  # full, or draining after a graceful GOAWAY: its streams finish there
@@ -1677,15 +1690,18 @@ class _H2ClientConnection:
         bodiless = ex.bodiless
         if bodiless:
             ex.body.drain()
+        full = False
         try:
             sid = up.side.conn.send_request(
                 ex.head, b"http", verdict.add_headers, verdict.remove_headers, end_stream=bodiless
             )
         except h2.exceptions.TooManyStreamsError:  # the app lowered its limit since `usable` was checked
+            full = True
+        if full:  # dialled after the except block (tests/unit/test_compiled_async.py)
             try:
                 stream = await self.owner._dial(endpoint)
             except HboneError as e:
-                await self._upstream_failed(ex, endpoint, e)
+                self._upstream_failed(ex, endpoint, e)
                 return
             self.h2_retired.append(up)
             up = self.h2_upstreams[key] = _H2Upstream(endpoint, stream)
@@ -1831,7 +1847,7 @@ class _H2ClientConnection:
                 try:
                     stream = await self.owner._dial(endpoint)
                 except HboneError as e:
-                    await self._upstream_failed(ex, endpoint, e)
+                    self._upstream_failed(ex, endpoint, e)
                     return
             ex.h1_stream = stream
             try:
