@@ -87,6 +87,27 @@ class Outcome:
     grpc_status: str = ""
     tunnel_status: int = 101  # the code of an allowed Upgrade (101) or CONNECT (2xx) once it relays raw bytes
 
+    def __init__(
+        self,
+        started: float,
+        status: int = 0,
+        policy: str | None = None,
+        reason: str | None = None,
+        destination: Workload | None = None,
+        service: Service | None = None,
+        upstream: str | None = None,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+        grpc_status: str = "",
+        tunnel_status: int = 101,
+    ) -> None:
+        """The fields in their order, with their defaults, written out: the __init__ `dataclass` makes is Python even
+        when mypyc compiles the class (ztunnel/compiled), and it ran interpreted once a request."""
+        self.started, self.status, self.policy, self.reason = started, status, policy, reason
+        self.destination, self.service, self.upstream = destination, service, upstream
+        self.request_bytes, self.response_bytes = request_bytes, response_bytes
+        self.grpc_status, self.tunnel_status = grpc_status, tunnel_status
+
 
 class WaypointTcpMetrics:
     """`istio_tcp_connections_opened_total`, `..._closed_total`, `istio_tcp_sent_bytes_total` and
