@@ -19,30 +19,16 @@ installed mypyc does, so that a fixed mypyc is noticed.
 from __future__ import annotations
 
 import ast
-import io
-import os
 import subprocess
 import sys
-import tokenize
 from pathlib import Path
 
-import pytest
-
+from tests.support.mypyc_probe import compile_probe, excused_lines
 from ztunnel.compiled import MODULES, source_file
 
 ROOT = Path(__file__).resolve().parents[2]
 OK_MARK = "# mypyc-ok:"
 _AWAITS = (ast.Await, ast.AsyncWith, ast.AsyncFor)
-
-
-def _ok_lines(source: str) -> set[int]:
-    lines: set[int] = set()
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            at = tok.string.find(OK_MARK)
-            if at >= 0 and tok.string[at + len(OK_MARK) :].strip():
-                lines.add(tok.start[0])
-    return lines
 
 
 def _awaits(body: list[ast.stmt]) -> list[int]:
@@ -61,7 +47,7 @@ def _awaits(body: list[ast.stmt]) -> list[int]:
 
 def risky_awaits(source: str, filename: str) -> list[str]:
     """`file:line: what` for each `finally` that awaits and each await in an `except` block of a coroutine."""
-    ok = _ok_lines(source)
+    ok = excused_lines(source, OK_MARK)
     found: list[tuple[int, str]] = []
     for fn in ast.walk(ast.parse(source, filename)):
         if not isinstance(fn, ast.AsyncFunctionDef):
@@ -206,27 +192,8 @@ asyncio.run(main())
 '''
 
 
-def _mypyc_missing() -> str | None:
-    try:
-        from ztunnel.compiled.build import BuildUnavailable, c_compiler, mypy_version
-
-        mypy_version()
-    except (ImportError, BuildUnavailable) as e:
-        return str(e)
-    return None if c_compiler() else "no C compiler"
-
-
 def test_the_installed_mypyc_still_mishandles_exception_state_in_coroutines(tmp_path: Path) -> None:
-    why = _mypyc_missing()
-    if why is not None:
-        pytest.skip(f"mypyc cannot compile here: {why}")
-    (tmp_path / "cprobe_async.py").write_text(PROBE)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    build = subprocess.run(
-        [sys.executable, "-m", "mypyc", "cprobe_async.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
+    env = compile_probe(tmp_path, "cprobe_async", PROBE)
     run = subprocess.run(
         [sys.executable, "-c", DRIVE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )

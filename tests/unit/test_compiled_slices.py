@@ -12,31 +12,16 @@ on the slice's line saying why start <= end always holds there (e.g. `eol` was f
 from __future__ import annotations
 
 import ast
-import io
-import os
 import shutil
 import subprocess
 import sys
-import tokenize
 from pathlib import Path
 
-import pytest
-
+from tests.support.mypyc_probe import compile_probe, excused_lines
 from ztunnel.compiled import MODULES, source_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SLICE_OK = "# slice-ok:"
-
-
-def _comment_lines(source: str) -> set[int]:
-    """Lines carrying a `# slice-ok: <reason>` comment with a reason."""
-    lines: set[int] = set()
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            at = tok.string.find(SLICE_OK)
-            if at >= 0 and tok.string[at + len(SLICE_OK) :].strip():
-                lines.add(tok.start[0])
-    return lines
 
 
 def _safe_by_form(node: ast.Subscript, lower: ast.expr, upper: ast.expr) -> bool:
@@ -56,7 +41,7 @@ def _safe_by_form(node: ast.Subscript, lower: ast.expr, upper: ast.expr) -> bool
 
 def unguarded_slices(source: str, filename: str) -> list[str]:
     """`file:line: [lower:upper]` for each two-bound slice whose start <= end this test cannot see."""
-    ok_lines = _comment_lines(source)
+    ok_lines = excused_lines(source, SLICE_OK)
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(source, filename)):
         if not isinstance(node, ast.Subscript) or not isinstance(node.slice, ast.Slice):
@@ -102,28 +87,9 @@ def test_every_two_bound_slice_in_the_compiled_modules_is_guarded() -> None:
 PROBE = "def cut(b: bytes, i: int, j: int) -> bytes:\n    return b[i:j]\n"
 
 
-def _mypyc_missing() -> str | None:
-    try:
-        from ztunnel.compiled.build import BuildUnavailable, c_compiler, mypy_version
-
-        mypy_version()
-    except (ImportError, BuildUnavailable) as e:
-        return str(e)
-    return None if c_compiler() else "no C compiler"
-
-
 def test_the_installed_mypyc_still_has_the_bytes_slice_bug(tmp_path: Path) -> None:
     """Records what the installed mypyc does with `bytes[i:j]`, start > end: a 2-line module compiled here."""
-    why = _mypyc_missing()
-    if why is not None:
-        pytest.skip(f"mypyc cannot compile here: {why}")
-    (tmp_path / "slprobe.py").write_text(PROBE)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    build = subprocess.run(
-        [sys.executable, "-m", "mypyc", "slprobe.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
+    env = compile_probe(tmp_path, "slprobe", PROBE)
     shutil.rmtree(tmp_path / "build", ignore_errors=True)
     check = (
         "import slprobe\n"
