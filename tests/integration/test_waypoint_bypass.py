@@ -24,13 +24,13 @@ from tests.support.waypoint import (
     APP_PORT,
     CLIENT,
     CONFIG,
-    GREETER_IP,
     VIP,
     WAYPOINT,
     WAYPOINT_IP,
     KeepAliveApp,
     Responses,
     client_pool,
+    greeter_cluster,
     proxy_and_waypoint,
     tunnel,
 )
@@ -101,15 +101,11 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Setup]:
     workdir = tmp_path_factory.mktemp("waypoint-bypass")
-    config = workdir / "cluster.yaml"
-    config.write_text(BASE + POLICIES)
-    app = KeepAliveApp(GREETER_IP, APP_PORT)
     guarded = KeepAliveApp(GUARDED_IP, APP_PORT)
     try:
-        with proxy_and_waypoint(config, ca_dir, workdir):
+        with greeter_cluster(workdir, BASE + POLICIES) as (config, app), proxy_and_waypoint(config, ca_dir, workdir):
             yield Setup(ca_dir, app, guarded)
     finally:
-        app.close()
         guarded.close()
 
 

@@ -22,19 +22,20 @@ import h2.connection
 import h2.events
 import pytest
 
-from tests.integration.conftest import ProxyProcess, start_proxy
+from tests.integration.conftest import start_proxy
 from tests.support.eventually import eventually_async
 from tests.support.waypoint import (
     APP_PORT,
     CONFIG,
-    GREETER_IP,
     KeepAliveApp,
     client_pool,
     get,
+    greeter_cluster,
     one,
     running_waypoint,
     tunnel,
 )
+from tests.support.waypoint_config import mesh_config
 from ztunnel.hbone.client import HbonePool
 
 DENY = """\
@@ -51,19 +52,6 @@ spec:
 """
 
 
-def mesh(normalization: str) -> str:
-    return f"""\
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: istio, namespace: istio-system}}
-data:
-  mesh: |
-    pathNormalization:
-      normalization: {normalization}
-"""
-
-
 @dataclass
 class Setup:
     ca_dir: Path
@@ -75,17 +63,12 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[Setup]:
     workdir = tmp_path_factory.mktemp("waypoint-mesh-config")
-    config = workdir / "cluster.yaml"
-    config.write_text(CONFIG + DENY)
-    app = KeepAliveApp(GREETER_IP, APP_PORT)
-    proxy: ProxyProcess | None = None
-    try:
+    with greeter_cluster(workdir, CONFIG + DENY) as (config, app):
         proxy = start_proxy("node-b", config, ca_dir, workdir)
-        yield Setup(ca_dir, workdir, config, app)
-    finally:
-        if proxy is not None:
+        try:
+            yield Setup(ca_dir, workdir, config, app)
+        finally:
             proxy.stop()
-        app.close()
 
 
 @pytest.fixture
@@ -116,7 +99,7 @@ async def test_the_mesh_configmaps_path_normalization_decides_what_passes(
         assert (await one(pool, get("//admin/hello")))[0] == 403
         assert authz_check(setup, "//admin/hello") == 1
         # BASE, Istio's default, from the ConfigMap (picked up on reload): the slashes stay, the DENY misses.
-        setup.config.write_text(CONFIG + DENY + mesh("BASE"))
+        setup.config.write_text(CONFIG + DENY + mesh_config("BASE"))
 
         async def passes() -> bool:
             return (await one(pool, get("//admin/hello")))[0] == 200

@@ -189,6 +189,19 @@ class KeepAliveApp:
         self.loop.close()
 
 
+@contextlib.contextmanager
+def greeter_cluster(workdir: Path, text: str) -> Iterator[tuple[Path, KeepAliveApp]]:
+    """`text` as `workdir`/cluster.yaml and the greeter app up on GREETER_IP:APP_PORT, the ground a module's
+    fixture starts its proxies on; yields (that file, the app) and closes the app after them."""
+    config = workdir / "cluster.yaml"
+    config.write_text(text)
+    app = KeepAliveApp(GREETER_IP, APP_PORT)
+    try:
+        yield config, app
+    finally:
+        app.close()
+
+
 def listening(ip: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

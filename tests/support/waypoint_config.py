@@ -36,6 +36,15 @@ BASE = (
 )
 
 
+def mesh_config(normalization: str) -> str:
+    """The istio ConfigMap (a YAML document opened by `---`, to append to others) whose mesh config sets
+    `pathNormalization` to `normalization` (NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES)."""
+    return (
+        "\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n"
+        f"data:\n  mesh: |\n    pathNormalization:\n      normalization: {normalization}\n"
+    )
+
+
 def config(text: str) -> ClusterConfig:
     """The snapshot of these YAML documents (BASE plus whatever a test adds)."""
     return build_config(load_documents(text, "c.yaml"))

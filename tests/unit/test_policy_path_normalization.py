@@ -3,12 +3,12 @@ l7` answers what the waypoint (which normalizes the path it forwards the same wa
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 from test_policy_support import CLUSTER_YAML, policy, run_cli
 
+from tests.support.waypoint_config import mesh_config
 from ztunnel.config.loader import build_config, load_documents
 from ztunnel.policy.decision import ConnectionAttributes, HttpRequestAttributes
 from ztunnel.policy.engine import PolicyEngine
@@ -20,20 +20,7 @@ DENY_ADMIN = policy(
 
 
 def _mesh(normalization: str | None) -> str:
-    if normalization is None:
-        return ""
-    return textwrap.dedent(
-        f"""
-        ---
-        apiVersion: v1
-        kind: ConfigMap
-        metadata: {{name: istio, namespace: istio-system}}
-        data:
-          mesh: |
-            pathNormalization:
-              normalization: {normalization}
-        """
-    )
+    return "" if normalization is None else mesh_config(normalization)
 
 
 # (mode, path, denied): what a DENY on /admin and /admin/* does to each spelling under each mode.
