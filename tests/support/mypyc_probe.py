@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tokenize
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,15 @@ def compile_probe(tmp_path: Path, module: str, source: str) -> dict[str, str]:
     )  # fmt: skip
     assert build.returncode == 0, build.stdout + build.stderr
     return env
+
+
+def compiled_module_findings(check: Callable[[str, str], list[str]]) -> list[str]:
+    """`check(source, path)` over every module of ztunnel.compiled.MODULES, its findings together."""
+    from ztunnel.compiled import MODULES, source_file
+
+    root = Path(__file__).resolve().parents[2]
+    found: list[str] = []
+    for name in MODULES:
+        rel = source_file(name)
+        found += check((root / rel).read_text(), rel)
+    return found

@@ -23,10 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.mypyc_probe import compile_probe, excused_lines
-from ztunnel.compiled import MODULES, source_file
+from tests.support.mypyc_probe import compile_probe, compiled_module_findings, excused_lines
 
-ROOT = Path(__file__).resolve().parents[2]
 OK_MARK = "# mypyc-ok:"
 _AWAITS = (ast.Await, ast.AsyncWith, ast.AsyncFor)
 
@@ -111,10 +109,7 @@ def test_the_checker_sees_each_form() -> None:
 
 
 def test_no_coroutine_of_the_compiled_modules_awaits_in_a_finally_or_an_except_block() -> None:
-    found: list[str] = []
-    for name in MODULES:
-        rel = source_file(name)
-        found += risky_awaits((ROOT / rel).read_text(), rel)
+    found = compiled_module_findings(risky_awaits)
     assert not found, (
         "compiled by mypyc 2.4.1, these re-raise or leak a stale exception (see this test's docstring): move the "
         "awaiting cleanup after an `except BaseException as e: failed = e` (then `raise failed`), and an except "

@@ -19,11 +19,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
+from tests.support.h2pair import connect_pair
 from ztunnel import compiled
 from ztunnel.hbone import dataframes
 from ztunnel.waypoint import http1
@@ -243,26 +241,8 @@ class _Sink:
         self.got.append(f"sink {self.sid} {data!r} {flow}")
 
 
-def _h2_pair() -> h2.connection.H2Connection:
-    connect = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-    client.initiate_connection()
-    server.initiate_connection()
-    server.receive_data(client.data_to_send())
-    client.receive_data(server.data_to_send())
-    server.receive_data(client.data_to_send())
-    for sid in (1, 3):
-        client.send_headers(sid, connect)
-        server.receive_data(client.data_to_send())
-        server.send_headers(sid, [(":status", "200")])
-        client.receive_data(server.data_to_send())
-    server.data_to_send()
-    return server
-
-
 def _drive_hbone(wire: tuple[bytes, ...], options: tuple[bytes, ...]) -> list[str]:
-    conn = _h2_pair()
+    _, conn = connect_pair()
     out: list[str] = []
     sinks = {1: _Sink(1, out, None), 3: _Sink(3, out, 8 if b"reset3" in options else None)}
     for chunk in wire:

@@ -11,28 +11,8 @@ from hyperframe.frame import DataFrame, PingFrame, WindowUpdateFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.h2pair import CONNECT, connect_pair
 from ztunnel.hbone import dataframes
-
-CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
-
-
-def pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
-    """A client and a server with two open CONNECT streams (1 and 3), settings exchanged."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-    client.initiate_connection()
-    server.initiate_connection()
-    server.receive_data(client.data_to_send())
-    client.receive_data(server.data_to_send())
-    server.receive_data(client.data_to_send())
-    for sid in (1, 3):
-        client.send_headers(sid, CONNECT)
-        server.receive_data(client.data_to_send())
-        server.send_headers(sid, [(":status", "200")])
-        client.receive_data(server.data_to_send())
-    client.data_to_send()
-    server.data_to_send()
-    return client, server
 
 
 def windows(conn: h2.connection.H2Connection) -> tuple[int, ...]:
@@ -50,8 +30,8 @@ def test_this_h2_is_supported() -> None:
 
 @pytest.mark.parametrize("size", [1, 1024, 16384])
 def test_send_writes_what_h2_writes(size: int) -> None:
-    a, _ = pair()
-    b, _ = pair()
+    a, _ = connect_pair()
+    b, _ = connect_pair()
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     a.send_data(1, data)
     assert dataframes.send(b, 1, data)
@@ -60,7 +40,7 @@ def test_send_writes_what_h2_writes(size: int) -> None:
 
 
 def test_send_declines_what_h2_must_decide() -> None:
-    client, _ = pair()
+    client, _ = connect_pair()
     assert not dataframes.send(client, 1, b"")  # nothing to send
     assert not dataframes.send(client, 1, b"x" * (client.max_outbound_frame_size + 1))  # too big a frame
     assert not dataframes.send(client, 5, b"x")  # no such stream
@@ -123,8 +103,8 @@ def test_receive_gives_what_h2_gives_and_charges_the_same_windows() -> None:
             data_frame(1, b"e" * 20),
         ]
     )
-    _, slow = pair()
-    _, fast = pair()
+    _, slow = connect_pair()
+    _, fast = connect_pair()
     assert feed_fast(fast, [wire]) == feed_h2(slow, [wire])
     assert windows(fast) == windows(slow)
     assert fast.data_to_send() == slow.data_to_send()  # the PING ack, from h2 in both
@@ -132,15 +112,15 @@ def test_receive_gives_what_h2_gives_and_charges_the_same_windows() -> None:
 
 def test_receive_leaves_a_partial_frame_to_h2() -> None:
     wire = data_frame(1, b"a" * 100) + data_frame(1, b"b" * 100)
-    _, slow = pair()
-    _, fast = pair()
+    _, slow = connect_pair()
+    _, fast = connect_pair()
     chunks = [wire[:50], wire[50:120], wire[120:]]
     assert feed_fast(fast, chunks) == feed_h2(slow, chunks)
     assert windows(fast) == windows(slow)
 
 
 def test_receive_refused_stream_goes_to_h2() -> None:
-    _, server = pair()
+    _, server = connect_pair()
     wire = data_frame(1, b"a") + data_frame(3, b"b")
     got: list[tuple[int, bytes, int, bool]] = []
     rest = dataframes.receive(server, wire, {1: Sink(1, got)})  # no sink for 3
@@ -149,7 +129,7 @@ def test_receive_refused_stream_goes_to_h2() -> None:
 
 
 def test_receive_leaves_a_reset_streams_data_to_h2() -> None:
-    _, server = pair()
+    _, server = connect_pair()
     wire = data_frame(1, b"a") + data_frame(3, b"b")
     got: list[tuple[int, bytes, int, bool]] = []
     rest = dataframes.receive(server, wire, {1: Sink(1, got), 3: Sink(3, got, reset_code=8)})
@@ -158,7 +138,7 @@ def test_receive_leaves_a_reset_streams_data_to_h2() -> None:
 
 
 def test_a_peer_overrunning_the_window_still_gets_h2s_flow_control_error() -> None:
-    _, server = pair()
+    _, server = connect_pair()
     server._inbound_flow_control_window_manager.current_window_size = 10
     wire = data_frame(1, b"x" * 11)
     rest = dataframes.receive(server, wire, {1: Sink(1, [])})
@@ -206,8 +186,8 @@ def test_any_frame_mix_split_anywhere_reads_the_same_as_h2(wire_frames: list[byt
         pos += cut
     chunks.append(wire[pos:])
     chunks = [c for c in chunks if c]
-    _, slow = pair()
-    _, fast = pair()
+    _, slow = connect_pair()
+    _, fast = connect_pair()
     assert feed_fast(fast, chunks) == feed_h2(slow, chunks)
     assert windows(fast) == windows(slow)
     assert fast.data_to_send() == slow.data_to_send()
@@ -224,8 +204,8 @@ def ack_fast(conn: h2.connection.H2Connection, sid: int, size: int) -> None:
 def test_acknowledge_sends_the_window_updates_h2_sends(steps: list[tuple[int, int, bool]]) -> None:
     # Each step: the client sends `size` bytes on a stream (as window allows); the server acknowledges them at
     # once or holds them for a later step. Both servers' output (the WINDOW_UPDATEs) and windows stay h2's.
-    client_a, server_a = pair()
-    client_b, server_b = pair()
+    client_a, server_a = connect_pair()
+    client_b, server_b = connect_pair()
     held: dict[int, int] = {1: 0, 3: 0}
     for sid, size, now in steps:
         size = min(size, client_a.local_flow_control_window(sid))
@@ -249,7 +229,7 @@ def test_acknowledge_sends_the_window_updates_h2_sends(steps: list[tuple[int, in
 
 
 def test_acknowledge_leaves_a_due_window_update_to_h2() -> None:
-    _, server = pair()
+    _, server = connect_pair()
     assert not dataframes.acknowledge(server, 1, 40000)  # half of the 65,535 window: a WINDOW_UPDATE is due
     assert not dataframes.acknowledge(server, 5, 10)  # no such stream
     assert dataframes.acknowledge(server, 1, 100)
