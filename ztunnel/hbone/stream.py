@@ -155,13 +155,8 @@ class HboneStream:
                 size += len(more)
                 flow += more_flow
             data = b"".join(parts)
-        if flow:  # _ack, inline (per read)
-            conn = self._conn
-            budget = conn.budget
-            if budget is not None:
-                budget.unread -= flow
-            if not (FAST_DATA_FRAMES and dataframes.acknowledge(conn.h2, self.stream_id, flow)):
-                conn.acknowledge(self.stream_id, flow)
+        if flow:
+            self._ack(flow)
         return data
 
     async def write(self, data: bytes | memoryview) -> None:
@@ -319,15 +314,8 @@ class HboneStream:
         target = self._push_to
         if target is not None and not self._chunks and not self._pushing_paused:
             target.data(data)
-            if flow:  # _consumed and _ack, inline (per frame relayed)
-                if self._pushing_paused and self.reset_code is None:
-                    self._held_flow += flow
-                    return
-                budget = conn.budget
-                if budget is not None:
-                    budget.unread -= flow
-                if not (FAST_DATA_FRAMES and dataframes.acknowledge(conn.h2, self.stream_id, flow)):
-                    conn.acknowledge(self.stream_id, flow)
+            if flow:
+                self._consumed(flow)
             return
         self._chunks.append((data, flow))
         if self._read_waiter is not None and not self._read_waiter.done():
